@@ -1,0 +1,147 @@
+"""Settings: CLI flags > environment > TOML file > defaults (pydantic-settings).
+
+Every setting is `CLAWROUTER_<NAME>` in the environment and `<name>` in the TOML file, except
+the two BlockRun already defines: `BLOCKRUN_API_URL` and `BLOCKRUN_WALLET_KEY`.
+`config.example.toml` lists them all; `tests/test_config.py` keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+BLOCKRUN_PAYEE = "0xe9030014F5DAe217d0A152f02A043567b16c1aBf"
+DEFAULT_UPSTREAM = "https://blockrun.ai/api"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("CLAWROUTER_HOME") or "~/.clawrouter").expanduser()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CLAWROUTER_", populate_by_name=True, extra="forbid",
+        validate_default=True)
+
+    # --- server -----------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8402, ge=0, le=65535)
+    home: Path = Field(default_factory=default_home)
+    public_url: str | None = None
+    api_key: SecretStr | None = None
+
+    # --- upstream ---------------------------------------------------------------------------
+    upstream_url: str = Field(
+        DEFAULT_UPSTREAM, validation_alias=AliasChoices("upstream_url", "BLOCKRUN_API_URL"))
+    sandbox: bool | Literal["auto"] = "auto"
+    upstream_connect_timeout: float = 5.0
+    upstream_timeout: float = 200.0
+    upstream_max_connections: int = 256
+    poll_delay: float = 2.0
+    poll_interval: float = 3.0
+    poll_deadline: float = 300.0
+
+    # --- payment ----------------------------------------------------------------------------
+    wallet_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("wallet_key", "BLOCKRUN_WALLET_KEY"))
+    network: Literal["base", "base-sepolia"] = "base"
+    pay_to: str = Field(BLOCKRUN_PAYEE, pattern=r"^0x[0-9a-fA-F]{40}$")
+    price_tolerance: float = Field(1.5, ge=1.0)
+    max_usd_per_request: float = Field(1.00, gt=0)
+    max_usd_per_day: float = Field(5.00, ge=0)
+    max_usd_total: float = Field(0.0, ge=0)
+    max_timeout_seconds: int = Field(600, gt=0, le=600)
+    preauth: bool = True
+    price_ttl_seconds: float = 3600.0
+    coalesce_window_seconds: float = 60.0
+    rpc_urls: list[str] = ["https://mainnet.base.org", "https://base.publicnode.com"]
+    low_balance_usd: float = 1.0
+
+    # --- inputs -----------------------------------------------------------------------------
+    max_image_mb: float = Field(20.0, gt=0)
+    allowed_roots: list[Path] | None = None
+    allow_local_files: bool | None = None
+    allow_private_urls: bool = False
+
+    # --- results ----------------------------------------------------------------------------
+    response_format: Literal["url", "b64_json"] = "url"
+    image_ttl_days: float = 30.0
+    image_max_gb: float = 2.0
+
+    # --- logs -------------------------------------------------------------------------------
+    log_prompts: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    # --- derived ----------------------------------------------------------------------------
+    @property
+    def loopback(self) -> bool:
+        return is_loopback_host(self.host)
+
+    @property
+    def local_files_allowed(self) -> bool:
+        return self.loopback if self.allow_local_files is None else self.allow_local_files
+
+    @property
+    def roots(self) -> list[Path]:
+        roots = self.allowed_roots or [Path.home(), Path(tempfile.gettempdir())]
+        return [Path(r).expanduser().resolve() for r in roots]
+
+    @property
+    def images_dir(self) -> Path:
+        return self.home / "images"
+
+    @property
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mb * 1024 * 1024)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build settings; `overrides` are CLI flags (None means "not given")."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    home = Path(overrides.get("home") or default_home()).expanduser()
+    path = Path(config_file).expanduser() if config_file else home / "config.toml"
+    if config_file and not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=path if path.is_file() else None)
+
+    return _FromFile(**overrides)

@@ -1,0 +1,149 @@
+"""Every error a client can see, in one place.
+
+Each error knows its HTTP status and its OpenAI envelope fields; the API layer turns any of them
+into `{"error": {"message", "type", "param", "code"}}` in one handler (`api/errors.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ClawError(Exception):
+    """Base of every error the gateway reports to a client."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+    #: False when a retry can never help, or could pay twice (sent as `x-should-retry`).
+    retryable: ClassVar[bool | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        if status is not None:
+            self.status = status  # type: ignore[misc]
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+
+    def envelope(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+            "code": self.code,
+        }
+        body.update(self.extra)
+        return {"error": body}
+
+    def response_headers(self) -> dict[str, str]:
+        headers = dict(self.headers)
+        if self.retryable is not None and "x-should-retry" not in headers:
+            headers["x-should-retry"] = "true" if self.retryable else "false"
+        return headers
+
+
+class InvalidRequest(ClawError):
+    """The request cannot be served as sent; nothing was sent upstream, nothing was paid."""
+
+    status = 400
+    type = "invalid_request_error"
+    default_code = "invalid_request"
+    retryable = False
+
+
+class ModelNotFound(InvalidRequest):
+    status = 404
+    default_code = "model_not_found"
+
+
+class Unauthorized(ClawError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+    retryable = False
+
+
+class RouteNotFound(ClawError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+    retryable = False
+
+
+class MethodNotAllowed(ClawError):
+    status = 405
+    type = "invalid_request_error"
+    default_code = "method_not_allowed"
+    retryable = False
+
+
+class Conflict(ClawError):
+    status = 409
+    type = "invalid_request_error"
+    default_code = "idempotency_conflict"
+    retryable = False
+
+
+class PaymentRefused(ClawError):
+    """The upstream asked for a payment that fails our checks; nothing was signed."""
+
+    status = 402
+    type = "payment_error"
+    default_code = "payment_refused"
+    retryable = False
+
+
+class BudgetExceeded(ClawError):
+    """Paying would break a configured budget; nothing was signed."""
+
+    status = 402
+    type = "payment_error"
+    default_code = "budget_exceeded"
+    retryable = False
+
+
+class UpstreamError(ClawError):
+    """The upstream refused the request before any payment (status passed through)."""
+
+    type = "upstream_error"
+    default_code = "upstream_error"
+
+
+class UpstreamUnavailable(ClawError):
+    status = 502
+    type = "upstream_error"
+    default_code = "upstream_unreachable"
+
+
+class UpstreamTimeout(ClawError):
+    status = 504
+    type = "upstream_error"
+    default_code = "upstream_timeout"
+
+
+class PaidRequestFailed(ClawError):
+    """A payment was signed and sent, then the request failed.
+
+    Never retryable: a retry would sign a second payment. The message says a payment was made.
+    """
+
+    status = 502
+    type = "upstream_error"
+    default_code = "failed_after_payment"
+    retryable = False
+
+
+class ClientGone(Exception):
+    """The client disconnected; stop work that costs money. Never shown to anyone."""

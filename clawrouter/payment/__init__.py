@@ -1,0 +1,4 @@
+"""x402 payments: wire format, policy checks, signing, wallet, ledger and budgets.
+
+Nothing in this package knows about the web framework (the x402 SDK keeps the same split).
+"""

@@ -1,0 +1,61 @@
+"""Check a 402 challenge against our own tables before anything is signed.
+
+The challenge is unauthenticated: anything on the path can rewrite it. We pick the first `exact`
+requirement on our network and refuse it unless asset, payee, amount and timeout all pass
+(x402.md §10). The checks run on the requirement we will sign, not on a neighbour.
+"""
+
+from __future__ import annotations
+
+import re
+
+from clawrouter.catalog import format_usd as usd
+from clawrouter.errors import PaymentRefused
+from clawrouter.payment.networks import Network, lookup
+from clawrouter.payment.wire import Challenge, Requirement
+
+MAX_TIMEOUT_SECONDS = 600
+_AMOUNT = re.compile(r"^[0-9]{1,30}$")
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+
+def refuse(check: str, message: str) -> PaymentRefused:
+    return PaymentRefused(f"Payment refused, nothing was signed: {message}",
+                          extra={"check": check})
+
+
+def select(challenge: Challenge, *, network: Network, pay_to: str, ceiling: int, cap: int,
+           max_timeout: int = MAX_TIMEOUT_SECONDS) -> Requirement:
+    """Return the requirement we may sign, or raise `PaymentRefused` naming the failed check."""
+    exact = [r for r in challenge.requirements if r.scheme == "exact"]
+    if not exact:
+        schemes = ", ".join(sorted({r.scheme or "?" for r in challenge.requirements}))
+        raise refuse("scheme", f"the upstream asked for scheme {schemes}; only 'exact' is signed.")
+    ours = [r for r in exact if lookup(r.network) == network]
+    if not ours:
+        asked = ", ".join(sorted({r.network or "?" for r in exact}))
+        raise refuse("network", f"the upstream asked to pay on {asked}; this gateway pays on "
+                                f"{network.name} ({network.caip2}) only.")
+    req = ours[0]
+    if req.asset.lower() != network.usdc.lower():
+        raise refuse("asset", f"asset {req.asset!r} is not USDC on {network.name} "
+                              f"({network.usdc}).")
+    if not _ADDRESS.match(req.pay_to) or req.pay_to.lower() != pay_to.lower():
+        raise refuse("payee", f"payee {req.pay_to!r} is not the configured BlockRun payee "
+                              f"{pay_to}.")
+    if not _AMOUNT.match(req.amount) or int(req.amount) <= 0:
+        raise refuse("amount", f"amount {req.amount!r} is not a positive whole number of "
+                               "atomic USDC.")
+    amount = int(req.amount)
+    if amount > cap:
+        raise refuse("amount", f"{usd(amount)} is above the per-request cap of {usd(cap)} "
+                               "(CLAWROUTER_MAX_USD_PER_REQUEST).")
+    if amount > ceiling:
+        raise refuse("amount", f"{usd(amount)} is above the most this image should cost "
+                               f"({usd(ceiling)}: the catalog price × the tolerance, plus "
+                               "the fee).")
+    timeout = req.max_timeout_seconds
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 < timeout <= max_timeout:
+        raise refuse("timeout", f"maxTimeoutSeconds {timeout!r} is outside 1..{max_timeout}; "
+                                "a longer-lived authorization is not signed.")
+    return req

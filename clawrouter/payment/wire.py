@@ -1,0 +1,134 @@
+"""x402 wire format: parse 402 challenges, encode payment headers, read settlement receipts.
+
+Encode strictly (standard base64 of compact UTF-8 JSON); decode leniently (base64url, missing
+padding). v2 challenges arrive in the `PAYMENT-REQUIRED` header; a v1 JSON body is accepted too.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+REQUIRED_HEADER = "payment-required"
+SIGNATURE_HEADER = "PAYMENT-SIGNATURE"
+RECEIPT_HEADERS = ("payment-response", "x-payment-response", "x-payment-receipt")
+
+
+class ChallengeError(ValueError):
+    """A 402 whose challenge cannot be read."""
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One `accepts[]` entry, normalised across v1 and v2."""
+
+    scheme: str
+    network: str
+    amount: str  # atomic units, as sent (validated by policy, not here)
+    asset: str
+    pay_to: str
+    max_timeout_seconds: Any
+    extra: dict[str, Any]
+    raw: dict[str, Any]  # echoed back unchanged as `accepted` (v2)
+
+
+@dataclass(frozen=True)
+class Challenge:
+    version: int
+    requirements: list[Requirement]
+    resource: dict[str, Any] | None = None
+    extensions: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def b64_json(value: Any) -> str:
+    return base64.b64encode(json.dumps(value, separators=(",", ":")).encode()).decode("ascii")
+
+
+def decode_b64_json(text: str) -> Any:
+    text = text.strip()
+    text += "=" * (-len(text) % 4)
+    try:
+        raw = base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
+        return json.loads(raw)
+    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        raise ChallengeError(f"not base64 JSON: {exc}") from None
+
+
+def _requirement(entry: Any, version: int) -> Requirement:
+    if not isinstance(entry, dict):
+        raise ChallengeError("accepts[] entry is not an object")
+    amount = entry.get("amount" if version >= 2 else "maxAmountRequired", entry.get("amount"))
+    extra = entry.get("extra") or {}
+    return Requirement(
+        scheme=str(entry.get("scheme", "")),
+        network=str(entry.get("network", "")),
+        amount=str(amount) if amount is not None else "",
+        asset=str(entry.get("asset", "")),
+        pay_to=str(entry.get("payTo", "")),
+        max_timeout_seconds=entry.get("maxTimeoutSeconds"),
+        extra=extra if isinstance(extra, dict) else {},
+        raw=entry,
+    )
+
+
+def parse_challenge(headers: Mapping[str, str], body: bytes) -> Challenge:
+    """Read a 402 challenge: the v2 header first, else a v1 (or BlockRun legacy) JSON body."""
+    header = headers.get(REQUIRED_HEADER) or headers.get(REQUIRED_HEADER.upper())
+    if header:
+        data = decode_b64_json(header)
+    else:
+        try:
+            data = json.loads(body or b"null")
+        except ValueError:
+            raise ChallengeError("402 without a PAYMENT-REQUIRED header or JSON body") from None
+        if isinstance(data, dict) and isinstance(data.get("x402"), dict):
+            data = data["x402"]
+        if not (isinstance(data, dict) and (data.get("x402Version") == 1 or "accepts" in data)):
+            raise ChallengeError("402 without a PAYMENT-REQUIRED header or v1 body")
+    if not isinstance(data, dict):
+        raise ChallengeError("challenge is not a JSON object")
+    version = data.get("x402Version", 1 if not header else 2)
+    if version not in (1, 2):
+        raise ChallengeError(f"unsupported x402Version {version!r}")
+    accepts = data.get("accepts")
+    if not isinstance(accepts, list) or not accepts:
+        raise ChallengeError("challenge lists no payment requirements")
+    resource = data.get("resource")
+    return Challenge(
+        version=version,
+        requirements=[_requirement(entry, version) for entry in accepts],
+        resource=resource if isinstance(resource, dict) else None,
+        extensions=data.get("extensions") if isinstance(data.get("extensions"), dict) else {},
+        error=data.get("error") if isinstance(data.get("error"), str) else None,
+    )
+
+
+@dataclass(frozen=True)
+class Receipt:
+    transaction: str | None
+    network: str | None = None
+    amount: str | None = None
+
+
+def read_receipt(headers: Mapping[str, str]) -> Receipt | None:
+    """Settlement evidence from `PAYMENT-RESPONSE`, `X-PAYMENT-RESPONSE` or `X-Payment-Receipt`."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    for name in RECEIPT_HEADERS[:2]:
+        if lowered.get(name):
+            try:
+                data = decode_b64_json(lowered[name])
+            except ChallengeError:
+                continue
+            if isinstance(data, dict):
+                tx = data.get("transaction") or data.get("txHash") or None
+                return Receipt(tx if isinstance(tx, str) else None,
+                               data.get("network"), data.get("amount"))
+    bare = lowered.get("x-payment-receipt")
+    if bare:
+        return Receipt(bare.strip() or None)
+    return None
