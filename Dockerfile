@@ -1,0 +1,26 @@
+# clawrouter in a container: non-root, data on a volume, listening on all interfaces inside the
+# container — which is why it refuses to start without CLAWROUTER_API_KEY.
+#   docker build -t clawrouter .
+#   docker run -p 127.0.0.1:8402:8402 -v clawrouter:/data -e CLAWROUTER_API_KEY=… clawrouter
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    CLAWROUTER_HOME=/data \
+    CLAWROUTER_HOST=0.0.0.0 \
+    CLAWROUTER_PORT=8402
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY clawrouter ./clawrouter
+RUN pip install --no-compile . \
+ && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin clawrouter \
+ && mkdir -p /data && chown clawrouter /data && chmod 700 /data
+
+USER clawrouter
+VOLUME ["/data"]
+EXPOSE 8402
+HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8402/healthz', timeout=2).status == 200 else 1)"]
+ENTRYPOINT ["clawrouter", "serve"]

@@ -1,0 +1,5 @@
+import sys
+
+from clawrouter.cli import main
+
+sys.exit(main())

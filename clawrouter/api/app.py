@@ -1,0 +1,92 @@
+"""Assemble the gateway: settings and wallet at build time (so a bad key fails before we listen),
+network clients, store and pipeline in the lifespan."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+
+from clawrouter import __version__
+from clawrouter.api import errors, images, meta
+from clawrouter.api.middleware import RequestId
+from clawrouter.coalesce import Coalescer
+from clawrouter.config import Settings
+from clawrouter.inputs import InputPolicy, InputResolver
+from clawrouter.payment import ledger as ledger_mod
+from clawrouter.payment.budget import Budget
+from clawrouter.payment.ledger import Ledger
+from clawrouter.payment.networks import NETWORKS, Network
+from clawrouter.payment.prices import PriceBook
+from clawrouter.payment.signer import Signer
+from clawrouter.payment.wallet import WalletKey, load_wallet
+from clawrouter.pipeline import ImagePipeline
+from clawrouter.store import ImageServer, ImageStore
+from clawrouter.upstream.client import BlockRunClient, new_session
+from clawrouter.upstream.exchange import Exchange
+
+
+@dataclass
+class Gateway:
+    """What the routes reach through `request.app.state.gw`."""
+
+    settings: Settings
+    wallet: WalletKey
+    signer: Signer
+    network: Network
+    sandbox: bool
+    store: ImageStore
+    ledger: Ledger
+    budget: Budget
+    coalescer: Coalescer
+    pipeline: ImagePipeline | None = None
+
+    @property
+    def address(self) -> str:
+        return self.signer.address
+
+
+def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    wallet = load_wallet(settings.home, settings.wallet_key.get_secret_value()
+                         if settings.wallet_key else None)
+    signer = Signer(wallet.key)
+    store = ImageStore(settings.images_dir, ttl_days=settings.image_ttl_days,
+                       max_bytes=int(settings.image_max_gb * 1024**3))
+    ledger = Ledger(settings.home / ledger_mod.FILENAME)
+    budget = Budget.from_settings(ledger, settings)
+    prices = PriceBook(settings.price_ttl_seconds)
+    gw = Gateway(settings, wallet, signer, NETWORKS[settings.network], sandbox, store, ledger,
+                 budget, Coalescer(settings.coalesce_window_seconds))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        session = new_session(settings.upstream_max_connections)
+        inputs = InputResolver(InputPolicy.from_settings(settings))
+        await store.open()
+        await store.start()
+        client = BlockRunClient(settings.upstream_url, session,
+                                timeout=settings.upstream_timeout,
+                                connect_timeout=settings.upstream_connect_timeout)
+        exchange = Exchange(client, signer, settings, gw.network, ledger, budget, prices)
+        gw.pipeline = ImagePipeline(exchange, store, inputs, session)
+        try:
+            yield
+        finally:
+            await store.aclose()
+            await inputs.aclose()
+            await session.close()
+            ledger.close()
+
+    app = FastAPI(title="clawrouter", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.gw = gw
+    errors.install(app)
+    app.include_router(images.router)
+    app.include_router(meta.router)
+    app.add_route("/images/{name}", ImageServer(store), methods=["GET", "HEAD"])
+    app.add_middleware(RequestId, sandbox=sandbox)
+    return app
+

@@ -1,0 +1,81 @@
+"""Every error, everywhere, leaves as the OpenAI envelope with the right status.
+
+FastAPI's default 422 `{"detail": [...]}` would give the OpenAI SDK an error with no code,
+param or type, so validation errors become 400 envelopes naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from clawrouter.errors import (
+    ClawError, ClientGone, InvalidRequest, MethodNotAllowed, RouteNotFound,
+)
+
+log = logging.getLogger("clawrouter.api")
+
+
+def error_response(error: ClawError) -> JSONResponse:
+    return JSONResponse(error.envelope(), status_code=error.status,
+                        headers=error.response_headers())
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidRequest:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return InvalidRequest(f"Malformed JSON body: {first.get('msg', 'cannot parse')}.",
+                              code="invalid_json")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = loc[0] + "".join(f"[{p}]" for p in loc[1:]) if loc else None
+    if first.get("type") == "missing":
+        return InvalidRequest(f"Missing required field '{param}'.", param=param,
+                              code="missing_field")
+    if first.get("type") in ("model_attributes_type", "dict_type") and not loc:
+        return InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    msg = first.get("msg", "invalid value")
+    return InvalidRequest(f"Invalid value for '{param}': {msg}.", param=param,
+                          code="invalid_type")
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ClawError)
+    async def _claw(_: Request, exc: ClawError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return error_response(RouteNotFound(
+                f"Unknown route: {request.method} {request.url.path}. See GET /v1/models and "
+                "POST /v1/images/generations."))
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow", "")
+            return error_response(MethodNotAllowed(
+                f"Method {request.method} is not allowed on {request.url.path}"
+                + (f"; use {allow}." if allow else "."), headers={"allow": allow} if allow else {}))
+        status = exc.status_code if 400 <= exc.status_code <= 599 else 500
+        err = InvalidRequest(str(exc.detail), status=status, code="http_error")
+        return error_response(err)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, __: ClientGone) -> Response:
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error on %s %s", request.method, request.url.path,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        rid = request.headers.get("x-request-id", "")
+        return error_response(ClawError(
+            "Internal error in the gateway" + (f" (request {rid})" if rid else "") +
+            ". It has been logged; nothing about it was sent upstream.", code="internal_error"))

@@ -1,0 +1,228 @@
+"""Image routes: translate HTTP into an `ImageJob`, run the pipeline, translate the result back.
+
+Served with and without the `/v1` prefix (the OpenAI SDK's base_url includes it; some clients
+leave it out). Query strings are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import aiofiles
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from clawrouter.api.schemas import EditBody, GenerationBody
+from clawrouter.catalog import format_usd
+from clawrouter.coalesce import fingerprint_parts
+from clawrouter.config import is_loopback_host
+from clawrouter.context import RequestContext
+from clawrouter.errors import InvalidRequest
+from clawrouter.pipeline import Result
+from clawrouter.validate import ImageJob, SourceImage, edit_job, generation_job
+
+router = APIRouter()
+
+
+def _both(path: str) -> list[str]:
+    return [f"/v1{path}", path]
+
+
+def base_url(request: Request) -> str:
+    """Where the client can fetch our images: the loopback name it used, or the public URL."""
+    settings = request.app.state.gw.settings
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    host = request.headers.get("host", "")
+    hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if host and is_loopback_host(hostname.strip("[]")):
+        return f"http://{host}"
+    return f"http://localhost:{request.url.port or settings.port}"
+
+
+def context(request: Request) -> RequestContext:
+    client = request.client.host if request.client else "local"
+    auth = request.headers.get("authorization")
+    return RequestContext(request.scope.get("state", {}).get("request_id", ""),
+                          base_url(request), client=auth or client)
+
+
+@asynccontextmanager
+async def watch_disconnect(request: Request, ctx: RequestContext) -> AsyncIterator[None]:
+    """Set `ctx.gone` when the client disconnects, so work that costs money stops."""
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                ctx.leave()
+                return
+
+    task = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+def fingerprint(job: ImageJob) -> str:
+    """What makes two requests the same paid request (the output format does not)."""
+    sources = [part for s in [*job.images, job.mask] if s for part in (s.param, s.value)]
+    return fingerprint_parts(job.route, job.model.id, job.prompt, job.size, job.n,
+                             job.quality or "", *sources)
+
+
+async def run(request: Request, job: ImageJob) -> Response:
+    gw = request.app.state.gw
+    ctx = context(request)
+    async with watch_disconnect(request, ctx):
+        result = await gw.coalescer.run(ctx, fingerprint(job),
+                                        request.headers.get("idempotency-key"),
+                                        lambda shared: gw.pipeline.run(job, shared))
+    return JSONResponse(await shape(result, job, ctx.base_url), headers=result_headers(result))
+
+
+async def image_bytes(image: Any) -> bytes:
+    if image.data is None and image.stored is not None:
+        async with aiofiles.open(image.stored.path, "rb") as f:
+            image.data = await f.read()
+    return image.data or b""
+
+
+async def shape(result: Result, job: ImageJob, base: str) -> dict[str, Any]:
+    """The OpenAI `ImagesResponse` body."""
+    data = []
+    for image in result.images:
+        item: dict[str, Any] = {}
+        if job.response_format == "url" and image.stored is not None:
+            item["url"] = f"{base}/images/{image.stored.name}"
+        elif job.response_format == "url" and image.remote_url:
+            item["url"] = image.remote_url  # our store failed; the upstream copy still works
+        elif image.stored is not None or image.data is not None:
+            item["b64_json"] = base64.b64encode(await image_bytes(image)).decode("ascii")
+        elif image.remote_url:
+            item["url"] = image.remote_url
+        if image.revised_prompt:
+            item["revised_prompt"] = image.revised_prompt
+        data.append(item)
+    return {"created": result.created, "data": data}
+
+
+def result_headers(result: Result) -> dict[str, str]:
+    headers = {"x-clawrouter-cost-usd": format_usd(result.amount).lstrip("$")}
+    if result.transaction:
+        headers["x-clawrouter-transaction"] = result.transaction
+    return headers
+
+
+@router.post("/v1/images/generations")
+@router.post("/images/generations", include_in_schema=False)
+async def generations(body: GenerationBody, request: Request) -> Response:
+    """Text to image (OpenAI `images.generate`)."""
+    job = generation_job(body, request.app.state.gw.settings.response_format)
+    return await run(request, job)
+
+
+@router.post("/v1/images/image2image")
+@router.post("/images/image2image", include_in_schema=False)
+async def image2image(body: EditBody, request: Request) -> Response:
+    """Edit images given as URLs, local paths or data URIs (ClawRouter's route)."""
+    job = edit_job(body, default_format=request.app.state.gw.settings.response_format)
+    return await run(request, job)
+
+
+@router.post("/v1/images/edits")
+@router.post("/images/edits", include_in_schema=False)
+async def edits(request: Request) -> Response:
+    """OpenAI `images.edit`: multipart uploads, or JSON in OpenAI's or ClawRouter's shape."""
+    default_format = request.app.state.gw.settings.response_format
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        body, uploads, mask = await _read_form(request)
+        return await run(request, edit_job(body, uploads=uploads, mask_upload=mask,
+                                           default_format=default_format))
+    raw = await request.body()
+    try:
+        body = EditBody.model_validate_json(raw or b"null")
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    return await run(request, edit_job(body, default_format=default_format))
+
+
+@router.post("/v1/images/variations")
+@router.post("/images/variations", include_in_schema=False)
+async def variations() -> Response:
+    raise InvalidRequest("Variations are not offered by BlockRun (OpenAI has retired them "
+                         "too). Use POST /v1/images/edits with a prompt instead.",
+                         code="unsupported_endpoint")
+
+
+_FILE_FIELDS = ("image", "image[]", "mask")
+_INT_FIELDS = ("n", "output_compression", "partial_images")
+_BOOL_FIELDS = ("stream",)
+
+
+async def _read_form(request: Request) -> tuple[EditBody, list[SourceImage], SourceImage | None]:
+    settings = request.app.state.gw.settings
+    form = await request.form(max_files=32, max_fields=200,
+                              max_part_size=settings.max_image_bytes + 1)
+    uploads: list[SourceImage] = []
+    mask: SourceImage | None = None
+    fields: dict[str, Any] = {}
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key not in _FILE_FIELDS:
+                    raise InvalidRequest(f"Unexpected file field '{key}'; send images as "
+                                         "'image' or 'image[]' and a mask as 'mask'.", param=key)
+                data = await _read_upload(value, settings.max_image_bytes, key)
+                if key == "mask":
+                    mask = SourceImage("mask", data)
+                else:
+                    uploads.append(SourceImage(f"image[{len(uploads)}]", data))
+            elif value == "":
+                continue  # blank form fields mean unset
+            elif key in ("image", "image[]"):
+                fields.setdefault("image", []).append(value)
+            else:
+                fields[key] = _coerce(key, value)
+    finally:
+        await form.close()
+    if len(uploads) == 1 and "image" not in fields:
+        uploads = [SourceImage("image", uploads[0].value)]
+    try:
+        return EditBody.model_validate(fields), uploads, mask
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+async def _read_upload(upload: UploadFile, limit: int, param: str) -> bytes:
+    if upload.size is not None and upload.size > limit:
+        raise InvalidRequest(f"'{param}' is {upload.size} bytes; the most is {limit} "
+                             "(CLAWROUTER_MAX_IMAGE_MB).", param=param, code="image_too_large")
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidRequest(f"'{param}' is larger than {limit} bytes (CLAWROUTER_MAX_IMAGE_MB).",
+                             param=param, code="image_too_large")
+    return data
+
+
+def _coerce(key: str, value: str) -> Any:
+    if key in _INT_FIELDS:
+        try:
+            return int(value)
+        except ValueError:
+            raise InvalidRequest(f"'{key}' must be a whole number; got {value[:40]!r}.",
+                                 param=key, code="invalid_type") from None
+    if key in _BOOL_FIELDS:
+        if value.lower() not in ("true", "false"):
+            raise InvalidRequest(f"'{key}' must be true or false.", param=key,
+                                 code="invalid_type")
+        return value.lower() == "true"
+    return value

@@ -1,0 +1,56 @@
+"""Free endpoints: health and the model list. None of them ever calls the paid upstream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from clawrouter import __version__, catalog
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    gw = request.app.state.gw
+    return {"status": "ok", "wallet": gw.address, "upstream": gw.settings.upstream_url,
+            "sandbox": gw.sandbox, "version": __version__, "network": gw.network.name}
+
+
+def model_card(model: catalog.ImageModel) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": 0,
+        "owned_by": model.provider,
+        "aliases": list(model.aliases),
+        "sizes": list(model.sizes),
+        # What BlockRun charges per image on Base (list price × 1.05), plus a fee per request.
+        "prices": {size: round(price * catalog.BASE_MARKUP, 6)
+                   for size, price in model.prices.items()},
+        "fee_per_request": catalog.FEE_USD,
+        "edits": model.edits,
+        "max_input_images": model.max_images,
+        "mask": model.mask,
+        "status": model.status,
+        "slow": model.slow,
+        "note": model.note,
+    }
+
+
+@router.get("/v1/models")
+@router.get("/models", include_in_schema=False)
+async def models() -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(m) for m in catalog.MODELS]}
+
+
+@router.get("/v1/spend")
+async def spend(request: Request) -> dict[str, Any]:
+    """Every cent: today, this month, in total, by model and day, and the latest payments."""
+    gw = request.app.state.gw
+    summary = await gw.ledger.call(gw.ledger.summary)
+    summary["budget"] = gw.budget.remaining()
+    summary["wallet"] = gw.address
+    summary["network"] = gw.network.name
+    return summary

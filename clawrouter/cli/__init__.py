@@ -1,0 +1,32 @@
+"""`clawrouter` command line: one module per command group, assembled here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from clawrouter import __version__
+from clawrouter.cli import serve
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="clawrouter",
+        description="A local OpenAI-compatible image gateway that pays BlockRun per image "
+                    "with x402 (USDC on Base).")
+    root.add_argument("--version", action="version", version=f"clawrouter {__version__}")
+    commands = root.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve.register(commands)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Per-request context that the pipeline carries: the request id and whether the client is
+still there (a client that leaves before the payment is sent must cost nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from clawrouter.errors import ClientGone
+
+
+@dataclass
+class RequestContext:
+    request_id: str
+    #: base for the local URLs we hand back, e.g. "http://localhost:8402"
+    base_url: str
+    #: identifies the client for coalescing duplicate requests (API key or address)
+    client: str = "local"
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+    _on_leave: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def leave(self) -> None:
+        """The client disconnected."""
+        self.gone.set()
+        for callback in self._on_leave:
+            callback()
+
+    def on_leave(self, callback: Callable[[], None]) -> None:
+        self._on_leave.append(callback)
+        if self.gone.is_set():
+            callback()
+
+    def check(self) -> None:
+        """Raise `ClientGone` if the client disconnected."""
+        if self.gone.is_set():
+            raise ClientGone()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once (raising `ClientGone`) if the client disconnects."""
+        try:
+            await asyncio.wait_for(self.gone.wait(), timeout=max(0.0, seconds))
+        except asyncio.TimeoutError:
+            return
+        raise ClientGone()

@@ -1,0 +1,67 @@
+"""Which IP addresses a URL fetch may reach: public ones only, so a request cannot probe the LAN,
+the gateway's own host or a cloud metadata service (169.254.169.254)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+AddressRule = Callable[[IPAddress], bool]
+
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+
+
+def address_problem(ip: IPAddress) -> str | None:
+    """Why `ip` may not be fetched (e.g. "loopback"), or None when it is public.
+
+    IPv6 forms that carry an IPv4 address (`::ffff:127.0.0.1`, 6to4, NAT64) are judged by the
+    IPv4 address inside, which is where the packets end up.
+    """
+    embedded = _embedded_ipv4(ip)
+    if embedded is not None:
+        return address_problem(embedded)
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_private:
+        return "private"
+    if ip.is_reserved:
+        return "reserved"
+    if not ip.is_global:  # shared 100.64/10, benchmarking, documentation, …
+        return "non-public"
+    return None
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """The default rule for URL fetches."""
+    return address_problem(ip) is None
+
+
+def parse_literal_ip(host: str) -> IPAddress | None:
+    """The address a URL host names literally, None for a DNS name.
+
+    Raises ValueError for hosts that look numeric but are not canonical (`2130706433`, `127.1`,
+    `0x7f.1`): socket libraries map those onto addresses too, so they must never reach one
+    unchecked. "Looks numeric" mirrors aiohttp's own test for skipping the resolver.
+    """
+    if ":" not in host and not host.replace(".", "").isdigit():
+        return None
+    return ipaddress.ip_address(host)
+
+
+def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if any(ip in net for net in _NAT64):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None

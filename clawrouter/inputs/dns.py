@@ -1,0 +1,58 @@
+"""DNS that checks what it returns, so aiohttp connects to exactly the addresses we approved.
+
+Resolving once and handing aiohttp only checked addresses closes DNS rebinding: there is no
+second lookup between the check and the connect. The hostname stays in the URL, so Host, SNI
+and certificate verification are unchanged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from .addresses import AddressRule, IPAddress
+
+
+class AddressRefused(Exception):
+    """A host resolved to an address the rule forbids.
+
+    Deliberately not an OSError: aiohttp wraps OSErrors from the resolver into connection
+    errors, and this one must reach the fetcher intact to become a `url_refused`.
+    """
+
+    def __init__(self, host: str, address: IPAddress) -> None:
+        super().__init__(f"{host} resolves to {address}")
+        self.host = host
+        self.address = address
+
+
+class CheckingResolver(AbstractResolver):
+    """Wrap a resolver; refuse the whole name if any of its addresses is forbidden.
+
+    One bad address is enough: aiohttp may try them in any order, and a name that mixes a public
+    and a private address is a classic rebinding setup.
+    """
+
+    def __init__(self, inner: AbstractResolver, allowed: AddressRule | None,
+                 *, owns_inner: bool = False) -> None:
+        self._inner = inner
+        self._allowed = allowed
+        self._owns_inner = owns_inner
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        if not results:
+            raise OSError(f"{host} has no addresses")
+        if self._allowed is not None:
+            for result in results:
+                address = ipaddress.ip_address(result["host"])
+                if not self._allowed(address):
+                    raise AddressRefused(host, address)
+        return results
+
+    async def close(self) -> None:
+        if self._owns_inner:
+            await self._inner.close()

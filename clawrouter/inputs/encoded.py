@@ -1,0 +1,60 @@
+"""Images carried inside the request itself: `data:` URIs and raw base64.
+
+The encoded length is checked against the cap before decoding, so an oversized payload costs
+no decoded copy. Standard and url-safe alphabets are accepted, padding optional, whitespace
+ignored (base64 wrapped at 76 columns is common).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from .image import check_size
+from .refusals import INVALID_BASE64, INVALID_DATA_URI, refuse
+
+_WHITESPACE = re.compile(r"\s+")
+_ALPHABET = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
+#: Enough base64 to decode the 12 bytes `sniff_image` needs (WEBP is the longest signature).
+SNIFF_CHARS = 16
+
+
+def decode_data_uri(value: str, *, max_bytes: int, param: str) -> bytes:
+    """Bytes of a `data:<mime>;base64,<payload>` URI; the declared MIME type is ignored."""
+    header, comma, payload = value[len("data:"):].partition(",")
+    if not comma or header.rsplit(";", 1)[-1].strip().lower() != "base64":
+        refuse("a data URI must look like data:<mime>;base64,<payload>", param=param,
+               code=INVALID_DATA_URI)
+    return decode_base64(payload, max_bytes=max_bytes, param=param)
+
+
+def decode_base64(text: str, *, max_bytes: int, param: str) -> bytes:
+    """Decode base64 after checking that the result could fit the cap."""
+    compact = _WHITESPACE.sub("", text)
+    body = compact.rstrip("=")
+    check_size(len(body) * 3 // 4, max_bytes=max_bytes, param=param)
+    if not body or len(compact) - len(body) > 2 or len(body) % 4 == 1:
+        refuse("the payload is not valid base64", param=param, code=INVALID_BASE64)
+    urlsafe = "-" in body or "_" in body
+    try:
+        return base64.b64decode(body + "=" * (-len(body) % 4),
+                                altchars=b"-_" if urlsafe else None, validate=True)
+    except (binascii.Error, ValueError):
+        refuse("the payload is not valid base64", param=param, code=INVALID_BASE64)
+
+
+def base64_prefix(text: str) -> bytes | None:
+    """The first bytes a base64 string decodes to, or None if its start is not base64.
+
+    Cheap (looks at a few dozen characters) so a form can be guessed without decoding it all.
+    """
+    head = _WHITESPACE.sub("", text[: SNIFF_CHARS * 4])[:SNIFF_CHARS].rstrip("=")
+    if not head or len(head) % 4 == 1 or not _ALPHABET.fullmatch(head):
+        return None
+    urlsafe = "-" in head or "_" in head
+    try:
+        return base64.b64decode(head + "=" * (-len(head) % 4),
+                                altchars=b"-_" if urlsafe else None, validate=True)
+    except (binascii.Error, ValueError):
+        return None

@@ -1,0 +1,141 @@
+"""Read a local image file without ever reading a secret.
+
+A path is judged before anything is opened, in this order: no hidden component in the path as
+written; not in a forbidden folder (the gateway's data directory holds the wallet key); after
+resolving symlinks and `..`, inside an allowed root; no hidden component below that root. Only
+then is the file stat'ed — so the answer never reveals whether a file outside the roots exists —
+and read, at most cap+1 bytes. Whatever passes must still sniff as an image, so a text secret
+renamed `photo.png` is refused by the caller.
+
+Everything here blocks; call it through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path, PurePath
+from urllib.parse import unquote, urlsplit
+
+from .image import check_size
+from .policy import InputPolicy
+from .refusals import FILE_NOT_FOUND, PATH_REFUSED, refuse, shorten
+
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0))
+_READ_CHUNK = 1024 * 1024
+
+
+def path_from_file_url(value: str, *, param: str) -> str:
+    """The local path a `file://` URL names; a remote host in it is refused."""
+    parts = urlsplit(value)
+    if parts.netloc not in ("", "localhost"):
+        refuse(f"file URLs must not name a host ({shorten(value)!r})", param=param,
+               code=PATH_REFUSED)
+    return unquote(parts.path)
+
+
+def read_local_image(raw: str, policy: InputPolicy, *, cwd: Path, param: str) -> bytes:
+    """Bytes of the file `raw` names (absolute, `~/…` or relative to `cwd`), if policy allows."""
+    real = _judged_path(raw, policy, cwd=cwd, param=param)
+    shown = shorten(raw)
+    try:
+        before = os.stat(real)
+    except (FileNotFoundError, NotADirectoryError):
+        refuse(f"no such file: {shown!r}", param=param, code=FILE_NOT_FOUND)
+    except OSError as exc:
+        refuse(f"cannot read {shown!r} ({exc.strerror})", param=param, code=PATH_REFUSED)
+    if not stat.S_ISREG(before.st_mode):
+        refuse(f"{shown!r} is not a regular file", param=param, code=PATH_REFUSED)
+    check_size(before.st_size, max_bytes=policy.max_bytes, param=param)
+    try:
+        fd = os.open(real, _OPEN_FLAGS)
+    except OSError as exc:
+        refuse(f"cannot read {shown!r} ({exc.strerror})", param=param, code=PATH_REFUSED)
+    try:
+        # The file we opened must be the one we judged: a symlink or file swapped in after the
+        # checks (O_NOFOLLOW covers the last component, the inode comparison the rest).
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+            refuse(f"{shown!r} changed while it was being read", param=param, code=PATH_REFUSED)
+        data = _read_at_most(fd, policy.max_bytes + 1)
+    finally:
+        os.close(fd)
+    check_size(len(data), max_bytes=policy.max_bytes, param=param)
+    return data
+
+
+def _judged_path(raw: str, policy: InputPolicy, *, cwd: Path, param: str) -> Path:
+    """The real path `raw` points to, or a refusal saying which rule it breaks."""
+    shown = shorten(raw)
+    if not raw or "\0" in raw:
+        refuse("empty or malformed path", param=param, code=PATH_REFUSED)
+    written = os.path.expanduser(raw)
+    given = Path(written) if os.path.isabs(written) else cwd / written
+    roots = _with_resolved(policy.roots)
+    forbidden = _with_resolved(policy.forbidden)
+
+    hidden = _hidden_part(_below(PurePath(written), roots))
+    if hidden:
+        refuse(f"{shown!r} has a hidden component ({shorten(hidden, 40)!r}); hidden files and "
+               f"folders are never read", param=param, code=PATH_REFUSED)
+    try:
+        real = given.resolve()
+    except (OSError, RuntimeError):  # symlink loop, unreadable component
+        refuse(f"{shown!r} cannot be resolved", param=param, code=PATH_REFUSED)
+    lexical = Path(os.path.normpath(given))
+    if any(p.is_relative_to(f) for p in (real, lexical) for f in forbidden):
+        refuse(f"{shown!r} is inside the gateway's data directory", param=param,
+               code=PATH_REFUSED)
+    root = _deepest_root(real, roots)
+    if root is None:
+        allowed = ", ".join(shorten(str(r), 40) for r in policy.roots) or "none configured"
+        refuse(f"{shown!r} is outside the allowed folders ({allowed}) once symlinks and '..' "
+               f"are resolved", param=param, code=PATH_REFUSED)
+    hidden = _hidden_part(real.relative_to(root))
+    if hidden:
+        refuse(f"{shown!r} resolves into a hidden file or folder ({shorten(hidden, 40)!r})",
+               param=param, code=PATH_REFUSED)
+    return real
+
+
+def _with_resolved(paths: Iterable[Path]) -> tuple[Path, ...]:
+    """Each folder as configured and as resolved (e.g. macOS /tmp -> /private/tmp)."""
+    out: list[Path] = []
+    for path in paths:
+        path = Path(path).expanduser()
+        out.append(Path(os.path.normpath(path)))
+        try:
+            out.append(path.resolve())
+        except (OSError, RuntimeError):
+            pass
+    return tuple(dict.fromkeys(out))
+
+
+def _deepest_root(path: PurePath, roots: Iterable[Path]) -> Path | None:
+    """The innermost root containing `path`: a root configured inside a hidden folder is fine."""
+    containing = [root for root in roots if path.is_relative_to(root)]
+    return max(containing, key=lambda r: len(r.parts), default=None)
+
+
+def _below(path: PurePath, roots: Iterable[Path]) -> PurePath:
+    """The part of a written path below the root it names, or all of it."""
+    root = _deepest_root(path, roots) if path.is_absolute() else None
+    return path.relative_to(root) if root is not None else path
+
+
+def _hidden_part(path: PurePath) -> str | None:
+    return next((p for p in path.parts if p.startswith(".") and p not in (".", "..")), None)
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    remaining = limit
+    while remaining > 0:
+        chunk = os.read(fd, min(remaining, _READ_CHUNK))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)

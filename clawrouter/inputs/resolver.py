@@ -1,0 +1,109 @@
+"""The one entry point: any image input form in, a checked `ImageInput` out (or a 400)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from aiohttp.abc import AbstractResolver
+
+from .addresses import AddressRule, is_public_address
+from .encoded import decode_base64, decode_data_uri
+from .forms import Form, classify
+from .image import ImageInput, checked_image
+from .paths import path_from_file_url, read_local_image
+from .policy import InputPolicy
+from .refusals import LOCAL_FILES_DISABLED, UNRECOGNIZED_INPUT, URL_REFUSED, refuse, shorten
+from .urls import UrlFetcher
+
+#: Decoding more than this much base64 moves off the event loop (≈ 1 ms of CPU).
+_DECODE_IN_THREAD = 1024 * 1024
+
+
+class InputResolver:
+    """Turns `image`/`mask` values into image bytes under one `InputPolicy`.
+
+    `resolver` replaces DNS (tests map names to loopback addresses); `address_allowed` replaces
+    the rule for which addresses count as public. `policy.allow_private_urls` switches the
+    address check off whatever the rule. Holds one HTTP session: call `aclose()` when done.
+    """
+
+    def __init__(self, policy: InputPolicy, *, resolver: AbstractResolver | None = None,
+                 address_allowed: AddressRule | None = None) -> None:
+        self.policy = policy
+        allowed = None if policy.allow_private_urls else (address_allowed or is_public_address)
+        self._urls = UrlFetcher(policy, dns=resolver, allowed=allowed)
+
+    async def resolve(self, value: str, *, param: str) -> ImageInput:
+        """Fetch, read or decode `value`, then size-check and sniff it."""
+        if not isinstance(value, str):
+            refuse("expected a string (URL, path, data URI or base64)", param=param,
+                   code=UNRECOGNIZED_INPUT)
+        data = await self._bytes_of(value.strip(), param=param)
+        return checked_image(data, max_bytes=self.policy.max_bytes, param=param)
+
+    def from_upload(self, data: bytes, *, param: str) -> ImageInput:
+        """An uploaded file part: already in memory, so only the cap and the sniff apply."""
+        return checked_image(data, max_bytes=self.policy.max_bytes, param=param)
+
+    async def aclose(self) -> None:
+        await self._urls.aclose()
+
+    async def __aenter__(self) -> "InputResolver":
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def _bytes_of(self, value: str, *, param: str) -> bytes:
+        form = classify(value)
+        cap = self.policy.max_bytes
+        if form is Form.URL:
+            return await self._urls.fetch(value, param=param)
+        if form is Form.DATA_URI:
+            return await _decode(decode_data_uri, value, max_bytes=cap, param=param)
+        if form is Form.BASE64:
+            return await _decode(decode_base64, value, max_bytes=cap, param=param)
+        if form is Form.OTHER_SCHEME:
+            refuse(f"only http, https, file and data URLs are accepted ({shorten(value)!r})",
+                   param=param, code=URL_REFUSED)
+        if form is Form.FILE_URL:
+            return await self._read_file(path_from_file_url(value, param=param), param=param)
+        if form is Form.PATH:
+            return await self._read_file(value, param=param)
+        if form is Form.BARE_NAME and self.policy.allow_local_files:
+            cwd = self._cwd()
+            if await asyncio.to_thread(os.path.lexists, cwd / value):
+                return await self._read_file(value, param=param)
+        refuse(self._unrecognized(value), param=param, code=UNRECOGNIZED_INPUT)
+
+    async def _read_file(self, path: str, *, param: str) -> bytes:
+        if not self.policy.allow_local_files:
+            refuse("local files are disabled on this gateway (allow_local_files); send a URL, "
+                   "a data URI, base64 or an uploaded file", param=param,
+                   code=LOCAL_FILES_DISABLED)
+        return await asyncio.to_thread(read_local_image, path, self.policy, cwd=self._cwd(),
+                                       param=param)
+
+    def _cwd(self) -> Path:
+        return self.policy.cwd if self.policy.cwd is not None else Path(os.getcwd())
+
+    def _unrecognized(self, value: str) -> str:
+        forms = ["an http(s) URL", "a data URI (data:<mime>;base64,<payload>)",
+                 "base64 of a PNG, JPEG, WEBP or GIF image"]
+        if self.policy.allow_local_files:
+            forms.insert(1, "a path to an existing local file (or a file:// URL)")
+        return (f"input not recognised ({shorten(value)!r}); expected "
+                f"{', '.join(forms[:-1])} or {forms[-1]}")
+
+
+async def _decode(decoder: Callable[..., bytes], value: str, *, max_bytes: int,
+                  param: str) -> bytes:
+    """Run a base64 decoder, off the event loop when the payload is big enough to stall it."""
+    if len(value) > _DECODE_IN_THREAD:
+        return await asyncio.to_thread(decoder, value, max_bytes=max_bytes, param=param)
+    return decoder(value, max_bytes=max_bytes, param=param)

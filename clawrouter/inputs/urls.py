@@ -1,0 +1,166 @@
+"""Fetch an http(s) image URL without letting it reach an internal address or fill memory.
+
+Every hop (the first URL and each redirect target) is checked before it is requested: scheme,
+credentials, literal IPs here, DNS names in `CheckingResolver` at connect time. Redirects are
+followed by hand so that check runs on each one. The body is read up to the cap plus one byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp.abc import AbstractResolver
+from yarl import URL
+
+from .addresses import AddressRule, IPAddress, address_problem, parse_literal_ip
+from .dns import AddressRefused, CheckingResolver
+from .image import check_size
+from .policy import InputPolicy
+from .refusals import URL_FETCH_FAILED, URL_REFUSED, refuse, shorten
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_CHUNK = 64 * 1024
+
+
+class UrlFetcher:
+    """One pooled aiohttp session, created on first use, whose connector uses checked DNS."""
+
+    def __init__(self, policy: InputPolicy, *, dns: AbstractResolver | None,
+                 allowed: AddressRule | None) -> None:
+        self._policy = policy
+        self._dns = dns
+        self._allowed = allowed  # None: no address check (allow_private_urls)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def fetch(self, url: str, *, param: str) -> bytes:
+        """Bytes of the image at `url` (not yet sniffed), or a refusal naming `param`."""
+        shown = _display(url)
+        try:
+            async with asyncio.timeout(self._policy.total_timeout):
+                return await self._follow(url, param=param)
+        except TimeoutError:
+            refuse(f"fetching {shown} took longer than {self._policy.total_timeout:g} s",
+                   param=param, code=URL_FETCH_FAILED)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    async def _follow(self, url: str, *, param: str) -> bytes:
+        target = self._checked(_parse(url, param=param), param=param)
+        for hop in range(self._policy.max_redirects + 1):
+            shown = _display(str(target))
+            try:
+                async with self._get_session().get(target, allow_redirects=False) as response:
+                    if response.status in _REDIRECTS:
+                        target = self._next_hop(response, hop, param=param)
+                        continue
+                    if not 200 <= response.status < 300:
+                        refuse(f"{shown} answered HTTP {response.status}", param=param,
+                               code=URL_FETCH_FAILED)
+                    return await _read_capped(response, self._policy.max_bytes, param=param)
+            except AddressRefused as exc:
+                refuse(f"refused to fetch {shown}: {exc.host} resolves to {exc.address}, "
+                       f"{self._describe(exc.address)}", param=param, code=URL_REFUSED)
+            except aiohttp.ServerTimeoutError:
+                refuse(f"connecting to {shown} timed out", param=param, code=URL_FETCH_FAILED)
+            except aiohttp.ClientConnectorDNSError:
+                refuse(f"could not resolve the host of {shown}", param=param,
+                       code=URL_FETCH_FAILED)
+            except aiohttp.ClientConnectorError:
+                refuse(f"could not connect to {shown}", param=param, code=URL_FETCH_FAILED)
+            except (aiohttp.ClientError, OSError) as exc:
+                refuse(f"fetching {shown} failed ({type(exc).__name__})", param=param,
+                       code=URL_FETCH_FAILED)
+        raise AssertionError("unreachable: _next_hop refuses past max_redirects")
+
+    def _next_hop(self, response: aiohttp.ClientResponse, hop: int, *, param: str) -> URL:
+        if hop >= self._policy.max_redirects:
+            refuse(f"more than {self._policy.max_redirects} redirects", param=param,
+                   code=URL_REFUSED)
+        location = response.headers.get("Location")
+        if not location:
+            refuse(f"{_display(str(response.url))} redirected without a Location", param=param,
+                   code=URL_FETCH_FAILED)
+        return self._checked(response.url.join(_parse(location, param=param)), param=param)
+
+    def _checked(self, url: URL, *, param: str) -> URL:
+        """Refuse what can be judged from the URL alone; DNS names are judged when resolved."""
+        shown = _display(str(url))
+        if url.scheme not in ("http", "https"):
+            refuse(f"only http and https URLs are fetched, not {shorten(url.scheme, 20)!r}",
+                   param=param, code=URL_REFUSED)
+        if url.user is not None or url.password is not None:
+            refuse(f"URLs with credentials are refused ({shown})", param=param, code=URL_REFUSED)
+        host = url.host
+        if not host:
+            refuse(f"URL has no host ({shown})", param=param, code=URL_REFUSED)
+        try:
+            literal = parse_literal_ip(host)
+        except ValueError:
+            refuse(f"{shorten(host)!r} is not a canonical IP address", param=param,
+                   code=URL_REFUSED)
+        if literal is not None and self._allowed is not None and not self._allowed(literal):
+            refuse(f"refused to fetch {shown}: {literal} is {self._describe(literal)}",
+                   param=param, code=URL_REFUSED)
+        return url
+
+    @staticmethod
+    def _describe(address: IPAddress) -> str:
+        problem = address_problem(address)
+        kind = f"a {problem} address" if problem else "an address outside the allowed set"
+        return f"{kind} (set allow_private_urls to fetch from your own network)"
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            dns = self._dns or aiohttp.ThreadedResolver()
+            resolver = CheckingResolver(dns, self._allowed, owns_inner=self._dns is None)
+            connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
+            timeout = aiohttp.ClientTimeout(total=None, connect=self._policy.connect_timeout,
+                                            sock_connect=self._policy.connect_timeout)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=timeout,
+                # Compressed bodies would slip past the byte cap when inflated; ask for none
+                # and never inflate (a gzip body then fails the image sniff).
+                auto_decompress=False,
+                headers={"Accept-Encoding": "identity", "User-Agent": "clawrouter"},
+                cookie_jar=aiohttp.DummyCookieJar(),  # no state carried between users' fetches
+                trust_env=False,  # an env proxy would connect to addresses we never checked
+            )
+        return self._session
+
+
+async def _read_capped(response: aiohttp.ClientResponse, cap: int, *, param: str) -> bytes:
+    """Read at most cap+1 bytes; a declared or streamed size over the cap drops the connection."""
+    try:
+        if response.content_length is not None:
+            check_size(response.content_length, max_bytes=cap, param=param)
+        body = bytearray()
+        while chunk := await response.content.read(min(_CHUNK, cap + 1 - len(body))):
+            body += chunk
+            check_size(len(body), max_bytes=cap, param=param)
+        return bytes(body)
+    except BaseException:
+        response.close()  # not release(): the rest of the body must not be drained
+        raise
+
+
+def _parse(url: str, *, param: str) -> URL:
+    try:
+        return URL(url)
+    except (ValueError, TypeError):
+        refuse(f"malformed URL {_display(url)!r}", param=param, code=URL_REFUSED)
+
+
+def _display(url: str) -> str:
+    """The URL as echoed in messages: credentials removed, length bounded."""
+    try:
+        parsed = URL(url)
+        if parsed.user is not None or parsed.password is not None:
+            url = str(parsed.with_user(None))
+    except (ValueError, TypeError):
+        pass
+    return shorten(url)

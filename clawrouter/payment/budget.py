@@ -1,0 +1,202 @@
+"""Budgets: refuse to sign what the user did not allow, even under heavy concurrency.
+
+Three limits (settings `max_usd_per_request`, `max_usd_per_day`, `max_usd_total`; 0 means no
+limit). Before signing, a request *reserves* its amount; the check and the reservation are one
+atomic step, so concurrent requests can never together pass a limit. What counts as used:
+
+- per day: ledger rows of the current local calendar day that may have cost money (every
+  status but `rejected`), plus every live reservation;
+- in total: all such ledger rows, plus every live reservation.
+
+A reservation ends in one of two ways. `release()` when nothing was signed (or when the
+request ends before signing). Or it becomes a ledger row: pass it to
+`Ledger.record_signed(..., reservation=res)`, which adds the row to the ledger's running totals
+and drops the reservation under the same lock, so the money is never counted twice nor, for
+an instant, zero times. (Calling `res.paid(id)` yourself after `record_signed` also works; the
+amount is then counted twice in between, which can only refuse, never over-admit.)
+
+Reservations live in memory only; after a restart only ledger rows count.
+
+Threading: `reserve`, `release`, `paid` and `remaining` only touch memory under a
+`threading.RLock` shared with the ledger; they never wait on disk, so call them directly on the
+event loop (there is no await inside the critical section) or from any thread.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from datetime import date
+from typing import Any, Callable
+
+from clawrouter.catalog import MICRO, format_usd
+from clawrouter.errors import BudgetExceeded
+from clawrouter.payment.ledger import Ledger
+
+_SETTING = {"request": "CLAWROUTER_MAX_USD_PER_REQUEST", "day": "CLAWROUTER_MAX_USD_PER_DAY",
+            "total": "CLAWROUTER_MAX_USD_TOTAL"}
+_NAME = {"request": "per-request", "day": "daily", "total": "total"}
+
+
+def limit_micro(usd: float) -> int:
+    """A USD limit in micro-USDC, rounded down (a limit must never grow by rounding)."""
+    return max(0, math.floor(round(usd * MICRO, 6)))
+
+
+class Budget:
+    """The budget windows over one ledger; 0 (or less) for a limit means no limit."""
+
+    def __init__(self, ledger: Ledger, *, per_request_usd: float, per_day_usd: float,
+                 total_usd: float, clock: Callable[[], float] = time.time) -> None:
+        self.ledger = ledger
+        self.limits = {"request": limit_micro(per_request_usd), "day": limit_micro(per_day_usd),
+                       "total": limit_micro(total_usd)}
+        self._clock = clock
+        self._lock: threading.RLock = ledger.lock
+        self._reserved = 0  # sum of live reservations
+
+    @classmethod
+    def from_settings(cls, ledger: Ledger, settings: Any,
+                      clock: Callable[[], float] = time.time) -> Budget:
+        return cls(ledger, per_request_usd=settings.max_usd_per_request,
+                   per_day_usd=settings.max_usd_per_day, total_usd=settings.max_usd_total,
+                   clock=clock)
+
+    def reserve(self, amount_micro: int) -> Reservation:
+        """Hold `amount_micro` for one signature, or raise `BudgetExceeded` (nothing held).
+
+        Reserve once per signature: a second attempt after a rejected one reserves again.
+        """
+        if isinstance(amount_micro, bool) or not isinstance(amount_micro, int) \
+                or amount_micro <= 0:
+            raise ValueError(f"amount must be a positive int of micro-USDC, got {amount_micro!r}")
+        with self._lock:
+            used = self._used()
+            refusals = [(window, self.limits[window] - used[window]) for window in used
+                        if self.limits[window] and amount_micro > self.limits[window]
+                        - used[window]]
+            if refusals:
+                # The per-request limit first (no waiting fixes it), else the tightest window.
+                window, left = min(refusals, key=lambda r: (r[0] != "request", r[1]))
+                raise self._exceeded(window, amount_micro, max(0, left))
+            self._reserved += amount_micro
+            return Reservation(self, amount_micro)
+
+    def remaining(self) -> dict[str, dict[str, Any]]:
+        """Per window: limit, used (ledger + reservations), reserved and what is left, in USD.
+
+        `None` for a limit (and what is left) means no limit.
+        """
+        with self._lock:
+            used = self._used()
+            reserved = self._reserved
+            today = date.fromtimestamp(self._clock()).isoformat()
+        out: dict[str, dict[str, Any]] = {"request": {"limit_usd": _usd_or_none(
+            self.limits["request"]), "remaining_usd": _usd_or_none(self.limits["request"])}}
+        for window in ("day", "total"):
+            limit = self.limits[window]
+            out[window] = {
+                "limit_usd": _usd_or_none(limit),
+                "used_usd": _usd(used[window]),
+                "reserved_usd": _usd(reserved),
+                "remaining_usd": _usd(max(0, limit - used[window])) if limit else None,
+            }
+        out["day"]["day"] = today
+        return out
+
+    def _used(self) -> dict[str, int]:
+        """Used money per window; call under the lock. Live reservations count in the current
+        day even if they were made just before midnight (conservative)."""
+        today = date.fromtimestamp(self._clock()).isoformat()
+        return {
+            "request": 0,
+            "day": self.ledger.spent_on(today) + self._reserved,
+            "total": self.ledger.spent() + self._reserved,
+        }
+
+    def _exceeded(self, window: str, amount: int, left: int) -> BudgetExceeded:
+        limit = self.limits[window]
+        if window == "request":
+            why = (f"this payment is {format_usd(amount)}, above the per-request limit of "
+                   f"{format_usd(limit)}")
+        else:
+            when = " (resets at local midnight)" if window == "day" else ""
+            why = (f"this payment is {format_usd(amount)} but only {format_usd(left)} is left "
+                   f"of the {_NAME[window]} limit of {format_usd(limit)}{when}")
+        return BudgetExceeded(
+            f"Budget exceeded, nothing was signed: {why}. Raise {_SETTING[window]} to allow it.",
+            extra={"window": window, "limit_usd": _usd(limit), "remaining_usd": _usd(left),
+                   "requested_usd": _usd(amount)})
+
+    def _end(self, reservation: Reservation) -> None:
+        """Stop counting a live reservation; call under the lock."""
+        self._reserved -= reservation.amount
+
+
+class Reservation:
+    """Money held for one signature until it is recorded (`paid`) or freed (`release`).
+
+    As a context manager it releases on exit unless it was paid, so every early return or
+    exception before signing frees the room.
+    """
+
+    def __init__(self, budget: Budget, amount: int) -> None:
+        self.amount = amount
+        self.payment_id: int | None = None
+        self._budget = budget
+        self._state = "live"  # live -> paid | released
+
+    @property
+    def live(self) -> bool:
+        return self._state == "live"
+
+    def check_recordable(self, amount: int) -> None:
+        """Called by `Ledger.record_signed` before writing: the signature must be covered."""
+        with self._budget._lock:
+            if self._state != "live":
+                raise ValueError(f"reservation is {self._state}; a new signature needs a new "
+                                 "reservation (do not send it)")
+            if amount > self.amount:
+                raise ValueError(f"signed amount {amount} is above the reserved {self.amount} "
+                                 "(do not send it)")
+
+    def paid(self, payment_id: int) -> None:
+        """The signature is now a ledger row, which counts it; stop counting the reservation.
+
+        Idempotent for the same payment id. After `release()` (a cancelled request whose
+        recording still completed) it only notes the id: the ledger row already counts.
+        """
+        with self._budget._lock:
+            if self._state == "paid":
+                if payment_id != self.payment_id:
+                    raise ValueError(f"reservation already paid as payment {self.payment_id}")
+                return
+            if self._state == "live":
+                self._budget._end(self)
+            self._state = "paid"
+            self.payment_id = payment_id
+
+    def release(self) -> None:
+        """Free the room: nothing was signed with it. Idempotent; a no-op once paid."""
+        with self._budget._lock:
+            if self._state == "live":
+                self._budget._end(self)
+                self._state = "released"
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"Reservation({format_usd(self.amount)}, {self._state})"
+
+
+def _usd(micro: int) -> float:
+    return round(micro / MICRO, 6)
+
+
+def _usd_or_none(micro: int) -> float | None:
+    return _usd(micro) if micro else None

@@ -1,0 +1,49 @@
+"""Prices learned from challenges, so a known price can be paid with the first request.
+
+Every peer pays with two round trips per image (unpaid probe → 402 → paid request). Once we
+have seen the challenge for a (route, model, size, n), we sign from it straight away and save
+the probe. Entries expire after `ttl` seconds and are dropped when the upstream rejects one.
+Only challenges that passed the policy are ever learned, and they pass it again before reuse.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from clawrouter.payment.wire import Challenge
+
+PriceKey = tuple[str, str, str, int]  # route, model id, size, n
+
+
+@dataclass(frozen=True)
+class KnownPrice:
+    challenge: Challenge
+    learned: float
+
+
+class PriceBook:
+    def __init__(self, ttl: float, *, clock: Callable[[], float] = time.monotonic,
+                 max_entries: int = 1024) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._max = max_entries
+        self._known: dict[PriceKey, KnownPrice] = {}
+
+    def get(self, key: PriceKey) -> Challenge | None:
+        known = self._known.get(key)
+        if known is None:
+            return None
+        if self._clock() - known.learned > self.ttl:
+            del self._known[key]
+            return None
+        return known.challenge
+
+    def learn(self, key: PriceKey, challenge: Challenge) -> None:
+        if len(self._known) >= self._max and key not in self._known:
+            self._known.pop(next(iter(self._known)))
+        self._known[key] = KnownPrice(challenge, self._clock())
+
+    def forget(self, key: PriceKey) -> None:
+        self._known.pop(key, None)

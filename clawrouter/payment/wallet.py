@@ -1,0 +1,62 @@
+"""Find or create the wallet key: `BLOCKRUN_WALLET_KEY`, else `$CLAWROUTER_HOME/wallet.key`,
+else a new key generated there (mode 0600, never overwritten, never printed).
+
+BlockRun's SDK reads the environment before the file; we do the same and report which source
+was used (never the key).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+_KEY = re.compile(r"^0x[0-9a-fA-F]{64}$")
+
+
+class WalletError(ValueError):
+    """A key that cannot be used; the message never contains the key."""
+
+
+@dataclass(frozen=True)
+class WalletKey:
+    key: str
+    source: Literal["env", "file", "created"]
+    path: Path | None = None
+
+    def __repr__(self) -> str:  # keep the key out of tracebacks and logs
+        return f"WalletKey(source={self.source!r}, path={self.path!r})"
+
+
+def check_key(key: str, where: str) -> str:
+    key = key.strip()
+    if not _KEY.match(key):
+        raise WalletError(f"the wallet key in {where} is malformed: expected 0x followed by "
+                          "64 hex characters")
+    if int(key, 16) == 0:
+        raise WalletError(f"the wallet key in {where} is zero")
+    return key
+
+
+def load_wallet(home: Path, env_key: str | None) -> WalletKey:
+    if env_key:
+        return WalletKey(check_key(env_key, "BLOCKRUN_WALLET_KEY"), "env")
+    path = home / "wallet.key"
+    if path.exists():
+        return WalletKey(check_key(path.read_text(), str(path)), "file", path)
+    return WalletKey(create_key_file(path), "created", path)
+
+
+def create_key_file(path: Path) -> str:
+    """Write a fresh key with mode 0600; refuse to replace an existing file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = "0x" + secrets.token_bytes(32).hex()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return key

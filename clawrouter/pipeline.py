@@ -1,0 +1,154 @@
+"""The one pipeline for a paid image request, shared by generations and edits:
+
+validate (at the edge) → resolve inputs → pay and forward → poll → store → shape.
+
+A route only translates HTTP into an `ImageJob` and a `Result` back into HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from clawrouter.context import RequestContext
+from clawrouter.errors import InvalidRequest
+from clawrouter.inputs import ImageInput, InputResolver
+from clawrouter.store import ImageMeta, ImageStore, StoredImage
+from clawrouter.upstream.exchange import Exchange, Outcome, UpstreamCall
+from clawrouter.validate import ImageJob
+
+log = logging.getLogger("clawrouter.pipeline")
+
+
+@dataclass
+class ResultImage:
+    stored: StoredImage | None  # None only when storing failed: then `remote_url` is kept
+    data: bytes | None = None
+    remote_url: str | None = None
+    revised_prompt: str | None = None
+
+
+@dataclass
+class Result:
+    created: int
+    images: list[ResultImage]
+    amount: int  # micro-USDC signed for this request
+    transaction: str | None
+    upstream_ms: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def upstream_body(job: ImageJob, images: list[ImageInput], mask: ImageInput | None) -> bytes:
+    """The JSON we forward: an allowlist of fields, with data URIs spliced in as bytes.
+
+    Base64 never needs JSON escaping, so big images are not run through the JSON encoder.
+    """
+    fields: dict[str, Any] = {"model": job.model.id, "prompt": job.prompt, "size": job.size,
+                              "n": job.n}
+    if job.quality is not None:
+        fields["quality"] = job.quality
+    head = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+    if not images:
+        return head
+    uris = [_data_uri(i) for i in images]
+    parts = [head[:-1], b',"image":']
+    parts.append(b'"' + uris[0] + b'"' if len(uris) == 1
+                 else b"[" + b",".join(b'"' + u + b'"' for u in uris) + b"]")
+    if mask is not None:
+        parts += [b',"mask":"', _data_uri(mask), b'"']
+    parts.append(b"}")
+    return b"".join(parts)
+
+
+def _data_uri(image: ImageInput) -> bytes:
+    return b"data:" + image.mime.encode() + b";base64," + base64.b64encode(image.data)
+
+
+class ImagePipeline:
+    def __init__(self, exchange: Exchange, store: ImageStore, inputs: InputResolver,
+                 session: Any) -> None:
+        self.exchange = exchange
+        self.store = store
+        self.inputs = inputs
+        self.session = session  # aiohttp session for downloading result URLs
+
+    async def run(self, job: ImageJob, ctx: RequestContext) -> Result:
+        images, mask = await self._resolve_inputs(job)
+        call = UpstreamCall(job.upstream_path, upstream_body(job, images, mask), job.model,
+                            job.size, job.n)
+        outcome = await self.exchange.run(call, ctx)
+        return await self._store_results(job, outcome, ctx)
+
+    async def _resolve_inputs(self, job: ImageJob) -> tuple[list[ImageInput], ImageInput | None]:
+        async def one(source) -> ImageInput:
+            if isinstance(source.value, bytes):
+                return self.inputs.from_upload(source.value, param=source.param)
+            return await self.inputs.resolve(source.value, param=source.param)
+
+        resolved = await asyncio.gather(*(one(s) for s in job.images))
+        mask = await one(job.mask) if job.mask else None
+        if mask is not None and mask.mime != "image/png":
+            raise InvalidRequest(f"The mask must be a PNG (with transparency marking the area "
+                                 f"to edit); got {mask.mime}.", param="mask",
+                                 code="mask_not_png")
+        return list(resolved), mask
+
+    async def _store_results(self, job: ImageJob, outcome: Outcome,
+                             ctx: RequestContext) -> Result:
+        body = outcome.response.json()
+        items = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(items, list) or not items:
+            # Paid and nothing came back: the paid response is kept in the error message path.
+            from clawrouter.upstream.errors import paid_error
+
+            raise paid_error(outcome.response, outcome.amount, transaction=outcome.transaction,
+                             detail="the upstream answered without images")
+        per_image = outcome.amount // max(1, len(items))
+        meta = ImageMeta(model=job.model.id, prompt=job.prompt, size=job.size,
+                         cost_micro=per_image, request_id=ctx.request_id)
+        images = await asyncio.gather(*(self._store_one(item, meta) for item in items))
+        created = body.get("created")
+        return Result(created if isinstance(created, int) else int(time.time()), list(images),
+                      outcome.amount, outcome.transaction, outcome.response.latency_ms)
+
+    async def _store_one(self, item: Any, meta: ImageMeta) -> ResultImage:
+        if not isinstance(item, dict):
+            return ResultImage(None)
+        revised = item.get("revised_prompt") if isinstance(item.get("revised_prompt"), str) else None
+        url = item.get("url")
+        b64 = item.get("b64_json")
+        remote = url if isinstance(url, str) and url.startswith(("https://", "http://")) else None
+        data: bytes | None = None
+        try:
+            if isinstance(b64, str) and b64:
+                data = _b64decode(b64)
+                source = "b64_json"
+            elif isinstance(url, str) and url.startswith("data:"):
+                data = _b64decode(url.partition(",")[2])
+                source = "data-uri"
+            elif remote:
+                stored = await self.store.fetch_and_put(remote, replace(meta, source=remote),
+                                                        self.session)
+                return ResultImage(stored, None, remote, revised)
+            else:
+                return ResultImage(None, None, None, revised)
+            stored = await self.store.put_bytes(data, replace(meta, source=source))
+            return ResultImage(stored, data, None, revised)
+        except Exception as exc:  # a paid image is never lost because of our own store
+            log.warning("storing a result failed (%s: %s); returning it without a local copy",
+                        type(exc).__name__, exc)
+            return ResultImage(None, data, remote, revised)
+
+
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=False)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"result is not base64: {exc}") from None
+

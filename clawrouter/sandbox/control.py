@@ -1,0 +1,70 @@
+"""The control API for tests and benchmarks (not under /api, never part of BlockRun's surface).
+
+GET  /_sandbox/stats   what was received, paid, settled and rejected
+POST /_sandbox/reset   forget stats, jobs, faults and used authorizations
+GET|POST /_sandbox/faults  show / replace the fault rules (faults.py)
+GET|POST /_sandbox/config  show / change runtime settings (latency_ms, slow_seconds, …)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from clawrouter.sandbox.state import Sandbox
+
+
+async def stats(request: Request) -> Response:
+    sandbox = _sandbox(request)
+    now = sandbox.now()
+    return JSONResponse({**sandbox.stats.snapshot(),
+                         "jobs": [job.summary(now) for job in sandbox.jobs],
+                         "faults": sandbox.faults.public()})
+
+
+async def reset(request: Request) -> Response:
+    _sandbox(request).reset()
+    return JSONResponse({"ok": True})
+
+
+async def faults(request: Request) -> Response:
+    sandbox = _sandbox(request)
+    if request.method == "POST":
+        try:
+            sandbox.faults.install(await _json(request))
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+    return JSONResponse({"rules": sandbox.faults.public()})
+
+
+async def config(request: Request) -> Response:
+    sandbox = _sandbox(request)
+    if request.method == "POST":
+        changes = await _json(request)
+        try:
+            if not isinstance(changes, dict):
+                raise ValueError("send a JSON object of settings")
+            sandbox.config.update(changes)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+    return JSONResponse(sandbox.config.public())
+
+
+async def health(request: Request) -> Response:
+    config = _sandbox(request).config
+    return JSONResponse({"status": "ok", "sandbox": True, "network": config.network,
+                         "caip2": config.chain.caip2, "pay_to": config.pay_to})
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except ValueError:
+        raise ValueError("body is not JSON") from None
+
+
+def _sandbox(request: Request) -> Sandbox:
+    return request.app.state.sandbox

@@ -1,0 +1,186 @@
+"""SQLite metadata for stored images and pending downloads.
+
+Blocking by nature: `ImageStore` calls every method on one dedicated worker thread, which also
+owns the connection (sqlite3 connections stay on the thread that made them). WAL lets the CLI
+read while the gateway writes; `synchronous=NORMAL` may lose the last commits on power loss but
+never corrupts, and opening the store re-indexes any file whose row was lost.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clawrouter.store.records import ImageMeta, StoredImage
+
+#: The `source` of a row rebuilt from a file found on disk without one.
+RECOVERED = "recovered"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id           TEXT PRIMARY KEY,
+    ext          TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    bytes        INTEGER NOT NULL,
+    created      REAL NOT NULL,
+    last_served  REAL,
+    model        TEXT,
+    prompt       TEXT,
+    size         TEXT,
+    cost_micro   INTEGER,
+    request_id   TEXT,
+    source       TEXT
+);
+CREATE INDEX IF NOT EXISTS images_by_created ON images (created);
+CREATE TABLE IF NOT EXISTS pending (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    url          TEXT NOT NULL,
+    model        TEXT,
+    prompt       TEXT,
+    size         TEXT,
+    cost_micro   INTEGER,
+    request_id   TEXT,
+    created      REAL NOT NULL,
+    attempts     INTEGER NOT NULL,
+    next_attempt REAL,
+    last_error   TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('pending', 'failed'))
+);
+"""
+
+_META = ("model", "prompt", "size", "cost_micro", "request_id")
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    """The part of a row the in-memory index needs."""
+
+    id: str
+    ext: str
+    content_type: str
+    bytes: int
+    created: float
+    last_used: float  # last_served, or created if never served
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    id: int
+    url: str
+    meta: ImageMeta
+    attempts: int
+    next_attempt: float | None
+    last_error: str
+    state: str
+
+
+class MetadataDB:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("the image database is not open")
+        return self._conn
+
+    def open(self) -> None:
+        conn = sqlite3.connect(self.path, timeout=10)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        self._conn = conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # --- images -------------------------------------------------------------------------------
+    def index_rows(self) -> list[IndexRow]:
+        rows = self.conn.execute(
+            "SELECT id, ext, content_type, bytes, created, "
+            "COALESCE(last_served, created) AS last_used FROM images").fetchall()
+        return [IndexRow(**dict(r)) for r in rows]
+
+    def insert_image(self, image: StoredImage, meta: ImageMeta) -> None:
+        """Insert a row; the first real metadata wins, but it replaces a recovered placeholder.
+
+        A placeholder appears when another process (a CLI) opened the store between our rename
+        and this insert and indexed the file as found on disk.
+        """
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO images (id, ext, content_type, bytes, created, model, prompt, size,"
+                " cost_micro, request_id, source) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (id) DO UPDATE SET model=excluded.model, prompt=excluded.prompt,"
+                " size=excluded.size, cost_micro=excluded.cost_micro,"
+                " request_id=excluded.request_id, source=excluded.source"
+                " WHERE images.source = ? AND excluded.source IS NOT ?",
+                (image.id, image.ext, image.content_type, image.bytes, image.created,
+                 meta.model, meta.prompt, meta.size, meta.cost_micro, meta.request_id,
+                 meta.source, RECOVERED, RECOVERED))
+
+    def delete_images(self, ids: Iterable[str]) -> None:
+        with self.conn:
+            self.conn.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])
+
+    def set_last_served(self, served: dict[str, float]) -> None:
+        with self.conn:
+            self.conn.executemany(
+                "UPDATE images SET last_served = MAX(COALESCE(last_served, 0), ?) WHERE id = ?",
+                [(t, i) for i, t in served.items()])
+
+    def list_images(self, limit: int, offset: int) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT id, ext, content_type, bytes, created, last_served, model, prompt, size,"
+            " cost_micro, request_id, source FROM images"
+            " ORDER BY created DESC, id LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+        return [dict(r) for r in rows]
+
+    # --- pending downloads --------------------------------------------------------------------
+    def add_pending(self, url: str, meta: ImageMeta, *, created: float, error: str,
+                    next_attempt: float | None) -> int:
+        with self.conn:
+            cursor = self.conn.execute(
+                "INSERT INTO pending (url, model, prompt, size, cost_micro, request_id, created,"
+                " attempts, next_attempt, last_error, state) VALUES (?,?,?,?,?,?,?,1,?,?,?)",
+                (url, meta.model, meta.prompt, meta.size, meta.cost_micro, meta.request_id,
+                 created, next_attempt, error, "pending" if next_attempt is not None else "failed"))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def pending_rows(self, state: str = "pending") -> list[PendingRow]:
+        rows = self.conn.execute(
+            "SELECT * FROM pending WHERE state = ? ORDER BY id", (state,)).fetchall()
+        return [PendingRow(id=r["id"], url=r["url"], attempts=r["attempts"],
+                           next_attempt=r["next_attempt"], last_error=r["last_error"],
+                           state=r["state"], meta=ImageMeta(**{k: r[k] for k in _META}))
+                for r in rows]
+
+    def update_pending(self, pending_id: int, *, attempts: int, error: str,
+                       next_attempt: float | None) -> None:
+        with self.conn:
+            self.conn.execute(
+                "UPDATE pending SET attempts = ?, last_error = ?, next_attempt = ?, state = ?"
+                " WHERE id = ?",
+                (attempts, error, next_attempt,
+                 "pending" if next_attempt is not None else "failed", pending_id))
+
+    def delete_pending(self, pending_id: int) -> None:
+        with self.conn:
+            self.conn.execute("DELETE FROM pending WHERE id = ?", (pending_id,))
+
+    def delete_failed_before(self, cutoff: float) -> int:
+        with self.conn:
+            return self.conn.execute(
+                "DELETE FROM pending WHERE state = 'failed' AND created < ?", (cutoff,)).rowcount
+
+    def pending_counts(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT state, COUNT(*) AS n FROM pending GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}

@@ -1,0 +1,120 @@
+"""The on-disk layout of the image directory: content addressing and crash-safe writes.
+
+Every function here blocks (disk I/O, fsync, hashing) and is meant to run in a worker thread.
+A file only ever appears under its final name complete and fsynced: we write a hidden temporary
+file in the same directory, fsync it, rename it over the final name and fsync the directory.
+A crash therefore leaves at worst a `.<name>.<random>.tmp` file, which `scan` reports so that
+opening the store can remove it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clawrouter.sniff import EXTENSIONS, sniff_image
+from clawrouter.store.records import ID_LENGTH, parse_name
+
+_TEMP_SUFFIX = ".tmp"
+
+
+def content_id(data: bytes) -> str:
+    """The image id: the first 32 hex chars (128 bits) of the SHA-256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()[:ID_LENGTH]
+
+
+def write_atomic(directory: Path, name: str, data: bytes) -> Path:
+    """Write `data` to `directory/name` so that readers see either nothing or all of it."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=_TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        target = directory / name
+        os.replace(tmp, target)
+    except BaseException:
+        _unlink(Path(tmp))
+        raise
+    fsync_dir(directory)
+    return target
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in `directory` durable (a no-op where directories can't be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Scan:
+    """What is in the image directory, by kind. Names that are not ours are left alone."""
+
+    images: dict[str, int] = field(default_factory=dict)  # "<id>.<ext>" -> size in bytes
+    stale_temps: list[Path] = field(default_factory=list)
+
+
+def scan(directory: Path, *, temp_grace: float) -> Scan:
+    """List image files and temporary files older than `temp_grace` seconds.
+
+    Younger temporary files may belong to a write in progress in another process (a CLI `prune`
+    while the gateway runs), so they are left for the next open.
+    """
+    result = Scan()
+    now = time.time()
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if entry.name.startswith(".") and entry.name.endswith(_TEMP_SUFFIX):
+                if now - entry.stat(follow_symlinks=False).st_mtime >= temp_grace:
+                    result.stale_temps.append(Path(entry.path))
+                continue
+            parsed = parse_name(entry.name)
+            if parsed is not None and parsed[1] is not None:
+                result.images[entry.name] = entry.stat(follow_symlinks=False).st_size
+    return result
+
+
+def verify(path: Path) -> tuple[str, int] | None:
+    """Return (content type, size) if the file's bytes match its name's id and extension."""
+    parsed = parse_name(path.name)
+    if parsed is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    content_type = sniff_image(data)
+    if content_type is None or EXTENSIONS[content_type] != parsed[1]:
+        return None
+    if content_id(data) != parsed[0]:
+        return None
+    return content_type, len(data)
+
+
+def remove(paths: list[Path]) -> None:
+    """Unlink files (already gone is fine), then make the unlinks durable."""
+    for path in paths:
+        _unlink(path)
+    if paths:
+        fsync_dir(paths[0].parent)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,105 @@
+"""Result downloads that failed in the request path, kept in SQLite and retried with backoff.
+
+The user has already paid when a result URL fails to download, so the request must still
+succeed (the caller hands out the upstream URL). We still want the local copy: the failure is
+recorded with its error and retried in the background after each delay in `delays`; after the
+last one the row stays as `failed` (visible in `stats`) until pruned with the images' TTL.
+Rows survive a restart: `load` picks up whatever was still pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+
+from clawrouter.store.db import MetadataDB, PendingRow
+from clawrouter.store.download import DownloadFailed
+from clawrouter.store.records import Deferred, ImageMeta, StoredImage
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait before each retry; upstream result URLs may expire, so the first come soon.
+DEFAULT_RETRY_DELAYS: tuple[float, ...] = (10.0, 60.0, 300.0, 1800.0)
+
+Fetch = Callable[[str, ImageMeta, aiohttp.ClientSession], Awaitable[StoredImage]]
+RunDB = Callable[..., Awaitable[Any]]
+
+
+class PendingDownloads:
+    def __init__(self, db: MetadataDB, run_db: RunDB, fetch: Fetch, *,
+                 delays: Sequence[float] = DEFAULT_RETRY_DELAYS) -> None:
+        self._db = db
+        self._run_db = run_db
+        self._fetch = fetch
+        self._delays = tuple(delays)
+        self._rows: dict[int, PendingRow] = {}
+        self._wake = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    async def load(self) -> None:
+        self._rows = {r.id: r for r in await self._run_db(self._db.pending_rows)}
+
+    async def defer(self, url: str, meta: ImageMeta, error: str) -> Deferred:
+        """Record a failed first attempt and schedule the first retry."""
+        next_attempt = self._next_attempt(attempts=1)
+        pending_id: int = await self._run_db(
+            self._db.add_pending, url, meta, created=time.time(), error=error,
+            next_attempt=next_attempt)
+        if next_attempt is not None:
+            self._rows[pending_id] = PendingRow(
+                id=pending_id, url=url, meta=meta, attempts=1, next_attempt=next_attempt,
+                last_error=error, state="pending")
+            self._wake.set()
+        log.warning("result download deferred (%s): %s", error, url)
+        return Deferred(url=url, error=error, pending_id=pending_id)
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Retry due downloads forever; a background task cancelled on close."""
+        while True:
+            self._wake.clear()
+            now = time.time()
+            due = [r for r in self._rows.values()
+                   if r.next_attempt is not None and r.next_attempt <= now]
+            if due:
+                await asyncio.gather(*(self._attempt(r, session) for r in due))
+                continue
+            upcoming = [r.next_attempt for r in self._rows.values() if r.next_attempt is not None]
+            timeout = max(0.0, min(upcoming) - now) if upcoming else None
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _attempt(self, row: PendingRow, session: aiohttp.ClientSession) -> None:
+        try:
+            image = await self._fetch(row.url, row.meta, session)
+        except DownloadFailed as exc:
+            attempts = row.attempts + 1
+            next_attempt = self._next_attempt(attempts)
+            await self._run_db(self._db.update_pending, row.id, attempts=attempts,
+                               error=str(exc), next_attempt=next_attempt)
+            if next_attempt is None:
+                self._rows.pop(row.id, None)
+                log.warning("result download gave up after %d attempts (%s): %s",
+                            attempts, exc, row.url)
+            else:
+                self._rows[row.id] = replace(row, attempts=attempts, next_attempt=next_attempt,
+                                             last_error=str(exc))
+            return
+        await self._run_db(self._db.delete_pending, row.id)
+        self._rows.pop(row.id, None)
+        log.info("deferred result download stored as %s: %s", image.name, row.url)
+
+    def _next_attempt(self, attempts: int) -> float | None:
+        """When to try again after `attempts` failures, or None to give up."""
+        if attempts - 1 < len(self._delays):
+            return time.time() + self._delays[attempts - 1]
+        return None

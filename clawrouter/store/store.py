@@ -1,0 +1,385 @@
+"""`ImageStore`: every image the user paid for, kept on disk and reachable by id.
+
+Files are content-addressed (`<sha256[:32]>.<ext>`, so identical images are stored once) and
+written atomically by `files`; metadata lives in SQLite (`db`), touched only from one worker
+thread. What serving needs is held in memory: the index (id → `StoredImage`) loaded at open,
+last-use times (flushed to SQLite in batches) and a byte cache of hot images. `get` therefore
+does no I/O at all, and nothing is served unless it is in the index.
+
+On a dedupe put the first row's metadata is kept; the put only counts as a use of the image
+(it updates `last_served`, since its URL is about to be handed out again).
+
+Concurrency: puts and evictions of the same id are serialised by a per-id lock, so a put never
+returns an image that an eviction is removing. Different ids never wait on each other.
+
+Usable from a CLI: `asyncio.run(...)` the async methods inside `async with ImageStore(...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aiohttp
+
+from clawrouter.sniff import EXTENSIONS, sniff_image
+from clawrouter.store import files
+from clawrouter.store.cache import ByteCache
+from clawrouter.store.db import RECOVERED, MetadataDB
+from clawrouter.store.download import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_TIMEOUT,
+    DownloadFailed,
+    download,
+)
+from clawrouter.store.eviction import choose_victims
+from clawrouter.store.pending import DEFAULT_RETRY_DELAYS, PendingDownloads
+from clawrouter.store.records import Deferred, ImageMeta, StoredImage, parse_name
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from clawrouter.config import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_DAY = 86400.0
+_HASH_INLINE = 64 * 1024  # hash smaller images on the event loop: cheaper than a thread hop
+
+
+class ImageStore:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        ttl_days: float = 30,
+        max_bytes: int = 2 * 1024**3,
+        db_path: Path | None = None,
+        cache_bytes: int = 64 * 1024**2,
+        download_max_bytes: int = DEFAULT_MAX_BYTES,
+        download_timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
+        retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+        flush_interval: float = 30.0,
+        prune_interval: float = 600.0,
+        temp_grace: float = 60.0,
+    ) -> None:
+        self.root = Path(root)
+        self.ttl_days = ttl_days
+        self.max_bytes = max_bytes
+        self.cache = ByteCache(cache_bytes)
+        self.download_max_bytes = download_max_bytes
+        self.download_timeout = download_timeout
+        self._flush_interval = flush_interval
+        self._prune_interval = prune_interval
+        self._temp_grace = temp_grace
+        self._db = MetadataDB(db_path or self.root / "index.sqlite3")
+        self._executor: ThreadPoolExecutor | None = None
+        self._index: dict[str, StoredImage] = {}
+        self._last_used: dict[str, float] = {}
+        self._served: dict[str, float] = {}  # last-served times not yet written to SQLite
+        self._total = 0
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary())
+        self._prune_lock = asyncio.Lock()
+        self._pending = PendingDownloads(self._db, self._run_db, self.fetch_and_put,
+                                         delays=retry_delays)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._own_session = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **options: Any) -> ImageStore:
+        return cls(settings.images_dir, ttl_days=settings.image_ttl_days,
+                   max_bytes=int(settings.image_max_gb * 1024**3), **options)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Create the directory and database, clean temporary files, reconcile, load the index.
+
+        Reconciling: a row whose file is missing or has the wrong size is dropped (with the
+        file). A well-named file without a row is re-hashed: if its bytes match its name it is
+        an image we stored whose row was lost (a crash between rename and commit, or the last
+        commits lost with `synchronous=NORMAL`), so it is indexed with unknown metadata and
+        source "recovered" — the user paid for it. Otherwise it is corrupt and deleted. Files
+        not named like ours are left alone and never served.
+        """
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="image-store-db")
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        await self._run_db(self._db.open)
+        scan = await asyncio.to_thread(files.scan, self.root, temp_grace=self._temp_grace)
+        await asyncio.to_thread(files.remove, scan.stale_temps)
+        rows = await self._run_db(self._db.index_rows)
+
+        keep, drop_rows, drop_files = [], [], []
+        for row in rows:
+            name = f"{row.id}.{row.ext}"
+            size = scan.images.pop(name, None)
+            if size == row.bytes:
+                keep.append(row)
+                continue
+            drop_rows.append(row.id)
+            if size is not None:
+                drop_files.append(self.root / name)
+        recovered = await asyncio.to_thread(self._recover, list(scan.images), drop_files)
+        await asyncio.to_thread(files.remove, drop_files)
+        if drop_rows:
+            await self._run_db(self._db.delete_images, drop_rows)
+        for image in recovered:
+            await self._run_db(self._db.insert_image, image, ImageMeta(source=RECOVERED))
+        if scan.stale_temps or drop_rows or drop_files or recovered:
+            log.warning("image store reconciled: %d temporary files removed, %d rows without "
+                        "a valid file dropped, %d files recovered, %d corrupt files removed",
+                        len(scan.stale_temps), len(drop_rows), len(recovered), len(drop_files))
+
+        for row in keep:
+            self._add(StoredImage(id=row.id, ext=row.ext, content_type=row.content_type,
+                                  bytes=row.bytes, path=self.root / f"{row.id}.{row.ext}",
+                                  created=row.created), row.last_used)
+        for image in recovered:
+            self._add(image, image.created)
+        await self._pending.load()
+
+    def _recover(self, names: list[str], corrupt: list[Path]) -> list[StoredImage]:
+        """Re-hash files found without a row; return the valid ones, append the rest to corrupt."""
+        recovered = []
+        for name in names:
+            path = self.root / name
+            checked = files.verify(path)
+            if checked is None:
+                corrupt.append(path)
+                continue
+            image_id, ext = name.split(".")
+            recovered.append(StoredImage(id=image_id, ext=ext, content_type=checked[0],
+                                         bytes=checked[1], path=path,
+                                         created=path.stat().st_mtime))
+        return recovered
+
+    async def start(self, session: aiohttp.ClientSession | None = None) -> None:
+        """Start background eviction, last-served flushing and download retries.
+
+        Retries use `session`, or a session of the store's own (closed by `aclose`).
+        """
+        if session is None:
+            session = aiohttp.ClientSession()
+            self._own_session = True
+        self._session = session
+        self._tasks = [asyncio.create_task(self._maintain(), name="image-store-maintenance"),
+                       asyncio.create_task(self._pending.run(session), name="image-store-retry")]
+
+    async def aclose(self) -> None:
+        """Stop background work, write last-served times, close the database."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+        if self._own_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+        if self._executor is None:
+            return
+        await self._flush_served()
+        await self._run_db(self._db.close)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    async def __aenter__(self) -> ImageStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # --- storing ------------------------------------------------------------------------------
+    async def put_bytes(self, data: bytes, meta: ImageMeta) -> StoredImage:
+        """Store decoded image bytes (data URI or `b64_json` results); ValueError if not an image."""
+        content_type = sniff_image(data)
+        if content_type is None:
+            raise ValueError("not a PNG, JPEG, WEBP or GIF image")
+        if len(data) <= _HASH_INLINE:
+            image_id = files.content_id(data)
+        else:
+            image_id = await asyncio.to_thread(files.content_id, data)
+        ext = EXTENSIONS[content_type]
+        async with self._lock(image_id):
+            existing = self._index.get(image_id)
+            if existing is not None:
+                self.mark_served(image_id)  # its URL is about to be handed out again
+                return existing
+            path = await asyncio.to_thread(files.write_atomic, self.root, f"{image_id}.{ext}",
+                                           data)
+            image = StoredImage(id=image_id, ext=ext, content_type=content_type,
+                                bytes=len(data), path=path, created=time.time())
+            await self._run_db(self._db.insert_image, image, meta)
+            self._add(image, image.created)
+            self.cache.put(image_id, data)
+        if self._total > self.max_bytes:
+            self._wake.set()
+        return image
+
+    async def fetch_and_put(self, url: str, meta: ImageMeta,
+                            session: aiohttp.ClientSession) -> StoredImage:
+        """Download a result URL and store it; raises `DownloadFailed` (also for non-images).
+
+        The stored `source` is the URL (`meta.source` is ignored).
+        """
+        data = await download(url, session, max_bytes=self.download_max_bytes,
+                              timeout=self.download_timeout)
+        return await self.put_bytes(data, replace(meta, source=url))
+
+    async def put_remote_or_defer(self, url: str, meta: ImageMeta,
+                                  session: aiohttp.ClientSession) -> StoredImage | Deferred:
+        """`fetch_and_put`, but a failed download never fails the (already paid) request.
+
+        On failure the download is recorded in SQLite with its error and retried in the
+        background; the caller gets a `Deferred` and should return the upstream URL.
+        """
+        try:
+            return await self.fetch_and_put(url, meta, session)
+        except DownloadFailed as exc:
+            return await self._pending.defer(url, meta, str(exc))
+
+    # --- reading ------------------------------------------------------------------------------
+    def get(self, name: str) -> StoredImage | None:
+        """The image for `<id>` or `<id>.<ext>` if the id is in the index (no I/O).
+
+        The extension is not compared: callers that care (the server) check `image.ext`.
+        """
+        parsed = parse_name(name)
+        return self._index.get(parsed[0]) if parsed is not None else None
+
+    def mark_served(self, image_id: str) -> None:
+        """Record a use for eviction; written to SQLite in batches."""
+        now = time.time()
+        self._last_used[image_id] = now
+        self._served[image_id] = now
+
+    async def read(self, image: StoredImage) -> bytes | None:
+        """The image's bytes from the cache or disk (cached if small); None if the file is gone
+        or too big to cache (the caller streams it)."""
+        data = self.cache.get(image.id)
+        if data is not None:
+            return data
+        if image.bytes > self.cache.max_item:
+            return None
+        try:
+            data = await asyncio.to_thread(image.path.read_bytes)
+        except FileNotFoundError:
+            self.discard(image.id)
+            return None
+        self.cache.put(image.id, data)
+        return data
+
+    def discard(self, image_id: str) -> None:
+        """Forget an image whose file disappeared behind our back (the row goes at next open)."""
+        image = self._index.pop(image_id, None)
+        if image is not None:
+            self._total -= image.bytes
+            self._last_used.pop(image_id, None)
+            self._served.pop(image_id, None)
+            self.cache.discard(image_id)
+
+    async def ls(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        """Stored images with their metadata, newest first (for `clawrouter images ls`).
+
+        Each dict has the database columns plus `name` and `path`.
+        """
+        await self._flush_served()
+        rows = await self._run_db(self._db.list_images, limit, offset)
+        for row in rows:
+            row["name"] = f"{row['id']}.{row['ext']}"
+            row["path"] = str(self.root / row["name"])
+        return rows
+
+    async def stats(self) -> dict[str, Any]:
+        counts = await self._run_db(self._db.pending_counts)
+        return {"count": len(self._index), "bytes": self._total, "max_bytes": self.max_bytes,
+                "ttl_days": self.ttl_days, "pending_downloads": counts.get("pending", 0),
+                "failed_downloads": counts.get("failed", 0), "cached_bytes": self.cache.used}
+
+    # --- eviction -----------------------------------------------------------------------------
+    async def prune(self) -> list[str]:
+        """Evict images idle for over `ttl_days`, then least recently used ones until the total
+        fits `max_bytes`; return the removed names. Also drops failed downloads past the TTL."""
+        async with self._prune_lock:
+            now = time.time()
+            ttl = self.ttl_days * _DAY
+            chosen = choose_victims(
+                ((i, img.bytes, self._last_used.get(i, img.created))
+                 for i, img in self._index.items()),
+                now=now, ttl_seconds=ttl, max_bytes=self.max_bytes)
+            removed: list[StoredImage] = []
+            async with AsyncExitStack() as stack:
+                for image_id, last_used in chosen:
+                    await stack.enter_async_context(self._lock(image_id))
+                    # A put or a serve since choosing made it young again: keep it.
+                    image = self._index.get(image_id)
+                    if image is not None and self._last_used.get(image_id) == last_used:
+                        self.discard(image_id)
+                        removed.append(image)
+                if removed:
+                    # Files first: a crash in between leaves rows without files, which open()
+                    # drops, rather than files without rows, which it would resurrect.
+                    await asyncio.to_thread(files.remove, [img.path for img in removed])
+                    await self._run_db(self._db.delete_images, [img.id for img in removed])
+            await self._run_db(self._db.delete_failed_before, now - ttl)
+        if removed:
+            log.info("evicted %d images (%d bytes)", len(removed),
+                     sum(img.bytes for img in removed))
+        return [img.name for img in removed]
+
+    async def _maintain(self) -> None:
+        """Flush last-served times every `flush_interval`; prune every `prune_interval`, or as
+        soon as a put takes the total over `max_bytes`."""
+        last_prune = 0.0
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._flush_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._flush_served()
+                now = time.monotonic()
+                if self._total > self.max_bytes or now - last_prune >= self._prune_interval:
+                    last_prune = now
+                    await self.prune()
+            except Exception:  # keep the loop alive; the next tick retries
+                log.exception("image store maintenance failed")
+
+    async def _flush_served(self) -> None:
+        if self._served:
+            served, self._served = self._served, {}
+            await self._run_db(self._db.set_last_served, served)
+
+    # --- internals ----------------------------------------------------------------------------
+    def _add(self, image: StoredImage, last_used: float) -> None:
+        self._index[image.id] = image
+        self._last_used[image.id] = last_used
+        self._total += image.bytes
+
+    def _lock(self, image_id: str) -> asyncio.Lock:
+        lock = self._locks.get(image_id)
+        if lock is None:
+            lock = self._locks[image_id] = asyncio.Lock()
+        return lock
+
+    async def _run_db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._executor is None:
+            raise RuntimeError("the image store is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))

@@ -1,0 +1,108 @@
+"""The HTTP client for BlockRun (or the sandbox): one pooled aiohttp session, explicit timeouts.
+
+aiohttp rather than httpx on this path: under concurrency its pool costs a quarter of the CPU
+per request (shared/reference/performance.md; `bench/` measures the gateway end to end).
+Redirects are never followed, so a payment header can only ever go to the URL it was made for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from clawrouter.errors import UpstreamError
+
+
+class TransportError(Exception):
+    """The upstream could not be reached, or the connection failed mid-way."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind  # "connect", "timeout" or "dropped"
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+    latency_ms: float
+
+    def json(self) -> Any:
+        """The body as JSON, or None when it is not JSON."""
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+
+class BlockRunClient:
+    def __init__(self, base_url: str, session: aiohttp.ClientSession, *,
+                 timeout: float, connect_timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        parts = urlsplit(self.base_url)
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def poll_url(self, poll_url: str) -> str:
+        """Join a job's poll URL to the API origin (it already includes `/api`).
+
+        An absolute URL on another host is refused: the payment header must not leave
+        the API host (BlockRun's Python SDK does the same).
+        """
+        url = urljoin(self.origin + "/", poll_url)
+        if urlsplit(url).netloc != urlsplit(self.origin).netloc:
+            raise UpstreamError(f"The upstream asked to poll another host ({urlsplit(url).netloc});"
+                                " refused so the payment header stays with the API host.",
+                                status=502, code="poll_origin_refused")
+        return url
+
+    async def request(self, method: str, url: str, *, body: bytes | None = None,
+                      headers: dict[str, str] | None = None) -> UpstreamResponse:
+        send_headers = {"Accept": "application/json"}
+        if body is not None:
+            send_headers["Content-Type"] = "application/json"
+        send_headers.update(headers or {})
+        started = time.perf_counter()
+        try:
+            async with self._session.request(method, url, data=body, headers=send_headers,
+                                             allow_redirects=False,
+                                             timeout=self._timeout) as resp:
+                data = await resp.read()
+                return UpstreamResponse(
+                    resp.status, {k.lower(): v for k, v in resp.headers.items()}, data,
+                    (time.perf_counter() - started) * 1000)
+        except asyncio.TimeoutError:
+            raise TransportError("timeout", f"no answer from {self.origin} in time") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise TransportError("connect", f"cannot connect to {self.origin}: "
+                                            f"{exc.os_error or exc}") from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise TransportError("dropped", f"connection to {self.origin} failed: "
+                                            f"{type(exc).__name__}") from None
+
+    async def post(self, path: str, body: bytes,
+                   headers: dict[str, str] | None = None) -> UpstreamResponse:
+        return await self.request("POST", self.url(path), body=body, headers=headers)
+
+    async def get(self, url: str, headers: dict[str, str] | None = None) -> UpstreamResponse:
+        return await self.request("GET", url, headers=headers)
+
+
+def new_session(max_connections: int) -> aiohttp.ClientSession:
+    """The one shared upstream session: keep-alive pool, no cookies, no env proxies surprises."""
+    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections,
+                                     ttl_dns_cache=300, enable_cleanup_closed=True)
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                 auto_decompress=True, raise_for_status=False)

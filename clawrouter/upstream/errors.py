@@ -1,0 +1,68 @@
+"""Turn an upstream failure into the error a client sees.
+
+BlockRun answers errors in three shapes (nested OpenAI, flat `{"error": "…"}`, and
+`{error, message, hint}`); we keep the message, never its `debug` field, and say plainly
+whether a payment had been signed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clawrouter.catalog import format_usd
+from clawrouter.errors import ClawError, PaidRequestFailed, UpstreamError
+from clawrouter.upstream.client import UpstreamResponse
+
+KEPT_HEADERS = ("retry-after", "retry-after-ms")
+
+
+def upstream_message(resp: UpstreamResponse) -> tuple[str, str | None, str | None]:
+    """(message, code, param) from any BlockRun error body."""
+    data: Any = resp.json()
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):
+            msg = err.get("message") or data.get("message") or "upstream error"
+            return str(msg), _str(err.get("code")), _str(err.get("param"))
+        parts = [p for p in (err, data.get("message"), data.get("details"), data.get("hint"))
+                 if isinstance(p, str) and p]
+        if parts:
+            return " — ".join(dict.fromkeys(parts)), _str(data.get("code")), None
+    text = resp.body[:300].decode("utf-8", "replace").strip()
+    return (text or f"upstream answered {resp.status}"), None, None
+
+
+def _str(value: Any) -> str | None:
+    return str(value) if value is not None else None
+
+
+def _kept_headers(resp: UpstreamResponse) -> dict[str, str]:
+    return {k: v for k, v in resp.headers.items() if k in KEPT_HEADERS}
+
+
+def unpaid_error(resp: UpstreamResponse) -> ClawError:
+    """An upstream refusal before any payment: pass the status through."""
+    message, code, param = upstream_message(resp)
+    status = resp.status if 400 <= resp.status <= 599 else 502
+    return UpstreamError(f"Upstream error: {message}", status=status, code=code or "upstream_error",
+                         param=param, headers=_kept_headers(resp),
+                         extra={"payment": "none"})
+
+
+def paid_error(resp: UpstreamResponse | None, amount: int, *, transaction: str | None = None,
+               detail: str | None = None) -> PaidRequestFailed:
+    """A failure after a payment was signed and sent: say so, and forbid automatic retries."""
+    if resp is not None:
+        message, code, param = upstream_message(resp)
+        status = resp.status if 400 <= resp.status <= 599 else 502
+    else:
+        message, code, param, status = detail or "the connection failed", None, None, 502
+    paid = f"A payment of {format_usd(amount)} was signed and sent for this request"
+    paid += f" (transaction {transaction})." if transaction else (
+        "; no settlement receipt was received. BlockRun settles on Base only when the image is "
+        "delivered, so it should not have been charged, but check `clawrouter stats`.")
+    return PaidRequestFailed(
+        f"Upstream failed after payment: {message}. {paid} Not retried, so nothing is paid twice.",
+        status=status, code=code or "failed_after_payment", param=param,
+        headers=_kept_headers(resp) if resp else {},
+        extra={"payment": "signed", "transaction": transaction})

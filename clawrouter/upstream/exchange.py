@@ -1,0 +1,185 @@
+"""Pay and forward: one upstream call with at most one accepted payment.
+
+unpaid request → 402 challenge → policy check → reserve budget → sign → record in the ledger →
+paid request → (202 → poll) → result. With a learned price the unpaid probe is skipped; if the
+upstream rejects that pre-authorised payment, one clean probe and one fresh payment follow.
+A paid attempt that fails any other way is reported, never re-signed: signing is settlement.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from clawrouter.catalog import ImageModel, ceiling_micro, to_micro
+from clawrouter.config import Settings
+from clawrouter.context import RequestContext
+from clawrouter.errors import (
+    ClawError, ClientGone, PaymentRefused, UpstreamTimeout, UpstreamUnavailable,
+)
+from clawrouter.payment import policy
+from clawrouter.payment.budget import Budget
+from clawrouter.payment.ledger import Ledger
+from clawrouter.payment.networks import Network
+from clawrouter.payment.prices import PriceBook, PriceKey
+from clawrouter.payment.signer import SignedPayment, Signer
+from clawrouter.payment.wire import (
+    SIGNATURE_HEADER, Challenge, ChallengeError, Requirement, parse_challenge, read_receipt,
+)
+from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
+from clawrouter.upstream.errors import paid_error, unpaid_error, upstream_message
+from clawrouter.upstream.jobs import wait_for_job
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    route: str  # "/v1/images/generations" or "/v1/images/image2image"
+    body: bytes  # the exact JSON we forward (an allowlist of fields, never the client's body)
+    model: ImageModel
+    size: str
+    n: int
+
+    @property
+    def price_key(self) -> PriceKey:
+        return (self.route, self.model.id, self.size, self.n)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    response: UpstreamResponse  # the final 200
+    amount: int  # micro-USDC signed (0 when the upstream asked for nothing)
+    transaction: str | None
+    round_trips: int
+
+
+class PaymentRejected(ClawError):
+    status = 402
+    type = "payment_error"
+    default_code = "payment_rejected"
+    retryable = False
+
+
+class _PreauthRejected(Exception):
+    """The upstream refused a payment signed from a learned price: probe afresh, once."""
+
+
+class Exchange:
+    def __init__(self, client: BlockRunClient, signer: Signer, settings: Settings,
+                 network: Network, ledger: Ledger, budget: Budget, prices: PriceBook) -> None:
+        self.client = client
+        self.signer = signer
+        self.settings = settings
+        self.network = network
+        self.ledger = ledger
+        self.budget = budget
+        self.prices = prices
+
+    async def run(self, call: UpstreamCall, ctx: RequestContext) -> Outcome:
+        ctx.check()
+        attempt = 1
+        known = self.prices.get(call.price_key) if self.settings.preauth else None
+        if known is not None:
+            try:
+                return await self._pay(call, ctx, known, attempt=1, round_trips=0, preauth=True)
+            except _PreauthRejected:
+                self.prices.forget(call.price_key)
+                attempt = 2
+        probe = await self._send_unpaid(call)
+        if probe.status in (200, 202):  # the upstream asked for nothing
+            return await self._complete(call, probe, None, ctx, round_trips=1)
+        if probe.status != 402:
+            raise unpaid_error(probe)
+        challenge = self._read_challenge(probe)
+        return await self._pay(call, ctx, challenge, attempt=attempt, round_trips=1,
+                               preauth=False)
+
+    async def _send_unpaid(self, call: UpstreamCall) -> UpstreamResponse:
+        try:
+            return await self.client.post(call.route, call.body)
+        except TransportError as exc:
+            if exc.kind == "timeout":
+                raise UpstreamTimeout(f"Upstream timed out: {exc.detail}. Nothing was paid.",
+                                      extra={"payment": "none"}) from None
+            raise UpstreamUnavailable(f"Upstream unreachable: {exc.detail}. Nothing was paid.",
+                                      extra={"payment": "none"}) from None
+
+    @staticmethod
+    def _read_challenge(probe: UpstreamResponse) -> Challenge:
+        try:
+            return parse_challenge(probe.headers, probe.body)
+        except ChallengeError as exc:
+            raise PaymentRefused(f"Payment refused, nothing was signed: the upstream's 402 "
+                                 f"challenge is unreadable ({exc}).",
+                                 extra={"check": "challenge"}) from None
+
+    def _select(self, call: UpstreamCall, challenge: Challenge) -> Requirement:
+        return policy.select(
+            challenge, network=self.network, pay_to=self.settings.pay_to,
+            ceiling=ceiling_micro(call.model, call.size, call.n, self.settings.price_tolerance),
+            cap=to_micro(self.settings.max_usd_per_request),
+            max_timeout=self.settings.max_timeout_seconds)
+
+    async def _pay(self, call: UpstreamCall, ctx: RequestContext, challenge: Challenge, *,
+                   attempt: int, round_trips: int, preauth: bool) -> Outcome:
+        requirement = self._select(call, challenge)  # learned prices are re-checked too
+        with self.budget.reserve(int(requirement.amount)) as reservation:
+            ctx.check()  # the last exit before money: a client that left pays nothing
+            payment = self.signer.pay(challenge, requirement, self.network,
+                                      self.client.url(call.route))
+            payment_id = await self.ledger.call(
+                self.ledger.record_signed, request_id=ctx.request_id, route=call.route,
+                model=call.model.id, size=call.size, n=call.n, amount=payment.amount,
+                payee=payment.pay_to, network=payment.network, nonce=payment.nonce,
+                attempt=attempt, reservation=reservation)
+        started = time.perf_counter()
+
+        async def finish(status: str, note: str | None = None, tx: str | None = None) -> None:
+            await self.ledger.call(self.ledger.finish, payment_id, status, transaction=tx,
+                                   note=note, latency_ms=(time.perf_counter() - started) * 1000)
+
+        try:
+            resp = await self.client.post(call.route, call.body,
+                                          {SIGNATURE_HEADER: payment.header})
+        except TransportError as exc:
+            await finish("failed_after_payment", f"{exc.kind}: {exc.detail}")
+            raise paid_error(None, payment.amount, detail=exc.detail) from None
+        if resp.status == 402:
+            message, code, _ = upstream_message(resp)
+            await finish("rejected", f"{code or ''} {message}".strip())
+            if preauth:
+                raise _PreauthRejected()
+            raise PaymentRejected(
+                f"The upstream rejected the payment of {policy.usd(payment.amount)}: {message}. "
+                "It was not re-signed.", extra={"upstream_code": code, "payment": "rejected"})
+        try:
+            outcome = await self._complete(call, resp, payment, ctx, round_trips + 1)
+        except ClientGone:
+            # BlockRun settles a 202 job on the completed poll, which now never comes.
+            await finish("rejected", "not settled: the client left during polling")
+            raise
+        except ClawError as exc:
+            settled_nothing = exc.extra.get("payment") == "not_settled"
+            await finish("rejected" if settled_nothing else "failed_after_payment",
+                         exc.message)
+            raise
+        await finish("settled", tx=outcome.transaction)
+        if not preauth and self.settings.preauth:
+            self.prices.learn(call.price_key, challenge)
+        return outcome
+
+    async def _complete(self, call: UpstreamCall, resp: UpstreamResponse,
+                        payment: SignedPayment | None, ctx: RequestContext,
+                        round_trips: int) -> Outcome:
+        amount = payment.amount if payment else 0
+        if resp.status == 202:
+            headers = {SIGNATURE_HEADER: payment.header} if payment else {}
+            resp, polls = await wait_for_job(
+                self.client, resp, headers, ctx, amount=amount, delay=self.settings.poll_delay,
+                interval=self.settings.poll_interval, deadline=self.settings.poll_deadline)
+            round_trips += polls
+        if resp.status == 200:
+            receipt = read_receipt(resp.headers)
+            return Outcome(resp, amount, receipt.transaction if receipt else None, round_trips)
+        if payment is None:
+            raise unpaid_error(resp)
+        raise paid_error(resp, amount)

@@ -1,0 +1,61 @@
+"""Slow jobs: BlockRun answers 202 with a `poll_url`; we poll it with the same payment header.
+
+On Base the payment settles on the first completed poll, so giving up (deadline, client gone)
+costs nothing. Polls never sign anything new.
+"""
+
+from __future__ import annotations
+
+import time
+
+from clawrouter.context import RequestContext
+from clawrouter.errors import PaidRequestFailed, UpstreamTimeout
+from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
+from clawrouter.upstream.errors import paid_error
+
+TRANSIENT = {202, 408, 425, 429, 500, 502, 503, 504}
+
+
+async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
+                       headers: dict[str, str], ctx: RequestContext, *, amount: int,
+                       delay: float, interval: float,
+                       deadline: float) -> tuple[UpstreamResponse, int]:
+    """Poll until the job completes; return the completed 200 response and the poll count."""
+    job = accepted.json() or {}
+    poll_url = job.get("poll_url") if isinstance(job, dict) else None
+    if not isinstance(poll_url, str) or not poll_url:
+        raise paid_error(accepted, amount, detail="202 without a poll_url")
+    url = client.poll_url(poll_url)
+    give_up = time.monotonic() + deadline
+    await ctx.sleep(delay)
+    polls = 0
+    while True:
+        polls += 1
+        try:
+            resp = await client.get(url, headers)
+        except TransportError:
+            resp = None  # a poll hiccup; the job is still running upstream
+        if resp is not None:
+            body = resp.json()
+            status = body.get("status") if isinstance(body, dict) else None
+            if resp.status == 200 and status == "failed":
+                error = body.get("error") or "the job failed"
+                raise PaidRequestFailed(
+                    f"The upstream job failed: {error}. No payment was settled (BlockRun "
+                    "settles only completed jobs).", status=502, code="job_failed",
+                    extra={"payment": "not_settled"})
+            if resp.status == 200:
+                return resp, polls
+            if resp.status == 402:
+                error = paid_error(resp, amount)
+                error.extra["payment"] = "not_settled"  # settlement failed: nothing was charged
+                raise error
+            if resp.status not in TRANSIENT:
+                raise paid_error(resp, amount)
+        remaining = give_up - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamTimeout(
+                f"The image was not ready after {deadline:.0f} s, so polling stopped. No payment "
+                "was settled (BlockRun settles only when a poll completes).",
+                extra={"payment": "not_settled"}, headers={"x-should-retry": "false"})
+        await ctx.sleep(min(interval, remaining))

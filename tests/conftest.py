@@ -1,0 +1,109 @@
+"""Shared fixtures: a real sandbox upstream and real gateways on loopback ports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+
+from tests.servers import ServerThread
+
+# Tests never inherit the developer's or CI's clawrouter settings.
+for _name in list(os.environ):
+    if _name.startswith(("CLAWROUTER_", "BLOCKRUN_")):
+        del os.environ[_name]
+
+
+class Sandbox:
+    """The sandbox upstream server plus its control API."""
+
+    def __init__(self, server: ServerThread) -> None:
+        self.server = server
+        self.url = server.url
+        self.api = server.url + "/api"
+        self.http = httpx.Client(base_url=server.url, timeout=10)
+
+    def stats(self) -> dict[str, Any]:
+        return self.http.get("/_sandbox/stats").raise_for_status().json()
+
+    def reset(self) -> None:
+        self.http.post("/_sandbox/reset").raise_for_status()
+
+    def faults(self, *rules: dict[str, Any]) -> None:
+        self.http.post("/_sandbox/faults", json=list(rules)).raise_for_status()
+
+    def configure(self, **values: Any) -> None:
+        self.http.post("/_sandbox/config", json=values).raise_for_status()
+
+    def paid(self) -> int:
+        return len(self.stats()["payments_received"])
+
+    def round_trips(self) -> int:
+        return self.stats()["round_trips"]
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[Sandbox]:
+    from clawrouter.sandbox import SandboxConfig, create_sandbox_app
+
+    server = ServerThread(create_sandbox_app(SandboxConfig(network="base-sepolia",
+                                                           slow_seconds=0.6))).start()
+    yield Sandbox(server)
+    server.stop()
+
+
+@pytest.fixture
+def sandbox(sandbox_server: Sandbox) -> Sandbox:
+    sandbox_server.reset()
+    sandbox_server.configure(latency_ms=0, slow_seconds=0.6)
+    return sandbox_server
+
+
+class Gateway:
+    def __init__(self, server: ServerThread, app: Any) -> None:
+        self.server = server
+        self.app = app
+        self.url = server.url
+        self.v1 = server.url + "/v1"
+        self.gw = app.state.gw
+        self.http = httpx.Client(base_url=server.url, timeout=30)
+
+
+def gateway_settings(home: Path, upstream: str, **overrides: Any):
+    from clawrouter.config import Settings
+
+    values: dict[str, Any] = dict(
+        home=home, upstream_url=upstream, network="base-sepolia",
+        wallet_key=Account.create().key.to_0x_hex(), poll_delay=0.1, poll_interval=0.1,
+        poll_deadline=20, sandbox=False, max_usd_per_day=0)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Gateway]]:
+    from clawrouter.api.app import create_app
+
+    started: list[ServerThread] = []
+
+    def make(upstream: str | None = None, **overrides: Any) -> Gateway:
+        home = tmp_path / f"home{len(started)}"
+        settings = gateway_settings(home, upstream or sandbox.api, **overrides)
+        app = create_app(settings)
+        server = ServerThread(app).start()
+        started.append(server)
+        return Gateway(server, app)
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def gateway(make_gateway: Callable[..., Gateway]) -> Gateway:
+    return make_gateway()

@@ -1,0 +1,303 @@
+"""Budgets: refusals before signing, atomic reservations under concurrency, day windows."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from clawrouter.config import Settings
+from clawrouter.errors import BudgetExceeded
+from clawrouter.payment.budget import Budget
+from clawrouter.payment.ledger import Ledger, day_start
+
+from tests.test_ledger import TODAY, Clock, record
+
+IMAGE = 53_500  # nano-banana on Base: $0.0525 + $0.001 fee
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, clock: Clock):
+    with Ledger(tmp_path / "ledger.sqlite3", clock=clock) as ledger:
+        yield ledger
+
+
+def budget(ledger: Ledger, clock: Clock, *, request: float = 1.0, day: float = 0.0,
+           total: float = 0.0) -> Budget:
+    return Budget(ledger, per_request_usd=request, per_day_usd=day, total_usd=total,
+                  clock=clock)
+
+
+def pay(ledger: Ledger, b: Budget, amount: int = IMAGE) -> int:
+    """The lead's flow: reserve, sign, record with the reservation, settle."""
+    with b.reserve(amount) as res:
+        pid = record(ledger, amount, reservation=res)
+    ledger.finish(pid, "settled", transaction="0xt")
+    return pid
+
+
+def used(b: Budget) -> tuple[float, float]:
+    r = b.remaining()
+    return r["day"]["used_usd"], r["total"]["used_usd"]
+
+
+def test_per_request_limit(ledger: Ledger, clock: Clock) -> None:
+    b = budget(ledger, clock, request=1.0)
+    with pytest.raises(BudgetExceeded) as caught:
+        b.reserve(1_200_000)
+    err = caught.value
+    assert (err.status, err.code, err.type) == (402, "budget_exceeded", "payment_error")
+    assert err.message == ("Budget exceeded, nothing was signed: this payment is $1.20, above "
+                           "the per-request limit of $1.00. Raise "
+                           "CLAWROUTER_MAX_USD_PER_REQUEST to allow it.")
+    assert err.extra == {"window": "request", "limit_usd": 1.0, "remaining_usd": 1.0,
+                         "requested_usd": 1.2}
+    assert err.envelope()["error"]["window"] == "request"
+    assert used(b) == (0, 0)
+    b.reserve(1_000_000).release()  # exactly the limit is allowed
+
+
+def test_daily_limit(ledger: Ledger, clock: Clock) -> None:
+    b = budget(ledger, clock, day=0.15)
+    pay(ledger, b)
+    pay(ledger, b)
+    with pytest.raises(BudgetExceeded) as caught:
+        b.reserve(IMAGE)
+    assert caught.value.message == (
+        "Budget exceeded, nothing was signed: this payment is $0.0535 but only $0.043 is left "
+        "of the daily limit of $0.15 (resets at local midnight). Raise "
+        "CLAWROUTER_MAX_USD_PER_DAY to allow it.")
+    assert caught.value.extra == {"window": "day", "limit_usd": 0.15, "remaining_usd": 0.043,
+                                  "requested_usd": 0.0535}
+    b.reserve(43_000).release()  # what is left still fits
+
+
+def test_total_limit_counts_every_day(ledger: Ledger, clock: Clock) -> None:
+    b = budget(ledger, clock, day=0.10, total=0.12)
+    pay(ledger, b)
+    clock.now += 86_400
+    pay(ledger, b)
+    with pytest.raises(BudgetExceeded) as caught:
+        b.reserve(IMAGE)  # the day has room ($0.0465), the total does not ($0.013)
+    assert caught.value.extra["window"] == "total"
+    assert caught.value.extra["remaining_usd"] == 0.013
+    assert "of the total limit of $0.12. Raise CLAWROUTER_MAX_USD_TOTAL" in caught.value.message
+
+
+def test_the_tightest_window_is_named(ledger: Ledger, clock: Clock) -> None:
+    b = budget(ledger, clock, day=0.06, total=0.10)
+    pay(ledger, b)
+    with pytest.raises(BudgetExceeded) as caught:
+        b.reserve(IMAGE)  # both fail; the day has less left
+    assert caught.value.extra["window"] == "day"
+    with pytest.raises(BudgetExceeded) as caught:
+        b.reserve(2_000_000)  # the per-request limit comes first: waiting cannot fix it
+    assert caught.value.extra["window"] == "request"
+
+
+def test_zero_means_no_limit(ledger: Ledger, clock: Clock) -> None:
+    b = budget(ledger, clock, day=0, total=0)
+    for _ in range(30):
+        pay(ledger, b, 990_000)
+    r = b.remaining()
+    assert r["day"]["limit_usd"] is None and r["day"]["remaining_usd"] is None
+    assert r["total"]["limit_usd"] is None and r["total"]["used_usd"] == 29.7
+
+
+def test_rejected_payments_free_their_room(ledger: Ledger, clock: Clock) -> None:
+    b = budget(ledger, clock, day=0.06)
+    with b.reserve(IMAGE) as res:
+        pid = record(ledger, IMAGE, reservation=res)
+    with pytest.raises(BudgetExceeded):
+        b.reserve(IMAGE)
+    ledger.finish(pid, "rejected", note="PAYMENT_INVALID")  # the pre-auth was refused
+    with b.reserve(IMAGE) as res:  # the fresh attempt reserves again
+        record(ledger, IMAGE, attempt=2, reservation=res)
+    assert used(b) == (0.0535, 0.0535)
+
+
+def test_release_frees_room(ledger: Ledger, clock: Clock) -> None:
+    b = budget(ledger, clock, day=0.06)
+    res = b.reserve(IMAGE)
+    with pytest.raises(BudgetExceeded):
+        b.reserve(IMAGE)
+    res.release()
+    res.release()  # idempotent
+    with pytest.raises(RuntimeError):
+        with b.reserve(IMAGE):
+            raise RuntimeError("upstream refused before any 402")  # released on the way out
+    assert used(b) == (0, 0)
+    b.reserve(IMAGE)
+
+
+def test_paid_is_counted_once(ledger: Ledger, clock: Clock) -> None:
+    b = budget(ledger, clock, day=1.0)
+    with b.reserve(IMAGE) as res:
+        assert used(b) == (0.0535, 0.0535)
+        pid = record(ledger, IMAGE, reservation=res)  # converted in the same step
+        assert not res.live and res.payment_id == pid
+        assert used(b) == (0.0535, 0.0535)
+        res.paid(pid)  # the caller may say it again
+        with pytest.raises(ValueError):
+            res.paid(pid + 1)
+    res.release()  # a no-op once paid
+    assert used(b) == (0.0535, 0.0535)
+    assert b.remaining()["day"]["reserved_usd"] == 0
+
+    # Without handing the reservation to the ledger, it counts twice until paid(): the
+    # safe direction (it can only refuse, never over-admit).
+    res = b.reserve(IMAGE)
+    pid = record(ledger, IMAGE)
+    assert used(b) == (0.1605, 0.1605)
+    res.paid(pid)
+    assert used(b) == (0.107, 0.107)
+
+
+def test_a_signature_must_be_covered_by_a_live_reservation(ledger: Ledger,
+                                                           clock: Clock) -> None:
+    b = budget(ledger, clock)
+    res = b.reserve(IMAGE)
+    with pytest.raises(ValueError, match="above the reserved"):
+        record(ledger, IMAGE + 1, reservation=res)
+    record(ledger, IMAGE - 500, reservation=res)  # a smaller quote is fine: the row counts
+    with pytest.raises(ValueError, match="reservation is paid"):
+        record(ledger, IMAGE, attempt=2, reservation=res)  # attempt 2 needs a new one
+    released = b.reserve(IMAGE)
+    released.release()
+    with pytest.raises(ValueError, match="reservation is released"):
+        record(ledger, IMAGE, reservation=released)
+    assert len(ledger.payments()) == 1 and used(b) == (0.053, 0.053)
+
+
+def test_a_release_racing_a_recording_counts_once(ledger: Ledger, clock: Clock) -> None:
+    """A cancelled request releases while its recording still finishes on the ledger thread."""
+    b = budget(ledger, clock)
+    res = b.reserve(IMAGE)
+    res.release()
+    res.paid(record(ledger, IMAGE))  # what record_signed does after its write
+    assert used(b) == (0.0535, 0.0535)
+
+
+def _covering_five(ledger: Ledger, clock: Clock) -> Budget:
+    return budget(ledger, clock, day=5 * IMAGE / 1_000_000, total=0.5)
+
+
+def test_race_threads(ledger: Ledger, clock: Clock) -> None:
+    b = _covering_five(ledger, clock)
+    start = threading.Barrier(50)
+    outcomes: list[str] = []
+
+    def request() -> None:
+        start.wait()
+        try:
+            pay(ledger, b)
+            outcomes.append("paid")
+        except BudgetExceeded:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=request) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("paid") == 5 and outcomes.count("refused") == 45
+    assert len(ledger.payments()) == 5 and ledger.spent() == 5 * IMAGE
+    assert b.remaining()["day"]["remaining_usd"] == 0
+
+
+def test_race_threads_holding_reservations(ledger: Ledger, clock: Clock) -> None:
+    b = _covering_five(ledger, clock)
+    start = threading.Barrier(50)
+    held: list = []
+    refused: list = []
+
+    def request() -> None:
+        start.wait()
+        try:
+            held.append(b.reserve(IMAGE))
+        except BudgetExceeded as exc:
+            refused.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (len(held), len(refused)) == (5, 45)
+    for res in held:
+        res.release()
+    assert used(b) == (0, 0)
+
+
+def test_race_asyncio_tasks(ledger: Ledger, clock: Clock) -> None:
+    b = _covering_five(ledger, clock)
+
+    async def request() -> int:
+        await asyncio.sleep(0)
+        with b.reserve(IMAGE) as res:
+            await asyncio.sleep(0)  # the signer runs here
+            pid = await ledger.call(record, ledger, IMAGE, reservation=res)
+        await ledger.call(ledger.finish, pid, "settled")
+        return pid
+
+    async def main() -> list:
+        return await asyncio.gather(*(request() for _ in range(50)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert sum(isinstance(r, int) for r in results) == 5
+    assert sum(isinstance(r, BudgetExceeded) for r in results) == 45
+    assert len(ledger.payments()) == 5 and ledger.spent() == 5 * IMAGE
+
+
+def test_the_day_rolls_over_at_local_midnight(ledger: Ledger, clock: Clock) -> None:
+    b = budget(ledger, clock, day=0.06, total=0.5)
+    midnight = day_start(TODAY + timedelta(days=1))
+    clock.now = midnight - 60
+    pay(ledger, b)
+    held = b.reserve(1_000)  # live at midnight: counts in whichever day is current
+    with pytest.raises(BudgetExceeded):
+        b.reserve(IMAGE)
+    clock.now = midnight - 0.001
+    with pytest.raises(BudgetExceeded):
+        b.reserve(IMAGE)
+    clock.now = midnight
+    assert b.remaining()["day"] == {"limit_usd": 0.06, "used_usd": 0.001, "reserved_usd": 0.001,
+                                    "remaining_usd": 0.059, "day": "2026-03-15"}
+    pay(ledger, b)
+    assert used(b) == (0.0545, 0.1080)
+    held.release()
+
+
+def test_reservations_do_not_survive_a_restart(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path, clock=clock)
+    b = budget(ledger, clock, day=1.0)
+    pay(ledger, b)
+    with b.reserve(IMAGE) as res:
+        record(ledger, 20_000, reservation=res)  # signed, then the process "dies"
+    b.reserve(300_000)  # held, never recorded
+    ledger.close()
+
+    ledger = Ledger(path, clock=clock)
+    try:
+        b = budget(ledger, clock, day=1.0)
+        assert used(b) == (0.0735, 0.0735)  # both rows (one now unknown), no reservations
+        assert [p.status for p in ledger.payments()] == ["unknown", "settled"]
+    finally:
+        ledger.close()
+
+
+def test_from_settings(ledger: Ledger, clock: Clock, tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, max_usd_per_request=0.5, max_usd_per_day=2.0,
+                        max_usd_total=0)
+    b = Budget.from_settings(ledger, settings, clock=clock)
+    assert b.limits == {"request": 500_000, "day": 2_000_000, "total": 0}
+    assert b.remaining()["request"] == {"limit_usd": 0.5, "remaining_usd": 0.5}

@@ -1,0 +1,61 @@
+"""Settings precedence and the example file (every setting, its default, an explanation)."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from clawrouter.config import Settings, load_settings
+
+EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
+
+
+def test_example_lists_every_setting_with_an_explanation():
+    text = EXAMPLE.read_text()
+    for name in Settings.model_fields:
+        line = re.search(rf"^#? ?{name} = .*$", text, re.M)
+        assert line, f"{name} missing from config.example.toml"
+        assert "#" in line.group(0).lstrip("# "), f"{name} has no explanation"
+
+
+def test_example_values_are_the_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    from_file = load_settings(EXAMPLE)
+    defaults = Settings()
+    for name in tomllib.loads(EXAMPLE.read_text()):
+        assert getattr(from_file, name) == getattr(defaults, name), name
+
+
+def test_precedence_flags_env_file_defaults(monkeypatch, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('port = 9000\nnetwork = "base-sepolia"\nupstream_url = "http://file/api"\n'
+                      "max_usd_per_day = 2.5\n")
+    monkeypatch.setenv("CLAWROUTER_PORT", "9100")
+    monkeypatch.setenv("BLOCKRUN_API_URL", "http://env/api/")
+    s = load_settings(config)
+    assert (s.port, s.network, s.upstream_url, s.max_usd_per_day) == (
+        9100, "base-sepolia", "http://env/api", 2.5)
+    s = load_settings(config, port=1234, upstream_url="http://flag/api")
+    assert (s.port, s.upstream_url) == (1234, "http://flag/api")
+    assert load_settings(config, port=None).port == 9100  # an absent flag does not override
+
+
+def test_config_in_home_is_read_by_default(monkeypatch, tmp_path):
+    (tmp_path / "config.toml").write_text("port = 9555\n")
+    monkeypatch.setenv("CLAWROUTER_HOME", str(tmp_path))
+    assert load_settings().port == 9555
+
+
+@pytest.mark.parametrize("text", ["bogus = 1\n", 'network = "ethereum"\n', "port = -1\n",
+                                  'pay_to = "0x123"\n'])
+def test_bad_files_are_refused(tmp_path, text):
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    with pytest.raises(ValueError):
+        load_settings(config)
+
+
+def test_missing_explicit_file_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_settings(tmp_path / "nope.toml")

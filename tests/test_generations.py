@@ -1,0 +1,190 @@
+"""End to end: a real gateway, the sandbox upstream as a separate real server, real clients."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from clawrouter.catalog import BY_ID, estimate_micro
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def sdk(gateway, **kwargs) -> OpenAI:
+    return OpenAI(base_url=gateway.v1, api_key="unused", **kwargs)
+
+
+def test_openai_sdk_generates_pays_once_and_serves_the_image(gateway, sandbox):
+    result = sdk(gateway).images.generate(model="cogview", prompt="a lighthouse at dusk",
+                                          size="512x512")
+    url = result.data[0].url
+    assert url.startswith(gateway.url + "/images/") and url.endswith(".png")
+    image = httpx.get(url)
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert image.content.startswith(PNG)
+    stats = sandbox.stats()
+    expected = estimate_micro(BY_ID["zai/cogview-4"], "512x512", 1)
+    assert [p["amount"] for p in stats["payments_received"]] == [expected]
+    assert stats["settled_total_micro"] == expected
+    assert stats["bodies"][-1]["model"] == "zai/cogview-4"
+
+
+def test_curl_style_request_reports_cost_and_transaction(gateway, sandbox):
+    r = gateway.http.post("/v1/images/generations",
+                          json={"model": "google/nano-banana", "prompt": "a red fox"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers["x-clawrouter-cost-usd"] == "0.0535"
+    assert r.headers["x-clawrouter-transaction"] == sandbox.stats()["settled"][0]["transaction"]
+    assert r.headers["x-request-id"]
+    assert set(r.json()) == {"created", "data"}
+
+
+@pytest.mark.parametrize("alias, model_id", [
+    ("nano-banana", "google/nano-banana"), ("BANANA", "google/nano-banana"),
+    ("banana-2", "google/nano-banana-2"), ("gpt-image", "openai/gpt-image-1"),
+    ("grok-imagine", "xai/grok-imagine-image"), ("cogview-4", "zai/cogview-4"),
+])
+def test_aliases_reach_the_upstream_as_full_ids(gateway, sandbox, alias, model_id):
+    r = gateway.http.post("/v1/images/generations", json={"model": alias, "prompt": "x"})
+    assert r.status_code == 200, r.text
+    assert sandbox.stats()["bodies"][-1]["model"] == model_id
+
+
+def test_only_fields_blockrun_accepts_are_forwarded(gateway, sandbox):
+    r = gateway.http.post("/v1/images/generations", json={
+        "model": "nano-banana", "prompt": "x", "quality": "hd", "style": "vivid", "user": "u1",
+        "response_format": "url", "background": None, "output_format": "png",
+        "extra_thing": {"a": 1}, "n": None})
+    assert r.status_code == 200, r.text
+    assert sandbox.stats()["bodies"][-1] == {"model": "google/nano-banana", "prompt": "x",
+                                             "size": "1024x1024", "n": 1}
+
+
+@pytest.mark.parametrize("body, status, param, fragment", [
+    ({"model": "unknown-model", "prompt": "x"}, 404, "model", "Available"),
+    ({"model": "flux", "prompt": "x"}, 400, "model", "dropped"),
+    ({"model": "nano-banana", "prompt": "x", "size": "512x512"}, 400, "size", "1024x1024"),
+    ({"model": "cogview", "prompt": "x", "size": "big"}, 400, "size", "1440x1440"),
+    ({"prompt": "x", "n": 0}, 400, "n", "between 1 and 10"),
+    ({"prompt": "x", "n": 11}, 400, "n", "between 1 and 10"),
+    ({"prompt": "x", "n": "2"}, 400, "n", "integer"),
+    ({"prompt": "x", "n": True}, 400, "n", "integer"),
+    ({"prompt": "   "}, 400, "prompt", "non-empty"),
+    ({"model": "nano-banana"}, 400, "prompt", "Missing"),
+    ({"prompt": 42}, 400, "prompt", "string"),
+    ({"prompt": "x" * 32_001}, 400, "prompt", "32000"),
+    ({"prompt": "x", "response_format": "png"}, 400, "response_format", "url"),
+])
+def test_invalid_requests_are_400s_that_reach_nothing_upstream(gateway, sandbox, body, status,
+                                                               param, fragment):
+    r = gateway.http.post("/v1/images/generations", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert error["param"] == param and fragment in error["message"]
+    assert r.headers["x-should-retry"] == "false"
+    assert sandbox.round_trips() == 0
+
+
+def test_sdk_sees_typed_errors(gateway):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as err:
+        sdk(gateway, max_retries=0).images.generate(model="dall-e-2", prompt="x")
+    assert err.value.code == "model_not_found" and err.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk(gateway, max_retries=0).images.generate(model="nano-banana", prompt="x",
+                                                    size="1536x1024")
+    assert err.value.param == "size"
+
+
+def test_b64_json_returns_the_image_bytes(gateway):
+    result = sdk(gateway).images.generate(model="gpt-image-1", prompt="x",
+                                          response_format="b64_json")
+    data = base64.b64decode(result.data[0].b64_json)
+    assert data.startswith(PNG) and result.data[0].url is None
+
+
+def test_several_images_are_each_stored(gateway, sandbox):
+    r = gateway.http.post("/v1/images/generations", json={"model": "cogview", "prompt": "x", "n": 3})
+    urls = [d["url"] for d in r.json()["data"]]
+    assert len(set(urls)) == 3
+    assert all(httpx.get(u).content.startswith(PNG) for u in urls)
+    assert sandbox.paid() == 1
+
+
+def test_slow_model_is_polled_to_completion_and_settles_once(gateway, sandbox):
+    r = gateway.http.post("/v1/images/generations", json={"model": "dall-e-3", "prompt": "x",
+                                                          "size": "1792x1024"})
+    assert r.status_code == 200, r.text
+    stats = sandbox.stats()
+    assert stats["bodies"][-1]["model"] == "openai/gpt-image-2"
+    assert stats["bodies"][-1]["size"] == "1536x1024"
+    assert stats["polls"] >= 1 and len(stats["settled"]) == 1
+    assert httpx.get(r.json()["data"][0]["url"]).status_code == 200
+
+
+def test_client_disconnect_during_polling_stops_polling(gateway, sandbox):
+    sandbox.configure(slow_seconds=30)
+    with pytest.raises(httpx.ReadTimeout):
+        gateway.http.post("/v1/images/generations", json={"model": "gpt-image-2", "prompt": "x"},
+                          timeout=0.6)
+    time.sleep(0.4)
+    polls = sandbox.stats()["polls"]
+    time.sleep(0.6)
+    stats = sandbox.stats()
+    assert stats["polls"] == polls
+    assert stats["settled"] == []
+
+
+def test_health_and_models_are_free(gateway, sandbox):
+    health = gateway.http.get("/health").json()
+    assert health["status"] == "ok" and health["wallet"] == gateway.gw.address
+    assert health["upstream"] == sandbox.api and health["sandbox"] is False
+    models = gateway.http.get("/v1/models").json()
+    assert models["object"] == "list"
+    card = next(m for m in models["data"] if m["id"] == "openai/gpt-image-1")
+    assert card["edits"] and card["mask"] and "gpt-image" in card["aliases"]
+    assert card["prices"]["1536x1024"] == 0.042
+    assert sdk(gateway).models.list().data[0].id
+    assert sandbox.round_trips() == 0
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/v1/images/generations", 405),
+    ("POST", "/v1/nope", 404),
+    ("GET", "/images/../../etc/passwd", 404),
+])
+def test_envelope_on_404_and_405(gateway, method, path, status):
+    r = gateway.http.request(method, path)
+    assert r.status_code == status
+    assert r.json()["error"]["code"] in ("not_found", "method_not_allowed")
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1,2]", b"", b'"text"'])
+def test_malformed_json_is_a_400_envelope(gateway, sandbox, content):
+    r = gateway.http.post("/v1/images/generations", content=content,
+                          headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert sandbox.round_trips() == 0
+
+
+def test_routes_without_v1_and_with_query_strings(gateway):
+    r = gateway.http.post("/images/generations?foo=1", json={"prompt": "x", "model": "cogview"})
+    assert r.status_code == 200, r.text
+
+
+def test_unreachable_upstream_is_a_502_that_paid_nothing(make_gateway):
+    from tests.servers import free_port
+
+    gw = make_gateway(upstream=f"http://127.0.0.1:{free_port()}/api")
+    r = gw.http.post("/v1/images/generations", json={"prompt": "x"})
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "upstream_unreachable"
+    assert "Nothing was paid" in r.json()["error"]["message"]

@@ -1,0 +1,637 @@
+"""clawrouter.inputs: every input form, and every refusal, against real servers and real files.
+
+Two origin servers run on loopback: "public" on 127.0.0.2 (the tests declare it public through
+`address_allowed`) and "private" on 127.0.0.1, whose hit counter must stay at zero whenever a
+fetch is refused. DNS is the only fake: `FakeDNS` maps test names to those addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import hashlib
+import ipaddress
+import os
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+import uvicorn
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from clawrouter.config import Settings
+from clawrouter.errors import InvalidRequest
+from clawrouter.inputs import ImageInput, InputPolicy, InputResolver
+from clawrouter.inputs.addresses import is_public_address
+from tests.servers import ServerThread
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# --- images ---------------------------------------------------------------------------------
+
+def _png() -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 6, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00\xff")) + chunk(b"IEND", b""))
+
+
+PNG = _png()
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xd9"
+WEBP = b"RIFF\x1a\x00\x00\x00WEBPVP8L\x0d\x00\x00\x00\x2f\x00\x00\x00\x10\x07\x10\x11\x11\x88\x88\xfe\x07\x00"
+GIF = b"GIF89a\x01\x00\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+IMAGES = {"png": (PNG, "image/png"), "jpeg": (JPEG, "image/jpeg"),
+          "webp": (WEBP, "image/webp"), "gif": (GIF, "image/gif")}
+SECRET = b"PRIVATE_KEY=0xdeadbeefdeadbeefdeadbeef\n"
+CAP = 64 * 1024
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def padded_png(size: int) -> bytes:
+    return PNG + b"\0" * (size - len(PNG))
+
+
+# --- origin servers -------------------------------------------------------------------------
+
+class Origin:
+    """A raw ASGI origin: images, redirects, statuses, endless and slow bodies; counts hits."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.closed: dict[str, threading.Event] = collections.defaultdict(threading.Event)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        self.hits += 1
+        path = scope["path"]
+        query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
+        parts = path.strip("/").split("/")
+        if parts[0] == "img":
+            data, _ = IMAGES[parts[1]]
+            # A lying content type: the bytes decide.
+            await _respond(send, 200, data, [(b"content-type", b"text/plain")])
+        elif parts[0] == "text":
+            await _respond(send, 200, SECRET, [(b"content-type", b"image/png")])
+        elif parts[0] == "exact":
+            size = int(parts[1])
+            await _respond(send, 200, padded_png(size), chunked="chunked" in query)
+        elif parts[0] == "redirect":
+            left = int(parts[1])
+            target = f"/redirect/{left - 1}" if left > 1 else "/img/png"  # `left` hops in all
+            await _respond(send, 302, b"", [(b"location", target.encode())])
+        elif parts[0] == "to":
+            await _respond(send, 302, b"", [(b"location", query["u"].encode())])
+        elif parts[0] == "status":
+            await _respond(send, int(parts[1]), b"nope")
+        elif parts[0] == "stream":
+            await self._endless(receive, send, query["id"], declared=query.get("declared"),
+                                interval=float(query.get("interval", 0)))
+        elif parts[0] == "slow":
+            if not await _disconnected_within(receive, float(query["s"])):
+                await _respond(send, 200, PNG)
+        else:
+            await _respond(send, 404, b"")
+
+    async def _endless(self, receive: Any, send: Any, key: str, *, declared: str | None,
+                       interval: float) -> None:
+        """Send image bytes until the client hangs up; record that it did."""
+        headers = [(b"content-type", b"image/png")]
+        if declared:
+            headers.append((b"content-length", declared.encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        chunk = padded_png(16 * 1024) if not interval else b"\0"
+        try:
+            while not gone.is_set():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await asyncio.sleep(interval or 0.001)
+                chunk = chunk if interval else b"\0" * 16 * 1024
+            self.closed[key].set()
+        finally:
+            watcher.cancel()
+
+
+async def _respond(send: Any, status: int, body: bytes,
+                   headers: list[tuple[bytes, bytes]] | None = None, *,
+                   chunked: bool = False) -> None:
+    headers = list(headers or [])
+    if not chunked:
+        headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    if chunked:
+        for i in range(0, len(body), 4096):
+            await send({"type": "http.response.body", "body": body[i:i + 4096],
+                        "more_body": True})
+    else:
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _disconnected_within(receive: Any, seconds: float) -> bool:
+    async def wait() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    try:
+        await asyncio.wait_for(wait(), seconds)
+        return True
+    except TimeoutError:
+        return False
+
+
+class HostServer(ServerThread):
+    """`ServerThread` bound to a chosen loopback address (127.0.0.2 plays a public host)."""
+
+    def __init__(self, app: Any, host: str) -> None:
+        super().__init__(app)
+        self.host = host
+        self.config = uvicorn.Config(app, host=host, port=self.port, log_level="error",
+                                     lifespan="on", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(self.config)
+
+
+@pytest.fixture(scope="module")
+def public() -> Iterator[tuple[HostServer, Origin]]:
+    origin = Origin()
+    server = HostServer(origin, "127.0.0.2").start()
+    yield server, origin
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def private() -> Iterator[tuple[HostServer, Origin]]:
+    origin = Origin()
+    server = HostServer(origin, "127.0.0.1").start()
+    yield server, origin
+    server.stop()
+
+
+class FakeDNS(AbstractResolver):
+    """The one fake: names to addresses, since the internet is not reachable here."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        if host not in self.table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [{"hostname": host, "host": a, "port": port, "proto": 0,
+                 "family": socket.AF_INET6 if ":" in a else socket.AF_INET,
+                 "flags": socket.AI_NUMERICHOST} for a in self.table[host]]
+
+    async def close(self) -> None:
+        pass
+
+
+DNS = {"public.example": ["127.0.0.2"], "evil.example": ["127.0.0.1"],
+       "mixed.example": ["127.0.0.2", "127.0.0.1"], "meta.example": ["169.254.169.254"]}
+PUBLIC = ipaddress.ip_address("127.0.0.2")
+
+
+def only_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip == PUBLIC
+
+
+def make_policy(root: Path, **overrides: Any) -> InputPolicy:
+    settings: dict[str, Any] = dict(max_bytes=CAP, roots=(root,), forbidden=(root / "data",),
+                                    connect_timeout=1.0, total_timeout=3.0, cwd=root)
+    settings.update(overrides)
+    return InputPolicy(**settings)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "root"
+    path.mkdir()
+    return path
+
+
+async def resolve(policy: InputPolicy, value: str, *, param: str = "image[0]",
+                  **kwargs: Any) -> ImageInput:
+    async with InputResolver(policy, **kwargs) as resolver:
+        return await resolver.resolve(value, param=param)
+
+
+async def refused(policy: InputPolicy, value: str, code: str, *, param: str = "image[0]",
+                  **kwargs: Any) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as caught:
+        await resolve(policy, value, param=param, **kwargs)
+    error = caught.value
+    assert (error.code, error.param, error.status) == (code, param, 400), error.message
+    assert error.message.startswith(f"{param}: ")
+    return error
+
+
+def via_dns() -> dict[str, Any]:
+    return {"resolver": FakeDNS(DNS), "address_allowed": only_public}
+
+
+# --- ImageInput, policy ---------------------------------------------------------------------
+
+def test_image_input_digest_and_data_uri() -> None:
+    image = ImageInput(PNG, "image/png")
+    assert image.sha256 == hashlib.sha256(PNG).hexdigest()
+    assert image.data_uri() == "data:image/png;base64," + b64(PNG)
+
+
+def test_policy_from_settings(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path / "home", max_image_mb=2, allow_local_files=False,
+                        allow_private_urls=True, allowed_roots=[tmp_path])
+    policy = InputPolicy.from_settings(settings)
+    assert policy.max_bytes == 2 * 1024 * 1024
+    assert policy.roots == (tmp_path.resolve(),)
+    assert policy.forbidden == (tmp_path / "home",)
+    assert (policy.allow_local_files, policy.allow_private_urls) == (False, True)
+
+
+# --- uploads, data URIs, base64 -------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", IMAGES)
+async def test_upload_data_uri_and_base64_forms(root: Path, kind: str) -> None:
+    data, mime = IMAGES[kind]
+    policy = make_policy(root)
+    resolver = InputResolver(policy)
+    assert resolver.from_upload(data, param="image[0]") == ImageInput(data, mime)
+    urlsafe = base64.urlsafe_b64encode(data).decode()
+    wrapped = "\n".join(b64(data)[i:i + 8] for i in range(0, len(b64(data)), 8))
+    for value in (f"data:image/gif;base64,{b64(data)}",  # declared type is ignored
+                  f"data:application/octet-stream;name=x;BASE64,{urlsafe.rstrip('=')}",
+                  b64(data), urlsafe.rstrip("="), wrapped, f"  {b64(data)}\n"):
+        image = await resolver.resolve(value, param="image[0]")
+        assert (image.data, image.mime) == (data, mime), value
+    await resolver.aclose()
+
+
+async def test_long_base64_with_slashes_is_not_a_path(root: Path) -> None:
+    data = PNG + bytes(range(256)) * 40  # plenty of '/' and '+' in the encoding
+    text = b64(data)
+    assert "/" in text and len(text) > 4096
+    assert (await resolve(make_policy(root), text)).data == data
+    assert (await resolve(make_policy(root), b64(JPEG))).mime == "image/jpeg"  # "/9j/…"
+
+
+def test_upload_refusals(root: Path) -> None:
+    resolver = InputResolver(make_policy(root))
+    with pytest.raises(InvalidRequest) as caught:
+        resolver.from_upload(SECRET, param="mask")
+    assert (caught.value.code, caught.value.param) == ("invalid_image", "mask")
+    assert "PRIVATE_KEY" not in caught.value.message
+    with pytest.raises(InvalidRequest) as caught:
+        resolver.from_upload(padded_png(CAP + 1), param="image[2]")
+    assert (caught.value.code, caught.value.param) == ("image_too_large", "image[2]")
+    assert resolver.from_upload(padded_png(CAP), param="image").data == padded_png(CAP)
+
+
+async def test_data_uri_refusals(root: Path) -> None:
+    policy = make_policy(root)
+    error = await refused(policy, f"data:image/png;base64,{b64(SECRET)}", "invalid_image",
+                          param="mask")
+    assert "PRIVATE_KEY" not in error.message
+    await refused(policy, "data:image/png,%89PNG", "invalid_data_uri")
+    await refused(policy, "data:image/png;base64", "invalid_data_uri")
+    await refused(policy, "data:image/png;base64,iVBO!!!!", "invalid_base64")
+    await refused(policy, "data:image/png;base64,iVBORw0KG", "invalid_base64")
+    # The length is judged before decoding: junk that is too long is "too large", not "invalid".
+    await refused(policy, "data:image/png;base64," + "!" * (CAP * 2), "image_too_large")
+    await refused(policy, "data:image/png;base64," + b64(padded_png(CAP + 1)), "image_too_large")
+    assert (await resolve(policy, "data:image/png;base64," + b64(padded_png(CAP)))).mime
+
+
+async def test_raw_base64_refusals(root: Path) -> None:
+    policy = make_policy(root)
+    error = await refused(policy, "*" * 5000, "invalid_base64")
+    assert "*****" not in error.message
+    error = await refused(policy, b64(SECRET * 200), "invalid_image")
+    assert "PRIVATE_KEY" not in error.message and b64(SECRET)[:20] not in error.message
+    await refused(policy, b64(padded_png(CAP + 3)), "image_too_large")
+    await refused(policy, b64(SECRET), "unrecognized_input")  # short: could have been a name
+
+
+async def test_unrecognized_input_lists_forms_and_truncates(root: Path) -> None:
+    error = await refused(make_policy(root), "hello world " * 200, "unrecognized_input")
+    assert "http(s) URL" in error.message and "data URI" in error.message
+    assert "local file" in error.message and len(error.message) < 400
+    error = await refused(make_policy(root, allow_local_files=False), "photo.png",
+                          "unrecognized_input")
+    assert "local file" not in error.message
+    await refused(make_policy(root), "", "unrecognized_input")
+
+
+# --- local files ----------------------------------------------------------------------------
+
+@pytest.fixture
+def tree(root: Path, tmp_path: Path) -> dict[str, Path]:
+    """root/{pics/*.png, notes.png (text), .ssh/id.png, data/{wallet.key, real.png}} + outside."""
+    (root / "pics").mkdir()
+    for kind, (data, _) in IMAGES.items():
+        (root / "pics" / f"a.{kind}").write_bytes(data)
+    (root / "notes.png").write_bytes(SECRET)
+    (root / ".ssh").mkdir()
+    (root / ".ssh" / "id.png").write_bytes(PNG)
+    (root / "data").mkdir()
+    (root / "data" / "wallet.key").write_bytes(SECRET)
+    (root / "data" / "real.png").write_bytes(PNG)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "a.png").write_bytes(PNG)
+    return {"root": root, "outside": outside}
+
+
+@pytest.mark.parametrize("kind", IMAGES)
+async def test_local_file_forms(tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                kind: str) -> None:
+    root = tree["root"]
+    monkeypatch.setenv("HOME", str(root))
+    (root / f"here.{kind}").write_bytes(IMAGES[kind][0])
+    policy = make_policy(root)
+    target = root / "pics" / f"a.{kind}"
+    for value in (str(target), f"~/pics/a.{kind}", f"pics/a.{kind}", f"./pics/a.{kind}",
+                  f"../root/pics/a.{kind}", target.as_uri(), f"file://localhost{target}",
+                  f"here.{kind}"):
+        image = await resolve(policy, value)
+        assert (image.data, image.mime) == IMAGES[kind], value
+
+
+async def test_cwd_defaults_to_the_process_cwd(tree: dict[str, Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tree["root"] / "pics")
+    assert (await resolve(make_policy(tree["root"], cwd=None), "a.png")).data == PNG
+
+
+async def test_secret_named_png_is_refused_without_echoing_it(tree: dict[str, Path]) -> None:
+    error = await refused(make_policy(tree["root"]), str(tree["root"] / "notes.png"),
+                          "invalid_image")
+    assert "PRIVATE_KEY" not in error.message
+
+
+async def test_paths_outside_roots(tree: dict[str, Path]) -> None:
+    root, outside = tree["root"], tree["outside"]
+    policy = make_policy(root)
+    await refused(policy, str(outside / "a.png"), "path_refused")
+    await refused(policy, str(root / ".." / "outside" / "a.png"), "path_refused")
+    await refused(policy, "../outside/a.png", "path_refused")
+    await refused(policy, "pics/../../outside/a.png", "path_refused")
+    await refused(policy, "/etc/passwd", "path_refused")
+    # Outside the roots, a missing file looks exactly like a present one.
+    await refused(policy, str(outside / "missing.png"), "path_refused")
+
+
+async def test_hidden_components(tree: dict[str, Path]) -> None:
+    root = tree["root"]
+    policy = make_policy(root)
+    for value in (str(root / ".ssh" / "id.png"), ".ssh/id.png", "pics/../.ssh/id.png"):
+        error = await refused(policy, value, "path_refused")
+        assert "hidden" in error.message
+    # Through a visible symlink (resolved path is hidden) and a hidden symlink (written path is).
+    (root / "keys").symlink_to(root / ".ssh")
+    (root / ".pics").symlink_to(root / "pics")
+    await refused(policy, str(root / "keys" / "id.png"), "path_refused")
+    await refused(policy, str(root / ".pics" / "a.png"), "path_refused")
+    (root / ".hidden.png").write_bytes(PNG)
+    await refused(policy, str(root / ".hidden.png"), "path_refused")
+
+
+async def test_a_root_inside_a_hidden_folder_is_usable(tree: dict[str, Path]) -> None:
+    cache = tree["root"] / ".cache" / "images"
+    cache.mkdir(parents=True)
+    (cache / "a.png").write_bytes(PNG)
+    policy = make_policy(tree["root"], roots=(tree["root"], cache))
+    assert (await resolve(policy, str(cache / "a.png"))).data == PNG
+    await refused(policy, str(tree["root"] / ".ssh" / "id.png"), "path_refused")
+
+
+async def test_symlinks_escaping_a_root(tree: dict[str, Path]) -> None:
+    root, outside = tree["root"], tree["outside"]
+    (root / "escape.png").symlink_to(outside / "a.png")
+    (root / "elsewhere").symlink_to(outside)
+    (root / "loop.png").symlink_to(root / "loop.png")
+    policy = make_policy(root)
+    await refused(policy, str(root / "escape.png"), "path_refused")
+    await refused(policy, "elsewhere/a.png", "path_refused")
+    await refused(policy, "loop.png", "path_refused")
+    (root / "inside.png").symlink_to(root / "pics" / "a.png")
+    assert (await resolve(policy, "inside.png")).data == PNG
+
+
+async def test_forbidden_data_dir(tree: dict[str, Path]) -> None:
+    root = tree["root"]
+    policy = make_policy(root)
+    for name in ("wallet.key", "real.png"):
+        error = await refused(policy, str(root / "data" / name), "path_refused")
+        assert "data directory" in error.message and "PRIVATE_KEY" not in error.message
+    (root / "link.png").symlink_to(root / "data" / "real.png")
+    await refused(policy, "link.png", "path_refused")
+    await refused(policy, (root / "data" / "real.png").as_uri(), "path_refused")
+
+
+async def test_default_forbidden_dir_is_hidden_in_home(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / ".clawrouter").mkdir(parents=True)
+    (home / ".clawrouter" / "wallet.key").write_bytes(SECRET)
+    policy = InputPolicy.from_settings(Settings(home=home / ".clawrouter",
+                                                allowed_roots=[home], allow_local_files=True))
+    await refused(policy, str(home / ".clawrouter" / "wallet.key"), "path_refused")
+
+
+async def test_file_problems(tree: dict[str, Path]) -> None:
+    root = tree["root"]
+    policy = make_policy(root)
+    await refused(policy, str(root / "missing.png"), "file_not_found")
+    await refused(policy, "pics", "path_refused")  # a directory
+    os.mkfifo(root / "pipe.png")
+    await refused(policy, "pipe.png", "path_refused")  # and no hang on open
+    (root / "big.png").write_bytes(padded_png(CAP + 1))
+    await refused(policy, "big.png", "image_too_large")
+    (root / "edge.png").write_bytes(padded_png(CAP))
+    assert len((await resolve(policy, "edge.png")).data) == CAP
+    await refused(policy, "file://example.com/etc/passwd", "path_refused")
+
+
+async def test_local_files_disabled(tree: dict[str, Path]) -> None:
+    root = tree["root"]
+    policy = make_policy(root, allow_local_files=False)
+    target = root / "pics" / "a.png"
+    for value in (str(target), target.as_uri(), "pics/a.png", "~/x.png"):
+        await refused(policy, value, "local_files_disabled")
+    await refused(policy, "a.png", "unrecognized_input")  # a bare name is not even looked up
+
+
+# --- URLs -----------------------------------------------------------------------------------
+
+def test_default_address_rule() -> None:
+    public = ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
+    forbidden = ["127.0.0.1", "127.0.0.2", "::1", "0.0.0.0", "::", "10.0.0.1", "172.16.0.1",
+                 "192.168.1.1", "169.254.169.254", "fe80::1", "fc00::1", "100.64.0.1",
+                 "224.0.0.1", "ff02::1", "240.0.0.1", "255.255.255.255", "::ffff:127.0.0.1",
+                 "::ffff:10.0.0.1", "::ffff:169.254.169.254", "2002:7f00:1::", "64:ff9b::a00:1",
+                 "192.0.2.1"]
+    assert all(is_public_address(ipaddress.ip_address(a)) for a in public)
+    assert not any(is_public_address(ipaddress.ip_address(a)) for a in forbidden)
+
+
+@pytest.mark.parametrize("kind", IMAGES)
+async def test_url_fetch(root: Path, public: tuple[HostServer, Origin], kind: str) -> None:
+    image = await resolve(make_policy(root), f"http://public.example:{public[0].port}/img/{kind}",
+                          **via_dns())
+    assert (image.data, image.mime) == IMAGES[kind]
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:{port}/img/png",
+    "http://[::1]:{port}/img/png",
+    "http://[::ffff:127.0.0.1]:{port}/img/png",
+    "http://0.0.0.0:{port}/img/png",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://10.0.0.1/img/png",
+    "http://localhost:{port}/img/png",  # the real system resolver
+    "http://127.1:{port}/img/png",
+    "http://2130706433:{port}/img/png",
+])
+async def test_private_addresses_are_refused(root: Path, private: tuple[HostServer, Origin],
+                                             url: str) -> None:
+    server, origin = private
+    before = origin.hits
+    await refused(make_policy(root), url.format(port=server.port), "url_refused")
+    assert origin.hits == before
+
+
+@pytest.mark.parametrize("host", ["evil.example", "mixed.example", "meta.example"])
+async def test_names_resolving_to_forbidden_addresses(
+        root: Path, private: tuple[HostServer, Origin], host: str) -> None:
+    server, origin = private
+    before = origin.hits
+    error = await refused(make_policy(root), f"http://{host}:{server.port}/img/png",
+                          "url_refused", **via_dns())
+    assert "resolves to" in error.message
+    assert origin.hits == before
+
+
+async def test_redirects(root: Path, public: tuple[HostServer, Origin],
+                         private: tuple[HostServer, Origin]) -> None:
+    base = f"http://public.example:{public[0].port}"
+    policy = make_policy(root)
+    assert (await resolve(policy, f"{base}/redirect/3", **via_dns())).data == PNG
+    assert (await resolve(policy, f"{base}/to?u=/img/gif", **via_dns())).data == GIF
+    error = await refused(policy, f"{base}/redirect/4", "url_refused", **via_dns())
+    assert "more than 3 redirects" in error.message
+    origin = private[1]
+    before = origin.hits
+    for target in (f"http://127.0.0.1:{private[0].port}/img/png",
+                   f"http://evil.example:{private[0].port}/img/png",
+                   f"http://[::ffff:127.0.0.1]:{private[0].port}/img/png"):
+        await refused(policy, f"{base}/to?u={target}", "url_refused", **via_dns())
+    await refused(policy, f"{base}/to?u=file:///etc/passwd", "url_refused", **via_dns())
+    assert origin.hits == before
+
+
+async def test_allow_private_urls(root: Path, private: tuple[HostServer, Origin]) -> None:
+    server, origin = private
+    before = origin.hits
+    policy = make_policy(root, allow_private_urls=True)
+    assert (await resolve(policy, f"http://127.0.0.1:{server.port}/img/png")).data == PNG
+    assert (await resolve(policy, f"http://evil.example:{server.port}/img/jpeg",
+                          **via_dns())).data == JPEG
+    assert origin.hits == before + 2
+
+
+async def test_url_refusals(root: Path, public: tuple[HostServer, Origin]) -> None:
+    base = f"http://public.example:{public[0].port}"
+    policy = make_policy(root)
+    error = await refused(policy, f"http://user:hunter2@public.example:{public[0].port}/img/png",
+                          "url_refused", **via_dns())
+    assert "hunter2" not in error.message
+    await refused(policy, "ftp://public.example/a.png", "url_refused", **via_dns())
+    await refused(policy, "gopher://public.example/", "url_refused", **via_dns())
+    error = await refused(policy, f"{base}/status/404", "url_fetch_failed", **via_dns())
+    assert "404" in error.message
+    await refused(policy, f"{base}/status/500", "url_fetch_failed", **via_dns())
+    await refused(policy, "http://nowhere.example/a.png", "url_fetch_failed", **via_dns())
+    error = await refused(policy, f"{base}/text", "invalid_image", **via_dns())
+    assert "PRIVATE_KEY" not in error.message
+
+
+async def test_url_size_cap(root: Path, public: tuple[HostServer, Origin]) -> None:
+    base = f"http://public.example:{public[0].port}"
+    policy = make_policy(root)
+    for suffix in ("", "?chunked=1"):
+        assert len((await resolve(policy, f"{base}/exact/{CAP}{suffix}", **via_dns())).data) == CAP
+        await refused(policy, f"{base}/exact/{CAP + 1}{suffix}", "image_too_large", **via_dns())
+
+
+async def test_oversize_declared_length_is_refused_before_reading(
+        root: Path, public: tuple[HostServer, Origin]) -> None:
+    server, origin = public
+    started = time.monotonic()
+    await refused(make_policy(root), f"http://public.example:{server.port}/stream"
+                  f"?id=declared&declared={10**9}&interval=0.05", "image_too_large", **via_dns())
+    assert time.monotonic() - started < 1
+    assert await asyncio.to_thread(origin.closed["declared"].wait, 5)
+
+
+async def test_endless_stream_is_cut_at_the_cap(root: Path,
+                                                public: tuple[HostServer, Origin]) -> None:
+    """No Content-Length, chunked, never ends: only reading at most cap+1 bytes can stop it."""
+    server, origin = public
+    policy = make_policy(root, total_timeout=10.0)
+    started = time.monotonic()
+    await refused(policy, f"http://public.example:{server.port}/stream?id=endless",
+                  "image_too_large", **via_dns())
+    assert time.monotonic() - started < 5
+    assert await asyncio.to_thread(origin.closed["endless"].wait, 5)
+
+
+async def test_total_timeout(root: Path, public: tuple[HostServer, Origin]) -> None:
+    server, origin = public
+    policy = make_policy(root, total_timeout=0.5)
+    for path in ("/slow?s=3", "/stream?id=trickle&interval=0.05"):
+        started = time.monotonic()
+        error = await refused(policy, f"http://public.example:{server.port}{path}",
+                              "url_fetch_failed", **via_dns())
+        assert "longer than 0.5 s" in error.message
+        assert time.monotonic() - started < 1.5
+    assert await asyncio.to_thread(origin.closed["trickle"].wait, 5)
+
+
+async def test_one_session_serves_many_inputs(root: Path,
+                                              public: tuple[HostServer, Origin]) -> None:
+    base = f"http://public.example:{public[0].port}"
+    async with InputResolver(make_policy(root), **via_dns()) as resolver:
+        images = await asyncio.gather(*(resolver.resolve(f"{base}/img/{kind}", param=f"image[{i}]")
+                                        for i, kind in enumerate(IMAGES)))
+        assert [image.mime for image in images] == [mime for _, mime in IMAGES.values()]
+        with pytest.raises(InvalidRequest):
+            await resolver.resolve(f"{base}/status/404", param="mask")
+        assert (await resolver.resolve(f"{base}/img/png", param="mask")).data == PNG

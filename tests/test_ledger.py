@@ -1,0 +1,316 @@
+"""The ledger: durable records of every signature, outcomes, totals, and crash recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+
+from clawrouter.payment.ledger import Ledger, LedgerBusy, day_start, local_day
+
+REPO = Path(__file__).resolve().parents[1]
+TODAY = date(2026, 3, 14)
+NOON = day_start(TODAY) + 12 * 3600
+
+
+class Clock:
+    """A controllable wall clock."""
+
+    def __init__(self, now: float = NOON) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+_nonces = iter(range(10**9))
+
+
+def record(ledger: Ledger, amount: int = 53_500, **fields) -> int:
+    values = dict(request_id="req-1", route="/v1/images/generations", model="google/nano-banana",
+                  size="1024x1024", n=1, amount=amount,
+                  payee="0xe9030014F5DAe217d0A152f02A043567b16c1aBf", network="eip155:8453",
+                  nonce=f"0x{next(_nonces):064x}")
+    values.update(fields)
+    return ledger.record_signed(**values)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, clock: Clock):
+    with Ledger(tmp_path / "ledger.sqlite3", clock=clock) as ledger:
+        yield ledger
+
+
+def test_schema_is_wal_with_full_sync(ledger: Ledger) -> None:
+    raw = sqlite3.connect(ledger.path)
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 1
+        columns = [row[1] for row in raw.execute("PRAGMA table_info(payments)")]
+    finally:
+        raw.close()
+    assert columns == ["id", "time", "request_id", "route", "model", "size", "n", "amount",
+                       "payee", "network", "nonce", "status", "transaction", "latency_ms",
+                       "note", "attempt"]
+    assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_record_then_finish(ledger: Ledger, clock: Clock) -> None:
+    pid = record(ledger, request_id="req-9", attempt=2)
+    row = ledger.get(pid)
+    assert (row.status, row.time, row.request_id, row.attempt, row.amount) == \
+        ("signed", clock.now, "req-9", 2, 53_500)
+    assert row.transaction is None and row.latency_ms is None and row.note is None
+
+    ledger.finish(pid, "settled", transaction="0xabc", latency_ms=812.5)
+    ledger.finish(pid, "settled", note="receipt read twice")  # a detail; keeps the rest
+    row = ledger.get(pid)
+    assert (row.status, row.transaction, row.latency_ms, row.note) == \
+        ("settled", "0xabc", 812.5, "receipt read twice")
+
+    with pytest.raises(ValueError, match="already settled"):
+        ledger.finish(pid, "rejected")
+    with pytest.raises(ValueError):
+        ledger.finish(pid, "signed")
+    with pytest.raises(ValueError):
+        ledger.finish(pid, "lost")
+    with pytest.raises(KeyError):
+        ledger.finish(pid + 100, "settled")
+
+
+def test_outcomes_move_the_running_total(ledger: Ledger) -> None:
+    a, b, c = record(ledger, 10_000), record(ledger, 20_000), record(ledger, 40_000)
+    assert ledger.spent() == 70_000
+    ledger.finish(a, "rejected", note="PAYMENT_INVALID")  # costs nothing
+    ledger.finish(a, "rejected")  # again: not subtracted twice
+    ledger.finish(b, "failed_after_payment", note="upstream 500 after payment")
+    ledger.finish(c, "unknown")
+    assert ledger.spent() == 60_000
+    ledger.finish(b, "settled", transaction="0x1")  # a later receipt resolves it
+    ledger.finish(c, "rejected")  # reconciliation found it never settled
+    assert ledger.spent() == 20_000
+    assert ledger.spent() == ledger.spent(since=0)
+    with pytest.raises(ValueError):
+        ledger.finish(a, "settled")  # rejected already gave its room away
+
+
+def test_nonce_is_unique(ledger: Ledger) -> None:
+    record(ledger, nonce="0xsame")
+    with pytest.raises(ValueError, match="already in the ledger"):
+        record(ledger, nonce="0xsame")
+    assert len(ledger.payments()) == 1
+    assert ledger.spent() == 53_500
+
+
+@pytest.mark.parametrize("bad", [dict(amount=0), dict(amount=True), dict(amount=1.5),
+                                 dict(n=0), dict(attempt=3), dict(nonce="")])
+def test_invalid_rows_are_refused(ledger: Ledger, bad: dict) -> None:
+    with pytest.raises(ValueError):
+        record(ledger, **bad)
+    assert ledger.payments() == [] and ledger.spent() == 0
+
+
+def test_notes_never_hold_keys_or_headers(ledger: Ledger) -> None:
+    key = "0x" + "ab" * 32
+    header = "eyJ4NDAyVmVyc2lvbiI6Miwi" * 10
+    pid = record(ledger)
+    note = f"boom key={key}\nheader {header} " + "word " * 99
+    ledger.finish(pid, "failed_after_payment", note=note)
+    note = ledger.get(pid).note
+    assert key not in note and header[:64] not in note and "\n" not in note
+    assert note.startswith("boom key=[redacted] header [redacted]") and len(note) == 300
+
+
+def test_spent_since(ledger: Ledger, clock: Clock) -> None:
+    record(ledger, 1_000)
+    clock.now += 100
+    record(ledger, 2_000)
+    assert ledger.spent(since=clock.now) == 2_000
+    assert ledger.spent(since=clock.now + 1) == 0
+
+
+def test_summary(ledger: Ledger, clock: Clock) -> None:
+    def at(day: date, status: str, amount: int, model: str = "google/nano-banana") -> int:
+        clock.now = day_start(day) + 9 * 3600
+        pid = record(ledger, amount, model=model)
+        if status != "signed":
+            ledger.finish(pid, status, transaction="0xt" if status == "settled" else None)
+        return pid
+
+    at(TODAY, "settled", 53_500)
+    at(TODAY, "settled", 16_750, model="zai/cogview-4")
+    at(TODAY, "signed", 53_500)
+    at(TODAY, "failed_after_payment", 1_000)
+    at(TODAY, "rejected", 99_000)  # free: nowhere but `latest`
+    at(TODAY.replace(day=2), "settled", 100_000)
+    at(TODAY.replace(day=2), "unknown", 7_000, model="zai/cogview-4")
+    at(date(2026, 2, 20), "settled", 200_000)  # last month, within 30 days
+    at(date(2026, 1, 1), "settled", 400_000)  # outside the 30 days
+    last = at(TODAY, "settled", 1)
+
+    s = ledger.summary(now=NOON)
+    json.dumps(s)  # JSON-ready
+    assert s["today"] == {"usd": 0.070251, "micro": 70_251, "payments": 3,
+                          "pending": {"usd": 0.0545, "micro": 54_500, "payments": 2}}
+    assert s["month"] == {"usd": 0.170251, "micro": 170_251, "payments": 4,
+                          "pending": {"usd": 0.0615, "micro": 61_500, "payments": 3}}
+    assert s["total"]["micro"] == 770_251 and s["total"]["payments"] == 6
+    assert s["total"]["pending"]["micro"] == 61_500
+    assert s["by_model"] == [
+        {"model": "google/nano-banana", "usd": 0.753501, "micro": 753_501, "payments": 5,
+         "pending": {"usd": 0.0545, "micro": 54_500, "payments": 2}},
+        {"model": "zai/cogview-4", "usd": 0.01675, "micro": 16_750, "payments": 1,
+         "pending": {"usd": 0.007, "micro": 7_000, "payments": 1}},
+    ]
+    assert [(d["day"], d["micro"], d["pending"]["micro"]) for d in s["by_day"]] == [
+        ("2026-03-14", 70_251, 54_500), ("2026-03-02", 100_000, 7_000),
+        ("2026-02-20", 200_000, 0)]
+    assert len(s["latest"]) == 10 and s["latest"][0]["id"] == last
+    assert [p["status"] for p in s["latest"][5:7]] == ["rejected", "failed_after_payment"]
+    assert s["latest"][-1]["transaction"] == "0xt" and s["latest"][-1]["usd"] == 0.0535
+    assert len(ledger.summary(now=NOON, latest=2)["latest"]) == 2
+
+    # the next day: today is empty, the month is not
+    s = ledger.summary(now=day_start(TODAY + timedelta(days=1)) + 1)
+    assert s["today"]["micro"] == 0 and s["today"]["pending"]["payments"] == 0
+    assert s["month"]["micro"] == 170_251
+
+
+def test_days_are_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "XYZ-10")  # POSIX spelling of UTC+10, no tz database needed
+    time.tzset()
+    try:
+        utc_evening = 1_773_518_400.0  # 2026-03-14 20:00 UTC = 2026-03-15 06:00 local
+        with Ledger(tmp_path / "l.sqlite3", clock=lambda: utc_evening) as ledger:
+            record(ledger, 5_000)
+            assert local_day(utc_evening) == "2026-03-15"
+            s = ledger.summary()
+            assert s["by_day"][0]["day"] == "2026-03-15"
+            assert s["today"]["pending"]["micro"] == 5_000
+            assert s["timezone"] == "XYZ"
+            assert ledger.spent_on("2026-03-15") == 5_000
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_one_process_per_ledger_and_totals_reload(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    first = Ledger(path, clock=clock)
+    record(first, 3_000)
+    pid = record(first, 4_000)
+    first.finish(pid, "rejected")
+    with pytest.raises(LedgerBusy):
+        Ledger(path)
+    first.close()
+    with Ledger(path, clock=clock) as again:
+        assert again.spent() == 3_000
+        assert again.spent_on(local_day(clock.now)) == 3_000
+
+
+def test_async_call_runs_on_the_ledger_thread(ledger: Ledger) -> None:
+    async def main() -> int:
+        pid = await ledger.call(record, ledger, 7_000)
+        await ledger.call(ledger.finish, pid, "settled", transaction="0x2")
+        return pid
+
+    pid = asyncio.run(main())
+    assert ledger.get(pid).status == "settled"
+
+
+# --- crashes: real processes, real kill -9 ------------------------------------------------------
+
+_CHILD = """
+import sys, time
+from pathlib import Path
+from clawrouter.payment.ledger import Ledger
+ledger = Ledger(Path(sys.argv[1]))
+def rec(i):
+    return ledger.record_signed(request_id=f"req-{i}", route="/v1/images/generations",
+        model="openai/gpt-image-1", size="1024x1024", n=2, amount=43_000 + i,
+        payee="0xe9030014F5DAe217d0A152f02A043567b16c1aBf", network="eip155:8453",
+        nonce=f"0x{i:064x}")
+if sys.argv[2] == "one":
+    rec(0)
+    print("ready", flush=True)
+    time.sleep(60)
+else:
+    i = 0
+    while True:
+        pid = rec(i)
+        print("recorded", pid, i, flush=True)
+        if i % 3 == 0:
+            ledger.finish(pid, "settled", transaction=f"0xtx{i}", latency_ms=1.5)
+            print("settled", pid, flush=True)
+        i += 1
+"""
+
+
+def _child(path: Path, mode: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(path), mode], env=env,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    proc.stdout.close()
+
+
+def test_kill_9_after_signing_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    proc = _child(path, "one")
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        _kill(proc)
+    with Ledger(path) as ledger:
+        assert ledger.recovered == 1
+        (row,) = ledger.payments()
+        assert (row.status, row.request_id, row.amount, row.n, row.nonce) == \
+            ("unknown", "req-0", 43_000, 2, "0x" + "0" * 64)
+        assert "stopped" in row.note
+        assert ledger.spent() == 43_000  # still counted: it may have cost money
+    with Ledger(path) as ledger:  # and it stays visible as unknown
+        assert ledger.recovered == 0 and ledger.payments()[0].status == "unknown"
+
+
+def test_kill_9_during_many_writes_loses_no_committed_row(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    proc = _child(path, "many")
+    recorded: dict[int, int] = {}
+    settled: set[int] = set()
+    try:
+        while len(recorded) < 150:
+            line = proc.stdout.readline().split()
+            if line[0] == "recorded":
+                recorded[int(line[1])] = int(line[2])
+            else:
+                settled.add(int(line[1]))
+    finally:
+        _kill(proc)  # while it keeps writing
+    with Ledger(path) as ledger:
+        assert ledger._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = {p.id: p for p in ledger.payments()}
+        assert set(recorded) <= set(rows)
+        for pid, i in recorded.items():
+            assert (rows[pid].request_id, rows[pid].amount) == (f"req-{i}", 43_000 + i)
+        for pid in settled:
+            assert (rows[pid].status, rows[pid].transaction) == ("settled", f"0xtx{recorded[pid]}")
+        assert {p.status for p in rows.values()} <= {"settled", "unknown"}
+        assert ledger.spent() == sum(p.amount for p in rows.values())

@@ -1,0 +1,72 @@
+"""Challenge checks: every refusal names its check; nothing outside our tables is accepted."""
+
+import pytest
+
+from clawrouter.config import BLOCKRUN_PAYEE
+from clawrouter.errors import PaymentRefused
+from clawrouter.payment import policy
+from clawrouter.payment.networks import NETWORKS
+from clawrouter.payment.wire import Challenge, parse_challenge, b64_json
+
+BASE = NETWORKS["base"]
+
+
+def challenge(**changes):
+    entry = {"scheme": "exact", "network": BASE.caip2, "amount": "21000", "asset": BASE.usdc,
+             "payTo": BLOCKRUN_PAYEE, "maxTimeoutSeconds": 300,
+             "extra": {"name": "USD Coin", "version": "2"}}
+    entry.update(changes)
+    return parse_challenge({"payment-required": b64_json({"x402Version": 2,
+                                                          "accepts": [entry]})}, b"")
+
+
+def select(ch: Challenge, ceiling=50_000, cap=1_000_000):
+    return policy.select(ch, network=BASE, pay_to=BLOCKRUN_PAYEE, ceiling=ceiling, cap=cap)
+
+
+def test_a_correct_challenge_is_selected():
+    assert select(challenge()).amount == "21000"
+
+
+@pytest.mark.parametrize("changes, check", [
+    ({"scheme": "upto"}, "scheme"),
+    ({"network": "eip155:1"}, "network"),
+    ({"network": "eip155:84532"}, "network"),
+    ({"asset": "0x0000000000000000000000000000000000000001"}, "asset"),
+    ({"payTo": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"}, "payee"),
+    ({"payTo": "not-an-address"}, "payee"),
+    ({"amount": "50001"}, "amount"),
+    ({"amount": "-5"}, "amount"),
+    ({"amount": "1e6"}, "amount"),
+    ({"amount": "0"}, "amount"),
+    ({"maxTimeoutSeconds": 3600}, "timeout"),
+    ({"maxTimeoutSeconds": 0}, "timeout"),
+    ({"maxTimeoutSeconds": "300"}, "timeout"),
+    ({"maxTimeoutSeconds": True}, "timeout"),
+])
+def test_each_tampered_field_is_refused(changes, check):
+    with pytest.raises(PaymentRefused) as err:
+        select(challenge(**changes))
+    assert err.value.extra["check"] == check
+    assert err.value.status == 402 and err.value.code == "payment_refused"
+    assert "nothing was signed" in err.value.message
+
+
+def test_the_per_request_cap_applies_even_under_the_catalog_ceiling():
+    with pytest.raises(PaymentRefused, match="per-request cap"):
+        select(challenge(amount="21000"), ceiling=50_000, cap=20_000)
+
+
+def test_an_upto_entry_first_does_not_hide_the_exact_one_and_is_never_chosen():
+    ch = challenge()
+    upto = ch.requirements[0].raw | {"scheme": "upto", "amount": "999999"}
+    ch2 = parse_challenge({"payment-required": b64_json(
+        {"x402Version": 2, "accepts": [upto, ch.requirements[0].raw]})}, b"")
+    assert select(ch2).scheme == "exact"
+
+
+def test_v1_body_challenge_with_network_names():
+    ch = parse_challenge({}, b'{"x402Version":1,"accepts":[{"scheme":"exact","network":"base",'
+                             b'"maxAmountRequired":"21000","asset":"' + BASE.usdc.encode() +
+                         b'","payTo":"' + BLOCKRUN_PAYEE.encode() + b'","maxTimeoutSeconds":60}]}')
+    assert ch.version == 1 and select(ch).amount == "21000"

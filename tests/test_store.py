@@ -1,0 +1,530 @@
+"""The image store: content-addressed files, crash safety, eviction, downloads and serving.
+
+Real files in `tmp_path`, real uvicorn servers (`tests/servers.py`), real clients (httpx,
+aiohttp, and http.client where a path must reach the server un-normalised).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Mount, Route
+
+from clawrouter.store import (
+    Deferred,
+    DownloadFailed,
+    ImageMeta,
+    ImageServer,
+    ImageStore,
+    StoredImage,
+)
+from clawrouter.store.files import content_id
+from tests.servers import ServerThread, serving
+
+T = TypeVar("T")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff\xe0"
+NOT_FOUND = {"error": {"message": "Image not found", "type": "invalid_request_error",
+                       "param": None, "code": "not_found"}}
+META = ImageMeta(model="openai/gpt-image-1", prompt="a lobster", size="1024x1024",
+                 cost_micro=42_000, request_id="req_1", source="b64")
+
+
+def png(size: int = 1000, seed: int = 0) -> bytes:
+    """Distinct PNG-signed bytes (the store sniffs signatures, it does not decode)."""
+    body = (seed.to_bytes(4, "big") + os.urandom(16)) * (size // 20 + 1)
+    return PNG_MAGIC + body[: size - len(PNG_MAGIC)]
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def on_loop(server: ServerThread, coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on the server's event loop (where its store lives)."""
+    assert server.loop is not None
+    return asyncio.run_coroutine_threadsafe(coro, server.loop).result(10)
+
+
+async def put_all(root: Path, *images: bytes, **options: Any) -> list[StoredImage]:
+    async with ImageStore(root, **options) as store:
+        return [await store.put_bytes(data, META) for data in images]
+
+
+def rows(root: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(root / "index.sqlite3") as db:
+        return db.execute("SELECT id, ext, bytes, source FROM images ORDER BY id").fetchall()
+
+
+def image_app(store: ImageStore) -> Starlette:
+    """What the gateway does: open/start/close the store in the lifespan, mount the server."""
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await store.open()
+        await store.start()
+        try:
+            yield
+        finally:
+            await store.aclose()
+
+    server = ImageServer(store)
+    # /raw mounts the same endpoint under a prefix, so that any path reaches our code.
+    return Starlette(routes=[Route("/images/{name}", server), Mount("/raw", app=server)],
+                     lifespan=lifespan)
+
+
+@contextmanager
+def serving_store(root: Path, **options: Any) -> Iterator[tuple[ServerThread, ImageStore]]:
+    store = ImageStore(root, **options)
+    with serving(image_app(store)) as server:
+        yield server, store
+
+
+# --- storing ------------------------------------------------------------------------------------
+def test_dedupe_keeps_one_file_one_row_and_the_first_metadata(tmp_path: Path) -> None:
+    data = png(5000)
+
+    async def scenario() -> tuple[StoredImage, StoredImage, list[dict[str, Any]]]:
+        async with ImageStore(tmp_path) as store:
+            first = await store.put_bytes(data, META)
+            second = await store.put_bytes(data, ImageMeta(model="other", source="data-uri"))
+            return first, second, await store.ls()
+
+    first, second, listed = run(scenario())
+    assert first == second
+    assert first.id == content_id(data) and len(first.id) == 32
+    assert first.name == f"{first.id}.png" and first.content_type == "image/png"
+    assert first.path.read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png") == [first.name]
+    assert rows(tmp_path) == [(first.id, "png", 5000, "b64")]
+    [row] = listed
+    assert (row["model"], row["prompt"], row["size"], row["cost_micro"], row["request_id"]) == (
+        "openai/gpt-image-1", "a lobster", "1024x1024", 42_000, "req_1")
+    assert row["last_served"] is not None  # the dedupe put counts as a use
+
+
+def test_put_refuses_non_images_and_names_by_sniffed_type(tmp_path: Path) -> None:
+    async def scenario() -> StoredImage:
+        async with ImageStore(tmp_path) as store:
+            with pytest.raises(ValueError):
+                await store.put_bytes(b"<svg xmlns='http://www.w3.org/2000/svg'/>", META)
+            return await store.put_bytes(JPEG_MAGIC + b"x" * 100, META)
+
+    assert run(scenario()).name.endswith(".jpg")
+    assert [r[1] for r in rows(tmp_path)] == ["jpg"]
+
+
+def test_crash_leftovers_are_cleaned_recovered_or_dropped_at_open(tmp_path: Path) -> None:
+    kept, recovered, truncated = png(3000, 1), png(3000, 2), png(3000, 3)
+    [kept_image] = run(put_all(tmp_path, kept))
+    # A crash mid-write leaves a hidden temporary file (old: from a previous run) ...
+    stale = tmp_path / f".{content_id(truncated)}.png.k3j9x_.tmp"
+    stale.write_bytes(truncated[:1000])
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    # ... a young one may be another process's write in progress: left alone, never served.
+    young = tmp_path / f".{content_id(truncated)}.png.a8d2q1.tmp"
+    young.write_bytes(truncated[:500])
+    # A crash after the rename but before the commit: a complete file without a row.
+    (tmp_path / f"{content_id(recovered)}.png").write_bytes(recovered)
+    # A file under an image name whose bytes do not match it (half-written by hand, corrupt).
+    half = tmp_path / f"{content_id(truncated)}.png"
+    half.write_bytes(truncated[:1500])
+    # A row whose file has the wrong size.
+    sick = run(put_all(tmp_path, png(2000, 4)))[0]
+    sick.path.write_bytes(sick.path.read_bytes()[:100])
+
+    async def reopen() -> tuple[list[str], list[str | None], Any]:
+        async with ImageStore(tmp_path) as store:
+            names = [r["name"] for r in await store.ls()]
+            got = [store.get(n).name if store.get(n) else None
+                   for n in (kept_image.name, half.name, sick.name, young.name)]
+            return names, got, await store.stats()
+
+    names, got, stats = run(reopen())
+    assert sorted(names) == sorted([kept_image.name, f"{content_id(recovered)}.png"])
+    assert got == [kept_image.name, None, None, None]
+    assert stats["count"] == 2 and stats["bytes"] == 6000
+    assert not stale.exists() and not half.exists() and not sick.path.exists()
+    assert young.exists()
+    sources = {r[0]: r[3] for r in rows(tmp_path)}
+    assert sources == {kept_image.id: "b64", content_id(recovered): "recovered"}
+
+    with serving_store(tmp_path) as (server, _):
+        for name in (young.name, half.name, stale.name, sick.name):
+            r = httpx.get(f"{server.url}/raw/{name}")
+            assert r.status_code == 404 and r.json() == NOT_FOUND
+        assert httpx.get(f"{server.url}/images/{content_id(recovered)}.png").content == recovered
+
+
+def test_a_row_whose_file_vanished_is_dropped_at_open(tmp_path: Path) -> None:
+    gone, stays = run(put_all(tmp_path, png(1000, 1), png(1000, 2)))
+    gone.path.unlink()
+
+    async def reopen() -> tuple[StoredImage | None, list[str]]:
+        async with ImageStore(tmp_path) as store:
+            return store.get(gone.name), [r["name"] for r in await store.ls()]
+
+    assert run(reopen()) == (None, [stays.name])
+    assert [r[0] for r in rows(tmp_path)] == [stays.id]
+
+
+def test_ls_is_newest_first_with_paging(tmp_path: Path) -> None:
+    images = run(put_all(tmp_path, *(png(500, i) for i in range(5))))
+
+    async def listing() -> tuple[list[str], list[str]]:
+        async with ImageStore(tmp_path) as store:
+            return ([r["name"] for r in await store.ls(limit=2)],
+                    [r["name"] for r in await store.ls(limit=10, offset=3)])
+
+    newest = [i.name for i in reversed(images)]
+    assert run(listing()) == (newest[:2], newest[3:])
+
+
+# --- eviction -----------------------------------------------------------------------------------
+def test_prune_evicts_images_idle_past_the_ttl(tmp_path: Path) -> None:
+    old, new = run(put_all(tmp_path, png(1000, 1), png(1000, 2)))
+    with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+        db.execute("UPDATE images SET created = ? WHERE id = ?", (time.time() - 31 * 86400, old.id))
+
+    async def prune() -> tuple[list[str], list[str]]:
+        async with ImageStore(tmp_path, ttl_days=30) as store:
+            return await store.prune(), [r["name"] for r in await store.ls()]
+
+    assert run(prune()) == ([old.name], [new.name])
+    assert not old.path.exists() and new.path.exists()
+
+
+def test_prune_under_a_size_cap_evicts_the_least_recently_served(tmp_path: Path) -> None:
+    a, b, c = run(put_all(tmp_path, png(100_000, 1), png(100_000, 2), png(100_000, 3)))
+    with serving_store(tmp_path, max_bytes=250_000) as (server, store):
+        assert httpx.get(f"{server.url}/images/{a.name}").status_code == 200  # a: most recent
+        assert on_loop(server, store.prune()) == [b.name]
+        assert httpx.get(f"{server.url}/images/{a.name}").status_code == 200
+        assert httpx.get(f"{server.url}/images/{c.name}").status_code == 200
+        assert httpx.get(f"{server.url}/images/{b.name}").json() == NOT_FOUND
+    assert not b.path.exists() and a.path.exists() and c.path.exists()
+    assert sorted(r[0] for r in rows(tmp_path)) == sorted([a.id, c.id])
+
+
+def test_background_eviction_runs_when_a_put_passes_the_cap(tmp_path: Path) -> None:
+    async def scenario() -> tuple[dict[str, Any], bool]:
+        async with ImageStore(tmp_path, max_bytes=25_000) as store:
+            await store.start()
+            first = await store.put_bytes(png(10_000, 1), META)
+            for i in range(2, 5):
+                await store.put_bytes(png(10_000, i), META)
+            for _ in range(100):
+                if (await store.stats())["bytes"] <= 25_000:
+                    break
+                await asyncio.sleep(0.02)
+            return await store.stats(), first.path.exists()
+
+    stats, first_exists = run(scenario())
+    assert stats["count"] == 2 and stats["bytes"] == 20_000 and not first_exists
+
+
+# --- serving ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, StoredImage, bytes]]:
+    root = tmp_path_factory.mktemp("images")
+    data = png(200_000, 7)
+    [image] = run(put_all(root, data))
+    (root.parent / "secret.txt").write_text("TOP SECRET")
+    with serving_store(root) as (server, _):
+        yield server.url, image, data
+
+
+def test_get_serves_the_bytes_with_caching_headers(served: tuple[str, StoredImage, bytes]) -> None:
+    url, image, data = served
+    r = httpx.get(f"{url}/images/{image.name}")
+    assert r.status_code == 200 and r.content == data
+    assert r.headers["content-type"] == "image/png"
+    assert r.headers["content-length"] == str(len(data))
+    assert r.headers["etag"] == f'"{image.id}"'
+    assert r.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert r.headers["accept-ranges"] == "bytes"
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert "last-modified" in r.headers
+    bare = httpx.get(f"{url}/images/{image.id}")  # the extension is optional
+    assert bare.status_code == 200 and bare.content == data
+
+
+def test_if_none_match_and_if_modified_since_give_304(
+        served: tuple[str, StoredImage, bytes]) -> None:
+    url, image, _ = served
+    for tag in (f'"{image.id}"', f'W/"{image.id}"', f'"nope", "{image.id}"', "*"):
+        r = httpx.get(f"{url}/images/{image.name}", headers={"If-None-Match": tag})
+        assert r.status_code == 304 and r.content == b"", tag
+        assert r.headers["etag"] == f'"{image.id}"'
+        assert r.headers["cache-control"] == "public, max-age=31536000, immutable"
+    other = httpx.get(f"{url}/images/{image.name}", headers={"If-None-Match": '"other"'})
+    assert other.status_code == 200
+    last_modified = other.headers["last-modified"]
+    r = httpx.get(f"{url}/images/{image.name}", headers={"If-Modified-Since": last_modified})
+    assert r.status_code == 304
+
+
+def test_head_has_the_same_headers_and_no_body(served: tuple[str, StoredImage, bytes]) -> None:
+    url, image, data = served
+    get = httpx.get(f"{url}/images/{image.name}")
+    head = httpx.head(f"{url}/images/{image.name}")
+    assert head.status_code == 200 and head.content == b""
+    for header in ("content-type", "content-length", "etag", "cache-control", "accept-ranges",
+                   "x-content-type-options", "last-modified"):
+        assert head.headers[header] == get.headers[header], header
+    ranged = httpx.head(f"{url}/images/{image.name}", headers={"Range": "bytes=0-9"})
+    assert ranged.status_code == 206 and ranged.headers["content-length"] == "10"
+
+
+def test_ranges(served: tuple[str, StoredImage, bytes]) -> None:
+    url, image, data = served
+    size = len(data)
+
+    def get(value: str, **headers: str) -> httpx.Response:
+        return httpx.get(f"{url}/images/{image.name}", headers={"Range": value, **headers})
+
+    r = get("bytes=0-99")
+    assert r.status_code == 206 and r.content == data[:100]
+    assert r.headers["content-range"] == f"bytes 0-99/{size}"
+    assert r.headers["content-length"] == "100"
+    r = get("bytes=-500")
+    assert r.status_code == 206 and r.content == data[-500:]
+    assert r.headers["content-range"] == f"bytes {size - 500}-{size - 1}/{size}"
+    r = get(f"bytes={size - 10}-")
+    assert r.status_code == 206 and r.content == data[-10:]
+    r = get(f"bytes=100-{size * 2}")  # the end is clamped
+    assert r.status_code == 206 and r.content == data[100:]
+    for unsatisfiable in (f"bytes={size}-", f"bytes={size + 5}-{size + 9}", "bytes=-0"):
+        r = get(unsatisfiable)
+        assert r.status_code == 416, unsatisfiable
+        assert r.headers["content-range"] == f"bytes */{size}"
+        assert r.json()["error"]["code"] == "range_not_satisfiable"
+    for ignored in ("bytes=0-1,5-6", "items=0-1", "bytes=9-2", "bytes=x-y"):
+        r = get(ignored)
+        assert r.status_code == 200 and r.content == data, ignored
+    assert get("bytes=0-9", **{"If-Range": f'"{image.id}"'}).status_code == 206
+    assert get("bytes=0-9", **{"If-Range": '"stale"'}).status_code == 200
+
+
+def test_content_type_comes_from_the_bytes_not_the_url(
+        served: tuple[str, StoredImage, bytes]) -> None:
+    url, image, data = served
+    r = httpx.get(f"{url}/images/{image.id}.jpg")
+    assert r.status_code == 308 and r.headers["location"] == image.name
+    r = httpx.get(f"{url}/images/{image.id}.jpg", follow_redirects=True)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert str(r.url).endswith(f"/images/{image.name}") and r.content == data
+
+
+def test_other_methods_are_405(served: tuple[str, StoredImage, bytes]) -> None:
+    url, image, _ = served
+    r = httpx.post(f"{url}/images/{image.name}")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_unknown_and_malformed_names_are_404_and_never_leave_the_store(
+        served: tuple[str, StoredImage, bytes]) -> None:
+    url, image, _ = served
+    root = image.path.parent
+    stray = png(800, 99)  # a real image, well named, placed by hand: not in the index
+    (root / f"{content_id(stray)}.png").write_bytes(stray)
+    names = [
+        "0" * 32 + ".png",  # unknown id
+        image.id.upper() + ".png",
+        image.id + "0.png",  # too long
+        image.id[:-1] + ".png",  # too short
+        image.name + "%0a",  # trailing newline
+        image.id + ".PNG",
+        image.id + ".p",
+        "%2e%2e%2f%2e%2e%2fsecret.txt",
+        "..%2f..%2fsecret.txt",
+        "%2e%2e%2fimages%2findex.sqlite3",
+        "index.sqlite3",
+        f"{content_id(stray)}.png",
+        "",
+    ]
+    for name in names:
+        for prefix in ("/images/", "/raw/"):
+            r = httpx.get(f"{url}{prefix}{name}")
+            assert r.status_code == 404, (prefix, name)
+            assert b"TOP SECRET" not in r.content and b"SQLite" not in r.content
+            if prefix == "/raw/":  # reaches ImageServer whatever the path
+                assert r.headers["content-type"] == "application/json"
+                assert r.json() == NOT_FOUND, name
+    # Dot segments sent as-is (httpx would normalise them away).
+    host, port = url.removeprefix("http://").split(":")
+    for path in ("/raw/../../secret.txt", "/raw/../secret.txt", f"/raw/{image.name}/..",
+                 "/raw/./" + image.name, "/images/../../secret.txt"):
+        conn = http.client.HTTPConnection(host, int(port), timeout=5)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        assert response.status == 404, path
+        assert b"TOP SECRET" not in body
+        if path.startswith("/raw/"):
+            assert json.loads(body) == NOT_FOUND, path
+
+
+def test_a_file_deleted_behind_the_stores_back_is_404(tmp_path: Path) -> None:
+    [image] = run(put_all(tmp_path, png(1000, 1)))
+    with serving_store(tmp_path) as (server, _):
+        image.path.unlink()  # not cached yet: the server reads the disk and finds nothing
+        assert httpx.get(f"{server.url}/images/{image.name}").json() == NOT_FOUND
+
+
+def test_images_too_big_for_the_cache_are_streamed(tmp_path: Path) -> None:
+    data = png(600_000, 5)
+    [image] = run(put_all(tmp_path, data))
+    with serving_store(tmp_path, cache_bytes=1_000_000) as (server, store):
+        r = httpx.get(f"{server.url}/images/{image.name}")
+        assert r.status_code == 200 and r.content == data
+        r = httpx.get(f"{server.url}/images/{image.name}", headers={"Range": "bytes=300000-"})
+        assert r.status_code == 206 and r.content == data[300000:]
+        assert store.cache.used == 0
+
+
+# --- downloads ----------------------------------------------------------------------------------
+class Upstream:
+    """A result host: serves an image, oversized bodies, a non-image, and a flaky URL."""
+
+    def __init__(self) -> None:
+        self.image = png(4000, 42)
+        self.healthy = False
+        self.hits = 0
+
+    def app(self) -> Starlette:
+        async def ok(request: Request) -> Response:
+            return Response(self.image, media_type="application/octet-stream")
+
+        async def big(request: Request) -> Response:
+            return Response(PNG_MAGIC + b"\0" * 2_000_000, media_type="image/png")
+
+        async def endless(request: Request) -> StreamingResponse:
+            async def chunks() -> AsyncIterator[bytes]:
+                yield PNG_MAGIC
+                for _ in range(10_000):  # no Content-Length: the cap must stop the reading
+                    yield b"\0" * 65536
+            return StreamingResponse(chunks(), media_type="image/png")
+
+        async def text(request: Request) -> Response:
+            return Response("<html>not an image</html>", media_type="image/png")
+
+        async def flaky(request: Request) -> Response:
+            self.hits += 1
+            if not self.healthy:
+                return Response("upstream hiccup", status_code=500)
+            return Response(self.image, media_type="image/png")
+
+        return Starlette(routes=[Route("/ok.png", ok), Route("/big", big),
+                                 Route("/endless", endless), Route("/text", text),
+                                 Route("/flaky", flaky)])
+
+
+@pytest.fixture
+def upstream() -> Iterator[tuple[str, Upstream]]:
+    host = Upstream()
+    with serving(host.app()) as server:
+        yield server.url, host
+
+
+def test_fetch_and_put_stores_checks_and_caps(tmp_path: Path,
+                                              upstream: tuple[str, Upstream]) -> None:
+    base, host = upstream
+
+    async def scenario() -> tuple[StoredImage, list[str], list[dict[str, Any]]]:
+        errors = []
+        async with ImageStore(tmp_path, download_max_bytes=1_000_000) as store, \
+                aiohttp.ClientSession() as session:
+            image = await store.fetch_and_put(f"{base}/ok.png", ImageMeta(model="m"), session)
+            for path in ("/big", "/endless", "/text", "/missing", "/flaky"):
+                with pytest.raises(DownloadFailed) as failure:
+                    await store.fetch_and_put(f"{base}{path}", ImageMeta(), session)
+                errors.append(str(failure.value))
+            with pytest.raises(DownloadFailed):
+                await store.fetch_and_put("file:///etc/passwd", ImageMeta(), session)
+            return image, errors, await store.ls()
+
+    image, errors, listed = run(scenario())
+    assert image.path.read_bytes() == host.image and image.content_type == "image/png"
+    assert "cap" in errors[0] and "cap" in errors[1] and "not a PNG" in errors[2]
+    assert errors[3] == "HTTP 404" and errors[4] == "HTTP 500"
+    assert [(r["name"], r["source"]) for r in listed] == [(image.name, f"{base}/ok.png")]
+
+
+def test_a_failed_download_is_deferred_and_retried_in_the_background(
+        tmp_path: Path, upstream: tuple[str, Upstream]) -> None:
+    base, host = upstream
+    url = f"{base}/flaky"
+
+    async def scenario() -> tuple[Any, list[Any], dict[str, Any], list[dict[str, Any]]]:
+        async with ImageStore(tmp_path, retry_delays=(0.2, 0.2, 0.2)) as store, \
+                aiohttp.ClientSession() as session:
+            await store.start()
+            result = await store.put_remote_or_defer(url, META, session)
+            with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+                recorded = db.execute(
+                    "SELECT url, last_error, state, request_id FROM pending").fetchall()
+            assert (await store.stats())["pending_downloads"] == 1
+            host.healthy = True
+            for _ in range(150):
+                stats = await store.stats()
+                if stats["pending_downloads"] == 0 and stats["count"] == 1:
+                    break
+                await asyncio.sleep(0.02)
+            return result, recorded, stats, await store.ls()
+
+    result, recorded, stats, listed = run(scenario())
+    assert isinstance(result, Deferred) and result.url == url and result.error == "HTTP 500"
+    assert recorded == [(url, "HTTP 500", "pending", "req_1")]
+    assert stats["pending_downloads"] == 0 and stats["failed_downloads"] == 0
+    [row] = listed
+    assert row["source"] == url and row["request_id"] == "req_1"
+    assert Path(row["path"]).read_bytes() == host.image
+
+
+def test_pending_downloads_survive_a_restart_and_give_up_after_the_last_retry(
+        tmp_path: Path, upstream: tuple[str, Upstream]) -> None:
+    base, host = upstream
+
+    async def defer_then_close() -> Deferred | StoredImage:
+        async with ImageStore(tmp_path) as store, aiohttp.ClientSession() as session:
+            return await store.put_remote_or_defer(f"{base}/flaky", META, session)
+
+    async def restart(delays: tuple[float, ...]) -> dict[str, Any]:
+        with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+            db.execute("UPDATE pending SET next_attempt = ?", (time.time(),))  # due now
+        async with ImageStore(tmp_path, retry_delays=delays) as store:
+            await store.start()
+            for _ in range(150):
+                stats = await store.stats()
+                if stats["pending_downloads"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            return stats
+
+    assert isinstance(run(defer_then_close()), Deferred)
+    stats = run(restart(delays=(0.05,)))  # one retry, which fails: gives up
+    assert (stats["pending_downloads"], stats["failed_downloads"], stats["count"]) == (0, 1, 0)
+    assert host.hits == 2
+
+    assert isinstance(run(defer_then_close()), Deferred)
+    host.healthy = True
+    stats = run(restart(delays=(60.0,)))  # the restored row is due at once
+    assert (stats["pending_downloads"], stats["failed_downloads"], stats["count"]) == (0, 1, 1)

@@ -1,0 +1,33 @@
+import stat
+
+import pytest
+
+from clawrouter.payment.wallet import WalletError, load_wallet
+
+KEY = "0x" + "11" * 32
+
+
+def test_environment_key_wins(tmp_path):
+    (tmp_path / "wallet.key").write_text("0x" + "22" * 32)
+    wallet = load_wallet(tmp_path, KEY)
+    assert wallet.key == KEY and wallet.source == "env"
+
+
+def test_new_key_is_created_private_and_reused(tmp_path):
+    first = load_wallet(tmp_path, None)
+    path = tmp_path / "wallet.key"
+    assert first.source == "created"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = load_wallet(tmp_path, None)
+    assert again.source == "file" and again.key == first.key
+    assert first.key not in repr(first)
+
+
+@pytest.mark.parametrize("bad", ["0x1234", "11" * 32, "0x" + "zz" * 32, "0x" + "00" * 32])
+def test_malformed_keys_are_clear_errors_that_never_echo_the_key(tmp_path, bad):
+    with pytest.raises(WalletError) as err:
+        load_wallet(tmp_path, bad)
+    assert "BLOCKRUN_WALLET_KEY" in str(err.value) and bad not in str(err.value)
+    (tmp_path / "wallet.key").write_text(bad)
+    with pytest.raises(WalletError, match="wallet.key"):
+        load_wallet(tmp_path, None)

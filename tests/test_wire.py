@@ -1,0 +1,34 @@
+import base64
+import json
+
+import pytest
+
+from clawrouter.payment.wire import ChallengeError, decode_b64_json, parse_challenge, read_receipt
+
+
+def test_decoding_is_lenient_about_urlsafe_alphabet_and_padding():
+    raw = json.dumps({"a": "??>>"}).encode()
+    urlsafe = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    assert decode_b64_json(urlsafe) == {"a": "??>>"}
+
+
+@pytest.mark.parametrize("headers, body", [
+    ({"payment-required": "%%%"}, b""),
+    ({"payment-required": base64.b64encode(b"[1,2]").decode()}, b""),
+    ({"payment-required": base64.b64encode(b'{"x402Version":3,"accepts":[{}]}').decode()}, b""),
+    ({}, b'{"error":"Payment Required"}'),
+    ({}, b"<html>"),
+    ({"payment-required": base64.b64encode(b'{"x402Version":2,"accepts":[]}').decode()}, b""),
+])
+def test_unreadable_challenges_raise(headers, body):
+    with pytest.raises(ChallengeError):
+        parse_challenge(headers, body)
+
+
+def test_receipts_from_each_header():
+    tx = "0x" + "ab" * 32
+    v2 = base64.b64encode(json.dumps({"success": True, "transaction": tx}).encode()).decode()
+    assert read_receipt({"PAYMENT-RESPONSE": v2}).transaction == tx
+    assert read_receipt({"x-payment-response": v2}).transaction == tx
+    assert read_receipt({"X-Payment-Receipt": tx}).transaction == tx
+    assert read_receipt({}) is None
