@@ -54,7 +54,8 @@ def _png() -> bytes:
 
 PNG = _png()
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xd9"
-WEBP = b"RIFF\x1a\x00\x00\x00WEBPVP8L\x0d\x00\x00\x00\x2f\x00\x00\x00\x10\x07\x10\x11\x11\x88\x88\xfe\x07\x00"
+WEBP = (b"RIFF\x1a\x00\x00\x00WEBPVP8L\x0d\x00\x00\x00"
+        b"\x2f\x00\x00\x00\x10\x07\x10\x11\x11\x88\x88\xfe\x07\x00")
 GIF = b"GIF89a\x01\x00\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
 IMAGES = {"png": (PNG, "image/png"), "jpeg": (JPEG, "image/jpeg"),
           "webp": (WEBP, "image/webp"), "gif": (GIF, "image/gif")}
@@ -475,6 +476,10 @@ async def test_file_problems(tree: dict[str, Path]) -> None:
     await refused(policy, "pipe.png", "path_refused")  # and no hang on open
     (root / "big.png").write_bytes(padded_png(CAP + 1))
     await refused(policy, "big.png", "image_too_large")
+    with open(root / "huge.png", "wb") as sparse:  # 64 GB on paper: refused by its stat alone
+        sparse.write(PNG)
+        sparse.truncate(1 << 36)
+    await refused(policy, "huge.png", "image_too_large")
     (root / "edge.png").write_bytes(padded_png(CAP))
     assert len((await resolve(policy, "edge.png")).data) == CAP
     await refused(policy, "file://example.com/etc/passwd", "path_refused")
@@ -484,7 +489,7 @@ async def test_local_files_disabled(tree: dict[str, Path]) -> None:
     root = tree["root"]
     policy = make_policy(root, allow_local_files=False)
     target = root / "pics" / "a.png"
-    for value in (str(target), target.as_uri(), "pics/a.png", "~/x.png"):
+    for value in (str(target), target.as_uri(), "pics/a.png", "~/x.png", "file://host/x.png"):
         await refused(policy, value, "local_files_disabled")
     await refused(policy, "a.png", "unrecognized_input")  # a bare name is not even looked up
 

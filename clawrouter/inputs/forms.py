@@ -43,7 +43,8 @@ def classify(value: str) -> Form:
         return Form.OTHER_SCHEME
     if not text:
         return Form.UNKNOWN
-  # too long to be a path; decoding says whether it is base64
+    if len(text) >= MAX_PATH_CHARS:
+        return Form.BASE64  # too long to be a path; decoding says whether it is base64
     head = base64_prefix(text)
     if head is not None and sniff_image(head) is not None:
         return Form.BASE64

@@ -72,6 +72,7 @@ class InputResolver:
             refuse(f"only http, https, file and data URLs are accepted ({shorten(value)!r})",
                    param=param, code=URL_REFUSED)
         if form is Form.FILE_URL:
+            self._require_local_files(param)
             return await self._read_file(path_from_file_url(value, param=param), param=param)
         if form is Form.PATH:
             return await self._read_file(value, param=param)
@@ -82,12 +83,15 @@ class InputResolver:
         refuse(self._unrecognized(value), param=param, code=UNRECOGNIZED_INPUT)
 
     async def _read_file(self, path: str, *, param: str) -> bytes:
+        self._require_local_files(param)
+        return await asyncio.to_thread(read_local_image, path, self.policy, cwd=self._cwd(),
+                                       param=param)
+
+    def _require_local_files(self, param: str) -> None:
         if not self.policy.allow_local_files:
             refuse("local files are disabled on this gateway (allow_local_files); send a URL, "
                    "a data URI, base64 or an uploaded file", param=param,
                    code=LOCAL_FILES_DISABLED)
-        return await asyncio.to_thread(read_local_image, path, self.policy, cwd=self._cwd(),
-                                       param=param)
 
     def _cwd(self) -> Path:
         return self.policy.cwd if self.policy.cwd is not None else Path(os.getcwd())

@@ -139,9 +139,12 @@ async def _read_capped(response: aiohttp.ClientResponse, cap: int, *, param: str
         if response.content_length is not None:
             check_size(response.content_length, max_bytes=cap, param=param)
         body = bytearray()
-        while chunk := await response.content.read(min(_CHUNK, cap + 1 - len(body))):
+        while len(body) <= cap:
+            chunk = await response.content.read(min(_CHUNK, cap + 1 - len(body)))
+            if not chunk:
+                break
             body += chunk
-            check_size(len(body), max_bytes=cap, param=param)
+        check_size(len(body), max_bytes=cap, param=param)  # cap+1 bytes read: too large
         return bytes(body)
     except BaseException:
         response.close()  # not release(): the rest of the body must not be drained

@@ -69,7 +69,7 @@ def _fault_response(rule: Rule, receipt: dict[str, str]) -> Response:
 
 
 def reject_by_rule(sandbox: Sandbox, req: ImageRequest, rule: Rule, header: str,
-                    amount: int) -> Response:
+                   amount: int) -> Response:
     code = rule.params.get("code", "PAYMENT_INVALID")
     reason = rule.params.get("reason", wire.DEFAULT_REASONS.get(code, "invalid_payload"))
     default = (f"insufficient balance: 0 < {amount}" if code == "PAYMENT_UNFUNDED"
@@ -82,7 +82,7 @@ def reject_by_rule(sandbox: Sandbox, req: ImageRequest, rule: Rule, header: str,
 
 
 def reject(sandbox: Sandbox, route: str, code: str, reason: str, message: str,
-            payer: str | None, **extra: Any) -> Response:
+           payer: str | None, **extra: Any) -> Response:
     sandbox.stats.reject(code, reason, message, route)
     return JSONResponse(wire.rejection(code, reason, message, payer, **extra), status_code=402)
 

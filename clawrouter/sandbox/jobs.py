@@ -50,6 +50,7 @@ class Job:
         return self.outcome
 
     def body(self, status: str) -> dict[str, Any]:
+        """The job's JSON (a completed job's `data` is added by the response, results.py)."""
         req = self.request
         body: dict[str, Any] = {"id": self.id, "object": "image.generation.job",
                                 "status": status, "model": req.model.id, "size": req.size,
@@ -58,8 +59,6 @@ class Job:
             body["poll_url"] = self.poll_url
         elif status == "failed":
             body["error"] = self.error
-        elif status == "completed":
-            body["data"] = self.result
         return body
 
     def summary(self, now: float) -> dict[str, Any]:

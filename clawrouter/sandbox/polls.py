@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse, Response
 from clawrouter.sandbox import wire
 from clawrouter.sandbox.answers import interrupt, reject, reject_by_rule
 from clawrouter.sandbox.jobs import Job
-from clawrouter.sandbox.results import render
+from clawrouter.sandbox.results import ImagesResponse, render
 from clawrouter.sandbox.routes import payment_header, sandbox_of
 from clawrouter.sandbox.state import Sandbox
 from clawrouter.sandbox.verify import PaymentInvalid, decode_payment, payer_of, recover
@@ -58,8 +58,8 @@ def _complete(sandbox: Sandbox, job: Job) -> Response:
                                  "details": "transaction_simulation_failed"}, status_code=402)
         job.result = render(job.request, sandbox.config, sandbox.media, job.base_url)
         job.transaction = sandbox.settle(job.request, job.payer, job.nonce, job.amount, job.id)
-    return JSONResponse(job.body("completed"),
-                        headers={wire.POLL_RECEIPT_HEADER: job.transaction})
+    return ImagesResponse(job.body("completed"), job.result or [],
+                          headers={wire.POLL_RECEIPT_HEADER: job.transaction})
 
 
 def _check_wallet(header: str, job: Job, sandbox: Sandbox) -> None:

@@ -20,7 +20,7 @@ from clawrouter.sandbox.datauri import DataUris
 from clawrouter.sandbox.faults import Rule
 from clawrouter.sandbox.jobs import DEFAULT_ERROR, Job, poll_path
 from clawrouter.sandbox.media import serve
-from clawrouter.sandbox.results import render
+from clawrouter.sandbox.results import ImagesResponse, render
 from clawrouter.sandbox.state import Sandbox
 from clawrouter.sandbox.validate import BadRequest, ImageRequest, Route, validate
 from clawrouter.sandbox.verify import PaymentInvalid, Verified, decode_payment, verify_payment
@@ -112,8 +112,8 @@ async def _paid(request: Request, sandbox: Sandbox, req: ImageRequest,
         return _start_job(request, sandbox, req, verified, job_rule)
     data = render(req, config, sandbox.media, str(request.base_url))
     transaction = sandbox.settle(req, verified.payer, verified.nonce, verified.amount)
-    return JSONResponse(
-        {"created": int(sandbox.now()), "data": data},
+    return ImagesResponse(
+        {"created": int(sandbox.now())}, data,
         headers={wire.RECEIPT_HEADER: wire.receipt(transaction, config.chain, verified.payer,
                                                    verified.amount)})
 

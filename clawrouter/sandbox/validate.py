@@ -49,7 +49,7 @@ def validate(body: Any, route: Route, uris: DataUris) -> ImageRequest:
         raise BadRequest("'prompt' is required and must be a non-empty string.", "prompt",
                          "invalid_prompt")
     size = body.get("size", DEFAULT_SIZE)
-    if size not in model.prices:
+    if not isinstance(size, str) or size not in model.prices:
         raise BadRequest(f"Size {size!r} is not supported by {model.id}. "
                          f"Supported sizes: {', '.join(model.sizes)}.", "size", "invalid_size")
     n = body.get("n", 1)

@@ -45,7 +45,7 @@ def write_atomic(directory: Path, name: str, data: bytes) -> Path:
 
 
 def fsync_dir(directory: Path) -> None:
-    """Make a rename or unlink in `directory` durable (a no-op where directories can't be opened)."""
+    """Make a rename or unlink in `directory` durable (no-op where directories can't be opened)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # e.g. Windows

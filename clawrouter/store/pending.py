@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 
 from clawrouter.store.db import MetadataDB, PendingRow
-from clawrouter.store.download import DownloadFailed
 from clawrouter.store.records import Deferred, ImageMeta, StoredImage
 
 log = logging.getLogger(__name__)
@@ -48,11 +47,19 @@ class PendingDownloads:
         self._rows = {r.id: r for r in await self._run_db(self._db.pending_rows)}
 
     async def defer(self, url: str, meta: ImageMeta, error: str) -> Deferred:
-        """Record a failed first attempt and schedule the first retry."""
+        """Record a failed first attempt and schedule the first retry.
+
+        Never raises: if even the record cannot be written, the paid request still succeeds
+        with the upstream URL, and `pending_id` is None.
+        """
         next_attempt = self._next_attempt(attempts=1)
-        pending_id: int = await self._run_db(
-            self._db.add_pending, url, meta, created=time.time(), error=error,
-            next_attempt=next_attempt)
+        try:
+            pending_id: int = await self._run_db(
+                self._db.add_pending, url, meta, created=time.time(), error=error,
+                next_attempt=next_attempt)
+        except Exception:
+            log.exception("could not record a deferred result download: %s", url)
+            return Deferred(url=url, error=error, pending_id=None)
         if next_attempt is not None:
             self._rows[pending_id] = PendingRow(
                 id=pending_id, url=url, meta=meta, attempts=1, next_attempt=next_attempt,
@@ -69,7 +76,11 @@ class PendingDownloads:
             due = [r for r in self._rows.values()
                    if r.next_attempt is not None and r.next_attempt <= now]
             if due:
-                await asyncio.gather(*(self._attempt(r, session) for r in due))
+                try:
+                    await asyncio.gather(*(self._attempt(r, session) for r in due))
+                except Exception:  # e.g. the database is locked: keep the loop, try later
+                    log.exception("retrying deferred downloads failed")
+                    await asyncio.sleep(min(self._delays or (1.0,)))
                 continue
             upcoming = [r.next_attempt for r in self._rows.values() if r.next_attempt is not None]
             timeout = max(0.0, min(upcoming) - now) if upcoming else None
@@ -81,7 +92,7 @@ class PendingDownloads:
     async def _attempt(self, row: PendingRow, session: aiohttp.ClientSession) -> None:
         try:
             image = await self._fetch(row.url, row.meta, session)
-        except DownloadFailed as exc:
+        except Exception as exc:  # DownloadFailed, or storing failed (disk full): retry too
             attempts = row.attempts + 1
             next_attempt = self._next_attempt(attempts)
             await self._run_db(self._db.update_pending, row.id, attempts=attempts,

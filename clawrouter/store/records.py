@@ -56,12 +56,13 @@ class StoredImage:
 class Deferred:
     """A remote result we could not download yet; the caller returns the upstream URL instead.
 
-    The download is recorded in SQLite (`pending_id`) and retried in the background.
+    The download is recorded in SQLite (`pending_id`, the `pending` table's row id) and
+    retried in the background; `pending_id` is None if even that record could not be written.
     """
 
     url: str
     error: str
-    pending_id: int
+    pending_id: int | None
 
 
 def parse_name(name: str) -> tuple[str, str | None] | None:

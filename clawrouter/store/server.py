@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 from email.utils import formatdate, parsedate_to_datetime
-from typing import Any
+
+from starlette.types import Receive, Scope, Send
 
 from clawrouter.errors import ClawError, InvalidRequest, MethodNotAllowed, RouteNotFound
 from clawrouter.store.ranges import RangeNotSatisfiable, parse_range
@@ -26,7 +27,6 @@ from clawrouter.store.records import StoredImage
 from clawrouter.store.store import ImageStore
 
 Headers = list[tuple[bytes, bytes]]
-Send = Any
 
 _CHUNK = 256 * 1024
 _CACHE_CONTROL = (b"cache-control", b"public, max-age=31536000, immutable")
@@ -54,7 +54,7 @@ class ImageServer:
         # Per-image headers never change (content-addressed); cleared if it grows too big.
         self._headers: dict[str, tuple[Headers, bytes, bytes]] = {}
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
         if method != "GET" and method != "HEAD":
             return await _respond(send, *_NOT_ALLOWED)
@@ -124,7 +124,7 @@ class ImageServer:
         return cached
 
 
-def _requested_name(scope: dict[str, Any]) -> str:
+def _requested_name(scope: Scope) -> str:
     """The name from a `{name}` route parameter, else the path below the mount point."""
     params = scope.get("path_params")
     if params and "name" in params:

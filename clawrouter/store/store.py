@@ -186,6 +186,8 @@ class ImageStore:
                 await task
             except asyncio.CancelledError:
                 pass
+            except Exception:
+                log.exception("image store task %s failed", task.get_name())
         self._tasks = []
         if self._own_session and self._session is not None:
             await self._session.close()
@@ -206,7 +208,7 @@ class ImageStore:
 
     # --- storing ------------------------------------------------------------------------------
     async def put_bytes(self, data: bytes, meta: ImageMeta) -> StoredImage:
-        """Store decoded image bytes (data URI or `b64_json` results); ValueError if not an image."""
+        """Store decoded bytes (data URI or `b64_json` results); ValueError if not an image."""
         content_type = sniff_image(data)
         if content_type is None:
             raise ValueError("not a PNG, JPEG, WEBP or GIF image")
@@ -243,15 +245,17 @@ class ImageStore:
 
     async def put_remote_or_defer(self, url: str, meta: ImageMeta,
                                   session: aiohttp.ClientSession) -> StoredImage | Deferred:
-        """`fetch_and_put`, but a failed download never fails the (already paid) request.
+        """`fetch_and_put`, but a failure never fails the (already paid) request.
 
-        On failure the download is recorded in SQLite with its error and retried in the
-        background; the caller gets a `Deferred` and should return the upstream URL.
+        On any failure (download, or storing: disk full) the download is recorded in SQLite with
+        its error and retried in the background; the caller gets a `Deferred` and should return
+        the upstream URL. Never raises, except `CancelledError`.
         """
         try:
             return await self.fetch_and_put(url, meta, session)
-        except DownloadFailed as exc:
-            return await self._pending.defer(url, meta, str(exc))
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, DownloadFailed) else f"{type(exc).__name__}: {exc}"
+            return await self._pending.defer(url, meta, error)
 
     # --- reading ------------------------------------------------------------------------------
     def get(self, name: str) -> StoredImage | None:

@@ -1,0 +1,257 @@
+"""Money safety end to end: refused challenges, budgets, exactly-once, pre-auth, crash recovery.
+
+The gateway and the sandbox are real servers; the sandbox's fault rules stand in for a
+misbehaving upstream. "Nothing signed" is checked at the sandbox (no payment received) and in
+the gateway's ledger.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.servers import free_port
+
+COGVIEW = {"model": "cogview", "size": "512x512"}
+COGVIEW_PRICE = 16_750  # 0.015 × 1.05 + 0.001
+
+
+def gen(gw, prompt="a quiet harbour", **extra):
+    return gw.http.post("/v1/images/generations", json={**COGVIEW, "prompt": prompt, **extra})
+
+
+def ledger_rows(gw):
+    return gw.http.get("/v1/spend").json()["latest"]
+
+
+EVIL = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
+
+
+@pytest.mark.parametrize("rule, check", [
+    ({"override": {"payTo": EVIL}}, "payee"),
+    ({"override": {"amount": "999999"}}, "amount"),
+    ({"override": {"asset": "0x0000000000000000000000000000000000000bad"}}, "asset"),
+    ({"override": {"network": "eip155:8453"}}, "network"),
+    ({"override": {"scheme": "upto"}}, "scheme"),
+    ({"override": {"maxTimeoutSeconds": 3600}}, "timeout"),
+    ({"header": "%%%not-base64"}, "challenge"),
+    ({"v1": True, "override": {"maxAmountRequired": "5000000"}}, "amount"),
+])
+def test_tampered_challenges_are_refused_and_nothing_is_signed(gateway, sandbox, rule, check):
+    sandbox.faults({"kind": "challenge", **rule})
+    r = gen(gateway)
+    assert r.status_code == 402, r.text
+    error = r.json()["error"]
+    assert error["code"] == "payment_refused" and error["check"] == check
+    assert r.headers["x-should-retry"] == "false"
+    assert sandbox.stats()["payments_count"] == 0
+    assert ledger_rows(gateway) == []
+
+
+def test_an_upto_entry_before_the_exact_one_is_skipped(gateway, sandbox):
+    sandbox.faults({"kind": "challenge", "prepend": [{"scheme": "upto", "amount": "900000"}]})
+    assert gen(gateway).status_code == 200
+    assert [p["amount"] for p in sandbox.stats()["payments_received"]] == [COGVIEW_PRICE]
+
+
+def test_a_failure_after_payment_is_never_retried_by_the_openai_sdk(gateway, sandbox):
+    sandbox.faults({"kind": "respond", "phase": "paid", "status": 500,
+                    "body": {"error": "provider exploded"}})
+    client = OpenAI(base_url=gateway.v1, api_key="unused")  # max_retries=2 by default
+    with pytest.raises(openai.InternalServerError) as err:
+        client.images.generate(prompt="x", **COGVIEW)
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert "payment of $0.01675 was signed" in err.value.message
+    assert sandbox.stats()["payments_count"] == 1
+    assert [row["status"] for row in ledger_rows(gateway)] == ["failed_after_payment"]
+
+
+def test_a_lost_response_is_not_paid_again_on_retry(gateway, sandbox):
+    sandbox.faults({"kind": "drop", "phase": "paid", "settle": True, "times": 1})
+    first = gen(gateway)
+    assert first.status_code == 502 and first.headers["x-should-retry"] == "false"
+    again = gen(gateway)  # the same request again, within the coalescing window
+    assert again.status_code == 502 and again.json() == first.json()
+    assert sandbox.stats()["payments_count"] == 1
+
+
+def test_sdk_timeouts_and_retries_join_the_paid_request_in_flight(gateway, sandbox):
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 1.2})
+    client = OpenAI(base_url=gateway.v1, api_key="unused", timeout=0.5, max_retries=4)
+    result = client.images.generate(prompt="slow but paid once", **COGVIEW)
+    assert result.data[0].url
+    assert sandbox.stats()["payments_count"] == 1
+
+
+def test_idempotency_key_returns_the_first_result_and_rejects_a_different_body(gateway, sandbox):
+    headers = {"Idempotency-Key": "order-42"}
+    first = gateway.http.post("/v1/images/generations", headers=headers,
+                              json={**COGVIEW, "prompt": "one"})
+    second = gateway.http.post("/v1/images/generations", headers=headers,
+                               json={**COGVIEW, "prompt": "one"})
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json()
+    conflict = gateway.http.post("/v1/images/generations", headers=headers,
+                                 json={**COGVIEW, "prompt": "two"})
+    assert conflict.status_code == 409 and conflict.json()["error"]["param"] == "Idempotency-Key"
+    assert sandbox.stats()["payments_count"] == 1
+
+
+def test_idempotent_repeats_wait_for_the_request_in_flight(gateway, sandbox):
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 0.8})
+    headers = {"Idempotency-Key": "in-flight"}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: httpx.post(
+            gateway.v1 + "/images/generations", headers=headers, timeout=10,
+            json={**COGVIEW, "prompt": "same"}), range(4)))
+    assert {r.status_code for r in answers} == {200}
+    assert len({r.text for r in answers}) == 1
+    assert sandbox.stats()["payments_count"] == 1
+
+
+def test_concurrent_requests_never_exceed_the_budget(make_gateway, sandbox):
+    gw = make_gateway(max_usd_per_day=5 * COGVIEW_PRICE / 1e6 + 0.00001)
+
+    def one(i):
+        return httpx.post(gw.v1 + "/images/generations", timeout=60,
+                          json={**COGVIEW, "prompt": f"budget race {i}"})
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(one, range(50)))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses.count(200) == 5 and statuses.count(402) == 45
+    refusal = next(r for r in answers if r.status_code == 402).json()["error"]
+    assert refusal["code"] == "budget_exceeded" and refusal["window"] == "day"
+    assert sandbox.stats()["payments_count"] == 5
+
+
+def test_budget_is_released_when_nothing_was_paid(make_gateway, sandbox):
+    gw = make_gateway(max_usd_per_day=COGVIEW_PRICE / 1e6)
+    sandbox.faults({"kind": "reject", "code": "PAYMENT_UNFUNDED", "times": 1})
+    rejected = gen(gw, "first")
+    assert rejected.status_code == 402 and rejected.json()["error"]["code"] == "payment_rejected"
+    assert gen(gw, "second").status_code == 200
+    over = gen(gw, "third")
+    assert over.status_code == 402 and over.json()["error"]["code"] == "budget_exceeded"
+    assert [row["status"] for row in ledger_rows(gw)] == ["settled", "rejected"]
+
+
+def test_a_client_that_leaves_before_payment_costs_nothing(gateway, sandbox):
+    sandbox.faults({"kind": "delay", "phase": "unpaid", "seconds": 0.8})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.v1 + "/images/generations", json={**COGVIEW, "prompt": "bye"},
+                   timeout=0.3)
+    time.sleep(1.2)
+    assert sandbox.stats()["payments_count"] == 0
+    assert ledger_rows(gateway) == []
+
+
+def test_preauth_makes_one_round_trip_per_image_after_warm_up(gateway, sandbox):
+    trips = []
+    for i in range(4):
+        assert gen(gateway, f"p{i}").status_code == 200
+        trips.append(sandbox.round_trips())
+    assert trips == [2, 3, 4, 5]
+    assert [row["status"] for row in ledger_rows(gateway)] == ["settled"] * 4
+
+
+def test_preauth_off_pays_with_two_round_trips(make_gateway, sandbox):
+    gw = make_gateway(preauth=False)
+    for i in range(3):
+        assert gen(gw, f"q{i}").status_code == 200
+    assert sandbox.round_trips() == 6
+
+
+def test_a_price_change_costs_exactly_one_fresh_payment(gateway, sandbox):
+    assert gen(gateway, "warm").status_code == 200
+    sandbox.faults({"kind": "price", "multiply": 1.2})
+    r = gen(gateway, "after the change")
+    assert r.status_code == 200, r.text
+    stats = sandbox.stats()
+    assert stats["payments_count"] == 2 and stats["settled_count"] == 2
+    rows = ledger_rows(gateway)  # newest first
+    assert [(row["status"], row["attempt"]) for row in rows] == [
+        ("settled", 2), ("rejected", 1), ("settled", 1)]
+    assert rows[0]["amount"] > rows[1]["amount"]
+
+
+def test_tampered_challenges_are_still_refused_on_the_preauth_path(gateway, sandbox):
+    assert gen(gateway, "warm").status_code == 200
+    sandbox.faults({"kind": "price", "multiply": 1.2},
+                   {"kind": "challenge", "override": {"payTo": EVIL}})
+    r = gen(gateway, "then tampered")
+    assert r.status_code == 402 and r.json()["error"]["check"] == "payee"
+    assert [row["status"] for row in ledger_rows(gateway)] == ["rejected", "settled"]
+    assert sandbox.stats()["payments_count"] == 1
+
+
+def test_polling_that_never_completes_ends_in_504_with_nothing_settled(make_gateway, sandbox):
+    gw = make_gateway(poll_deadline=0.5)
+    sandbox.faults({"kind": "job", "outcome": "never"})
+    r = gen(gw, "never done")
+    assert r.status_code == 504 and "No payment was settled" in r.json()["error"]["message"]
+    assert r.headers["x-should-retry"] == "false"
+    assert sandbox.stats()["settled_count"] == 0
+
+
+def test_failed_job_is_reported_and_not_settled(gateway, sandbox):
+    sandbox.faults({"kind": "job", "outcome": "failed"})
+    r = gen(gateway, "forbidden")
+    assert r.status_code == 502 and "content policy" in r.json()["error"]["message"]
+    assert [row["status"] for row in ledger_rows(gateway)] == ["rejected"]
+
+
+def test_unpaid_429_passes_status_and_retry_after_through(gateway, sandbox):
+    sandbox.faults({"kind": "respond", "phase": "unpaid", "status": 429,
+                    "headers": {"Retry-After": "7"}, "body": {"error": "slow down"}})
+    r = gen(gateway)
+    assert r.status_code == 429 and r.headers["retry-after"] == "7"
+    assert "slow down" in r.json()["error"]["message"]
+
+
+def test_kill_9_during_a_paid_request_leaves_an_unknown_row_after_restart(tmp_path, sandbox):
+    port = free_port()
+    env = {**os.environ, "CLAWROUTER_HOME": str(tmp_path), "BLOCKRUN_API_URL": sandbox.api,
+           "CLAWROUTER_NETWORK": "base-sepolia", "CLAWROUTER_MAX_USD_PER_DAY": "0",
+           "CLAWROUTER_LOG_LEVEL": "warning"}
+    cmd = [sys.executable, "-m", "clawrouter", "serve", "--port", str(port), "--no-sandbox"]
+
+    def start():
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        line = proc.stdout.readline()
+        assert "ready" in line, line
+        return proc
+
+    proc = start()
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 5})
+    def doomed_request():
+        with pytest.raises(httpx.HTTPError):  # the gateway dies under it
+            httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=10,
+                       json={**COGVIEW, "prompt": "interrupted"})
+
+    threading.Thread(target=doomed_request, daemon=True).start()
+    deadline = time.monotonic() + 10
+    while sandbox.stats()["payments_count"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc = start()
+    try:
+        spend = httpx.get(f"http://127.0.0.1:{port}/v1/spend").json()
+        assert [row["status"] for row in spend["latest"]] == ["unknown"]
+        assert spend["today"]["pending"]["micro"] == COGVIEW_PRICE
+    finally:
+        proc.terminate()
+        proc.wait()
