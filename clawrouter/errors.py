@@ -63,6 +63,11 @@ class InvalidRequest(ClawError):
     retryable = False
 
 
+class BodyTooLarge(InvalidRequest):
+    status = 413
+    default_code = "body_too_large"
+
+
 class ModelNotFound(InvalidRequest):
     status = 404
     default_code = "model_not_found"

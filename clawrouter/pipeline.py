@@ -82,8 +82,12 @@ class ImagePipeline:
         images, mask = await self._resolve_inputs(job)
         call = UpstreamCall(job.upstream_path, upstream_body(job, images, mask), job.model,
                             job.size, job.n)
+        started = time.perf_counter()
         outcome = await self.exchange.run(call, ctx)
-        return await self._store_results(job, outcome, ctx)
+        upstream_ms = (time.perf_counter() - started) * 1000
+        result = await self._store_results(job, outcome, ctx)
+        result.upstream_ms = upstream_ms  # everything spent waiting on BlockRun, polls included
+        return result
 
     async def _resolve_inputs(self, job: ImageJob) -> tuple[list[ImageInput], ImageInput | None]:
         async def one(source) -> ImageInput:
@@ -115,7 +119,7 @@ class ImagePipeline:
         images = await asyncio.gather(*(self._store_one(item, meta) for item in items))
         created = body.get("created")
         return Result(created if isinstance(created, int) else int(time.time()), list(images),
-                      outcome.amount, outcome.transaction, outcome.response.latency_ms)
+                      outcome.amount, outcome.transaction)
 
     async def _store_one(self, item: Any, meta: ImageMeta) -> ResultImage:
         if not isinstance(item, dict):
@@ -133,8 +137,11 @@ class ImagePipeline:
                 data = _b64decode(url.partition(",")[2])
                 source = "data-uri"
             elif remote:
-                stored = await self.store.fetch_and_put(remote, replace(meta, source=remote),
-                                                        self.session)
+                # A failed download is retried in the background; the client gets the
+                # upstream URL meanwhile, so a paid image is never lost.
+                saved = await self.store.put_remote_or_defer(remote, replace(meta, source=remote),
+                                                             self.session)
+                stored = saved if isinstance(saved, StoredImage) else None
                 return ResultImage(stored, None, remote, revised)
             else:
                 return ResultImage(None, None, None, revised)

@@ -22,9 +22,11 @@ def free_port() -> int:
 class ServerThread:
     """A uvicorn server on 127.0.0.1:<ephemeral> in its own thread and event loop."""
 
-    def __init__(self, app: Any, port: int | None = None, **config: Any) -> None:
+    def __init__(self, app: Any, port: int | None = None, host: str = "127.0.0.1",
+                 **config: Any) -> None:
+        self.host = host
         self.port = port or free_port()
-        self.config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+        self.config = uvicorn.Config(app, host=host, port=self.port, log_level="warning",
                                      lifespan="on", **config)
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -32,12 +34,15 @@ class ServerThread:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def _run(self) -> None:
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve())
+        try:
+            self.loop.run_until_complete(self.server.serve())
+        finally:
+            self.loop.close()
 
     def start(self) -> "ServerThread":
         self.thread.start()

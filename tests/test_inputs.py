@@ -182,6 +182,11 @@ class HostServer(ServerThread):
                                      lifespan="on", timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(self.config)
 
+    def _run(self) -> None:
+        super()._run()
+        assert self.loop is not None
+        self.loop.close()  # ServerThread leaves its loop (and its self-pipe sockets) open
+
 
 @pytest.fixture(scope="module")
 def public() -> Iterator[tuple[HostServer, Origin]]:

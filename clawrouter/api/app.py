@@ -11,7 +11,8 @@ from fastapi import FastAPI
 
 from clawrouter import __version__
 from clawrouter.api import errors, images, meta
-from clawrouter.api.middleware import RequestId
+from clawrouter.api.middleware import ApiKey, BodyLimit, RequestId
+from clawrouter.observe import Metrics, Observe
 from clawrouter.coalesce import Coalescer
 from clawrouter.config import Settings
 from clawrouter.inputs import InputPolicy, InputResolver
@@ -41,6 +42,7 @@ class Gateway:
     ledger: Ledger
     budget: Budget
     coalescer: Coalescer
+    metrics: Metrics
     pipeline: ImagePipeline | None = None
 
     @property
@@ -59,18 +61,19 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     budget = Budget.from_settings(ledger, settings)
     prices = PriceBook(settings.price_ttl_seconds)
     gw = Gateway(settings, wallet, signer, NETWORKS[settings.network], sandbox, store, ledger,
-                 budget, Coalescer(settings.coalesce_window_seconds))
+                 budget, Coalescer(settings.coalesce_window_seconds), Metrics())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         session = new_session(settings.upstream_max_connections)
         inputs = InputResolver(InputPolicy.from_settings(settings))
         await store.open()
-        await store.start()
+        await store.start(session)
         client = BlockRunClient(settings.upstream_url, session,
                                 timeout=settings.upstream_timeout,
                                 connect_timeout=settings.upstream_connect_timeout)
-        exchange = Exchange(client, signer, settings, gw.network, ledger, budget, prices)
+        exchange = Exchange(client, signer, settings, gw.network, ledger, budget, prices,
+                            on_payment=gw.metrics.payment)
         gw.pipeline = ImagePipeline(exchange, store, inputs, session)
         try:
             yield
@@ -86,7 +89,12 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     errors.install(app)
     app.include_router(images.router)
     app.include_router(meta.router)
-    app.add_route("/images/{name}", ImageServer(store), methods=["GET", "HEAD"])
+    app.add_route("/images/{name}", ImageServer(store))
+    # add_middleware wraps: the last added is the outermost.
+    app.add_middleware(BodyLimit, limit=4 * settings.max_image_bytes)
+    if settings.api_key:
+        app.add_middleware(ApiKey, key=settings.api_key.get_secret_value())
+    app.add_middleware(Observe, metrics=gw.metrics, log_prompts=settings.log_prompts)
     app.add_middleware(RequestId, sandbox=sandbox)
     return app
 

@@ -20,7 +20,9 @@ from clawrouter.errors import (
 log = logging.getLogger("clawrouter.api")
 
 
-def error_response(error: ClawError) -> JSONResponse:
+def error_response(error: ClawError, request: Request | None = None) -> JSONResponse:
+    if request is not None:
+        request.scope.setdefault("state", {})["error_code"] = error.code
     return JSONResponse(error.envelope(), status_code=error.status,
                         headers=error.response_headers())
 
@@ -45,27 +47,30 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequest:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ClawError)
-    async def _claw(_: Request, exc: ClawError) -> Response:
-        return error_response(exc)
+    async def _claw(request: Request, exc: ClawError) -> Response:
+        return error_response(exc, request)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(_validation_error(exc))
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(_validation_error(exc), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if isinstance(exc.__cause__, ClawError):  # FastAPI wraps errors raised reading a body
+            return error_response(exc.__cause__, request)
         if exc.status_code == 404:
             return error_response(RouteNotFound(
                 f"Unknown route: {request.method} {request.url.path}. See GET /v1/models and "
-                "POST /v1/images/generations."))
+                "POST /v1/images/generations."), request)
         if exc.status_code == 405:
             allow = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow", "")
             return error_response(MethodNotAllowed(
                 f"Method {request.method} is not allowed on {request.url.path}"
-                + (f"; use {allow}." if allow else "."), headers={"allow": allow} if allow else {}))
+                + (f"; use {allow}." if allow else "."), headers={"allow": allow} if allow else {}),
+                request)
         status = exc.status_code if 400 <= exc.status_code <= 599 else 500
         err = InvalidRequest(str(exc.detail), status=status, code="http_error")
-        return error_response(err)
+        return error_response(err, request)
 
     @app.exception_handler(ClientGone)
     async def _gone(_: Request, __: ClientGone) -> Response:
@@ -75,7 +80,7 @@ def install(app: FastAPI) -> None:
     async def _crash(request: Request, exc: Exception) -> Response:
         log.error("unhandled error on %s %s", request.method, request.url.path,
                   exc_info=(type(exc), exc, exc.__traceback__))
-        rid = request.headers.get("x-request-id", "")
+        rid = request.scope.get("state", {}).get("request_id", "")
         return error_response(ClawError(
-            "Internal error in the gateway" + (f" (request {rid})" if rid else "") +
-            ". It has been logged; nothing about it was sent upstream.", code="internal_error"))
+            f"Internal error in the gateway (request {rid}). It has been logged.",
+            code="internal_error"), request)

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from clawrouter.api.schemas import EditBody, GenerationBody
+from clawrouter.api.streaming import stream_response
 from clawrouter.catalog import format_usd
 from clawrouter.coalesce import fingerprint_parts
 from clawrouter.config import is_loopback_host
@@ -81,11 +82,22 @@ def fingerprint(job: ImageJob) -> str:
 async def run(request: Request, job: ImageJob) -> Response:
     gw = request.app.state.gw
     ctx = context(request)
+    obs = request.scope.setdefault("state", {}).setdefault("obs", {})
+    obs["model"] = job.model.id
+    if gw.settings.log_prompts:
+        obs["prompt"] = job.prompt
+    work = gw.coalescer.run(ctx, fingerprint(job), request.headers.get("idempotency-key"),
+                            lambda shared: gw.pipeline.run(job, shared))
+    if job.stream:
+        return stream_response(work, job, ctx, obs)
     async with watch_disconnect(request, ctx):
-        result = await gw.coalescer.run(ctx, fingerprint(job),
-                                        request.headers.get("idempotency-key"),
-                                        lambda shared: gw.pipeline.run(job, shared))
+        result = await work
+    observed(obs, result)
     return JSONResponse(await shape(result, job, ctx.base_url), headers=result_headers(result))
+
+
+def observed(obs: dict[str, Any], result: Result) -> None:
+    obs.update(amount=result.amount, upstream_ms=result.upstream_ms, images=len(result.images))
 
 
 async def image_bytes(image: Any) -> bytes:

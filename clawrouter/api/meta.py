@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 
 from clawrouter import __version__, catalog
 
@@ -16,6 +18,31 @@ async def health(request: Request) -> dict[str, Any]:
     gw = request.app.state.gw
     return {"status": "ok", "wallet": gw.address, "upstream": gw.settings.upstream_url,
             "sandbox": gw.sandbox, "version": __version__, "network": gw.network.name}
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    """Readiness: settings loaded, wallet loaded, store and ledger open. Never calls upstream."""
+    gw = request.app.state.gw
+    images = gw.settings.images_dir
+    checks = {"config": True, "wallet": bool(gw.address), "pipeline": gw.pipeline is not None,
+              "store": images.is_dir() and os.access(images, os.W_OK),
+              "ledger": (gw.settings.home / "ledger.sqlite3").is_file()}
+    ready = all(checks.values())
+    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.gw.metrics.render(),
+                    media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def model_card(model: catalog.ImageModel) -> dict[str, Any]:

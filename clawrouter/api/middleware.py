@@ -1,17 +1,38 @@
-"""Pure ASGI middleware (cheaper than BaseHTTPMiddleware on the hot path)."""
+"""Pure ASGI middleware (cheaper than BaseHTTPMiddleware on the hot path).
+
+Order, outermost first: `RequestId` (every response carries `x-request-id`), `Observe`
+(metrics and the one-line JSON log), `ApiKey` (when configured), `BodyLimit`.
+"""
 
 from __future__ import annotations
 
+import hmac
+import json
 import re
 import secrets
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from clawrouter.errors import BodyTooLarge, ClawError, Unauthorized
+
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+HEALTH_PATHS = frozenset({"/health", "/healthz", "/readyz"})
 
 
 def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
+
+
+def state(scope: Scope) -> dict:
+    return scope.setdefault("state", {})
+
+
+async def send_error(send: Send, error: ClawError) -> None:
+    body = json.dumps(error.envelope()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in error.response_headers().items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class RequestId:
@@ -31,7 +52,7 @@ class RequestId:
                 rid = value if _SAFE_ID.match(value) else b""
                 break
         rid = rid or new_request_id().encode()
-        scope.setdefault("state", {})["request_id"] = rid.decode()
+        state(scope)["request_id"] = rid.decode()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -43,3 +64,69 @@ class RequestId:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class ApiKey:
+    """Require `Authorization: Bearer <key>` on every route but the health checks."""
+
+    def __init__(self, app: ASGIApp, *, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        if not hmac.compare_digest(given, self.expected):
+            state(scope)["error_code"] = "invalid_api_key"
+            await send_error(send, Unauthorized(
+                "Missing or wrong API key: send 'Authorization: Bearer <CLAWROUTER_API_KEY>'.",
+                headers={"www-authenticate": "Bearer"}))
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuse bodies over `limit` bytes, by declared length at once and by streamed length
+    while reading, so an oversized upload is never buffered whole."""
+
+    def __init__(self, app: ASGIApp, *, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await send_error(send, self._too_large())
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise self._too_large()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge as exc:
+            if not started:
+                await send_error(send, exc)
+
+    def _too_large(self) -> BodyTooLarge:
+        mb = self.limit / 1024 / 1024
+        return BodyTooLarge(f"The request body is larger than {mb:.0f} MB (4 × "
+                            "CLAWROUTER_MAX_IMAGE_MB).")

@@ -7,6 +7,8 @@ import sys
 
 from clawrouter import __version__
 from clawrouter.cli import serve
+from clawrouter.cli import generate, mcp, models, status
+from clawrouter.cli import stats, wallet
 
 
 def parser() -> argparse.ArgumentParser:
@@ -17,6 +19,12 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--version", action="version", version=f"clawrouter {__version__}")
     commands = root.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve.register(commands)
+    generate.register(commands)
+    models.register(commands)
+    status.register(commands)
+    mcp.register(commands)
+    wallet.register(commands)
+    stats.register(commands)
     return root
 
 

@@ -71,7 +71,9 @@ async def upstream_reachable(url: str, timeout: float = 3.0) -> bool:
 
 async def serve(settings: Settings) -> int:
     from clawrouter.api.app import create_app
+    from clawrouter.observe import setup_logging
 
+    setup_logging(settings.log_level)
     if not settings.loopback and not settings.api_key:
         print(f"clawrouter: refusing to listen on {settings.host} without an API key: set "
               "CLAWROUTER_API_KEY (clients then send 'Authorization: Bearer <key>').",

@@ -9,6 +9,7 @@ A paid attempt that fails any other way is reported, never re-signed: signing is
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from clawrouter.catalog import ImageModel, ceiling_micro, to_micro
@@ -65,7 +66,8 @@ class _PreauthRejected(Exception):
 
 class Exchange:
     def __init__(self, client: BlockRunClient, signer: Signer, settings: Settings,
-                 network: Network, ledger: Ledger, budget: Budget, prices: PriceBook) -> None:
+                 network: Network, ledger: Ledger, budget: Budget, prices: PriceBook, *,
+                 on_payment: Callable[[str, int, str], None] | None = None) -> None:
         self.client = client
         self.signer = signer
         self.settings = settings
@@ -73,6 +75,7 @@ class Exchange:
         self.ledger = ledger
         self.budget = budget
         self.prices = prices
+        self.on_payment = on_payment  # (outcome, amount, model) for metrics
 
     async def run(self, call: UpstreamCall, ctx: RequestContext) -> Outcome:
         ctx.check()
@@ -136,6 +139,8 @@ class Exchange:
         async def finish(status: str, note: str | None = None, tx: str | None = None) -> None:
             await self.ledger.call(self.ledger.finish, payment_id, status, transaction=tx,
                                    note=note, latency_ms=(time.perf_counter() - started) * 1000)
+            if self.on_payment:
+                self.on_payment(status, payment.amount, call.model.id)
 
         try:
             resp = await self.client.post(call.route, call.body,

@@ -1,0 +1,163 @@
+"""Benchmark the gateway against a direct x402 client, on loopback, in the same run.
+
+    .venv/bin/python bench/run.py [--quick] [scenario …]
+
+Scenarios: gen-url, gen-datauri, edit-4mb, serve, preauth, rss (default: all, in that order).
+Writes bench/results/<name>.json, .md and .png (name: "latest" for a full run, "quick" for
+--quick) and prints each target with PASS/FAIL. See bench/README.md for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(1, str(BENCH.parent))
+
+import procs  # noqa: E402
+import report  # noqa: E402
+import scenarios  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH.parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "clawrouter"],
+                                    cwd=BENCH.parent, capture_output=True, text=True,
+                                    timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "platform": platform.platform(), "date": datetime.now(timezone.utc)
+            .strftime("%Y-%m-%d %H:%M UTC"), "loadavg_before": _loadavg(),
+            "git_commit": commit + ("+local changes" if dirty else "")}
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def command_line(argv: list[str]) -> str:
+    return " ".join([".venv/bin/python", "bench/run.py", *map(shlex.quote, argv)])
+
+
+async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    plan = scenarios.QUICK if args.quick else scenarios.FULL
+    if args.repeats:
+        plan = scenarios.Plan(**{**plan.__dict__, "repeats": args.repeats})
+    results: dict[str, Any] = {
+        "command": command_line(argv), "machine": machine(),
+        "settings": {"quick": plan.quick, "repeats": plan.repeats, "warmup": plan.warmup,
+                     "points": {k: {str(c): n for c, n in v.items()}
+                                for k, v in plan.points.items()},
+                     "preauth_n": plan.preauth_n, "rss_n": plan.rss_n,
+                     "gateway_preauth": args.gateway_preauth,
+                     "upstream_latency_ms": args.upstream_latency_ms},
+        "scenarios": {},
+    }
+    t0 = time.monotonic()
+    sandbox = procs.start_sandbox(args.upstream_latency_ms)
+    bench = scenarios.Bench(plan, sandbox, args.gateway_preauth, args.upstream_latency_ms,
+                            tag=f"bench {os.getpid()} {int(time.time())}", log=log)
+    await bench.configure(latency_ms=args.upstream_latency_ms)
+    log(f"sandbox {sandbox.url} (pid {sandbox.pid}); plan: "
+        f"{'quick' if plan.quick else 'full'}, {plan.repeats} gateway/direct pair(s) per point")
+    try:
+        for name in args.scenarios:
+            log(f"== {name}")
+            results["scenarios"][name] = await scenarios.run_scenario(bench, name)
+            log(f"   ({results['scenarios'][name]['duration_s']:.0f} s)")
+    finally:
+        bench.stop_gateways()
+        sandbox.stop()
+    results["duration_s"] = round(time.monotonic() - t0, 1)
+    results["machine"]["loadavg_after"] = _loadavg()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenarios", nargs="*", metavar="scenario",
+                        help=f"any of {', '.join(scenarios.SCENARIOS)} (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller N and one gateway/direct pair per point (~1 minute)")
+    parser.add_argument("--repeats", type=int, help="gateway/direct pairs per point")
+    parser.add_argument("--gateway-preauth", action="store_true",
+                        help="leave the gateway's pre-auth on in the comparisons (default off: "
+                             "both clients then make two upstream round trips)")
+    parser.add_argument("--upstream-latency-ms", type=float, default=0.0,
+                        help="delay the sandbox adds to every answer (POST /_sandbox/config); "
+                             "the preauth scenario always uses 50")
+    parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument("--name", help="output file stem (default: latest, or quick)")
+    argv = sys.argv[1:]
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.scenarios if s not in scenarios.SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {list(scenarios.SCENARIOS)}")
+    args.scenarios = args.scenarios or list(scenarios.SCENARIOS)
+    name = args.name or ("quick" if args.quick else "latest")
+
+    procs.install_cleanup()
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        results = asyncio.run(main_async(args, argv))
+    except KeyboardInterrupt:
+        procs.stop_all()
+        log("interrupted; servers stopped, nothing written")
+        return 130
+    finally:
+        procs.stop_all()
+
+    results["targets"] = report.targets(results)
+    results = report.clean(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / f"{name}.png" if name != "latest" else args.out / "latency.png"
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / f"{name}.md").write_text(
+        report.markdown(results, _rel(png)) + "\n")
+    try:
+        import plot
+        plot.plot(results, png)
+    except Exception as exc:  # the numbers matter more than the picture
+        log(f"plot skipped: {type(exc).__name__}: {exc}")
+    log(report.console(results))
+    log(f"\nwrote {_rel(args.out / f'{name}.json')}, {_rel(args.out / f'{name}.md')}, "
+        f"{_rel(png)} ({results['duration_s']:.0f} s)")
+    return 0
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(BENCH.parent))
+    except ValueError:
+        return str(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""`clawrouter mcp`: the gateway as MCP tools over stdio, so an agent needs no glue code.
+
+The tools talk to a running gateway (`CLAWROUTER_URL`), or to one this process starts on first
+use when none answers (`cli/client.py`). Every failure a user can cause or fix (budget, refused
+input, payment, no wallet) comes back as a tool error carrying the gateway's message, never as a
+crash of the server: the agent reads it and can act on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import CallToolResult, ContentBlock, ImageContent, TextContent, ToolAnnotations
+from pydantic import Field
+
+from clawrouter import __version__, catalog
+from clawrouter.cli import models as model_table
+from clawrouter.cli.client import Gateway, GatewayError, ImageResult, connect, source_arg
+from clawrouter.validate import MAX_N
+
+INSTRUCTIONS = (
+    "clawrouter makes and edits images through BlockRun and pays per image in USDC on Base "
+    "from the user's local wallet. Each call costs money (see list_image_models); prefer the "
+    "default model and n=1 unless asked. Results are saved as files; show the user the path "
+    "or URL.")
+
+_MODELS = ", ".join(f"{m.aliases[0] if m.aliases else m.id}" for m in catalog.MODELS)
+_EDITORS = ", ".join(m.id for m in catalog.MODELS if m.edits)
+_MASKERS = ", ".join(m.id for m in catalog.MODELS if m.mask)
+
+
+class Connection:
+    """The gateway the tools use: found or started on first use, kept for the session."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url
+        self._gateway: Gateway | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> Gateway:
+        async with self._lock:
+            if self._gateway is None:
+                try:
+                    self._gateway = await connect(self.url)
+                except (ValueError, FileNotFoundError) as exc:
+                    raise ToolError(f"clawrouter's configuration is invalid: {exc}") from None
+            return self._gateway
+
+    async def aclose(self) -> None:
+        if self._gateway is not None:
+            await self._gateway.aclose()
+            self._gateway = None
+
+
+def build_server(connection: Connection, out: str | None = None) -> MCPServer:
+    """The MCP server with its four tools, bound to one gateway connection."""
+    server: MCPServer = MCPServer("clawrouter", version=__version__, instructions=INSTRUCTIONS,
+                                  log_level="WARNING")
+    paid = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
+                           open_world_hint=True)
+    free = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+
+    @server.tool(annotations=paid, description=(
+        "Generate images from a text prompt (paid per image in USDC). Returns the saved file "
+        "path, the local URL, the model and the cost. Models (alias or full id): "
+        f"{_MODELS}. Default {catalog.DEFAULT_GENERATE_MODEL} at {catalog.DEFAULT_SIZE}. "
+        "Sizes depend on the model (see list_image_models)."))
+    async def generate_image(
+        prompt: Annotated[str, Field(description="What to draw.")],
+        model: Annotated[str | None, Field(description="Model id or alias, e.g. 'nano-banana' "
+                                           "(default), 'banana-pro', 'gpt-image-2'.")] = None,
+        size: Annotated[str | None, Field(description="WIDTHxHEIGHT, e.g. '1024x1024' "
+                                          "(default).")] = None,
+        n: Annotated[int, Field(ge=1, le=MAX_N, description="How many images (each is paid).")] = 1,
+        inline: Annotated[bool, Field(description="Also return the image itself in the "
+                                      "result (large).")] = False,
+    ) -> CallToolResult:
+        gateway = await connection.get()
+        result = await _call(gateway.generate(prompt, model=model, size=size, n=n, out=out))
+        return await _image_result("Generated", result, inline)
+
+    @server.tool(annotations=paid, description=(
+        "Edit images with a text prompt (paid per image in USDC). `image` is a URL, a local "
+        "file path (absolute, read by the gateway) or a data: URI, or a list of them. Models "
+        f"that edit: {_EDITORS} (default {catalog.DEFAULT_EDIT_MODEL}). A mask (PNG, "
+        f"transparent = area to change) works with {_MASKERS} only."))
+    async def edit_image(
+        prompt: Annotated[str, Field(description="The change to make.")],
+        image: Annotated[str | list[str], Field(description="Source image(s): URL, local path "
+                                                "or data URI.")],
+        mask: Annotated[str | None, Field(description="Optional PNG mask (URL, path or data "
+                                          "URI); transparent pixels mark what to edit.")] = None,
+        model: Annotated[str | None, Field(description="Editing model id or alias (default "
+                                           "gpt-image-1).")] = None,
+        size: Annotated[str | None, Field(description="WIDTHxHEIGHT of the result.")] = None,
+        inline: Annotated[bool, Field(description="Also return the image itself in the "
+                                      "result (large).")] = False,
+    ) -> CallToolResult:
+        images = [image] if isinstance(image, str) else list(image)
+        if not images:
+            raise ToolError("Give at least one source image.")
+        gateway = await connection.get()
+        result = await _call(gateway.edit(prompt, [_source(s) for s in images],
+                                          mask=_source(mask) if mask else None,
+                                          model=model, size=size, out=out))
+        return await _image_result("Edited", result, inline)
+
+    @server.tool(annotations=free, description=(
+        "List the image models: ids, aliases, sizes, price per image on Base and edit/mask "
+        "support. Free; needs no gateway."))
+    async def list_image_models() -> CallToolResult:
+        text = (model_table.markdown() + f"\n\nEvery request also pays a ${catalog.FEE_USD} fee. "
+                "'dall-e-3' maps to openai/gpt-image-2; flux was dropped by BlockRun.")
+        return CallToolResult(content=[TextContent(type="text", text=text)],
+                              structured_content={"models": model_table.cards(),
+                                                  "fee_per_request_usd": catalog.FEE_USD})
+
+    @server.tool(annotations=free, description=(
+        "The wallet that pays for images: address, network, USDC balance (when known), money "
+        "spent today and budget left. Free."))
+    async def wallet_status() -> CallToolResult:
+        gateway = await connection.get()
+        health, spend = await _call(asyncio.gather(gateway.health(), gateway.spend()))
+        status = wallet_summary(health, spend, gateway)
+        return CallToolResult(content=[TextContent(type="text", text=describe_wallet(status))],
+                              structured_content=status)
+
+    return server
+
+
+async def _call(awaitable: Any) -> Any:
+    """Await a gateway call; its refusals become tool errors with the gateway's message."""
+    try:
+        return await awaitable
+    except GatewayError as exc:
+        code = f" ({exc.code})" if exc.code else ""
+        raise ToolError(f"clawrouter refused{code}: {exc.message}") from None
+    except OSError as exc:  # the output directory
+        raise ToolError(f"clawrouter could not save the image: {exc}") from None
+
+
+def _source(value: str) -> str:
+    # Relative paths mean nothing to an agent's caller; make them absolute here, like the CLI.
+    return source_arg(value)
+
+
+def describe(verb: str, result: ImageResult) -> str:
+    count = len(result.images)
+    cost = f"${result.cost_usd}" if result.cost_usd is not None else "an unknown amount"
+    lines = [f"{verb} {count} image{'s' * (count != 1)} with {result.model} for {cost} "
+             "(USDC on Base)."]
+    for i, image in enumerate(result.images, 1):
+        lines.append(f"{i}. file: {image.path}")
+        lines.append(f"   url: {image.url}")
+    if result.transaction:
+        lines.append(f"Transaction: {result.transaction}")
+    return "\n".join(lines)
+
+
+async def _image_result(verb: str, result: ImageResult, inline: bool) -> CallToolResult:
+    content: list[ContentBlock] = [TextContent(type="text", text=describe(verb, result))]
+    if inline:
+        for image in result.images:
+            data = await asyncio.to_thread(Path(image.path).read_bytes)
+            mime = {".jpg": "image/jpeg", ".webp": "image/webp",
+                    ".gif": "image/gif"}.get(Path(image.path).suffix, "image/png")
+            content.append(ImageContent(type="image", mime_type=mime,
+                                        data=base64.b64encode(data).decode("ascii")))
+    return CallToolResult(content=content, structured_content=result.to_json())
+
+
+def wallet_summary(health: dict[str, Any], spend: dict[str, Any],
+                   gateway: Gateway) -> dict[str, Any]:
+    budget = spend.get("budget", {})
+    today = spend.get("today", {})
+    return {
+        "address": health.get("wallet"),
+        "network": health.get("network"),
+        "sandbox": bool(health.get("sandbox")),
+        "balance_usd": health.get("balance_usd"),
+        "spent_today_usd": today.get("usd", 0),
+        "pending_today_usd": today.get("pending", {}).get("usd", 0),
+        "payments_today": today.get("payments", 0),
+        "budget_left_today_usd": budget.get("day", {}).get("remaining_usd"),
+        "daily_limit_usd": budget.get("day", {}).get("limit_usd"),
+        "budget_left_total_usd": budget.get("total", {}).get("remaining_usd"),
+        "per_request_limit_usd": budget.get("request", {}).get("limit_usd"),
+        "gateway": gateway.url,
+        "in_process": gateway.in_process,
+    }
+
+
+def describe_wallet(s: dict[str, Any]) -> str:
+    sandbox = " (sandbox: no real payments)" if s["sandbox"] else ""
+    balance = (f"${s['balance_usd']} USDC" if s["balance_usd"] is not None
+               else "unknown (the gateway does not report it)")
+    left = ("no daily limit" if s["budget_left_today_usd"] is None
+            else f"${s['budget_left_today_usd']} of ${s['daily_limit_usd']}")
+    lines = [f"Wallet {s['address']} on {s['network']}{sandbox}",
+             f"Balance: {balance}",
+             f"Spent today: ${s['spent_today_usd']} ({s['payments_today']} payments"
+             + (f", ${s['pending_today_usd']} pending)" if s["pending_today_usd"] else ")"),
+             f"Budget left today: {left}"]
+    if s["budget_left_total_usd"] is not None:
+        lines.append(f"Budget left in total: ${s['budget_left_total_usd']}")
+    return "\n".join(lines)
+
+
+def run(url: str | None = None, out: str | None = None) -> int:
+    """Serve MCP over stdio until the client closes stdin."""
+    connection = Connection(url)
+    server = build_server(connection, out)
+
+    async def main() -> None:
+        try:
+            await server.run_stdio_async()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await connection.aclose()
+
+    anyio.run(main)
+    return 0
+

@@ -1,0 +1,67 @@
+"""`stream: true`: BlockRun does not stream, so we synthesize the OpenAI SSE events.
+
+One `image_generation.completed` (or `image_edit.completed`) event per image with `b64_json`
+and `usage`, an `error` event on failure (the SDK raises `APIError` from it), and comment
+keep-alives every 10 s while the upstream works, so long 202 jobs survive proxies and client
+read timeouts. A client that leaves stops the work at its next safe point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+
+from clawrouter.context import RequestContext
+from clawrouter.errors import ClawError
+from clawrouter.pipeline import Result
+from clawrouter.sniff import EXTENSIONS
+from clawrouter.validate import ImageJob
+
+KEEPALIVE_SECONDS = 10.0
+USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
+         "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
+                    obs: dict[str, Any]) -> StreamingResponse:
+    from clawrouter.api.images import image_bytes, observed
+
+    async def events() -> AsyncIterator[bytes]:
+        task = asyncio.ensure_future(work)
+        try:
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_SECONDS)
+                if not done:
+                    yield b": keep-alive\n\n"
+            try:
+                result = task.result()
+            except ClawError as error:
+                obs["error_code"] = error.code
+                yield sse("error", error.envelope())
+                return
+            observed(obs, result)
+            kind = "image_generation" if job.route == "generations" else "image_edit"
+            for image in result.images:
+                data = await image_bytes(image)
+                fmt = EXTENSIONS.get(image.stored.content_type, "png") if image.stored else "png"
+                yield sse(f"{kind}.completed", {
+                    "type": f"{kind}.completed", "b64_json": base64.b64encode(data).decode(),
+                    "created_at": result.created, "size": job.size, "quality": "auto",
+                    "background": "auto", "output_format": fmt.replace("jpg", "jpeg"),
+                    "usage": USAGE})
+            yield b"data: [DONE]\n\n"
+        finally:
+            if not task.done():
+                ctx.leave()  # the client went away mid-stream
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})

@@ -1,0 +1,185 @@
+"""`clawrouter generate` and `clawrouter edit`: make an image from the terminal.
+
+Both talk to the running gateway or start one in-process (`client.py`), show a spinner with the
+elapsed time on stderr while waiting (slow models take minutes), then print where the images
+were saved, their local URLs and what they cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from clawrouter import catalog
+from clawrouter.cli.client import Gateway, GatewayError, ImageResult, connect, source_arg
+from clawrouter.validate import MAX_N
+
+_ENV = ("Uses the gateway at CLAWROUTER_URL (default http://127.0.0.1:8402; CLAWROUTER_API_KEY "
+        "is sent as a bearer token when set) or, when none answers, runs one inside this "
+        "command with your settings. Exit codes: 0 saved, 1 the request failed (the gateway's "
+        "message is printed), 2 usage or configuration error.")
+
+
+def register(commands: Any) -> None:
+    g = commands.add_parser(
+        "generate", help="generate images from a prompt and save them",
+        description="Generate images from a text prompt, pay for them from the local wallet "
+        "and save them. " + _ENV)
+    g.add_argument("prompt", help="what to draw")
+    _common(g, catalog.DEFAULT_GENERATE_MODEL)
+    g.add_argument("-n", type=int, default=None, metavar="N",
+                   help=f"how many images, 1 to {MAX_N} (default 1; each is paid)")
+    g.set_defaults(run=run_generate)
+
+    e = commands.add_parser(
+        "edit", help="edit images with a prompt and save the results",
+        description="Edit one or more images with a text prompt and save the results. " + _ENV)
+    e.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="source image: a local path (made absolute), an http(s) URL or a "
+                   "data: URI; several for models that combine images")
+    e.add_argument("prompt", help="the change to make")
+    e.add_argument("--mask", metavar="IMAGE",
+                   help="PNG mask (path, URL or data URI): transparent pixels mark the area "
+                   "to edit; gpt-image-1 and gpt-image-2 only")
+    _common(e, catalog.DEFAULT_EDIT_MODEL)
+    e.set_defaults(run=run_edit)
+
+
+def _common(p: argparse.ArgumentParser, default_model: str) -> None:
+    p.add_argument("--model", help=f"model id or alias (default {default_model}; see "
+                   "`clawrouter models`)")
+    p.add_argument("--size", metavar="WxH",
+                   help=f"image size, e.g. 1536x1024 (default {catalog.DEFAULT_SIZE})")
+    p.add_argument("--out", metavar="DIR", help="directory to save into (default "
+                   "$CLAWROUTER_OUT or ~/Pictures/clawrouter; created if needed)")
+    p.add_argument("--open", action="store_true",
+                   help="open the saved images with the system viewer")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document (model, cost_usd, transaction, images with "
+                   "url and path) on stdout and nothing else")
+    p.add_argument("--url", help="gateway URL (default $CLAWROUTER_URL or "
+                   "http://127.0.0.1:8402)")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    model = args.model or catalog.DEFAULT_GENERATE_MODEL
+    return _run(args, f"generating with {model}",
+                lambda gw: gw.generate(args.prompt, model=args.model, size=args.size, n=args.n,
+                                       out=args.out))
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    model = args.model or catalog.DEFAULT_EDIT_MODEL
+    images = [source_arg(i) for i in args.images]
+    mask = source_arg(args.mask) if args.mask else None
+    return _run(args, f"editing with {model}",
+                lambda gw: gw.edit(args.prompt, images, mask=mask, model=args.model,
+                                   size=args.size, out=args.out))
+
+
+def _run(args: argparse.Namespace, doing: str,
+         call: Callable[[Gateway], Awaitable[ImageResult]]) -> int:
+    try:
+        result = asyncio.run(_request(args.url, doing, call))
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail(args, f"invalid configuration: {exc}", 2)
+    except GatewayError as exc:
+        return _fail(args, exc.message, 1, exc.to_json())
+    except OSError as exc:
+        return _fail(args, f"could not save the image: {exc}", 1)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        for image in result.images:
+            print(image.path)
+            print(f"  {image.url}")
+        cost = f"${result.cost_usd}" if result.cost_usd is not None else "unknown"
+        print(f"{len(result.images)} image(s) · {result.model} · cost {cost}")
+        if result.in_process:
+            print("(the URLs worked while this command ran its own gateway; "
+                  "`clawrouter serve` keeps them up)")
+    if args.open:
+        for image in result.images:
+            open_file(image.path)
+    return 0
+
+
+async def _request(url: str | None, doing: str,
+                   call: Callable[[Gateway], Awaitable[ImageResult]]) -> ImageResult:
+    spinner = Spinner(doing)
+    spinner.start()
+    try:
+        async with await connect(url) as gateway:
+            if gateway.in_process:
+                spinner.note("no gateway running; started one in this process")
+            return await call(gateway)
+    finally:
+        await spinner.stop()
+
+
+def _fail(args: argparse.Namespace, message: str, code: int,
+          error: dict[str, Any] | None = None) -> int:
+    if args.json:
+        print(json.dumps({"error": error or {"message": message}}, indent=2))
+    print(f"clawrouter: {message}", file=sys.stderr)
+    return code
+
+
+class Spinner:
+    """`⠋ generating with X… 12s` on stderr, redrawn in place; silent unless stderr is a TTY."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.enabled = sys.stderr.isatty()
+        self._task: asyncio.Task[None] | None = None
+        self._start = time.monotonic()
+
+    def start(self) -> None:
+        if self.enabled:
+            self._task = asyncio.get_running_loop().create_task(self._spin())
+
+    def note(self, text: str) -> None:
+        """A line that stays (printed above the spinner when there is one)."""
+        sys.stderr.write(f"\r\033[K{text}\n" if self.enabled else f"clawrouter: {text}\n")
+        sys.stderr.flush()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    async def _spin(self) -> None:
+        frame = 0
+        while True:
+            elapsed = int(time.monotonic() - self._start)
+            sys.stderr.write(f"\r{self.FRAMES[frame % len(self.FRAMES)]} {self.label}… "
+                             f"{elapsed // 60}:{elapsed % 60:02d}")
+            sys.stderr.flush()
+            frame += 1
+            await asyncio.sleep(0.1)
+
+
+def open_file(path: str) -> None:
+    """Hand a file to the desktop's viewer without waiting for it."""
+    if sys.platform == "darwin":
+        command = ["open", path]
+    elif os.name == "nt":
+        os.startfile(path)  # type: ignore[attr-defined]
+        return
+    else:
+        command = ["xdg-open", path]
+    try:
+        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    except OSError as exc:
+        print(f"clawrouter: could not open {path}: {exc}", file=sys.stderr)

@@ -1,0 +1,29 @@
+"""`clawrouter mcp`: serve the image tools to an agent over stdio (Model Context Protocol)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(commands: Any) -> None:
+    p = commands.add_parser(
+        "mcp", help="serve the image tools to an AI agent over stdio (MCP)",
+        description="Run a Model Context Protocol server on stdin/stdout with the tools "
+        "generate_image, edit_image, list_image_models and wallet_status. It uses the gateway "
+        "at CLAWROUTER_URL (default http://127.0.0.1:8402; CLAWROUTER_API_KEY is sent as a "
+        "bearer token when set) or, when none answers, starts one inside this process with "
+        "your settings. Images are saved to CLAWROUTER_OUT (default ~/Pictures/clawrouter).",
+        epilog="Example (Claude Desktop / Claude Code config): "
+        '{"mcpServers": {"clawrouter": {"command": "clawrouter", "args": ["mcp"]}}}')
+    p.add_argument("--url", help="gateway URL (default $CLAWROUTER_URL or "
+                   "http://127.0.0.1:8402)")
+    p.add_argument("--out", metavar="DIR", help="directory for saved images (default "
+                   "$CLAWROUTER_OUT or ~/Pictures/clawrouter)")
+    p.set_defaults(run=run_mcp)
+
+
+def run_mcp(args: argparse.Namespace) -> int:
+    from clawrouter.agents.mcp_server import run
+
+    return run(args.url, args.out)

@@ -1,0 +1,195 @@
+"""`clawrouter stats`: what the gateway has spent, as a terminal table (or `--json`).
+
+The numbers come from a running gateway's `GET /v1/spend` when one answers at the configured
+host and port; otherwise from the ledger file itself. A running gateway holds the ledger's
+lock, so if the lock is taken but nobody answers, we say so instead of guessing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from clawrouter.catalog import format_usd
+from clawrouter.config import Settings, load_settings
+from clawrouter.payment.budget import Budget
+from clawrouter.payment.ledger import FILENAME, Ledger, LedgerBusy
+
+
+class _Exit(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def register(commands: Any) -> None:
+    p = commands.add_parser(
+        "stats", help="show what the gateway has spent",
+        description="Spending: today, this month and in total (settled and pending), by model, "
+                    "by day, and the latest payments with their status and transaction. Read "
+                    "from the running gateway, else from the ledger file.")
+    p.add_argument("--config", help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON only")
+    p.add_argument("--latest", type=_count, default=20, metavar="N",
+                   help="how many of the latest payments to list (default 20)")
+    p.set_defaults(run=run_stats)
+
+
+def _count(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return n
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"clawrouter: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary, source = spend_summary(settings, args.latest)
+    except _Exit as exc:
+        print(f"clawrouter: {exc}", file=sys.stderr)
+        return exc.code
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(render(summary, source))
+    return 0
+
+
+def spend_summary(settings: Settings, latest: int) -> tuple[dict[str, Any], str]:
+    """The summary and where it came from (the gateway's URL or the ledger's path)."""
+    url = spend_url(settings)
+    summary = _from_gateway(settings, url, latest)
+    if summary is not None:
+        return summary, f"the gateway at {url.rsplit('/v1/', 1)[0]}"
+    return _from_ledger(settings, url, latest)
+
+
+def spend_url(settings: Settings) -> str:
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host,
+                                                                      settings.host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}/v1/spend"
+
+
+def _from_gateway(settings: Settings, url: str, latest: int) -> dict[str, Any] | None:
+    if settings.port == 0:
+        return None
+    headers = {}
+    if settings.api_key is not None:
+        headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+    try:
+        resp = httpx.get(url, params={"latest": latest}, headers=headers,
+                         timeout=httpx.Timeout(5.0, connect=1.0), trust_env=False)
+    except httpx.HTTPError:
+        return None
+    if resp.status_code in (401, 403):
+        raise _Exit(1, f"the gateway at {url} refused the request (HTTP {resp.status_code}): "
+                       "set CLAWROUTER_API_KEY to its API key")
+    try:
+        summary = resp.json() if resp.status_code == 200 else None
+    except ValueError:
+        return None
+    if not isinstance(summary, dict) or not {"total", "latest"} <= summary.keys():
+        return None  # something else listens there
+    summary["latest"] = summary["latest"][:latest]
+    return summary
+
+
+def _from_ledger(settings: Settings, url: str, latest: int) -> tuple[dict[str, Any], str]:
+    path = settings.home / FILENAME
+    if not path.exists():  # report zeros without creating a ledger in the user's home
+        with tempfile.TemporaryDirectory() as tmp:
+            return _read(Ledger(Path(tmp) / FILENAME), settings, latest), f"{path} (no ledger yet)"
+    try:
+        ledger = Ledger(path)
+    except LedgerBusy:
+        raise _Exit(1, f"a gateway is using the ledger {path} but did not answer at {url}. "
+                       "Point stats at it with the same --config, CLAWROUTER_HOST and "
+                       "CLAWROUTER_PORT, or stop it to read the ledger directly.") from None
+    return _read(ledger, settings, latest), str(path)
+
+
+def _read(ledger: Ledger, settings: Settings, latest: int) -> dict[str, Any]:
+    with ledger:
+        summary = ledger.summary(latest=latest)
+        summary["budget"] = Budget.from_settings(ledger, settings).remaining()
+    summary["network"] = settings.network
+    return summary
+
+
+# --- the table ----------------------------------------------------------------------------------
+def render(summary: dict[str, Any], source: str) -> str:
+    out = [f"Spending (days and times in {summary.get('timezone') or 'local time'}), from "
+           f"{source}", ""]
+    windows = [(label, summary[key]) for label, key in
+               (("Today", "today"), ("This month", "month"), ("Total", "total"))]
+    out += _table(["", "Settled", "Payments", "Pending", "Pending payments"],
+                  [[label, *_money(w)] for label, w in windows], "lrrrr")
+    if summary["total"]["pending"]["payments"]:
+        out += ["", "Pending: signed payments whose outcome is not confirmed (signed, unknown or "
+                    "failed after payment). They may have cost money and count against the "
+                    "budgets."]
+    if budget := summary.get("budget"):
+        out += ["", "Budget   " + _budget(budget)]
+    if summary.get("by_model"):
+        out += ["", "By model"]
+        out += _table(["Model", "Settled", "Payments", "Pending", "Pending payments"],
+                      [[m["model"], *_money(m)] for m in summary["by_model"]], "lrrrr")
+    if summary.get("by_day"):
+        out += ["", "By day (last 30 days)"]
+        out += _table(["Day", "Settled", "Payments", "Pending", "Pending payments"],
+                      [[d["day"], *_money(d)] for d in summary["by_day"]], "lrrrr")
+    payments = summary.get("latest") or []
+    if payments:
+        out += ["", "Latest payments (newest first)"]
+        out += _table(["Time", "Model", "Size", "n", "Amount", "Status", "Transaction"],
+                      [[datetime.fromtimestamp(p["time"]).strftime("%Y-%m-%d %H:%M:%S"),
+                        p["model"], p["size"], str(p["n"]), format_usd(p["amount"]),
+                        p["status"], p.get("transaction") or "-"] for p in payments],
+                      "lllrrll")
+    else:
+        out += ["", "No payments yet."]
+    return "\n".join(out)
+
+
+def _money(window: dict[str, Any]) -> list[str]:
+    pending = window["pending"]
+    return [format_usd(window["micro"]), str(window["payments"]), format_usd(pending["micro"]),
+            str(pending["payments"])]
+
+
+def _budget(budget: dict[str, Any]) -> str:
+    def usd(value: float | None) -> str:
+        return "no limit" if value is None else format_usd(round(value * 1_000_000))
+
+    parts = [f"per request {usd(budget['request']['limit_usd'])}"]
+    for window, label in (("day", "today"), ("total", "in total")):
+        w = budget[window]
+        if w["limit_usd"] is None:
+            parts.append(f"{label}: no limit")
+        else:
+            parts.append(f"{label}: {usd(w['remaining_usd'])} left of {usd(w['limit_usd'])}")
+    return " · ".join(parts)
+
+
+def _table(headers: list[str], rows: list[list[str]], align: str) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).rjust(w) if a == "r" else str(c).ljust(w)
+                         for c, w, a in zip(cells, widths, align)).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]

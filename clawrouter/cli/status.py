@@ -1,0 +1,227 @@
+"""`clawrouter status` (a running gateway's state) and `clawrouter doctor` (is this machine ready?).
+
+`status` only asks a running gateway (it never starts one: that would answer a different
+question). `doctor` checks what `serve` needs, one line each, with the fix for whatever fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import stat
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from clawrouter.cli.client import GatewayError, connect, gateway_url, probe
+
+_URL_HELP = "gateway URL (default $CLAWROUTER_URL or http://127.0.0.1:8402)"
+
+
+def register(commands: Any) -> None:
+    s = commands.add_parser(
+        "status", help="show a running gateway's health, spend today and balance",
+        description="Ask the running gateway (CLAWROUTER_URL, default http://127.0.0.1:8402) "
+        "for its wallet, network, upstream, spend today, budget left and balance. Exit codes: "
+        "0 a gateway answered, 1 none answers (or it refused), 2 usage error.")
+    s.add_argument("--json", action="store_true",
+                   help="print one JSON document ({health, spend}) on stdout and nothing else")
+    s.add_argument("--url", help=_URL_HELP)
+    s.set_defaults(run=run_status)
+
+    d = commands.add_parser(
+        "doctor", help="check configuration, wallet, data directory, port and upstream",
+        description="Check that the gateway can run here: the configuration loads, the wallet "
+        "file exists with mode 0600, the data directory is writable, the port is free (or "
+        "already serving clawrouter), the BlockRun upstream is reachable, and the balance "
+        "(when a running gateway reports it). Each failed check prints its fix. Exit codes: "
+        "0 all checks pass, 1 a check failed, 2 usage error.")
+    d.add_argument("--json", action="store_true",
+                   help="print one JSON document ({ok, checks: [{name, status, detail, fix}]}) "
+                   "on stdout and nothing else")
+    d.add_argument("--config", help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
+    d.set_defaults(run=run_doctor)
+
+
+# --- status ---------------------------------------------------------------------------------
+
+def run_status(args: argparse.Namespace) -> int:
+    try:
+        health, spend = asyncio.run(_status(args.url))
+    except GatewayError as exc:
+        if args.json:
+            print(json.dumps({"error": exc.to_json()}, indent=2))
+        print(f"clawrouter: {exc.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"url": gateway_url(args.url), "health": health, "spend": spend},
+                         indent=2))
+        return 0
+    budget = spend.get("budget", {}).get("day", {})
+    left = budget.get("remaining_usd")
+    balance = health.get("balance_usd")
+    sandbox = " (sandbox: no real payments)" if health.get("sandbox") else ""
+    print(f"gateway   {gateway_url(args.url)} · clawrouter {health.get('version')} · "
+          f"{health.get('status')}{sandbox}")
+    print(f"wallet    {health.get('wallet')} on {health.get('network')}")
+    print(f"upstream  {health.get('upstream')}")
+    print(f"balance   {'$' + str(balance) + ' USDC' if balance is not None else 'unknown'}")
+    today = spend.get("today", {})
+    print(f"today     ${today.get('usd', 0)} in {today.get('payments', 0)} payment(s)")
+    print(f"budget    {'no daily limit' if left is None else f'${left} left today'}")
+    return 0
+
+
+async def _status(url: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    async with await connect(url, start=False) as gateway:
+        health, spend = await asyncio.gather(gateway.health(), gateway.spend())
+    return health, spend
+
+
+# --- doctor ---------------------------------------------------------------------------------
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "ok", "fail" or "skip" (cannot be checked here; not a failure)
+    detail: str
+    fix: str | None = None
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    checks = asyncio.run(doctor(args.config))
+    ok = all(c.status != "fail" for c in checks)
+    if args.json:
+        print(json.dumps({"ok": ok, "checks": [asdict(c) for c in checks]}, indent=2))
+    else:
+        for c in checks:
+            print(f"{c.status:<4}  {c.name:<9} {c.detail}")
+            if c.status == "fail" and c.fix:
+                print(f"      {'':<9} fix: {c.fix}")
+    return 0 if ok else 1
+
+
+async def doctor(config: str | None = None) -> list[Check]:
+    from clawrouter.config import load_settings
+
+    try:
+        settings = await asyncio.to_thread(load_settings, config)
+    except (ValueError, FileNotFoundError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        return [Check("config", "fail", detail,
+                      "fix the setting named above in the TOML file or the CLAWROUTER_* "
+                      "environment (see config.example.toml)")]
+    source = config or settings.home / "config.toml"
+    checks = [Check("config", "ok", f"loaded (file {source}"
+                    + ("" if Path(source).is_file() else ", not present: defaults") + ")")]
+    key = settings.wallet_key.get_secret_value() if settings.wallet_key else None
+    checks.append(await asyncio.to_thread(check_wallet, settings.home, key))
+    checks.append(await asyncio.to_thread(check_data_dir, settings.home))
+    port_check, health = await check_port(settings.host, settings.port)
+    checks.append(port_check)
+    checks.append(await check_upstream(settings.upstream_url, settings.sandbox))
+    checks.append(check_balance(health, settings.low_balance_usd))
+    return checks
+
+
+def check_wallet(home: Path, configured_key: str | None) -> Check:
+    """A configured key (BLOCKRUN_WALLET_KEY) wins over the file, as in `serve`."""
+    from clawrouter.payment.wallet import WalletError, check_key
+
+    if configured_key:
+        try:
+            check_key(configured_key, "BLOCKRUN_WALLET_KEY")
+        except WalletError as exc:
+            return Check("wallet", "fail", str(exc), "set BLOCKRUN_WALLET_KEY to 0x + 64 hex "
+                         "characters, or unset it to use the wallet file")
+        return Check("wallet", "ok", "key from BLOCKRUN_WALLET_KEY (the file is not used)")
+    path = home / "wallet.key"
+    if not path.is_file():
+        return Check("wallet", "fail", f"{path} does not exist",
+                     "run `clawrouter serve` once to create a wallet there (mode 0600), or set "
+                     "BLOCKRUN_WALLET_KEY")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        return Check("wallet", "fail", f"{path} has mode {mode:04o}: others can read the key",
+                     f"chmod 600 {path}")
+    try:
+        check_key(path.read_text(), str(path))
+    except (WalletError, OSError) as exc:
+        return Check("wallet", "fail", str(exc), f"restore the key file {path} from your "
+                     "backup (never replace it if it holds funds)")
+    return Check("wallet", "ok", f"{path} (mode 0600)")
+
+
+def check_data_dir(home: Path) -> Check:
+    existing = home
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return Check("data dir", "fail", f"{existing} is not writable ({exc.strerror})",
+                     f"make {existing} writable by you, or set CLAWROUTER_HOME elsewhere")
+    note = "" if existing == home else " (will be created)"
+    return Check("data dir", "ok", f"{home} writable{note}")
+
+
+async def check_port(host: str, port: int) -> tuple[Check, dict[str, Any] | None]:
+    """Free, or already serving clawrouter (then its /health is returned for the balance)."""
+    if await asyncio.to_thread(_can_bind, host, port):
+        return Check("port", "ok", f"{host}:{port} is free"), None
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    try:
+        health = await probe(f"http://{connect_host}:{port}")
+    except GatewayError:
+        health = None
+    if health is not None:
+        return Check("port", "ok", f"{host}:{port} is serving clawrouter "
+                     f"{health.get('version', '')}".rstrip()), health
+    return Check("port", "fail", f"{host}:{port} is taken by another program",
+                 "stop that program, or set CLAWROUTER_PORT (or `serve --port`) to a free "
+                 "port"), None
+
+
+def _can_bind(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        if os.name != "nt":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError:
+            return False
+    return True
+
+
+async def check_upstream(url: str, sandbox: bool | str) -> Check:
+    from clawrouter.cli.serve import upstream_reachable
+
+    if sandbox is True:
+        return Check("upstream", "skip", "sandbox forced (CLAWROUTER_SANDBOX=true): no real "
+                     "images or payments")
+    if await upstream_reachable(url):
+        return Check("upstream", "ok", f"{url} answers")
+    fallback = " (`serve` would fall back to the sandbox: no real images)" \
+        if sandbox == "auto" else ""
+    return Check("upstream", "fail", f"{url} does not answer{fallback}",
+                 "check the internet connection and BLOCKRUN_API_URL")
+
+
+def check_balance(health: dict[str, Any] | None, low: float) -> Check:
+    balance = (health or {}).get("balance_usd")
+    if balance is None:
+        return Check("balance", "skip", "unknown (needs a running gateway that reports it)")
+    if health and health.get("sandbox"):
+        return Check("balance", "ok", f"${balance} (sandbox)")
+    if float(balance) < low:
+        return Check("balance", "fail", f"${balance} USDC is below ${low}",
+                     f"send USDC on Base to {health.get('wallet') if health else 'the wallet'}")
+    return Check("balance", "ok", f"${balance} USDC")
+

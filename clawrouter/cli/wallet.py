@@ -1,0 +1,424 @@
+"""`clawrouter wallet`: show the wallet the gateway pays with, and create, import or export its key.
+
+The key in use follows the settings (`load_settings`): `BLOCKRUN_WALLET_KEY` (or `wallet_key`)
+when set, else `$CLAWROUTER_HOME/wallet.key`. Key files are written with mode 0600 and never
+overwritten: `import --force` first keeps the old key as `wallet.key.bak-<time>`. A private key
+is printed by `wallet export` only, after confirmation; error messages never contain it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from clawrouter.catalog import MICRO, format_usd
+from clawrouter.config import Settings, load_settings
+from clawrouter.payment.networks import NETWORKS, Network
+from clawrouter.payment.wallet import WalletError, check_key, create_key_file
+
+KEY_FILE = "wallet.key"
+ENV_KEY = "BLOCKRUN_WALLET_KEY"
+CIRCLE_FAUCET = "https://faucet.circle.com"
+_BARE_HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _blockrun_files() -> list[Path]:
+    """BlockRun's SDK wallet, then its legacy location (blockrun-api.md §10)."""
+    return [Path.home() / ".blockrun" / ".session", Path.home() / ".blockrun" / "wallet.key"]
+
+
+def _clawrouter_files() -> list[Path]:
+    """The wallet of ClawRouter, the OpenClaw plugin."""
+    return [Path.home() / ".openclaw" / "blockrun" / "wallet.key"]
+
+
+IMPORT_SOURCES: dict[str, Callable[[], list[Path]]] = {
+    "blockrun": _blockrun_files, "clawrouter": _clawrouter_files}
+
+
+class _Exit(Exception):
+    """Stop the command with a message on stderr and an exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def register(commands: Any) -> None:
+    p = commands.add_parser(
+        "wallet", help="show the wallet, its USDC balance and how to fund it",
+        description="Show the wallet the gateway pays with: address, network, USDC balance and "
+                    "how to fund it. Subcommands create, import or export its key.")
+    _config_option(p, argparse_default=None)
+    p.add_argument("--json", action="store_true", help="print the wallet as JSON")
+    p.set_defaults(run=_command(run_show))
+    actions = p.add_subparsers(dest="wallet_action", metavar="ACTION")
+
+    c = actions.add_parser("create", help="create a new wallet key (refuses to replace one)",
+                           description=f"Create $CLAWROUTER_HOME/{KEY_FILE} (mode 0600) and "
+                                       "print the new wallet's address. Refuses if it exists.")
+    _config_option(c)
+    c.set_defaults(run=_command(run_create))
+
+    i = actions.add_parser(
+        "import", help="import a key from stdin, BlockRun's SDK or ClawRouter",
+        description=f"Import a private key into $CLAWROUTER_HOME/{KEY_FILE}: from standard "
+                    "input (echo 0x... | clawrouter wallet import), or with --from from "
+                    "BlockRun's SDK (~/.blockrun/.session, legacy ~/.blockrun/wallet.key) or "
+                    "ClawRouter (~/.openclaw/blockrun/wallet.key). Shows the address and asks "
+                    "for confirmation first.")
+    _config_option(i)
+    i.add_argument("--from", dest="source", choices=sorted(IMPORT_SOURCES),
+                   help="import the wallet of another BlockRun client instead of stdin")
+    i.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    i.add_argument("--force", action="store_true",
+                   help=f"replace an existing {KEY_FILE} (the old one is kept as "
+                        f"{KEY_FILE}.bak-<time>)")
+    i.set_defaults(run=_command(run_import))
+
+    e = actions.add_parser("export", help="print the private key (asks first)",
+                           description="Print the private key of the wallet in use, after "
+                                       "confirmation. Anyone holding it can spend the funds.")
+    _config_option(e)
+    e.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    e.set_defaults(run=_command(run_export))
+
+
+def _config_option(parser: argparse.ArgumentParser,
+                   argparse_default: Any = argparse.SUPPRESS) -> None:
+    # SUPPRESS on subcommands, so `wallet --config X create` keeps X instead of the
+    # subcommand's own default overwriting it.
+    parser.add_argument("--config", default=argparse_default,
+                        help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
+
+
+def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except _Exit as exc:
+            print(f"clawrouter: {exc}", file=sys.stderr)
+            return exc.code
+        except WalletError as exc:  # its message never contains the key
+            print(f"clawrouter: {exc}", file=sys.stderr)
+            return 2
+    return run
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    try:
+        return load_settings(getattr(args, "config", None))
+    except (ValueError, FileNotFoundError) as exc:
+        raise _Exit(2, f"invalid configuration: {exc}") from None
+
+
+# --- the key in use -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KeyInUse:
+    key: str
+    source: str  # "env" (BLOCKRUN_WALLET_KEY), "setting" (wallet_key) or "file"
+    path: Path  # the key file (ignored while an environment key is set)
+
+    def __repr__(self) -> str:  # keep the key out of tracebacks
+        return f"KeyInUse(source={self.source!r}, path={self.path!r})"
+
+    @property
+    def address(self) -> str:
+        return address_of(self.key)
+
+    def describe(self) -> str:
+        if self.source == "env":
+            return f"environment variable {ENV_KEY} (in use; takes precedence over {self.path})"
+        if self.source == "setting":
+            return f"the wallet_key setting (in use; takes precedence over {self.path})"
+        return str(self.path)
+
+
+def key_in_use(settings: Settings) -> KeyInUse | None:
+    """The key the gateway would pay with, or None when it would create a new one."""
+    path = settings.home / KEY_FILE
+    if settings.wallet_key is not None:
+        env = bool(os.environ.get(ENV_KEY))
+        key = check_key(settings.wallet_key.get_secret_value(), ENV_KEY if env else "wallet_key")
+        return KeyInUse(key, "env" if env else "setting", path)
+    if path.exists():
+        return KeyInUse(check_key(path.read_text(), str(path)), "file", path)
+    return None
+
+
+def address_of(key: str) -> str:
+    from eth_account import Account
+
+    return Account.from_key(key).address
+
+
+def _override_note(settings: Settings, path: Path) -> str | None:
+    """A note for create/import when the file is not the key in use."""
+    if settings.wallet_key is None:
+        return None
+    name = ENV_KEY if os.environ.get(ENV_KEY) else "the wallet_key setting"
+    return (f"note: {name} is set, so the gateway pays with that key, not with {path}, "
+            f"until it is unset.")
+
+
+# --- wallet (show) ------------------------------------------------------------------------------
+def run_show(args: argparse.Namespace) -> int:
+    from clawrouter.payment.balance import rpc_urls_for, usdc_balance
+
+    settings = _settings(args)
+    found = key_in_use(settings)
+    if found is None:
+        raise _Exit(1, f"no wallet yet ({settings.home / KEY_FILE} does not exist): create "
+                       "one with `clawrouter wallet create`, import one with `clawrouter "
+                       f"wallet import`, or set {ENV_KEY}")
+    address = found.address
+    network = NETWORKS[settings.network]
+    micro = asyncio.run(usdc_balance(address, network,
+                                     rpc_urls_for(network, settings.rpc_urls)))
+    usd = None if micro is None else micro / MICRO
+    low = None if usd is None else usd < settings.low_balance_usd
+    info = {
+        "address": address,
+        "network": network.name,
+        "chain_id": network.chain_id,
+        "caip2": network.caip2,
+        "testnet": network.testnet,
+        "usdc_contract": network.usdc,
+        "key_source": found.source,
+        "key_file": str(found.path) if found.source == "file" else None,
+        "balance_micro": micro,
+        "balance_usd": usd,
+        "low": low,
+        "low_balance_usd": settings.low_balance_usd,
+        "fund": funding_instructions(address, network),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    if micro is None:
+        balance = "unavailable (offline?)"
+    else:
+        balance = f"{format_usd(micro)[1:]} USDC"
+        if low:
+            balance += f"  (low: below {format_usd(round(settings.low_balance_usd * MICRO))})"
+    rows = [("Address", address),
+            ("Network", f"{network_title(network)} ({network.name}, chain id "
+                        f"{network.chain_id}{', testnet' if network.testnet else ''})"),
+            ("Key", found.describe()),
+            ("Balance", balance)]
+    for label, value in rows:
+        print(f"{label:<9}{value}")
+    print()
+    print("How to fund it")
+    for line in funding_instructions(address, network).split("\n"):
+        print(f"  {line}")
+    return 0
+
+
+def network_title(network: Network) -> str:
+    return network.name.replace("-", " ").title()
+
+
+def funding_instructions(address: str, network: Network) -> str:
+    """What to send where. Sending the wrong asset or chain is how ClawRouter users lost funds
+    (ClawRouter #96: SOL sent instead of USDC), so name asset, chain and contract."""
+    chain = network_title(network)
+    lines = [f"Send USDC on {chain} (chain id {network.chain_id}) to {address}.",
+             "Only USDC on this network pays for images: ETH, SOL, or USDC on any other chain "
+             "(Ethereum, Solana, ...) sent to this address cannot be used and may be lost.",
+             f"USDC contract on {chain}: {network.usdc}",
+             f"Check the balance: {network.explorer.replace('/tx/', '/address/')}{address}"]
+    if network.testnet:
+        lines.insert(1, f"This is a testnet: test USDC is free from the Circle faucet "
+                        f"{CIRCLE_FAUCET} (choose {chain}) and is worth nothing.")
+    return "\n".join(lines)
+
+
+# --- wallet create ------------------------------------------------------------------------------
+def run_create(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    path = settings.home / KEY_FILE
+    refusal = (f"{path} already exists; it was not changed (a key file is never "
+               "overwritten). `clawrouter wallet` shows its address.")
+    if path.exists():
+        raise _Exit(1, refusal)
+    try:
+        key = create_key_file(path)
+    except FileExistsError:
+        raise _Exit(1, refusal) from None
+    print(address_of(key))
+    print(f"created {path} (mode 0600); back it up: it is the only copy of this wallet's key.",
+          file=sys.stderr)
+    if note := _override_note(settings, path):
+        print(note, file=sys.stderr)
+    return 0
+
+
+# --- wallet import ------------------------------------------------------------------------------
+def run_import(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    raw, origin = _read_import(args.source)
+    key = check_key(_with_prefix(raw), origin)
+    address = address_of(key)
+    path = settings.home / KEY_FILE
+    old_address = None
+    if path.exists():
+        old_raw = path.read_text()
+        try:
+            old_key = check_key(old_raw, str(path))
+            old_address = address_of(old_key)
+        except WalletError:
+            old_key, old_address = None, "unreadable key"
+        if old_key is not None and old_key.lower() == key.lower():
+            print(address)
+            print(f"{path} already holds this wallet; nothing to do.", file=sys.stderr)
+            return 0
+        if not args.force:
+            raise _Exit(1, f"{path} already exists (wallet {old_address}); it was not "
+                           "changed. Re-run with --force to replace it (the old key is kept "
+                           f"as {KEY_FILE}.bak-<time>).")
+    print(f"Importing wallet {address}", file=sys.stderr)
+    print(f"  from {origin}", file=sys.stderr)
+    print(f"  into {path}" + (f", replacing wallet {old_address} (kept as a backup)"
+                              if old_address else ""), file=sys.stderr)
+    if not args.yes:
+        answer = confirm(f"Import wallet {address}?")
+        if answer is None:
+            raise _Exit(1, "no terminal to confirm on; nothing was imported. Re-run with "
+                           "--yes to import without asking.")
+        if not answer:
+            raise _Exit(1, "nothing was imported.")
+    if old_address is not None:
+        backup = backup_key_file(path)
+        print(f"kept the old key as {backup}", file=sys.stderr)
+        replace_key_file(path, key)
+    else:
+        try:
+            write_private(path, key + "\n")
+        except FileExistsError:
+            raise _Exit(1, f"{path} appeared meanwhile; it was not changed.") from None
+    print(address)
+    print(f"imported into {path} (mode 0600)", file=sys.stderr)
+    if note := _override_note(settings, path):
+        print(note, file=sys.stderr)
+    return 0
+
+
+def _read_import(source: str | None) -> tuple[str, str]:
+    """The key text to import and where it came from (never echoed)."""
+    if source is None:
+        if sys.stdin is None:
+            raise _Exit(2, "no key given: pipe it on standard input or use --from")
+        if sys.stdin.isatty():
+            raw = getpass.getpass("Private key to import (0x..., not shown): ")
+        else:
+            raw = sys.stdin.read(4096)
+        if not raw.strip():
+            raise _Exit(2, "no key on standard input: echo 0x... | clawrouter wallet import")
+        return raw, "standard input"
+    candidates = IMPORT_SOURCES[source]()
+    for path in candidates:
+        if path.is_file():
+            return path.read_text(), str(path)
+    raise _Exit(1, f"no {source} wallet found (looked for "
+                   f"{', '.join(str(p) for p in candidates)})")
+
+
+def _with_prefix(raw: str) -> str:
+    """BlockRun's SDKs accept a key without `0x`; so do we."""
+    raw = raw.strip()
+    return "0x" + raw if _BARE_HEX_KEY.match(raw) else raw
+
+
+def confirm(question: str) -> bool | None:
+    """Ask on the controlling terminal (stdin may be the key); None when there is none."""
+    try:
+        tty = open("/dev/tty", "r+", encoding="utf-8")
+    except OSError:
+        if sys.stdin is not None and sys.stdin.isatty():  # e.g. Windows
+            return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+        return None
+    with tty:
+        tty.write(f"{question} [y/N] ")
+        tty.flush()
+        return tty.readline().strip().lower() in ("y", "yes")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Create `path` with mode 0600 and `text`, durably; never replaces an existing file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def backup_key_file(path: Path) -> Path:
+    """Copy the key file to `<name>.bak-<time>` (0600, a name not yet taken)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = path.read_text()
+    for suffix in ("", *(f"-{i}" for i in range(1, 100))):
+        backup = path.with_name(f"{path.name}.bak-{stamp}{suffix}")
+        try:
+            write_private(backup, text)
+            return backup
+        except FileExistsError:
+            continue
+    raise _Exit(1, f"cannot find a free backup name next to {path}; nothing was changed")
+
+
+def replace_key_file(path: Path, key: str) -> None:
+    """Swap in a new key atomically (the old one must already be backed up)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_private(tmp, key + "\n")
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- wallet export ------------------------------------------------------------------------------
+def run_export(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    found = key_in_use(settings)
+    if found is None:
+        raise _Exit(1, f"no wallet yet ({settings.home / KEY_FILE} does not exist); nothing "
+                       "to export")
+    address = found.address
+    print(f"WARNING: this prints the private key of wallet {address}. Anyone who has it can "
+          "spend all of this wallet's funds: never paste it into a chat, a website, an issue "
+          "or a repository.", file=sys.stderr)
+    if found.source != "file":
+        print(f"This is the key from {found.describe()}.", file=sys.stderr)
+    if not args.yes:
+        answer = confirm("Print the private key?")
+        if answer is None:
+            raise _Exit(1, "no terminal to confirm on; the key was not printed. Re-run with "
+                           "--yes to print it.")
+        if not answer:
+            raise _Exit(1, "the key was not printed.")
+    print(found.key)
+    return 0

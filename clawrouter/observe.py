@@ -1,0 +1,146 @@
+"""Metrics (Prometheus text via prometheus-client) and one JSON log line per request.
+
+Logs never contain prompts (unless `log_prompts`), images, payment headers or keys: the line is
+built from an allowlist of fields, not from the request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+access_log = logging.getLogger("clawrouter.access")
+
+#: label values for routes; anything else is "other" (bounded label cardinality)
+ROUTES = {
+    "/v1/images/generations": "generations", "/images/generations": "generations",
+    "/v1/images/image2image": "image2image", "/images/image2image": "image2image",
+    "/v1/images/edits": "edits", "/images/edits": "edits",
+}
+QUIET_PREFIXES = ("/images/", "/health", "/healthz", "/readyz", "/metrics")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5)
+
+
+class Metrics:
+    """One registry per app, so several gateways in one process keep separate numbers."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("clawrouter_requests", "Requests by route, model and status",
+                                ["route", "model", "status"], registry=r)
+        self.latency = Histogram("clawrouter_request_seconds", "Total request latency",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream = Histogram("clawrouter_upstream_seconds",
+                                  "Time spent waiting on the upstream (incl. polling)",
+                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram("clawrouter_overhead_seconds",
+                                  "Gateway time: total minus upstream", ["route"],
+                                  buckets=OVERHEAD_BUCKETS, registry=r)
+        self.images = Counter("clawrouter_images", "Images delivered", ["model"], registry=r)
+        self.spent = Counter("clawrouter_spent_usd", "USD signed for settled payments",
+                             ["model"], registry=r)
+        self.payments = Counter("clawrouter_payments", "Signed payments by outcome",
+                                ["outcome"], registry=r)
+        self.in_flight = Gauge("clawrouter_requests_in_flight", "Requests being served",
+                               registry=r)
+
+    def payment(self, outcome: str, amount: int, model: str) -> None:
+        self.payments.labels(outcome).inc()
+        if outcome == "settled":
+            self.spent.labels(model).inc(amount / 1_000_000)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Observe:
+    """Count, time and log every request (pure ASGI: a few microseconds each)."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, log_prompts: bool = False) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log_prompts = log_prompts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        self.metrics.in_flight.inc()
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            self.metrics.in_flight.dec()
+            self._record(scope, status, time.perf_counter() - started)
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        path = scope["path"]
+        route = ROUTES.get(path, "other")
+        st = scope.get("state", {})
+        obs: dict[str, Any] = st.get("obs", {})
+        model = obs.get("model", "")
+        m = self.metrics
+        m.requests.labels(route, model, str(status)).inc()
+        m.latency.labels(route).observe(seconds)
+        upstream = obs.get("upstream_ms")
+        if upstream is not None:
+            m.upstream.labels(route).observe(upstream / 1000)
+            m.overhead.labels(route).observe(max(0.0, seconds - upstream / 1000))
+        if status == 200 and obs.get("images"):
+            m.images.labels(model).inc(obs["images"])
+        if path.startswith(QUIET_PREFIXES) and status < 400:
+            return
+        line: dict[str, Any] = {
+            "request_id": st.get("request_id"), "method": scope["method"], "route": path,
+            "model": model or None, "status": status, "latency_ms": round(seconds * 1000, 2),
+            "upstream_ms": round(upstream, 2) if upstream is not None else None,
+            "overhead_ms": round(seconds * 1000 - upstream, 2) if upstream is not None else None,
+            "cost_usd": obs["amount"] / 1_000_000 if obs.get("amount") else 0.0,
+            "outcome": _outcome(status, st.get("error_code")),
+        }
+        if self.log_prompts and obs.get("prompt"):
+            line["prompt"] = obs["prompt"]
+        access_log.info(json.dumps(line, separators=(",", ":")))
+
+
+def _outcome(status: int, code: str | None) -> str:
+    if status < 400:
+        return "ok"
+    return code or ("client_error" if status < 500 else "error")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "clawrouter.access":
+            return record.getMessage()
+        line = {"time": round(record.created, 3), "level": record.levelname.lower(),
+                "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        return json.dumps(line, separators=(",", ":"))
+
+
+def setup_logging(level: str) -> None:
+    """JSON lines on stderr for our loggers and uvicorn's."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    for name in ("clawrouter", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(level.upper())
+        logger.propagate = False

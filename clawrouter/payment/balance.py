@@ -1,0 +1,225 @@
+"""The wallet's USDC balance, read on chain: `balanceOf(address)` by JSON-RPC `eth_call`.
+
+BlockRun has no balance endpoint for the wallet rail (blockrun-api.md §11), so we ask a public
+Base RPC. Each configured RPC is tried in order with a short timeout; when all fail we report
+"unknown" (None), never a fake 0 — a 0 would tell the user to fund a wallet that may be full.
+
+RPC URLs can carry provider API keys in their path or query, so messages name the host only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import Sequence
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from clawrouter.catalog import MICRO
+from clawrouter.config import Settings
+from clawrouter.payment.networks import NETWORKS, Network
+
+BALANCE_OF = "0x70a08231"  # keccak("balanceOf(address)")[:4]
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_WORD = re.compile(r"^0x[0-9a-fA-F]{1,64}$")
+_MAX_BODY = 64 * 1024
+
+#: the settings' default RPCs, which are Base mainnet's
+MAINNET_RPC_URLS: tuple[str, ...] = tuple(Settings.model_fields["rpc_urls"].default)
+#: used instead of the mainnet default when another network is configured without RPC URLs
+DEFAULT_RPC_URLS: dict[str, tuple[str, ...]] = {
+    "base": MAINNET_RPC_URLS,
+    "base-sepolia": ("https://sepolia.base.org", "https://base-sepolia-rpc.publicnode.com"),
+}
+
+
+class BalanceUnavailable(RuntimeError):
+    """No RPC answered with a balance; the message says why, per RPC host."""
+
+
+def rpc_urls_for(network: Network | str, configured: Sequence[str]) -> list[str]:
+    """The RPCs to ask: the configured ones, except that the (mainnet) default RPC list on a
+    testnet means "not configured" and becomes that network's public RPC."""
+    name = network.name if isinstance(network, Network) else network
+    if tuple(configured) == MAINNET_RPC_URLS:
+        return list(DEFAULT_RPC_URLS.get(name, configured))
+    return list(configured)
+
+
+def balance_of_call(address: str, network: Network | str) -> dict[str, Any]:
+    """The `eth_call` transaction object: USDC's `balanceOf(address)`."""
+    if not _ADDRESS.match(address):
+        raise ValueError(f"not an address: {address!r}")
+    usdc = _network(network).usdc
+    return {"to": usdc, "data": BALANCE_OF + address[2:].lower().rjust(64, "0")}
+
+
+async def fetch_usdc_balance(address: str, network: Network | str, rpc_urls: Sequence[str], *,
+                             timeout: float = 3.0,
+                             session: aiohttp.ClientSession | None = None) -> int:
+    """The balance in micro-USDC from the first RPC that answers (each gets `timeout` seconds);
+    raises `BalanceUnavailable` when none does."""
+    call = balance_of_call(address, network)
+    if not rpc_urls:
+        raise BalanceUnavailable("no RPC URLs configured")
+    owned = session is None
+    session = session or aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+    failures = []
+    try:
+        for url in rpc_urls:
+            try:
+                return await asyncio.wait_for(_eth_call(session, url, call), timeout)
+            except asyncio.TimeoutError:
+                failures.append(f"{_host(url)}: no answer within {timeout:g} s")
+            except (aiohttp.ClientError, OSError, ValueError) as exc:
+                failures.append(f"{_host(url)}: {_reason(exc)}")
+    finally:
+        if owned:
+            await session.close()
+    raise BalanceUnavailable("; ".join(failures))
+
+
+async def usdc_balance(address: str, network: Network | str, rpc_urls: Sequence[str], *,
+                       timeout: float = 3.0,
+                       session: aiohttp.ClientSession | None = None) -> int | None:
+    """The balance in micro-USDC, or None when no RPC answered (offline)."""
+    try:
+        return await fetch_usdc_balance(address, network, rpc_urls, timeout=timeout,
+                                        session=session)
+    except BalanceUnavailable:
+        return None
+
+
+async def _eth_call(session: aiohttp.ClientSession, url: str, call: dict[str, Any]) -> int:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "eth_call", "params": [call, "latest"]}
+    async with session.post(url, json=body, allow_redirects=False) as resp:
+        if resp.status != 200:
+            raise ValueError(f"HTTP {resp.status}")
+        raw = await resp.content.read(_MAX_BODY + 1)
+    if len(raw) > _MAX_BODY:
+        raise ValueError("answer too large")
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        raise ValueError("answer is not JSON") from None
+    if not isinstance(answer, dict):
+        raise ValueError("answer is not a JSON-RPC response")
+    if answer.get("error") is not None:
+        error = answer["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        raise ValueError(f"RPC error: {str(message)[:120]}")
+    result = answer.get("result")
+    if not isinstance(result, str) or not _WORD.match(result):
+        # "0x" is what a chain without the USDC contract answers: a wrong RPC, not a 0 balance.
+        raise ValueError(f"unexpected result {str(result)[:80]!r} (is this RPC on the "
+                         "right chain?)")
+    return int(result, 16)
+
+
+def _network(network: Network | str) -> Network:
+    return network if isinstance(network, Network) else NETWORKS[network]
+
+
+def _host(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else "?"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "cannot connect"
+    return str(exc) or type(exc).__name__
+
+
+class BalanceMonitor:
+    """Keeps a recent balance for `/health` without ever looking it up on the request path.
+
+    `start()` runs a background task: a positive balance is re-read every `interval` seconds; a
+    zero balance sooner (`retry_min`: the user is probably funding it right now); a failure is
+    retried with exponential backoff from `retry_min` to `retry_max`. After a failure the last
+    known balance stays in the snapshot, with its `checked` time and the `error`.
+    """
+
+    def __init__(self, address: str, network: Network | str, rpc_urls: Sequence[str], *,
+                 low_balance_usd: float = 1.0, interval: float = 30.0, retry_min: float = 5.0,
+                 retry_max: float = 300.0, timeout: float = 3.0,
+                 session: aiohttp.ClientSession | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        balance_of_call(address, network)  # fail now on a bad address or network
+        self.address = address
+        self.network = _network(network)
+        self.rpc_urls = list(rpc_urls)
+        self.low_balance_usd = low_balance_usd
+        self.interval = interval
+        self.retry_min = retry_min
+        self.retry_max = retry_max
+        self.timeout = timeout
+        self._session = session
+        self._owns_session = session is None
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._micro: int | None = None
+        self._checked: float | None = None
+        self._error: str | None = None
+        self._failures = 0
+
+    @classmethod
+    def from_settings(cls, address: str, settings: Settings, **kwargs: Any) -> BalanceMonitor:
+        return cls(address, settings.network, rpc_urls_for(settings.network, settings.rpc_urls),
+                   low_balance_usd=settings.low_balance_usd, **kwargs)
+
+    def start(self) -> None:
+        """Launch the refresh loop (call from a running event loop; idempotent)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                name="balance-monitor")
+
+    def snapshot(self) -> dict[str, Any]:
+        """What `/health` shows; `None` values mean "not known (yet)"."""
+        micro = self._micro
+        usd = None if micro is None else micro / MICRO
+        return {"balance_usd": usd,
+                "low": None if usd is None else usd < self.low_balance_usd,
+                "checked": self._checked, "error": self._error}
+
+    async def refresh(self) -> int | None:
+        """Look the balance up once now and update the snapshot."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        try:
+            micro = await fetch_usdc_balance(self.address, self.network, self.rpc_urls,
+                                             timeout=self.timeout, session=self._session)
+        except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+            self._failures += 1
+            self._error = str(exc) or type(exc).__name__
+            return None
+        self._micro, self._checked, self._error, self._failures = micro, self._clock(), None, 0
+        return micro
+
+    def next_delay(self) -> float:
+        """Seconds until the next lookup, from the outcome of the last one."""
+        if self._failures:
+            return min(self.retry_max, self.retry_min * 2 ** (self._failures - 1))
+        if self._micro == 0:
+            return min(self.interval, self.retry_min)
+        return self.interval
+
+    async def _run(self) -> None:
+        while True:
+            await self.refresh()
+            await asyncio.sleep(self.next_delay())
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,226 @@
+"""The USDC balance over JSON-RPC `eth_call`, against a real fake RPC server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from clawrouter.payment.balance import (
+    BALANCE_OF,
+    DEFAULT_RPC_URLS,
+    MAINNET_RPC_URLS,
+    BalanceMonitor,
+    fetch_usdc_balance,
+    rpc_urls_for,
+    usdc_balance,
+)
+from clawrouter.payment.networks import NETWORKS
+from tests.servers import ServerThread, free_port
+
+ADDRESS = "0x1563915e194D8CfBA1943570603F7606A3115508"
+
+
+class FakeRpc:
+    """A JSON-RPC endpoint answering `eth_call` with `balance` (micro-USDC) as a uint256 word."""
+
+    def __init__(self, balance: int = 0) -> None:
+        self.balance = balance
+        self.delay = 0.0
+        self.status = 200
+        self.answer: dict[str, Any] | None = None  # replaces the normal answer when set
+        self.requests: list[dict[str, Any]] = []
+        self.server = ServerThread(Starlette(routes=[Route("/", self._handle,
+                                                           methods=["POST"])]))
+
+    @property
+    def url(self) -> str:
+        return self.server.url + "/"
+
+    async def _handle(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.status != 200:
+            return Response("unavailable", status_code=self.status)
+        answer = self.answer or {"result": f"0x{self.balance:064x}"}
+        return JSONResponse({"jsonrpc": "2.0", "id": body.get("id"), **answer})
+
+    def __enter__(self) -> FakeRpc:
+        self.server.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+
+
+@pytest.fixture
+def rpc():
+    with FakeRpc() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def slow_rpc():
+    with FakeRpc(balance=999) as server:
+        server.delay = 1.0  # far beyond the 0.2-0.3 s timeouts below, short at teardown
+        yield server
+
+
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}/"
+
+
+def test_balance_is_read_with_balance_of_on_the_usdc_contract(rpc):
+    rpc.balance = 12_345_678
+    assert asyncio.run(usdc_balance(ADDRESS, "base-sepolia", [rpc.url])) == 12_345_678
+    (request,) = rpc.requests
+    assert request["jsonrpc"] == "2.0" and request["method"] == "eth_call"
+    call, block = request["params"]
+    assert block == "latest"
+    assert call["to"] == NETWORKS["base-sepolia"].usdc
+    assert call["data"][:10] == BALANCE_OF == "0x70a08231"
+    assert call["data"][10:] == "0" * 24 + ADDRESS[2:].lower()
+    assert len(call["data"]) == 2 + 8 + 64
+
+
+def test_mainnet_uses_the_mainnet_contract(rpc):
+    rpc.balance = 0
+    assert asyncio.run(usdc_balance(ADDRESS, NETWORKS["base"], [rpc.url])) == 0
+    assert rpc.requests[0]["params"][0]["to"] == NETWORKS["base"].usdc
+
+
+def test_a_down_or_slow_rpc_falls_through_to_the_next(rpc, slow_rpc):
+    rpc.balance = 7
+    start = time.monotonic()
+    got = asyncio.run(usdc_balance(ADDRESS, "base", [dead_url(), slow_rpc.url, rpc.url],
+                                   timeout=0.3))
+    assert got == 7
+    assert time.monotonic() - start < 2.0
+
+
+@pytest.mark.parametrize("answer", [
+    {"error": {"code": -32000, "message": "execution reverted"}},
+    {"result": "0x"},  # no contract at that address: a wrong chain, not an empty wallet
+    {"result": "not hex"},
+])
+def test_rpc_errors_and_odd_results_are_failures_not_zero(rpc, answer):
+    rpc.answer = answer
+    assert asyncio.run(usdc_balance(ADDRESS, "base", [rpc.url])) is None
+
+
+def test_http_errors_fall_through(rpc):
+    good = FakeRpc(balance=5)
+    with good:
+        rpc.status = 503
+        assert asyncio.run(usdc_balance(ADDRESS, "base", [rpc.url, good.url])) == 5
+
+
+def test_all_down_is_none_within_the_timeout(slow_rpc):
+    start = time.monotonic()
+    got = asyncio.run(usdc_balance(ADDRESS, "base", [dead_url(), slow_rpc.url], timeout=0.3))
+    assert got is None
+    assert time.monotonic() - start < 1.5
+
+
+def test_failure_reasons_name_hosts_not_urls(slow_rpc):
+    secret_url = f"http://127.0.0.1:{free_port()}/v2/SECRET-API-KEY"
+    with pytest.raises(Exception) as err:
+        asyncio.run(fetch_usdc_balance(ADDRESS, "base", [secret_url, slow_rpc.url],
+                                       timeout=0.2))
+    message = str(err.value)
+    assert "cannot connect" in message and "no answer within 0.2 s" in message
+    assert "SECRET" not in message
+
+
+def test_no_rpc_urls_is_unavailable():
+    assert asyncio.run(usdc_balance(ADDRESS, "base", [])) is None
+
+
+def test_bad_address_is_refused():
+    with pytest.raises(ValueError):
+        asyncio.run(usdc_balance("0x1234", "base", ["http://127.0.0.1:1/"]))
+
+
+def test_rpc_defaults_per_network():
+    assert rpc_urls_for("base", MAINNET_RPC_URLS) == list(MAINNET_RPC_URLS)
+    sepolia = rpc_urls_for(NETWORKS["base-sepolia"], list(MAINNET_RPC_URLS))
+    assert sepolia == list(DEFAULT_RPC_URLS["base-sepolia"])
+    assert sepolia[0] == "https://sepolia.base.org"
+    assert rpc_urls_for("base-sepolia", ["http://x/"]) == ["http://x/"]
+
+
+async def _wait(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def test_monitor_snapshot_goes_from_unknown_to_value_to_low(rpc):
+    async def main() -> None:
+        rpc.balance = 5_000_000
+        monitor = BalanceMonitor(ADDRESS, "base-sepolia", [rpc.url], low_balance_usd=1.0,
+                                 interval=0.05, retry_min=0.05, timeout=1.0)
+        assert monitor.snapshot() == {"balance_usd": None, "low": None, "checked": None,
+                                      "error": None}
+        monitor.start()
+        await _wait(lambda: monitor.snapshot()["balance_usd"] == 5.0)
+        snap = monitor.snapshot()
+        assert snap["low"] is False and snap["error"] is None
+        assert abs(snap["checked"] - time.time()) < 5
+
+        rpc.balance = 250_000
+        await _wait(lambda: monitor.snapshot()["low"] is True)
+        assert monitor.snapshot()["balance_usd"] == 0.25
+
+        rpc.status = 502  # the RPC goes away: the last balance stays, with the error
+        await _wait(lambda: monitor.snapshot()["error"] is not None)
+        assert monitor.snapshot()["balance_usd"] == 0.25
+        assert "HTTP 502" in monitor.snapshot()["error"]
+
+        rpc.status, rpc.balance = 200, 3_000_000
+        await _wait(lambda: monitor.snapshot()["error"] is None
+                    and monitor.snapshot()["balance_usd"] == 3.0)
+        task = monitor._task
+        await monitor.aclose()
+        assert task is not None and task.done()
+
+    asyncio.run(main())
+
+
+def test_monitor_backs_off_on_failure_and_rechecks_zero_sooner(rpc):
+    async def main() -> None:
+        monitor = BalanceMonitor(ADDRESS, "base", [dead_url()], interval=30, retry_min=1,
+                                 retry_max=5)
+        delays = []
+        for _ in range(5):
+            assert await monitor.refresh() is None
+            delays.append(monitor.next_delay())
+        assert delays == [1, 2, 4, 5, 5]
+        assert monitor.snapshot()["balance_usd"] is None
+        assert "cannot connect" in monitor.snapshot()["error"]
+
+        monitor.rpc_urls = [rpc.url]
+        rpc.balance = 0
+        assert await monitor.refresh() == 0
+        assert monitor.next_delay() == 1  # an empty wallet is probably being funded
+        assert monitor.snapshot()["low"] is True
+        rpc.balance = 2_000_000
+        await monitor.refresh()
+        assert monitor.next_delay() == 30
+        await monitor.aclose()
+
+    asyncio.run(main())
+
+
+def test_monitor_refuses_a_bad_address():
+    with pytest.raises(ValueError):
+        BalanceMonitor("not-an-address", "base", [])
