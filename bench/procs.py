@@ -92,7 +92,27 @@ class Server:
         self.stop()
         raise RuntimeError(f"{self.name} did not answer /health within {timeout:.0f} s")
 
+    def profile(self, out: Path, rate: int = 250) -> None:
+        """Sample this server with py-spy (folded stacks to `out`) until it stops."""
+        spy = Path(PYTHON).with_name("py-spy")
+        if not spy.exists():
+            raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self._spy = subprocess.Popen(
+            [str(spy), "record", "--pid", str(self.pid), "--rate", str(rate), "--format",
+             "raw", "--output", str(out), "--nonblocking"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_die_with_parent)
+        time.sleep(0.5)  # let it attach before the load starts
+
     def stop(self) -> None:
+        spy = getattr(self, "_spy", None)
+        if spy is not None and spy.poll() is None:
+            os.kill(spy.pid, signal.SIGINT)  # py-spy writes its output on SIGINT
+            try:
+                spy.wait(15)
+            except subprocess.TimeoutExpired:
+                spy.kill()
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)

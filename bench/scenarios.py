@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -79,6 +80,8 @@ class Bench:
     upstream_latency_ms: float
     tag: str
     log: Callable[[str], None]
+    profile_dir: Path | None = None
+    scenario: str = ""
     _index: int = 0
     gateways: list[Server] = field(default_factory=list)
 
@@ -107,6 +110,8 @@ class Bench:
         gw = start_gateway(self.api, preauth=self.gateway_preauth if preauth is None else preauth,
                            name=name)
         self.gateways.append(gw)
+        if self.profile_dir is not None:
+            gw.profile(self.profile_dir / f"{self.scenario}-{name}.folded")
         return gw
 
     def stop_gateways(self) -> None:
@@ -352,6 +357,7 @@ SCENARIOS = {
 
 async def run_scenario(b: Bench, name: str) -> dict[str, Any]:
     t0 = time.monotonic()
+    b.scenario = name
     try:
         result = await SCENARIOS[name](b)
     except Exception as exc:  # one broken scenario must not lose the others' numbers

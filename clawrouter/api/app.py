@@ -10,7 +10,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI
 
 from clawrouter import __version__
-from clawrouter.api import errors, images, meta
+from clawrouter.api import errors, gallery, images, meta
 from clawrouter.api.middleware import ApiKey, BodyLimit, RequestId
 from clawrouter.observe import Metrics, Observe
 from clawrouter.coalesce import Coalescer
@@ -89,6 +89,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     errors.install(app)
     app.include_router(images.router)
     app.include_router(meta.router)
+    app.include_router(gallery.router)
     app.add_route("/images/{name}", ImageServer(store))
     # add_middleware wraps: the last added is the outermost.
     app.add_middleware(BodyLimit, limit=4 * settings.max_image_bytes)

@@ -1,0 +1,221 @@
+"""The terminal tools as a user runs them: `clawrouter generate/edit/models/status/doctor/mcp` as
+real subprocesses against a real gateway on the sandbox upstream; `--json` to assert."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clawrouter import catalog
+from clawrouter.sandbox.images import make_png
+from tests.servers import free_port
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MY_COMMANDS = ("generate", "edit", "models", "status", "doctor", "mcp")
+
+
+def run(tmp_path: Path, *args: str, url: str | None = None, cwd: Path | None = None,
+        **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `clawrouter ARGS` with a private home and output directory."""
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
+    environ.update(CLAWROUTER_HOME=str(tmp_path / "cli-home"), CLAWROUTER_OUT=str(tmp_path / "out"),
+                   CLAWROUTER_URL=url or f"http://127.0.0.1:{free_port()}", **env)
+    return subprocess.run([sys.executable, "-m", "clawrouter", *args], env=environ, cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def as_json(proc: subprocess.CompletedProcess[str]) -> Any:
+    return json.loads(proc.stdout)  # the whole of stdout is one document
+
+
+# --- generate / edit -----------------------------------------------------------------------
+
+def test_generate_json_saves_pngs_and_reports_cost(tmp_path: Path, gateway: Any,
+                                                   sandbox: Any) -> None:
+    proc = run(tmp_path, "generate", "a red kite", "--model", "banana", "-n", "2", "--json",
+               url=gateway.url)
+    assert proc.returncode == 0, proc.stderr
+    out = as_json(proc)
+    assert out["model"] == "google/nano-banana"
+    assert out["cost_usd"] == "0.106"  # 2 × 0.05 × 1.05 + 0.001
+    assert len(out["images"]) == 2 and out["in_process"] is False
+    for image in out["images"]:
+        path = Path(image["path"])
+        assert path.parent == tmp_path / "out" and path.read_bytes().startswith(PNG_MAGIC)
+        assert image["url"] == f"{gateway.url}/images/{path.name}"
+    assert sandbox.paid() == 1
+
+
+def test_generate_prints_paths_urls_and_cost(tmp_path: Path, gateway: Any) -> None:
+    proc = run(tmp_path, "generate", "a red kite", "--out", str(tmp_path / "mine"),
+               url=gateway.url)
+    assert proc.returncode == 0, proc.stderr
+    saved = list((tmp_path / "mine").glob("*.png"))
+    assert len(saved) == 1
+    assert str(saved[0]) in proc.stdout and f"/images/{saved[0].name}" in proc.stdout
+    assert "$0.0535" in proc.stdout and "google/nano-banana" in proc.stdout
+
+
+def test_edit_sends_a_relative_local_path_as_absolute(tmp_path: Path, gateway: Any) -> None:
+    (tmp_path / "photo.png").write_bytes(make_png(64, 64, seed=3))
+    proc = run(tmp_path, "edit", "photo.png", "add a rainbow", "--json", url=gateway.url,
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = as_json(proc)
+    assert out["model"] == catalog.DEFAULT_EDIT_MODEL and out["cost_usd"] == "0.022"
+    assert Path(out["images"][0]["path"]).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_refused_request_exits_1_with_the_gateways_message(tmp_path: Path, gateway: Any,
+                                                              sandbox: Any) -> None:
+    proc = run(tmp_path, "edit", "/etc/passwd", "x", "--json", url=gateway.url)
+    assert proc.returncode == 1
+    assert "outside the allowed folders" in as_json(proc)["error"]["message"]
+    assert "outside the allowed folders" in proc.stderr
+    proc = run(tmp_path, "generate", "x", "--model", "dall-e-2", url=gateway.url)
+    assert proc.returncode == 1 and "Unknown image model" in proc.stderr and proc.stdout == ""
+    assert sandbox.paid() == 0
+
+
+def test_generate_runs_the_gateway_in_process_when_none_answers(tmp_path: Path) -> None:
+    proc = run(tmp_path, "generate", "a quiet harbour", "--json", CLAWROUTER_SANDBOX="true")
+    assert proc.returncode == 0, proc.stderr
+    out = as_json(proc)
+    assert out["in_process"] is True
+    assert Path(out["images"][0]["path"]).read_bytes().startswith(PNG_MAGIC)
+    assert "started one in this process" in proc.stderr
+
+
+def test_usage_and_configuration_errors_exit_2(tmp_path: Path) -> None:
+    assert run(tmp_path, "generate").returncode == 2
+    assert run(tmp_path, "generate", "x", "-n", "many").returncode == 2
+    proc = run(tmp_path, "generate", "x", CLAWROUTER_MAX_USD_PER_DAY="lots")
+    assert proc.returncode == 2 and "invalid configuration" in proc.stderr
+
+
+# --- models / status / doctor --------------------------------------------------------------
+
+def test_models_json_is_the_catalog(tmp_path: Path) -> None:
+    proc = run(tmp_path, "models", "--json")
+    assert proc.returncode == 0
+    cards = as_json(proc)["data"]
+    assert [c["id"] for c in cards] == [m.id for m in catalog.MODELS]
+    banana = cards[0]
+    assert banana["aliases"] == ["nano-banana", "banana"] and banana["edits"] is True
+    assert banana["prices"] == {"1024x1024": 0.0525}
+
+
+def test_models_table_lists_ids_aliases_sizes_prices_and_edits(tmp_path: Path) -> None:
+    proc = run(tmp_path, "models")
+    assert proc.returncode == 0
+    rows = [line for line in proc.stdout.splitlines() if line and "/" in line.split()[0]]
+    lines = {line.split()[0]: line for line in rows}
+    assert set(lines) == {m.id for m in catalog.MODELS}
+    gpt1 = lines["openai/gpt-image-1"]
+    assert "gpt-image" in gpt1 and "1536x1024" in gpt1 and "$0.021–$0.042" in gpt1
+    assert "mask" in gpt1 and lines["zai/cogview-4"].rstrip().endswith("no")
+
+
+def test_status_json_reports_health_spend_and_budget(tmp_path: Path, make_gateway: Any) -> None:
+    gateway = make_gateway(max_usd_per_day=3.0)
+    gateway.http.post("/v1/images/generations", json={"prompt": "x"}).raise_for_status()
+    proc = run(tmp_path, "status", "--json", url=gateway.url + "/v1")
+    assert proc.returncode == 0, proc.stderr
+    out = as_json(proc)
+    assert out["url"] == gateway.url
+    assert out["health"]["wallet"] == gateway.gw.address
+    assert out["spend"]["today"]["usd"] == pytest.approx(0.0535)
+    assert out["spend"]["budget"]["day"]["remaining_usd"] == pytest.approx(3.0 - 0.0535)
+    text = run(tmp_path, "status", url=gateway.url)
+    assert text.returncode == 0 and gateway.gw.address in text.stdout and "$0.0535" in text.stdout
+
+
+def test_status_without_a_gateway_exits_1(tmp_path: Path) -> None:
+    proc = run(tmp_path, "status")
+    assert proc.returncode == 1 and "No clawrouter gateway answers" in proc.stderr
+    assert not (tmp_path / "cli-home").exists()  # status never starts a gateway
+
+
+def doctor_home(tmp_path: Path, mode: int = 0o600) -> Path:
+    home = tmp_path / "cli-home"
+    home.mkdir()
+    key = home / "wallet.key"
+    key.write_text("0x" + "11" * 32 + "\n")
+    key.chmod(mode)
+    return home
+
+
+def test_doctor_json_all_ok_next_to_a_running_gateway(tmp_path: Path, gateway: Any,
+                                                      sandbox: Any) -> None:
+    doctor_home(tmp_path)
+    proc = run(tmp_path, "doctor", "--json", CLAWROUTER_PORT=str(gateway.server.port),
+               BLOCKRUN_API_URL=sandbox.api)
+    assert proc.returncode == 0, proc.stdout
+    out = as_json(proc)
+    status = {c["name"]: c["status"] for c in out["checks"]}
+    assert out["ok"] is True
+    assert status == {"config": "ok", "wallet": "ok", "data dir": "ok", "port": "ok",
+                      "upstream": "ok", "balance": "skip"}
+    port = next(c for c in out["checks"] if c["name"] == "port")
+    assert "serving clawrouter" in port["detail"]
+
+
+def test_doctor_names_each_failure_with_a_fix(tmp_path: Path) -> None:
+    home = doctor_home(tmp_path, mode=0o644)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = run(tmp_path, "doctor", "--json", CLAWROUTER_PORT=str(taken.getsockname()[1]),
+                   BLOCKRUN_API_URL=f"http://127.0.0.1:{free_port()}/api")
+    assert proc.returncode == 1
+    checks = {c["name"]: c for c in as_json(proc)["checks"]}
+    assert checks["wallet"]["status"] == "fail"
+    assert checks["wallet"]["fix"] == f"chmod 600 {home / 'wallet.key'}"
+    assert checks["port"]["status"] == "fail" and "CLAWROUTER_PORT" in checks["port"]["fix"]
+    assert checks["upstream"]["status"] == "fail" and checks["upstream"]["fix"]
+    text = run(tmp_path, "doctor", BLOCKRUN_API_URL=f"http://127.0.0.1:{free_port()}/api")
+    assert text.returncode == 1 and "fix: chmod 600" in text.stdout
+
+
+def test_doctor_reports_a_bad_configuration(tmp_path: Path) -> None:
+    proc = run(tmp_path, "doctor", "--json", CLAWROUTER_PORT="not-a-port")
+    assert proc.returncode == 1
+    config = as_json(proc)["checks"][0]
+    assert config["name"] == "config" and config["status"] == "fail" and config["fix"]
+
+
+# --- help ----------------------------------------------------------------------------------
+
+def _subparsers() -> dict[str, Any]:
+    import argparse
+
+    from clawrouter.cli import parser
+
+    action = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("command", MY_COMMANDS)
+def test_help_is_complete(tmp_path: Path, command: str) -> None:
+    proc = run(tmp_path, command, "--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+    help_text = " ".join(proc.stdout.split())
+    for action in _subparsers()[command]._actions:
+        assert action.help, f"{command}: {action.dest} has no help"
+        for option in action.option_strings:
+            assert option in help_text, f"{command} --help does not mention {option}"
+        if not action.option_strings and action.dest != "help":
+            assert (action.metavar or action.dest) in help_text
+
+
+def test_every_command_has_help(tmp_path: Path) -> None:
+    for command in _subparsers():
+        assert run(tmp_path, command, "--help").returncode == 0, command

@@ -1,0 +1,326 @@
+"""`clawrouter wallet` and `clawrouter stats` as real subprocesses: real files, exit codes, stdin.
+
+Every run gets its own session (no controlling terminal), so a confirmation prompt can never
+wait on the developer's terminal: without `--yes` the commands must refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from clawrouter.payment.ledger import FILENAME, Ledger, REJECTED, SETTLED
+from clawrouter.payment.networks import NETWORKS
+from tests.servers import ServerThread, free_port
+from tests.test_balance import FakeRpc
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "0x" + "4c" * 32
+OTHER_KEY = "0x" + "5d" * 32
+ADDRESS = Account.from_key(KEY).address
+OTHER_ADDRESS = Account.from_key(OTHER_KEY).address
+TX = "0x" + "ab" * 32
+
+
+class Cli:
+    def __init__(self, tmp_path: Path) -> None:
+        self.home = tmp_path / "user"
+        self.claw = self.home / ".clawrouter"
+        self.home.mkdir()
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
+        self.env.update(HOME=str(self.home), CLAWROUTER_HOME=str(self.claw),
+                        # offline by default: nothing listens on these ports
+                        CLAWROUTER_RPC_URLS=json.dumps([f"http://127.0.0.1:{free_port()}/"]),
+                        CLAWROUTER_PORT=str(free_port()))
+
+    @property
+    def key_file(self) -> Path:
+        return self.claw / "wallet.key"
+
+    def __call__(self, *args: str, input: str | None = None,
+                 **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "clawrouter", *args], input=input,
+                              capture_output=True, text=True, cwd=REPO, timeout=30,
+                              env={**self.env, **env}, start_new_session=True)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path)
+
+
+def write_key(cli: Cli, key: str) -> None:
+    cli.key_file.parent.mkdir(parents=True, exist_ok=True)
+    cli.key_file.write_text(key + "\n")
+    cli.key_file.chmod(0o600)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# --- create ---------------------------------------------------------------------------------
+def test_create_writes_a_private_key_once_and_prints_only_the_address(cli):
+    first = cli("wallet", "create")
+    assert first.returncode == 0, first.stderr
+    key = cli.key_file.read_text().strip()
+    assert mode(cli.key_file) == 0o600
+    assert first.stdout.strip() == Account.from_key(key).address
+    assert key not in first.stdout + first.stderr and key[2:] not in first.stdout + first.stderr
+
+    again = cli("wallet", "create")
+    assert again.returncode == 1
+    assert "already exists" in again.stderr and again.stdout == ""
+    assert cli.key_file.read_text().strip() == key
+
+
+# --- show -----------------------------------------------------------------------------------
+def test_wallet_offline_says_the_balance_is_unavailable(cli):
+    created = cli("wallet", "create")
+    assert created.returncode == 0
+    address = created.stdout.strip()
+    shown = cli("wallet")
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert address in out and "unavailable (offline?)" in out
+    assert "Base (base, chain id 8453)" in out
+    assert "Send USDC on Base" in out and "ETH, SOL" in out and NETWORKS["base"].usdc in out
+
+    as_json = cli("wallet", "--json")
+    assert as_json.returncode == 0
+    info = json.loads(as_json.stdout)
+    assert info["address"] == address and info["network"] == "base"
+    assert info["chain_id"] == 8453 and info["usdc_contract"] == NETWORKS["base"].usdc
+    assert info["balance_usd"] is None and info["low"] is None
+    assert info["key_source"] == "file"
+
+
+def test_wallet_without_a_key_points_to_create(cli):
+    shown = cli("wallet")
+    assert shown.returncode == 1 and "wallet create" in shown.stderr
+    assert not cli.key_file.exists()
+
+
+def test_wallet_shows_the_balance_from_the_configured_rpc(cli, tmp_path):
+    write_key(cli, KEY)
+    config = tmp_path / "custom.toml"
+    with FakeRpc(balance=12_345_678) as rpc:
+        config.write_text(f'network = "base-sepolia"\nrpc_urls = ["{rpc.url}"]\n')
+        del cli.env["CLAWROUTER_RPC_URLS"]  # the environment would win over the file
+        shown = cli("wallet", "--config", str(config))
+        assert shown.returncode == 0, shown.stderr
+        assert "12.345678 USDC" in shown.stdout and "low" not in shown.stdout
+        assert "chain id 84532, testnet" in shown.stdout
+        assert "faucet" in shown.stdout and NETWORKS["base-sepolia"].usdc in shown.stdout
+
+        rpc.balance = 250_000
+        info = json.loads(cli("wallet", "--json", "--config", str(config)).stdout)
+        assert info["balance_micro"] == 250_000 and info["balance_usd"] == 0.25
+        assert info["low"] is True and info["network"] == "base-sepolia"
+        assert rpc.requests[-1]["params"][0]["data"].endswith(ADDRESS[2:].lower())
+
+
+def test_environment_key_is_reported_as_the_one_in_use(cli):
+    write_key(cli, OTHER_KEY)
+    shown = cli("wallet", BLOCKRUN_WALLET_KEY=KEY)
+    assert shown.returncode == 0
+    assert ADDRESS in shown.stdout and "BLOCKRUN_WALLET_KEY" in shown.stdout
+    assert "in use" in shown.stdout
+    assert json.loads(cli("wallet", "--json", BLOCKRUN_WALLET_KEY=KEY).stdout)[
+        "key_source"] == "env"
+    imported = cli("wallet", "import", "--yes", "--force", input=OTHER_KEY,
+                   BLOCKRUN_WALLET_KEY=KEY)
+    assert imported.returncode == 0 and "BLOCKRUN_WALLET_KEY is set" in imported.stderr
+
+
+# --- import ---------------------------------------------------------------------------------
+def test_import_from_stdin_with_yes(cli):
+    done = cli("wallet", "import", "--yes", input=KEY + "\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ADDRESS and ADDRESS in done.stderr
+    assert KEY[2:] not in done.stdout + done.stderr
+    assert cli.key_file.read_text().strip() == KEY and mode(cli.key_file) == 0o600
+
+
+def test_import_accepts_a_key_without_0x(cli):
+    done = cli("wallet", "import", "--yes", input=KEY[2:])
+    assert done.returncode == 0 and cli.key_file.read_text().strip() == KEY
+
+
+@pytest.mark.parametrize("source, relative", [
+    ("blockrun", ".blockrun/.session"),
+    ("blockrun", ".blockrun/wallet.key"),  # the SDK's legacy location
+    ("clawrouter", ".openclaw/blockrun/wallet.key"),
+])
+def test_import_from_another_blockrun_client(cli, source, relative):
+    theirs = cli.home / relative
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text(KEY + "\n")
+    done = cli("wallet", "import", "--from", source, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ADDRESS and str(theirs) in done.stderr
+    assert cli.key_file.read_text().strip() == KEY and mode(cli.key_file) == 0o600
+    assert theirs.read_text().strip() == KEY  # left where it was
+
+
+def test_import_from_a_missing_client_wallet_says_where_it_looked(cli):
+    done = cli("wallet", "import", "--from", "clawrouter", "--yes")
+    assert done.returncode == 1 and ".openclaw/blockrun/wallet.key" in done.stderr
+
+
+def test_import_without_yes_and_without_a_terminal_refuses(cli):
+    done = cli("wallet", "import", input=KEY)
+    assert done.returncode == 1 and "--yes" in done.stderr
+    assert ADDRESS in done.stderr  # it said what it would have imported
+    assert not cli.key_file.exists()
+
+
+def test_import_never_overwrites_without_force_and_keeps_a_backup_with_it(cli):
+    write_key(cli, KEY)
+    refused = cli("wallet", "import", "--yes", input=OTHER_KEY)
+    assert refused.returncode == 1 and "--force" in refused.stderr
+    assert cli.key_file.read_text().strip() == KEY
+
+    forced = cli("wallet", "import", "--yes", "--force", input=OTHER_KEY)
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout.strip() == OTHER_ADDRESS
+    assert cli.key_file.read_text().strip() == OTHER_KEY and mode(cli.key_file) == 0o600
+    (backup,) = cli.claw.glob("wallet.key.bak-*")
+    assert backup.read_text().strip() == KEY and mode(backup) == 0o600
+    assert sorted(p.name for p in cli.claw.iterdir()) == ["wallet.key", backup.name]
+
+
+@pytest.mark.parametrize("bad", ["0x1234", "0x" + "zz" * 32])
+def test_malformed_keys_exit_2_without_echoing_the_key(cli, bad):
+    done = cli("wallet", "import", "--yes", input=bad)
+    assert done.returncode == 2
+    assert "malformed" in done.stderr or "zero" in done.stderr
+    assert bad not in done.stdout + done.stderr
+    assert not cli.key_file.exists()
+    shown = cli("wallet", BLOCKRUN_WALLET_KEY=bad)
+    assert shown.returncode == 2 and "BLOCKRUN_WALLET_KEY" in shown.stderr
+    assert bad not in shown.stdout + shown.stderr
+
+
+# --- export ---------------------------------------------------------------------------------
+def test_export_needs_confirmation_and_warns(cli):
+    write_key(cli, KEY)
+    refused = cli("wallet", "export")
+    assert refused.returncode == 1 and "--yes" in refused.stderr
+    assert KEY not in refused.stdout + refused.stderr
+
+    shown = cli("wallet", "export", "--yes")
+    assert shown.returncode == 0
+    assert shown.stdout.strip() == KEY
+    assert "WARNING" in shown.stderr and "spend" in shown.stderr
+    assert KEY not in shown.stderr
+
+
+def test_export_of_the_environment_key_says_so(cli):
+    shown = cli("wallet", "export", "--yes", BLOCKRUN_WALLET_KEY=OTHER_KEY)
+    assert shown.returncode == 0 and shown.stdout.strip() == OTHER_KEY
+    assert "BLOCKRUN_WALLET_KEY" in shown.stderr
+
+
+# --- stats ----------------------------------------------------------------------------------
+def fill_ledger(path: Path) -> None:
+    common = dict(route="/v1/images/generations", size="1024x1024", n=1,
+                  payee="0xe9030014F5DAe217d0A152f02A043567b16c1aBf", network="base")
+    with Ledger(path) as ledger:
+        paid = ledger.record_signed(request_id="req_a", model="google/nano-banana",
+                                    amount=53_500, nonce="0x01", **common)
+        ledger.finish(paid, SETTLED, transaction=TX, latency_ms=900)
+        refused = ledger.record_signed(request_id="req_b", model="openai/gpt-image-1",
+                                       amount=42_000, nonce="0x02", **common)
+        ledger.finish(refused, REJECTED)
+        ledger.record_signed(request_id="req_c", model="zai/cogview-4", amount=15_750,
+                             nonce="0x03", **common)  # left signed: a crash mid-payment
+
+
+def test_stats_json_reads_the_ledger_file(cli):
+    fill_ledger(cli.claw / FILENAME)
+    done = cli("stats", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["total"]["micro"] == 53_500 and summary["total"]["payments"] == 1
+    assert summary["total"]["pending"] == {"usd": 0.01575, "micro": 15_750, "payments": 1}
+    assert summary["today"]["payments"] == 1
+    assert [p["status"] for p in summary["latest"]] == ["unknown", "rejected", "settled"]
+    assert summary["latest"][2]["transaction"] == TX
+    assert {m["model"] for m in summary["by_model"]} == {"google/nano-banana", "zai/cogview-4"}
+    assert summary["budget"]["day"]["limit_usd"] == 5.0
+
+    one = json.loads(cli("stats", "--json", "--latest", "1").stdout)
+    assert [p["status"] for p in one["latest"]] == ["unknown"]
+
+
+def test_stats_table_shows_every_section(cli):
+    fill_ledger(cli.claw / FILENAME)
+    done = cli("stats")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for text in ("Today", "This month", "Total", "$0.0535", "$0.01575", "By model",
+                 "google/nano-banana", "By day", "Latest payments", "settled", "rejected",
+                 "unknown", TX, str(cli.claw / FILENAME)):
+        assert text in out, text
+
+
+def test_stats_without_a_ledger_shows_zeros_and_creates_nothing(cli):
+    done = cli("stats", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["total"]["payments"] == 0
+    assert not cli.claw.exists()
+
+
+def test_stats_says_when_a_silent_gateway_holds_the_ledger(cli):
+    fill_ledger(cli.claw / FILENAME)
+    with Ledger(cli.claw / FILENAME):  # as a running gateway would
+        done = cli("stats")
+    assert done.returncode == 1
+    assert "did not answer" in done.stderr and str(cli.claw / FILENAME) in done.stderr
+
+
+def test_stats_json_from_a_running_gateway(cli, make_gateway):
+    gateway = make_gateway()
+    r = gateway.http.post("/v1/images/generations",
+                          json={"model": "cogview", "prompt": "a lighthouse", "size": "512x512"})
+    assert r.status_code == 200, r.text
+    done = cli("stats", "--json", CLAWROUTER_HOME=str(gateway.gw.settings.home),
+               CLAWROUTER_PORT=str(gateway.server.port))
+    assert done.returncode == 0, done.stderr  # the gateway holds the ledger: this came by HTTP
+    summary = json.loads(done.stdout)
+    assert summary["wallet"] == gateway.gw.address
+    assert summary["total"]["payments"] == 1 and summary["total"]["pending"]["payments"] == 0
+    (payment,) = summary["latest"]
+    assert payment["status"] == "settled" and payment["transaction"]
+    assert payment["model"] == "zai/cogview-4"
+
+
+def test_stats_sends_the_api_key_to_the_gateway(cli):
+    seen: list[str | None] = []
+
+    async def spend(request: Request) -> JSONResponse:
+        seen.append(request.headers.get("authorization"))
+        return JSONResponse({"total": {"payments": 0}, "latest": []})
+
+    server = ServerThread(Starlette(routes=[Route("/v1/spend", spend)])).start()
+    try:
+        done = cli("stats", "--json", CLAWROUTER_PORT=str(server.port),
+                   CLAWROUTER_API_KEY="s3cret")
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    assert seen == ["Bearer s3cret"]
+    assert json.loads(done.stdout) == {"total": {"payments": 0}, "latest": []}

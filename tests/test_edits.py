@@ -1,0 +1,260 @@
+"""Edits end to end: the three ways users edit (image2image JSON, the OpenAI SDK's multipart
+`images.edit`, curl JSON to /edits), every input form, and every refusal — each refusal
+reaching nothing upstream and costing nothing."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from clawrouter.sandbox.images import make_png
+
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(200)
+
+
+def png(seed: int = 1, size: int = 64) -> bytes:
+    return make_png(size, size, seed)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def sent_images(sandbox) -> list[dict]:
+    """What the upstream received as `image`, as a list of {mime, sha256, bytes}."""
+    image = sandbox.stats()["bodies"][-1]["image"]
+    return image if isinstance(image, list) else [image]
+
+
+def nothing_upstream(sandbox) -> None:
+    stats = sandbox.stats()
+    assert stats["round_trips"] == 0 and stats["payments_count"] == 0
+
+
+@pytest.fixture
+def files(tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    paths = {}
+    for i in range(1, 6):
+        paths[i] = folder / f"photo{i}.png"
+        paths[i].write_bytes(png(i))
+    return paths
+
+
+def test_sdk_edit_with_one_uploaded_file(gateway, sandbox, files):
+    client = OpenAI(base_url=gateway.v1, api_key="unused")
+    with open(files[1], "rb") as f:
+        result = client.images.edit(image=f, prompt="add a hat", model="gpt-image-1")
+    assert result.data[0].url.startswith(gateway.url + "/images/")
+    assert sent_images(sandbox) == [{"mime": "image/png", "sha256": sha(files[1].read_bytes()),
+                                     "bytes": files[1].stat().st_size}]
+    assert sandbox.stats()["bodies"][-1]["model"] == "openai/gpt-image-1"
+
+
+def test_sdk_edit_with_several_files_and_bare_bytes(gateway, sandbox, files):
+    client = OpenAI(base_url=gateway.v1, api_key="unused")
+    with open(files[1], "rb") as f1, open(files[2], "rb") as f2:
+        client.images.edit(image=[f1, f2, files[3].read_bytes()], prompt="merge",
+                           model="nano-banana", response_format="b64_json")
+    assert [i["sha256"] for i in sent_images(sandbox)] == [
+        sha(files[i].read_bytes()) for i in (1, 2, 3)]
+
+
+def test_sdk_edit_with_a_mask(gateway, sandbox, files):
+    client = OpenAI(base_url=gateway.v1, api_key="unused")
+    mask = png(99)
+    with open(files[1], "rb") as f:
+        client.images.edit(image=f, mask=("mask.png", mask, "image/png"), prompt="sky",
+                           model="gpt-image-1")
+    body = sandbox.stats()["bodies"][-1]
+    assert body["mask"]["sha256"] == sha(mask)
+
+
+def test_multipart_with_repeated_image_fields_and_blank_fields(gateway, sandbox, files):
+    multipart = [("image", ("a.png", files[1].read_bytes(), "image/png")),
+                 ("image", ("b.bin", files[2].read_bytes(), "application/octet-stream")),
+                 ("prompt", (None, "two")), ("model", (None, "gpt-image-1")),
+                 ("size", (None, "")), ("n", (None, "1")), ("stream", (None, "false"))]
+    r = gateway.http.post("/v1/images/edits?trace=1", files=multipart)
+    assert r.status_code == 200, r.text
+    assert len(sent_images(sandbox)) == 2
+
+
+def test_curl_json_to_edits_in_openai_shape(gateway, sandbox, files):
+    data = files[1].read_bytes()
+    r = gateway.http.post("/v1/images/edits", json={
+        "model": "gpt-image-1", "prompt": "x", "images": [{"image_url": data_uri(data)}],
+        "mask": {"image_url": data_uri(png(7))}})
+    assert r.status_code == 200, r.text
+    assert sent_images(sandbox)[0]["sha256"] == sha(data)
+
+
+@pytest.mark.parametrize("form", ["absolute", "file_url", "data_uri", "data_uri_lying_type",
+                                  "raw_base64", "relative"])
+def test_image2image_input_forms(gateway, sandbox, files, form, monkeypatch):
+    path = files[4]
+    data = path.read_bytes()
+    value = {
+        "absolute": str(path),
+        "file_url": path.as_uri(),
+        "data_uri": data_uri(data),
+        "data_uri_lying_type": data_uri(data, "image/gif"),  # the bytes decide, not the label
+        "raw_base64": base64.b64encode(data).decode(),
+        "relative": os.path.relpath(path),
+    }[form]
+    r = gateway.http.post("/v1/images/image2image", json={"prompt": "x", "image": value})
+    assert r.status_code == 200, r.text
+    assert sent_images(sandbox) == [{"mime": "image/png", "sha256": sha(data),
+                                     "bytes": len(data)}]
+
+
+def test_image2image_with_a_url_when_private_urls_are_allowed(make_gateway, sandbox):
+    gw = make_gateway(allow_private_urls=True)
+    generated = gw.http.post("/v1/images/generations", json={"model": "cogview", "prompt": "x"})
+    url = generated.json()["data"][0]["url"]  # a loopback URL: refused by default, allowed here
+    original = httpx.get(url).content
+    r = gw.http.post("/v1/images/image2image", json={"prompt": "x", "image": [url, url],
+                                                      "model": "nano-banana"})
+    assert r.status_code == 200, r.text
+    assert [i["sha256"] for i in sent_images(sandbox)] == [sha(original)] * 2
+
+
+def test_url_default_model_and_both_response_formats(gateway, sandbox, files):
+    def edit(fmt):
+        return gateway.http.post("/v1/images/image2image", json={
+            "prompt": "x", "image": str(files[1]), "response_format": fmt}).json()["data"][0]
+
+    assert edit("url")["url"].startswith(gateway.url + "/images/")
+    assert base64.b64decode(edit("b64_json")["b64_json"]).startswith(b"\x89PNG")
+    assert sandbox.stats()["bodies"][-1]["model"] == "openai/gpt-image-1"
+
+
+@pytest.mark.parametrize("value, code", [
+    ("http://127.0.0.1:9/x.png", "url_refused"),
+    ("http://[::1]:9/x.png", "url_refused"),
+    ("http://169.254.169.254/latest/meta-data/", "url_refused"),
+    ("http://10.0.0.1/x.png", "url_refused"),
+    ("http://localhost:9/x.png", "url_refused"),
+    ("http://[::ffff:127.0.0.1]:9/", "url_refused"),
+    ("ftp://example.com/x.png", None),
+    ("/etc/hostname", "path_refused"),
+    ("not an image at all", "unrecognized_input"),
+    ("data:image/png;base64,aGVsbG8gd29ybGQ=", "invalid_image"),
+])
+def test_refused_inputs_cost_nothing(gateway, sandbox, value, code):
+    r = gateway.http.post("/v1/images/image2image", json={"prompt": "x", "image": [value]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "image[0]"
+    if code:
+        assert error["code"] == code
+    nothing_upstream(sandbox)
+
+
+def test_local_file_refusals(make_gateway, sandbox, tmp_path):
+    root = tmp_path / "root"
+    (root / ".ssh").mkdir(parents=True)
+    (root / ".ssh" / "id.png").write_bytes(png())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png())
+    (root / "escape.png").symlink_to(outside / "secret.png")
+    (root / "notes.png").write_text("AWS_SECRET_ACCESS_KEY=abc123\n")
+    gw_home = tmp_path / "home0"  # make_gateway's first home: the wallet key lives there
+    gw = make_gateway(allowed_roots=[str(root), str(gw_home)])
+    cases = {
+        str(outside / "secret.png"): "path_refused",
+        str(root / ".." / "outside" / "secret.png"): "path_refused",
+        str(root / ".ssh" / "id.png"): "path_refused",
+        str(root / "escape.png"): "path_refused",
+        str(root / "notes.png"): "invalid_image",
+        str(root / "missing.png"): "file_not_found",
+        str(gw_home / "wallet.key"): "path_refused",
+    }
+    for value, code in cases.items():
+        r = gw.http.post("/v1/images/image2image", json={"prompt": "x", "image": value})
+        assert r.status_code == 400, (value, r.text)
+        error = r.json()["error"]
+        assert (error["param"], error["code"]) == ("image", code), value
+        assert "abc123" not in r.text
+    nothing_upstream(sandbox)
+
+
+def test_local_files_can_be_turned_off(make_gateway, sandbox, files):
+    gw = make_gateway(allow_local_files=False)
+    r = gw.http.post("/v1/images/image2image", json={"prompt": "x", "image": str(files[1])})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "local_files_disabled"
+    nothing_upstream(sandbox)
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"model": "gpt-image-1", "image": "5 files"}, "image", "too_many_images"),
+    ({"model": "nano-banana", "image": "4 files"}, "image", "too_many_images"),
+    ({"model": "seedream", "image": "1 file"}, "model", "model_cannot_edit"),
+    ({"model": "nano-banana", "image": "1 file", "mask": "png"}, "mask", "mask_not_supported"),
+    ({"model": "gpt-image-1", "image": "2 files", "mask": "png"}, "mask", "mask_needs_one_image"),
+    ({"model": "gpt-image-1", "image": "1 file", "mask": "jpeg"}, "mask", "mask_not_png"),
+    ({"model": "gpt-image-1"}, "image", "missing_image"),
+])
+def test_model_rules_are_checked_before_paying(gateway, sandbox, files, body, param, code):
+    body = dict(body, prompt="x")
+    if "image" in body:
+        count = int(body["image"].split()[0])
+        body["image"] = [str(files[i]) for i in range(1, count + 1)]
+    if body.get("mask") == "png":
+        body["mask"] = data_uri(png(5))
+    elif body.get("mask") == "jpeg":
+        body["mask"] = data_uri(JPEG, "image/jpeg")
+    r = gateway.http.post("/v1/images/image2image", json=body)
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code)
+    nothing_upstream(sandbox)
+
+
+def test_oversize_inputs_by_upload_and_by_declared_body_length(make_gateway, sandbox):
+    gw = make_gateway(max_image_mb=0.01)  # 10 KiB per image, 40 KiB per body
+    big = make_png(64, 64, 3, pad_to=20_000)
+    r = gw.http.post("/v1/images/edits", files={"image": ("a.png", big, "image/png")},
+                     data={"prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "image_too_large"
+    r = gw.http.post("/v1/images/image2image", json={"prompt": "x", "image": data_uri(big)})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "image_too_large"
+    huge = b"x" * 50_000
+    r = gw.http.post("/v1/images/edits", content=huge,
+                     headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    nothing_upstream(sandbox)
+
+
+def test_oversize_streamed_body_without_length(make_gateway, sandbox):
+    gw = make_gateway(max_image_mb=0.01)
+
+    def chunks():
+        for _ in range(20):
+            yield b"a" * 4096
+
+    r = gw.http.post("/v1/images/image2image", content=chunks(),
+                     headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    nothing_upstream(sandbox)
+
+
+def test_client_that_disconnects_mid_upload_costs_nothing(gateway, sandbox):
+    head = (b"POST /v1/images/edits HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/form-data; boundary=XX\r\nContent-Length: 900000\r\n\r\n"
+            b"--XX\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", gateway.server.port)) as s:
+        s.sendall(head + png()[:100])
+    assert gateway.http.get("/health").status_code == 200
+    nothing_upstream(sandbox)

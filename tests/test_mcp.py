@@ -1,0 +1,154 @@
+"""`clawrouter mcp` as an agent sees it: the MCP SDK's own client over stdio, a real subprocess,
+a real gateway on the sandbox upstream. Nothing mocked."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp.client.session import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
+
+from clawrouter import catalog
+from clawrouter.sandbox.images import make_png
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def mcp_env(tmp_path: Path, url: str) -> dict[str, str]:
+    return {"CLAWROUTER_URL": url, "CLAWROUTER_HOME": str(tmp_path / "client-home"),
+            "CLAWROUTER_OUT": str(tmp_path / "out")}
+
+
+def with_session(env: dict[str, str], use: Callable[[ClientSession], Awaitable[Any]]) -> Any:
+    """Start `clawrouter mcp` as a stdio subprocess, initialize, run `use`, shut it down."""
+    params = StdioServerParameters(command=sys.executable, args=["-m", "clawrouter", "mcp"],
+                                   env=env)
+
+    async def main() -> Any:
+        with anyio.fail_after(60):
+            async with stdio_client(params) as (read, write):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    return await use(session)
+
+    return anyio.run(main)
+
+
+def call(env: dict[str, str], tool: str, arguments: dict[str, Any] | None = None) -> Any:
+    return with_session(env, lambda s: s.call_tool(tool, arguments or {}))
+
+
+def text(result: Any) -> str:
+    return "\n".join(c.text for c in result.content if c.type == "text")
+
+
+def test_lists_four_tools_with_schemas(tmp_path: Path, gateway: Any) -> None:
+    tools = with_session(mcp_env(tmp_path, gateway.url), lambda s: s.list_tools()).tools
+    by_name = {t.name: t for t in tools}
+    assert set(by_name) == {"generate_image", "edit_image", "list_image_models", "wallet_status"}
+    gen = by_name["generate_image"].input_schema
+    assert gen["required"] == ["prompt"]
+    assert {"prompt", "model", "size", "n", "inline"} <= set(gen["properties"])
+    edit = by_name["edit_image"].input_schema
+    assert set(edit["required"]) == {"prompt", "image"}
+    assert {"mask", "model", "size", "inline"} <= set(edit["properties"])
+    assert all(t.description for t in tools)
+
+
+def test_generate_image_saves_a_png_and_reports_url_path_model_cost(
+        tmp_path: Path, gateway: Any, sandbox: Any) -> None:
+    result = call(mcp_env(tmp_path, gateway.url), "generate_image",
+                  {"prompt": "a lighthouse at dawn", "model": "gpt-image", "inline": True})
+    assert not result.is_error, text(result)
+    saved = result.structured_content
+    assert saved["model"] == "openai/gpt-image-1"
+    assert saved["cost_usd"] == "0.022"  # 0.02 × 1.05 + 0.001 fee
+    image = saved["images"][0]
+    path = Path(image["path"])
+    assert path.parent == tmp_path / "out" and path.read_bytes().startswith(PNG_MAGIC)
+    assert path.stem in image["url"] and image["url"].startswith(gateway.url)
+    body = text(result)
+    assert str(path) in body and image["url"] in body
+    assert "openai/gpt-image-1" in body and "$0.022" in body
+    inline = [c for c in result.content if c.type == "image"]
+    assert len(inline) == 1 and inline[0].mime_type == "image/png"
+    assert sandbox.paid() == 1
+
+
+def test_edit_image_with_a_local_file(tmp_path: Path, gateway: Any) -> None:
+    source = tmp_path / "photo.png"
+    source.write_bytes(make_png(64, 64, seed=7))
+    result = call(mcp_env(tmp_path, gateway.url), "edit_image",
+                  {"prompt": "make it snow", "image": str(source)})
+    assert not result.is_error, text(result)
+    assert result.structured_content["model"] == catalog.DEFAULT_EDIT_MODEL
+    saved = Path(result.structured_content["images"][0]["path"])
+    assert saved.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("tool,arguments,message", [
+    ("generate_image", {"prompt": "x", "model": "flux"}, "dropped"),
+    ("generate_image", {"prompt": "x", "model": "no-such-model"}, "Unknown image model"),
+    ("edit_image", {"prompt": "x", "image": "/etc/passwd"}, "outside the allowed folders"),
+])
+def test_refusals_are_tool_errors_with_the_gateways_message(
+        tmp_path: Path, gateway: Any, sandbox: Any, tool: str, arguments: dict[str, Any],
+        message: str) -> None:
+    result = call(mcp_env(tmp_path, gateway.url), tool, arguments)
+    assert result.is_error
+    assert message in text(result)
+    assert sandbox.paid() == 0
+
+
+def test_budget_refusal_is_a_tool_error(tmp_path: Path, make_gateway: Any) -> None:
+    gateway = make_gateway(max_usd_per_day=0.01)
+    result = call(mcp_env(tmp_path, gateway.url), "generate_image", {"prompt": "x"})
+    assert result.is_error and "budget" in text(result).lower()
+
+
+def test_list_image_models_covers_the_catalog(tmp_path: Path, gateway: Any) -> None:
+    result = call(mcp_env(tmp_path, gateway.url), "list_image_models")
+    assert not result.is_error
+    ids = [m["id"] for m in result.structured_content["models"]]
+    assert ids == [m.id for m in catalog.MODELS]
+    body = text(result)
+    assert all(m.id in body for m in catalog.MODELS) and "flux was dropped" in body
+
+
+def test_wallet_status_reports_address_spend_and_budget(tmp_path: Path, make_gateway: Any
+                                                        ) -> None:
+    gateway = make_gateway(max_usd_per_day=2.0)
+    gateway.http.post("/v1/images/generations", json={"prompt": "x"}).raise_for_status()
+    result = call(mcp_env(tmp_path, gateway.url), "wallet_status")
+    assert not result.is_error, text(result)
+    status = result.structured_content
+    assert status["address"] == gateway.gw.address
+    assert status["spent_today_usd"] == pytest.approx(0.0535)
+    assert status["budget_left_today_usd"] == pytest.approx(2.0 - 0.0535)
+    assert status["in_process"] is False
+    assert gateway.gw.address in text(result) and "0.0535" in text(result)
+
+
+def test_runs_the_gateway_in_process_when_none_answers(tmp_path: Path) -> None:
+    from tests.servers import free_port
+
+    env = mcp_env(tmp_path, f"http://127.0.0.1:{free_port()}") | {"CLAWROUTER_SANDBOX": "true"}
+
+    async def use(session: ClientSession) -> tuple[Any, Any]:
+        made = await session.call_tool("generate_image", {"prompt": "a quiet harbour"})
+        return made, await session.call_tool("wallet_status", {})
+
+    made, wallet = with_session(env, use)
+    assert not made.is_error, text(made)
+    assert Path(made.structured_content["images"][0]["path"]).read_bytes().startswith(PNG_MAGIC)
+    assert made.structured_content["in_process"] is True
+    status = wallet.structured_content
+    assert status["in_process"] is True and status["sandbox"] is True
+    assert status["spent_today_usd"] == pytest.approx(0.0535)
+    # The user's home was used: the wallet file was created there.
+    assert (tmp_path / "client-home" / "wallet.key").is_file()
