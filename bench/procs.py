@@ -57,6 +57,7 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     _tmp: list[Path] = field(default_factory=list)
+    _spy: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -106,7 +107,7 @@ class Server:
         time.sleep(0.5)  # let it attach before the load starts
 
     def stop(self) -> None:
-        spy = getattr(self, "_spy", None)
+        spy = self._spy
         if spy is not None and spy.poll() is None:
             os.kill(spy.pid, signal.SIGINT)  # py-spy writes its output on SIGINT
             try:

@@ -72,13 +72,15 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any
                                 for k, v in plan.points.items()},
                      "preauth_n": plan.preauth_n, "rss_n": plan.rss_n,
                      "gateway_preauth": args.gateway_preauth,
-                     "upstream_latency_ms": args.upstream_latency_ms},
+                     "upstream_latency_ms": args.upstream_latency_ms,
+                     "profiled": bool(args.profile)},
         "scenarios": {},
     }
     t0 = time.monotonic()
     sandbox = procs.start_sandbox(args.upstream_latency_ms)
     bench = scenarios.Bench(plan, sandbox, args.gateway_preauth, args.upstream_latency_ms,
-                            tag=f"bench {os.getpid()} {int(time.time())}", log=log)
+                            tag=f"bench {os.getpid()} {int(time.time())}", log=log,
+                            profile_dir=args.profile)
     await bench.configure(latency_ms=args.upstream_latency_ms)
     log(f"sandbox {sandbox.url} (pid {sandbox.pid}); plan: "
         f"{'quick' if plan.quick else 'full'}, {plan.repeats} gateway/direct pair(s) per point")
@@ -109,6 +111,9 @@ def main() -> int:
     parser.add_argument("--upstream-latency-ms", type=float, default=0.0,
                         help="delay the sandbox adds to every answer (POST /_sandbox/config); "
                              "the preauth scenario always uses 50")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="sample every gateway with py-spy (folded stacks in DIR) and print "
+                             "where its CPU goes; slows the gateway, so do not quote those numbers")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--name", help="output file stem (default: latest, or quick)")
     argv = sys.argv[1:]
@@ -117,7 +122,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; choose from {list(scenarios.SCENARIOS)}")
     args.scenarios = args.scenarios or list(scenarios.SCENARIOS)
-    name = args.name or ("quick" if args.quick else "latest")
+    name = args.name or ("profile" if args.profile else "quick" if args.quick else "latest")
 
     procs.install_cleanup()
     try:
@@ -147,6 +152,10 @@ def main() -> int:
     except Exception as exc:  # the numbers matter more than the picture
         log(f"plot skipped: {type(exc).__name__}: {exc}")
     log(report.console(results))
+    if args.profile:
+        import hotspots
+        for folded in sorted(args.profile.glob("*.folded")):
+            log(f"\n{folded.name}:\n" + hotspots.summary(folded))
     log(f"\nwrote {_rel(args.out / f'{name}.json')}, {_rel(args.out / f'{name}.md')}, "
         f"{_rel(png)} ({results['duration_s']:.0f} s)")
     return 0

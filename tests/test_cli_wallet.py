@@ -140,7 +140,7 @@ def test_environment_key_is_reported_as_the_one_in_use(cli):
     assert "in use" in shown.stdout
     assert json.loads(cli("wallet", "--json", BLOCKRUN_WALLET_KEY=KEY).stdout)[
         "key_source"] == "env"
-    imported = cli("wallet", "import", "--yes", "--force", input=OTHER_KEY,
+    imported = cli("wallet", "import", "--yes", "--force", input=KEY,
                    BLOCKRUN_WALLET_KEY=KEY)
     assert imported.returncode == 0 and "BLOCKRUN_WALLET_KEY is set" in imported.stderr
 
@@ -202,13 +202,17 @@ def test_import_never_overwrites_without_force_and_keeps_a_backup_with_it(cli):
     assert sorted(p.name for p in cli.claw.iterdir()) == ["wallet.key", backup.name]
 
 
-@pytest.mark.parametrize("bad", ["0x1234", "0x" + "zz" * 32])
+@pytest.mark.parametrize("bad", ["0x1234", "0x" + "zz" * 32, "0x" + "00" * 32])
 def test_malformed_keys_exit_2_without_echoing_the_key(cli, bad):
     done = cli("wallet", "import", "--yes", input=bad)
     assert done.returncode == 2
     assert "malformed" in done.stderr or "zero" in done.stderr
     assert bad not in done.stdout + done.stderr
     assert not cli.key_file.exists()
+
+
+def test_a_malformed_environment_key_exits_2_without_echoing_it(cli):
+    bad = "0x" + "zz" * 32
     shown = cli("wallet", BLOCKRUN_WALLET_KEY=bad)
     assert shown.returncode == 2 and "BLOCKRUN_WALLET_KEY" in shown.stderr
     assert bad not in shown.stdout + shown.stderr

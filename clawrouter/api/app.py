@@ -55,8 +55,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     wallet = load_wallet(settings.home, settings.wallet_key.get_secret_value()
                          if settings.wallet_key else None)
     signer = Signer(wallet.key)
-    store = ImageStore(settings.images_dir, ttl_days=settings.image_ttl_days,
-                       max_bytes=int(settings.image_max_gb * 1024**3))
+    store = ImageStore.from_settings(settings)
     ledger = Ledger(settings.home / ledger_mod.FILENAME)
     budget = Budget.from_settings(ledger, settings)
     prices = PriceBook(settings.price_ttl_seconds)

@@ -44,7 +44,8 @@ def base_url(request: Request) -> str:
     hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     if host and is_loopback_host(hostname.strip("[]")):
         return f"http://{host}"
-    return f"http://localhost:{request.url.port or settings.port}"
+    server = request.scope.get("server") or (None, settings.port)
+    return f"http://localhost:{server[1]}"  # the port we really listen on
 
 
 def context(request: Request) -> RequestContext:

@@ -9,6 +9,7 @@ from clawrouter import __version__
 from clawrouter.cli import serve
 from clawrouter.cli import generate, mcp, models, status
 from clawrouter.cli import stats, wallet
+from clawrouter.cli import images
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     mcp.register(commands)
     wallet.register(commands)
     stats.register(commands)
+    images.register(commands)
     return root
 
 

@@ -1,0 +1,74 @@
+"""`clawrouter images ls|prune`: look at and clean the local image store."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+from clawrouter.config import load_settings
+from clawrouter.store import ImageStore
+
+
+def register(commands: Any) -> None:
+    p = commands.add_parser("images", help="list or prune stored images",
+                            description="The images the gateway saved under "
+                                        "$CLAWROUTER_HOME/images.")
+    sub = p.add_subparsers(dest="images_command", metavar="ACTION", required=True)
+    ls = sub.add_parser("ls", help="list stored images, newest first")
+    ls.add_argument("--limit", type=int, default=20, help="how many to list (default 20)")
+    ls.add_argument("--offset", type=int, default=0, help="skip this many first")
+    ls.add_argument("--json", action="store_true", help="print JSON for scripts")
+    ls.add_argument("--config", help="TOML settings file")
+    ls.set_defaults(run=run_ls)
+    prune = sub.add_parser("prune", help="delete images past the age or size limits now",
+                           description="Apply CLAWROUTER_IMAGE_TTL_DAYS and "
+                                       "CLAWROUTER_IMAGE_MAX_GB now (the gateway also does it "
+                                       "in the background).")
+    prune.add_argument("--json", action="store_true", help="print JSON for scripts")
+    prune.add_argument("--config", help="TOML settings file")
+    prune.set_defaults(run=run_prune)
+
+
+def _store(args: argparse.Namespace) -> ImageStore:
+    return ImageStore.from_settings(load_settings(args.config))
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    async def ls() -> list[dict[str, Any]]:
+        async with _store(args) as store:
+            return await store.ls(args.limit, args.offset)
+
+    rows = asyncio.run(ls())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("No images stored yet.")
+        return 0
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"]))
+        cost = f"${(row.get('cost_micro') or 0) / 1e6:.4f}"
+        prompt = (row.get("prompt") or "").replace("\n", " ")
+        prompt = prompt[:50] + ("…" if len(prompt) > 50 else "")
+        print(f"{when}  {row['name']}  {row.get('model') or '-':<28} {row.get('size') or '-':>9}"
+              f"  {cost}  {prompt}")
+        print(f"{'':18}{row['path']}")
+    return 0
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    async def prune() -> list[str]:
+        async with _store(args) as store:
+            return await store.prune()
+
+    removed = asyncio.run(prune())
+    if args.json:
+        print(json.dumps({"removed": removed}))
+    else:
+        print(f"Removed {len(removed)} image(s).")
+        for name in removed:
+            print(f"  {name}")
+    return 0

@@ -1,0 +1,129 @@
+"""Delivery end to end: serving /images/<id> through the gateway, response URLs, SSE streaming
+with the real OpenAI SDK, and a paid image that survives a failed download."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+
+from clawrouter.sandbox.images import make_png
+from tests.servers import serving
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def generate(gw, **extra):
+    r = gw.http.post("/v1/images/generations", json={"model": "cogview", "prompt": "x", **extra})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_images_are_served_with_cache_headers_etag_head_and_ranges(gateway):
+    url = generate(gateway).json()["data"][0]["url"]
+    full = httpx.get(url)
+    assert full.headers["content-type"] == "image/png"
+    assert full.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert full.headers["x-content-type-options"] == "nosniff"
+    etag = full.headers["etag"]
+    assert httpx.get(url, headers={"if-none-match": etag}).status_code == 304
+    head = httpx.head(url)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(full.content))
+    part = httpx.get(url, headers={"range": "bytes=0-7"})
+    assert part.status_code == 206 and part.content == PNG
+    assert part.headers["content-range"] == f"bytes 0-7/{len(full.content)}"
+
+
+@pytest.mark.parametrize("path", ["/images/0123", "/images/..%2F..%2Fwallet.key",
+                                  "/images/" + "a" * 32 + ".png", "/images/wallet.key"])
+def test_unknown_and_malformed_ids_are_404_envelopes(gateway, path):
+    r = gateway.http.get(path)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_urls_use_the_loopback_host_the_client_used(gateway):
+    port = gateway.server.port
+    r = httpx.post(f"http://localhost:{port}/v1/images/generations",
+                   json={"model": "cogview", "prompt": "x"})
+    assert r.json()["data"][0]["url"].startswith(f"http://localhost:{port}/images/")
+    spoofed = httpx.post(gateway.v1 + "/images/generations", headers={"host": "evil.example"},
+                         json={"model": "cogview", "prompt": "y"})
+    assert spoofed.json()["data"][0]["url"].startswith(f"http://localhost:{port}/images/")
+
+
+def test_public_url_setting_wins(make_gateway):
+    gw = make_gateway(public_url="https://pics.example.com/")
+    assert generate(gw).json()["data"][0]["url"].startswith("https://pics.example.com/images/")
+
+
+def test_sdk_streaming_generation_yields_one_completed_event_per_image(gateway):
+    client = OpenAI(base_url=gateway.v1, api_key="unused")
+    events = list(client.images.generate(model="cogview", prompt="stream me", n=2, stream=True))
+    assert [e.type for e in events] == ["image_generation.completed"] * 2
+    assert all(base64.b64decode(e.b64_json).startswith(PNG) for e in events)
+    assert events[0].usage is not None
+
+
+def test_sdk_streaming_edit(gateway, tmp_path):
+    path = tmp_path / "in.png"
+    path.write_bytes(make_png(32, 32, 4))
+    client = OpenAI(base_url=gateway.v1, api_key="unused")
+    with open(path, "rb") as f:
+        events = list(client.images.edit(image=f, prompt="edit", model="gpt-image-1",
+                                          stream=True))
+    assert [e.type for e in events] == ["image_edit.completed"]
+
+
+def test_streaming_failure_is_an_sdk_error_event(gateway, sandbox):
+    sandbox.faults({"kind": "respond", "phase": "paid", "status": 500, "body": {"error": "boom"}})
+    client = OpenAI(base_url=gateway.v1, api_key="unused")
+    with pytest.raises(openai.APIError, match="payment"):
+        list(client.images.generate(model="cogview", prompt="x", stream=True))
+    assert sandbox.stats()["payments_count"] == 1
+
+
+def test_streaming_keeps_the_connection_alive_while_a_slow_job_runs(make_gateway, sandbox,
+                                                                    monkeypatch):
+    monkeypatch.setattr("clawrouter.api.streaming.KEEPALIVE_SECONDS", 0.2)
+    sandbox.configure(slow_seconds=1.0)
+    gw = make_gateway()
+    with httpx.stream("POST", gw.v1 + "/images/generations", timeout=10,
+                      json={"model": "gpt-image-2", "prompt": "slow", "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        text = r.read().decode()
+    assert text.count(": keep-alive") >= 2
+    assert "image_generation.completed" in text and text.endswith("data: [DONE]\n\n")
+
+
+def test_a_failed_result_download_keeps_the_paid_response_and_retries(gateway, sandbox):
+    image = make_png(48, 48, 9)
+    hits = []
+
+    async def flaky(request):
+        hits.append(time.monotonic())
+        return Response(b"busy", 503) if len(hits) == 1 else Response(image, 200)
+
+    with serving(Starlette(routes=[Route("/r.png", flaky)])) as origin:
+        remote = origin.url + "/r.png"
+        sandbox.faults({"kind": "respond", "phase": "paid", "status": 200, "settle": True,
+                        "body": {"created": 1, "data": [{"url": remote}]}})
+        gateway.gw.store._pending._delays = (0.2,)  # retry soon (default: 10 s, 60 s, …)
+        r = gateway.http.post("/v1/images/generations", json={"model": "cogview", "prompt": "x"})
+        assert r.status_code == 200
+        assert r.json()["data"][0]["url"] == remote  # the paid image is reachable meanwhile
+        deadline = time.monotonic() + 10
+        while len(hits) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+    listed = gateway.http.get("/v1/images").json()["data"]
+    assert listed and listed[0]["model"] == "zai/cogview-4"
+    assert httpx.get(listed[0]["url"]).content == image

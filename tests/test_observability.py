@@ -1,0 +1,140 @@
+"""Metrics, request ids, the JSON request log (and what it must never contain), free health
+checks, and the rule for listening beyond loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from eth_account import Account
+
+from tests.servers import free_port
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample (0 when absent), whatever the label order."""
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        metric_name, _, label_text = series.partition("{")
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if metric_name == name and found == labels:
+            return float(value)
+    return 0.0
+
+
+def test_metrics_move_after_requests(gateway):
+    before = gateway.http.get("/metrics").text
+    r = gateway.http.post("/v1/images/generations", json={"model": "cogview", "prompt": "m"})
+    assert r.status_code == 200
+    gateway.http.post("/v1/images/generations", json={"model": "nope", "prompt": "m"})
+    after = gateway.http.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    labels = {"route": "generations", "model": "zai/cogview-4", "status": "200"}
+    assert metric(text, "clawrouter_requests_total", **labels) == \
+        metric(before, "clawrouter_requests_total", **labels) + 1
+    assert metric(text, "clawrouter_requests_total", route="generations", model="",
+                  status="404") >= 1
+    assert metric(text, "clawrouter_images_total", model="zai/cogview-4") >= 1
+    assert metric(text, "clawrouter_payments_total", outcome="settled") >= 1
+    assert metric(text, "clawrouter_spent_usd_total", model="zai/cogview-4") > 0
+    assert metric(text, "clawrouter_overhead_seconds_count", route="generations") >= 1
+    assert "clawrouter_requests_in_flight" in text
+
+
+def test_request_ids_are_echoed_or_generated(gateway):
+    assert gateway.http.get("/health", headers={"x-request-id": "abc-123"}).headers[
+        "x-request-id"] == "abc-123"
+    generated = gateway.http.get("/v1/nope").headers["x-request-id"]
+    assert generated.startswith("req_")
+    bad = gateway.http.get("/health", headers={"x-request-id": "bad id\twith junk"})
+    assert bad.headers["x-request-id"].startswith("req_")
+
+
+def test_health_endpoints_never_call_the_upstream(gateway, sandbox):
+    for path in ("/health", "/healthz", "/readyz", "/v1/models", "/metrics", "/v1/spend"):
+        assert gateway.http.get(path).status_code == 200, path
+    assert gateway.http.get("/readyz").json()["status"] == "ready"
+    assert sandbox.stats()["requests"] == {}
+
+
+def run_gateway(tmp_path, sandbox, *args, **env):
+    port = free_port()
+    key = Account.create().key.to_0x_hex()
+    full_env = {**os.environ, "CLAWROUTER_HOME": str(tmp_path), "BLOCKRUN_API_URL": sandbox.api,
+                "CLAWROUTER_NETWORK": "base-sepolia", "BLOCKRUN_WALLET_KEY": key, **env}
+    proc = subprocess.Popen([sys.executable, "-m", "clawrouter", "serve", "--port", str(port),
+                             "--no-sandbox", *args], env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, port, key
+
+
+def stop(proc) -> tuple[str, str]:
+    proc.terminate()
+    try:
+        return proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()
+
+
+@pytest.mark.parametrize("log_prompts", [False, True])
+def test_logs_are_json_lines_without_prompts_keys_or_payment_headers(tmp_path, sandbox,
+                                                                    log_prompts):
+    proc, port, key = run_gateway(tmp_path, sandbox,
+                                  CLAWROUTER_LOG_PROMPTS=str(log_prompts).lower())
+    try:
+        assert "ready" in proc.stdout.readline()
+        base = f"http://127.0.0.1:{port}"
+        secret_prompt = "a very private prompt about Xyzzy"
+        r = httpx.post(base + "/v1/images/generations", headers={"x-request-id": "log-1"},
+                       json={"model": "cogview", "prompt": secret_prompt})
+        assert r.status_code == 200
+        httpx.post(base + "/v1/images/generations", json={"model": "nope", "prompt": "p2"})
+    finally:
+        _, stderr = stop(proc)
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    request_line = next(line for line in lines if line.get("request_id") == "log-1")
+    assert request_line["status"] == 200 and request_line["model"] == "zai/cogview-4"
+    assert request_line["cost_usd"] == 0.01675 and request_line["outcome"] == "ok"
+    assert request_line["latency_ms"] >= request_line["overhead_ms"] >= 0
+    assert any(line.get("outcome") == "model_not_found" for line in lines)
+    assert key[2:] not in stderr and key[2:].lower() not in stderr.lower()
+    assert "eyJ4NDAyVmVyc2lvbi" not in stderr  # base64 of '{"x402Version…': a payment header
+    assert (secret_prompt in stderr) == log_prompts
+
+
+def test_non_loopback_without_api_key_refuses_to_start(tmp_path, sandbox):
+    proc, _, _ = run_gateway(tmp_path, sandbox, "--host", "0.0.0.0")
+    _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 2 and "CLAWROUTER_API_KEY" in stderr
+
+
+def test_non_loopback_requires_the_key_and_turns_local_files_off(tmp_path, sandbox):
+    image = tmp_path / "in.png"
+    from clawrouter.sandbox.images import make_png
+
+    image.write_bytes(make_png(16, 16, 1))
+    proc, port, _ = run_gateway(tmp_path / "home", sandbox, "--host", "0.0.0.0",
+                                CLAWROUTER_API_KEY="s3cret-key")
+    try:
+        assert "ready" in proc.stdout.readline()
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(base + "/health").status_code == 200  # health checks stay open
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret-key"}):
+            r = httpx.get(base + "/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        good = {"authorization": "Bearer s3cret-key"}
+        assert httpx.get(base + "/v1/models", headers=good).status_code == 200
+        r = httpx.post(base + "/v1/images/image2image", headers=good,
+                       json={"prompt": "x", "image": str(image)})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "local_files_disabled"
+    finally:
+        stop(proc)
+    assert sandbox.stats()["payments_count"] == 0
