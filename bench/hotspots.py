@@ -3,8 +3,10 @@
     .venv/bin/python bench/hotspots.py bench/results/profile/edit-4mb-gateway.folded [top]
 
 Self time = samples whose innermost frame is that function; inclusive = samples with the
-function anywhere on the stack (counted once per sample). Idle samples (the event loop waiting
-in select/epoll) are left out of the percentages.
+function anywhere on the stack (counted once per sample). Samples whose innermost frame is a wait
+(the event loop in select/epoll, an idle thread-pool worker) are left out of the percentages.
+py-spy samples threads that are not idle, so a thread blocked in fsync (SQLite commit, atomic
+file write) counts as busy: read those entries as wall time on the request path, not CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-_IDLE = re.compile(r"\b(select|poll|epoll_wait|_run_once|run_forever|wait)\b")
+_IDLE = re.compile(r"^(\w+\.)?(select|poll|epoll_wait|_run_once|run_forever|wait|_worker) ")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]*)(?::(?P<line>\d+))?\)$")
 
 

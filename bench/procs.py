@@ -106,24 +106,32 @@ class Server:
             start_new_session=True, preexec_fn=_die_with_parent)
         time.sleep(0.5)  # let it attach before the load starts
 
-    def stop(self) -> None:
-        spy = self._spy
-        if spy is not None and spy.poll() is None:
-            os.kill(spy.pid, signal.SIGINT)  # py-spy writes its output on SIGINT
-            try:
-                spy.wait(15)
-            except subprocess.TimeoutExpired:
-                spy.kill()
+    def terminate(self) -> None:
+        """Ask the server (and py-spy) to stop; `stop` waits and cleans up."""
+        if self._spy is not None and self._spy.poll() is None:
+            os.kill(self._spy.pid, signal.SIGINT)  # py-spy writes its output on SIGINT
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(5)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+            except ProcessLookupError:
+                pass
+
+    def stop(self, grace: float = 3.0) -> None:
+        self.terminate()
+        if self._spy is not None:
+            try:
+                self._spy.wait(15)
+            except subprocess.TimeoutExpired:
+                self._spy.kill()
+        if self.proc is not None:
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:  # uvicorn waits for open connections
                 try:
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(5)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
+                except ProcessLookupError:
                     pass
+                self.proc.wait(5)
         if self in _live:
             _live.remove(self)
         for path in self._tmp:
@@ -237,8 +245,11 @@ def start_gateway(upstream: str, *, preauth: bool, name: str = "gateway",
 
 
 def stop_all() -> None:
-    for server in list(_live):
-        server.stop()
+    servers = list(_live)
+    for server in servers:  # all at once, so shutdowns overlap
+        server.terminate()
+    for server in servers:
+        server.stop(grace=2.0)
 
 
 def _on_signal(signum: int, frame: object) -> None:
@@ -248,5 +259,7 @@ def _on_signal(signum: int, frame: object) -> None:
 
 def install_cleanup() -> None:
     atexit.register(stop_all)
+    # Ctrl-C must work even when started from a shell that ignores SIGINT (background jobs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)

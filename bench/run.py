@@ -53,6 +53,28 @@ def machine() -> dict[str, Any]:
             "git_commit": commit + ("+local changes" if dirty else "")}
 
 
+def _cpu_busy(window: float = 3.0) -> float:
+    """Fraction of all CPUs busy over `window` seconds (from /proc/stat)."""
+    def read() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    t0, i0 = read()
+    time.sleep(window)
+    t1, i1 = read()
+    return 1 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_quiet(limit_s: float, busy_max: float = 0.15) -> float:
+    """Wait (up to limit_s) until the machine is nearly idle; return the last busy fraction."""
+    deadline = time.monotonic() + limit_s
+    busy = _cpu_busy()
+    while busy > busy_max and time.monotonic() < deadline:
+        log(f"waiting for a quiet machine: CPUs {100 * busy:.0f}% busy")
+        busy = _cpu_busy()
+    return busy
+
+
 def _loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -76,6 +98,11 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any
                      "profiled": bool(args.profile)},
         "scenarios": {},
     }
+    busy = wait_quiet(args.wait_quiet) if args.wait_quiet else _cpu_busy()
+    results["machine"]["cpu_busy_before"] = round(busy, 3)
+    if busy > 0.25:
+        log(f"warning: the CPUs were {100 * busy:.0f}% busy with other work before the run; "
+            "numbers will be noisy (try --wait-quiet 300)")
     t0 = time.monotonic()
     sandbox = procs.start_sandbox(args.upstream_latency_ms)
     bench = scenarios.Bench(plan, sandbox, args.gateway_preauth, args.upstream_latency_ms,
@@ -114,6 +141,8 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="sample every gateway with py-spy (folded stacks in DIR) and print "
                              "where its CPU goes; slows the gateway, so do not quote those numbers")
+    parser.add_argument("--wait-quiet", type=float, metavar="S", default=0,
+                        help="first wait up to S seconds for the CPUs to be < 15%% busy")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--name", help="output file stem (default: latest, or quick)")
     argv = sys.argv[1:]

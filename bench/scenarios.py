@@ -52,7 +52,7 @@ class Plan:
 
 
 FULL = Plan(
-    quick=False, repeats=2, warmup=20,
+    quick=False, repeats=3, warmup=20,
     points={
         "gen-url": {1: 200, 16: 640, 64: 1280},
         "gen-datauri": {1: 60, 16: 160, 64: 320},
@@ -227,6 +227,7 @@ async def gen_url(b: Bench) -> dict[str, Any]:
 async def gen_datauri(b: Bench) -> dict[str, Any]:
     await b.configure(image_bytes=DATA_URI_IMAGE_BYTES, url_results=True)
     gw = b.gateway()
+    idle = gw.rss_mb()
     body = Body.of({"model": DATA_URI_MODEL, "size": "1024x1024", "n": 1})
     ops = {"gateway": clients.gateway(gw.url, GEN, body, b.tag),
            "direct": clients.direct(b.api, GEN, body, b.tag)}
@@ -237,7 +238,7 @@ async def gen_datauri(b: Bench) -> dict[str, Any]:
     for p in points:
         per_mb(p, uri_mb)
     return {"model": DATA_URI_MODEL, "result": "data URI", "image_bytes": png,
-            "data_uri_mb": round(uri_mb, 3), "points": points}
+            "data_uri_mb": round(uri_mb, 3), "gw_idle_rss_mb": round(idle, 1), "points": points}
 
 
 async def edit_4mb(b: Bench) -> dict[str, Any]:
@@ -246,6 +247,7 @@ async def edit_4mb(b: Bench) -> dict[str, Any]:
     uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     body = Body.of({"model": DATA_URI_MODEL, "image": uri, "size": "1024x1024", "n": 1})
     gw = b.gateway()
+    idle = gw.rss_mb()
     ops = {"gateway": clients.gateway(gw.url, EDIT, body, b.tag),
            "direct": clients.direct(b.api, EDIT, body, b.tag)}
     input_mb = len(png) / MB
@@ -256,6 +258,7 @@ async def edit_4mb(b: Bench) -> dict[str, Any]:
         points.append(point)
     b.stop_gateways()
     return {"model": DATA_URI_MODEL, "input_bytes": len(png), "input_mb": round(input_mb, 3),
+            "gw_idle_rss_mb": round(idle, 1),
             "body_bytes": body.size, "points": points}
 
 

@@ -120,6 +120,12 @@ class Settings(BaseSettings):
         return self.home / "images"
 
     @property
+    def ledger_path(self) -> Path:
+        """One ledger per network, so testnet and sandbox payments never mix with real ones."""
+        suffix = "" if self.network == "base" else f"-{self.network}"
+        return self.home / f"ledger{suffix}.sqlite3"
+
+    @property
     def max_image_bytes(self) -> int:
         return int(self.max_image_mb * 1024 * 1024)
 

@@ -224,3 +224,15 @@ def test_monitor_backs_off_on_failure_and_rechecks_zero_sooner(rpc):
 def test_monitor_refuses_a_bad_address():
     with pytest.raises(ValueError):
         BalanceMonitor("not-an-address", "base", [])
+
+
+def test_monitor_without_rpc_urls_never_runs():
+    async def main() -> None:
+        monitor = BalanceMonitor(ADDRESS, "base", [])
+        monitor.start()
+        assert monitor._task is None
+        assert monitor.snapshot() == {"balance_usd": None, "low": None, "checked": None,
+                                      "error": "no RPC URLs configured"}
+        await monitor.aclose()
+
+    asyncio.run(main())

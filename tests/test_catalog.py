@@ -62,3 +62,15 @@ def test_format_usd():
     assert catalog.format_usd(52_500) == "$0.0525"
     assert catalog.format_usd(1_000_000) == "$1.00"
     assert catalog.format_usd(16_750) == "$0.01675"
+
+
+def test_readme_model_table_matches_the_catalog():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for model in catalog.MODELS:
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{model.id}`"))
+        for alias in model.aliases:
+            assert f"`{alias}`" in row, (model.id, alias)
+        for size, price in model.prices.items():
+            assert size in row and f"${round(price * catalog.BASE_MARKUP, 6):g}" in row

@@ -20,7 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from clawrouter.payment.ledger import FILENAME, Ledger, REJECTED, SETTLED
+from clawrouter.config import Settings
+from clawrouter.payment.ledger import Ledger, REJECTED, SETTLED
 from clawrouter.payment.networks import NETWORKS
 from tests.servers import ServerThread, free_port
 from tests.test_balance import FakeRpc
@@ -44,6 +45,10 @@ class Cli:
                         # offline by default: nothing listens on these ports
                         CLAWROUTER_RPC_URLS=json.dumps([f"http://127.0.0.1:{free_port()}/"]),
                         CLAWROUTER_PORT=str(free_port()))
+
+    @property
+    def ledger(self) -> Path:
+        return Settings(home=self.claw).ledger_path
 
     @property
     def key_file(self) -> Path:
@@ -254,7 +259,7 @@ def fill_ledger(path: Path) -> None:
 
 
 def test_stats_json_reads_the_ledger_file(cli):
-    fill_ledger(cli.claw / FILENAME)
+    fill_ledger(cli.ledger)
     done = cli("stats", "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
@@ -271,13 +276,13 @@ def test_stats_json_reads_the_ledger_file(cli):
 
 
 def test_stats_table_shows_every_section(cli):
-    fill_ledger(cli.claw / FILENAME)
+    fill_ledger(cli.ledger)
     done = cli("stats")
     assert done.returncode == 0, done.stderr
     out = done.stdout
     for text in ("Today", "This month", "Total", "$0.0535", "$0.01575", "By model",
                  "google/nano-banana", "By day", "Latest payments", "settled", "rejected",
-                 "unknown", TX, str(cli.claw / FILENAME)):
+                 "unknown", TX, str(cli.ledger)):
         assert text in out, text
 
 
@@ -289,11 +294,11 @@ def test_stats_without_a_ledger_shows_zeros_and_creates_nothing(cli):
 
 
 def test_stats_says_when_a_silent_gateway_holds_the_ledger(cli):
-    fill_ledger(cli.claw / FILENAME)
-    with Ledger(cli.claw / FILENAME):  # as a running gateway would
+    fill_ledger(cli.ledger)
+    with Ledger(cli.ledger):  # as a running gateway would
         done = cli("stats")
     assert done.returncode == 1
-    assert "did not answer" in done.stderr and str(cli.claw / FILENAME) in done.stderr
+    assert "did not answer" in done.stderr and str(cli.ledger) in done.stderr
 
 
 def test_stats_json_from_a_running_gateway(cli, make_gateway):
@@ -302,10 +307,10 @@ def test_stats_json_from_a_running_gateway(cli, make_gateway):
                           json={"model": "cogview", "prompt": "a lighthouse", "size": "512x512"})
     assert r.status_code == 200, r.text
     done = cli("stats", "--json", CLAWROUTER_HOME=str(gateway.gw.settings.home),
-               CLAWROUTER_PORT=str(gateway.server.port))
-    assert done.returncode == 0, done.stderr  # the gateway holds the ledger: this came by HTTP
+               CLAWROUTER_NETWORK="base-sepolia", CLAWROUTER_PORT=str(gateway.server.port))
+    assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["wallet"] == gateway.gw.address
+    assert summary["wallet"] == gateway.gw.address  # only GET /v1/spend names the wallet
     assert summary["total"]["payments"] == 1 and summary["total"]["pending"]["payments"] == 0
     (payment,) = summary["latest"]
     assert payment["status"] == "settled" and payment["transaction"]

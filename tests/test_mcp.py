@@ -152,3 +152,53 @@ def test_runs_the_gateway_in_process_when_none_answers(tmp_path: Path) -> None:
     assert status["spent_today_usd"] == pytest.approx(0.0535)
     # The user's home was used: the wallet file was created there.
     assert (tmp_path / "client-home" / "wallet.key").is_file()
+
+
+# --- the agent skill ------------------------------------------------------------------------
+
+SKILL = Path(__file__).resolve().parent.parent / "skills" / "imagegen" / "SKILL.md"
+
+
+def skill_units(text: str) -> list[str]:
+    """Paragraphs, split further into list items, table rows and example lines."""
+    units: list[str] = []
+    for paragraph in text.split("\n\n"):
+        for line in paragraph.splitlines():
+            starts = line.lstrip().startswith(("- ", "|", "→", "User:", "```"))
+            if starts or not units or units[-1].endswith("\n\n"):
+                units.append(line)
+            else:
+                units[-1] += " " + line.strip()
+        units[-1] += "\n\n"
+    return units
+
+
+def test_skill_names_every_model_and_alias_with_its_prices() -> None:
+    text = SKILL.read_text()
+    for model in catalog.MODELS:
+        assert f"`{model.id}`" in text, model.id
+        for alias in model.aliases:
+            assert f"`{alias}`" in text, alias
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{model.id}` |"))
+        for size, price in model.prices.items():
+            base = catalog.format_usd(catalog.to_micro(price * catalog.BASE_MARKUP))
+            assert f"{size} {base}" in row, (model.id, size)
+        assert ("yes" if model.edits else "no") in row.split("|")[4]
+        assert ("mask" in row) == model.mask
+    assert f"${catalog.FEE_USD}" in text
+
+
+def test_skill_recommends_no_retired_model() -> None:
+    import re
+
+    retired = sorted({*catalog.RENAMED, *catalog.DROPPED}, key=len, reverse=True)
+    pattern = re.compile(r"(?<![\w./-])(" + "|".join(map(re.escape, retired)) + r")(?![\w.-])",
+                         re.IGNORECASE)
+    for unit in skill_units(SKILL.read_text()):
+        if not pattern.search(unit) or unit.startswith("User:"):
+            continue
+        assert re.search(r"maps to|dropped|refused", unit), unit
+        assert not unit.startswith("|"), f"a retired model in the model table: {unit}"
+    # and the frontmatter tells an agent when to use the skill
+    head = SKILL.read_text().split("---")[1]
+    assert "name: imagegen" in head and "Trigger when" in head

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from mcp.server.mcpserver import MCPServer
@@ -29,6 +30,8 @@ INSTRUCTIONS = (
     "from the user's local wallet. Each call costs money (see list_image_models); prefer the "
     "default model and n=1 unless asked. Results are saved as files; show the user the path "
     "or URL.")
+
+T = TypeVar("T")
 
 _MODELS = ", ".join(f"{m.aliases[0] if m.aliases else m.id}" for m in catalog.MODELS)
 _EDITORS = ", ".join(m.id for m in catalog.MODELS if m.edits)
@@ -50,7 +53,27 @@ class Connection:
                     self._gateway = await connect(self.url)
                 except (ValueError, FileNotFoundError) as exc:
                     raise ToolError(f"clawrouter's configuration is invalid: {exc}") from None
+                except GatewayError as exc:  # something else answers, or ours would not start
+                    raise ToolError(f"clawrouter is unavailable: {exc.message}") from None
             return self._gateway
+
+    async def run(self, use: Callable[[Gateway], Awaitable[T]]) -> T:
+        """Run one gateway call; its refusals become tool errors with the gateway's message.
+
+        A running gateway that went away is forgotten, so the next call looks again (and
+        starts one in-process if none answers). The failed call is not retried: it may have paid.
+        """
+        gateway = await self.get()
+        try:
+            return await use(gateway)
+        except GatewayError as exc:
+            if exc.code == "connection_error" and not gateway.in_process:
+                async with self._lock:
+                    if self._gateway is gateway:
+                        self._gateway = None
+                await gateway.aclose()
+            code = f" (code: {exc.code})" if exc.code else ""
+            raise ToolError(f"clawrouter: {exc.message}{code}") from None
 
     async def aclose(self) -> None:
         if self._gateway is not None:
@@ -77,12 +100,13 @@ def build_server(connection: Connection, out: str | None = None) -> MCPServer:
                                            "(default), 'banana-pro', 'gpt-image-2'.")] = None,
         size: Annotated[str | None, Field(description="WIDTHxHEIGHT, e.g. '1024x1024' "
                                           "(default).")] = None,
-        n: Annotated[int, Field(ge=1, le=MAX_N, description="How many images (each is paid).")] = 1,
+        n: Annotated[int, Field(ge=1, le=MAX_N,
+                                description="How many images (each is paid).")] = 1,
         inline: Annotated[bool, Field(description="Also return the image itself in the "
                                       "result (large).")] = False,
     ) -> CallToolResult:
-        gateway = await connection.get()
-        result = await _call(gateway.generate(prompt, model=model, size=size, n=n, out=out))
+        result = await connection.run(
+            lambda gw: gw.generate(prompt, model=model, size=size, n=n, out=out))
         return await _image_result("Generated", result, inline)
 
     @server.tool(annotations=paid, description=(
@@ -97,7 +121,7 @@ def build_server(connection: Connection, out: str | None = None) -> MCPServer:
         mask: Annotated[str | None, Field(description="Optional PNG mask (URL, path or data "
                                           "URI); transparent pixels mark what to edit.")] = None,
         model: Annotated[str | None, Field(description="Editing model id or alias (default "
-                                           "gpt-image-1).")] = None,
+                                           f"{catalog.DEFAULT_EDIT_MODEL}).")] = None,
         size: Annotated[str | None, Field(description="WIDTHxHEIGHT of the result.")] = None,
         inline: Annotated[bool, Field(description="Also return the image itself in the "
                                       "result (large).")] = False,
@@ -105,10 +129,10 @@ def build_server(connection: Connection, out: str | None = None) -> MCPServer:
         images = [image] if isinstance(image, str) else list(image)
         if not images:
             raise ToolError("Give at least one source image.")
-        gateway = await connection.get()
-        result = await _call(gateway.edit(prompt, [_source(s) for s in images],
-                                          mask=_source(mask) if mask else None,
-                                          model=model, size=size, out=out))
+        sources = [source_arg(s) for s in images]
+        result = await connection.run(
+            lambda gw: gw.edit(prompt, sources, mask=source_arg(mask) if mask else None,
+                               model=model, size=size, out=out))
         return await _image_result("Edited", result, inline)
 
     @server.tool(annotations=free, description=(
@@ -125,29 +149,15 @@ def build_server(connection: Connection, out: str | None = None) -> MCPServer:
         "The wallet that pays for images: address, network, USDC balance (when known), money "
         "spent today and budget left. Free."))
     async def wallet_status() -> CallToolResult:
-        gateway = await connection.get()
-        health, spend = await _call(asyncio.gather(gateway.health(), gateway.spend()))
-        status = wallet_summary(health, spend, gateway)
+        async def read(gw: Gateway) -> dict[str, Any]:
+            health, spend = await asyncio.gather(gw.health(), gw.spend())
+            return wallet_summary(health, spend, gw)
+
+        status = await connection.run(read)
         return CallToolResult(content=[TextContent(type="text", text=describe_wallet(status))],
                               structured_content=status)
 
     return server
-
-
-async def _call(awaitable: Any) -> Any:
-    """Await a gateway call; its refusals become tool errors with the gateway's message."""
-    try:
-        return await awaitable
-    except GatewayError as exc:
-        code = f" ({exc.code})" if exc.code else ""
-        raise ToolError(f"clawrouter refused{code}: {exc.message}") from None
-    except OSError as exc:  # the output directory
-        raise ToolError(f"clawrouter could not save the image: {exc}") from None
-
-
-def _source(value: str) -> str:
-    # Relative paths mean nothing to an agent's caller; make them absolute here, like the CLI.
-    return source_arg(value)
 
 
 def describe(verb: str, result: ImageResult) -> str:

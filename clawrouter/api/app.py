@@ -16,7 +16,6 @@ from clawrouter.observe import Metrics, Observe
 from clawrouter.coalesce import Coalescer
 from clawrouter.config import Settings
 from clawrouter.inputs import InputPolicy, InputResolver
-from clawrouter.payment import ledger as ledger_mod
 from clawrouter.payment.budget import Budget
 from clawrouter.payment.ledger import Ledger
 from clawrouter.payment.networks import NETWORKS, Network
@@ -56,7 +55,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
                          if settings.wallet_key else None)
     signer = Signer(wallet.key)
     store = ImageStore.from_settings(settings)
-    ledger = Ledger(settings.home / ledger_mod.FILENAME)
+    ledger = Ledger(settings.ledger_path)
     budget = Budget.from_settings(ledger, settings)
     prices = PriceBook(settings.price_ttl_seconds)
     gw = Gateway(settings, wallet, signer, NETWORKS[settings.network], sandbox, store, ledger,

@@ -33,7 +33,7 @@ async def readyz(request: Request) -> Response:
     images = gw.settings.images_dir
     checks = {"config": True, "wallet": bool(gw.address), "pipeline": gw.pipeline is not None,
               "store": images.is_dir() and os.access(images, os.W_OK),
-              "ledger": (gw.settings.home / "ledger.sqlite3").is_file()}
+              "ledger": gw.settings.ledger_path.is_file()}
     ready = all(checks.values())
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
                         status_code=200 if ready else 503)

@@ -88,7 +88,8 @@ def model_id(name: str | None, default: str) -> str:
 
 
 def source_arg(value: str) -> str:
-    """URLs and data URIs pass through; a local path becomes absolute (the gateway's cwd differs)."""
+    """URLs and data URIs pass through; a local path becomes absolute (the gateway's cwd
+    differs from ours)."""
     if value.startswith(("http://", "https://", "data:")):
         return value
     return str(Path(value).expanduser().resolve())
@@ -265,20 +266,22 @@ class Gateway:
     # --- paid endpoints --------------------------------------------------------------------
     async def generate(self, prompt: str, *, model: str | None = None, size: str | None = None,
                        n: int | None = None, out: str | Path | None = None) -> ImageResult:
+        directory = await asyncio.to_thread(output_dir, out)  # fail before paying
         body = _body(prompt, model=model, size=size, n=n)
         resp = await self._send("POST", "/v1/images/generations", json=body)
-        return await self._save(resp, model_id(model, catalog.DEFAULT_GENERATE_MODEL), out)
+        return await self._save(resp, model_id(model, catalog.DEFAULT_GENERATE_MODEL), directory)
 
     async def edit(self, prompt: str, images: list[str], *, mask: str | None = None,
                    model: str | None = None, size: str | None = None, n: int | None = None,
                    out: str | Path | None = None) -> ImageResult:
         """`POST /v1/images/image2image`: images are URLs, data URIs or paths the gateway reads."""
+        directory = await asyncio.to_thread(output_dir, out)  # fail before paying
         body = _body(prompt, model=model, size=size, n=n)
         body["image"] = images[0] if len(images) == 1 else images
         if mask:
             body["mask"] = mask
         resp = await self._send("POST", "/v1/images/image2image", json=body)
-        return await self._save(resp, model_id(model, catalog.DEFAULT_EDIT_MODEL), out)
+        return await self._save(resp, model_id(model, catalog.DEFAULT_EDIT_MODEL), directory)
 
     # --- plumbing --------------------------------------------------------------------------
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -294,34 +297,40 @@ class Gateway:
             raise _error(resp)
         return resp
 
-    async def _save(self, resp: httpx.Response, model: str,
-                    out: str | Path | None) -> ImageResult:
-        directory = await asyncio.to_thread(output_dir, out)
+    async def _save(self, resp: httpx.Response, model: str, directory: Path) -> ImageResult:
         result = ImageResult(model, resp.headers.get("x-clawrouter-cost-usd"),
                              resp.headers.get("x-clawrouter-transaction"),
                              in_process=self.in_process)
         for item in resp.json().get("data", []):
             url = item.get("url") or ""
             data = await self._fetch(url) if url else _b64(item.get("b64_json", ""))
-            path = await asyncio.to_thread(_write, directory, url, data)
+            try:
+                path = await asyncio.to_thread(_write, directory, url, data)
+            except OSError as exc:  # paid for already: name the URL so the image is not lost
+                raise GatewayError(f"Paid, but could not save {url or 'the image'} in "
+                                   f"{directory}: {exc}", code="save_failed") from None
             result.images.append(SavedImage(url, str(path), item.get("revised_prompt")))
         return result
 
     async def _fetch(self, url: str) -> bytes:
-        """Download a result; our own URLs carry our auth header, others get none."""
+        """Download a result. Our own images are fetched from the gateway we talk to (with our
+        auth header), whatever host it advertises; anything else is fetched without it."""
         if url.startswith("data:"):
             return _b64(url.split(",", 1)[1])
-        ours = url.startswith(self.url) or urlsplit(url).hostname in ("localhost", "127.0.0.1")
+        parts = urlsplit(url)
+        name = parts.path.rsplit("/", 1)[-1]
+        ours = parts.path == f"/images/{name}" and NAME.fullmatch(name) is not None
         try:
             if ours:
-                resp = await self.http.get(url)
+                resp = await self.http.get(f"/images/{name}")
             else:
                 async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT) as http:
                     resp = await http.get(url)
         except httpx.HTTPError as exc:
-            raise GatewayError(f"Could not download {url}: {exc}", code="download_failed") from None
+            raise GatewayError(f"Paid, but could not download {url}: {exc}",
+                               code="download_failed") from None
         if resp.status_code != 200:
-            raise GatewayError(f"Could not download {url}: HTTP {resp.status_code}",
+            raise GatewayError(f"Paid, but could not download {url}: HTTP {resp.status_code}",
                                status=resp.status_code, code="download_failed")
         return resp.content
 

@@ -1,7 +1,8 @@
 """`clawrouter stats`: what the gateway has spent, as a terminal table (or `--json`).
 
 The numbers come from a running gateway's `GET /v1/spend` when one answers at the configured
-host and port; otherwise from the ledger file itself. A running gateway holds the ledger's
+host and port; otherwise from the ledger file itself (the configured network's:
+`Settings.ledger_path`). A running gateway holds the ledger's
 lock, so if the lock is taken but nobody answers, we say so instead of guessing.
 """
 
@@ -109,7 +110,7 @@ def _from_gateway(settings: Settings, url: str, latest: int) -> dict[str, Any] |
 
 
 def _from_ledger(settings: Settings, url: str, latest: int) -> tuple[dict[str, Any], str]:
-    path = settings.home / FILENAME
+    path = settings.ledger_path
     if not path.exists():  # report zeros without creating a ledger in the user's home
         with tempfile.TemporaryDirectory() as tmp:
             return _read(Ledger(Path(tmp) / FILENAME), settings, latest), f"{path} (no ledger yet)"

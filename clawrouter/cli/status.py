@@ -178,7 +178,10 @@ async def check_port(host: str, port: int) -> tuple[Check, dict[str, Any] | None
     connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     try:
         health = await probe(f"http://{connect_host}:{port}")
-    except GatewayError:
+    except GatewayError as exc:
+        if exc.status == 401:  # ours, guarded by CLAWROUTER_API_KEY
+            return Check("port", "ok", f"{host}:{port} is serving clawrouter (set "
+                         "CLAWROUTER_API_KEY to see more)"), None
         health = None
     if health is not None:
         return Check("port", "ok", f"{host}:{port} is serving clawrouter "

@@ -174,8 +174,11 @@ class BalanceMonitor:
                    low_balance_usd=settings.low_balance_usd, **kwargs)
 
     def start(self) -> None:
-        """Launch the refresh loop (call from a running event loop; idempotent)."""
-        if self._task is None:
+        """Launch the refresh loop (call from a running event loop; idempotent). Without RPC
+        URLs (`rpc_urls = []` turns lookups off) nothing runs."""
+        if not self.rpc_urls:
+            self._error = "no RPC URLs configured"
+        elif self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(),
                                                                 name="balance-monitor")
 

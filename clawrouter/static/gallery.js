@@ -85,6 +85,10 @@ function shortAddress(address) {
   return address.length > 14 ? `${address.slice(0, 6)}…${address.slice(-4)}` : address;
 }
 
+function sizeLabel(size) {
+  return String(size || "").replace("x", "×");
+}
+
 function shortModel(id) {
   return String(id || "").split("/").pop();
 }
@@ -237,7 +241,7 @@ function fillSizes(preferred) {
   const keep = preferred || select.value;
   const sizes = model ? model.sizes : [];
   select.replaceChildren(...sizes.map((size) => {
-    const option = el("option", "", size.replace("x", " × "));
+    const option = el("option", "", sizeLabel(size).replace("×", " × "));
     option.value = size;
     return option;
   }));
@@ -285,7 +289,7 @@ function card(item) {
     el("span", "thumb", null, img),
     el("span", "card-body", null,
       el("span", "card-prompt", prompt || "(no prompt)"),
-      el("span", "card-meta", null, model, el("span", "", item.size || "")),
+      el("span", "card-meta", null, model, el("span", "", sizeLabel(item.size))),
       el("span", "card-meta", null, el("span", "cost", usd(item.cost_usd)), time)));
   link.href = url || "#";
   link.addEventListener("click", (event) => {
@@ -307,7 +311,7 @@ function pendingCard(job) {
       el("span", "card-body", null,
         el("span", "card-prompt", job.prompt),
         el("span", "card-meta", null,
-          el("span", "model", shortModel(job.model)), el("span", "", job.size)),
+          el("span", "model", shortModel(job.model)), el("span", "", sizeLabel(job.size))),
         el("span", "card-meta", null, el("span", "", "Generating…")))));
   li.setAttribute("aria-busy", "true");
   job.clock = clock;
@@ -466,7 +470,7 @@ function openDetail(item, opener) {
   $("detail-prompt").textContent = prompt;
   const rows = [
     ["Model", item.model],
-    ["Size", item.size],
+    ["Size", sizeLabel(item.size)],
     ["Cost", usd(item.cost_usd)],
     ["Created", fullDate(item.created)],
     ["File", [item.content_type, typeof item.bytes === "number" ? bytes(item.bytes) : ""]
@@ -512,6 +516,10 @@ function setup() {
       $("composer").requestSubmit();
     }
   });
+  // An error answers the last attempt; editing the request starts a new one.
+  for (const id of ["prompt", "model", "size"]) {
+    $(id).addEventListener("input", () => showError(""));
+  }
   $("model").addEventListener("change", () => {
     remember("model", $("model").value);
     fillSizes();
