@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -42,8 +42,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
 
     # --- upstream ---------------------------------------------------------------------------
-    upstream_url: str = Field(
-        DEFAULT_UPSTREAM, validation_alias=AliasChoices("upstream_url", "BLOCKRUN_API_URL"))
+    # One alias each: an alias is also an environment name, so "upstream_url" here would make a
+    # bare UPSTREAM_URL variable count (populate_by_name keeps the field name for TOML and flags).
+    upstream_url: str = Field(DEFAULT_UPSTREAM, validation_alias="BLOCKRUN_API_URL")
     sandbox: bool | Literal["auto"] = "auto"
     upstream_connect_timeout: float = 5.0
     upstream_timeout: float = 200.0
@@ -53,8 +54,7 @@ class Settings(BaseSettings):
     poll_deadline: float = 300.0
 
     # --- payment ----------------------------------------------------------------------------
-    wallet_key: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("wallet_key", "BLOCKRUN_WALLET_KEY"))
+    wallet_key: SecretStr | None = Field(None, validation_alias="BLOCKRUN_WALLET_KEY")
     network: Literal["base", "base-sepolia"] = "base"
     pay_to: str = Field(BLOCKRUN_PAYEE, pattern=r"^0x[0-9a-fA-F]{40}$")
     price_tolerance: float = Field(1.5, ge=1.0)

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from clawrouter.context import RequestContext
-from clawrouter.errors import InvalidRequest
+from clawrouter.errors import InvalidRequest, UpstreamError
 from clawrouter.inputs import ImageInput, InputResolver
 from clawrouter.store import ImageMeta, ImageStore, StoredImage
+from clawrouter.upstream.errors import paid_error
 from clawrouter.upstream.exchange import Exchange, Outcome, UpstreamCall
 from clawrouter.validate import ImageJob
 
@@ -108,9 +109,9 @@ class ImagePipeline:
         body = outcome.response.json()
         items = body.get("data") if isinstance(body, dict) else None
         if not isinstance(items, list) or not items:
-            # Paid and nothing came back: the paid response is kept in the error message path.
-            from clawrouter.upstream.errors import paid_error
-
+            if not outcome.amount:
+                raise UpstreamError("The upstream answered without images. Nothing was paid.",
+                                    status=502, extra={"payment": "none"})
             raise paid_error(outcome.response, outcome.amount, transaction=outcome.transaction,
                              detail="the upstream answered without images")
         per_image = outcome.amount // max(1, len(items))

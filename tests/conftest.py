@@ -80,7 +80,7 @@ def gateway_settings(home: Path, upstream: str, **overrides: Any):
     values: dict[str, Any] = dict(
         home=home, upstream_url=upstream, network="base-sepolia",
         wallet_key=Account.create().key.to_0x_hex(), poll_delay=0.1, poll_interval=0.1,
-        poll_deadline=20, sandbox=False, max_usd_per_day=0)
+        poll_deadline=20, sandbox=False, max_usd_per_day=0, rpc_urls=[])
     values.update(overrides)
     return Settings(**values)
 
@@ -92,7 +92,7 @@ def make_gateway(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Gat
     started: list[ServerThread] = []
 
     def make(upstream: str | None = None, **overrides: Any) -> Gateway:
-        home = tmp_path / f"home{len(started)}"
+        home = overrides.pop("home", None) or tmp_path / f"home{len(started)}"
         settings = gateway_settings(home, upstream or sandbox.api, **overrides)
         app = create_app(settings)
         server = ServerThread(app).start()

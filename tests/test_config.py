@@ -59,3 +59,16 @@ def test_bad_files_are_refused(tmp_path, text):
 def test_missing_explicit_file_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_only_the_documented_environment_names_count(monkeypatch, tmp_path):
+    monkeypatch.setenv("WALLET_KEY", "0x" + "11" * 32)
+    monkeypatch.setenv("UPSTREAM_URL", "http://wrong/api")
+    monkeypatch.setenv("PORT", "1")
+    s = load_settings(home=tmp_path)
+    assert s.wallet_key is None and s.upstream_url == "https://blockrun.ai/api" and s.port == 8402
+    monkeypatch.setenv("BLOCKRUN_WALLET_KEY", "0x" + "22" * 32)
+    assert load_settings(home=tmp_path).wallet_key.get_secret_value() == "0x" + "22" * 32
+    config = tmp_path / "c.toml"
+    config.write_text('upstream_url = "http://from-file/api"\n')
+    assert load_settings(config).upstream_url == "http://from-file/api"

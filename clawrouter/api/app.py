@@ -16,6 +16,7 @@ from clawrouter.observe import Metrics, Observe
 from clawrouter.coalesce import Coalescer
 from clawrouter.config import Settings
 from clawrouter.inputs import InputPolicy, InputResolver
+from clawrouter.payment.balance import BalanceMonitor
 from clawrouter.payment.budget import Budget
 from clawrouter.payment.ledger import Ledger
 from clawrouter.payment.networks import NETWORKS, Network
@@ -43,6 +44,7 @@ class Gateway:
     coalescer: Coalescer
     metrics: Metrics
     pipeline: ImagePipeline | None = None
+    balance: BalanceMonitor | None = None
 
     @property
     def address(self) -> str:
@@ -70,12 +72,17 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
         client = BlockRunClient(settings.upstream_url, session,
                                 timeout=settings.upstream_timeout,
                                 connect_timeout=settings.upstream_connect_timeout)
+        balance = BalanceMonitor.from_settings(gw.address, settings, session=session)
+        if not sandbox:  # the sandbox's testnet wallet has no balance worth polling
+            balance.start()
+        gw.balance = balance
         exchange = Exchange(client, signer, settings, gw.network, ledger, budget, prices,
                             on_payment=gw.metrics.payment)
         gw.pipeline = ImagePipeline(exchange, store, inputs, session)
         try:
             yield
         finally:
+            await balance.aclose()
             await store.aclose()
             await inputs.aclose()
             await session.close()

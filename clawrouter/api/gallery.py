@@ -37,7 +37,7 @@ async def static(name: str) -> Response:
 
 @router.get("/v1/images")
 async def list_images(request: Request, limit: int = Query(50, ge=1, le=500),
-                      offset: int = Query(0, ge=0)) -> dict[str, Any]:
+                      offset: int = Query(0, ge=0, le=2**62)) -> dict[str, Any]:
     gw = request.app.state.gw
     rows = await gw.store.ls(limit, offset)
     base = base_url(request)

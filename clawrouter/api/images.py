@@ -49,10 +49,13 @@ def base_url(request: Request) -> str:
 
 
 def context(request: Request) -> RequestContext:
-    client = request.client.host if request.client else "local"
-    auth = request.headers.get("authorization")
+    # "Same client" for coalescing: the same caller address and program (user agent) or the
+    # same API key. Two different local programs asking the same thing still pay separately.
+    address = request.client.host if request.client else "local"
+    client = request.headers.get("authorization") or (
+        f"{address} {request.headers.get('user-agent', '')}")
     return RequestContext(request.scope.get("state", {}).get("request_id", ""),
-                          base_url(request), client=auth or client)
+                          base_url(request), client=client)
 
 
 @asynccontextmanager

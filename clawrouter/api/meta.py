@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from clawrouter import __version__, catalog
@@ -16,8 +16,11 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
     gw = request.app.state.gw
-    return {"status": "ok", "wallet": gw.address, "upstream": gw.settings.upstream_url,
-            "sandbox": gw.sandbox, "version": __version__, "network": gw.network.name}
+    health = {"status": "ok", "wallet": gw.address, "upstream": gw.settings.upstream_url,
+              "sandbox": gw.sandbox, "version": __version__, "network": gw.network.name}
+    if gw.balance is not None:  # cached, refreshed in the background: never on this path
+        health.update(gw.balance.snapshot())
+    return health
 
 
 @router.get("/healthz")
@@ -73,10 +76,10 @@ async def models() -> dict[str, Any]:
 
 
 @router.get("/v1/spend")
-async def spend(request: Request) -> dict[str, Any]:
+async def spend(request: Request, latest: int = Query(20, ge=0, le=1000)) -> dict[str, Any]:
     """Every cent: today, this month, in total, by model and day, and the latest payments."""
     gw = request.app.state.gw
-    summary = await gw.ledger.call(gw.ledger.summary)
+    summary = await gw.ledger.call(gw.ledger.summary, latest=latest)
     summary["budget"] = gw.budget.remaining()
     summary["wallet"] = gw.address
     summary["network"] = gw.network.name

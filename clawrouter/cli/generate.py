@@ -47,7 +47,8 @@ def register(commands: Any) -> None:
     e.add_argument("prompt", help="the change to make")
     e.add_argument("--mask", metavar="IMAGE",
                    help="PNG mask (path, URL or data URI): transparent pixels mark the area "
-                   "to edit; gpt-image-1 and gpt-image-2 only")
+                   "to edit; one source image, and only with "
+                   + ", ".join(m.id for m in catalog.MODELS if m.mask))
     _common(e, catalog.DEFAULT_EDIT_MODEL)
     e.set_defaults(run=run_edit)
 

@@ -12,6 +12,7 @@ import aiohttp
 import uvicorn
 
 from clawrouter.config import DEFAULT_UPSTREAM, Settings, load_settings
+from clawrouter.payment.ledger import LedgerBusy
 from clawrouter.payment.wallet import WalletError
 
 SANDBOX_NETWORK = "base-sepolia"  # the sandbox never receives a mainnet authorization
@@ -54,7 +55,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(serve(settings))
-    except WalletError as exc:
+    except (WalletError, LedgerBusy) as exc:
         print(f"clawrouter: {exc}", file=sys.stderr)
         return 2
 

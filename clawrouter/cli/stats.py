@@ -1,9 +1,9 @@
 """`clawrouter stats`: what the gateway has spent, as a terminal table (or `--json`).
 
 The numbers come from a running gateway's `GET /v1/spend` when one answers at the configured
-host and port; otherwise from the ledger file itself (the configured network's:
-`Settings.ledger_path`). A running gateway holds the ledger's
-lock, so if the lock is taken but nobody answers, we say so instead of guessing.
+host and port; otherwise from the configured network's ledger file (`Settings.ledger_path`).
+A running gateway holds the ledger's lock, so if the lock is taken but nobody answers, we say
+so instead of guessing.
 """
 
 from __future__ import annotations

@@ -1,0 +1,200 @@
+"""Faults, one test each: the upstream misbehaves, the client leaves, the host fails.
+
+For every fault: the gateway stays up, the client gets a clear envelope, nothing is paid twice,
+and the ledger agrees with what the sandbox saw.
+"""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.servers import free_port
+
+COGVIEW = {"model": "cogview", "size": "512x512"}
+
+
+def gen(gw, prompt="fault", timeout=30, **extra):
+    return httpx.post(gw.v1 + "/images/generations", timeout=timeout,
+                      json={**COGVIEW, "prompt": prompt, **extra})
+
+
+def rows(gw):
+    return gw.http.get("/v1/spend").json()["latest"]
+
+
+def still_serving(gw, sandbox):
+    sandbox.faults()
+    assert gen(gw, "after the fault").status_code == 200
+
+
+def error(r):
+    body = r.json()
+    assert set(body["error"]) >= {"message", "type", "param", "code"}
+    return body["error"]
+
+
+# --- upstream ------------------------------------------------------------------------------
+
+def test_reset_before_payment_is_a_502_that_paid_nothing(gateway, sandbox):
+    sandbox.faults({"kind": "drop", "phase": "unpaid"})
+    r = gen(gateway)
+    assert r.status_code == 502 and "Nothing was paid" in error(r)["message"]
+    assert sandbox.stats()["payments_count"] == 0 and rows(gateway) == []
+    still_serving(gateway, sandbox)
+
+
+@pytest.mark.parametrize("phase, status, paid", [("unpaid", 504, 0), ("paid", 502, 1)])
+def test_an_upstream_that_hangs_past_the_timeout(make_gateway, sandbox, phase, status, paid):
+    gw = make_gateway(upstream_timeout=0.5)
+    sandbox.faults({"kind": "delay", "phase": phase, "seconds": 2, "times": 1})
+    r = gen(gw)
+    assert r.status_code == status, r.text
+    assert r.headers.get("x-should-retry") == ("false" if paid else None)
+    assert sandbox.stats()["payments_count"] == paid
+    assert [row["status"] for row in rows(gw)] == ["failed_after_payment"] * paid
+    time.sleep(1.6)  # let the hung upstream request end before the next test's reset
+    still_serving(gw, sandbox)
+
+
+@pytest.mark.parametrize("status, headers", [(500, {}), (503, {"Retry-After": "3"})])
+def test_unpaid_5xx_pass_through_with_retry_after(gateway, sandbox, status, headers):
+    sandbox.faults({"kind": "respond", "phase": "unpaid", "status": status, "headers": headers,
+                    "body": {"error": "upstream trouble"}})
+    r = gen(gateway)
+    assert r.status_code == status and "upstream trouble" in error(r)["message"]
+    assert r.headers.get("retry-after") == headers.get("Retry-After")
+    assert error(r)["payment"] == "none"
+    assert sandbox.stats()["payments_count"] == 0
+
+
+@pytest.mark.parametrize("body, content_type", [("<html>oops</html>", "text/html"),
+                                                ({"created": 1, "data": []}, None)])
+def test_a_paid_200_without_images_is_reported_not_retried(gateway, sandbox, body, content_type):
+    rule = {"kind": "respond", "phase": "paid", "status": 200, "body": body}
+    if content_type:
+        rule["content_type"] = content_type
+    sandbox.faults(rule)
+    r = gen(gateway)
+    assert r.status_code == 502 and r.headers["x-should-retry"] == "false"
+    assert "payment of $0.01675 was signed" in error(r)["message"]
+    assert sandbox.stats()["payments_count"] == 1
+    assert gen(gateway).status_code == 502  # the same request is not paid again
+    assert sandbox.stats()["payments_count"] == 1
+
+
+def test_polls_that_fail_then_recover_still_complete(gateway, sandbox):
+    sandbox.faults({"kind": "job"},
+                   {"kind": "respond", "phase": "poll", "status": 500, "times": 2,
+                    "body": {"error": "poll hiccup"}},
+                   {"kind": "drop", "phase": "poll", "times": 1})
+    r = gen(gateway)
+    assert r.status_code == 200, r.text
+    stats = sandbox.stats()
+    assert stats["settled_count"] == 1 and stats["payments_count"] == 1
+    assert [row["status"] for row in rows(gateway)] == ["settled"]
+
+
+def test_polls_that_keep_failing_end_at_the_deadline(make_gateway, sandbox):
+    gw = make_gateway(poll_deadline=0.6)
+    sandbox.faults({"kind": "job"}, {"kind": "respond", "phase": "poll", "status": 500})
+    r = gen(gw)
+    assert r.status_code == 504 and "No payment was settled" in error(r)["message"]
+    assert sandbox.stats()["settled_count"] == 0
+
+
+def test_a_settlement_failure_on_the_poll_is_reported_as_not_charged(gateway, sandbox):
+    sandbox.faults({"kind": "job"}, {"kind": "reject", "phase": "poll", "code": "PAYMENT_UNFUNDED"})
+    r = gen(gateway)
+    assert r.status_code == 402 and r.headers["x-should-retry"] == "false"
+    assert [row["status"] for row in rows(gateway)] == ["rejected"]
+
+
+# --- client --------------------------------------------------------------------------------
+
+def test_a_client_that_leaves_after_signing_still_gets_its_image_stored(gateway, sandbox):
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 0.8})
+    with pytest.raises(httpx.ReadTimeout):
+        gen(gateway, "paid then gone", timeout=0.4)
+    deadline = time.monotonic() + 5
+    while not rows(gateway) or rows(gateway)[0]["status"] == "signed":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert [row["status"] for row in rows(gateway)] == ["settled"]
+    assert gateway.http.get("/v1/images").json()["data"][0]["prompt"] == "paid then gone"
+    again = gen(gateway, "paid then gone")  # coming back for it does not pay again
+    assert again.status_code == 200 and sandbox.stats()["payments_count"] == 1
+
+
+# --- host ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real, small filesystem for the image store: room for its index, not for an image."""
+    home = tmp_path / "home-full"
+    images = home / "images"
+    images.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(images)],
+                             capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield home
+    subprocess.run(["umount", "-l", str(images)], check=False)
+
+
+def test_disk_full_while_storing_still_delivers_the_paid_image(make_gateway, sandbox, tiny_disk):
+    gw = make_gateway(home=tiny_disk)
+    sandbox.configure(image_bytes=600_000)
+    try:
+        r = gen(gw, "no room")
+    finally:
+        sandbox.configure(image_bytes=None)
+    assert r.status_code == 200, r.text
+    item = r.json()["data"][0]
+    data = base64.b64decode(item["b64_json"]) if "b64_json" in item else httpx.get(item["url"]).content
+    assert data.startswith(b"\x89PNG") and len(data) >= 600_000
+    assert [row["status"] for row in rows(gw)] == ["settled"]
+    still_serving(gw, sandbox)
+
+
+def test_a_busy_store_database_does_not_lose_the_image(gateway, sandbox):
+    gen(gateway, "warm up")
+    db = sqlite3.connect(gateway.gw.settings.images_dir / "index.sqlite3", timeout=1,
+                         check_same_thread=False)
+    db.execute("BEGIN EXCLUSIVE")
+    released = threading.Timer(1.0, db.rollback)
+    released.start()
+    try:
+        r = gen(gateway, "while busy")
+    finally:
+        released.join()
+        db.close()
+    assert r.status_code == 200, r.text
+    assert httpx.get(r.json()["data"][0]["url"]).status_code == 200
+    assert [row["status"] for row in rows(gateway)] == ["settled", "settled"]
+
+
+def test_a_second_gateway_on_the_same_home_refuses_to_start(tmp_path, sandbox):
+    import os
+    import sys
+
+    env = {**os.environ, "CLAWROUTER_HOME": str(tmp_path), "BLOCKRUN_API_URL": sandbox.api,
+           "CLAWROUTER_NETWORK": "base-sepolia"}
+    cmd = [sys.executable, "-m", "clawrouter", "serve", "--no-sandbox", "--port"]
+    first = subprocess.Popen(cmd + [str(free_port())], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert "ready" in first.stdout.readline()
+        second = subprocess.run(cmd + [str(free_port())], env=env, capture_output=True,
+                                text=True, timeout=30)
+        assert second.returncode == 2
+        assert "another clawrouter process" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        first.terminate()
+        first.wait()

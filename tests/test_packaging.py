@@ -1,0 +1,38 @@
+"""What a fresh machine or container relies on: the console script, packaged static files, and
+the Dockerfile's promises (no Docker engine runs here, so its text is what we can check)."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_console_script_and_python_version():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["clawrouter"] == "clawrouter.cli:main"
+    assert project["requires-python"] == ">=3.11"
+    out = subprocess.run([sys.executable, "-m", "clawrouter", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for command in ("serve", "sandbox", "generate", "edit", "models", "status", "doctor",
+                    "mcp", "wallet", "stats", "images"):
+        assert re.search(rf"^\s+{command}\b", out, re.M), command
+
+
+def test_gallery_files_are_package_data():
+    static = resources.files("clawrouter.static")
+    for name in ("index.html", "gallery.css", "gallery.js"):
+        assert static.joinpath(name).is_file(), name
+
+
+def test_dockerfile_promises():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.12-slim$", text, re.M)
+    assert re.search(r"^USER (?!root)\S+$", text, re.M)
+    assert 'VOLUME ["/data"]' in text and "CLAWROUTER_HOME=/data" in text
+    assert "CLAWROUTER_HOST=0.0.0.0" in text and "EXPOSE 8402" in text
+    assert re.search(r"^HEALTHCHECK .*CMD \[", text, re.M | re.S)
+    assert re.search(r'^ENTRYPOINT \["clawrouter", "serve"\]$', text, re.M)
