@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest

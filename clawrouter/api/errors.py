@@ -23,7 +23,8 @@ log = logging.getLogger("clawrouter.api")
 def error_response(error: ClawError, request: Request | None = None) -> JSONResponse:
     if request is not None:
         request.scope.setdefault("state", {})["error_code"] = error.code
-    return JSONResponse(error.envelope(), status_code=error.status,
+    import json as _j
+    return Response(_j.dumps(error.envelope()), media_type="application/json", status_code=error.status,
                         headers=error.response_headers())
 
 

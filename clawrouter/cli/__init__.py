@@ -6,6 +6,9 @@ import argparse
 import sys
 
 from clawrouter import __version__
+from clawrouter.cli.common import CommandError
+from clawrouter.payment.ledger import LedgerBusy
+from clawrouter.payment.wallet import WalletError
 from clawrouter.cli import serve
 from clawrouter.cli import generate, mcp, models, status
 from clawrouter.cli import stats, wallet
@@ -34,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
+    except CommandError as exc:
+        print(f"clawrouter: {exc}", file=sys.stderr)
+        return exc.code
+    except (WalletError, LedgerBusy) as exc:  # their messages never contain a key
+        print(f"clawrouter: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

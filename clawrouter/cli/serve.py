@@ -11,9 +11,8 @@ from typing import Any
 import aiohttp
 import uvicorn
 
-from clawrouter.config import DEFAULT_UPSTREAM, Settings, load_settings
-from clawrouter.payment.ledger import LedgerBusy
-from clawrouter.payment.wallet import WalletError
+from clawrouter.config import DEFAULT_UPSTREAM, Settings
+from clawrouter.cli.common import settings_from
 
 SANDBOX_NETWORK = "base-sepolia"  # the sandbox never receives a mainnet authorization
 
@@ -47,17 +46,9 @@ def register(commands: Any) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config, host=args.host, port=args.port,
-                                 upstream_url=args.upstream, sandbox=args.sandbox)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"clawrouter: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return asyncio.run(serve(settings))
-    except (WalletError, LedgerBusy) as exc:
-        print(f"clawrouter: {exc}", file=sys.stderr)
-        return 2
+    settings = settings_from(args, host=args.host, port=args.port, upstream_url=args.upstream,
+                             sandbox=args.sandbox)
+    return asyncio.run(serve(settings))
 
 
 async def upstream_reachable(url: str, timeout: float = 3.0) -> bool:

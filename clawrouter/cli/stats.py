@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -19,15 +18,10 @@ from typing import Any
 import httpx
 
 from clawrouter.catalog import format_usd
-from clawrouter.config import Settings, load_settings
+from clawrouter.cli.common import CommandError, settings_from
+from clawrouter.config import Settings
 from clawrouter.payment.budget import Budget
 from clawrouter.payment.ledger import FILENAME, Ledger, LedgerBusy
-
-
-class _Exit(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def register(commands: Any) -> None:
@@ -51,16 +45,7 @@ def _count(value: str) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"clawrouter: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    try:
-        summary, source = spend_summary(settings, args.latest)
-    except _Exit as exc:
-        print(f"clawrouter: {exc}", file=sys.stderr)
-        return exc.code
+    summary, source = spend_summary(settings_from(args), args.latest)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -97,7 +82,7 @@ def _from_gateway(settings: Settings, url: str, latest: int) -> dict[str, Any] |
     except httpx.HTTPError:
         return None
     if resp.status_code in (401, 403):
-        raise _Exit(1, f"the gateway at {url} refused the request (HTTP {resp.status_code}): "
+        raise CommandError(1, f"the gateway at {url} refused the request (HTTP {resp.status_code}): "
                        "set CLAWROUTER_API_KEY to its API key")
     try:
         summary = resp.json() if resp.status_code == 200 else None
@@ -117,7 +102,7 @@ def _from_ledger(settings: Settings, url: str, latest: int) -> tuple[dict[str, A
     try:
         ledger = Ledger(path)
     except LedgerBusy:
-        raise _Exit(1, f"a gateway is using the ledger {path} but did not answer at {url}. "
+        raise CommandError(1, f"a gateway is using the ledger {path} but did not answer at {url}. "
                        "Point stats at it with the same --config, CLAWROUTER_HOST and "
                        "CLAWROUTER_PORT, or stop it to read the ledger directly.") from None
     return _read(ledger, settings, latest), str(path)

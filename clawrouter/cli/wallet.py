@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clawrouter.catalog import MICRO, format_usd
-from clawrouter.config import Settings, load_settings
+from clawrouter.cli.common import CommandError, settings_from
+from clawrouter.config import Settings
 from clawrouter.payment.networks import NETWORKS, Network
 from clawrouter.payment.wallet import WalletError, check_key, create_key_file
 
@@ -45,14 +46,6 @@ IMPORT_SOURCES: dict[str, Callable[[], list[Path]]] = {
     "blockrun": _blockrun_files, "clawrouter": _clawrouter_files}
 
 
-class _Exit(Exception):
-    """Stop the command with a message on stderr and an exit code."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def register(commands: Any) -> None:
     p = commands.add_parser(
         "wallet", help="show the wallet, its USDC balance and how to fund it",
@@ -60,14 +53,14 @@ def register(commands: Any) -> None:
                     "how to fund it. Subcommands create, import or export its key.")
     _config_option(p, argparse_default=None)
     p.add_argument("--json", action="store_true", help="print the wallet as JSON")
-    p.set_defaults(run=_command(run_show))
+    p.set_defaults(run=run_show)
     actions = p.add_subparsers(dest="wallet_action", metavar="ACTION")
 
     c = actions.add_parser("create", help="create a new wallet key (refuses to replace one)",
                            description=f"Create $CLAWROUTER_HOME/{KEY_FILE} (mode 0600) and "
                                        "print the new wallet's address. Refuses if it exists.")
     _config_option(c)
-    c.set_defaults(run=_command(run_create))
+    c.set_defaults(run=run_create)
 
     i = actions.add_parser(
         "import", help="import a key from stdin, BlockRun's SDK or ClawRouter",
@@ -83,14 +76,14 @@ def register(commands: Any) -> None:
     i.add_argument("--force", action="store_true",
                    help=f"replace an existing {KEY_FILE} (the old one is kept as "
                         f"{KEY_FILE}.bak-<time>)")
-    i.set_defaults(run=_command(run_import))
+    i.set_defaults(run=run_import)
 
     e = actions.add_parser("export", help="print the private key (asks first)",
                            description="Print the private key of the wallet in use, after "
                                        "confirmation. Anyone holding it can spend the funds.")
     _config_option(e)
     e.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    e.set_defaults(run=_command(run_export))
+    e.set_defaults(run=run_export)
 
 
 def _config_option(parser: argparse.ArgumentParser,
@@ -99,26 +92,6 @@ def _config_option(parser: argparse.ArgumentParser,
     # subcommand's own default overwriting it.
     parser.add_argument("--config", default=argparse_default,
                         help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
-
-
-def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except _Exit as exc:
-            print(f"clawrouter: {exc}", file=sys.stderr)
-            return exc.code
-        except WalletError as exc:  # its message never contains the key
-            print(f"clawrouter: {exc}", file=sys.stderr)
-            return 2
-    return run
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    try:
-        return load_settings(getattr(args, "config", None))
-    except (ValueError, FileNotFoundError) as exc:
-        raise _Exit(2, f"invalid configuration: {exc}") from None
 
 
 # --- the key in use -----------------------------------------------------------------------------
@@ -174,10 +147,10 @@ def _override_note(settings: Settings, path: Path) -> str | None:
 def run_show(args: argparse.Namespace) -> int:
     from clawrouter.payment.balance import rpc_urls_for, usdc_balance
 
-    settings = _settings(args)
+    settings = settings_from(args)
     found = key_in_use(settings)
     if found is None:
-        raise _Exit(1, f"no wallet yet ({settings.home / KEY_FILE} does not exist): create "
+        raise CommandError(1, f"no wallet yet ({settings.home / KEY_FILE} does not exist): create "
                        "one with `clawrouter wallet create`, import one with `clawrouter "
                        f"wallet import`, or set {ENV_KEY}")
     address = found.address
@@ -245,16 +218,16 @@ def funding_instructions(address: str, network: Network) -> str:
 
 # --- wallet create ------------------------------------------------------------------------------
 def run_create(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from(args)
     path = settings.home / KEY_FILE
     refusal = (f"{path} already exists; it was not changed (a key file is never "
                "overwritten). `clawrouter wallet` shows its address.")
     if path.exists():
-        raise _Exit(1, refusal)
+        raise CommandError(1, refusal)
     try:
         key = create_key_file(path)
     except FileExistsError:
-        raise _Exit(1, refusal) from None
+        raise CommandError(1, refusal) from None
     print(address_of(key))
     print(f"created {path} (mode 0600); back it up: it is the only copy of this wallet's key.",
           file=sys.stderr)
@@ -265,7 +238,7 @@ def run_create(args: argparse.Namespace) -> int:
 
 # --- wallet import ------------------------------------------------------------------------------
 def run_import(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from(args)
     raw, origin = _read_import(args.source)
     key = check_key(_with_prefix(raw), origin)
     address = address_of(key)
@@ -283,7 +256,7 @@ def run_import(args: argparse.Namespace) -> int:
             print(f"{path} already holds this wallet; nothing to do.", file=sys.stderr)
             return 0
         if not args.force:
-            raise _Exit(1, f"{path} already exists (wallet {old_address}); it was not "
+            raise CommandError(1, f"{path} already exists (wallet {old_address}); it was not "
                            "changed. Re-run with --force to replace it (the old key is kept "
                            f"as {KEY_FILE}.bak-<time>).")
     print(f"Importing wallet {address}", file=sys.stderr)
@@ -293,10 +266,10 @@ def run_import(args: argparse.Namespace) -> int:
     if not args.yes:
         answer = confirm(f"Import wallet {address}?")
         if answer is None:
-            raise _Exit(1, "no terminal to confirm on; nothing was imported. Re-run with "
+            raise CommandError(1, "no terminal to confirm on; nothing was imported. Re-run with "
                            "--yes to import without asking.")
         if not answer:
-            raise _Exit(1, "nothing was imported.")
+            raise CommandError(1, "nothing was imported.")
     if old_address is not None:
         backup = backup_key_file(path)
         print(f"kept the old key as {backup}", file=sys.stderr)
@@ -305,7 +278,7 @@ def run_import(args: argparse.Namespace) -> int:
         try:
             write_private(path, key + "\n")
         except FileExistsError:
-            raise _Exit(1, f"{path} appeared meanwhile; it was not changed.") from None
+            raise CommandError(1, f"{path} appeared meanwhile; it was not changed.") from None
     print(address)
     print(f"imported into {path} (mode 0600)", file=sys.stderr)
     if note := _override_note(settings, path):
@@ -317,19 +290,19 @@ def _read_import(source: str | None) -> tuple[str, str]:
     """The key text to import and where it came from (never echoed)."""
     if source is None:
         if sys.stdin is None:
-            raise _Exit(2, "no key given: pipe it on standard input or use --from")
+            raise CommandError(2, "no key given: pipe it on standard input or use --from")
         if sys.stdin.isatty():
             raw = getpass.getpass("Private key to import (0x..., not shown): ")
         else:
             raw = sys.stdin.read(4096)
         if not raw.strip():
-            raise _Exit(2, "no key on standard input: echo 0x... | clawrouter wallet import")
+            raise CommandError(2, "no key on standard input: echo 0x... | clawrouter wallet import")
         return raw, "standard input"
     candidates = IMPORT_SOURCES[source]()
     for path in candidates:
         if path.is_file():
             return path.read_text(), str(path)
-    raise _Exit(1, f"no {source} wallet found (looked for "
+    raise CommandError(1, f"no {source} wallet found (looked for "
                    f"{', '.join(str(p) for p in candidates)})")
 
 
@@ -374,7 +347,7 @@ def backup_key_file(path: Path) -> Path:
             return backup
         except FileExistsError:
             continue
-    raise _Exit(1, f"cannot find a free backup name next to {path}; nothing was changed")
+    raise CommandError(1, f"cannot find a free backup name next to {path}; nothing was changed")
 
 
 def replace_key_file(path: Path, key: str) -> None:
@@ -402,10 +375,10 @@ def _fsync_dir(directory: Path) -> None:
 
 # --- wallet export ------------------------------------------------------------------------------
 def run_export(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from(args)
     found = key_in_use(settings)
     if found is None:
-        raise _Exit(1, f"no wallet yet ({settings.home / KEY_FILE} does not exist); nothing "
+        raise CommandError(1, f"no wallet yet ({settings.home / KEY_FILE} does not exist); nothing "
                        "to export")
     address = found.address
     print(f"WARNING: this prints the private key of wallet {address}. Anyone who has it can "
@@ -416,9 +389,9 @@ def run_export(args: argparse.Namespace) -> int:
     if not args.yes:
         answer = confirm("Print the private key?")
         if answer is None:
-            raise _Exit(1, "no terminal to confirm on; the key was not printed. Re-run with "
+            raise CommandError(1, "no terminal to confirm on; the key was not printed. Re-run with "
                            "--yes to print it.")
         if not answer:
-            raise _Exit(1, "the key was not printed.")
+            raise CommandError(1, "the key was not printed.")
     print(found.key)
     return 0
