@@ -29,8 +29,11 @@ class OpError(Exception):
 
 
 def session(concurrency: int, timeout: float = 60.0) -> aiohttp.ClientSession:
+    # keepalive_timeout 4 s: below uvicorn's 5 s, so a pool left idle while the other side's
+    # phase runs never reuses a connection the server is closing (a client-side race that
+    # would count as an error of the server under test).
     connector = aiohttp.TCPConnector(limit=max(concurrency, 1) * 2, limit_per_host=0,
-                                     force_close=False, keepalive_timeout=60,
+                                     force_close=False, keepalive_timeout=4,
                                      ttl_dns_cache=None)
     return aiohttp.ClientSession(connector=connector,
                                  timeout=aiohttp.ClientTimeout(total=timeout),
@@ -45,6 +48,7 @@ class Phase:
     latencies_ms: list[float]
     errors: Counter[str] = field(default_factory=Counter)
     received_bytes: int = 0
+    samples: list[str] = field(default_factory=list)  # the first few error messages
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -65,6 +69,7 @@ class Phase:
     def summary(self) -> dict[str, Any]:
         lat = self.latencies_ms
         return {"n": self.n, "ok": self.ok, "errors": dict(self.errors),
+                **({"error_samples": self.samples} if self.samples else {}),
                 "concurrency": self.concurrency, "wall_s": round(self.wall_s, 3),
                 "rps": round(self.rps, 1),
                 "p50_ms": round(self.pct(50), 3), "p90_ms": round(self.pct(90), 3),
@@ -91,6 +96,7 @@ async def run(op: Op, sess: aiohttp.ClientSession, n: int, concurrency: int, *,
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     received = 0
+    samples: list[str] = []
     next_i = 0
     stop_at = time.monotonic() + deadline_s
 
@@ -102,11 +108,10 @@ async def run(op: Op, sess: aiohttp.ClientSession, n: int, concurrency: int, *,
             t0 = time.perf_counter()
             try:
                 got = await op(sess, i)
-            except OpError as exc:
-                errors[exc.kind] += 1
-                continue
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                errors[type(exc).__name__] += 1
+            except (OpError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                errors[exc.kind if isinstance(exc, OpError) else type(exc).__name__] += 1
+                if len(samples) < 5:
+                    samples.append(f"{type(exc).__name__}: {exc}"[:300])
                 continue
             latencies.append((time.perf_counter() - t0) * 1000)
             received += got
@@ -116,4 +121,4 @@ async def run(op: Op, sess: aiohttp.ClientSession, n: int, concurrency: int, *,
     wall = time.perf_counter() - t0
     if next_i < n:
         errors["deadline"] += n - next_i
-    return Phase(n, concurrency, wall, latencies, errors, received)
+    return Phase(n, concurrency, wall, latencies, errors, received, samples)

@@ -30,6 +30,8 @@ PYTHON = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _live: list[Server] = []
+#: where non-empty server logs (warnings and errors) are kept when a server stops
+LOG_DIR: Path | None = None
 
 
 def free_port() -> int:
@@ -58,6 +60,7 @@ class Server:
     log: Path | None = None
     _tmp: list[Path] = field(default_factory=list)
     _spy: subprocess.Popen[bytes] | None = None
+    label: str = ""  # file name for the kept log
 
     @property
     def url(self) -> str:
@@ -134,9 +137,19 @@ class Server:
                 self.proc.wait(5)
         if self in _live:
             _live.remove(self)
+        self._keep_log()
         for path in self._tmp:
             shutil.rmtree(path, ignore_errors=True)
         self._tmp.clear()
+
+    def _keep_log(self) -> None:
+        if LOG_DIR is None or self.log is None or not self.log.exists():
+            return
+        lines = self.log.read_text(errors="replace").splitlines()
+        if any(line.strip() and "ready on" not in line and " sandbox on " not in line
+               for line in lines):
+            LOG_DIR.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.log, LOG_DIR / f"{self.label or self.name}.log")
 
     # --- /proc ---------------------------------------------------------------------------
     def cpu_seconds(self) -> float:

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -87,6 +88,7 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any
     plan = scenarios.QUICK if args.quick else scenarios.FULL
     if args.repeats:
         plan = scenarios.Plan(**{**plan.__dict__, "repeats": args.repeats})
+    busy = wait_quiet(args.wait_quiet) if args.wait_quiet else _cpu_busy()
     results: dict[str, Any] = {
         "command": command_line(argv), "machine": machine(),
         "settings": {"quick": plan.quick, "repeats": plan.repeats, "warmup": plan.warmup,
@@ -98,7 +100,6 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any
                      "profiled": bool(args.profile)},
         "scenarios": {},
     }
-    busy = wait_quiet(args.wait_quiet) if args.wait_quiet else _cpu_busy()
     results["machine"]["cpu_busy_before"] = round(busy, 3)
     if busy > 0.25:
         log(f"warning: the CPUs were {100 * busy:.0f}% busy with other work before the run; "
@@ -154,6 +155,8 @@ def main() -> int:
     name = args.name or ("profile" if args.profile else "quick" if args.quick else "latest")
 
     procs.install_cleanup()
+    procs.LOG_DIR = args.out / "logs" / name
+    shutil.rmtree(procs.LOG_DIR, ignore_errors=True)
     try:
         import uvloop
         uvloop.install()
@@ -185,6 +188,10 @@ def main() -> int:
         import hotspots
         for folded in sorted(args.profile.glob("*.folded")):
             log(f"\n{folded.name}:\n" + hotspots.summary(folded))
+    kept = sorted(procs.LOG_DIR.glob("*.log")) if procs.LOG_DIR.exists() else []
+    if kept:
+        log(f"\nserver warnings/errors kept in {_rel(procs.LOG_DIR)}: "
+            + ", ".join(p.name for p in kept))
     log(f"\nwrote {_rel(args.out / f'{name}.json')}, {_rel(args.out / f'{name}.md')}, "
         f"{_rel(png)} ({results['duration_s']:.0f} s)")
     return 0

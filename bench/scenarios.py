@@ -109,6 +109,7 @@ class Bench:
     def gateway(self, *, preauth: bool | None = None, name: str = "gateway") -> Server:
         gw = start_gateway(self.api, preauth=self.gateway_preauth if preauth is None else preauth,
                            name=name)
+        gw.label = f"{self.scenario}-{name}"
         self.gateways.append(gw)
         if self.profile_dir is not None:
             gw.profile(self.profile_dir / f"{self.scenario}-{name}.folded")
@@ -164,7 +165,8 @@ class Bench:
                              f"p99 {summary['p99_ms']:9.2f} ms  {summary['rps']:8.1f} req/s  "
                              f"gw cpu {summary['gw_cpu_ms_per_req']:6.2f} ms/req  "
                              f"gw rss {summary['gw_rss_after_mb']:.0f} MB"
-                             + (f"  errors {summary['errors']}" if summary["errors"] else ""))
+                             + (f"  errors {summary['errors']}: {summary['error_samples'][0]}"
+                                if summary["errors"] else ""))
         finally:
             for s in sessions.values():
                 await s.close()
@@ -197,6 +199,8 @@ def median_of(summaries: list[dict[str, Any]]) -> dict[str, Any]:
             for s in summaries:
                 total.update(s["errors"])
             out[key] = dict(total)
+        elif key == "error_samples":
+            continue
         elif isinstance(value, (int, float)) or value is None:
             values = [s[key] for s in summaries
                       if isinstance(s[key], (int, float)) and not math.isnan(s[key])]

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from clawrouter import catalog
-from clawrouter.config import DEFAULT_UPSTREAM, Settings
+from clawrouter.config import Settings
 from clawrouter.errors import InvalidRequest
 from clawrouter.sniff import EXTENSIONS, sniff_image
 from clawrouter.store.files import content_id, write_atomic
@@ -190,46 +190,15 @@ class LocalGateway:
         await asyncio.gather(*tasks)
 
     async def _launch(self) -> list[asyncio.Task[None]]:
-        """What `clawrouter serve` does, on ephemeral loopback ports and without printing."""
-        from clawrouter.api.app import create_app
-        from clawrouter.cli.serve import SANDBOX_NETWORK, upstream_reachable
+        """What `clawrouter serve` does, on an ephemeral loopback port and without printing."""
+        from clawrouter.launch import start_gateway
 
-        settings = self.settings.model_copy(update={"host": "127.0.0.1", "port": 0})
-        use_sandbox = settings.sandbox
-        if use_sandbox == "auto":
-            use_sandbox = (settings.upstream_url == DEFAULT_UPSTREAM
-                           and not await upstream_reachable(settings.upstream_url))
-        tasks = []
-        if use_sandbox:
-            from clawrouter.sandbox import SandboxConfig, create_sandbox_app
-
-            app = create_sandbox_app(SandboxConfig(network=SANDBOX_NETWORK,
-                                                   pay_to=settings.pay_to))
-            task, port = await self._serve(app)
-            tasks.append(task)
-            settings = settings.model_copy(update={
-                "upstream_url": f"http://127.0.0.1:{port}/api", "network": SANDBOX_NETWORK})
-        self.sandbox = bool(use_sandbox)
-        task, port = await self._serve(create_app(settings, sandbox=self.sandbox))
-        tasks.append(task)
-        self.url = f"http://127.0.0.1:{port}"
-        return tasks
-
-    async def _serve(self, app: Any) -> tuple[asyncio.Task[None], int]:
-        import uvicorn
-
-        # log_config=None: leave the host process's logging alone (stdout may be MCP's wire).
-        server = uvicorn.Server(uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", log_config=None,
-            access_log=False, lifespan="on", timeout_keep_alive=30))
-        self._servers.append(server)
-        task = asyncio.create_task(server.serve())
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("the server stopped while starting")
-            await asyncio.sleep(0.01)
-        return task, server.servers[0].sockets[0].getsockname()[1]
+        running = await start_gateway(self.settings.model_copy(update={"host": "127.0.0.1",
+                                                                       "port": 0}))
+        self._servers.extend(running.servers)
+        self.sandbox = running.sandbox
+        self.url = f"http://127.0.0.1:{running.port}"
+        return running.tasks
 
 
 class Gateway:

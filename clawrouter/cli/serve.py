@@ -8,13 +8,10 @@ import logging
 import sys
 from typing import Any
 
-import aiohttp
-import uvicorn
-
-from clawrouter.config import DEFAULT_UPSTREAM, Settings
+from clawrouter.config import Settings
+from clawrouter.launch import SANDBOX_NETWORK, start_gateway
 from clawrouter.cli.common import settings_from
 
-SANDBOX_NETWORK = "base-sepolia"  # the sandbox never receives a mainnet authorization
 
 
 def register(commands: Any) -> None:
@@ -51,18 +48,7 @@ def run_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(settings))
 
 
-async def upstream_reachable(url: str, timeout: float = 3.0) -> bool:
-    """A free GET of the model list; any HTTP answer means the upstream is there."""
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
-            async with s.get(url + "/v1/models") as resp:
-                return resp.status < 500
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-        return False
-
-
 async def serve(settings: Settings) -> int:
-    from clawrouter.api.app import create_app
     from clawrouter.observe import setup_logging
 
     setup_logging(settings.log_level)
@@ -71,48 +57,14 @@ async def serve(settings: Settings) -> int:
               "CLAWROUTER_API_KEY (clients then send 'Authorization: Bearer <key>').",
               file=sys.stderr)
         return 2
-    use_sandbox = settings.sandbox
-    if use_sandbox == "auto":
-        use_sandbox = (settings.upstream_url == DEFAULT_UPSTREAM
-                       and not await upstream_reachable(settings.upstream_url))
-    servers: list[uvicorn.Server] = []
-    if use_sandbox:
-        from clawrouter.sandbox import SandboxConfig, create_sandbox_app
-
-        sandbox = uvicorn.Server(uvicorn.Config(
-            create_sandbox_app(SandboxConfig(network=SANDBOX_NETWORK, pay_to=settings.pay_to)),
-            host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-        servers.append(sandbox)
-        port = await _start(sandbox)
-        settings = settings.model_copy(update={
-            "upstream_url": f"http://127.0.0.1:{port}/api", "network": SANDBOX_NETWORK})
-    app = create_app(settings, sandbox=bool(use_sandbox))
-    gateway = uvicorn.Server(uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        access_log=False, lifespan="on", timeout_keep_alive=30))
-    servers.append(gateway)
-    port = await _start(gateway)
-    mode = " (sandbox: no real payments)" if use_sandbox else ""
+    running = await start_gateway(settings)
+    mode = " (sandbox: no real payments)" if running.sandbox else ""
     host = "localhost" if settings.loopback else settings.host
-    print(f"clawrouter ready on http://{host}:{port}/v1 — wallet {app.state.gw.address} — "
-          f"upstream {settings.upstream_url}{mode}", flush=True)
-    try:
-        await asyncio.gather(*(s.main_task for s in servers))  # type: ignore[attr-defined]
-    finally:
-        for s in servers:
-            s.should_exit = True
+    print(f"clawrouter ready on http://{host}:{running.port}/v1 — wallet "
+          f"{running.app.state.gw.address} — upstream {running.settings.upstream_url}{mode}",
+          flush=True)
+    await running.wait()
     return 0
-
-
-async def _start(server: uvicorn.Server) -> int:
-    """Start a uvicorn server as a task and return its bound port once it listens."""
-    server.main_task = asyncio.create_task(server.serve())  # type: ignore[attr-defined]
-    while not server.started:
-        if server.main_task.done():  # type: ignore[attr-defined]
-            server.main_task.result()  # type: ignore[attr-defined]
-            raise SystemExit(2)
-        await asyncio.sleep(0.01)
-    return server.servers[0].sockets[0].getsockname()[1]
 
 
 def run_sandbox(args: argparse.Namespace) -> int:

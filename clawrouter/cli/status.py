@@ -204,7 +204,7 @@ def _can_bind(host: str, port: int) -> bool:
 
 
 async def check_upstream(url: str, sandbox: bool | str) -> Check:
-    from clawrouter.cli.serve import upstream_reachable
+    from clawrouter.launch import upstream_reachable
 
     if sandbox is True:
         return Check("upstream", "skip", "sandbox forced (CLAWROUTER_SANDBOX=true): no real "

@@ -1,0 +1,89 @@
+"""Start the gateway (and, when chosen, the in-process sandbox upstream) on uvicorn.
+
+Shared by `clawrouter serve` and by the CLI and MCP server when they run a gateway of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import uvicorn
+
+from clawrouter.config import DEFAULT_UPSTREAM, Settings
+
+SANDBOX_NETWORK = "base-sepolia"  # the sandbox never receives a mainnet authorization
+
+
+async def upstream_reachable(url: str, timeout: float = 3.0) -> bool:
+    """A free GET of the model list; any HTTP answer below 500 means the upstream is there."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+            async with s.get(url + "/v1/models") as resp:
+                return resp.status < 500
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return False
+
+
+@dataclass
+class Running:
+    settings: Settings  # as in effect (the sandbox replaces upstream and network)
+    app: Any
+    port: int
+    sandbox: bool
+    servers: list[uvicorn.Server] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def wait(self) -> None:
+        try:
+            await asyncio.gather(*self.tasks)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.should_exit = True
+
+
+async def start_gateway(settings: Settings) -> Running:
+    """Listen as `settings` say; use the sandbox when told to, or when BlockRun does not
+    answer and no other upstream was configured."""
+    from clawrouter.api.app import create_app
+
+    use_sandbox = settings.sandbox
+    if use_sandbox == "auto":
+        use_sandbox = (settings.upstream_url == DEFAULT_UPSTREAM
+                       and not await upstream_reachable(settings.upstream_url))
+    servers: list[uvicorn.Server] = []
+    tasks: list[asyncio.Task[None]] = []
+    if use_sandbox:
+        from clawrouter.sandbox import SandboxConfig, create_sandbox_app
+
+        sandbox_app = create_sandbox_app(SandboxConfig(network=SANDBOX_NETWORK,
+                                                       pay_to=settings.pay_to))
+        port = await _serve(sandbox_app, "127.0.0.1", 0, servers, tasks)
+        settings = settings.model_copy(update={
+            "upstream_url": f"http://127.0.0.1:{port}/api", "network": SANDBOX_NETWORK})
+    app = create_app(settings, sandbox=bool(use_sandbox))
+    port = await _serve(app, settings.host, settings.port, servers, tasks)
+    return Running(settings, app, port, bool(use_sandbox), servers, tasks)
+
+
+async def _serve(app: Any, host: str, port: int, servers: list[uvicorn.Server],
+                 tasks: list[asyncio.Task[None]]) -> int:
+    """Start one uvicorn server as a task; return its bound port once it listens."""
+    # log_config=None: keep the host process's logging (JSON lines; or stdout as MCP's wire).
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None,
+                                           access_log=False, lifespan="on",
+                                           timeout_keep_alive=30))
+    task = asyncio.create_task(server.serve())
+    servers.append(server)
+    tasks.append(task)
+    while not server.started:
+        if task.done():
+            task.result()  # raises what stopped it
+            raise RuntimeError(f"the server on {host}:{port} stopped while starting")
+        await asyncio.sleep(0.01)
+    return server.servers[0].sockets[0].getsockname()[1]

@@ -1,0 +1,392 @@
+"""Hostile clients against a real gateway process: huge, deep and slow requests.
+
+The gateway runs as `python -m clawrouter serve` (its own process, so its memory can be read
+from /proc and a crash shows up as an exit code), paying the sandbox upstream on loopback, with
+`max_image_mb` = 1 so the body limit is 4 MB. Every refusal must be a clear 4xx envelope, nothing
+refused may reach the sandbox, the gateway must keep serving others, and its memory must stay
+bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+
+from tests.conftest import Sandbox
+from tests.servers import free_port
+from tests.test_fuzz import assert_envelope
+from tests.test_inputs import PNG
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_IMAGE_MB = 1
+BODY_LIMIT = 4 * MAX_IMAGE_MB * 1024 * 1024
+JSON_ROUTES = ("/v1/images/generations", "/v1/images/image2image", "/v1/images/edits",
+               "/images/generations", "/images/image2image", "/images/edits")
+RSS_HEADROOM_KB = 50 * 1024
+
+
+class GatewayProcess:
+    """`clawrouter serve --no-sandbox` in a child process, pointed at the sandbox upstream."""
+
+    def __init__(self, home: Path, upstream: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = home.parent / f"{home.name}.log"
+        env = {**os.environ, "CLAWROUTER_HOME": str(home), "BLOCKRUN_API_URL": upstream,
+               "CLAWROUTER_NETWORK": "base-sepolia", "CLAWROUTER_MAX_USD_PER_DAY": "0",
+               "CLAWROUTER_MAX_IMAGE_MB": str(MAX_IMAGE_MB), "CLAWROUTER_LOG_LEVEL": "warning",
+               "BLOCKRUN_WALLET_KEY": Account.create().key.to_0x_hex()}
+        with open(self.log, "wb") as log:  # a file, not a pipe: a full pipe would block it
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "clawrouter", "serve", "--port", str(self.port),
+                 "--no-sandbox"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while b"ready" not in self.log.read_bytes():
+            assert self.proc.poll() is None, f"gateway exited: {self.output()}"
+            assert time.monotonic() < deadline, f"gateway did not start: {self.output()}"
+            time.sleep(0.05)
+
+    def output(self) -> str:
+        return self.log.read_bytes().decode(errors="replace")[-2000:]
+
+    def rss_kb(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines()
+                        if line.startswith("VmRSS:")))
+
+    def assert_alive(self) -> None:
+        code = self.proc.poll()
+        assert code is None, f"the gateway died (exit {code}): {self.output()}"
+        response = httpx.get(self.url + "/health", timeout=10)
+        assert response.status_code == 200, response.text
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path, sandbox: Sandbox) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(tmp_path / "home", sandbox.api)
+    yield process
+    process.stop()
+
+
+def nothing_reached(sandbox: Sandbox) -> None:
+    stats = sandbox.stats()
+    assert stats["requests"] == {} and stats["payments_count"] == 0, stats["requests"]
+
+
+def assert_refused(response: httpx.Response, status: int, code: str | None = None) -> None:
+    assert_envelope(response.status_code, response.headers.get("content-type", ""),
+                    response.content, f"{response.request.method} {response.request.url}")
+    assert response.status_code == status, response.text[:300]
+    if code is not None:
+        assert response.json()["error"]["code"] == code, response.text[:300]
+
+
+# --- raw HTTP -------------------------------------------------------------------------------
+
+def read_response(sock: socket.socket, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP/1.1 response with a Content-Length from a raw socket."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in
+               (line.split(":", 1) for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, headers, body
+
+
+def request_head(path: str, **headers: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+# --- oversized bodies -----------------------------------------------------------------------
+
+def test_a_declared_oversized_body_is_refused_before_it_is_sent(
+        gateway_process: GatewayProcess, sandbox: Sandbox) -> None:
+    for path in (*JSON_ROUTES, "/v1/images/variations"):
+        with socket.create_connection(("127.0.0.1", gateway_process.port)) as sock:
+            sock.sendall(request_head(path, Content_Type="application/json",
+                                      Content_Length=str(10**12)))
+            started = time.monotonic()
+            status, headers, body = read_response(sock)  # not one byte of the body sent
+            assert time.monotonic() - started < 5
+        assert_envelope(status, headers.get("content-type", ""), body, path)
+        assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
+    gateway_process.assert_alive()
+    nothing_reached(sandbox)
+
+
+def test_a_streamed_oversized_body_is_cut_off_at_the_limit(
+        gateway_process: GatewayProcess, sandbox: Sandbox) -> None:
+    """Chunked, no length given: the limits must be enforced while reading."""
+    part = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + PNG)
+    streams = [("/v1/images/generations", "application/json", b'{"prompt": "', 413,
+                "body_too_large"),
+               ("/v1/images/image2image", "application/json", b'{"prompt": "a", "image": "', 413,
+                "body_too_large"),
+               ("/v1/images/edits", "multipart/form-data; boundary=b", part, 413,
+                "body_too_large")]
+    for path, content_type, prefix, status, code in streams:
+        with socket.create_connection(("127.0.0.1", gateway_process.port)) as sock:
+            sock.sendall(request_head(path, Content_Type=content_type,
+                                      Transfer_Encoding="chunked"))
+            chunk = b"x" * 65536
+            sent = 0
+            try:  # send up to 3× the limit; the gateway may answer and hang up before that
+                sock.sendall(b"%x\r\n%s\r\n" % (len(prefix), prefix))
+                while sent < 3 * BODY_LIMIT:
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent += len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            status_seen, headers, body = read_response(sock)
+        assert_envelope(status_seen, headers.get("content-type", ""), body, path)
+        assert status_seen == status, body
+        if code:
+            assert json.loads(body)["error"]["code"] == code, body
+    gateway_process.assert_alive()
+    nothing_reached(sandbox)
+
+
+def test_oversized_uploads_and_inline_images_are_refused(
+        gateway_process: GatewayProcess, sandbox: Sandbox) -> None:
+    big = PNG + b"\0" * (MAX_IMAGE_MB * 1024 * 1024)  # one byte per MB over the image cap
+    with httpx.Client(base_url=gateway_process.url, timeout=30) as client:
+        # A multipart body over the body limit.
+        response = client.post("/v1/images/edits", data={"prompt": "a cat"},
+                               files={"image": ("a.png", big * 5, "image/png")})
+        assert_refused(response, 413, "body_too_large")
+        # Under the body limit, but each image is over the per-image cap.
+        response = client.post("/v1/images/edits", data={"prompt": "a cat"},
+                               files={"image": ("a.png", big, "image/png")})
+        assert_refused(response, 400, "image_too_large")
+        inline = "data:image/png;base64," + base64.b64encode(big).decode()
+        for path in ("/v1/images/image2image", "/v1/images/edits"):
+            response = client.post(path, json={"prompt": "a cat", "image": inline})
+            assert_refused(response, 400, "image_too_large")
+    gateway_process.assert_alive()
+    nothing_reached(sandbox)
+
+
+# --- deep JSON, huge numbers, giant prompts -------------------------------------------------
+
+@pytest.mark.parametrize("bomb", ["arrays", "objects", "inside"])
+def test_deeply_nested_json_is_refused_without_crashing(
+        gateway_process: GatewayProcess, sandbox: Sandbox, bomb: str) -> None:
+    depth = 100_000  # 200 KB: far under the body limit
+    body = {"arrays": "[" * depth + "]" * depth,
+            "objects": '{"a":' * depth + "1" + "}" * depth,
+            "inside": '{"prompt": "a cat", "x": ' + "[" * depth + "]" * depth + "}"}[bomb]
+    with httpx.Client(base_url=gateway_process.url, timeout=30) as client:
+        for path in JSON_ROUTES:
+            try:
+                response = client.post(path, content=body,
+                                       headers={"content-type": "application/json"})
+            except httpx.HTTPError as exc:
+                gateway_process.assert_alive()
+                raise AssertionError(f"POST {path} with {depth}-deep JSON: {exc!r}") from exc
+            assert_refused(response, 400)
+    gateway_process.assert_alive()
+    nothing_reached(sandbox)
+
+
+def test_huge_numbers_and_giant_prompts_are_refused(gateway_process: GatewayProcess,
+                                                    sandbox: Sandbox) -> None:
+    json_type = {"content-type": "application/json"}
+    near_limit = BODY_LIMIT - 1024
+    cases: list[tuple[str, bytes, int, str | None]] = [
+        ("n = 10**100", b'{"prompt": "a cat", "n": 1' + b"0" * 100 + b"}", 400, "invalid_n"),
+        ("n of 4,000 digits", b'{"prompt": "a cat", "n": ' + b"9" * 4000 + b"}", 400,
+         "invalid_n"),
+        ("n of 100,000 digits", b'{"prompt": "a cat", "n": ' + b"9" * 100_000 + b"}", 400, None),
+        ("n = -1", b'{"prompt": "a cat", "n": -1}', 400, "invalid_n"),
+        ("n = 11", b'{"prompt": "a cat", "n": 11}', 400, "invalid_n"),
+        ("n = 1e308", b'{"prompt": "a cat", "n": 1e308}', 400, None),
+        ("1 MB prompt", json.dumps({"prompt": "x" * 1_000_000}).encode(), 400,
+         "prompt_too_long"),
+        ("prompt just under the body limit", json.dumps({"prompt": "x" * near_limit}).encode(),
+         400, "prompt_too_long"),
+        ("4 MB of escaped prompt", json.dumps({"prompt": "\u2603" * (near_limit // 6)}).encode(),
+         400, "prompt_too_long"),
+        ("100,000 source images", json.dumps({"prompt": "a cat", "model": "openai/gpt-image-1",
+                                              "image": ["x"] * 100_000}).encode(), 400,
+         "too_many_images"),
+        ("100,000 extra fields", json.dumps({"prompt": "a cat", "n": 0,
+                                             **{f"k{i}": i for i in range(100_000)}}).encode(),
+         400, "invalid_n"),
+    ]
+    with httpx.Client(base_url=gateway_process.url, timeout=30) as client:
+        for label, body, status, code in cases:
+            for path in ("/v1/images/generations", "/v1/images/image2image",
+                         "/v1/images/edits"):
+                if label.startswith("100,000 source") and path.endswith("generations"):
+                    continue
+                started = time.monotonic()
+                response = client.post(path, content=body, headers=json_type)
+                assert time.monotonic() - started < 10, f"{label} on {path} took too long"
+                assert_refused(response, status, code)
+        # The same prompt through multipart.
+        response = client.post("/v1/images/edits", data={"prompt": "x" * 1_000_000, "n": "1"},
+                               files={"image": ("a.png", PNG, "image/png")})
+        assert_refused(response, 400, "prompt_too_long")
+        response = client.post("/v1/images/edits", data={"prompt": "a", "n": "9" * 5000},
+                               files={"image": ("a.png", PNG, "image/png")})
+        assert_refused(response, 400)
+    gateway_process.assert_alive()
+    nothing_reached(sandbox)
+
+
+# --- slow clients ---------------------------------------------------------------------------
+
+SLOW_CONNECTIONS = 100
+
+
+async def _trickle(port: int, prefix: bytes, drip: bytes, stop: asyncio.Event,
+                   opened: list[int]) -> None:
+    """Send `prefix` at once, then `drip` one byte every 50 ms until told to stop."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return
+    opened.append(1)
+    try:
+        writer.write(prefix)
+        for byte in drip:
+            if stop.is_set():
+                break
+            writer.write(bytes([byte]))
+            await writer.drain()
+            try:
+                await asyncio.wait_for(stop.wait(), 0.05)
+            except TimeoutError:
+                pass
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+def test_slow_clients_do_not_starve_others_or_grow_memory(
+        gateway_process: GatewayProcess, sandbox: Sandbox) -> None:
+    port = gateway_process.port
+    # Warm up (imports, pools, first paid image) before the baseline is taken.
+    with httpx.Client(base_url=gateway_process.url, timeout=30) as client:
+        warm = client.post("/v1/images/generations", json={"prompt": "warm-up"})
+        assert warm.status_code == 200, warm.text
+        for _ in range(5):
+            assert client.get("/health").status_code == 200
+    baseline = gateway_process.rss_kb()
+    head = request_head("/v1/images/generations", Content_Type="application/json",
+                        Content_Length=str(BODY_LIMIT - 1))
+    body = b'{"prompt": "' + b"x" * 4096
+
+    async def attack() -> tuple[list[float], int, int]:
+        stop = asyncio.Event()
+        opened: list[int] = []
+        half = SLOW_CONNECTIONS // 2
+        slow = [asyncio.create_task(_trickle(port, b"", head, stop, opened))  # the headers
+                for _ in range(half)]
+        slow += [asyncio.create_task(_trickle(port, head, body, stop, opened))  # the body
+                 for _ in range(SLOW_CONNECTIONS - half)]
+        await asyncio.sleep(1.5)
+        latencies = []
+        async with httpx.AsyncClient(base_url=gateway_process.url, timeout=10) as client:
+            for request in (client.get("/health"), client.get("/v1/models"),
+                            client.post("/v1/images/generations", json={"prompt": "a cat"})):
+                started = time.monotonic()
+                response = await request
+                latencies.append(time.monotonic() - started)
+                assert response.status_code == 200, response.text
+        await asyncio.sleep(1.0)  # still trickling
+        during = gateway_process.rss_kb()
+        stop.set()
+        await asyncio.gather(*slow)
+        return latencies, len(opened), during
+
+    latencies, opened, during = asyncio.run(attack())
+    assert opened == SLOW_CONNECTIONS
+    assert max(latencies) < 3, latencies
+    assert during - baseline < RSS_HEADROOM_KB, (baseline, during)
+    gateway_process.assert_alive()
+    stats = sandbox.stats()
+    assert stats["payments_count"] == 2  # the warm-up and the one real request, nothing else
+
+
+def test_memory_stays_bounded_under_repeated_large_bodies(
+        gateway_process: GatewayProcess, sandbox: Sandbox) -> None:
+    """Bodies just under the limit, 16 at once, in rounds: the peak is bounded by what is in
+    flight, and a second round costs no more than the first (nothing is kept)."""
+    body = json.dumps({"prompt": "x" * (BODY_LIMIT - 1024)}).encode()
+    baseline = gateway_process.rss_kb()
+    peak = baseline
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, gateway_process.rss_kb())
+            time.sleep(0.02)
+
+    async def flood() -> list[int]:
+        limits = httpx.Limits(max_connections=16)
+        async with httpx.AsyncClient(base_url=gateway_process.url, timeout=60,
+                                     limits=limits) as client:
+            responses = await asyncio.gather(*(
+                client.post("/v1/images/generations", content=body,
+                            headers={"content-type": "application/json"})
+                for _ in range(48)))
+        return [r.status_code for r in responses]
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    after = []
+    try:
+        for _ in range(3):
+            assert set(asyncio.run(flood())) == {400}
+            after.append(gateway_process.rss_kb())
+    finally:
+        done.set()
+        sampler.join()
+    # 16 bodies of 4 MB in flight, each read, decoded and parsed: a few copies each at most.
+    assert peak - baseline < 16 * BODY_LIMIT // 1024 * 3, (baseline, peak)
+    # Allocators keep freed memory, so the first round may leave RSS higher; later rounds
+    # must reuse it rather than add to it.
+    assert after[-1] - after[0] < RSS_HEADROOM_KB // 2, (baseline, peak, after)
+    gateway_process.assert_alive()
+    nothing_reached(sandbox)
