@@ -198,3 +198,30 @@ def test_a_second_gateway_on_the_same_home_refuses_to_start(tmp_path, sandbox):
     finally:
         first.terminate()
         first.wait()
+
+
+def test_a_dropped_probe_is_resent_once_and_the_image_arrives(gateway, sandbox):
+    sandbox.faults({"kind": "drop", "phase": "unpaid", "times": 1})
+    assert gen(gateway, "resent probe").status_code == 200
+    assert sandbox.stats()["payments_count"] == 1
+
+
+def test_a_dropped_paid_request_is_resent_with_the_same_authorization(gateway, sandbox):
+    """The connection drops after the upstream received the payment (not settled): the
+    identical request is resent once — the same nonce, so it can never pay twice."""
+    sandbox.faults({"kind": "drop", "phase": "paid", "times": 1})
+    r = gen(gateway, "resent")
+    assert r.status_code == 502 and r.headers["x-should-retry"] == "false"
+    stats = sandbox.stats()
+    assert stats["payments_count"] == 1 and stats["rejected"] == {"PAYMENT_REPLAY": 1}
+    assert stats["settled_count"] == 0
+    assert [row["status"] for row in rows(gateway)] == ["failed_after_payment"]
+
+
+def test_a_lost_response_after_settlement_is_never_recorded_as_rejected(gateway, sandbox):
+    sandbox.faults({"kind": "drop", "phase": "paid", "settle": True, "times": 1})
+    r = gen(gateway, "lost")
+    assert r.status_code == 502 and r.headers["x-should-retry"] == "false"
+    assert "identical resend" in error(r)["message"]
+    assert sandbox.stats()["settled_count"] == 1
+    assert [row["status"] for row in rows(gateway)] == ["failed_after_payment"]

@@ -1,8 +1,9 @@
-"""Hostile input at the HTTP edge: schemathesis from the gateway's own schema, then hand-written nasties.
+"""Hostile input at the HTTP edge: schemathesis from the gateway's own schema, then nasties.
 
 Two invariants for every request, generated or hand-written: never a 5xx, and every error is the
 OpenAI envelope `{"error": {"message", "type", "param", "code"}}` served as JSON. A real gateway
-(on loopback, paying the sandbox upstream) answers; after the nasties it still answers `/health`.
+(on loopback, paying the sandbox upstream) answers; after the nasties it still answers `/health`,
+and it paid only for requests it answered with an image.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def assert_envelope(status: int, content_type: str, body: bytes, what: str) -> N
         return
     assert content_type.split(";")[0].strip() == "application/json", (
         f"{what}: HTTP {status} served as {content_type!r}: {body[:300]!r}")
-    envelope = json.loads(body)
+    try:
+        envelope = json.loads(body)
+    except ValueError:
+        raise AssertionError(f"{what}: HTTP {status} body is not JSON: {body[:300]!r}") from None
     assert isinstance(envelope, dict) and set(envelope) == {"error"}, f"{what}: {envelope!r}"
     error = envelope["error"]
     assert isinstance(error, dict), f"{what}: {envelope!r}"
@@ -108,8 +112,9 @@ def test_every_operation_from_the_schema(fuzzed_gateway: Gateway, sandbox: Sandb
 
 # --- hand-written nasties -------------------------------------------------------------------
 
-# Deep enough to break a recursive parser with the default limit; the 100,000-deep bombs go to a
-# gateway in its own process (test_hostile.py), since today they crash the process outright.
+# Deep enough to break a recursive parser with the default limit. The 100,000-deep bombs go to
+# a gateway in its own process (test_hostile.py): if they ever overflow the C stack again, the
+# process dies, and only a separate process reports that as a failure instead of killing pytest.
 DEEP = 5_000
 JSON = {"content-type": "application/json"}
 
@@ -141,9 +146,9 @@ def nasties() -> Iterator[tuple[str, bytes, dict[str, str]]]:
     yield j("lone surrogate prompt, unknown model", '{"prompt": "\\ud800", "model": "nope"}')
     yield j("lone surrogate everywhere", '{"prompt": "\\udfff", "size": "\\ud800", '
             '"quality": "\\ud800", "user": "\\ud800", "image": "\\ud800", "mask": "\\udc00"}')
-    yield j("lone surrogate paths", '{"prompt": "a cat", "images": [{"image_url": "/tmp/\\ud800.png"}], '
-            '"mask": {"image_url": "./\\udfff"}}')
-    yield j("lone surrogate file url", '{"prompt": "a cat", "image": ["file:///tmp/%ED%A0%80.png", '
+    yield j("lone surrogate paths", '{"prompt": "a cat", "images": '
+            '[{"image_url": "/tmp/\\ud800.png"}], "mask": {"image_url": "./\\udfff"}}')
+    yield j("lone surrogate urls", '{"prompt": "a cat", "image": ["file:///tmp/%ED%A0%80.png", '
             '"file:///\\ud800", "http://\\ud800.example/a.png"]}')
     yield j("lone surrogate key", '{"\\ud800": 1, "prompt": "a cat", "model": "nope"}')
     # JSON bombs: deep nesting at the top and inside an accepted extra field.
@@ -248,15 +253,18 @@ def post_routes(gateway: Gateway) -> list[str]:
     return paths
 
 
-def test_nasty_bodies_on_every_post_route(fuzzed_gateway: Gateway) -> None:
+def test_nasty_bodies_on_every_post_route(fuzzed_gateway: Gateway, sandbox: Sandbox) -> None:
     routes = post_routes(fuzzed_gateway)
     corpus = list(nasties())
+    answered = 0
     with httpx.Client(base_url=fuzzed_gateway.url, timeout=30) as client:
         for path in routes:
             for label, body, headers in corpus:
                 response = client.post(path, content=body, headers=headers)
                 assert_envelope(response.status_code, response.headers.get("content-type", ""),
                                 response.content, f"POST {path} with {label}")
-                assert response.status_code < 500
+                answered += response.status_code == 200
         assert client.get("/health").status_code == 200
         assert client.get("/v1/models").status_code == 200
+    # Refusals cost nothing: every payment bought an answer (identical ones may share one).
+    assert sandbox.stats()["payments_count"] <= answered

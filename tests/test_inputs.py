@@ -645,3 +645,22 @@ async def test_one_session_serves_many_inputs(root: Path,
         with pytest.raises(InvalidRequest):
             await resolver.resolve(f"{base}/status/404", param="mask")
         assert (await resolver.resolve(f"{base}/img/png", param="mask")).data == PNG
+
+
+@pytest.mark.parametrize("shape, forwarded", [
+    ("canonical", True), ("wrapped", False), ("unpadded", False), ("urlsafe", False),
+    ("other_label", False)])
+async def test_a_canonical_data_uri_is_forwarded_as_it_came(tmp_path: Path, shape: str,
+                                                          forwarded: bool) -> None:
+    data = _png() + bytes([251, 255, 254]) * 50  # bytes whose base64 has '+' and '/' in it
+    b = base64.b64encode(data).decode()
+    payload = {"canonical": b, "wrapped": "\n".join(b[i:i + 76] for i in range(0, len(b), 76)),
+               "unpadded": b.rstrip("="), "other_label": b,
+               "urlsafe": b.replace("+", "-").replace("/", "_")}[shape]
+    label = "image/gif" if shape == "other_label" else "image/png"
+    uri = f"data:{label};base64,{payload}"
+    async with InputResolver(make_policy(tmp_path)) as resolver:
+        image = await resolver.resolve(uri, param="image")
+    assert image.data == data and image.mime == "image/png"
+    assert (image.uri == uri) is forwarded
+    assert image.data_uri() == "data:image/png;base64," + b

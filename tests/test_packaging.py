@@ -36,3 +36,12 @@ def test_dockerfile_promises():
     assert "CLAWROUTER_HOST=0.0.0.0" in text and "EXPOSE 8402" in text
     assert re.search(r"^HEALTHCHECK .*CMD \[", text, re.M | re.S)
     assert re.search(r'^ENTRYPOINT \["clawrouter", "serve"\]$', text, re.M)
+
+
+def test_importing_the_gateway_keeps_a_safe_recursion_limit():
+    """py_ecc raises it to 100,000 at import; deeply nested JSON then crashed the process."""
+    code = ("import sys, clawrouter.api.app, clawrouter.cli, clawrouter.sandbox; "
+            "print(sys.getrecursionlimit())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert int(out) <= 10_000

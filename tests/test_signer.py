@@ -76,3 +76,35 @@ def test_resource_from_another_host_is_replaced_and_nonces_are_fresh():
     second = decode_b64_json(signer.pay(challenge, req, NETWORKS["base"], url).header)
     assert first["resource"] == {"url": url}
     assert first["payload"]["authorization"]["nonce"] != second["payload"]["authorization"]["nonce"]
+
+
+def test_the_fast_digest_and_signature_match_eth_account():
+    """Random authorizations on both networks: our digest and signature equal eth-account's."""
+    import secrets
+
+    from clawrouter.payment.signer import TWA_TYPEHASH
+
+    assert TWA_TYPEHASH.hex() == "7c7c6cdb67a18743f49ec6fa9b35f50d52ed05cbed4cc592e13b44501c1a2267"
+    for network in NETWORKS.values():
+        account = Account.create()
+        signer = Signer(account.key.to_0x_hex())
+        for _ in range(25):
+            authorization = {
+                "from": signer.address, "to": Account.create().address,
+                "value": str(secrets.randbelow(10**12)), "validAfter": str(secrets.randbelow(2**40)),
+                "validBefore": str(secrets.randbelow(2**40)),
+                "nonce": "0x" + secrets.token_bytes(32).hex()}
+            ours = signer.sign_authorization(network, authorization)
+            theirs = Account.sign_message(signable(network, authorization), account.key)
+            assert ours == "0x" + bytes(theirs.signature).hex()
+            assert Account.recover_message(signable(network, authorization),
+                                           signature=ours) == signer.address
+
+
+def test_domain_separators_match_the_reference():
+    from clawrouter.payment.signer import domain_separator
+
+    assert domain_separator(NETWORKS["base"]).hex() == (
+        "02fa7265e7c5d81118673727957699e4d68f74cd74b7db77da710fe8a2c7834f")
+    assert domain_separator(NETWORKS["base-sepolia"]).hex() == (
+        "71f17a3b2ff373b803d70a5a07c046c1a2bc8e89c09ef722fcb047abe94c9818")

@@ -145,30 +145,60 @@ async def generations(body: GenerationBody, request: Request) -> Response:
     return await run(request, job)
 
 
-@router.post("/v1/images/image2image")
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's JSON schema with its `$defs` inlined, for `openapi_extra`."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    return walk(schema)
+
+
+EDIT_SCHEMA = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _inline(EditBody.model_json_schema())}}}}
+
+
+async def read_edit_json(request: Request) -> EditBody:
+    """Parse a JSON edit straight from the stream into the model.
+
+    Edits carry megabytes of base64: reading the stream ourselves keeps no cached raw body and
+    no intermediate dict alive for the rest of the request (FastAPI's body parameter would).
+    """
+    raw = b"".join([chunk async for chunk in request.stream()])
+    try:
+        return EditBody.model_validate_json(raw or b"null")
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+@router.post("/v1/images/image2image", openapi_extra=EDIT_SCHEMA)
 @router.post("/images/image2image", include_in_schema=False)
-async def image2image(body: EditBody, request: Request) -> Response:
+async def image2image(request: Request) -> Response:
     """Edit images given as URLs, local paths or data URIs (ClawRouter's route)."""
+    body = await read_edit_json(request)
     job = edit_job(body, default_format=request.app.state.gw.settings.response_format)
+    del body
     return await run(request, job)
 
 
-@router.post("/v1/images/edits")
+@router.post("/v1/images/edits", openapi_extra=EDIT_SCHEMA)
 @router.post("/images/edits", include_in_schema=False)
 async def edits(request: Request) -> Response:
     """OpenAI `images.edit`: multipart uploads, or JSON in OpenAI's or ClawRouter's shape."""
     default_format = request.app.state.gw.settings.response_format
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        body, uploads, mask = await _read_form(request)
-        return await run(request, edit_job(body, uploads=uploads, mask_upload=mask,
+        form_body, uploads, mask = await _read_form(request)
+        return await run(request, edit_job(form_body, uploads=uploads, mask_upload=mask,
                                            default_format=default_format))
-    raw = await request.body()
-    try:
-        body = EditBody.model_validate_json(raw or b"null")
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
-    return await run(request, edit_job(body, default_format=default_format))
+    job = edit_job(await read_edit_json(request), default_format=default_format)
+    return await run(request, job)
 
 
 @router.post("/v1/images/variations")

@@ -17,6 +17,9 @@ class ImageInput:
 
     data: bytes
     mime: str
+    #: the client's own `data:` URI when it is exactly `data:<mime>;base64,<canonical base64>`:
+    #: forwarded as it came, so a big image is not encoded again
+    uri: str | None = None
 
     @cached_property
     def sha256(self) -> str:
@@ -25,7 +28,7 @@ class ImageInput:
 
     def data_uri(self) -> str:
         """The form BlockRun accepts upstream: `data:<mime>;base64,<payload>`."""
-        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
+        return self.uri or f"data:{self.mime};base64,{base64.b64encode(self.data).decode()}"
 
 
 def check_size(size: int, *, max_bytes: int, param: str) -> None:

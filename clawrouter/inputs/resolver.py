@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import asyncio
 import os
 from collections.abc import Callable
@@ -11,7 +13,7 @@ from types import TracebackType
 from aiohttp.abc import AbstractResolver
 
 from .addresses import AddressRule, is_public_address
-from .encoded import decode_base64, decode_data_uri
+from .encoded import canonical_base64, decode_base64, decode_data_uri
 from .forms import Form, classify
 from .image import ImageInput, checked_image
 from .paths import path_from_file_url, read_local_image
@@ -42,8 +44,12 @@ class InputResolver:
         if not isinstance(value, str):
             refuse("expected a string (URL, path, data URI or base64)", param=param,
                    code=UNRECOGNIZED_INPUT)
-        data = await self._bytes_of(value.strip(), param=param)
-        return checked_image(data, max_bytes=self.policy.max_bytes, param=param)
+        value = value.strip()
+        data = await self._bytes_of(value, param=param)
+        image = checked_image(data, max_bytes=self.policy.max_bytes, param=param)
+        if value.startswith(f"data:{image.mime};base64,") and canonical_base64(data, value):
+            return replace(image, uri=value)
+        return image
 
     def from_upload(self, data: bytes, *, param: str) -> ImageInput:
         """An uploaded file part: already in memory, so only the cap and the sniff apply."""

@@ -15,8 +15,8 @@ from clawrouter.payment.networks import Network, lookup
 from clawrouter.payment.wire import Challenge, Requirement
 
 MAX_TIMEOUT_SECONDS = 600
-_AMOUNT = re.compile(r"^[0-9]{1,30}$")
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+_AMOUNT = re.compile(r"[0-9]{1,30}")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
 def refuse(check: str, message: str) -> PaymentRefused:
@@ -40,10 +40,10 @@ def select(challenge: Challenge, *, network: Network, pay_to: str, ceiling: int,
     if req.asset.lower() != network.usdc.lower():
         raise refuse("asset", f"asset {req.asset!r} is not USDC on {network.name} "
                               f"({network.usdc}).")
-    if not _ADDRESS.match(req.pay_to) or req.pay_to.lower() != pay_to.lower():
+    if not _ADDRESS.fullmatch(req.pay_to) or req.pay_to.lower() != pay_to.lower():
         raise refuse("payee", f"payee {req.pay_to!r} is not the configured BlockRun payee "
                               f"{pay_to}.")
-    if not _AMOUNT.match(req.amount) or int(req.amount) <= 0:
+    if not _AMOUNT.fullmatch(req.amount) or int(req.amount) <= 0:
         raise refuse("amount", f"amount {req.amount!r} is not a positive whole number of "
                                "atomic USDC.")
     amount = int(req.amount)

@@ -65,7 +65,7 @@ class ImageStore:
         ttl_days: float = 30,
         max_bytes: int = 2 * 1024**3,
         db_path: Path | None = None,
-        cache_bytes: int = 64 * 1024**2,
+        cache_bytes: int = 16 * 1024**2,  # hot images in memory: ~80 of 200 KB
         download_max_bytes: int = DEFAULT_MAX_BYTES,
         download_timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT,
         retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,

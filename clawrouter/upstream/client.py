@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -34,6 +34,7 @@ class UpstreamResponse:
     headers: dict[str, str]  # lower-cased names
     body: bytes
     latency_ms: float
+    resent: bool = False  # the first attempt's connection dropped; this is the resend
 
     def json(self) -> Any:
         """The body as JSON, or None when it is not JSON."""
@@ -70,6 +71,23 @@ class BlockRunClient:
 
     async def request(self, method: str, url: str, *, body: bytes | None = None,
                       headers: dict[str, str] | None = None) -> UpstreamResponse:
+        """One request, resent once (identical, headers included) if the connection dropped.
+
+        A pooled keep-alive connection can be closed by the server just as we reuse it. Resending
+        is safe for every request we make: an unpaid request costs nothing, and a paid one
+        carries the same signed authorization, whose nonce can settle only once — a resend can
+        never pay twice. `UpstreamResponse.resent` tells the caller it happened.
+        """
+        try:
+            return await self._send(method, url, body, headers)
+        except TransportError as exc:
+            if exc.kind != "dropped":
+                raise
+        response = await self._send(method, url, body, headers)
+        return replace(response, resent=True)
+
+    async def _send(self, method: str, url: str, body: bytes | None,
+                    headers: dict[str, str] | None) -> UpstreamResponse:
         send_headers = {"Accept": "application/json"}
         if body is not None:
             send_headers["Content-Type"] = "application/json"
@@ -102,7 +120,10 @@ class BlockRunClient:
 
 def new_session(max_connections: int) -> aiohttp.ClientSession:
     """The one shared upstream session: keep-alive pool, no cookies, no env proxies surprises."""
+    # Idle connections are dropped after 4 s, before common servers' 5 s keep-alive closes them
+    # under us (uvicorn's default; the resend above covers the rest).
     connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections,
-                                     ttl_dns_cache=300, enable_cleanup_closed=True)
+                                     ttl_dns_cache=300, enable_cleanup_closed=True,
+                                     keepalive_timeout=4.0)
     return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
                                  auto_decompress=True, raise_for_status=False)

@@ -148,6 +148,14 @@ class Exchange:
         except TransportError as exc:
             await finish("failed_after_payment", f"{exc.kind}: {exc.detail}")
             raise paid_error(None, payment.amount, detail=exc.detail) from None
+        if resp.status == 402 and resp.resent:
+            # The first attempt's connection dropped and the resend of the same authorization
+            # was refused: the upstream may well have received (and settled) the first one.
+            message, code, _ = upstream_message(resp)
+            await finish("failed_after_payment", f"response lost; resend refused: {message}")
+            raise paid_error(None, payment.amount, detail=(
+                "the connection dropped after the payment was sent, and the upstream refused "
+                f"the identical resend ({code or message})"))
         if resp.status == 402:
             message, code, _ = upstream_message(resp)
             await finish("rejected", f"{code or ''} {message}".strip())
