@@ -117,6 +117,6 @@ def fingerprint_parts(*parts: Any) -> str:
 
     h = hashlib.sha256()
     for part in parts:
-        data = part if isinstance(part, bytes) else str(part).encode()
+        data = part if isinstance(part, bytes) else str(part).encode("utf-8", "surrogatepass")
         h.update(hashlib.sha256(data).digest())
     return h.hexdigest()

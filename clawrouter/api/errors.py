@@ -6,6 +6,7 @@ param or type, so validation errors become 400 envelopes naming the field.
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -20,12 +21,19 @@ from clawrouter.errors import (
 log = logging.getLogger("clawrouter.api")
 
 
+class EnvelopeResponse(JSONResponse):
+    """JSON escaped to ASCII: an error may quote client text that is not valid UTF-8 (a lone
+    surrogate), and rendering it must never fail."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(error: ClawError, request: Request | None = None) -> JSONResponse:
     if request is not None:
         request.scope.setdefault("state", {})["error_code"] = error.code
-    import json as _j
-    return Response(_j.dumps(error.envelope()), media_type="application/json", status_code=error.status,
-                        headers=error.response_headers())
+    return EnvelopeResponse(error.envelope(), status_code=error.status,
+                            headers=error.response_headers())
 
 
 def _validation_error(exc: RequestValidationError) -> InvalidRequest:

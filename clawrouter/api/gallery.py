@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, Response
 from clawrouter.api.images import base_url
 
 router = APIRouter()
+MAX_OFFSET = 2**62  # SQLite integers are 64-bit; a larger OFFSET raised instead of listing nothing
 PUBLIC_FIELDS = ("name", "model", "prompt", "size", "created", "cost_micro", "bytes",
                  "content_type", "request_id")
 
@@ -37,7 +38,7 @@ async def static(name: str) -> Response:
 
 @router.get("/v1/images")
 async def list_images(request: Request, limit: int = Query(50, ge=1, le=500),
-                      offset: int = Query(0, ge=0, le=2**62)) -> dict[str, Any]:
+                      offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict[str, Any]:
     gw = request.app.state.gw
     rows = await gw.store.ls(limit, offset)
     base = base_url(request)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import base64
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, TypeVar
 
 import aiofiles
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from clawrouter.api.schemas import EditBody, GenerationBody
@@ -137,14 +137,6 @@ def result_headers(result: Result) -> dict[str, str]:
     return headers
 
 
-@router.post("/v1/images/generations")
-@router.post("/images/generations", include_in_schema=False)
-async def generations(body: GenerationBody, request: Request) -> Response:
-    """Text to image (OpenAI `images.generate`)."""
-    job = generation_job(body, request.app.state.gw.settings.response_format)
-    return await run(request, job)
-
-
 def _inline(schema: dict[str, Any]) -> dict[str, Any]:
     """A model's JSON schema with its `$defs` inlined, for `openapi_extra`."""
     defs = schema.pop("$defs", {})
@@ -160,34 +152,48 @@ def _inline(schema: dict[str, Any]) -> dict[str, Any]:
     return walk(schema)
 
 
-EDIT_SCHEMA = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": _inline(EditBody.model_json_schema())}}}}
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` documenting a JSON body that the route parses itself."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _inline(model.model_json_schema())}}}}
 
 
-async def read_edit_json(request: Request) -> EditBody:
-    """Parse a JSON edit straight from the stream into the model.
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def read_json(request: Request, model: type[Body]) -> Body:
+    """Parse a JSON body straight from the stream into the model, with pydantic's parser.
 
     Edits carry megabytes of base64: reading the stream ourselves keeps no cached raw body and
-    no intermediate dict alive for the rest of the request (FastAPI's body parameter would).
+    no intermediate dict alive for the rest of the request (FastAPI's body parameter would),
+    and pydantic's parser refuses what `json.loads` lets through (lone surrogates).
     """
     raw = b"".join([chunk async for chunk in request.stream()])
     try:
-        return EditBody.model_validate_json(raw or b"null")
+        return model.model_validate_json(raw or b"null")
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
 
 
-@router.post("/v1/images/image2image", openapi_extra=EDIT_SCHEMA)
+@router.post("/v1/images/generations", openapi_extra=body_schema(GenerationBody))
+@router.post("/images/generations", include_in_schema=False)
+async def generations(request: Request) -> Response:
+    """Text to image (OpenAI `images.generate`)."""
+    body = await read_json(request, GenerationBody)
+    return await run(request, generation_job(body, request.app.state.gw.settings.response_format))
+
+
+@router.post("/v1/images/image2image", openapi_extra=body_schema(EditBody))
 @router.post("/images/image2image", include_in_schema=False)
 async def image2image(request: Request) -> Response:
     """Edit images given as URLs, local paths or data URIs (ClawRouter's route)."""
-    body = await read_edit_json(request)
+    body = await read_json(request, EditBody)
     job = edit_job(body, default_format=request.app.state.gw.settings.response_format)
     del body
     return await run(request, job)
 
 
-@router.post("/v1/images/edits", openapi_extra=EDIT_SCHEMA)
+@router.post("/v1/images/edits", openapi_extra=body_schema(EditBody))
 @router.post("/images/edits", include_in_schema=False)
 async def edits(request: Request) -> Response:
     """OpenAI `images.edit`: multipart uploads, or JSON in OpenAI's or ClawRouter's shape."""
@@ -197,7 +203,7 @@ async def edits(request: Request) -> Response:
         form_body, uploads, mask = await _read_form(request)
         return await run(request, edit_job(form_body, uploads=uploads, mask_upload=mask,
                                            default_format=default_format))
-    job = edit_job(await read_edit_json(request), default_format=default_format)
+    job = edit_job(await read_json(request, EditBody), default_format=default_format)
     return await run(request, job)
 
 

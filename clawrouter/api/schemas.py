@@ -13,13 +13,6 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, fi
 MAX_PROMPT_CHARS = 32_000
 
 
-def _nos(value):
-    for text in (value if isinstance(value, list) else [value]):
-        if isinstance(text, str):
-            text.encode("utf-8")
-    return value
-
-
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -39,14 +32,6 @@ class _Body(BaseModel):
     moderation: StrictStr | None = None
     partial_images: StrictInt | None = None
 
-    @field_validator("*", mode="after")
-    @classmethod
-    def _no_surrogates(cls, value: object) -> object:
-        for text in (value if isinstance(value, list) else [value]):
-            if isinstance(text, str):
-                text.encode("utf-8")
-        return value
-
     @field_validator("response_format", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
@@ -61,11 +46,6 @@ class ImageURL(BaseModel):
     model_config = ConfigDict(extra="allow")
     image_url: StrictStr | None = None
     file_id: StrictStr | None = None
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _no_surrogates(cls, value: object) -> object:
-        return _nos(value)
 
 
 class EditBody(_Body):

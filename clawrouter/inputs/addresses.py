@@ -9,6 +9,11 @@ from collections.abc import Callable
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressRule = Callable[[IPAddress], bool]
 
+# Not globally reachable (IANA special-purpose registries), whatever this Python's tables say:
+# 3.11 before 3.11.10 (and 3.12 before 3.12.4) call 192.0.0.8 global; none refuses fec0::/10.
+_NOT_GLOBAL = (ipaddress.IPv4Network("192.0.0.0/24"), ipaddress.IPv6Network("fec0::/10"),
+               ipaddress.IPv6Network("3fff::/20"))
+_GLOBAL_EXCEPTIONS = (ipaddress.IPv4Address("192.0.0.9"), ipaddress.IPv4Address("192.0.0.10"))
 _NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 
 
@@ -33,6 +38,8 @@ def address_problem(ip: IPAddress) -> str | None:
         return "private"
     if ip.is_reserved:
         return "reserved"
+    if any(ip in net for net in _NOT_GLOBAL) and ip not in _GLOBAL_EXCEPTIONS:
+        return "non-public"
     if not ip.is_global:  # shared 100.64/10, benchmarking, documentation, …
         return "non-public"
     return None

@@ -69,7 +69,7 @@ def read_local_image(raw: str, policy: InputPolicy, *, cwd: Path, param: str) ->
 def _judged_path(raw: str, policy: InputPolicy, *, cwd: Path, param: str) -> Path:
     """The real path `raw` points to, or a refusal saying which rule it breaks."""
     shown = shorten(raw)
-    if not raw or "\0" in raw:
+    if not raw or "\0" in raw or not _fs_encodable(raw):
         refuse("empty or malformed path", param=param, code=PATH_REFUSED)
     written = os.path.expanduser(raw)
     given = Path(written) if os.path.isabs(written) else cwd / written
@@ -98,6 +98,15 @@ def _judged_path(raw: str, policy: InputPolicy, *, cwd: Path, param: str) -> Pat
         refuse(f"{shown!r} resolves into a hidden file or folder ({shorten(hidden, 40)!r})",
                param=param, code=PATH_REFUSED)
     return real
+
+
+def _fs_encodable(raw: str) -> bool:
+    """False for text no file name can hold (a lone surrogate, from a JSON `\\ud800` escape)."""
+    try:
+        os.fsencode(raw)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _with_resolved(paths: Iterable[Path]) -> tuple[Path, ...]:

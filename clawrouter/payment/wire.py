@@ -55,7 +55,7 @@ def decode_b64_json(text: str) -> Any:
     try:
         raw = base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
         return json.loads(raw)
-    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+    except (binascii.Error, ValueError, RecursionError) as exc:  # too deep: RecursionError
         raise ChallengeError(f"not base64 JSON: {exc}") from None
 
 
@@ -84,7 +84,7 @@ def parse_challenge(headers: Mapping[str, str], body: bytes) -> Challenge:
     else:
         try:
             data = json.loads(body or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ChallengeError("402 without a PAYMENT-REQUIRED header or JSON body") from None
         if isinstance(data, dict) and isinstance(data.get("x402"), dict):
             data = data["x402"]
