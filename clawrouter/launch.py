@@ -6,8 +6,6 @@ Shared by `clawrouter serve` and by the CLI and MCP server when they run a gatew
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,19 +25,6 @@ async def upstream_reachable(url: str, timeout: float = 3.0) -> bool:
                 return resp.status < 500
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
         return False
-
-
-def return_big_buffers_to_the_os() -> None:
-    """Serve big buffers (request bodies, images) from mmap, so freeing them gives the memory
-    back to the OS at once. glibc otherwise raises its mmap threshold after the first big free
-    and keeps later megabyte buffers in its heap: RSS then stays at its peak after a load."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD (fixing it ends the dynamic raise)
-    except OSError:
-        pass  # not glibc: nothing to tune
 
 
 @dataclass
@@ -67,7 +52,6 @@ async def start_gateway(settings: Settings) -> Running:
     answer and no other upstream was configured."""
     from clawrouter.api.app import create_app
 
-    return_big_buffers_to_the_os()
     use_sandbox = settings.sandbox
     if use_sandbox == "auto":
         use_sandbox = (settings.upstream_url == DEFAULT_UPSTREAM

@@ -86,6 +86,10 @@ class ImagePipeline:
         images, mask = await self._resolve_inputs(job)
         call = UpstreamCall(job.upstream_path, upstream_body(job, images, mask), job.model,
                             job.size, job.n)
+        # The body now holds the only copy we need: drop the decoded images and the client's
+        # copies before the (possibly long) upstream wait, so memory is one copy per request.
+        del images, mask
+        job.images.clear()
         started = time.perf_counter()
         outcome = await self.exchange.run(call, ctx)
         upstream_ms = (time.perf_counter() - started) * 1000

@@ -3,6 +3,7 @@ network clients, store and pipeline in the lifespan."""
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -12,6 +13,7 @@ from fastapi import FastAPI
 from clawrouter import __version__
 from clawrouter.api import errors, gallery, images, meta
 from clawrouter.api.middleware import ApiKey, BodyLimit, RequestId
+from clawrouter.memory import trim_forever
 from clawrouter.observe import Metrics, Observe
 from clawrouter.coalesce import Coalescer
 from clawrouter.config import Settings
@@ -79,9 +81,11 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
         exchange = Exchange(client, signer, settings, gw.network, ledger, budget, prices,
                             on_payment=gw.metrics.payment)
         gw.pipeline = ImagePipeline(exchange, store, inputs, session)
+        trimmer = asyncio.create_task(trim_forever())
         try:
             yield
         finally:
+            trimmer.cancel()
             await balance.aclose()
             await store.aclose()
             await inputs.aclose()

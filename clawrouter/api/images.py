@@ -77,8 +77,14 @@ async def watch_disconnect(request: Request, ctx: RequestContext) -> AsyncIterat
 
 
 def fingerprint(job: ImageJob) -> str:
-    """What makes two requests the same paid request (the output format does not)."""
-    sources = [part for s in [*job.images, job.mask] if s for part in (s.param, s.value)]
+    """What makes two requests the same paid request (the output format does not).
+
+    Image values can be megabytes: they enter as their length and Python's own (SipHash)
+    hash, cached on the string — a fraction of the cost of hashing them again. Fingerprints
+    only ever meet others from the same client, in this process, within the coalescing window.
+    """
+    sources = [part for s in [*job.images, job.mask] if s
+               for part in (s.param, len(s.value), hash(s.value))]
     return fingerprint_parts(job.route, job.model.id, job.prompt, job.size, job.n,
                              job.quality or "", *sources)
 
