@@ -25,23 +25,31 @@ from clawrouter.errors import ClawError, Conflict
 from clawrouter.pipeline import Result
 
 IDEMPOTENCY_TTL = 24 * 3600.0
+SWEEP_EVERY = 256
 
 
 @dataclass
 class _Entry:
     fingerprint: str
     future: asyncio.Future[Result]
-    shared: RequestContext
+    shared: RequestContext | None  # None once finished: only the outcome is kept
     clients: list[RequestContext] = field(default_factory=list)
     expires: float = float("inf")
 
     def attach(self, ctx: RequestContext) -> None:
+        if self.shared is None:
+            return  # finished: nobody's leaving can stop it any more
         self.clients.append(ctx)
         ctx.on_leave(self._maybe_abandon)
 
     def _maybe_abandon(self) -> None:
-        if all(c.gone.is_set() for c in self.clients):
+        if self.shared is not None and all(c.gone.is_set() for c in self.clients):
             self.shared.leave()
+
+    def finished(self, expires: float) -> None:
+        self.expires = expires
+        self.shared = None
+        self.clients = []
 
 
 def _paid(error: BaseException) -> bool:
@@ -62,6 +70,7 @@ class Coalescer:
         self._clock = clock
         self._max = max_entries
         self._entries: OrderedDict[tuple[str, ...], _Entry] = OrderedDict()
+        self._puts = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -77,7 +86,8 @@ class Coalescer:
                                "use a new key for a new request.", param="Idempotency-Key")
             entry.attach(ctx)
             return await asyncio.shield(entry.future)
-        shared = RequestContext(ctx.request_id, ctx.base_url, ctx.client)
+        shared = RequestContext(ctx.request_id, ctx.base_url, ctx.client,
+                                body_built=ctx.body_built)
         entry = _Entry(fingerprint, asyncio.get_running_loop().create_future(), shared)
         entry.attach(ctx)
         self._put(key, entry)
@@ -88,13 +98,24 @@ class Coalescer:
             entry.future.set_exception(exc)
             entry.future.exception()  # retrieved: joiners re-raise it, nobody else must
             if _paid(exc):
-                entry.expires = self._clock() + ttl
+                entry.finished(self._clock() + ttl)
             else:
                 self._entries.pop(key, None)
             raise
         entry.future.set_result(_slim(result))
-        entry.expires = self._clock() + (ttl if result.amount or idempotency_key else 0)
+        if result.amount or idempotency_key:
+            entry.finished(self._clock() + ttl)
+        else:  # nothing was paid: a repeat may simply run again (joiners hold the future)
+            self._entries.pop(key, None)
         return result
+
+    def _sweep(self) -> None:
+        """Drop every expired entry (amortised: one pass per SWEEP_EVERY new entries), so
+        memory follows the request rate over the window, not the entry cap."""
+        now = self._clock()
+        expired = [k for k, e in self._entries.items() if e.future.done() and now >= e.expires]
+        for k in expired:
+            del self._entries[k]
 
     def _live(self, key: tuple[str, ...]) -> _Entry | None:
         entry = self._entries.get(key)
@@ -105,6 +126,9 @@ class Coalescer:
 
     def _put(self, key: tuple[str, ...], entry: _Entry) -> None:
         self._entries[key] = entry
+        self._puts += 1
+        if self._puts % SWEEP_EVERY == 0:
+            self._sweep()
         while len(self._entries) > self._max:  # drop the oldest finished entries first
             oldest = next((k for k, e in self._entries.items() if e.future.done()), None)
             if oldest is None:

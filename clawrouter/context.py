@@ -18,6 +18,8 @@ class RequestContext:
     #: identifies the client for coalescing duplicate requests (API key or address)
     client: str = "local"
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+    #: called once the upstream body is built and the big copies of the input are gone
+    body_built: Callable[[], None] = field(default=lambda: None, repr=False)
     _on_leave: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def leave(self) -> None:

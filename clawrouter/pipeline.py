@@ -90,6 +90,7 @@ class ImagePipeline:
         # copies before the (possibly long) upstream wait, so memory is one copy per request.
         del images, mask
         job.images.clear()
+        ctx.body_built()
         started = time.perf_counter()
         outcome = await self.exchange.run(call, ctx)
         upstream_ms = (time.perf_counter() - started) * 1000

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from clawrouter import __version__
 from clawrouter.api import errors, gallery, images, meta
+from clawrouter.api.heavy import HeavyPhase
 from clawrouter.api.middleware import ApiKey, BodyLimit, RequestId
 from clawrouter.memory import trim_forever
 from clawrouter.observe import Metrics, Observe
@@ -45,6 +46,7 @@ class Gateway:
     budget: Budget
     coalescer: Coalescer
     metrics: Metrics
+    heavy: HeavyPhase
     pipeline: ImagePipeline | None = None
     balance: BalanceMonitor | None = None
 
@@ -63,7 +65,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     budget = Budget.from_settings(ledger, settings)
     prices = PriceBook(settings.price_ttl_seconds)
     gw = Gateway(settings, wallet, signer, NETWORKS[settings.network], sandbox, store, ledger,
-                 budget, Coalescer(settings.coalesce_window_seconds), Metrics())
+                 budget, Coalescer(settings.coalesce_window_seconds), Metrics(), HeavyPhase())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from clawrouter.api.heavy import Slot
 from clawrouter.api.schemas import EditBody, GenerationBody
 from clawrouter.api.streaming import stream_response
 from clawrouter.catalog import format_usd
@@ -89,9 +90,10 @@ def fingerprint(job: ImageJob) -> str:
                              job.quality or "", *sources)
 
 
-async def run(request: Request, job: ImageJob) -> Response:
+async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
     gw = request.app.state.gw
     ctx = context(request)
+    ctx.body_built = slot.release
     obs = request.scope.setdefault("state", {}).setdefault("obs", {})
     obs["model"] = job.model.id
     if gw.settings.log_prompts:
@@ -167,14 +169,16 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
 Body = TypeVar("Body", bound=BaseModel)
 
 
-async def read_json(request: Request, model: type[Body]) -> Body:
+async def read_json(request: Request, model: type[Body], slot: Slot) -> Body:
     """Parse a JSON body straight from the stream into the model, with pydantic's parser.
 
     Edits carry megabytes of base64: reading the stream ourselves keeps no cached raw body and
     no intermediate dict alive for the rest of the request (FastAPI's body parameter would),
-    and pydantic's parser refuses what `json.loads` lets through (lone surrogates).
+    and pydantic's parser refuses what `json.loads` lets through (lone surrogates). A big body
+    takes a heavy-phase slot before it is expanded (see `api/heavy.py`).
     """
     raw = b"".join([chunk async for chunk in request.stream()])
+    await slot.enter(len(raw))
     try:
         return model.model_validate_json(raw or b"null")
     except ValidationError as exc:
@@ -185,18 +189,21 @@ async def read_json(request: Request, model: type[Body]) -> Body:
 @router.post("/images/generations", include_in_schema=False)
 async def generations(request: Request) -> Response:
     """Text to image (OpenAI `images.generate`)."""
-    body = await read_json(request, GenerationBody)
-    return await run(request, generation_job(body, request.app.state.gw.settings.response_format))
+    async with request.app.state.gw.heavy.slot() as slot:
+        body = await read_json(request, GenerationBody, slot)
+        job = generation_job(body, request.app.state.gw.settings.response_format)
+        return await run(request, job, slot)
 
 
 @router.post("/v1/images/image2image", openapi_extra=body_schema(EditBody))
 @router.post("/images/image2image", include_in_schema=False)
 async def image2image(request: Request) -> Response:
     """Edit images given as URLs, local paths or data URIs (ClawRouter's route)."""
-    body = await read_json(request, EditBody)
-    job = edit_job(body, default_format=request.app.state.gw.settings.response_format)
-    del body
-    return await run(request, job)
+    async with request.app.state.gw.heavy.slot() as slot:
+        body = await read_json(request, EditBody, slot)
+        job = edit_job(body, default_format=request.app.state.gw.settings.response_format)
+        del body
+        return await run(request, job, slot)
 
 
 @router.post("/v1/images/edits", openapi_extra=body_schema(EditBody))
@@ -204,13 +211,15 @@ async def image2image(request: Request) -> Response:
 async def edits(request: Request) -> Response:
     """OpenAI `images.edit`: multipart uploads, or JSON in OpenAI's or ClawRouter's shape."""
     default_format = request.app.state.gw.settings.response_format
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        form_body, uploads, mask = await _read_form(request)
-        return await run(request, edit_job(form_body, uploads=uploads, mask_upload=mask,
-                                           default_format=default_format))
-    job = edit_job(await read_json(request, EditBody), default_format=default_format)
-    return await run(request, job)
+    async with request.app.state.gw.heavy.slot() as slot:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form_body, uploads, mask = await _read_form(request, slot)
+            job = edit_job(form_body, uploads=uploads, mask_upload=mask,
+                           default_format=default_format)
+        else:
+            job = edit_job(await read_json(request, EditBody, slot),
+                           default_format=default_format)
+        return await run(request, job, slot)
 
 
 @router.post("/v1/images/variations")
@@ -226,10 +235,13 @@ _INT_FIELDS = ("n", "output_compression", "partial_images")
 _BOOL_FIELDS = ("stream",)
 
 
-async def _read_form(request: Request) -> tuple[EditBody, list[SourceImage], SourceImage | None]:
+async def _read_form(request: Request,
+                     slot: Slot) -> tuple[EditBody, list[SourceImage], SourceImage | None]:
     settings = request.app.state.gw.settings
     form = await request.form(max_files=32, max_fields=200,
                               max_part_size=settings.max_image_bytes + 1)
+    # Uploads were spooled to temporary files; reading them into memory is the big part.
+    await slot.enter(int(request.headers.get("content-length") or 0))
     uploads: list[SourceImage] = []
     mask: SourceImage | None = None
     fields: dict[str, Any] = {}

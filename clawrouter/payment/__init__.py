@@ -6,7 +6,7 @@ Nothing in this package knows about the web framework (the x402 SDK keeps the sa
 import sys as _sys
 
 _limit = _sys.getrecursionlimit()
-import eth_account  # noqa: E402,F401  (imported for its side effect, undone below)
+__import__("eth_account")  # for its side effect on the recursion limit, undone below
 
 # py_ecc (imported by eth-account) raises the recursion limit to 100,000 at import. With it,
 # Python's C JSON parser overflows the C stack on deeply nested input and the process dies

@@ -30,7 +30,7 @@ class ImageMeta:
     source: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per stored image, kept in memory: keep it small
 class StoredImage:
     """One file in the store; `path` comes from the index, never from a request."""
 
