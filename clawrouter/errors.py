@@ -110,6 +110,15 @@ class PaymentRefused(ClawError):
     retryable = False
 
 
+class PaymentRejected(ClawError):
+    """The upstream refused a payment we signed (e.g. insufficient funds); never re-signed."""
+
+    status = 402
+    type = "payment_error"
+    default_code = "payment_rejected"
+    retryable = False
+
+
 class BudgetExceeded(ClawError):
     """Paying would break a configured budget; nothing was signed."""
 

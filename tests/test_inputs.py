@@ -240,7 +240,7 @@ def make_policy(root: Path, **overrides: Any) -> InputPolicy:
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    path = tmp_path / "root"
+    path = tmp_path / "granted"
     path.mkdir()
     return path
 
@@ -360,7 +360,7 @@ async def test_unrecognized_input_lists_forms_and_truncates(root: Path) -> None:
 
 @pytest.fixture
 def tree(root: Path, tmp_path: Path) -> dict[str, Path]:
-    """root/{pics/*.png, notes.png (text), .ssh/id.png, data/{wallet.key, real.png}} + outside."""
+    """granted/{pics/*.png, notes.png (text), .ssh/id.png, data/{wallet.key, real.png}} + outside."""
     (root / "pics").mkdir()
     for kind, (data, _) in IMAGES.items():
         (root / "pics" / f"a.{kind}").write_bytes(data)
@@ -373,19 +373,19 @@ def tree(root: Path, tmp_path: Path) -> dict[str, Path]:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "a.png").write_bytes(PNG)
-    return {"root": root, "outside": outside}
+    return {"granted": root, "outside": outside}
 
 
 @pytest.mark.parametrize("kind", IMAGES)
 async def test_local_file_forms(tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
                                 kind: str) -> None:
-    root = tree["root"]
+    root = tree["granted"]
     monkeypatch.setenv("HOME", str(root))
     (root / f"here.{kind}").write_bytes(IMAGES[kind][0])
     policy = make_policy(root)
     target = root / "pics" / f"a.{kind}"
     for value in (str(target), f"~/pics/a.{kind}", f"pics/a.{kind}", f"./pics/a.{kind}",
-                  f"../root/pics/a.{kind}", target.as_uri(), f"file://localhost{target}",
+                  f"../granted/pics/a.{kind}", target.as_uri(), f"file://localhost{target}",
                   f"here.{kind}"):
         image = await resolve(policy, value)
         assert (image.data, image.mime) == IMAGES[kind], value
@@ -393,18 +393,18 @@ async def test_local_file_forms(tree: dict[str, Path], monkeypatch: pytest.Monke
 
 async def test_cwd_defaults_to_the_process_cwd(tree: dict[str, Path],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tree["root"] / "pics")
-    assert (await resolve(make_policy(tree["root"], cwd=None), "a.png")).data == PNG
+    monkeypatch.chdir(tree["granted"] / "pics")
+    assert (await resolve(make_policy(tree["granted"], cwd=None), "a.png")).data == PNG
 
 
 async def test_secret_named_png_is_refused_without_echoing_it(tree: dict[str, Path]) -> None:
-    error = await refused(make_policy(tree["root"]), str(tree["root"] / "notes.png"),
+    error = await refused(make_policy(tree["granted"]), str(tree["granted"] / "notes.png"),
                           "invalid_image")
     assert "PRIVATE_KEY" not in error.message
 
 
 async def test_paths_outside_roots(tree: dict[str, Path]) -> None:
-    root, outside = tree["root"], tree["outside"]
+    root, outside = tree["granted"], tree["outside"]
     policy = make_policy(root)
     await refused(policy, str(outside / "a.png"), "path_refused")
     await refused(policy, str(root / ".." / "outside" / "a.png"), "path_refused")
@@ -416,7 +416,7 @@ async def test_paths_outside_roots(tree: dict[str, Path]) -> None:
 
 
 async def test_hidden_components(tree: dict[str, Path]) -> None:
-    root = tree["root"]
+    root = tree["granted"]
     policy = make_policy(root)
     for value in (str(root / ".ssh" / "id.png"), ".ssh/id.png", "pics/../.ssh/id.png"):
         error = await refused(policy, value, "path_refused")
@@ -431,16 +431,16 @@ async def test_hidden_components(tree: dict[str, Path]) -> None:
 
 
 async def test_a_root_inside_a_hidden_folder_is_usable(tree: dict[str, Path]) -> None:
-    cache = tree["root"] / ".cache" / "images"
+    cache = tree["granted"] / ".cache" / "images"
     cache.mkdir(parents=True)
     (cache / "a.png").write_bytes(PNG)
-    policy = make_policy(tree["root"], roots=(tree["root"], cache))
+    policy = make_policy(tree["granted"], roots=(tree["granted"], cache))
     assert (await resolve(policy, str(cache / "a.png"))).data == PNG
-    await refused(policy, str(tree["root"] / ".ssh" / "id.png"), "path_refused")
+    await refused(policy, str(tree["granted"] / ".ssh" / "id.png"), "path_refused")
 
 
 async def test_symlinks_escaping_a_root(tree: dict[str, Path]) -> None:
-    root, outside = tree["root"], tree["outside"]
+    root, outside = tree["granted"], tree["outside"]
     (root / "escape.png").symlink_to(outside / "a.png")
     (root / "elsewhere").symlink_to(outside)
     (root / "loop.png").symlink_to(root / "loop.png")
@@ -453,7 +453,7 @@ async def test_symlinks_escaping_a_root(tree: dict[str, Path]) -> None:
 
 
 async def test_forbidden_data_dir(tree: dict[str, Path]) -> None:
-    root = tree["root"]
+    root = tree["granted"]
     policy = make_policy(root)
     for name in ("wallet.key", "real.png"):
         error = await refused(policy, str(root / "data" / name), "path_refused")
@@ -473,7 +473,7 @@ async def test_default_forbidden_dir_is_hidden_in_home(tmp_path: Path) -> None:
 
 
 async def test_file_problems(tree: dict[str, Path]) -> None:
-    root = tree["root"]
+    root = tree["granted"]
     policy = make_policy(root)
     await refused(policy, str(root / "missing.png"), "file_not_found")
     await refused(policy, "pics", "path_refused")  # a directory
@@ -491,7 +491,7 @@ async def test_file_problems(tree: dict[str, Path]) -> None:
 
 
 async def test_local_files_disabled(tree: dict[str, Path]) -> None:
-    root = tree["root"]
+    root = tree["granted"]
     policy = make_policy(root, allow_local_files=False)
     target = root / "pics" / "a.png"
     for value in (str(target), target.as_uri(), "pics/a.png", "~/x.png", "file://host/x.png"):

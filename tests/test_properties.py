@@ -344,7 +344,7 @@ def marked_png(tag: str) -> bytes:
 
 @pytest.fixture
 def tree(tmp_path: Path) -> dict[str, Any]:
-    """base/{root (allowed), outside, root-evil (shares the root's prefix)}.
+    """base/{granted (allowed), outside, granted-evil (shares its prefix)}.
 
     Every folder holds an `a.png` with its own marker, so any path ending in `a.png` names a
     readable image in the root or a forbidden one elsewhere: which one is read tells the story.
@@ -352,7 +352,7 @@ def tree(tmp_path: Path) -> dict[str, Any]:
     inside, leave the root, enter the hidden or forbidden folders, or loop.
     """
     base = tmp_path / "base"
-    root, outside, evil = base / "root", base / "outside", base / "root-evil"
+    root, outside, evil = base / "granted", base / "outside", base / "granted-evil"
     folders = {"IN": root, "IN-PICS": root / "pics", "HIDDEN": root / ".ssh",
                "DATA-DIR": root / "data", "OUTSIDE": outside, "PREFIX-TWIN": evil,
                "BASE": base}
@@ -374,25 +374,25 @@ def tree(tmp_path: Path) -> dict[str, Any]:
     for name, target in links.items():
         (root / name).symlink_to(target)
     (root / "pics" / "rel").symlink_to("../..")  # relative, out through the parent
-    return {"base": base, "root": root, "inside": inside, "forbidden": forbidden}
+    return {"base": base, "granted": root, "inside": inside, "forbidden": forbidden}
 
 
 def path_values(base: Path) -> st.SearchStrategy[str]:
     """prefix + folders + file: folders that stay in the root, leave it, or hide; files that
     exist in every folder. Mostly well-formed, so that reads happen and escapes are possible."""
-    root = base / "root"
+    root = base / "granted"
     folder = st.sampled_from([
         ".", "pics", "in", "txt", "..", "out", "twin", "up", "hid", "dat", "rel", "loop", ".ssh",
-        "data", "outside", "root", "root-evil", "~", "%2e%2e", "..%2f", "...", "", "\ud800",
+        "data", "outside", "granted", "granted-evil", "~", "%2e%2e", "..%2f", "...", "", "\ud800",
         "\udc80", "a.png"])
     name = mostly(st.just("a.png"), st.sampled_from([
         "in.png", "out.png", "hid.png", ".a.png", "secret.png", "gone.png", "loop",
         "a.png%00", "a.png\x00", "a.png/", "/etc/passwd", "/proc/self/environ", "C:\\a.png"]))
     prefix = mostly(
-        st.sampled_from(["", "./", str(root) + "/", "file://" + str(root) + "/", "../root/"]),
+        st.sampled_from(["", "./", str(root) + "/", "file://" + str(root) + "/", "../granted/"]),
         st.sampled_from(["/", "../", "~/", "~", str(base) + "/", "//", str(root) + "/../",
                          "file://", "file:///", "file://localhost/", "file://" + str(base) + "/",
-                         "file://evil.example/", str(base) + "/root-evil/"]))
+                         "file://evil.example/", str(base) + "/granted-evil/"]))
     joined = st.tuples(prefix, st.lists(folder, max_size=4), name).map(
         lambda t: t[0] + "".join(f + "/" for f in t[1]) + t[2])
     # file: URLs may also arrive percent-encoded.
@@ -404,7 +404,7 @@ def path_values(base: Path) -> st.SearchStrategy[str]:
 
 def test_no_byte_outside_the_allowed_roots_is_ever_returned(
         tree: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    base, root = tree["base"], tree["root"]
+    base, root = tree["base"], tree["granted"]
     monkeypatch.setenv("HOME", str(base / "outside"))  # `~` is outside the root
     leaks, inside = tree["forbidden"], tree["inside"]
     outcomes: Counter[str] = Counter()
@@ -415,13 +415,13 @@ def test_no_byte_outside_the_allowed_roots_is_ever_returned(
                                          forbidden=(root / "data",), cwd=cwd))
 
     resolvers = {name: resolver_for(cwd) for name, cwd in
-                 (("root", root), ("base", base), ("outside", base / "outside"))}
+                 (("granted", root), ("base", base), ("outside", base / "outside"))}
 
     @PROPERTY
     @given(value=path_values(base), cwd=st.sampled_from(sorted(resolvers)))
-    @example(value=str(root / "a.png"), cwd="root")
-    @example(value="../root-evil/a.png", cwd="root")
-    @example(value="in/../out/a.png", cwd="root")
+    @example(value=str(root / "a.png"), cwd="granted")
+    @example(value="../granted-evil/a.png", cwd="granted")
+    @example(value="in/../out/a.png", cwd="granted")
     def check(value: str, cwd: str) -> None:
         try:
             image = loop.run_until_complete(resolvers[cwd].resolve(value, param="image"))

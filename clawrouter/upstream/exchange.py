@@ -16,7 +16,7 @@ from clawrouter.catalog import ImageModel, ceiling_micro, to_micro
 from clawrouter.config import Settings
 from clawrouter.context import RequestContext
 from clawrouter.errors import (
-    ClawError, ClientGone, PaymentRefused, UpstreamTimeout, UpstreamUnavailable,
+    ClawError, ClientGone, PaymentRefused, PaymentRejected, UpstreamTimeout, UpstreamUnavailable,
 )
 from clawrouter.payment import policy
 from clawrouter.payment.budget import Budget
@@ -51,13 +51,6 @@ class Outcome:
     amount: int  # micro-USDC signed (0 when the upstream asked for nothing)
     transaction: str | None
     round_trips: int
-
-
-class PaymentRejected(ClawError):
-    status = 402
-    type = "payment_error"
-    default_code = "payment_rejected"
-    retryable = False
 
 
 class _PreauthRejected(Exception):
