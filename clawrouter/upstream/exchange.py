@@ -135,6 +135,9 @@ class Exchange:
             if self.on_payment:
                 self.on_payment(status, payment.amount, call.model.id)
 
+        if ctx.gone.is_set():  # left while the ledger was written: the authorization stays here
+            await finish("rejected", "never sent: the client left before the paid request")
+            raise ClientGone()
         try:
             resp = await self.client.post(call.route, call.body,
                                           {SIGNATURE_HEADER: payment.header})

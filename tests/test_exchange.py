@@ -1,0 +1,55 @@
+"""The paid exchange with real parts (the sandbox server, a ledger file, budgets, the signer);
+only the timing of a client's departure is forced."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from eth_account import Account
+
+from clawrouter.catalog import BY_ID
+from clawrouter.context import RequestContext
+from clawrouter.errors import ClientGone
+from clawrouter.payment.budget import Budget
+from clawrouter.payment.ledger import Ledger
+from clawrouter.payment.networks import NETWORKS
+from clawrouter.payment.prices import PriceBook
+from clawrouter.payment.signer import Signer
+from clawrouter.upstream.client import BlockRunClient, new_session
+from clawrouter.upstream.exchange import Exchange, UpstreamCall
+from tests.conftest import gateway_settings
+
+
+def test_a_client_leaving_while_the_signature_is_recorded_is_never_charged(sandbox, tmp_path):
+    settings = gateway_settings(tmp_path, sandbox.api)
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ctx = RequestContext("req_leaving", "http://localhost")
+    record = ledger.record_signed
+
+    def record_then_leave(**fields):  # the client goes away during the durable write
+        payment_id = record(**fields)
+        ctx.gone.set()
+        return payment_id
+
+    ledger.record_signed = record_then_leave
+    call = UpstreamCall("/v1/images/generations",
+                        b'{"model":"zai/cogview-4","prompt":"x","size":"512x512","n":1}',
+                        BY_ID["zai/cogview-4"], "512x512", 1)
+
+    async def main():
+        async with new_session(8) as session:
+            exchange = Exchange(BlockRunClient(sandbox.api, session, timeout=10,
+                                               connect_timeout=5),
+                                Signer(Account.create().key.to_0x_hex()), settings,
+                                NETWORKS["base-sepolia"], ledger,
+                                Budget(ledger, per_request_usd=1, per_day_usd=1, total_usd=0),
+                                PriceBook(3600))
+            with pytest.raises(ClientGone):
+                await exchange.run(call, ctx)
+
+    asyncio.run(main())
+    assert sandbox.stats()["payments_count"] == 0
+    [row] = ledger.payments()
+    assert row.status == "rejected" and "never sent" in row.note
+    ledger.close()
