@@ -107,3 +107,19 @@ def make_gateway(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Gat
 @pytest.fixture
 def gateway(make_gateway: Callable[..., Gateway]) -> Gateway:
     return make_gateway()
+
+
+@pytest.fixture
+def clock():
+    """A settable clock for the ledger and budget tests."""
+    from tests.test_ledger import Clock
+
+    return Clock()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path, clock):
+    from clawrouter.payment.ledger import Ledger
+
+    with Ledger(tmp_path / "ledger.sqlite3", clock=clock) as ledger:
+        yield ledger

@@ -19,17 +19,6 @@ from tests.test_ledger import TODAY, Clock, record
 IMAGE = 53_500  # nano-banana on Base: $0.0525 + $0.001 fee
 
 
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def ledger(tmp_path: Path, clock: Clock):
-    with Ledger(tmp_path / "ledger.sqlite3", clock=clock) as ledger:
-        yield ledger
-
-
 def budget(ledger: Ledger, clock: Clock, *, request: float = 1.0, day: float = 0.0,
            total: float = 0.0) -> Budget:
     return Budget(ledger, per_request_usd=request, per_day_usd=day, total_usd=total,

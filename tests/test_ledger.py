@@ -44,17 +44,6 @@ def record(ledger: Ledger, amount: int = 53_500, **fields) -> int:
     return ledger.record_signed(**values)
 
 
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def ledger(tmp_path: Path, clock: Clock):
-    with Ledger(tmp_path / "ledger.sqlite3", clock=clock) as ledger:
-        yield ledger
-
-
 def test_schema_is_wal_with_full_sync(ledger: Ledger) -> None:
     raw = sqlite3.connect(ledger.path)
     try:

@@ -32,10 +32,6 @@ from clawrouter.validate import ImageJob, SourceImage, edit_job, generation_job
 router = APIRouter()
 
 
-def _both(path: str) -> list[str]:
-    return [f"/v1{path}", path]
-
-
 def base_url(request: Request) -> str:
     """Where the client can fetch our images: the loopback name it used, or the public URL."""
     settings = request.app.state.gw.settings
