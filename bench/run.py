@@ -96,6 +96,7 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any
                                 for k, v in plan.points.items()},
                      "preauth_n": plan.preauth_n, "rss_n": plan.rss_n,
                      "gateway_preauth": args.gateway_preauth,
+                     "gateway_env": dict(args.gateway_env),
                      "upstream_latency_ms": args.upstream_latency_ms,
                      "profiled": bool(args.profile)},
         "scenarios": {},
@@ -107,6 +108,7 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any
     t0 = time.monotonic()
     sandbox = procs.start_sandbox(args.upstream_latency_ms)
     bench = scenarios.Bench(plan, sandbox, args.gateway_preauth, args.upstream_latency_ms,
+                            gateway_env=dict(args.gateway_env),
                             tag=f"bench {os.getpid()} {int(time.time())}", log=log,
                             profile_dir=args.profile)
     await bench.configure(latency_ms=args.upstream_latency_ms)
@@ -136,6 +138,9 @@ def main() -> int:
     parser.add_argument("--gateway-preauth", action="store_true",
                         help="leave the gateway's pre-auth on in the comparisons (default off: "
                              "both clients then make two upstream round trips)")
+    parser.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
+                        type=lambda kv: tuple(kv.split("=", 1)),
+                        help="extra environment for the gateway (e.g. MALLOC_ARENA_MAX=2)")
     parser.add_argument("--upstream-latency-ms", type=float, default=0.0,
                         help="delay the sandbox adds to every answer (POST /_sandbox/config); "
                              "the preauth scenario always uses 50")

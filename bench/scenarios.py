@@ -81,6 +81,7 @@ class Bench:
     tag: str
     log: Callable[[str], None]
     profile_dir: Path | None = None
+    gateway_env: dict[str, str] = field(default_factory=dict)
     scenario: str = ""
     _index: int = 0
     gateways: list[Server] = field(default_factory=list)
@@ -108,7 +109,7 @@ class Bench:
 
     def gateway(self, *, preauth: bool | None = None, name: str = "gateway") -> Server:
         gw = start_gateway(self.api, preauth=self.gateway_preauth if preauth is None else preauth,
-                           name=name)
+                           name=name, extra_env=self.gateway_env)
         gw.label = f"{self.scenario}-{name}"
         self.gateways.append(gw)
         if self.profile_dir is not None:

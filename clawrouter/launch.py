@@ -6,8 +6,9 @@ Shared by `clawrouter serve` and by the CLI and MCP server when they run a gatew
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import uvicorn
@@ -15,6 +16,26 @@ import uvicorn
 from clawrouter.config import DEFAULT_UPSTREAM, Settings
 
 SANDBOX_NETWORK = "base-sepolia"  # the sandbox never receives a mainnet authorization
+T = TypeVar("T")
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when it is installed (uvicorn[standard] brings it, except on Windows).
+
+    `uvicorn.run` picks it by itself, but we run uvicorn's `Server.serve` inside our own loop;
+    with the standard loop the gateway spent about a third more CPU per request (bench/).
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run`, on the fastest event loop available."""
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(main)
 
 
 async def upstream_reachable(url: str, timeout: float = 3.0) -> bool:

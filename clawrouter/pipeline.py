@@ -94,7 +94,10 @@ class ImagePipeline:
         started = time.perf_counter()
         outcome = await self.exchange.run(call, ctx)
         upstream_ms = (time.perf_counter() - started) * 1000
-        result = await self._store_results(job, outcome, ctx)
+        try:
+            result = await self._store_results(job, outcome, ctx)
+        finally:
+            await outcome.settled()  # the client hears of nothing the ledger does not know
         result.upstream_ms = upstream_ms  # everything spent waiting on BlockRun, polls included
         return result
 

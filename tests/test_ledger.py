@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from datetime import date, timedelta
 from pathlib import Path
@@ -218,6 +219,26 @@ def test_async_call_runs_on_the_ledger_thread(ledger: Ledger) -> None:
         return pid
 
     pid = asyncio.run(main())
+    assert ledger.get(pid).status == "settled"
+
+
+def test_a_cancelled_caller_does_not_cancel_a_queued_write(ledger: Ledger) -> None:
+    """The single ledger thread queues writes; cancelling the task that waits for one (a
+    client that left) must not drop it from the queue."""
+    pid = record(ledger, 7_000)
+    gate = threading.Event()
+
+    async def main() -> None:
+        blocker = asyncio.ensure_future(ledger.call(gate.wait, 5))
+        waiter = asyncio.ensure_future(ledger.call(ledger.finish, pid, "settled",
+                                                   transaction="0x3"))
+        await asyncio.sleep(0.05)
+        waiter.cancel()  # the finish is still queued behind the blocker
+        gate.set()
+        await blocker
+        await asyncio.sleep(0.2)
+
+    asyncio.run(main())
     assert ledger.get(pid).status == "settled"
 
 

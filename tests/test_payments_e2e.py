@@ -219,6 +219,29 @@ def test_unpaid_429_passes_status_and_retry_after_through(gateway, sandbox):
     assert "slow down" in r.json()["error"]["message"]
 
 
+def test_the_answer_waits_for_the_settled_record(make_gateway, sandbox, monkeypatch):
+    """The settled row is written while the images are stored, but the client hears of the
+    image only once it is committed: read the ledger file itself the moment the answer comes."""
+    import sqlite3
+
+    from clawrouter.payment.ledger import Ledger
+
+    finish = Ledger.finish
+
+    def slow_finish(self, *args, **kwargs):
+        time.sleep(0.3)  # far longer than storing a 512x512 image
+        return finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "finish", slow_finish)
+    gw = make_gateway()
+    started = time.monotonic()
+    r = gen(gw, "wait for the ledger")
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - started >= 0.3
+    with sqlite3.connect(gw.gw.settings.ledger_path) as db:
+        assert db.execute("SELECT status FROM payments").fetchall() == [("settled",)]
+
+
 def test_kill_9_during_a_paid_request_leaves_an_unknown_row_after_restart(tmp_path, sandbox):
     port = free_port()
     env = {**os.environ, "CLAWROUTER_HOME": str(tmp_path), "BLOCKRUN_API_URL": sandbox.api,

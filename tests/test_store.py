@@ -533,3 +533,46 @@ def test_pending_downloads_survive_a_restart_and_give_up_after_the_last_retry(
     host.healthy = True
     stats = run(restart(delays=(60.0,)))  # the restored row is due at once
     assert (stats["pending_downloads"], stats["failed_downloads"], stats["count"]) == (0, 1, 1)
+
+
+def test_a_file_that_cannot_be_written_leaves_no_row(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """File and row are written side by side; when the file fails (disk full), the row that
+    was already committed is taken back, so nothing ever indexes a missing file."""
+    from clawrouter.store import files
+
+    def no_space(directory: Path, name: str, data: bytes) -> Path:
+        time.sleep(0.05)  # the row's commit wins the race
+        raise OSError(28, "No space left on device")
+
+    async def scenario() -> tuple[str, int, list[dict[str, Any]]]:
+        async with ImageStore(tmp_path) as store:
+            monkeypatch.setattr(files, "write_atomic", no_space)
+            with pytest.raises(OSError) as failed:
+                await store.put_bytes(png(5000), META)
+            monkeypatch.undo()
+            return str(failed.value), len(store._index), await store.ls()
+
+    error, indexed, listed = run(scenario())
+    assert "No space left" in error
+    assert indexed == 0 and listed == [] and rows(tmp_path) == []
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".png"]
+
+
+def test_the_index_costs_little_memory_per_image(tmp_path: Path) -> None:
+    """Every stored image stays in the in-memory index until evicted, so its entry must be
+    small: a soak that stores tens of thousands of images must not look like a leak."""
+    import tracemalloc
+
+    async def scenario() -> float:
+        async with ImageStore(tmp_path, cache_bytes=0) as store:  # count the index alone
+            images = [png(100, i) for i in range(2000)]
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(0, len(images), 100):
+                await asyncio.gather(*(store.put_bytes(d, META) for d in images[i:i + 100]))
+            per_image = (tracemalloc.get_traced_memory()[0] - before) / len(images)
+            tracemalloc.stop()
+            return per_image
+
+    assert run(scenario()) < 600  # bytes; a pathlib.Path per entry alone would take ~400

@@ -14,7 +14,7 @@ from clawrouter import __version__
 from clawrouter.api import errors, gallery, images, meta
 from clawrouter.api.heavy import HeavyPhase
 from clawrouter.api.middleware import ApiKey, BodyLimit, RequestId
-from clawrouter.memory import trim_forever
+from clawrouter.memory import Trimmer
 from clawrouter.observe import Metrics, Observe
 from clawrouter.coalesce import Coalescer
 from clawrouter.config import Settings
@@ -47,6 +47,7 @@ class Gateway:
     coalescer: Coalescer
     metrics: Metrics
     heavy: HeavyPhase
+    trimmer: Trimmer
     pipeline: ImagePipeline | None = None
     balance: BalanceMonitor | None = None
 
@@ -64,8 +65,10 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     ledger = Ledger(settings.ledger_path)
     budget = Budget.from_settings(ledger, settings)
     prices = PriceBook(settings.price_ttl_seconds)
+    trimmer = Trimmer()
     gw = Gateway(settings, wallet, signer, NETWORKS[settings.network], sandbox, store, ledger,
-                 budget, Coalescer(settings.coalesce_window_seconds), Metrics(), HeavyPhase())
+                 budget, Coalescer(settings.coalesce_window_seconds), Metrics(),
+                 HeavyPhase(after_big=trimmer.poke), trimmer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,11 +86,11 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
         exchange = Exchange(client, signer, settings, gw.network, ledger, budget, prices,
                             on_payment=gw.metrics.payment)
         gw.pipeline = ImagePipeline(exchange, store, inputs, session)
-        trimmer = asyncio.create_task(trim_forever())
+        trimming = asyncio.create_task(trimmer.run())
         try:
             yield
         finally:
-            trimmer.cancel()
+            trimming.cancel()
             await balance.aclose()
             await store.aclose()
             await inputs.aclose()

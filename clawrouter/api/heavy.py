@@ -11,7 +11,7 @@ event loop anyway, so a few slots lose no throughput.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 SLOTS = 4
@@ -22,10 +22,12 @@ class Slot:
     def __init__(self, semaphore: asyncio.Semaphore) -> None:
         self._semaphore = semaphore
         self._held = False
+        self.used = False  # a big body went through this request
 
     async def enter(self, size: int) -> None:
         """Take a slot if a body of `size` bytes is big enough to need one."""
         if size > BIG_BODY and not self._held:
+            self.used = True
             await self._semaphore.acquire()
             self._held = True
 
@@ -37,8 +39,9 @@ class Slot:
 
 
 class HeavyPhase:
-    def __init__(self, slots: int = SLOTS) -> None:
+    def __init__(self, slots: int = SLOTS, *, after_big: Callable[[], None] | None = None) -> None:
         self._semaphore = asyncio.Semaphore(slots)
+        self._after_big = after_big  # called when a request with a big body has ended
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
@@ -47,3 +50,5 @@ class HeavyPhase:
             yield slot
         finally:
             slot.release()
+            if slot.used and self._after_big is not None:
+                self._after_big()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from typing import Any
 
 from clawrouter.config import Settings
-from clawrouter.launch import SANDBOX_NETWORK, start_gateway
+from clawrouter.launch import SANDBOX_NETWORK, run_async, start_gateway
 from clawrouter.cli.common import settings_from
 
 
@@ -45,7 +44,7 @@ def register(commands: Any) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args, host=args.host, port=args.port, upstream_url=args.upstream,
                              sandbox=args.sandbox)
-    return asyncio.run(serve(settings))
+    return run_async(serve(settings))
 
 
 async def serve(settings: Settings) -> int:

@@ -359,7 +359,9 @@ class Ledger:
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(1, thread_name_prefix="ledger")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        # shield: cancelling the caller must not cancel a write still queued behind others
+        return await asyncio.shield(
+            loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs)))
 
     def close(self) -> None:
         """Wait for queued writes, then close the database and release the process lock."""

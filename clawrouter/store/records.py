@@ -32,14 +32,22 @@ class ImageMeta:
 
 @dataclass(frozen=True, slots=True)  # one per stored image, kept in memory: keep it small
 class StoredImage:
-    """One file in the store; `path` comes from the index, never from a request."""
+    """One file in the store; its path comes from the index, never from a request.
+
+    The path is kept as a plain string: a `Path` (with its parts and cached string) would
+    double what every indexed image costs in memory (bench/soak.py watches RSS).
+    """
 
     id: str
     ext: str
     content_type: str
     bytes: int
-    path: Path
+    file: str  # absolute path of the file
     created: float
+
+    @property
+    def path(self) -> Path:
+        return Path(self.file)
 
     @property
     def name(self) -> str:

@@ -165,7 +165,7 @@ async def _stream(send: Send, store: ImageStore, image: StoredImage, status: int
                   headers: Headers, start: int, stop: int) -> None:
     """Send a file too big for the cache in chunks, reading it off the event loop."""
     try:
-        f = await asyncio.to_thread(open, image.path, "rb")
+        f = await asyncio.to_thread(open, image.file, "rb")
     except FileNotFoundError:
         store.discard(image.id)
         return await _respond(send, *_NOT_FOUND)

@@ -144,7 +144,7 @@ class ImageStore:
 
         for row in keep:
             self._add(StoredImage(id=row.id, ext=row.ext, content_type=row.content_type,
-                                  bytes=row.bytes, path=self.root / f"{row.id}.{row.ext}",
+                                  bytes=row.bytes, file=str(self.root / f"{row.id}.{row.ext}"),
                                   created=row.created), row.last_used)
         for image in recovered:
             self._add(image, image.created)
@@ -161,7 +161,7 @@ class ImageStore:
                 continue
             image_id, ext = name.split(".")
             recovered.append(StoredImage(id=image_id, ext=ext, content_type=checked[0],
-                                         bytes=checked[1], path=path,
+                                         bytes=checked[1], file=str(path),
                                          created=path.stat().st_mtime))
         return recovered
 
@@ -222,11 +222,13 @@ class ImageStore:
             if existing is not None:
                 self.mark_served(image_id)  # its URL is about to be handed out again
                 return existing
-            path = await asyncio.to_thread(files.write_atomic, self.root, f"{image_id}.{ext}",
-                                           data)
             image = StoredImage(id=image_id, ext=ext, content_type=content_type,
-                                bytes=len(data), path=path, created=time.time())
-            await self._run_db(self._db.insert_image, image, meta)
+                                bytes=len(data), file=str(self.root / f"{image_id}.{ext}"),
+                                created=time.time())
+            # File and row are written at the same time (two threads); the image is served
+            # only once both are done. A crash in between is what `open` reconciles: a row
+            # without its file is dropped, a file without its row is recovered.
+            await self._write(image, data, meta)
             self._add(image, image.created)
             self.cache.put(image_id, data)
         if self._total > self.max_bytes:
@@ -371,6 +373,22 @@ class ImageStore:
             await self._run_db(self._db.set_last_served, served)
 
     # --- internals ----------------------------------------------------------------------------
+    async def _write(self, image: StoredImage, data: bytes, meta: ImageMeta) -> None:
+        """Write the file and its row side by side (two threads, one round of waiting).
+
+        If the file fails (disk full), the row is taken back, so the index never names a file
+        that is not there; if only the row fails, the file stays for `open` to recover.
+        """
+        wrote, inserted = await asyncio.gather(
+            asyncio.to_thread(files.write_atomic, self.root, image.name, data),
+            self._run_db(self._db.insert_image, image, meta), return_exceptions=True)
+        if isinstance(wrote, BaseException):
+            if not isinstance(inserted, BaseException):
+                await self._run_db(self._db.delete_images, [image.id])
+            raise wrote
+        if isinstance(inserted, BaseException):
+            raise inserted
+
     def _add(self, image: StoredImage, last_used: float) -> None:
         self._index[image.id] = image
         self._last_used[image.id] = last_used
@@ -387,3 +405,4 @@ class ImageStore:
             raise RuntimeError("the image store is not open")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+

@@ -8,9 +8,10 @@ A paid attempt that fails any other way is reported, never re-signed: signing is
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 
 from clawrouter.catalog import ImageModel, ceiling_micro, to_micro
 from clawrouter.config import Settings
@@ -51,6 +52,14 @@ class Outcome:
     amount: int  # micro-USDC signed (0 when the upstream asked for nothing)
     transaction: str | None
     round_trips: int
+    #: the ledger's "settled" write, still in flight so that it overlaps storing the images;
+    #: await it before answering the client (`settled` does, and is idempotent)
+    recording: Awaitable[None] | None = None
+
+    async def settled(self) -> None:
+        """Wait until the ledger says settled (a no-op for unpaid or already-recorded calls)."""
+        if self.recording is not None:
+            await asyncio.shield(self.recording)  # a cancelled caller must not cancel the write
 
 
 class _PreauthRejected(Exception):
@@ -171,10 +180,13 @@ class Exchange:
             await finish("rejected" if settled_nothing else "failed_after_payment",
                          exc.message)
             raise
-        await finish("settled", tx=outcome.transaction)
         if not preauth and self.settings.preauth:
             self.prices.learn(call.price_key, challenge)
-        return outcome
+        # The settled row is written while the caller stores the images: the signed row is
+        # already durable, so nothing can be lost, and the thread hop and fsync leave the
+        # critical path. A task, so it completes even if the request is cancelled meanwhile.
+        recording = asyncio.ensure_future(finish("settled", tx=outcome.transaction))
+        return replace(outcome, recording=recording)
 
     async def _complete(self, call: UpstreamCall, resp: UpstreamResponse,
                         payment: SignedPayment | None, ctx: RequestContext,
