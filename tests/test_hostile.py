@@ -417,3 +417,40 @@ def test_big_requests_give_their_memory_back_at_once(make_gateway) -> None:
     assert small.status_code == 400
     time.sleep(0.5)
     assert trimmer.trims == before + 1  # small requests do not trim
+
+
+def test_big_bodies_beyond_the_in_flight_limit_wait_unread(make_gateway, sandbox) -> None:
+    """With one place for big requests, a second big body is not read (it stays in the
+    client's socket) until the first request ends; small requests never wait."""
+    from clawrouter.api.heavy import HeavyPhase
+
+    gw = make_gateway()
+    gw.gw.heavy = HeavyPhase(in_flight=1)
+    big = json.dumps({"prompt": "x" * (2 * 1024 * 1024)}).encode()
+    head = request_head("/v1/images/generations", Content_Type="application/json",
+                        Content_Length=str(len(big)))
+    port = int(gw.url.rsplit(":", 1)[1])
+
+    async def scenario() -> tuple[bool, int, int]:
+        # The first big request is admitted, then stalls half-way through its body.
+        reader1, writer1 = await asyncio.open_connection("127.0.0.1", port)
+        writer1.write(head + big[: len(big) // 2])
+        await writer1.drain()
+        await asyncio.sleep(0.3)
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+            second = asyncio.ensure_future(client.post(
+                "/v1/images/generations", content=big,
+                headers={"content-type": "application/json"}))
+            small = await client.post("/v1/images/generations", json={"prompt": ""})
+            await asyncio.sleep(0.5)
+            waited = not second.done()
+            writer1.write(big[len(big) // 2:])
+            await writer1.drain()
+            first_status = int((await reader1.readline()).split()[1])
+            writer1.close()
+            return waited and small.status_code == 400, first_status, (await second).status_code
+
+    small_ok_and_waited, first, second = asyncio.run(scenario())
+    assert small_ok_and_waited
+    assert (first, second) == (400, 400)
+    nothing_reached(sandbox)

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from clawrouter.api.heavy import Slot
+from clawrouter.api.heavy import BIG_BODY, Slot
 from clawrouter.api.schemas import EditBody, GenerationBody
 from clawrouter.api.streaming import stream_response
 from clawrouter.catalog import format_usd
@@ -165,14 +165,24 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
 Body = TypeVar("Body", bound=BaseModel)
 
 
-async def read_body(request: Request) -> bytearray:
+async def read_body(request: Request, slot: Slot) -> bytearray:
     """The whole body in one growing buffer: no list of chunks plus a joined copy (with many
     big uploads at once, that halves the memory while reading), and nothing allocated ahead of
-    what has arrived (a declared length is a promise, not a reason to reserve memory)."""
+    what has arrived (a declared length is a promise, not a reason to reserve memory).
+
+    A big body is read only once the request is admitted (see `api/heavy.py`)."""
+    await slot.admit(_declared_length(request))
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
+        if len(body) > BIG_BODY:
+            await slot.admit(len(body))
     return body
+
+
+def _declared_length(request: Request) -> int:
+    value = request.headers.get("content-length", "")
+    return int(value) if value.isdigit() else 0
 
 
 async def read_json(request: Request, model: type[Body], slot: Slot) -> Body:
@@ -183,7 +193,7 @@ async def read_json(request: Request, model: type[Body], slot: Slot) -> Body:
     and pydantic's parser refuses what `json.loads` lets through (lone surrogates). A big body
     takes a heavy-phase slot before it is expanded (see `api/heavy.py`).
     """
-    raw = await read_body(request)
+    raw = await read_body(request, slot)
     await slot.enter(len(raw))
     try:
         return model.model_validate_json(raw or b"null")
@@ -244,6 +254,7 @@ _BOOL_FIELDS = ("stream",)
 async def _read_form(request: Request,
                      slot: Slot) -> tuple[EditBody, list[SourceImage], SourceImage | None]:
     settings = request.app.state.gw.settings
+    await slot.admit(_declared_length(request))
     form = await request.form(max_files=32, max_fields=200,
                               max_part_size=settings.max_image_bytes + 1)
     # Uploads were spooled to temporary files; reading them into memory is the big part.
