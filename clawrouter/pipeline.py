@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import pybase64
+
 from clawrouter.context import RequestContext
 from clawrouter.errors import InvalidRequest, UpstreamError
 from clawrouter.inputs import ImageInput, InputResolver
@@ -71,7 +73,7 @@ def upstream_body(job: ImageJob, images: list[ImageInput], mask: ImageInput | No
 def _data_uri_parts(image: ImageInput) -> list[bytes]:
     if image.uri is not None:  # the client's canonical data URI, as it came
         return [image.uri.encode("ascii")]
-    return [b"data:", image.mime.encode(), b";base64,", base64.b64encode(image.data)]
+    return [b"data:", image.mime.encode(), b";base64,", pybase64.b64encode(image.data)]
 
 
 class ImagePipeline:
@@ -166,6 +168,10 @@ class ImagePipeline:
 
 
 def _b64decode(text: str) -> bytes:
+    try:  # strict first: one SIMD pass for what upstreams send; lenient only if that fails
+        return pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
     try:
         return base64.b64decode(text, validate=False)
     except (binascii.Error, ValueError) as exc:

@@ -629,3 +629,43 @@ def test_the_origin_counts_connections_when_the_check_is_off(origin: CountingOri
 
     asyncio.run(fetch_all())
     assert origin.connections == 3
+
+
+# --- base64: the SIMD fast path accepts nothing the strict reference would not ---------------
+
+B64_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_ \n"
+
+
+def test_the_fast_base64_path_agrees_with_the_strict_reference() -> None:
+    """Inputs are decoded by pybase64 (SIMD) first, by our lenient rules only when it refuses.
+    Whatever the fast path accepts, the stdlib's strict decoder must accept with the same
+    bytes, and so must `decode_base64` as a whole."""
+    import binascii
+
+    import pybase64
+
+    from clawrouter.errors import ClawError
+    from clawrouter.inputs.encoded import decode_base64
+
+    @settings(PROPERTY, max_examples=2000)
+    @given(text=st.one_of(
+        st.text(alphabet=B64_CHARS, max_size=24),
+        st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode()),
+        st.tuples(st.binary(max_size=40), st.integers(0, 60), st.sampled_from(B64_CHARS)).map(
+            lambda t: (lambda s: s[:t[1]] + t[2] + s[t[1]:])(base64.b64encode(t[0]).decode())),
+    ))
+    def check(text: str) -> None:
+        try:
+            fast = pybase64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            fast = None
+        if fast is not None:
+            assert binascii.a2b_base64(text, strict_mode=True) == fast
+        try:
+            ours = decode_base64(text, max_bytes=1 << 20, param="image")
+        except ClawError:
+            ours = None
+        if fast is not None:
+            assert ours == fast
+
+    check()

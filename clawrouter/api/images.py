@@ -7,11 +7,11 @@ leave it out). Query strings are ignored.
 from __future__ import annotations
 
 import asyncio
-import base64
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, TypeVar
 
 import aiofiles
+import pybase64
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -125,7 +125,7 @@ async def shape(result: Result, job: ImageJob, base: str) -> dict[str, Any]:
         elif job.response_format == "url" and image.remote_url:
             item["url"] = image.remote_url  # our store failed; the upstream copy still works
         elif image.stored is not None or image.data is not None:
-            item["b64_json"] = base64.b64encode(await image_bytes(image)).decode("ascii")
+            item["b64_json"] = pybase64.b64encode(await image_bytes(image)).decode("ascii")
         elif image.remote_url:
             item["url"] = image.remote_url
         if image.revised_prompt:

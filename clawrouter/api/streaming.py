@@ -9,11 +9,11 @@ read timeouts. A client that leaves stops the work at its next safe point.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
+import pybase64
 from fastapi.responses import StreamingResponse
 
 from clawrouter.context import RequestContext
@@ -54,7 +54,7 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                 data = await image_bytes(image)
                 fmt = EXTENSIONS.get(image.stored.content_type, "png") if image.stored else "png"
                 yield sse(f"{kind}.completed", {
-                    "type": f"{kind}.completed", "b64_json": base64.b64encode(data).decode(),
+                    "type": f"{kind}.completed", "b64_json": pybase64.b64encode(data).decode(),
                     "created_at": result.created, "size": job.size, "quality": "auto",
                     "background": "auto", "output_format": fmt.replace("jpg", "jpeg"),
                     "usage": USAGE})

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
+
+import pybase64
 
 from ..sniff import sniff_image
 from .refusals import IMAGE_TOO_LARGE, INVALID_IMAGE, refuse
@@ -28,7 +29,7 @@ class ImageInput:
 
     def data_uri(self) -> str:
         """The form BlockRun accepts upstream: `data:<mime>;base64,<payload>`."""
-        return self.uri or f"data:{self.mime};base64,{base64.b64encode(self.data).decode()}"
+        return self.uri or f"data:{self.mime};base64,{pybase64.b64encode(self.data).decode()}"
 
 
 def check_size(size: int, *, max_bytes: int, param: str) -> None:
