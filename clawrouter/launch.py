@@ -96,9 +96,11 @@ async def _serve(app: Any, host: str, port: int, servers: list[uvicorn.Server],
                  tasks: list[asyncio.Task[None]]) -> int:
     """Start one uvicorn server as a task; return its bound port once it listens."""
     # log_config=None: keep the host process's logging (JSON lines; or stdout as MCP's wire).
+    # proxy_headers=False: no proxy sits in front of a local gateway, so X-Forwarded-* from a
+    # local client must not change the scheme or client address we see (one layer less, too).
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None,
                                            access_log=False, lifespan="on",
-                                           timeout_keep_alive=30))
+                                           timeout_keep_alive=30, proxy_headers=False))
     task = asyncio.create_task(server.serve())
     servers.append(server)
     tasks.append(task)

@@ -103,7 +103,8 @@ class Observe:
             m.overhead.labels(route).observe(max(0.0, seconds - upstream / 1000))
         if status == 200 and obs.get("images"):
             m.images.labels(model).inc(obs["images"])
-        if path.startswith(QUIET_PREFIXES) and status < 400:
+        if (path.startswith(QUIET_PREFIXES) and status < 400
+                or not access_log.isEnabledFor(logging.INFO)):
             return
         line: dict[str, Any] = {
             "request_id": st.get("request_id"), "method": scope["method"], "route": path,

@@ -454,3 +454,22 @@ def test_big_bodies_beyond_the_in_flight_limit_wait_unread(make_gateway, sandbox
     assert small_ok_and_waited
     assert (first, second) == (400, 400)
     nothing_reached(sandbox)
+
+
+def test_forwarded_headers_from_a_local_client_change_nothing(
+        gateway_process: GatewayProcess, sandbox: Sandbox) -> None:
+    """No proxy sits in front of a local gateway: X-Forwarded-* must neither turn the URLs we
+    hand out into https:// ones nor make one program look like two callers (which would get a
+    repeated request paid twice instead of answered from the first)."""
+    def ask(forwarded_for: str) -> httpx.Response:
+        return httpx.post(gateway_process.url + "/v1/images/generations", timeout=30,
+                          json={"prompt": "a lighthouse"},
+                          headers={"x-forwarded-proto": "https", "x-forwarded-for": forwarded_for,
+                                   "x-forwarded-host": "evil.example", "user-agent": "same/1.0"})
+
+    first, second = ask("203.0.113.9"), ask("203.0.113.10")
+    assert first.status_code == second.status_code == 200, (first.text, second.text)
+    url = first.json()["data"][0]["url"]
+    assert url.startswith(gateway_process.url + "/images/"), url  # http, the host we used
+    assert second.json()["data"][0]["url"] == url
+    assert sandbox.stats()["payments_count"] == 1

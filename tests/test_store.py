@@ -7,6 +7,7 @@ aiohttp, and http.client where a path must reach the server un-normalised).
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.client
 import json
 import os
@@ -406,6 +407,8 @@ def test_images_too_big_for_the_cache_are_streamed(tmp_path: Path) -> None:
 
 
 # --- downloads ----------------------------------------------------------------------------------
+BOMB = gzip.compress(PNG_MAGIC + b"\0" * 20_000_000)
+
 class Upstream:
     """A result host: serves an image, oversized bodies, a non-image, and a flaky URL."""
 
@@ -431,6 +434,9 @@ class Upstream:
         async def text(request: Request) -> Response:
             return Response("<html>not an image</html>", media_type="image/png")
 
+        async def bomb(request: Request) -> Response:  # 20 KB on the wire, 20 MB inflated
+            return Response(BOMB, media_type="image/png", headers={"content-encoding": "gzip"})
+
         async def flaky(request: Request) -> Response:
             self.hits += 1
             if not self.healthy:
@@ -439,7 +445,7 @@ class Upstream:
 
         return Starlette(routes=[Route("/ok.png", ok), Route("/big", big),
                                  Route("/endless", endless), Route("/text", text),
-                                 Route("/flaky", flaky)])
+                                 Route("/flaky", flaky), Route("/bomb", bomb)])
 
 
 @pytest.fixture
@@ -458,7 +464,7 @@ def test_fetch_and_put_stores_checks_and_caps(tmp_path: Path,
         async with ImageStore(tmp_path, download_max_bytes=1_000_000) as store, \
                 aiohttp.ClientSession() as session:
             image = await store.fetch_and_put(f"{base}/ok.png", ImageMeta(model="m"), session)
-            for path in ("/big", "/endless", "/text", "/missing", "/flaky"):
+            for path in ("/big", "/endless", "/text", "/missing", "/flaky", "/bomb"):
                 with pytest.raises(DownloadFailed) as failure:
                     await store.fetch_and_put(f"{base}{path}", ImageMeta(), session)
                 errors.append(str(failure.value))
@@ -470,6 +476,7 @@ def test_fetch_and_put_stores_checks_and_caps(tmp_path: Path,
     assert image.path.read_bytes() == host.image and image.content_type == "image/png"
     assert "cap" in errors[0] and "cap" in errors[1] and "not a PNG" in errors[2]
     assert errors[3] == "HTTP 404" and errors[4] == "HTTP 500"
+    assert "cap" in errors[5]  # a small Content-Length does not vouch for the inflated size
     assert [(r["name"], r["source"]) for r in listed] == [(image.name, f"{base}/ok.png")]
 
 

@@ -41,6 +41,13 @@ async def download(url: str, session: aiohttp.ClientSession, *,
             if resp.content_length is not None and resp.content_length > max_bytes:
                 raise DownloadFailed(f"{resp.content_length} bytes is over the "
                                      f"{max_bytes}-byte cap")
+            if (resp.content_length is not None
+                    and resp.headers.get("content-encoding", "identity") == "identity"):
+                # Not compressed, so the declared length bounds what the parser will read:
+                # one read, no copies. (A compressed body may inflate: it is counted below.)
+                data = await resp.read()
+                _check_image(data)
+                return data
             body = bytearray()
             sniffed = False
             async for chunk in resp.content.iter_chunked(_CHUNK):
@@ -60,6 +67,6 @@ async def download(url: str, session: aiohttp.ClientSession, *,
         raise DownloadFailed(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _check_image(body: bytearray) -> None:
+def _check_image(body: bytes | bytearray) -> None:
     if sniff_image(bytes(body[:_SNIFF_BYTES])) is None:
         raise DownloadFailed("not a PNG, JPEG, WEBP or GIF image")
