@@ -582,4 +582,21 @@ def test_the_index_costs_little_memory_per_image(tmp_path: Path) -> None:
             tracemalloc.stop()
             return per_image
 
-    assert run(scenario()) < 600  # bytes; a pathlib.Path per entry alone would take ~400
+    assert run(scenario()) < 450  # bytes (~370 here); a pathlib.Path per entry would add ~400
+
+
+def test_the_header_cache_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Response headers are kept ready for recently made images only: serving many images
+    must not grow memory with every image ever served."""
+    from clawrouter.store import server as server_module
+
+    async def scenario() -> int:
+        async with ImageStore(tmp_path) as store:
+            images = [await store.put_bytes(png(100, i), META) for i in range(50)]
+            served = ImageServer(store)
+            for image in images:
+                served._headers_for(image)
+            return len(served._headers)
+
+    monkeypatch.setattr(server_module, "_HEADER_CACHE", 10)
+    assert run(scenario()) == 10

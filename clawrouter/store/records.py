@@ -34,20 +34,21 @@ class ImageMeta:
 class StoredImage:
     """One file in the store; its path comes from the index, never from a request.
 
-    The path is kept as a plain string: a `Path` (with its parts and cached string) would
-    double what every indexed image costs in memory (bench/soak.py watches RSS).
+    Every indexed image stays in memory, so the entry is kept small: `root` is the store's one
+    shared directory object and the path is built when asked for (a `Path` per image would
+    more than double the entry; bench/soak.py watches RSS).
     """
 
     id: str
     ext: str
     content_type: str
     bytes: int
-    file: str  # absolute path of the file
+    root: Path  # the store's directory (shared by all entries)
     created: float
 
     @property
     def path(self) -> Path:
-        return Path(self.file)
+        return self.root / self.name
 
     @property
     def name(self) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -143,8 +144,9 @@ class ImageStore:
                         len(scan.stale_temps), len(drop_rows), len(recovered), len(drop_files))
 
         for row in keep:
-            self._add(StoredImage(id=row.id, ext=row.ext, content_type=row.content_type,
-                                  bytes=row.bytes, file=str(self.root / f"{row.id}.{row.ext}"),
+            self._add(StoredImage(id=row.id, ext=sys.intern(row.ext),
+                                  content_type=sys.intern(row.content_type),
+                                  bytes=row.bytes, root=self.root,
                                   created=row.created), row.last_used)
         for image in recovered:
             self._add(image, image.created)
@@ -161,7 +163,7 @@ class ImageStore:
                 continue
             image_id, ext = name.split(".")
             recovered.append(StoredImage(id=image_id, ext=ext, content_type=checked[0],
-                                         bytes=checked[1], file=str(path),
+                                         bytes=checked[1], root=self.root,
                                          created=path.stat().st_mtime))
         return recovered
 
@@ -223,7 +225,7 @@ class ImageStore:
                 self.mark_served(image_id)  # its URL is about to be handed out again
                 return existing
             image = StoredImage(id=image_id, ext=ext, content_type=content_type,
-                                bytes=len(data), file=str(self.root / f"{image_id}.{ext}"),
+                                bytes=len(data), root=self.root,
                                 created=time.time())
             # File and row are written at the same time (two threads); the image is served
             # only once both are done. A crash in between is what `open` reconciles: a row
