@@ -162,7 +162,8 @@ def markdown(results: dict[str, Any], png: str = "bench/results/latency.png") ->
         f"{'on' if st['gateway_preauth'] else 'off'} in the comparisons "
         f"{'' if st['gateway_preauth'] else '(so both clients make two upstream round trips; '}"
         f"{'' if st['gateway_preauth'] else 'its saving is measured separately below)'}. "
-        f"Each point: {st['warmup']} warm-ups per side, then phases interleaved "
+        f"Each point: warm-ups per side (at least {st['warmup']} requests and "
+        f"{st.get('warmup_s', 0):g} s), then phases interleaved "
         f"gateway, direct × {st['repeats']}; medians of the repeats. Overhead = gateway p50 − "
         f"direct p50 in the same run.",
         "",

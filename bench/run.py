@@ -92,6 +92,7 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any
     results: dict[str, Any] = {
         "command": command_line(argv), "machine": machine(),
         "settings": {"quick": plan.quick, "repeats": plan.repeats, "warmup": plan.warmup,
+                     "warmup_s": plan.warmup_s,
                      "points": {k: {str(c): n for c, n in v.items()}
                                 for k, v in plan.points.items()},
                      "preauth_n": plan.preauth_n, "rss_n": plan.rss_n,

@@ -1,7 +1,8 @@
 """The scenarios: what is sent, to which servers, at which concurrency, and what is recorded.
 
-Method (shared/reference/performance.md): for each point, 20 warm-ups per side, then N requests
-per phase, phases interleaved gateway, direct, gateway, direct (…), and the median of the
+Method (shared/reference/performance.md): for each point, warm-ups per side (at least 20 and
+at least 2 s: a fresh gateway needs a few hundred requests to reach its steady state), then N
+requests per phase, phases interleaved gateway, direct, gateway, direct (…), and the median of the
 repeats reported. Each scenario gets a fresh gateway process (fresh home), so memory figures
 are not polluted by an earlier scenario; one sandbox serves the whole run.
 """
@@ -44,7 +45,8 @@ MB = 1_000_000
 class Plan:
     quick: bool
     repeats: int  # gateway/direct pairs per point
-    warmup: int
+    warmup: int  # warm-up requests per side and point, at least…
+    warmup_s: float  # …and for at least this long
     points: dict[str, dict[int, int]]  # scenario → {concurrency: requests per phase}
     preauth_n: int
     rss_n: int
@@ -52,7 +54,7 @@ class Plan:
 
 
 FULL = Plan(
-    quick=False, repeats=3, warmup=20,
+    quick=False, repeats=3, warmup=20, warmup_s=2.0,
     points={
         "gen-url": {1: 200, 16: 640, 64: 1280},
         "gen-datauri": {1: 60, 16: 160, 64: 320},
@@ -62,7 +64,7 @@ FULL = Plan(
     preauth_n=50, rss_n=1000, phase_deadline_s=120)
 
 QUICK = Plan(
-    quick=True, repeats=1, warmup=20,
+    quick=True, repeats=1, warmup=20, warmup_s=1.0,
     points={
         "gen-url": {1: 60, 16: 160, 64: 320},
         "gen-datauri": {1: 20, 16: 48, 64: 128},
@@ -148,12 +150,14 @@ class Bench:
         sessions = {side: loadgen.session(c) for side in ops}
         try:
             for side, op in ops.items():
-                warm = await loadgen.run(op, sessions[side], self.plan.warmup,
-                                         min(c, self.plan.warmup),
-                                         start_index=self.indices(self.plan.warmup),
-                                         deadline_s=self.plan.phase_deadline_s)
-                if warm.error_count:
-                    self.log(f"    warm-up {side}: errors {dict(warm.errors)}")
+                started = time.monotonic()
+                while time.monotonic() - started < self.plan.warmup_s:
+                    warm = await loadgen.run(op, sessions[side], self.plan.warmup,
+                                             min(c, self.plan.warmup),
+                                             start_index=self.indices(self.plan.warmup),
+                                             deadline_s=self.plan.phase_deadline_s)
+                    if warm.error_count:
+                        self.log(f"    warm-up {side}: errors {dict(warm.errors)}")
             for _ in range(self.plan.repeats):
                 for side, op in ops.items():
                     phase = await self.phase(op, sessions[side], n, c, gw)
