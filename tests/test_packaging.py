@@ -45,3 +45,21 @@ def test_importing_the_gateway_keeps_a_safe_recursion_limit():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert int(out) <= 10_000
+
+
+def test_every_test_security_md_cites_exists() -> None:
+    """SECURITY.md backs each claim with a test; a renamed or deleted test must not leave a
+    claim pointing at nothing. `::name` continues the last file named before it."""
+    text = (ROOT / "SECURITY.md").read_text()
+    cited: list[tuple[str, str]] = []
+    current = ""
+    for match in re.finditer(r"`(tests/test_\w+\.py)?(?:::(test_\w+))?`", text):
+        path, name = match.groups()
+        if path:
+            current = path
+        if name:
+            cited.append((current, name))
+    assert len(cited) > 20
+    missing = [f"{path}::{name}" for path, name in cited
+               if not re.search(rf"^(async )?def {name}\(", (ROOT / path).read_text(), re.M)]
+    assert not missing
