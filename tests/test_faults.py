@@ -74,8 +74,11 @@ def test_unpaid_5xx_pass_through_with_retry_after(gateway, sandbox, status, head
     assert sandbox.stats()["payments_count"] == 0
 
 
-@pytest.mark.parametrize("body, content_type", [("<html>oops</html>", "text/html"),
-                                                ({"created": 1, "data": []}, None)])
+@pytest.mark.parametrize("body, content_type", [
+    ("<html>oops</html>", "text/html"),
+    ({"created": 1, "data": []}, None),
+    ("[" * 50_000 + "]" * 50_000, "application/json"),  # nesting deeper than any parser allows
+])
 def test_a_paid_200_without_images_is_reported_not_retried(gateway, sandbox, body, content_type):
     rule = {"kind": "respond", "phase": "paid", "status": 200, "body": body}
     if content_type:
