@@ -600,3 +600,17 @@ def test_the_header_cache_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(server_module, "_HEADER_CACHE", 10)
     assert run(scenario()) == 10
+
+
+def test_eviction_goes_below_the_cap_so_it_does_not_run_on_every_put() -> None:
+    from clawrouter.store.eviction import choose_victims
+
+    entries = [(f"id{i}", 10_000, 1000.0 + i) for i in range(10)]  # 100 KB, oldest first
+
+    def pick(cap: int) -> list[str]:
+        return [v for v, _ in choose_victims(entries, now=2000.0, ttl_seconds=86400,
+                                             max_bytes=cap)]
+
+    assert pick(100_000) == []  # at the cap is not over it
+    assert pick(95_000) == ["id0", "id1"]  # over: down to 90 % of the cap, oldest first
+    assert pick(50_000) == [f"id{i}" for i in range(6)]  # 40 KB <= 45 KB

@@ -2,13 +2,16 @@
 
 An image's age is the time since it was last *used* — served, or stored (a dedupe put counts):
 an image someone keeps looking at is not deleted just because it was generated long ago.
-Images idle for longer than the TTL go; then, least recently used first, as many as it takes to
-bring the total under the size cap.
+Images idle for longer than the TTL go; then, once the total is over the size cap, least
+recently used first, as many as it takes to bring it to `LOW_WATER` of the cap — so a store that
+sits at its cap evicts once in a while, not (scanning the whole index) on every put.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+LOW_WATER = 0.9
 
 
 def choose_victims(entries: Iterable[tuple[str, int, float]], *, now: float,
@@ -19,9 +22,10 @@ def choose_victims(entries: Iterable[tuple[str, int, float]], *, now: float,
     """
     ordered = sorted(entries, key=lambda e: e[2])
     total = sum(size for _, size, _ in ordered)
+    goal = int(max_bytes * LOW_WATER) if total > max_bytes else total
     victims: list[tuple[str, float]] = []
     for image_id, size, last_used in ordered:
-        if now - last_used <= ttl_seconds and total <= max_bytes:
+        if now - last_used <= ttl_seconds and total <= goal:
             break  # everything after this one is younger and already fits
         victims.append((image_id, last_used))
         total -= size
