@@ -8,7 +8,9 @@ into gigabytes:
   socket (TCP pushes back) instead of in our heap. The declared Content-Length decides; a
   chunked upload is admitted when what has arrived passes `BIG_BODY`. Small requests never
   wait. The upstream works through big requests a few at a time anyway, so 16 lose no
-  throughput; they only move the queue from the upstream's side to ours.
+  throughput; they only move the queue from the upstream's side to ours. The price: a slow
+  uploader holds its place while it uploads, so 16 of them at once make other big requests
+  wait (never small ones).
 - Expansion: parsing, decoding and building the upstream body briefly hold three or four
   copies of it, so at most `SLOTS` requests do that at once. The work is CPU-bound on one event
   loop, so a few slots lose nothing either.
