@@ -242,6 +242,36 @@ def test_the_answer_waits_for_the_settled_record(make_gateway, sandbox, monkeypa
         assert db.execute("SELECT status FROM payments").fetchall() == [("settled",)]
 
 
+@pytest.mark.parametrize("fault, status", [(None, 200), ("paid_500", 500)])
+def test_a_ledger_that_cannot_record_an_outcome_never_costs_a_second_payment(
+        make_gateway, sandbox, monkeypatch, fault, status):
+    """The signed row is durable before anything is sent; if writing the outcome then fails
+    (disk full), the client must still be told what happened to its payment — the images, or
+    the paid error — not a bare 500 that the SDK retries into a second payment."""
+    import sqlite3
+
+    from clawrouter.payment.ledger import Ledger
+
+    def broken_finish(self, *args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Ledger, "finish", broken_finish)
+    if fault == "paid_500":
+        sandbox.faults({"kind": "respond", "phase": "paid", "status": 500,
+                        "body": {"error": "provider down"}})
+    gw = make_gateway()
+    client = OpenAI(base_url=gw.v1, api_key="unused", max_retries=2)
+    if status == 200:
+        client.images.generate(model="cogview", prompt="record this", size="512x512")
+    else:
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.images.generate(model="cogview", prompt="record this", size="512x512")
+        assert failed.value.status_code == status
+        assert failed.value.response.headers["x-should-retry"] == "false"
+    assert sandbox.stats()["payments_count"] == 1
+    assert [row["status"] for row in ledger_rows(gw)] == ["signed"]  # "unknown" after restart
+
+
 def test_kill_9_during_a_paid_request_leaves_an_unknown_row_after_restart(tmp_path, sandbox):
     port = free_port()
     env = {**os.environ, "CLAWROUTER_HOME": str(tmp_path), "BLOCKRUN_API_URL": sandbox.api,

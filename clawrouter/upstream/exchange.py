@@ -9,6 +9,7 @@ A paid attempt that fails any other way is reported, never re-signed: signing is
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -31,6 +32,8 @@ from clawrouter.payment.wire import (
 from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
 from clawrouter.upstream.errors import paid_error, unpaid_error, upstream_message
 from clawrouter.upstream.jobs import wait_for_job
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,8 +142,16 @@ class Exchange:
         started = time.perf_counter()
 
         async def finish(status: str, note: str | None = None, tx: str | None = None) -> None:
-            await self.ledger.call(self.ledger.finish, payment_id, status, transaction=tx,
-                                   note=note, latency_ms=(time.perf_counter() - started) * 1000)
+            # Never raises: the signed row is already durable, and a failure to add the outcome
+            # (disk full) must not replace what the client is told about its payment — a bare
+            # 500 there gets retried by the SDK into another payment.
+            try:
+                await self.ledger.call(self.ledger.finish, payment_id, status, transaction=tx,
+                                       note=note,
+                                       latency_ms=(time.perf_counter() - started) * 1000)
+            except Exception:
+                log.exception("payment %d: could not record its outcome (%s); the row stays "
+                              "'signed' and reads as unknown after a restart", payment_id, status)
             if self.on_payment:
                 self.on_payment(status, payment.amount, call.model.id)
 
