@@ -1,10 +1,11 @@
-"""The two clients being compared. Both end with the image bytes in hand.
+"""The clients being compared. Every one ends with the image bytes in hand.
 
 Direct: talks to the sandbox itself, the way a client without a gateway must:
     unpaid POST → 402 → parse the challenge → sign (Signer.pay) → paid POST →
     GET the image URL, or decode the data URI.
 Gateway: POST the same JSON to the gateway (response_format defaults to `url`) →
     GET the returned /images/<id> URL.
+Floor: the gateway client, pointed at bench/floor.py (the least a gateway can do).
 
 Every request carries a unique prompt, so the gateway's coalescer never turns one request
 into another's cached answer.
@@ -83,15 +84,19 @@ def direct(upstream: str, route: str, body: Body, tag: str) -> Op:
     paid = direct_paid(upstream, route, body, tag)
 
     async def op(sess: aiohttp.ClientSession, i: int) -> int:
-        item = (await paid(sess, i))["data"][0]["url"]
-        if item.startswith("data:"):
-            png = base64.b64decode(item[item.index(",") + 1:])
-            if not png:
-                raise OpError("empty_data_uri")
-            return len(png)
-        return await _fetch(sess, item)
+        return await _image(sess, (await paid(sess, i))["data"][0]["url"])
 
     return op
+
+
+async def _image(sess: aiohttp.ClientSession, url: str) -> int:
+    """The bytes of an upstream result: decode a data URI, or download the URL."""
+    if url.startswith("data:"):
+        png = base64.b64decode(url[url.index(",") + 1:])
+        if not png:
+            raise OpError("empty_data_uri")
+        return len(png)
+    return await _fetch(sess, url)
 
 
 def direct_paid(upstream: str, route: str, body: Body, tag: str) -> Paid:

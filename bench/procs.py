@@ -61,6 +61,7 @@ class Server:
     _tmp: list[Path] = field(default_factory=list)
     _spy: subprocess.Popen[bytes] | None = None
     label: str = ""  # file name for the kept log
+    script: Path | None = None  # run this file instead of `-m clawrouter`
 
     @property
     def url(self) -> str:
@@ -76,8 +77,9 @@ class Server:
         self._tmp.append(logdir)
         self.log = logdir / "server.log"
         with open(self.log, "wb") as out:
+            program = [str(self.script)] if self.script else ["-m", "clawrouter"]
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "clawrouter", *self.args], cwd=REPO, env=self.env,
+                [PYTHON, *program, *self.args], cwd=REPO, env=self.env,
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=_die_with_parent)
         _live.append(self)
@@ -253,6 +255,18 @@ def start_gateway(upstream: str, *, preauth: bool, name: str = "gateway",
     env.update(extra_env or {})
     server = Server(name, ["serve", "--host", "127.0.0.1", "--port", str(port),
                            "--upstream", upstream, "--no-sandbox"], env, port, home)
+    server._tmp.append(home)
+    return server.start()
+
+
+def start_floor(upstream: str) -> Server:
+    """bench/floor.py: the least a Python gateway handing back its own URLs can do."""
+    home = Path(tempfile.mkdtemp(prefix="bench-floor-home-"))
+    env = base_env(home)
+    env["BENCH_FLOOR_KEY"] = env["BLOCKRUN_WALLET_KEY"]
+    port = free_port()
+    server = Server("floor", ["--port", str(port), "--upstream", upstream], env, port, home,
+                    script=REPO / "bench" / "floor.py")
     server._tmp.append(home)
     return server.start()
 

@@ -63,8 +63,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for name in ("gen-url", "gen-datauri", "edit-4mb"):
         p = _point(results, name, 64)
         v = p and p.get("rps_ratio")
+        floor = p and p.get("floor_rps_ratio")
         add(f"{name} throughput, c=64", "≥ 0.8× direct req/s",
             f"{v:.2f}× ({p['gateway']['rps']:.1f} vs {p['direct']['rps']:.1f} req/s)"
+            + (f"; floor.py {floor:.2f}×" if floor is not None else "")
             if v is not None else None, v >= 0.8 if v is not None else None)
 
     r = sc.get("rss")
@@ -164,7 +166,7 @@ def markdown(results: dict[str, Any], png: str = "bench/results/latency.png") ->
         f"{'' if st['gateway_preauth'] else 'its saving is measured separately below)'}. "
         f"Each point: warm-ups per side (at least {st['warmup']} requests and "
         f"{st.get('warmup_s', 0):g} s), then phases interleaved "
-        f"gateway, direct × {st['repeats']}; medians of the repeats. Overhead = gateway p50 − "
+        f"gateway, direct (, floor) × {st['repeats']}; medians of the repeats. Overhead = gateway p50 − "
         f"direct p50 in the same run.",
         "",
     ]
@@ -191,6 +193,34 @@ def markdown(results: dict[str, Any], png: str = "bench/results/latency.png") ->
             "| scenario | c | gateway | direct | overhead p50 | gateway req/s | direct req/s "
             "| ratio | gateway CPU ms/req | gateway peak RSS MB | errors (gw / direct) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
+            *rows, "",
+        ]
+    rows = []
+    for name in ("gen-url", "gen-datauri"):
+        for p in sc.get(name, {}).get("points", []):
+            if "floor" not in p:
+                continue
+            g, d, f = p["gateway"], p["direct"], p["floor"]
+            rows.append(
+                f"| {LABELS[name]} | {p['concurrency']} | {_fmt(f['p50_ms'])} / "
+                f"{_fmt(f['p99_ms'])} | {_fmt(f['rps'], 1)} | {_fmt(p['floor_rps_ratio'])}× | "
+                f"{_fmt(p['rps_ratio'])}× | {_fmt(f['gw_cpu_ms_per_req'])} | "
+                f"{_fmt(g['gw_cpu_ms_per_req'])} | {_fmt(f['sandbox_cpu_ms_per_req'])} / "
+                f"{_fmt(g['sandbox_cpu_ms_per_req'])} / {_fmt(d['sandbox_cpu_ms_per_req'])} | "
+                f"{f['error_count']} |")
+    if rows:
+        lines += [
+            "### The floor: `bench/floor.py` in the same run",
+            "",
+            "The least a Python gateway that pays and hands back its own URLs can do "
+            "(Starlette + aiohttp, our signer, results kept in a dict; no validation, budget, "
+            "ledger, durable store, coalescing, logs or metrics). Its distance from the gateway "
+            "is the price of those features.",
+            "",
+            "| scenario | c | floor p50 / p99 ms | floor req/s | floor ÷ direct | gateway ÷ "
+            "direct | floor CPU ms/req | gateway CPU ms/req | sandbox CPU ms/req (floor / "
+            "gateway / direct) | floor errors |",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *rows, "",
         ]
     s = sc.get("serve")

@@ -28,7 +28,7 @@ import loadgen
 from clawrouter.sandbox.images import make_png
 from clients import Body
 from loadgen import Op
-from procs import RssSampler, Server, start_gateway
+from procs import RssSampler, Server, start_gateway, start_floor
 
 GEN = "/v1/images/generations"
 EDIT = "/v1/images/image2image"
@@ -118,6 +118,13 @@ class Bench:
             gw.profile(self.profile_dir / f"{self.scenario}-{name}.folded")
         return gw
 
+    def floor(self) -> Server:
+        """bench/floor.py in front of the sandbox (see its docstring)."""
+        floor = start_floor(self.api)
+        floor.label = f"{self.scenario}-floor"
+        self.gateways.append(floor)
+        return floor
+
     def stop_gateways(self) -> None:
         for gw in self.gateways:
             gw.stop()
@@ -144,8 +151,11 @@ class Bench:
         return phase
 
     async def point(self, gw: Server, c: int, n: int, ops: dict[str, Op], *,
-                    settle: bool = False) -> dict[str, Any]:
-        """Warm up both sides, then G, D, G, D…; medians of the repeats."""
+                    settle: bool = False, floor: Server | None = None) -> dict[str, Any]:
+        """Warm up every side, then G, D(, F), G, D…; medians of the repeats.
+
+        The `gw_*` figures of each phase are those of the server in front: the gateway, or
+        bench/floor.py for the `floor` side."""
         runs: dict[str, list[dict[str, Any]]] = {side: [] for side in ops}
         sessions = {side: loadgen.session(c) for side in ops}
         try:
@@ -160,7 +170,8 @@ class Bench:
                         self.log(f"    warm-up {side}: errors {dict(warm.errors)}")
             for _ in range(self.plan.repeats):
                 for side, op in ops.items():
-                    phase = await self.phase(op, sessions[side], n, c, gw)
+                    front = floor if side == "floor" and floor is not None else gw
+                    phase = await self.phase(op, sessions[side], n, c, front)
                     if settle and side == "gateway":
                         await asyncio.sleep(SETTLE_S)
                         phase.extra["gw_rss_settled_mb"] = round(gw.rss_mb(), 1)
@@ -183,6 +194,10 @@ class Bench:
             out["overhead_p50_ms"] = _sub(g["p50_ms"], d["p50_ms"])
             out["overhead_p99_ms"] = _sub(g["p99_ms"], d["p99_ms"])
             out["rps_ratio"] = round(g["rps"] / d["rps"], 3) if d["rps"] else None
+        if "floor" in out and "direct" in out:
+            f, d = out["floor"], out["direct"]
+            out["floor_overhead_p50_ms"] = _sub(f["p50_ms"], d["p50_ms"])
+            out["floor_rps_ratio"] = round(f["rps"] / d["rps"], 3) if d["rps"] else None
         return out
 
 
@@ -224,10 +239,13 @@ async def gen_url(b: Bench) -> dict[str, Any]:
     await b.configure(image_bytes=URL_IMAGE_BYTES, url_results=True)
     gw = b.gateway()
     body = Body.of({"model": URL_MODEL, "size": "1024x1024", "n": 1})
+    floor = b.floor()
     ops = {"gateway": clients.gateway(gw.url, GEN, body, b.tag),
-           "direct": clients.direct(b.api, GEN, body, b.tag)}
+           "direct": clients.direct(b.api, GEN, body, b.tag),
+           "floor": clients.gateway(floor.url, GEN, body, b.tag)}
     idle = gw.rss_mb()
-    points = [await b.point(gw, c, n, ops) for c, n in b.plan.points["gen-url"].items()]
+    points = [await b.point(gw, c, n, ops, floor=floor)
+              for c, n in b.plan.points["gen-url"].items()]
     b.stop_gateways()
     return {"model": URL_MODEL, "result": "url", "image_bytes": URL_IMAGE_BYTES,
             "gw_idle_rss_mb": round(idle, 1), "points": points}
@@ -238,9 +256,12 @@ async def gen_datauri(b: Bench) -> dict[str, Any]:
     gw = b.gateway()
     idle = gw.rss_mb()
     body = Body.of({"model": DATA_URI_MODEL, "size": "1024x1024", "n": 1})
+    floor = b.floor()
     ops = {"gateway": clients.gateway(gw.url, GEN, body, b.tag),
-           "direct": clients.direct(b.api, GEN, body, b.tag)}
-    points = [await b.point(gw, c, n, ops) for c, n in b.plan.points["gen-datauri"].items()]
+           "direct": clients.direct(b.api, GEN, body, b.tag),
+           "floor": clients.gateway(floor.url, GEN, body, b.tag)}
+    points = [await b.point(gw, c, n, ops, floor=floor)
+              for c, n in b.plan.points["gen-datauri"].items()]
     b.stop_gateways()
     png = points[0]["direct"].get("mean_bytes") or DATA_URI_IMAGE_BYTES
     uri_mb = (4 * math.ceil(png / 3) + len("data:image/png;base64,")) / MB

@@ -48,8 +48,11 @@ class Metrics:
                              ["model"], registry=r)
         self.payments = Counter("clawrouter_payments", "Signed payments by outcome",
                                 ["outcome"], registry=r)
-        self.in_flight = Gauge("clawrouter_requests_in_flight", "Requests being served",
-                               registry=r)
+        #: requests being served; a plain int read only when /metrics is scraped (a Gauge's
+        #: inc/dec takes a lock on every request)
+        self.serving = 0
+        Gauge("clawrouter_requests_in_flight", "Requests being served",
+              registry=r).set_function(lambda: self.serving)
 
     def payment(self, outcome: str, amount: int, model: str) -> None:
         self.payments.labels(outcome).inc()
@@ -74,7 +77,7 @@ class Observe:
             return
         started = time.perf_counter()
         status = 500
-        self.metrics.in_flight.inc()
+        self.metrics.serving += 1
 
         async def capture(message: Message) -> None:
             nonlocal status
@@ -85,7 +88,7 @@ class Observe:
         try:
             await self.app(scope, receive, capture)
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.serving -= 1
             self._record(scope, status, time.perf_counter() - started)
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:

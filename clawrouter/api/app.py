@@ -4,11 +4,18 @@ network clients, store and pipeline in the lifespan."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import FastAPI
+
+# FastAPI's built-in OpenTelemetry looks for configured providers on every request; we keep
+# our own metrics (/metrics) and logs, so it is switched off where this FastAPI has it.
+_FASTAPI_OPTIONS = ({"telemetry": {"tracing": False, "metrics": False, "logs": False,
+                                   "operation_spans": False}}
+                    if "telemetry" in inspect.signature(FastAPI).parameters else {})
 
 from clawrouter import __version__
 from clawrouter.api import errors, gallery, images, meta
@@ -98,7 +105,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
             ledger.close()
 
     app = FastAPI(title="clawrouter", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, **_FASTAPI_OPTIONS)
     app.state.gw = gw
     errors.install(app)
     app.include_router(images.router)
