@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +41,7 @@ def serve(variant: str, argv: list[str]) -> None:
     """In the gateway's process: apply the variant's patches, then run `clawrouter serve`."""
     import itertools
     import secrets
+    import types
 
     from clawrouter.cli import main
     from clawrouter.payment.ledger import Ledger
@@ -53,7 +54,9 @@ def serve(variant: str, argv: list[str]) -> None:
         return fn(*args, **kwargs)
 
     if variant in ("inline", "inline+"):
-        store.asyncio.to_thread = to_thread  # type: ignore[attr-defined]
+        # only the store module's view of asyncio: other users of to_thread keep their thread
+        store.asyncio = types.SimpleNamespace(  # type: ignore[attr-defined]
+            **{**vars(asyncio), "to_thread": to_thread})
         store.ImageStore._run_db = inline  # type: ignore[method-assign]
     if variant == "inline+":
         Ledger.call = inline  # type: ignore[method-assign]
@@ -77,53 +80,63 @@ def serve(variant: str, argv: list[str]) -> None:
     main(argv)
 
 
-async def measure(variant: str, sandbox: procs.Server, concurrency: int,
-                  n: int) -> dict[str, float]:
-    api = sandbox.url + "/api"
+def start(variant: str, api: str) -> procs.Server:
     home = Path(tempfile.mkdtemp(prefix="bench-ablate-home-"))
     env = procs.base_env(home)
-    env.update(BLOCKRUN_API_URL=api, CLAWROUTER_PREAUTH="false",
-               BENCH_ABLATE=variant)
+    env.update(BLOCKRUN_API_URL=api, CLAWROUTER_PREAUTH="false", BENCH_ABLATE=variant)
     port = procs.free_port()
-    gw = procs.Server("gateway", ["serve", "--host", "127.0.0.1", "--port", str(port),
-                                  "--upstream", api, "--no-sandbox"], env, port, home,
+    gw = procs.Server(variant, ["serve", "--host", "127.0.0.1", "--port", str(port),
+                                "--upstream", api, "--no-sandbox"], env, port, home,
                       script=Path(__file__))
     gw._tmp.append(home)
-    gw.start()
+    return gw.start()
+
+
+async def measure(gw: procs.Server, sandbox: procs.Server, concurrency: int, n: int,
+                  start_index: int) -> dict[str, float]:
+    body = clients.Body.of({"model": scenarios.URL_MODEL, "size": "1024x1024", "n": 1})
+    op = clients.gateway(gw.url, scenarios.GEN, body, f"ablate {gw.name} {os.getpid()}")
+    sess = loadgen.session(concurrency)
     try:
-        body = clients.Body.of({"model": scenarios.URL_MODEL, "size": "1024x1024", "n": 1})
-        op = clients.gateway(gw.url, scenarios.GEN, body, f"ablate {variant} {os.getpid()}")
-        sess = loadgen.session(concurrency)
-        try:
-            await loadgen.run(op, sess, max(200, n // 4), concurrency, start_index=10**7)
-            gw_cpu, sb_cpu = gw.cpu_seconds(), sandbox.cpu_seconds()
-            phase = await loadgen.run(op, sess, n, concurrency, start_index=0)
-            gw_cpu, sb_cpu = gw.cpu_seconds() - gw_cpu, sandbox.cpu_seconds() - sb_cpu
-        finally:
-            await sess.close()
-        s = phase.summary()
-        return {"rps": s["rps"], "p50_ms": s["p50_ms"], "errors": s["errors"],
-                "gw_cpu_ms": 1000 * gw_cpu / n, "sandbox_cpu_ms": 1000 * sb_cpu / n}
+        await loadgen.run(op, sess, max(200, n // 4), concurrency, start_index=start_index)
+        gw_cpu, sb_cpu = gw.cpu_seconds(), sandbox.cpu_seconds()
+        phase = await loadgen.run(op, sess, n, concurrency, start_index=start_index + n)
+        gw_cpu, sb_cpu = gw.cpu_seconds() - gw_cpu, sandbox.cpu_seconds() - sb_cpu
     finally:
-        gw.stop()
-        shutil.rmtree(home, ignore_errors=True)
+        await sess.close()
+    s = phase.summary()
+    return {"rps": s["rps"], "p50_ms": s["p50_ms"], "errors": phase.error_count,
+            "gw_cpu_ms": 1000 * gw_cpu / n, "sandbox_cpu_ms": 1000 * sb_cpu / n}
 
 
-async def run(variants: list[str], concurrency: int, n: int) -> None:
+async def run(variants: list[str], concurrency: int, n: int, rounds: int) -> None:
+    """Every variant's gateway runs side by side; rounds interleave them; medians reported."""
     sandbox = procs.start_sandbox()
+    gateways = []
     try:
         async with aiohttp.ClientSession() as s, s.post(
                 sandbox.url + "/_sandbox/config",
                 json={"image_bytes": scenarios.URL_IMAGE_BYTES, "url_results": True}) as r:
             r.raise_for_status()
-        print(f"paid 200 KB URL generations, c={concurrency}, {n} per variant, pre-auth off")
+        gateways = [start(v, sandbox.url + "/api") for v in variants]
+        print(f"paid 200 KB URL generations, c={concurrency}, {n} per phase, pre-auth off, "
+              f"medians of {rounds} interleaved rounds", flush=True)
+        results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+        for round_ in range(rounds):
+            for i, gw in enumerate(gateways):
+                index = (round_ * len(gateways) + i) * 10 * n
+                results[gw.name].append(await measure(gw, sandbox, concurrency, n, index))
         print(f"{'variant':8}  {'gateway CPU ms/req':>18}  {'sandbox CPU ms/req':>18}  "
               f"{'req/s':>7}  {'p50 ms':>7}  errors")
-        for variant in variants:
-            m = await measure(variant, sandbox, concurrency, n)
+        for variant, runs in results.items():
+            m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            per_round = ", ".join(f"{r['gw_cpu_ms']:.2f}" for r in runs)
             print(f"{variant:8}  {m['gw_cpu_ms']:18.2f}  {m['sandbox_cpu_ms']:18.2f}  "
-                  f"{m['rps']:7.0f}  {m['p50_ms']:7.2f}  {m['errors'] or 0}", flush=True)
+                  f"{m['rps']:7.0f}  {m['p50_ms']:7.2f}  {sum(r['errors'] for r in runs)}"
+                  f"   (gateway CPU per round: {per_round})")
     finally:
+        for gw in gateways:
+            gw.stop()
         sandbox.stop()
 
 
@@ -133,12 +146,14 @@ def main() -> None:
     parser.add_argument("variants", nargs="*", metavar="variant",
                         help=f"any of {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--requests", type=int, default=2000, help="per phase")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(sorted(unknown))}")
-    asyncio.run(run(args.variants or list(VARIANTS), args.concurrency, args.requests))
+    asyncio.run(run(args.variants or list(VARIANTS), args.concurrency, args.requests,
+                    args.rounds))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,6 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI
 
-# FastAPI's built-in OpenTelemetry looks for configured providers on every request; we keep
-# our own metrics (/metrics) and logs, so it is switched off where this FastAPI has it.
-_FASTAPI_OPTIONS = ({"telemetry": {"tracing": False, "metrics": False, "logs": False,
-                                   "operation_spans": False}}
-                    if "telemetry" in inspect.signature(FastAPI).parameters else {})
-
 from clawrouter import __version__
 from clawrouter.api import errors, gallery, images, meta
 from clawrouter.api.heavy import HeavyPhase
@@ -37,6 +31,12 @@ from clawrouter.pipeline import ImagePipeline
 from clawrouter.store import ImageServer, ImageStore
 from clawrouter.upstream.client import BlockRunClient, new_session
 from clawrouter.upstream.exchange import Exchange
+
+# FastAPI's built-in OpenTelemetry looks for configured providers on every request; we keep
+# our own metrics (/metrics) and logs, so it is switched off where this FastAPI has it.
+_FASTAPI_OPTIONS = ({"telemetry": {"tracing": False, "metrics": False, "logs": False,
+                                   "operation_spans": False}}
+                    if "telemetry" in inspect.signature(FastAPI).parameters else {})
 
 
 @dataclass
