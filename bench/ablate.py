@@ -21,7 +21,6 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -80,18 +79,6 @@ def serve(variant: str, argv: list[str]) -> None:
     main(argv)
 
 
-def start(variant: str, api: str) -> procs.Server:
-    home = Path(tempfile.mkdtemp(prefix="bench-ablate-home-"))
-    env = procs.base_env(home)
-    env.update(BLOCKRUN_API_URL=api, CLAWROUTER_PREAUTH="false", BENCH_ABLATE=variant)
-    port = procs.free_port()
-    gw = procs.Server(variant, ["serve", "--host", "127.0.0.1", "--port", str(port),
-                                "--upstream", api, "--no-sandbox"], env, port, home,
-                      script=Path(__file__))
-    gw._tmp.append(home)
-    return gw.start()
-
-
 async def measure(gw: procs.Server, sandbox: procs.Server, concurrency: int, n: int,
                   start_index: int) -> dict[str, float]:
     body = clients.Body.of({"model": scenarios.URL_MODEL, "size": "1024x1024", "n": 1})
@@ -118,7 +105,9 @@ async def run(variants: list[str], concurrency: int, n: int, rounds: int) -> Non
                 sandbox.url + "/_sandbox/config",
                 json={"image_bytes": scenarios.URL_IMAGE_BYTES, "url_results": True}) as r:
             r.raise_for_status()
-        gateways = [start(v, sandbox.url + "/api") for v in variants]
+        gateways = [procs.start_gateway(sandbox.url + "/api", preauth=False, name=v,
+                                        extra_env={"BENCH_ABLATE": v}, script=Path(__file__))
+                    for v in variants]
         print(f"paid 200 KB URL generations, c={concurrency}, {n} per phase, pre-auth off, "
               f"medians of {rounds} interleaved rounds", flush=True)
         results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}

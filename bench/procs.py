@@ -246,7 +246,7 @@ def start_sandbox(latency_ms: float = 0.0) -> Server:
 
 
 def start_gateway(upstream: str, *, preauth: bool, name: str = "gateway",
-                  extra_env: dict[str, str] | None = None) -> Server:
+                  extra_env: dict[str, str] | None = None, script: Path | None = None) -> Server:
     home = Path(tempfile.mkdtemp(prefix=f"bench-{name}-home-"))
     port = free_port()
     env = base_env(home)
@@ -254,7 +254,8 @@ def start_gateway(upstream: str, *, preauth: bool, name: str = "gateway",
     env["CLAWROUTER_PREAUTH"] = "true" if preauth else "false"
     env.update(extra_env or {})
     server = Server(name, ["serve", "--host", "127.0.0.1", "--port", str(port),
-                           "--upstream", upstream, "--no-sandbox"], env, port, home)
+                           "--upstream", upstream, "--no-sandbox"], env, port, home,
+                    script=script)
     server._tmp.append(home)
     return server.start()
 

@@ -15,6 +15,8 @@ import ctypes
 import ctypes.util
 from typing import Any
 
+from clawrouter.wake import nap
+
 TRIM_INTERVAL_SECONDS = 5.0
 MIN_GAP_SECONDS = 0.2
 
@@ -46,11 +48,7 @@ class Trimmer:
         if libc is None:
             return
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
+            await nap(self._wake, self.interval)
             await asyncio.to_thread(libc.malloc_trim, 0)
             self.trims += 1
             await asyncio.sleep(self.min_gap)

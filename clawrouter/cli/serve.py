@@ -12,7 +12,6 @@ from clawrouter.launch import SANDBOX_NETWORK, run_async, start_gateway
 from clawrouter.cli.common import settings_from
 
 
-
 def register(commands: Any) -> None:
     p = commands.add_parser("serve", help="run the gateway on localhost:8402",
                             description="Run the gateway. Offline (BlockRun unreachable) it "

@@ -20,6 +20,7 @@ import aiohttp
 
 from clawrouter.store.db import MetadataDB, PendingRow
 from clawrouter.store.records import Deferred, ImageMeta, StoredImage
+from clawrouter.wake import nap
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ class PendingDownloads:
     async def run(self, session: aiohttp.ClientSession) -> None:
         """Retry due downloads forever; a background task cancelled on close."""
         while True:
-            self._wake.clear()
             now = time.time()
             due = [r for r in self._rows.values()
                    if r.next_attempt is not None and r.next_attempt <= now]
@@ -83,11 +83,7 @@ class PendingDownloads:
                     await asyncio.sleep(min(self._delays or (1.0,)))
                 continue
             upcoming = [r.next_attempt for r in self._rows.values() if r.next_attempt is not None]
-            timeout = max(0.0, min(upcoming) - now) if upcoming else None
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+            await nap(self._wake, max(0.0, min(upcoming) - now) if upcoming else None)
 
     async def _attempt(self, row: PendingRow, session: aiohttp.ClientSession) -> None:
         try:

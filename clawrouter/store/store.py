@@ -45,6 +45,7 @@ from clawrouter.store.download import (
 from clawrouter.store.eviction import choose_victims
 from clawrouter.store.pending import DEFAULT_RETRY_DELAYS, PendingDownloads
 from clawrouter.store.records import Deferred, ImageMeta, StoredImage, parse_name
+from clawrouter.wake import nap
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -355,11 +356,7 @@ class ImageStore:
         soon as a put takes the total over `max_bytes`."""
         last_prune = 0.0
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._flush_interval)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
+            await nap(self._wake, self._flush_interval)
             try:
                 await self._flush_served()
                 now = time.monotonic()
@@ -407,4 +404,3 @@ class ImageStore:
             raise RuntimeError("the image store is not open")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
-
