@@ -25,14 +25,14 @@ def test_a_client_leaving_while_the_signature_is_recorded_is_never_charged(sandb
     settings = gateway_settings(tmp_path, sandbox.api)
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     ctx = RequestContext("req_leaving", "http://localhost")
-    record = ledger.record_signed
+    write = ledger.write
 
-    def record_then_leave(**fields):  # the client goes away during the durable write
-        payment_id = record(**fields)
+    async def write_then_leave(change):  # the client goes away during the durable write
+        value = await write(change)
         ctx.gone.set()
-        return payment_id
+        return value
 
-    ledger.record_signed = record_then_leave
+    ledger.write = write_then_leave
     call = UpstreamCall("/v1/images/generations",
                         b'{"model":"zai/cogview-4","prompt":"x","size":"512x512","n":1}',
                         BY_ID["zai/cogview-4"], "512x512", 1)

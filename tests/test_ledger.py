@@ -242,6 +242,91 @@ def test_a_cancelled_caller_does_not_cancel_a_queued_write(ledger: Ledger) -> No
     assert ledger.get(pid).status == "settled"
 
 
+def test_concurrent_writes_share_commits_and_fail_alone(ledger: Ledger) -> None:
+    """The gateway's path: writes from many tasks are group committed, yet each gets its own
+    answer — a repeated nonce fails that write only, and its neighbours in the batch land."""
+    fields = dict(request_id="req-b", route="/v1/images/generations", model="zai/cogview-4",
+                  size="512x512", n=1, payee="0xe9030014F5DAe217d0A152f02A043567b16c1aBf",
+                  network="eip155:8453")
+    commits: list[int] = []
+    commit = ledger._commit
+
+    def counting(writes):
+        commits.append(len(writes))
+        return commit(writes)
+
+    ledger._commit = counting  # type: ignore[method-assign]
+
+    async def main() -> list[object]:
+        writes = [ledger.write(ledger.signed(amount=1_000 + i, nonce=f"0x{i % 40:064x}",
+                                             **fields)) for i in range(41)]
+        return await asyncio.gather(*writes, return_exceptions=True)
+
+    results = asyncio.run(main())
+    ids, errors = results[:40], results[40:]
+    assert all(isinstance(i, int) for i in ids) and len(set(ids)) == 40
+    [error] = errors
+    assert isinstance(error, ValueError) and "already in the ledger" in str(error)
+    assert sum(commits) == 41 and len(commits) < 41  # batched: fewer commits than writes
+    assert len(ledger.payments()) == 40
+    assert ledger.spent() == sum(1_000 + i for i in range(40))  # the refused one never counted
+
+
+def test_a_failed_commit_fails_the_whole_batch_and_counts_nothing(ledger: Ledger) -> None:
+    """A commit that fails (disk full) reaches every write of its batch as an error, and
+    none of them enters the running totals or the budget's accounts."""
+    pid = record(ledger, 5_000)
+
+    class Full:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+            self.in_transaction = False
+
+        def execute(self, sql: str, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            cursor = self.conn.execute(sql, *args)
+            self.in_transaction = self.conn.in_transaction
+            return cursor
+
+    real = ledger._conn
+    ledger._conn = Full(real)  # type: ignore[assignment]
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            record(ledger, 7_000)
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            ledger.finish(pid, "rejected")
+    finally:
+        ledger._conn = real
+    assert not real.in_transaction
+    assert [(p.amount, p.status) for p in ledger.payments()] == [(5_000, "signed")]
+    assert ledger.spent() == 5_000
+
+
+def test_a_cancelled_write_is_still_made_durable(ledger: Ledger) -> None:
+    """A client leaving while its signed payment is recorded must not un-record it."""
+    gate = threading.Event()
+
+    async def main() -> None:
+        blocker = asyncio.ensure_future(ledger.call(gate.wait, 5))
+        waiter = asyncio.ensure_future(ledger.write(ledger.signed(
+            request_id="req-c", route="/v1/images/generations", model="zai/cogview-4",
+            size="512x512", n=1, amount=2_000, payee="0xe9030014F5DAe217d0A152f02A043567b16c1aBf",
+            network="eip155:8453", nonce="0x" + "c" * 64)))
+        await asyncio.sleep(0.05)
+        waiter.cancel()
+        gate.set()
+        await blocker
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+
+    asyncio.run(main())
+    ledger.close()  # waits for the queue
+    with Ledger(ledger.path) as again:
+        [row] = again.payments()
+        assert (row.amount, row.status) == (2_000, "unknown")  # signed, outcome never known
+
+
 # --- crashes: real processes, real kill -9 ------------------------------------------------------
 
 _CHILD = """
@@ -258,6 +343,25 @@ if sys.argv[2] == "one":
     rec(0)
     print("ready", flush=True)
     time.sleep(60)
+elif sys.argv[2] == "batched":  # the gateway's path: concurrent writes, group committed
+    import asyncio
+    counter = iter(range(10**9))
+    async def writer():
+        while True:
+            i = next(counter)
+            pid = await ledger.write(ledger.signed(
+                request_id=f"req-{i}", route="/v1/images/generations", model="openai/gpt-image-1",
+                size="1024x1024", n=2, amount=43_000 + i,
+                payee="0xe9030014F5DAe217d0A152f02A043567b16c1aBf", network="eip155:8453",
+                nonce=f"0x{i:064x}"))
+            print("recorded", pid, i, flush=True)
+            if i % 3 == 0:
+                await ledger.write(ledger.outcome(pid, "settled", transaction=f"0xtx{i}",
+                                                  latency_ms=1.5))
+                print("settled", pid, flush=True)
+    async def main():
+        await asyncio.gather(*(writer() for _ in range(16)))
+    asyncio.run(main())
 else:
     i = 0
     while True:
@@ -300,9 +404,12 @@ def test_kill_9_after_signing_loses_nothing(tmp_path: Path) -> None:
         assert ledger.recovered == 0 and ledger.payments()[0].status == "unknown"
 
 
-def test_kill_9_during_many_writes_loses_no_committed_row(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["many", "batched"])
+def test_kill_9_during_many_writes_loses_no_committed_row(tmp_path: Path, mode: str) -> None:
+    """Every write reported done (one by one, or 16 at a time through the group commit) is
+    in the ledger after a kill -9, with its outcome if that was reported too."""
     path = tmp_path / "ledger.sqlite3"
-    proc = _child(path, "many")
+    proc = _child(path, mode)
     recorded: dict[int, int] = {}
     settled: set[int] = set()
     try:

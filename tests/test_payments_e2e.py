@@ -226,13 +226,13 @@ def test_the_answer_waits_for_the_settled_record(make_gateway, sandbox, monkeypa
 
     from clawrouter.payment.ledger import Ledger
 
-    finish = Ledger.finish
+    outcome_sql = Ledger._outcome_sql
 
-    def slow_finish(self, *args, **kwargs):
+    def slow_outcome(*args, **kwargs):  # inside the batch's transaction, before its commit
         time.sleep(0.3)  # far longer than storing a 512x512 image
-        return finish(self, *args, **kwargs)
+        return outcome_sql(*args, **kwargs)
 
-    monkeypatch.setattr(Ledger, "finish", slow_finish)
+    monkeypatch.setattr(Ledger, "_outcome_sql", staticmethod(slow_outcome))
     gw = make_gateway()
     started = time.monotonic()
     r = gen(gw, "wait for the ledger")
@@ -252,10 +252,10 @@ def test_a_ledger_that_cannot_record_an_outcome_never_costs_a_second_payment(
 
     from clawrouter.payment.ledger import Ledger
 
-    def broken_finish(self, *args, **kwargs):
+    def broken_outcome(*args, **kwargs):  # fails inside the batch's transaction
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(Ledger, "finish", broken_finish)
+    monkeypatch.setattr(Ledger, "_outcome_sql", staticmethod(broken_outcome))
     if fault == "paid_500":
         sandbox.faults({"kind": "respond", "phase": "paid", "status": 500,
                         "body": {"error": "provider down"}})

@@ -544,12 +544,11 @@ def test_pending_downloads_survive_a_restart_and_give_up_after_the_last_retry(
 
 def test_a_file_that_cannot_be_written_leaves_no_row(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """File and row are written side by side; when the file fails (disk full), the row that
-    was already committed is taken back, so nothing ever indexes a missing file."""
+    """The row is written only after its file: when the file fails (disk full), nothing ever
+    indexes a missing file."""
     from clawrouter.store import files
 
-    def no_space(directory: Path, name: str, data: bytes) -> Path:
-        time.sleep(0.05)  # the row's commit wins the race
+    def no_space(directory: Path, name: str, data: bytes, **options: Any) -> Path:
         raise OSError(28, "No space left on device")
 
     async def scenario() -> tuple[str, int, list[dict[str, Any]]]:
@@ -564,6 +563,45 @@ def test_a_file_that_cannot_be_written_leaves_no_row(tmp_path: Path,
     assert "No space left" in error
     assert indexed == 0 and listed == [] and rows(tmp_path) == []
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".png"]
+
+
+def test_concurrent_puts_share_a_commit_and_a_bad_file_fails_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Puts arriving together are written as one batch (files, one directory fsync, one
+    transaction); one file that cannot be written fails only its own put."""
+    from clawrouter.store import files
+
+    images = [png(3000, i) for i in range(12)]
+    doomed = f"{content_id(images[5])}.png"
+    write = files.write_atomic
+    dir_syncs: list[Path] = []
+    fsync_dir = files.fsync_dir
+
+    def fail_one(directory: Path, name: str, data: bytes, **options: Any) -> Path:
+        if name == doomed:
+            raise OSError(28, "No space left on device")
+        return write(directory, name, data, **options)
+
+    def counting_fsync_dir(directory: Path) -> None:
+        dir_syncs.append(directory)
+        fsync_dir(directory)
+
+    async def scenario() -> list[Any]:
+        async with ImageStore(tmp_path) as store:
+            monkeypatch.setattr(files, "write_atomic", fail_one)
+            monkeypatch.setattr(files, "fsync_dir", counting_fsync_dir)
+            return await asyncio.gather(*(store.put_bytes(d, META) for d in images),
+                                        return_exceptions=True)
+
+    results = run(scenario())
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert [str(e) for e in failed] == ["[Errno 28] No space left on device"]
+    assert isinstance(results[5], OSError)
+    stored = sorted(r.name for r in results if isinstance(r, StoredImage))
+    assert len(stored) == 11 and doomed not in stored
+    assert sorted(f"{i}.{e}" for i, e, _, _ in rows(tmp_path)) == stored
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == stored
+    assert 1 <= len(dir_syncs) < 11  # shared by the batch, not one per file
 
 
 def test_the_index_costs_little_memory_per_image(tmp_path: Path) -> None:

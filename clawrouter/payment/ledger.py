@@ -10,31 +10,35 @@ The ledger also keeps running totals in memory (per local calendar day and overa
 budget check on the hot path never runs a SQL query. Days are the user's **local** calendar
 days (the process's time zone, `TZ`), because that is what "per day" means to the user.
 
-Threading: every method is synchronous and thread-safe. From asyncio, call the writing and
-reading methods through `await ledger.call(ledger.method, ...)`, which runs them on the ledger's
-own single worker thread so the event loop never waits for an fsync.
+Threading: every blocking method is thread-safe. From asyncio, writes go through
+`await ledger.write(ledger.signed(...))` / `ledger.outcome(...)`: concurrent writes are group
+committed by the ledger's own thread (one transaction and one fsync per batch, see
+`groupcommit`), so the event loop never waits for an fsync. Reads go through
+`await ledger.call(ledger.method, ...)` on the same thread.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
+import logging
 import re
 import sqlite3
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Callable, Protocol, TypeVar
 
 from clawrouter.catalog import MICRO
+from clawrouter.groupcommit import GroupCommit, Outcome
 
 try:  # POSIX: one gateway per ledger, or two processes would each enforce budgets alone
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 FILENAME = "ledger.sqlite3"
 
@@ -94,6 +98,15 @@ class Convertible(Protocol):
     def paid(self, payment_id: int) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One ledger change: `sql` runs inside a batch's transaction; `durable` runs with its value
+    once that transaction is on disk (it moves the in-memory running totals)."""
+
+    sql: Callable[[sqlite3.Connection], Any]
+    durable: Callable[[Any], None] | None = None
+
+
 @dataclass(frozen=True)
 class Payment:
     """One signed payment (a ledger row)."""
@@ -151,7 +164,7 @@ class Ledger:
         #: ledger row is one atomic step (never counted twice, never zero times)
         self.lock = threading.RLock()
         self._db_lock = threading.Lock()  # one statement sequence at a time on the connection
-        self._executor: ThreadPoolExecutor | None = None
+        self._group: GroupCommit[Write] | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lockfile = _exclusive_lock(self.path.with_name(self.path.name + ".lock"))
         try:
@@ -192,14 +205,15 @@ class Ledger:
         return sum(by_day.values()), by_day
 
     # --- writing ------------------------------------------------------------------------------
-    def record_signed(self, *, request_id: str, route: str, model: str, size: str, n: int,
-                      amount: int, payee: str, network: str, nonce: str, attempt: int = 1,
-                      reservation: Convertible | None = None) -> int:
-        """Record a payment that was just signed; durable on disk when this returns.
+    def signed(self, *, request_id: str, route: str, model: str, size: str, n: int,
+               amount: int, payee: str, network: str, nonce: str, attempt: int = 1,
+               reservation: Convertible | None = None) -> Write:
+        """The write that records a payment just signed; its value is the payment id.
 
-        Call it before the signed request leaves the process, and send nothing if it raises.
-        Pass the budget `reservation` that admitted this signature: it is converted into the
-        ledger row in the same step that adds the row to the running totals.
+        Apply it (`commit`, or `await write`) before the signed request leaves the process,
+        and send nothing if that raises. Pass the budget `reservation` that admitted this
+        signature: once the row is durable it is converted into the row in the same step that
+        adds the row to the running totals. Arguments are checked here, at once.
         """
         if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
             raise ValueError(f"amount must be a positive int of micro-USDC, got {amount!r}")
@@ -213,49 +227,114 @@ class Ledger:
             with self.lock:
                 reservation.check_recordable(amount)
         now = self._clock()
-        with self._db_lock:
+        row = (now, request_id, route, model, size, n, amount, payee, network, nonce, SIGNED,
+               attempt)
+
+        def sql(conn: sqlite3.Connection) -> int:
             try:
-                cur = self._conn.execute(
+                cur = conn.execute(
                     "INSERT INTO payments (time, request_id, route, model, size, n, amount, "
                     "payee, network, nonce, status, attempt) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (now, request_id, route, model, size, n, amount, payee, network, nonce,
-                     SIGNED, attempt))
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             except sqlite3.IntegrityError as exc:
                 raise ValueError(f"nonce {nonce} is already in the ledger: {exc}") from exc
-        payment_id = int(cur.lastrowid)
-        with self.lock:
-            self._add(now, amount)
-            if reservation is not None:
-                reservation.paid(payment_id)
-        return payment_id
+            return int(cur.lastrowid)  # type: ignore[arg-type]
 
-    def finish(self, payment_id: int, status: str, *, transaction: str | None = None,
-               latency_ms: float | None = None, note: str | None = None) -> None:
-        """Record the outcome of a payment. Fields left None keep their stored value.
+        def durable(payment_id: int) -> None:
+            with self.lock:
+                self._add(now, amount)
+                if reservation is not None:
+                    reservation.paid(payment_id)
+
+        return Write(sql, durable)
+
+    def outcome(self, payment_id: int, status: str, *, transaction: str | None = None,
+                latency_ms: float | None = None, note: str | None = None) -> Write:
+        """The write that records a payment's outcome. Fields left None keep their stored value.
 
         Allowed: from `signed`, `unknown` or `failed_after_payment` to any outcome, and a
-        settled/rejected row to the same status (to add a detail). Anything else raises.
+        settled/rejected row to the same status (to add a detail). Anything else fails.
         """
         if status not in STATUSES or status == SIGNED:
             raise ValueError(f"cannot finish a payment as {status!r}")
-        with self._db_lock:
-            row = self._conn.execute(
-                "SELECT status, time, amount FROM payments WHERE id = ?",
-                (payment_id,)).fetchone()
-            if row is None:
-                raise KeyError(f"no payment {payment_id} in the ledger")
-            old, when, amount = row
-            if old in FINAL and status != old:
-                raise ValueError(f"payment {payment_id} is already {old}; cannot become "
-                                 f"{status}")
-            self._conn.execute(
-                'UPDATE payments SET status = ?, "transaction" = COALESCE(?, "transaction"), '
-                "latency_ms = COALESCE(?, latency_ms), note = COALESCE(?, note) WHERE id = ?",
-                (status, transaction, latency_ms, clean_note(note), payment_id))
-            if status == REJECTED and old != REJECTED:
+        details = (transaction, latency_ms, clean_note(note))
+
+        def durable(refund: tuple[float, int] | None) -> None:
+            if refund is not None:  # a rejected payment moved no money
                 with self.lock:
-                    self._add(when, -amount)
+                    self._add(refund[0], -refund[1])
+
+        return Write(functools.partial(self._outcome_sql, payment_id, status, details), durable)
+
+    @staticmethod
+    def _outcome_sql(payment_id: int, status: str,
+                     details: tuple[str | None, float | None, str | None],
+                     conn: sqlite3.Connection) -> tuple[float, int] | None:
+        """Returns (time, amount) when the row becomes rejected, to take out of the totals."""
+        row = conn.execute("SELECT status, time, amount FROM payments WHERE id = ?",
+                           (payment_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no payment {payment_id} in the ledger")
+        old, when, amount = row
+        if old in FINAL and status != old:
+            raise ValueError(f"payment {payment_id} is already {old}; cannot become {status}")
+        conn.execute(
+            'UPDATE payments SET status = ?, "transaction" = COALESCE(?, "transaction"), '
+            "latency_ms = COALESCE(?, latency_ms), note = COALESCE(?, note) WHERE id = ?",
+            (status, *details, payment_id))
+        return (when, amount) if status == REJECTED and old != REJECTED else None
+
+    def record_signed(self, **fields: Any) -> int:
+        """`commit(signed(**fields))`: blocking, durable on disk when it returns."""
+        return self.commit(self.signed(**fields))
+
+    def finish(self, payment_id: int, status: str, **details: Any) -> None:
+        """`commit(outcome(...))`: blocking, durable on disk when it returns."""
+        self.commit(self.outcome(payment_id, status, **details))
+
+    def commit(self, write: Write) -> Any:
+        """Apply one write now, on this thread (blocking; for tools and tests)."""
+        value, error = self._commit([write])[0]
+        if error is not None:
+            raise error
+        return value
+
+    async def write(self, write: Write) -> Any:
+        """Apply a write from asyncio, batched with concurrent ones (one fsync per batch)."""
+        return await self._writer().write(write)
+
+    def _commit(self, writes: list[Write]) -> list[Outcome]:
+        """One transaction for the batch, a savepoint per write: a write that fails (a repeated
+        nonce, an illegal transition) is undone alone; a commit that fails (disk full) fails
+        them all, and nothing of the batch reaches the running totals."""
+        outcomes: list[Outcome] = []
+        with self._db_lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for write in writes:
+                    conn.execute("SAVEPOINT write")
+                    try:
+                        outcomes.append((write.sql(conn), None))
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO write")
+                        outcomes.append((None, exc))
+                    conn.execute("RELEASE write")
+                conn.execute("COMMIT")  # WAL + synchronous=FULL: fsynced before it returns
+            except Exception as exc:
+                if conn is not None and conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                return [(None, exc)] * len(writes)
+        for write, (value, error) in zip(writes, outcomes):
+            if error is None and write.durable is not None:
+                try:
+                    write.durable(value)
+                except Exception:  # the row is on disk whatever happens here
+                    log.exception("ledger: updating the running totals failed")
+        return outcomes
 
     def _add(self, when: float, amount: int) -> None:
         day = local_day(when)
@@ -350,24 +429,21 @@ class Ledger:
 
     # --- asyncio and lifetime -----------------------------------------------------------------
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """Run a ledger method on the ledger's single worker thread (no fsync on the loop).
+        """Run a blocking ledger method (a read) on the ledger's writer thread, off the loop."""
+        return await self._writer().call(fn, *args, **kwargs)
 
-        The write completes even if the awaiting task is cancelled.
-        """
-        if self._executor is None:
+    def _writer(self) -> GroupCommit[Write]:
+        if self._group is None:
             with self.lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="ledger")
-        loop = asyncio.get_running_loop()
-        # shield: cancelling the caller must not cancel a write still queued behind others
-        return await asyncio.shield(
-            loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs)))
+                if self._group is None:
+                    self._group = GroupCommit("ledger", self._commit)
+        return self._group
 
     def close(self) -> None:
         """Wait for queued writes, then close the database and release the process lock."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._group is not None:
+            self._group.close()
+            self._group = None
         with self._db_lock:
             if self._conn is not None:
                 self._conn.close()

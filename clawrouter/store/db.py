@@ -109,22 +109,26 @@ class MetadataDB:
         return [IndexRow(**dict(r)) for r in rows]
 
     def insert_image(self, image: StoredImage, meta: ImageMeta) -> None:
-        """Insert a row; the first real metadata wins, but it replaces a recovered placeholder.
+        self.insert_images([(image, meta)])
+
+    def insert_images(self, images: Iterable[tuple[StoredImage, ImageMeta]]) -> None:
+        """Insert rows in one transaction; the first real metadata wins, but it replaces a
+        recovered placeholder.
 
         A placeholder appears when another process (a CLI) opened the store between our rename
         and this insert and indexed the file as found on disk.
         """
         with self.conn:
-            self.conn.execute(
+            self.conn.executemany(
                 "INSERT INTO images (id, ext, content_type, bytes, created, model, prompt, size,"
                 " cost_micro, request_id, source) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT (id) DO UPDATE SET model=excluded.model, prompt=excluded.prompt,"
                 " size=excluded.size, cost_micro=excluded.cost_micro,"
                 " request_id=excluded.request_id, source=excluded.source"
                 " WHERE images.source = ? AND excluded.source IS NOT ?",
-                (image.id, image.ext, image.content_type, image.bytes, image.created,
-                 meta.model, meta.prompt, meta.size, meta.cost_micro, meta.request_id,
-                 meta.source, RECOVERED, RECOVERED))
+                [(image.id, image.ext, image.content_type, image.bytes, image.created,
+                  meta.model, meta.prompt, meta.size, meta.cost_micro, meta.request_id,
+                  meta.source, RECOVERED, RECOVERED) for image, meta in images])
 
     def delete_images(self, ids: Iterable[str]) -> None:
         with self.conn:

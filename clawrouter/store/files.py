@@ -27,8 +27,11 @@ def content_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:ID_LENGTH]
 
 
-def write_atomic(directory: Path, name: str, data: bytes) -> Path:
-    """Write `data` to `directory/name` so that readers see either nothing or all of it."""
+def write_atomic(directory: Path, name: str, data: bytes, *, sync_dir: bool = True) -> Path:
+    """Write `data` to `directory/name` so that readers see either nothing or all of it.
+
+    With `sync_dir=False` the rename is durable only after the caller's `fsync_dir` (one for
+    a batch of files)."""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=_TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -40,7 +43,8 @@ def write_atomic(directory: Path, name: str, data: bytes) -> Path:
     except BaseException:
         _unlink(Path(tmp))
         raise
-    fsync_dir(directory)
+    if sync_dir:
+        fsync_dir(directory)
     return target
 
 

@@ -1,8 +1,9 @@
 """`ImageStore`: every image the user paid for, kept on disk and reachable by id.
 
 Files are content-addressed (`<sha256[:32]>.<ext>`, so identical images are stored once) and
-written atomically by `files`; metadata lives in SQLite (`db`), touched only from one worker
-thread. What serving needs is held in memory: the index (id → `StoredImage`) loaded at open,
+written atomically by `files`; metadata lives in SQLite (`db`). Both are touched only from the
+store's one thread, which writes the files and rows of concurrent puts in batches (one
+directory fsync and one transaction per batch; see `groupcommit`). What serving needs is held in memory: the index (id → `StoredImage`) loaded at open,
 last-use times (flushed to SQLite in batches) and a byte cache of hot images. `get` therefore
 does no I/O at all, and nothing is served unless it is in the index.
 
@@ -18,20 +19,19 @@ Usable from a CLI: `asyncio.run(...)` the async methods inside `async with Image
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import sys
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 
+from clawrouter.groupcommit import GroupCommit, Outcome
 from clawrouter.sniff import EXTENSIONS, sniff_image
 from clawrouter.store import files
 from clawrouter.store.cache import ByteCache
@@ -85,7 +85,7 @@ class ImageStore:
         self._prune_interval = prune_interval
         self._temp_grace = temp_grace
         self._db = MetadataDB(db_path or self.root / "index.sqlite3")
-        self._executor: ThreadPoolExecutor | None = None
+        self._group: GroupCommit[_Put] | None = None  # the store's one thread
         self._index: dict[str, StoredImage] = {}
         self._last_used: dict[str, float] = {}
         self._served: dict[str, float] = {}  # last-served times not yet written to SQLite
@@ -116,7 +116,7 @@ class ImageStore:
         source "recovered" — the user paid for it. Otherwise it is corrupt and deleted. Files
         not named like ours are left alone and never served.
         """
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="image-store-db")
+        self._group = GroupCommit("image-store", self._commit)
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
         await self._run_db(self._db.open)
         scan = await asyncio.to_thread(files.scan, self.root, temp_grace=self._temp_grace)
@@ -195,12 +195,12 @@ class ImageStore:
         if self._own_session and self._session is not None:
             await self._session.close()
         self._session = None
-        if self._executor is None:
+        if self._group is None:
             return
         await self._flush_served()
         await self._run_db(self._db.close)
-        self._executor.shutdown(wait=True)
-        self._executor = None
+        group, self._group = self._group, None
+        await asyncio.to_thread(group.close)
 
     async def __aenter__(self) -> ImageStore:
         await self.open()
@@ -228,9 +228,8 @@ class ImageStore:
             image = StoredImage(id=image_id, ext=ext, content_type=content_type,
                                 bytes=len(data), root=self.root,
                                 created=time.time())
-            # File and row are written at the same time (two threads); the image is served
-            # only once both are done. A crash in between is what `open` reconciles: a row
-            # without its file is dropped, a file without its row is recovered.
+            # The file, then its row; the image is served only once both are done. A crash in
+            # between leaves a file without its row, which `open` recovers.
             await self._write(image, data, meta)
             self._add(image, image.created)
             self.cache.put(image_id, data)
@@ -373,20 +372,31 @@ class ImageStore:
 
     # --- internals ----------------------------------------------------------------------------
     async def _write(self, image: StoredImage, data: bytes, meta: ImageMeta) -> None:
-        """Write the file and its row side by side (two threads, one round of waiting).
+        """Write the file and its row (group committed with concurrent puts; see `_commit`)."""
+        if self._group is None:
+            raise RuntimeError("the image store is not open")
+        await self._group.write(_Put(image, data, meta))
 
-        If the file fails (disk full), the row is taken back, so the index never names a file
-        that is not there; if only the row fails, the file stays for `open` to recover.
-        """
-        wrote, inserted = await asyncio.gather(
-            asyncio.to_thread(files.write_atomic, self.root, image.name, data),
-            self._run_db(self._db.insert_image, image, meta), return_exceptions=True)
-        if isinstance(wrote, BaseException):
-            if not isinstance(inserted, BaseException):
-                await self._run_db(self._db.delete_images, [image.id])
-            raise wrote
-        if isinstance(inserted, BaseException):
-            raise inserted
+    def _commit(self, puts: list[_Put]) -> list[Outcome]:
+        """Files first (each fsynced and renamed, then the directory fsynced once for all),
+        then their rows in one transaction: the index never names a file that is not on disk.
+        A file that fails (disk full) fails its put alone; rows that fail leave their files for
+        `open` to recover."""
+        errors: list[BaseException | None] = []
+        for put in puts:
+            try:
+                files.write_atomic(self.root, put.image.name, put.data, sync_dir=False)
+                errors.append(None)
+            except Exception as exc:
+                errors.append(exc)
+        written = [put for put, error in zip(puts, errors) if error is None]
+        if written:
+            try:
+                files.fsync_dir(self.root)
+                self._db.insert_images((put.image, put.meta) for put in written)
+            except Exception as exc:
+                errors = [exc if error is None else error for error in errors]
+        return [(None, error) for error in errors]
 
     def _add(self, image: StoredImage, last_used: float) -> None:
         self._index[image.id] = image
@@ -400,7 +410,13 @@ class ImageStore:
         return lock
 
     async def _run_db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if self._executor is None:
+        if self._group is None:
             raise RuntimeError("the image store is not open")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        return await self._group.call(fn, *args, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class _Put:
+    image: StoredImage
+    data: bytes
+    meta: ImageMeta

@@ -134,11 +134,11 @@ class Exchange:
             ctx.check()  # the last exit before money: a client that left pays nothing
             payment = self.signer.pay(challenge, requirement, self.network,
                                       self.client.url(call.route))
-            payment_id = await self.ledger.call(
-                self.ledger.record_signed, request_id=ctx.request_id, route=call.route,
-                model=call.model.id, size=call.size, n=call.n, amount=payment.amount,
-                payee=payment.pay_to, network=payment.network, nonce=payment.nonce,
-                attempt=attempt, reservation=reservation)
+            payment_id = await self.ledger.write(self.ledger.signed(
+                request_id=ctx.request_id, route=call.route, model=call.model.id,
+                size=call.size, n=call.n, amount=payment.amount, payee=payment.pay_to,
+                network=payment.network, nonce=payment.nonce, attempt=attempt,
+                reservation=reservation))
         started = time.perf_counter()
 
         async def finish(status: str, note: str | None = None, tx: str | None = None) -> None:
@@ -146,9 +146,9 @@ class Exchange:
             # (disk full) must not replace what the client is told about its payment — a bare
             # 500 there gets retried by the SDK into another payment.
             try:
-                await self.ledger.call(self.ledger.finish, payment_id, status, transaction=tx,
-                                       note=note,
-                                       latency_ms=(time.perf_counter() - started) * 1000)
+                await self.ledger.write(self.ledger.outcome(
+                    payment_id, status, transaction=tx, note=note,
+                    latency_ms=(time.perf_counter() - started) * 1000))
             except Exception:
                 log.exception("payment %d: could not record its outcome (%s); the row stays "
                               "'signed' and reads as unknown after a restart", payment_id, status)
