@@ -8,9 +8,8 @@ bench/run.py). The patches break the gateway's promises — no durable ledger, n
 store — so this is a measuring tool only; the numbers explain, they are not targets.
 
 Variants:
-  full      the gateway as shipped
-  inline    the store's file write, hash and row run on the event loop (no worker thread)
-  inline+   … and the ledger's writes too: every step on the loop, nothing handed off
+  full      the gateway as shipped (ledger and store writes group committed by their threads)
+  inline    the same writes made on the event loop, one by one: no thread, no batching
   bare      no ledger rows, no image file or row, no hash: the request path alone
 """
 
@@ -33,49 +32,49 @@ import loadgen  # noqa: E402
 import procs  # noqa: E402
 import scenarios  # noqa: E402
 
-VARIANTS = ("full", "inline", "inline+", "bare")
+VARIANTS = ("full", "inline", "bare")
 
 
 def serve(variant: str, argv: list[str]) -> None:
     """In the gateway's process: apply the variant's patches, then run `clawrouter serve`."""
     import itertools
     import secrets
-    import types
 
     from clawrouter.cli import main
-    from clawrouter.payment.ledger import Ledger
-    from clawrouter.store import db, files, store
+    from clawrouter.groupcommit import GroupCommit
+    from clawrouter.payment.ledger import Ledger, Write
+    from clawrouter.store import files, store
 
-    async def inline(self: object, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    async def write_now(self: GroupCommit, write):  # type: ignore[no-untyped-def]
+        value, error = self._commit([write])[0]
+        if error is not None:
+            raise error
+        return value
+
+    async def call_now(self: object, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         return fn(*args, **kwargs)
 
-    async def to_thread(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return fn(*args, **kwargs)
-
-    if variant in ("inline", "inline+"):
-        # only the store module's view of asyncio: other users of to_thread keep their thread
-        store.asyncio = types.SimpleNamespace(  # type: ignore[attr-defined]
-            **{**vars(asyncio), "to_thread": to_thread})
-        store.ImageStore._run_db = inline  # type: ignore[method-assign]
-    if variant == "inline+":
-        Ledger.call = inline  # type: ignore[method-assign]
+    if variant == "inline":
+        GroupCommit.write = write_now  # type: ignore[method-assign]
+        GroupCommit.call = call_now  # type: ignore[method-assign]
     if variant == "bare":
         ids = itertools.count(1)
 
-        def record_signed(self: Ledger, **kw):  # type: ignore[no-untyped-def]
-            payment_id = next(ids)
-            with self.lock:
-                self._add(self._clock(), kw["amount"])
-                if kw.get("reservation") is not None:
-                    kw["reservation"].paid(payment_id)
-            return payment_id
+        def keep_in_memory(self: Ledger, writes: list[Write]):  # type: ignore[no-untyped-def]
+            outcomes = [(next(ids), None) for _ in writes]  # payment ids; outcomes ignore it
+            for write, (value, _) in zip(writes, outcomes):
+                if write.durable is not None:
+                    write.durable(value)
+            return outcomes
 
-        Ledger.record_signed = record_signed  # type: ignore[method-assign]
-        Ledger.finish = lambda self, *a, **k: None  # type: ignore[method-assign]
-        Ledger.call = inline  # type: ignore[method-assign]
-        files.write_atomic = lambda directory, name, data: directory / name
+        async def no_write(self: object, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            return None
+
+        Ledger._commit = keep_in_memory  # type: ignore[method-assign]
+        Ledger.outcome = lambda self, *a, **k: Write(lambda conn: None)  # type: ignore[method-assign]
+        Ledger.write = write_now  # type: ignore[method-assign,assignment]
+        store.ImageStore._write = no_write  # type: ignore[method-assign]
         files.content_id = lambda data: secrets.token_hex(16)
-        db.MetadataDB.insert_image = lambda self, *a, **k: None  # type: ignore[method-assign]
     main(argv)
 
 
