@@ -1,10 +1,11 @@
 """`ImageStore`: every image the user paid for, kept on disk and reachable by id.
 
 Files are content-addressed (`<sha256[:32]>.<ext>`, so identical images are stored once) and
-written atomically by `files`; metadata lives in SQLite (`db`). Both are touched only from the
-store's one thread, which writes the files and rows of concurrent puts in batches (one
-directory fsync and one transaction per batch; see `groupcommit`). What serving needs is held in memory: the index (id → `StoredImage`) loaded at open,
-last-use times (flushed to SQLite in batches) and a byte cache of hot images. `get` therefore
+written atomically by `files`; metadata lives in SQLite (`db`). New files and all SQLite work
+go through the store's one thread, which writes the files and rows of concurrent puts in
+batches (one directory fsync and one transaction per batch; see `groupcommit`). What serving
+needs is held in memory: the index (id → `StoredImage`) loaded at open, last-use times
+(flushed to SQLite in batches) and a byte cache of hot images. `get` therefore
 does no I/O at all, and nothing is served unless it is in the index.
 
 On a dedupe put the first row's metadata is kept; the put only counts as a use of the image
