@@ -18,19 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent)]
 
-import aiohttp  # noqa: E402
-
-import clients  # noqa: E402
-import loadgen  # noqa: E402
-import procs  # noqa: E402
-import scenarios  # noqa: E402
+import sidebyside  # noqa: E402
 
 VARIANTS = ("full", "inline", "bare")
 
@@ -78,56 +72,6 @@ def serve(variant: str, argv: list[str]) -> None:
     main(argv)
 
 
-async def measure(gw: procs.Server, sandbox: procs.Server, concurrency: int, n: int,
-                  start_index: int) -> dict[str, float]:
-    body = clients.Body.of({"model": scenarios.URL_MODEL, "size": "1024x1024", "n": 1})
-    op = clients.gateway(gw.url, scenarios.GEN, body, f"ablate {gw.name} {os.getpid()}")
-    sess = loadgen.session(concurrency)
-    try:
-        await loadgen.run(op, sess, max(200, n // 4), concurrency, start_index=start_index)
-        gw_cpu, sb_cpu = gw.cpu_seconds(), sandbox.cpu_seconds()
-        phase = await loadgen.run(op, sess, n, concurrency, start_index=start_index + n)
-        gw_cpu, sb_cpu = gw.cpu_seconds() - gw_cpu, sandbox.cpu_seconds() - sb_cpu
-    finally:
-        await sess.close()
-    s = phase.summary()
-    return {"rps": s["rps"], "p50_ms": s["p50_ms"], "errors": phase.error_count,
-            "gw_cpu_ms": 1000 * gw_cpu / n, "sandbox_cpu_ms": 1000 * sb_cpu / n}
-
-
-async def run(variants: list[str], concurrency: int, n: int, rounds: int) -> None:
-    """Every variant's gateway runs side by side; rounds interleave them; medians reported."""
-    sandbox = procs.start_sandbox()
-    gateways = []
-    try:
-        async with aiohttp.ClientSession() as s, s.post(
-                sandbox.url + "/_sandbox/config",
-                json={"image_bytes": scenarios.URL_IMAGE_BYTES, "url_results": True}) as r:
-            r.raise_for_status()
-        gateways = [procs.start_gateway(sandbox.url + "/api", preauth=False, name=v,
-                                        extra_env={"BENCH_ABLATE": v}, script=Path(__file__))
-                    for v in variants]
-        print(f"paid 200 KB URL generations, c={concurrency}, {n} per phase, pre-auth off, "
-              f"medians of {rounds} interleaved rounds", flush=True)
-        results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
-        for round_ in range(rounds):
-            for i, gw in enumerate(gateways):
-                index = (round_ * len(gateways) + i) * 10 * n
-                results[gw.name].append(await measure(gw, sandbox, concurrency, n, index))
-        print(f"{'variant':8}  {'gateway CPU ms/req':>18}  {'sandbox CPU ms/req':>18}  "
-              f"{'req/s':>7}  {'p50 ms':>7}  errors")
-        for variant, runs in results.items():
-            m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            per_round = ", ".join(f"{r['gw_cpu_ms']:.2f}" for r in runs)
-            print(f"{variant:8}  {m['gw_cpu_ms']:18.2f}  {m['sandbox_cpu_ms']:18.2f}  "
-                  f"{m['rps']:7.0f}  {m['p50_ms']:7.2f}  {sum(r['errors'] for r in runs)}"
-                  f"   (gateway CPU per round: {per_round})")
-    finally:
-        for gw in gateways:
-            gw.stop()
-        sandbox.stop()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,8 +84,9 @@ def main() -> None:
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(sorted(unknown))}")
-    asyncio.run(run(args.variants or list(VARIANTS), args.concurrency, args.requests,
-                    args.rounds))
+    sides = {v: {"BENCH_ABLATE": v} for v in args.variants or VARIANTS}
+    asyncio.run(sidebyside.run(sides, Path(__file__), concurrency=args.concurrency,
+                               n=args.requests, rounds=args.rounds))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import queue
 import threading
@@ -105,16 +106,12 @@ class GroupCommit(Generic[W]):
     def _apply(self, jobs: list[_Job]) -> list[tuple[_Job, Outcome]]:
         """Runs of consecutive writes become one batch each; calls run alone, in order."""
         done: list[tuple[_Job, Outcome]] = []
-        batch: list[_Job] = []
-        for job in [*jobs, None]:
-            if job is not None and job.call is None:
-                batch.append(job)
-                continue
-            if batch:
-                done += zip(batch, self._batch([b.write for b in batch]))
-                batch = []
-            if job is not None:
-                done.append((job, _outcome(job.call)))  # type: ignore[arg-type]
+        for is_write, grouped in itertools.groupby(jobs, key=lambda job: job.call is None):
+            same = list(grouped)
+            if is_write:
+                done += zip(same, self._batch([job.write for job in same]))
+            else:
+                done += [(job, _outcome(job.call)) for job in same]  # type: ignore[arg-type]
         return done
 
     def _batch(self, writes: list[W]) -> list[Outcome]:
