@@ -30,6 +30,29 @@ def _point(results: dict[str, Any], scenario: str, c: int) -> dict[str, Any] | N
     return None
 
 
+def cpu_budget(point: dict[str, Any], cores: int, ratio: float = 0.8) -> dict[str, Any] | None:
+    """What a throughput ratio would cost in CPU, from one point's measured CPU per request.
+
+    Client, gateway and sandbox share `cores`. At `ratio` × direct's req/s, and with every core
+    100 % busy (an upper bound: real scheduling leaves some idle), each request may cost
+    `cores / rate` of CPU in all; what the client and the sandbox spend in the gateway phase
+    leaves the rest to the gateway. `ceiling` is the reverse: the best ratio the gateway's own
+    measured CPU allows on these cores. Both ignore waiting, so they bound, never predict.
+    """
+    g, d = point.get("gateway"), point.get("direct")
+    if not g or not d or not d.get("rps"):
+        return None
+    others = g["sandbox_cpu_ms_per_req"] + g["client_cpu_ms_per_req"]
+    per_request_ms = 1000 * cores / (ratio * d["rps"])
+    total = g["gw_cpu_ms_per_req"] + others
+    floor = point.get("floor")
+    return {"ratio": ratio, "others_ms": round(others, 3),
+            "budget_ms": round(per_request_ms - others, 3),
+            "gateway_ms": g["gw_cpu_ms_per_req"],
+            "floor_ms": floor["gw_cpu_ms_per_req"] if floor else None,
+            "ceiling": round(1000 * cores / total / d["rps"], 3) if total > 0 else None}
+
+
 def _fmt(x: Any, digits: int = 2) -> str:
     if x is None:
         return "—"
@@ -64,9 +87,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         p = _point(results, name, 64)
         v = p and p.get("rps_ratio")
         floor = p and p.get("floor_rps_ratio")
+        budget = p and cpu_budget(p, results["machine"]["nproc"])
         add(f"{name} throughput, c=64", "≥ 0.8× direct req/s",
             f"{v:.2f}× ({p['gateway']['rps']:.1f} vs {p['direct']['rps']:.1f} req/s)"
             + (f"; floor.py {floor:.2f}×" if floor is not None else "")
+            + (f"; the gateway's CPU allows ≤ {budget['ceiling']:.2f}×"
+               if budget and budget["ceiling"] is not None and budget["ceiling"] < 1 else "")
             if v is not None else None, v >= 0.8 if v is not None else None)
 
     r = sc.get("rss")
@@ -221,6 +247,31 @@ def markdown(results: dict[str, Any], png: str = "bench/results/latency.png") ->
             "direct | floor CPU ms/req | gateway CPU ms/req | sandbox CPU ms/req (floor / "
             "gateway / direct) | floor errors |",
             "|---|---|---|---|---|---|---|---|---|---|",
+            *rows, "",
+        ]
+    rows = []
+    for name in ("gen-url", "gen-datauri", "edit-4mb"):
+        p = _point(results, name, 64)
+        b = p and cpu_budget(p, results["machine"]["nproc"])
+        if b:
+            rows.append(
+                f"| {LABELS[name]} | {_fmt(p['direct']['rps'], 1)} | "
+                f"{_fmt(b['ratio'] * p['direct']['rps'], 1)} | {_fmt(b['others_ms'])} | "
+                f"{_fmt(b['budget_ms'])} | {_fmt(b['gateway_ms'])} | {_fmt(b['floor_ms'])} | "
+                f"{_fmt(b['ceiling'])}× | {_fmt(p['rps_ratio'])}× |")
+    if rows:
+        lines += [
+            "### What 0.8× direct costs in CPU (c=64)",
+            "",
+            f"Client, gateway and sandbox share {results['machine']['nproc']} cores. At 0.8× "
+            "direct's rate, with every core 100 % busy (an upper bound), a request may cost "
+            "cores ÷ rate of CPU in all; the gateway gets what the sandbox and the client "
+            "(measured in the gateway phase) leave. The ceiling is the reverse: the best ratio "
+            "the gateway's measured CPU per request allows. `bench/report.py` `cpu_budget`.",
+            "",
+            "| scenario | direct req/s | 0.8× | sandbox + client CPU ms/req | gateway CPU "
+            "budget ms/req | gateway CPU ms/req | floor.py CPU ms/req | ceiling | measured |",
+            "|---|---|---|---|---|---|---|---|---|",
             *rows, "",
         ]
     s = sc.get("serve")
