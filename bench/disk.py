@@ -6,8 +6,8 @@ For image sizes the benchmarks use, measures the CPU (user + kernel) this proces
 image to: hash it (sha256, the store's content id); write it to a new file and rename it into
 place, as the store does, without fsync; and the same with fsync (the store's durable write).
 The kernel's share is the copy into the page cache and the filesystem's bookkeeping; fsync adds
-the journal commit. Run it on the disk that holds `CLAWROUTER_HOME` (default: a temporary
-directory under `~/.clawrouter`'s filesystem, i.e. the home directory).
+the journal commit. It measures in a temporary directory made in `--dir` (default: the home
+directory, where `CLAWROUTER_HOME` lives unless you moved it).
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ def main() -> None:
             for f in directory.iterdir():
                 f.unlink()
             print(f"| {label} | " + " | ".join(f"{ms:.3f}" for ms in row) + " |")
-            time.sleep(0.2)
 
 
 if __name__ == "__main__":
