@@ -1,16 +1,21 @@
 """Where the gateway's CPU per paid image goes: switch parts off, one variant at a time.
 
-    .venv/bin/python bench/ablate.py [--concurrency 16] [--requests 3000] [variant …]
+    .venv/bin/python bench/ablate.py [--concurrency 16] [--requests 2000] [--no-direct] [variant …]
 
-Each variant runs a fresh gateway (patched in its own process, see `serve`) in front of one
-sandbox and measures CPU per paid 200 KB URL generation (pre-auth off, the gateway client of
-bench/run.py). The patches break the gateway's promises — no durable ledger, no durable
-store — so this is a measuring tool only; the numbers explain, they are not targets.
+Each variant runs a fresh server in front of one sandbox and measures CPU per paid 200 KB URL
+generation and the rate (pre-auth off, the gateway client of bench/run.py); the direct x402
+client is measured in the same rounds, so each rate is also a ratio to direct's. The patched
+gateways break the gateway's promises — no durable ledger, no durable store — so this is a
+measuring tool only; the numbers explain, they are not targets.
 
 Variants:
-  full      the gateway as shipped (ledger and store writes group committed by their threads)
-  inline    the same writes made on the event loop, one by one: no thread, no batching
-  bare      no ledger rows, no image file or row, no hash: the request path alone
+  full           the gateway as shipped (ledger and store writes group committed by their threads)
+  inline         the same writes made on the event loop, one by one: no thread, no batching
+  bare           no ledger rows, no image file or row, no hash: the request path alone
+  floor          bench/floor.py: pays and hands back its own URLs, nothing else
+  floor-durable  floor.py plus the two durability promises (payment row before the money
+                 leaves, image file before its URL), group committed: the least a gateway that
+                 keeps them can cost
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent)]
 
 import sidebyside  # noqa: E402
 
-VARIANTS = ("full", "inline", "bare")
+VARIANTS = ("full", "inline", "bare", "floor", "floor-durable")
 
 
 def serve(variant: str, argv: list[str]) -> None:
@@ -80,13 +85,17 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2000, help="per phase")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-direct", action="store_true",
+                        help="do not measure the direct client (no ratios)")
     args = parser.parse_args()
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(sorted(unknown))}")
-    sides = {v: {"BENCH_ABLATE": v} for v in args.variants or VARIANTS}
-    asyncio.run(sidebyside.run(sides, Path(__file__), concurrency=args.concurrency,
-                               n=args.requests, rounds=args.rounds))
+    sides = {v: (sidebyside.floor(durable=v == "floor-durable") if v.startswith("floor")
+                 else sidebyside.gateway(Path(__file__), {"BENCH_ABLATE": v}))
+             for v in args.variants or VARIANTS}
+    asyncio.run(sidebyside.run(sides, concurrency=args.concurrency, n=args.requests,
+                               rounds=args.rounds, direct=not args.no_direct))
 
 
 if __name__ == "__main__":

@@ -60,9 +60,9 @@ def main() -> None:
                  args.new or "working tree": (checkout(args.new, Path(tmp) / "new")
                                               if args.new else str(BENCH.parent))}
         try:
-            asyncio.run(sidebyside.run({label: {"BENCH_TREE": tree}
-                                        for label, tree in trees.items()},
-                                       Path(__file__), scenario=args.scenario,
+            sides = {label: sidebyside.gateway(Path(__file__), {"BENCH_TREE": tree})
+                     for label, tree in trees.items()}
+            asyncio.run(sidebyside.run(sides, scenario=args.scenario,
                                        concurrency=args.concurrency, n=args.requests,
                                        rounds=args.rounds))
         finally:

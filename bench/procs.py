@@ -260,13 +260,15 @@ def start_gateway(upstream: str, *, preauth: bool, name: str = "gateway",
     return server.start()
 
 
-def start_floor(upstream: str) -> Server:
-    """bench/floor.py: the least a Python gateway handing back its own URLs can do."""
-    home = Path(tempfile.mkdtemp(prefix="bench-floor-home-"))
+def start_floor(upstream: str, *, durable: bool = False, name: str = "floor") -> Server:
+    """bench/floor.py: the least a Python gateway handing back its own URLs can do
+    (`durable`: plus its payments and images on disk, in a fresh temporary directory)."""
+    home = Path(tempfile.mkdtemp(prefix=f"bench-{name}-home-"))
     env = base_env(home)
     env["BENCH_FLOOR_KEY"] = env["BLOCKRUN_WALLET_KEY"]
     port = free_port()
-    server = Server("floor", ["--port", str(port), "--upstream", upstream], env, port, home,
+    args = ["--port", str(port), "--upstream", upstream]
+    server = Server(name, args + (["--durable", str(home)] if durable else []), env, port, home,
                     script=REPO / "bench" / "floor.py")
     server._tmp.append(home)
     return server.start()
