@@ -1,9 +1,10 @@
 """Where the gateway's CPU per paid image goes: switch parts off, one variant at a time.
 
-    .venv/bin/python bench/ablate.py [--concurrency 16] [--requests 2000] [--no-direct] [variant …]
+    .venv/bin/python bench/ablate.py [--scenario gen-url|gen-datauri] [--concurrency 16]
+                                     [--requests 2000] [--no-direct] [variant …]
 
-Each variant runs a fresh server in front of one sandbox and measures CPU per paid 200 KB URL
-generation and the rate (pre-auth off, the gateway client of bench/run.py); the direct x402
+Each variant runs a fresh server in front of one sandbox and measures CPU per paid generation
+(a 200 KB URL result, or a 1.5 MB data URI) and the rate (pre-auth off, the gateway client of bench/run.py); the direct x402
 client is measured in the same rounds, so each rate is also a ratio to direct's. The patched
 gateways break the gateway's promises — no durable ledger, no durable store — so this is a
 measuring tool only; the numbers explain, they are not targets.
@@ -82,6 +83,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="*", metavar="variant",
                         help=f"any of {', '.join(VARIANTS)} (default: all)")
+    parser.add_argument("--scenario", choices=sorted(sidebyside.SCENARIOS), default="gen-url")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2000, help="per phase")
     parser.add_argument("--rounds", type=int, default=3)
@@ -94,8 +96,8 @@ def main() -> None:
     sides = {v: (sidebyside.floor(durable=v == "floor-durable") if v.startswith("floor")
                  else sidebyside.gateway(Path(__file__), {"BENCH_ABLATE": v}))
              for v in args.variants or VARIANTS}
-    asyncio.run(sidebyside.run(sides, concurrency=args.concurrency, n=args.requests,
-                               rounds=args.rounds, direct=not args.no_direct))
+    asyncio.run(sidebyside.run(sides, scenario=args.scenario, concurrency=args.concurrency,
+                               n=args.requests, rounds=args.rounds, direct=not args.no_direct))
 
 
 if __name__ == "__main__":
