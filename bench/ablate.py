@@ -1,7 +1,7 @@
 """Where the gateway's CPU per paid image goes: switch parts off, one variant at a time.
 
     .venv/bin/python bench/ablate.py [--scenario gen-url|gen-datauri] [--concurrency 16]
-                                     [--requests 2000] [--no-direct] [variant …]
+                                     [--requests 2000] [--no-direct] [--fast-direct] [variant …]
 
 Each variant runs a fresh server in front of one sandbox and measures CPU per paid generation
 (a 200 KB URL result, or a 1.5 MB data URI) and the rate (pre-auth off, the gateway client of bench/run.py); the direct x402
@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-direct", action="store_true",
                         help="do not measure the direct client (no ratios)")
+    parser.add_argument("--fast-direct", action="store_true",
+                        help="also measure a direct client that parses with the gateway's "
+                             "parsers (pydantic-core, pybase64) instead of json and base64")
     args = parser.parse_args()
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
@@ -97,7 +100,8 @@ def main() -> None:
                  else sidebyside.gateway(Path(__file__), {"BENCH_ABLATE": v}))
              for v in args.variants or VARIANTS}
     asyncio.run(sidebyside.run(sides, scenario=args.scenario, concurrency=args.concurrency,
-                               n=args.requests, rounds=args.rounds, direct=not args.no_direct))
+                               n=args.requests, rounds=args.rounds, direct=not args.no_direct,
+                               fast_direct=args.fast_direct))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Direct: talks to the sandbox itself, the way a client without a gateway must:
     unpaid POST → 402 → parse the challenge → sign (Signer.pay) → paid POST →
-    GET the image URL, or decode the data URI.
+    GET the image URL, or decode the data URI. It parses the answer with Python's standard
+    library (json, base64), as a plain client does; `fast=True` uses the gateway's parsers
+    instead (pydantic-core, pybase64), which matters for 1.5 MB data URIs (bench/ablate.py).
 Gateway: POST the same JSON to the gateway (response_format defaults to `url`) →
     GET the returned /images/<id> URL.
 Floor: the gateway client, pointed at bench/floor.py (the least a gateway can do).
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import pybase64
+import pydantic_core
 from eth_account import Account
 
 from clawrouter.payment.networks import NETWORKS
@@ -61,12 +65,13 @@ def new_key() -> str:
     return key if key.startswith("0x") else "0x" + key
 
 
-async def _read_json(resp: aiohttp.ClientResponse, what: str) -> dict[str, Any]:
+async def _read_json(resp: aiohttp.ClientResponse, what: str,
+                     fast: bool = False) -> dict[str, Any]:
     raw = await resp.read()
     if resp.status != 200:
         raise OpError(f"{what}_{resp.status}", raw[:200].decode(errors="replace"))
     try:
-        return json.loads(raw)
+        return pydantic_core.from_json(raw) if fast else json.loads(raw)
     except ValueError:
         raise OpError(f"{what}_not_json") from None
 
@@ -79,27 +84,28 @@ async def _fetch(sess: aiohttp.ClientSession, url: str) -> int:
         return len(data)
 
 
-def direct(upstream: str, route: str, body: Body, tag: str) -> Op:
+def direct(upstream: str, route: str, body: Body, tag: str, *, fast: bool = False) -> Op:
     """`upstream` is the sandbox's API base (…/api); `route` e.g. /v1/images/generations."""
-    paid = direct_paid(upstream, route, body, tag)
+    paid = direct_paid(upstream, route, body, tag, fast=fast)
 
     async def op(sess: aiohttp.ClientSession, i: int) -> int:
-        return await _image(sess, (await paid(sess, i))["data"][0]["url"])
+        return await _image(sess, (await paid(sess, i))["data"][0]["url"], fast)
 
     return op
 
 
-async def _image(sess: aiohttp.ClientSession, url: str) -> int:
+async def _image(sess: aiohttp.ClientSession, url: str, fast: bool = False) -> int:
     """The bytes of an upstream result: decode a data URI, or download the URL."""
     if url.startswith("data:"):
-        png = base64.b64decode(url[url.index(",") + 1:])
+        encoded = url[url.index(",") + 1:]
+        png = pybase64.b64decode(encoded, validate=True) if fast else base64.b64decode(encoded)
         if not png:
             raise OpError("empty_data_uri")
         return len(png)
     return await _fetch(sess, url)
 
 
-def direct_paid(upstream: str, route: str, body: Body, tag: str) -> Paid:
+def direct_paid(upstream: str, route: str, body: Body, tag: str, *, fast: bool = False) -> Paid:
     """The x402 exchange alone: returns the paid 200's JSON."""
     signer = Signer(new_key())
     url = upstream.rstrip("/") + route
@@ -121,7 +127,7 @@ def direct_paid(upstream: str, route: str, body: Body, tag: str) -> Paid:
         payment = signer.pay(challenge, requirement, NETWORK, url)
         async with sess.post(url, data=data,
                              headers={**JSON, SIGNATURE_HEADER: payment.header}) as resp:
-            return await _read_json(resp, "paid")
+            return await _read_json(resp, "paid", fast)
 
     return paid
 

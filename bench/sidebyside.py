@@ -28,6 +28,7 @@ SCENARIOS = {
     "gen-datauri": (scenarios.DATA_URI_MODEL, scenarios.DATA_URI_IMAGE_BYTES),
 }
 DIRECT = "direct"
+FAST_DIRECT = "direct, fast parsers"
 
 #: starts one side's server in front of the sandbox's API base (…/api); `name` names its files
 Start = Callable[[str, str], procs.Server]
@@ -45,12 +46,14 @@ def floor(durable: bool = False) -> Start:
 
 
 async def measure(gw: procs.Server | None, sandbox: procs.Server, body: clients.Body,
-                  concurrency: int, n: int, start_index: int) -> dict[str, float]:
+                  concurrency: int, n: int, start_index: int,
+                  fast: bool = False) -> dict[str, float]:
     """A warm-up, then `n` paid generations at `concurrency`: req/s, p50, CPU per request.
-    Without a server (`gw` None) the direct client pays the sandbox itself."""
-    tag = f"side by side {gw.name if gw else DIRECT} {os.getpid()}"
+    Without a server (`gw` None) the direct client pays the sandbox itself (`fast`: with the
+    gateway's parsers)."""
+    tag = f"side by side {gw.name if gw else DIRECT} {fast} {os.getpid()}"
     op = (clients.gateway(gw.url, scenarios.GEN, body, tag) if gw is not None
-          else clients.direct(sandbox.url + "/api", scenarios.GEN, body, tag))
+          else clients.direct(sandbox.url + "/api", scenarios.GEN, body, tag, fast=fast))
     sess = loadgen.session(concurrency)
     cpu = gw.cpu_seconds if gw is not None else (lambda: 0.0)
     try:
@@ -66,8 +69,9 @@ async def measure(gw: procs.Server | None, sandbox: procs.Server, body: clients.
 
 
 async def run(sides: dict[str, Start], *, scenario: str = "gen-url", concurrency: int, n: int,
-              rounds: int, direct: bool = False) -> None:
-    """Start one server per side (label → starter), measure, print medians."""
+              rounds: int, direct: bool = False, fast_direct: bool = False) -> None:
+    """Start one server per side (label → starter), measure, print medians. `direct` adds the
+    direct client (ratios are to it); `fast_direct` also the direct client with fast parsers."""
     model, image_bytes = SCENARIOS[scenario]
     body = clients.Body.of({"model": model, "size": "1024x1024", "n": 1})
     sandbox = procs.start_sandbox()
@@ -81,6 +85,8 @@ async def run(sides: dict[str, Start], *, scenario: str = "gen-url", concurrency
             servers[label] = start(sandbox.url + "/api", f"side{i}")
         if direct:
             servers[DIRECT] = None
+        if fast_direct:
+            servers[FAST_DIRECT] = None
         print(f"{scenario}, c={concurrency}, {n} per phase, pre-auth off, medians of {rounds} "
               "interleaved rounds", flush=True)
         results: dict[str, list[dict[str, float]]] = {label: [] for label in servers}
@@ -88,7 +94,8 @@ async def run(sides: dict[str, Start], *, scenario: str = "gen-url", concurrency
         for round_ in range(rounds):
             order = list(servers.items())
             for label, gw in order if round_ % 2 == 0 else order[::-1]:
-                results[label].append(await measure(gw, sandbox, body, concurrency, n, index))
+                results[label].append(await measure(gw, sandbox, body, concurrency, n, index,
+                                                    fast=label == FAST_DIRECT))
                 index += 10 * n
         _print(results)
     finally:
@@ -111,4 +118,8 @@ def _print(results: dict[str, list[dict[str, float]]]) -> None:
         per_round = ", ".join(f"{r['gw_cpu_ms']:.2f}" for r in runs)
         print(f"{label:{width}}  {m['gw_cpu_ms']:18.2f}  {m['sandbox_cpu_ms']:18.2f}  "
               f"{m['rps']:7.0f}{ratio}  {m['p50_ms']:7.2f}  {sum(r['errors'] for r in runs)}"
-              + (f"   (gateway CPU per round: {per_round})" if label != DIRECT else ""))
+              + (f"   (gateway CPU per round: {per_round})" if gw_side(label) else ""))
+
+
+def gw_side(label: str) -> bool:
+    return label not in (DIRECT, FAST_DIRECT)
