@@ -65,8 +65,12 @@ class Durable:
 
     def _rows(self, writes: list[tuple[str, tuple[Any, ...]]]) -> list[Outcome]:
         self.db.execute("BEGIN IMMEDIATE")
-        ids = [self.db.execute(sql, args).lastrowid for sql, args in writes]
-        self.db.execute("COMMIT")
+        try:
+            ids = [self.db.execute(sql, args).lastrowid for sql, args in writes]
+            self.db.execute("COMMIT")
+        except BaseException:  # fail the batch, not every batch after it
+            self.db.execute("ROLLBACK")
+            raise
         return [(i, None) for i in ids]
 
     def _files(self, writes: list[tuple[str, bytes]]) -> list[Outcome]:

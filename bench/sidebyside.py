@@ -118,8 +118,5 @@ def _print(results: dict[str, list[dict[str, float]]]) -> None:
         per_round = ", ".join(f"{r['gw_cpu_ms']:.2f}" for r in runs)
         print(f"{label:{width}}  {m['gw_cpu_ms']:18.2f}  {m['sandbox_cpu_ms']:18.2f}  "
               f"{m['rps']:7.0f}{ratio}  {m['p50_ms']:7.2f}  {sum(r['errors'] for r in runs)}"
-              + (f"   (gateway CPU per round: {per_round})" if gw_side(label) else ""))
-
-
-def gw_side(label: str) -> bool:
-    return label not in (DIRECT, FAST_DIRECT)
+              + (f"   (gateway CPU per round: {per_round})"
+                 if label not in (DIRECT, FAST_DIRECT) else ""))
