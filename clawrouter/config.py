@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     coalesce_window_seconds: float = 60.0
     rpc_urls: list[str] = ["https://mainnet.base.org", "https://base.publicnode.com"]
     low_balance_usd: float = 1.0
+    reconcile_interval: float = Field(60.0, ge=0)
 
     # --- inputs -----------------------------------------------------------------------------
     max_image_mb: float = Field(20.0, gt=0)

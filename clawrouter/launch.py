@@ -86,8 +86,12 @@ async def start_gateway(settings: Settings) -> Running:
         sandbox_app = create_sandbox_app(SandboxConfig(network=SANDBOX_NETWORK,
                                                        pay_to=settings.pay_to))
         port = await _serve(sandbox_app, "127.0.0.1", 0, servers, tasks)
-        settings = settings.model_copy(update={
-            "upstream_url": f"http://127.0.0.1:{port}/api", "network": SANDBOX_NETWORK})
+        update: dict[str, Any] = {"upstream_url": f"http://127.0.0.1:{port}/api",
+                                  "network": SANDBOX_NETWORK}
+        if settings.rpc_urls == Settings.model_fields["rpc_urls"].default:
+            # balances and reconciliation read the sandbox's stand-in chain, not a real one
+            update["rpc_urls"] = [f"http://127.0.0.1:{port}/_sandbox/rpc"]
+        settings = settings.model_copy(update=update)
     app = create_app(settings, sandbox=bool(use_sandbox))
     port = await _serve(app, settings.host, settings.port, servers, tasks)
     return Running(settings, app, port, bool(use_sandbox), servers, tasks)

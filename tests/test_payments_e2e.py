@@ -272,11 +272,14 @@ def test_a_ledger_that_cannot_record_an_outcome_never_costs_a_second_payment(
     assert [row["status"] for row in ledger_rows(gw)] == ["signed"]  # "unknown" after restart
 
 
-def test_kill_9_during_a_paid_request_leaves_an_unknown_row_after_restart(tmp_path, sandbox):
+def test_kill_9_during_a_paid_request_leaves_an_unknown_row_that_the_chain_settles(tmp_path,
+                                                                                 sandbox):
     port = free_port()
     env = {**os.environ, "CLAWROUTER_HOME": str(tmp_path), "BLOCKRUN_API_URL": sandbox.api,
            "CLAWROUTER_NETWORK": "base-sepolia", "CLAWROUTER_MAX_USD_PER_DAY": "0",
-           "CLAWROUTER_LOG_LEVEL": "warning"}
+           "CLAWROUTER_LOG_LEVEL": "warning",
+           "CLAWROUTER_RPC_URLS": f'["{sandbox.url}/_sandbox/rpc"]',
+           "CLAWROUTER_RECONCILE_INTERVAL": "0.2"}
     cmd = [sys.executable, "-m", "clawrouter", "serve", "--port", str(port), "--no-sandbox"]
 
     def start():
@@ -286,8 +289,12 @@ def test_kill_9_during_a_paid_request_leaves_an_unknown_row_after_restart(tmp_pa
         assert "ready" in line, line
         return proc
 
+    def spend():
+        return httpx.get(f"http://127.0.0.1:{port}/v1/spend").json()
+
     proc = start()
-    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 5})
+    # the sandbox settles 6 s after it received the payment, long after the gateway died
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 6})
     def doomed_request():
         with pytest.raises(httpx.HTTPError):  # the gateway dies under it
             httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=10,
@@ -302,9 +309,18 @@ def test_kill_9_during_a_paid_request_leaves_an_unknown_row_after_restart(tmp_pa
     proc.wait()
     proc = start()
     try:
-        spend = httpx.get(f"http://127.0.0.1:{port}/v1/spend").json()
-        assert [row["status"] for row in spend["latest"]] == ["unknown"]
-        assert spend["today"]["pending"]["micro"] == COGVIEW_PRICE
+        assert sandbox.stats()["settled_count"] == 0
+        first = spend()
+        assert [row["status"] for row in first["latest"]] == ["unknown"]
+        assert first["today"]["pending"]["micro"] == COGVIEW_PRICE
+        deadline = time.monotonic() + 15
+        while (now := spend())["latest"][0]["status"] == "unknown":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        (row,), (event,) = now["latest"], sandbox.stats()["settled"]
+        assert row["status"] == "settled" and row["transaction"] == event["transaction"]
+        assert now["today"]["micro"] == COGVIEW_PRICE == sandbox.stats()["settled_total_micro"]
+        assert now["today"]["pending"]["micro"] == 0
     finally:
         proc.terminate()
         proc.wait()

@@ -20,11 +20,12 @@ from clawrouter.observe import Metrics, Observe
 from clawrouter.coalesce import Coalescer
 from clawrouter.config import Settings
 from clawrouter.inputs import InputPolicy, InputResolver
-from clawrouter.payment.balance import BalanceMonitor
+from clawrouter.payment.balance import BalanceMonitor, rpc_urls_for
 from clawrouter.payment.budget import Budget
 from clawrouter.payment.ledger import Ledger
 from clawrouter.payment.networks import NETWORKS, Network
 from clawrouter.payment.prices import PriceBook
+from clawrouter.payment.reconcile import Reconciler
 from clawrouter.payment.signer import Signer
 from clawrouter.payment.wallet import WalletKey, load_wallet
 from clawrouter.pipeline import ImagePipeline
@@ -87,9 +88,12 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
                                 timeout=settings.upstream_timeout,
                                 connect_timeout=settings.upstream_connect_timeout)
         balance = BalanceMonitor.from_settings(gw.address, settings, session=session)
-        if not sandbox:  # the sandbox's testnet wallet has no balance worth polling
-            balance.start()
+        balance.start()
         gw.balance = balance
+        reconciler = Reconciler(ledger, gw.network,
+                                rpc_urls_for(settings.network, settings.rpc_urls), session,
+                                interval=settings.reconcile_interval)
+        reconciler.start()
         exchange = Exchange(client, signer, settings, gw.network, ledger, budget, prices,
                             on_payment=gw.metrics.payment)
         gw.pipeline = ImagePipeline(exchange, store, inputs, session)
@@ -98,6 +102,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
             yield
         finally:
             trimming.cancel()
+            await reconciler.aclose()
             await balance.aclose()
             await store.aclose()
             await inputs.aclose()

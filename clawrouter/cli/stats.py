@@ -127,7 +127,9 @@ def render(summary: dict[str, Any], source: str) -> str:
     if summary["total"]["pending"]["payments"]:
         out += ["", "Pending: signed payments whose outcome is not confirmed (signed, unknown or "
                     "failed after payment). They may have cost money and count against the "
-                    "budgets."]
+                    "budgets until the chain tells (a running gateway asks it every "
+                    "reconcile_interval seconds; at the latest once each authorization "
+                    "expires)."]
     if budget := summary.get("budget"):
         out += ["", "Budget   " + _budget(budget)]
     if summary.get("by_model"):

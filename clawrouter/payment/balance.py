@@ -1,33 +1,27 @@
-"""The wallet's USDC balance, read on chain: `balanceOf(address)` by JSON-RPC `eth_call`.
+"""The wallet's USDC balance, read on chain (`onchain.Rpc.usdc_balance`).
 
 BlockRun has no balance endpoint for the wallet rail (blockrun-api.md §11), so we ask a public
 Base RPC. Each configured RPC is tried in order with a short timeout; when all fail we report
 "unknown" (None), never a fake 0 — a 0 would tell the user to fund a wallet that may be full.
-
-RPC URLs can carry provider API keys in their path or query, so messages name the host only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
 import time
 from collections.abc import Sequence
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 import aiohttp
 
 from clawrouter.catalog import MICRO
 from clawrouter.config import Settings
 from clawrouter.payment.networks import NETWORKS, Network
+from clawrouter.payment.onchain import BALANCE_OF, ChainUnavailable, check_address, first_answer
 
-BALANCE_OF = "0x70a08231"  # keccak("balanceOf(address)")[:4]
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-_WORD = re.compile(r"^0x[0-9a-fA-F]{1,64}$")
-_MAX_BODY = 64 * 1024
+__all__ = ["BALANCE_OF", "BalanceMonitor", "BalanceUnavailable", "fetch_usdc_balance",
+           "rpc_urls_for", "usdc_balance"]
 
 #: the settings' default RPCs, which are Base mainnet's
 MAINNET_RPC_URLS: tuple[str, ...] = tuple(Settings.model_fields["rpc_urls"].default)
@@ -37,9 +31,7 @@ DEFAULT_RPC_URLS: dict[str, tuple[str, ...]] = {
     "base-sepolia": ("https://sepolia.base.org", "https://base-sepolia-rpc.publicnode.com"),
 }
 
-
-class BalanceUnavailable(RuntimeError):
-    """No RPC answered with a balance; the message says why, per RPC host."""
+BalanceUnavailable = ChainUnavailable
 
 
 def rpc_urls_for(network: Network | str, configured: Sequence[str]) -> list[str]:
@@ -51,37 +43,19 @@ def rpc_urls_for(network: Network | str, configured: Sequence[str]) -> list[str]
     return list(configured)
 
 
-def balance_of_call(address: str, network: Network | str) -> dict[str, Any]:
-    """The `eth_call` transaction object: USDC's `balanceOf(address)`."""
-    if not _ADDRESS.match(address):
-        raise ValueError(f"not an address: {address!r}")
-    usdc = _network(network).usdc
-    return {"to": usdc, "data": BALANCE_OF + address[2:].lower().rjust(64, "0")}
-
-
 async def fetch_usdc_balance(address: str, network: Network | str, rpc_urls: Sequence[str], *,
                              timeout: float = 3.0,
                              session: aiohttp.ClientSession | None = None) -> int:
     """The balance in micro-USDC from the first RPC that answers (each gets `timeout` seconds);
     raises `BalanceUnavailable` when none does."""
-    call = balance_of_call(address, network)
-    if not rpc_urls:
-        raise BalanceUnavailable("no RPC URLs configured")
-    owned = session is None
-    session = session or aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-    failures = []
-    try:
-        for url in rpc_urls:
-            try:
-                return await asyncio.wait_for(_eth_call(session, url, call), timeout)
-            except asyncio.TimeoutError:
-                failures.append(f"{_host(url)}: no answer within {timeout:g} s")
-            except (aiohttp.ClientError, OSError, ValueError) as exc:
-                failures.append(f"{_host(url)}: {_reason(exc)}")
-    finally:
-        if owned:
-            await session.close()
-    raise BalanceUnavailable("; ".join(failures))
+    check_address(address)
+    chain = _network(network)
+    async with contextlib.AsyncExitStack() as stack:
+        if session is None:
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()))
+        return await first_answer(rpc_urls, lambda rpc: rpc.usdc_balance(address, chain),
+                                  session=session, timeout=timeout)
 
 
 async def usdc_balance(address: str, network: Network | str, rpc_urls: Sequence[str], *,
@@ -95,45 +69,8 @@ async def usdc_balance(address: str, network: Network | str, rpc_urls: Sequence[
         return None
 
 
-async def _eth_call(session: aiohttp.ClientSession, url: str, call: dict[str, Any]) -> int:
-    body = {"jsonrpc": "2.0", "id": 1, "method": "eth_call", "params": [call, "latest"]}
-    async with session.post(url, json=body, allow_redirects=False) as resp:
-        if resp.status != 200:
-            raise ValueError(f"HTTP {resp.status}")
-        raw = await resp.content.read(_MAX_BODY + 1)
-    if len(raw) > _MAX_BODY:
-        raise ValueError("answer too large")
-    try:
-        answer = json.loads(raw)
-    except ValueError:
-        raise ValueError("answer is not JSON") from None
-    if not isinstance(answer, dict):
-        raise ValueError("answer is not a JSON-RPC response")
-    if answer.get("error") is not None:
-        error = answer["error"]
-        message = error.get("message") if isinstance(error, dict) else error
-        raise ValueError(f"RPC error: {str(message)[:120]}")
-    result = answer.get("result")
-    if not isinstance(result, str) or not _WORD.match(result):
-        # "0x" is what a chain without the USDC contract answers: a wrong RPC, not a 0 balance.
-        raise ValueError(f"unexpected result {str(result)[:80]!r} (is this RPC on the "
-                         "right chain?)")
-    return int(result, 16)
-
-
 def _network(network: Network | str) -> Network:
     return network if isinstance(network, Network) else NETWORKS[network]
-
-
-def _host(url: str) -> str:
-    parts = urlsplit(url)
-    return parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else "?"
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "cannot connect"
-    return str(exc) or type(exc).__name__
 
 
 class BalanceMonitor:
@@ -150,7 +87,8 @@ class BalanceMonitor:
                  retry_max: float = 300.0, timeout: float = 3.0,
                  session: aiohttp.ClientSession | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        balance_of_call(address, network)  # fail now on a bad address or network
+        check_address(address)  # fail now on a bad address or network
+        _network(network)
         self.address = address
         self.network = _network(network)
         self.rpc_urls = list(rpc_urls)

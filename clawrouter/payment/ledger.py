@@ -3,8 +3,9 @@
 Signing is settlement (x402.md §9): once a signed request is out, the money may be gone. So a
 payment is written here, durably (SQLite WAL, `synchronous=FULL`), *before* the request is sent,
 and updated with its outcome afterwards. A crash between the two leaves the row `signed`; the
-next start marks it `unknown`, and it keeps counting against the budgets until someone learns
-otherwise. Nothing that was signed ever disappears.
+next start marks it `unknown`, and it keeps counting against the budgets until the chain says
+otherwise (`reconcile`: each row keeps its payer and validBefore for that). Nothing that was
+signed ever disappears.
 
 The ledger also keeps running totals in memory (per local calendar day and overall) so the
 budget check on the hot path never runs a SQL query. Days are the user's **local** calendar
@@ -75,14 +76,18 @@ CREATE TABLE IF NOT EXISTS payments (
     "transaction" TEXT,
     latency_ms    REAL,
     note          TEXT,
-    attempt       INTEGER NOT NULL CHECK (attempt IN (1, 2))
+    attempt       INTEGER NOT NULL CHECK (attempt IN (1, 2)),
+    payer         TEXT,
+    valid_before  INTEGER
 );
 CREATE INDEX IF NOT EXISTS payments_time ON payments (time);
 CREATE INDEX IF NOT EXISTS payments_status ON payments (status);
-PRAGMA user_version = 1;
 """
+#: schema version 2 added `payer` and `valid_before` (NULL in rows from version 1)
+SCHEMA_VERSION = 2
+_ADDED = {"payer": "TEXT", "valid_before": "INTEGER"}
 _COLUMNS = ('id, time, request_id, route, model, size, n, amount, payee, network, nonce, '
-            'status, "transaction", latency_ms, note, attempt')
+            'status, "transaction", latency_ms, note, attempt, payer, valid_before')
 
 T = TypeVar("T")
 
@@ -127,6 +132,8 @@ class Payment:
     latency_ms: float | None
     note: str | None
     attempt: int
+    payer: str | None = None  # the signing wallet (None in rows older than schema 2)
+    valid_before: int | None = None  # unix time the authorization stops being spendable
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "usd": _usd(self.amount)}
@@ -188,6 +195,7 @@ class Ledger:
         conn.execute("PRAGMA synchronous=FULL")
         conn.create_function("local_day", 1, local_day, deterministic=True)
         conn.executescript(_SCHEMA)
+        _migrate(conn)
         return conn
 
     def _recover(self) -> int:
@@ -207,13 +215,15 @@ class Ledger:
     # --- writing ------------------------------------------------------------------------------
     def signed(self, *, request_id: str, route: str, model: str, size: str, n: int,
                amount: int, payee: str, network: str, nonce: str, attempt: int = 1,
+               payer: str | None = None, valid_before: int | None = None,
                reservation: Convertible | None = None) -> Write:
         """The write that records a payment just signed; its value is the payment id.
 
         Apply it (`commit`, or `await write`) before the signed request leaves the process,
         and send nothing if that raises. Pass the budget `reservation` that admitted this
         signature: once the row is durable it is converted into the row in the same step that
-        adds the row to the running totals. Arguments are checked here, at once.
+        adds the row to the running totals. `payer` and `valid_before` let `reconcile` ask
+        the chain about the row if its outcome is ever lost. Arguments are checked here.
         """
         if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
             raise ValueError(f"amount must be a positive int of micro-USDC, got {amount!r}")
@@ -228,14 +238,14 @@ class Ledger:
                 reservation.check_recordable(amount)
         now = self._clock()
         row = (now, request_id, route, model, size, n, amount, payee, network, nonce, SIGNED,
-               attempt)
+               attempt, payer, valid_before)
 
         def sql(conn: sqlite3.Connection) -> int:
             try:
                 cur = conn.execute(
                     "INSERT INTO payments (time, request_id, route, model, size, n, amount, "
-                    "payee, network, nonce, status, attempt) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                    "payee, network, nonce, status, attempt, payer, valid_before) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             except sqlite3.IntegrityError as exc:
                 raise ValueError(f"nonce {nonce} is already in the ledger: {exc}") from exc
             return int(cur.lastrowid)  # type: ignore[arg-type]
@@ -249,11 +259,13 @@ class Ledger:
         return Write(sql, durable)
 
     def outcome(self, payment_id: int, status: str, *, transaction: str | None = None,
-                latency_ms: float | None = None, note: str | None = None) -> Write:
+                latency_ms: float | None = None, note: str | None = None,
+                expected: str | None = None) -> Write:
         """The write that records a payment's outcome. Fields left None keep their stored value.
 
         Allowed: from `signed`, `unknown` or `failed_after_payment` to any outcome, and a
-        settled/rejected row to the same status (to add a detail). Anything else fails.
+        settled/rejected row to the same status (to add a detail). Anything else fails, and so
+        does a row whose status is no longer `expected` (when given).
         """
         if status not in STATUSES or status == SIGNED:
             raise ValueError(f"cannot finish a payment as {status!r}")
@@ -264,11 +276,13 @@ class Ledger:
                 with self.lock:
                     self._add(refund[0], -refund[1])
 
-        return Write(functools.partial(self._outcome_sql, payment_id, status, details), durable)
+        return Write(functools.partial(self._outcome_sql, payment_id, status, details, expected),
+                     durable)
 
     @staticmethod
     def _outcome_sql(payment_id: int, status: str,
                      details: tuple[str | None, float | None, str | None],
+                     expected: str | None,
                      conn: sqlite3.Connection) -> tuple[float, int] | None:
         """Returns (time, amount) when the row becomes rejected, to take out of the totals."""
         row = conn.execute("SELECT status, time, amount FROM payments WHERE id = ?",
@@ -276,6 +290,8 @@ class Ledger:
         if row is None:
             raise KeyError(f"no payment {payment_id} in the ledger")
         old, when, amount = row
+        if expected is not None and old != expected:
+            raise ValueError(f"payment {payment_id} is {old} now, not {expected}")
         if old in FINAL and status != old:
             raise ValueError(f"payment {payment_id} is already {old}; cannot become {status}")
         conn.execute(
@@ -369,6 +385,17 @@ class Ledger:
         if row is None:
             raise KeyError(f"no payment {payment_id} in the ledger")
         return Payment(*row)
+
+    def unresolved(self, network: str, *, limit: int = 100) -> list[Payment]:
+        """Rows whose money may or may not have moved (`unknown`, `failed_after_payment`) and
+        that carry what the chain needs to tell (payer, validBefore), oldest first."""
+        with self._db_lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM payments WHERE status IN (?, ?) AND network = ? "
+                "AND length(payer) = 42 AND length(nonce) = 66 AND valid_before IS NOT NULL "
+                "ORDER BY id LIMIT ?",
+                (UNKNOWN, FAILED_AFTER_PAYMENT, network, limit)).fetchall()
+        return [Payment(*row) for row in rows]
 
     def payments(self, *, latest: int | None = None) -> list[Payment]:
         """Rows newest first (all of them unless `latest` is given)."""
@@ -464,6 +491,15 @@ def _usd(micro: int) -> float:
 def _window(settled: int, settled_n: int, pending: int, pending_n: int) -> dict[str, Any]:
     return {"usd": _usd(settled), "micro": settled, "payments": settled_n,
             "pending": {"usd": _usd(pending), "micro": pending, "payments": pending_n}}
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a ledger from an older schema up to `SCHEMA_VERSION` (columns are only added)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(payments)")}
+    for column, kind in _ADDED.items():
+        if column not in have:
+            conn.execute(f"ALTER TABLE payments ADD COLUMN {column} {kind}")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _exclusive_lock(path: Path) -> IO[bytes]:

@@ -19,6 +19,7 @@ class Network:
     domain_version: str
     testnet: bool
     explorer: str
+    block_seconds: int = 2  # Base and Base Sepolia make a block every 2 s
 
     @property
     def domain(self) -> dict[str, object]:

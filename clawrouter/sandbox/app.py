@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from clawrouter.sandbox import control, polls, routes
+from clawrouter.sandbox import chain, control, polls, routes
 from clawrouter.sandbox.config import SandboxConfig
 from clawrouter.sandbox.middleware import SandboxMiddleware
 from clawrouter.sandbox.state import Sandbox
@@ -29,6 +29,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Starlette:
             Route("/_sandbox/reset", control.reset, methods=["POST"]),
             Route("/_sandbox/faults", control.faults, methods=["GET", "POST"]),
             Route("/_sandbox/config", control.config, methods=["GET", "POST"]),
+            Route("/_sandbox/rpc", chain.rpc, methods=["POST"]),
         ],
         middleware=[Middleware(SandboxMiddleware, config=config)],
         exception_handlers={HTTPException: _http_error},

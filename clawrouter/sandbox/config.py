@@ -38,6 +38,8 @@ class SandboxConfig:
     max_accepted_timeout_seconds: int = 600
     #: take x402 v1 payloads (`X-PAYMENT`, no `accepted`); BlockRun speaks v2 only
     accept_v1: bool = False
+    #: what every wallet holds on the sandbox chain before it pays (shown, not enforced)
+    faucet_usd: float = 100.0
     #: the clock every check and job timer reads (tests may freeze it)
     clock: Callable[[], float] = field(default=time.time, repr=False)
 

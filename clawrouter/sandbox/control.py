@@ -1,9 +1,10 @@
 """The control API for tests and benchmarks (not under /api, never part of BlockRun's surface).
 
 GET  /_sandbox/stats   what was received, paid, settled and rejected
-POST /_sandbox/reset   forget stats, jobs, faults and used authorizations
+POST /_sandbox/reset   forget stats, jobs, faults, used authorizations and the chain
 GET|POST /_sandbox/faults  show / replace the fault rules (faults.py)
 GET|POST /_sandbox/config  show / change runtime settings (latency_ms, slow_seconds, …)
+POST /_sandbox/rpc     JSON-RPC for the stand-in chain: balances, used authorizations (chain.py)
 """
 
 from __future__ import annotations

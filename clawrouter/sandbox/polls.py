@@ -51,7 +51,7 @@ async def poll(request: Request) -> Response:
 def _complete(sandbox: Sandbox, job: Job) -> Response:
     """The first completed poll settles; later ones repeat the same answer."""
     if job.transaction is None:
-        if sandbox.now() > job.valid_before:
+        if sandbox.now() >= job.valid_before:  # USDC: valid only while now < validBefore
             sandbox.stats.reject("SETTLEMENT_FAILED", "transaction_simulation_failed",
                                  "authorization expired before settlement", job.request.route)
             return JSONResponse({"error": "Payment settlement failed",

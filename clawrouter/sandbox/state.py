@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from clawrouter.catalog import estimate_micro
+from clawrouter.catalog import estimate_micro, to_micro
 from clawrouter.sandbox import wire
+from clawrouter.sandbox.chain import Chain
 from clawrouter.sandbox.config import SandboxConfig
 from clawrouter.sandbox.faults import Faults, Rule
 from clawrouter.sandbox.jobs import Jobs
@@ -54,10 +55,13 @@ class Sandbox:
         self.jobs = Jobs()
         self.media = MediaStore()
         self.used = UsedAuthorizations()
+        self.chain = Chain(config.chain, self.now, to_micro(config.faucet_usd))
 
     def reset(self) -> None:
-        """Forget stats, jobs, faults and used authorizations (config and media stay)."""
+        """Forget stats, jobs, faults, used authorizations and the chain (config and media
+        stay)."""
         self.stats.reset()
+        self.chain.clear()
         self.faults.clear()
         self.jobs.clear()
         self.used.clear()
@@ -81,8 +85,9 @@ class Sandbox:
 
     def settle(self, req: ImageRequest, payer: str, nonce: str, amount: int,
                job_id: str | None = None) -> str:
-        """Record a settlement; return its transaction hash."""
+        """Record a settlement (on the stand-in chain, too); return its transaction hash."""
         transaction = wire.transaction_hash(payer, nonce)
+        self.chain.transfer(payer, nonce, amount, transaction)
         event: dict[str, Any] = {"transaction": transaction, "amount": amount, "payer": payer,
                                  "nonce": nonce, "route": req.route, "model": req.model.id,
                                  "size": req.size, "n": req.n}

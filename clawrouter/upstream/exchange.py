@@ -138,6 +138,7 @@ class Exchange:
                 request_id=ctx.request_id, route=call.route, model=call.model.id,
                 size=call.size, n=call.n, amount=payment.amount, payee=payment.pay_to,
                 network=payment.network, nonce=payment.nonce, attempt=attempt,
+                payer=self.signer.address, valid_before=payment.valid_before,
                 reservation=reservation))
         started = time.perf_counter()
 

@@ -1,0 +1,169 @@
+"""Ask the chain what became of payments whose outcome the gateway never learned.
+
+A row is `unknown` when the gateway died between signing and hearing back, and
+`failed_after_payment` when the upstream failed after the payment left. Either way the money
+may or may not have moved, so the row counts against the budgets and shows as pending. USDC
+settles the question for good:
+
+- `authorizationState(payer, nonce)` is true once the authorization was used (we never cancel
+  one, so used means transferred): the row becomes `settled`, with the transaction from its
+  `AuthorizationUsed` log when the RPC finds it;
+- USDC only accepts an authorization while `block.timestamp < validBefore`, so one still unused
+  at a block stamped at or after its validBefore can never be used: the row becomes `rejected`
+  (no money moved) and the budgets get its amount back;
+- otherwise the row stays as it is and is asked about again next round.
+
+A wrong answer would mis-state money, so a round checks the RPC's chain id first, asks about
+every row at one block of one RPC, and changes nothing when anything fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+from clawrouter.catalog import format_usd
+from clawrouter.payment.ledger import FAILED_AFTER_PAYMENT, REJECTED, SETTLED, Ledger, Payment
+from clawrouter.payment.networks import Network
+from clawrouter.payment.onchain import Block, ChainUnavailable, Rpc, askable, first_answer
+
+log = logging.getLogger(__name__)
+
+#: blocks searched on either side of a payment's window for its AuthorizationUsed log
+LOG_MARGIN_BLOCKS = 30
+
+
+@dataclass(frozen=True)
+class Resolution:
+    payment: Payment
+    status: str  # SETTLED or REJECTED
+    note: str
+    transaction: str | None = None
+
+
+def decide(payment: Payment, used: bool, block: Block) -> tuple[str, str] | None:
+    """What the chain's answer at `block` proves about `payment`, or None for "not yet"."""
+    assert payment.valid_before is not None
+    was = f"; was: {payment.note}" if payment.note else ""
+    if used:
+        how = ("although the request failed" if payment.status == FAILED_AFTER_PAYMENT
+               else "the authorization was used")
+        return SETTLED, f"confirmed on chain at block {block.number}: {how}{was}"
+    if block.timestamp >= payment.valid_before:
+        return REJECTED, (f"confirmed on chain at block {block.number}: never used, and it "
+                          f"expired at {payment.valid_before}; no money moved{was}")
+    return None
+
+
+async def resolve(rpc: Rpc, network: Network, payments: Sequence[Payment]) -> list[Resolution]:
+    """Ask one RPC about `payments` at its latest block; raises on any failure."""
+    chain_id = await rpc.chain_id()
+    if chain_id != network.chain_id:
+        raise ValueError(f"chain id {chain_id}, expected {network.chain_id} ({network.name})")
+    block = await rpc.latest_block()
+    resolutions = []
+    for payment in payments:
+        if not askable(payment.payer, payment.nonce):
+            continue  # not from our signer; a malformed row must not stall every other
+        assert payment.payer is not None
+        used = await rpc.authorization_used(network, payment.payer, payment.nonce, block.number)
+        decision = decide(payment, used, block)
+        if decision is None:
+            continue
+        status, note = decision
+        tx = await _transaction(rpc, network, payment, block) if used else None
+        resolutions.append(Resolution(payment, status, note, tx))
+    return resolutions
+
+
+async def _transaction(rpc: Rpc, network: Network, payment: Payment, block: Block) -> str | None:
+    """Best effort: the transaction that used the authorization, searched only in the blocks
+    of the window it could have been used in (public RPCs limit log ranges)."""
+    assert payment.payer is not None and payment.valid_before is not None
+
+    def block_at(t: float) -> int:
+        return block.number - math.ceil((block.timestamp - t) / network.block_seconds)
+
+    low = max(0, block_at(payment.time) - LOG_MARGIN_BLOCKS)
+    high = min(block.number, block_at(payment.valid_before) + LOG_MARGIN_BLOCKS)
+    try:
+        return await rpc.authorization_transaction(network, payment.payer, payment.nonce,
+                                                   low, high)
+    except (aiohttp.ClientError, OSError, ValueError, asyncio.TimeoutError) as exc:
+        log.info("payment %d: settled on chain; its transaction was not found (%s)",
+                 payment.id, exc)
+        return None
+
+
+class Reconciler:
+    """Runs `reconcile_once` every `interval` seconds in the background (from `start()`)."""
+
+    def __init__(self, ledger: Ledger, network: Network, rpc_urls: Sequence[str],
+                 session: aiohttp.ClientSession, *, interval: float = 60.0,
+                 timeout: float = 5.0, batch: int = 100) -> None:
+        self.ledger = ledger
+        self.network = network
+        self.rpc_urls = list(rpc_urls)
+        self.session = session
+        self.interval = interval
+        self.timeout = timeout
+        self.batch = batch
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    async def reconcile_once(self) -> list[Resolution]:
+        """One round: read the open rows, ask the chain, record what it proves."""
+        payments = await self.ledger.call(self.ledger.unresolved, self.network.caip2,
+                                          limit=self.batch)
+        if not payments:
+            return []
+        resolutions = await first_answer(
+            self.rpc_urls, lambda rpc: resolve(rpc, self.network, payments),
+            session=self.session, timeout=self.timeout)
+        done = []
+        for r in resolutions:
+            try:
+                await self.ledger.write(self.ledger.outcome(
+                    r.payment.id, r.status, transaction=r.transaction, note=r.note,
+                    expected=r.payment.status))
+            except (ValueError, KeyError) as exc:  # changed meanwhile: leave it to next round
+                log.warning("payment %d: not reconciled (%s)", r.payment.id, exc)
+                continue
+            log.info("payment %d (%s, %s): %s, from the chain", r.payment.id, r.payment.status,
+                     format_usd(r.payment.amount), r.status)
+            done.append(r)
+        return done
+
+    def start(self) -> None:
+        """Launch the loop (from a running event loop; idempotent). Without RPC URLs or with
+        `interval` 0 nothing runs, and open rows stay pending."""
+        if self.rpc_urls and self.interval > 0 and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="reconcile")
+
+    async def _run(self) -> None:
+        await asyncio.sleep(min(self.interval, 2.0))  # let the gateway finish starting first
+        while True:
+            try:
+                await self.reconcile_once()
+                self._failing = False
+            except ChainUnavailable as exc:
+                if not self._failing:  # once per outage, not once per round
+                    log.warning("reconcile: no RPC answered (%s); payments with an unknown "
+                                "outcome stay pending", exc)
+                self._failing = True
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("reconcile: round failed")
+            await asyncio.sleep(self.interval)
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,283 @@
+"""Payments with a lost outcome, settled by asking the chain — the sandbox's stand-in chain,
+served over JSON-RPC by the sandbox itself, with the gateway and sandbox as real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sqlite3
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import given, strategies as st
+
+from clawrouter.payment.ledger import (
+    FAILED_AFTER_PAYMENT, REJECTED, SETTLED, UNKNOWN, Ledger, Payment,
+)
+from clawrouter.payment.networks import NETWORKS
+from clawrouter.payment.onchain import AUTHORIZATION_STATE, AUTHORIZATION_USED, Block
+from clawrouter.payment.reconcile import decide
+from clawrouter.sandbox import SandboxConfig, create_sandbox_app
+from tests.servers import serving
+
+COGVIEW = {"model": "cogview", "size": "512x512"}
+COGVIEW_PRICE = 16_750
+SEPOLIA = NETWORKS["base-sepolia"]
+
+
+def gen(gw, prompt):
+    return gw.http.post("/v1/images/generations", json={**COGVIEW, "prompt": prompt})
+
+
+def rpc(url: str, method: str, *params):
+    answer = httpx.post(url, json={"jsonrpc": "2.0", "id": 7, "method": method,
+                                   "params": list(params)}).json()
+    assert answer["id"] == 7
+    return answer
+
+
+def word(hex_value: str) -> str:
+    return hex_value[2:].lower().rjust(64, "0")
+
+
+@pytest.fixture
+def chain_url(sandbox) -> str:
+    return sandbox.url + "/_sandbox/rpc"
+
+
+@pytest.fixture
+def time_travel(sandbox):
+    """Move the sandbox's clock (and so its chain's blocks) forward; restored afterwards."""
+    config = sandbox.server.config.app.state.sandbox.config
+    original = config.clock
+
+    def travel(seconds: float) -> None:
+        config.clock = lambda: original() + seconds
+
+    yield travel
+    config.clock = original
+
+
+def wait_for(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def only_row(gw) -> dict:
+    (row,) = gw.http.get("/v1/spend").json()["latest"]
+    return row
+
+
+def reconciling(make_gateway, chain_url, **overrides):
+    return make_gateway(rpc_urls=[chain_url], reconcile_interval=0.1, **overrides)
+
+
+# --- the sandbox's chain --------------------------------------------------------------------
+
+def test_the_sandbox_chain_shows_what_was_settled(gateway, sandbox, chain_url):
+    assert rpc(chain_url, "eth_chainId")["result"] == hex(SEPOLIA.chain_id)
+    address = gateway.gw.address
+    balance_call = {"to": SEPOLIA.usdc, "data": "0x70a08231" + word(address)}
+    assert int(rpc(chain_url, "eth_call", balance_call, "latest")["result"], 16) == 100_000_000
+    assert gen(gateway, "on chain").status_code == 200
+    (event,) = sandbox.stats()["settled"]
+    assert int(rpc(chain_url, "eth_call", balance_call, "latest")["result"], 16) \
+        == 100_000_000 - COGVIEW_PRICE
+
+    block = rpc(chain_url, "eth_getBlockByNumber", "latest", False)["result"]
+    assert abs(int(block["timestamp"], 16) - time.time()) <= 3
+    state = {"to": SEPOLIA.usdc,
+             "data": AUTHORIZATION_STATE + word(address) + word(event["nonce"])}
+    assert int(rpc(chain_url, "eth_call", state, block["number"])["result"], 16) == 1
+    other = {**state, "data": AUTHORIZATION_STATE + word(address) + "ab" * 32}
+    assert int(rpc(chain_url, "eth_call", other, "latest")["result"], 16) == 0
+    logs = rpc(chain_url, "eth_getLogs", {
+        "address": SEPOLIA.usdc, "fromBlock": "0x0", "toBlock": "latest",
+        "topics": [AUTHORIZATION_USED, "0x" + word(address), event["nonce"]]})["result"]
+    assert [log["transactionHash"] for log in logs] == [event["transaction"]]
+
+
+def test_the_sandbox_chain_refuses_what_it_cannot_answer(sandbox, chain_url):
+    assert "error" in rpc(chain_url, "eth_sendRawTransaction", "0x00")
+    assert "error" in rpc(chain_url, "eth_call", {"to": SEPOLIA.usdc, "data": "0xdeadbeef"})
+    assert "error" in rpc(chain_url, "eth_getBlockByNumber", hex(10**12), False)
+    assert rpc(chain_url, "eth_call", {"to": "0x" + "11" * 20, "data": "0x70a08231"})[
+        "result"] == "0x"  # no contract there
+    bad = httpx.post(chain_url, content=b"[not json").json()
+    assert bad["error"]["code"] == -32600
+
+
+def test_a_sandboxed_gateway_reads_its_balance_from_the_sandbox_chain(tmp_path):
+    """`clawrouter serve --sandbox`: /health shows the sandbox wallet's balance, offline."""
+    from clawrouter.config import Settings
+    from clawrouter.launch import run_async, start_gateway
+
+    async def main() -> dict:
+        settings = Settings(home=tmp_path, port=0, sandbox=True)
+        running = await start_gateway(settings)
+        try:
+            assert running.settings.rpc_urls[0].endswith("/_sandbox/rpc")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.port}") as c:
+                for _ in range(100):
+                    health = (await c.get("/health")).json()
+                    if health.get("balance_usd") is not None:
+                        return health
+                    await asyncio.sleep(0.05)
+            return health
+        finally:
+            running.stop()
+            await asyncio.gather(*running.tasks, return_exceptions=True)
+
+    health = run_async(main())
+    assert health["balance_usd"] == 100.0 and health["sandbox"] is True
+
+
+# --- reconciling ----------------------------------------------------------------------------
+
+def test_a_failed_payment_the_chain_shows_settled_becomes_settled(make_gateway, sandbox,
+                                                                  chain_url):
+    sandbox.faults({"kind": "drop", "phase": "paid", "settle": True, "times": 1})
+    gw = reconciling(make_gateway, chain_url)
+    assert gen(gw, "lost answer").status_code == 502
+    row = wait_for(lambda: (r := only_row(gw))["status"] == SETTLED and r)
+    (event,) = sandbox.stats()["settled"]
+    assert row["transaction"] == event["transaction"]
+    assert row["payer"] == gw.gw.address and row["nonce"] == event["nonce"]
+    assert "although the request failed" in row["note"] and "was: response lost" in row["note"]
+    today = gw.http.get("/v1/spend").json()["today"]
+    assert today["micro"] == COGVIEW_PRICE and today["pending"]["micro"] == 0
+
+
+def test_a_payment_never_used_stays_pending_until_it_expires_then_costs_nothing(
+        make_gateway, sandbox, chain_url, time_travel):
+    sandbox.faults({"kind": "drop", "phase": "paid", "times": 1})  # received, never settled
+    gw = reconciling(make_gateway, chain_url, max_usd_per_day=0.02)
+    assert gen(gw, "never settled").status_code == 502
+    row = only_row(gw)
+    assert row["status"] == FAILED_AFTER_PAYMENT and row["valid_before"] > time.time()
+    time.sleep(0.5)  # several rounds: unused but still spendable proves nothing
+    assert only_row(gw)["status"] == FAILED_AFTER_PAYMENT
+    # the day's budget ($0.02) is taken by the pending payment: a second image is refused
+    refused = gen(gw, "over budget")
+    assert refused.status_code == 402, refused.text
+    assert sandbox.stats()["payments_count"] == 1
+
+    time_travel(row["valid_before"] - time.time() + 2)  # the chain passes validBefore
+    row = wait_for(lambda: (r := only_row(gw))["status"] == REJECTED and r)
+    assert "never used" in row["note"] and row["transaction"] is None
+    assert gw.http.get("/v1/spend").json()["today"]["pending"]["micro"] == 0
+    time_travel(0)
+    assert gen(gw, "budget back").status_code == 200  # the budget got the amount back
+
+
+def test_an_rpc_on_another_chain_changes_nothing(make_gateway, sandbox):
+    """Mainnet's chain, an hour on: no Sepolia USDC contract there, so no answer means "unused"."""
+    later = SandboxConfig(network="base", clock=lambda: time.time() + 3600)
+    with serving(create_sandbox_app(later)) as mainnet:
+        sandbox.faults({"kind": "drop", "phase": "paid", "times": 1})
+        gw = reconciling(make_gateway, mainnet.url + "/_sandbox/rpc")
+        assert gen(gw, "wrong chain").status_code == 502
+        time.sleep(0.6)
+        assert only_row(gw)["status"] == FAILED_AFTER_PAYMENT
+
+
+def test_an_rpc_that_claims_another_chain_id_is_not_believed(make_gateway, sandbox):
+    """Same USDC address, every authorization unused and long expired — but chain id 1."""
+    from types import SimpleNamespace
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from clawrouter.sandbox.chain import Chain, rpc as chain_rpc
+
+    spoof = Starlette(routes=[Route("/", chain_rpc, methods=["POST"])])
+    spoof.state.sandbox = SimpleNamespace(chain=Chain(dataclasses.replace(SEPOLIA, chain_id=1),
+                                                      lambda: time.time() + 3600, 0))
+    with serving(spoof) as liar:
+        sandbox.faults({"kind": "drop", "phase": "paid", "times": 1})
+        gw = reconciling(make_gateway, liar.url + "/")
+        assert gen(gw, "spoofed chain").status_code == 502
+        time.sleep(0.6)
+        assert only_row(gw)["status"] == FAILED_AFTER_PAYMENT
+
+
+def test_no_rpc_answering_changes_nothing(make_gateway, sandbox, time_travel):
+    sandbox.faults({"kind": "drop", "phase": "paid", "times": 1})
+    gw = reconciling(make_gateway, "http://127.0.0.1:9/")
+    assert gen(gw, "offline").status_code == 502
+    time_travel(3600)
+    time.sleep(0.4)
+    assert only_row(gw)["status"] == FAILED_AFTER_PAYMENT
+
+
+# --- the ledger -----------------------------------------------------------------------------
+
+def test_a_version_1_ledger_is_migrated_and_its_rows_are_never_guessed_at(tmp_path: Path):
+    path = tmp_path / "ledger.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE payments (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, request_id TEXT NOT NULL,
+            route TEXT NOT NULL, model TEXT NOT NULL, size TEXT NOT NULL,
+            n INTEGER NOT NULL CHECK (n >= 1), amount INTEGER NOT NULL CHECK (amount > 0),
+            payee TEXT NOT NULL, network TEXT NOT NULL, nonce TEXT NOT NULL UNIQUE,
+            status TEXT NOT NULL, "transaction" TEXT, latency_ms REAL, note TEXT,
+            attempt INTEGER NOT NULL);
+        PRAGMA user_version = 1;
+    """)
+    old.execute("INSERT INTO payments (time, request_id, route, model, size, n, amount, payee, "
+                "network, nonce, status, attempt) VALUES (1, 'r', '/v1/images/generations', "
+                "'zai/cogview-4', '512x512', 1, 16750, '0xe9030014F5DAe217d0A152f02A043567b16c1aBf',"
+                " 'eip155:84532', '0x' || printf('%064d', 1), 'signed', 1)")
+    old.commit()
+    old.close()
+    with Ledger(path) as ledger:
+        (row,) = ledger.payments()
+        assert (row.status, row.payer, row.valid_before) == (UNKNOWN, None, None)
+        assert ledger.unresolved(SEPOLIA.caip2) == []  # no payer: the chain cannot be asked
+        assert ledger.spent() == 16_750
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+    raw.close()
+
+
+def test_an_outcome_expecting_a_status_fails_if_the_row_moved_on(ledger: Ledger):
+    payment_id = ledger.record_signed(
+        request_id="r", route="/v1/images/generations", model="zai/cogview-4", size="512x512",
+        n=1, amount=16_750, payee="0xe9030014F5DAe217d0A152f02A043567b16c1aBf",
+        network=SEPOLIA.caip2, nonce="0x" + "01" * 32)
+    ledger.finish(payment_id, SETTLED)
+    with pytest.raises(ValueError, match="settled now, not unknown"):
+        ledger.commit(ledger.outcome(payment_id, REJECTED, expected=UNKNOWN))
+    assert ledger.get(payment_id).status == SETTLED
+
+
+# --- the decision ---------------------------------------------------------------------------
+
+def _payment(status: str, valid_before: int, note: str | None = None) -> Payment:
+    return Payment(1, 0.0, "r", "/v1/images/generations", "zai/cogview-4", "512x512", 1,
+                   16_750, "0xe9030014F5DAe217d0A152f02A043567b16c1aBf", SEPOLIA.caip2,
+                   "0x" + "01" * 32, status, None, None, note, 1,
+                   "0x1563915e194D8CfBA1943570603F7606A3115508", valid_before)
+
+
+@given(status=st.sampled_from([UNKNOWN, FAILED_AFTER_PAYMENT]), used=st.booleans(),
+       valid_before=st.integers(0, 2**40), timestamp=st.integers(0, 2**40),
+       note=st.none() | st.text(max_size=50))
+def test_only_an_expired_unused_authorization_is_ever_called_unpaid(status, used,
+                                                                    valid_before, timestamp,
+                                                                    note):
+    decision = decide(_payment(status, valid_before, note), used, Block(5, timestamp))
+    if used:
+        assert decision is not None and decision[0] == SETTLED
+    elif timestamp >= valid_before:
+        assert decision is not None and decision[0] == REJECTED
+    else:
+        assert decision is None  # still spendable: nothing is proven yet
