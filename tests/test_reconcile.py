@@ -281,3 +281,33 @@ def test_only_an_expired_unused_authorization_is_ever_called_unpaid(status, used
         assert decision is not None and decision[0] == REJECTED
     else:
         assert decision is None  # still spendable: nothing is proven yet
+
+
+def test_a_row_left_signed_long_after_its_authorization_expired_is_reconciled(
+        tmp_path: Path, sandbox, chain_url):
+    """A request task that died without an outcome (cancelled while its row was written)
+    leaves `signed`; once its authorization is long expired and unused, it cost nothing."""
+    import aiohttp
+
+    from clawrouter.payment.reconcile import ORPHANED_AFTER, Reconciler
+
+    payer = "0x1563915e194D8CfBA1943570603F7606A3115508"
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        def signed(nonce: str, valid_before: float) -> int:
+            return ledger.record_signed(
+                request_id="r", route="/v1/images/generations", model="zai/cogview-4",
+                size="512x512", n=1, amount=16_750,
+                payee="0xe9030014F5DAe217d0A152f02A043567b16c1aBf", network=SEPOLIA.caip2,
+                nonce=nonce, payer=payer, valid_before=int(valid_before))
+
+        orphan = signed("0x" + "0a" * 32, time.time() - ORPHANED_AFTER - 60)
+        live = signed("0x" + "0b" * 32, time.time() + 300)  # its request may still be running
+
+        async def once():
+            async with aiohttp.ClientSession() as session:
+                return await Reconciler(ledger, SEPOLIA, [chain_url], session).reconcile_once()
+
+        (done,) = asyncio.run(once())
+        assert done.payment.id == orphan and done.status == REJECTED
+        assert ledger.get(orphan).status == REJECTED and ledger.get(live).status == "signed"
+        assert ledger.spent() == 16_750  # only the live row still counts

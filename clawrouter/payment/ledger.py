@@ -386,15 +386,20 @@ class Ledger:
             raise KeyError(f"no payment {payment_id} in the ledger")
         return Payment(*row)
 
-    def unresolved(self, network: str, *, limit: int = 100) -> list[Payment]:
-        """Rows whose money may or may not have moved (`unknown`, `failed_after_payment`) and
-        that carry what the chain needs to tell (payer, validBefore), oldest first."""
+    def unresolved(self, network: str, *, limit: int = 100,
+                   orphaned_before: float | None = None) -> list[Payment]:
+        """Rows whose money may or may not have moved and that carry what the chain needs to
+        tell (payer, validBefore), oldest first: `unknown` and `failed_after_payment` rows, and
+        `signed` rows whose authorization expired before `orphaned_before` (their request
+        task died without an outcome, e.g. cancelled while the row was written)."""
         with self._db_lock:
             rows = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM payments WHERE status IN (?, ?) AND network = ? "
+                f"SELECT {_COLUMNS} FROM payments WHERE network = ? "
+                "AND (status IN (?, ?) OR (status = ? AND valid_before < ?)) "
                 "AND length(payer) = 42 AND length(nonce) = 66 AND valid_before IS NOT NULL "
                 "ORDER BY id LIMIT ?",
-                (UNKNOWN, FAILED_AFTER_PAYMENT, network, limit)).fetchall()
+                (network, UNKNOWN, FAILED_AFTER_PAYMENT, SIGNED,
+                 -1 if orphaned_before is None else orphaned_before, limit)).fetchall()
         return [Payment(*row) for row in rows]
 
     def payments(self, *, latest: int | None = None) -> list[Payment]:

@@ -1,6 +1,7 @@
 """Ask the chain what became of payments whose outcome the gateway never learned.
 
-A row is `unknown` when the gateway died between signing and hearing back, and
+A row is `unknown` when the gateway died between signing and hearing back (or still `signed`
+long after its authorization expired, when its request died without an outcome), and
 `failed_after_payment` when the upstream failed after the payment left. Either way the money
 may or may not have moved, so the row counts against the budgets and shows as pending. USDC
 settles the question for good:
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +39,11 @@ log = logging.getLogger(__name__)
 
 #: blocks searched on either side of a payment's window for its AuthorizationUsed log
 LOG_MARGIN_BLOCKS = 30
+#: a row still `signed` this long after its validBefore belongs to no live request any more
+#: (with the default timeouts a request ends within 500 s), so it is asked about like `unknown`.
+#: Even a request still alive could not change what the chain proves by then: an unused
+#: authorization past its validBefore never settles, a used one is spent.
+ORPHANED_AFTER = 3600.0
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,8 @@ class Reconciler:
     async def reconcile_once(self) -> list[Resolution]:
         """One round: read the open rows, ask the chain, record what it proves."""
         payments = await self.ledger.call(self.ledger.unresolved, self.network.caip2,
-                                          limit=self.batch)
+                                          limit=self.batch,
+                                          orphaned_before=time.time() - ORPHANED_AFTER)
         if not payments:
             return []
         resolutions = await first_answer(
