@@ -81,6 +81,7 @@ async def start_gateway(settings: Settings) -> Running:
     servers: list[uvicorn.Server] = []
     tasks: list[asyncio.Task[None]] = []
     if use_sandbox:
+        from clawrouter.payment.balance import MAINNET_RPC_URLS
         from clawrouter.sandbox import SandboxConfig, create_sandbox_app
 
         sandbox_app = create_sandbox_app(SandboxConfig(network=SANDBOX_NETWORK,
@@ -88,7 +89,7 @@ async def start_gateway(settings: Settings) -> Running:
         port = await _serve(sandbox_app, "127.0.0.1", 0, servers, tasks)
         update: dict[str, Any] = {"upstream_url": f"http://127.0.0.1:{port}/api",
                                   "network": SANDBOX_NETWORK}
-        if settings.rpc_urls == Settings.model_fields["rpc_urls"].default:
+        if tuple(settings.rpc_urls) == MAINNET_RPC_URLS:
             # balances and reconciliation read the sandbox's stand-in chain, not a real one
             update["rpc_urls"] = [f"http://127.0.0.1:{port}/_sandbox/rpc"]
         settings = settings.model_copy(update=update)

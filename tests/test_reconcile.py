@@ -104,6 +104,12 @@ def test_the_sandbox_chain_shows_what_was_settled(gateway, sandbox, chain_url):
     assert [log["transactionHash"] for log in logs] == [event["transaction"]]
 
 
+def test_usdc_selectors_and_topic_are_the_well_known_ones():
+    assert AUTHORIZATION_STATE == "0xe94a0102"
+    assert AUTHORIZATION_USED == ("0x98de503528ee59b575ef0c0a2576a82497bfc029a5685b209e9ec33347"
+                                  "9b10a5")
+
+
 def test_the_sandbox_chain_refuses_what_it_cannot_answer(sandbox, chain_url):
     assert "error" in rpc(chain_url, "eth_sendRawTransaction", "0x00")
     assert "error" in rpc(chain_url, "eth_call", {"to": SEPOLIA.usdc, "data": "0xdeadbeef"})
@@ -234,8 +240,9 @@ def test_a_version_1_ledger_is_migrated_and_its_rows_are_never_guessed_at(tmp_pa
     """)
     old.execute("INSERT INTO payments (time, request_id, route, model, size, n, amount, payee, "
                 "network, nonce, status, attempt) VALUES (1, 'r', '/v1/images/generations', "
-                "'zai/cogview-4', '512x512', 1, 16750, '0xe9030014F5DAe217d0A152f02A043567b16c1aBf',"
-                " 'eip155:84532', '0x' || printf('%064d', 1), 'signed', 1)")
+                "'zai/cogview-4', '512x512', 1, 16750, "
+                "'0xe9030014F5DAe217d0A152f02A043567b16c1aBf', 'eip155:84532', "
+                "'0x' || printf('%064d', 1), 'signed', 1)")
     old.commit()
     old.close()
     with Ledger(path) as ledger:

@@ -88,7 +88,6 @@ class BalanceMonitor:
                  session: aiohttp.ClientSession | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         check_address(address)  # fail now on a bad address or network
-        _network(network)
         self.address = address
         self.network = _network(network)
         self.rpc_urls = list(rpc_urls)

@@ -18,13 +18,15 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
+from eth_hash.auto import keccak
 
 from clawrouter.payment.networks import Network
 
-BALANCE_OF = "0x70a08231"  # keccak("balanceOf(address)")[:4]
-AUTHORIZATION_STATE = "0xe94a0102"  # keccak("authorizationState(address,bytes32)")[:4]
-#: topic 0 of `AuthorizationUsed(address indexed authorizer, bytes32 indexed nonce)`
-AUTHORIZATION_USED = "0x98de503528ee59b575ef0c0a2576a82497bfc029a5685b209e9ec333479b10a5"
+#: USDC's function selectors and the topic of its `AuthorizationUsed` event, from their
+#: signatures (tests pin the well-known values)
+BALANCE_OF = "0x" + keccak(b"balanceOf(address)")[:4].hex()
+AUTHORIZATION_STATE = "0x" + keccak(b"authorizationState(address,bytes32)")[:4].hex()
+AUTHORIZATION_USED = "0x" + keccak(b"AuthorizationUsed(address,bytes32)").hex()
 
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _NONCE = re.compile(r"^0x[0-9a-fA-F]{64}$")

@@ -3,8 +3,8 @@
 The gateway reads USDC state with a handful of JSON-RPC calls (its balance, and whether an
 authorization it signed was used); `POST /_sandbox/rpc` answers the same calls from what this
 sandbox settled, so wallet balances and ledger reconciliation work offline end to end. Blocks
-are derived from the sandbox clock, one every `BLOCK_SECONDS` as on Base. Every address starts
-with `faucet` micro-USDC (the balance is shown, not enforced: benchmarks pay without limit).
+follow the sandbox clock, one every `block_seconds` of the network. Every address starts with
+`faucet` micro-USDC (the balance is shown, not enforced: benchmarks pay without limit).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from starlette.responses import JSONResponse, Response
 from clawrouter.payment.networks import Network
 from clawrouter.payment.onchain import AUTHORIZATION_STATE, AUTHORIZATION_USED, BALANCE_OF
 
-BLOCK_SECONDS = 2
 #: settlements remembered in detail; a real chain forgets nothing, a long benchmark must
 MAX_TRANSFERS = 100_000
 
@@ -40,7 +39,7 @@ class Chain:
         self._spent: dict[str, int] = {}
 
     def block(self) -> int:
-        return int(self.clock()) // BLOCK_SECONDS
+        return int(self.clock()) // self.network.block_seconds
 
     def transfer(self, payer: str, nonce: str, amount: int, transaction: str) -> None:
         if len(self._transfers) >= MAX_TRANSFERS:
@@ -61,7 +60,8 @@ class Chain:
             return hex(self.block())
         if method == "eth_getBlockByNumber":
             number = self._block_param(params[0] if params else "latest")
-            return {"number": hex(number), "timestamp": hex(number * BLOCK_SECONDS)}
+            return {"number": hex(number),
+                    "timestamp": hex(number * self.network.block_seconds)}
         if method == "eth_call":
             return self._call(params[0], self._block_param(params[1] if len(params) > 1
                                                            else "latest"))
