@@ -4,9 +4,11 @@ served over JSON-RPC by the sandbox itself, with the gateway and sandbox as real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,7 +20,7 @@ from clawrouter.payment.ledger import (
 )
 from clawrouter.payment.networks import NETWORKS
 from clawrouter.payment.onchain import AUTHORIZATION_STATE, AUTHORIZATION_USED, Block
-from clawrouter.payment.reconcile import decide
+from clawrouter.payment.reconcile import Resolution, agree, decide
 from clawrouter.sandbox import SandboxConfig, create_sandbox_app
 from tests.servers import serving
 
@@ -75,8 +77,8 @@ def only_row(gw) -> dict:
     return row
 
 
-def reconciling(make_gateway, chain_url, **overrides):
-    return make_gateway(rpc_urls=[chain_url], reconcile_interval=0.1, **overrides)
+def reconciling(make_gateway, *rpc_urls, **overrides):
+    return make_gateway(rpc_urls=list(rpc_urls), reconcile_interval=0.1, **overrides)
 
 
 # --- the sandbox's chain --------------------------------------------------------------------
@@ -102,6 +104,19 @@ def test_the_sandbox_chain_shows_what_was_settled(gateway, sandbox, chain_url):
         "address": SEPOLIA.usdc, "fromBlock": "0x0", "toBlock": "latest",
         "topics": [AUTHORIZATION_USED, "0x" + word(address), event["nonce"]]})["result"]
     assert [log["transactionHash"] for log in logs] == [event["transaction"]]
+
+
+def test_the_sandbox_chains_finalized_head_trails_the_latest(gateway, sandbox, chain_url):
+    sandbox.configure(finality_seconds=60)
+    latest = int(rpc(chain_url, "eth_getBlockByNumber", "latest", False)["result"]["number"], 16)
+    finalized = rpc(chain_url, "eth_getBlockByNumber", "finalized", False)["result"]
+    assert int(finalized["number"], 16) in (latest - 30, latest - 29)
+    assert gen(gateway, "not final yet").status_code == 200
+    (event,) = sandbox.stats()["settled"]
+    state = {"to": SEPOLIA.usdc,
+             "data": AUTHORIZATION_STATE + word(gateway.gw.address) + word(event["nonce"])}
+    assert int(rpc(chain_url, "eth_call", state, "latest")["result"], 16) == 1
+    assert int(rpc(chain_url, "eth_call", state, "finalized")["result"], 16) == 0
 
 
 def test_usdc_selectors_and_topic_are_the_well_known_ones():
@@ -194,8 +209,10 @@ def test_an_rpc_on_another_chain_changes_nothing(make_gateway, sandbox):
         assert only_row(gw)["status"] == FAILED_AFTER_PAYMENT
 
 
-def test_an_rpc_that_claims_another_chain_id_is_not_believed(make_gateway, sandbox):
-    """Same USDC address, every authorization unused and long expired — but chain id 1."""
+@contextlib.contextmanager
+def lying_chain(chain_id: int = SEPOLIA.chain_id) -> Iterator[str]:
+    """An RPC for Sepolia's USDC that has seen no transfer and whose every block is an hour
+    on: every authorization unused and long expired. Yields its URL."""
     from types import SimpleNamespace
 
     from starlette.applications import Starlette
@@ -203,15 +220,81 @@ def test_an_rpc_that_claims_another_chain_id_is_not_believed(make_gateway, sandb
 
     from clawrouter.sandbox.chain import Chain, rpc as chain_rpc
 
-    spoof = Starlette(routes=[Route("/", chain_rpc, methods=["POST"])])
-    spoof.state.sandbox = SimpleNamespace(chain=Chain(dataclasses.replace(SEPOLIA, chain_id=1),
-                                                      lambda: time.time() + 3600, 0))
-    with serving(spoof) as liar:
+    liar = Starlette(routes=[Route("/", chain_rpc, methods=["POST"])])
+    liar.state.sandbox = SimpleNamespace(chain=Chain(
+        dataclasses.replace(SEPOLIA, chain_id=chain_id), lambda: time.time() + 3600, 0))
+    with serving(liar) as server:
+        yield server.url + "/"
+
+
+def test_an_rpc_that_claims_another_chain_id_is_not_believed(make_gateway, sandbox):
+    """Same USDC address, every authorization unused and long expired — but chain id 1."""
+    with lying_chain(chain_id=1) as liar:
         sandbox.faults({"kind": "drop", "phase": "paid", "times": 1})
-        gw = reconciling(make_gateway, liar.url + "/")
+        gw = reconciling(make_gateway, liar)
         assert gen(gw, "spoofed chain").status_code == 502
         time.sleep(0.6)
         assert only_row(gw)["status"] == FAILED_AFTER_PAYMENT
+
+
+def rows(gw) -> dict[str, dict]:
+    """The ledger's rows keyed by the order they were paid in ("1", "2", ...)."""
+    latest = sorted(gw.http.get("/v1/spend").json()["latest"], key=lambda r: r["id"])
+    return {str(i): row for i, row in enumerate(latest, 1)}
+
+
+def test_a_refund_needs_two_rpcs_to_agree_and_rpcs_that_disagree_change_nothing(
+        make_gateway, sandbox, chain_url, time_travel):
+    """The honest sandbox chain and a liar that calls everything expired and unused. Payment 1
+    was never used: the liar alone cannot hand its amount back to the budget, the honest chain
+    and the liar together can once it expired. Payment 2 was used: the liar contradicts the
+    honest chain, so it stays pending instead of being settled or refunded."""
+    sandbox.faults({"kind": "drop", "phase": "paid", "times": 1},
+                   {"kind": "drop", "phase": "paid", "settle": True, "times": 1})
+    with lying_chain() as liar:
+        gw = reconciling(make_gateway, chain_url, liar)
+        assert gen(gw, "never used").status_code == 502
+        assert gen(gw, "used").status_code == 502
+        assert len(sandbox.stats()["settled"]) == 1
+        time.sleep(0.6)  # several rounds
+        assert [r["status"] for r in rows(gw).values()] == [FAILED_AFTER_PAYMENT] * 2
+
+        time_travel(rows(gw)["1"]["valid_before"] - time.time() + 2)
+        wait_for(lambda: rows(gw)["1"]["status"] == REJECTED)
+        time.sleep(0.4)
+        assert rows(gw)["2"]["status"] == FAILED_AFTER_PAYMENT
+
+
+def test_one_rpc_answering_can_settle_but_not_refund(make_gateway, sandbox, chain_url,
+                                                     time_travel):
+    sandbox.faults({"kind": "drop", "phase": "paid", "settle": True, "times": 1},
+                   {"kind": "drop", "phase": "paid", "times": 1})
+    gw = reconciling(make_gateway, "http://127.0.0.1:9/", chain_url)
+    assert gen(gw, "used").status_code == 502
+    assert gen(gw, "never used").status_code == 502
+    wait_for(lambda: rows(gw)["1"]["status"] == SETTLED)
+    time_travel(rows(gw)["2"]["valid_before"] - time.time() + 2)
+    time.sleep(0.6)
+    assert rows(gw)["2"]["status"] == FAILED_AFTER_PAYMENT
+
+
+def test_outcomes_are_read_at_the_finalized_block(make_gateway, sandbox, chain_url,
+                                                  time_travel):
+    """A transfer in the latest blocks, or an expiry only the latest blocks have passed, could
+    still be undone by a reorg: nothing is decided until the finalized head shows it."""
+    sandbox.configure(finality_seconds=1000)  # longer than an authorization's window
+    sandbox.faults({"kind": "drop", "phase": "paid", "settle": True, "times": 1},
+                   {"kind": "drop", "phase": "paid", "times": 1})
+    gw = reconciling(make_gateway, chain_url)
+    assert gen(gw, "used").status_code == 502
+    assert gen(gw, "never used").status_code == 502
+    expired = rows(gw)["2"]["valid_before"] - time.time() + 2
+    time_travel(expired)  # the latest block is past validBefore, the finalized one is not
+    time.sleep(0.6)
+    assert [r["status"] for r in rows(gw).values()] == [FAILED_AFTER_PAYMENT] * 2
+
+    time_travel(expired + 1000)
+    wait_for(lambda: [r["status"] for r in rows(gw).values()] == [SETTLED, REJECTED])
 
 
 def test_no_rpc_answering_changes_nothing(make_gateway, sandbox, time_travel):
@@ -288,6 +371,25 @@ def test_only_an_expired_unused_authorization_is_ever_called_unpaid(status, used
         assert decision is not None and decision[0] == REJECTED
     else:
         assert decision is None  # still spendable: nothing is proven yet
+
+
+@given(answers=st.lists(st.sampled_from(["absent", "not yet", SETTLED, REJECTED]),
+                        min_size=1, max_size=4), quorum=st.integers(1, 3))
+def test_rpcs_are_believed_only_together(answers, quorum):
+    """One payment, one verdict per RPC that answered ("absent": it skipped the row)."""
+    payment = _payment(FAILED_AFTER_PAYMENT, 100)
+    given_answers = [{} if a == "absent" else
+                     {payment.id: None if a == "not yet" else Resolution(payment, a, "")}
+                     for a in answers]
+    agreed = agree([payment], given_answers, quorum)
+    if SETTLED in answers and REJECTED in answers:
+        assert agreed == []  # one of them is wrong: believe neither
+    elif SETTLED in answers:
+        assert [r.status for r in agreed] == [SETTLED]
+    elif answers.count(REJECTED) >= quorum:
+        assert [r.status for r in agreed] == [REJECTED]
+    else:
+        assert agreed == []
 
 
 def test_a_row_left_signed_long_after_its_authorization_expired_is_reconciled(

@@ -129,7 +129,8 @@ def render(summary: dict[str, Any], source: str) -> str:
                     "failed after payment). They may have cost money and count against the "
                     "budgets until the chain tells (a running gateway asks it every "
                     "reconcile_interval seconds; at the latest once each authorization "
-                    "expires)."]
+                    "has expired and the chain has finalized that, about 20 minutes later "
+                    "on Base)."]
     if budget := summary.get("budget"):
         out += ["", "Budget   " + _budget(budget)]
     if summary.get("by_model"):

@@ -88,10 +88,11 @@ class Rpc:
     async def chain_id(self) -> int:
         return _quantity(await self.request("eth_chainId", []), "chain id")
 
-    async def latest_block(self) -> Block:
-        block = await self.request("eth_getBlockByNumber", ["latest", False])
+    async def block(self, tag: str = "latest") -> Block:
+        """The head block by tag: "latest", or "finalized" (what no reorg can undo)."""
+        block = await self.request("eth_getBlockByNumber", [tag, False])
         if not isinstance(block, dict):
-            raise ValueError("no latest block")
+            raise ValueError(f"no {tag} block")
         return Block(_quantity(block.get("number"), "block number"),
                      _quantity(block.get("timestamp"), "block timestamp"))
 
@@ -144,13 +145,43 @@ async def first_answer(urls: Sequence[str], ask: Callable[[Rpc], Awaitable[T]], 
         rpc = Rpc(url, session, timeout)
         try:
             return await ask(rpc)
-        except asyncio.TimeoutError:
-            failures.append(f"{rpc.host}: no answer within {timeout:g} s")
-        except aiohttp.ClientConnectorError:
-            failures.append(f"{rpc.host}: cannot connect")
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            failures.append(f"{rpc.host}: {str(exc) or type(exc).__name__}")
+        except _RPC_FAILURES as exc:
+            failures.append(_failure(rpc, exc))
     raise ChainUnavailable("; ".join(failures))
+
+
+async def every_answer(urls: Sequence[str], ask: Callable[[Rpc], Awaitable[T]], *,
+                       session: aiohttp.ClientSession,
+                       timeout: float = 3.0) -> tuple[list[T], list[str]]:
+    """`ask` every RPC at once: the answers of those that answered (in `urls` order) and why
+    the others did not; ChainUnavailable when none did."""
+    if not urls:
+        raise ChainUnavailable("no RPC URLs configured")
+    rpcs = [Rpc(url, session, timeout) for url in urls]
+    results = await asyncio.gather(*(ask(rpc) for rpc in rpcs), return_exceptions=True)
+    answers: list[T] = []
+    failures = []
+    for rpc, result in zip(rpcs, results):
+        if isinstance(result, _RPC_FAILURES):
+            failures.append(_failure(rpc, result))
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            answers.append(result)
+    if not answers:
+        raise ChainUnavailable("; ".join(failures))
+    return answers, failures
+
+
+_RPC_FAILURES = (aiohttp.ClientError, OSError, ValueError, asyncio.TimeoutError)
+
+
+def _failure(rpc: Rpc, exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"{rpc.host}: no answer within {rpc.timeout:g} s"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"{rpc.host}: cannot connect"
+    return f"{rpc.host}: {str(exc) or type(exc).__name__}"
 
 
 def askable(payer: object, nonce: object) -> bool:

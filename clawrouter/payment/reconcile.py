@@ -14,8 +14,12 @@ settles the question for good:
   (no money moved) and the budgets get its amount back;
 - otherwise the row stays as it is and is asked about again next round.
 
-A wrong answer would mis-state money, so a round checks the RPC's chain id first, asks about
-every row at one block of one RPC, and changes nothing when anything fails.
+A wrong answer would mis-state money, so each RPC is asked at its *finalized* block (what no
+reorg can undo; on Base about 20 minutes behind the latest) after its chain id was checked, a
+round asks every configured RPC at once and keeps only what their answers prove together, and
+nothing changes for a row they disagree on or when anything fails. Handing an amount back to
+the budgets is the one outcome that loosens a spending cap, so a row becomes `rejected` only
+when two RPCs (or the only one configured) saw it expired unused.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import aiohttp
 from clawrouter.catalog import format_usd
 from clawrouter.payment.ledger import FAILED_AFTER_PAYMENT, REJECTED, SETTLED, Ledger, Payment
 from clawrouter.payment.networks import Network
-from clawrouter.payment.onchain import Block, ChainUnavailable, Rpc, askable, first_answer
+from clawrouter.payment.onchain import Block, ChainUnavailable, Rpc, askable, every_answer
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,11 @@ LOG_MARGIN_BLOCKS = 30
 #: Even a request still alive could not change what the chain proves by then: an unused
 #: authorization past its validBefore never settles, a used one is spent.
 ORPHANED_AFTER = 3600.0
+#: the block every answer is read at
+FINALIZED = "finalized"
+#: RPCs that must agree an authorization expired unused before its amount goes back to the
+#: budgets (fewer when fewer are configured)
+REFUND_QUORUM = 2
 
 
 @dataclass(frozen=True)
@@ -68,13 +77,15 @@ def decide(payment: Payment, used: bool, block: Block) -> tuple[str, str] | None
     return None
 
 
-async def resolve(rpc: Rpc, network: Network, payments: Sequence[Payment]) -> list[Resolution]:
-    """Ask one RPC about `payments` at its latest block; raises on any failure."""
+async def resolve(rpc: Rpc, network: Network,
+                  payments: Sequence[Payment]) -> dict[int, Resolution | None]:
+    """What one RPC's finalized block proves about each askable payment (None: nothing yet),
+    by payment id; raises on any failure."""
     chain_id = await rpc.chain_id()
     if chain_id != network.chain_id:
         raise ValueError(f"chain id {chain_id}, expected {network.chain_id} ({network.name})")
-    block = await rpc.latest_block()
-    resolutions = []
+    block = await rpc.block(FINALIZED)
+    verdicts: dict[int, Resolution | None] = {}
     for payment in payments:
         if not askable(payment.payer, payment.nonce):
             continue  # not from our signer; a malformed row must not stall every other
@@ -82,11 +93,31 @@ async def resolve(rpc: Rpc, network: Network, payments: Sequence[Payment]) -> li
         used = await rpc.authorization_used(network, payment.payer, payment.nonce, block.number)
         decision = decide(payment, used, block)
         if decision is None:
+            verdicts[payment.id] = None
             continue
         status, note = decision
         tx = await _transaction(rpc, network, payment, block) if used else None
-        resolutions.append(Resolution(payment, status, note, tx))
-    return resolutions
+        verdicts[payment.id] = Resolution(payment, status, note, tx)
+    return verdicts
+
+
+def agree(payments: Sequence[Payment], answers: Sequence[dict[int, Resolution | None]],
+          quorum: int) -> list[Resolution]:
+    """What the RPCs' answers prove together: `settled` when one saw the authorization used
+    and none saw it expired unused; `rejected` only when `quorum` saw it expired unused and
+    none saw it used. A row they disagree on stays as it is (and is logged)."""
+    agreed = []
+    for payment in payments:
+        verdicts = [v for answer in answers if (v := answer.get(payment.id)) is not None]
+        statuses = {v.status for v in verdicts}
+        if statuses == {SETTLED}:
+            agreed.append(next((v for v in verdicts if v.transaction), verdicts[0]))
+        elif statuses == {REJECTED} and len(verdicts) >= quorum:
+            agreed.append(verdicts[0])
+        elif len(statuses) > 1:
+            log.warning("payment %d: the RPCs disagree (used on one, expired unused on "
+                        "another); it stays %s", payment.id, payment.status)
+    return agreed
 
 
 async def _transaction(rpc: Rpc, network: Network, payment: Payment, block: Block) -> str | None:
@@ -122,7 +153,7 @@ class Reconciler:
         self.timeout = timeout
         self.batch = batch
         self._task: asyncio.Task[None] | None = None
-        self._failing = False
+        self._failing = ""
 
     async def reconcile_once(self) -> list[Resolution]:
         """One round: read the open rows, ask the chain, record what it proves."""
@@ -131,11 +162,12 @@ class Reconciler:
                                           orphaned_before=time.time() - ORPHANED_AFTER)
         if not payments:
             return []
-        resolutions = await first_answer(
+        answers, failures = await every_answer(
             self.rpc_urls, lambda rpc: resolve(rpc, self.network, payments),
             session=self.session, timeout=self.timeout)
+        self._report(f"{'; '.join(failures)} (the other RPCs answered)" if failures else "")
         done = []
-        for r in resolutions:
+        for r in agree(payments, answers, min(REFUND_QUORUM, len(self.rpc_urls))):
             try:
                 await self.ledger.write(self.ledger.outcome(
                     r.payment.id, r.status, transaction=r.transaction, note=r.note,
@@ -159,15 +191,18 @@ class Reconciler:
         while True:
             try:
                 await self.reconcile_once()
-                self._failing = False
             except ChainUnavailable as exc:
-                if not self._failing:  # once per outage, not once per round
-                    log.warning("reconcile: no RPC answered (%s); payments with an unknown "
-                                "outcome stay pending", exc)
-                self._failing = True
+                self._report(f"no RPC answered ({exc}); payments with an unknown outcome "
+                             "stay pending")
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("reconcile: round failed")
             await asyncio.sleep(self.interval)
+
+    def _report(self, failing: str) -> None:
+        """Log RPC failures once per change, not once per round."""
+        if failing and failing != self._failing:
+            log.warning("reconcile: %s", failing)
+        self._failing = failing
 
     async def aclose(self) -> None:
         task, self._task = self._task, None

@@ -3,8 +3,9 @@
 The gateway reads USDC state with a handful of JSON-RPC calls (its balance, and whether an
 authorization it signed was used); `POST /_sandbox/rpc` answers the same calls from what this
 sandbox settled, so wallet balances and ledger reconciliation work offline end to end. Blocks
-follow the sandbox clock, one every `block_seconds` of the network. Every address starts with
-`faucet` micro-USDC (the balance is shown, not enforced: benchmarks pay without limit).
+follow the sandbox clock, one every `block_seconds` of the network; the "finalized" (and "safe")
+head trails the latest by the sandbox's `finality_seconds`. Every address starts with `faucet`
+micro-USDC (the balance is shown, not enforced: benchmarks pay without limit).
 """
 
 from __future__ import annotations
@@ -31,15 +32,17 @@ class Transfer:
 class Chain:
     """Settled authorizations and what they spent, per payer."""
 
-    def __init__(self, network: Network, clock: Callable[[], float], faucet: int) -> None:
+    def __init__(self, network: Network, clock: Callable[[], float], faucet: int,
+                 finality: Callable[[], float] = lambda: 0.0) -> None:
         self.network = network
         self.clock = clock
         self.faucet = faucet
+        self.finality = finality  # seconds the finalized head trails the latest
         self._transfers: dict[tuple[str, str], Transfer] = {}
         self._spent: dict[str, int] = {}
 
-    def block(self) -> int:
-        return int(self.clock()) // self.network.block_seconds
+    def block(self, lag: float = 0.0) -> int:
+        return max(0, int(self.clock() - lag)) // self.network.block_seconds
 
     def transfer(self, payer: str, nonce: str, amount: int, transaction: str) -> None:
         if len(self._transfers) >= MAX_TRANSFERS:
@@ -71,8 +74,10 @@ class Chain:
 
     def _block_param(self, tag: Any) -> int:
         latest = self.block()
-        if tag in ("latest", "safe", "finalized", "pending"):
+        if tag in ("latest", "pending"):
             return latest
+        if tag in ("safe", "finalized"):
+            return self.block(self.finality())
         number = _int(tag)
         if number > latest:
             raise ValueError(f"block {number} is in the future")

@@ -16,7 +16,8 @@ from clawrouter.payment.networks import NETWORKS, Network
 
 #: fields `POST /_sandbox/config` may change while the server runs (benchmark phases)
 RUNTIME_FIELDS = ("latency_ms", "slow_seconds", "url_results", "image_bytes",
-                  "max_timeout_seconds", "max_accepted_timeout_seconds", "accept_v1")
+                  "max_timeout_seconds", "max_accepted_timeout_seconds", "accept_v1",
+                  "finality_seconds")
 
 
 @dataclass
@@ -40,6 +41,9 @@ class SandboxConfig:
     accept_v1: bool = False
     #: what every wallet holds on the sandbox chain before it pays (shown, not enforced)
     faucet_usd: float = 100.0
+    #: how far the chain's finalized head trails its latest block (Base's: about 20 minutes;
+    #: short here so that payments with a lost outcome are reconciled while you watch)
+    finality_seconds: float = 4.0
     #: the clock every check and job timer reads (tests may freeze it)
     clock: Callable[[], float] = field(default=time.time, repr=False)
 

@@ -55,7 +55,8 @@ class Sandbox:
         self.jobs = Jobs()
         self.media = MediaStore()
         self.used = UsedAuthorizations()
-        self.chain = Chain(config.chain, self.now, to_micro(config.faucet_usd))
+        self.chain = Chain(config.chain, self.now, to_micro(config.faucet_usd),
+                           lambda: self.config.finality_seconds)
 
     def reset(self) -> None:
         """Forget stats, jobs, faults, used authorizations and the chain (config and media
