@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from clawrouter.context import RequestContext
-from clawrouter.errors import ClawError, Conflict
+from clawrouter.errors import ClawError, ClientGone, Conflict
 from clawrouter.pipeline import Result
 
 IDEMPOTENCY_TTL = 24 * 3600.0
@@ -79,13 +79,19 @@ class Coalescer:
                   work: Callable[[RequestContext], Awaitable[Result]]) -> Result:
         key = (("key", ctx.client, idempotency_key) if idempotency_key
                else ("same", ctx.client, fingerprint))
-        entry = self._live(key)
-        if entry is not None:
+        while (entry := self._live(key)) is not None:
             if entry.fingerprint != fingerprint:
                 raise Conflict("This Idempotency-Key was already used for a different request; "
                                "use a new key for a new request.", param="Idempotency-Key")
             entry.attach(ctx)
-            return await asyncio.shield(entry.future)
+            try:
+                return await asyncio.shield(entry.future)
+            except ClientGone:
+                # Every client before us left just as we joined, and the work stopped (at no
+                # cost: outcomes that cost money are kept and re-raised as they are). We are
+                # still here, so the request runs again, as it would a moment later.
+                if ctx.gone.is_set():
+                    raise
         shared = RequestContext(ctx.request_id, ctx.base_url, ctx.client,
                                 body_built=ctx.body_built)
         entry = _Entry(fingerprint, asyncio.get_running_loop().create_future(), shared)

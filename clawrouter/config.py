@@ -89,6 +89,14 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
+    @field_validator("max_usd_per_request", "max_usd_per_day", "max_usd_total")
+    @classmethod
+    def _whole_micro_usdc(cls, value: float) -> float:
+        # limits are kept in micro-USDC, where a positive limit rounding to 0 would mean none
+        if 0 < value < 0.000001:
+            raise ValueError("must be 0 (no limit) or at least 0.000001 (one micro-USDC)")
+        return value
+
     @field_validator("home", mode="after")
     @classmethod
     def _expand(cls, value: Path) -> Path:

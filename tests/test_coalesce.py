@@ -6,7 +6,7 @@ import pytest
 
 from clawrouter.coalesce import SWEEP_EVERY, Coalescer
 from clawrouter.context import RequestContext
-from clawrouter.errors import Conflict
+from clawrouter.errors import ClientGone, Conflict
 from clawrouter.pipeline import Result
 
 
@@ -58,5 +58,30 @@ def test_unpaid_outcomes_are_not_kept_and_keys_conflict_on_other_bodies():
         await coalescer.run(ctx(), "one", "key-1", paid())
         with pytest.raises(Conflict):
             await coalescer.run(ctx(), "two", "key-1", paid())
+
+    asyncio.run(main())
+
+
+def test_a_repeat_that_joins_just_as_every_earlier_client_left_runs_again():
+    """The SDK times out, closes its socket and retries at once: the retry joins work that was
+    just abandoned (and stops at its next safe point). It must not get that client's 'gone'."""
+    coalescer = Coalescer(60)
+    runs = []
+
+    async def work(shared):
+        runs.append(1)
+        await asyncio.sleep(0.05)
+        shared.check()
+        return Result(1, [], 1000, None)
+
+    async def main():
+        first = ctx()
+        abandoned = asyncio.create_task(coalescer.run(first, "fp", None, work))
+        await asyncio.sleep(0.01)
+        first.leave()
+        retry = await coalescer.run(ctx(), "fp", None, work)
+        assert retry.amount == 1000 and len(runs) == 2
+        with pytest.raises(ClientGone):
+            await abandoned
 
     asyncio.run(main())

@@ -48,7 +48,10 @@ def test_config_in_home_is_read_by_default(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("text", ["bogus = 1\n", 'network = "ethereum"\n', "port = -1\n",
-                                  'pay_to = "0x123"\n'])
+                                  'pay_to = "0x123"\n',
+                                  # would round to 0 micro-USDC, which means "no limit"
+                                  "max_usd_per_day = 0.0000004\n",
+                                  "max_usd_total = 1e-9\n", "max_usd_per_request = 1e-7\n"])
 def test_bad_files_are_refused(tmp_path, text):
     config = tmp_path / "c.toml"
     config.write_text(text)

@@ -104,12 +104,63 @@ def test_polls_that_fail_then_recover_still_complete(gateway, sandbox):
     assert [row["status"] for row in rows(gateway)] == ["settled"]
 
 
-def test_polls_that_keep_failing_end_at_the_deadline(make_gateway, sandbox):
+def test_polls_still_running_at_the_deadline_cost_nothing(make_gateway, sandbox):
     gw = make_gateway(poll_deadline=0.6)
-    sandbox.faults({"kind": "job"}, {"kind": "respond", "phase": "poll", "status": 500})
+    sandbox.configure(slow_seconds=30)
+    sandbox.faults({"kind": "job"}, {"kind": "respond", "phase": "poll", "status": 429})
     r = gen(gw)
     assert r.status_code == 504 and "No payment was settled" in error(r)["message"]
+    assert r.headers["x-should-retry"] == "false"
     assert sandbox.stats()["settled_count"] == 0
+    assert [row["status"] for row in rows(gw)] == ["rejected"]
+
+
+@pytest.mark.parametrize("lost", [{"kind": "respond", "status": 504},
+                                  {"kind": "drop"}])
+def test_a_lost_poll_answer_leaves_the_payment_pending_never_refunded(make_gateway, sandbox,
+                                                                      lost):
+    """BlockRun settles on the poll that completes the job: one whose answer was lost may have
+    settled, so the budget keeps holding the amount until the chain tells."""
+    gw = make_gateway(poll_deadline=0.6)
+    sandbox.faults({"kind": "job"}, {**lost, "phase": "poll", "settle": True})
+    r = gen(gw)
+    assert r.status_code == 504 and r.headers["x-should-retry"] == "false"
+    assert "may have settled" in error(r)["message"] and error(r)["payment"] == "signed"
+    assert sandbox.stats()["settled_count"] == 1
+    (row,) = rows(gw)
+    assert row["status"] == "failed_after_payment" and "poll 1" in row["note"]
+    assert gw.http.get("/v1/spend").json()["today"]["pending"]["micro"] == row["amount"]
+
+
+def test_a_client_that_leaves_after_a_lost_poll_is_not_paid_for_again(make_gateway, sandbox):
+    gw = make_gateway(poll_deadline=30)
+    sandbox.configure(slow_seconds=30)
+    sandbox.faults({"kind": "job"},
+                   {"kind": "respond", "phase": "poll", "status": 504, "settle": True,
+                    "times": 1})
+    with pytest.raises(httpx.ReadTimeout):
+        gen(gw, "left while polling", timeout=0.6)
+    deadline = time.monotonic() + 5
+    while [row["status"] for row in rows(gw)] != ["failed_after_payment"]:
+        assert time.monotonic() < deadline, rows(gw)
+        time.sleep(0.05)
+    again = gen(gw, "left while polling")  # the SDK's retry of the same request
+    assert again.status_code == 502 and again.headers["x-should-retry"] == "false"
+    assert "lost" in error(again)["message"]
+    assert sandbox.stats()["payments_count"] == 1
+
+
+@pytest.mark.parametrize("poll_url", ["http://[bad/x", "https://jobs.elsewhere.example/x"])
+def test_an_unusable_poll_url_after_payment_is_a_paid_failure_never_retried(gateway, sandbox,
+                                                                           poll_url):
+    sandbox.faults({"kind": "respond", "phase": "paid", "status": 202,
+                    "body": {"status": "queued", "poll_url": poll_url}})
+    for _ in range(2):  # the retry gets the first outcome, it does not sign again
+        r = gen(gateway, "odd poll url")
+        assert r.status_code == 502 and r.headers["x-should-retry"] == "false", r.text
+        assert "was signed and sent" in error(r)["message"]
+    assert sandbox.stats()["payments_count"] == 1
+    assert [row["status"] for row in rows(gateway)] == ["failed_after_payment"]
 
 
 def test_a_settlement_failure_on_the_poll_is_reported_as_not_charged(gateway, sandbox):

@@ -166,6 +166,19 @@ def test_envelope_on_404_and_405(gateway, method, path, status):
     assert r.json()["error"]["code"] in ("not_found", "method_not_allowed")
 
 
+def test_a_crash_is_a_500_envelope_that_no_client_retries(make_gateway, caplog):
+    """A bug met after a payment left would otherwise be retried by the SDK into another."""
+    gw = make_gateway()
+
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    gw.app.add_api_route("/v1/boom", boom, methods=["POST"])
+    r = gw.http.post("/v1/boom")
+    assert r.status_code == 500 and r.headers["x-should-retry"] == "false"
+    assert r.json()["error"]["code"] == "internal_error" and "a bug" not in r.text
+
+
 @pytest.mark.parametrize("content", [b"{not json", b"[1,2]", b"", b'"text"'])
 def test_malformed_json_is_a_400_envelope(gateway, sandbox, content):
     r = gateway.http.post("/v1/images/generations", content=content,

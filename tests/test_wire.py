@@ -32,3 +32,14 @@ def test_receipts_from_each_header():
     assert read_receipt({"x-payment-response": v2}).transaction == tx
     assert read_receipt({"X-Payment-Receipt": tx}).transaction == tx
     assert read_receipt({}) is None
+
+
+@pytest.mark.parametrize("tx", ["0x" + "ab" * 31, "0x" + "zz" * 32, "\u2603" * 66, 12,
+                                "0x" + "ab" * 32 + "\r\nx-evil: 1"])
+def test_a_receipt_with_no_transaction_hash_keeps_no_transaction(tx):
+    """It goes into the ledger and a response header: a malformed one would fail a request
+    whose payment settled (and get it retried into another payment)."""
+    v2 = base64.b64encode(json.dumps({"success": True, "transaction": tx}).encode()).decode()
+    assert read_receipt({"PAYMENT-RESPONSE": v2}).transaction is None
+    if isinstance(tx, str):
+        assert read_receipt({"x-payment-receipt": tx}).transaction is None

@@ -90,6 +90,7 @@ def install(app: FastAPI) -> None:
         log.error("unhandled error on %s %s", request.method, request.url.path,
                   exc_info=(type(exc), exc, exc.__traceback__))
         rid = request.scope.get("state", {}).get("request_id", "")
+        # Not retryable: a bug met after a payment left would be retried into another one.
         return error_response(ClawError(
             f"Internal error in the gateway (request {rid}). It has been logged.",
-            code="internal_error"), request)
+            code="internal_error", headers={"x-should-retry": "false"}), request)

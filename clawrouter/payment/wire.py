@@ -11,6 +11,7 @@ import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+import re
 from typing import Any
 
 REQUIRED_HEADER = "payment-required"
@@ -108,6 +109,9 @@ def parse_challenge(headers: Mapping[str, str], body: bytes) -> Challenge:
     )
 
 
+_TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+
+
 @dataclass(frozen=True)
 class Receipt:
     transaction: str | None
@@ -126,9 +130,14 @@ def read_receipt(headers: Mapping[str, str]) -> Receipt | None:
                 continue
             if isinstance(data, dict):
                 tx = data.get("transaction") or data.get("txHash") or None
-                return Receipt(tx if isinstance(tx, str) else None,
-                               data.get("network"), data.get("amount"))
+                return Receipt(_transaction(tx), data.get("network"), data.get("amount"))
     bare = lowered.get("x-payment-receipt")
     if bare:
-        return Receipt(bare.strip() or None)
+        return Receipt(_transaction(bare.strip()))
     return None
+
+
+def _transaction(value: object) -> str | None:
+    """A transaction hash, or None for anything else: the value goes into the ledger and a
+    response header, where a malformed one would fail a request whose payment settled."""
+    return value if isinstance(value, str) and _TX_HASH.match(value) else None

@@ -85,9 +85,14 @@ class BlockRunClient:
         An absolute URL on another host is refused: the payment header must not leave
         the API host (BlockRun's Python SDK does the same).
         """
-        url = urljoin(self.origin + "/", poll_url)
-        if urlsplit(url).netloc != urlsplit(self.origin).netloc:
-            raise UpstreamError(f"The upstream asked to poll another host ({urlsplit(url).netloc});"
+        try:
+            url = urljoin(self.origin + "/", poll_url)
+            host = urlsplit(url).netloc
+        except ValueError:
+            raise UpstreamError(f"The upstream's poll_url is not a URL ({poll_url[:100]!r}).",
+                                status=502, code="bad_poll_url") from None
+        if host != urlsplit(self.origin).netloc:
+            raise UpstreamError(f"The upstream asked to poll another host ({host});"
                                 " refused so the payment header stays with the API host.",
                                 status=502, code="poll_origin_refused")
         return url

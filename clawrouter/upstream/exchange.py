@@ -31,7 +31,7 @@ from clawrouter.payment.wire import (
 )
 from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
 from clawrouter.upstream.errors import paid_error, unpaid_error, upstream_message
-from clawrouter.upstream.jobs import wait_for_job
+from clawrouter.upstream.jobs import JobAbandoned, wait_for_job
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,12 @@ class Exchange:
                 "It was not re-signed.", extra={"upstream_code": code, "payment": "rejected"})
         try:
             outcome = await self._complete(call, resp, payment, ctx, round_trips + 1)
+        except JobAbandoned as exc:
+            await finish("failed_after_payment", f"the client left during polling after {exc}")
+            # Its client is gone, but a repeat of the request joining it must learn that a
+            # payment may have settled, not start another one.
+            raise paid_error(None, payment.amount, detail=(
+                f"the client left during polling, after the answer to {exc} was lost")) from None
         except ClientGone:
             # BlockRun settles a 202 job on the completed poll, which now never comes.
             await finish("rejected", "not settled: the client left during polling")
@@ -191,7 +197,17 @@ class Exchange:
             settled_nothing = exc.extra.get("payment") == "not_settled"
             await finish("rejected" if settled_nothing else "failed_after_payment",
                          exc.message)
+            if exc.extra.get("payment") in (None, "none"):  # not written for a paid request
+                raise paid_error(None, payment.amount, detail=exc.message) from exc
             raise
+        except Exception as exc:
+            # A bug must not become a bare, retryable 500 once money left: the SDK would
+            # retry it into a second payment.
+            log.exception("payment %d: the gateway failed after the payment was sent",
+                          payment_id)
+            await finish("failed_after_payment", f"gateway error: {type(exc).__name__}")
+            raise paid_error(None, payment.amount,
+                             detail="the gateway failed on the upstream's answer") from exc
         if not preauth and self.settings.preauth:
             self.prices.learn(call.price_key, challenge)
         # The settled row is written while the caller stores the images: the signed row is

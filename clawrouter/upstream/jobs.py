@@ -1,19 +1,29 @@
 """Slow jobs: BlockRun answers 202 with a `poll_url`; we poll it with the same payment header.
 
 On Base the payment settles on the first completed poll, so giving up (deadline, client gone)
-costs nothing. Polls never sign anything new.
+costs nothing — unless a poll's answer was lost (a timeout, a dropped connection, a 5xx): that
+poll may have completed the job and settled, so the payment is then left pending for the chain
+to tell. Polls never sign anything new.
 """
 
 from __future__ import annotations
 
 import time
 
+from clawrouter.catalog import format_usd
 from clawrouter.context import RequestContext
-from clawrouter.errors import PaidRequestFailed, UpstreamTimeout
+from clawrouter.errors import ClientGone, PaidRequestFailed, UpstreamTimeout
 from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
 from clawrouter.upstream.errors import paid_error
 
 TRANSIENT = {202, 408, 425, 429, 500, 502, 503, 504}
+#: answers after which the poll may have completed (and settled) the job upstream
+UNCERTAIN = {500, 502, 503, 504}
+
+
+class JobAbandoned(ClientGone):
+    """The client left during polling after a poll's answer was lost (`str()` says which):
+    the payment may have settled."""
 
 
 async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
@@ -29,12 +39,15 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
     give_up = time.monotonic() + deadline
     await ctx.sleep(delay)
     polls = 0
+    lost: str | None = None  # the first poll whose answer was lost, if any
     while True:
         polls += 1
         try:
             resp = await client.get(url, headers)
-        except TransportError:
+        except TransportError as exc:
             resp = None  # a poll hiccup; the job is still running upstream
+            if exc.kind != "connect" and lost is None:  # sent: it may have completed the job
+                lost = f"poll {polls}: {exc.detail}"
         if resp is not None:
             body = resp.json()
             status = body.get("status") if isinstance(body, dict) else None
@@ -52,10 +65,28 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                 raise error
             if resp.status not in TRANSIENT:
                 raise paid_error(resp, amount)
+            if resp.status in UNCERTAIN and lost is None:
+                lost = f"poll {polls}: HTTP {resp.status}"
         remaining = give_up - time.monotonic()
         if remaining <= 0:
-            raise UpstreamTimeout(
-                f"The image was not ready after {deadline:.0f} s, so polling stopped. No payment "
-                "was settled (BlockRun settles only when a poll completes).",
-                extra={"payment": "not_settled"}, headers={"x-should-retry": "false"})
-        await ctx.sleep(min(interval, remaining))
+            raise _timed_out(deadline, amount, lost)
+        try:
+            await ctx.sleep(min(interval, remaining))
+        except ClientGone:
+            if lost:
+                raise JobAbandoned(lost) from None
+            raise
+
+
+def _timed_out(deadline: float, amount: int, lost: str | None) -> UpstreamTimeout:
+    stopped = f"The image was not ready after {deadline:.0f} s, so polling stopped."
+    if lost is None:
+        return UpstreamTimeout(
+            f"{stopped} No payment was settled (BlockRun settles only when a poll completes).",
+            extra={"payment": "not_settled"}, headers={"x-should-retry": "false"})
+    return UpstreamTimeout(
+        f"{stopped} The answer to one poll was lost ({lost}), and that poll may have "
+        f"completed the job: the payment of {format_usd(amount)} may have settled. It is "
+        "pending until the chain tells (`clawrouter stats`). Not retried, so nothing is paid "
+        "twice.", extra={"payment": "signed", "lost_poll": lost},
+        headers={"x-should-retry": "false"})
