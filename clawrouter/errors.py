@@ -80,6 +80,13 @@ class Unauthorized(ClawError):
     retryable = False
 
 
+class Forbidden(ClawError):
+    status = 403
+    type = "invalid_request_error"
+    default_code = "forbidden"
+    retryable = False
+
+
 class RouteNotFound(ClawError):
     status = 404
     type = "invalid_request_error"

@@ -89,6 +89,13 @@ def test_multipart_with_repeated_image_fields_and_blank_fields(gateway, sandbox,
     r = gateway.http.post("/v1/images/edits?trace=1", files=multipart)
     assert r.status_code == 200, r.text
     assert len(sent_images(sandbox)) == 2
+    # media types are case-insensitive (RFC 9110 §8.3.1)
+    request = gateway.http.build_request("POST", "/v1/images/edits", files=multipart[:1] + [
+        ("prompt", (None, "shouting")), ("model", (None, "gpt-image-1"))])
+    request.headers["content-type"] = request.headers["content-type"].replace(
+        "multipart/form-data", "Multipart/Form-Data")
+    r = gateway.http.send(request)
+    assert r.status_code == 200, r.text
 
 
 def test_curl_json_to_edits_in_openai_shape(gateway, sandbox, files):

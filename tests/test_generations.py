@@ -159,6 +159,7 @@ def test_health_and_models_are_free(gateway, sandbox):
     ("GET", "/v1/images/generations", 405),
     ("POST", "/v1/nope", 404),
     ("GET", "/images/../../etc/passwd", 404),
+    ("POST", "/v1/images/generations/", 404),  # no redirect built from the Host header
 ])
 def test_envelope_on_404_and_405(gateway, method, path, status):
     r = gateway.http.request(method, path)

@@ -463,6 +463,33 @@ async def test_forbidden_data_dir(tree: dict[str, Path]) -> None:
     await refused(policy, (root / "data" / "real.png").as_uri(), "path_refused")
 
 
+def test_a_parent_folder_swapped_for_a_symlink_after_the_checks_is_not_followed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another local user who can write in a root (/tmp is one by default) swaps a folder for
+    a symlink to the data directory just after the path was judged and before it is opened:
+    the open must not follow it."""
+    from clawrouter.inputs import paths
+
+    root, data = tmp_path / "root", tmp_path / "data"
+    (root / "x").mkdir(parents=True)
+    data.mkdir()
+    (root / "x" / "img.png").write_bytes(PNG)
+    (data / "img.png").write_bytes(PNG + b"SECRET")
+    policy = InputPolicy(max_bytes=CAP, roots=(root,), forbidden=(data,))
+    judge = paths._judged_path
+
+    def judged_then_swapped(*args: Any, **kwargs: Any) -> Path:
+        real = judge(*args, **kwargs)
+        (root / "x").rename(root / "was-x")
+        (root / "x").symlink_to(data)
+        return real
+
+    monkeypatch.setattr(paths, "_judged_path", judged_then_swapped)
+    with pytest.raises(InvalidRequest) as refused:
+        paths.read_local_image(str(root / "x" / "img.png"), policy, cwd=root, param="image")
+    assert refused.value.code == "path_refused" and "SECRET" not in refused.value.message
+
+
 async def test_default_forbidden_dir_is_hidden_in_home(tmp_path: Path) -> None:
     home = tmp_path / "home"
     (home / ".clawrouter").mkdir(parents=True)

@@ -132,6 +132,10 @@ def test_non_loopback_requires_the_key_and_turns_local_files_off(tmp_path, sandb
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         good = {"authorization": "Bearer s3cret-key"}
         assert httpx.get(base + "/v1/models", headers=good).status_code == 200
+        # the scheme is case-insensitive (RFC 9110 §11.1); a Host of any name is fine off
+        # loopback, where the key is what protects the gateway
+        assert httpx.get(base + "/v1/models", headers={"authorization": "bearer s3cret-key",
+                                                       "host": "gpu-box.lan"}).status_code == 200
         r = httpx.post(base + "/v1/images/image2image", headers=good,
                        json={"prompt": "x", "image": str(image)})
         assert r.status_code == 400 and r.json()["error"]["code"] == "local_files_disabled"

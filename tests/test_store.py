@@ -283,6 +283,10 @@ def test_if_none_match_and_if_modified_since_give_304(
     last_modified = other.headers["last-modified"]
     r = httpx.get(f"{url}/images/{image.name}", headers={"If-Modified-Since": last_modified})
     assert r.status_code == 304
+    for bad in ("yesterday", "Mon, 01 Jan 10000000000000000000000 00:00:00 GMT",
+                "Mon, 99 Jan 2026 00:00:00 GMT"):  # not a date: served as if absent
+        r = httpx.get(f"{url}/images/{image.name}", headers={"If-Modified-Since": bad})
+        assert r.status_code == 200 and r.content, bad
 
 
 def test_head_has_the_same_headers_and_no_body(served: tuple[str, StoredImage, bytes]) -> None:

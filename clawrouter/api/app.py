@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from clawrouter import __version__
 from clawrouter.api import errors, gallery, images, meta
 from clawrouter.api.heavy import HeavyPhase
-from clawrouter.api.middleware import ApiKey, BodyLimit, RequestId
+from clawrouter.api.middleware import ApiKey, BodyLimit, BrowserGuard, RequestId
 from clawrouter.memory import Trimmer
 from clawrouter.observe import Metrics, Observe
 from clawrouter.coalesce import Coalescer
@@ -110,7 +110,8 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
             ledger.close()
 
     app = FastAPI(title="clawrouter", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, **_FASTAPI_OPTIONS)
+                  docs_url=None, redoc_url=None, redirect_slashes=False,
+                  **_FASTAPI_OPTIONS)
     app.state.gw = gw
     errors.install(app)
     app.include_router(images.router)
@@ -121,6 +122,8 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     app.add_middleware(BodyLimit, limit=4 * settings.max_image_bytes)
     if settings.api_key:
         app.add_middleware(ApiKey, key=settings.api_key.get_secret_value())
+    app.add_middleware(BrowserGuard, loopback_only=settings.loopback,
+                       public_url=settings.public_url)
     app.add_middleware(Observe, metrics=gw.metrics, log_prompts=settings.log_prompts)
     app.add_middleware(RequestId, sandbox=sandbox)
     return app

@@ -228,7 +228,7 @@ async def edits(request: Request) -> Response:
     """OpenAI `images.edit`: multipart uploads, or JSON in OpenAI's or ClawRouter's shape."""
     default_format = request.app.state.gw.settings.response_format
     async with request.app.state.gw.heavy.slot() as slot:
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             form_body, uploads, mask = await _read_form(request, slot)
             job = edit_job(form_body, uploads=uploads, mask_upload=mask,
                            default_format=default_format)

@@ -1,7 +1,7 @@
 """Pure ASGI middleware (cheaper than BaseHTTPMiddleware on the hot path).
 
 Order, outermost first: `RequestId` (every response carries `x-request-id`), `Observe`
-(metrics and the one-line JSON log), `ApiKey` (when configured), `BodyLimit`.
+(metrics and the one-line JSON log), `BrowserGuard`, `ApiKey` (when configured), `BodyLimit`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ import hmac
 import json
 import re
 import secrets
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clawrouter.errors import BodyTooLarge, ClawError, Unauthorized
+from clawrouter.config import is_loopback_host
+from clawrouter.errors import BodyTooLarge, ClawError, Forbidden, Unauthorized
 
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 HEALTH_PATHS = frozenset({"/health", "/healthz", "/readyz"})
@@ -66,19 +68,69 @@ class RequestId:
         await self.app(scope, receive, send_with_id)
 
 
+class BrowserGuard:
+    """Keep web pages from spending the user's money. Any page the user visits can send a
+    simple cross-site POST to localhost (CSRF), and DNS rebinding even makes its reads
+    same-origin. So, when the gateway listens on loopback, the Host header must name loopback
+    (or `public_url`'s host); and a request that changes anything, when it comes from a browser
+    (which says so in `Origin` or `Sec-Fetch-Site`), must come from a page this gateway
+    served. Programs (curl, SDKs, agents) send neither header and are not affected."""
+
+    def __init__(self, app: ASGIApp, *, loopback_only: bool,
+                 public_url: str | None = None) -> None:
+        self.app = app
+        self.loopback_only = loopback_only
+        self.public = urlsplit(public_url).netloc.lower() if public_url else ""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k: v for k, v in scope["headers"]
+                   if k in (b"host", b"origin", b"sec-fetch-site")}
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        error = None
+        if self.loopback_only and host and not self._host_allowed(host):
+            error = Forbidden(f"Host {host!r} is not this gateway's: it answers on loopback "
+                              "names only (set public_url to serve behind a proxy).",
+                              code="forbidden_host")
+        elif scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            origin = headers.get(b"origin", b"").decode("latin-1").lower()
+            site = headers.get(b"sec-fetch-site", b"same-origin")
+            if (origin and urlsplit(origin).netloc not in {host, self.public} - {""}) \
+                    or site not in (b"same-origin", b"none"):
+                error = Forbidden("Requests from other web pages are refused: a page could "
+                                  "spend your money through this gateway.",
+                                  code="cross_origin_refused")
+        if error is not None:
+            state(scope)["error_code"] = error.code
+            await send_error(send, error)
+            return
+        await self.app(scope, receive, send)
+
+    def _host_allowed(self, host: str) -> bool:
+        if host == self.public:
+            return True
+        name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+        name = name.rstrip(".")
+        return is_loopback_host(name) or name.endswith(".localhost")
+
+
 class ApiKey:
     """Require `Authorization: Bearer <key>` on every route but the health checks."""
 
     def __init__(self, app: ASGIApp, *, key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {key}".encode()
+        self.expected = key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        if not hmac.compare_digest(given, self.expected):
+        scheme, _, credentials = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(),
+                                                                   self.expected):
             state(scope)["error_code"] = "invalid_api_key"
             await send_error(send, Unauthorized(
                 "Missing or wrong API key: send 'Authorization: Bearer <CLAWROUTER_API_KEY>'.",

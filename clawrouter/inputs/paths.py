@@ -24,6 +24,9 @@ from .refusals import FILE_NOT_FOUND, PATH_REFUSED, refuse, shorten
 
 _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
                | getattr(os, "O_CLOEXEC", 0))
+#: folders on the way: O_PATH (Linux) needs only search permission, as a path lookup does
+_DIR_FLAGS = (getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0)
+              | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
 _READ_CHUNK = 1024 * 1024
 
 
@@ -50,12 +53,14 @@ def read_local_image(raw: str, policy: InputPolicy, *, cwd: Path, param: str) ->
         refuse(f"{shown!r} is not a regular file", param=param, code=PATH_REFUSED)
     check_size(before.st_size, max_bytes=policy.max_bytes, param=param)
     try:
-        fd = os.open(real, _OPEN_FLAGS)
+        fd = _open_judged(real)
     except OSError as exc:
-        refuse(f"cannot read {shown!r} ({exc.strerror})", param=param, code=PATH_REFUSED)
+        refuse(f"cannot read {shown!r} ({exc.strerror}; did it change while being read?)",
+               param=param, code=PATH_REFUSED)
     try:
-        # The file we opened must be the one we judged: a symlink or file swapped in after the
-        # checks (O_NOFOLLOW covers the last component, the inode comparison the rest).
+        # The file we opened must be the one we judged, not one swapped in after the checks:
+        # no component of its path was followed as a symlink (O_NOFOLLOW at every level), and
+        # it is the file stat'ed above.
         opened = os.fstat(fd)
         if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
             refuse(f"{shown!r} changed while it was being read", param=param, code=PATH_REFUSED)
@@ -64,6 +69,26 @@ def read_local_image(raw: str, policy: InputPolicy, *, cwd: Path, param: str) ->
         os.close(fd)
     check_size(len(data), max_bytes=policy.max_bytes, param=param)
     return data
+
+
+def _open_judged(real: Path) -> int:
+    """Open the resolved path `real` one component at a time, each relative to the folder
+    opened before it and with O_NOFOLLOW: a parent folder swapped for a symlink since `real`
+    was judged (say, to the data directory) fails to open instead of being followed."""
+    if os.open not in os.supports_dir_fd:
+        return os.open(real, _OPEN_FLAGS)
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        for part in real.parts[1:-1]:
+            parent, fd = fd, -1
+            try:
+                fd = os.open(part, _DIR_FLAGS, dir_fd=parent)
+            finally:
+                os.close(parent)
+        return os.open(real.name, _OPEN_FLAGS, dir_fd=fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _judged_path(raw: str, policy: InputPolicy, *, cwd: Path, param: str) -> Path:

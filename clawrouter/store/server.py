@@ -149,7 +149,7 @@ def _etag_matches(if_none_match: bytes, etag: bytes) -> bool:
 def _not_modified_since(value: bytes, image: StoredImage) -> bool:
     try:
         since = parsedate_to_datetime(value.decode("latin-1")).timestamp()
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # a bad date is no condition
         return False
     return since >= int(image.created)
 
