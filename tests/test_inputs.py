@@ -528,6 +528,37 @@ async def test_local_files_disabled(tree: dict[str, Path]) -> None:
 
 # --- URLs -----------------------------------------------------------------------------------
 
+async def test_lookups_that_never_answer_tie_up_only_their_own_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A URL whose name server never answers must not starve the threads the gateway reads
+    files and stores images on (a lookup cannot be cancelled once it runs)."""
+    from clawrouter.inputs import dns
+
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host.endswith(".hangs.test"):
+            release.wait(10)
+            raise socket.gaierror(socket.EAI_AGAIN, "timed out")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(dns.socket, "getaddrinfo", getaddrinfo)
+    resolver = dns.OwnThreadsResolver(threads=2)
+    hung = [asyncio.ensure_future(resolver.resolve(f"{i}.hangs.test", 80)) for i in range(12)]
+    try:
+        await asyncio.sleep(0.05)
+        # the default pool (files, the store) still answers at once
+        await asyncio.wait_for(asyncio.gather(*(asyncio.to_thread(lambda: 1)
+                                               for _ in range(16))), 1)
+    finally:
+        release.set()
+        await asyncio.gather(*hung, return_exceptions=True)
+    found = await resolver.resolve("localhost", 80, socket.AF_UNSPEC)
+    assert {r["host"] for r in found} <= {"127.0.0.1", "::1"} and found[0]["port"] == 80
+    await resolver.close()
+
+
 def test_default_address_rule() -> None:
     public = ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
     forbidden = ["127.0.0.1", "127.0.0.2", "::1", "0.0.0.0", "::", "10.0.0.1", "172.16.0.1",

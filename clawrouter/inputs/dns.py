@@ -7,8 +7,10 @@ and certificate verification are unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 
@@ -56,3 +58,27 @@ class CheckingResolver(AbstractResolver):
     async def close(self) -> None:
         if self._owns_inner:
             await self._inner.close()
+
+
+class OwnThreadsResolver(AbstractResolver):
+    """`getaddrinfo` on a few threads of its own. The name in a user's URL may sit on a name
+    server that never answers, and a lookup cannot be cancelled once it runs: here it ties up
+    only these threads, never the event loop's default pool (file reads, the image store) nor
+    libuv's (the upstream's own lookups). When all are busy, further lookups wait their turn,
+    within the fetch's total timeout."""
+
+    def __init__(self, threads: int = 4) -> None:
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="input-dns")
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        infos = await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: socket.getaddrinfo(host, port, family, socket.SOCK_STREAM,
+                                                       flags=socket.AI_ADDRCONFIG))
+        return [ResolveResult(hostname=host, host=str(address[0]), port=int(address[1]),
+                              family=af, proto=proto,
+                              flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV)
+                for af, _, proto, _, address in infos if af in (socket.AF_INET, socket.AF_INET6)]
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

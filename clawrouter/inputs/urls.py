@@ -14,7 +14,7 @@ from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from .addresses import AddressRule, IPAddress, address_problem, parse_literal_ip
-from .dns import AddressRefused, CheckingResolver
+from .dns import AddressRefused, CheckingResolver, OwnThreadsResolver
 from .image import check_size
 from .policy import InputPolicy
 from .refusals import URL_FETCH_FAILED, URL_REFUSED, refuse, shorten
@@ -115,7 +115,7 @@ class UrlFetcher:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            dns = self._dns or aiohttp.ThreadedResolver()
+            dns = self._dns or OwnThreadsResolver()
             resolver = CheckingResolver(dns, self._allowed, owns_inner=self._dns is None)
             connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
             timeout = aiohttp.ClientTimeout(total=None, connect=self._policy.connect_timeout,
