@@ -513,6 +513,7 @@ PRIVATE_V6 = ["::1", "::", "fe80::1", "fe80::1%25lo", "fc00::1", "fd12:3456::1",
               "2001:db8::1", "100::1", "::127.0.0.1", "::ffff:127.0.0.1", "::ffff:7f00:1",
               "::ffff:10.0.0.1", "::ffff:169.254.169.254", "::ffff:0:127.0.0.1",
               "64:ff9b::7f00:1", "64:ff9b::a00:1", "64:ff9b:1::a9fe:a9fe", "2002:7f00:1::1",
+              "64:ff9b:1:7f00:0:100:808:808", "64:ff9b:1::808:808",  # local-use NAT64
               "2002:a9fe:a9fe::", "0:0:0:0:0:ffff:7f00:0001", "::FFFF:127.0.0.1",
               "fec0::1",  # site-local (deprecated, still routed inside some LANs)
               "3fff::1"]  # documentation (RFC 9637)

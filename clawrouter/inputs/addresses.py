@@ -14,7 +14,10 @@ AddressRule = Callable[[IPAddress], bool]
 _NOT_GLOBAL = (ipaddress.IPv4Network("192.0.0.0/24"), ipaddress.IPv6Network("fec0::/10"),
                ipaddress.IPv6Network("3fff::/20"))
 _GLOBAL_EXCEPTIONS = (ipaddress.IPv4Address("192.0.0.9"), ipaddress.IPv4Address("192.0.0.10"))
-_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+#: RFC 8215's local-use NAT64 prefix: translated by some local network's gateway, in whatever
+#: address layout it chose, so where it leads cannot be read from the address
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 
 def address_problem(ip: IPAddress) -> str | None:
@@ -23,6 +26,8 @@ def address_problem(ip: IPAddress) -> str | None:
     IPv6 forms that carry an IPv4 address (`::ffff:127.0.0.1`, 6to4, NAT64) are judged by the
     IPv4 address inside, which is where the packets end up.
     """
+    if ip in _LOCAL_NAT64:
+        return "non-public"
     embedded = _embedded_ipv4(ip)
     if embedded is not None:
         return address_problem(embedded)
@@ -69,6 +74,6 @@ def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
         return ip.ipv4_mapped
     if ip.sixtofour is not None:
         return ip.sixtofour
-    if any(ip in net for net in _NAT64):
+    if ip in _NAT64:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
