@@ -139,6 +139,14 @@ class Settings(BaseSettings):
         return int(self.max_image_mb * 1024 * 1024)
 
 
+def is_loopback_authority(authority: str) -> bool:
+    """Whether a Host header (`name[:port]` or `[v6][:port]`) names this machine's loopback,
+    `*.localhost` included (RFC 6761: never resolved by outside DNS)."""
+    name = (authority[1:authority.find("]")] if authority.startswith("[")
+            else authority.rsplit(":", 1)[0]).rstrip(".").lower()
+    return is_loopback_host(name) or name.endswith(".localhost")
+
+
 def is_loopback_host(host: str) -> bool:
     if host in ("localhost", "localhost.localdomain"):
         return True

@@ -1,8 +1,9 @@
-"""The sleep of a background loop that can be woken early."""
+"""Background loops: a sleep that can be woken early, and stopping one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 
 async def nap(wake: asyncio.Event, timeout: float | None) -> None:
@@ -13,3 +14,11 @@ async def nap(wake: asyncio.Event, timeout: float | None) -> None:
     except asyncio.TimeoutError:
         pass
     wake.clear()
+
+
+async def stop(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background loop's task (if any) and wait until it has stopped."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -23,7 +23,7 @@ from clawrouter.api.schemas import EditBody, GenerationBody
 from clawrouter.api.streaming import stream_response
 from clawrouter.catalog import format_usd
 from clawrouter.coalesce import fingerprint_parts
-from clawrouter.config import is_loopback_host
+from clawrouter.config import is_loopback_authority
 from clawrouter.context import RequestContext
 from clawrouter.errors import InvalidRequest
 from clawrouter.pipeline import Result
@@ -38,8 +38,7 @@ def base_url(request: Request) -> str:
     if settings.public_url:
         return settings.public_url.rstrip("/")
     host = request.headers.get("host", "")
-    hostname = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if host and is_loopback_host(hostname.strip("[]")):
+    if host and is_loopback_authority(host):
         return f"http://{host}"
     server = request.scope.get("server") or (None, settings.port)
     return f"http://localhost:{server[1]}"  # the port we really listen on

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clawrouter.config import is_loopback_host
+from clawrouter.config import is_loopback_authority
 from clawrouter.errors import BodyTooLarge, ClawError, Forbidden, Unauthorized
 
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
@@ -109,11 +109,7 @@ class BrowserGuard:
         await self.app(scope, receive, send)
 
     def _host_allowed(self, host: str) -> bool:
-        if host == self.public:
-            return True
-        name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
-        name = name.rstrip(".")
-        return is_loopback_host(name) or name.endswith(".localhost")
+        return host == self.public or is_loopback_authority(host)
 
 
 class ApiKey:

@@ -19,6 +19,7 @@ from clawrouter.catalog import MICRO
 from clawrouter.config import Settings
 from clawrouter.payment.networks import NETWORKS, Network
 from clawrouter.payment.onchain import BALANCE_OF, ChainUnavailable, check_address, first_answer
+from clawrouter.wake import stop
 
 __all__ = ["BALANCE_OF", "BalanceMonitor", "BalanceUnavailable", "fetch_usdc_balance",
            "rpc_urls_for", "usdc_balance"]
@@ -156,10 +157,7 @@ class BalanceMonitor:
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(task)
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None

@@ -25,7 +25,6 @@ when two RPCs (or the only one configured) saw it expired unused.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -38,6 +37,7 @@ from clawrouter.catalog import format_usd
 from clawrouter.payment.ledger import FAILED_AFTER_PAYMENT, REJECTED, SETTLED, Ledger, Payment
 from clawrouter.payment.networks import Network
 from clawrouter.payment.onchain import Block, ChainUnavailable, Rpc, askable, every_answer
+from clawrouter.wake import stop
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,4 @@ class Reconciler:
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(task)
