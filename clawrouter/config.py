@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=default_home)
     public_url: str | None = None
     api_key: SecretStr | None = None
+    header_timeout: float = Field(30.0, gt=0)
 
     # --- upstream ---------------------------------------------------------------------------
     # One alias each: an alias is also an environment name, so "upstream_url" here would make a

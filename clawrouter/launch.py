@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import aiohttp
 import uvicorn
 
+from clawrouter.api.connection import protocol_class
 from clawrouter.config import DEFAULT_UPSTREAM, Settings
 
 SANDBOX_NETWORK = "base-sepolia"  # the sandbox never receives a mainnet authorization
@@ -86,7 +87,7 @@ async def start_gateway(settings: Settings) -> Running:
 
         sandbox_app = create_sandbox_app(SandboxConfig(network=SANDBOX_NETWORK,
                                                        pay_to=settings.pay_to))
-        port = await _serve(sandbox_app, "127.0.0.1", 0, servers, tasks)
+        port = await _serve(sandbox_app, "127.0.0.1", 0, servers, tasks, settings.header_timeout)
         update: dict[str, Any] = {"upstream_url": f"http://127.0.0.1:{port}/api",
                                   "network": SANDBOX_NETWORK}
         if tuple(settings.rpc_urls) == MAINNET_RPC_URLS:
@@ -94,19 +95,25 @@ async def start_gateway(settings: Settings) -> Running:
             update["rpc_urls"] = [f"http://127.0.0.1:{port}/_sandbox/rpc"]
         settings = settings.model_copy(update=update)
     app = create_app(settings, sandbox=bool(use_sandbox))
-    port = await _serve(app, settings.host, settings.port, servers, tasks)
+    port = await _serve(app, settings.host, settings.port, servers, tasks, settings.header_timeout)
     return Running(settings, app, port, bool(use_sandbox), servers, tasks)
 
 
-async def _serve(app: Any, host: str, port: int, servers: list[uvicorn.Server],
-                 tasks: list[asyncio.Task[None]]) -> int:
-    """Start one uvicorn server as a task; return its bound port once it listens."""
-    # log_config=None: keep the host process's logging (JSON lines; or stdout as MCP's wire).
+def server_options(header_timeout: float) -> dict[str, Any]:
+    """How our servers speak HTTP (the tests serve the gateway with these too)."""
     # proxy_headers=False: no proxy sits in front of a local gateway, so X-Forwarded-* from a
     # local client must not change the scheme or client address we see (one layer less, too).
+    # http, ws: see api/connection.py (envelopes and bounds before a request reaches the app).
+    return dict(access_log=False, timeout_keep_alive=30, proxy_headers=False,
+                http=protocol_class(header_timeout), ws="none")
+
+
+async def _serve(app: Any, host: str, port: int, servers: list[uvicorn.Server],
+                 tasks: list[asyncio.Task[None]], header_timeout: float) -> int:
+    """Start one uvicorn server as a task; return its bound port once it listens."""
+    # log_config=None: keep the host process's logging (JSON lines; or stdout as MCP's wire).
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None,
-                                           access_log=False, lifespan="on",
-                                           timeout_keep_alive=30, proxy_headers=False))
+                                           lifespan="on", **server_options(header_timeout)))
     task = asyncio.create_task(server.serve())
     servers.append(server)
     tasks.append(task)

@@ -88,6 +88,7 @@ def gateway_settings(home: Path, upstream: str, **overrides: Any):
 @pytest.fixture
 def make_gateway(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Gateway]]:
     from clawrouter.api.app import create_app
+    from clawrouter.launch import server_options
 
     started: list[ServerThread] = []
 
@@ -95,7 +96,7 @@ def make_gateway(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Gat
         home = overrides.pop("home", None) or tmp_path / f"home{len(started)}"
         settings = gateway_settings(home, upstream or sandbox.api, **overrides)
         app = create_app(settings)
-        server = ServerThread(app).start()
+        server = ServerThread(app, **server_options(settings.header_timeout)).start()
         started.append(server)
         return Gateway(server, app)
 

@@ -29,7 +29,7 @@ def pay(ledger: Ledger, b: Budget, amount: int = IMAGE) -> int:
     """The lead's flow: reserve, sign, record with the reservation, settle."""
     with b.reserve(amount) as res:
         pid = record(ledger, amount, reservation=res)
-    ledger.finish(pid, "settled", transaction="0xt")
+    ledger.commit(ledger.outcome(pid, "settled", transaction="0xt"))
     return pid
 
 
@@ -107,7 +107,7 @@ def test_rejected_payments_free_their_room(ledger: Ledger, clock: Clock) -> None
         pid = record(ledger, IMAGE, reservation=res)
     with pytest.raises(BudgetExceeded):
         b.reserve(IMAGE)
-    ledger.finish(pid, "rejected", note="PAYMENT_INVALID")  # the pre-auth was refused
+    ledger.commit(ledger.outcome(pid, "rejected", note="PAYMENT_INVALID"))  # the pre-auth was refused
     with b.reserve(IMAGE) as res:  # the fresh attempt reserves again
         record(ledger, IMAGE, attempt=2, reservation=res)
     assert used(b) == (0.0535, 0.0535)
@@ -171,7 +171,7 @@ def test_a_release_racing_a_recording_counts_once(ledger: Ledger, clock: Clock) 
     b = budget(ledger, clock)
     res = b.reserve(IMAGE)
     res.release()
-    res.paid(record(ledger, IMAGE))  # what record_signed does after its write
+    res.paid(record(ledger, IMAGE))  # what the signed write does once it is durable
     assert used(b) == (0.0535, 0.0535)
 
 
@@ -234,7 +234,7 @@ def test_race_asyncio_tasks(ledger: Ledger, clock: Clock) -> None:
         with b.reserve(IMAGE) as res:
             await asyncio.sleep(0)  # the signer runs here
             pid = await ledger.call(record, ledger, IMAGE, reservation=res)
-        await ledger.call(ledger.finish, pid, "settled")
+        await ledger.call(ledger.commit, ledger.outcome(pid, "settled"))
         return pid
 
     async def main() -> list:

@@ -248,14 +248,14 @@ def fill_ledger(path: Path) -> None:
     common = dict(route="/v1/images/generations", size="1024x1024", n=1,
                   payee="0xe9030014F5DAe217d0A152f02A043567b16c1aBf", network="base")
     with Ledger(path) as ledger:
-        paid = ledger.record_signed(request_id="req_a", model="google/nano-banana",
-                                    amount=53_500, nonce="0x01", **common)
-        ledger.finish(paid, SETTLED, transaction=TX, latency_ms=900)
-        refused = ledger.record_signed(request_id="req_b", model="openai/gpt-image-1",
-                                       amount=42_000, nonce="0x02", **common)
-        ledger.finish(refused, REJECTED)
-        ledger.record_signed(request_id="req_c", model="zai/cogview-4", amount=15_750,
-                             nonce="0x03", **common)  # left signed: a crash mid-payment
+        paid = ledger.commit(ledger.signed(request_id="req_a", model="google/nano-banana",
+                                    amount=53_500, nonce="0x01", **common))
+        ledger.commit(ledger.outcome(paid, SETTLED, transaction=TX, latency_ms=900))
+        refused = ledger.commit(ledger.signed(request_id="req_b", model="openai/gpt-image-1",
+                                       amount=42_000, nonce="0x02", **common))
+        ledger.commit(ledger.outcome(refused, REJECTED))
+        ledger.commit(ledger.signed(request_id="req_c", model="zai/cogview-4", amount=15_750,
+                             nonce="0x03", **common))  # left signed: a crash mid-payment
 
 
 def test_stats_json_reads_the_ledger_file(cli):

@@ -178,6 +178,9 @@ def test_a_crash_is_a_500_envelope_that_no_client_retries(make_gateway, caplog):
     r = gw.http.post("/v1/boom")
     assert r.status_code == 500 and r.headers["x-should-retry"] == "false"
     assert r.json()["error"]["code"] == "internal_error" and "a bug" not in r.text
+    # Starlette answers a crash from outside every middleware; the request id is still there.
+    assert r.headers["x-request-id"].startswith("req_")
+    assert r.headers["x-request-id"] in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1,2]", b"", b'"text"'])
@@ -187,6 +190,31 @@ def test_malformed_json_is_a_400_envelope(gateway, sandbox, content):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["type"] == "invalid_request_error"
     assert sandbox.round_trips() == 0
+
+
+@pytest.mark.parametrize("route,content,param,says", [
+    ("/v1/images/generations", b"[]", None, "must be a JSON object"),
+    ("/v1/images/generations", b"", None, "must be a JSON object"),
+    ("/v1/images/generations", b'{"prompt": ["a"]}', "prompt", "a valid string"),
+    ("/v1/images/image2image", b'{"prompt": "a", "images": [{"image_url": 3}]}',
+     "images[0][image_url]", "a valid string"),
+    ("/v1/images/image2image", b'{"prompt": "a", "mask": 5}', "mask",
+     "a valid string or an object"),
+])
+def test_validation_errors_name_the_field_as_the_client_wrote_it(gateway, sandbox, route,
+                                                                 content, param, says):
+    """Never pydantic's internals: no `'None'`, no union member names such as `ImageURL`."""
+    r = gateway.http.post(route, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and says in error["message"], error
+    assert "None" not in error["message"] and "ImageURL" not in error["message"]
+    assert sandbox.round_trips() == 0
+
+
+def test_query_parameters_are_named_as_sent(gateway):
+    error = gateway.http.get("/v1/images?limit=many").json()["error"]
+    assert error["param"] == "limit" and "'limit'" in error["message"], error
 
 
 def test_routes_without_v1_and_with_query_strings(gateway):

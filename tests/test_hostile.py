@@ -41,14 +41,15 @@ RSS_HEADROOM_KB = 50 * 1024
 class GatewayProcess:
     """`clawrouter serve --no-sandbox` in a child process, pointed at the sandbox upstream."""
 
-    def __init__(self, home: Path, upstream: str) -> None:
+    def __init__(self, home: Path, upstream: str, **settings: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home.parent / f"{home.name}.log"
         env = {**os.environ, "CLAWROUTER_HOME": str(home), "BLOCKRUN_API_URL": upstream,
                "CLAWROUTER_NETWORK": "base-sepolia", "CLAWROUTER_MAX_USD_PER_DAY": "0",
                "CLAWROUTER_MAX_IMAGE_MB": str(MAX_IMAGE_MB), "CLAWROUTER_LOG_LEVEL": "warning",
-               "BLOCKRUN_WALLET_KEY": Account.create().key.to_0x_hex()}
+               "BLOCKRUN_WALLET_KEY": Account.create().key.to_0x_hex(),
+               **{f"CLAWROUTER_{name.upper()}": value for name, value in settings.items()}}
         with open(self.log, "wb") as log:  # a file, not a pipe: a full pipe would block it
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "clawrouter", "serve", "--port", str(self.port),
@@ -473,3 +474,116 @@ def test_forwarded_headers_from_a_local_client_change_nothing(
     assert url.startswith(gateway_process.url + "/images/"), url  # http, the host we used
     assert second.json()["data"][0]["url"] == url
     assert sandbox.stats()["payments_count"] == 1
+
+
+# --- the connection, before a request reaches the app -----------------------------------------
+
+HEADER_TIMEOUT = 1.0
+
+
+@pytest.fixture
+def impatient_gateway(tmp_path: Path, sandbox: Sandbox) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(tmp_path / "home", sandbox.api,
+                             header_timeout=str(HEADER_TIMEOUT))
+    yield process
+    process.stop()
+
+
+def exchange(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes,
+                                                                     bool]:
+    """Send raw bytes, read one response; also say whether the gateway then closed."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before it read everything: the answer is already waiting
+        status, headers, body = read_response(sock, timeout)
+        try:
+            closed = sock.recv(1) == b""
+        except ConnectionResetError:
+            closed = True
+        return status, headers, body, closed
+
+
+def assert_connection_refusal(answer: tuple[int, dict[str, str], bytes, bool], status: int,
+                              code: str) -> None:
+    got, headers, body, closed = answer
+    assert_envelope(got, headers.get("content-type", ""), body, f"raw request → {got}")
+    assert (got, json.loads(body)["error"]["code"]) == (status, code), body
+    assert headers["x-request-id"].startswith("req_") and closed
+
+
+@pytest.mark.parametrize("data", [
+    b"GARBAGE\r\n\r\n",
+    b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\n\r\n",
+    b"GET /health\x00 HTTP/1.1\r\n\r\n",
+])
+def test_a_request_that_cannot_be_parsed_gets_the_envelope(
+        gateway_process: GatewayProcess, sandbox: Sandbox, data: bytes) -> None:
+    """uvicorn's own answer is `Invalid HTTP request received.` in plain text."""
+    assert_connection_refusal(exchange(gateway_process.port, data), 400, "malformed_http")
+    gateway_process.assert_alive()
+    nothing_reached(sandbox)
+
+
+@pytest.mark.parametrize("headers", [
+    [("Cookie", "a" * 100_000)],  # one huge header
+    [(f"X-Pad-{i}", "b" * 100) for i in range(800)],  # many small ones
+], ids=["one-huge", "many-small"])
+def test_request_heads_over_64_kb_are_refused_and_memory_stays_flat(
+        gateway_process: GatewayProcess, sandbox: Sandbox,
+        headers: list[tuple[str, str]]) -> None:
+    baseline = gateway_process.rss_kb()
+    head = request_head("/v1/images/generations", Content_Type="application/json",
+                        Content_Length="2")
+    oversized = head[:-2] + "".join(f"{k}: {v}\r\n" for k, v in headers).encode() + b"\r\n{}"
+    assert_connection_refusal(exchange(gateway_process.port, oversized), 431,
+                              "headers_too_large")
+    # Without the bound, uvicorn kept reading a head as long as the client sent one.
+    endless = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: " + b"z" * 64 * 1024 * 1024
+    assert_connection_refusal(exchange(gateway_process.port, endless), 431, "headers_too_large")
+    assert gateway_process.rss_kb() - baseline < RSS_HEADROOM_KB
+    # A large but allowed head (a browser's localhost cookies) is served.
+    ok = httpx.get(gateway_process.url + "/health", headers={"Cookie": "c" * 60_000}, timeout=10)
+    assert ok.status_code == 200, ok.text
+    nothing_reached(sandbox)
+
+
+def test_a_head_that_never_ends_is_a_408_and_a_silent_connection_is_closed(
+        impatient_gateway: GatewayProcess, sandbox: Sandbox) -> None:
+    port = impatient_gateway.port
+    started = time.monotonic()
+    answer = exchange(port, b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Sl")
+    assert HEADER_TIMEOUT * 0.9 < time.monotonic() - started < HEADER_TIMEOUT + 5
+    assert_connection_refusal(answer, 408, "request_timeout")
+    with socket.create_connection(("127.0.0.1", port)) as silent:
+        silent.settimeout(HEADER_TIMEOUT + 5)
+        assert silent.recv(1) == b""  # closed, without a word: nothing was asked
+    impatient_gateway.assert_alive()
+    nothing_reached(sandbox)
+
+
+def test_the_header_clock_does_not_cut_an_idle_keep_alive_connection(
+        impatient_gateway: GatewayProcess) -> None:
+    """Between requests the keep-alive timeout (30 s) applies, not the header deadline."""
+    with socket.create_connection(("127.0.0.1", impatient_gateway.port)) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            status, _, _ = read_response(sock)
+            assert status == 200
+            time.sleep(HEADER_TIMEOUT * 1.5)
+
+
+@pytest.mark.parametrize("path,status,code", [
+    ("/v1/images/generations", 405, "method_not_allowed"),
+    ("/v1/realtime", 404, "not_found"),
+])
+def test_websocket_upgrades_get_the_envelope(gateway_process: GatewayProcess, path: str,
+                                             status: int, code: str) -> None:
+    """The gateway has no WebSocket routes; an upgrade is answered as the request it is."""
+    handshake = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
+                 "Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+    assert_connection_refusal(exchange(gateway_process.port, handshake), status, code)
+    assert "Unsupported upgrade" not in gateway_process.output()

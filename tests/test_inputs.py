@@ -356,6 +356,14 @@ async def test_unrecognized_input_lists_forms_and_truncates(root: Path) -> None:
     await refused(make_policy(root), "", "unrecognized_input")
 
 
+async def test_a_missing_bare_file_name_is_said_to_be_missing(root: Path) -> None:
+    """`cat.png` was meant as a file: "no such file" helps more than the list of forms."""
+    for name in ("cat.png", "Photo.JPEG", "a b.webp"):
+        error = await refused(make_policy(root), name, "file_not_found")
+        assert "no such file" in error.message and "full path" in error.message
+    await refused(make_policy(root), "cat", "unrecognized_input")  # no image ending: unknown
+
+
 # --- local files ----------------------------------------------------------------------------
 
 @pytest.fixture

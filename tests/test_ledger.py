@@ -42,7 +42,7 @@ def record(ledger: Ledger, amount: int = 53_500, **fields) -> int:
                   payee="0xe9030014F5DAe217d0A152f02A043567b16c1aBf", network="eip155:8453",
                   nonce=f"0x{next(_nonces):064x}")
     values.update(fields)
-    return ledger.record_signed(**values)
+    return ledger.commit(ledger.signed(**values))
 
 
 def test_schema_is_wal_with_full_sync(ledger: Ledger) -> None:
@@ -66,36 +66,36 @@ def test_record_then_finish(ledger: Ledger, clock: Clock) -> None:
         ("signed", clock.now, "req-9", 2, 53_500)
     assert row.transaction is None and row.latency_ms is None and row.note is None
 
-    ledger.finish(pid, "settled", transaction="0xabc", latency_ms=812.5)
-    ledger.finish(pid, "settled", note="receipt read twice")  # a detail; keeps the rest
+    ledger.commit(ledger.outcome(pid, "settled", transaction="0xabc", latency_ms=812.5))
+    ledger.commit(ledger.outcome(pid, "settled", note="receipt read twice"))  # a detail; keeps the rest
     row = ledger.get(pid)
     assert (row.status, row.transaction, row.latency_ms, row.note) == \
         ("settled", "0xabc", 812.5, "receipt read twice")
 
     with pytest.raises(ValueError, match="already settled"):
-        ledger.finish(pid, "rejected")
+        ledger.commit(ledger.outcome(pid, "rejected"))
     with pytest.raises(ValueError):
-        ledger.finish(pid, "signed")
+        ledger.commit(ledger.outcome(pid, "signed"))
     with pytest.raises(ValueError):
-        ledger.finish(pid, "lost")
+        ledger.commit(ledger.outcome(pid, "lost"))
     with pytest.raises(KeyError):
-        ledger.finish(pid + 100, "settled")
+        ledger.commit(ledger.outcome(pid + 100, "settled"))
 
 
 def test_outcomes_move_the_running_total(ledger: Ledger) -> None:
     a, b, c = record(ledger, 10_000), record(ledger, 20_000), record(ledger, 40_000)
     assert ledger.spent() == 70_000
-    ledger.finish(a, "rejected", note="PAYMENT_INVALID")  # costs nothing
-    ledger.finish(a, "rejected")  # again: not subtracted twice
-    ledger.finish(b, "failed_after_payment", note="upstream 500 after payment")
-    ledger.finish(c, "unknown")
+    ledger.commit(ledger.outcome(a, "rejected", note="PAYMENT_INVALID"))  # costs nothing
+    ledger.commit(ledger.outcome(a, "rejected"))  # again: not subtracted twice
+    ledger.commit(ledger.outcome(b, "failed_after_payment", note="upstream 500 after payment"))
+    ledger.commit(ledger.outcome(c, "unknown"))
     assert ledger.spent() == 60_000
-    ledger.finish(b, "settled", transaction="0x1")  # a later receipt resolves it
-    ledger.finish(c, "rejected")  # reconciliation found it never settled
+    ledger.commit(ledger.outcome(b, "settled", transaction="0x1"))  # a later receipt resolves it
+    ledger.commit(ledger.outcome(c, "rejected"))  # reconciliation found it never settled
     assert ledger.spent() == 20_000
     assert ledger.spent() == ledger.spent(since=0)
     with pytest.raises(ValueError):
-        ledger.finish(a, "settled")  # rejected already gave its room away
+        ledger.commit(ledger.outcome(a, "settled"))  # rejected already gave its room away
 
 
 def test_nonce_is_unique(ledger: Ledger) -> None:
@@ -119,7 +119,7 @@ def test_notes_never_hold_keys_or_headers(ledger: Ledger) -> None:
     header = "eyJ4NDAyVmVyc2lvbiI6Miwi" * 10
     pid = record(ledger)
     note = f"boom key={key}\nheader {header} " + "word " * 99
-    ledger.finish(pid, "failed_after_payment", note=note)
+    ledger.commit(ledger.outcome(pid, "failed_after_payment", note=note))
     note = ledger.get(pid).note
     assert key not in note and header[:64] not in note and "\n" not in note
     assert note.startswith("boom key=[redacted] header [redacted]") and len(note) == 300
@@ -138,7 +138,7 @@ def test_summary(ledger: Ledger, clock: Clock) -> None:
         clock.now = day_start(day) + 9 * 3600
         pid = record(ledger, amount, model=model)
         if status != "signed":
-            ledger.finish(pid, status, transaction="0xt" if status == "settled" else None)
+            ledger.commit(ledger.outcome(pid, status, transaction="0xt" if status == "settled" else None))
         return pid
 
     at(TODAY, "settled", 53_500)
@@ -203,7 +203,7 @@ def test_one_process_per_ledger_and_totals_reload(tmp_path: Path, clock: Clock) 
     first = Ledger(path, clock=clock)
     record(first, 3_000)
     pid = record(first, 4_000)
-    first.finish(pid, "rejected")
+    first.commit(first.outcome(pid, "rejected"))
     with pytest.raises(LedgerBusy):
         Ledger(path)
     first.close()
@@ -215,7 +215,7 @@ def test_one_process_per_ledger_and_totals_reload(tmp_path: Path, clock: Clock) 
 def test_async_call_runs_on_the_ledger_thread(ledger: Ledger) -> None:
     async def main() -> int:
         pid = await ledger.call(record, ledger, 7_000)
-        await ledger.call(ledger.finish, pid, "settled", transaction="0x2")
+        await ledger.call(ledger.commit, ledger.outcome(pid, "settled", transaction="0x2"))
         return pid
 
     pid = asyncio.run(main())
@@ -230,8 +230,8 @@ def test_a_cancelled_caller_does_not_cancel_a_queued_write(ledger: Ledger) -> No
 
     async def main() -> None:
         blocker = asyncio.ensure_future(ledger.call(gate.wait, 5))
-        waiter = asyncio.ensure_future(ledger.call(ledger.finish, pid, "settled",
-                                                   transaction="0x3"))
+        waiter = asyncio.ensure_future(ledger.call(
+            ledger.commit, ledger.outcome(pid, "settled", transaction="0x3")))
         await asyncio.sleep(0.05)
         waiter.cancel()  # the finish is still queued behind the blocker
         gate.set()
@@ -295,7 +295,7 @@ def test_a_failed_commit_fails_the_whole_batch_and_counts_nothing(ledger: Ledger
         with pytest.raises(sqlite3.OperationalError, match="disk is full"):
             record(ledger, 7_000)
         with pytest.raises(sqlite3.OperationalError, match="disk is full"):
-            ledger.finish(pid, "rejected")
+            ledger.commit(ledger.outcome(pid, "rejected"))
     finally:
         ledger._conn = real
     assert not real.in_transaction
@@ -335,10 +335,10 @@ from pathlib import Path
 from clawrouter.payment.ledger import Ledger
 ledger = Ledger(Path(sys.argv[1]))
 def rec(i):
-    return ledger.record_signed(request_id=f"req-{i}", route="/v1/images/generations",
+    return ledger.commit(ledger.signed(request_id=f"req-{i}", route="/v1/images/generations",
         model="openai/gpt-image-1", size="1024x1024", n=2, amount=43_000 + i,
         payee="0xe9030014F5DAe217d0A152f02A043567b16c1aBf", network="eip155:8453",
-        nonce=f"0x{i:064x}")
+        nonce=f"0x{i:064x}"))
 if sys.argv[2] == "one":
     rec(0)
     print("ready", flush=True)
@@ -368,7 +368,7 @@ else:
         pid = rec(i)
         print("recorded", pid, i, flush=True)
         if i % 3 == 0:
-            ledger.finish(pid, "settled", transaction=f"0xtx{i}", latency_ms=1.5)
+            ledger.commit(ledger.outcome(pid, "settled", transaction=f"0xtx{i}", latency_ms=1.5))
             print("settled", pid, flush=True)
         i += 1
 """

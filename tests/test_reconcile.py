@@ -339,11 +339,11 @@ def test_a_version_1_ledger_is_migrated_and_its_rows_are_never_guessed_at(tmp_pa
 
 
 def test_an_outcome_expecting_a_status_fails_if_the_row_moved_on(ledger: Ledger):
-    payment_id = ledger.record_signed(
+    payment_id = ledger.commit(ledger.signed(
         request_id="r", route="/v1/images/generations", model="zai/cogview-4", size="512x512",
         n=1, amount=16_750, payee="0xe9030014F5DAe217d0A152f02A043567b16c1aBf",
-        network=SEPOLIA.caip2, nonce="0x" + "01" * 32)
-    ledger.finish(payment_id, SETTLED)
+        network=SEPOLIA.caip2, nonce="0x" + "01" * 32))
+    ledger.commit(ledger.outcome(payment_id, SETTLED))
     with pytest.raises(ValueError, match="settled now, not unknown"):
         ledger.commit(ledger.outcome(payment_id, REJECTED, expected=UNKNOWN))
     assert ledger.get(payment_id).status == SETTLED
@@ -403,11 +403,11 @@ def test_a_row_left_signed_long_after_its_authorization_expired_is_reconciled(
     payer = "0x1563915e194D8CfBA1943570603F7606A3115508"
     with Ledger(tmp_path / "ledger.sqlite3") as ledger:
         def signed(nonce: str, valid_before: float) -> int:
-            return ledger.record_signed(
+            return ledger.commit(ledger.signed(
                 request_id="r", route="/v1/images/generations", model="zai/cogview-4",
                 size="512x512", n=1, amount=16_750,
                 payee="0xe9030014F5DAe217d0A152f02A043567b16c1aBf", network=SEPOLIA.caip2,
-                nonce=nonce, payer=payer, valid_before=int(valid_before))
+                nonce=nonce, payer=payer, valid_before=int(valid_before)))
 
         orphan = signed("0x" + "0a" * 32, time.time() - ORPHANED_AFTER - 60)
         live = signed("0x" + "0b" * 32, time.time() + 300)  # its request may still be running

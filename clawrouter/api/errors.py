@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from clawrouter.api.schemas import EditBody, GenerationBody, ImageURL
 from clawrouter.errors import (
     ClawError, ClientGone, InvalidRequest, MethodNotAllowed, RouteNotFound,
 )
@@ -36,22 +39,57 @@ def error_response(error: ClawError, request: Request | None = None) -> JSONResp
                             headers=error.response_headers())
 
 
+# The first element of a FastAPI location says where the value came from; ours start with the
+# field. Later string elements that name no field are pydantic's union members ('str', 'ImageURL').
+_SOURCES = frozenset({"body", "query", "path", "header", "cookie"})
+_FIELDS = frozenset(name for model in (GenerationBody, EditBody, ImageURL)
+                    for name in model.model_fields)
+_PYDANTIC_OBJECT = re.compile(r"a valid dictionary( or instance of \w+)?")
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """`('images', 0, 'ImageURL', 'image_url')` → `images[0][image_url]`; `('query', 'limit')`
+    → `limit`."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in _SOURCES:
+        parts = parts[1:]
+    if not parts:
+        return None
+    nested = [p for p in parts[1:] if p.isdigit() or p in _FIELDS]
+    return parts[0] + "".join(f"[{p}]" for p in nested)
+
+
 def _validation_error(exc: RequestValidationError) -> InvalidRequest:
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    if not errors:
+        return InvalidRequest("Invalid request.", code="invalid_type")
+    first = errors[0]
     if first.get("type") == "json_invalid":
         return InvalidRequest(f"Malformed JSON body: {first.get('msg', 'cannot parse')}.",
                               code="invalid_json")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = loc[0] + "".join(f"[{p}]" for p in loc[1:]) if loc else None
+    # Of a union's alternatives, the one that got furthest says best what was wrong.
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    param = _param(tuple(first.get("loc", ())))
+    if param is None:
+        return InvalidRequest("The request body must be a JSON object, such as "
+                              '{"prompt": "a red fox"}.', code="invalid_json")
     if first.get("type") == "missing":
         return InvalidRequest(f"Missing required field '{param}'.", param=param,
                               code="missing_field")
-    if first.get("type") in ("model_attributes_type", "dict_type") and not loc:
-        return InvalidRequest("The request body must be a JSON object.", code="invalid_json")
-    msg = first.get("msg", "invalid value")
-    return InvalidRequest(f"Invalid value for '{param}': {msg}.", param=param,
+    alike = [e for e in errors if len(e.get("loc", ())) == len(first.get("loc", ()))
+             and _param(tuple(e.get("loc", ()))) == param]
+    return InvalidRequest(f"Invalid value for '{param}': {_wants(alike)}.", param=param,
                           code="invalid_type")
+
+
+def _wants(errors: list[Any]) -> str:
+    """One message for a value that failed every alternative of a union."""
+    msgs = list(dict.fromkeys(_PYDANTIC_OBJECT.sub("an object", e.get("msg", "invalid value"))
+                              for e in errors))
+    prefix = "Input should be "
+    if len(msgs) > 1 and all(m.startswith(prefix) for m in msgs):
+        return prefix + " or ".join(m.removeprefix(prefix) for m in msgs)
+    return msgs[0]
 
 
 def install(app: FastAPI) -> None:
@@ -91,6 +129,8 @@ def install(app: FastAPI) -> None:
                   exc_info=(type(exc), exc, exc.__traceback__))
         rid = request.scope.get("state", {}).get("request_id", "")
         # Not retryable: a bug met after a payment left would be retried into another one.
+        # Starlette sends this from outside every middleware, so the request id is added here.
         return error_response(ClawError(
             f"Internal error in the gateway (request {rid}). It has been logged.",
-            code="internal_error", headers={"x-should-retry": "false"}), request)
+            code="internal_error", headers={"x-should-retry": "false", "x-request-id": rid}),
+            request)

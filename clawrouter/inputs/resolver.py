@@ -11,18 +11,23 @@ from types import TracebackType
 
 from aiohttp.abc import AbstractResolver
 
+from ..sniff import EXTENSIONS
 from .addresses import AddressRule, is_public_address
 from .encoded import canonical_base64, decode_base64, decode_data_uri
 from .forms import Form, classify
 from .image import ImageInput, checked_image
 from .paths import path_from_file_url, read_local_image
 from .policy import InputPolicy
-from .refusals import LOCAL_FILES_DISABLED, UNRECOGNIZED_INPUT, URL_REFUSED, refuse, shorten
+from .refusals import (
+    FILE_NOT_FOUND, LOCAL_FILES_DISABLED, UNRECOGNIZED_INPUT, URL_REFUSED, refuse, shorten,
+)
 from .urls import UrlFetcher
 
 #: Decoding more than this much base64 moves off the event loop: with pybase64 that is about
 #: 0.4 ms of CPU, less than a thread hop costs for the smaller inputs it leaves inline.
 _DECODE_IN_THREAD = 8 * 1024 * 1024
+#: A bare name with one of these endings was meant as a file: say it is missing.
+_IMAGE_SUFFIXES = frozenset({"." + ext for ext in EXTENSIONS.values()} | {".jpeg"})
 
 
 class InputResolver:
@@ -86,6 +91,10 @@ class InputResolver:
             cwd = self._cwd()
             if await asyncio.to_thread(os.path.lexists, cwd / value):
                 return await self._read_file(value, param=param)
+            if Path(value).suffix.lower() in _IMAGE_SUFFIXES:
+                refuse(f"no such file: {shorten(value)!r} in the gateway's working folder; give "
+                       "the file's full path (or ./name relative to where the gateway runs), a "
+                       "URL or a data URI", param=param, code=FILE_NOT_FOUND)
         refuse(self._unrecognized(value), param=param, code=UNRECOGNIZED_INPUT)
 
     async def _read_file(self, path: str, *, param: str) -> bytes:

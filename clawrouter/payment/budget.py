@@ -10,9 +10,9 @@ atomic step, so concurrent requests can never together pass a limit. What counts
 
 A reservation ends in one of two ways. `release()` when nothing was signed (or when the
 request ends before signing). Or it becomes a ledger row: pass it to
-`Ledger.record_signed(..., reservation=res)`, which adds the row to the ledger's running totals
+`Ledger.signed(..., reservation=res)`, whose write adds the row to the ledger's running totals
 and drops the reservation under the same lock, so the money is never counted twice nor, for
-an instant, zero times. (Calling `res.paid(id)` yourself after `record_signed` also works; the
+an instant, zero times. (Calling `res.paid(id)` yourself after that write also works; the
 amount is then counted twice in between, which can only refuse, never over-admit.)
 
 Reservations live in memory only; after a restart only ledger rows count.
@@ -152,7 +152,7 @@ class Reservation:
         return self._state == "live"
 
     def check_recordable(self, amount: int) -> None:
-        """Called by `Ledger.record_signed` before writing: the signature must be covered."""
+        """Called by `Ledger.signed` before writing: the signature must be covered."""
         with self._budget._lock:
             if self._state != "live":
                 raise ValueError(f"reservation is {self._state}; a new signature needs a new "

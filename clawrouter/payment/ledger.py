@@ -97,7 +97,7 @@ class LedgerBusy(RuntimeError):
 
 
 class Convertible(Protocol):
-    """What `record_signed` needs from a budget reservation (see `budget.Reservation`)."""
+    """What `signed` needs from a budget reservation (see `budget.Reservation`)."""
 
     def check_recordable(self, amount: int) -> None: ...
     def paid(self, payment_id: int) -> None: ...
@@ -300,16 +300,9 @@ class Ledger:
             (status, *details, payment_id))
         return (when, amount) if status == REJECTED and old != REJECTED else None
 
-    def record_signed(self, **fields: Any) -> int:
-        """`commit(signed(**fields))`: blocking, durable on disk when it returns."""
-        return self.commit(self.signed(**fields))
-
-    def finish(self, payment_id: int, status: str, **details: Any) -> None:
-        """`commit(outcome(...))`: blocking, durable on disk when it returns."""
-        self.commit(self.outcome(payment_id, status, **details))
-
     def commit(self, write: Write) -> Any:
-        """Apply one write now, on this thread (blocking; for tools and tests)."""
+        """Apply one write now, on this thread: blocking, durable on disk when it returns (for
+        tools and tests; `commit(signed(...))` gives the payment id)."""
         value, error = self._commit([write])[0]
         if error is not None:
             raise error

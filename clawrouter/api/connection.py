@@ -1,0 +1,138 @@
+"""What happens on a connection before a request reaches the app: uvicorn's HTTP/1.1 protocol
+(httptools) with the gateway's manners.
+
+Left alone, uvicorn answers a request it cannot parse in plain text, buffers request headers
+of any size for as long as a client cares to send them, and logs advice to install a WebSocket
+library for every upgrade request. Here:
+
+- a request that cannot be parsed gets the OpenAI envelope (400, `malformed_http`);
+- a request head (request line and headers) may be at most `MAX_HEAD_BYTES` (431,
+  `headers_too_large`) and must be complete `head_timeout` seconds after the connection opened
+  or the request's first byte arrived (408, `request_timeout`; a connection that sent nothing
+  is just closed) — slow-loris clients cannot hold connections and memory forever;
+- WebSocket upgrades are ordinary requests (uvicorn runs with `ws="none"`): the gateway has no
+  WebSocket routes, so they get the app's own 404 or 405 envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from clawrouter.api.middleware import new_request_id
+from clawrouter.errors import ClawError, InvalidRequest
+
+#: The whole request head. Browsers send a few KB (cookies for `localhost` are shared by every
+#: local app, so they can grow); h11 and Node stop at 16 KB, nginx at 32 KB.
+MAX_HEAD_BYTES = 64 * 1024
+
+log = logging.getLogger("clawrouter.api")
+
+
+def raw_error(error: ClawError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A complete HTTP/1.1 error response that closes the connection."""
+    body = json.dumps(error.envelope(), separators=(",", ":")).encode("ascii")
+    headers = [*default_headers,
+               (b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()),
+               (b"x-request-id", new_request_id().encode()),
+               *((k.encode(), v.encode()) for k, v in error.response_headers().items()),
+               (b"connection", b"close")]
+    return b"".join([STATUS_LINE[error.status],
+                     *(name + b": " + value + b"\r\n" for name, value in headers),
+                     b"\r\n", body])
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """One connection. Set `head_timeout` with `protocol_class()`."""
+
+    head_timeout: float = 30.0
+    _reading_head = False  # between a request's first byte and the end of its headers
+    _head_bytes = 0
+    _head_error: ClawError | None = None
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._reading_head and not self.transport.is_closing():
+            # A head still arriving is bounded here, by the chunks read since it began:
+            # httptools keeps a header to itself until it ends.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(_head_too_large())
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading_head = True
+        self._head_bytes = 0
+        if self._head_timer is None:  # the first request's clock runs from the connect
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._disarm()
+        # A whole head that came in one read is measured here, exactly.
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > MAX_HEAD_BYTES:
+            self._head_error = _head_too_large()
+            raise self._head_error  # stops httptools; uvicorn then calls send_400_response
+        super().on_headers_complete()
+        if self.parser.should_upgrade():
+            # httptools stops parsing after an upgrade request: answer it, then close.
+            self.cycle.keep_alive = False
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(self._head_error or InvalidRequest(
+            "Malformed request: it cannot be parsed as HTTP/1.1.", code="malformed_http"))
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """An upgrade (WebSocket or other) is served as a plain request; nothing to warn of."""
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if not self._reading_head:  # connected and sent nothing
+            self.transport.close()
+            return
+        self._refuse(InvalidRequest(
+            f"The request headers did not arrive within {self.head_timeout:g} seconds.",
+            status=408, code="request_timeout"))
+
+    def _refuse(self, error: ClawError) -> None:
+        log.warning("refused a request from %s at the connection: %s",
+                    self.client[0] if self.client else "?", error.code)
+        self._disarm()
+        self._reading_head = False
+        self.transport.write(raw_error(error, self.server_state.default_headers))
+        self.transport.close()
+
+
+def _head_too_large() -> InvalidRequest:
+    return InvalidRequest(f"The request line and headers exceed {MAX_HEAD_BYTES // 1024} KB.",
+                          status=431, code="headers_too_large")
+
+
+def protocol_class(head_timeout: float) -> type[GatewayHttpProtocol]:
+    """uvicorn builds protocols itself (`Config(http=...)`), so settings travel on a subclass."""
+    return type("GatewayHttpProtocol", (GatewayHttpProtocol,), {"head_timeout": head_timeout})
