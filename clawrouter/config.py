@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     price_tolerance: float = Field(1.5, ge=1.0)
     max_usd_per_request: float = Field(1.00, gt=0)
     max_usd_per_day: float = Field(5.00, ge=0)
+    max_usd_per_month: float = Field(0.0, ge=0)
     max_usd_total: float = Field(0.0, ge=0)
     max_timeout_seconds: int = Field(600, gt=0, le=600)
     preauth: bool = True
@@ -90,7 +91,8 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
-    @field_validator("max_usd_per_request", "max_usd_per_day", "max_usd_total")
+    @field_validator("max_usd_per_request", "max_usd_per_day", "max_usd_per_month",
+                     "max_usd_total")
     @classmethod
     def _whole_micro_usdc(cls, value: float) -> float:
         # limits are kept in micro-USDC, where a positive limit rounding to 0 would mean none

@@ -20,9 +20,9 @@ IMAGE = 53_500  # nano-banana on Base: $0.0525 + $0.001 fee
 
 
 def budget(ledger: Ledger, clock: Clock, *, request: float = 1.0, day: float = 0.0,
-           total: float = 0.0) -> Budget:
-    return Budget(ledger, per_request_usd=request, per_day_usd=day, total_usd=total,
-                  clock=clock)
+           month: float = 0.0, total: float = 0.0) -> Budget:
+    return Budget(ledger, per_request_usd=request, per_day_usd=day, per_month_usd=month,
+                  total_usd=total, clock=clock)
 
 
 def pay(ledger: Ledger, b: Budget, amount: int = IMAGE) -> int:
@@ -79,6 +79,52 @@ def test_total_limit_counts_every_day(ledger: Ledger, clock: Clock) -> None:
     assert caught.value.extra["window"] == "total"
     assert caught.value.extra["remaining_usd"] == 0.013
     assert "of the total limit of $0.12. Raise CLAWROUTER_MAX_USD_TOTAL" in caught.value.message
+
+
+def test_monthly_limit_counts_the_calendar_month_and_resets_on_the_first(
+        ledger: Ledger, clock: Clock) -> None:
+    b = budget(ledger, clock, day=0.10, month=0.12)
+    first = pay(ledger, b)  # 14 March
+    clock.now += 6 * 86_400
+    pay(ledger, b)  # 20 March: the day has room, the month has $0.013
+    with pytest.raises(BudgetExceeded) as caught:
+        b.reserve(IMAGE)
+    assert caught.value.extra == {"window": "month", "limit_usd": 0.12, "remaining_usd": 0.013,
+                                  "requested_usd": 0.0535}
+    assert caught.value.message.endswith(
+        "of the monthly limit of $0.12 (resets at local midnight on the 1st of the month). "
+        "Raise CLAWROUTER_MAX_USD_PER_MONTH to allow it.")
+    ledger.commit(ledger.outcome(first, "settled", note="a detail"))  # settled stays counted
+    with pytest.raises(BudgetExceeded):
+        b.reserve(IMAGE)
+    clock.now = day_start(TODAY.replace(month=4, day=1)) - 0.001  # 31 March, 23:59:59.999
+    with pytest.raises(BudgetExceeded):
+        b.reserve(IMAGE)
+    clock.now += 0.001  # April
+    assert b.remaining()["month"] == {"limit_usd": 0.12, "used_usd": 0.0, "reserved_usd": 0.0,
+                                      "remaining_usd": 0.12, "month": "2026-04"}
+    pay(ledger, b)
+
+
+def test_rejected_payments_free_their_month_room_and_months_survive_a_restart(
+        tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with Ledger(path, clock=clock) as ledger:
+        b = budget(ledger, clock, month=0.11)
+        pay(ledger, b)
+        with b.reserve(IMAGE) as res:
+            refused = record(ledger, IMAGE, reservation=res)
+        with pytest.raises(BudgetExceeded):
+            b.reserve(IMAGE)
+        ledger.commit(ledger.outcome(refused, "rejected"))
+        b.reserve(IMAGE).release()  # its room is back
+        clock.now += 86_400
+        pay(ledger, b)  # the 15th: $0.107 used this month
+    with Ledger(path, clock=clock) as ledger:
+        b = budget(ledger, clock, month=0.11)
+        assert b.remaining()["month"]["used_usd"] == 0.107  # rebuilt from the rows
+        with pytest.raises(BudgetExceeded):
+            b.reserve(IMAGE)
 
 
 def test_the_tightest_window_is_named(ledger: Ledger, clock: Clock) -> None:
@@ -286,7 +332,7 @@ def test_reservations_do_not_survive_a_restart(tmp_path: Path, clock: Clock) -> 
 
 def test_from_settings(ledger: Ledger, clock: Clock, tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, max_usd_per_request=0.5, max_usd_per_day=2.0,
-                        max_usd_total=0)
+                        max_usd_per_month=30, max_usd_total=0)
     b = Budget.from_settings(ledger, settings, clock=clock)
-    assert b.limits == {"request": 500_000, "day": 2_000_000, "total": 0}
+    assert b.limits == {"request": 500_000, "day": 2_000_000, "month": 30_000_000, "total": 0}
     assert b.remaining()["request"] == {"limit_usd": 0.5, "remaining_usd": 0.5}

@@ -135,6 +135,19 @@ def test_concurrent_requests_never_exceed_the_budget(make_gateway, sandbox):
     assert sandbox.stats()["payments_count"] == 5
 
 
+def test_a_monthly_budget_refuses_before_anything_is_signed(make_gateway, sandbox):
+    gw = make_gateway(max_usd_per_month=1.5 * COGVIEW_PRICE / 1e6)
+    assert gen(gw, "first").status_code == 200
+    over = gen(gw, "second")
+    assert over.status_code == 402, over.text
+    error = over.json()["error"]
+    assert (error["code"], error["window"]) == ("budget_exceeded", "month")
+    assert "CLAWROUTER_MAX_USD_PER_MONTH" in error["message"]
+    spend = httpx.get(gw.v1 + "/spend", timeout=10).json()["budget"]["month"]
+    assert spend["used_usd"] == COGVIEW_PRICE / 1e6 and spend["limit_usd"] == 1.5 * COGVIEW_PRICE / 1e6
+    assert sandbox.stats()["payments_count"] == 1
+
+
 def test_budget_is_released_when_nothing_was_paid(make_gateway, sandbox):
     gw = make_gateway(max_usd_per_day=COGVIEW_PRICE / 1e6)
     sandbox.faults({"kind": "reject", "code": "PAYMENT_UNFUNDED", "times": 1})

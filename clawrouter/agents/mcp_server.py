@@ -199,6 +199,7 @@ def wallet_summary(health: dict[str, Any], spend: dict[str, Any],
         "payments_today": today.get("payments", 0),
         "budget_left_today_usd": budget.get("day", {}).get("remaining_usd"),
         "daily_limit_usd": budget.get("day", {}).get("limit_usd"),
+        "budget_left_month_usd": budget.get("month", {}).get("remaining_usd"),
         "budget_left_total_usd": budget.get("total", {}).get("remaining_usd"),
         "per_request_limit_usd": budget.get("request", {}).get("limit_usd"),
         "gateway": gateway.url,
@@ -217,6 +218,8 @@ def describe_wallet(s: dict[str, Any]) -> str:
              f"Spent today: ${s['spent_today_usd']} ({s['payments_today']} payments"
              + (f", ${s['pending_today_usd']} pending)" if s["pending_today_usd"] else ")"),
              f"Budget left today: {left}"]
+    if s["budget_left_month_usd"] is not None:
+        lines.append(f"Budget left this month: ${s['budget_left_month_usd']}")
     if s["budget_left_total_usd"] is not None:
         lines.append(f"Budget left in total: ${s['budget_left_total_usd']}")
     return "\n".join(lines)

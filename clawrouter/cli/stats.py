@@ -165,8 +165,10 @@ def _budget(budget: dict[str, Any]) -> str:
         return "no limit" if value is None else format_usd(round(value * 1_000_000))
 
     parts = [f"per request {usd(budget['request']['limit_usd'])}"]
-    for window, label in (("day", "today"), ("total", "in total")):
-        w = budget[window]
+    for window, label in (("day", "today"), ("month", "this month"), ("total", "in total")):
+        w = budget.get(window)
+        if w is None:  # a gateway from before monthly budgets
+            continue
         if w["limit_usd"] is None:
             parts.append(f"{label}: no limit")
         else:

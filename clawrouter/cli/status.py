@@ -73,7 +73,9 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"balance   {'$' + str(balance) + ' USDC' if balance is not None else 'unknown'}")
     today = spend.get("today", {})
     print(f"today     ${today.get('usd', 0)} in {today.get('payments', 0)} payment(s)")
-    print(f"budget    {'no daily limit' if left is None else f'${left} left today'}")
+    month = spend.get("budget", {}).get("month", {}).get("remaining_usd")
+    print(f"budget    {'no daily limit' if left is None else f'${left} left today'}"
+          + ("" if month is None else f" · ${month} left this month"))
     return 0
 
 

@@ -1,11 +1,12 @@
 """Budgets: refuse to sign what the user did not allow, even under heavy concurrency.
 
-Three limits (settings `max_usd_per_request`, `max_usd_per_day`, `max_usd_total`; 0 means no
-limit). Before signing, a request *reserves* its amount; the check and the reservation are one
+Four limits (settings `max_usd_per_request`, `max_usd_per_day`, `max_usd_per_month`,
+`max_usd_total`; 0 means no limit). Before signing, a request *reserves* its amount; the check and the reservation are one
 atomic step, so concurrent requests can never together pass a limit. What counts as used:
 
 - per day: ledger rows of the current local calendar day that may have cost money (every
   status but `rejected`), plus every live reservation;
+- per month: the same over the current local calendar month;
 - in total: all such ledger rows, plus every live reservation.
 
 A reservation ends in one of two ways. `release()` when nothing was signed (or when the
@@ -35,8 +36,10 @@ from clawrouter.errors import BudgetExceeded
 from clawrouter.payment.ledger import Ledger
 
 _SETTING = {"request": "CLAWROUTER_MAX_USD_PER_REQUEST", "day": "CLAWROUTER_MAX_USD_PER_DAY",
-            "total": "CLAWROUTER_MAX_USD_TOTAL"}
-_NAME = {"request": "per-request", "day": "daily", "total": "total"}
+            "month": "CLAWROUTER_MAX_USD_PER_MONTH", "total": "CLAWROUTER_MAX_USD_TOTAL"}
+_NAME = {"request": "per-request", "day": "daily", "month": "monthly", "total": "total"}
+_RESETS = {"day": " (resets at local midnight)",
+           "month": " (resets at local midnight on the 1st of the month)"}
 
 
 def limit_micro(usd: float) -> int:
@@ -48,10 +51,11 @@ class Budget:
     """The budget windows over one ledger; 0 (or less) for a limit means no limit."""
 
     def __init__(self, ledger: Ledger, *, per_request_usd: float, per_day_usd: float,
-                 total_usd: float, clock: Callable[[], float] = time.time) -> None:
+                 total_usd: float, per_month_usd: float = 0.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.ledger = ledger
         self.limits = {"request": limit_micro(per_request_usd), "day": limit_micro(per_day_usd),
-                       "total": limit_micro(total_usd)}
+                       "month": limit_micro(per_month_usd), "total": limit_micro(total_usd)}
         self._clock = clock
         self._lock: threading.RLock = ledger.lock
         self._reserved = 0  # sum of live reservations
@@ -60,7 +64,8 @@ class Budget:
     def from_settings(cls, ledger: Ledger, settings: Any,
                       clock: Callable[[], float] = time.time) -> Budget:
         return cls(ledger, per_request_usd=settings.max_usd_per_request,
-                   per_day_usd=settings.max_usd_per_day, total_usd=settings.max_usd_total,
+                   per_day_usd=settings.max_usd_per_day,
+                   per_month_usd=settings.max_usd_per_month, total_usd=settings.max_usd_total,
                    clock=clock)
 
     def reserve(self, amount_micro: int) -> Reservation:
@@ -94,7 +99,7 @@ class Budget:
             today = date.fromtimestamp(self._clock()).isoformat()
         out: dict[str, dict[str, Any]] = {"request": {"limit_usd": _usd_or_none(
             self.limits["request"]), "remaining_usd": _usd_or_none(self.limits["request"])}}
-        for window in ("day", "total"):
+        for window in ("day", "month", "total"):
             limit = self.limits[window]
             out[window] = {
                 "limit_usd": _usd_or_none(limit),
@@ -103,15 +108,17 @@ class Budget:
                 "remaining_usd": _usd(max(0, limit - used[window])) if limit else None,
             }
         out["day"]["day"] = today
+        out["month"]["month"] = today[:7]
         return out
 
     def _used(self) -> dict[str, int]:
         """Used money per window; call under the lock. Live reservations count in the current
-        day even if they were made just before midnight (conservative)."""
+        day and month even if they were made just before midnight (conservative)."""
         today = date.fromtimestamp(self._clock()).isoformat()
         return {
             "request": 0,
             "day": self.ledger.spent_on(today) + self._reserved,
+            "month": self.ledger.spent_in_month(today[:7]) + self._reserved,
             "total": self.ledger.spent() + self._reserved,
         }
 
@@ -121,9 +128,9 @@ class Budget:
             why = (f"this payment is {format_usd(amount)}, above the per-request limit of "
                    f"{format_usd(limit)}")
         else:
-            when = " (resets at local midnight)" if window == "day" else ""
             why = (f"this payment is {format_usd(amount)} but only {format_usd(left)} is left "
-                   f"of the {_NAME[window]} limit of {format_usd(limit)}{when}")
+                   f"of the {_NAME[window]} limit of {format_usd(limit)}"
+                   f"{_RESETS.get(window, '')}")
         return BudgetExceeded(
             f"Budget exceeded, nothing was signed: {why}. Raise {_SETTING[window]} to allow it.",
             extra={"window": window, "limit_usd": _usd(limit), "remaining_usd": _usd(left),

@@ -178,6 +178,9 @@ class Ledger:
             self._conn = self._connect()
             self.recovered = self._recover()
             self._total, self._by_day = self._load_totals()
+            self._by_month: dict[str, int] = {}
+            for day, amount in self._by_day.items():
+                self._by_month[day[:7]] = self._by_month.get(day[:7], 0) + amount
         except BaseException:
             self._lockfile.close()
             raise
@@ -348,6 +351,7 @@ class Ledger:
     def _add(self, when: float, amount: int) -> None:
         day = local_day(when)
         self._by_day[day] = self._by_day.get(day, 0) + amount
+        self._by_month[day[:7]] = self._by_month.get(day[:7], 0) + amount
         self._total += amount
 
     # --- reading ------------------------------------------------------------------------------
@@ -370,6 +374,11 @@ class Ledger:
         combine it atomically with other state."""
         with self.lock:
             return self._by_day.get(day, 0)
+
+    def spent_in_month(self, month: str) -> int:
+        """Running total for one local calendar month (YYYY-MM), from memory; as `spent_on`."""
+        with self.lock:
+            return self._by_month.get(month, 0)
 
     def get(self, payment_id: int) -> Payment:
         with self._db_lock:
