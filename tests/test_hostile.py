@@ -564,6 +564,25 @@ def test_a_head_that_never_ends_is_a_408_and_a_silent_connection_is_closed(
     nothing_reached(sandbox)
 
 
+def test_a_stalled_pipelined_head_does_not_cut_the_answer_in_progress(
+        impatient_gateway: GatewayProcess, sandbox: Sandbox) -> None:
+    """The paid answer to the first request arrives whole; the 408 for the stalled second one
+    comes after it, never inside it."""
+    sandbox.configure(latency_ms=800)  # the generation takes longer than the header deadline
+    body = b'{"prompt": "a slow lighthouse"}'
+    first = request_head("/v1/images/generations", Content_Type="application/json",
+                         Content_Length=str(len(body))) + body
+    with socket.create_connection(("127.0.0.1", impatient_gateway.port)) as sock:
+        sock.sendall(first + b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Sta")
+        started = time.monotonic()
+        status, _, answer = read_response(sock, timeout=30)
+        assert status == 200 and json.loads(answer)["data"][0]["url"], answer[:300]
+        assert time.monotonic() - started > HEADER_TIMEOUT  # the deadline passed meanwhile
+        status, headers, body = read_response(sock, timeout=HEADER_TIMEOUT + 5)
+        assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    assert sandbox.stats()["payments_count"] == 1
+
+
 def test_the_header_clock_does_not_cut_an_idle_keep_alive_connection(
         impatient_gateway: GatewayProcess) -> None:
     """Between requests the keep-alive timeout (30 s) applies, not the header deadline."""

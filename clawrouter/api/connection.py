@@ -115,6 +115,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if not self._reading_head:  # connected and sent nothing
             self.transport.close()
             return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm()  # a pipelined head behind a response in progress: its clock restarts
+            return
         self._refuse(InvalidRequest(
             f"The request headers did not arrive within {self.head_timeout:g} seconds.",
             status=408, code="request_timeout"))
@@ -124,7 +127,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                     self.client[0] if self.client else "?", error.code)
         self._disarm()
         self._reading_head = False
-        self.transport.write(raw_error(error, self.server_state.default_headers))
+        if self.cycle is None or self.cycle.response_complete:
+            # (with a pipelined request still being answered, the bytes would land inside
+            # that response: then the connection is only closed)
+            self.transport.write(raw_error(error, self.server_state.default_headers))
         self.transport.close()
 
 
