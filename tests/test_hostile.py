@@ -481,9 +481,19 @@ def test_forwarded_headers_from_a_local_client_change_nothing(
 HEADER_TIMEOUT = 1.0
 
 
-@pytest.fixture
-def impatient_gateway(tmp_path: Path, sandbox: Sandbox) -> Iterator[GatewayProcess]:
-    process = GatewayProcess(tmp_path / "home", sandbox.api,
+# One gateway process for each kind of connection test (a crash still fails the next test).
+@pytest.fixture(scope="module")
+def shared_gateway(tmp_path_factory: pytest.TempPathFactory,
+                   sandbox_server: Sandbox) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(tmp_path_factory.mktemp("shared") / "home", sandbox_server.api)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def impatient_gateway(tmp_path_factory: pytest.TempPathFactory,
+                      sandbox_server: Sandbox) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(tmp_path_factory.mktemp("impatient") / "home", sandbox_server.api,
                              header_timeout=str(HEADER_TIMEOUT))
     yield process
     process.stop()
@@ -520,10 +530,10 @@ def assert_connection_refusal(answer: tuple[int, dict[str, str], bytes, bool], s
     b"GET /health\x00 HTTP/1.1\r\n\r\n",
 ])
 def test_a_request_that_cannot_be_parsed_gets_the_envelope(
-        gateway_process: GatewayProcess, sandbox: Sandbox, data: bytes) -> None:
+        shared_gateway: GatewayProcess, sandbox: Sandbox, data: bytes) -> None:
     """uvicorn's own answer is `Invalid HTTP request received.` in plain text."""
-    assert_connection_refusal(exchange(gateway_process.port, data), 400, "malformed_http")
-    gateway_process.assert_alive()
+    assert_connection_refusal(exchange(shared_gateway.port, data), 400, "malformed_http")
+    shared_gateway.assert_alive()
     nothing_reached(sandbox)
 
 
@@ -532,20 +542,20 @@ def test_a_request_that_cannot_be_parsed_gets_the_envelope(
     [(f"X-Pad-{i}", "b" * 100) for i in range(800)],  # many small ones
 ], ids=["one-huge", "many-small"])
 def test_request_heads_over_64_kb_are_refused_and_memory_stays_flat(
-        gateway_process: GatewayProcess, sandbox: Sandbox,
+        shared_gateway: GatewayProcess, sandbox: Sandbox,
         headers: list[tuple[str, str]]) -> None:
-    baseline = gateway_process.rss_kb()
+    baseline = shared_gateway.rss_kb()
     head = request_head("/v1/images/generations", Content_Type="application/json",
                         Content_Length="2")
     oversized = head[:-2] + "".join(f"{k}: {v}\r\n" for k, v in headers).encode() + b"\r\n{}"
-    assert_connection_refusal(exchange(gateway_process.port, oversized), 431,
+    assert_connection_refusal(exchange(shared_gateway.port, oversized), 431,
                               "headers_too_large")
     # Without the bound, uvicorn kept reading a head as long as the client sent one.
     endless = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: " + b"z" * 64 * 1024 * 1024
-    assert_connection_refusal(exchange(gateway_process.port, endless), 431, "headers_too_large")
-    assert gateway_process.rss_kb() - baseline < RSS_HEADROOM_KB
+    assert_connection_refusal(exchange(shared_gateway.port, endless), 431, "headers_too_large")
+    assert shared_gateway.rss_kb() - baseline < RSS_HEADROOM_KB
     # A large but allowed head (a browser's localhost cookies) is served.
-    ok = httpx.get(gateway_process.url + "/health", headers={"Cookie": "c" * 60_000}, timeout=10)
+    ok = httpx.get(shared_gateway.url + "/health", headers={"Cookie": "c" * 60_000}, timeout=10)
     assert ok.status_code == 200, ok.text
     nothing_reached(sandbox)
 
@@ -598,11 +608,11 @@ def test_the_header_clock_does_not_cut_an_idle_keep_alive_connection(
     ("/v1/images/generations", 405, "method_not_allowed"),
     ("/v1/realtime", 404, "not_found"),
 ])
-def test_websocket_upgrades_get_the_envelope(gateway_process: GatewayProcess, path: str,
+def test_websocket_upgrades_get_the_envelope(shared_gateway: GatewayProcess, path: str,
                                              status: int, code: str) -> None:
     """The gateway has no WebSocket routes; an upgrade is answered as the request it is."""
     handshake = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
                  "Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                  "Sec-WebSocket-Version: 13\r\n\r\n").encode()
-    assert_connection_refusal(exchange(gateway_process.port, handshake), status, code)
-    assert "Unsupported upgrade" not in gateway_process.output()
+    assert_connection_refusal(exchange(shared_gateway.port, handshake), status, code)
+    assert "Unsupported upgrade" not in shared_gateway.output()
