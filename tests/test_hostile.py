@@ -615,4 +615,73 @@ def test_websocket_upgrades_get_the_envelope(shared_gateway: GatewayProcess, pat
                  "Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                  "Sec-WebSocket-Version: 13\r\n\r\n").encode()
     assert_connection_refusal(exchange(shared_gateway.port, handshake), status, code)
+    # A client that starts sending frames at once: they are not parsed as HTTP.
+    with socket.create_connection(("127.0.0.1", shared_gateway.port)) as sock:
+        sock.sendall(handshake)
+        time.sleep(0.05)
+        sock.sendall(b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58")  # a masked "Hello"
+        got, headers, body = read_response(sock)
+        assert got == status and json.loads(body)["error"]["code"] == code
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+        assert rest == b"", rest  # closed after the answer: no second answer to the frame
     assert "Unsupported upgrade" not in shared_gateway.output()
+
+
+def test_an_upgrade_request_with_a_body_is_refused_not_answered_without_it(
+        shared_gateway: GatewayProcess, sandbox: Sandbox) -> None:
+    """httptools skips the body of an upgrade request (`curl --http2` over http:// asks for
+    h2c): answering as if it had none would be answering another request."""
+    body = b'{"prompt": "a cat"}'
+    head = request_head("/v1/images/generations", Content_Type="application/json",
+                        Content_Length=str(len(body)), Connection="Upgrade, HTTP2-Settings",
+                        Upgrade="h2c", HTTP2_Settings="AAMAAABkAAQCAAAAAAIAAAAA")
+    assert_connection_refusal(exchange(shared_gateway.port, head + body), 400,
+                              "upgrade_with_body")
+    nothing_reached(sandbox)
+
+
+def test_pipelined_requests_in_one_read_are_all_answered(shared_gateway: GatewayProcess) -> None:
+    """80 requests with 1 KB heads arrive in one read: 80 KB, none of it one head."""
+    one = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"p" * 900 + b"\r\n\r\n"
+    statuses = []
+    with socket.create_connection(("127.0.0.1", shared_gateway.port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(one * 80 + b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        with sock.makefile("rb") as answers:
+            for _ in range(80):
+                statuses.append(int(answers.readline().split()[1]))
+                length = 0
+                while (line := answers.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                answers.read(length)
+    assert statuses == [200] * 80
+
+
+def test_a_chunked_body_with_an_endless_trailer_is_cut_off(shared_gateway: GatewayProcess,
+                                                           sandbox: Sandbox) -> None:
+    """Trailers are buffered by httptools until they end, like headers: bounded the same way."""
+    baseline = shared_gateway.rss_kb()
+    head = request_head("/v1/images/generations", Content_Type="application/json",
+                        Transfer_Encoding="chunked")
+    sent = 0
+    with socket.create_connection(("127.0.0.1", shared_gateway.port)) as sock:
+        sock.settimeout(10)
+        try:
+            sock.sendall(head + b"1\r\n{\r\n0\r\nX-Trailer: ")
+            for _ in range(256):  # up to 64 MB
+                sock.sendall(b"t" * 256 * 1024)
+                sent += 1
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            assert sock.recv(65536) == b""  # closed: the request was already being answered
+        except ConnectionResetError:
+            pass
+    assert sent < 64, f"{sent} × 256 KB of trailer were accepted"
+    assert shared_gateway.rss_kb() - baseline < RSS_HEADROOM_KB
+    shared_gateway.assert_alive()
+    nothing_reached(sandbox)

@@ -7,11 +7,16 @@ library for every upgrade request. Here:
 
 - a request that cannot be parsed gets the OpenAI envelope (400, `malformed_http`);
 - a request head (request line and headers) may be at most `MAX_HEAD_BYTES` (431,
-  `headers_too_large`) and must be complete `head_timeout` seconds after the connection opened
-  or the request's first byte arrived (408, `request_timeout`; a connection that sent nothing
-  is just closed) — slow-loris clients cannot hold connections and memory forever;
-- WebSocket upgrades are ordinary requests (uvicorn runs with `ws="none"`): the gateway has no
-  WebSocket routes, so they get the app's own 404 or 405 envelope.
+  `headers_too_large`), and so may the bytes of a chunked body that are not data (chunk sizes,
+  trailers), which httptools would otherwise buffer without limit;
+- a head must be complete `head_timeout` seconds after the connection opened or the request's
+  first byte arrived (408, `request_timeout`; a connection that sent nothing is just closed):
+  endless headers cannot hold a connection. A body is read at the client's pace (its memory is
+  bounded by uvicorn's flow control and the app's body limit);
+- WebSocket (and other) upgrade requests are ordinary requests (uvicorn runs with `ws="none"`):
+  the gateway has no WebSocket routes, so they get the app's own 404 or 405 envelope. httptools
+  never reads the body of an upgrade request, so one that declares a body is a 400
+  (`upgrade_with_body`) rather than a request answered without it.
 """
 
 from __future__ import annotations
@@ -51,7 +56,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     head_timeout: float = 30.0
     _reading_head = False  # between a request's first byte and the end of its headers
-    _head_bytes = 0
+    _in_body = False  # between the end of its headers and the end of the message
+    _upgraded = False  # an upgrade request was read: httptools parses nothing after it
+    _progress = False  # this read began a message, ended a head or carried body data
+    _unparsed = 0  # bytes read since that last happened
     _head_error: ClawError | None = None
     _head_timer: asyncio.TimerHandle | None = None
 
@@ -64,33 +72,62 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._upgraded or self.transport.is_closing():
+            return  # the other protocol's bytes, or a refused connection's: never parsed
+        self._progress = False
         super().data_received(data)
-        if self._reading_head and not self.transport.is_closing():
-            # A head still arriving is bounded here, by the chunks read since it began:
-            # httptools keeps a header to itself until it ends.
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
+        if self._progress or self.transport.is_closing():
+            return
+        if self._reading_head or self._in_body:
+            # A read that moved nothing forward: httptools is buffering a header or trailer
+            # (it keeps each to itself until it ends), or reading chunk sizes. Bounded here,
+            # to the limit plus one read; a whole head is also measured exactly below.
+            self._unparsed += len(data)
+            if self._unparsed > MAX_HEAD_BYTES:
                 self._refuse(_head_too_large())
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._moved()
         self._reading_head = True
-        self._head_bytes = 0
         if self._head_timer is None:  # the first request's clock runs from the connect
             self._arm()
 
     def on_headers_complete(self) -> None:
+        self._moved()
         self._reading_head = False
         self._disarm()
-        # A whole head that came in one read is measured here, exactly.
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > MAX_HEAD_BYTES:
             self._head_error = _head_too_large()
+        elif self.parser.should_upgrade() and any(
+                name in (b"content-length", b"transfer-encoding") and value.strip() != b"0"
+                for name, value in self.headers):
+            self._head_error = InvalidRequest(
+                "An upgrade request (Connection: Upgrade) cannot carry a body here: the "
+                "gateway speaks HTTP/1.1 only. Send it without the Upgrade headers.",
+                code="upgrade_with_body")
+        if self._head_error is not None:
             raise self._head_error  # stops httptools; uvicorn then calls send_400_response
         super().on_headers_complete()
         if self.parser.should_upgrade():
-            # httptools stops parsing after an upgrade request: answer it, then close.
+            # httptools parses nothing after an upgrade request: answer it, then close.
+            self._upgraded = True
             self.cycle.keep_alive = False
+        else:
+            self._in_body = True
+
+    def on_body(self, body: bytes) -> None:
+        self._moved()
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
+
+    def _moved(self) -> None:
+        self._progress = True
+        self._unparsed = 0
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(self._head_error or InvalidRequest(
@@ -135,7 +172,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
 
 def _head_too_large() -> InvalidRequest:
-    return InvalidRequest(f"The request line and headers exceed {MAX_HEAD_BYTES // 1024} KB.",
+    return InvalidRequest(f"The request line and headers (or a chunked body's sizes and "
+                          f"trailers) exceed {MAX_HEAD_BYTES // 1024} KB.",
                           status=431, code="headers_too_large")
 
 

@@ -69,10 +69,14 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequest:
                               code="invalid_json")
     # Of a union's alternatives, the one that got furthest says best what was wrong.
     first = max(errors, key=lambda e: len(e.get("loc", ())))
-    param = _param(tuple(first.get("loc", ())))
-    if param is None:
+    loc = tuple(first.get("loc", ()))
+    param = _param(loc)
+    if param is None and loc in ((), ("body",)):
         return InvalidRequest("The request body must be a JSON object, such as "
                               '{"prompt": "a red fox"}.', code="invalid_json")
+    if param is None:
+        return InvalidRequest(f"Invalid request: {first.get('msg', 'invalid value')}.",
+                              code="invalid_type")
     if first.get("type") == "missing":
         return InvalidRequest(f"Missing required field '{param}'.", param=param,
                               code="missing_field")
