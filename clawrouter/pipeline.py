@@ -82,7 +82,7 @@ class ImagePipeline:
         self.exchange = exchange
         self.store = store
         self.inputs = inputs
-        self.session = session  # aiohttp session for downloading result URLs
+        self.session = session  # what result URLs are downloaded with (`ResultSources`)
 
     async def run(self, job: ImageJob, ctx: RequestContext) -> Result:
         images, mask = await self._resolve_inputs(job)

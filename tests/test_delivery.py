@@ -103,7 +103,8 @@ def test_streaming_keeps_the_connection_alive_while_a_slow_job_runs(make_gateway
     assert "image_generation.completed" in text and text.endswith("data: [DONE]\n\n")
 
 
-def test_a_failed_result_download_keeps_the_paid_response_and_retries(gateway, sandbox):
+def test_a_failed_result_download_keeps_the_paid_response_and_retries(make_gateway, sandbox):
+    gateway = make_gateway(allow_private_urls=True)  # the image host below is on loopback
     image = make_png(48, 48, 9)
     hits = []
 
@@ -127,3 +128,37 @@ def test_a_failed_result_download_keeps_the_paid_response_and_retries(gateway, s
     listed = gateway.http.get("/v1/images").json()["data"]
     assert listed and listed[0]["model"] == "zai/cogview-4"
     assert httpx.get(listed[0]["url"]).content == image
+
+
+@pytest.mark.parametrize("where", ["other-host", "redirect"])
+def test_a_result_url_into_the_local_network_is_never_fetched(make_gateway, sandbox, where):
+    """A paid answer (from a compromised or spoofed upstream) names an address on the user's
+    network: the gateway hands the URL back as it came and never connects to it, not even
+    through a redirect from the upstream's own host."""
+    hits = []
+
+    async def internal(request):
+        hits.append(request.url.path)
+        return Response(make_png(8, 8, 1), 200, media_type="image/png")
+
+    with serving(Starlette(routes=[Route("/admin.png", internal)])) as lan:
+        # "localhost", not the upstream's 127.0.0.1: another origin, which resolves to loopback
+        remote = lan.url.replace("127.0.0.1", "localhost") + "/admin.png"
+        if where == "redirect":
+            remote = sandbox.url + "/_sandbox/redirect?to=" + lan.url + "/admin.png"
+        gw = make_gateway()
+        sandbox.faults({"kind": "respond", "phase": "paid", "status": 200, "settle": True,
+                        "body": {"created": 1, "data": [{"url": remote}]}})
+        r = gw.http.post("/v1/images/generations", json={"model": "cogview", "prompt": "x"})
+        assert r.status_code == 200, r.text
+        assert r.json()["data"][0]["url"] == remote  # the client still gets what it paid for
+        time.sleep(0.3)
+        assert hits == []
+        assert gw.http.get("/v1/images").json()["data"] == []
+        # The same answer with allow_private_urls = true (a LAN the user trusts) is fetched.
+        trusting = make_gateway(allow_private_urls=True)
+        sandbox.faults({"kind": "respond", "phase": "paid", "status": 200, "settle": True,
+                        "body": {"created": 1, "data": [{"url": remote}]}})
+        r = trusting.http.post("/v1/images/generations", json={"model": "cogview", "prompt": "x"})
+        assert r.json()["data"][0]["url"].startswith(trusting.url + "/images/"), r.text
+        assert hits == ["/admin.png"]

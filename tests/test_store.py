@@ -34,7 +34,10 @@ from clawrouter.store import (
     ImageStore,
     StoredImage,
 )
+from clawrouter.inputs.addresses import is_public_address
+from clawrouter.store.download import DownloadRefused, download
 from clawrouter.store.files import content_id
+from clawrouter.store.sources import ResultSources
 from tests.servers import ServerThread, serving
 
 T = TypeVar("T")
@@ -420,10 +423,16 @@ class Upstream:
         self.image = png(4000, 42)
         self.healthy = False
         self.hits = 0
+        self.hits_elsewhere = 0  # requests that named another host than 127.0.0.1
 
     def app(self) -> Starlette:
         async def ok(request: Request) -> Response:
+            if not request.headers.get("host", "").startswith("127.0.0.1:"):
+                self.hits_elsewhere += 1
             return Response(self.image, media_type="application/octet-stream")
+
+        async def redirect(request: Request) -> Response:
+            return Response(status_code=302, headers={"location": request.query_params["to"]})
 
         async def big(request: Request) -> Response:
             return Response(PNG_MAGIC + b"\0" * 2_000_000, media_type="image/png")
@@ -447,7 +456,8 @@ class Upstream:
                 return Response("upstream hiccup", status_code=500)
             return Response(self.image, media_type="image/png")
 
-        return Starlette(routes=[Route("/ok.png", ok), Route("/big", big),
+        return Starlette(routes=[Route("/ok.png", ok), Route("/redirect", redirect),
+                                 Route("/big", big),
                                  Route("/endless", endless), Route("/text", text),
                                  Route("/flaky", flaky), Route("/bomb", bomb)])
 
@@ -482,6 +492,41 @@ def test_fetch_and_put_stores_checks_and_caps(tmp_path: Path,
     assert errors[3] == "HTTP 404" and errors[4] == "HTTP 500"
     assert "cap" in errors[5]  # a small Content-Length does not vouch for the inflated size
     assert [(r["name"], r["source"]) for r in listed] == [(image.name, f"{base}/ok.png")]
+
+
+def test_result_sources_trust_only_the_upstreams_own_host(
+        tmp_path: Path, upstream: tuple[str, Upstream]) -> None:
+    """Other hosts are reached only at public addresses, whatever form the address takes, and a
+    redirect from the upstream's host is judged again; none of it is retried."""
+    base, host = upstream
+    port = base.rsplit(":", 1)[1]
+
+    async def scenario() -> tuple[bytes, list[str], Any, dict[str, Any]]:
+        refused = []
+        async with aiohttp.ClientSession() as session, ImageStore(tmp_path) as store:
+            sources = ResultSources(base + "/api", session, allowed=is_public_address)
+            try:
+                await store.start(sources)
+                deferred = await store.put_remote_or_defer(
+                    f"http://localhost:{port}/ok.png", META, sources)
+                stats = await store.stats()
+                data = await download(base + "/ok.png", sources)
+                for url in (f"http://localhost:{port}/ok.png", f"http://[::1]:{port}/ok.png",
+                            f"http://2130706433:{port}/ok.png", f"http://0x7f.1:{port}/ok.png",
+                            f"http://10.0.0.1:{port}/ok.png", f"https://127.0.0.1:{port}/x",
+                            f"{base}/redirect?to=http://169.254.169.254/latest/meta-data"):
+                    with pytest.raises(DownloadRefused) as caught:
+                        await download(url, sources)
+                    refused.append(str(caught.value))
+            finally:
+                await sources.aclose()
+        return data, refused, deferred, stats
+
+    data, refused, deferred, stats = run(scenario())
+    assert data == host.image and len(refused) == 7, refused
+    assert host.hits_elsewhere == 0
+    assert isinstance(deferred, Deferred) and deferred.pending_id is None  # not retried
+    assert stats["pending_downloads"] == 0 and stats["count"] == 0
 
 
 def test_a_failed_download_is_deferred_and_retried_in_the_background(

@@ -20,6 +20,7 @@ from clawrouter.observe import Metrics, Observe
 from clawrouter.coalesce import Coalescer
 from clawrouter.config import Settings
 from clawrouter.inputs import InputPolicy, InputResolver
+from clawrouter.inputs.addresses import is_public_address
 from clawrouter.payment.balance import BalanceMonitor, rpc_urls_for
 from clawrouter.payment.budget import Budget
 from clawrouter.payment.ledger import Ledger
@@ -30,6 +31,7 @@ from clawrouter.payment.signer import Signer
 from clawrouter.payment.wallet import WalletKey, load_wallet
 from clawrouter.pipeline import ImagePipeline
 from clawrouter.store import ImageServer, ImageStore
+from clawrouter.store.sources import ResultSources
 from clawrouter.upstream.client import BlockRunClient, new_session
 from clawrouter.upstream.exchange import Exchange
 
@@ -81,9 +83,13 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         session = new_session(settings.upstream_max_connections)
-        inputs = InputResolver(InputPolicy.from_settings(settings))
+        policy = InputPolicy.from_settings(settings)
+        inputs = InputResolver(policy)
+        results = ResultSources(settings.upstream_url, session,
+                                allowed=None if policy.allow_private_urls else is_public_address,
+                                connect_timeout=policy.connect_timeout)
         await store.open()
-        await store.start(session)
+        await store.start(results)
         client = BlockRunClient(settings.upstream_url, session,
                                 timeout=settings.upstream_timeout,
                                 connect_timeout=settings.upstream_connect_timeout)
@@ -96,7 +102,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
         reconciler.start()
         exchange = Exchange(client, signer, settings, gw.network, ledger, budget, prices,
                             on_payment=gw.metrics.payment)
-        gw.pipeline = ImagePipeline(exchange, store, inputs, session)
+        gw.pipeline = ImagePipeline(exchange, store, inputs, results)
         trimming = asyncio.create_task(trimmer.run())
         try:
             yield
@@ -105,6 +111,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
             await reconciler.aclose()
             await balance.aclose()
             await store.aclose()
+            await results.aclose()
             await inputs.aclose()
             await session.close()
             ledger.close()

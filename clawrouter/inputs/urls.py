@@ -115,22 +115,28 @@ class UrlFetcher:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            dns = self._dns or OwnThreadsResolver()
-            resolver = CheckingResolver(dns, self._allowed, owns_inner=self._dns is None)
-            connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
-            timeout = aiohttp.ClientTimeout(total=None, connect=self._policy.connect_timeout,
-                                            sock_connect=self._policy.connect_timeout)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=timeout,
-                # Compressed bodies would slip past the byte cap when inflated; ask for none
-                # and never inflate (a gzip body then fails the image sniff).
-                auto_decompress=False,
-                headers={"Accept-Encoding": "identity", "User-Agent": "clawrouter"},
-                cookie_jar=aiohttp.DummyCookieJar(),  # no state carried between users' fetches
-                trust_env=False,  # an env proxy would connect to addresses we never checked
-            )
+            self._session = guarded_session(self._allowed, dns=self._dns,
+                                            connect_timeout=self._policy.connect_timeout)
         return self._session
+
+
+def guarded_session(allowed: AddressRule | None, *, dns: AbstractResolver | None = None,
+                    connect_timeout: float = 5.0) -> aiohttp.ClientSession:
+    """A session that connects only to addresses `allowed` approves (None: any), judged at
+    connect time on the addresses actually used. Names only: a literal IP in a URL never
+    reaches the resolver, so callers check those themselves (`address_problem`)."""
+    resolver = CheckingResolver(dns or OwnThreadsResolver(), allowed, owns_inner=dns is None)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False),
+        timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout,
+                                      sock_connect=connect_timeout),
+        # Compressed bodies would slip past the byte cap when inflated; ask for none
+        # and never inflate (a gzip body then fails the image sniff).
+        auto_decompress=False,
+        headers={"Accept-Encoding": "identity", "User-Agent": "clawrouter"},
+        cookie_jar=aiohttp.DummyCookieJar(),  # no state carried between users' fetches
+        trust_env=False,  # an env proxy would connect to addresses we never checked
+    )
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int, *, param: str) -> bytes:

@@ -30,6 +30,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Starlette:
             Route("/_sandbox/faults", control.faults, methods=["GET", "POST"]),
             Route("/_sandbox/config", control.config, methods=["GET", "POST"]),
             Route("/_sandbox/rpc", chain.rpc, methods=["POST"]),
+            Route("/_sandbox/redirect", control.redirect, methods=["GET"]),
         ],
         middleware=[Middleware(SandboxMiddleware, config=config)],
         exception_handlers={HTTPException: _http_error},

@@ -5,6 +5,7 @@ POST /_sandbox/reset   forget stats, jobs, faults, used authorizations and the c
 GET|POST /_sandbox/faults  show / replace the fault rules (faults.py)
 GET|POST /_sandbox/config  show / change runtime settings (latency_ms, slow_seconds, …)
 POST /_sandbox/rpc     JSON-RPC for the stand-in chain: balances, used authorizations (chain.py)
+GET  /_sandbox/redirect?to=URL  a 302 to URL (a result URL that leaves the upstream's host)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from clawrouter.sandbox.state import Sandbox
 
@@ -52,6 +53,13 @@ async def config(request: Request) -> Response:
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
     return JSONResponse(sandbox.config.public())
+
+
+async def redirect(request: Request) -> Response:
+    target = request.query_params.get("to", "")
+    if not target.startswith(("http://", "https://")):
+        return JSONResponse({"error": "to= must be an http(s) URL"}, status_code=400)
+    return RedirectResponse(target, status_code=302)
 
 
 async def health(request: Request) -> Response:

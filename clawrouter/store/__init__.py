@@ -6,6 +6,8 @@
 - `store`: `ImageStore`, the in-memory index over both, with eviction.
 - `eviction`: which images to remove, as a pure function.
 - `download`: fetching a remote result with a deadline, a byte cap and a type check.
+- `sources`: which connection a result URL may use (other hosts than the upstream's: public
+  addresses only).
 - `pending`: failed downloads, retried in the background.
 - `cache`: the LRU of hot image bytes.
 - `ranges`: the `Range` header.

@@ -2,20 +2,25 @@
 
 The URL comes from the upstream's response, which we paid for but do not control: a slow,
 huge or non-image answer must cost us a bounded amount of time and memory. The caller's
-`aiohttp.ClientSession` decides the connector (and any SSRF guard on it).
+`Getter` decides the connection for each hop (`sources.ResultSources` keeps hosts other than
+the upstream's off the local network), so redirects are followed here, one hop at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any, Protocol
 
 import aiohttp
+from yarl import URL
 
+from clawrouter.inputs.dns import AddressRefused
 from clawrouter.sniff import sniff_image
 
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 _MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
 _SNIFF_BYTES = 12  # the longest signature sniff_image needs (WEBP)
 
@@ -24,47 +29,80 @@ class DownloadFailed(Exception):
     """A result image could not be downloaded; the message says why (never shown as-is)."""
 
 
-async def download(url: str, session: aiohttp.ClientSession, *,
-                   max_bytes: int = DEFAULT_MAX_BYTES,
+class DownloadRefused(DownloadFailed):
+    """The URL (or a redirect) leads where the gateway does not connect; retrying cannot help."""
+
+
+class Getter(Protocol):
+    """What a download needs: `aiohttp.ClientSession.get`, or `ResultSources`."""
+
+    def get(self, url: URL, **kwargs: Any) -> Any: ...
+
+
+async def download(url: str, session: Getter, *, max_bytes: int = DEFAULT_MAX_BYTES,
                    timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT) -> bytes:
     """Return the image bytes at `url`, or raise `DownloadFailed`.
 
-    Stops reading as soon as the body passes `max_bytes` (decompressed bytes are counted) and
-    as soon as the first bytes are not a PNG, JPEG, WEBP or GIF.
+    Follows up to 5 redirects, each asked of `session` anew. Stops reading as soon as the body
+    passes `max_bytes` (decompressed bytes are counted) and as soon as the first bytes are not
+    a PNG, JPEG, WEBP or GIF. `timeout.total` bounds all the hops together.
     """
-    if not url.startswith(("http://", "https://")):
-        raise DownloadFailed("not an http(s) URL")
+    target = _http_url(url)
     try:
-        async with session.get(url, timeout=timeout, max_redirects=_MAX_REDIRECTS) as resp:
-            if resp.status != 200:
-                raise DownloadFailed(f"HTTP {resp.status}")
-            if resp.content_length is not None and resp.content_length > max_bytes:
-                raise DownloadFailed(f"{resp.content_length} bytes is over the "
-                                     f"{max_bytes}-byte cap")
-            if (resp.content_length is not None
-                    and resp.headers.get("content-encoding", "identity") == "identity"):
-                # Not compressed, so the declared length bounds what the parser will read:
-                # one read, no copies. (A compressed body may inflate: it is counted below.)
-                data = await resp.read()
-                _check_image(data)
-                return data
-            body = bytearray()
-            sniffed = False
-            async for chunk in resp.content.iter_chunked(_CHUNK):
-                body += chunk
-                if len(body) > max_bytes:
-                    raise DownloadFailed(f"body is over the {max_bytes}-byte cap")
-                if not sniffed and len(body) >= _SNIFF_BYTES:
-                    _check_image(body)
-                    sniffed = True
-            _check_image(body)
-            return bytes(body)
+        async with asyncio.timeout(timeout.total):
+            for _ in range(_MAX_REDIRECTS + 1):
+                async with session.get(target, timeout=timeout,
+                                       allow_redirects=False) as resp:
+                    location = resp.headers.get("Location")
+                    if resp.status in _REDIRECTS and location:
+                        target = _http_url(str(resp.url.join(URL(location))))
+                        continue
+                    return await _read(resp, max_bytes)
+            raise DownloadFailed(f"more than {_MAX_REDIRECTS} redirects")
     except DownloadFailed:
         raise
-    except asyncio.TimeoutError as exc:
+    except AddressRefused as exc:
+        raise DownloadRefused(f"{exc.host} resolves to {exc.address}, not a public address") \
+            from exc
+    except (asyncio.TimeoutError, TimeoutError) as exc:
         raise DownloadFailed("timed out") from exc
-    except aiohttp.ClientError as exc:
+    except (aiohttp.ClientError, ValueError) as exc:
         raise DownloadFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _http_url(url: str) -> URL:
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError):
+        raise DownloadFailed("not an http(s) URL") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise DownloadFailed("not an http(s) URL")
+    return parsed
+
+
+async def _read(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    if resp.status != 200:
+        raise DownloadFailed(f"HTTP {resp.status}")
+    if resp.content_length is not None and resp.content_length > max_bytes:
+        raise DownloadFailed(f"{resp.content_length} bytes is over the {max_bytes}-byte cap")
+    if (resp.content_length is not None
+            and resp.headers.get("content-encoding", "identity") == "identity"):
+        # Not compressed, so the declared length bounds what the parser will read:
+        # one read, no copies. (A compressed body may inflate: it is counted below.)
+        data = await resp.read()
+        _check_image(data)
+        return data
+    body = bytearray()
+    sniffed = False
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        body += chunk
+        if len(body) > max_bytes:
+            raise DownloadFailed(f"body is over the {max_bytes}-byte cap")
+        if not sniffed and len(body) >= _SNIFF_BYTES:
+            _check_image(body)
+            sniffed = True
+    _check_image(body)
+    return bytes(body)
 
 
 def _check_image(body: bytes | bytearray) -> None:

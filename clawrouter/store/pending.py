@@ -16,9 +16,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-import aiohttp
-
 from clawrouter.store.db import MetadataDB, PendingRow
+from clawrouter.store.download import Getter
 from clawrouter.store.records import Deferred, ImageMeta, StoredImage
 from clawrouter.wake import nap
 
@@ -27,7 +26,7 @@ log = logging.getLogger(__name__)
 #: Seconds to wait before each retry; upstream result URLs may expire, so the first come soon.
 DEFAULT_RETRY_DELAYS: tuple[float, ...] = (10.0, 60.0, 300.0, 1800.0)
 
-Fetch = Callable[[str, ImageMeta, aiohttp.ClientSession], Awaitable[StoredImage]]
+Fetch = Callable[[str, ImageMeta, Getter], Awaitable[StoredImage]]
 RunDB = Callable[..., Awaitable[Any]]
 
 
@@ -69,7 +68,7 @@ class PendingDownloads:
         log.warning("result download deferred (%s): %s", error, url)
         return Deferred(url=url, error=error, pending_id=pending_id)
 
-    async def run(self, session: aiohttp.ClientSession) -> None:
+    async def run(self, session: Getter) -> None:
         """Retry due downloads forever; a background task cancelled on close."""
         while True:
             now = time.time()
@@ -85,7 +84,7 @@ class PendingDownloads:
             upcoming = [r.next_attempt for r in self._rows.values() if r.next_attempt is not None]
             await nap(self._wake, max(0.0, min(upcoming) - now) if upcoming else None)
 
-    async def _attempt(self, row: PendingRow, session: aiohttp.ClientSession) -> None:
+    async def _attempt(self, row: PendingRow, session: Getter) -> None:
         try:
             image = await self._fetch(row.url, row.meta, session)
         except Exception as exc:  # DownloadFailed, or storing failed (disk full): retry too

@@ -41,6 +41,8 @@ from clawrouter.store.download import (
     DEFAULT_MAX_BYTES,
     DEFAULT_TIMEOUT,
     DownloadFailed,
+    DownloadRefused,
+    Getter,
     download,
 )
 from clawrouter.store.eviction import choose_victims
@@ -98,8 +100,7 @@ class ImageStore:
                                          delays=retry_delays)
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
-        self._session: aiohttp.ClientSession | None = None
-        self._own_session = False
+        self._own_session: aiohttp.ClientSession | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> ImageStore:
@@ -169,15 +170,13 @@ class ImageStore:
                                          created=path.stat().st_mtime))
         return recovered
 
-    async def start(self, session: aiohttp.ClientSession | None = None) -> None:
+    async def start(self, session: Getter | None = None) -> None:
         """Start background eviction, last-served flushing and download retries.
 
         Retries use `session`, or a session of the store's own (closed by `aclose`).
         """
         if session is None:
-            session = aiohttp.ClientSession()
-            self._own_session = True
-        self._session = session
+            session = self._own_session = aiohttp.ClientSession()
         self._tasks = [asyncio.create_task(self._maintain(), name="image-store-maintenance"),
                        asyncio.create_task(self._pending.run(session), name="image-store-retry")]
 
@@ -193,9 +192,9 @@ class ImageStore:
             except Exception:
                 log.exception("image store task %s failed", task.get_name())
         self._tasks = []
-        if self._own_session and self._session is not None:
-            await self._session.close()
-        self._session = None
+        if self._own_session is not None:
+            session, self._own_session = self._own_session, None
+            await session.close()
         if self._group is None:
             return
         await self._flush_served()
@@ -239,7 +238,7 @@ class ImageStore:
         return image
 
     async def fetch_and_put(self, url: str, meta: ImageMeta,
-                            session: aiohttp.ClientSession) -> StoredImage:
+                            session: Getter) -> StoredImage:
         """Download a result URL and store it; raises `DownloadFailed` (also for non-images).
 
         The stored `source` is the URL (`meta.source` is ignored).
@@ -249,7 +248,7 @@ class ImageStore:
         return await self.put_bytes(data, replace(meta, source=url))
 
     async def put_remote_or_defer(self, url: str, meta: ImageMeta,
-                                  session: aiohttp.ClientSession) -> StoredImage | Deferred:
+                                  session: Getter) -> StoredImage | Deferred:
         """`fetch_and_put`, but a failure never fails the (already paid) request.
 
         On any failure (download, or storing: disk full) the download is recorded in SQLite with
@@ -258,6 +257,9 @@ class ImageStore:
         """
         try:
             return await self.fetch_and_put(url, meta, session)
+        except DownloadRefused as exc:  # retrying cannot help: nothing to record
+            log.warning("result download refused (%s): %s", exc, url)
+            return Deferred(url=url, error=str(exc), pending_id=None)
         except Exception as exc:
             error = str(exc) if isinstance(exc, DownloadFailed) else f"{type(exc).__name__}: {exc}"
             return await self._pending.defer(url, meta, error)
