@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
 
 from clawrouter import catalog
 from clawrouter.sandbox.images import make_png
-from tests.servers import free_port
+from tests.servers import free_port, serving
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MY_COMMANDS = ("generate", "edit", "models", "status", "doctor", "mcp")
@@ -83,6 +86,27 @@ def test_a_refused_request_exits_1_with_the_gateways_message(tmp_path: Path, gat
     proc = run(tmp_path, "generate", "x", "--model", "dall-e-2", url=gateway.url)
     assert proc.returncode == 1 and "Unknown image model" in proc.stderr and proc.stdout == ""
     assert sandbox.paid() == 0
+
+
+def test_a_result_the_gateway_would_not_fetch_is_not_fetched_by_the_cli_either(
+        tmp_path: Path, gateway: Any, sandbox: Any) -> None:
+    """The gateway hands back, unfetched, a result URL into the local network; `generate`
+    must not fetch it for the user (it says where the paid image is instead)."""
+    hits: list[str] = []
+
+    async def internal(request: Any) -> Any:
+        hits.append(request.url.path)
+        return Response(make_png(8, 8, seed=1), media_type="image/png")
+
+    with serving(Starlette(routes=[Route("/latest/meta-data", internal)])) as lan:
+        remote = lan.url.replace("127.0.0.1", "localhost") + "/latest/meta-data"
+        sandbox.faults({"kind": "respond", "phase": "paid", "status": 200, "settle": True,
+                        "body": {"created": 1, "data": [{"url": remote}]}})
+        proc = run(tmp_path, "generate", "x", "--json", url=gateway.url)
+    assert proc.returncode == 1, proc.stdout
+    error = as_json(proc)["error"]
+    assert error["code"] == "download_failed" and remote in error["message"]
+    assert hits == [] and not list((tmp_path / "out").glob("*"))
 
 
 def test_generate_runs_the_gateway_in_process_when_none_answers(tmp_path: Path) -> None:

@@ -504,7 +504,7 @@ def test_result_sources_trust_only_the_upstreams_own_host(
     async def scenario() -> tuple[bytes, list[str], Any, dict[str, Any]]:
         refused = []
         async with aiohttp.ClientSession() as session, ImageStore(tmp_path) as store:
-            sources = ResultSources(base + "/api", session, allowed=is_public_address)
+            sources = ResultSources(is_public_address, upstream=(base + "/api", session))
             try:
                 await store.start(sources)
                 deferred = await store.put_remote_or_defer(
@@ -537,7 +537,7 @@ def test_a_failed_download_is_deferred_and_retried_in_the_background(
     async def scenario() -> tuple[Any, list[Any], dict[str, Any], list[dict[str, Any]]]:
         async with ImageStore(tmp_path, retry_delays=(0.2, 0.2, 0.2)) as store, \
                 aiohttp.ClientSession() as session:
-            await store.start()
+            await store.start(session)  # the result host is on loopback: no address rule here
             result = await store.put_remote_or_defer(url, META, session)
             with sqlite3.connect(tmp_path / "index.sqlite3") as db:
                 recorded = db.execute(
@@ -571,8 +571,9 @@ def test_pending_downloads_survive_a_restart_and_give_up_after_the_last_retry(
     async def restart(delays: tuple[float, ...]) -> dict[str, Any]:
         with sqlite3.connect(tmp_path / "index.sqlite3") as db:
             db.execute("UPDATE pending SET next_attempt = ?", (time.time(),))  # due now
-        async with ImageStore(tmp_path, retry_delays=delays) as store:
-            await store.start()
+        async with ImageStore(tmp_path, retry_delays=delays) as store, \
+                aiohttp.ClientSession() as session:
+            await store.start(session)
             for _ in range(150):
                 stats = await store.stats()
                 if stats["pending_downloads"] == 0:
@@ -589,6 +590,37 @@ def test_pending_downloads_survive_a_restart_and_give_up_after_the_last_retry(
     host.healthy = True
     stats = run(restart(delays=(60.0,)))  # the restored row is due at once
     assert (stats["pending_downloads"], stats["failed_downloads"], stats["count"]) == (0, 1, 1)
+
+
+def test_a_retry_that_is_refused_gives_up_at_once(tmp_path: Path,
+                                                  upstream: tuple[str, Upstream]) -> None:
+    """A deferred download whose retry redirects into the local network is not asked again,
+    and a store started without sources reaches public addresses only."""
+    base, host = upstream
+    away = f"{base}/redirect?to=http://localhost:{base.rsplit(':', 1)[1]}/ok.png"
+
+    async def scenario() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as plain, \
+                ImageStore(tmp_path, retry_delays=(0.05, 0.05, 0.05)) as store:
+            deferred = await store.put_remote_or_defer(f"{base}/flaky", META, plain)
+            assert isinstance(deferred, Deferred) and deferred.pending_id is not None
+            with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+                db.execute("UPDATE pending SET url = ?", (away,))
+            await store._pending.load()
+            await store.start()  # its own sources: public addresses only
+            for _ in range(100):
+                stats = await store.stats()
+                if stats["pending_downloads"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # time for three more retries, were there any
+            return stats
+
+    stats = run(scenario())
+    assert (stats["pending_downloads"], stats["failed_downloads"], stats["count"]) == (0, 1, 0)
+    with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+        assert db.execute("SELECT attempts FROM pending").fetchall() == [(2,)]  # not 4
+    assert host.hits_elsewhere == 0 and host.hits == 1  # the first attempt only
 
 
 def test_a_file_that_cannot_be_written_leaves_no_row(tmp_path: Path,

@@ -85,8 +85,8 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
         session = new_session(settings.upstream_max_connections)
         policy = InputPolicy.from_settings(settings)
         inputs = InputResolver(policy)
-        results = ResultSources(settings.upstream_url, session,
-                                allowed=None if policy.allow_private_urls else is_public_address,
+        results = ResultSources(None if policy.allow_private_urls else is_public_address,
+                                upstream=(settings.upstream_url, session),
                                 connect_timeout=policy.connect_timeout)
         await store.open()
         await store.start(results)

@@ -26,9 +26,12 @@ import httpx
 from clawrouter import catalog
 from clawrouter.config import Settings
 from clawrouter.errors import InvalidRequest
+from clawrouter.inputs.addresses import is_public_address
 from clawrouter.sniff import EXTENSIONS, sniff_image
+from clawrouter.store.download import DownloadFailed, download
 from clawrouter.store.files import content_id, write_atomic
 from clawrouter.store.records import NAME
+from clawrouter.store.sources import ResultSources
 
 DEFAULT_URL = "http://127.0.0.1:8402"
 DEFAULT_OUT = "~/Pictures/clawrouter"
@@ -283,18 +286,17 @@ class Gateway:
 
     async def _fetch(self, url: str) -> bytes:
         """Download a result. Our own images are fetched from the gateway we talk to (with our
-        auth header), whatever host it advertises; anything else is fetched without it."""
+        auth header), whatever host it advertises. Anything else (a result the gateway did not
+        store) is fetched as the gateway fetches results off its upstream's host: public
+        addresses only, and only if it is an image."""
         if url.startswith("data:"):
             return _b64(url.split(",", 1)[1])
         parts = urlsplit(url)
         name = parts.path.rsplit("/", 1)[-1]
-        ours = parts.path == f"/images/{name}" and NAME.fullmatch(name) is not None
+        if parts.path != f"/images/{name}" or NAME.fullmatch(name) is None:
+            return await _download_elsewhere(url)
         try:
-            if ours:
-                resp = await self.http.get(f"/images/{name}")
-            else:
-                async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT) as http:
-                    resp = await http.get(url)
+            resp = await self.http.get(f"/images/{name}")
         except httpx.HTTPError as exc:
             raise GatewayError(f"Paid, but could not download {url}: {exc}",
                                code="download_failed") from None
@@ -302,6 +304,18 @@ class Gateway:
             raise GatewayError(f"Paid, but could not download {url}: HTTP {resp.status_code}",
                                status=resp.status_code, code="download_failed")
         return resp.content
+
+
+async def _download_elsewhere(url: str) -> bytes:
+    sources = ResultSources(is_public_address)
+    try:
+        return await download(url, sources)
+    except DownloadFailed as exc:
+        raise GatewayError(f"Paid, but did not download {url}: {exc}. It was not stored by the "
+                           "gateway either; fetch it yourself if you trust it.",
+                           code="download_failed") from None
+    finally:
+        await sources.aclose()
 
 
 async def connect(url: str | None = None, *, start: bool = True,

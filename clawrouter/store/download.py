@@ -64,7 +64,7 @@ async def download(url: str, session: Getter, *, max_bytes: int = DEFAULT_MAX_BY
     except AddressRefused as exc:
         raise DownloadRefused(f"{exc.host} resolves to {exc.address}, not a public address") \
             from exc
-    except (asyncio.TimeoutError, TimeoutError) as exc:
+    except TimeoutError as exc:  # asyncio.timeout, or aiohttp's own
         raise DownloadFailed("timed out") from exc
     except (aiohttp.ClientError, ValueError) as exc:
         raise DownloadFailed(f"{type(exc).__name__}: {exc}") from exc

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from clawrouter.store.db import MetadataDB, PendingRow
-from clawrouter.store.download import Getter
+from clawrouter.store.download import DownloadRefused, Getter
 from clawrouter.store.records import Deferred, ImageMeta, StoredImage
 from clawrouter.wake import nap
 
@@ -89,7 +89,9 @@ class PendingDownloads:
             image = await self._fetch(row.url, row.meta, session)
         except Exception as exc:  # DownloadFailed, or storing failed (disk full): retry too
             attempts = row.attempts + 1
-            next_attempt = self._next_attempt(attempts)
+            # A refusal (a redirect into the local network) is final: asking again cannot help.
+            next_attempt = (None if isinstance(exc, DownloadRefused)
+                            else self._next_attempt(attempts))
             await self._run_db(self._db.update_pending, row.id, attempts=attempts,
                                error=str(exc), next_attempt=next_attempt)
             if next_attempt is None:

@@ -25,18 +25,23 @@ def _origin(url: URL) -> tuple[str, str, int | None]:
 
 
 class ResultSources:
-    """A `download.Getter`: `get(url)` on the right session. `aclose()` closes its own."""
+    """A `download.Getter`: `get(url)` on the right session. `aclose()` closes its own.
 
-    def __init__(self, upstream_url: str, upstream: aiohttp.ClientSession, *,
-                 allowed: AddressRule | None, connect_timeout: float = 5.0) -> None:
-        self._origin = _origin(URL(upstream_url))
-        self._upstream = upstream
+    `upstream` is the trusted origin and its session (the gateway's upstream); without it every
+    host is judged (the CLI fetching a result the gateway could not store).
+    """
+
+    def __init__(self, allowed: AddressRule | None, *,
+                 upstream: tuple[str, aiohttp.ClientSession] | None = None,
+                 connect_timeout: float = 5.0) -> None:
+        self._origin = _origin(URL(upstream[0])) if upstream else None
+        self._upstream = upstream[1] if upstream else None
         self._allowed = allowed  # None: any address (allow_private_urls)
         self._connect_timeout = connect_timeout
         self._guarded: aiohttp.ClientSession | None = None
 
     def get(self, url: URL, **kwargs: Any) -> Any:
-        if _origin(url) == self._origin:
+        if self._upstream is not None and _origin(url) == self._origin:
             return self._upstream.get(url, **kwargs)
         if self._allowed is not None:
             try:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiohttp
 
 from clawrouter.groupcommit import GroupCommit, Outcome
+from clawrouter.inputs.addresses import is_public_address
 from clawrouter.sniff import EXTENSIONS, sniff_image
 from clawrouter.store import files
 from clawrouter.store.cache import ByteCache
@@ -48,6 +49,7 @@ from clawrouter.store.download import (
 from clawrouter.store.eviction import choose_victims
 from clawrouter.store.pending import DEFAULT_RETRY_DELAYS, PendingDownloads
 from clawrouter.store.records import Deferred, ImageMeta, StoredImage, parse_name
+from clawrouter.store.sources import ResultSources
 from clawrouter.wake import nap
 
 if TYPE_CHECKING:
@@ -100,7 +102,7 @@ class ImageStore:
                                          delays=retry_delays)
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
-        self._own_session: aiohttp.ClientSession | None = None
+        self._own_sources: ResultSources | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> ImageStore:
@@ -173,10 +175,11 @@ class ImageStore:
     async def start(self, session: Getter | None = None) -> None:
         """Start background eviction, last-served flushing and download retries.
 
-        Retries use `session`, or a session of the store's own (closed by `aclose`).
+        Retries use `session`, or sources of the store's own that reach public addresses only
+        (closed by `aclose`).
         """
         if session is None:
-            session = self._own_session = aiohttp.ClientSession()
+            session = self._own_sources = ResultSources(is_public_address)
         self._tasks = [asyncio.create_task(self._maintain(), name="image-store-maintenance"),
                        asyncio.create_task(self._pending.run(session), name="image-store-retry")]
 
@@ -192,9 +195,9 @@ class ImageStore:
             except Exception:
                 log.exception("image store task %s failed", task.get_name())
         self._tasks = []
-        if self._own_session is not None:
-            session, self._own_session = self._own_session, None
-            await session.close()
+        if self._own_sources is not None:
+            sources, self._own_sources = self._own_sources, None
+            await sources.aclose()
         if self._group is None:
             return
         await self._flush_served()
