@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 from hypothesis import HealthCheck, example, given, settings
@@ -38,9 +39,12 @@ from hypothesis import strategies as st
 from clawrouter.config import BLOCKRUN_PAYEE, Settings
 from clawrouter.errors import InvalidRequest, PaymentRefused
 from clawrouter.inputs import InputPolicy, InputResolver
+from clawrouter.inputs.addresses import is_public_address
 from clawrouter.payment import policy
 from clawrouter.payment.networks import NETWORKS, Network
 from clawrouter.payment.wire import ChallengeError, b64_json, parse_challenge
+from clawrouter.store.download import DownloadFailed, DownloadRefused, download
+from clawrouter.store.sources import ResultSources
 from tests.test_inputs import PNG
 
 PROPERTY = settings(max_examples=500, derandomize=True, deadline=None, database=None,
@@ -612,6 +616,42 @@ def test_no_private_address_is_ever_connected_to(
 
     check()
     assert origin.connections == 0
+
+
+def test_no_result_url_reaches_a_private_address(origin: CountingOrigin) -> None:
+    """The same URLs, as result URLs in a paid answer (`store.sources`): never connected to,
+    and refused as such, not failed by chance."""
+    loop = asyncio.new_event_loop()
+    sources = ResultSources(is_public_address, dns=PrivateDNS(), connect_timeout=0.3)
+    quick = aiohttp.ClientTimeout(total=1.0, sock_connect=0.3)
+
+    @settings(PROPERTY, max_examples=300)
+    @given(url=urls(origin.port))
+    @example(url=f"http://internal:{origin.port}/a.png")
+    @example(url=f"http://127.0.0.1:{origin.port}/a.png")
+    def check(url: str) -> None:
+        before = origin.connections
+        try:
+            loop.run_until_complete(download(url, sources, timeout=quick))
+        except DownloadRefused:
+            pass
+        except DownloadFailed as exc:  # only a URL that is not one at all may fail otherwise
+            assert "not an http(s) URL" in str(exc), f"{url!r}: {exc}"
+        else:
+            raise AssertionError(f"{url!r} was fetched")
+        assert origin.connections == before, f"{url!r} connected to the private origin"
+
+    try:
+        check()
+        # The control: with the check off, the same kind of URL connects.
+        trusting = ResultSources(None, dns=PrivateDNS(), connect_timeout=0.3)
+        data = loop.run_until_complete(download(f"http://internal:{origin.port}/a.png",
+                                                trusting, timeout=quick))
+        loop.run_until_complete(trusting.aclose())
+    finally:
+        loop.run_until_complete(sources.aclose())
+        loop.close()
+    assert data == PNG and origin.connections == 1
 
 
 def test_the_origin_counts_connections_when_the_check_is_off(origin: CountingOrigin,

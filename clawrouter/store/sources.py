@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from clawrouter.inputs.addresses import AddressRule, address_problem, parse_literal_ip
@@ -33,11 +34,12 @@ class ResultSources:
 
     def __init__(self, allowed: AddressRule | None, *,
                  upstream: tuple[str, aiohttp.ClientSession] | None = None,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, dns: AbstractResolver | None = None) -> None:
         self._origin = _origin(URL(upstream[0])) if upstream else None
         self._upstream = upstream[1] if upstream else None
         self._allowed = allowed  # None: any address (allow_private_urls)
         self._connect_timeout = connect_timeout
+        self._dns = dns  # tests answer every name with private addresses
         self._guarded: aiohttp.ClientSession | None = None
 
     def get(self, url: URL, **kwargs: Any) -> Any:
@@ -52,7 +54,8 @@ class ResultSources:
                 problem = address_problem(literal) or "not an allowed"
                 raise DownloadRefused(f"{literal} is a {problem} address")
         if self._guarded is None:
-            self._guarded = guarded_session(self._allowed, connect_timeout=self._connect_timeout)
+            self._guarded = guarded_session(self._allowed, dns=self._dns,
+                                            connect_timeout=self._connect_timeout)
         return self._guarded.get(url, **kwargs)
 
     async def aclose(self) -> None:
