@@ -153,7 +153,8 @@ def test_rejected_payments_free_their_room(ledger: Ledger, clock: Clock) -> None
         pid = record(ledger, IMAGE, reservation=res)
     with pytest.raises(BudgetExceeded):
         b.reserve(IMAGE)
-    ledger.commit(ledger.outcome(pid, "rejected", note="PAYMENT_INVALID"))  # the pre-auth was refused
+    # the pre-auth was refused
+    ledger.commit(ledger.outcome(pid, "rejected", note="PAYMENT_INVALID"))
     with b.reserve(IMAGE) as res:  # the fresh attempt reserves again
         record(ledger, IMAGE, attempt=2, reservation=res)
     assert used(b) == (0.0535, 0.0535)

@@ -67,7 +67,8 @@ def test_record_then_finish(ledger: Ledger, clock: Clock) -> None:
     assert row.transaction is None and row.latency_ms is None and row.note is None
 
     ledger.commit(ledger.outcome(pid, "settled", transaction="0xabc", latency_ms=812.5))
-    ledger.commit(ledger.outcome(pid, "settled", note="receipt read twice"))  # a detail; keeps the rest
+    # a detail; keeps the rest
+    ledger.commit(ledger.outcome(pid, "settled", note="receipt read twice"))
     row = ledger.get(pid)
     assert (row.status, row.transaction, row.latency_ms, row.note) == \
         ("settled", "0xabc", 812.5, "receipt read twice")
@@ -138,7 +139,8 @@ def test_summary(ledger: Ledger, clock: Clock) -> None:
         clock.now = day_start(day) + 9 * 3600
         pid = record(ledger, amount, model=model)
         if status != "signed":
-            ledger.commit(ledger.outcome(pid, status, transaction="0xt" if status == "settled" else None))
+            ledger.commit(ledger.outcome(
+                pid, status, transaction="0xt" if status == "settled" else None))
         return pid
 
     at(TODAY, "settled", 53_500)

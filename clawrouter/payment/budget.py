@@ -1,8 +1,9 @@
 """Budgets: refuse to sign what the user did not allow, even under heavy concurrency.
 
 Four limits (settings `max_usd_per_request`, `max_usd_per_day`, `max_usd_per_month`,
-`max_usd_total`; 0 means no limit). Before signing, a request *reserves* its amount; the check and the reservation are one
-atomic step, so concurrent requests can never together pass a limit. What counts as used:
+`max_usd_total`; 0 means no limit). Before signing, a request *reserves* its amount; the check
+and the reservation are one atomic step, so concurrent requests can never together pass a
+limit. What counts as used:
 
 - per day: ledger rows of the current local calendar day that may have cost money (every
   status but `rejected`), plus every live reservation;
