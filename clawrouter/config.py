@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,9 +30,11 @@ def default_home() -> Path:
 
 
 class Settings(BaseSettings):
+    # hide_input_in_errors: a secret under a wrong name (`private_key = "0x…"`) must not be
+    # echoed by the error that rejects it.
     model_config = SettingsConfigDict(
         env_prefix="CLAWROUTER_", populate_by_name=True, extra="forbid",
-        validate_default=True)
+        validate_default=True, hide_input_in_errors=True)
 
     # --- server -----------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -170,4 +172,20 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=path if path.is_file() else None)
 
-    return _FromFile(**overrides)
+    try:
+        return _FromFile(**overrides)
+    except ValidationError as exc:
+        raise ValueError(_explain(exc, path)) from None
+
+
+def _explain(exc: ValidationError, path: Path) -> str:
+    """One line per wrong setting, named as the user wrote it; never its value."""
+    problems = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        what = ("not a setting" if error["type"] == "extra_forbidden"
+                else error["msg"].removeprefix("Value error, "))
+        problems.append(f"{name}: {what}")
+    where = f"{path}, " if path.is_file() else ""
+    return (f"{'; '.join(problems)} (from {where}CLAWROUTER_* variables or flags; every setting "
+            "is listed in config.example.toml)")

@@ -55,3 +55,12 @@ def test_prune_applies_the_size_limit(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and len(json.loads(done.stdout)["removed"]) == 3
     assert json.loads(run(tmp_path, "ls", "--json").stdout) == []
+
+
+def test_a_bad_configuration_is_a_message_and_exit_2_not_a_traceback(tmp_path):
+    (tmp_path / "config.toml").write_text('image_max_gb = "lots"\n')
+    for command in ("ls", "prune"):
+        proc = run(tmp_path, command)
+        assert proc.returncode == 2, proc.stderr
+        assert "invalid configuration: image_max_gb" in proc.stderr
+        assert "Traceback" not in proc.stderr

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def test_generate_json_saves_pngs_and_reports_cost(tmp_path: Path, gateway: Any,
     out = as_json(proc)
     assert out["model"] == "google/nano-banana"
     assert out["cost_usd"] == "0.106"  # 2 × 0.05 × 1.05 + 0.001
-    assert len(out["images"]) == 2 and out["in_process"] is False
+    assert len(out["images"]) == 2 and out["in_process"] is False and out["sandbox"] is False
     for image in out["images"]:
         path = Path(image["path"])
         assert path.parent == tmp_path / "out" and path.read_bytes().startswith(PNG_MAGIC)
@@ -113,9 +114,66 @@ def test_generate_runs_the_gateway_in_process_when_none_answers(tmp_path: Path) 
     proc = run(tmp_path, "generate", "a quiet harbour", "--json", CLAWROUTER_SANDBOX="true")
     assert proc.returncode == 0, proc.stderr
     out = as_json(proc)
-    assert out["in_process"] is True
+    assert out["in_process"] is True and out["sandbox"] is True
     assert Path(out["images"][0]["path"]).read_bytes().startswith(PNG_MAGIC)
     assert "started one in this process" in proc.stderr
+    plain = run(tmp_path, "generate", "a quiet harbour", CLAWROUTER_SANDBOX="true")
+    assert "in the sandbox (no real payment" in plain.stdout, plain.stdout
+
+
+def test_an_api_key_from_the_config_file_reaches_the_in_process_gateway(tmp_path: Path) -> None:
+    home = tmp_path / "cli-home"
+    home.mkdir()
+    (home / "config.toml").write_text('api_key = "from-the-file"\n')
+    proc = run(tmp_path, "generate", "a quiet harbour", "--json", CLAWROUTER_SANDBOX="true")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_proxy_in_the_environment_never_sees_the_gateway_traffic(tmp_path: Path,
+                                                                    make_gateway: Any) -> None:
+    """HTTP_PROXY is for the internet; the gateway is local, and its API key must not leave."""
+    gateway = make_gateway(api_key="local-secret")
+    seen: list[bytes] = []
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        proxy.settimeout(0.2)
+        address = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+        env = {"HTTP_PROXY": address, "HTTPS_PROXY": address, "ALL_PROXY": address,
+               "http_proxy": address, "CLAWROUTER_API_KEY": "local-secret"}
+        proc = run(tmp_path, "status", "--json", url=gateway.url, **env)
+        try:
+            conn, _ = proxy.accept()
+            seen.append(conn.recv(65536))
+            conn.close()
+        except (TimeoutError, OSError):
+            pass
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert seen == []
+
+
+def test_a_terminated_paid_request_says_a_payment_may_be_under_way(tmp_path: Path,
+                                                                      gateway: Any,
+                                                                      sandbox: Any) -> None:
+    """An agent's shell timeout sends SIGTERM: the command must not die silently while the
+    gateway may have paid, or the agent retries into a second payment."""
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 5})
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
+    environ.update(CLAWROUTER_HOME=str(tmp_path / "cli-home"),
+                   CLAWROUTER_OUT=str(tmp_path / "out"), CLAWROUTER_URL=gateway.url)
+    proc = subprocess.Popen([sys.executable, "-m", "clawrouter", "generate", "x", "--json"],
+                            env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 20
+    while sandbox.stats()["payments_count"] == 0 and sandbox.paid() == 0:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.terminate()
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, (out, err)
+    assert "clawrouter stats" in err and "may already have paid" in err
+    assert as_json(subprocess.CompletedProcess([], 0, out))["error"]["code"] == "interrupted"
 
 
 def test_usage_and_configuration_errors_exit_2(tmp_path: Path) -> None:

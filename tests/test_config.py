@@ -59,6 +59,20 @@ def test_bad_files_are_refused(tmp_path, text):
         load_settings(config)
 
 
+def test_a_wrong_setting_is_named_and_its_value_never_echoed(tmp_path):
+    """A key under the wrong name is a secret in a config file: the refusal names the setting,
+    says what is wrong and where settings come from, and prints no part of the value."""
+    secret = "0x" + "ab" * 32
+    config = tmp_path / "c.toml"
+    config.write_text(f'private_key = "{secret}"\napi_key = 7\nport = "{secret}"\n')
+    with pytest.raises(ValueError) as caught:
+        load_settings(config)
+    message = str(caught.value)
+    assert "private_key: not a setting" in message and "port: " in message
+    assert "api_key: " in message and str(config) in message
+    assert "abab" not in message and "_FromFile" not in message
+
+
 def test_missing_explicit_file_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_settings(tmp_path / "nope.toml")

@@ -147,6 +147,9 @@ def test_runs_the_gateway_in_process_when_none_answers(tmp_path: Path) -> None:
     assert not made.is_error, text(made)
     assert Path(made.structured_content["images"][0]["path"]).read_bytes().startswith(PNG_MAGIC)
     assert made.structured_content["in_process"] is True
+    # An agent must not report placeholder images bought with sandbox money as real ones.
+    assert made.structured_content["sandbox"] is True
+    assert "sandbox: no real payment" in text(made) and "USDC on Base" not in text(made)
     status = wallet.structured_content
     assert status["in_process"] is True and status["sandbox"] is True
     assert status["spent_today_usd"] == pytest.approx(0.0535)

@@ -163,8 +163,10 @@ def build_server(connection: Connection, out: str | None = None) -> MCPServer:
 def describe(verb: str, result: ImageResult) -> str:
     count = len(result.images)
     cost = f"${result.cost_usd}" if result.cost_usd is not None else "an unknown amount"
+    paid = ("in the built-in sandbox: no real payment, and the images are placeholders, not "
+            "real generations" if result.sandbox else "(USDC on Base)")
     lines = [f"{verb} {count} image{'s' * (count != 1)} with {result.model} for {cost} "
-             "(USDC on Base)."]
+             f"{paid}."]
     for i, image in enumerate(result.images, 1):
         lines.append(f"{i}. file: {image.path}")
         lines.append(f"   url: {image.url}")

@@ -34,6 +34,9 @@ from clawrouter.store.records import NAME
 from clawrouter.store.sources import ResultSources
 
 DEFAULT_URL = "http://127.0.0.1:8402"
+#: Said whenever a paid request ends without an answer: a retry might pay again.
+MAYBE_PAID = ("The gateway may already have paid for it: check `clawrouter stats` (or "
+              "GET /v1/spend) before asking again.")
 DEFAULT_OUT = "~/Pictures/clawrouter"
 #: Slow models answer 202 and are polled for up to five minutes by the gateway.
 REQUEST_TIMEOUT = httpx.Timeout(900.0, connect=5.0)
@@ -70,8 +73,12 @@ def gateway_url(url: str | None = None) -> str:
     return url.removesuffix("/v1")
 
 
-def auth_headers() -> dict[str, str]:
+def auth_headers(settings: Settings | None = None) -> dict[str, str]:
+    """`CLAWROUTER_API_KEY`, else the key in `settings` (an in-process gateway requires the
+    key its settings name, wherever they came from)."""
     key = os.environ.get("CLAWROUTER_API_KEY")
+    if not key and settings is not None and settings.api_key is not None:
+        key = settings.api_key.get_secret_value()
     return {"authorization": f"Bearer {key}"} if key else {}
 
 
@@ -114,6 +121,8 @@ class ImageResult:
     images: list[SavedImage] = field(default_factory=list)
     #: the URLs answer only while the in-process gateway runs (the files stay)
     in_process: bool = False
+    #: the gateway paid its built-in sandbox: no real money, placeholder images
+    sandbox: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +135,10 @@ async def probe(url: str) -> dict[str, Any] | None:
     wanting an API key), since starting a second gateway would hide the problem.
     """
     try:
-        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT, headers=auth_headers()) as http:
+        # trust_env=False: an HTTP(S)_PROXY from the environment would receive the API key,
+        # and could not reach a gateway on loopback anyway.
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT, headers=auth_headers(),
+                                     trust_env=False) as http:
             resp = await http.get(url + "/health")
     except (httpx.TransportError, OSError):
         return None
@@ -210,8 +222,8 @@ class Gateway:
     def __init__(self, url: str, local: LocalGateway | None = None) -> None:
         self.url = url
         self.local = local
-        self.http = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT,
-                                      headers=auth_headers())
+        self.http = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, trust_env=False,
+                                      headers=auth_headers(local.settings if local else None))
 
     @property
     def in_process(self) -> bool:
@@ -257,13 +269,14 @@ class Gateway:
 
     # --- plumbing --------------------------------------------------------------------------
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        maybe_paid = f" {MAYBE_PAID}" if method == "POST" else ""
         try:
             resp = await self.http.request(method, path, **kwargs)
         except httpx.TimeoutException:
-            raise GatewayError(f"The gateway at {self.url} did not answer {path} in time.",
-                               code="timeout") from None
+            raise GatewayError(f"The gateway at {self.url} did not answer {path} in time."
+                               f"{maybe_paid}", code="timeout") from None
         except httpx.TransportError as exc:
-            raise GatewayError(f"Lost the gateway at {self.url}: {exc}",
+            raise GatewayError(f"Lost the gateway at {self.url}: {exc}.{maybe_paid}",
                                code="connection_error") from None
         if resp.status_code >= 400:
             raise _error(resp)
@@ -272,7 +285,8 @@ class Gateway:
     async def _save(self, resp: httpx.Response, model: str, directory: Path) -> ImageResult:
         result = ImageResult(model, resp.headers.get("x-clawrouter-cost-usd"),
                              resp.headers.get("x-clawrouter-transaction"),
-                             in_process=self.in_process)
+                             in_process=self.in_process,
+                             sandbox=resp.headers.get("x-clawrouter-sandbox") == "true")
         for item in resp.json().get("data", []):
             url = item.get("url") or ""
             data = await self._fetch(url) if url else _b64(item.get("b64_json", ""))

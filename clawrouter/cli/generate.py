@@ -11,20 +11,25 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from clawrouter import catalog
-from clawrouter.cli.client import Gateway, GatewayError, ImageResult, connect, source_arg
+from clawrouter.cli.client import (
+    MAYBE_PAID, Gateway, GatewayError, ImageResult, connect, source_arg,
+)
 from clawrouter.validate import MAX_N
 
 _ENV = ("Uses the gateway at CLAWROUTER_URL (default http://127.0.0.1:8402; CLAWROUTER_API_KEY "
         "is sent as a bearer token when set) or, when none answers, runs one inside this "
         "command with your settings. Exit codes: 0 saved, 1 the request failed (the gateway's "
-        "message is printed), 2 usage or configuration error.")
+        "message is printed), 2 usage or configuration error, 130 interrupted (Ctrl-C or "
+        "SIGTERM; a payment may be under way).")
 
 
 def register(commands: Any) -> None:
@@ -88,7 +93,11 @@ def run_edit(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, doing: str,
          call: Callable[[Gateway], Awaitable[ImageResult]]) -> int:
     try:
-        result = asyncio.run(_request(args.url, doing, call))
+        with _terminate_as_interrupt():
+            result = asyncio.run(_request(args.url, doing, call))
+    except KeyboardInterrupt:
+        return _fail(args, f"interrupted. {MAYBE_PAID}", 130, {"message": f"interrupted. "
+                     f"{MAYBE_PAID}", "code": "interrupted"})
     except (ValueError, FileNotFoundError) as exc:
         return _fail(args, f"invalid configuration: {exc}", 2)
     except GatewayError as exc:
@@ -102,6 +111,8 @@ def _run(args: argparse.Namespace, doing: str,
             print(image.path)
             print(f"  {image.url}")
         cost = f"${result.cost_usd}" if result.cost_usd is not None else "unknown"
+        if result.sandbox:
+            cost += " in the sandbox (no real payment; placeholder images)"
         print(f"{len(result.images)} image(s) · {result.model} · cost {cost}")
         if result.in_process:
             print("(the URLs worked while this command ran its own gateway; "
@@ -123,6 +134,24 @@ async def _request(url: str | None, doing: str,
             return await call(gateway)
     finally:
         await spinner.stop()
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (an agent's shell timeout) ends the command like Ctrl-C: with a word about
+    the payment that may be under way, instead of silently."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (a caller embedding us): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(args: argparse.Namespace, message: str, code: int,

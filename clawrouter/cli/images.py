@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from clawrouter.config import load_settings
+from clawrouter.cli.common import settings_from
 from clawrouter.store import ImageStore
 
 
@@ -33,7 +33,7 @@ def register(commands: Any) -> None:
 
 
 def _store(args: argparse.Namespace) -> ImageStore:
-    return ImageStore.from_settings(load_settings(args.config))
+    return ImageStore.from_settings(settings_from(args))
 
 
 def run_ls(args: argparse.Namespace) -> int:
