@@ -85,7 +85,7 @@ class Coalescer:
                                "use a new key for a new request.", param="Idempotency-Key")
             entry.attach(ctx)
             try:
-                return await asyncio.shield(entry.future)
+                return replace(await asyncio.shield(entry.future), shared=True)
             except ClientGone:
                 # Every client before us left just as we joined, and the work stopped (at no
                 # cost: outcomes that cost money are kept and re-raised as they are). We are

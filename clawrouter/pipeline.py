@@ -45,6 +45,8 @@ class Result:
     transaction: str | None
     upstream_ms: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the outcome of an earlier identical request (`coalesce`): this one paid nothing more
+    shared: bool = False
 
 
 def upstream_body(job: ImageJob, images: list[ImageInput], mask: ImageInput | None) -> bytes:

@@ -78,6 +78,13 @@ def test_generate_image_saves_a_png_and_reports_url_path_model_cost(
     inline = [c for c in result.content if c.type == "image"]
     assert len(inline) == 1 and inline[0].mime_type == "image/png"
     assert sandbox.paid() == 1
+    assert saved["shared"] is False and "paid again" not in body
+    # "Another one, please" with the same words: the agent is told it is the same image.
+    again = call(mcp_env(tmp_path, gateway.url), "generate_image",
+                 {"prompt": "a lighthouse at dawn", "model": "gpt-image"})
+    assert again.structured_content["shared"] is True
+    assert "nothing was paid again" in text(again)
+    assert sandbox.paid() == 1
 
 
 def test_edit_image_with_a_local_file(tmp_path: Path, gateway: Any) -> None:

@@ -85,6 +85,18 @@ def test_a_lost_response_is_not_paid_again_on_retry(gateway, sandbox):
     assert sandbox.stats()["payments_count"] == 1
 
 
+def test_a_repeat_answered_from_the_first_request_says_so(gateway, sandbox):
+    """The same images and cost header, marked as shared: a client (or an agent asking for
+    "another one") can tell that nothing was paid again."""
+    first, again = gen(gateway, "twice"), gen(gateway, "twice")
+    assert first.status_code == again.status_code == 200
+    assert "x-clawrouter-shared" not in first.headers
+    assert again.headers["x-clawrouter-shared"] == "true"
+    assert again.json()["data"] == first.json()["data"]
+    assert again.headers["x-clawrouter-cost-usd"] == first.headers["x-clawrouter-cost-usd"]
+    assert sandbox.stats()["payments_count"] == 1
+
+
 def test_sdk_timeouts_and_retries_join_the_paid_request_in_flight(gateway, sandbox):
     sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 1.2})
     client = OpenAI(base_url=gateway.v1, api_key="unused", timeout=0.5, max_retries=4)

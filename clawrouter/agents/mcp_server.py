@@ -167,6 +167,9 @@ def describe(verb: str, result: ImageResult) -> str:
             "real generations" if result.sandbox else "(USDC on Base)")
     lines = [f"{verb} {count} image{'s' * (count != 1)} with {result.model} for {cost} "
              f"{paid}."]
+    if result.shared:
+        lines.append("These are the images of an identical request made moments ago; nothing "
+                     "was paid again. Change the prompt to get different ones.")
     for i, image in enumerate(result.images, 1):
         lines.append(f"{i}. file: {image.path}")
         lines.append(f"   url: {image.url}")

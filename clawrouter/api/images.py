@@ -104,7 +104,8 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
 
 
 def observed(obs: dict[str, Any], result: Result) -> None:
-    obs.update(amount=result.amount, upstream_ms=result.upstream_ms, images=len(result.images))
+    obs.update(amount=0 if result.shared else result.amount, upstream_ms=result.upstream_ms,
+               images=len(result.images))
 
 
 async def image_bytes(image: Any) -> bytes:
@@ -137,6 +138,8 @@ def result_headers(result: Result) -> dict[str, str]:
     headers = {"x-clawrouter-cost-usd": format_usd(result.amount).lstrip("$")}
     if result.transaction:
         headers["x-clawrouter-transaction"] = result.transaction
+    if result.shared:  # the cost and transaction are the first request's: nothing paid again
+        headers["x-clawrouter-shared"] = "true"
     return headers
 
 

@@ -123,6 +123,8 @@ class ImageResult:
     in_process: bool = False
     #: the gateway paid its built-in sandbox: no real money, placeholder images
     sandbox: bool = False
+    #: an identical earlier request's images and cost: nothing was paid for this one
+    shared: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -286,7 +288,8 @@ class Gateway:
         result = ImageResult(model, resp.headers.get("x-clawrouter-cost-usd"),
                              resp.headers.get("x-clawrouter-transaction"),
                              in_process=self.in_process,
-                             sandbox=resp.headers.get("x-clawrouter-sandbox") == "true")
+                             sandbox=resp.headers.get("x-clawrouter-sandbox") == "true",
+                             shared=resp.headers.get("x-clawrouter-shared") == "true")
         for item in resp.json().get("data", []):
             url = item.get("url") or ""
             data = await self._fetch(url) if url else _b64(item.get("b64_json", ""))

@@ -113,6 +113,9 @@ def _run(args: argparse.Namespace, doing: str,
         cost = f"${result.cost_usd}" if result.cost_usd is not None else "unknown"
         if result.sandbox:
             cost += " in the sandbox (no real payment; placeholder images)"
+        if result.shared:
+            cost += (", paid by an identical request moments ago: the same images, nothing "
+                     "paid again (change the prompt for new ones)")
         print(f"{len(result.images)} image(s) · {result.model} · cost {cost}")
         if result.in_process:
             print("(the URLs worked while this command ran its own gateway; "
