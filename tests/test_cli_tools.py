@@ -301,3 +301,16 @@ def test_help_is_complete(tmp_path: Path, command: str) -> None:
 def test_every_other_command_has_help(tmp_path: Path) -> None:
     for command in set(_subparsers()) - set(MY_COMMANDS):
         assert run(tmp_path, command, "--help").returncode == 0, command
+
+
+def test_only_the_gateways_own_image_urls_keep_their_file_names() -> None:
+    """A name chosen by whoever answered could overwrite another saved image: such results are
+    saved under their content hash."""
+    from clawrouter.cli.client import _own_image_name
+
+    image = "5f0c8e2a9b1d4c7e8a3f6b2d1e9c0a47.png"
+    assert _own_image_name(f"http://localhost:8402/images/{image}") == image
+    for other in (f"https://cdn.example/x/{image}", f"http://h/images/../{image}",
+                  f"http://h/images/{image}/more", "data:image/png;base64,AAAA", image,
+                  "http://h/images/not-an-id.png"):
+        assert _own_image_name(other) is None, other

@@ -290,11 +290,23 @@ class Gateway:
                              in_process=self.in_process,
                              sandbox=resp.headers.get("x-clawrouter-sandbox") == "true",
                              shared=resp.headers.get("x-clawrouter-shared") == "true")
-        for item in resp.json().get("data", []):
+        try:
+            items = resp.json().get("data", [])
+        except (ValueError, AttributeError) as exc:
+            raise GatewayError(f"Paid, but the gateway's answer could not be read ({exc}). "
+                               f"{MAYBE_PAID}", code="bad_response") from None
+        for item in items:
             url = item.get("url") or ""
-            data = await self._fetch(url) if url else _b64(item.get("b64_json", ""))
             try:
-                path = await asyncio.to_thread(_write, directory, url, data)
+                data = await self._fetch(url) if url else _b64(item.get("b64_json", ""))
+            except ValueError as exc:  # base64 that does not decode
+                raise GatewayError(f"Paid, but an image in the gateway's answer could not be "
+                                   f"read ({exc}).", code="bad_response") from None
+            try:
+                # A file name is kept only from our own gateway's URLs; others (chosen by
+                # whoever answered) are saved under their content hash, never over a file.
+                name = _own_image_name(url) or ""
+                path = await asyncio.to_thread(_write, directory, name, data)
             except OSError as exc:  # paid for already: name the URL so the image is not lost
                 raise GatewayError(f"Paid, but could not save {url or 'the image'} in "
                                    f"{directory}: {exc}", code="save_failed") from None
@@ -308,9 +320,8 @@ class Gateway:
         addresses only, and only if it is an image."""
         if url.startswith("data:"):
             return _b64(url.split(",", 1)[1])
-        parts = urlsplit(url)
-        name = parts.path.rsplit("/", 1)[-1]
-        if parts.path != f"/images/{name}" or NAME.fullmatch(name) is None:
+        name = _own_image_name(url)
+        if name is None:
             return await _download_elsewhere(url)
         try:
             resp = await self.http.get(f"/images/{name}")
@@ -321,6 +332,13 @@ class Gateway:
             raise GatewayError(f"Paid, but could not download {url}: HTTP {resp.status_code}",
                                status=resp.status_code, code="download_failed")
         return resp.content
+
+
+def _own_image_name(url: str) -> str | None:
+    """`<id>.<ext>` when `url` is a gateway image URL (`/images/<id>.<ext>`), else None."""
+    path = urlsplit(url).path if url.startswith(("http://", "https://")) else ""
+    name = path.rsplit("/", 1)[-1]
+    return name if path == f"/images/{name}" and NAME.fullmatch(name) else None
 
 
 async def _download_elsewhere(url: str) -> bytes:
@@ -384,9 +402,8 @@ def _b64(text: str) -> bytes:
     return base64.b64decode(text)
 
 
-def _write(directory: Path, url: str, data: bytes) -> Path:
-    """Save under the image's id (the gateway's file name, else the content hash)."""
-    name = url.rsplit("/", 1)[-1] if url.startswith("http") else ""
+def _write(directory: Path, name: str, data: bytes) -> Path:
+    """Save under the gateway's file name for the image, else its content hash."""
     if not NAME.fullmatch(name):
         mime = sniff_image(data)
         name = f"{content_id(data)}.{EXTENSIONS.get(mime or '', 'bin')}"
