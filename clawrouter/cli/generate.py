@@ -96,8 +96,8 @@ def _run(args: argparse.Namespace, doing: str,
         with _terminate_as_interrupt():
             result = asyncio.run(_request(args.url, doing, call))
     except KeyboardInterrupt:
-        return _fail(args, f"interrupted. {MAYBE_PAID}", 130, {"message": f"interrupted. "
-                     f"{MAYBE_PAID}", "code": "interrupted"})
+        message = f"interrupted. {MAYBE_PAID}"
+        return _fail(args, message, 130, {"message": message, "code": "interrupted"})
     except (ValueError, FileNotFoundError) as exc:
         return _fail(args, f"invalid configuration: {exc}", 2)
     except GatewayError as exc:
