@@ -81,21 +81,31 @@ async def start_gateway(settings: Settings) -> Running:
                        and not await upstream_reachable(settings.upstream_url))
     servers: list[uvicorn.Server] = []
     tasks: list[asyncio.Task[None]] = []
-    if use_sandbox:
-        from clawrouter.payment.balance import MAINNET_RPC_URLS
-        from clawrouter.sandbox import SandboxConfig, create_sandbox_app
+    try:
+        if use_sandbox:
+            from clawrouter.payment.balance import MAINNET_RPC_URLS
+            from clawrouter.sandbox import SandboxConfig, create_sandbox_app
 
-        sandbox_app = create_sandbox_app(SandboxConfig(network=SANDBOX_NETWORK,
-                                                       pay_to=settings.pay_to))
-        port = await _serve(sandbox_app, "127.0.0.1", 0, servers, tasks, settings.header_timeout)
-        update: dict[str, Any] = {"upstream_url": f"http://127.0.0.1:{port}/api",
-                                  "network": SANDBOX_NETWORK}
-        if tuple(settings.rpc_urls) == MAINNET_RPC_URLS:
-            # balances and reconciliation read the sandbox's stand-in chain, not a real one
-            update["rpc_urls"] = [f"http://127.0.0.1:{port}/_sandbox/rpc"]
-        settings = settings.model_copy(update=update)
-    app = create_app(settings, sandbox=bool(use_sandbox))
-    port = await _serve(app, settings.host, settings.port, servers, tasks, settings.header_timeout)
+            sandbox_app = create_sandbox_app(SandboxConfig(network=SANDBOX_NETWORK,
+                                                           pay_to=settings.pay_to))
+            port = await _serve(sandbox_app, "127.0.0.1", 0, servers, tasks,
+                                settings.header_timeout)
+            update: dict[str, Any] = {"upstream_url": f"http://127.0.0.1:{port}/api",
+                                      "network": SANDBOX_NETWORK}
+            if tuple(settings.rpc_urls) == MAINNET_RPC_URLS:
+                # balances and reconciliation read the sandbox's stand-in chain, not a real one
+                update["rpc_urls"] = [f"http://127.0.0.1:{port}/_sandbox/rpc"]
+            settings = settings.model_copy(update=update)
+        app = create_app(settings, sandbox=bool(use_sandbox))
+        port = await _serve(app, settings.host, settings.port, servers, tasks,
+                            settings.header_timeout)
+    except BaseException:
+        # The gateway could not start (its ledger is in use, its port is taken): stop the
+        # sandbox already serving, so the caller reports one clear error and no traceback.
+        running = Running(settings, None, 0, bool(use_sandbox), servers, tasks)
+        running.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     return Running(settings, app, port, bool(use_sandbox), servers, tasks)
 
 

@@ -176,6 +176,35 @@ def test_a_terminated_paid_request_says_a_payment_may_be_under_way(tmp_path: Pat
     assert as_json(subprocess.CompletedProcess([], 0, out))["error"]["code"] == "interrupted"
 
 
+def test_a_second_command_while_one_runs_its_own_gateway_says_why_it_cannot(
+        tmp_path: Path) -> None:
+    """The ledger is one process's at a time: the second command is told so, in one line
+    (its half-started sandbox used to die with a traceback)."""
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
+    environ.update(CLAWROUTER_HOME=str(tmp_path / "cli-home"), CLAWROUTER_SANDBOX="true",
+                   CLAWROUTER_OUT=str(tmp_path / "out"),
+                   CLAWROUTER_URL=f"http://127.0.0.1:{free_port()}")
+    first = subprocess.Popen([sys.executable, "-m", "clawrouter", "generate", "slow one",
+                              "--model", "gpt-image-2"], env=environ,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = tmp_path / "cli-home" / "ledger-base-sepolia.sqlite3"
+        deadline = time.monotonic() + 30
+        while not lock.exists():
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.5)  # the first gateway holds the ledger from here on
+        second = subprocess.run([sys.executable, "-m", "clawrouter", "generate", "x"],
+                                env=environ, capture_output=True, text=True, timeout=60)
+    finally:
+        first.terminate()
+        first.wait(timeout=20)
+    assert second.returncode == 1, second.stderr
+    assert "another clawrouter process is using this ledger" in second.stderr
+    assert "clawrouter mcp" in second.stderr and "Traceback" not in second.stderr
+
+
 def test_usage_and_configuration_errors_exit_2(tmp_path: Path) -> None:
     assert run(tmp_path, "generate").returncode == 2
     assert run(tmp_path, "generate", "x", "-n", "many").returncode == 2

@@ -518,5 +518,7 @@ def _exclusive_lock(path: Path) -> IO[bytes]:
         except OSError:
             handle.close()
             raise LedgerBusy(f"{path.parent}: another clawrouter process is using this "
-                             "ledger; stop it or use a different CLAWROUTER_HOME") from None
+                             "ledger (a `clawrouter serve`, or a `clawrouter mcp`, `generate` "
+                             "or `edit` running a gateway of its own); use or stop it, or set "
+                             "a different CLAWROUTER_HOME") from None
     return handle
