@@ -22,12 +22,11 @@ library for every upgrade request. Here:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from clawrouter.api.middleware import new_request_id
+from clawrouter.api.middleware import error_parts, new_request_id
 from clawrouter.errors import ClawError, InvalidRequest
 
 #: The whole request head. Browsers send a few KB (cookies for `localhost` are shared by every
@@ -39,12 +38,8 @@ log = logging.getLogger("clawrouter.api")
 
 def raw_error(error: ClawError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
     """A complete HTTP/1.1 error response that closes the connection."""
-    body = json.dumps(error.envelope(), separators=(",", ":")).encode("ascii")
-    headers = [*default_headers,
-               (b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode()),
-               (b"x-request-id", new_request_id().encode()),
-               *((k.encode(), v.encode()) for k, v in error.response_headers().items()),
+    body, own = error_parts(error)
+    headers = [*default_headers, *own, (b"x-request-id", new_request_id().encode()),
                (b"connection", b"close")]
     return b"".join([STATUS_LINE[error.status],
                      *(name + b": " + value + b"\r\n" for name, value in headers),

@@ -29,10 +29,16 @@ def state(scope: Scope) -> dict:
     return scope.setdefault("state", {})
 
 
-async def send_error(send: Send, error: ClawError) -> None:
-    body = json.dumps(error.envelope()).encode()
+def error_parts(error: ClawError) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The envelope (ASCII JSON) and its headers, for answers built below FastAPI."""
+    body = json.dumps(error.envelope(), separators=(",", ":")).encode("ascii")
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.encode(), v.encode()) for k, v in error.response_headers().items()]
+    return body, headers
+
+
+async def send_error(send: Send, error: ClawError) -> None:
+    body, headers = error_parts(error)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -177,10 +177,7 @@ class Ledger:
         try:
             self._conn = self._connect()
             self.recovered = self._recover()
-            self._total, self._by_day = self._load_totals()
-            self._by_month: dict[str, int] = {}
-            for day, amount in self._by_day.items():
-                self._by_month[day[:7]] = self._by_month.get(day[:7], 0) + amount
+            self._total, self._by_day, self._by_month = self._load_totals()
         except BaseException:
             self._lockfile.close()
             raise
@@ -208,12 +205,16 @@ class Ledger:
             (UNKNOWN, "gateway stopped before the outcome was known", SIGNED))
         return cur.rowcount
 
-    def _load_totals(self) -> tuple[int, dict[str, int]]:
+    def _load_totals(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        """In total, per local day (YYYY-MM-DD) and per local month (YYYY-MM)."""
         rows = self._conn.execute(
             "SELECT local_day(time), SUM(amount) FROM payments WHERE status != ? "
             "GROUP BY local_day(time)", (REJECTED,)).fetchall()
         by_day = {day: int(amount) for day, amount in rows}
-        return sum(by_day.values()), by_day
+        by_month: dict[str, int] = {}
+        for day, amount in by_day.items():
+            by_month[day[:7]] = by_month.get(day[:7], 0) + amount
+        return sum(by_day.values()), by_day, by_month
 
     # --- writing ------------------------------------------------------------------------------
     def signed(self, *, request_id: str, route: str, model: str, size: str, n: int,
