@@ -121,6 +121,15 @@ class Settings(BaseSettings):
         return is_loopback_host(self.host)
 
     @property
+    def url(self) -> str:
+        """Where a client on this machine reaches the gateway these settings run (`serve`):
+        the command-line tools look there first, as `clawrouter stats` does."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
     def local_files_allowed(self) -> bool:
         return self.loopback if self.allow_local_files is None else self.allow_local_files
 

@@ -93,10 +93,12 @@ def make_gateway(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Gat
     started: list[ServerThread] = []
 
     def make(upstream: str | None = None, **overrides: Any) -> Gateway:
+        """A gateway on loopback, or listening on `overrides["host"]` when given."""
         home = overrides.pop("home", None) or tmp_path / f"home{len(started)}"
         settings = gateway_settings(home, upstream or sandbox.api, **overrides)
         app = create_app(settings)
-        server = ServerThread(app, **server_options(settings.header_timeout)).start()
+        server = ServerThread(app, host=overrides.get("host", "127.0.0.1"),
+                              **server_options(settings.header_timeout)).start()
         started.append(server)
         return Gateway(server, app)
 

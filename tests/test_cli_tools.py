@@ -78,6 +78,44 @@ def test_edit_sends_a_relative_local_path_as_absolute(tmp_path: Path, gateway: A
     assert Path(out["images"][0]["path"]).read_bytes().startswith(PNG_MAGIC)
 
 
+def this_machines_address() -> str:
+    """A non-loopback address of this machine (no packet is sent), for a 'remote' gateway."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+            address = probe.getsockname()[0]
+        except OSError:
+            address = "127.0.0.1"
+    if address.startswith("127."):
+        pytest.skip("this machine has no non-loopback IPv4 address to serve a gateway on")
+    return address
+
+
+def test_edit_sends_local_files_to_a_gateway_on_another_address_as_data(
+        tmp_path: Path, make_gateway: Any, sandbox: Any) -> None:
+    """A gateway that is not on loopback (another machine, as far as the CLI can tell) would
+    look for the path on its own disk, and refuses local paths anyway: the CLI reads the file
+    itself, under this machine's file policy, and sends the bytes."""
+    gateway = make_gateway(host=this_machines_address(), api_key="k")
+    (tmp_path / "photo.png").write_bytes(make_png(64, 64, seed=3))
+    proc = run(tmp_path, "edit", "photo.png", "add a rainbow", "--json", url=gateway.url,
+               cwd=tmp_path, CLAWROUTER_API_KEY="k")
+    assert proc.returncode == 0, proc.stderr
+    assert Path(as_json(proc)["images"][0]["path"]).read_bytes().startswith(PNG_MAGIC)
+    assert sandbox.paid() == 1
+    # The policy is this machine's: the data directory (the wallet key) is never read.
+    home = tmp_path / "cli-home"
+    home.mkdir()
+    (home / "wallet.png").write_bytes(make_png(64, 64, seed=4))
+    trips = sandbox.round_trips()
+    refused = run(tmp_path, "edit", str(home / "wallet.png"), "x", "--json", url=gateway.url,
+                  CLAWROUTER_API_KEY="k")
+    assert refused.returncode == 1
+    error = as_json(refused)["error"]
+    assert error["code"] == "path_refused" and error["param"] == "image"
+    assert "data directory" in error["message"] and sandbox.round_trips() == trips
+
+
 def test_a_refused_request_exits_1_with_the_gateways_message(tmp_path: Path, gateway: Any,
                                                               sandbox: Any) -> None:
     proc = run(tmp_path, "edit", "/etc/passwd", "x", "--json", url=gateway.url)
@@ -176,33 +214,93 @@ def test_a_terminated_paid_request_says_a_payment_may_be_under_way(tmp_path: Pat
     assert as_json(subprocess.CompletedProcess([], 0, out))["error"]["code"] == "interrupted"
 
 
-def test_a_second_command_while_one_runs_its_own_gateway_says_why_it_cannot(
-        tmp_path: Path) -> None:
-    """The ledger is one process's at a time: the second command is told so, in one line
-    (its half-started sandbox used to die with a traceback)."""
+def cli_env(tmp_path: Path, **env: str) -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
-    environ.update(CLAWROUTER_HOME=str(tmp_path / "cli-home"), CLAWROUTER_SANDBOX="true",
-                   CLAWROUTER_OUT=str(tmp_path / "out"),
-                   CLAWROUTER_URL=f"http://127.0.0.1:{free_port()}")
+    environ.update(CLAWROUTER_HOME=str(tmp_path / "cli-home"), CLAWROUTER_OUT=str(tmp_path / "out"),
+                   **env)
+    return environ
+
+
+def wait_for_ledger_holder(tmp_path: Path, proc: subprocess.Popen[Any]) -> None:
+    """Until `proc`'s own gateway holds the sandbox ledger (its pid in the lock file)."""
+    lock = tmp_path / "cli-home" / "ledger-base-sepolia.sqlite3.lock"
+    deadline = time.monotonic() + 30
+    while not (lock.exists() and lock.read_text().strip() == str(proc.pid)):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+
+
+def test_a_second_command_waits_for_the_one_running_its_own_gateway(tmp_path: Path) -> None:
+    """The ledger is one process's at a time. Agents run tool calls in parallel: the second
+    command waits for the first (saying so, and whose turn it is) instead of failing."""
+    environ = cli_env(tmp_path, CLAWROUTER_SANDBOX="true",
+                      CLAWROUTER_URL=f"http://127.0.0.1:{free_port()}")
+    first = subprocess.Popen([sys.executable, "-m", "clawrouter", "generate", "slow one",
+                              "--model", "gpt-image-2", "--json"], env=environ,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_ledger_holder(tmp_path, first)
+        second = subprocess.run([sys.executable, "-m", "clawrouter", "generate", "x", "--json"],
+                                env=environ, capture_output=True, text=True, timeout=60)
+        first_out, first_err = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 0, first_err
+    assert second.returncode == 0, second.stderr
+    assert (f"another clawrouter process (pid {first.pid}) is using this wallet's ledger; "
+            "waiting for it to finish") in second.stderr
+    images = [as_json(subprocess.CompletedProcess([], 0, out))["images"][0]["path"]
+              for out in (first_out, second.stdout)]
+    assert all(Path(path).read_bytes().startswith(PNG_MAGIC) for path in images)
+    stats = as_json(run(tmp_path, "stats", "--json", CLAWROUTER_SANDBOX="true",
+                        CLAWROUTER_NETWORK="base-sepolia"))
+    assert stats["total"]["payments"] == 2 and stats["total"]["pending"]["payments"] == 0
+
+
+def test_commands_find_the_gateway_where_serve_listens_with_the_same_settings(
+        tmp_path: Path, gateway: Any) -> None:
+    """`clawrouter serve` on a configured port: the other commands look there too (they used
+    to look only at 8402, start a gateway of their own and fail on the busy ledger)."""
+    port = gateway.url.rsplit(":", 1)[1]
+    environ = cli_env(tmp_path)
+    status = subprocess.run([sys.executable, "-m", "clawrouter", "status", "--json"],
+                            env=environ | {"CLAWROUTER_PORT": port}, capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert as_json(status)["url"] == gateway.url
+    (tmp_path / "cli-home").mkdir(exist_ok=True)
+    (tmp_path / "cli-home" / "config.toml").write_text(f"port = {port}\n")
+    made = subprocess.run([sys.executable, "-m", "clawrouter", "generate", "x", "--json"],
+                          env=environ, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    out = as_json(made)
+    assert out["in_process"] is False and out["images"][0]["url"].startswith(gateway.url)
+
+
+def test_interrupted_while_waiting_for_the_ledger_says_nothing_was_paid(tmp_path: Path) -> None:
+    environ = cli_env(tmp_path, CLAWROUTER_SANDBOX="true",
+                      CLAWROUTER_URL=f"http://127.0.0.1:{free_port()}")
     first = subprocess.Popen([sys.executable, "-m", "clawrouter", "generate", "slow one",
                               "--model", "gpt-image-2"], env=environ,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        lock = tmp_path / "cli-home" / "ledger-base-sepolia.sqlite3"
+        wait_for_ledger_holder(tmp_path, first)
+        second = subprocess.Popen([sys.executable, "-m", "clawrouter", "generate", "x",
+                                   "--json"], env=environ, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
-        while not lock.exists():
-            assert time.monotonic() < deadline and first.poll() is None
-            time.sleep(0.05)
-        time.sleep(0.5)  # the first gateway holds the ledger from here on
-        second = subprocess.run([sys.executable, "-m", "clawrouter", "generate", "x"],
-                                env=environ, capture_output=True, text=True, timeout=60)
+        assert second.stderr is not None
+        line = second.stderr.readline()  # the note that it waits
+        assert "waiting for it to finish" in line and time.monotonic() < deadline
+        second.terminate()
+        out, err = second.communicate(timeout=20)
     finally:
-        first.terminate()
+        first.kill()
         first.wait(timeout=20)
-    assert second.returncode == 1, second.stderr
-    assert "another clawrouter process is using this ledger" in second.stderr
-    assert "clawrouter mcp" in second.stderr and "Traceback" not in second.stderr
+    assert second.returncode == 130
+    assert "nothing was paid" in err and "may already have paid" not in err
+    assert as_json(subprocess.CompletedProcess([], 0, out))["error"]["code"] == "interrupted"
 
 
 def test_usage_and_configuration_errors_exit_2(tmp_path: Path) -> None:

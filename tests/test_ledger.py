@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import signal
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from clawrouter.payment.ledger import Ledger, LedgerBusy, day_start, local_day
+from clawrouter.payment.ledger import (
+    Ledger, LedgerBusy, day_start, holder, in_use, local_day, lock_path,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TODAY = date(2026, 3, 14)
@@ -206,12 +209,29 @@ def test_one_process_per_ledger_and_totals_reload(tmp_path: Path, clock: Clock) 
     record(first, 3_000)
     pid = record(first, 4_000)
     first.commit(first.outcome(pid, "rejected"))
-    with pytest.raises(LedgerBusy):
+    lock = lock_path(path)
+    assert in_use(lock) and holder(lock) == os.getpid()
+    with pytest.raises(LedgerBusy) as busy:
         Ledger(path)
+    assert busy.value.holder == os.getpid() and f"(pid {os.getpid()})" in str(busy.value)
     first.close()
+    assert not in_use(lock)
     with Ledger(path, clock=clock) as again:
         assert again.spent() == 3_000
         assert again.spent_on(local_day(clock.now)) == 3_000
+
+
+def test_a_process_testing_the_lock_never_fails_a_gateway_starting_meanwhile(
+        tmp_path: Path) -> None:
+    """A command waiting for the ledger takes its lock for an instant to see if it is free; a
+    gateway opening the ledger in that instant must open it, not report it busy."""
+    path = tmp_path / "ledger.sqlite3"
+    Ledger(path).close()
+    with open(lock_path(path), "rb") as tester:
+        fcntl.flock(tester, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as in_use() does
+        threading.Timer(0.03, fcntl.flock, (tester, fcntl.LOCK_UN)).start()
+        with Ledger(path) as opened:
+            assert opened.spent() == 0
 
 
 def test_async_call_runs_on_the_ledger_thread(ledger: Ledger) -> None:

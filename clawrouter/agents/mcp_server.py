@@ -50,7 +50,8 @@ class Connection:
         async with self._lock:
             if self._gateway is None:
                 try:
-                    self._gateway = await connect(self.url)
+                    # share: agents' other commands find this session's gateway
+                    self._gateway = await connect(self.url, share=True)
                 except (ValueError, FileNotFoundError) as exc:
                     raise ToolError(f"clawrouter's configuration is invalid: {exc}") from None
                 except GatewayError as exc:  # something else answers, or ours would not start
@@ -110,8 +111,8 @@ def build_server(connection: Connection, out: str | None = None) -> MCPServer:
         return await _image_result("Generated", result, inline)
 
     @server.tool(annotations=paid, description=(
-        "Edit images with a text prompt (paid per image in USDC). `image` is a URL, a local "
-        "file path (absolute, read by the gateway) or a data: URI, or a list of them. Models "
+        "Edit images with a text prompt (paid per image in USDC). `image` is a URL, an "
+        "absolute local file path or a data: URI, or a list of them. Models "
         f"that edit: {_EDITORS} (default {catalog.DEFAULT_EDIT_MODEL}). A mask (PNG, "
         f"transparent = area to change) works with {_MASKERS} only."))
     async def edit_image(

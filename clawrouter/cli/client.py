@@ -1,10 +1,15 @@
 """Reach a gateway from the terminal and from agents: the running one, or one started in-process.
 
 Shared by `clawrouter generate/edit/status` and `clawrouter mcp`. The caller never needs to know
-which kind it got: a running gateway is found at `CLAWROUTER_URL` (default
-http://127.0.0.1:8402); when nothing answers there, the gateway is started inside this process
-with the user's settings on an ephemeral loopback port, in its own thread and event loop, so a
-slow upstream or the gateway's own file I/O never blocks the caller's loop.
+which kind it got: a running gateway is found at `CLAWROUTER_URL`, else where the user's
+settings make `clawrouter serve` listen (http://127.0.0.1:8402 by default); when nothing answers
+there, the gateway is started inside this process with the user's settings, in its own thread
+and event loop, so a slow upstream or the gateway's own file I/O never blocks the caller's loop.
+
+The wallet's ledger is one process's at a time. A one-shot command's gateway listens on an
+ephemeral port (it goes away with the command), so a second command waits for the first to
+finish; `clawrouter mcp`, which lives for an agent's session, listens where the others look, so
+they use its gateway instead of waiting.
 
 Results are downloaded into an output directory (`CLAWROUTER_OUT`, default
 ~/Pictures/clawrouter) because the gateway's own store evicts old images and agents want a path.
@@ -15,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +32,14 @@ from urllib.parse import urlsplit
 import httpx
 
 from clawrouter import catalog
-from clawrouter.config import Settings
+from clawrouter.config import Settings, is_loopback_host
 from clawrouter.errors import InvalidRequest
 from clawrouter.inputs.addresses import is_public_address
+from clawrouter.inputs.image import checked_image
+from clawrouter.inputs.paths import read_local_image
+from clawrouter.inputs.policy import InputPolicy
+from clawrouter.inputs.refusals import LOCAL_FILES_DISABLED
+from clawrouter.payment.ledger import LedgerBusy, in_use
 from clawrouter.sniff import EXTENSIONS, sniff_image
 from clawrouter.store.download import DownloadFailed, download
 from clawrouter.store.files import content_id, write_atomic
@@ -34,6 +47,10 @@ from clawrouter.store.records import NAME
 from clawrouter.store.sources import ResultSources
 
 DEFAULT_URL = "http://127.0.0.1:8402"
+#: How every command's help names the gateway it uses.
+URL_HELP = ("gateway URL (default $CLAWROUTER_URL, else where `clawrouter serve` listens with "
+            "your settings: http://127.0.0.1:8402 unless CLAWROUTER_PORT or config.toml say "
+            "otherwise)")
 #: Said whenever a paid request ends without an answer: a retry might pay again.
 MAYBE_PAID = ("The gateway may already have paid for it: check `clawrouter stats` (or "
               "GET /v1/spend) before asking again.")
@@ -41,6 +58,9 @@ DEFAULT_OUT = "~/Pictures/clawrouter"
 #: Slow models answer 202 and are polled for up to five minutes by the gateway.
 REQUEST_TIMEOUT = httpx.Timeout(900.0, connect=5.0)
 PROBE_TIMEOUT = httpx.Timeout(2.0)
+#: How long a command waits for another process to let go of the wallet's ledger: a slow
+#: model's job takes up to five minutes, then its download.
+LEDGER_WAIT = 600.0
 
 
 class GatewayError(Exception):
@@ -67,10 +87,11 @@ class NoGateway(GatewayError):
     """Nothing answers at the gateway URL."""
 
 
-def gateway_url(url: str | None = None) -> str:
-    """The gateway's root URL; tolerates the OpenAI-style `.../v1` base URL."""
-    url = (url or os.environ.get("CLAWROUTER_URL") or DEFAULT_URL).rstrip("/")
-    return url.removesuffix("/v1")
+def gateway_url(url: str | None = None, settings: Settings | None = None) -> str:
+    """The gateway's root URL: `url`, else `CLAWROUTER_URL`, else where `settings` make
+    `serve` listen; tolerates the OpenAI-style `.../v1` base URL."""
+    url = url or os.environ.get("CLAWROUTER_URL") or (settings.url if settings else DEFAULT_URL)
+    return url.rstrip("/").removesuffix("/v1")
 
 
 def auth_headers(settings: Settings | None = None) -> dict[str, str]:
@@ -100,9 +121,11 @@ def model_id(name: str | None, default: str) -> str:
 def source_arg(value: str) -> str:
     """URLs and data URIs pass through; a local path becomes absolute (the gateway's cwd
     differs from ours)."""
-    if value.startswith(("http://", "https://", "data:")):
-        return value
-    return str(Path(value).expanduser().resolve())
+    return str(Path(value).expanduser().resolve()) if _is_path(value) else value
+
+
+def _is_path(source: str) -> bool:
+    return not source.startswith(("http://", "https://", "data:"))
 
 
 @dataclass
@@ -165,8 +188,9 @@ class LocalGateway:
     run them with `asyncio.to_thread`.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, port: int = 0) -> None:
         self.settings = settings
+        self.port = port  # 0: an ephemeral port
         self.url = ""
         self.sandbox = False
         self._servers: list[Any] = []
@@ -207,11 +231,19 @@ class LocalGateway:
         await asyncio.gather(*tasks)
 
     async def _launch(self) -> list[asyncio.Task[None]]:
-        """What `clawrouter serve` does, on an ephemeral loopback port and without printing."""
+        """What `clawrouter serve` does, on loopback at `port` (an ephemeral one if it is
+        taken) and without printing."""
         from clawrouter.launch import start_gateway
 
-        running = await start_gateway(self.settings.model_copy(update={"host": "127.0.0.1",
-                                                                       "port": 0}))
+        port = self.port if self.port and _free_loopback_port(self.port) else 0
+        try:
+            running = await start_gateway(self.settings.model_copy(
+                update={"host": "127.0.0.1", "port": port}))
+        except (OSError, SystemExit):  # uvicorn exits when the port was taken meanwhile
+            if not port:
+                raise
+            running = await start_gateway(self.settings.model_copy(
+                update={"host": "127.0.0.1", "port": 0}))
         self._servers.extend(running.servers)
         self.sandbox = running.sandbox
         self.url = f"http://127.0.0.1:{running.port}"
@@ -224,6 +256,9 @@ class Gateway:
     def __init__(self, url: str, local: LocalGateway | None = None) -> None:
         self.url = url
         self.local = local
+        #: a paid request was sent: if it ends without an answer, it may have been paid
+        self.posted = False
+        self._policy: InputPolicy | None = None  # for local files sent as data (`_sendable`)
         self.http = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, trust_env=False,
                                       headers=auth_headers(local.settings if local else None))
 
@@ -260,18 +295,42 @@ class Gateway:
     async def edit(self, prompt: str, images: list[str], *, mask: str | None = None,
                    model: str | None = None, size: str | None = None, n: int | None = None,
                    out: str | Path | None = None) -> ImageResult:
-        """`POST /v1/images/image2image`: images are URLs, data URIs or paths the gateway reads."""
+        """`POST /v1/images/image2image`: images are URLs, data URIs or local paths (which a
+        gateway on another machine gets as data URIs, see `_sendable`)."""
         directory = await asyncio.to_thread(output_dir, out)  # fail before paying
         body = _body(prompt, model=model, size=size, n=n)
-        body["image"] = images[0] if len(images) == 1 else images
+        params = ["image"] if len(images) == 1 else [f"image[{i}]" for i in range(len(images))]
+        sent = [await self._sendable(source, param) for source, param in zip(images, params)]
+        body["image"] = sent[0] if len(sent) == 1 else sent
         if mask:
-            body["mask"] = mask
+            body["mask"] = await self._sendable(mask, "mask")
         resp = await self._send("POST", "/v1/images/image2image", json=body)
         return await self._save(resp, model_id(model, catalog.DEFAULT_EDIT_MODEL), directory)
 
     # --- plumbing --------------------------------------------------------------------------
+    async def _sendable(self, source: str, param: str) -> str:
+        """A source the gateway can use. A gateway on this machine reads local paths itself,
+        under its file policy; one elsewhere would look on its own disk, so the file is read
+        here, under the same policy from this machine's settings, and sent as a data URI."""
+        if not _is_path(source) or self._same_machine:
+            return source
+        if self._policy is None:
+            settings = self.local.settings if self.local else await _load_settings()
+            self._policy = InputPolicy.from_settings(settings)
+        policy = self._policy
+        try:
+            return await asyncio.to_thread(_read_as_data_uri, source, policy, param)
+        except InvalidRequest as exc:  # refused here, before anything is sent or paid
+            raise GatewayError(exc.message, status=exc.status, code=exc.code,
+                               type=exc.type, param=exc.param) from None
+
+    @property
+    def _same_machine(self) -> bool:
+        return is_loopback_host(urlsplit(self.url).hostname or "")
+
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         maybe_paid = f" {MAYBE_PAID}" if method == "POST" else ""
+        self.posted = self.posted or method == "POST"
         try:
             resp = await self.http.request(method, path, **kwargs)
         except httpx.TimeoutException:
@@ -334,6 +393,14 @@ class Gateway:
         return resp.content
 
 
+def _read_as_data_uri(path: str, policy: InputPolicy, param: str) -> str:
+    if not policy.allow_local_files:
+        raise InvalidRequest(f"{param}: local files are disabled (allow_local_files); give a "
+                             "URL or a data URI", param=param, code=LOCAL_FILES_DISABLED)
+    data = read_local_image(path, policy, cwd=Path.cwd(), param=param)
+    return checked_image(data, max_bytes=policy.max_bytes, param=param).data_uri()
+
+
 def _own_image_name(url: str) -> str | None:
     """`<id>.<ext>` when `url` is a gateway image URL (`/images/<id>.<ext>`), else None."""
     path = urlsplit(url).path if url.startswith(("http://", "https://")) else ""
@@ -354,28 +421,83 @@ async def _download_elsewhere(url: str) -> bytes:
 
 
 async def connect(url: str | None = None, *, start: bool = True,
-                  settings: Settings | None = None) -> Gateway:
-    """The running gateway at `url`, else (if `start`) one started in-process.
+                  settings: Settings | None = None, share: bool = False,
+                  waiting: Callable[[str], None] | None = None) -> Gateway:
+    """The running gateway at `gateway_url(url)`, else (if `start`) one started in-process.
 
-    `settings` defaults to the user's (`load_settings()`); a bad configuration raises
-    ValueError/FileNotFoundError for the caller to report as a configuration error.
+    `settings` default to the user's (`load_settings()`, read only when needed); a bad
+    configuration raises ValueError/FileNotFoundError for the caller to report as such.
+    `share`: the in-process gateway listens at that URL when it is a free loopback port, for
+    a long-lived caller whose gateway others should find. While another process holds the
+    ledger, this waits for it (up to `LEDGER_WAIT`), using its gateway if one appears at the
+    URL, and says so once through `waiting`.
     """
-    url = gateway_url(url)
+    if settings is None and not (url or os.environ.get("CLAWROUTER_URL")):
+        settings = await _load_settings()
+    url = gateway_url(url, settings)
     if await probe(url) is not None:
         return Gateway(url)
     if not start:
         raise NoGateway(f"No clawrouter gateway answers at {url}. Start one with "
                         "`clawrouter serve`, or set CLAWROUTER_URL.", code="no_gateway")
     if settings is None:
-        from clawrouter.config import load_settings
+        settings = await _load_settings()
+    deadline = time.monotonic() + LEDGER_WAIT
+    while True:
+        local = LocalGateway(settings, _loopback_port(url) if share else 0)
+        try:
+            return Gateway(await asyncio.to_thread(local.start), local)
+        except GatewayError as exc:
+            await asyncio.to_thread(local.stop)
+            busy = exc.__cause__
+            if not isinstance(busy, LedgerBusy) or time.monotonic() > deadline:
+                raise
+        if waiting is not None:
+            who = f" (pid {busy.holder})" if busy.holder else ""
+            waiting(f"another clawrouter process{who} is using this wallet's ledger; waiting "
+                    "for it to finish")
+            waiting = None
+        found = await _wait_for_ledger(busy, url, deadline)
+        if found is not None:
+            return found
 
-        settings = await asyncio.to_thread(load_settings)
-    local = LocalGateway(settings)
+
+async def _load_settings() -> Settings:
+    from clawrouter.config import load_settings
+
+    return await asyncio.to_thread(load_settings)
+
+
+async def _wait_for_ledger(busy: LedgerBusy, url: str, deadline: float) -> Gateway | None:
+    """Until the ledger is free: a gateway that appears at `url` (the holder's, shared), or
+    None when it is time to try starting ours again."""
+    while True:
+        await asyncio.sleep(0.25)
+        if await probe(url) is not None:
+            return Gateway(url)
+        if not await asyncio.to_thread(in_use, busy.lock) or time.monotonic() > deadline:
+            return None
+
+
+def _loopback_port(url: str) -> int:
+    """The port of a plain-HTTP loopback URL, which an in-process gateway may serve; else 0."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost"):
+        return 0
     try:
-        return Gateway(await asyncio.to_thread(local.start), local)
-    except GatewayError:
-        await asyncio.to_thread(local.stop)
-        raise
+        return parts.port or 80
+    except ValueError:
+        return 0
+
+
+def _free_loopback_port(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _body(prompt: str, *, model: str | None, size: str | None, n: int | None) -> dict[str, Any]:

@@ -21,15 +21,17 @@ from typing import Any
 
 from clawrouter import catalog
 from clawrouter.cli.client import (
-    MAYBE_PAID, Gateway, GatewayError, ImageResult, connect, source_arg,
+    MAYBE_PAID, URL_HELP, Gateway, GatewayError, ImageResult, connect, source_arg,
 )
 from clawrouter.validate import MAX_N
 
-_ENV = ("Uses the gateway at CLAWROUTER_URL (default http://127.0.0.1:8402; CLAWROUTER_API_KEY "
-        "is sent as a bearer token when set) or, when none answers, runs one inside this "
-        "command with your settings. Exit codes: 0 saved, 1 the request failed (the gateway's "
-        "message is printed), 2 usage or configuration error, 130 interrupted (Ctrl-C or "
-        "SIGTERM; a payment may be under way).")
+_ENV = ("Uses the running gateway (CLAWROUTER_URL, else where `clawrouter serve` listens "
+        "with your settings, http://127.0.0.1:8402 by default; CLAWROUTER_API_KEY is sent as a "
+        "bearer token when set) or, when none answers, runs one inside this command with your "
+        "settings (if another command is running its own, after it finishes). Exit codes: 0 "
+        "saved, 1 the request failed (the gateway's message is printed), 2 usage or "
+        "configuration error, 130 interrupted (Ctrl-C or SIGTERM; a payment may be under way "
+        "if the request was sent).")
 
 
 def register(commands: Any) -> None:
@@ -70,8 +72,7 @@ def _common(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON document (model, cost_usd, transaction, images with "
                    "url and path) on stdout and nothing else")
-    p.add_argument("--url", help="gateway URL (default $CLAWROUTER_URL or "
-                   "http://127.0.0.1:8402)")
+    p.add_argument("--url", help=URL_HELP)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -92,11 +93,15 @@ def run_edit(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, doing: str,
          call: Callable[[Gateway], Awaitable[ImageResult]]) -> int:
+    used: list[Gateway] = []
     try:
         with _terminate_as_interrupt():
-            result = asyncio.run(_request(args.url, doing, call))
+            result = asyncio.run(_request(args.url, doing, call, used))
     except KeyboardInterrupt:
-        message = f"interrupted. {MAYBE_PAID}"
+        if any(gateway.posted for gateway in used):
+            message = f"interrupted. {MAYBE_PAID}"
+        else:
+            message = "interrupted before the request was sent: nothing was paid."
         return _fail(args, message, 130, {"message": message, "code": "interrupted"})
     except (ValueError, FileNotFoundError) as exc:
         return _fail(args, f"invalid configuration: {exc}", 2)
@@ -127,11 +132,13 @@ def _run(args: argparse.Namespace, doing: str,
 
 
 async def _request(url: str | None, doing: str,
-                   call: Callable[[Gateway], Awaitable[ImageResult]]) -> ImageResult:
+                   call: Callable[[Gateway], Awaitable[ImageResult]],
+                   used: list[Gateway]) -> ImageResult:
     spinner = Spinner(doing)
     spinner.start()
     try:
-        async with await connect(url) as gateway:
+        async with await connect(url, waiting=spinner.note) as gateway:
+            used.append(gateway)
             if gateway.in_process:
                 spinner.note("no gateway running; started one in this process")
             return await call(gateway)

@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from clawrouter.cli.client import URL_HELP
+
 
 def register(commands: Any) -> None:
     p = commands.add_parser(
         "mcp", help="serve the image tools to an AI agent over stdio (MCP)",
         description="Run a Model Context Protocol server on stdin/stdout with the tools "
-        "generate_image, edit_image, list_image_models and wallet_status. It uses the gateway "
-        "at CLAWROUTER_URL (default http://127.0.0.1:8402; CLAWROUTER_API_KEY is sent as a "
-        "bearer token when set) or, when none answers, starts one inside this process with "
-        "your settings. Images are saved to CLAWROUTER_OUT (default ~/Pictures/clawrouter).",
+        "generate_image, edit_image, list_image_models and wallet_status. It uses the running "
+        "gateway (CLAWROUTER_URL, else where `clawrouter serve` listens with your settings, "
+        "http://127.0.0.1:8402 by default; CLAWROUTER_API_KEY is sent as a bearer token when "
+        "set) or, when none answers, starts one inside this process with your settings, at "
+        "that address when it is free, so other commands use it while the session lasts. Images are saved to CLAWROUTER_OUT (default ~/Pictures/clawrouter).",
         epilog="Example (Claude Desktop / Claude Code config): "
         '{"mcpServers": {"clawrouter": {"command": "clawrouter", "args": ["mcp"]}}}')
-    p.add_argument("--url", help="gateway URL (default $CLAWROUTER_URL or "
-                   "http://127.0.0.1:8402)")
+    p.add_argument("--url", help=URL_HELP)
     p.add_argument("--out", metavar="DIR", help="directory for saved images (default "
                    "$CLAWROUTER_OUT or ~/Pictures/clawrouter)")
     p.set_defaults(run=run_mcp)

@@ -63,11 +63,7 @@ def spend_summary(settings: Settings, latest: int) -> tuple[dict[str, Any], str]
 
 
 def spend_url(settings: Settings) -> str:
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host,
-                                                                      settings.host)
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{settings.port}/v1/spend"
+    return f"{settings.url}/v1/spend"
 
 
 def _from_gateway(settings: Settings, url: str, latest: int) -> dict[str, Any] | None:

@@ -18,20 +18,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clawrouter.cli.client import GatewayError, connect, gateway_url, probe
-
-_URL_HELP = "gateway URL (default $CLAWROUTER_URL or http://127.0.0.1:8402)"
+from clawrouter.cli.client import URL_HELP, GatewayError, connect, probe
 
 
 def register(commands: Any) -> None:
     s = commands.add_parser(
         "status", help="show a running gateway's health, spend today and balance",
-        description="Ask the running gateway (CLAWROUTER_URL, default http://127.0.0.1:8402) "
+        description="Ask the running gateway (CLAWROUTER_URL, else where `clawrouter serve` "
+        "listens with your settings, http://127.0.0.1:8402 by default) "
         "for its wallet, network, upstream, spend today, budget left and balance. Exit codes: "
         "0 a gateway answered, 1 none answers (or it refused), 2 usage error.")
     s.add_argument("--json", action="store_true",
                    help="print one JSON document ({health, spend}) on stdout and nothing else")
-    s.add_argument("--url", help=_URL_HELP)
+    s.add_argument("--url", help=URL_HELP)
     s.set_defaults(run=run_status)
 
     d = commands.add_parser(
@@ -52,21 +51,24 @@ def register(commands: Any) -> None:
 
 def run_status(args: argparse.Namespace) -> int:
     try:
-        health, spend = asyncio.run(_status(args.url))
+        url, health, spend = asyncio.run(_status(args.url))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"clawrouter: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     except GatewayError as exc:
         if args.json:
             print(json.dumps({"error": exc.to_json()}, indent=2))
         print(f"clawrouter: {exc.message}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"url": gateway_url(args.url), "health": health, "spend": spend},
+        print(json.dumps({"url": url, "health": health, "spend": spend},
                          indent=2))
         return 0
     budget = spend.get("budget", {}).get("day", {})
     left = budget.get("remaining_usd")
     balance = health.get("balance_usd")
     sandbox = " (sandbox: no real payments)" if health.get("sandbox") else ""
-    print(f"gateway   {gateway_url(args.url)} · clawrouter {health.get('version')} · "
+    print(f"gateway   {url} · clawrouter {health.get('version')} · "
           f"{health.get('status')}{sandbox}")
     print(f"wallet    {health.get('wallet')} on {health.get('network')}")
     print(f"upstream  {health.get('upstream')}")
@@ -79,10 +81,10 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _status(url: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+async def _status(url: str | None) -> tuple[str, dict[str, Any], dict[str, Any]]:
     async with await connect(url, start=False) as gateway:
         health, spend = await asyncio.gather(gateway.health(), gateway.spend())
-    return health, spend
+    return gateway.url, health, spend
 
 
 # --- doctor ---------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -93,7 +94,16 @@ T = TypeVar("T")
 
 
 class LedgerBusy(RuntimeError):
-    """Another gateway process has this ledger open."""
+    """Another gateway process has this ledger open; `holder` is its pid when known."""
+
+    def __init__(self, lock: Path, holder: int | None) -> None:
+        who = f" (pid {holder})" if holder else ""
+        super().__init__(f"{lock.parent}: another clawrouter process{who} is using this ledger "
+                         "(a `clawrouter serve`, or a `clawrouter mcp`, `generate` or `edit` "
+                         "running a gateway of its own); use or stop it, or set a different "
+                         "CLAWROUTER_HOME")
+        self.lock = lock
+        self.holder = holder
 
 
 class Convertible(Protocol):
@@ -173,7 +183,7 @@ class Ledger:
         self._db_lock = threading.Lock()  # one statement sequence at a time on the connection
         self._group: GroupCommit[Write] | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lockfile = _exclusive_lock(self.path.with_name(self.path.name + ".lock"))
+        self._lockfile = _exclusive_lock(lock_path(self.path))
         try:
             self._conn = self._connect()
             self.recovered = self._recover()
@@ -511,15 +521,55 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 def _exclusive_lock(path: Path) -> IO[bytes]:
-    """Hold an advisory lock for the ledger's lifetime (released by the OS even on kill -9)."""
+    """Hold an advisory lock for the ledger's lifetime (released by the OS even on kill -9).
+
+    The holder writes its pid into the lock file, so a process that finds the ledger busy can
+    say who has it. A process waiting for the ledger tests the lock for an instant (`in_use`);
+    the short retry here keeps such a test from ever failing a gateway that starts meanwhile.
+    """
     handle = open(path, "a+b")
     if fcntl is not None:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            raise LedgerBusy(f"{path.parent}: another clawrouter process is using this "
-                             "ledger (a `clawrouter serve`, or a `clawrouter mcp`, `generate` "
-                             "or `edit` running a gateway of its own); use or stop it, or set "
-                             "a different CLAWROUTER_HOME") from None
+        for attempt in range(_LOCK_TRIES):
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if attempt + 1 == _LOCK_TRIES:
+                    handle.close()
+                    raise LedgerBusy(path, holder(path)) from None
+                time.sleep(0.01)
+        handle.truncate(0)
+        handle.write(b"%d\n" % os.getpid())
+        handle.flush()
     return handle
+
+
+_LOCK_TRIES = 10
+
+
+def in_use(lock: Path) -> bool:
+    """Whether a process holds the ledger lock at `lock`; takes it for an instant to tell."""
+    if fcntl is None:
+        return False
+    try:
+        with open(lock, "rb") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except FileNotFoundError:
+        return False
+    return False
+
+
+def lock_path(ledger_path: Path) -> Path:
+    return ledger_path.with_name(ledger_path.name + ".lock")
+
+
+def holder(lock: Path) -> int | None:
+    """The pid that last took the ledger's lock (it may have exited since)."""
+    try:
+        return int(lock.read_bytes().strip() or b"0") or None
+    except (OSError, ValueError):
+        return None
