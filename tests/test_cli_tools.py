@@ -259,23 +259,34 @@ def test_a_second_command_waits_for_the_one_running_its_own_gateway(tmp_path: Pa
 
 
 def test_commands_find_the_gateway_where_serve_listens_with_the_same_settings(
-        tmp_path: Path, gateway: Any) -> None:
-    """`clawrouter serve` on a configured port: the other commands look there too (they used
-    to look only at 8402, start a gateway of their own and fail on the busy ledger)."""
+        tmp_path: Path, make_gateway: Any) -> None:
+    """`clawrouter serve` with a port and an API key in config.toml: the other commands look
+    there too, with that key (they used to look only at 8402, start a gateway of their own
+    and fail on the busy ledger, or stop at 'set CLAWROUTER_API_KEY')."""
+    gateway = make_gateway(api_key="from-the-file")
     port = gateway.url.rsplit(":", 1)[1]
     environ = cli_env(tmp_path)
-    status = subprocess.run([sys.executable, "-m", "clawrouter", "status", "--json"],
-                            env=environ | {"CLAWROUTER_PORT": port}, capture_output=True,
-                            text=True, timeout=60)
+    (tmp_path / "cli-home").mkdir()
+    (tmp_path / "cli-home" / "config.toml").write_text(
+        f'port = {port}\napi_key = "from-the-file"\n')
+
+    def clawrouter(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "clawrouter", *args],
+                              env=environ | env, capture_output=True, text=True, timeout=60)
+
+    status = clawrouter("status", "--json")
     assert status.returncode == 0, status.stderr
     assert as_json(status)["url"] == gateway.url
-    (tmp_path / "cli-home").mkdir(exist_ok=True)
-    (tmp_path / "cli-home" / "config.toml").write_text(f"port = {port}\n")
-    made = subprocess.run([sys.executable, "-m", "clawrouter", "generate", "x", "--json"],
-                          env=environ, capture_output=True, text=True, timeout=60)
+    made = clawrouter("generate", "x", "--json")
     assert made.returncode == 0, made.stderr
     out = as_json(made)
     assert out["in_process"] is False and out["images"][0]["url"].startswith(gateway.url)
+    doctor = as_json(clawrouter("doctor", "--json"))
+    port_check = next(c for c in doctor["checks"] if c["name"] == "port")
+    assert "serving clawrouter" in port_check["detail"] and "API_KEY" not in port_check["detail"]
+    # The key is the configured gateway's: a gateway named some other way never receives it.
+    elsewhere = clawrouter("status", "--json", CLAWROUTER_URL=gateway.url)
+    assert elsewhere.returncode == 1 and as_json(elsewhere)["error"]["status"] == 401
 
 
 def test_interrupted_while_waiting_for_the_ledger_says_nothing_was_paid(tmp_path: Path) -> None:

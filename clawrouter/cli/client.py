@@ -95,8 +95,9 @@ def gateway_url(url: str | None = None, settings: Settings | None = None) -> str
 
 
 def auth_headers(settings: Settings | None = None) -> dict[str, str]:
-    """`CLAWROUTER_API_KEY`, else the key in `settings` (an in-process gateway requires the
-    key its settings name, wherever they came from)."""
+    """`CLAWROUTER_API_KEY`, else the key in `settings`: pass them only for a gateway they
+    describe (one started with them, or found where they make `serve` listen), so a key meant
+    for the local gateway never goes to another address."""
     key = os.environ.get("CLAWROUTER_API_KEY")
     if not key and settings is not None and settings.api_key is not None:
         key = settings.api_key.get_secret_value()
@@ -153,8 +154,9 @@ class ImageResult:
         return asdict(self)
 
 
-async def probe(url: str) -> dict[str, Any] | None:
-    """`GET /health`: the gateway's health if a clawrouter gateway answers, None if nothing does.
+async def probe(url: str, settings: Settings | None = None) -> dict[str, Any] | None:
+    """`GET /health`: the gateway's health if a clawrouter gateway answers, None if nothing does
+    (`settings`: see `auth_headers`).
 
     Raises GatewayError when something answers that we cannot use (another program, or ours
     wanting an API key), since starting a second gateway would hide the problem.
@@ -162,7 +164,7 @@ async def probe(url: str) -> dict[str, Any] | None:
     try:
         # trust_env=False: an HTTP(S)_PROXY from the environment would receive the API key,
         # and could not reach a gateway on loopback anyway.
-        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT, headers=auth_headers(),
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT, headers=auth_headers(settings),
                                      trust_env=False) as http:
             resp = await http.get(url + "/health")
     except (httpx.TransportError, OSError):
@@ -253,14 +255,16 @@ class LocalGateway:
 class Gateway:
     """An HTTP client of one gateway, plus the in-process gateway if we started it."""
 
-    def __init__(self, url: str, local: LocalGateway | None = None) -> None:
+    def __init__(self, url: str, local: LocalGateway | None = None,
+                 settings: Settings | None = None) -> None:
+        """`settings`: those the gateway at `url` runs with, if known (for its API key)."""
         self.url = url
         self.local = local
         #: a paid request was sent: if it ends without an answer, it may have been paid
         self.posted = False
         self._policy: InputPolicy | None = None  # for local files sent as data (`_sendable`)
         self.http = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, trust_env=False,
-                                      headers=auth_headers(local.settings if local else None))
+                                      headers=auth_headers(local.settings if local else settings))
 
     @property
     def in_process(self) -> bool:
@@ -432,11 +436,13 @@ async def connect(url: str | None = None, *, start: bool = True,
     ledger, this waits for it (up to `LEDGER_WAIT`), using its gateway if one appears at the
     URL, and says so once through `waiting`.
     """
-    if settings is None and not (url or os.environ.get("CLAWROUTER_URL")):
+    found_by_settings = not (url or os.environ.get("CLAWROUTER_URL"))
+    if settings is None and found_by_settings:
         settings = await _load_settings()
     url = gateway_url(url, settings)
-    if await probe(url) is not None:
-        return Gateway(url)
+    keyed = settings if found_by_settings else None  # whose API key the gateway at url wants
+    if await probe(url, keyed) is not None:
+        return Gateway(url, settings=keyed)
     if not start:
         raise NoGateway(f"No clawrouter gateway answers at {url}. Start one with "
                         "`clawrouter serve`, or set CLAWROUTER_URL.", code="no_gateway")
@@ -457,9 +463,8 @@ async def connect(url: str | None = None, *, start: bool = True,
             waiting(f"another clawrouter process{who} is using this wallet's ledger; waiting "
                     "for it to finish")
             waiting = None
-        found = await _wait_for_ledger(busy, url, deadline)
-        if found is not None:
-            return found
+        if await _wait_for_ledger(busy, url, keyed, deadline):
+            return Gateway(url, settings=keyed)
 
 
 async def _load_settings() -> Settings:
@@ -468,15 +473,16 @@ async def _load_settings() -> Settings:
     return await asyncio.to_thread(load_settings)
 
 
-async def _wait_for_ledger(busy: LedgerBusy, url: str, deadline: float) -> Gateway | None:
-    """Until the ledger is free: a gateway that appears at `url` (the holder's, shared), or
-    None when it is time to try starting ours again."""
+async def _wait_for_ledger(busy: LedgerBusy, url: str, keyed: Settings | None,
+                           deadline: float) -> bool:
+    """Until the ledger is free (False: try starting ours again) or a gateway answers at `url`
+    (True: the holder's, shared)."""
     while True:
         await asyncio.sleep(0.25)
-        if await probe(url) is not None:
-            return Gateway(url)
+        if await probe(url, keyed) is not None:
+            return True
         if not await asyncio.to_thread(in_use, busy.lock) or time.monotonic() > deadline:
-            return None
+            return False
 
 
 def _loopback_port(url: str) -> int:

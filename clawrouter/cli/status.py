@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from clawrouter.cli.client import URL_HELP, GatewayError, connect, probe
+from clawrouter.config import Settings
 
 
 def register(commands: Any) -> None:
@@ -126,7 +127,7 @@ async def doctor(config: str | None = None) -> list[Check]:
     key = settings.wallet_key.get_secret_value() if settings.wallet_key else None
     checks.append(await asyncio.to_thread(check_wallet, settings.home, key))
     checks.append(await asyncio.to_thread(check_data_dir, settings.home))
-    port_check, health = await check_port(settings.host, settings.port)
+    port_check, health = await check_port(settings)
     checks.append(port_check)
     checks.append(await check_upstream(settings.upstream_url, settings.sandbox))
     checks.append(check_balance(health, settings.low_balance_usd))
@@ -175,13 +176,13 @@ def check_data_dir(home: Path) -> Check:
     return Check("data dir", "ok", f"{home} writable{note}")
 
 
-async def check_port(host: str, port: int) -> tuple[Check, dict[str, Any] | None]:
+async def check_port(settings: Settings) -> tuple[Check, dict[str, Any] | None]:
     """Free, or already serving clawrouter (then its /health is returned for the balance)."""
+    host, port = settings.host, settings.port
     if await asyncio.to_thread(_can_bind, host, port):
         return Check("port", "ok", f"{host}:{port} is free"), None
-    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     try:
-        health = await probe(f"http://{connect_host}:{port}")
+        health = await probe(settings.url, settings)
     except GatewayError as exc:
         if exc.status == 401:  # ours, guarded by CLAWROUTER_API_KEY
             return Check("port", "ok", f"{host}:{port} is serving clawrouter (set "
