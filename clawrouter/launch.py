@@ -70,9 +70,10 @@ class Running:
             server.should_exit = True
 
 
-async def start_gateway(settings: Settings) -> Running:
+async def start_gateway(settings: Settings, *, advertise: bool = False) -> Running:
     """Listen as `settings` say; use the sandbox when told to, or when BlockRun does not
-    answer and no other upstream was configured."""
+    answer and no other upstream was configured. `advertise`: write the gateway's URL into
+    the ledger's lock file, for commands that find the ledger busy to use this gateway."""
     from clawrouter.api.app import create_app
 
     use_sandbox = settings.sandbox
@@ -99,6 +100,8 @@ async def start_gateway(settings: Settings) -> Running:
         app = create_app(settings, sandbox=bool(use_sandbox))
         port = await _serve(app, settings.host, settings.port, servers, tasks,
                             settings.header_timeout)
+        if advertise:
+            app.state.gw.ledger.advertise(settings.model_copy(update={"port": port}).url)
     except BaseException:
         # The gateway could not start (its ledger is in use, its port is taken): stop the
         # sandbox already serving, so the caller reports one clear error and no traceback.

@@ -289,6 +289,34 @@ def test_commands_find_the_gateway_where_serve_listens_with_the_same_settings(
     assert elsewhere.returncode == 1 and as_json(elsewhere)["error"]["status"] == 401
 
 
+def test_commands_use_the_gateway_holding_the_ledger_wherever_it_listens(
+        tmp_path: Path) -> None:
+    """`clawrouter serve --port P` (a flag the other commands cannot know): they find its
+    address in the ledger's lock file and use it, rather than wait for it to stop."""
+    environ = cli_env(tmp_path, CLAWROUTER_PORT=str(free_port()))
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "clawrouter", "serve", "--sandbox",
+                              "--port", str(port)], env=environ, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert serve.stdout is not None and "ready" in serve.stdout.readline()
+        made = subprocess.run([sys.executable, "-m", "clawrouter", "generate", "x", "--json"],
+                              env=environ, capture_output=True, text=True, timeout=60)
+        stats = subprocess.run([sys.executable, "-m", "clawrouter", "stats"],  # the sandbox's
+                               env=environ | {"CLAWROUTER_NETWORK": "base-sepolia"},
+                               capture_output=True, text=True, timeout=60)
+    finally:
+        serve.terminate()
+        serve.wait(timeout=20)
+    assert made.returncode == 0, made.stderr
+    out = as_json(made)
+    assert out["in_process"] is False and out["sandbox"] is True
+    assert out["images"][0]["url"].startswith(f"http://127.0.0.1:{port}/images/")
+    assert "waiting" not in made.stderr
+    assert stats.returncode == 0, stats.stderr
+    assert f"from the gateway at http://127.0.0.1:{port}" in stats.stdout
+
+
 def test_interrupted_while_waiting_for_the_ledger_says_nothing_was_paid(tmp_path: Path) -> None:
     environ = cli_env(tmp_path, CLAWROUTER_SANDBOX="true",
                       CLAWROUTER_URL=f"http://127.0.0.1:{free_port()}")

@@ -241,7 +241,8 @@ def test_a_second_gateway_on_the_same_home_refuses_to_start(tmp_path, sandbox):
     env = {**os.environ, "CLAWROUTER_HOME": str(tmp_path), "BLOCKRUN_API_URL": sandbox.api,
            "CLAWROUTER_NETWORK": "base-sepolia"}
     cmd = [sys.executable, "-m", "clawrouter", "serve", "--no-sandbox", "--port"]
-    first = subprocess.Popen(cmd + [str(free_port())], env=env, stdout=subprocess.PIPE,
+    port = free_port()
+    first = subprocess.Popen(cmd + [str(port)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         assert "ready" in first.stdout.readline()
@@ -249,6 +250,7 @@ def test_a_second_gateway_on_the_same_home_refuses_to_start(tmp_path, sandbox):
                                 text=True, timeout=30)
         assert second.returncode == 2
         assert "another clawrouter process" in second.stderr and "Traceback" not in second.stderr
+        assert f"(pid {first.pid}, serving http://127.0.0.1:{port})" in second.stderr
     finally:
         first.terminate()
         first.wait()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from clawrouter.payment.ledger import (
-    Ledger, LedgerBusy, day_start, holder, in_use, local_day, lock_path,
+    Holder, Ledger, LedgerBusy, day_start, holder, in_use, local_day, lock_path,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,10 +210,15 @@ def test_one_process_per_ledger_and_totals_reload(tmp_path: Path, clock: Clock) 
     pid = record(first, 4_000)
     first.commit(first.outcome(pid, "rejected"))
     lock = lock_path(path)
-    assert in_use(lock) and holder(lock) == os.getpid()
+    assert in_use(lock) and holder(lock) == Holder(os.getpid())
     with pytest.raises(LedgerBusy) as busy:
         Ledger(path)
-    assert busy.value.holder == os.getpid() and f"(pid {os.getpid()})" in str(busy.value)
+    assert busy.value.holder == Holder(os.getpid()) and f"(pid {os.getpid()})" in str(busy.value)
+    first.advertise("http://127.0.0.1:8402")  # a gateway others may use says where it is
+    with pytest.raises(LedgerBusy) as busy:
+        Ledger(path)
+    assert busy.value.holder == Holder(os.getpid(), "http://127.0.0.1:8402")
+    assert f"(pid {os.getpid()}, serving http://127.0.0.1:8402)" in str(busy.value)
     first.close()
     assert not in_use(lock)
     with Ledger(path, clock=clock) as again:

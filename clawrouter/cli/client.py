@@ -6,10 +6,11 @@ settings make `clawrouter serve` listen (http://127.0.0.1:8402 by default); when
 there, the gateway is started inside this process with the user's settings, in its own thread
 and event loop, so a slow upstream or the gateway's own file I/O never blocks the caller's loop.
 
-The wallet's ledger is one process's at a time. A one-shot command's gateway listens on an
-ephemeral port (it goes away with the command), so a second command waits for the first to
-finish; `clawrouter mcp`, which lives for an agent's session, listens where the others look, so
-they use its gateway instead of waiting.
+The wallet's ledger is one process's at a time. `serve` and `clawrouter mcp` (which lives for
+an agent's session) write where their gateway listens into the ledger's lock file, and the MCP
+server's listens where the others look when it can, so other commands use it. A one-shot
+command's gateway is not for sharing (it goes away with the command): a second command waits
+for the first to finish.
 
 Results are downloaded into an output directory (`CLAWROUTER_OUT`, default
 ~/Pictures/clawrouter) because the gateway's own store evicts old images and agents want a path.
@@ -190,9 +191,10 @@ class LocalGateway:
     run them with `asyncio.to_thread`.
     """
 
-    def __init__(self, settings: Settings, port: int = 0) -> None:
+    def __init__(self, settings: Settings, port: int = 0, advertise: bool = False) -> None:
         self.settings = settings
         self.port = port  # 0: an ephemeral port
+        self.advertise = advertise  # see `launch.start_gateway`
         self.url = ""
         self.sandbox = False
         self._servers: list[Any] = []
@@ -240,12 +242,12 @@ class LocalGateway:
         port = self.port if self.port and _free_loopback_port(self.port) else 0
         try:
             running = await start_gateway(self.settings.model_copy(
-                update={"host": "127.0.0.1", "port": port}))
+                update={"host": "127.0.0.1", "port": port}), advertise=self.advertise)
         except (OSError, SystemExit):  # uvicorn exits when the port was taken meanwhile
             if not port:
                 raise
             running = await start_gateway(self.settings.model_copy(
-                update={"host": "127.0.0.1", "port": 0}))
+                update={"host": "127.0.0.1", "port": 0}), advertise=self.advertise)
         self._servers.extend(running.servers)
         self.sandbox = running.sandbox
         self.url = f"http://127.0.0.1:{running.port}"
@@ -431,10 +433,11 @@ async def connect(url: str | None = None, *, start: bool = True,
 
     `settings` default to the user's (`load_settings()`, read only when needed); a bad
     configuration raises ValueError/FileNotFoundError for the caller to report as such.
-    `share`: the in-process gateway listens at that URL when it is a free loopback port, for
-    a long-lived caller whose gateway others should find. While another process holds the
-    ledger, this waits for it (up to `LEDGER_WAIT`), using its gateway if one appears at the
-    URL, and says so once through `waiting`.
+    `share`: the in-process gateway is for others to use too (a long-lived caller): it listens
+    at that URL when it is a free loopback port, and says where in the ledger's lock file.
+    When another process holds the ledger, its gateway is used if it says where it is;
+    otherwise (a one-shot command's) this waits for it, up to `LEDGER_WAIT`, and says so once
+    through `waiting`.
     """
     found_by_settings = not (url or os.environ.get("CLAWROUTER_URL"))
     if settings is None and found_by_settings:
@@ -449,8 +452,9 @@ async def connect(url: str | None = None, *, start: bool = True,
     if settings is None:
         settings = await _load_settings()
     deadline = time.monotonic() + LEDGER_WAIT
+    say = _once(waiting)
     while True:
-        local = LocalGateway(settings, _loopback_port(url) if share else 0)
+        local = LocalGateway(settings, _loopback_port(url) if share else 0, advertise=share)
         try:
             return Gateway(await asyncio.to_thread(local.start), local)
         except GatewayError as exc:
@@ -458,13 +462,14 @@ async def connect(url: str | None = None, *, start: bool = True,
             busy = exc.__cause__
             if not isinstance(busy, LedgerBusy) or time.monotonic() > deadline:
                 raise
-        if waiting is not None:
-            who = f" (pid {busy.holder})" if busy.holder else ""
-            waiting(f"another clawrouter process{who} is using this wallet's ledger; waiting "
-                    "for it to finish")
-            waiting = None
-        if await _wait_for_ledger(busy, url, keyed, deadline):
-            return Gateway(url, settings=keyed)
+        # The holder's own gateway, where its lock file says (the same data directory, so
+        # the same settings and key), else ours at `url` should it appear there.
+        candidates = [(url, keyed)]
+        if busy.holder is not None and busy.holder.url:
+            candidates.insert(0, (busy.holder.url, settings))
+        found = await _wait_for_ledger(busy, candidates, deadline, say)
+        if found is not None:
+            return Gateway(found[0], settings=found[1])
 
 
 async def _load_settings() -> Settings:
@@ -473,16 +478,34 @@ async def _load_settings() -> Settings:
     return await asyncio.to_thread(load_settings)
 
 
-async def _wait_for_ledger(busy: LedgerBusy, url: str, keyed: Settings | None,
-                           deadline: float) -> bool:
-    """Until the ledger is free (False: try starting ours again) or a gateway answers at `url`
-    (True: the holder's, shared)."""
+async def _wait_for_ledger(busy: LedgerBusy, candidates: list[tuple[str, Settings | None]],
+                           deadline: float, say: Callable[[str], None]
+                           ) -> tuple[str, Settings | None] | None:
+    """Until a gateway answers at one of `candidates` (it, to use) or the ledger is free
+    (None: try starting ours again)."""
     while True:
-        await asyncio.sleep(0.25)
-        if await probe(url, keyed) is not None:
-            return True
+        for candidate, keyed in candidates:
+            if await probe(candidate, keyed) is not None:
+                return candidate, keyed
         if not await asyncio.to_thread(in_use, busy.lock) or time.monotonic() > deadline:
-            return False
+            return None
+        who = f" ({busy.holder})" if busy.holder else ""
+        say(f"another clawrouter process{who} is using this wallet's ledger; waiting for it "
+            "to finish")
+        await asyncio.sleep(0.25)
+
+
+def _once(callback: Callable[[str], None] | None) -> Callable[[str], None]:
+    """`callback`, called the first time only (or never, if None)."""
+    said = callback is None
+
+    def say(message: str) -> None:
+        nonlocal said
+        if not said:
+            said = True
+            callback(message)  # type: ignore[misc]
+
+    return say
 
 
 def _loopback_port(url: str) -> int:

@@ -55,7 +55,7 @@ async def serve(settings: Settings) -> int:
               "CLAWROUTER_API_KEY (clients then send 'Authorization: Bearer <key>').",
               file=sys.stderr)
         return 2
-    running = await start_gateway(settings)
+    running = await start_gateway(settings, advertise=True)
     mode = " (sandbox: no real payments)" if running.sandbox else ""
     host = "localhost" if settings.loopback else settings.host
     print(f"clawrouter ready on http://{host}:{running.port}/v1 — wallet "

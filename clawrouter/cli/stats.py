@@ -97,7 +97,12 @@ def _from_ledger(settings: Settings, url: str, latest: int) -> tuple[dict[str, A
             return _read(Ledger(Path(tmp) / FILENAME), settings, latest), f"{path} (no ledger yet)"
     try:
         ledger = Ledger(path)
-    except LedgerBusy:
+    except LedgerBusy as busy:
+        # A gateway started with other flags (`serve --port`) says where it is in the lock file.
+        there = busy.holder.url if busy.holder else None
+        summary = _from_gateway(settings, f"{there}/v1/spend", latest) if there else None
+        if summary is not None:
+            return summary, f"the gateway at {there}"
         raise CommandError(1, f"a gateway is using the ledger {path} but did not answer at {url}. "
                        "Point stats at it with the same --config, CLAWROUTER_HOST and "
                        "CLAWROUTER_PORT, or stop it to read the ledger directly.") from None

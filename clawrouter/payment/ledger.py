@@ -93,11 +93,23 @@ _COLUMNS = ('id, time, request_id, route, model, size, n, amount, payee, network
 T = TypeVar("T")
 
 
-class LedgerBusy(RuntimeError):
-    """Another gateway process has this ledger open; `holder` is its pid when known."""
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a ledger, as its lock file says: the pid, and the URL of its gateway when it
+    serves one that others may use (`serve`, `mcp`; not a one-shot command's)."""
 
-    def __init__(self, lock: Path, holder: int | None) -> None:
-        who = f" (pid {holder})" if holder else ""
+    pid: int
+    url: str | None = None
+
+    def __str__(self) -> str:
+        return f"pid {self.pid}" + (f", serving {self.url}" if self.url else "")
+
+
+class LedgerBusy(RuntimeError):
+    """Another gateway process has this ledger open; `holder` says who, when known."""
+
+    def __init__(self, lock: Path, holder: Holder | None) -> None:
+        who = f" ({holder})" if holder else ""
         super().__init__(f"{lock.parent}: another clawrouter process{who} is using this ledger "
                          "(a `clawrouter serve`, or a `clawrouter mcp`, `generate` or `edit` "
                          "running a gateway of its own); use or stop it, or set a different "
@@ -484,6 +496,11 @@ class Ledger:
                     self._group = GroupCommit("ledger", self._commit)
         return self._group
 
+    def advertise(self, url: str) -> None:
+        """Tell processes that find this ledger busy where its gateway answers, so they use
+        it (a long-lived gateway's; a one-shot command's would vanish under them)."""
+        _describe(self._lockfile, Holder(os.getpid(), url))
+
     def close(self) -> None:
         """Wait for queued writes, then close the database and release the process lock."""
         if self._group is not None:
@@ -538,10 +555,14 @@ def _exclusive_lock(path: Path) -> IO[bytes]:
                     handle.close()
                     raise LedgerBusy(path, holder(path)) from None
                 time.sleep(0.01)
-        handle.truncate(0)
-        handle.write(b"%d\n" % os.getpid())
-        handle.flush()
+        _describe(handle, Holder(os.getpid()))
     return handle
+
+
+def _describe(handle: IO[bytes], holder: Holder) -> None:
+    handle.truncate(0)
+    handle.write(f"{holder.pid}\n{holder.url or ''}\n".encode())
+    handle.flush()
 
 
 _LOCK_TRIES = 10
@@ -567,9 +588,10 @@ def lock_path(ledger_path: Path) -> Path:
     return ledger_path.with_name(ledger_path.name + ".lock")
 
 
-def holder(lock: Path) -> int | None:
-    """The pid that last took the ledger's lock (it may have exited since)."""
+def holder(lock: Path) -> Holder | None:
+    """Who last took the ledger's lock (it may have exited since)."""
     try:
-        return int(lock.read_bytes().strip() or b"0") or None
+        pid, _, url = lock.read_text().partition("\n")
+        return Holder(int(pid), url.strip() or None)
     except (OSError, ValueError):
         return None
