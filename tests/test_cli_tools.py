@@ -317,6 +317,33 @@ def test_commands_use_the_gateway_holding_the_ledger_wherever_it_listens(
     assert f"from the gateway at http://127.0.0.1:{port}" in stats.stdout
 
 
+def test_a_holder_that_says_where_it_listens_only_later_is_still_found(
+        tmp_path: Path, make_gateway: Any, sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` holds the ledger before it listens, and writes its address after: a command
+    that found the ledger busy reads the lock file again while it waits."""
+    import asyncio
+    import threading
+
+    from clawrouter.cli.client import connect
+    from clawrouter.payment.ledger import Ledger
+    from tests.conftest import gateway_settings
+
+    monkeypatch.delenv("CLAWROUTER_URL", raising=False)
+    monkeypatch.delenv("CLAWROUTER_API_KEY", raising=False)
+    elsewhere = make_gateway()
+    settings = gateway_settings(tmp_path / "held", sandbox.api, port=free_port())
+    with Ledger(settings.ledger_path) as held:
+        threading.Timer(1.0, held.advertise, (elsewhere.url,)).start()
+        began = time.monotonic()
+
+        async def found() -> str:
+            async with await connect(settings=settings, wait=20) as gateway:
+                return gateway.url
+
+        assert asyncio.run(found()) == elsewhere.url
+        assert time.monotonic() - began < 10
+
+
 def test_interrupted_while_waiting_for_the_ledger_says_nothing_was_paid(tmp_path: Path) -> None:
     environ = cli_env(tmp_path, CLAWROUTER_SANDBOX="true",
                       CLAWROUTER_URL=f"http://127.0.0.1:{free_port()}")

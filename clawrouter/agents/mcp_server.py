@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -25,6 +26,10 @@ from clawrouter.cli import models as model_table
 from clawrouter.cli.client import Gateway, GatewayError, ImageResult, connect, source_arg
 from clawrouter.validate import MAX_N
 
+#: How long a tool call waits for another command's gateway to let go of the wallet's ledger
+#: before it fails, naming that process (agents' tool calls time out sooner than terminals).
+LEDGER_WAIT = 60.0
+
 INSTRUCTIONS = (
     "clawrouter makes and edits images through BlockRun and pays per image in USDC on Base "
     "from the user's local wallet. Each call costs money (see list_image_models); prefer the "
@@ -39,42 +44,57 @@ _MASKERS = ", ".join(m.id for m in catalog.MODELS if m.mask)
 
 
 class Connection:
-    """The gateway the tools use: found or started on first use, kept for the session."""
+    """The gateway the tools use. A running one is found on first use and kept for the
+    session. One this process starts is kept only while calls are in flight: it holds the
+    wallet's ledger, which the user's other commands need between an agent's calls, and a
+    session can end (its client kills the server seconds later) under any request that
+    another process would have sent it."""
 
     def __init__(self, url: str | None = None) -> None:
         self.url = url
         self._gateway: Gateway | None = None
+        self._users = 0  # calls using `_gateway` now
         self._lock = asyncio.Lock()
 
-    async def get(self) -> Gateway:
+    async def _acquire(self) -> Gateway:
         async with self._lock:
             if self._gateway is None:
                 try:
-                    # share: agents' other commands find this session's gateway
-                    self._gateway = await connect(self.url, share=True)
+                    self._gateway = await connect(self.url, wait=LEDGER_WAIT,
+                                                  waiting=logging.getLogger(__name__).warning)
                 except (ValueError, FileNotFoundError) as exc:
                     raise ToolError(f"clawrouter's configuration is invalid: {exc}") from None
                 except GatewayError as exc:  # something else answers, or ours would not start
                     raise ToolError(f"clawrouter is unavailable: {exc.message}") from None
+            self._users += 1
             return self._gateway
+
+    async def _release(self, gateway: Gateway, *, gone: bool = False) -> None:
+        """One call done; stop our own gateway after the last, forget a running one that
+        went away (`gone`), so the next call looks again."""
+        async with self._lock:
+            self._users -= 1
+            if self._gateway is not gateway or not (gone or gateway.in_process and
+                                                     not self._users):
+                return
+            self._gateway = None
+        await gateway.aclose()
 
     async def run(self, use: Callable[[Gateway], Awaitable[T]]) -> T:
         """Run one gateway call; its refusals become tool errors with the gateway's message.
 
-        A running gateway that went away is forgotten, so the next call looks again (and
-        starts one in-process if none answers). The failed call is not retried: it may have paid.
+        The failed call is not retried: it may have paid.
         """
-        gateway = await self.get()
+        gateway = await self._acquire()
+        gone = False
         try:
             return await use(gateway)
         except GatewayError as exc:
-            if exc.code == "connection_error" and not gateway.in_process:
-                async with self._lock:
-                    if self._gateway is gateway:
-                        self._gateway = None
-                await gateway.aclose()
+            gone = exc.code == "connection_error" and not gateway.in_process
             code = f" (code: {exc.code})" if exc.code else ""
             raise ToolError(f"clawrouter: {exc.message}{code}") from None
+        finally:
+            await self._release(gateway, gone=gone)
 
     async def aclose(self) -> None:
         if self._gateway is not None:
@@ -173,7 +193,8 @@ def describe(verb: str, result: ImageResult) -> str:
                      "was paid again. Change the prompt to get different ones.")
     for i, image in enumerate(result.images, 1):
         lines.append(f"{i}. file: {image.path}")
-        lines.append(f"   url: {image.url}")
+        if not result.in_process:  # a gateway started for the call stops after it
+            lines.append(f"   url: {image.url}")
     if result.transaction:
         lines.append(f"Transaction: {result.transaction}")
     return "\n".join(lines)

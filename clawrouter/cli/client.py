@@ -6,11 +6,10 @@ settings make `clawrouter serve` listen (http://127.0.0.1:8402 by default); when
 there, the gateway is started inside this process with the user's settings, in its own thread
 and event loop, so a slow upstream or the gateway's own file I/O never blocks the caller's loop.
 
-The wallet's ledger is one process's at a time. `serve` and `clawrouter mcp` (which lives for
-an agent's session) write where their gateway listens into the ledger's lock file, and the MCP
-server's listens where the others look when it can, so other commands use it. A one-shot
-command's gateway is not for sharing (it goes away with the command): a second command waits
-for the first to finish.
+The wallet's ledger is one process's at a time. `serve` writes where it listens into the
+ledger's lock file, so the other commands find it even on a port they were not told. A
+gateway started in-process is not for sharing (it goes away with its command, or between an
+MCP session's calls): a second command waits for it to finish.
 
 Results are downloaded into an output directory (`CLAWROUTER_OUT`, default
 ~/Pictures/clawrouter) because the gateway's own store evicts old images and agents want a path.
@@ -21,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +38,7 @@ from clawrouter.inputs.image import checked_image
 from clawrouter.inputs.paths import read_local_image
 from clawrouter.inputs.policy import InputPolicy
 from clawrouter.inputs.refusals import LOCAL_FILES_DISABLED
-from clawrouter.payment.ledger import LedgerBusy, in_use
+from clawrouter.payment.ledger import LedgerBusy, holder, in_use, lock_path
 from clawrouter.sniff import EXTENSIONS, sniff_image
 from clawrouter.store.download import DownloadFailed, download
 from clawrouter.store.files import content_id, write_atomic
@@ -191,10 +189,8 @@ class LocalGateway:
     run them with `asyncio.to_thread`.
     """
 
-    def __init__(self, settings: Settings, port: int = 0, advertise: bool = False) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.port = port  # 0: an ephemeral port
-        self.advertise = advertise  # see `launch.start_gateway`
         self.url = ""
         self.sandbox = False
         self._servers: list[Any] = []
@@ -235,19 +231,11 @@ class LocalGateway:
         await asyncio.gather(*tasks)
 
     async def _launch(self) -> list[asyncio.Task[None]]:
-        """What `clawrouter serve` does, on loopback at `port` (an ephemeral one if it is
-        taken) and without printing."""
+        """What `clawrouter serve` does, on an ephemeral loopback port and without printing."""
         from clawrouter.launch import start_gateway
 
-        port = self.port if self.port and _free_loopback_port(self.port) else 0
-        try:
-            running = await start_gateway(self.settings.model_copy(
-                update={"host": "127.0.0.1", "port": port}), advertise=self.advertise)
-        except (OSError, SystemExit):  # uvicorn exits when the port was taken meanwhile
-            if not port:
-                raise
-            running = await start_gateway(self.settings.model_copy(
-                update={"host": "127.0.0.1", "port": 0}), advertise=self.advertise)
+        running = await start_gateway(self.settings.model_copy(update={"host": "127.0.0.1",
+                                                                       "port": 0}))
         self._servers.extend(running.servers)
         self.sandbox = running.sandbox
         self.url = f"http://127.0.0.1:{running.port}"
@@ -427,17 +415,16 @@ async def _download_elsewhere(url: str) -> bytes:
 
 
 async def connect(url: str | None = None, *, start: bool = True,
-                  settings: Settings | None = None, share: bool = False,
-                  waiting: Callable[[str], None] | None = None) -> Gateway:
+                  settings: Settings | None = None,
+                  waiting: Callable[[str], None] | None = None,
+                  wait: float = LEDGER_WAIT) -> Gateway:
     """The running gateway at `gateway_url(url)`, else (if `start`) one started in-process.
 
     `settings` default to the user's (`load_settings()`, read only when needed); a bad
     configuration raises ValueError/FileNotFoundError for the caller to report as such.
-    `share`: the in-process gateway is for others to use too (a long-lived caller): it listens
-    at that URL when it is a free loopback port, and says where in the ledger's lock file.
-    When another process holds the ledger, its gateway is used if it says where it is;
-    otherwise (a one-shot command's) this waits for it, up to `LEDGER_WAIT`, and says so once
-    through `waiting`.
+    When another process holds the ledger, its gateway is used if it says where it is (a
+    `serve`); otherwise (one started in-process) this waits for it, up to `wait` seconds, and
+    says so once through `waiting`.
     """
     found_by_settings = not (url or os.environ.get("CLAWROUTER_URL"))
     if settings is None and found_by_settings:
@@ -446,15 +433,18 @@ async def connect(url: str | None = None, *, start: bool = True,
     keyed = settings if found_by_settings else None  # whose API key the gateway at url wants
     if await probe(url, keyed) is not None:
         return Gateway(url, settings=keyed)
+    there = await asyncio.to_thread(_advertised, settings) if found_by_settings else None
+    if there is not None and await probe(there, settings) is not None:
+        return Gateway(there, settings=settings)  # a `serve --port`, say: same home, same key
     if not start:
         raise NoGateway(f"No clawrouter gateway answers at {url}. Start one with "
                         "`clawrouter serve`, or set CLAWROUTER_URL.", code="no_gateway")
     if settings is None:
         settings = await _load_settings()
-    deadline = time.monotonic() + LEDGER_WAIT
+    deadline = time.monotonic() + wait
     say = _once(waiting)
     while True:
-        local = LocalGateway(settings, _loopback_port(url) if share else 0, advertise=share)
+        local = LocalGateway(settings)
         try:
             return Gateway(await asyncio.to_thread(local.start), local)
         except GatewayError as exc:
@@ -462,14 +452,23 @@ async def connect(url: str | None = None, *, start: bool = True,
             busy = exc.__cause__
             if not isinstance(busy, LedgerBusy) or time.monotonic() > deadline:
                 raise
-        # The holder's own gateway, where its lock file says (the same data directory, so
-        # the same settings and key), else ours at `url` should it appear there.
-        candidates = [(url, keyed)]
-        if busy.holder is not None and busy.holder.url:
-            candidates.insert(0, (busy.holder.url, settings))
-        found = await _wait_for_ledger(busy, candidates, deadline, say)
+        found = await _wait_for_ledger(busy, (url, keyed), settings, deadline, say)
         if found is not None:
             return Gateway(found[0], settings=found[1])
+
+
+def _advertised(settings: Settings) -> str | None:
+    """Where a `serve` holding this data directory's ledger (the configured network's or the
+    sandbox's) says it listens."""
+    from clawrouter.launch import SANDBOX_NETWORK
+
+    for network in dict.fromkeys((settings.network, SANDBOX_NETWORK)):
+        lock = lock_path(settings.model_copy(update={"network": network}).ledger_path)
+        if lock.exists() and in_use(lock):
+            found = holder(lock)
+            if found is not None and found.url:
+                return found.url
+    return None
 
 
 async def _load_settings() -> Settings:
@@ -478,18 +477,22 @@ async def _load_settings() -> Settings:
     return await asyncio.to_thread(load_settings)
 
 
-async def _wait_for_ledger(busy: LedgerBusy, candidates: list[tuple[str, Settings | None]],
-                           deadline: float, say: Callable[[str], None]
+async def _wait_for_ledger(busy: LedgerBusy, ours: tuple[str, Settings | None],
+                           settings: Settings, deadline: float, say: Callable[[str], None]
                            ) -> tuple[str, Settings | None] | None:
-    """Until a gateway answers at one of `candidates` (it, to use) or the ledger is free
-    (None: try starting ours again)."""
+    """Until a gateway answers (its URL and whose key it wants, to use it) or the ledger is
+    free (None: try starting ours again). The holder's own gateway is looked for where its
+    lock file says, read afresh each time (a `serve` writes it once it listens); it shares
+    our data directory, so our settings and key."""
     while True:
+        now = await asyncio.to_thread(holder, busy.lock)
+        candidates = [ours] + ([(now.url, settings)] if now and now.url else [])
         for candidate, keyed in candidates:
             if await probe(candidate, keyed) is not None:
                 return candidate, keyed
         if not await asyncio.to_thread(in_use, busy.lock) or time.monotonic() > deadline:
             return None
-        who = f" ({busy.holder})" if busy.holder else ""
+        who = f" ({now})" if now else ""
         say(f"another clawrouter process{who} is using this wallet's ledger; waiting for it "
             "to finish")
         await asyncio.sleep(0.25)
@@ -506,27 +509,6 @@ def _once(callback: Callable[[str], None] | None) -> Callable[[str], None]:
             callback(message)  # type: ignore[misc]
 
     return say
-
-
-def _loopback_port(url: str) -> int:
-    """The port of a plain-HTTP loopback URL, which an in-process gateway may serve; else 0."""
-    parts = urlsplit(url)
-    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost"):
-        return 0
-    try:
-        return parts.port or 80
-    except ValueError:
-        return 0
-
-
-def _free_loopback_port(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _body(prompt: str, *, model: str | None, size: str | None, n: int | None) -> dict[str, Any]:

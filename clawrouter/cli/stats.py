@@ -56,7 +56,7 @@ def run_stats(args: argparse.Namespace) -> int:
 def spend_summary(settings: Settings, latest: int) -> tuple[dict[str, Any], str]:
     """The summary and where it came from (the gateway's URL or the ledger's path)."""
     url = spend_url(settings)
-    summary = _from_gateway(settings, url, latest)
+    summary = _from_gateway(settings, url, latest) if settings.port else None
     if summary is not None:
         return summary, f"the gateway at {url.rsplit('/v1/', 1)[0]}"
     return _from_ledger(settings, url, latest)
@@ -67,8 +67,6 @@ def spend_url(settings: Settings) -> str:
 
 
 def _from_gateway(settings: Settings, url: str, latest: int) -> dict[str, Any] | None:
-    if settings.port == 0:
-        return None
     headers = {}
     if settings.api_key is not None:
         headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"

@@ -569,17 +569,20 @@ _LOCK_TRIES = 10
 
 
 def in_use(lock: Path) -> bool:
-    """Whether a process holds the ledger lock at `lock`; takes it for an instant to tell."""
+    """Whether a process holds the ledger lock at `lock`; takes it for an instant to tell.
+    Only a lock held elsewhere counts: any other failure is for opening the ledger to report."""
     if fcntl is None:
         return False
     try:
-        with open(lock, "rb") as handle:
+        with open(lock, "a+b") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 return True
+            except OSError:
+                return False
             fcntl.flock(handle, fcntl.LOCK_UN)
-    except FileNotFoundError:
+    except OSError:
         return False
     return False
 
