@@ -16,7 +16,8 @@ def register(commands: Any) -> None:
         "gateway (CLAWROUTER_URL, else where `clawrouter serve` listens with your settings, "
         "http://127.0.0.1:8402 by default; CLAWROUTER_API_KEY is sent as a bearer token when "
         "set) or, when none answers, starts one inside this process with your settings for "
-        "each call (between calls your other commands can use the wallet). Images are saved to CLAWROUTER_OUT (default ~/Pictures/clawrouter).",
+        "each call (between calls your other commands can use the wallet). Images are saved "
+        "to CLAWROUTER_OUT (default ~/Pictures/clawrouter).",
         epilog="Example (Claude Desktop / Claude Code config): "
         '{"mcpServers": {"clawrouter": {"command": "clawrouter", "args": ["mcp"]}}}')
     p.add_argument("--url", help=URL_HELP)

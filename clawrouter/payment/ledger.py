@@ -96,7 +96,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Holder:
     """Who holds a ledger, as its lock file says: the pid, and the URL of its gateway when it
-    serves one that others may use (`serve`, `mcp`; not a one-shot command's)."""
+    serves one that others may use (`serve`'s; not one started in-process by a command)."""
 
     pid: int
     url: str | None = None
@@ -537,6 +537,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
+_LOCK_TRIES = 10  # 10 ms apart: see `_exclusive_lock`
+
+
 def _exclusive_lock(path: Path) -> IO[bytes]:
     """Hold an advisory lock for the ledger's lifetime (released by the OS even on kill -9).
 
@@ -565,9 +568,6 @@ def _describe(handle: IO[bytes], holder: Holder) -> None:
     handle.flush()
 
 
-_LOCK_TRIES = 10
-
-
 def in_use(lock: Path) -> bool:
     """Whether a process holds the ledger lock at `lock`; takes it for an instant to tell.
     Only a lock held elsewhere counts: any other failure is for opening the ledger to report."""
@@ -575,13 +575,10 @@ def in_use(lock: Path) -> bool:
         return False
     try:
         with open(lock, "a+b") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return False
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(handle, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
     except OSError:
         return False
     return False
