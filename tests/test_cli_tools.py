@@ -226,7 +226,7 @@ def wait_for_ledger_holder(tmp_path: Path, proc: subprocess.Popen[Any]) -> None:
     """Until `proc`'s own gateway holds the sandbox ledger (its pid in the lock file)."""
     lock = tmp_path / "cli-home" / "ledger-base-sepolia.sqlite3.lock"
     deadline = time.monotonic() + 30
-    while not (lock.exists() and lock.read_text().strip() == str(proc.pid)):
+    while not (lock.exists() and lock.read_text().split("\n")[0] == str(proc.pid)):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
 
@@ -263,10 +263,11 @@ def test_commands_find_the_gateway_where_serve_listens_with_the_same_settings(
     """`clawrouter serve` with a port and an API key in config.toml: the other commands look
     there too, with that key (they used to look only at 8402, start a gateway of their own
     and fail on the busy ledger, or stop at 'set CLAWROUTER_API_KEY')."""
-    gateway = make_gateway(api_key="from-the-file")
+    # The same data directory, paying with a key of its own (not the directory's wallet.key):
+    # it is recognised as the directory's by the instance id in its ledger's lock file.
+    gateway = make_gateway(api_key="from-the-file", home=tmp_path / "cli-home")
     port = gateway.url.rsplit(":", 1)[1]
     environ = cli_env(tmp_path)
-    (tmp_path / "cli-home").mkdir()
     (tmp_path / "cli-home" / "config.toml").write_text(
         f'port = {port}\napi_key = "from-the-file"\n')
 
@@ -325,23 +326,64 @@ def test_a_holder_that_says_where_it_listens_only_later_is_still_found(
     import threading
 
     from clawrouter.cli.client import connect
-    from clawrouter.payment.ledger import Ledger
     from tests.conftest import gateway_settings
 
     monkeypatch.delenv("CLAWROUTER_URL", raising=False)
     monkeypatch.delenv("CLAWROUTER_API_KEY", raising=False)
-    elsewhere = make_gateway()
     settings = gateway_settings(tmp_path / "held", sandbox.api, port=free_port())
-    with Ledger(settings.ledger_path) as held:
-        threading.Timer(1.0, held.advertise, (elsewhere.url,)).start()
-        began = time.monotonic()
+    holding = make_gateway(home=settings.home)  # holds the ledger, not yet saying where
+    threading.Timer(1.0, holding.gw.ledger.advertise, (holding.url,)).start()
+    began = time.monotonic()
 
-        async def found() -> str:
-            async with await connect(settings=settings, wait=20) as gateway:
-                return gateway.url
+    async def found() -> str:
+        async with await connect(settings=settings, wait=20) as gateway:
+            return gateway.url
 
-        assert asyncio.run(found()) == elsewhere.url
-        assert time.monotonic() - began < 10
+    assert asyncio.run(found()) == holding.url
+    assert time.monotonic() - began < 10
+
+
+def test_a_gateway_of_another_data_directory_is_named_not_used(
+        tmp_path: Path, make_gateway: Any, sandbox: Any) -> None:
+    """Another CLAWROUTER_HOME's `serve` (or a container's) at the port these settings give
+    would pay from a wallet this data directory does not name: the commands stop, say how to
+    choose, and pay nothing. Named by CLAWROUTER_URL, or paying from this directory's wallet,
+    it is used."""
+    from clawrouter.cli.wallet import address_of
+
+    other = make_gateway()
+    home = doctor_home(tmp_path)  # this directory's own wallet.key
+    environ = cli_env(tmp_path, CLAWROUTER_PORT=other.url.rsplit(":", 1)[1])
+
+    def clawrouter(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "clawrouter", *args],
+                              env=environ | env, capture_output=True, text=True, timeout=60)
+
+    paid = sandbox.paid()
+    made = clawrouter("generate", "x", "--json")
+    assert made.returncode == 1, made.stderr
+    error = as_json(made)["error"]
+    assert error["code"] == "other_data_directory"
+    assert f"pays from wallet {other.gw.address}" in error["message"]
+    assert f"({home}) has wallet {address_of('0x' + '11' * 32)}" in error["message"]
+    assert f"set CLAWROUTER_URL={other.url}" in error["message"]
+    status = clawrouter("status")
+    assert status.returncode == 1 and "belongs to another data directory" in status.stderr
+    doctor = as_json(clawrouter("doctor", "--json", BLOCKRUN_API_URL=sandbox.api))
+    port = next(c for c in doctor["checks"] if c["name"] == "port")
+    assert port["status"] == "fail" and other.gw.address in port["detail"]
+    fresh = clawrouter("generate", "x", "--json", CLAWROUTER_HOME=str(tmp_path / "fresh"))
+    assert fresh.returncode == 1 and "has no wallet yet" in as_json(fresh)["error"]["message"]
+    assert not (tmp_path / "fresh").exists()  # no wallet created, no gateway started
+    assert sandbox.paid() == paid and not list(home.glob("ledger*"))
+
+    named = clawrouter("generate", "x", "--json", CLAWROUTER_URL=other.url)
+    assert named.returncode == 0, named.stderr
+    same_wallet = clawrouter("generate", "y", "--json", BLOCKRUN_WALLET_KEY=(
+        other.gw.settings.wallet_key.get_secret_value()))
+    assert same_wallet.returncode == 0, same_wallet.stderr
+    assert as_json(same_wallet)["images"][0]["url"].startswith(other.url)
+    assert sandbox.paid() == paid + 2
 
 
 def test_interrupted_while_waiting_for_the_ledger_says_nothing_was_paid(tmp_path: Path) -> None:
@@ -428,9 +470,9 @@ def doctor_home(tmp_path: Path, mode: int = 0o600) -> Path:
     return home
 
 
-def test_doctor_json_all_ok_next_to_a_running_gateway(tmp_path: Path, gateway: Any,
+def test_doctor_json_all_ok_next_to_a_running_gateway(tmp_path: Path, make_gateway: Any,
                                                       sandbox: Any) -> None:
-    doctor_home(tmp_path)
+    gateway = make_gateway(home=doctor_home(tmp_path), wallet_key=None)  # its wallet.key
     proc = run(tmp_path, "doctor", "--json", CLAWROUTER_PORT=str(gateway.server.port),
                BLOCKRUN_API_URL=sandbox.api)
     assert proc.returncode == 0, proc.stdout

@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -210,14 +211,16 @@ def test_one_process_per_ledger_and_totals_reload(tmp_path: Path, clock: Clock) 
     pid = record(first, 4_000)
     first.commit(first.outcome(pid, "rejected"))
     lock = lock_path(path)
-    assert in_use(lock) and holder(lock) == Holder(os.getpid())
+    assert re.fullmatch(r"[0-9a-f]{16}", first.instance)
+    assert in_use(lock) and holder(lock) == Holder(os.getpid(), None, first.instance)
     with pytest.raises(LedgerBusy) as busy:
         Ledger(path)
-    assert busy.value.holder == Holder(os.getpid()) and f"(pid {os.getpid()})" in str(busy.value)
+    assert busy.value.holder == Holder(os.getpid(), None, first.instance)
+    assert f"(pid {os.getpid()})" in str(busy.value)
     first.advertise("http://127.0.0.1:8402")  # a gateway others may use says where it is
     with pytest.raises(LedgerBusy) as busy:
         Ledger(path)
-    assert busy.value.holder == Holder(os.getpid(), "http://127.0.0.1:8402")
+    assert busy.value.holder == Holder(os.getpid(), "http://127.0.0.1:8402", first.instance)
     assert f"(pid {os.getpid()}, serving http://127.0.0.1:8402)" in str(busy.value)
     first.close()
     assert not in_use(lock)

@@ -17,7 +17,10 @@ router = APIRouter()
 async def health(request: Request) -> dict[str, Any]:
     gw = request.app.state.gw
     health = {"status": "ok", "wallet": gw.address, "upstream": gw.settings.upstream_url,
-              "sandbox": gw.sandbox, "version": __version__, "network": gw.network.name}
+              "sandbox": gw.sandbox, "version": __version__, "network": gw.network.name,
+              # random per process, and in its ledger's lock file: the terminal commands use
+              # it to tell this data directory's gateway from another's at the same address
+              "instance": gw.ledger.instance}
     if gw.balance is not None:  # cached, refreshed in the background: never on this path
         health.update(gw.balance.snapshot())
     return health

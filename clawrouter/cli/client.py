@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from clawrouter import catalog
+from clawrouter.cli.wallet import key_in_use
 from clawrouter.config import Settings, is_loopback_host
 from clawrouter.errors import InvalidRequest
 from clawrouter.inputs.addresses import is_public_address
@@ -38,7 +39,9 @@ from clawrouter.inputs.image import checked_image
 from clawrouter.inputs.paths import read_local_image
 from clawrouter.inputs.policy import InputPolicy
 from clawrouter.inputs.refusals import LOCAL_FILES_DISABLED
-from clawrouter.payment.ledger import LedgerBusy, holder, in_use, lock_path
+from clawrouter.payment.ledger import Holder, LedgerBusy, holder, in_use, lock_path
+from clawrouter.payment.networks import NETWORKS
+from clawrouter.payment.wallet import WalletError
 from clawrouter.sniff import EXTENSIONS, sniff_image
 from clawrouter.store.download import DownloadFailed, download
 from clawrouter.store.files import content_id, write_atomic
@@ -422,20 +425,22 @@ async def connect(url: str | None = None, *, start: bool = True,
 
     `settings` default to the user's (`load_settings()`, read only when needed); a bad
     configuration raises ValueError/FileNotFoundError for the caller to report as such.
-    When another process holds the ledger, its gateway is used if it says where it is (a
-    `serve`); otherwise (one started in-process) this waits for it, up to `wait` seconds, and
-    says so once through `waiting`.
+    A gateway the user did not name (by `url` or `CLAWROUTER_URL`) is used only if it is this
+    data directory's (see `foreign`). When another process holds the ledger, its gateway is
+    used if it says where it is (a `serve`); otherwise (one started in-process) this waits for
+    it, up to `wait` seconds, and says so once through `waiting`.
     """
     found_by_settings = not (url or os.environ.get("CLAWROUTER_URL"))
     if settings is None and found_by_settings:
         settings = await _load_settings()
     url = gateway_url(url, settings)
     keyed = settings if found_by_settings else None  # whose API key the gateway at url wants
-    if await probe(url, keyed) is not None:
+    if await _usable(url, keyed):
         return Gateway(url, settings=keyed)
-    there = await asyncio.to_thread(_advertised, settings) if found_by_settings else None
-    if there is not None and await probe(there, settings) is not None:
-        return Gateway(there, settings=settings)  # a `serve --port`, say: same home, same key
+    if keyed is not None:
+        for there in await asyncio.to_thread(_advertised, keyed):  # a `serve --port`, say
+            if await _usable(there, keyed):
+                return Gateway(there, settings=keyed)
     if not start:
         raise NoGateway(f"No clawrouter gateway answers at {url}. Start one with "
                         "`clawrouter serve`, or set CLAWROUTER_URL.", code="no_gateway")
@@ -457,18 +462,60 @@ async def connect(url: str | None = None, *, start: bool = True,
             return Gateway(found[0], settings=found[1])
 
 
-def _advertised(settings: Settings) -> str | None:
-    """Where a `serve` holding this data directory's ledger (the configured network's or the
-    sandbox's) says it listens."""
-    from clawrouter.launch import SANDBOX_NETWORK
+async def _usable(url: str, settings: Settings | None) -> bool:
+    """Whether a gateway answers at `url` that we may use: any the user named (`settings`
+    None), else only this data directory's, asked with `settings`' API key. Raises
+    GatewayError when something else answers there."""
+    health = await probe(url, settings)
+    if health is None:
+        return False
+    if settings is not None:
+        reason = await asyncio.to_thread(foreign, url, health, settings)
+        if reason is not None:
+            raise GatewayError(reason, code="other_data_directory")
+    return True
 
-    for network in dict.fromkeys((settings.network, SANDBOX_NETWORK)):
+
+def foreign(url: str, health: dict[str, Any], settings: Settings) -> str | None:
+    """Why the gateway whose `/health` answered at `url` is not this data directory's, or None
+    when it is: the process holding one of its ledgers, or a gateway paying from its wallet.
+
+    Anything else at the address these settings give (another CLAWROUTER_HOME's `serve`, a
+    container's) would pay from a wallet, and count against budgets, the user did not name.
+    """
+    instance = health.get("instance")
+    if instance and any(held.instance == instance for held in _holders(settings)):
+        return None
+    try:
+        mine = key_in_use(settings)
+    except WalletError:  # this directory's own gateway would not start either
+        mine = None
+    own = mine.address if mine is not None else None
+    theirs = str(health.get("wallet", ""))
+    if own is not None and own.lower() == theirs.lower():
+        return None
+    return (f"The gateway at {url} belongs to another data directory: it pays from wallet "
+            f"{theirs}, and this one ({settings.home}) has "
+            + (f"wallet {own}" if own else "no wallet yet")
+            + f". To use that gateway and its wallet, set CLAWROUTER_URL={url}; to use this "
+            "data directory's, stop that gateway or set CLAWROUTER_PORT to a free port.")
+
+
+def _holders(settings: Settings) -> list[Holder]:
+    """Who holds this data directory's ledgers (one per network), as their lock files say."""
+    found = []
+    for network in dict.fromkeys((settings.network, *NETWORKS)):
         lock = lock_path(settings.model_copy(update={"network": network}).ledger_path)
         if lock.exists() and in_use(lock):
-            found = holder(lock)
-            if found is not None and found.url:
-                return found.url
-    return None
+            held = holder(lock)
+            if held is not None:
+                found.append(held)
+    return found
+
+
+def _advertised(settings: Settings) -> list[str]:
+    """Where the `serve`s holding this data directory's ledgers say they listen."""
+    return [held.url for held in _holders(settings) if held.url]
 
 
 async def _load_settings() -> Settings:
@@ -488,7 +535,7 @@ async def _wait_for_ledger(busy: LedgerBusy, ours: tuple[str, Settings | None],
         now = await asyncio.to_thread(holder, busy.lock)
         candidates = [ours] + ([(now.url, settings)] if now and now.url else [])
         for candidate, keyed in candidates:
-            if await probe(candidate, keyed) is not None:
+            if await _usable(candidate, keyed):
                 return candidate, keyed
         if not await asyncio.to_thread(in_use, busy.lock) or time.monotonic() > deadline:
             return None

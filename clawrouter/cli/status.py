@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clawrouter.cli.client import URL_HELP, GatewayError, connect, probe
+from clawrouter.cli.client import URL_HELP, GatewayError, connect, foreign, probe
 from clawrouter.config import Settings
 
 
@@ -188,6 +188,11 @@ async def check_port(settings: Settings) -> tuple[Check, dict[str, Any] | None]:
             return Check("port", "ok", f"{host}:{port} is serving clawrouter (set "
                          "CLAWROUTER_API_KEY to see more)"), None
         health = None
+    if health is not None and await asyncio.to_thread(foreign, settings.url, health, settings):
+        return Check("port", "fail", f"{host}:{port} is serving the clawrouter gateway of "
+                     f"another data directory (wallet {health.get('wallet')})",
+                     "stop that gateway, or set CLAWROUTER_PORT (or `serve --port`) to a free "
+                     "port"), None
     if health is not None:
         return Check("port", "ok", f"{host}:{port} is serving clawrouter "
                      f"{health.get('version', '')}".rstrip()), health

@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -95,11 +96,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Holder:
-    """Who holds a ledger, as its lock file says: the pid, and the URL of its gateway when it
-    serves one that others may use (`serve`'s; not one started in-process by a command)."""
+    """Who holds a ledger, as its lock file says: the pid, the URL of its gateway when it
+    serves one that others may use (`serve`'s; not one started in-process by a command), and
+    the holder's random `instance` id, which its gateway's `/health` also shows: how a command
+    tells this data directory's gateway from another one answering at the same address."""
 
     pid: int
     url: str | None = None
+    instance: str | None = None
 
     def __str__(self) -> str:
         return f"pid {self.pid}" + (f", serving {self.url}" if self.url else "")
@@ -195,7 +199,9 @@ class Ledger:
         self._db_lock = threading.Lock()  # one statement sequence at a time on the connection
         self._group: GroupCommit[Write] | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lockfile = _exclusive_lock(lock_path(self.path))
+        #: this process's hold on the ledger (see `Holder.instance`)
+        self.instance = secrets.token_hex(8)
+        self._lockfile = _exclusive_lock(lock_path(self.path), self.instance)
         try:
             self._conn = self._connect()
             self.recovered = self._recover()
@@ -499,7 +505,7 @@ class Ledger:
     def advertise(self, url: str) -> None:
         """Tell processes that find this ledger busy where its gateway answers, so they use
         it (a long-lived gateway's; a one-shot command's would vanish under them)."""
-        _describe(self._lockfile, Holder(os.getpid(), url))
+        _describe(self._lockfile, Holder(os.getpid(), url, self.instance))
 
     def close(self) -> None:
         """Wait for queued writes, then close the database and release the process lock."""
@@ -540,11 +546,11 @@ def _migrate(conn: sqlite3.Connection) -> None:
 _LOCK_TRIES = 10  # 10 ms apart: see `_exclusive_lock`
 
 
-def _exclusive_lock(path: Path) -> IO[bytes]:
+def _exclusive_lock(path: Path, instance: str) -> IO[bytes]:
     """Hold an advisory lock for the ledger's lifetime (released by the OS even on kill -9).
 
-    The holder writes its pid into the lock file, so a process that finds the ledger busy can
-    say who has it. A process waiting for the ledger tests the lock for an instant (`in_use`);
+    The holder writes its pid and `instance` into the lock file, so a process that finds the
+    ledger busy can say who has it. A process waiting for the ledger tests the lock for an instant (`in_use`);
     the short retry here keeps such a test from ever failing a gateway that starts meanwhile.
     """
     handle = open(path, "a+b")
@@ -558,13 +564,13 @@ def _exclusive_lock(path: Path) -> IO[bytes]:
                     handle.close()
                     raise LedgerBusy(path, holder(path)) from None
                 time.sleep(0.01)
-        _describe(handle, Holder(os.getpid()))
+        _describe(handle, Holder(os.getpid(), instance=instance))
     return handle
 
 
 def _describe(handle: IO[bytes], holder: Holder) -> None:
     handle.truncate(0)
-    handle.write(f"{holder.pid}\n{holder.url or ''}\n".encode())
+    handle.write(f"{holder.pid}\n{holder.url or ''}\n{holder.instance or ''}\n".encode())
     handle.flush()
 
 
@@ -591,7 +597,7 @@ def lock_path(ledger_path: Path) -> Path:
 def holder(lock: Path) -> Holder | None:
     """Who last took the ledger's lock (it may have exited since)."""
     try:
-        pid, _, url = lock.read_text().partition("\n")
-        return Holder(int(pid), url.strip() or None)
+        pid, url, instance = (lock.read_text().split("\n") + ["", ""])[:3]
+        return Holder(int(pid), url.strip() or None, instance.strip() or None)
     except (OSError, ValueError):
         return None
