@@ -7,7 +7,8 @@
   This is what stops the OpenAI SDK's automatic retries (after a timeout or dropped connection)
   from paying twice: it sends no idempotency key of its own.
 
-The shared work stops early (client gone) only when every client waiting on it has left.
+The shared work stops early (client gone) only when every client waiting on it has left, and
+goes on if one joins before it has noticed.
 Outcomes that involved no payment are not kept: retrying those costs nothing.
 """
 
@@ -40,6 +41,10 @@ class _Entry:
         if self.shared is None:
             return  # finished: nobody's leaving can stop it any more
         self.clients.append(ctx)
+        if self.shared.gone.is_set() and not ctx.gone.is_set():
+            # Every earlier client left, but the work has not stopped yet (it checks at its
+            # safe points): it goes on for this one, rather than stop and be paid for again.
+            self.shared.gone.clear()
         ctx.on_leave(self._maybe_abandon)
 
     def _maybe_abandon(self) -> None:

@@ -89,7 +89,7 @@ class ImagePipeline:
     async def run(self, job: ImageJob, ctx: RequestContext) -> Result:
         images, mask = await self._resolve_inputs(job)
         call = UpstreamCall(job.upstream_path, upstream_body(job, images, mask), job.model,
-                            job.size, job.n)
+                            job.size, job.n, (job.quality, len(images), mask is not None))
         # The body now holds the only copy we need: drop the decoded images and the client's
         # copies before the (possibly long) upstream wait, so memory is one copy per request.
         del images, mask

@@ -72,6 +72,23 @@ def test_a_web_page_on_another_origin_cannot_spend_or_read_files(browser: Browse
     assert gateway.http.get("/v1/spend").json()["latest"] == []
 
 
+def test_another_site_cannot_frame_the_gallery(browser: Browser, gateway: Gateway):
+    """The gallery can spend money in two clicks: a site that frames it (to lure those clicks
+    onto its own buttons) gets an empty frame."""
+    html = f'<!doctype html><body><iframe src="{gateway.url}/"></iframe></body>'
+    framing = Starlette(routes=[Route("/", lambda _: HTMLResponse(html))])
+    with serving(framing) as site:
+        page = browser.new_page()
+        page.goto(site.url.replace("127.0.0.1", "localhost") + "/")
+        page.wait_for_timeout(500)
+        (frame,) = page.main_frame.child_frames
+        assert not frame.url.startswith(gateway.url)  # blocked: the browser's error page
+        page.close()
+    page = browser.new_page()  # on its own, the gallery loads
+    assert page.goto(gateway.url + "/").status == 200
+    page.close()
+
+
 def test_a_rebound_dns_name_reaches_nothing(browser: Browser, gateway: Gateway):
     page = browser.new_page()
     port = gateway.server.port

@@ -62,9 +62,10 @@ def test_unpaid_outcomes_are_not_kept_and_keys_conflict_on_other_bodies():
     asyncio.run(main())
 
 
-def test_a_repeat_that_joins_just_as_every_earlier_client_left_runs_again():
-    """The SDK times out, closes its socket and retries at once: the retry joins work that was
-    just abandoned (and stops at its next safe point). It must not get that client's 'gone'."""
+def test_a_repeat_that_joins_just_as_every_earlier_client_left_keeps_the_work_going():
+    """The SDK times out, closes its socket and retries at once: the retry joins work whose
+    only client just left, before the work reached a safe point. The work goes on for the
+    retry (one run, one payment), and the retry does not get that client's 'gone'."""
     coalescer = Coalescer(60)
     runs = []
 
@@ -80,8 +81,35 @@ def test_a_repeat_that_joins_just_as_every_earlier_client_left_runs_again():
         await asyncio.sleep(0.01)
         first.leave()
         retry = await coalescer.run(ctx(), "fp", None, work)
-        assert retry.amount == 1000 and len(runs) == 2
+        assert retry.amount == 1000 and retry.shared and len(runs) == 1
+        assert (await abandoned).amount == 1000
+
+    asyncio.run(main())
+
+
+def test_a_repeat_that_joins_after_the_work_stopped_for_good_runs_again():
+    """If the work already stopped at a safe point (nothing paid), the retry runs afresh."""
+    coalescer = Coalescer(60)
+    runs = []
+
+    async def work(shared):
+        runs.append(1)
+        try:
+            await shared.sleep(1)  # a safe point: wakes at once when every client has left
+        finally:
+            if len(runs) == 1:
+                await asyncio.sleep(0.05)  # stopping, past the point of no return
+        return Result(1, [], 1000, None)
+
+    async def main():
+        first = ctx()
+        abandoned = asyncio.create_task(coalescer.run(first, "fp", None, work))
+        await asyncio.sleep(0.01)
+        first.leave()
+        await asyncio.sleep(0.01)  # the work has seen it and is stopping
+        retry = asyncio.create_task(coalescer.run(ctx(), "fp", None, work))
         with pytest.raises(ClientGone):
             await abandoned
+        assert (await retry).amount == 1000 and len(runs) == 2
 
     asyncio.run(main())

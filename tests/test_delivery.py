@@ -90,6 +90,19 @@ def test_streaming_failure_is_an_sdk_error_event(gateway, sandbox):
     assert sandbox.stats()["payments_count"] == 1
 
 
+def test_a_bug_in_a_stream_still_ends_it_with_an_error_event(make_gateway, caplog):
+    gw = make_gateway()
+
+    async def bug(job, ctx):
+        raise RuntimeError("a bug")
+
+    gw.gw.pipeline.run = bug
+    client = OpenAI(base_url=gw.v1, api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIError, match="Internal error in the gateway") as raised:
+        list(client.images.generate(model="cogview", prompt="x", stream=True))
+    assert "a bug" not in str(raised.value) and "unhandled error in a stream" in caplog.text
+
+
 def test_streaming_keeps_the_connection_alive_while_a_slow_job_runs(make_gateway, sandbox,
                                                                     monkeypatch):
     monkeypatch.setattr("clawrouter.api.streaming.KEEPALIVE_SECONDS", 0.2)

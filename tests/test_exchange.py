@@ -16,7 +16,7 @@ from clawrouter.payment.ledger import Ledger
 from clawrouter.payment.networks import NETWORKS
 from clawrouter.payment.prices import PriceBook
 from clawrouter.payment.signer import Signer
-from clawrouter.upstream.client import BlockRunClient, new_session
+from clawrouter.upstream.client import BlockRunClient, TransportError, new_session
 from clawrouter.upstream.exchange import Exchange, UpstreamCall
 from tests.conftest import gateway_settings
 
@@ -53,3 +53,36 @@ def test_a_client_leaving_while_the_signature_is_recorded_is_never_charged(sandb
     [row] = ledger.payments()
     assert row.status == "rejected" and "never sent" in row.note
     ledger.close()
+
+
+def test_a_request_whose_connection_dropped_counts_as_sent_even_if_the_resend_cannot_connect():
+    """The first attempt may have arrived (a poll that completed and settled the job, say):
+    a resend that then finds nobody listening must not make it look never sent."""
+
+    async def main():
+        async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            server.close()  # the resend finds nobody listening
+            writer.close()
+
+        server = await asyncio.start_server(drop, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with new_session(8) as session:
+            client = BlockRunClient(f"http://127.0.0.1:{port}/api", session, timeout=5,
+                                    connect_timeout=2)
+            with pytest.raises(TransportError) as raised:
+                await client.get(client.url("/v1/images/generations/job"))
+        assert raised.value.kind == "dropped" and "cannot connect" in raised.value.detail
+
+    asyncio.run(main())
+
+
+def test_a_learned_price_is_reused_only_for_the_same_quality_inputs_and_mask():
+
+    model = BY_ID["openai/gpt-image-1"]
+    base = UpstreamCall("/v1/images/image2image", b"{}", model, "1024x1024", 1)
+    keys = {base.price_key,
+            UpstreamCall(base.route, b"{}", model, "1024x1024", 1, ("high", 0, False)).price_key,
+            UpstreamCall(base.route, b"{}", model, "1024x1024", 1, (None, 2, False)).price_key,
+            UpstreamCall(base.route, b"{}", model, "1024x1024", 1, (None, 0, True)).price_key}
+    assert len(keys) == 4

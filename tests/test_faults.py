@@ -132,6 +132,41 @@ def test_a_lost_poll_answer_leaves_the_payment_pending_never_refunded(make_gatew
     assert gw.http.get("/v1/spend").json()["today"]["pending"]["micro"] == row["amount"]
 
 
+def test_a_job_whose_202_was_lost_is_polled_not_paid_again(gateway, sandbox):
+    """The paid POST started a job but its answer was lost; the resend of the same payment is
+    refused as already used, naming the job (BlockRun: PAYMENT_REPLAY with `poll_url`): the
+    gateway polls that job with the same header and delivers the image it paid for."""
+    sandbox.faults({"kind": "job", "lost": True, "times": 1})
+    r = gen(gateway, "lost 202")
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["url"].startswith(gateway.url + "/images/")
+    stats = sandbox.stats()
+    assert stats["payments_count"] == 1 and stats["settled_count"] == 1
+    assert [row["status"] for row in rows(gateway)] == ["settled"]
+
+
+@pytest.mark.parametrize("then", ["settlement refused", "job failed"])
+def test_a_failure_after_a_lost_poll_answer_leaves_the_payment_pending(make_gateway, sandbox,
+                                                                       then):
+    """The lost poll may have completed the job and settled; a later poll that is refused (the
+    authorization is used) or reports the job failed does not make it unpaid."""
+    gw = make_gateway(poll_deadline=5)
+    lost = {"kind": "respond", "phase": "poll", "status": 504, "settle": True, "times": 1}
+    if then == "job failed":
+        sandbox.faults({"kind": "job", "outcome": "failed"}, lost)
+    else:
+        sandbox.faults({"kind": "job"}, lost, {
+            "kind": "respond", "phase": "poll", "status": 402,
+            "body": {"error": "Payment settlement failed", "code": "PAYMENT_REPLAY"}})
+    r = gen(gw)
+    assert r.status_code in (402, 502) and r.headers["x-should-retry"] == "false", r.text
+    assert error(r)["payment"] == "signed" and "may have settled" in error(r)["message"]
+    assert sandbox.stats()["settled_count"] == 1
+    (row,) = rows(gw)
+    assert row["status"] == "failed_after_payment"
+    assert gw.http.get("/v1/spend").json()["today"]["pending"]["micro"] == row["amount"]
+
+
 def test_a_client_that_leaves_after_a_lost_poll_is_not_paid_for_again(make_gateway, sandbox):
     gw = make_gateway(poll_deadline=30)
     sandbox.configure(slow_seconds=30)
@@ -150,9 +185,12 @@ def test_a_client_that_leaves_after_a_lost_poll_is_not_paid_for_again(make_gatew
     assert sandbox.stats()["payments_count"] == 1
 
 
-@pytest.mark.parametrize("poll_url", ["http://[bad/x", "https://jobs.elsewhere.example/x"])
+@pytest.mark.parametrize("poll_url", ["http://[bad/x", "https://jobs.elsewhere.example/x",
+                                      "the API's host over another scheme"])
 def test_an_unusable_poll_url_after_payment_is_a_paid_failure_never_retried(gateway, sandbox,
                                                                            poll_url):
+    if poll_url.startswith("the API's host"):  # the payment header must not change scheme
+        poll_url = sandbox.url.replace("http://", "https://") + "/api/v1/images/generations/x"
     sandbox.faults({"kind": "respond", "phase": "paid", "status": 202,
                     "body": {"status": "queued", "poll_url": poll_url}})
     for _ in range(2):  # the retry gets the first outcome, it does not sign again

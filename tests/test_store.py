@@ -327,9 +327,11 @@ def test_ranges(served: tuple[str, StoredImage, bytes]) -> None:
         assert r.status_code == 416, unsatisfiable
         assert r.headers["content-range"] == f"bytes */{size}"
         assert r.json()["error"]["code"] == "range_not_satisfiable"
-    for ignored in ("bytes=0-1,5-6", "items=0-1", "bytes=9-2", "bytes=x-y"):
+    long = "9" * 5000  # more digits than int() takes: ignored, not a 500
+    for ignored in ("bytes=0-1,5-6", "items=0-1", "bytes=9-2", "bytes=x-y", f"bytes={long}-",
+                    f"bytes=-{long}", f"bytes=0-{long}"):
         r = get(ignored)
-        assert r.status_code == 200 and r.content == data, ignored
+        assert r.status_code == 200 and r.content == data, ignored[:40]
     assert get("bytes=0-9", **{"If-Range": f'"{image.id}"'}).status_code == 206
     assert get("bytes=0-9", **{"If-Range": '"stale"'}).status_code == 200
 

@@ -20,8 +20,11 @@ PUBLIC_FIELDS = ("name", "model", "prompt", "size", "created", "cost_micro", "by
 @router.get("/", include_in_schema=False)
 async def page() -> Response:
     html = resources.files("clawrouter.static").joinpath("index.html").read_text()
+    # Never framed: a page that can spend money must not be clickjacked from another site.
     return HTMLResponse(html, headers={"cache-control": "no-cache",
-                                       "x-content-type-options": "nosniff"})
+                                       "x-content-type-options": "nosniff",
+                                       "x-frame-options": "DENY",
+                                       "content-security-policy": "frame-ancestors 'none'"})
 
 
 @router.get("/static/{name}", include_in_schema=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -21,6 +22,8 @@ from clawrouter.errors import ClawError
 from clawrouter.pipeline import Result
 from clawrouter.sniff import EXTENSIONS
 from clawrouter.validate import ImageJob
+
+log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 10.0
 USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
@@ -47,6 +50,14 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
             except ClawError as error:
                 obs["error_code"] = error.code
                 yield sse("error", error.envelope())
+                return
+            except Exception as exc:  # a bug: the stream still ends with an envelope
+                log.error("unhandled error in a stream (request %s)", ctx.request_id,
+                          exc_info=(type(exc), exc, exc.__traceback__))
+                obs["error_code"] = "internal_error"
+                yield sse("error", ClawError(
+                    f"Internal error in the gateway (request {ctx.request_id}). It has been "
+                    "logged.", code="internal_error").envelope())
                 return
             observed(obs, result)
             kind = "image_generation" if job.route == "generations" else "image_edit"

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from clawrouter.payment.wire import Challenge
 
-PriceKey = tuple[str, str, str, int]  # route, model id, size, n
+#: route, model id, size, n, quality, input images, mask: a price is only reused for the same
+PriceKey = tuple[str, str, str, int, str | None, int, bool]
 
 
 @dataclass(frozen=True)

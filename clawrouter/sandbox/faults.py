@@ -36,7 +36,9 @@ fires and spends one use. Kinds and their parameters:
                message (invalidMessage); defaults per code
     job        (paid) force the 202 path, for any model, with this outcome:
                outcome "completed" (default) | "failed" | "never"; error (for failed,
-               default "content policy violation")
+               default "content policy violation"); lost true = the job starts but its 202
+               is never sent (the connection closes): a resend of the payment gets the
+               PAYMENT_REPLAY 402 that names the job
     delay      hang `seconds` before answering (paid: after the payment is recorded)
     drop       close the socket without a response (paid: after the payment is recorded);
                settle true = the payment counts as settled (response lost after settlement)
@@ -77,7 +79,7 @@ KINDS: dict[str, tuple[tuple[str, ...], dict[str, tuple[type, ...]]]] = {
                          "headers": (dict,), "content_type": (str,), "settle": (bool,)}),
     "price": (PHASES, {"multiply": _NUMBER, "amount": (int, str)}),
     "reject": (("paid", "poll"), {"code": (str,), "reason": (str,), "message": (str,)}),
-    "job": (("paid",), {"outcome": (str,), "error": (str,)}),
+    "job": (("paid",), {"outcome": (str,), "error": (str,), "lost": (bool,)}),
     "delay": (PHASES, {"seconds": _NUMBER}),
     "drop": (PHASES, {"settle": (bool,)}),
 }

@@ -20,6 +20,7 @@ from clawrouter.sandbox.datauri import DataUris
 from clawrouter.sandbox.faults import Rule
 from clawrouter.sandbox.jobs import DEFAULT_ERROR, Job, poll_path
 from clawrouter.sandbox.media import serve
+from clawrouter.sandbox.middleware import DropConnection
 from clawrouter.sandbox.results import ImagesResponse, render
 from clawrouter.sandbox.state import Sandbox
 from clawrouter.sandbox.validate import BadRequest, ImageRequest, Route, validate
@@ -128,6 +129,8 @@ def _start_job(request: Request, sandbox: Sandbox, req: ImageRequest, verified: 
               base_url=str(request.base_url))
     sandbox.jobs.add(job)
     sandbox.used.add(verified, int(now), job.id)
+    if params.get("lost"):
+        return DropConnection()
     return JSONResponse(job.body("queued"), status_code=202)
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 
-_SPEC = re.compile(r"(\d*)-(\d*)", re.ASCII)
+#: at most 19 digits (any real offset fits): int() refuses very long numbers outright
+_SPEC = re.compile(r"(\d{0,19})-(\d{0,19})", re.ASCII)
 
 
 class RangeNotSatisfiable(Exception):

@@ -82,18 +82,19 @@ class BlockRunClient:
     def poll_url(self, poll_url: str) -> str:
         """Join a job's poll URL to the API origin (it already includes `/api`).
 
-        An absolute URL on another host is refused: the payment header must not leave
-        the API host (BlockRun's Python SDK does the same).
+        An absolute URL on another origin (host, port or scheme) is refused: the payment
+        header must not leave the API's origin (BlockRun's Python SDK checks the host).
         """
         try:
             url = urljoin(self.origin + "/", poll_url)
-            host = urlsplit(url).netloc
+            parts = urlsplit(url)
+            origin = f"{parts.scheme}://{parts.netloc}"
         except ValueError:
             raise UpstreamError(f"The upstream's poll_url is not a URL ({poll_url[:100]!r}).",
                                 status=502, code="bad_poll_url") from None
-        if host != urlsplit(self.origin).netloc:
-            raise UpstreamError(f"The upstream asked to poll another host ({host});"
-                                " refused so the payment header stays with the API host.",
+        if origin != self.origin:  # the scheme too: never the header over cleartext
+            raise UpstreamError(f"The upstream asked to poll another origin ({origin[:100]});"
+                                " refused so the payment header stays with the API's.",
                                 status=502, code="poll_origin_refused")
         return url
 
@@ -111,7 +112,13 @@ class BlockRunClient:
         except TransportError as exc:
             if exc.kind != "dropped":
                 raise
-        response = await self._send(method, url, body, headers)
+        try:
+            response = await self._send(method, url, body, headers)
+        except TransportError as exc:
+            if exc.kind == "connect":  # but the first attempt was sent: it may have arrived
+                raise TransportError("dropped", f"{exc.detail}, after a dropped connection "
+                                                "that may have delivered it") from None
+            raise
         return replace(response, resent=True)
 
     async def _send(self, method: str, url: str, body: bytes | None,
@@ -154,5 +161,12 @@ def new_session(max_connections: int) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=max_connections,
                                      ttl_dns_cache=300, enable_cleanup_closed=True,
                                      keepalive_timeout=4.0)
-    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                 auto_decompress=True, raise_for_status=False)
+    session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                    auto_decompress=True, raise_for_status=False)
+    # aiohttp resends a GET (a poll) once by itself when its connection drops, and reports a
+    # failure to reconnect as a connect error, which reads as "never sent" although the poll
+    # may have completed the job. `request` does the one resend, knowing what was sent; there
+    # is no public switch (aiohttp's own test client sets the same attribute).
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False
+    return session

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from clawrouter.catalog import ImageModel, ceiling_micro, to_micro
 from clawrouter.config import Settings
@@ -43,10 +44,12 @@ class UpstreamCall:
     model: ImageModel
     size: str
     n: int
+    #: what else may change the price: the quality forwarded, the input images and the mask
+    variant: tuple[str | None, int, bool] = (None, 0, False)
 
     @property
     def price_key(self) -> PriceKey:
-        return (self.route, self.model.id, self.size, self.n)
+        return (self.route, self.model.id, self.size, self.n, *self.variant)
 
 
 @dataclass(frozen=True)
@@ -165,14 +168,20 @@ class Exchange:
         except TransportError as exc:
             await finish("failed_after_payment", f"{exc.kind}: {exc.detail}")
             raise paid_error(None, payment.amount, detail=exc.detail) from None
-        if resp.status == 402 and resp.resent:
-            # The first attempt's connection dropped and the resend of the same authorization
-            # was refused: the upstream may well have received (and settled) the first one.
+        if resp.status == 402 and _started_job(resp):
+            # The authorization was already used, by the job this answer names (our first
+            # attempt, whose connection dropped): poll that job, with the same header.
+            resp = replace(resp, status=202)
+        elif resp.status == 402 and (resp.resent or _already_used(resp)):
+            # Used already (the first attempt's connection dropped and the resend was refused,
+            # or the upstream says so): the upstream may well have settled it. Never re-signed.
             message, code, _ = upstream_message(resp)
-            await finish("failed_after_payment", f"response lost; resend refused: {message}")
+            await finish("failed_after_payment", f"response lost; resend refused: {message}"
+                         if resp.resent else f"authorization already used: {message}")
             raise paid_error(None, payment.amount, detail=(
-                "the connection dropped after the payment was sent, and the upstream refused "
-                f"the identical resend ({code or message})"))
+                "the upstream refused this payment as already used "
+                + ("(the connection dropped after it was sent, and the identical resend was "
+                   "refused) " if resp.resent else "") + f"({code or message})"))
         if resp.status == 402:
             message, code, _ = upstream_message(resp)
             await finish("rejected", f"{code or ''} {message}".strip())
@@ -232,3 +241,22 @@ class Exchange:
         if payment is None:
             raise unpaid_error(resp)
         raise paid_error(resp, amount)
+
+
+def _rejection(resp: UpstreamResponse) -> dict[str, Any]:
+    body = resp.json()
+    return body if isinstance(body, dict) else {}
+
+
+def _started_job(resp: UpstreamResponse) -> bool:
+    """A 402 naming the job this authorization already started (BlockRun: `poll_url`)."""
+    poll_url = _rejection(resp).get("poll_url")
+    return isinstance(poll_url, str) and bool(poll_url)
+
+
+def _already_used(resp: UpstreamResponse) -> bool:
+    """A 402 saying this authorization was already used (blockrun-api.md §6: code
+    `PAYMENT_REPLAY`, or `recoverable`/`job_id` present): not a refusal to pay."""
+    body = _rejection(resp)
+    return (body.get("code") == "PAYMENT_REPLAY" or bool(body.get("recoverable"))
+            or body.get("job_id") is not None)

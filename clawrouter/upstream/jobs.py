@@ -14,7 +14,7 @@ from clawrouter.catalog import format_usd
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClientGone, PaidRequestFailed, UpstreamTimeout
 from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
-from clawrouter.upstream.errors import paid_error
+from clawrouter.upstream.errors import paid_error, upstream_message
 
 TRANSIENT = {202, 408, 425, 429, 500, 502, 503, 504}
 #: answers after which the poll may have completed (and settled) the job upstream
@@ -52,17 +52,18 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
             body = resp.json()
             status = body.get("status") if isinstance(body, dict) else None
             if resp.status == 200 and status == "failed":
-                error = body.get("error") or "the job failed"
-                raise PaidRequestFailed(
-                    f"The upstream job failed: {error}. No payment was settled (BlockRun "
-                    "settles only completed jobs).", status=502, code="job_failed",
-                    extra={"payment": "not_settled"})
+                what = f"The upstream job failed: {body.get('error') or 'the job failed'}."
+                raise _settled_unless_lost(PaidRequestFailed(
+                    f"{what} No payment was settled (BlockRun settles only completed jobs).",
+                    status=502, code="job_failed", extra={"payment": "not_settled"}),
+                    what, amount, lost)
             if resp.status == 200:
                 return resp, polls
-            if resp.status == 402:
+            if resp.status == 402:  # settlement failed: nothing was charged by this poll
                 error = paid_error(resp, amount)
-                error.extra["payment"] = "not_settled"  # settlement failed: nothing was charged
-                raise error
+                error.extra["payment"] = "not_settled"
+                what = f"The upstream did not settle the job: {upstream_message(resp)[0]}."
+                raise _settled_unless_lost(error, what, amount, lost)
             if resp.status not in TRANSIENT:
                 raise paid_error(resp, amount)
             if resp.status in UNCERTAIN and lost is None:
@@ -76,6 +77,21 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
             if lost:
                 raise JobAbandoned(lost) from None
             raise
+
+
+def _settled_unless_lost(error: PaidRequestFailed, what: str, amount: int,
+                         lost: str | None) -> PaidRequestFailed:
+    """`error` says nothing was settled; after a lost poll answer that is not known: that poll
+    may have completed the job and settled (a later poll then fails or finds the
+    authorization used), so the payment stays pending for the chain to tell."""
+    if lost is None:
+        return error
+    return PaidRequestFailed(
+        f"{what} But the answer to an earlier poll was lost ({lost}), "
+        f"and that poll may have completed the job: the payment of {format_usd(amount)} may "
+        "have settled. It is pending until the chain tells (`clawrouter stats`). Not retried, "
+        "so nothing is paid twice.", status=error.status, code=error.code, param=error.param,
+        headers=error.headers, extra={"payment": "signed", "lost_poll": lost})
 
 
 def _timed_out(deadline: float, amount: int, lost: str | None) -> UpstreamTimeout:
