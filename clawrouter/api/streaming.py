@@ -18,7 +18,7 @@ import pybase64
 from fastapi.responses import StreamingResponse
 
 from clawrouter.context import RequestContext
-from clawrouter.errors import ClawError
+from clawrouter.errors import ClawError, ClientGone
 from clawrouter.pipeline import Result
 from clawrouter.sniff import EXTENSIONS
 from clawrouter.validate import ImageJob
@@ -50,6 +50,8 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
             except ClawError as error:
                 obs["error_code"] = error.code
                 yield sse("error", error.envelope())
+                return
+            except ClientGone:  # nobody left to tell
                 return
             except Exception as exc:  # a bug: the stream still ends with an envelope
                 log.error("unhandled error in a stream (request %s)", ctx.request_id,

@@ -550,8 +550,9 @@ def _exclusive_lock(path: Path, instance: str) -> IO[bytes]:
     """Hold an advisory lock for the ledger's lifetime (released by the OS even on kill -9).
 
     The holder writes its pid and `instance` into the lock file, so a process that finds the
-    ledger busy can say who has it. A process waiting for the ledger tests the lock for an instant (`in_use`);
-    the short retry here keeps such a test from ever failing a gateway that starts meanwhile.
+    ledger busy can say who has it. A process waiting for the ledger tests the lock for an
+    instant (`in_use`); the short retry here keeps such a test from ever failing a gateway
+    that starts meanwhile.
     """
     handle = open(path, "a+b")
     if fcntl is not None:

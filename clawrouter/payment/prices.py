@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from clawrouter.payment.wire import Challenge
 
-#: route, model id, size, n, quality, input images, mask: a price is only reused for the same
+#: route, model id, size, n, quality, input images, mask: a learned price is reused only for
+#: a request that matches it in all of them
 PriceKey = tuple[str, str, str, int, str | None, int, bool]
 
 
