@@ -168,3 +168,9 @@ class PaidRequestFailed(ClawError):
 
 class ClientGone(Exception):
     """The client disconnected; stop work that costs money. Never shown to anyone."""
+
+
+def internal_error(request_id: str, **kwargs: Any) -> ClawError:
+    """What a client is told about a bug: the request id to find it in the log, nothing more."""
+    return ClawError(f"Internal error in the gateway (request {request_id}). It has been "
+                     "logged.", code="internal_error", **kwargs)

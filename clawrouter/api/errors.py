@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clawrouter.api.schemas import EditBody, GenerationBody, ImageURL
 from clawrouter.errors import (
-    ClawError, ClientGone, InvalidRequest, MethodNotAllowed, RouteNotFound,
+    ClawError, ClientGone, InvalidRequest, MethodNotAllowed, RouteNotFound, internal_error,
 )
 
 log = logging.getLogger("clawrouter.api")
@@ -134,7 +134,5 @@ def install(app: FastAPI) -> None:
         rid = request.scope.get("state", {}).get("request_id", "")
         # Not retryable: a bug met after a payment left would be retried into another one.
         # Starlette sends this from outside every middleware, so the request id is added here.
-        return error_response(ClawError(
-            f"Internal error in the gateway (request {rid}). It has been logged.",
-            code="internal_error", headers={"x-should-retry": "false", "x-request-id": rid}),
-            request)
+        return error_response(internal_error(
+            rid, headers={"x-should-retry": "false", "x-request-id": rid}), request)

@@ -18,7 +18,7 @@ import pybase64
 from fastapi.responses import StreamingResponse
 
 from clawrouter.context import RequestContext
-from clawrouter.errors import ClawError, ClientGone
+from clawrouter.errors import ClawError, ClientGone, internal_error
 from clawrouter.pipeline import Result
 from clawrouter.sniff import EXTENSIONS
 from clawrouter.validate import ImageJob
@@ -57,9 +57,7 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                 log.error("unhandled error in a stream (request %s)", ctx.request_id,
                           exc_info=(type(exc), exc, exc.__traceback__))
                 obs["error_code"] = "internal_error"
-                yield sse("error", ClawError(
-                    f"Internal error in the gateway (request {ctx.request_id}). It has been "
-                    "logged.", code="internal_error").envelope())
+                yield sse("error", internal_error(ctx.request_id).envelope())
                 return
             observed(obs, result)
             kind = "image_generation" if job.route == "generations" else "image_edit"
