@@ -60,7 +60,8 @@ def sandbox_server() -> Iterator[Sandbox]:
 @pytest.fixture
 def sandbox(sandbox_server: Sandbox) -> Sandbox:
     sandbox_server.reset()
-    sandbox_server.configure(latency_ms=0, slow_seconds=0.6, finality_seconds=0)
+    sandbox_server.configure(latency_ms=0, slow_seconds=0.6, finality_seconds=0,
+                             max_timeout_seconds=300)
     return sandbox_server
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from clawrouter.cli.stats import render
 from clawrouter.config import Settings
 from clawrouter.errors import BudgetExceeded
 from clawrouter.payment.budget import Budget
-from clawrouter.payment.ledger import Ledger, day_start
+from clawrouter.payment.ledger import EXPIRY_MARGIN, Ledger, day_start
 
 from tests.test_ledger import TODAY, Clock, record
 
@@ -102,6 +103,7 @@ def test_monthly_limit_counts_the_calendar_month_and_resets_on_the_first(
         b.reserve(IMAGE)
     clock.now += 0.001  # April
     assert b.remaining()["month"] == {"limit_usd": 0.12, "used_usd": 0.0, "reserved_usd": 0.0,
+                                      "held_usd": 0.0,
                                       "remaining_usd": 0.12, "month": "2026-04"}
     pay(ledger, b)
 
@@ -158,6 +160,36 @@ def test_rejected_payments_free_their_room(ledger: Ledger, clock: Clock) -> None
     with b.reserve(IMAGE) as res:  # the fresh attempt reserves again
         record(ledger, IMAGE, attempt=2, reservation=res)
     assert used(b) == (0.0535, 0.0535)
+
+
+def test_a_refused_authorization_holds_its_room_until_it_expires(ledger: Ledger,
+                                                                  clock: Clock) -> None:
+    b = budget(ledger, clock, day=0.06)
+    expires = int(clock.now) + 300
+    with b.reserve(IMAGE) as res:
+        pid = record(ledger, IMAGE, reservation=res, valid_before=expires)
+    ledger.commit(ledger.outcome(pid, "rejected", note="PAYMENT_INVALID"))
+    with pytest.raises(BudgetExceeded) as caught:
+        b.reserve(IMAGE)
+    assert "$0.0535 of what is used is held by payments the upstream refused" \
+        in caught.value.message
+    assert b.remaining()["day"]["held_usd"] == b.remaining()["day"]["used_usd"] == 0.0535
+    clock.now = expires + EXPIRY_MARGIN
+    assert b.remaining()["day"]["held_usd"] == 0.0
+    with b.reserve(IMAGE) as res:
+        record(ledger, IMAGE, attempt=2, reservation=res, valid_before=int(clock.now) + 300)
+
+
+def test_stats_names_the_money_refused_payments_still_hold(ledger: Ledger,
+                                                           clock: Clock) -> None:
+    b = budget(ledger, clock, day=1.0)
+    with b.reserve(IMAGE) as res:
+        pid = record(ledger, IMAGE, reservation=res, valid_before=int(clock.now) + 300)
+    ledger.commit(ledger.outcome(pid, "rejected"))
+    summary = {**ledger.summary(), "budget": b.remaining()}
+    assert "Held: $0.0535 of payments the upstream refused" in render(summary, "here")
+    clock.now += 360
+    assert "Held" not in render({**summary, "budget": b.remaining()}, "here")
 
 
 def test_release_frees_room(ledger: Ledger, clock: Clock) -> None:
@@ -306,6 +338,7 @@ def test_the_day_rolls_over_at_local_midnight(ledger: Ledger, clock: Clock) -> N
         b.reserve(IMAGE)
     clock.now = midnight
     assert b.remaining()["day"] == {"limit_usd": 0.06, "used_usd": 0.001, "reserved_usd": 0.001,
+                                    "held_usd": 0.0,
                                     "remaining_usd": 0.059, "day": "2026-03-15"}
     pay(ledger, b)
     assert used(b) == (0.0545, 0.1080)

@@ -52,6 +52,7 @@ def test_a_client_leaving_while_the_signature_is_recorded_is_never_charged(sandb
     assert sandbox.stats()["payments_count"] == 0
     [row] = ledger.payments()
     assert row.status == "rejected" and "never sent" in row.note
+    assert ledger.spent() == 0 and ledger.held() == []  # nothing can settle it: freed at once
     ledger.close()
 
 

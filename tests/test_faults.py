@@ -115,6 +115,39 @@ def test_polls_still_running_at_the_deadline_cost_nothing(make_gateway, sandbox)
     assert [row["status"] for row in rows(gw)] == ["rejected"]
 
 
+def test_a_slow_job_is_signed_for_its_poll_window_and_never_polled_past_expiry(make_gateway,
+                                                                              sandbox):
+    """A slow model's job settles on the poll that completes it, so its authorization must
+    outlive the polling: the gateway raises a short `maxTimeoutSeconds` to the poll window
+    (within `max_timeout_seconds`). Where it may not, it stops polling before the
+    authorization expires and says so: nothing settled, no image."""
+    sandbox.configure(max_timeout_seconds=6, slow_seconds=6.5)  # 6 s: the sandbox's least
+    signs_longer = make_gateway(poll_deadline=20)
+    may_not = make_gateway(poll_deadline=20, max_timeout_seconds=6)
+    answers = {}
+
+    def ask(name, gw):
+        answers[name] = httpx.post(gw.v1 + "/images/generations", timeout=30,
+                                   json={"model": "gpt-image-2", "prompt": name})
+
+    threads = [threading.Thread(target=ask, args=item) for item in
+               (("longer", signs_longer), ("expiring", may_not))]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers["longer"].status_code == 200, answers["longer"].text
+    short, longer = sorted(p["valid_before"] for p in sandbox.stats()["payments_received"])
+    assert abs((longer - short) - (80 - 6)) <= 1  # poll_deadline + 60 s, not the challenge's 6
+    expiring = answers["expiring"]
+    assert expiring.status_code == 504 and expiring.headers["x-should-retry"] == "false"
+    assert "authorization expired before the image was ready" in error(expiring)["message"]
+    assert "No payment was settled" in error(expiring)["message"]
+    assert sandbox.stats()["settled_count"] == 1 and time.monotonic() - started < 15
+    assert [row["status"] for row in rows(may_not)] == ["rejected"]
+
+
 @pytest.mark.parametrize("lost", [{"kind": "respond", "status": 504},
                                   {"kind": "drop"}])
 def test_a_lost_poll_answer_leaves_the_payment_pending_never_refunded(make_gateway, sandbox,

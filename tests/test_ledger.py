@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from clawrouter.payment.ledger import (
-    Holder, Ledger, LedgerBusy, day_start, holder, in_use, local_day, lock_path,
+    EXPIRY_MARGIN, Holder, Ledger, LedgerBusy, day_start, holder, in_use, local_day, lock_path,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +202,32 @@ def test_days_are_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_a_refused_authorization_counts_until_it_expires(tmp_path: Path, clock: Clock) -> None:
+    """The upstream's refusal does not unsign it: until validBefore (plus a margin for the
+    chain's clock) a payee could still settle it, so it keeps counting, across a restart too."""
+    path = tmp_path / "ledger.sqlite3"
+    expires = int(clock.now) + 300
+    with Ledger(path, clock=clock) as ledger:
+        refused = record(ledger, 4_000, valid_before=expires)
+        unsent = record(ledger, 2_000, valid_before=expires)
+        confirmed = record(ledger, 1_000, valid_before=expires)
+        ledger.commit(ledger.outcome(refused, "rejected", note="PAYMENT_INVALID"))
+        ledger.commit(ledger.outcome(unsent, "rejected", can_settle=False))  # never left
+        ledger.commit(ledger.outcome(confirmed, "rejected", can_settle=False))  # chain: expired
+        assert ledger.spent() == ledger.spent(since=0) - 3_000 == 4_000
+        assert ledger.spent_on(local_day(clock.now)) == 4_000
+        assert ledger.held() == [(clock.now, 4_000)]
+    with Ledger(path, clock=clock) as again:  # which ones never left is not on disk: all held
+        assert again.spent() == again.spent(since=0) == 7_000
+        clock.now = expires + EXPIRY_MARGIN - 1
+        assert again.spent() == 7_000
+        clock.now += 1
+        assert again.spent() == again.spent(since=0) == 0
+        assert again.spent_in_month(local_day(clock.now)[:7]) == 0 and again.held() == []
+    with Ledger(path, clock=clock) as expired:
+        assert expired.spent() == 0
 
 
 def test_one_process_per_ledger_and_totals_reload(tmp_path: Path, clock: Clock) -> None:

@@ -161,15 +161,22 @@ def test_a_monthly_budget_refuses_before_anything_is_signed(make_gateway, sandbo
     assert sandbox.stats()["payments_count"] == 1
 
 
-def test_budget_is_released_when_nothing_was_paid(make_gateway, sandbox):
-    gw = make_gateway(max_usd_per_day=COGVIEW_PRICE / 1e6)
+def test_a_refused_payment_holds_its_budget_until_its_authorization_expires(make_gateway,
+                                                                            sandbox):
+    """A refusal does not unsign: the payee could still settle the authorization until its
+    validBefore, so its amount keeps counting until then (the release: test_budget)."""
+    gw = make_gateway(max_usd_per_day=2 * COGVIEW_PRICE / 1e6)
     sandbox.faults({"kind": "reject", "code": "PAYMENT_UNFUNDED", "times": 1})
     rejected = gen(gw, "first")
     assert rejected.status_code == 402 and rejected.json()["error"]["code"] == "payment_rejected"
+    day = httpx.get(gw.v1 + "/spend", timeout=10).json()["budget"]["day"]
+    assert day["held_usd"] == day["used_usd"] == COGVIEW_PRICE / 1e6
     assert gen(gw, "second").status_code == 200
     over = gen(gw, "third")
     assert over.status_code == 402 and over.json()["error"]["code"] == "budget_exceeded"
+    assert "held by payments the upstream refused" in over.json()["error"]["message"]
     assert [row["status"] for row in ledger_rows(gw)] == ["settled", "rejected"]
+    assert sandbox.stats()["payments_count"] == 1
 
 
 def test_a_client_that_leaves_before_payment_costs_nothing(gateway, sandbox):

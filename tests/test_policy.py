@@ -73,3 +73,16 @@ def test_v1_body_challenge_with_network_names():
                              b'"maxAmountRequired":"21000","asset":"' + BASE.usdc.encode() +
                          b'","payTo":"' + BLOCKRUN_PAYEE.encode() + b'","maxTimeoutSeconds":60}]}')
     assert ch.version == 1 and select(ch).amount == "21000"
+
+
+@pytest.mark.parametrize("asked, want, cap, signed", [
+    (300, 360, 600, 360),  # raised to cover the poll window
+    (300, 900, 600, 600),  # never above the user's max_timeout_seconds
+    (300, 60, 600, 300),   # never shortened
+    (300, 360, 300, 300),  # a cap at the challenge's value leaves it alone
+])
+def test_a_slow_jobs_authorization_outlives_its_polls_within_the_cap(asked, want, cap, signed):
+    req = select(challenge(maxTimeoutSeconds=asked))
+    longer = policy.outliving(req, want, cap)
+    assert longer.max_timeout_seconds == longer.raw["maxTimeoutSeconds"] == signed
+    assert {**longer.raw, "maxTimeoutSeconds": asked} == req.raw  # nothing else changes

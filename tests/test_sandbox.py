@@ -257,9 +257,9 @@ def test_paid_generation_returns_fresh_downloadable_pngs(client: httpx.Client) -
     seen = stats(client)
     assert seen["requests"]["generations"] == {"unpaid": 2, "paid": 2}
     assert seen["round_trips"] == 4
-    assert seen["payments_received"][0] | {"nonce": None} == {
+    assert seen["payments_received"][0] | {"nonce": None, "valid_before": None} == {
         "amount": amount, "payer": SIGNER.address, "nonce": None, "route": "generations",
-        "model": "google/nano-banana", "size": "1024x1024", "n": 2}
+        "model": "google/nano-banana", "size": "1024x1024", "n": 2, "valid_before": None}
     assert [s["transaction"] for s in seen["settled"]][0] == receipt["transaction"]
     assert seen["settled_total_micro"] == amount + estimate_micro(
         BY_ID["google/nano-banana"], "1024x1024", 1)

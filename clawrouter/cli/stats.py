@@ -132,6 +132,10 @@ def render(summary: dict[str, Any], source: str) -> str:
                     "on Base)."]
     if budget := summary.get("budget"):
         out += ["", "Budget   " + _budget(budget)]
+        if held := (budget.get("total") or {}).get("held_usd"):
+            out += [f"Held: {format_usd(round(held * 1_000_000))} of payments the upstream "
+                    "refused still count against the budgets until their authorizations "
+                    "expire (minutes after signing): a refusal does not unsign."]
     if summary.get("by_model"):
         out += ["", "By model"]
         out += _table(["Model", "Settled", "Payments", "Pending", "Pending payments"],

@@ -6,7 +6,8 @@ and the reservation are one atomic step, so concurrent requests can never togeth
 limit. What counts as used:
 
 - per day: ledger rows of the current local calendar day that may have cost money (every
-  status but `rejected`), plus every live reservation;
+  status but `rejected`, and refused authorizations until they expire: a payee could still
+  settle them), plus every live reservation;
 - per month: the same over the current local calendar month;
 - in total: all such ledger rows, plus every live reservation.
 
@@ -90,7 +91,8 @@ class Budget:
             return Reservation(self, amount_micro)
 
     def remaining(self) -> dict[str, dict[str, Any]]:
-        """Per window: limit, used (ledger + reservations), reserved and what is left, in USD.
+        """Per window: limit, used (ledger + reservations), reserved, held (refused
+        authorizations not yet expired, part of used) and what is left, in USD.
 
         `None` for a limit (and what is left) means no limit.
         """
@@ -98,6 +100,7 @@ class Budget:
             used = self._used()
             reserved = self._reserved
             today = date.fromtimestamp(self._clock()).isoformat()
+        held = _held(self.ledger.held(), today)
         out: dict[str, dict[str, Any]] = {"request": {"limit_usd": _usd_or_none(
             self.limits["request"]), "remaining_usd": _usd_or_none(self.limits["request"])}}
         for window in ("day", "month", "total"):
@@ -106,6 +109,7 @@ class Budget:
                 "limit_usd": _usd_or_none(limit),
                 "used_usd": _usd(used[window]),
                 "reserved_usd": _usd(reserved),
+                "held_usd": _usd(held[window]),
                 "remaining_usd": _usd(max(0, limit - used[window])) if limit else None,
             }
         out["day"]["day"] = today
@@ -132,6 +136,11 @@ class Budget:
             why = (f"this payment is {format_usd(amount)} but only {format_usd(left)} is left "
                    f"of the {_NAME[window]} limit of {format_usd(limit)}"
                    f"{_RESETS.get(window, '')}")
+            held = _held(self.ledger.held(), date.fromtimestamp(self._clock()).isoformat())
+            if held[window]:
+                why += (f"; {format_usd(held[window])} of what is used is held by payments the "
+                        "upstream refused, until each authorization expires (minutes after it "
+                        "was signed)")
         return BudgetExceeded(
             f"Budget exceeded, nothing was signed: {why}. Raise {_SETTING[window]} to allow it.",
             extra={"window": window, "limit_usd": _usd(limit), "remaining_usd": _usd(left),
@@ -204,6 +213,14 @@ class Reservation:
 
 def _usd(micro: int) -> float:
     return round(micro / MICRO, 6)
+
+
+def _held(holds: list[tuple[float, int]], today: str) -> dict[str, int]:
+    """Micro-USDC of refused authorizations still counted, per window (local days)."""
+    days = [(date.fromtimestamp(when).isoformat(), amount) for when, amount in holds]
+    return {"day": sum(a for d, a in days if d == today),
+            "month": sum(a for d, a in days if d[:7] == today[:7]),
+            "total": sum(a for _, a in days)}
 
 
 def _usd_or_none(micro: int) -> float | None:

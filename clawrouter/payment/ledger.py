@@ -5,7 +5,8 @@ payment is written here, durably (SQLite WAL, `synchronous=FULL`), *before* the 
 and updated with its outcome afterwards. A crash between the two leaves the row `signed`; the
 next start marks it `unknown`, and it keeps counting against the budgets until the chain says
 otherwise (`reconcile`: each row keeps its payer and validBefore for that). Nothing that was
-signed ever disappears.
+signed ever disappears. A payment the upstream refused (`rejected`) after the signature left
+keeps counting until its authorization expires: until then the payee could still settle it.
 
 The ledger also keeps running totals in memory (per local calendar day and overall) so the
 budget check on the hot path never runs a SQL query. Days are the user's **local** calendar
@@ -21,6 +22,7 @@ committed by the ledger's own thread (one transaction and one fsync per batch, s
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import os
 import re
@@ -54,8 +56,11 @@ STATUSES = (SIGNED, SETTLED, REJECTED, FAILED_AFTER_PAYMENT, UNKNOWN)
 #: statuses whose money may be gone but is not confirmed; shown apart from settled spend
 PENDING = (SIGNED, UNKNOWN, FAILED_AFTER_PAYMENT)
 #: outcomes that never change again: a settled payment cannot be un-spent, and a rejected one
-#: already gave its budget room to other requests
+#: already gave (or, once its authorization expires, gives) its budget room to other requests
 FINAL = (SETTLED, REJECTED)
+#: seconds a refused authorization keeps counting after its validBefore: USDC refuses it from
+#: the first block stamped at validBefore, and this covers a chain clock ahead of ours
+EXPIRY_MARGIN = 60
 
 NOTE_MAX = 300
 # Runs this long are keys, nonces, tx hashes or base64 payment headers: never stored in a note.
@@ -198,6 +203,9 @@ class Ledger:
         self.lock = threading.RLock()
         self._db_lock = threading.Lock()  # one statement sequence at a time on the connection
         self._group: GroupCommit[Write] | None = None
+        #: refused authorizations still spendable, as (counts until, time, amount): a heap,
+        #: so the running totals let go of each one when it expires (`_expire`)
+        self._holds: list[tuple[float, float, int]] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         #: this process's hold on the ledger (see `Holder.instance`)
         self.instance = secrets.token_hex(8)
@@ -234,11 +242,18 @@ class Ledger:
         return cur.rowcount
 
     def _load_totals(self) -> tuple[int, dict[str, int], dict[str, int]]:
-        """In total, per local day (YYYY-MM-DD) and per local month (YYYY-MM)."""
+        """In total, per local day (YYYY-MM-DD) and per local month (YYYY-MM), with every
+        refused authorization still spendable held (which of them never left the last run is
+        not recorded, so all are)."""
         rows = self._conn.execute(
             "SELECT local_day(time), SUM(amount) FROM payments WHERE status != ? "
             "GROUP BY local_day(time)", (REJECTED,)).fetchall()
         by_day = {day: int(amount) for day, amount in rows}
+        for when, amount, valid_before in self._conn.execute(
+                "SELECT time, amount, valid_before FROM payments WHERE status = ? "
+                "AND valid_before > ?", (REJECTED, self._clock() - EXPIRY_MARGIN)):
+            heapq.heappush(self._holds, (valid_before + EXPIRY_MARGIN, when, amount))
+            by_day[local_day(when)] = by_day.get(local_day(when), 0) + amount
         by_month: dict[str, int] = {}
         for day, amount in by_day.items():
             by_month[day[:7]] = by_month.get(day[:7], 0) + amount
@@ -292,21 +307,33 @@ class Ledger:
 
     def outcome(self, payment_id: int, status: str, *, transaction: str | None = None,
                 latency_ms: float | None = None, note: str | None = None,
-                expected: str | None = None) -> Write:
+                expected: str | None = None, can_settle: bool = True) -> Write:
         """The write that records a payment's outcome. Fields left None keep their stored value.
 
         Allowed: from `signed`, `unknown` or `failed_after_payment` to any outcome, and a
         settled/rejected row to the same status (to add a detail). Anything else fails, and so
         does a row whose status is no longer `expected` (when given).
+
+        A `rejected` row stops counting against the budgets when its authorization expires
+        (validBefore, plus `EXPIRY_MARGIN`): an upstream's refusal does not unsign it, and a
+        dishonest payee could still settle it until then. With `can_settle=False` (the signed
+        request never left this process, or the chain saw the authorization expire unused), and
+        for rows without a validBefore, it stops counting at once.
         """
         if status not in STATUSES or status == SIGNED:
             raise ValueError(f"cannot finish a payment as {status!r}")
         details = (transaction, latency_ms, clean_note(note))
 
-        def durable(refund: tuple[float, int] | None) -> None:
-            if refund is not None:  # a rejected payment moved no money
-                with self.lock:
-                    self._add(refund[0], -refund[1])
+        def durable(refund: tuple[float, int, int | None] | None) -> None:
+            if refund is None:
+                return
+            when, amount, valid_before = refund
+            with self.lock:
+                if not can_settle or valid_before is None \
+                        or valid_before + EXPIRY_MARGIN <= self._clock():
+                    self._add(when, -amount)
+                else:
+                    heapq.heappush(self._holds, (valid_before + EXPIRY_MARGIN, when, amount))
 
         return Write(functools.partial(self._outcome_sql, payment_id, status, details, expected),
                      durable)
@@ -315,13 +342,14 @@ class Ledger:
     def _outcome_sql(payment_id: int, status: str,
                      details: tuple[str | None, float | None, str | None],
                      expected: str | None,
-                     conn: sqlite3.Connection) -> tuple[float, int] | None:
-        """Returns (time, amount) when the row becomes rejected, to take out of the totals."""
-        row = conn.execute("SELECT status, time, amount FROM payments WHERE id = ?",
+                     conn: sqlite3.Connection) -> tuple[float, int, int | None] | None:
+        """Returns (time, amount, valid_before) when the row becomes rejected, to take out of
+        the totals."""
+        row = conn.execute("SELECT status, time, amount, valid_before FROM payments WHERE id = ?",
                            (payment_id,)).fetchone()
         if row is None:
             raise KeyError(f"no payment {payment_id} in the ledger")
-        old, when, amount = row
+        old, when, amount, valid_before = row
         if expected is not None and old != expected:
             raise ValueError(f"payment {payment_id} is {old} now, not {expected}")
         if old in FINAL and status != old:
@@ -330,7 +358,7 @@ class Ledger:
             'UPDATE payments SET status = ?, "transaction" = COALESCE(?, "transaction"), '
             "latency_ms = COALESCE(?, latency_ms), note = COALESCE(?, note) WHERE id = ?",
             (status, *details, payment_id))
-        return (when, amount) if status == REJECTED and old != REJECTED else None
+        return (when, amount, valid_before) if status == REJECTED and old != REJECTED else None
 
     def commit(self, write: Write) -> Any:
         """Apply one write now, on this thread: blocking, durable on disk when it returns (for
@@ -383,31 +411,50 @@ class Ledger:
         self._by_month[day[:7]] = self._by_month.get(day[:7], 0) + amount
         self._total += amount
 
+    def _expire(self) -> None:
+        """Let go of the refused authorizations that can no longer settle; call under `lock`."""
+        now = self._clock()
+        while self._holds and self._holds[0][0] <= now:
+            _, when, amount = heapq.heappop(self._holds)
+            self._add(when, -amount)
+
     # --- reading ------------------------------------------------------------------------------
     def spent(self, since: float | None = None) -> int:
-        """Micro-USDC that may have cost money (every status but `rejected`).
+        """Micro-USDC that may have cost money: every status but `rejected`, and rejected
+        authorizations until they expire (see `outcome`).
 
-        Without `since` this is the in-memory running total (cheap); with it, a SQL sum.
+        Without `since` this is the in-memory running total (cheap); with it, a SQL sum that
+        holds every refused authorization still spendable, as after a restart.
         """
         if since is None:
             with self.lock:
+                self._expire()
                 return self._total
         with self._db_lock:
             (amount,) = self._conn.execute(
-                "SELECT COALESCE(SUM(amount), 0) FROM payments WHERE status != ? AND time >= ?",
-                (REJECTED, since)).fetchone()
+                "SELECT COALESCE(SUM(amount), 0) FROM payments WHERE time >= ? "
+                "AND (status != ? OR valid_before > ?)",
+                (since, REJECTED, self._clock() - EXPIRY_MARGIN)).fetchone()
         return int(amount)
 
     def spent_on(self, day: str) -> int:
         """Running total for one local day (YYYY-MM-DD), from memory. Call under `lock` to
         combine it atomically with other state."""
         with self.lock:
+            self._expire()
             return self._by_day.get(day, 0)
 
     def spent_in_month(self, month: str) -> int:
         """Running total for one local calendar month (YYYY-MM), from memory; as `spent_on`."""
         with self.lock:
+            self._expire()
             return self._by_month.get(month, 0)
+
+    def held(self) -> list[tuple[float, int]]:
+        """The refused authorizations still counted, as (time signed, amount)."""
+        with self.lock:
+            self._expire()
+            return [(when, amount) for _, when, amount in self._holds]
 
     def get(self, payment_id: int) -> Payment:
         with self._db_lock:
@@ -449,7 +496,8 @@ class Ledger:
 
         Each window reports settled money as `usd`/`micro`/`payments` and, apart from it, the
         `pending` money (signed, unknown or failed after payment) so every cent is visible.
-        Rejected payments cost nothing and appear only in `latest`. Days are local days.
+        Rejected payments cost nothing and appear only in `latest` (until its authorization
+        expires, a refused one still holds budget: `Budget.remaining`). Days are local days.
         """
         now = self._clock() if now is None else now
         today = date.fromtimestamp(now)

@@ -8,6 +8,7 @@ requirement on our network and refuse it unless asset, payee, amount and timeout
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from clawrouter.catalog import format_usd as usd
 from clawrouter.errors import PaymentRefused
@@ -59,3 +60,17 @@ def select(challenge: Challenge, *, network: Network, pay_to: str, ceiling: int,
         raise refuse("timeout", f"maxTimeoutSeconds {timeout!r} is outside 1..{max_timeout}; "
                                 "a longer-lived authorization is not signed.")
     return req
+
+
+def outliving(req: Requirement, seconds: int, max_timeout: int) -> Requirement:
+    """`req` with an authorization valid for at least `seconds` (never above `max_timeout`).
+
+    A slow job settles on the poll that completes it, which USDC accepts only before
+    validBefore: an authorization that expires while the job runs pays nothing and delivers
+    nothing. BlockRun takes a raised `maxTimeoutSeconds` in `accepted` (its Go SDK asks >= 600
+    for images, blockrun-api.md §5.1).
+    """
+    want = min(max(req.max_timeout_seconds, seconds), max_timeout)
+    if want == req.max_timeout_seconds:
+        return req
+    return replace(req, max_timeout_seconds=want, raw={**req.raw, "maxTimeoutSeconds": want})

@@ -171,7 +171,7 @@ class Reconciler:
             try:
                 await self.ledger.write(self.ledger.outcome(
                     r.payment.id, r.status, transaction=r.transaction, note=r.note,
-                    expected=r.payment.status))
+                    expected=r.payment.status, can_settle=False))
             except (ValueError, KeyError) as exc:  # changed meanwhile: leave it to next round
                 log.warning("payment %d: not reconciled (%s)", r.payment.id, exc)
                 continue

@@ -103,7 +103,8 @@ async def _paid(request: Request, sandbox: Sandbox, req: ImageRequest,
     sandbox.used.add(verified, now)
     sandbox.stats.payment({"amount": verified.amount, "payer": verified.payer,
                            "nonce": verified.nonce, "route": req.route, "model": req.model.id,
-                           "size": req.size, "n": req.n})
+                           "size": req.size, "n": req.n,
+                           "valid_before": verified.valid_before})
 
     early = await interrupt(sandbox, "paid", req, verified)
     if early is not None:

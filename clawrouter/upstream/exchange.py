@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -35,6 +36,10 @@ from clawrouter.upstream.errors import paid_error, unpaid_error, upstream_messag
 from clawrouter.upstream.jobs import JobAbandoned, wait_for_job
 
 log = logging.getLogger(__name__)
+
+#: seconds a slow model's authorization outlives the poll deadline: the paid POST before the
+#: first poll and the settlement after the last one
+SETTLE_MARGIN_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,10 @@ class Exchange:
     async def _pay(self, call: UpstreamCall, ctx: RequestContext, challenge: Challenge, *,
                    attempt: int, round_trips: int, preauth: bool) -> Outcome:
         requirement = self._select(call, challenge)  # learned prices are re-checked too
+        if call.model.slow:  # its job settles on the completing poll: sign for the poll window
+            requirement = policy.outliving(
+                requirement, math.ceil(self.settings.poll_deadline) + SETTLE_MARGIN_SECONDS,
+                self.settings.max_timeout_seconds)
         with self.budget.reserve(int(requirement.amount)) as reservation:
             ctx.check()  # the last exit before money: a client that left pays nothing
             payment = self.signer.pay(challenge, requirement, self.network,
@@ -145,13 +154,14 @@ class Exchange:
                 reservation=reservation))
         started = time.perf_counter()
 
-        async def finish(status: str, note: str | None = None, tx: str | None = None) -> None:
+        async def finish(status: str, note: str | None = None, tx: str | None = None,
+                         sent: bool = True) -> None:
             # Never raises: the signed row is already durable, and a failure to add the outcome
             # (disk full) must not replace what the client is told about its payment — a bare
             # 500 there gets retried by the SDK into another payment.
             try:
                 await self.ledger.write(self.ledger.outcome(
-                    payment_id, status, transaction=tx, note=note,
+                    payment_id, status, transaction=tx, note=note, can_settle=sent,
                     latency_ms=(time.perf_counter() - started) * 1000))
             except Exception:
                 log.exception("payment %d: could not record its outcome (%s); the row stays "
@@ -160,7 +170,8 @@ class Exchange:
                 self.on_payment(status, payment.amount, call.model.id)
 
         if ctx.gone.is_set():  # left while the ledger was written: the authorization stays here
-            await finish("rejected", "never sent: the client left before the paid request")
+            await finish("rejected", "never sent: the client left before the paid request",
+                         sent=False)
             raise ClientGone()
         try:
             resp = await self.client.post(call.route, call.body,
@@ -233,7 +244,8 @@ class Exchange:
             headers = {SIGNATURE_HEADER: payment.header} if payment else {}
             resp, polls = await wait_for_job(
                 self.client, resp, headers, ctx, amount=amount, delay=self.settings.poll_delay,
-                interval=self.settings.poll_interval, deadline=self.settings.poll_deadline)
+                interval=self.settings.poll_interval, deadline=self.settings.poll_deadline,
+                expires=payment.valid_before if payment else None)
             round_trips += polls
         if resp.status == 200:
             receipt = read_receipt(resp.headers)

@@ -19,6 +19,9 @@ from clawrouter.upstream.errors import paid_error, upstream_message
 TRANSIENT = {202, 408, 425, 429, 500, 502, 503, 504}
 #: answers after which the poll may have completed (and settled) the job upstream
 UNCERTAIN = {500, 502, 503, 504}
+#: the last poll comes this long before the authorization expires: settling it takes a block
+#: stamped before validBefore (Base: one every 2 s)
+SETTLE_SECONDS = 2
 
 
 class JobAbandoned(ClientGone):
@@ -28,15 +31,21 @@ class JobAbandoned(ClientGone):
 
 async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                        headers: dict[str, str], ctx: RequestContext, *, amount: int,
-                       delay: float, interval: float,
-                       deadline: float) -> tuple[UpstreamResponse, int]:
-    """Poll until the job completes; return the completed 200 response and the poll count."""
+                       delay: float, interval: float, deadline: float,
+                       expires: int | None = None) -> tuple[UpstreamResponse, int]:
+    """Poll until the job completes; return the completed 200 response and the poll count.
+
+    Polling stops after `deadline` seconds, or `SETTLE_SECONDS` before `expires` (the
+    payment's validBefore, unix time) when that comes first: no later poll could settle it.
+    """
     job = accepted.json() or {}
     poll_url = job.get("poll_url") if isinstance(job, dict) else None
     if not isinstance(poll_url, str) or not poll_url:
         raise paid_error(accepted, amount, detail="202 without a poll_url")
     url = client.poll_url(poll_url)
-    give_up = time.monotonic() + deadline
+    valid_for = deadline if expires is None else expires - time.time() - SETTLE_SECONDS
+    expiring = valid_for < deadline
+    give_up = time.monotonic() + min(deadline, valid_for)
     await ctx.sleep(delay)
     polls = 0
     lost: str | None = None  # the first poll whose answer was lost, if any
@@ -70,7 +79,7 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                 lost = f"poll {polls}: HTTP {resp.status}"
         remaining = give_up - time.monotonic()
         if remaining <= 0:
-            raise _timed_out(deadline, amount, lost)
+            raise _timed_out(deadline, amount, lost, expiring)
         try:
             await ctx.sleep(min(interval, remaining))
         except ClientGone:
@@ -94,8 +103,11 @@ def _settled_unless_lost(error: PaidRequestFailed, what: str, amount: int,
         headers=error.headers, extra={"payment": "signed", "lost_poll": lost})
 
 
-def _timed_out(deadline: float, amount: int, lost: str | None) -> UpstreamTimeout:
-    stopped = f"The image was not ready after {deadline:.0f} s, so polling stopped."
+def _timed_out(deadline: float, amount: int, lost: str | None,
+               expired: bool) -> UpstreamTimeout:
+    stopped = ("The payment's authorization expired before the image was ready, so polling "
+               "stopped: no poll can settle it now." if expired else
+               f"The image was not ready after {deadline:.0f} s, so polling stopped.")
     if lost is None:
         return UpstreamTimeout(
             f"{stopped} No payment was settled (BlockRun settles only when a poll completes).",
