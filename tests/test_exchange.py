@@ -4,6 +4,7 @@ only the timing of a client's departure is forced."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 
 import pytest
 from eth_account import Account
@@ -76,6 +77,48 @@ def test_a_request_whose_connection_dropped_counts_as_sent_even_if_the_resend_ca
         assert raised.value.kind == "dropped" and "cannot connect" in raised.value.detail
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip", "chunked"])
+def test_an_answer_over_the_cap_stops_being_read_and_is_never_resent(encoding):
+    """An image API's answer is bounded: a huge one (or a small gzip that inflates past the
+    cap) is a transport failure after sending, read no further and not resent."""
+    big = b'{"data": "' + b"A" * (2 * 1024 * 1024) + b'"}'
+    body = gzip.compress(big) if encoding == "gzip" else big
+    sent = []
+
+    async def main():
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            sent.append(1)
+            head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            if encoding == "chunked":  # no length: the body is counted as it comes
+                writer.write((head + "Transfer-Encoding: chunked\r\n\r\n").encode())
+                for i in range(0, len(body), 65536):
+                    piece = body[i:i + 65536]
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                writer.write(b"0\r\n\r\n")
+            else:
+                if encoding == "gzip":
+                    head += "Content-Encoding: gzip\r\n"
+                writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, new_session(8) as session:
+            small = BlockRunClient(f"http://127.0.0.1:{port}/api", session, timeout=5,
+                                   connect_timeout=2, max_answer_bytes=1024 * 1024)
+            with pytest.raises(TransportError) as raised:
+                await small.post("/v1/images/generations", b"{}")
+            assert raised.value.kind == "too_large" and "cap" in raised.value.detail
+            roomy = BlockRunClient(f"http://127.0.0.1:{port}/api", session, timeout=5,
+                                   connect_timeout=2, max_answer_bytes=4 * 1024 * 1024)
+            assert (await roomy.post("/v1/images/generations", b"{}")).body == big
+
+    asyncio.run(main())
+    assert len(sent) == 2  # one each: the refused answer was not resent
 
 
 def test_a_learned_price_is_reused_only_for_the_same_quality_inputs_and_mask():

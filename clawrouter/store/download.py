@@ -16,12 +16,12 @@ from yarl import URL
 
 from clawrouter.inputs.dns import AddressRefused
 from clawrouter.sniff import sniff_image
+from clawrouter.upstream.client import TooLarge, read_capped
 
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 _MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_CHUNK = 64 * 1024
 _SNIFF_BYTES = 12  # the longest signature sniff_image needs (WEBP)
 
 
@@ -83,28 +83,12 @@ def _http_url(url: str) -> URL:
 async def _read(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:
     if resp.status != 200:
         raise DownloadFailed(f"HTTP {resp.status}")
-    if resp.content_length is not None and resp.content_length > max_bytes:
-        raise DownloadFailed(f"{resp.content_length} bytes is over the {max_bytes}-byte cap")
-    if (resp.content_length is not None
-            and resp.headers.get("content-encoding", "identity") == "identity"):
-        # Not compressed, so the declared length bounds what the parser will read:
-        # one read, no copies. (A compressed body may inflate: it is counted below.)
-        data = await resp.read()
-        _check_image(data)
-        return data
-    body = bytearray()
-    sniffed = False
-    async for chunk in resp.content.iter_chunked(_CHUNK):
-        body += chunk
-        if len(body) > max_bytes:
-            raise DownloadFailed(f"body is over the {max_bytes}-byte cap")
-        if not sniffed and len(body) >= _SNIFF_BYTES:
-            _check_image(body)
-            sniffed = True
-    _check_image(body)
-    return bytes(body)
+    try:
+        return await read_capped(resp, max_bytes, _check_image, _SNIFF_BYTES)
+    except TooLarge as exc:
+        raise DownloadFailed(str(exc)) from None
 
 
-def _check_image(body: bytes | bytearray) -> None:
-    if sniff_image(bytes(body[:_SNIFF_BYTES])) is None:
+def _check_image(head: bytes) -> None:
+    if sniff_image(head[:_SNIFF_BYTES]) is None:
         raise DownloadFailed("not a PNG, JPEG, WEBP or GIF image")

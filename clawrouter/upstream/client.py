@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -19,12 +20,52 @@ import pydantic_core
 from clawrouter.errors import UpstreamError
 
 
+#: the largest answer read from the API: ten 4096x4096 PNGs as data URIs fit many times over
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
+_CHUNK = 64 * 1024
+
+
+class TooLarge(ValueError):
+    """A body over its byte cap (decompressed bytes are counted)."""
+
+
+async def read_capped(resp: aiohttp.ClientResponse, max_bytes: int,
+                      head: Callable[[bytes], None] | None = None, head_bytes: int = 0) -> bytes:
+    """The whole body, or `TooLarge` as soon as it passes `max_bytes`.
+
+    A declared, uncompressed length bounds what aiohttp will read: one read, no copies (the hot
+    path). Anything else (chunked, or compressed, which may inflate) is counted as it arrives.
+    `head` sees the first `head_bytes` as soon as they are in (and short bodies at the end), so
+    a caller can stop reading what is not what it expects.
+    """
+    if resp.content_length is not None and resp.content_length > max_bytes:
+        raise TooLarge(f"{resp.content_length} bytes is over the {max_bytes}-byte cap")
+    if (resp.content_length is not None
+            and resp.headers.get("content-encoding", "identity") == "identity"):
+        data = await resp.read()
+        if head is not None:
+            head(data[:head_bytes])
+        return data
+    body = bytearray()
+    checked = head is None
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        body += chunk
+        if len(body) > max_bytes:
+            raise TooLarge(f"body is over the {max_bytes}-byte cap")
+        if not checked and len(body) >= head_bytes:
+            head(bytes(body[:head_bytes]))  # type: ignore[misc]
+            checked = True
+    if not checked:
+        head(bytes(body))  # type: ignore[misc]
+    return bytes(body)
+
+
 class TransportError(Exception):
     """The upstream could not be reached, or the connection failed mid-way."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
-        self.kind = kind  # "connect", "timeout" or "dropped"
+        self.kind = kind  # "connect", "timeout", "dropped" or "too_large" (after sending)
         self.detail = detail
 
 
@@ -69,8 +110,10 @@ class SlicedBody(aiohttp.BytesPayload):
 
 class BlockRunClient:
     def __init__(self, base_url: str, session: aiohttp.ClientSession, *,
-                 timeout: float, connect_timeout: float) -> None:
+                 timeout: float, connect_timeout: float,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         self.base_url = base_url.rstrip("/")
+        self.max_answer_bytes = max_answer_bytes
         parts = urlsplit(self.base_url)
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self._session = session
@@ -133,10 +176,13 @@ class BlockRunClient:
             async with self._session.request(method, url, data=data, headers=send_headers,
                                              allow_redirects=False,
                                              timeout=self._timeout) as resp:
-                data = await resp.read()
+                data = await read_capped(resp, self.max_answer_bytes)
                 return UpstreamResponse(
                     resp.status, {k.lower(): v for k, v in resp.headers.items()}, data,
                     (time.perf_counter() - started) * 1000)
+        except TooLarge as exc:  # an answer this big is not an image API's; never resent
+            raise TransportError("too_large", f"the answer from {self.origin} is too large "
+                                              f"({exc})") from None
         except asyncio.TimeoutError:
             raise TransportError("timeout", f"no answer from {self.origin} in time") from None
         except aiohttp.ClientConnectorError as exc:

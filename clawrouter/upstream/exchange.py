@@ -116,6 +116,10 @@ class Exchange:
             if exc.kind == "timeout":
                 raise UpstreamTimeout(f"Upstream timed out: {exc.detail}. Nothing was paid.",
                                       extra={"payment": "none"}) from None
+            if exc.kind == "too_large":
+                raise UpstreamUnavailable(f"Upstream answer refused: {exc.detail}. Nothing was "
+                                          "paid.", code="upstream_answer_too_large",
+                                          extra={"payment": "none"}) from None
             raise UpstreamUnavailable(f"Upstream unreachable: {exc.detail}. Nothing was paid.",
                                       extra={"payment": "none"}) from None
 
