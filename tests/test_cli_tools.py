@@ -167,6 +167,20 @@ def test_an_api_key_from_the_config_file_reaches_the_in_process_gateway(tmp_path
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_a_gateway_that_wants_a_key_says_so_and_shows_nothing_without_it(
+        tmp_path: Path, make_gateway: Any) -> None:
+    """Its /health answers anyone, but with the wallet only for the key's holders; the CLI
+    reads that answer as "set the key", not as "not a clawrouter gateway"."""
+    gateway = make_gateway(api_key="local-secret")
+    proc = run(tmp_path, "status", url=gateway.url)
+    assert proc.returncode != 0
+    assert "wants an API key: set CLAWROUTER_API_KEY" in proc.stdout + proc.stderr
+    assert gateway.gw.address not in proc.stdout + proc.stderr
+    proc = run(tmp_path, "status", "--json", url=gateway.url, CLAWROUTER_API_KEY="local-secret")
+    assert proc.returncode == 0, proc.stderr
+    assert gateway.gw.address in proc.stdout
+
+
 def test_a_proxy_in_the_environment_never_sees_the_gateway_traffic(tmp_path: Path,
                                                                     make_gateway: Any) -> None:
     """HTTP_PROXY is for the internet; the gateway is local, and its API key must not leave."""

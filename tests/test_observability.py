@@ -13,6 +13,7 @@ import httpx
 import pytest
 from eth_account import Account
 
+from clawrouter import __version__
 from tests.servers import free_port
 
 
@@ -126,7 +127,15 @@ def test_non_loopback_requires_the_key_and_turns_local_files_off(tmp_path, sandb
     try:
         assert "ready" in proc.stdout.readline()
         base = f"http://127.0.0.1:{port}"
-        assert httpx.get(base + "/health").status_code == 200  # health checks stay open
+        # health checks stay open, but only the key's holders see the wallet and its balance
+        for headers in ({}, {"authorization": "Bearer wrong"}):
+            anyone = httpx.get(base + "/health", headers=headers)
+            assert anyone.status_code == 200
+            assert anyone.json() == {"status": "ok", "version": __version__,
+                                     "api_key": "required"}
+        holder = httpx.get(base + "/health", headers={"authorization": "Bearer s3cret-key"})
+        assert holder.json()["wallet"].startswith("0x") and "instance" in holder.json()
+        assert httpx.get(base + "/healthz").status_code == 200
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret-key"}):
             r = httpx.get(base + "/v1/models", headers=headers)
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"

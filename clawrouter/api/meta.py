@@ -15,7 +15,11 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
+    """The gateway's state; without the API key (when one is set) only that it is up: the
+    wallet, its balance and the upstream are for the key's holders."""
     gw = request.app.state.gw
+    if getattr(request.state, "authorized", True) is False:
+        return {"status": "ok", "version": __version__, "api_key": "required"}
     health = {"status": "ok", "wallet": gw.address, "upstream": gw.settings.upstream_url,
               "sandbox": gw.sandbox, "version": __version__, "network": gw.network.name,
               # random per process, and in its ledger's lock file: the terminal commands use

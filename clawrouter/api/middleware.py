@@ -119,20 +119,27 @@ class BrowserGuard:
 
 
 class ApiKey:
-    """Require `Authorization: Bearer <key>` on every route but the health checks."""
+    """Require `Authorization: Bearer <key>` on every route but the health checks, which
+    answer anyone (load balancers, container probes) but tell only the key's holders more
+    than "ok" (`state["authorized"]`, read by `/health`)."""
 
     def __init__(self, app: ASGIApp, *, key: str) -> None:
         self.app = app
         self.expected = key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         scheme, _, credentials = given.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(),
-                                                                   self.expected):
+        authorized = scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(),
+                                                                         self.expected)
+        if scope["path"] in HEALTH_PATHS:
+            state(scope)["authorized"] = authorized
+            await self.app(scope, receive, send)
+            return
+        if not authorized:
             state(scope)["error_code"] = "invalid_api_key"
             await send_error(send, Unauthorized(
                 "Missing or wrong API key: send 'Authorization: Bearer <CLAWROUTER_API_KEY>'.",

@@ -171,13 +171,14 @@ async def probe(url: str, settings: Settings | None = None) -> dict[str, Any] | 
             resp = await http.get(url + "/health")
     except (httpx.TransportError, OSError):
         return None
-    if resp.status_code == 401:
-        raise GatewayError(f"The gateway at {url} wants an API key: set CLAWROUTER_API_KEY.",
-                           status=401, code="invalid_api_key")
     try:
         body = resp.json()
     except ValueError:
         body = None
+    if resp.status_code == 401 or (isinstance(body, dict) and "wallet" not in body
+                                   and body.get("api_key") == "required"):
+        raise GatewayError(f"The gateway at {url} wants an API key: set CLAWROUTER_API_KEY.",
+                           status=401, code="invalid_api_key")
     if resp.status_code != 200 or not isinstance(body, dict) or "wallet" not in body:
         raise GatewayError(f"{url} answers (HTTP {resp.status_code}) but is not a clawrouter "
                            "gateway: point CLAWROUTER_URL at one, or free that address.",
