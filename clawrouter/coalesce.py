@@ -1,7 +1,10 @@
 """Exactly-once: repeats of a request share the first one's outcome instead of paying again.
 
 - With an `Idempotency-Key` header, a repeat within 24 h gets the first result (or waits for it
-  while it is in flight); the same key with a different request is a 409.
+  while it is in flight); the same key with a different request is a 409. Results are kept in
+  memory, but the key goes into the ledger with any payment it signs: a repeat that finds
+  no result here (after a restart) but a payment there is a 409 that names the payment, and
+  is never paid again.
 - Without one, an identical request from the same client that arrives while the first is in
   flight, or within `window` seconds after it ended with a payment, gets the first outcome.
   This is what stops the OpenAI SDK's automatic retries (after a timeout or dropped connection)
@@ -21,8 +24,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from clawrouter.catalog import format_usd
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClawError, ClientGone, Conflict
+from clawrouter.payment.ledger import Payment
 from clawrouter.pipeline import Result
 
 IDEMPOTENCY_TTL = 24 * 3600.0
@@ -67,11 +72,17 @@ def _slim(result: Result) -> Result:
     return replace(result, images=images)
 
 
+#: the payment a hashed Idempotency-Key signed within a time (unix) in the ledger, if any
+Recall = Callable[[str, float], Awaitable[Payment | None]]
+
+
 class Coalescer:
     def __init__(self, window: float, *, idempotency_ttl: float = IDEMPOTENCY_TTL,
-                 clock: Callable[[], float] = time.monotonic, max_entries: int = 10_000) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_entries: int = 10_000,
+                 recall: Recall | None = None) -> None:
         self.window = window
         self.idempotency_ttl = idempotency_ttl
+        self.recall = recall
         self._clock = clock
         self._max = max_entries
         self._entries: OrderedDict[tuple[str, ...], _Entry] = OrderedDict()
@@ -84,21 +95,34 @@ class Coalescer:
                   work: Callable[[RequestContext], Awaitable[Result]]) -> Result:
         key = (("key", ctx.client, idempotency_key) if idempotency_key
                else ("same", ctx.client, fingerprint))
-        while (entry := self._live(key)) is not None:
-            if entry.fingerprint != fingerprint:
-                raise Conflict("This Idempotency-Key was already used for a different request; "
-                               "use a new key for a new request.", param="Idempotency-Key")
-            entry.attach(ctx)
-            try:
-                return replace(await asyncio.shield(entry.future), shared=True)
-            except ClientGone:
-                # Every client before us left just as we joined, and the work stopped (at no
-                # cost: outcomes that cost money are kept and re-raised as they are). We are
-                # still here, so the request runs again, as it would a moment later.
-                if ctx.gone.is_set():
-                    raise
+        tag = fingerprint_parts("idempotency", ctx.client, idempotency_key) \
+            if idempotency_key else None
+        recalled = tag is None or self.recall is None
+        while True:
+            while (entry := self._live(key)) is not None:
+                if entry.fingerprint != fingerprint:
+                    raise Conflict("This Idempotency-Key was already used for a different "
+                                   "request; use a new key for a new request.",
+                                   param="Idempotency-Key")
+                entry.attach(ctx)
+                try:
+                    return replace(await asyncio.shield(entry.future), shared=True)
+                except ClientGone:
+                    # Every client before us left just as we joined, and the work stopped (at
+                    # no cost: outcomes that cost money are kept and re-raised as they are).
+                    # We are still here, so the request runs again, as it would a moment later.
+                    if ctx.gone.is_set():
+                        raise
+            if recalled:
+                break
+            recalled = True
+            assert tag is not None and self.recall is not None
+            earlier = await self.recall(tag, time.time() - self.idempotency_ttl)
+            if earlier is not None:
+                raise _paid_before(earlier)
+            # and look again: a repeat may have started the work while the ledger was read
         shared = RequestContext(ctx.request_id, ctx.base_url, ctx.client,
-                                body_built=ctx.body_built)
+                                body_built=ctx.body_built, idempotency=tag)
         entry = _Entry(fingerprint, asyncio.get_running_loop().create_future(), shared)
         entry.attach(ctx)
         self._put(key, entry)
@@ -145,6 +169,16 @@ class Coalescer:
             if oldest is None:
                 break
             del self._entries[oldest]
+
+
+def _paid_before(payment: Payment) -> Conflict:
+    return Conflict(
+        f"This Idempotency-Key already paid: payment {payment.id} of "
+        f"{format_usd(payment.amount)} ({payment.status}, `clawrouter stats`), signed before "
+        "the gateway restarted; results are not kept across a restart (its images, if any, "
+        "are in the gallery at /). Not paid again. Use a new key for a new request.",
+        param="Idempotency-Key", code="idempotency_key_paid",
+        headers={"x-should-retry": "false"}, extra={"payment": payment.status})
 
 
 def fingerprint_parts(*parts: Any) -> str:

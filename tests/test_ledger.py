@@ -53,13 +53,13 @@ def test_schema_is_wal_with_full_sync(ledger: Ledger) -> None:
     raw = sqlite3.connect(ledger.path)
     try:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 3
         columns = [row[1] for row in raw.execute("PRAGMA table_info(payments)")]
     finally:
         raw.close()
     assert columns == ["id", "time", "request_id", "route", "model", "size", "n", "amount",
                        "payee", "network", "nonce", "status", "transaction", "latency_ms",
-                       "note", "attempt", "payer", "valid_before"]
+                       "note", "attempt", "payer", "valid_before", "idempotency"]
     assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 

@@ -119,6 +119,34 @@ def test_idempotency_key_returns_the_first_result_and_rejects_a_different_body(g
     assert sandbox.stats()["payments_count"] == 1
 
 
+def test_an_idempotency_key_that_paid_is_never_paid_again_after_a_restart(make_gateway, sandbox,
+                                                                          tmp_path):
+    """Results are kept in memory, but the key goes into the ledger with its payment: after a
+    restart its repeat is a 409 naming the payment, not a second payment."""
+    home = tmp_path / "restarted"
+    first = make_gateway(home=home)
+    order = {"Idempotency-Key": "order-7"}
+    assert first.http.post("/v1/images/generations", headers=order,
+                           json={**COGVIEW, "prompt": "once"}).status_code == 200
+    first.server.stop()
+    again = make_gateway(home=home)
+    repeat = again.http.post("/v1/images/generations", headers=order,
+                             json={**COGVIEW, "prompt": "once"})
+    assert repeat.status_code == 409 and repeat.headers["x-should-retry"] == "false"
+    error = repeat.json()["error"]
+    assert (error["code"], error["param"], error["payment"]) == \
+        ("idempotency_key_paid", "Idempotency-Key", "settled")
+    assert "Not paid again" in error["message"]
+    assert sandbox.stats()["payments_count"] == 1
+    # another key, or the same key from another client, is a new request
+    assert again.http.post("/v1/images/generations", headers={"Idempotency-Key": "order-8"},
+                           json={**COGVIEW, "prompt": "once"}).status_code == 200
+    assert httpx.post(again.v1 + "/images/generations", headers={**order, "User-Agent": "other"},
+                      json={**COGVIEW, "prompt": "once"}, timeout=30).status_code == 200
+    assert sandbox.stats()["payments_count"] == 3
+    assert "idempotency" not in again.http.get("/v1/spend").json()["latest"][0]
+
+
 def test_idempotent_repeats_wait_for_the_request_in_flight(gateway, sandbox):
     sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 0.8})
     headers = {"Idempotency-Key": "in-flight"}

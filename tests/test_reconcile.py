@@ -330,11 +330,13 @@ def test_a_version_1_ledger_is_migrated_and_its_rows_are_never_guessed_at(tmp_pa
     old.close()
     with Ledger(path) as ledger:
         (row,) = ledger.payments()
-        assert (row.status, row.payer, row.valid_before) == (UNKNOWN, None, None)
+        assert (row.status, row.payer, row.valid_before, row.idempotency) == \
+            (UNKNOWN, None, None, None)
         assert ledger.unresolved(SEPOLIA.caip2) == []  # no payer: the chain cannot be asked
         assert ledger.spent() == 16_750
+        assert ledger.paid_for("any", since=0) is None
     raw = sqlite3.connect(path)
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == 3
     raw.close()
 
 

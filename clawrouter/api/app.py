@@ -4,6 +4,7 @@ network clients, store and pipeline in the lifespan."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -77,7 +78,9 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     prices = PriceBook(settings.price_ttl_seconds)
     trimmer = Trimmer()
     gw = Gateway(settings, wallet, signer, NETWORKS[settings.network], sandbox, store, ledger,
-                 budget, Coalescer(settings.coalesce_window_seconds), Metrics(),
+                 budget, Coalescer(settings.coalesce_window_seconds,
+                                   recall=functools.partial(ledger.call, ledger.paid_for)),
+                 Metrics(),
                  HeavyPhase(after_big=trimmer.poke), trimmer)
 
     @asynccontextmanager

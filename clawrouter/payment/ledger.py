@@ -85,16 +85,18 @@ CREATE TABLE IF NOT EXISTS payments (
     note          TEXT,
     attempt       INTEGER NOT NULL CHECK (attempt IN (1, 2)),
     payer         TEXT,
-    valid_before  INTEGER
+    valid_before  INTEGER,
+    idempotency   TEXT
 );
 CREATE INDEX IF NOT EXISTS payments_time ON payments (time);
 CREATE INDEX IF NOT EXISTS payments_status ON payments (status);
 """
-#: schema version 2 added `payer` and `valid_before` (NULL in rows from version 1)
-SCHEMA_VERSION = 2
-_ADDED = {"payer": "TEXT", "valid_before": "INTEGER"}
+#: schema version 2 added `payer` and `valid_before` (NULL in rows from version 1), version 3
+#: `idempotency` (the request's Idempotency-Key, hashed with its client; NULL without one)
+SCHEMA_VERSION = 3
+_ADDED = {"payer": "TEXT", "valid_before": "INTEGER", "idempotency": "TEXT"}
 _COLUMNS = ('id, time, request_id, route, model, size, n, amount, payee, network, nonce, '
-            'status, "transaction", latency_ms, note, attempt, payer, valid_before')
+            'status, "transaction", latency_ms, note, attempt, payer, valid_before, idempotency')
 
 T = TypeVar("T")
 
@@ -165,9 +167,12 @@ class Payment:
     attempt: int
     payer: str | None = None  # the signing wallet (None in rows older than schema 2)
     valid_before: int | None = None  # unix time the authorization stops being spendable
+    idempotency: str | None = None  # the request's hashed Idempotency-Key (see `paid_for`)
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "usd": _usd(self.amount)}
+        row = asdict(self)
+        del row["idempotency"]  # a hash of the client's credentials among the rest: not shown
+        return {**row, "usd": _usd(self.amount)}
 
 
 def local_day(t: float) -> str:
@@ -263,6 +268,7 @@ class Ledger:
     def signed(self, *, request_id: str, route: str, model: str, size: str, n: int,
                amount: int, payee: str, network: str, nonce: str, attempt: int = 1,
                payer: str | None = None, valid_before: int | None = None,
+               idempotency: str | None = None,
                reservation: Convertible | None = None) -> Write:
         """The write that records a payment just signed; its value is the payment id.
 
@@ -270,7 +276,8 @@ class Ledger:
         and send nothing if that raises. Pass the budget `reservation` that admitted this
         signature: once the row is durable it is converted into the row in the same step that
         adds the row to the running totals. `payer` and `valid_before` let `reconcile` ask
-        the chain about the row if its outcome is ever lost. Arguments are checked here.
+        the chain about the row if its outcome is ever lost; `idempotency` lets a repeat of the
+        request's key find it after a restart (`paid_for`). Arguments are checked here.
         """
         if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
             raise ValueError(f"amount must be a positive int of micro-USDC, got {amount!r}")
@@ -285,14 +292,14 @@ class Ledger:
                 reservation.check_recordable(amount)
         now = self._clock()
         row = (now, request_id, route, model, size, n, amount, payee, network, nonce, SIGNED,
-               attempt, payer, valid_before)
+               attempt, payer, valid_before, idempotency)
 
         def sql(conn: sqlite3.Connection) -> int:
             try:
                 cur = conn.execute(
                     "INSERT INTO payments (time, request_id, route, model, size, n, amount, "
-                    "payee, network, nonce, status, attempt, payer, valid_before) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                    "payee, network, nonce, status, attempt, payer, valid_before, idempotency) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
             except sqlite3.IntegrityError as exc:
                 raise ValueError(f"nonce {nonce} is already in the ledger: {exc}") from exc
             return int(cur.lastrowid)  # type: ignore[arg-type]
@@ -480,6 +487,15 @@ class Ledger:
                  -1 if orphaned_before is None else orphaned_before, limit)).fetchall()
         return [Payment(*row) for row in rows]
 
+    def paid_for(self, idempotency: str, since: float) -> Payment | None:
+        """The newest payment signed since `since` for a request with this hashed
+        Idempotency-Key, if any: how a repeat of the key is known after a restart."""
+        with self._db_lock:
+            row = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM payments WHERE idempotency = ? AND time >= ? "
+                "ORDER BY id DESC LIMIT 1", (idempotency, since)).fetchone()
+        return None if row is None else Payment(*row)
+
     def payments(self, *, latest: int | None = None) -> list[Payment]:
         """Rows newest first (all of them unless `latest` is given)."""
         sql = f"SELECT {_COLUMNS} FROM payments ORDER BY id DESC"
@@ -588,6 +604,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
     for column, kind in _ADDED.items():
         if column not in have:
             conn.execute(f"ALTER TABLE payments ADD COLUMN {column} {kind}")
+    conn.execute("CREATE INDEX IF NOT EXISTS payments_idempotency ON payments (idempotency) "
+                 "WHERE idempotency IS NOT NULL")
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 

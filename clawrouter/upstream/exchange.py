@@ -155,7 +155,7 @@ class Exchange:
                 size=call.size, n=call.n, amount=payment.amount, payee=payment.pay_to,
                 network=payment.network, nonce=payment.nonce, attempt=attempt,
                 payer=self.signer.address, valid_before=payment.valid_before,
-                reservation=reservation))
+                idempotency=ctx.idempotency, reservation=reservation))
         started = time.perf_counter()
 
         async def finish(status: str, note: str | None = None, tx: str | None = None,
