@@ -174,9 +174,10 @@ class Coalescer:
 def _paid_before(payment: Payment) -> Conflict:
     return Conflict(
         f"This Idempotency-Key already paid: payment {payment.id} of "
-        f"{format_usd(payment.amount)} ({payment.status}, `clawrouter stats`), signed before "
-        "the gateway restarted; results are not kept across a restart (its images, if any, "
-        "are in the gallery at /). Not paid again. Use a new key for a new request.",
+        f"{format_usd(payment.amount)} ({payment.status}, `clawrouter stats`). Its result is "
+        "no longer kept (results live in memory: the gateway restarted since, or forgot it); "
+        "its images, if any, are in the gallery at /. Not paid again. Use a new key for a "
+        "new request.",
         param="Idempotency-Key", code="idempotency_key_paid",
         headers={"x-should-retry": "false"}, extra={"payment": payment.status})
 

@@ -230,6 +230,17 @@ def test_a_refused_authorization_counts_until_it_expires(tmp_path: Path, clock: 
         assert expired.spent() == 0
 
 
+def test_a_key_is_found_paid_only_by_a_payment_that_may_have_cost_money(ledger: Ledger,
+                                                                         clock: Clock) -> None:
+    refused = record(ledger, 1_000, idempotency="k")
+    ledger.commit(ledger.outcome(refused, "rejected"))
+    assert ledger.paid_for("k", since=0) is None  # refused: the key may run again
+    paid = record(ledger, 2_000, idempotency="k", attempt=2)
+    assert ledger.paid_for("k", since=0).id == paid
+    assert ledger.paid_for("k", since=clock.now + 1) is None  # older than the key's 24 h
+    assert ledger.paid_for("other", since=0) is None
+
+
 def test_one_process_per_ledger_and_totals_reload(tmp_path: Path, clock: Clock) -> None:
     path = tmp_path / "ledger.sqlite3"
     first = Ledger(path, clock=clock)

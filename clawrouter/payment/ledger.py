@@ -489,11 +489,13 @@ class Ledger:
 
     def paid_for(self, idempotency: str, since: float) -> Payment | None:
         """The newest payment signed since `since` for a request with this hashed
-        Idempotency-Key, if any: how a repeat of the key is known after a restart."""
+        Idempotency-Key that may have cost money (not `rejected`), if any: how a repeat of the
+        key is known paid after a restart."""
         with self._db_lock:
             row = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM payments WHERE idempotency = ? AND time >= ? "
-                "ORDER BY id DESC LIMIT 1", (idempotency, since)).fetchone()
+                "AND status != ? ORDER BY id DESC LIMIT 1",
+                (idempotency, since, REJECTED)).fetchone()
         return None if row is None else Payment(*row)
 
     def payments(self, *, latest: int | None = None) -> list[Payment]:
