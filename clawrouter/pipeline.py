@@ -13,20 +13,24 @@ import binascii
 import json
 import logging
 import time
+import traceback
+from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import pybase64
 
+from clawrouter.api.heavy import InputBudget, InputHold
 from clawrouter.context import RequestContext
 from clawrouter.errors import InvalidRequest, UpstreamError
-from clawrouter.inputs import ImageInput, InputResolver
+from clawrouter.inputs import ImageInput, InputResolver, Pending
 from clawrouter.store import ImageMeta, ImageStore, StoredImage
 from clawrouter.upstream.errors import paid_error
 from clawrouter.upstream.exchange import Exchange, Outcome, UpstreamCall
 from clawrouter.validate import ImageJob
 
 log = logging.getLogger("clawrouter.pipeline")
+T = TypeVar("T")
 
 
 @dataclass
@@ -80,14 +84,28 @@ def _data_uri_parts(image: ImageInput) -> list[bytes]:
 
 class ImagePipeline:
     def __init__(self, exchange: Exchange, store: ImageStore, inputs: InputResolver,
-                 session: Any) -> None:
+                 session: Any, budget: InputBudget | None = None) -> None:
         self.exchange = exchange
         self.store = store
         self.inputs = inputs
         self.session = session  # what result URLs are downloaded with (`ResultSources`)
+        #: bounds the URL and path inputs all runs hold at once (`api/heavy.py`)
+        self.budget = budget or InputBudget()
 
     async def run(self, job: ImageJob, ctx: RequestContext) -> Result:
-        images, mask = await self._resolve_inputs(job)
+        # Inputs read from URLs and paths are held (as images, then as the upstream body)
+        # until the run ends: so is their share of the budget.
+        hold = self.budget.hold()
+        try:
+            return await self._run(job, ctx, hold)
+        except BaseException as exc:
+            _drop_locals(exc)
+            raise
+        finally:
+            hold.release()
+
+    async def _run(self, job: ImageJob, ctx: RequestContext, hold: InputHold) -> Result:
+        images, mask = await self._resolve_inputs(job, hold)
         call = UpstreamCall(job.upstream_path, upstream_body(job, images, mask), job.model,
                             job.size, job.n, (job.quality, len(images), mask is not None))
         # The body now holds the only copy we need: drop the decoded images and the client's
@@ -105,19 +123,25 @@ class ImagePipeline:
         result.upstream_ms = upstream_ms  # everything spent waiting on BlockRun, polls included
         return result
 
-    async def _resolve_inputs(self, job: ImageJob) -> tuple[list[ImageInput], ImageInput | None]:
-        async def one(source) -> ImageInput:
+    async def _resolve_inputs(self, job: ImageJob,
+                              hold: InputHold) -> tuple[list[ImageInput], ImageInput | None]:
+        """Every input checked; then the URLs and paths among them read, once `hold` has room
+        for all of them together (one share per run: see `api/heavy.py`)."""
+        async def one(source) -> ImageInput | Pending:
             if isinstance(source.value, bytes):
                 return self.inputs.from_upload(source.value, param=source.param)
-            return await self.inputs.resolve(source.value, param=source.param)
+            return await self.inputs.open(source.value, param=source.param)
 
-        resolved = await asyncio.gather(*(one(s) for s in job.images))
-        mask = await one(job.mask) if job.mask else None
+        sources = [*job.images, job.mask] if job.mask else job.images
+        found = await _all([one(s) for s in sources])
+        resolved = (await _read_pending(found, hold)
+                    if any(isinstance(f, Pending) for f in found) else found)
+        mask = resolved.pop() if job.mask else None
         if mask is not None and mask.mime != "image/png":
             raise InvalidRequest(f"The mask must be a PNG (with transparency marking the area "
                                  f"to edit); got {mask.mime}.", param="mask",
                                  code="mask_not_png")
-        return list(resolved), mask
+        return resolved, mask
 
     async def _store_results(self, job: ImageJob, outcome: Outcome,
                              ctx: RequestContext) -> Result:
@@ -167,6 +191,57 @@ class ImagePipeline:
             log.warning("storing a result failed (%s: %s); returning it without a local copy",
                         type(exc).__name__, exc)
             return ResultImage(None, data, remote, revised)
+
+
+async def _read_pending(found: list[ImageInput | Pending], hold: InputHold) -> list[ImageInput]:
+    """`found` with each `Pending` input read, after waiting for room for all of them."""
+    pending = [f for f in found if isinstance(f, Pending)]
+    try:
+        await hold.take(sum(p.size for p in pending))
+        read = iter(await _all([p.read() for p in pending]))
+    finally:
+        _close(pending)
+    return [next(read) if isinstance(f, Pending) else f for f in found]
+
+
+async def _all(awaitables: list[Awaitable[T]]) -> list[T]:
+    """`gather`, except that on a failure the others are cancelled and waited for before it is
+    raised: nothing goes on reading after its run let go of its share, and what the others
+    opened is closed."""
+    if len(awaitables) == 1:  # the usual single input: no task needed
+        return [await awaitables[0]]
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        _close([t.result() for t in tasks if not t.cancelled() and t.exception() is None])
+        raise
+
+
+def _close(found: list[Any]) -> None:
+    for item in found:
+        if isinstance(item, Pending):
+            item.close()
+
+
+def _drop_locals(error: BaseException) -> None:
+    """Clear the locals of the finished frames an error (and the errors it chains) carries.
+
+    They hold the upstream body and the images. An error outlives its run: in a reference
+    cycle until the garbage collector runs (seconds or minutes), or kept by the coalescer for
+    repeats; without this, its run's megabytes would outlive the run's share of the budget.
+    """
+    pending, seen = [error], set()
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)  # skips frames still running (ours)
+        pending += [exc.__cause__, exc.__context__]
 
 
 def _b64decode(text: str) -> bytes:

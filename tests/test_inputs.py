@@ -423,6 +423,22 @@ async def test_paths_outside_roots(tree: dict[str, Path]) -> None:
     await refused(policy, str(outside / "missing.png"), "path_refused")
 
 
+async def test_a_bare_name_outside_the_roots_does_not_tell_whether_it_exists(
+        tree: dict[str, Path]) -> None:
+    """With the working folder outside the roots, a bare name gets the same answer whether or
+    not the file exists, so names cannot probe for files the policy hides."""
+    outside = tree["outside"]  # holds a.png
+    (outside / "notes").write_bytes(SECRET)
+    policy = make_policy(tree["granted"], cwd=outside)
+    present = await refused(policy, "a.png", "path_refused")
+    missing = await refused(policy, "b.png", "path_refused")
+    assert present.message.replace("a.png", "b.png") == missing.message
+    # A name that may be a file or any word: "not recognised" either way.
+    present = await refused(policy, "notes", "unrecognized_input")
+    missing = await refused(policy, "nodes", "unrecognized_input")
+    assert present.message.replace("notes", "nodes") == missing.message
+
+
 async def test_hidden_components(tree: dict[str, Path]) -> None:
     root = tree["granted"]
     policy = make_policy(root)
@@ -711,6 +727,44 @@ async def test_one_session_serves_many_inputs(root: Path,
         with pytest.raises(InvalidRequest):
             await resolver.resolve(f"{base}/status/404", param="mask")
         assert (await resolver.resolve(f"{base}/img/png", param="mask")).data == PNG
+
+
+async def test_big_files_and_urls_are_sized_before_they_are_read(
+        tree: dict[str, Path], public: tuple[HostServer, Origin]) -> None:
+    """`open` judges a big file or URL without reading it and says what reading it will hold
+    (the gateway waits for that much room first): a file's size, a declared length, else the
+    cap. Small ones are read at once; an unread response is closed."""
+    from clawrouter.inputs import Pending
+    from clawrouter.inputs.resolver import READ_AT_ONCE
+
+    root = tree["granted"]
+    server, origin = public
+    base = f"http://public.example:{server.port}"
+    cap = 4 * READ_AT_ONCE
+    big = padded_png(READ_AT_ONCE + 1)
+    (root / "big.png").write_bytes(big)
+    async with InputResolver(make_policy(root, max_bytes=cap), **via_dns()) as resolver:
+        assert isinstance(await resolver.open("pics/a.png", param="image"), ImageInput)
+        assert isinstance(await resolver.open(f"{base}/img/png", param="image"), ImageInput)
+        pending = await resolver.open("big.png", param="image")
+        assert isinstance(pending, Pending) and pending.size == len(big)
+        assert (await pending.read()).data == big
+        declared = await resolver.open(f"{base}/exact/{READ_AT_ONCE + 1}", param="image")
+        assert isinstance(declared, Pending) and declared.size == READ_AT_ONCE + 1
+        assert len((await declared.read()).data) == READ_AT_ONCE + 1
+        chunked = await resolver.open(f"{base}/exact/100?chunked=1", param="image")
+        assert isinstance(chunked, Pending) and chunked.size == cap  # no length: the cap
+        assert len((await chunked.read()).data) == 100
+        unread = await resolver.open(f"{base}/stream?id=unread&declared={cap}", param="image")
+        assert isinstance(unread, Pending) and unread.size == cap
+        unread.close()
+        assert await asyncio.to_thread(origin.closed["unread"].wait, 5)
+        # A file that grew after it was sized is refused, not read past what was counted.
+        pending = await resolver.open("big.png", param="image")
+        (root / "big.png").write_bytes(big + b"\0" * 10)
+        with pytest.raises(InvalidRequest) as grown:
+            await pending.read()
+        assert grown.value.code == "path_refused" and "changed" in grown.value.message
 
 
 @pytest.mark.parametrize("shape, forwarded", [

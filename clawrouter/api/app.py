@@ -105,7 +105,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
         reconciler.start()
         exchange = Exchange(client, signer, settings, gw.network, ledger, budget, prices,
                             on_payment=gw.metrics.payment)
-        gw.pipeline = ImagePipeline(exchange, store, inputs, results)
+        gw.pipeline = ImagePipeline(exchange, store, inputs, results, gw.heavy.inputs)
         trimming = asyncio.create_task(trimmer.run())
         try:
             yield

@@ -12,6 +12,6 @@ Modules: `policy` (limits), `forms` (which form a string is), `urls` + `dns` + `
 
 from .image import ImageInput
 from .policy import InputPolicy
-from .resolver import InputResolver
+from .resolver import InputResolver, Pending
 
-__all__ = ["ImageInput", "InputPolicy", "InputResolver"]
+__all__ = ["ImageInput", "InputPolicy", "InputResolver", "Pending"]

@@ -4,8 +4,10 @@ A path is judged before anything is opened, in this order: no hidden component i
 written; not in a forbidden folder (the gateway's data directory holds the wallet key); after
 resolving symlinks and `..`, inside an allowed root; no hidden component below that root. Only
 then is the file stat'ed — so the answer never reveals whether a file outside the roots exists —
-and read, at most cap+1 bytes. Whatever passes must still sniff as an image, so a text secret
-renamed `photo.png` is refused by the caller.
+and read, at most its stat'ed size (itself within the cap). Judging and reading are separate
+steps (`judge_local_image`, `read_judged`) so the gateway can wait for memory between them.
+Whatever passes must still sniff as an image, so a text secret renamed `photo.png` is refused
+by the caller.
 
 Everything here blocks; call it through `asyncio.to_thread`.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from urllib.parse import unquote, urlsplit
 
@@ -39,8 +42,34 @@ def path_from_file_url(value: str, *, param: str) -> str:
     return unquote(parts.path)
 
 
+@dataclass(frozen=True)
+class JudgedFile:
+    """A file the policy allows, not read yet: its resolved path and the stat it was judged by."""
+
+    real: Path
+    stat: os.stat_result
+    shown: str  # the path as the client wrote it, shortened for messages
+
+    @property
+    def size(self) -> int:
+        return self.stat.st_size
+
+
 def read_local_image(raw: str, policy: InputPolicy, *, cwd: Path, param: str) -> bytes:
     """Bytes of the file `raw` names (absolute, `~/…` or relative to `cwd`), if policy allows."""
+    return read_judged(judge_local_image(raw, policy, cwd=cwd, param=param), param=param)
+
+
+def open_local_image(raw: str, policy: InputPolicy, *, cwd: Path, param: str,
+                     read_up_to: int) -> bytes | JudgedFile:
+    """Judge `raw`; a file of at most `read_up_to` bytes is read at once (one thread hop), a
+    bigger one is returned judged, for `read_judged` once there is room for it."""
+    judged = judge_local_image(raw, policy, cwd=cwd, param=param)
+    return read_judged(judged, param=param) if judged.size <= read_up_to else judged
+
+
+def judge_local_image(raw: str, policy: InputPolicy, *, cwd: Path, param: str) -> JudgedFile:
+    """The regular file within the cap that `raw` names, judged by the policy before its stat."""
     real = _judged_path(raw, policy, cwd=cwd, param=param)
     shown = shorten(raw)
     try:
@@ -52,23 +81,39 @@ def read_local_image(raw: str, policy: InputPolicy, *, cwd: Path, param: str) ->
     if not stat.S_ISREG(before.st_mode):
         refuse(f"{shown!r} is not a regular file", param=param, code=PATH_REFUSED)
     check_size(before.st_size, max_bytes=policy.max_bytes, param=param)
+    return JudgedFile(real, before, shown)
+
+
+def read_judged(judged: JudgedFile, *, param: str) -> bytes:
+    """The bytes of a judged file, at most its judged size: what reading holds is what was
+    counted for it (`api/heavy.py`), and a file that grew since is refused."""
+    shown = judged.shown
     try:
-        fd = _open_judged(real)
+        fd = _open_judged(judged.real)
     except OSError as exc:
         refuse(f"cannot read {shown!r} ({exc.strerror}; did it change while being read?)",
                param=param, code=PATH_REFUSED)
     try:
         # The file we opened must be the one we judged, not one swapped in after the checks:
         # no component of its path was followed as a symlink (O_NOFOLLOW at every level), and
-        # it is the file stat'ed above.
+        # it is the file stat'ed when judged.
         opened = os.fstat(fd)
-        if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+        if (opened.st_dev, opened.st_ino) != (judged.stat.st_dev, judged.stat.st_ino):
             refuse(f"{shown!r} changed while it was being read", param=param, code=PATH_REFUSED)
-        data = _read_at_most(fd, policy.max_bytes + 1)
+        data = _read_at_most(fd, judged.size + 1)
     finally:
         os.close(fd)
-    check_size(len(data), max_bytes=policy.max_bytes, param=param)
+    if len(data) > judged.size:
+        refuse(f"{shown!r} changed while it was being read", param=param, code=PATH_REFUSED)
     return data
+
+
+def bare_name_exists(name: str, policy: InputPolicy, *, cwd: Path, param: str) -> bool:
+    """Whether a bare name (no folder in it) names something in `cwd`, asked only once the
+    policy allows the path: a refusal here does not depend on whether the file exists, so
+    names cannot probe for files outside the roots."""
+    _judged_path(name, policy, cwd=cwd, param=param)
+    return os.path.lexists(cwd / name)
 
 
 def _open_judged(real: Path) -> int:

@@ -1,22 +1,28 @@
-"""The one entry point: any image input form in, a checked `ImageInput` out (or a 400)."""
+"""The one entry point: any image input form in, a checked `ImageInput` out (or a 400).
+
+In two steps when the gateway needs them: `open` checks everything it can without reading a big
+file or body and says how big reading it will be (`Pending.size`); `Pending.read` then reads it,
+once the caller has room for it (`api/heavy.py`). `resolve` does both at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
 from aiohttp.abc import AbstractResolver
 
+from ..errors import InvalidRequest
 from ..sniff import EXTENSIONS
 from .addresses import AddressRule, is_public_address
 from .encoded import canonical_base64, decode_base64, decode_data_uri
 from .forms import Form, classify
 from .image import ImageInput, checked_image
-from .paths import path_from_file_url, read_local_image
+from .paths import bare_name_exists, open_local_image, path_from_file_url, read_judged
 from .policy import InputPolicy
 from .refusals import (
     FILE_NOT_FOUND, LOCAL_FILES_DISABLED, UNRECOGNIZED_INPUT, URL_REFUSED, refuse, shorten,
@@ -28,6 +34,32 @@ from .urls import UrlFetcher
 _DECODE_IN_THREAD = 8 * 1024 * 1024
 #: A bare name with one of these endings was meant as a file: say it is missing.
 _IMAGE_SUFFIXES = frozenset({"." + ext for ext in EXTENSIONS.values()} | {".jpeg"})
+#: A file or declared body this small is read in the step that judges it (for a file, in the
+#: same thread hop, as ever): it never waits for room, and a request's few of them hold less
+#: than the small body every request may bring uncounted (`api/heavy.py`).
+READ_AT_ONCE = 64 * 1024
+
+
+@dataclass
+class Pending:
+    """A path or URL input checked as far as it can be without reading it."""
+
+    param: str
+    size: int  # the most reading it will hold: a file's size, a declared length or the cap
+    max_bytes: int
+    _read: Callable[[], Awaitable[bytes]]
+    _close: Callable[[], None] = lambda: None
+
+    async def read(self) -> ImageInput:
+        try:
+            data = await self._read()
+        finally:
+            self.close()
+        return checked_image(data, max_bytes=self.max_bytes, param=self.param)
+
+    def close(self) -> None:
+        """Let go of what was opened for reading (a response). Idempotent."""
+        self._close()
 
 
 class InputResolver:
@@ -46,11 +78,19 @@ class InputResolver:
 
     async def resolve(self, value: str, *, param: str) -> ImageInput:
         """Fetch, read or decode `value`, then size-check and sniff it."""
+        found = await self.open(value, param=param)
+        return await found.read() if isinstance(found, Pending) else found
+
+    async def open(self, value: str, *, param: str) -> ImageInput | Pending:
+        """The checked image if it is already in memory (data URI, base64) or small; else a
+        path or URL judged and sized but not read. The caller must `read()` or `close()` it."""
         if not isinstance(value, str):
             refuse("expected a string (URL, path, data URI or base64)", param=param,
                    code=UNRECOGNIZED_INPUT)
         value = value.strip()
-        data = await self._bytes_of(value, param=param)
+        data = await self._source(value, param=param)
+        if isinstance(data, Pending):
+            return data
         image = checked_image(data, max_bytes=self.policy.max_bytes, param=param)
         if value.startswith(f"data:{image.mime};base64,") and canonical_base64(data, value):
             return replace(image, uri=value)
@@ -70,11 +110,11 @@ class InputResolver:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.aclose()
 
-    async def _bytes_of(self, value: str, *, param: str) -> bytes:
+    async def _source(self, value: str, *, param: str) -> bytes | Pending:
         form = classify(value)
         cap = self.policy.max_bytes
         if form is Form.URL:
-            return await self._urls.fetch(value, param=param)
+            return await self._open_url(value, param=param)
         if form is Form.DATA_URI:
             return await _decode(decode_data_uri, value, max_bytes=cap, param=param)
         if form is Form.BASE64:
@@ -84,23 +124,48 @@ class InputResolver:
                    param=param, code=URL_REFUSED)
         if form is Form.FILE_URL:
             self._require_local_files(param)
-            return await self._read_file(path_from_file_url(value, param=param), param=param)
+            return await self._open_file(path_from_file_url(value, param=param), param=param)
         if form is Form.PATH:
-            return await self._read_file(value, param=param)
+            return await self._open_file(value, param=param)
         if form is Form.BARE_NAME and self.policy.allow_local_files:
-            cwd = self._cwd()
-            if await asyncio.to_thread(os.path.lexists, cwd / value):
-                return await self._read_file(value, param=param)
-            if Path(value).suffix.lower() in _IMAGE_SUFFIXES:
+            meant_a_file = Path(value).suffix.lower() in _IMAGE_SUFFIXES
+            if await self._names_a_file(value, meant_a_file, param=param):
+                return await self._open_file(value, param=param)
+            if meant_a_file:
                 refuse(f"no such file: {shorten(value)!r} in the gateway's working folder; give "
                        "the file's full path (or ./name relative to where the gateway runs), a "
                        "URL or a data URI", param=param, code=FILE_NOT_FOUND)
         refuse(self._unrecognized(value), param=param, code=UNRECOGNIZED_INPUT)
 
-    async def _read_file(self, path: str, *, param: str) -> bytes:
+    async def _names_a_file(self, name: str, meant_a_file: bool, *, param: str) -> bool:
+        """Whether a bare name is a file in the working folder (else it may be any word).
+
+        The file policy is applied to the name before anything is looked up, so a name outside
+        the roots gets one answer whether or not the file exists: the policy's refusal when an
+        image file was clearly meant, else "not recognised".
+        """
+        try:
+            return await asyncio.to_thread(bare_name_exists, name, self.policy, cwd=self._cwd(),
+                                           param=param)
+        except InvalidRequest:
+            if meant_a_file:
+                raise
+            return False
+
+    async def _open_file(self, path: str, *, param: str) -> bytes | Pending:
         self._require_local_files(param)
-        return await asyncio.to_thread(read_local_image, path, self.policy, cwd=self._cwd(),
-                                       param=param)
+        found = await asyncio.to_thread(open_local_image, path, self.policy, cwd=self._cwd(),
+                                        param=param, read_up_to=READ_AT_ONCE)
+        if isinstance(found, bytes):
+            return found
+        return Pending(param, found.size, self.policy.max_bytes,
+                       lambda: asyncio.to_thread(read_judged, found, param=param))
+
+    async def _open_url(self, url: str, *, param: str) -> bytes | Pending:
+        opened = await self._urls.open(url, param=param)
+        if opened.size <= READ_AT_ONCE:
+            return await opened.read()
+        return Pending(param, opened.size, self.policy.max_bytes, opened.read, opened.close)
 
     def _require_local_files(self, param: str) -> None:
         if not self.policy.allow_local_files:

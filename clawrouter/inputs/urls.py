@@ -2,12 +2,16 @@
 
 Every hop (the first URL and each redirect target) is checked before it is requested: scheme,
 credentials, literal IPs here, DNS names in `CheckingResolver` at connect time. Redirects are
-followed by hand so that check runs on each one. The body is read up to the cap plus one byte.
+followed by hand so that check runs on each one. The body is read up to the cap plus one byte,
+in a second step (`OpenedUrl.read`), so the gateway can wait for memory for it first.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -35,45 +39,49 @@ class UrlFetcher:
 
     async def fetch(self, url: str, *, param: str) -> bytes:
         """Bytes of the image at `url` (not yet sniffed), or a refusal naming `param`."""
-        shown = _display(url)
+        return await (await self.open(url, param=param)).read()
+
+    async def open(self, url: str, *, param: str) -> OpenedUrl:
+        """Follow `url` to its image's response and stop before the body, so the caller can
+        wait for memory for it (`OpenedUrl.size`) first; a declared size over the cap is
+        refused here. Only time spent fetching counts towards `total_timeout`."""
+        started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self._policy.total_timeout):
-                return await self._follow(url, param=param)
+                response, shown = await self._follow(url, param=param)
         except TimeoutError:
-            refuse(f"fetching {shown} took longer than {self._policy.total_timeout:g} s",
-                   param=param, code=URL_FETCH_FAILED)
+            _timed_out(url, self._policy.total_timeout, param=param)
+        left = self._policy.total_timeout - (asyncio.get_running_loop().time() - started)
+        return OpenedUrl(response, url=url, shown=shown, param=param, cap=self._policy.max_bytes,
+                         total_timeout=self._policy.total_timeout, time_left=left)
 
     async def aclose(self) -> None:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
 
-    async def _follow(self, url: str, *, param: str) -> bytes:
+    async def _follow(self, url: str, *, param: str) -> tuple[aiohttp.ClientResponse, str]:
+        """The 2xx response `url` leads to, its body unread, and how to show its last hop."""
         target = self._checked(_parse(url, param=param), param=param)
         for hop in range(self._policy.max_redirects + 1):
             shown = _display(str(target))
+            with _refusing(shown, param=param):
+                response = await self._get_session().get(target, allow_redirects=False)
             try:
-                async with self._get_session().get(target, allow_redirects=False) as response:
-                    if response.status in _REDIRECTS:
-                        target = self._next_hop(response, hop, param=param)
-                        continue
-                    if not 200 <= response.status < 300:
-                        refuse(f"{shown} answered HTTP {response.status}", param=param,
-                               code=URL_FETCH_FAILED)
-                    return await _read_capped(response, self._policy.max_bytes, param=param)
-            except AddressRefused as exc:
-                refuse(f"refused to fetch {shown}: {exc.host} resolves to {exc.address}, "
-                       f"{self._describe(exc.address)}", param=param, code=URL_REFUSED)
-            except aiohttp.ServerTimeoutError:
-                refuse(f"connecting to {shown} timed out", param=param, code=URL_FETCH_FAILED)
-            except aiohttp.ClientConnectorDNSError:
-                refuse(f"could not resolve the host of {shown}", param=param,
-                       code=URL_FETCH_FAILED)
-            except aiohttp.ClientConnectorError:
-                refuse(f"could not connect to {shown}", param=param, code=URL_FETCH_FAILED)
-            except (aiohttp.ClientError, OSError) as exc:
-                refuse(f"fetching {shown} failed ({type(exc).__name__})", param=param,
-                       code=URL_FETCH_FAILED)
+                if response.status in _REDIRECTS:
+                    target = self._next_hop(response, hop, param=param)
+                elif not 200 <= response.status < 300:
+                    refuse(f"{shown} answered HTTP {response.status}", param=param,
+                           code=URL_FETCH_FAILED)
+                else:
+                    if response.content_length is not None:
+                        check_size(response.content_length, max_bytes=self._policy.max_bytes,
+                                   param=param)
+                    return response, shown
+            except BaseException:
+                response.close()  # not release(): the rest of the body must not be drained
+                raise
+            response.release()
         raise AssertionError("unreachable: _next_hop refuses past max_redirects")
 
     def _next_hop(self, response: aiohttp.ClientResponse, hop: int, *, param: str) -> URL:
@@ -103,21 +111,77 @@ class UrlFetcher:
             refuse(f"{shorten(host)!r} is not a canonical IP address", param=param,
                    code=URL_REFUSED)
         if literal is not None and self._allowed is not None and not self._allowed(literal):
-            refuse(f"refused to fetch {shown}: {literal} is {self._describe(literal)}",
+            refuse(f"refused to fetch {shown}: {literal} is {_describe(literal)}",
                    param=param, code=URL_REFUSED)
         return url
-
-    @staticmethod
-    def _describe(address: IPAddress) -> str:
-        problem = address_problem(address)
-        kind = f"a {problem} address" if problem else "an address outside the allowed set"
-        return f"{kind} (set allow_private_urls to fetch from your own network)"
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = guarded_session(self._allowed, dns=self._dns,
                                             connect_timeout=self._policy.connect_timeout)
         return self._session
+
+
+class OpenedUrl:
+    """A fetched image's response whose body is not read yet."""
+
+    def __init__(self, response: aiohttp.ClientResponse, *, url: str, shown: str, param: str,
+                 cap: int, total_timeout: float, time_left: float) -> None:
+        self._response = response
+        self._url = url  # as asked for; `shown` is the last hop, for messages
+        self._shown = shown
+        self._param = param
+        self._cap = cap
+        self._total_timeout = total_timeout
+        self._time_left = time_left
+        #: what reading the body will hold: its declared length, or the cap without one
+        self.size = cap if response.content_length is None else response.content_length
+
+    async def read(self) -> bytes:
+        """The body, at most the cap; refused if it is bigger or takes too long."""
+        try:
+            async with asyncio.timeout(max(self._time_left, 0.0)):
+                with _refusing(self._shown, param=self._param):
+                    return await _read_capped(self._response, self._cap, param=self._param)
+        except TimeoutError:
+            _timed_out(self._url, self._total_timeout, param=self._param)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Drop the connection unless the body was read to its end (then it is back in the
+        pool already). Idempotent."""
+        self._response.close()
+
+
+@contextmanager
+def _refusing(shown: str, *, param: str) -> Iterator[None]:
+    """Turn a failed connection or transfer into the refusal that says what went wrong."""
+    try:
+        yield
+    except AddressRefused as exc:
+        refuse(f"refused to fetch {shown}: {exc.host} resolves to {exc.address}, "
+               f"{_describe(exc.address)}", param=param, code=URL_REFUSED)
+    except aiohttp.ServerTimeoutError:
+        refuse(f"connecting to {shown} timed out", param=param, code=URL_FETCH_FAILED)
+    except aiohttp.ClientConnectorDNSError:
+        refuse(f"could not resolve the host of {shown}", param=param, code=URL_FETCH_FAILED)
+    except aiohttp.ClientConnectorError:
+        refuse(f"could not connect to {shown}", param=param, code=URL_FETCH_FAILED)
+    except (aiohttp.ClientError, OSError) as exc:
+        refuse(f"fetching {shown} failed ({type(exc).__name__})", param=param,
+               code=URL_FETCH_FAILED)
+
+
+def _timed_out(url: str, total: float, *, param: str) -> NoReturn:
+    refuse(f"fetching {_display(url)} took longer than {total:g} s", param=param,
+           code=URL_FETCH_FAILED)
+
+
+def _describe(address: IPAddress) -> str:
+    problem = address_problem(address)
+    kind = f"a {problem} address" if problem else "an address outside the allowed set"
+    return f"{kind} (set allow_private_urls to fetch from your own network)"
 
 
 def guarded_session(allowed: AddressRule | None, *, dns: AbstractResolver | None = None,
@@ -140,10 +204,8 @@ def guarded_session(allowed: AddressRule | None, *, dns: AbstractResolver | None
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int, *, param: str) -> bytes:
-    """Read at most cap+1 bytes; a declared or streamed size over the cap drops the connection."""
+    """Read at most cap+1 bytes; a body over the cap drops the connection."""
     try:
-        if response.content_length is not None:
-            check_size(response.content_length, max_bytes=cap, param=param)
         body = bytearray()
         while len(body) <= cap:
             chunk = await response.content.read(min(_CHUNK, cap + 1 - len(body)))

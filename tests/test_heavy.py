@@ -1,0 +1,191 @@
+"""Image inputs named by URL or path are read only as the input budget allows (`api/heavy.py`).
+
+A request naming a local file costs the client a few bytes and the gateway the whole file, held
+(as the image, then as the upstream body) while the upstream works; these tests check that what
+is held at once stays bounded however many requests come, that a request bigger than the whole
+budget is still served (alone), that requests with several inputs never deadlock, and that a
+failed run's buffers go when it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from clawrouter.sandbox.images import make_png
+
+MB = 1024 * 1024
+
+
+def count_upstream_bodies(gw: Any, delay: float = 0.0) -> dict[str, int]:
+    """Wrap the gateway's exchange: count the upstream bodies being sent at once (runs, bytes),
+    each held `delay` seconds longer, as a slow upstream would."""
+    exchange = gw.gw.pipeline.exchange
+    real = exchange.run
+    seen = {"runs": 0, "bytes": 0, "peak_runs": 0, "peak_bytes": 0, "total_bytes": 0}
+
+    async def run(call: Any, ctx: Any) -> Any:
+        seen["runs"] += 1
+        seen["bytes"] += len(call.body)
+        seen["total_bytes"] += len(call.body)
+        seen["peak_runs"] = max(seen["peak_runs"], seen["runs"])
+        seen["peak_bytes"] = max(seen["peak_bytes"], seen["bytes"])
+        try:
+            await asyncio.sleep(delay)
+            return await real(call, ctx)
+        finally:
+            seen["runs"] -= 1
+            seen["bytes"] -= len(call.body)
+
+    exchange.run = run
+    return seen
+
+
+def edit_all(gw: Any, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+    async def send() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/images/image2image", json=body)
+                                          for body in bodies))
+
+    return asyncio.run(asyncio.wait_for(send(), 90))
+
+
+def test_many_small_requests_naming_big_files_hold_no_more_than_the_budget(
+        make_gateway, sandbox, tmp_path: Path) -> None:
+    """The audit's attack, scaled down: tiny requests each naming a big local file three
+    times. Unbounded, every request reads its files at once and holds them, as its upstream
+    body, while the upstream works; bounded, only what fits the input budget is held at once."""
+    gw = make_gateway()
+    big = tmp_path / "big.png"
+    big.write_bytes(make_png(64, 64, 1, pad_to=8 * MB))
+    seen = count_upstream_bodies(gw, delay=1.0)
+    # Different prompts: identical requests from one client would share one run.
+    responses = edit_all(gw, [{"prompt": f"edit {i}", "image": [str(big)] * 3}
+                              for i in range(6)])
+    assert [r.status_code for r in responses] == [200] * 6, responses[0].text
+    # 6 x 24 MB of inputs against a 64 MB budget: two requests' worth at a time, not all six.
+    assert seen["peak_bytes"] <= seen["total_bytes"] // 2, seen
+    budget = gw.gw.heavy.inputs
+    assert budget.peak <= budget.total and budget.held == 0
+
+
+def test_a_request_bigger_than_the_budget_is_served_alone_and_none_deadlocks(
+        make_gateway, sandbox, tmp_path: Path) -> None:
+    """With room for two files but not three: requests naming two or three files, all at
+    once. Each run takes its share in one go, so none waits while holding part of what another
+    needs; a three-file run, bigger than the whole budget, waits for all of it."""
+    from clawrouter.api.heavy import InputBudget
+
+    gw = make_gateway()
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"photo{i}.png")
+        files[-1].write_bytes(make_png(32, 32, i, pad_to=100_000))
+    budget = gw.gw.pipeline.budget = InputBudget(250_000)
+    seen = count_upstream_bodies(gw, delay=0.2)
+    bodies = [{"prompt": f"edit {i}", "image": [str(f) for f in files[: 2 + i % 2]]}
+              for i in range(8)]
+    responses = edit_all(gw, bodies)
+    assert [r.status_code for r in responses] == [200] * 8, responses[0].text
+    assert seen["peak_runs"] == 1, seen  # 200 KB + anything more does not fit 250 KB
+    assert budget.peak == budget.total and budget.held == 0
+
+
+def test_a_failed_run_frees_its_upstream_body_at_once(make_gateway, sandbox,
+                                                     tmp_path: Path) -> None:
+    """An error outlives its run, in reference cycles (the coalescer's future, the frames of
+    its traceback) until the garbage collector gets round to them. It must not keep the run's
+    upstream body alive after the run gave its share of the budget back: with the audit's
+    upstream, which answered 503, such leftovers still added up to gigabytes."""
+    gw = make_gateway()
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(make_png(64, 64, 1, pad_to=2 * MB))
+    sandbox.faults({"kind": "respond", "phase": "unpaid", "status": 503,
+                    "body": {"error": "busy"}})
+    calls: list[weakref.ref[Any]] = []
+    exchange = gw.gw.pipeline.exchange
+    real = exchange.run
+
+    async def run(call: Any, ctx: Any) -> Any:
+        calls.append(weakref.ref(call))  # the upstream call, which holds the body
+        return await real(call, ctx)
+
+    exchange.run = run
+    gc.collect()
+    gc.disable()  # what is freed now is freed by reference counting, not by a later sweep
+    try:
+        r = gw.http.post("/v1/images/image2image", json={"prompt": "x", "image": str(photo)})
+        assert r.status_code == 503, r.text
+        assert calls and calls[0]() is None, "the failed run's upstream body is still alive"
+    finally:
+        gc.enable()
+
+
+# --- the budget itself ------------------------------------------------------------------------
+
+def test_shares_wait_in_arrival_order_and_one_bigger_than_all_is_served_alone() -> None:
+    from clawrouter.api.heavy import InputBudget
+
+    async def scenario() -> list[str]:
+        budget = InputBudget(100)
+        order: list[str] = []
+
+        async def share(name: str, size: int, hold_for: float) -> None:
+            hold = budget.hold()
+            await hold.take(size)
+            order.append(f"{name}+{hold.size}")
+            await asyncio.sleep(hold_for)
+            hold.release()
+            order.append(f"{name}-")
+
+        first = asyncio.create_task(share("a", 60, 0.05))
+        await asyncio.sleep(0)
+        huge = asyncio.create_task(share("huge", 500, 0.05))  # clamped to the whole 100
+        await asyncio.sleep(0)
+        small = asyncio.create_task(share("small", 10, 0))  # fits now, but queues behind
+        await asyncio.gather(first, huge, small)
+        assert budget.held == 0 and budget.peak == 100
+        return order
+
+    assert asyncio.run(scenario()) == ["a+60", "a-", "huge+100", "huge-", "small+10", "small-"]
+
+
+def test_a_cancelled_wait_gives_its_place_up() -> None:
+    from clawrouter.api.heavy import InputBudget
+
+    async def scenario() -> None:
+        budget = InputBudget(100)
+        holder = budget.hold()
+        await holder.take(90)
+        blocked = asyncio.create_task(budget.hold().take(50))
+        await asyncio.sleep(0)
+        behind = budget.hold()
+        waiting = asyncio.create_task(behind.take(10))
+        await asyncio.sleep(0)
+        assert not waiting.done()  # first come, first served: it queues behind the 50
+        blocked.cancel()
+        await asyncio.wait_for(waiting, 1)  # the cancelled head no longer blocks it
+        assert budget.held == 100
+        behind.release()
+        holder.release()
+        assert budget.held == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_run_takes_its_share_once() -> None:
+    from clawrouter.api.heavy import InputBudget
+
+    async def scenario() -> None:
+        hold = InputBudget(100).hold()
+        await hold.take(10)
+        with pytest.raises(RuntimeError):
+            await hold.take(10)  # waiting while holding could deadlock
+
+    asyncio.run(scenario())
