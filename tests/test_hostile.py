@@ -457,6 +457,37 @@ def test_big_bodies_beyond_the_in_flight_limit_wait_unread(make_gateway, sandbox
     nothing_reached(sandbox)
 
 
+def test_a_streamed_big_request_keeps_its_place_until_its_stream_ends(make_gateway,
+                                                                      sandbox) -> None:
+    """A `stream: true` request's work (its decoded image, the upstream body) runs while the
+    stream is sent, after the handler returned: its place among the big requests is given back
+    when the stream ends, or big streams would escape the bound."""
+    from clawrouter.api.heavy import HeavyPhase
+    from clawrouter.sandbox.images import make_png
+
+    gw = make_gateway()
+    gw.gw.heavy = HeavyPhase(in_flight=1)
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 1.0, "times": 1})
+    image = base64.b64encode(make_png(64, 64, 1, pad_to=1_500_000)).decode()
+    answer = {}
+
+    def stream() -> None:
+        answer["r"] = httpx.post(gw.v1 + "/images/image2image", timeout=30, json={
+            "model": "gpt-image-1", "prompt": "x", "image": "data:image/png;base64," + image,
+            "stream": True})
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while sandbox.paid() == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    held_while_working = gw.gw.heavy._admission.locked()
+    thread.join()
+    assert answer["r"].status_code == 200 and "image_edit.completed" in answer["r"].text
+    assert held_while_working
+    assert not gw.gw.heavy._admission.locked()  # given back when the stream ended
+
+
 def test_forwarded_headers_from_a_local_client_change_nothing(
         gateway_process: GatewayProcess, sandbox: Sandbox) -> None:
     """No proxy sits in front of a local gateway: X-Forwarded-* must neither turn the URLs we

@@ -45,12 +45,15 @@ INPUT_BYTES = IN_FLIGHT * 4 * 1024 * 1024
 class Slot:
     """One request's places: admission (held until the request ends) and expansion."""
 
-    def __init__(self, admission: asyncio.Semaphore, expansion: asyncio.Semaphore) -> None:
+    def __init__(self, admission: asyncio.Semaphore, expansion: asyncio.Semaphore,
+                 after_big: Callable[[], None] | None = None) -> None:
         self._admission = admission
         self._expansion = expansion
+        self._after_big = after_big
         self._admitted = False
         self._held = False
         self.used = False  # a big body went through this request
+        self.handed_off = False  # a stream ends the request, not the handler (`hand_off`)
 
     async def admit(self, size: int) -> None:
         """Before (or while) reading a body of `size` bytes: wait for a place if it is big."""
@@ -73,10 +76,20 @@ class Slot:
             self._expansion.release()
 
     def close(self) -> None:
+        """The request is over: give every place back, then trim after a big one (idempotent)."""
         self.release()
         if self._admitted:
             self._admitted = False
             self._admission.release()
+        if self.used and self._after_big is not None:
+            self.used = False
+            self._after_big()
+
+    def hand_off(self) -> Callable[[], None]:
+        """For a response that outlives its handler (a stream, whose work runs while it is
+        sent): the slot stays taken when the handler returns, until the returned `close`."""
+        self.handed_off = True
+        return self.close
 
 
 class InputBudget:
@@ -167,10 +180,9 @@ class HeavyPhase:
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
-        slot = Slot(self._admission, self._expansion)
+        slot = Slot(self._admission, self._expansion, self._after_big)
         try:
             yield slot
         finally:
-            slot.close()
-            if slot.used and self._after_big is not None:
-                self._after_big()
+            if not slot.handed_off:
+                slot.close()

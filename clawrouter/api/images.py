@@ -95,8 +95,8 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
         obs["prompt"] = job.prompt
     work = gw.coalescer.run(ctx, fingerprint(job), request.headers.get("idempotency-key"),
                             lambda shared: gw.pipeline.run(job, shared))
-    if job.stream:
-        return stream_response(work, job, ctx, obs)
+    if job.stream:  # the work runs while the stream is sent: the slot is held until it ends
+        return stream_response(work, job, ctx, obs, ended=slot.hand_off())
     async with watch_disconnect(request, ctx):
         result = await work
     observed(obs, result)

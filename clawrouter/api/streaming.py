@@ -9,13 +9,15 @@ read timeouts. A client that leaves stops the work at its next safe point.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pybase64
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClawError, ClientGone, internal_error
@@ -35,10 +37,17 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
-                    obs: dict[str, Any]) -> StreamingResponse:
+                    obs: dict[str, Any], ended: Callable[[], None] = lambda: None
+                    ) -> StreamingResponse:
+    """Server-sent events for `work`; `ended` (idempotent) runs once the stream ends, or after
+    the response if the stream never started (its client left first)."""
     from clawrouter.api.images import image_bytes, observed
 
+    started = False
+
     async def events() -> AsyncIterator[bytes]:
+        nonlocal started
+        started = True
         task = asyncio.ensure_future(work)
         try:
             while not task.done():
@@ -71,8 +80,18 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                     "usage": USAGE})
             yield b"data: [DONE]\n\n"
         finally:
-            if not task.done():
-                ctx.leave()  # the client went away mid-stream
+            if task.done():
+                ended()
+            else:  # the client went away mid-stream: the work stops at its next safe point
+                ctx.leave()
+                task.add_done_callback(lambda _: ended())
+
+    def never_started() -> None:
+        if not started:
+            if inspect.iscoroutine(work):
+                work.close()  # never scheduled: nothing ran, nothing was paid
+            ended()
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+                             background=BackgroundTask(never_started))
