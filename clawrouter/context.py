@@ -4,10 +4,13 @@ still there (a client that leaves before the payment is sent must cost nothing).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from clawrouter.errors import ClientGone
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,6 +43,22 @@ class RequestContext:
         """Raise `ClientGone` if the client disconnected."""
         if self.gone.is_set():
             raise ClientGone()
+
+    async def unless_gone(self, waiting: Awaitable[T]) -> T:
+        """`await waiting`, but give up at once (cancelling it, raising `ClientGone`) if the
+        client disconnects first."""
+        task = asyncio.ensure_future(waiting)
+        gone = asyncio.ensure_future(self.gone.wait())
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()
+        if task.cancelled() or not task.done():
+            await asyncio.gather(task, return_exceptions=True)  # let it clean up first
+            raise ClientGone()
+        return task.result()
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake at once (raising `ClientGone`) if the client disconnects."""

@@ -13,7 +13,6 @@ import binascii
 import json
 import logging
 import time
-import traceback
 from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -22,7 +21,7 @@ import pybase64
 
 from clawrouter.api.heavy import InputBudget, InputHold
 from clawrouter.context import RequestContext
-from clawrouter.errors import InvalidRequest, UpstreamError
+from clawrouter.errors import ClawError, ClientGone, InvalidRequest, UpstreamError
 from clawrouter.inputs import ImageInput, InputResolver, Pending
 from clawrouter.store import ImageMeta, ImageStore, StoredImage
 from clawrouter.upstream.errors import paid_error
@@ -99,13 +98,13 @@ class ImagePipeline:
         try:
             return await self._run(job, ctx, hold)
         except BaseException as exc:
-            _drop_locals(exc)
+            _let_go(exc)
             raise
         finally:
             hold.release()
 
     async def _run(self, job: ImageJob, ctx: RequestContext, hold: InputHold) -> Result:
-        images, mask = await self._resolve_inputs(job, hold)
+        images, mask = await self._resolve_inputs(job, hold, ctx)
         call = UpstreamCall(job.upstream_path, upstream_body(job, images, mask), job.model,
                             job.size, job.n, (job.quality, len(images), mask is not None))
         # The body now holds the only copy we need: drop the decoded images and the client's
@@ -123,8 +122,8 @@ class ImagePipeline:
         result.upstream_ms = upstream_ms  # everything spent waiting on BlockRun, polls included
         return result
 
-    async def _resolve_inputs(self, job: ImageJob,
-                              hold: InputHold) -> tuple[list[ImageInput], ImageInput | None]:
+    async def _resolve_inputs(self, job: ImageJob, hold: InputHold, ctx: RequestContext
+                              ) -> tuple[list[ImageInput], ImageInput | None]:
         """Every input checked; then the URLs and paths among them read, once `hold` has room
         for all of them together (one share per run: see `api/heavy.py`)."""
         async def one(source) -> ImageInput | Pending:
@@ -134,7 +133,7 @@ class ImagePipeline:
 
         sources = [*job.images, job.mask] if job.mask else job.images
         found = await _all([one(s) for s in sources])
-        resolved = (await _read_pending(found, hold)
+        resolved = (await _read_pending(found, hold, ctx)
                     if any(isinstance(f, Pending) for f in found) else found)
         mask = resolved.pop() if job.mask else None
         if mask is not None and mask.mime != "image/png":
@@ -193,11 +192,13 @@ class ImagePipeline:
             return ResultImage(None, data, remote, revised)
 
 
-async def _read_pending(found: list[ImageInput | Pending], hold: InputHold) -> list[ImageInput]:
-    """`found` with each `Pending` input read, after waiting for room for all of them."""
+async def _read_pending(found: list[ImageInput | Pending], hold: InputHold,
+                        ctx: RequestContext) -> list[ImageInput]:
+    """`found` with each `Pending` input read, after waiting for room for all of them (a
+    client that leaves meanwhile stops waiting)."""
     pending = [f for f in found if isinstance(f, Pending)]
     try:
-        await hold.take(sum(p.size for p in pending))
+        await ctx.unless_gone(hold.take(sum(p.size for p in pending)))
         read = iter(await _all([p.read() for p in pending]))
     finally:
         _close(pending)
@@ -206,7 +207,8 @@ async def _read_pending(found: list[ImageInput | Pending], hold: InputHold) -> l
 
 async def _all(awaitables: list[Awaitable[T]]) -> list[T]:
     """`gather`, except that on a failure the others are cancelled and waited for before it is
-    raised: nothing goes on reading after its run let go of its share, and what the others
+    raised: nothing goes on reading after its run let go of its share (except a file read
+    already running in its thread, which ends on its own), and what the others
     opened is closed."""
     if len(awaitables) == 1:  # the usual single input: no task needed
         return [await awaitables[0]]
@@ -227,20 +229,27 @@ def _close(found: list[Any]) -> None:
             item.close()
 
 
-def _drop_locals(error: BaseException) -> None:
-    """Clear the locals of the finished frames an error (and the errors it chains) carries.
+def _let_go(error: BaseException) -> None:
+    """Drop the tracebacks of an expected error and of the errors it chains.
 
-    They hold the upstream body and the images. An error outlives its run: in a reference
-    cycle until the garbage collector runs (seconds or minutes), or kept by the coalescer for
-    repeats; without this, its run's megabytes would outlive the run's share of the budget.
+    They reach every frame of the run, whose locals hold the upstream body and the images, and
+    an error outlives its run: in a reference cycle until the garbage collector runs (seconds
+    or minutes), or kept by the coalescer for repeats. Without this, a failed run's megabytes
+    would outlive its share of the budget. Nobody prints an expected error's traceback; a bug
+    keeps its own for the log. (The frames are not cleared: an error object can be shared by
+    several requests, such as a failed group commit's, and clearing a frame that is suspended
+    elsewhere would close that request's coroutine.)
     """
-    pending, seen = [error], set()
+    if not isinstance(error, (ClawError, ClientGone)):
+        return
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
     while pending:
         exc = pending.pop()
         if exc is None or id(exc) in seen:
             continue
         seen.add(id(exc))
-        traceback.clear_frames(exc.__traceback__)  # skips frames still running (ours)
+        exc.__traceback__ = None
         pending += [exc.__cause__, exc.__context__]
 
 

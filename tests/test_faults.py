@@ -142,7 +142,8 @@ def test_a_slow_job_is_signed_for_its_poll_window_and_never_polled_past_expiry(m
     assert abs((longer - short) - (80 - 6)) <= 1  # poll_deadline + 60 s, not the challenge's 6
     expiring = answers["expiring"]
     assert expiring.status_code == 504 and expiring.headers["x-should-retry"] == "false"
-    assert "authorization expired before the image was ready" in error(expiring)["message"]
+    assert "authorization was about to expire before the image was ready" \
+        in error(expiring)["message"]
     assert "No payment was settled" in error(expiring)["message"]
     assert sandbox.stats()["settled_count"] == 1 and time.monotonic() - started < 15
     assert [row["status"] for row in rows(may_not)] == ["rejected"]

@@ -189,3 +189,28 @@ def test_a_run_takes_its_share_once() -> None:
             await hold.take(10)  # waiting while holding could deadlock
 
     asyncio.run(scenario())
+
+
+def test_a_client_that_leaves_stops_waiting_for_room() -> None:
+    """A run waiting for its inputs' share gives up when its client leaves: its place in the
+    queue goes to the next, and it never reads (nor pays) for nobody."""
+    from clawrouter.api.heavy import InputBudget
+    from clawrouter.context import RequestContext
+    from clawrouter.errors import ClientGone
+
+    async def scenario() -> None:
+        budget = InputBudget(100)
+        holder = budget.hold()
+        await holder.take(100)
+        ctx = RequestContext("r", "http://localhost")
+        waiting = asyncio.create_task(ctx.unless_gone(budget.hold().take(50)))
+        await asyncio.sleep(0.01)
+        ctx.leave()
+        with pytest.raises(ClientGone):
+            await asyncio.wait_for(waiting, 1)
+        holder.release()
+        assert budget.held == 0 and not budget._waiting  # nothing left queued or taken
+        assert await RequestContext("s", "http://localhost").unless_gone(
+            asyncio.sleep(0, "done")) == "done"
+
+    asyncio.run(scenario())

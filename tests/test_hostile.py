@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -716,3 +717,55 @@ def test_a_chunked_body_with_an_endless_trailer_is_cut_off(shared_gateway: Gatew
     assert shared_gateway.rss_kb() - baseline < RSS_HEADROOM_KB
     shared_gateway.assert_alive()
     nothing_reached(sandbox)
+
+
+@pytest.mark.parametrize("spec, how", [
+    ("2.4", "send_raises"),       # the client left first: Starlette raises ClientDisconnect
+    ("2.3", "send_raises"),       # any failure to send the head
+    ("2.3", "leaves_mid_send"),   # cancelled while a body send blocks: the stream is at a yield
+])
+def test_a_stream_that_cannot_be_sent_gives_its_place_back_and_pays_nothing(spec, how) -> None:
+    """However sending a stream ends, its place among the big requests comes back as soon as
+    its work is over (not at a garbage collection, not never), and work that never started
+    never runs."""
+    from types import SimpleNamespace
+
+    from clawrouter.api import streaming
+    from clawrouter.api.heavy import HeavyPhase
+    from clawrouter.context import RequestContext
+    from clawrouter.errors import ClientGone
+
+    async def scenario() -> tuple[list[str], bool, bool]:
+        heavy = HeavyPhase(slots=1, in_flight=1)
+        ran: list[str] = []
+
+        async def work():
+            ran.append("started")
+            await asyncio.sleep(0.05)
+            raise ClientGone()
+
+        ctx = RequestContext("r", "http://localhost")
+        async with heavy.slot() as slot:
+            await slot.enter(2 * 1024 * 1024)  # a big request: admission and expansion held
+            job = SimpleNamespace(route="generations", size="1024x1024", images=[])
+            response = streaming.stream_response(work(), job, ctx, {}, ended=slot.hand_off())
+        held = heavy._admission.locked() and heavy._expansion.locked()
+
+        async def receive():
+            await asyncio.sleep(0.02 if how == "leaves_mid_send" else 30)
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if how == "send_raises":
+                raise OSError("the peer is gone")
+            if message["type"] == "http.response.body":
+                await asyncio.sleep(30)  # a client that stopped reading
+
+        with pytest.raises(BaseException) if how == "send_raises" else contextlib.nullcontext():
+            await response({"type": "http", "asgi": {"spec_version": spec}}, receive, send)
+        await asyncio.sleep(0.2)  # the work, if it started, stops at its next safe point
+        return ran, held, heavy._admission.locked() or heavy._expansion.locked()
+
+    ran, held, still_held = asyncio.run(scenario())
+    assert held and not still_held
+    assert ran == ([] if how == "send_raises" else ["started"])

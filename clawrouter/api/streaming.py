@@ -12,12 +12,11 @@ import asyncio
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import pybase64
 from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
 
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClawError, ClientGone, internal_error
@@ -36,16 +35,35 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+class _EventStream(StreamingResponse):
+    """A stream whose `finish` runs however sending ends: completed, the client gone, a send
+    that raised (Starlette then skips a background task) or never started at all."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None],
+                 finish: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self._events = events
+        self._finish = finish
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()  # a stream left at a `yield` runs its `finally` now
+            self._finish()
+
+
 def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                     obs: dict[str, Any], ended: Callable[[], None] = lambda: None
                     ) -> StreamingResponse:
-    """Server-sent events for `work`; `ended` (idempotent) runs once the stream ends, or after
-    the response if the stream never started (its client left first)."""
+    """Server-sent events for `work`; `ended` (idempotent) runs once the work is over (the
+    stream ended, or its client left and the work stopped), or at once if it never started."""
     from clawrouter.api.images import image_bytes, observed
 
     started = False
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         nonlocal started
         started = True
         task = asyncio.ensure_future(work)
@@ -84,14 +102,17 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                 ended()
             else:  # the client went away mid-stream: the work stops at its next safe point
                 ctx.leave()
-                task.add_done_callback(lambda _: ended())
+                task.add_done_callback(stopped)
 
-    def never_started() -> None:
+    def stopped(task: asyncio.Future[Result]) -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: its client left, there is nobody to tell
+        ended()
+
+    def finish() -> None:
         if not started:
             if inspect.iscoroutine(work):
                 work.close()  # never scheduled: nothing ran, nothing was paid
             ended()
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-                             background=BackgroundTask(never_started))
+    return _EventStream(events(), finish)

@@ -143,9 +143,9 @@ class Exchange:
                    attempt: int, round_trips: int, preauth: bool) -> Outcome:
         requirement = self._select(call, challenge)  # learned prices are re-checked too
         if call.model.slow:  # its job settles on the completing poll: sign for the poll window
-            requirement = policy.outliving(
-                requirement, math.ceil(self.settings.poll_deadline) + SETTLE_MARGIN_SECONDS,
-                self.settings.max_timeout_seconds)
+            cap = self.settings.max_timeout_seconds
+            window = min(float(cap), self.settings.poll_deadline + SETTLE_MARGIN_SECONDS)
+            requirement = policy.outliving(requirement, math.ceil(window), cap)
         with self.budget.reserve(int(requirement.amount)) as reservation:
             ctx.check()  # the last exit before money: a client that left pays nothing
             payment = self.signer.pay(challenge, requirement, self.network,

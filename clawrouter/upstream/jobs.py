@@ -105,8 +105,8 @@ def _settled_unless_lost(error: PaidRequestFailed, what: str, amount: int,
 
 def _timed_out(deadline: float, amount: int, lost: str | None,
                expired: bool) -> UpstreamTimeout:
-    stopped = ("The payment's authorization expired before the image was ready, so polling "
-               "stopped: no poll can settle it now." if expired else
+    stopped = ("The payment's authorization was about to expire before the image was ready, "
+               "so polling stopped: no later poll could settle it." if expired else
                f"The image was not ready after {deadline:.0f} s, so polling stopped.")
     if lost is None:
         return UpstreamTimeout(
