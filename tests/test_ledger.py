@@ -59,7 +59,7 @@ def test_schema_is_wal_with_full_sync(ledger: Ledger) -> None:
         raw.close()
     assert columns == ["id", "time", "request_id", "route", "model", "size", "n", "amount",
                        "payee", "network", "nonce", "status", "transaction", "latency_ms",
-                       "note", "attempt", "payer", "valid_before", "idempotency"]
+                       "note", "attempt", "payer", "valid_before", "idempotency", "unspendable"]
     assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
@@ -205,29 +205,56 @@ def test_days_are_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_a_refused_authorization_counts_until_it_expires(tmp_path: Path, clock: Clock) -> None:
-    """The upstream's refusal does not unsign it: until validBefore (plus a margin for the
-    chain's clock) a payee could still settle it, so it keeps counting, across a restart too."""
+    """Without the chain to ask: the upstream's refusal does not unsign it, so until validBefore
+    (plus a margin for the chain's clock) it keeps counting, across a restart too."""
     path = tmp_path / "ledger.sqlite3"
     expires = int(clock.now) + 300
     with Ledger(path, clock=clock) as ledger:
         refused = record(ledger, 4_000, valid_before=expires)
         unsent = record(ledger, 2_000, valid_before=expires)
-        confirmed = record(ledger, 1_000, valid_before=expires)
         ledger.commit(ledger.outcome(refused, "rejected", note="PAYMENT_INVALID"))
         ledger.commit(ledger.outcome(unsent, "rejected", can_settle=False))  # never left
-        ledger.commit(ledger.outcome(confirmed, "rejected", can_settle=False))  # chain: expired
-        assert ledger.spent() == ledger.spent(since=0) - 3_000 == 4_000
+        assert ledger.spent() == ledger.spent(since=0) == 4_000
         assert ledger.spent_on(local_day(clock.now)) == 4_000
         assert ledger.held() == [(clock.now, 4_000)]
-    with Ledger(path, clock=clock) as again:  # which ones never left is not on disk: all held
-        assert again.spent() == again.spent(since=0) == 7_000
+        assert [p.id for p in ledger.unresolved(ledger.get(refused).network)] == []  # no payer
+    with Ledger(path, clock=clock) as again:
+        assert again.spent() == again.spent(since=0) == 4_000
         clock.now = expires + EXPIRY_MARGIN - 1
-        assert again.spent() == 7_000
+        assert again.spent() == 4_000
         clock.now += 1
         assert again.spent() == again.spent(since=0) == 0
         assert again.spent_in_month(local_day(clock.now)[:7]) == 0 and again.held() == []
     with Ledger(path, clock=clock) as expired:
         assert expired.spent() == 0
+
+
+def test_with_the_chain_asked_a_refused_authorization_counts_until_it_answers(
+        tmp_path: Path, clock: Clock) -> None:
+    """Expiry alone frees nothing then: the chain says whether it expired unused (freed) or
+    was used after all (`settled`, still counted, its record corrected)."""
+    path = tmp_path / "ledger.sqlite3"
+    expires = int(clock.now) + 300
+    payer = "0x" + "ab" * 20
+    with Ledger(path, clock=clock, chain_checks=True) as ledger:
+        unused = record(ledger, 4_000, valid_before=expires, payer=payer)
+        used = record(ledger, 2_000, valid_before=expires, payer=payer)
+        for pid in (unused, used):
+            ledger.commit(ledger.outcome(pid, "rejected", note="PAYMENT_INVALID"))
+        network = ledger.get(unused).network
+        assert [p.id for p in ledger.unresolved(network)] == [unused, used]  # asked at once
+        clock.now = expires + 10 * EXPIRY_MARGIN
+        assert ledger.spent() == 6_000 and len(ledger.held()) == 2  # expiry alone: no
+    with Ledger(path, clock=clock, chain_checks=True) as again:  # held across a restart
+        assert again.spent() == again.spent(since=0) == 6_000
+        again.commit(again.outcome(unused, "rejected", can_settle=False, expected="rejected"))
+        again.commit(again.outcome(used, "settled", transaction="0xfeed", expected="rejected"))
+        assert again.spent() == again.spent(since=0) == 2_000 and again.held() == []
+        assert again.get(used).status == "settled" and again.unresolved(network) == []
+        with pytest.raises(ValueError, match="already rejected"):  # settled only from the chain
+            again.commit(again.outcome(unused, "settled"))
+    with Ledger(path, clock=clock, chain_checks=True) as reopened:
+        assert reopened.spent() == 2_000
 
 
 def test_a_key_is_found_paid_only_by_a_payment_that_may_have_cost_money(ledger: Ledger,

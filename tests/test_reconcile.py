@@ -198,6 +198,43 @@ def test_a_payment_never_used_stays_pending_until_it_expires_then_costs_nothing(
     assert gen(gw, "budget back").status_code == 200  # the budget got the amount back
 
 
+def test_a_refused_payment_the_payee_settled_anyway_is_recorded_and_counted(
+        make_gateway, sandbox, chain_url):
+    """A dishonest payee answers 402 but settles: the chain corrects the record (`settled`,
+    with its transaction), and the amount never stopped counting against the budgets."""
+    sandbox.faults({"kind": "respond", "phase": "paid", "status": 402, "settle": True,
+                    "body": {"error": "Payment rejected"}, "times": 1})
+    gw = reconciling(make_gateway, chain_url)
+    refused = gen(gw, "refused")
+    assert refused.status_code == 402 and refused.json()["error"]["code"] == "payment_rejected"
+    row = wait_for(lambda: (r := only_row(gw))["status"] == SETTLED and r)
+    (event,) = sandbox.stats()["settled"]
+    assert row["transaction"] == event["transaction"]
+    assert "although the upstream refused it" in row["note"]
+    spend = gw.http.get("/v1/spend").json()
+    assert spend["today"]["micro"] == COGVIEW_PRICE  # = the sandbox's settled total
+    assert spend["budget"]["day"]["used_usd"] == COGVIEW_PRICE / 1e6
+    assert spend["budget"]["day"]["held_usd"] == 0
+
+
+def test_a_refused_payment_holds_its_budget_until_the_chain_sees_it_expire_unused(
+        make_gateway, sandbox, chain_url, time_travel):
+    sandbox.faults({"kind": "reject", "code": "PAYMENT_UNFUNDED", "times": 1})
+    gw = reconciling(make_gateway, chain_url, max_usd_per_day=0.02)
+    assert gw.gw.ledger.chain_checks  # expiry alone frees nothing (test_ledger.py)
+    assert gen(gw, "refused").status_code == 402
+    row = only_row(gw)
+    time.sleep(0.5)  # several rounds: unused but still spendable proves nothing
+    assert gw.http.get("/v1/spend").json()["budget"]["day"]["held_usd"] == COGVIEW_PRICE / 1e6
+    assert gen(gw, "over budget").json()["error"]["code"] == "budget_exceeded"
+    time_travel(row["valid_before"] - time.time() + 2)  # the chain passes validBefore
+    wait_for(lambda: gw.http.get("/v1/spend").json()["budget"]["day"]["held_usd"] == 0)
+    assert "never used" in only_row(gw)["note"]
+    time_travel(0)
+    assert gen(gw, "budget back").status_code == 200
+    assert sandbox.stats()["payments_count"] == 1  # the refused one was never received
+
+
 def test_an_rpc_on_another_chain_changes_nothing(make_gateway, sandbox):
     """Mainnet's chain, an hour on: no Sepolia USDC contract there, so no answer means "unused"."""
     later = SandboxConfig(network="base", clock=lambda: time.time() + 3600)

@@ -21,6 +21,7 @@ from clawrouter.catalog import format_usd
 from clawrouter.cli.common import CommandError, settings_from
 from clawrouter.config import Settings
 from clawrouter.payment.budget import Budget
+from clawrouter.payment.reconcile import asks_chain
 from clawrouter.payment.ledger import FILENAME, Ledger, LedgerBusy
 
 
@@ -94,7 +95,7 @@ def _from_ledger(settings: Settings, url: str, latest: int) -> tuple[dict[str, A
         with tempfile.TemporaryDirectory() as tmp:
             return _read(Ledger(Path(tmp) / FILENAME), settings, latest), f"{path} (no ledger yet)"
     try:
-        ledger = Ledger(path)
+        ledger = Ledger(path, chain_checks=asks_chain(settings))
     except LedgerBusy as busy:
         # A gateway started with other flags (`serve --port`) says where it is in the lock file.
         there = busy.holder.url if busy.holder else None
@@ -134,8 +135,9 @@ def render(summary: dict[str, Any], source: str) -> str:
         out += ["", "Budget   " + _budget(budget)]
         if held := (budget.get("total") or {}).get("held_usd"):
             out += [f"Held: {format_usd(round(held * 1_000_000))} of payments the upstream "
-                    "refused still count against the budgets until their authorizations "
-                    "expire (minutes after signing): a refusal does not unsign."]
+                    "refused still count against the budgets until nothing can settle them "
+                    "(the chain sees each authorization expire unused, or, with no RPC, it "
+                    "expires): a refusal does not unsign."]
     if summary.get("by_model"):
         out += ["", "By model"]
         out += _table(["Model", "Settled", "Payments", "Pending", "Pending payments"],

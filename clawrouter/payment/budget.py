@@ -6,8 +6,8 @@ and the reservation are one atomic step, so concurrent requests can never togeth
 limit. What counts as used:
 
 - per day: ledger rows of the current local calendar day that may have cost money (every
-  status but `rejected`, and refused authorizations until they expire: a payee could still
-  settle them), plus every live reservation;
+  status but `rejected`, and refused authorizations until nothing can settle them: see
+  `Ledger.outcome`), plus every live reservation;
 - per month: the same over the current local calendar month;
 - in total: all such ledger rows, plus every live reservation.
 
@@ -139,8 +139,8 @@ class Budget:
             held = _held(self.ledger.held(), date.fromtimestamp(self._clock()).isoformat())
             if held[window]:
                 why += (f"; {format_usd(held[window])} of what is used is held by payments the "
-                        "upstream refused, until each authorization expires (minutes after it "
-                        "was signed)")
+                        "upstream refused, until nothing can settle them any more (the chain "
+                        "sees the authorization expired, or it expires)")
         return BudgetExceeded(
             f"Budget exceeded, nothing was signed: {why}. Raise {_SETTING[window]} to allow it.",
             extra={"window": window, "limit_usd": _usd(limit), "remaining_usd": _usd(left),

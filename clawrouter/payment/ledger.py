@@ -6,7 +6,9 @@ and updated with its outcome afterwards. A crash between the two leaves the row 
 next start marks it `unknown`, and it keeps counting against the budgets until the chain says
 otherwise (`reconcile`: each row keeps its payer and validBefore for that). Nothing that was
 signed ever disappears. A payment the upstream refused (`rejected`) after the signature left
-keeps counting until its authorization expires: until then the payee could still settle it.
+keeps counting until nothing can settle it: until the chain says its authorization expired
+unused (or was used: then it is `settled` after all), or, when no chain is asked, until it
+expires.
 
 The ledger also keeps running totals in memory (per local calendar day and overall) so the
 budget check on the hot path never runs a SQL query. Days are the user's **local** calendar
@@ -86,19 +88,27 @@ CREATE TABLE IF NOT EXISTS payments (
     attempt       INTEGER NOT NULL CHECK (attempt IN (1, 2)),
     payer         TEXT,
     valid_before  INTEGER,
-    idempotency   TEXT
+    idempotency   TEXT,
+    unspendable   INTEGER
 );
 CREATE INDEX IF NOT EXISTS payments_time ON payments (time);
 CREATE INDEX IF NOT EXISTS payments_status ON payments (status);
 """
 #: schema version 2 added `payer` and `valid_before` (NULL in rows from version 1), version 3
-#: `idempotency` (the request's Idempotency-Key, hashed with its client; NULL without one)
+#: `idempotency` (the request's Idempotency-Key, hashed with its client; NULL without one) and
+#: `unspendable` (1 on a rejected row once nothing can settle it: see `Ledger.outcome`)
 SCHEMA_VERSION = 3
-_ADDED = {"payer": "TEXT", "valid_before": "INTEGER", "idempotency": "TEXT"}
+_ADDED = {"payer": "TEXT", "valid_before": "INTEGER", "idempotency": "TEXT",
+          "unspendable": "INTEGER"}
 _COLUMNS = ('id, time, request_id, route, model, size, n, amount, payee, network, nonce, '
             'status, "transaction", latency_ms, note, attempt, payer, valid_before, idempotency')
 
 T = TypeVar("T")
+
+#: rejected rows that still count (parameters: `Ledger._held_params`): a refused authorization
+#: that may still settle, while the chain is asked about it or until it expires
+_HELD = ("status = ? AND unspendable IS NULL AND valid_before IS NOT NULL "
+         "AND (? OR valid_before > ?)")
 
 
 @dataclass(frozen=True)
@@ -200,17 +210,22 @@ class Ledger:
     `signed` by a previous run into `unknown`.
     """
 
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
+                 chain_checks: bool = False) -> None:
         self.path = Path(path)
         self._clock = clock
+        #: whether the chain is asked about refused authorizations (`reconcile` runs): they
+        #: then count until it answers, else until they expire
+        self.chain_checks = chain_checks
         #: guards the running totals; `Budget` shares it so turning a reservation into a
         #: ledger row is one atomic step (never counted twice, never zero times)
         self.lock = threading.RLock()
         self._db_lock = threading.Lock()  # one statement sequence at a time on the connection
         self._group: GroupCommit[Write] | None = None
-        #: refused authorizations still spendable, as (counts until, time, amount): a heap,
-        #: so the running totals let go of each one when it expires (`_expire`)
-        self._holds: list[tuple[float, float, int]] = []
+        #: refused authorizations that still count, by payment id: (time signed, amount)
+        self._held: dict[int, tuple[float, int]] = {}
+        #: (expiry plus margin, payment id), a heap: when each stops counting without a chain
+        self._expiries: list[tuple[float, int]] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         #: this process's hold on the ledger (see `Holder.instance`)
         self.instance = secrets.token_hex(8)
@@ -248,16 +263,15 @@ class Ledger:
 
     def _load_totals(self) -> tuple[int, dict[str, int], dict[str, int]]:
         """In total, per local day (YYYY-MM-DD) and per local month (YYYY-MM), with every
-        refused authorization still spendable held (which of them never left the last run is
-        not recorded, so all are)."""
+        refused authorization that may still settle held (`_HELD`)."""
         rows = self._conn.execute(
             "SELECT local_day(time), SUM(amount) FROM payments WHERE status != ? "
             "GROUP BY local_day(time)", (REJECTED,)).fetchall()
         by_day = {day: int(amount) for day, amount in rows}
-        for when, amount, valid_before in self._conn.execute(
-                "SELECT time, amount, valid_before FROM payments WHERE status = ? "
-                "AND valid_before > ?", (REJECTED, self._clock() - EXPIRY_MARGIN)):
-            heapq.heappush(self._holds, (valid_before + EXPIRY_MARGIN, when, amount))
+        for payment_id, when, amount, valid_before in self._conn.execute(
+                f"SELECT id, time, amount, valid_before FROM payments WHERE {_HELD}",
+                self._held_params()):
+            self._hold(payment_id, when, amount, valid_before)
             by_day[local_day(when)] = by_day.get(local_day(when), 0) + amount
         by_month: dict[str, int] = {}
         for day, amount in by_day.items():
@@ -317,55 +331,65 @@ class Ledger:
                 expected: str | None = None, can_settle: bool = True) -> Write:
         """The write that records a payment's outcome. Fields left None keep their stored value.
 
-        Allowed: from `signed`, `unknown` or `failed_after_payment` to any outcome, and a
-        settled/rejected row to the same status (to add a detail). Anything else fails, and so
-        does a row whose status is no longer `expected` (when given).
+        Allowed: from `signed`, `unknown` or `failed_after_payment` to any outcome, a
+        settled/rejected row to the same status (to add a detail), and a rejected row that may
+        still settle to `settled` (the chain saw it used: `reconcile`, which passes
+        `expected`). Anything else fails, and so does a row whose status is no longer
+        `expected` (when given).
 
-        A `rejected` row stops counting against the budgets when its authorization expires
-        (validBefore, plus `EXPIRY_MARGIN`): an upstream's refusal does not unsign it, and a
-        dishonest payee could still settle it until then. With `can_settle=False` (the signed
-        request never left this process, or the chain saw the authorization expire unused), and
-        for rows without a validBefore, it stops counting at once.
+        A refusal does not unsign: a `rejected` row keeps counting against the budgets while a
+        dishonest payee could still settle it, until the chain says it expired unused (an
+        outcome `rejected` with `can_settle=False`) or was used, or, when the chain is not
+        asked (`chain_checks`), until validBefore plus `EXPIRY_MARGIN`. A row rejected with
+        `can_settle=False` (the signed request never left this process), or without a
+        validBefore, stops counting at once.
         """
         if status not in STATUSES or status == SIGNED:
             raise ValueError(f"cannot finish a payment as {status!r}")
         details = (transaction, latency_ms, clean_note(note))
 
-        def durable(refund: tuple[float, int, int | None] | None) -> None:
-            if refund is None:
-                return
-            when, amount, valid_before = refund
+        def durable(change: tuple[str, float, int, int | None]) -> None:
+            old, when, amount, valid_before = change
             with self.lock:
-                if not can_settle or valid_before is None \
-                        or valid_before + EXPIRY_MARGIN <= self._clock():
-                    self._add(when, -amount)
-                else:
-                    heapq.heappush(self._holds, (valid_before + EXPIRY_MARGIN, when, amount))
+                if status == REJECTED and old != REJECTED:
+                    if can_settle and valid_before is not None and (
+                            self.chain_checks
+                            or valid_before + EXPIRY_MARGIN > self._clock()):
+                        self._hold(payment_id, when, amount, valid_before)  # still counted
+                    else:
+                        self._add(when, -amount)  # nothing can settle it: it moved no money
+                elif old == REJECTED and status == SETTLED:  # used after all: it counts
+                    if self._held.pop(payment_id, None) is None:
+                        self._add(when, amount)
+                elif old == REJECTED and not can_settle and payment_id in self._held:
+                    self._release(payment_id)
 
-        return Write(functools.partial(self._outcome_sql, payment_id, status, details, expected),
-                     durable)
+        return Write(functools.partial(self._outcome_sql, payment_id, status, details, expected,
+                                       can_settle), durable)
 
     @staticmethod
     def _outcome_sql(payment_id: int, status: str,
                      details: tuple[str | None, float | None, str | None],
-                     expected: str | None,
-                     conn: sqlite3.Connection) -> tuple[float, int, int | None] | None:
-        """Returns (time, amount, valid_before) when the row becomes rejected, to take out of
-        the totals."""
-        row = conn.execute("SELECT status, time, amount, valid_before FROM payments WHERE id = ?",
-                           (payment_id,)).fetchone()
+                     expected: str | None, can_settle: bool,
+                     conn: sqlite3.Connection) -> tuple[str, float, int, int | None]:
+        """Returns the row's (old status, time, amount, valid_before), for the totals."""
+        row = conn.execute("SELECT status, time, amount, valid_before, unspendable FROM payments "
+                           "WHERE id = ?", (payment_id,)).fetchone()
         if row is None:
             raise KeyError(f"no payment {payment_id} in the ledger")
-        old, when, amount, valid_before = row
+        old, when, amount, valid_before, unspendable = row
         if expected is not None and old != expected:
             raise ValueError(f"payment {payment_id} is {old} now, not {expected}")
-        if old in FINAL and status != old:
+        used_after_all = (old == REJECTED and status == SETTLED and not unspendable
+                          and expected == REJECTED)
+        if old in FINAL and status != old and not used_after_all:
             raise ValueError(f"payment {payment_id} is already {old}; cannot become {status}")
         conn.execute(
             'UPDATE payments SET status = ?, "transaction" = COALESCE(?, "transaction"), '
-            "latency_ms = COALESCE(?, latency_ms), note = COALESCE(?, note) WHERE id = ?",
-            (status, *details, payment_id))
-        return (when, amount, valid_before) if status == REJECTED and old != REJECTED else None
+            "latency_ms = COALESCE(?, latency_ms), note = COALESCE(?, note), "
+            "unspendable = CASE WHEN ? THEN 1 ELSE unspendable END WHERE id = ?",
+            (status, *details, status == REJECTED and not can_settle, payment_id))
+        return old, when, amount, valid_before
 
     def commit(self, write: Write) -> Any:
         """Apply one write now, on this thread: blocking, durable on disk when it returns (for
@@ -418,12 +442,27 @@ class Ledger:
         self._by_month[day[:7]] = self._by_month.get(day[:7], 0) + amount
         self._total += amount
 
+    def _hold(self, payment_id: int, when: float, amount: int, valid_before: int) -> None:
+        """Keep a refused authorization counted (it is already in the totals); under `lock`."""
+        self._held[payment_id] = (when, amount)
+        if not self.chain_checks:
+            heapq.heappush(self._expiries, (valid_before + EXPIRY_MARGIN, payment_id))
+
+    def _release(self, payment_id: int) -> None:
+        when, amount = self._held.pop(payment_id)
+        self._add(when, -amount)
+
     def _expire(self) -> None:
-        """Let go of the refused authorizations that can no longer settle; call under `lock`."""
+        """Without the chain, let go of the refused authorizations past their expiry (plus the
+        margin); call under `lock`."""
         now = self._clock()
-        while self._holds and self._holds[0][0] <= now:
-            _, when, amount = heapq.heappop(self._holds)
-            self._add(when, -amount)
+        while self._expiries and self._expiries[0][0] <= now:
+            _, payment_id = heapq.heappop(self._expiries)
+            if payment_id in self._held:
+                self._release(payment_id)
+
+    def _held_params(self) -> tuple[Any, ...]:
+        return (REJECTED, self.chain_checks, self._clock() - EXPIRY_MARGIN)
 
     # --- reading ------------------------------------------------------------------------------
     def spent(self, since: float | None = None) -> int:
@@ -440,8 +479,8 @@ class Ledger:
         with self._db_lock:
             (amount,) = self._conn.execute(
                 "SELECT COALESCE(SUM(amount), 0) FROM payments WHERE time >= ? "
-                "AND (status != ? OR valid_before > ?)",
-                (since, REJECTED, self._clock() - EXPIRY_MARGIN)).fetchone()
+                f"AND (status != ? OR ({_HELD}))",
+                (since, REJECTED, *self._held_params())).fetchone()
         return int(amount)
 
     def spent_on(self, day: str) -> int:
@@ -461,7 +500,7 @@ class Ledger:
         """The refused authorizations still counted, as (time signed, amount)."""
         with self.lock:
             self._expire()
-            return [(when, amount) for _, when, amount in self._holds]
+            return list(self._held.values())
 
     def get(self, payment_id: int) -> Payment:
         with self._db_lock:
@@ -474,17 +513,20 @@ class Ledger:
     def unresolved(self, network: str, *, limit: int = 100,
                    orphaned_before: float | None = None) -> list[Payment]:
         """Rows whose money may or may not have moved and that carry what the chain needs to
-        tell (payer, validBefore), oldest first: `unknown` and `failed_after_payment` rows, and
+        tell (payer, validBefore), oldest first: `unknown` and `failed_after_payment` rows,
         `signed` rows whose authorization expired before `orphaned_before` (their request
-        task died without an outcome, e.g. cancelled while the row was written)."""
+        task died without an outcome, e.g. cancelled while the row was written), and refused
+        (`rejected`) ones that may still settle."""
         with self._db_lock:
             rows = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM payments WHERE network = ? "
-                "AND (status IN (?, ?) OR (status = ? AND valid_before < ?)) "
+                "AND (status IN (?, ?) OR (status = ? AND valid_before < ?) "
+                "OR (status = ? AND unspendable IS NULL)) "
                 "AND length(payer) = 42 AND length(nonce) = 66 AND valid_before IS NOT NULL "
                 "ORDER BY id LIMIT ?",
                 (network, UNKNOWN, FAILED_AFTER_PAYMENT, SIGNED,
-                 -1 if orphaned_before is None else orphaned_before, limit)).fetchall()
+                 -1 if orphaned_before is None else orphaned_before, REJECTED,
+                 limit)).fetchall()
         return [Payment(*row) for row in rows]
 
     def paid_for(self, idempotency: str, since: float) -> Payment | None:
@@ -606,6 +648,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
     for column, kind in _ADDED.items():
         if column not in have:
             conn.execute(f"ALTER TABLE payments ADD COLUMN {column} {kind}")
+            if column == "unspendable":  # rejected before refusals were held: final as they are
+                conn.execute("UPDATE payments SET unspendable = 1 WHERE status = 'rejected'")
     conn.execute("CREATE INDEX IF NOT EXISTS payments_idempotency ON payments (idempotency) "
                  "WHERE idempotency IS NOT NULL")
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

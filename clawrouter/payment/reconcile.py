@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import aiohttp
 
 from clawrouter.catalog import format_usd
+from clawrouter.config import Settings
+from clawrouter.payment.balance import rpc_urls_for
 from clawrouter.payment.ledger import FAILED_AFTER_PAYMENT, REJECTED, SETTLED, Ledger, Payment
 from clawrouter.payment.networks import Network
 from clawrouter.payment.onchain import Block, ChainUnavailable, Rpc, askable, every_answer
@@ -63,13 +65,20 @@ class Resolution:
     transaction: str | None = None
 
 
+def asks_chain(settings: Settings) -> bool:
+    """Whether a gateway with these settings asks the chain (a `Reconciler` runs)."""
+    return bool(rpc_urls_for(settings.network, settings.rpc_urls)) \
+        and settings.reconcile_interval > 0
+
+
 def decide(payment: Payment, used: bool, block: Block) -> tuple[str, str] | None:
     """What the chain's answer at `block` proves about `payment`, or None for "not yet"."""
     assert payment.valid_before is not None
     was = f"; was: {payment.note}" if payment.note else ""
     if used:
-        how = ("although the request failed" if payment.status == FAILED_AFTER_PAYMENT
-               else "the authorization was used")
+        how = {FAILED_AFTER_PAYMENT: "although the request failed",
+               REJECTED: "although the upstream refused it"}.get(payment.status,
+                                                                  "the authorization was used")
         return SETTLED, f"confirmed on chain at block {block.number}: {how}{was}"
     if block.timestamp >= payment.valid_before:
         return REJECTED, (f"confirmed on chain at block {block.number}: never used, and it "
