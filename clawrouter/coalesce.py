@@ -26,7 +26,7 @@ from typing import Any
 
 from clawrouter.catalog import format_usd
 from clawrouter.context import RequestContext
-from clawrouter.errors import ClawError, ClientGone, Conflict
+from clawrouter.errors import ClawError, ClientGone, Conflict, forget_frames
 from clawrouter.payment.ledger import Payment
 from clawrouter.pipeline import Result
 
@@ -130,9 +130,12 @@ class Coalescer:
         try:
             result = await work(shared)
         except BaseException as exc:
+            paid = _paid(exc)
+            if paid:  # kept for repeats, but not with this request's job and body
+                forget_frames(exc)
             entry.future.set_exception(exc)
             entry.future.exception()  # retrieved: joiners re-raise it, nobody else must
-            if _paid(exc):
+            if paid:
                 entry.finished(self._clock() + ttl)
             else:
                 self._entries.pop(key, None)

@@ -174,3 +174,27 @@ def internal_error(request_id: str, **kwargs: Any) -> ClawError:
     """What a client is told about a bug: the request id to find it in the log, nothing more."""
     return ClawError(f"Internal error in the gateway (request {request_id}). It has been "
                      "logged.", code="internal_error", **kwargs)
+
+
+def forget_frames(error: BaseException) -> None:
+    """Drop the tracebacks of an expected error (a `ClawError`, `ClientGone`) and of the errors
+    it chains.
+
+    They reach every frame of its request, whose locals hold the upstream body and the images,
+    and an error outlives its request: in a reference cycle until the garbage collector runs
+    (seconds or minutes), or kept by the coalescer for repeats (up to a day). Nobody prints an
+    expected error's traceback; a bug keeps its own for the log. (Frames are not cleared: one
+    error object can be shared by several requests, such as a failed group commit's, and
+    clearing a frame suspended elsewhere would close that request's coroutine.)
+    """
+    if not isinstance(error, (ClawError, ClientGone)):
+        return
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while pending:
+        exc = pending.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        pending += [exc.__cause__, exc.__context__]

@@ -21,7 +21,7 @@ import pybase64
 
 from clawrouter.api.heavy import InputBudget, InputHold
 from clawrouter.context import RequestContext
-from clawrouter.errors import ClawError, ClientGone, InvalidRequest, UpstreamError
+from clawrouter.errors import InvalidRequest, UpstreamError, forget_frames
 from clawrouter.inputs import ImageInput, InputResolver, Pending
 from clawrouter.store import ImageMeta, ImageStore, StoredImage
 from clawrouter.upstream.errors import paid_error
@@ -98,7 +98,7 @@ class ImagePipeline:
         try:
             return await self._run(job, ctx, hold)
         except BaseException as exc:
-            _let_go(exc)
+            forget_frames(exc)
             raise
         finally:
             hold.release()
@@ -227,30 +227,6 @@ def _close(found: list[Any]) -> None:
     for item in found:
         if isinstance(item, Pending):
             item.close()
-
-
-def _let_go(error: BaseException) -> None:
-    """Drop the tracebacks of an expected error and of the errors it chains.
-
-    They reach every frame of the run, whose locals hold the upstream body and the images, and
-    an error outlives its run: in a reference cycle until the garbage collector runs (seconds
-    or minutes), or kept by the coalescer for repeats. Without this, a failed run's megabytes
-    would outlive its share of the budget. Nobody prints an expected error's traceback; a bug
-    keeps its own for the log. (The frames are not cleared: an error object can be shared by
-    several requests, such as a failed group commit's, and clearing a frame that is suspended
-    elsewhere would close that request's coroutine.)
-    """
-    if not isinstance(error, (ClawError, ClientGone)):
-        return
-    pending: list[BaseException | None] = [error]
-    seen: set[int] = set()
-    while pending:
-        exc = pending.pop()
-        if exc is None or id(exc) in seen:
-            continue
-        seen.add(id(exc))
-        exc.__traceback__ = None
-        pending += [exc.__cause__, exc.__context__]
 
 
 def _b64decode(text: str) -> bytes:

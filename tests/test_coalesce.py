@@ -113,3 +113,39 @@ def test_a_repeat_that_joins_after_the_work_stopped_for_good_runs_again():
         assert (await retry).amount == 1000 and len(runs) == 2
 
     asyncio.run(main())
+
+
+def test_a_paid_failure_kept_for_repeats_does_not_keep_its_requests_memory():
+    """The error is kept (a day, for an Idempotency-Key) so that repeats get it instead of
+    paying again; the frames it was raised through, which hold the request's job and upstream
+    body, are not kept with it."""
+    import gc
+    import weakref
+
+    from clawrouter.errors import PaidRequestFailed
+
+    class Body:  # stands for the upstream body and the images: megabytes
+        pass
+
+    async def work(shared):
+        body = Body()
+        alive.append(weakref.ref(body))
+        raise PaidRequestFailed("paid, then failed", extra={"payment": "signed"})
+
+    alive: list[weakref.ref] = []
+
+    async def scenario():
+        coalescer = Coalescer(60)
+        with pytest.raises(PaidRequestFailed):
+            await coalescer.run(ctx(), "fp", "key-1", work)
+        with pytest.raises(PaidRequestFailed):  # a repeat gets it, and pays nothing
+            await coalescer.run(ctx(), "fp", "key-1", work)
+        return coalescer
+
+    gc.disable()
+    try:
+        coalescer = asyncio.run(scenario())
+        assert len(alive) == 1 and alive[0]() is None
+        assert len(coalescer) == 1
+    finally:
+        gc.enable()
