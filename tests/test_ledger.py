@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from clawrouter.payment.ledger import (
-    EXPIRY_MARGIN, Holder, Ledger, LedgerBusy, day_start, holder, in_use, local_day, lock_path,
+    CHAIN_PATIENCE, EXPIRY_MARGIN, Holder, Ledger, LedgerBusy, day_start, holder, in_use,
+    local_day, lock_path,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,29 +233,56 @@ def test_a_refused_authorization_counts_until_it_expires(tmp_path: Path, clock: 
 def test_with_the_chain_asked_a_refused_authorization_counts_until_it_answers(
         tmp_path: Path, clock: Clock) -> None:
     """Expiry alone frees nothing then: the chain says whether it expired unused (freed) or
-    was used after all (`settled`, still counted, its record corrected)."""
+    was used after all (`settled`, still counted, its record corrected). RPCs that never
+    answer hold it `CHAIN_PATIENCE` at most; another network's refusal only until it expires."""
     path = tmp_path / "ledger.sqlite3"
     expires = int(clock.now) + 300
     payer = "0x" + "ab" * 20
-    with Ledger(path, clock=clock, chain_checks=True) as ledger:
+    base = "eip155:8453"
+    with Ledger(path, clock=clock, chain_network=base) as ledger:
         unused = record(ledger, 4_000, valid_before=expires, payer=payer)
         used = record(ledger, 2_000, valid_before=expires, payer=payer)
-        for pid in (unused, used):
+        unanswered = record(ledger, 1_000, valid_before=expires, payer=payer)
+        elsewhere = record(ledger, 500, valid_before=expires, payer=payer, network="eip155:84532")
+        failed = record(ledger, 300, valid_before=expires, payer=payer)
+        for pid in (unused, used, unanswered, elsewhere):
             ledger.commit(ledger.outcome(pid, "rejected", note="PAYMENT_INVALID"))
-        network = ledger.get(unused).network
-        assert [p.id for p in ledger.unresolved(network)] == [unused, used]  # asked at once
+        ledger.commit(ledger.outcome(failed, "failed_after_payment"))
+        # refusals after the rows whose fate is unknown, however many refusals there are
+        assert [p.id for p in ledger.unresolved(base)] == [failed, unused, used, unanswered]
+        assert [p.id for p in ledger.unresolved(base, limit=2)] == [failed, unused]
         clock.now = expires + 10 * EXPIRY_MARGIN
-        assert ledger.spent() == 6_000 and len(ledger.held()) == 2  # expiry alone: no
-    with Ledger(path, clock=clock, chain_checks=True) as again:  # held across a restart
-        assert again.spent() == again.spent(since=0) == 6_000
+        assert ledger.spent() == 7_300 and len(ledger.held()) == 3  # only `elsewhere` let go
+    with Ledger(path, clock=clock, chain_network=base) as again:  # held across a restart
+        assert again.spent() == again.spent(since=0) == 7_300
         again.commit(again.outcome(unused, "rejected", can_settle=False, expected="rejected"))
         again.commit(again.outcome(used, "settled", transaction="0xfeed", expected="rejected"))
-        assert again.spent() == again.spent(since=0) == 2_000 and again.held() == []
-        assert again.get(used).status == "settled" and again.unresolved(network) == []
+        assert again.spent() == again.spent(since=0) == 3_300
+        assert again.get(used).status == "settled"
         with pytest.raises(ValueError, match="already rejected"):  # settled only from the chain
             again.commit(again.outcome(unused, "settled"))
-    with Ledger(path, clock=clock, chain_checks=True) as reopened:
-        assert reopened.spent() == 2_000
+        clock.now = expires + CHAIN_PATIENCE
+        assert again.spent() == again.spent(since=0) == 2_300 and again.held() == []
+        assert [p.id for p in again.unresolved(base)] == [failed]
+    with Ledger(path, clock=clock, chain_network=base) as reopened:
+        assert reopened.spent() == 2_300
+
+
+def test_refusals_from_before_holds_stay_final_unless_still_spendable(tmp_path: Path,
+                                                                        clock: Clock) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    with Ledger(path, clock=clock) as ledger:
+        spendable = record(ledger, 4_000, valid_before=int(clock.now) + 300)
+        expired = record(ledger, 2_000, valid_before=int(clock.now) - 300)
+        for pid in (spendable, expired):
+            ledger.commit(ledger.outcome(pid, "rejected"))
+    raw = sqlite3.connect(path)  # as a version-2 ledger left them
+    raw.executescript("ALTER TABLE payments DROP COLUMN unspendable; PRAGMA user_version = 2;")
+    raw.close()
+    with Ledger(path, clock=clock, chain_network="eip155:8453") as upgraded:
+        assert upgraded.spent() == 4_000  # only the one a payee could still settle
+        flags = dict(upgraded._conn.execute("SELECT id, unspendable FROM payments"))
+        assert flags == {spendable: None, expired: 1}
 
 
 def test_a_key_is_found_paid_only_by_a_payment_that_may_have_cost_money(ledger: Ledger,

@@ -194,7 +194,7 @@ def test_a_refused_payment_holds_its_budget_until_its_authorization_expires(make
     """A refusal does not unsign: the payee could still settle the authorization until its
     validBefore, so its amount keeps counting until then (the release: test_budget)."""
     gw = make_gateway(max_usd_per_day=2 * COGVIEW_PRICE / 1e6)
-    assert not gw.gw.ledger.chain_checks  # no RPC: held until validBefore + 60 s
+    assert gw.gw.ledger.chain_network is None  # no RPC: held until validBefore + 60 s
     sandbox.faults({"kind": "reject", "code": "PAYMENT_UNFUNDED", "times": 1})
     rejected = gen(gw, "first")
     assert rejected.status_code == 402 and rejected.json()["error"]["code"] == "payment_rejected"

@@ -221,7 +221,7 @@ def test_a_refused_payment_holds_its_budget_until_the_chain_sees_it_expire_unuse
         make_gateway, sandbox, chain_url, time_travel):
     sandbox.faults({"kind": "reject", "code": "PAYMENT_UNFUNDED", "times": 1})
     gw = reconciling(make_gateway, chain_url, max_usd_per_day=0.02)
-    assert gw.gw.ledger.chain_checks  # expiry alone frees nothing (test_ledger.py)
+    assert gw.gw.ledger.chain_network == SEPOLIA.caip2  # expiry alone frees nothing
     assert gen(gw, "refused").status_code == 402
     row = only_row(gw)
     time.sleep(0.5)  # several rounds: unused but still spendable proves nothing
@@ -413,10 +413,14 @@ def test_only_an_expired_unused_authorization_is_ever_called_unpaid(status, used
 
 
 @given(answers=st.lists(st.sampled_from(["absent", "not yet", SETTLED, REJECTED]),
-                        min_size=1, max_size=4), quorum=st.integers(1, 3))
-def test_rpcs_are_believed_only_together(answers, quorum):
-    """One payment, one verdict per RPC that answered ("absent": it skipped the row)."""
-    payment = _payment(FAILED_AFTER_PAYMENT, 100)
+                        min_size=1, max_size=4), quorum=st.integers(1, 3),
+       refused=st.booleans())
+def test_rpcs_are_believed_only_together(answers, quorum, refused):
+    """One payment, one verdict per RPC that answered ("absent": it skipped the row). A row
+    the upstream refused needs one RPC to confirm it expired unused (an RPC that is down must
+    not hold it for a day); any other row needs `quorum`."""
+    payment = _payment(REJECTED if refused else FAILED_AFTER_PAYMENT, 100)
+    quorum_here = 1 if refused else quorum
     given_answers = [{} if a == "absent" else
                      {payment.id: None if a == "not yet" else Resolution(payment, a, "")}
                      for a in answers]
@@ -425,7 +429,7 @@ def test_rpcs_are_believed_only_together(answers, quorum):
         assert agreed == []  # one of them is wrong: believe neither
     elif SETTLED in answers:
         assert [r.status for r in agreed] == [SETTLED]
-    elif answers.count(REJECTED) >= quorum:
+    elif answers.count(REJECTED) >= quorum_here:
         assert [r.status for r in agreed] == [REJECTED]
     else:
         assert agreed == []

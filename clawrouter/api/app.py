@@ -27,7 +27,7 @@ from clawrouter.payment.budget import Budget
 from clawrouter.payment.ledger import Ledger
 from clawrouter.payment.networks import NETWORKS, Network
 from clawrouter.payment.prices import PriceBook
-from clawrouter.payment.reconcile import Reconciler, asks_chain
+from clawrouter.payment.reconcile import Reconciler, chain_network
 from clawrouter.payment.signer import Signer
 from clawrouter.payment.wallet import WalletKey, load_wallet
 from clawrouter.pipeline import ImagePipeline
@@ -73,7 +73,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
                          if settings.wallet_key else None)
     signer = Signer(wallet.key)
     store = ImageStore.from_settings(settings)
-    ledger = Ledger(settings.ledger_path, chain_checks=asks_chain(settings))
+    ledger = Ledger(settings.ledger_path, chain_network=chain_network(settings))
     budget = Budget.from_settings(ledger, settings)
     prices = PriceBook(settings.price_ttl_seconds)
     trimmer = Trimmer()

@@ -21,7 +21,7 @@ from clawrouter.catalog import format_usd
 from clawrouter.cli.common import CommandError, settings_from
 from clawrouter.config import Settings
 from clawrouter.payment.budget import Budget
-from clawrouter.payment.reconcile import asks_chain
+from clawrouter.payment.reconcile import chain_network
 from clawrouter.payment.ledger import FILENAME, Ledger, LedgerBusy
 
 
@@ -95,7 +95,7 @@ def _from_ledger(settings: Settings, url: str, latest: int) -> tuple[dict[str, A
         with tempfile.TemporaryDirectory() as tmp:
             return _read(Ledger(Path(tmp) / FILENAME), settings, latest), f"{path} (no ledger yet)"
     try:
-        ledger = Ledger(path, chain_checks=asks_chain(settings))
+        ledger = Ledger(path, chain_network=chain_network(settings))
     except LedgerBusy as busy:
         # A gateway started with other flags (`serve --port`) says where it is in the lock file.
         there = busy.holder.url if busy.holder else None

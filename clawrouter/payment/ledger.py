@@ -63,6 +63,10 @@ FINAL = (SETTLED, REJECTED)
 #: seconds a refused authorization keeps counting after its validBefore: USDC refuses it from
 #: the first block stamped at validBefore, and this covers a chain clock ahead of ours
 EXPIRY_MARGIN = 60
+#: how long after its validBefore a refused authorization waits for the chain's answer (on
+#: Base, final about 20 minutes later) before it is let go anyway: RPCs that stay down must
+#: not hold the budgets for ever
+CHAIN_PATIENCE = 24 * 3600
 
 NOTE_MAX = 300
 # Runs this long are keys, nonces, tx hashes or base64 payment headers: never stored in a note.
@@ -106,9 +110,10 @@ _COLUMNS = ('id, time, request_id, route, model, size, n, amount, payee, network
 T = TypeVar("T")
 
 #: rejected rows that still count (parameters: `Ledger._held_params`): a refused authorization
-#: that may still settle, while the chain is asked about it or until it expires
+#: that may still settle, until it expires or, on the network the chain is asked about, until
+#: the chain answers for it (`CHAIN_PATIENCE` at most)
 _HELD = ("status = ? AND unspendable IS NULL AND valid_before IS NOT NULL "
-         "AND (? OR valid_before > ?)")
+         "AND (valid_before > ? OR (network = ? AND valid_before > ?))")
 
 
 @dataclass(frozen=True)
@@ -211,12 +216,13 @@ class Ledger:
     """
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
-                 chain_checks: bool = False) -> None:
+                 chain_network: str | None = None) -> None:
         self.path = Path(path)
         self._clock = clock
-        #: whether the chain is asked about refused authorizations (`reconcile` runs): they
-        #: then count until it answers, else until they expire
-        self.chain_checks = chain_checks
+        #: the network (CAIP-2) whose chain is asked about refused authorizations (`reconcile`
+        #: runs), if any: they count until it answers (`CHAIN_PATIENCE` at most), else until
+        #: they expire
+        self.chain_network = chain_network
         #: guards the running totals; `Budget` shares it so turning a reservation into a
         #: ledger row is one atomic step (never counted twice, never zero times)
         self.lock = threading.RLock()
@@ -251,7 +257,7 @@ class Ledger:
         conn.execute("PRAGMA synchronous=FULL")
         conn.create_function("local_day", 1, local_day, deterministic=True)
         conn.executescript(_SCHEMA)
-        _migrate(conn)
+        _migrate(conn, self._clock())
         return conn
 
     def _recover(self) -> int:
@@ -268,10 +274,10 @@ class Ledger:
             "SELECT local_day(time), SUM(amount) FROM payments WHERE status != ? "
             "GROUP BY local_day(time)", (REJECTED,)).fetchall()
         by_day = {day: int(amount) for day, amount in rows}
-        for payment_id, when, amount, valid_before in self._conn.execute(
-                f"SELECT id, time, amount, valid_before FROM payments WHERE {_HELD}",
+        for payment_id, when, amount, valid_before, network in self._conn.execute(
+                f"SELECT id, time, amount, valid_before, network FROM payments WHERE {_HELD}",
                 self._held_params()):
-            self._hold(payment_id, when, amount, valid_before)
+            self._hold(payment_id, when, amount, self._held_until(valid_before, network))
             by_day[local_day(when)] = by_day.get(local_day(when), 0) + amount
         by_month: dict[str, int] = {}
         for day, amount in by_day.items():
@@ -339,23 +345,23 @@ class Ledger:
 
         A refusal does not unsign: a `rejected` row keeps counting against the budgets while a
         dishonest payee could still settle it, until the chain says it expired unused (an
-        outcome `rejected` with `can_settle=False`) or was used, or, when the chain is not
-        asked (`chain_checks`), until validBefore plus `EXPIRY_MARGIN`. A row rejected with
-        `can_settle=False` (the signed request never left this process), or without a
-        validBefore, stops counting at once.
+        outcome `rejected` with `can_settle=False`) or was used (`CHAIN_PATIENCE` at most), or,
+        when the chain is not asked about its network (`chain_network`), until validBefore
+        plus `EXPIRY_MARGIN`. A row rejected with `can_settle=False` (the signed request never
+        left this process), or without a validBefore, stops counting at once.
         """
         if status not in STATUSES or status == SIGNED:
             raise ValueError(f"cannot finish a payment as {status!r}")
         details = (transaction, latency_ms, clean_note(note))
 
-        def durable(change: tuple[str, float, int, int | None]) -> None:
-            old, when, amount, valid_before = change
+        def durable(change: tuple[str, float, int, int | None, str]) -> None:
+            old, when, amount, valid_before, network = change
             with self.lock:
                 if status == REJECTED and old != REJECTED:
-                    if can_settle and valid_before is not None and (
-                            self.chain_checks
-                            or valid_before + EXPIRY_MARGIN > self._clock()):
-                        self._hold(payment_id, when, amount, valid_before)  # still counted
+                    until = None if valid_before is None \
+                        else self._held_until(valid_before, network)
+                    if can_settle and until is not None and until > self._clock():
+                        self._hold(payment_id, when, amount, until)  # still counted
                     else:
                         self._add(when, -amount)  # nothing can settle it: it moved no money
                 elif old == REJECTED and status == SETTLED:  # used after all: it counts
@@ -371,13 +377,13 @@ class Ledger:
     def _outcome_sql(payment_id: int, status: str,
                      details: tuple[str | None, float | None, str | None],
                      expected: str | None, can_settle: bool,
-                     conn: sqlite3.Connection) -> tuple[str, float, int, int | None]:
-        """Returns the row's (old status, time, amount, valid_before), for the totals."""
-        row = conn.execute("SELECT status, time, amount, valid_before, unspendable FROM payments "
-                           "WHERE id = ?", (payment_id,)).fetchone()
+                     conn: sqlite3.Connection) -> tuple[str, float, int, int | None, str]:
+        """Returns the row's (old status, time, amount, valid_before, network), for the totals."""
+        row = conn.execute("SELECT status, time, amount, valid_before, network, unspendable "
+                           "FROM payments WHERE id = ?", (payment_id,)).fetchone()
         if row is None:
             raise KeyError(f"no payment {payment_id} in the ledger")
-        old, when, amount, valid_before, unspendable = row
+        old, when, amount, valid_before, network, unspendable = row
         if expected is not None and old != expected:
             raise ValueError(f"payment {payment_id} is {old} now, not {expected}")
         used_after_all = (old == REJECTED and status == SETTLED and not unspendable
@@ -389,7 +395,7 @@ class Ledger:
             "latency_ms = COALESCE(?, latency_ms), note = COALESCE(?, note), "
             "unspendable = CASE WHEN ? THEN 1 ELSE unspendable END WHERE id = ?",
             (status, *details, status == REJECTED and not can_settle, payment_id))
-        return old, when, amount, valid_before
+        return old, when, amount, valid_before, network
 
     def commit(self, write: Write) -> Any:
         """Apply one write now, on this thread: blocking, durable on disk when it returns (for
@@ -442,19 +448,23 @@ class Ledger:
         self._by_month[day[:7]] = self._by_month.get(day[:7], 0) + amount
         self._total += amount
 
-    def _hold(self, payment_id: int, when: float, amount: int, valid_before: int) -> None:
-        """Keep a refused authorization counted (it is already in the totals); under `lock`."""
+    def _held_until(self, valid_before: int, network: str) -> float:
+        """When a refused authorization stops counting unless the chain answers first."""
+        return valid_before + (CHAIN_PATIENCE if network == self.chain_network
+                               else EXPIRY_MARGIN)
+
+    def _hold(self, payment_id: int, when: float, amount: int, until: float) -> None:
+        """Keep a refused authorization counted (it is already in the totals) until `until`,
+        or the chain's answer; under `lock`."""
         self._held[payment_id] = (when, amount)
-        if not self.chain_checks:
-            heapq.heappush(self._expiries, (valid_before + EXPIRY_MARGIN, payment_id))
+        heapq.heappush(self._expiries, (until, payment_id))
 
     def _release(self, payment_id: int) -> None:
         when, amount = self._held.pop(payment_id)
         self._add(when, -amount)
 
     def _expire(self) -> None:
-        """Without the chain, let go of the refused authorizations past their expiry (plus the
-        margin); call under `lock`."""
+        """Let go of the refused authorizations past the time they are held to; under `lock`."""
         now = self._clock()
         while self._expiries and self._expiries[0][0] <= now:
             _, payment_id = heapq.heappop(self._expiries)
@@ -462,7 +472,8 @@ class Ledger:
                 self._release(payment_id)
 
     def _held_params(self) -> tuple[Any, ...]:
-        return (REJECTED, self.chain_checks, self._clock() - EXPIRY_MARGIN)
+        now = self._clock()
+        return (REJECTED, now - EXPIRY_MARGIN, self.chain_network or "", now - CHAIN_PATIENCE)
 
     # --- reading ------------------------------------------------------------------------------
     def spent(self, since: float | None = None) -> int:
@@ -513,20 +524,21 @@ class Ledger:
     def unresolved(self, network: str, *, limit: int = 100,
                    orphaned_before: float | None = None) -> list[Payment]:
         """Rows whose money may or may not have moved and that carry what the chain needs to
-        tell (payer, validBefore), oldest first: `unknown` and `failed_after_payment` rows,
-        `signed` rows whose authorization expired before `orphaned_before` (their request
-        task died without an outcome, e.g. cancelled while the row was written), and refused
-        (`rejected`) ones that may still settle."""
+        tell (payer, validBefore): `unknown` and `failed_after_payment` rows, `signed` rows
+        whose authorization expired before `orphaned_before` (their request task died without
+        an outcome, e.g. cancelled while the row was written), oldest first; then refused
+        (`rejected`) ones that may have settled, while they are held (see `CHAIN_PATIENCE`),
+        so that refusals never crowd out the rows whose fate is unknown."""
         with self._db_lock:
             rows = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM payments WHERE network = ? "
                 "AND (status IN (?, ?) OR (status = ? AND valid_before < ?) "
-                "OR (status = ? AND unspendable IS NULL)) "
+                "OR (status = ? AND unspendable IS NULL AND valid_before > ?)) "
                 "AND length(payer) = 42 AND length(nonce) = 66 AND valid_before IS NOT NULL "
-                "ORDER BY id LIMIT ?",
+                "ORDER BY status = ?, id LIMIT ?",
                 (network, UNKNOWN, FAILED_AFTER_PAYMENT, SIGNED,
                  -1 if orphaned_before is None else orphaned_before, REJECTED,
-                 limit)).fetchall()
+                 self._clock() - CHAIN_PATIENCE, REJECTED, limit)).fetchall()
         return [Payment(*row) for row in rows]
 
     def paid_for(self, idempotency: str, since: float) -> Payment | None:
@@ -642,14 +654,16 @@ def _window(settled: int, settled_n: int, pending: int, pending_n: int) -> dict[
             "pending": {"usd": _usd(pending), "micro": pending, "payments": pending_n}}
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
+def _migrate(conn: sqlite3.Connection, now: float) -> None:
     """Bring a ledger from an older schema up to `SCHEMA_VERSION` (columns are only added)."""
     have = {row[1] for row in conn.execute("PRAGMA table_info(payments)")}
     for column, kind in _ADDED.items():
         if column not in have:
             conn.execute(f"ALTER TABLE payments ADD COLUMN {column} {kind}")
-            if column == "unspendable":  # rejected before refusals were held: final as they are
-                conn.execute("UPDATE payments SET unspendable = 1 WHERE status = 'rejected'")
+            if column == "unspendable":  # rejected before refusals were held: final once
+                conn.execute(  # expired (a still-spendable one is held like a new refusal)
+                    "UPDATE payments SET unspendable = 1 WHERE status = 'rejected' "
+                    "AND (valid_before IS NULL OR valid_before + ? <= ?)", (EXPIRY_MARGIN, now))
     conn.execute("CREATE INDEX IF NOT EXISTS payments_idempotency ON payments (idempotency) "
                  "WHERE idempotency IS NOT NULL")
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

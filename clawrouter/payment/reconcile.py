@@ -37,7 +37,7 @@ from clawrouter.catalog import format_usd
 from clawrouter.config import Settings
 from clawrouter.payment.balance import rpc_urls_for
 from clawrouter.payment.ledger import FAILED_AFTER_PAYMENT, REJECTED, SETTLED, Ledger, Payment
-from clawrouter.payment.networks import Network
+from clawrouter.payment.networks import NETWORKS, Network
 from clawrouter.payment.onchain import Block, ChainUnavailable, Rpc, askable, every_answer
 from clawrouter.wake import stop
 
@@ -65,10 +65,12 @@ class Resolution:
     transaction: str | None = None
 
 
-def asks_chain(settings: Settings) -> bool:
-    """Whether a gateway with these settings asks the chain (a `Reconciler` runs)."""
-    return bool(rpc_urls_for(settings.network, settings.rpc_urls)) \
+def chain_network(settings: Settings) -> str | None:
+    """The network (CAIP-2) a gateway with these settings asks the chain about (a `Reconciler`
+    runs), or None."""
+    asks = bool(rpc_urls_for(settings.network, settings.rpc_urls)) \
         and settings.reconcile_interval > 0
+    return NETWORKS[settings.network].caip2 if asks else None
 
 
 def decide(payment: Payment, used: bool, block: Block) -> tuple[str, str] | None:
@@ -114,14 +116,16 @@ def agree(payments: Sequence[Payment], answers: Sequence[dict[int, Resolution | 
           quorum: int) -> list[Resolution]:
     """What the RPCs' answers prove together: `settled` when one saw the authorization used
     and none saw it expired unused; `rejected` only when `quorum` saw it expired unused and
-    none saw it used. A row they disagree on stays as it is (and is logged)."""
+    none saw it used — one is enough for a row the upstream already refused (the chain only
+    confirms it). A row they disagree on stays as it is (and is logged)."""
     agreed = []
     for payment in payments:
         verdicts = [v for answer in answers if (v := answer.get(payment.id)) is not None]
         statuses = {v.status for v in verdicts}
         if statuses == {SETTLED}:
             agreed.append(next((v for v in verdicts if v.transaction), verdicts[0]))
-        elif statuses == {REJECTED} and len(verdicts) >= quorum:
+        elif statuses == {REJECTED} and len(verdicts) >= (
+                1 if payment.status == REJECTED else quorum):
             agreed.append(verdicts[0])
         elif len(statuses) > 1:
             log.warning("payment %d: the RPCs disagree (used on one, expired unused on "
