@@ -93,7 +93,7 @@ class ImagePipeline:
 
     async def run(self, job: ImageJob, ctx: RequestContext) -> Result:
         # Inputs read from URLs and paths are held (as images, then as the upstream body)
-        # until the run ends: so is their share of the budget.
+        # until the run ends, or its slow job is accepted: so is their share of the budget.
         hold = self.budget.hold()
         try:
             return await self._run(job, ctx, hold)
@@ -106,7 +106,8 @@ class ImagePipeline:
     async def _run(self, job: ImageJob, ctx: RequestContext, hold: InputHold) -> Result:
         images, mask = await self._resolve_inputs(job, hold, ctx)
         call = UpstreamCall(job.upstream_path, upstream_body(job, images, mask), job.model,
-                            job.size, job.n, (job.quality, len(images), mask is not None))
+                            job.size, job.n, (job.quality, len(images), mask is not None),
+                            on_accepted=hold.release)
         # The body now holds the only copy we need: drop the decoded images and the client's
         # copies before the (possibly long) upstream wait, so memory is one copy per request.
         del images, mask

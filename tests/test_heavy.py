@@ -31,9 +31,10 @@ def count_upstream_bodies(gw: Any, delay: float = 0.0) -> dict[str, int]:
     seen = {"runs": 0, "bytes": 0, "peak_runs": 0, "peak_bytes": 0, "total_bytes": 0}
 
     async def run(call: Any, ctx: Any) -> Any:
+        size = len(call.body)
         seen["runs"] += 1
-        seen["bytes"] += len(call.body)
-        seen["total_bytes"] += len(call.body)
+        seen["bytes"] += size
+        seen["total_bytes"] += size
         seen["peak_runs"] = max(seen["peak_runs"], seen["runs"])
         seen["peak_bytes"] = max(seen["peak_bytes"], seen["bytes"])
         try:
@@ -41,7 +42,7 @@ def count_upstream_bodies(gw: Any, delay: float = 0.0) -> dict[str, int]:
             return await real(call, ctx)
         finally:
             seen["runs"] -= 1
-            seen["bytes"] -= len(call.body)
+            seen["bytes"] -= size
 
     exchange.run = run
     return seen
@@ -95,6 +96,42 @@ def test_a_request_bigger_than_the_budget_is_served_alone_and_none_deadlocks(
     assert [r.status_code for r in responses] == [200] * 8, responses[0].text
     assert seen["peak_runs"] == 1, seen  # 200 KB + anything more does not fit 250 KB
     assert budget.peak == budget.total and budget.held == 0
+
+
+def test_a_slow_job_gives_its_inputs_share_and_body_back_once_accepted(
+        make_gateway, sandbox, tmp_path: Path) -> None:
+    """A slow model's job is polled for minutes after its paid request was accepted; nothing
+    is sent again, so its upstream body and its inputs' share are let go then, not at the end."""
+    import threading
+    import time
+
+    gw = make_gateway()
+    sandbox.configure(slow_seconds=1.5)
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(make_png(32, 32, 1, pad_to=500_000))
+    calls: list[Any] = []
+    real = gw.gw.pipeline.exchange.run
+
+    async def run(call: Any, ctx: Any) -> Any:
+        calls.append(call)
+        return await real(call, ctx)
+
+    gw.gw.pipeline.exchange.run = run
+    budget = gw.gw.heavy.inputs
+    answer: dict[str, httpx.Response] = {}
+    thread = threading.Thread(target=lambda: answer.setdefault("r", httpx.post(
+        gw.v1 + "/images/image2image", timeout=30,
+        json={"model": "gpt-image-2", "prompt": "slow", "image": str(photo)})))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not (calls and sandbox.paid()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    held_before = budget.peak
+    time.sleep(0.5)  # the job runs 1.5 s: it is being polled now
+    polling = (budget.held, len(calls[0].body), thread.is_alive())
+    thread.join()
+    assert answer["r"].status_code == 200, answer["r"].text
+    assert held_before >= 500_000 and polling == (0, 0, True)
 
 
 def test_a_failed_run_frees_its_upstream_body_at_once(make_gateway, sandbox,

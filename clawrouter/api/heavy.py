@@ -19,7 +19,8 @@ into gigabytes:
   up to `max_image_mb` each, so it is bounded by its size, not by the request's. A pipeline run
   takes its share of `INPUT_BYTES` once, for all its URL and path inputs together, before it
   reads any of them (a file counts its size, a URL its Content-Length or, without one, the
-  cap), and holds it until the run ends (the upstream body built from them lives that long).
+  cap), and holds it until the run ends (the upstream body built from them lives that long),
+  or until its slow job is accepted (the body is dropped then: nothing is sent again).
   A run that does not fit waits, first come first served. Taking the share in one go means
   no run ever waits while holding some; a run needing more than the whole budget waits for
   all of it and is served alone. Inputs of at most 64 KiB (`inputs.resolver.READ_AT_ONCE`)

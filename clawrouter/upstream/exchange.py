@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from clawrouter.catalog import ImageModel, ceiling_micro, to_micro
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 SETTLE_MARGIN_SECONDS = 60
 
 
-@dataclass(frozen=True)
+@dataclass
 class UpstreamCall:
     route: str  # "/v1/images/generations" or "/v1/images/image2image"
     body: bytes  # the exact JSON we forward (an allowlist of fields, never the client's body)
@@ -51,10 +51,18 @@ class UpstreamCall:
     n: int
     #: what else may change the price: the quality forwarded, the input images and the mask
     variant: tuple[str | None, int, bool] = (None, 0, False)
+    #: called once the body is sent for good (`accepted`)
+    on_accepted: Callable[[], None] = field(default=lambda: None, repr=False)
 
     @property
     def price_key(self) -> PriceKey:
         return (self.route, self.model.id, self.size, self.n, *self.variant)
+
+    def accepted(self) -> None:
+        """The upstream took the job (202): nothing is sent again, so the body (megabytes for
+        an edit) need not live through the polling, nor hold its inputs' share of memory."""
+        self.body = b""
+        self.on_accepted()
 
 
 @dataclass(frozen=True)
@@ -245,6 +253,7 @@ class Exchange:
                         round_trips: int) -> Outcome:
         amount = payment.amount if payment else 0
         if resp.status == 202:
+            call.accepted()
             headers = {SIGNATURE_HEADER: payment.header} if payment else {}
             resp, polls = await wait_for_job(
                 self.client, resp, headers, ctx, amount=amount, delay=self.settings.poll_delay,
