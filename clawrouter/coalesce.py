@@ -18,6 +18,7 @@ Outcomes that involved no payment are not kept: retrying those costs nothing.
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ from typing import Any
 
 from clawrouter.catalog import format_usd
 from clawrouter.context import RequestContext
-from clawrouter.errors import ClawError, ClientGone, Conflict, forget_frames
+from clawrouter.errors import ClawError, ClientGone, Conflict
 from clawrouter.payment.ledger import Payment
 from clawrouter.pipeline import Result
 
@@ -113,6 +114,9 @@ class Coalescer:
                     # We are still here, so the request runs again, as it would a moment later.
                     if ctx.gone.is_set():
                         raise
+                except ClawError as kept:
+                    kept.__traceback__ = None  # this raise attached our frames to it
+                    raise _detached(kept) from None
             if recalled:
                 break
             recalled = True
@@ -131,9 +135,7 @@ class Coalescer:
             result = await work(shared)
         except BaseException as exc:
             paid = _paid(exc)
-            if paid:  # kept for repeats, but not with this request's job and body
-                forget_frames(exc)
-            entry.future.set_exception(exc)
+            entry.future.set_exception(_detached(exc) if paid else exc)
             entry.future.exception()  # retrieved: joiners re-raise it, nobody else must
             if paid:
                 entry.finished(self._clock() + ttl)
@@ -172,6 +174,16 @@ class Coalescer:
             if oldest is None:
                 break
             del self._entries[oldest]
+
+
+def _detached(error: ClawError) -> ClawError:
+    """A copy of an outcome to keep or raise, with no frames attached. An entry keeps a paid
+    failure for repeats (a day, with an Idempotency-Key), and every raise attaches the frames
+    it passes through (the request's job, its upload) to the object raised: each raise gets
+    its own copy, so what is kept holds no request's memory."""
+    detached = copy.copy(error)
+    detached.__traceback__ = detached.__cause__ = detached.__context__ = None
+    return detached
 
 
 def _paid_before(payment: Payment) -> Conflict:

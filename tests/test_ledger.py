@@ -263,9 +263,12 @@ def test_with_the_chain_asked_a_refused_authorization_counts_until_it_answers(
             again.commit(again.outcome(unused, "settled"))
         clock.now = expires + CHAIN_PATIENCE
         assert again.spent() == again.spent(since=0) == 2_300 and again.held() == []
-        assert [p.id for p in again.unresolved(base)] == [failed]
+        # no longer counted, still asked about: a late "used" still corrects the record
+        assert [p.id for p in again.unresolved(base)] == [failed, unanswered]
+        again.commit(again.outcome(unanswered, "settled", expected="rejected"))
+        assert again.spent() == again.spent(since=0) == 3_300
     with Ledger(path, clock=clock, chain_network=base) as reopened:
-        assert reopened.spent() == 2_300
+        assert reopened.spent() == 3_300
 
 
 def test_refusals_from_before_holds_stay_final_unless_still_spendable(tmp_path: Path,

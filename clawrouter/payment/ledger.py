@@ -527,18 +527,19 @@ class Ledger:
         tell (payer, validBefore): `unknown` and `failed_after_payment` rows, `signed` rows
         whose authorization expired before `orphaned_before` (their request task died without
         an outcome, e.g. cancelled while the row was written), oldest first; then refused
-        (`rejected`) ones that may have settled, while they are held (see `CHAIN_PATIENCE`),
-        so that refusals never crowd out the rows whose fate is unknown."""
+        (`rejected`) ones that may have settled, so that refusals never crowd out the rows
+        whose fate is unknown. A refusal is asked about until the chain answers, even once it
+        no longer counts (`CHAIN_PATIENCE`): a late answer still corrects the record."""
         with self._db_lock:
             rows = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM payments WHERE network = ? "
                 "AND (status IN (?, ?) OR (status = ? AND valid_before < ?) "
-                "OR (status = ? AND unspendable IS NULL AND valid_before > ?)) "
+                "OR (status = ? AND unspendable IS NULL)) "
                 "AND length(payer) = 42 AND length(nonce) = 66 AND valid_before IS NOT NULL "
                 "ORDER BY status = ?, id LIMIT ?",
                 (network, UNKNOWN, FAILED_AFTER_PAYMENT, SIGNED,
                  -1 if orphaned_before is None else orphaned_before, REJECTED,
-                 self._clock() - CHAIN_PATIENCE, REJECTED, limit)).fetchall()
+                 REJECTED, limit)).fetchall()
         return [Payment(*row) for row in rows]
 
     def paid_for(self, idempotency: str, since: float) -> Payment | None:

@@ -19,7 +19,8 @@ reorg can undo; on Base about 20 minutes behind the latest) after its chain id w
 round asks every configured RPC at once and keeps only what their answers prove together, and
 nothing changes for a row they disagree on or when anything fails. Handing an amount back to
 the budgets is the one outcome that loosens a spending cap, so a row becomes `rejected` only
-when two RPCs (or the only one configured) saw it expired unused.
+when two RPCs (or the only one configured) saw it expired unused — one, for a payment the
+upstream itself refused, which the chain only confirms (and no RPC may say it was used).
 """
 
 from __future__ import annotations
