@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 
 import pybase64
 
-from clawrouter.api.heavy import InputBudget, InputHold
 from clawrouter.context import RequestContext
 from clawrouter.errors import InvalidRequest, UpstreamError, forget_frames
 from clawrouter.inputs import ImageInput, InputResolver, Pending
+from clawrouter.inputs.budget import InputBudget, InputHold
 from clawrouter.store import ImageMeta, ImageStore, StoredImage
 from clawrouter.upstream.errors import paid_error
 from clawrouter.upstream.exchange import Exchange, Outcome, UpstreamCall
@@ -83,13 +83,13 @@ def _data_uri_parts(image: ImageInput) -> list[bytes]:
 
 class ImagePipeline:
     def __init__(self, exchange: Exchange, store: ImageStore, inputs: InputResolver,
-                 session: Any, budget: InputBudget | None = None) -> None:
+                 session: Any, budget: InputBudget) -> None:
         self.exchange = exchange
         self.store = store
         self.inputs = inputs
         self.session = session  # what result URLs are downloaded with (`ResultSources`)
-        #: bounds the URL and path inputs all runs hold at once (`api/heavy.py`)
-        self.budget = budget or InputBudget()
+        #: bounds the URL and path inputs all runs hold at once (`HeavyPhase.inputs`)
+        self.budget = budget
 
     async def run(self, job: ImageJob, ctx: RequestContext) -> Result:
         # Inputs read from URLs and paths are held (as images, then as the upstream body)

@@ -81,7 +81,7 @@ def test_a_request_bigger_than_the_budget_is_served_alone_and_none_deadlocks(
     """With room for two files but not three: requests naming two or three files, all at
     once. Each run takes its share in one go, so none waits while holding part of what another
     needs; a three-file run, bigger than the whole budget, waits for all of it."""
-    from clawrouter.api.heavy import InputBudget
+    from clawrouter.inputs.budget import InputBudget
 
     gw = make_gateway()
     files = []
@@ -167,7 +167,7 @@ def test_a_failed_run_frees_its_upstream_body_at_once(make_gateway, sandbox,
 # --- the budget itself ------------------------------------------------------------------------
 
 def test_shares_wait_in_arrival_order_and_one_bigger_than_all_is_served_alone() -> None:
-    from clawrouter.api.heavy import InputBudget
+    from clawrouter.inputs.budget import InputBudget
 
     async def scenario() -> list[str]:
         budget = InputBudget(100)
@@ -194,7 +194,7 @@ def test_shares_wait_in_arrival_order_and_one_bigger_than_all_is_served_alone() 
 
 
 def test_a_cancelled_wait_gives_its_place_up() -> None:
-    from clawrouter.api.heavy import InputBudget
+    from clawrouter.inputs.budget import InputBudget
 
     async def scenario() -> None:
         budget = InputBudget(100)
@@ -217,7 +217,7 @@ def test_a_cancelled_wait_gives_its_place_up() -> None:
 
 
 def test_a_run_takes_its_share_once() -> None:
-    from clawrouter.api.heavy import InputBudget
+    from clawrouter.inputs.budget import InputBudget
 
     async def scenario() -> None:
         hold = InputBudget(100).hold()
@@ -231,7 +231,7 @@ def test_a_run_takes_its_share_once() -> None:
 def test_a_client_that_leaves_stops_waiting_for_room() -> None:
     """A run waiting for its inputs' share gives up when its client leaves: its place in the
     queue goes to the next, and it never reads (nor pays) for nobody."""
-    from clawrouter.api.heavy import InputBudget
+    from clawrouter.inputs.budget import InputBudget
     from clawrouter.context import RequestContext
     from clawrouter.errors import ClientGone
 
