@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from yarl import URL
 
+from ..capped import TooLarge, read_capped
 from .addresses import AddressRule, IPAddress, address_problem, parse_literal_ip
 from .dns import AddressRefused, CheckingResolver, OwnThreadsResolver
 from .image import check_size
@@ -24,7 +25,6 @@ from .policy import InputPolicy
 from .refusals import URL_FETCH_FAILED, URL_REFUSED, refuse, shorten
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_CHUNK = 64 * 1024
 
 
 class UrlFetcher:
@@ -204,18 +204,13 @@ def guarded_session(allowed: AddressRule | None, *, dns: AbstractResolver | None
 
 
 async def _read_capped(response: aiohttp.ClientResponse, cap: int, *, param: str) -> bytes:
-    """Read at most cap+1 bytes; a body over the cap drops the connection."""
+    """The body, refused once it passes the cap; any failure drops the connection."""
     try:
-        body = bytearray()
-        while len(body) <= cap:
-            chunk = await response.content.read(min(_CHUNK, cap + 1 - len(body)))
-            if not chunk:
-                break
-            body += chunk
-        check_size(len(body), max_bytes=cap, param=param)  # cap+1 bytes read: too large
-        return bytes(body)
-    except BaseException:
+        return await read_capped(response, cap)
+    except BaseException as exc:
         response.close()  # not release(): the rest of the body must not be drained
+        if isinstance(exc, TooLarge):
+            check_size(cap + 1, max_bytes=cap, param=param)  # refuses: more than the cap came
         raise
 
 

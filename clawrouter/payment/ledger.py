@@ -477,11 +477,11 @@ class Ledger:
 
     # --- reading ------------------------------------------------------------------------------
     def spent(self, since: float | None = None) -> int:
-        """Micro-USDC that may have cost money: every status but `rejected`, and rejected
-        authorizations until they expire (see `outcome`).
+        """Micro-USDC that may have cost money: every status but `rejected`, and refused
+        authorizations until nothing can settle them (see `outcome`).
 
         Without `since` this is the in-memory running total (cheap); with it, a SQL sum that
-        holds every refused authorization still spendable, as after a restart.
+        holds the refused authorizations a restart would hold (`_HELD`).
         """
         if since is None:
             with self.lock:
@@ -569,8 +569,8 @@ class Ledger:
 
         Each window reports settled money as `usd`/`micro`/`payments` and, apart from it, the
         `pending` money (signed, unknown or failed after payment) so every cent is visible.
-        Rejected payments cost nothing and appear only in `latest` (until its authorization
-        expires, a refused one still holds budget: `Budget.remaining`). Days are local days.
+        Rejected payments cost nothing and appear only in `latest` (while it may still settle,
+        a refused one holds budget: `Budget.remaining`). Days are local days.
         """
         now = self._clock() if now is None else now
         today = date.fromtimestamp(now)

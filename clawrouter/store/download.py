@@ -16,7 +16,7 @@ from yarl import URL
 
 from clawrouter.inputs.dns import AddressRefused
 from clawrouter.sniff import sniff_image
-from clawrouter.upstream.client import TooLarge, read_capped
+from clawrouter.capped import TooLarge, read_capped
 
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=5)
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -17,47 +16,12 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 import pydantic_core
 
+from clawrouter.capped import TooLarge, read_capped
 from clawrouter.errors import UpstreamError
 
 
 #: the largest answer read from the API: ten 4096x4096 PNGs as data URIs fit many times over
 MAX_ANSWER_BYTES = 256 * 1024 * 1024
-_CHUNK = 64 * 1024
-
-
-class TooLarge(ValueError):
-    """A body over its byte cap (decompressed bytes are counted)."""
-
-
-async def read_capped(resp: aiohttp.ClientResponse, max_bytes: int,
-                      head: Callable[[bytes], None] | None = None, head_bytes: int = 0) -> bytes:
-    """The whole body, or `TooLarge` as soon as it passes `max_bytes`.
-
-    A declared, uncompressed length bounds what aiohttp will read: one read, no copies (the hot
-    path). Anything else (chunked, or compressed, which may inflate) is counted as it arrives.
-    `head` sees the first `head_bytes` as soon as they are in (and short bodies at the end), so
-    a caller can stop reading what is not what it expects.
-    """
-    if resp.content_length is not None and resp.content_length > max_bytes:
-        raise TooLarge(f"{resp.content_length} bytes is over the {max_bytes}-byte cap")
-    if (resp.content_length is not None
-            and resp.headers.get("content-encoding", "identity") == "identity"):
-        data = await resp.read()
-        if head is not None:
-            head(data[:head_bytes])
-        return data
-    body = bytearray()
-    checked = head is None
-    async for chunk in resp.content.iter_chunked(_CHUNK):
-        body += chunk
-        if len(body) > max_bytes:
-            raise TooLarge(f"body is over the {max_bytes}-byte cap")
-        if not checked and len(body) >= head_bytes:
-            head(bytes(body[:head_bytes]))  # type: ignore[misc]
-            checked = True
-    if not checked:
-        head(bytes(body))  # type: ignore[misc]
-    return bytes(body)
 
 
 class TransportError(Exception):
