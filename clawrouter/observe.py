@@ -140,11 +140,17 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str) -> None:
-    """JSON lines on stderr for our loggers and uvicorn's."""
+    """JSON lines on stderr for our loggers and uvicorn's.
+
+    uvicorn speaks from warnings up (bad requests, errors) unless `level` is debug: its
+    lifecycle lines (started, waiting for startup, running on …) only repeat `serve`'s one ready
+    line, and the in-process sandbox's "running on" names a port that is not the gateway's.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     for name in ("clawrouter", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers = [handler]
-        logger.setLevel(level.upper())
+        quiet = name.startswith("uvicorn") and level != "debug"
+        logger.setLevel("WARNING" if quiet else level.upper())
         logger.propagate = False
