@@ -126,6 +126,15 @@ class PaymentRejected(ClawError):
     retryable = False
 
 
+class InsufficientFunds(ClawError):
+    """The wallet is known to hold less than the payment asks; nothing was signed."""
+
+    status = 402
+    type = "payment_error"
+    default_code = "insufficient_funds"
+    retryable = False
+
+
 class BudgetExceeded(ClawError):
     """Paying would break a configured budget; nothing was signed."""
 

@@ -236,3 +236,40 @@ def test_monitor_without_rpc_urls_never_runs():
         await monitor.aclose()
 
     asyncio.run(main())
+
+
+def test_short_of_refuses_only_on_a_known_balance_and_rereads_a_low_one_once(rpc):
+    """What the request path asks before signing (the e2e side: test_payments_e2e)."""
+    async def main() -> None:
+        clock = [1000.0]
+        monitor = BalanceMonitor(ADDRESS, "base-sepolia", [rpc.url], recheck=2.0, timeout=1.0,
+                                 clock=lambda: clock[0])
+        assert await monitor.short_of(50_000) is None  # not known yet: never a refusal
+        assert rpc.requests == []  # …and no lookup on the request path for it
+
+        rpc.balance = 80_000
+        await monitor.refresh()
+        assert await monitor.short_of(50_000) is None  # enough: the cached balance decides
+        assert await monitor.short_of(80_000) is None
+        assert len(rpc.requests) == 1
+        assert await monitor.short_of(80_001) == 80_000  # fresh and low: refused, no lookup
+        assert len(rpc.requests) == 1
+
+        clock[0] += 2.5  # low but older than `recheck`: re-read once, shared by concurrent asks
+        rpc.delay = 0.1
+        answers = await asyncio.gather(*(monitor.short_of(100_000) for _ in range(5)))
+        assert answers == [80_000] * 5 and len(rpc.requests) == 2
+
+        clock[0] += 2.5
+        rpc.balance = 5_000_000  # funded meanwhile: the re-read lets it pay at once
+        assert await monitor.short_of(100_000) is None and len(rpc.requests) == 3
+
+        rpc.balance = 0
+        await monitor.refresh()
+        clock[0] += 2.5
+        rpc.status = 502  # the re-read fails: a stale low balance refuses nothing
+        assert await monitor.short_of(100_000) is None
+        assert monitor.snapshot()["balance_usd"] == 0.0  # still shown, with the error
+        await monitor.aclose()
+
+    asyncio.run(main())

@@ -175,6 +175,34 @@ def test_concurrent_requests_never_exceed_the_budget(make_gateway, sandbox):
     assert sandbox.stats()["payments_count"] == 5
 
 
+def test_a_wallet_known_to_hold_too_little_is_refused_before_signing(make_gateway, sandbox):
+    """An unfunded wallet's request is not signed only for the upstream to refuse it (which
+    would hold its amount against the budgets): the balance the gateway keeps decides first,
+    and a low one is re-read before it refuses (the rest: test_balance::test_short_of_…)."""
+    from tests.test_balance import FakeRpc
+
+    with FakeRpc(balance=COGVIEW_PRICE - 1) as rpc:
+        gw = make_gateway(rpc_urls=[rpc.url])
+        deadline = time.monotonic() + 10
+        while gw.http.get("/health").json().get("balance_usd") is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        short = gen(gw)
+        assert short.status_code == 402, short.text
+        error = short.json()["error"]
+        assert error["code"] == "insufficient_funds" and error["type"] == "payment_error"
+        assert gw.gw.address in error["message"] and "nothing was signed" in error["message"]
+        assert "$0.016749" in error["message"] and "$0.01675" in error["message"]
+        assert short.headers["x-should-retry"] == "false"
+        assert sandbox.stats()["payments_count"] == 0 and sandbox.round_trips() <= 1
+        assert ledger_rows(gw) == []
+
+        rpc.balance = 10_000_000  # funded: the low balance is re-read before refusing again
+        gw.gw.balance.recheck = 0
+        assert gen(gw, "funded").status_code == 200
+        assert sandbox.stats()["payments_count"] == 1
+
+
 def test_a_monthly_budget_refuses_before_anything_is_signed(make_gateway, sandbox):
     gw = make_gateway(max_usd_per_month=1.5 * COGVIEW_PRICE / 1e6)
     assert gen(gw, "first").status_code == 200

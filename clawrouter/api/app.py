@@ -104,7 +104,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
                                 interval=settings.reconcile_interval)
         reconciler.start()
         exchange = Exchange(client, signer, settings, gw.network, ledger, budget, prices,
-                            on_payment=gw.metrics.payment)
+                            balance=balance, on_payment=gw.metrics.payment)
         gw.pipeline = ImagePipeline(exchange, store, inputs, results, gw.heavy.inputs)
         trimming = asyncio.create_task(trimmer.run())
         try:

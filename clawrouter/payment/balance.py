@@ -75,17 +75,18 @@ def _network(network: Network | str) -> Network:
 
 
 class BalanceMonitor:
-    """Keeps a recent balance for `/health` without ever looking it up on the request path.
+    """Keeps a recent balance for `/health`, and for refusing a payment the wallet cannot cover.
 
     `start()` runs a background task: a positive balance is re-read every `interval` seconds; a
     zero balance sooner (`retry_min`: the user is probably funding it right now); a failure is
     retried with exponential backoff from `retry_min` to `retry_max`. After a failure the last
-    known balance stays in the snapshot, with its `checked` time and the `error`.
+    known balance stays in the snapshot, with its `checked` time and the `error`. The request
+    path reads the cached balance only (`short_of`), except to re-read a low one before refusing.
     """
 
     def __init__(self, address: str, network: Network | str, rpc_urls: Sequence[str], *,
                  low_balance_usd: float = 1.0, interval: float = 30.0, retry_min: float = 5.0,
-                 retry_max: float = 300.0, timeout: float = 3.0,
+                 retry_max: float = 300.0, timeout: float = 3.0, recheck: float = 2.0,
                  session: aiohttp.ClientSession | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         check_address(address)  # fail now on a bad address or network
@@ -97,6 +98,7 @@ class BalanceMonitor:
         self.retry_min = retry_min
         self.retry_max = retry_max
         self.timeout = timeout
+        self.recheck = recheck  # a low balance older than this is re-read before it refuses
         self._session = session
         self._owns_session = session is None
         self._clock = clock
@@ -105,6 +107,7 @@ class BalanceMonitor:
         self._checked: float | None = None
         self._error: str | None = None
         self._failures = 0
+        self._rereading: asyncio.Future[int | None] | None = None
 
     @classmethod
     def from_settings(cls, address: str, settings: Settings, **kwargs: Any) -> BalanceMonitor:
@@ -127,6 +130,28 @@ class BalanceMonitor:
         return {"balance_usd": usd,
                 "low": None if usd is None else usd < self.low_balance_usd,
                 "checked": self._checked, "error": self._error}
+
+    async def short_of(self, amount: int) -> int | None:
+        """The wallet's balance in micro-USDC if it is known to be less than `amount`, else None.
+
+        Only a known balance refuses: none yet, no RPCs or a failed re-read let the payment go
+        (the upstream then decides, as without this check). A low balance older than `recheck`
+        seconds is re-read first, by one lookup that concurrent requests share, so a wallet
+        funded a moment ago is not refused for the rest of the `interval`.
+        """
+        if self._micro is None or self._micro >= amount:
+            return None
+        if self._checked is None or self._clock() - self._checked > self.recheck:
+            if self._rereading is None:
+                self._rereading = asyncio.ensure_future(self.refresh())
+                self._rereading.add_done_callback(self._reread)
+            if await asyncio.shield(self._rereading) is None:
+                return None
+        micro = self._micro
+        return micro if micro is not None and micro < amount else None
+
+    def _reread(self, _: asyncio.Future[int | None]) -> None:
+        self._rereading = None
 
     async def refresh(self) -> int | None:
         """Look the balance up once now and update the snapshot."""

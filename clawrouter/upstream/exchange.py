@@ -16,13 +16,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from clawrouter.catalog import ImageModel, ceiling_micro, to_micro
+from clawrouter.catalog import ImageModel, ceiling_micro, format_usd, to_micro
 from clawrouter.config import Settings
 from clawrouter.context import RequestContext
 from clawrouter.errors import (
-    ClawError, ClientGone, PaymentRefused, PaymentRejected, UpstreamTimeout, UpstreamUnavailable,
+    ClawError, ClientGone, InsufficientFunds, PaymentRefused, PaymentRejected, UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from clawrouter.payment import policy
+from clawrouter.payment.balance import BalanceMonitor
 from clawrouter.payment.budget import Budget
 from clawrouter.payment.ledger import Ledger
 from clawrouter.payment.networks import Network
@@ -88,6 +90,7 @@ class _PreauthRejected(Exception):
 class Exchange:
     def __init__(self, client: BlockRunClient, signer: Signer, settings: Settings,
                  network: Network, ledger: Ledger, budget: Budget, prices: PriceBook, *,
+                 balance: BalanceMonitor | None = None,
                  on_payment: Callable[[str, int, str], None] | None = None) -> None:
         self.client = client
         self.signer = signer
@@ -96,6 +99,7 @@ class Exchange:
         self.ledger = ledger
         self.budget = budget
         self.prices = prices
+        self.balance = balance  # refuses what the wallet is known not to hold (`_check_funds`)
         self.on_payment = on_payment  # (outcome, amount, model) for metrics
 
     async def run(self, call: UpstreamCall, ctx: RequestContext) -> Outcome:
@@ -154,6 +158,7 @@ class Exchange:
             cap = self.settings.max_timeout_seconds
             window = min(float(cap), self.settings.poll_deadline + SETTLE_MARGIN_SECONDS)
             requirement = policy.outliving(requirement, math.ceil(window), cap)
+        await self._check_funds(int(requirement.amount))
         with self.budget.reserve(int(requirement.amount)) as reservation:
             ctx.check()  # the last exit before money: a client that left pays nothing
             payment = self.signer.pay(challenge, requirement, self.network,
@@ -247,6 +252,21 @@ class Exchange:
         # critical path. A task, so it completes even if the request is cancelled meanwhile.
         recording = asyncio.ensure_future(finish("settled", tx=outcome.transaction))
         return replace(outcome, recording=recording)
+
+    async def _check_funds(self, amount: int) -> None:
+        """Refuse, before signing, a payment the wallet is known not to cover: the upstream
+        would refuse it after the signature left, and a refusal stays held against the budgets
+        until the chain says it expired (README, Money safety)."""
+        held = await self.balance.short_of(amount) if self.balance is not None else None
+        if held is None:
+            return
+        chain = "Base Sepolia" if self.network.testnet else "Base"
+        raise InsufficientFunds(
+            f"Payment refused, nothing was signed: the wallet {self.signer.address} holds "
+            f"{format_usd(held)} USDC on {chain}, less than the {format_usd(amount)} this "
+            f"request costs. Send USDC on {chain} to that address (`clawrouter wallet` shows "
+            "it and its balance), then retry.",
+            extra={"balance_usd": held / 1_000_000, "amount_usd": amount / 1_000_000})
 
     async def _complete(self, call: UpstreamCall, resp: UpstreamResponse,
                         payment: SignedPayment | None, ctx: RequestContext,
