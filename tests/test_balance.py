@@ -28,10 +28,13 @@ ADDRESS = "0x1563915e194D8CfBA1943570603F7606A3115508"
 
 
 class FakeRpc:
-    """A JSON-RPC endpoint answering `eth_call` with `balance` (micro-USDC) as a uint256 word."""
+    """A JSON-RPC endpoint answering `eth_call` with `balance` (micro-USDC) as a uint256 word,
+    and `eth_chainId` with `chain_id` (Base Sepolia's unless told)."""
 
-    def __init__(self, balance: int = 0) -> None:
+    def __init__(self, balance: int = 0, chain_id: int = NETWORKS["base-sepolia"].chain_id
+                 ) -> None:
         self.balance = balance
+        self.chain_id = chain_id
         self.delay = 0.0
         self.status = 200
         self.answer: dict[str, Any] | None = None  # replaces the normal answer when set
@@ -50,8 +53,18 @@ class FakeRpc:
             await asyncio.sleep(self.delay)
         if self.status != 200:
             return Response("unavailable", status_code=self.status)
-        answer = self.answer or {"result": f"0x{self.balance:064x}"}
+        if self.answer is not None:
+            answer = self.answer
+        elif body.get("method") == "eth_chainId":
+            answer = {"result": hex(self.chain_id)}
+        else:
+            answer = {"result": f"0x{self.balance:064x}"}
         return JSONResponse({"jsonrpc": "2.0", "id": body.get("id"), **answer})
+
+    @property
+    def calls(self) -> list[dict[str, Any]]:
+        """The `eth_call` requests (each balance lookup first checks the chain id)."""
+        return [r for r in self.requests if r.get("method") == "eth_call"]
 
     def __enter__(self) -> FakeRpc:
         self.server.start()
@@ -81,7 +94,8 @@ def dead_url() -> str:
 def test_balance_is_read_with_balance_of_on_the_usdc_contract(rpc):
     rpc.balance = 12_345_678
     assert asyncio.run(usdc_balance(ADDRESS, "base-sepolia", [rpc.url])) == 12_345_678
-    (request,) = rpc.requests
+    chain, request = rpc.requests
+    assert chain["method"] == "eth_chainId"
     assert request["jsonrpc"] == "2.0" and request["method"] == "eth_call"
     call, block = request["params"]
     assert block == "latest"
@@ -92,15 +106,24 @@ def test_balance_is_read_with_balance_of_on_the_usdc_contract(rpc):
 
 
 def test_mainnet_uses_the_mainnet_contract(rpc):
-    rpc.balance = 0
+    rpc.balance, rpc.chain_id = 0, NETWORKS["base"].chain_id
     assert asyncio.run(usdc_balance(ADDRESS, NETWORKS["base"], [rpc.url])) == 0
-    assert rpc.requests[0]["params"][0]["to"] == NETWORKS["base"].usdc
+    assert rpc.calls[0]["params"][0]["to"] == NETWORKS["base"].usdc
+
+
+def test_an_rpc_of_another_chain_is_not_believed():
+    """Same USDC address, another chain: its balance is another token's (and a gateway that
+    believed a 0 there would refuse to pay)."""
+    with FakeRpc(balance=0, chain_id=1) as liar, FakeRpc(balance=5) as honest:
+        assert asyncio.run(usdc_balance(ADDRESS, "base-sepolia", [liar.url])) is None
+        assert liar.calls == []
+        assert asyncio.run(usdc_balance(ADDRESS, "base-sepolia", [liar.url, honest.url])) == 5
 
 
 def test_a_down_or_slow_rpc_falls_through_to_the_next(rpc, slow_rpc):
     rpc.balance = 7
     start = time.monotonic()
-    got = asyncio.run(usdc_balance(ADDRESS, "base", [dead_url(), slow_rpc.url, rpc.url],
+    got = asyncio.run(usdc_balance(ADDRESS, "base-sepolia", [dead_url(), slow_rpc.url, rpc.url],
                                    timeout=0.3))
     assert got == 7
     assert time.monotonic() - start < 2.0
@@ -120,7 +143,7 @@ def test_http_errors_fall_through(rpc):
     good = FakeRpc(balance=5)
     with good:
         rpc.status = 503
-        assert asyncio.run(usdc_balance(ADDRESS, "base", [rpc.url, good.url])) == 5
+        assert asyncio.run(usdc_balance(ADDRESS, "base-sepolia", [rpc.url, good.url])) == 5
 
 
 def test_all_down_is_none_within_the_timeout(slow_rpc):
@@ -209,7 +232,7 @@ def test_monitor_backs_off_on_failure_and_rechecks_zero_sooner(rpc):
         assert "cannot connect" in monitor.snapshot()["error"]
 
         monitor.rpc_urls = [rpc.url]
-        rpc.balance = 0
+        rpc.balance, rpc.chain_id = 0, NETWORKS["base"].chain_id
         assert await monitor.refresh() == 0
         assert monitor.next_delay() == 1  # an empty wallet is probably being funded
         assert monitor.snapshot()["low"] is True
@@ -245,24 +268,24 @@ def test_short_of_refuses_only_on_a_known_balance_and_rereads_a_low_one_once(rpc
         monitor = BalanceMonitor(ADDRESS, "base-sepolia", [rpc.url], recheck=2.0, timeout=1.0,
                                  clock=lambda: clock[0])
         assert await monitor.short_of(50_000) is None  # not known yet: never a refusal
-        assert rpc.requests == []  # …and no lookup on the request path for it
+        assert rpc.calls == []  # …and no lookup on the request path for it
 
         rpc.balance = 80_000
         await monitor.refresh()
         assert await monitor.short_of(50_000) is None  # enough: the cached balance decides
         assert await monitor.short_of(80_000) is None
-        assert len(rpc.requests) == 1
+        assert len(rpc.calls) == 1
         assert await monitor.short_of(80_001) == 80_000  # fresh and low: refused, no lookup
-        assert len(rpc.requests) == 1
+        assert len(rpc.calls) == 1
 
         clock[0] += 2.5  # low but older than `recheck`: re-read once, shared by concurrent asks
         rpc.delay = 0.1
         answers = await asyncio.gather(*(monitor.short_of(100_000) for _ in range(5)))
-        assert answers == [80_000] * 5 and len(rpc.requests) == 2
+        assert answers == [80_000] * 5 and len(rpc.calls) == 2
 
         clock[0] += 2.5
         rpc.balance = 5_000_000  # funded meanwhile: the re-read lets it pay at once
-        assert await monitor.short_of(100_000) is None and len(rpc.requests) == 3
+        assert await monitor.short_of(100_000) is None and len(rpc.calls) == 3
 
         rpc.balance = 0
         await monitor.refresh()

@@ -96,8 +96,17 @@ class Rpc:
         return Block(_quantity(block.get("number"), "block number"),
                      _quantity(block.get("timestamp"), "block timestamp"))
 
+    async def check_chain(self, network: Network) -> None:
+        """ValueError unless this RPC serves `network`'s chain: the same USDC address on
+        another chain would answer for another token."""
+        chain_id = await self.chain_id()
+        if chain_id != network.chain_id:
+            raise ValueError(f"chain id {chain_id}, expected {network.chain_id} ({network.name})")
+
     async def usdc_balance(self, address: str, network: Network) -> int:
-        """`balanceOf(address)` in micro-USDC at the latest block."""
+        """`balanceOf(address)` in micro-USDC at the latest block, from `network`'s chain only
+        (the gateway refuses to sign for a wallet it believes short)."""
+        await self.check_chain(network)
         return await self._call(network, BALANCE_OF + _word_address(address), "latest")
 
     async def authorization_used(self, network: Network, payer: str, nonce: str,

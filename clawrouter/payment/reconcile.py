@@ -93,9 +93,7 @@ async def resolve(rpc: Rpc, network: Network,
                   payments: Sequence[Payment]) -> dict[int, Resolution | None]:
     """What one RPC's finalized block proves about each askable payment (None: nothing yet),
     by payment id; raises on any failure."""
-    chain_id = await rpc.chain_id()
-    if chain_id != network.chain_id:
-        raise ValueError(f"chain id {chain_id}, expected {network.chain_id} ({network.name})")
+    await rpc.check_chain(network)
     block = await rpc.block(FINALIZED)
     verdicts: dict[int, Resolution | None] = {}
     for payment in payments:
