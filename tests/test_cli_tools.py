@@ -563,3 +563,17 @@ def test_only_the_gateways_own_image_urls_keep_their_file_names() -> None:
                   f"http://h/images/{image}/more", "data:image/png;base64,AAAA", image,
                   "http://h/images/not-an-id.png"):
         assert _own_image_name(other) is None, other
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+    """`clawrouter models | head -1`: the pipe closes under the command, which stops quietly
+    (as a program killed by SIGPIPE would) instead of printing a BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "clawrouter", "models"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=60,
+                              env={**os.environ, "CLAWROUTER_HOME": str(tmp_path)})
+    finally:
+        os.close(write)
+    assert done.stderr == "" and done.returncode == 141
