@@ -17,18 +17,21 @@ def register(commands: Any) -> None:
                             description="The images the gateway saved under "
                                         "$CLAWROUTER_HOME/images.")
     sub = p.add_subparsers(dest="images_command", metavar="ACTION", required=True)
-    ls = sub.add_parser("ls", help="list stored images, newest first")
+    ls = sub.add_parser("ls", help="list stored images, newest first",
+                        description="List the stored images, newest first: name, size, "
+                                    "model, cost, prompt and path.")
     ls.add_argument("--limit", type=int, default=20, help="how many to list (default 20)")
     ls.add_argument("--offset", type=int, default=0, help="skip this many first")
     ls.add_argument("--json", action="store_true", help="print JSON for scripts")
-    ls.add_argument("--config", help="TOML settings file")
+    ls.add_argument("--config", help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
     ls.set_defaults(run=run_ls)
     prune = sub.add_parser("prune", help="delete images past the age or size limits now",
                            description="Apply CLAWROUTER_IMAGE_TTL_DAYS and "
                                        "CLAWROUTER_IMAGE_MAX_GB now (the gateway also does it "
                                        "in the background).")
     prune.add_argument("--json", action="store_true", help="print JSON for scripts")
-    prune.add_argument("--config", help="TOML settings file")
+    prune.add_argument("--config",
+                       help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
     prune.set_defaults(run=run_prune)
 
 

@@ -296,7 +296,8 @@ def _read_import(source: str | None) -> tuple[str, str]:
         else:
             raw = sys.stdin.read(4096)
         if not raw.strip():
-            raise CommandError(2, "no key on standard input: echo 0x... | clawrouter wallet import")
+            raise CommandError(2, "no key on standard input: echo 0x... | clawrouter wallet "
+                               "import, or --from blockrun|clawrouter for another client's")
         return raw, "standard input"
     candidates = IMPORT_SOURCES[source]()
     for path in candidates:
