@@ -275,6 +275,19 @@ def test_stats_json_reads_the_ledger_file(cli):
     assert [p["status"] for p in one["latest"]] == ["unknown"]
 
 
+def test_stats_points_to_the_other_networks_ledger(cli):
+    """Sandbox payments are kept in the Base Sepolia ledger: stats on the default network
+    says where they are instead of only 'No payments yet'."""
+    sepolia = Settings(home=cli.claw, network="base-sepolia").ledger_path
+    fill_ledger(sepolia)
+    done = cli("stats")
+    assert done.returncode == 0, done.stderr
+    assert "No payments yet." in done.stdout
+    assert f"in {sepolia}: CLAWROUTER_NETWORK=base-sepolia clawrouter stats" in done.stdout
+    summary = json.loads(cli("stats", "--json").stdout)
+    assert summary["other_ledgers"] == {"base-sepolia": str(sepolia)}
+
+
 def test_stats_table_shows_every_section(cli):
     fill_ledger(cli.ledger)
     done = cli("stats")

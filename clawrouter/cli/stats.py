@@ -21,6 +21,7 @@ from clawrouter.catalog import format_usd
 from clawrouter.cli.common import CommandError, settings_from
 from clawrouter.config import Settings
 from clawrouter.payment.budget import Budget
+from clawrouter.payment.networks import NETWORKS
 from clawrouter.payment.reconcile import chain_network
 from clawrouter.payment.ledger import FILENAME, Ledger, LedgerBusy
 
@@ -46,12 +47,30 @@ def _count(value: str) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    summary, source = spend_summary(settings_from(args), args.latest)
+    settings = settings_from(args)
+    summary, source = spend_summary(settings, args.latest)
+    others = other_ledgers(settings)
+    if others:
+        summary["other_ledgers"] = {name: str(path) for name, path in others.items()}
     if args.json:
         print(json.dumps(summary, indent=2))
-    else:
-        print(render(summary, source))
+        return 0
+    print(render(summary, source))
+    for name, path in others.items():
+        print(f"\nPayments on {name} (the sandbox's and testnets') are kept apart, in {path}: "
+              f"CLAWROUTER_NETWORK={name} clawrouter stats")
     return 0
+
+
+def other_ledgers(settings: Settings) -> dict[str, Path]:
+    """The ledger files of the other networks in the data directory, by network name."""
+    found = {}
+    for name in NETWORKS:
+        if name != settings.network:
+            path = settings.model_copy(update={"network": name}).ledger_path
+            if path.exists():
+                found[name] = path
+    return found
 
 
 def spend_summary(settings: Settings, latest: int) -> tuple[dict[str, Any], str]:
