@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,27 @@ def test_wallet_shows_the_balance_from_the_configured_rpc(cli, tmp_path):
         assert info["balance_micro"] == 250_000 and info["balance_usd"] == 0.25
         assert info["low"] is True and info["network"] == "base-sepolia"
         assert rpc.requests[-1]["params"][0]["data"].endswith(ADDRESS[2:].lower())
+
+
+def test_wallet_names_a_running_sandbox_gateway_and_its_balance(cli, make_gateway, sandbox):
+    """`serve` offline runs on the sandbox's Base Sepolia: `wallet` (which shows the configured
+    network, Base) says so, instead of contradicting the balance `status` shows."""
+    write_key(cli, KEY)
+    gw = make_gateway(home=cli.claw, wallet_key=KEY, rpc_urls=[sandbox.url + "/_sandbox/rpc"])
+    gw.gw.sandbox = True  # as `serve` makes it when BlockRun does not answer
+    deadline = time.monotonic() + 10
+    while gw.http.get("/health").json().get("balance_usd") is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    shown = cli("wallet", CLAWROUTER_URL=gw.url)
+    assert shown.returncode == 0, shown.stderr
+    assert "Base (base, chain id 8453)" in shown.stdout
+    assert (f"Note: the gateway running at {gw.url} pays in the sandbox (no real money) on "
+            "base-sepolia, where this wallet holds 100.00 sandbox USDC") in shown.stdout
+    info = json.loads(cli("wallet", "--json", CLAWROUTER_URL=gw.url).stdout)
+    assert info["gateway"] == {"url": gw.url, "network": "base-sepolia", "sandbox": True,
+                               "balance_usd": 100.0}
+    assert "gateway" not in json.loads(cli("wallet", "--json").stdout)  # none running there
 
 
 def test_environment_key_is_reported_as_the_one_in_use(cli):

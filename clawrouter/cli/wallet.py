@@ -174,6 +174,9 @@ def run_show(args: argparse.Namespace) -> int:
         "low_balance_usd": settings.low_balance_usd,
         "fund": funding_instructions(address, network),
     }
+    running = _running_elsewhere(settings, address, network)
+    if running is not None:
+        info["gateway"] = running
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -190,11 +193,41 @@ def run_show(args: argparse.Namespace) -> int:
             ("Balance", balance)]
     for label, value in rows:
         print(f"{label:<9}{value}")
+    if running is not None:
+        there = running["balance_usd"]
+        print(f"\nNote: the gateway running at {running['url']} pays "
+              + ("in the sandbox (no real money)" if running["sandbox"] else "from this key")
+              + f" on {running['network']}"
+              + ("" if there is None else f", where this wallet holds "
+                 f"{format_usd(round(there * MICRO))[1:]} "
+                 + ("sandbox USDC" if running["sandbox"] else "USDC"))
+              + ": what it spends does not show in the balance above.")
     print()
     print("How to fund it")
     for line in funding_instructions(address, network).split("\n"):
         print(f"  {line}")
     return 0
+
+
+def _running_elsewhere(settings: Settings, address: str, network: Network
+                       ) -> dict[str, Any] | None:
+    """This data directory's running gateway, if it pays on another network or in the sandbox
+    (`serve` offline): the numbers above would contradict the ones `status` shows."""
+    from clawrouter.cli.client import GatewayError, connect
+
+    async def ask() -> dict[str, Any] | None:
+        try:
+            async with await connect(start=False, settings=settings) as gateway:
+                return {"url": gateway.url, **await gateway.health()}
+        except GatewayError:
+            return None
+
+    health = asyncio.run(ask())
+    if (health is None or health.get("wallet") != address
+            or (health.get("network") == network.name and not health.get("sandbox"))):
+        return None
+    return {"url": health["url"], "network": health.get("network"),
+            "sandbox": bool(health.get("sandbox")), "balance_usd": health.get("balance_usd")}
 
 
 def network_title(network: Network) -> str:
