@@ -61,7 +61,7 @@ def sandbox_server() -> Iterator[Sandbox]:
 def sandbox(sandbox_server: Sandbox) -> Sandbox:
     sandbox_server.reset()
     sandbox_server.configure(latency_ms=0, slow_seconds=0.6, finality_seconds=0,
-                             max_timeout_seconds=300)
+                             max_timeout_seconds=300, marked=True)
     return sandbox_server
 
 

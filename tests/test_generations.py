@@ -142,6 +142,32 @@ def test_client_disconnect_during_polling_stops_polling(gateway, sandbox):
     assert stats["settled"] == []
 
 
+def test_an_upstream_that_is_a_sandbox_is_said_to_be_one_on_a_testnet_only(make_gateway,
+                                                                           sandbox):
+    """`clawrouter sandbox` alone, with `serve --upstream` in front of it: the gateway learns
+    from its answers (`x-blockrun-sandbox`) that no real money moves, and says so in /health
+    and on every response, as the built-in sandbox does. On Base mainnet an upstream's word is
+    not taken: it would make real payments look like play money."""
+    testnet = make_gateway()
+    assert testnet.http.get("/health").json()["sandbox"] is False  # nothing asked yet
+    made = testnet.http.post("/v1/images/generations", json={"prompt": "x", "model": "cogview"})
+    assert made.status_code == 200 and made.headers["x-clawrouter-sandbox"] == "true"
+    assert testnet.http.get("/health").json()["sandbox"] is True
+
+    mainnet = make_gateway(network="base")
+    refused = mainnet.http.post("/v1/images/generations",  # a Base Sepolia challenge: refused
+                                json={"prompt": "x", "model": "cogview"})
+    assert refused.status_code == 402 and "x-clawrouter-sandbox" not in refused.headers
+    assert mainnet.gw.client.sandbox  # it did say so
+    assert mainnet.http.get("/health").json()["sandbox"] is False
+
+    sandbox.configure(marked=False)  # an upstream that does not say so: none
+    quiet = make_gateway()
+    assert quiet.http.post("/v1/images/generations",
+                           json={"prompt": "x", "model": "cogview"}).status_code == 200
+    assert quiet.http.get("/health").json()["sandbox"] is False
+
+
 def test_health_and_models_are_free(gateway, sandbox):
     health = gateway.http.get("/health").json()
     assert health["status"] == "ok" and health["wallet"] == gateway.gw.address

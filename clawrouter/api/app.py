@@ -61,6 +61,15 @@ class Gateway:
     trimmer: Trimmer
     pipeline: ImagePipeline | None = None
     balance: BalanceMonitor | None = None
+    client: BlockRunClient | None = None
+
+    @property
+    def in_sandbox(self) -> bool:
+        """No real money moves: the built-in sandbox, or an upstream that marks its answers as
+        a sandbox's while we pay on a testnet (on Base mainnet an upstream's word would be
+        enough to make real payments look like play money, so it is not taken)."""
+        return self.sandbox or (self.network.testnet and self.client is not None
+                                and self.client.sandbox)
 
     @property
     def address(self) -> str:
@@ -96,6 +105,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
         client = BlockRunClient(settings.upstream_url, session,
                                 timeout=settings.upstream_timeout,
                                 connect_timeout=settings.upstream_connect_timeout)
+        gw.client = client
         balance = BalanceMonitor.from_settings(gw.address, settings, session=session)
         balance.start()
         gw.balance = balance
@@ -135,6 +145,6 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     app.add_middleware(BrowserGuard, loopback_only=settings.loopback,
                        public_url=settings.public_url)
     app.add_middleware(Observe, metrics=gw.metrics, log_prompts=settings.log_prompts)
-    app.add_middleware(RequestId, sandbox=sandbox)
+    app.add_middleware(RequestId, sandbox=lambda: gw.in_sandbox)
     return app
 

@@ -21,7 +21,7 @@ async def health(request: Request) -> dict[str, Any]:
     if getattr(request.state, "authorized", True) is False:
         return {"status": "ok", "version": __version__, "api_key": "required"}
     health = {"status": "ok", "wallet": gw.address, "upstream": gw.settings.upstream_url,
-              "sandbox": gw.sandbox, "version": __version__, "network": gw.network.name,
+              "sandbox": gw.in_sandbox, "version": __version__, "network": gw.network.name,
               # random per process, and in its ledger's lock file: the terminal commands use
               # it to tell this data directory's gateway from another's at the same address
               "instance": gw.ledger.instance}

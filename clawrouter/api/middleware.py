@@ -10,6 +10,7 @@ import hmac
 import json
 import re
 import secrets
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,9 +47,9 @@ async def send_error(send: Send, error: ClawError) -> None:
 class RequestId:
     """Echo a well-formed `x-request-id` or generate one; put it in scope and on every response."""
 
-    def __init__(self, app: ASGIApp, *, sandbox: bool = False) -> None:
+    def __init__(self, app: ASGIApp, *, sandbox: Callable[[], bool] = lambda: False) -> None:
         self.app = app
-        self.sandbox = sandbox
+        self.sandbox = sandbox  # asked per response: an upstream may turn out to be a sandbox
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,7 +67,7 @@ class RequestId:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", rid))
-                if self.sandbox:
+                if self.sandbox():
                     headers.append((b"x-clawrouter-sandbox", b"true"))
                 message["headers"] = headers
             await send(message)

@@ -17,7 +17,7 @@ from clawrouter.payment.networks import NETWORKS, Network
 #: fields `POST /_sandbox/config` may change while the server runs (benchmark phases)
 RUNTIME_FIELDS = ("latency_ms", "slow_seconds", "url_results", "image_bytes",
                   "max_timeout_seconds", "max_accepted_timeout_seconds", "accept_v1",
-                  "finality_seconds")
+                  "finality_seconds", "marked")
 
 
 @dataclass
@@ -39,6 +39,8 @@ class SandboxConfig:
     max_accepted_timeout_seconds: int = 600
     #: take x402 v1 payloads (`X-PAYMENT`, no `accepted`); BlockRun speaks v2 only
     accept_v1: bool = False
+    #: put `x-blockrun-sandbox: true` on every answer (false: look like BlockRun itself)
+    marked: bool = True
     #: what every wallet holds on the sandbox chain before it pays (shown, not enforced)
     faucet_usd: float = 100.0
     #: how far the chain's finalized head trails its latest block (Base's: about 20 minutes;
@@ -67,7 +69,7 @@ class SandboxConfig:
             raise ValueError(f"cannot change {sorted(unknown)} at runtime; "
                              f"allowed: {list(RUNTIME_FIELDS)}")
         for name, value in changes.items():
-            if name in ("url_results", "accept_v1"):
+            if name in ("url_results", "accept_v1", "marked"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{name} must be a boolean")
             elif name == "image_bytes":

@@ -32,6 +32,10 @@ class SandboxMiddleware:
         if self.config.latency_ms and not scope["path"].startswith(CONTROL_PREFIX):
             await asyncio.sleep(self.config.latency_ms / 1000)
 
+        if not self.config.marked:
+            await self.app(scope, receive, send)
+            return
+
         async def marked(message: Any) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), MARKER]

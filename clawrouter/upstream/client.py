@@ -24,6 +24,9 @@ from clawrouter.errors import UpstreamError
 MAX_ANSWER_BYTES = 256 * 1024 * 1024
 
 
+#: what the sandbox (`clawrouter sandbox`) puts on every answer
+SANDBOX_MARKER = "x-blockrun-sandbox"
+
 class TransportError(Exception):
     """The upstream could not be reached, or the connection failed mid-way."""
 
@@ -78,6 +81,8 @@ class BlockRunClient:
                  max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_answer_bytes = max_answer_bytes
+        #: the upstream marked an answer as a sandbox's (`x-blockrun-sandbox: true`)
+        self.sandbox = False
         parts = urlsplit(self.base_url)
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self._session = session
@@ -141,9 +146,12 @@ class BlockRunClient:
                                              allow_redirects=False,
                                              timeout=self._timeout) as resp:
                 data = await read_capped(resp, self.max_answer_bytes)
-                return UpstreamResponse(
+                answer = UpstreamResponse(
                     resp.status, {k.lower(): v for k, v in resp.headers.items()}, data,
                     (time.perf_counter() - started) * 1000)
+                if answer.headers.get(SANDBOX_MARKER) == "true":
+                    self.sandbox = True
+                return answer
         except TooLarge as exc:  # an answer this big is not an image API's; never resent
             raise TransportError("too_large", f"the answer from {self.origin} is too large "
                                               f"({exc})") from None
