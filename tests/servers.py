@@ -14,9 +14,23 @@ import uvicorn
 
 
 def free_port() -> int:
+    """A port free now, for a server to bind (another may take it meanwhile: addresses that
+    must stay silent use `dead_port`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_DEAD: list[socket.socket] = []
+
+
+def dead_port() -> int:
+    """A loopback port where connections are refused for the rest of the run: bound, never
+    listened on, so no other test (or xdist worker) can start a server there."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _DEAD.append(s)
+    return s.getsockname()[1]
 
 
 class ServerThread:

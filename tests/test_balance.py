@@ -22,7 +22,7 @@ from clawrouter.payment.balance import (
     usdc_balance,
 )
 from clawrouter.payment.networks import NETWORKS
-from tests.servers import ServerThread, free_port
+from tests.servers import ServerThread, dead_port
 
 ADDRESS = "0x1563915e194D8CfBA1943570603F7606A3115508"
 
@@ -88,7 +88,7 @@ def slow_rpc():
 
 
 def dead_url() -> str:
-    return f"http://127.0.0.1:{free_port()}/"
+    return f"http://127.0.0.1:{dead_port()}/"
 
 
 def test_balance_is_read_with_balance_of_on_the_usdc_contract(rpc):
@@ -154,7 +154,7 @@ def test_all_down_is_none_within_the_timeout(slow_rpc):
 
 
 def test_failure_reasons_name_hosts_not_urls(slow_rpc):
-    secret_url = f"http://127.0.0.1:{free_port()}/v2/SECRET-API-KEY"
+    secret_url = f"http://127.0.0.1:{dead_port()}/v2/SECRET-API-KEY"
     with pytest.raises(Exception) as err:
         asyncio.run(fetch_usdc_balance(ADDRESS, "base", [secret_url, slow_rpc.url],
                                        timeout=0.2))

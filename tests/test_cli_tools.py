@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from clawrouter import catalog
 from clawrouter.sandbox.images import make_png
-from tests.servers import free_port, serving
+from tests.servers import dead_port, free_port, serving
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MY_COMMANDS = ("generate", "edit", "models", "status", "doctor", "mcp")
@@ -32,7 +32,7 @@ def run(tmp_path: Path, *args: str, url: str | None = None, cwd: Path | None = N
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
     environ.update(CLAWROUTER_HOME=str(tmp_path / "cli-home"), CLAWROUTER_OUT=str(tmp_path / "out"),
-                   CLAWROUTER_URL=url or f"http://127.0.0.1:{free_port()}", **env)
+                   CLAWROUTER_URL=url or f"http://127.0.0.1:{dead_port()}", **env)
     return subprocess.run([sys.executable, "-m", "clawrouter", *args], env=environ, cwd=cwd,
                           capture_output=True, text=True, timeout=60)
 
@@ -250,7 +250,7 @@ def test_a_second_command_waits_for_the_one_running_its_own_gateway(tmp_path: Pa
     """The ledger is one process's at a time. Agents run tool calls in parallel: the second
     command waits for the first (saying so, and whose turn it is) instead of failing."""
     environ = cli_env(tmp_path, CLAWROUTER_SANDBOX="true",
-                      CLAWROUTER_URL=f"http://127.0.0.1:{free_port()}")
+                      CLAWROUTER_URL=f"http://127.0.0.1:{dead_port()}")
     first = subprocess.Popen([sys.executable, "-m", "clawrouter", "generate", "slow one",
                               "--model", "gpt-image-2", "--json"], env=environ,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -309,7 +309,7 @@ def test_commands_use_the_gateway_holding_the_ledger_wherever_it_listens(
         tmp_path: Path) -> None:
     """`clawrouter serve --port P` (a flag the other commands cannot know): they find its
     address in the ledger's lock file and use it, rather than wait for it to stop."""
-    environ = cli_env(tmp_path, CLAWROUTER_PORT=str(free_port()))
+    environ = cli_env(tmp_path, CLAWROUTER_PORT=str(dead_port()))
     port = free_port()
     serve = subprocess.Popen([sys.executable, "-m", "clawrouter", "serve", "--sandbox",
                               "--port", str(port)], env=environ, stdout=subprocess.PIPE,
@@ -345,7 +345,7 @@ def test_a_holder_that_says_where_it_listens_only_later_is_still_found(
 
     monkeypatch.delenv("CLAWROUTER_URL", raising=False)
     monkeypatch.delenv("CLAWROUTER_API_KEY", raising=False)
-    settings = gateway_settings(tmp_path / "held", sandbox.api, port=free_port())
+    settings = gateway_settings(tmp_path / "held", sandbox.api, port=dead_port())
     holding = make_gateway(home=settings.home)  # holds the ledger, not yet saying where
     threading.Timer(1.0, holding.gw.ledger.advertise, (holding.url,)).start()
     began = time.monotonic()
@@ -403,7 +403,7 @@ def test_a_gateway_of_another_data_directory_is_named_not_used(
 
 def test_interrupted_while_waiting_for_the_ledger_says_nothing_was_paid(tmp_path: Path) -> None:
     environ = cli_env(tmp_path, CLAWROUTER_SANDBOX="true",
-                      CLAWROUTER_URL=f"http://127.0.0.1:{free_port()}")
+                      CLAWROUTER_URL=f"http://127.0.0.1:{dead_port()}")
     first = subprocess.Popen([sys.executable, "-m", "clawrouter", "generate", "slow one",
                               "--model", "gpt-image-2"], env=environ,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -506,14 +506,14 @@ def test_doctor_names_each_failure_with_a_fix(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         proc = run(tmp_path, "doctor", "--json", CLAWROUTER_PORT=str(taken.getsockname()[1]),
-                   BLOCKRUN_API_URL=f"http://127.0.0.1:{free_port()}/api")
+                   BLOCKRUN_API_URL=f"http://127.0.0.1:{dead_port()}/api")
     assert proc.returncode == 1
     checks = {c["name"]: c for c in as_json(proc)["checks"]}
     assert checks["wallet"]["status"] == "fail"
     assert checks["wallet"]["fix"] == f"chmod 600 {home / 'wallet.key'}"
     assert checks["port"]["status"] == "fail" and "CLAWROUTER_PORT" in checks["port"]["fix"]
     assert checks["upstream"]["status"] == "fail" and checks["upstream"]["fix"]
-    text = run(tmp_path, "doctor", BLOCKRUN_API_URL=f"http://127.0.0.1:{free_port()}/api")
+    text = run(tmp_path, "doctor", BLOCKRUN_API_URL=f"http://127.0.0.1:{dead_port()}/api")
     assert text.returncode == 1 and "fix: chmod 600" in text.stdout
 
 

@@ -24,7 +24,7 @@ from starlette.routing import Route
 from clawrouter.config import Settings
 from clawrouter.payment.ledger import Ledger, REJECTED, SETTLED
 from clawrouter.payment.networks import NETWORKS
-from tests.servers import ServerThread, free_port
+from tests.servers import ServerThread, dead_port
 from tests.test_balance import FakeRpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +44,8 @@ class Cli:
                     if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
         self.env.update(HOME=str(self.home), CLAWROUTER_HOME=str(self.claw),
                         # offline by default: nothing listens on these ports
-                        CLAWROUTER_RPC_URLS=json.dumps([f"http://127.0.0.1:{free_port()}/"]),
-                        CLAWROUTER_PORT=str(free_port()))
+                        CLAWROUTER_RPC_URLS=json.dumps([f"http://127.0.0.1:{dead_port()}/"]),
+                        CLAWROUTER_PORT=str(dead_port()))
 
     @property
     def ledger(self) -> Path:

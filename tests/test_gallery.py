@@ -274,6 +274,7 @@ def test_load_more_pages_through_older_images(visit: Visit, gateway: Gateway,
     expect(cards).to_have_count(PAGE_SIZE + 1)
     expect(cards.first.locator(".card-prompt")).to_have_text(
         "generated while the first page is shown")
+    expect(page.locator(".grid-item.pending")).to_have_count(0)  # stored, not still running
 
     page.click("#more")
     expect(cards).to_have_count(PAGE_SIZE + 2)

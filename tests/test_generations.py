@@ -249,9 +249,9 @@ def test_routes_without_v1_and_with_query_strings(gateway):
 
 
 def test_unreachable_upstream_is_a_502_that_paid_nothing(make_gateway):
-    from tests.servers import free_port
+    from tests.servers import dead_port
 
-    gw = make_gateway(upstream=f"http://127.0.0.1:{free_port()}/api")
+    gw = make_gateway(upstream=f"http://127.0.0.1:{dead_port()}/api")
     r = gw.http.post("/v1/images/generations", json={"prompt": "x"})
     assert r.status_code == 502
     assert r.json()["error"]["code"] == "upstream_unreachable"

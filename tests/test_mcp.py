@@ -142,9 +142,9 @@ def test_wallet_status_reports_address_spend_and_budget(tmp_path: Path, make_gat
 
 
 def test_runs_the_gateway_in_process_when_none_answers(tmp_path: Path) -> None:
-    from tests.servers import free_port
+    from tests.servers import dead_port
 
-    env = mcp_env(tmp_path, f"http://127.0.0.1:{free_port()}") | {"CLAWROUTER_SANDBOX": "true"}
+    env = mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {"CLAWROUTER_SANDBOX": "true"}
 
     async def use(session: ClientSession) -> tuple[Any, Any]:
         made = await session.call_tool("generate_image", {"prompt": "a quiet harbour"})
@@ -171,9 +171,9 @@ def test_other_commands_run_between_an_mcp_sessions_calls(tmp_path: Path) -> Non
     import os
     import subprocess
 
-    from tests.servers import free_port
+    from tests.servers import dead_port
 
-    env = mcp_env(tmp_path, f"http://127.0.0.1:{free_port()}") | {"CLAWROUTER_SANDBOX": "true"}
+    env = mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {"CLAWROUTER_SANDBOX": "true"}
     cli = {k: v for k, v in os.environ.items()
            if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))} | env
 
