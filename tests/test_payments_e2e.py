@@ -181,26 +181,38 @@ def test_a_wallet_known_to_hold_too_little_is_refused_before_signing(make_gatewa
     and a low one is re-read before it refuses (the rest: test_balance::test_short_of_…)."""
     from tests.test_balance import FakeRpc
 
-    with FakeRpc(balance=COGVIEW_PRICE - 1) as rpc:
-        gw = make_gateway(rpc_urls=[rpc.url])
+    def short_of_funds(gw) -> dict:
         deadline = time.monotonic() + 10
         while gw.http.get("/health").json().get("balance_usd") is None:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         short = gen(gw)
         assert short.status_code == 402, short.text
-        error = short.json()["error"]
+        assert short.headers["x-should-retry"] == "false"
+        assert sandbox.stats()["payments_count"] == 0 and ledger_rows(gw) == []
+        return short.json()["error"]
+
+    with FakeRpc(balance=COGVIEW_PRICE - 1) as rpc:
+        sandbox.configure(marked=False)  # an upstream that is not a sandbox
+        gw = make_gateway(rpc_urls=[rpc.url])
+        error = short_of_funds(gw)
         assert error["code"] == "insufficient_funds" and error["type"] == "payment_error"
         assert gw.gw.address in error["message"] and "nothing was signed" in error["message"]
-        assert "$0.016749" in error["message"] and "$0.01675" in error["message"]
-        assert short.headers["x-should-retry"] == "false"
-        assert sandbox.stats()["payments_count"] == 0 and sandbox.round_trips() <= 1
-        assert ledger_rows(gw) == []
+        assert "$0.016749 USDC on Base Sepolia" in error["message"]
+        assert "$0.01675 this request costs" in error["message"]
+        assert "Send USDC on Base Sepolia to that address" in error["message"]
 
         rpc.balance = 10_000_000  # funded: the low balance is re-read before refusing again
         gw.gw.balance.recheck = 0
         assert gen(gw, "funded").status_code == 200
         assert sandbox.stats()["payments_count"] == 1
+
+        sandbox.reset()
+        sandbox.configure(marked=True)  # the sandbox's play money: say how to get more
+        rpc.balance = 0
+        error = short_of_funds(make_gateway(rpc_urls=[rpc.url]))
+        assert "holds $0.00 sandbox USDC" in error["message"]
+        assert "restart it" in error["message"]
 
 
 def test_a_monthly_budget_refuses_before_anything_is_signed(make_gateway, sandbox):

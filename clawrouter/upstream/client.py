@@ -22,10 +22,9 @@ from clawrouter.errors import UpstreamError
 
 #: the largest answer read from the API: ten 4096x4096 PNGs as data URIs fit many times over
 MAX_ANSWER_BYTES = 256 * 1024 * 1024
-
-
 #: what the sandbox (`clawrouter sandbox`) puts on every answer
 SANDBOX_MARKER = "x-blockrun-sandbox"
+
 
 class TransportError(Exception):
     """The upstream could not be reached, or the connection failed mid-way."""

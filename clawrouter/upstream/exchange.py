@@ -260,12 +260,17 @@ class Exchange:
         held = await self.balance.short_of(amount) if self.balance is not None else None
         if held is None:
             return
-        chain = "Base Sepolia" if self.network.testnet else "Base"
+        if self.network.testnet and self.client.sandbox:
+            coin, fund = ("sandbox USDC", "The sandbox gives every wallet 100 sandbox USDC when "
+                          "it starts: restart it (or `clawrouter serve`) for more.")
+        else:
+            chain = "Base Sepolia" if self.network.testnet else "Base"
+            coin, fund = (f"USDC on {chain}", f"Send USDC on {chain} to that address "
+                          "(`clawrouter wallet` shows it and its balance), then retry.")
         raise InsufficientFunds(
             f"Payment refused, nothing was signed: the wallet {self.signer.address} holds "
-            f"{format_usd(held)} USDC on {chain}, less than the {format_usd(amount)} this "
-            f"request costs. Send USDC on {chain} to that address (`clawrouter wallet` shows "
-            "it and its balance), then retry.",
+            f"{format_usd(held)} {coin}, less than the {format_usd(amount)} this request "
+            f"costs. {fund}",
             extra={"balance_usd": held / 1_000_000, "amount_usd": amount / 1_000_000})
 
     async def _complete(self, call: UpstreamCall, resp: UpstreamResponse,
