@@ -296,3 +296,65 @@ def test_short_of_refuses_only_on_a_known_balance_and_rereads_a_low_one_once(rpc
         await monitor.aclose()
 
     asyncio.run(main())
+
+
+def test_a_reread_waits_at_most_the_timeout_and_a_failed_one_is_not_retried_at_once(rpc):
+    """RPCs that hang must not slow every payment down: a request waits for the re-read
+    `timeout` seconds at most, and after a failed one the next `recheck` seconds ask nothing."""
+    async def main() -> None:
+        clock = [1000.0]
+        monitor = BalanceMonitor(ADDRESS, "base-sepolia", [rpc.url], recheck=2.0, timeout=0.3,
+                                 clock=lambda: clock[0])
+        rpc.balance = 10
+        await monitor.refresh()
+        clock[0] += 2.5
+        rpc.delay = 0.25  # each call within the timeout, the lookup (two calls) beyond it
+        started = time.monotonic()
+        assert await monitor.short_of(100_000) is None  # not waited for: refuses nothing
+        assert time.monotonic() - started < 0.45
+        await _wait(lambda: monitor._rereading is None)
+        assert await monitor.short_of(100_000) == 10  # …and its answer counts once it is in
+
+        clock[0] += 2.5
+        rpc.delay = 1.0  # each call outlasts the timeout: the re-read fails
+        assert await monitor.short_of(100_000) is None
+        await _wait(lambda: monitor._rereading is None)
+        asked = len(rpc.requests)
+        assert await monitor.short_of(100_000) is None and len(rpc.requests) == asked
+        clock[0] += 2.5  # the failure is old: the next request re-reads again
+        rpc.delay = 0
+        assert await monitor.short_of(100_000) == 10 and len(rpc.requests) > asked
+        await monitor.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_old_answer_arriving_late_does_not_undo_a_newer_one(monkeypatch):
+    """A background lookup that started before the wallet was funded, and answers after a
+    newer lookup did, must not put the old balance back (it would refuse a funded wallet)."""
+    import clawrouter.payment.balance as balance
+
+    async def main() -> None:
+        answers: list[asyncio.Future[int]] = []
+
+        async def fetch(*args: Any, **kwargs: Any) -> int:
+            answers.append(asyncio.get_running_loop().create_future())
+            return await answers[-1]
+
+        monkeypatch.setattr(balance, "fetch_usdc_balance", fetch)
+        clock = [1000.0]
+        monitor = BalanceMonitor(ADDRESS, "base-sepolia", ["http://unused/"],
+                                 clock=lambda: clock[0], session=object())  # type: ignore[arg-type]
+        old = asyncio.ensure_future(monitor.refresh())
+        await _wait(lambda: len(answers) == 1)
+        clock[0] += 1
+        new = asyncio.ensure_future(monitor.refresh())
+        await _wait(lambda: len(answers) == 2)
+        answers[1].set_result(5_000_000)  # funded: the newer lookup answers first
+        assert await new == 5_000_000
+        answers[0].set_result(0)
+        assert await old == 0
+        assert monitor.snapshot()["balance_usd"] == 5.0
+        assert await monitor.short_of(100_000) is None
+
+    asyncio.run(main())

@@ -308,6 +308,11 @@ def test_stats_points_to_the_other_networks_ledger(cli):
     assert f"in {sepolia}: CLAWROUTER_NETWORK=base-sepolia clawrouter stats" in done.stdout
     summary = json.loads(cli("stats", "--json").stdout)
     assert summary["other_ledgers"] == {"base-sepolia": str(sepolia)}
+    assert "(the sandbox's and testnet ones)" in done.stdout
+
+    fill_ledger(cli.ledger)  # real payments, seen from the testnet side: never "the sandbox's"
+    from_testnet = cli("stats", CLAWROUTER_NETWORK="base-sepolia").stdout
+    assert f"Payments on base (real USDC) are kept apart, in {cli.ledger}" in from_testnet
 
 
 def test_stats_table_shows_every_section(cli):

@@ -57,7 +57,8 @@ def run_stats(args: argparse.Namespace) -> int:
         return 0
     print(render(summary, source))
     for name, path in others.items():
-        print(f"\nPayments on {name} (the sandbox's and testnets') are kept apart, in {path}: "
+        kind = "the sandbox's and testnet ones" if NETWORKS[name].testnet else "real USDC"
+        print(f"\nPayments on {name} ({kind}) are kept apart, in {path}: "
               f"CLAWROUTER_NETWORK={name} clawrouter stats")
     return 0
 

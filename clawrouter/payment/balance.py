@@ -107,7 +107,9 @@ class BalanceMonitor:
         self._checked: float | None = None
         self._error: str | None = None
         self._failures = 0
+        self._read_from = 0.0  # when the lookup behind `_micro` started (`refresh`)
         self._rereading: asyncio.Future[int | None] | None = None
+        self._reread_failed: float | None = None  # when `short_of`'s last re-read failed
 
     @classmethod
     def from_settings(cls, address: str, settings: Settings, **kwargs: Any) -> BalanceMonitor:
@@ -137,26 +139,37 @@ class BalanceMonitor:
         Only a known balance refuses: none yet, no RPCs or a failed re-read let the payment go
         (the upstream then decides, as without this check). A low balance older than `recheck`
         seconds is re-read first, by one lookup that concurrent requests share, so a wallet
-        funded a moment ago is not refused for the rest of the `interval`.
+        funded a moment ago is not refused for the rest of the `interval`; a request waits for
+        it `timeout` seconds at most, and after a failed one none is tried for `recheck`
+        seconds (RPCs that hang must not slow every payment down).
         """
         if self._micro is None or self._micro >= amount:
             return None
-        if self._checked is None or self._clock() - self._checked > self.recheck:
-            if self._rereading is None:
-                self._rereading = asyncio.ensure_future(self.refresh())
-                self._rereading.add_done_callback(self._reread)
-            if await asyncio.shield(self._rereading) is None:
-                return None
-        micro = self._micro
+        now = self._clock()
+        if self._checked is not None and now - self._checked <= self.recheck:
+            return self._micro
+        if self._reread_failed is not None and now - self._reread_failed <= self.recheck:
+            return None
+        if self._rereading is None:
+            self._rereading = asyncio.ensure_future(self.refresh())
+            self._rereading.add_done_callback(self._reread)
+        try:
+            micro = await asyncio.wait_for(asyncio.shield(self._rereading), self.timeout)
+        except asyncio.TimeoutError:
+            return None
         return micro if micro is not None and micro < amount else None
 
-    def _reread(self, _: asyncio.Future[int | None]) -> None:
+    def _reread(self, done: asyncio.Future[int | None]) -> None:
         self._rereading = None
+        if done.cancelled() or done.result() is None:
+            self._reread_failed = self._clock()
 
     async def refresh(self) -> int | None:
-        """Look the balance up once now and update the snapshot."""
+        """Look the balance up once now and update the snapshot (unless a lookup that started
+        later has already: an old answer arriving late must not undo a newer one)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        started = self._clock()
         try:
             micro = await fetch_usdc_balance(self.address, self.network, self.rpc_urls,
                                              timeout=self.timeout, session=self._session)
@@ -164,7 +177,9 @@ class BalanceMonitor:
             self._failures += 1
             self._error = str(exc) or type(exc).__name__
             return None
-        self._micro, self._checked, self._error, self._failures = micro, self._clock(), None, 0
+        if started >= self._read_from:
+            self._micro, self._checked, self._read_from = micro, self._clock(), started
+        self._error, self._failures = None, 0
         return micro
 
     def next_delay(self) -> float:
