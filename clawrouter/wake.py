@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 
 async def nap(wake: asyncio.Event, timeout: float | None) -> None:
@@ -16,7 +17,7 @@ async def nap(wake: asyncio.Event, timeout: float | None) -> None:
     wake.clear()
 
 
-async def stop(task: asyncio.Task[None] | None) -> None:
+async def stop(task: asyncio.Task[Any] | None) -> None:
     """Cancel a background loop's task (if any) and wait until it has stopped."""
     if task is not None:
         task.cancel()

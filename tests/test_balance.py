@@ -358,3 +358,21 @@ def test_an_old_answer_arriving_late_does_not_undo_a_newer_one(monkeypatch):
         assert await monitor.short_of(100_000) is None
 
     asyncio.run(main())
+
+
+def test_closing_stops_a_reread_whose_request_left(rpc):
+    async def main() -> None:
+        clock = [1000.0]
+        monitor = BalanceMonitor(ADDRESS, "base-sepolia", [rpc.url], timeout=0.2,
+                                 clock=lambda: clock[0])
+        rpc.balance = 10
+        await monitor.refresh()
+        clock[0] += 2.5
+        rpc.delay = 0.15  # two calls: the lookup outlives the request's 0.2 s
+        assert await monitor.short_of(100_000) is None
+        running = monitor._rereading
+        assert running is not None and not running.done()
+        await monitor.aclose()
+        assert running.cancelled() and monitor._rereading is None
+
+    asyncio.run(main())

@@ -108,7 +108,7 @@ class BalanceMonitor:
         self._error: str | None = None
         self._failures = 0
         self._read_from = 0.0  # when the lookup behind `_micro` started (`refresh`)
-        self._rereading: asyncio.Future[int | None] | None = None
+        self._rereading: asyncio.Task[int | None] | None = None
         self._reread_failed: float | None = None  # when `short_of`'s last re-read failed
 
     @classmethod
@@ -151,7 +151,7 @@ class BalanceMonitor:
         if self._reread_failed is not None and now - self._reread_failed <= self.recheck:
             return None
         if self._rereading is None:
-            self._rereading = asyncio.ensure_future(self.refresh())
+            self._rereading = asyncio.create_task(self.refresh())
             self._rereading.add_done_callback(self._reread)
         try:
             micro = await asyncio.wait_for(asyncio.shield(self._rereading), self.timeout)
@@ -159,7 +159,7 @@ class BalanceMonitor:
             return None
         return micro if micro is not None and micro < amount else None
 
-    def _reread(self, done: asyncio.Future[int | None]) -> None:
+    def _reread(self, done: asyncio.Task[int | None]) -> None:
         self._rereading = None
         if done.cancelled() or done.result() is None:
             self._reread_failed = self._clock()
@@ -198,6 +198,7 @@ class BalanceMonitor:
     async def aclose(self) -> None:
         task, self._task = self._task, None
         await stop(task)
+        await stop(self._rereading)  # a request's re-read still running (its caller left)
         if self._owns_session and self._session is not None:
             await self._session.close()
             self._session = None
