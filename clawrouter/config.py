@@ -145,7 +145,11 @@ class Settings(BaseSettings):
     @property
     def ledger_path(self) -> Path:
         """One ledger per network, so testnet and sandbox payments never mix with real ones."""
-        suffix = "" if self.network == "base" else f"-{self.network}"
+        return self.ledger_path_for(self.network)
+
+    def ledger_path_for(self, network: str) -> Path:
+        """The data directory's ledger for `network` (a key of NETWORKS)."""
+        suffix = "" if network == "base" else f"-{network}"
         return self.home / f"ledger{suffix}.sqlite3"
 
     @property

@@ -506,7 +506,7 @@ def _holders(settings: Settings) -> list[Holder]:
     """Who holds this data directory's ledgers (one per network), as their lock files say."""
     found = []
     for network in dict.fromkeys((settings.network, *NETWORKS)):
-        lock = lock_path(settings.model_copy(update={"network": network}).ledger_path)
+        lock = lock_path(settings.ledger_path_for(network))
         if lock.exists() and in_use(lock):
             held = holder(lock)
             if held is not None:

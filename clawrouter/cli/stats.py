@@ -65,13 +65,8 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def other_ledgers(settings: Settings) -> dict[str, Path]:
     """The ledger files of the other networks in the data directory, by network name."""
-    found = {}
-    for name in NETWORKS:
-        if name != settings.network:
-            path = settings.model_copy(update={"network": name}).ledger_path
-            if path.exists():
-                found[name] = path
-    return found
+    paths = {name: settings.ledger_path_for(name) for name in NETWORKS if name != settings.network}
+    return {name: path for name, path in paths.items() if path.exists()}
 
 
 def spend_summary(settings: Settings, latest: int) -> tuple[dict[str, Any], str]:
