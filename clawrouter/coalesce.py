@@ -8,7 +8,9 @@
 - Without one, an identical request from the same client that arrives while the first is in
   flight, or within `window` seconds after it ended with a payment, gets the first outcome.
   This is what stops the OpenAI SDK's automatic retries (after a timeout or dropped connection)
-  from paying twice: it sends no idempotency key of its own.
+  from paying twice: it sends no idempotency key of its own. A request whose images are read
+  from paths or URLs is shared only while in flight: the same words may name new bytes once
+  it is done (an agent that edits a file in place, then asks again).
 
 The shared work stops early (client gone) only when every client waiting on it has left, and
 goes on if one joins before it has noticed.
@@ -93,7 +95,11 @@ class Coalescer:
         return len(self._entries)
 
     async def run(self, ctx: RequestContext, fingerprint: str, idempotency_key: str | None,
-                  work: Callable[[RequestContext], Awaitable[Result]]) -> Result:
+                  work: Callable[[RequestContext], Awaitable[Result]], *,
+                  window: float | None = None) -> Result:
+        """`window` shortens how long this request's result is shared once done (0: only
+        while in flight); a paid failure is kept for the whole window, and an Idempotency-Key
+        keeps everything for its own 24 h."""
         key = (("key", ctx.client, idempotency_key) if idempotency_key
                else ("same", ctx.client, fingerprint))
         tag = fingerprint_parts("idempotency", ctx.client, idempotency_key) \
@@ -131,6 +137,8 @@ class Coalescer:
         entry.attach(ctx)
         self._put(key, entry)
         ttl = self.idempotency_ttl if idempotency_key else self.window
+        # a paid failure is kept for the whole window: it stops a second payment
+        result_ttl = ttl if idempotency_key or window is None else min(window, ttl)
         try:
             result = await work(shared)
         except BaseException as exc:
@@ -144,7 +152,7 @@ class Coalescer:
             raise
         entry.future.set_result(_slim(result))
         if result.amount or idempotency_key:
-            entry.finished(self._clock() + ttl)
+            entry.finished(self._clock() + result_ttl)
         else:  # nothing was paid: a repeat may simply run again (joiners hold the future)
             self._entries.pop(key, None)
         return result

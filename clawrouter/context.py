@@ -48,11 +48,16 @@ class RequestContext:
         """`await waiting`, but give up at once (cancelling it, raising `ClientGone`) if the
         client disconnects first."""
         task = asyncio.ensure_future(waiting)
-        gone = asyncio.ensure_future(self.gone.wait())
         try:
-            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            while not task.done() and not self.gone.is_set():
+                # (a leave that a joining client undid, `coalesce`, wakes us with the flag
+                # clear again: then we go on waiting)
+                gone = asyncio.ensure_future(self.gone.wait())
+                try:
+                    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    gone.cancel()
         finally:
-            gone.cancel()
             if not task.done():
                 task.cancel()
         if task.cancelled() or not task.done():
@@ -61,9 +66,14 @@ class RequestContext:
         return task.result()
 
     async def sleep(self, seconds: float) -> None:
-        """Sleep, but wake at once (raising `ClientGone`) if the client disconnects."""
-        try:
-            await asyncio.wait_for(self.gone.wait(), timeout=max(0.0, seconds))
-        except asyncio.TimeoutError:
-            return
-        raise ClientGone()
+        """Sleep, but wake at once (raising `ClientGone`) if the client disconnects (and no
+        joining client has undone that by the time we wake: `coalesce`)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + max(0.0, seconds)
+        while True:
+            try:
+                await asyncio.wait_for(self.gone.wait(), timeout=max(0.0, until - loop.time()))
+            except asyncio.TimeoutError:
+                return
+            if self.gone.is_set():
+                raise ClientGone()

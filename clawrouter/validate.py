@@ -118,8 +118,11 @@ def edit_job(body: EditBody, *, uploads: list[SourceImage] | None = None,
     mask = mask_upload
     if body.mask is not None:
         value = body.mask.image_url if isinstance(body.mask, ImageURL) else body.mask
-        if value:
-            mask = SourceImage("mask", value)
+        if not value:  # never edit without the mask that was asked for
+            raise InvalidRequest("'mask' needs an image: a data URI, base64, a URL or a path "
+                                 "(as a string or an 'image_url'; uploaded file ids are not "
+                                 "supported).", param="mask")
+        mask = SourceImage("mask", value)
     if mask is not None:
         if not model.mask:
             maskers = ", ".join(m.id for m in catalog.MODELS if m.mask)

@@ -6,7 +6,7 @@ import pytest
 
 from clawrouter.coalesce import SWEEP_EVERY, Coalescer
 from clawrouter.context import RequestContext
-from clawrouter.errors import ClientGone, Conflict
+from clawrouter.errors import ClientGone, Conflict, PaidRequestFailed
 from clawrouter.pipeline import Result
 
 
@@ -158,3 +158,55 @@ def test_a_paid_failure_kept_for_repeats_does_not_keep_its_requests_memory():
         assert len(coalescer) == 1  # still kept
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("waiting", ["sleep", "unless_gone"])
+def test_a_leave_undone_by_a_joining_client_before_the_work_wakes_does_not_stop_it(waiting):
+    """`_Entry.attach` clears `gone` when a repeat joins work whose only client just left; a
+    sleeper that `set()` had already woken must go on, or polling stops (and the repeat pays
+    again) though a client is waiting."""
+    async def main():
+        c = ctx()
+        job = (c.sleep(0.1) if waiting == "sleep"
+               else c.unless_gone(asyncio.sleep(0.1, result="done")))
+        task = asyncio.ensure_future(job)
+        await asyncio.sleep(0.01)
+        c.gone.set()  # the client left...
+        c.gone.clear()  # ...and a repeat joined before the work ran again
+        assert await task in (None, "done")
+        c.gone.set()
+        with pytest.raises(ClientGone):
+            await (c.sleep(1) if waiting == "sleep" else c.unless_gone(asyncio.sleep(1)))
+
+    asyncio.run(main())
+
+
+def test_a_window_override_shortens_how_long_results_are_shared_but_not_paid_failures():
+    """Results of requests that read their images from paths or URLs are shared only in
+    flight (the bytes behind them may change); a paid failure still stops a second payment
+    for the whole window."""
+    now = [0.0]
+    coalescer = Coalescer(60, clock=lambda: now[0])
+    runs = []
+
+    async def counted(shared):
+        runs.append(1)
+        return Result(1, [], 1000, None)
+
+    async def failing(shared):
+        runs.append(1)
+        raise PaidRequestFailed("paid, then failed", extra={"payment": "not_settled"})
+
+    async def main():
+        await coalescer.run(ctx(), "ref", None, counted, window=0)
+        await coalescer.run(ctx(), "ref", None, counted, window=0)
+        assert len(runs) == 2  # done: not shared
+        for _ in range(2):
+            with pytest.raises(PaidRequestFailed):
+                await coalescer.run(ctx(), "failed", None, failing, window=0)
+        assert len(runs) == 3  # the paid failure was kept
+        await coalescer.run(ctx(), "keyed", "k1", counted, window=0)
+        await coalescer.run(ctx(), "keyed", "k1", counted, window=0)
+        assert len(runs) == 4  # an Idempotency-Key keeps its result
+
+    asyncio.run(main())

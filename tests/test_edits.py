@@ -10,6 +10,7 @@ import os
 import socket
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 
@@ -265,3 +266,81 @@ def test_client_that_disconnects_mid_upload_costs_nothing(gateway, sandbox):
         s.sendall(head + png()[:100])
     assert gateway.http.get("/health").status_code == 200
     nothing_upstream(sandbox)
+
+
+@pytest.mark.parametrize("mask", [{"file_id": "file-abc"}, {"image_url": ""}, ""])
+def test_a_mask_without_an_image_is_refused_never_dropped(gateway, sandbox, files, mask):
+    """An edit asked with a mask is never paid for without it."""
+    r = gateway.http.post("/v1/images/edits", json={
+        "model": "gpt-image-1", "prompt": "x", "images": [{"image_url": str(files[1])}],
+        "mask": mask})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "mask"
+    nothing_upstream(sandbox)
+
+
+def test_form_text_in_a_charset_that_is_not_text_is_a_400(gateway, sandbox):
+    """Starlette decodes form fields with the charset the client names; one that yields lone
+    surrogates (unicode_escape) must be refused, not fail later as a 500."""
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n\\ud800 cat\r\n"
+            b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + png() + b"\r\n--B--\r\n")
+    r = gateway.http.post("/v1/images/edits", content=body, headers={
+        "content-type": "multipart/form-data; boundary=B; charset=unicode_escape"})
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("prompt", "invalid_type")
+    nothing_upstream(sandbox)
+
+
+def test_an_image_sent_as_form_text_may_be_as_big_as_an_upload(make_gateway, sandbox):
+    """Base64 is 4/3 of the image: a form's text field takes as big an image as an upload,
+    and one past that is a clear image_too_large."""
+    gw = make_gateway(max_image_mb=0.01)  # 10,485 bytes per image
+    near = make_png(64, 64, 3, pad_to=9_500)  # 12,668 characters as base64
+    r = gw.http.post("/v1/images/edits", files={"prompt": (None, "x"),
+                                                "image": (None, data_uri(near))})
+    assert r.status_code == 200, r.text
+    assert sent_images(sandbox)[0]["sha256"] == sha(near)
+    over = make_png(64, 64, 4, pad_to=12_000)
+    r = gw.http.post("/v1/images/edits", files={"prompt": (None, "x"),
+                                                "image": (None, data_uri(over))})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "image_too_large"
+    assert sandbox.stats()["payments_count"] == 1
+
+
+def test_a_streamed_edit_whose_input_is_refused_is_an_http_400(gateway, sandbox, tmp_path):
+    """With `stream: true` the inputs are judged before the 200 goes out, so the SDK raises
+    BadRequestError with the code, as it does without streaming."""
+    client = OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.images.edit(image=("notes.png", b"not an image", "image/png"), prompt="x",
+                           model="gpt-image-1", stream=True)
+    assert raised.value.code == "invalid_image"
+    r = gateway.http.post("/v1/images/image2image", json={
+        "prompt": "x", "image": "/etc/hostname", "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "path_refused"
+    nothing_upstream(sandbox)
+    with open(tmp_path / "ok.png", "wb") as f:
+        f.write(png(8))
+    with open(tmp_path / "ok.png", "rb") as f:  # and an accepted one still streams
+        events = list(client.images.edit(image=f, prompt="x", model="gpt-image-1", stream=True))
+    assert [e.type for e in events] == ["image_edit.completed"]
+
+
+def test_a_repeated_edit_of_a_file_changed_since_is_made_again(gateway, sandbox, files):
+    """An identical request is shared within the coalescing window, but one that names a path
+    or URL only while in flight: an agent that edits a file in place and asks again gets its
+    new bytes edited, not the first result."""
+    body = {"model": "gpt-image-1", "prompt": "brighter", "image": str(files[1])}
+    first = gateway.http.post("/v1/images/image2image", json=body)
+    files[1].write_bytes(png(9))
+    second = gateway.http.post("/v1/images/image2image", json=body)
+    assert first.status_code == second.status_code == 200, second.text
+    assert "x-clawrouter-shared" not in second.headers
+    assert sent_images(sandbox)[0]["sha256"] == sha(png(9))
+    inline = {**body, "image": data_uri(png(10))}  # inline bytes cannot change: shared
+    assert gateway.http.post("/v1/images/image2image", json=inline).status_code == 200
+    again = gateway.http.post("/v1/images/image2image", json=inline)
+    assert again.headers["x-clawrouter-shared"] == "true"
+    assert sandbox.stats()["payments_count"] == 3

@@ -489,6 +489,38 @@ def test_a_streamed_big_request_keeps_its_place_until_its_stream_ends(make_gatew
     assert not gw.gw.heavy._admission.locked()  # given back when the stream ended
 
 
+def test_a_chunked_form_is_admitted_as_a_big_request(make_gateway, sandbox) -> None:
+    """A multipart upload with no Content-Length declares nothing to judge it by: it takes a
+    place among the big requests, or many at once would escape the bound on memory."""
+    from clawrouter.api.heavy import HeavyPhase
+    from clawrouter.sandbox.images import make_png
+
+    gw = make_gateway()
+    gw.gw.heavy = HeavyPhase(in_flight=1)
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 1.0, "times": 1})
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n"
+            b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + make_png(64, 64, 2, pad_to=300_000)
+            + b"\r\n--B--\r\n")
+    answer = {}
+
+    def upload() -> None:
+        answer["r"] = httpx.post(gw.v1 + "/images/edits", timeout=30,
+                                 content=iter([body[:100_000], body[100_000:]]),
+                                 headers={"content-type": "multipart/form-data; boundary=B"})
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while sandbox.paid() == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    held_while_working = gw.gw.heavy._admission.locked()
+    thread.join()
+    assert answer["r"].status_code == 200, answer["r"].text
+    assert held_while_working
+    assert not gw.gw.heavy._admission.locked()
+
+
 def test_forwarded_headers_from_a_local_client_change_nothing(
         gateway_process: GatewayProcess, sandbox: Sandbox) -> None:
     """No proxy sits in front of a local gateway: X-Forwarded-* must neither turn the URLs we
@@ -723,11 +755,12 @@ def test_a_chunked_body_with_an_endless_trailer_is_cut_off(shared_gateway: Gatew
     ("2.4", "send_raises"),       # the client left first: Starlette raises ClientDisconnect
     ("2.3", "send_raises"),       # any failure to send the head
     ("2.3", "leaves_mid_send"),   # cancelled while a body send blocks: the stream is at a yield
+    ("2.3", "started_then_send_raises"),  # an edit's work starts first (`inputs_judged`)
 ])
 def test_a_stream_that_cannot_be_sent_gives_its_place_back_and_pays_nothing(spec, how) -> None:
     """However sending a stream ends, its place among the big requests comes back as soon as
-    its work is over (not at a garbage collection, not never), and work that never started
-    never runs."""
+    its work is over (not at a garbage collection, not never), work that never started never
+    runs, and work started before the stream is told its client left."""
     from types import SimpleNamespace
 
     from clawrouter.api import streaming
@@ -739,16 +772,21 @@ def test_a_stream_that_cannot_be_sent_gives_its_place_back_and_pays_nothing(spec
         heavy = HeavyPhase(slots=1, in_flight=1)
         ran: list[str] = []
 
+        ctx = RequestContext("r", "http://localhost")
+
         async def work():
             ran.append("started")
+            if how == "started_then_send_raises":
+                await ctx.gone.wait()  # runs until told its client left
             await asyncio.sleep(0.05)
             raise ClientGone()
 
-        ctx = RequestContext("r", "http://localhost")
         async with heavy.slot() as slot:
             await slot.enter(2 * 1024 * 1024)  # a big request: admission and expansion held
             job = SimpleNamespace(route="generations", size="1024x1024", images=[])
-            response = streaming.stream_response(work(), job, ctx, {}, ended=slot.hand_off())
+            started = (asyncio.ensure_future(work()) if how == "started_then_send_raises"
+                       else work())
+            response = streaming.stream_response(started, job, ctx, {}, ended=slot.hand_off())
         held = heavy._admission.locked() and heavy._expansion.locked()
 
         async def receive():
@@ -756,12 +794,13 @@ def test_a_stream_that_cannot_be_sent_gives_its_place_back_and_pays_nothing(spec
             return {"type": "http.disconnect"}
 
         async def send(message):
-            if how == "send_raises":
+            if how.endswith("send_raises"):
                 raise OSError("the peer is gone")
             if message["type"] == "http.response.body":
                 await asyncio.sleep(30)  # a client that stopped reading
 
-        with pytest.raises(BaseException) if how == "send_raises" else contextlib.nullcontext():
+        with (pytest.raises(BaseException) if how.endswith("send_raises")
+              else contextlib.nullcontext()):
             await response({"type": "http", "asgi": {"spec_version": spec}}, receive, send)
         await asyncio.sleep(0.2)  # the work, if it started, stops at its next safe point
         return ran, held, heavy._admission.locked() or heavy._expansion.locked()
@@ -769,3 +808,4 @@ def test_a_stream_that_cannot_be_sent_gives_its_place_back_and_pays_nothing(spec
     ran, held, still_held = asyncio.run(scenario())
     assert held and not still_held
     assert ran == ([] if how == "send_raises" else ["started"])
+    assert still_held is False

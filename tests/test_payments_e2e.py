@@ -105,6 +105,23 @@ def test_sdk_timeouts_and_retries_join_the_paid_request_in_flight(gateway, sandb
     assert sandbox.stats()["payments_count"] == 1
 
 
+def test_sdk_retries_after_leaving_a_slow_job_learn_of_it_and_never_pay_again(gateway, sandbox):
+    """A slow (202) job outlives the client's timeout: the client leaves while it is polled,
+    polling stops, and the SDK's retry gets the abandoned job's answer (a 409 it does not
+    retry), not a second signature for a second job."""
+    sandbox.configure(slow_seconds=30)
+    client = OpenAI(base_url=gateway.v1, api_key="unused", timeout=0.8, max_retries=1)
+    with pytest.raises(openai.ConflictError) as raised:
+        client.images.generate(model="gpt-image-2", prompt="outlives its client",
+                               size="1024x1024")
+    assert raised.value.code == "job_abandoned"
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert "Not paid again" in raised.value.message
+    assert sandbox.stats()["payments_count"] == 1
+    (row,) = gateway.http.get("/v1/spend").json()["latest"]
+    assert row["status"] == "rejected"  # held until the chain says it expired unused
+
+
 def test_idempotency_key_returns_the_first_result_and_rejects_a_different_body(gateway, sandbox):
     headers = {"Idempotency-Key": "order-42"}
     first = gateway.http.post("/v1/images/generations", headers=headers,

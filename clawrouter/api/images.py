@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, TypeVar
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import aiofiles
 import pybase64
@@ -16,16 +16,18 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clawrouter.api.heavy import BIG_BODY, Slot
 from clawrouter.api.schemas import EditBody, GenerationBody
-from clawrouter.api.streaming import stream_response
+from clawrouter.api.streaming import KEEPALIVE_SECONDS, stream_response
 from clawrouter.catalog import format_usd
 from clawrouter.coalesce import fingerprint_parts
 from clawrouter.config import is_loopback_authority
 from clawrouter.context import RequestContext
-from clawrouter.errors import InvalidRequest
+from clawrouter.errors import ClawError, InvalidRequest
+from clawrouter.inputs.forms import Form, classify
 from clawrouter.pipeline import Result
 from clawrouter.validate import ImageJob, SourceImage, edit_job, generation_job
 
@@ -85,6 +87,41 @@ def fingerprint(job: ImageJob) -> str:
                              job.quality or "", *sources)
 
 
+def by_reference(job: ImageJob) -> bool:
+    """Whether an input is read from a path or URL, whose bytes may change once it is done."""
+    return any(isinstance(s.value, str) and classify(s.value) in _REFERENCES
+               for s in [*job.images, job.mask] if s)
+
+
+async def inputs_judged(request: Request, work: Awaitable[Result],
+                        ctx: RequestContext) -> asyncio.Future[Result]:
+    """Start a streamed edit and wait (up to the stream's first keep-alive) until its inputs
+    are read and checked, so a refused one is an HTTP error the SDK raises as such (a 400),
+    not an `error` event after a 200. Work shared with an earlier request never says: the
+    stream then starts when the wait ends."""
+    ready = asyncio.Event()
+    built = ctx.body_built
+
+    def body_built() -> None:
+        built()
+        ready.set()
+
+    ctx.body_built = body_built
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(ready.wait())
+    try:
+        async with watch_disconnect(request, ctx):
+            await asyncio.wait({task, waiter}, timeout=KEEPALIVE_SECONDS,
+                               return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if task.done() and not task.cancelled() and not ready.is_set():
+        error = task.exception()
+        if isinstance(error, ClawError):
+            raise error
+    return task
+
+
 async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
     gw = request.app.state.gw
     ctx = context(request)
@@ -94,8 +131,11 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
     if gw.settings.log_prompts:
         obs["prompt"] = job.prompt
     work = gw.coalescer.run(ctx, fingerprint(job), request.headers.get("idempotency-key"),
-                            lambda shared: gw.pipeline.run(job, shared))
+                            lambda shared: gw.pipeline.run(job, shared),
+                            window=0 if by_reference(job) else None)
     if job.stream:  # the work runs while the stream is sent: the slot is held until it ends
+        if job.images:
+            work = await inputs_judged(request, work, ctx)
         return stream_response(work, job, ctx, obs, ended=slot.hand_off())
     async with watch_disconnect(request, ctx):
         result = await work
@@ -249,6 +289,8 @@ async def variations() -> Response:
 
 
 _FILE_FIELDS = ("image", "image[]", "mask")
+#: input forms read by reference (`by_reference`)
+_REFERENCES = frozenset({Form.URL, Form.FILE_URL, Form.PATH, Form.BARE_NAME})
 _INT_FIELDS = ("n", "output_compression", "partial_images")
 _BOOL_FIELDS = ("stream",)
 
@@ -256,15 +298,25 @@ _BOOL_FIELDS = ("stream",)
 async def _read_form(request: Request,
                      slot: Slot) -> tuple[EditBody, list[SourceImage], SourceImage | None]:
     settings = request.app.state.gw.settings
-    await slot.admit(_declared_length(request))
-    form = await request.form(max_files=32, max_fields=200,
-                              max_part_size=settings.max_image_bytes + 1)
-    # Uploads were spooled to temporary files; reading them into memory is the big part.
-    await slot.enter(int(request.headers.get("content-length") or 0))
+    # A chunked form declares no length: it is admitted as a big one (it carries images).
+    await slot.admit(_declared_length(request) if "content-length" in request.headers
+                     else BIG_BODY + 1)
+    # A text field may be an image as a data URI: its base64 is 4/3 of the image's bytes.
+    max_text = 4 * (settings.max_image_bytes // 3 + 1) + _DATA_URI_HEAD
+    try:
+        form = await request.form(max_files=32, max_fields=200, max_part_size=max_text)
+    except StarletteHTTPException as exc:
+        if "exceeded maximum size" not in str(exc.detail):
+            raise
+        raise InvalidRequest(f"A form field is longer than {max_text} characters, the most "
+                             "an image given as text may take (CLAWROUTER_MAX_IMAGE_MB).",
+                             code="image_too_large") from None
     uploads: list[SourceImage] = []
     mask: SourceImage | None = None
     fields: dict[str, Any] = {}
     try:
+        # Uploads were spooled to temporary files; reading them into memory is the big part.
+        await slot.enter(_parsed_size(form))
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key not in _FILE_FIELDS:
@@ -277,6 +329,9 @@ async def _read_form(request: Request,
                     uploads.append(SourceImage(f"image[{len(uploads)}]", data))
             elif value == "":
                 continue  # blank form fields mean unset
+            elif not _utf8(value):  # decoded with a charset the client named
+                raise InvalidRequest(f"'{key}' is not valid text (send UTF-8).", param=key,
+                                     code="invalid_type")
             elif key in ("image", "image[]"):
                 fields.setdefault("image", []).append(value)
             else:
@@ -289,6 +344,25 @@ async def _read_form(request: Request,
         return EditBody.model_validate(fields), uploads, mask
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
+
+
+#: room for `data:image/png;base64,` and the like in front of an image sent as a text field
+_DATA_URI_HEAD = 256
+
+
+def _parsed_size(form: FormData) -> int:
+    return sum(value.size or 0 if isinstance(value, UploadFile) else len(value)
+               for _, value in form.multi_items())
+
+
+def _utf8(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # lone surrogates, from a charset such as unicode_escape
+        return False
+    return True
 
 
 async def _read_upload(upload: UploadFile, limit: int, param: str) -> bytes:

@@ -110,9 +110,16 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
         ended()
 
     def finish() -> None:
-        if not started:
-            if inspect.iscoroutine(work):
-                work.close()  # never scheduled: nothing ran, nothing was paid
-            ended()
+        if started:
+            return
+        if isinstance(work, asyncio.Future) and not work.done():
+            ctx.leave()  # started before the stream (`inputs_judged`): it stops at a safe point
+            work.add_done_callback(stopped)
+            return
+        if inspect.iscoroutine(work):
+            work.close()  # never scheduled: nothing ran, nothing was paid
+        elif isinstance(work, asyncio.Future) and not work.cancelled():
+            work.exception()  # retrieved: nobody is left to tell
+        ended()
 
     return _EventStream(events(), finish)

@@ -20,8 +20,8 @@ from clawrouter.catalog import ImageModel, ceiling_micro, format_usd, to_micro
 from clawrouter.config import Settings
 from clawrouter.context import RequestContext
 from clawrouter.errors import (
-    ClawError, ClientGone, InsufficientFunds, PaymentRefused, PaymentRejected, UpstreamTimeout,
-    UpstreamUnavailable,
+    ClawError, ClientGone, InsufficientFunds, PaidRequestFailed, PaymentRefused, PaymentRejected,
+    UpstreamTimeout, UpstreamUnavailable,
 )
 from clawrouter.payment import policy
 from clawrouter.payment.balance import BalanceMonitor
@@ -81,6 +81,18 @@ class Outcome:
         """Wait until the ledger says settled (a no-op for unpaid or already-recorded calls)."""
         if self.recording is not None:
             await asyncio.shield(self.recording)  # a cancelled caller must not cancel the write
+
+
+def _abandoned(amount: int) -> PaidRequestFailed:
+    return PaidRequestFailed(
+        f"An identical request paid {format_usd(amount)} for a slow job, then left (it "
+        "disconnected or timed out) while the job was in progress, so the gateway stopped "
+        "polling it. BlockRun settles a slow job only when its result is fetched, so that "
+        "payment should not settle (`clawrouter stats` shows it). Not paid again: identical "
+        "requests share this outcome for coalesce_window_seconds (a day with the same "
+        "Idempotency-Key). Give the client a timeout longer than the model takes (up to 5 "
+        "minutes), then send the request again.",
+        status=409, code="job_abandoned", extra={"payment": "not_settled"})
 
 
 class _PreauthRejected(Exception):
@@ -229,7 +241,9 @@ class Exchange:
         except ClientGone:
             # BlockRun settles a 202 job on the completed poll, which now never comes.
             await finish("rejected", "not settled: the client left during polling")
-            raise
+            # Nobody hears this but a repeat: the SDK resends a request that timed out on its
+            # side, and must learn of this job (`coalesce` keeps paid outcomes), not pay anew.
+            raise _abandoned(payment.amount) from None
         except ClawError as exc:
             settled_nothing = exc.extra.get("payment") == "not_settled"
             await finish("rejected" if settled_nothing else "failed_after_payment",
