@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -468,25 +468,30 @@ def test_a_streamed_big_request_keeps_its_place_until_its_stream_ends(make_gatew
 
     gw = make_gateway()
     gw.gw.heavy = HeavyPhase(in_flight=1)
-    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 1.0, "times": 1})
     image = base64.b64encode(make_png(64, 64, 1, pad_to=1_500_000)).decode()
-    answer = {}
-
-    def stream() -> None:
-        answer["r"] = httpx.post(gw.v1 + "/images/image2image", timeout=30, json={
+    answer, held_while_working = _held_while_paying(gw, sandbox, lambda: httpx.post(
+        gw.v1 + "/images/image2image", timeout=30, json={
             "model": "gpt-image-1", "prompt": "x", "image": "data:image/png;base64," + image,
-            "stream": True})
+            "stream": True}))
+    assert answer.status_code == 200 and "image_edit.completed" in answer.text
+    assert held_while_working
+    assert not gw.gw.heavy._admission.locked()  # given back when the stream ended
 
-    thread = threading.Thread(target=stream)
+
+def _held_while_paying(gw, sandbox: Sandbox,
+                       post: Callable[[], httpx.Response]) -> tuple[httpx.Response, bool]:
+    """Send `post` from a thread, its paid request held 1 s upstream: its answer, and whether
+    it held a place among the big requests while the upstream worked."""
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 1.0, "times": 1})
+    answer = {}
+    thread = threading.Thread(target=lambda: answer.update(r=post()))
     thread.start()
     deadline = time.monotonic() + 5
     while sandbox.paid() == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
-    held_while_working = gw.gw.heavy._admission.locked()
+    held = gw.gw.heavy._admission.locked()
     thread.join()
-    assert answer["r"].status_code == 200 and "image_edit.completed" in answer["r"].text
-    assert held_while_working
-    assert not gw.gw.heavy._admission.locked()  # given back when the stream ended
+    return answer["r"], held
 
 
 def test_a_chunked_form_is_admitted_as_a_big_request(make_gateway, sandbox) -> None:
@@ -497,26 +502,14 @@ def test_a_chunked_form_is_admitted_as_a_big_request(make_gateway, sandbox) -> N
 
     gw = make_gateway()
     gw.gw.heavy = HeavyPhase(in_flight=1)
-    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 1.0, "times": 1})
     body = (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n"
             b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
             b"Content-Type: image/png\r\n\r\n" + make_png(64, 64, 2, pad_to=300_000)
             + b"\r\n--B--\r\n")
-    answer = {}
-
-    def upload() -> None:
-        answer["r"] = httpx.post(gw.v1 + "/images/edits", timeout=30,
-                                 content=iter([body[:100_000], body[100_000:]]),
-                                 headers={"content-type": "multipart/form-data; boundary=B"})
-
-    thread = threading.Thread(target=upload)
-    thread.start()
-    deadline = time.monotonic() + 5
-    while sandbox.paid() == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    held_while_working = gw.gw.heavy._admission.locked()
-    thread.join()
-    assert answer["r"].status_code == 200, answer["r"].text
+    answer, held_while_working = _held_while_paying(gw, sandbox, lambda: httpx.post(
+        gw.v1 + "/images/edits", timeout=30, content=iter([body[:100_000], body[100_000:]]),
+        headers={"content-type": "multipart/form-data; boundary=B"}))
+    assert answer.status_code == 200, answer.text
     assert held_while_working
     assert not gw.gw.heavy._admission.locked()
 
