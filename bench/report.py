@@ -186,7 +186,10 @@ def markdown(results: dict[str, Any], png: str = "bench/results/latency.png") ->
         f"{100 * m.get('cpu_busy_before', 0):.0f}% busy with other work before the run; "
         f"{results['duration_s']:.0f} s in all. Loopback only, the sandbox as upstream "
         f"(real x402: 402 challenge, EIP-3009 signature verified), upstream latency "
-        f"{st['upstream_latency_ms']:g} ms. Gateway pre-auth "
+        f"{st['upstream_latency_ms']:g} ms"
+        + (f", {st['upstream_verify_cpu_ms']:g} ms more CPU per payment in the sandbox "
+           "(`--upstream-verify-cpu-ms`)" if st.get("upstream_verify_cpu_ms") else "")
+        + ". Gateway pre-auth "
         f"{'on' if st['gateway_preauth'] else 'off'} in the comparisons "
         f"{'' if st['gateway_preauth'] else '(so both clients make two upstream round trips; '}"
         f"{'' if st['gateway_preauth'] else 'its saving is measured separately below)'}. "

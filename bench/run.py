@@ -99,6 +99,7 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any
                      "gateway_preauth": args.gateway_preauth,
                      "gateway_env": dict(args.gateway_env),
                      "upstream_latency_ms": args.upstream_latency_ms,
+                     "upstream_verify_cpu_ms": args.upstream_verify_cpu_ms,
                      "profiled": bool(args.profile)},
         "scenarios": {},
     }
@@ -112,7 +113,8 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any
                             gateway_env=dict(args.gateway_env),
                             tag=f"bench {os.getpid()} {int(time.time())}", log=log,
                             profile_dir=args.profile)
-    await bench.configure(latency_ms=args.upstream_latency_ms)
+    await bench.configure(latency_ms=args.upstream_latency_ms,
+                          verify_cpu_ms=args.upstream_verify_cpu_ms)
     log(f"sandbox {sandbox.url} (pid {sandbox.pid}); plan: "
         f"{'quick' if plan.quick else 'full'}, {plan.repeats} gateway/direct pair(s) per point")
     try:
@@ -145,6 +147,10 @@ def main() -> int:
     parser.add_argument("--upstream-latency-ms", type=float, default=0.0,
                         help="delay the sandbox adds to every answer (POST /_sandbox/config); "
                              "the preauth scenario always uses 50")
+    parser.add_argument("--upstream-verify-cpu-ms", type=float, default=0.0, metavar="MS",
+                        help="CPU the sandbox spends on each payment on top of its own "
+                             "verification: an upstream that costs more per image (direct and "
+                             "gateway pay it alike, once per image)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="sample every gateway with py-spy (folded stacks in DIR) and print "
                              "where its CPU goes; slows the gateway, so do not quote those numbers")

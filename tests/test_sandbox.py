@@ -438,6 +438,13 @@ def test_runtime_config_latency_padding_and_url_results(client: httpx.Client) ->
     bad = client.post("/_sandbox/config", json={"network": "base"})
     assert bad.status_code == 400 and "network" in bad.json()["error"]
     assert client.post("/_sandbox/config", json={"latency_ms": "x"}).status_code == 400
+    # benchmarks: an upstream that spends more CPU on each payment (`bench/run.py
+    # --upstream-verify-cpu-ms`)
+    client.post("/_sandbox/config", json={"url_results": True, "verify_cpu_ms": 60})
+    start = time.perf_counter()
+    pay(client, GEN, CAT)
+    assert time.perf_counter() - start >= 0.06
+    assert client.post("/_sandbox/config", json={"verify_cpu_ms": -1}).status_code == 400
 
 
 def test_reset_clears_stats_jobs_faults_and_the_replay_set(client: httpx.Client) -> None:

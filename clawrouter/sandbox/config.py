@@ -17,7 +17,7 @@ from clawrouter.payment.networks import NETWORKS, Network
 #: fields `POST /_sandbox/config` may change while the server runs (benchmark phases)
 RUNTIME_FIELDS = ("latency_ms", "slow_seconds", "url_results", "image_bytes",
                   "max_timeout_seconds", "max_accepted_timeout_seconds", "accept_v1",
-                  "finality_seconds", "marked")
+                  "finality_seconds", "marked", "verify_cpu_ms")
 
 
 @dataclass
@@ -28,6 +28,9 @@ class SandboxConfig:
     slow_seconds: float = 3.0
     #: added before every answer (except the control API), standing in for the internet
     latency_ms: float = 0
+    #: CPU each payment's verification spends on top of ours (benchmarks: an upstream that
+    #: costs more per image than this sandbox, as BlockRun's servers do; it blocks the loop)
+    verify_cpu_ms: float = 0
     #: non-data-URI models answer with a URL into the sandbox's own media store
     url_results: bool = True
     #: pad every PNG to about this many bytes (benchmarks: 200 KB URL, 1.5 MB data-URI results)
