@@ -802,3 +802,34 @@ def test_a_stream_that_cannot_be_sent_gives_its_place_back_and_pays_nothing(spec
     assert held and not still_held
     assert ran == ([] if how == "send_raises" else ["started"])
     assert still_held is False
+
+
+def test_a_streamed_edit_cancelled_while_its_inputs_are_judged_tells_its_work() -> None:
+    """`inputs_judged` starts the work before the stream exists; if the handler is cancelled
+    meanwhile (a server shutting down), nobody will send that stream: the work is told its
+    client left, so it stops at its next safe point instead of paying for nobody."""
+    from types import SimpleNamespace
+
+    from clawrouter.api.images import inputs_judged
+    from clawrouter.context import RequestContext
+
+    async def scenario() -> bool:
+        ctx = RequestContext("r", "http://localhost")
+
+        async def work():
+            await ctx.gone.wait()
+            return "stopped"
+
+        async def receive():
+            await asyncio.sleep(30)
+
+        request = SimpleNamespace(receive=receive)
+        handler = asyncio.ensure_future(inputs_judged(request, work(), ctx))
+        await asyncio.sleep(0.05)
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        await asyncio.sleep(0)
+        return ctx.gone.is_set()
+
+    assert asyncio.run(scenario())

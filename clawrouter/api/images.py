@@ -113,6 +113,9 @@ async def inputs_judged(request: Request, work: Awaitable[Result],
         async with watch_disconnect(request, ctx):
             await asyncio.wait({task, waiter}, timeout=KEEPALIVE_SECONDS,
                                return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled: nobody will send the stream, the work must stop
+        ctx.leave()
+        raise
     finally:
         waiter.cancel()
     if task.done() and not task.cancelled() and not ready.is_set():
