@@ -344,3 +344,18 @@ def test_a_repeated_edit_of_a_file_changed_since_is_made_again(gateway, sandbox,
     again = gateway.http.post("/v1/images/image2image", json=inline)
     assert again.headers["x-clawrouter-shared"] == "true"
     assert sandbox.stats()["payments_count"] == 3
+
+
+def test_a_url_encoded_form_is_told_to_send_json_or_multipart(gateway, sandbox):
+    """`curl -d prompt=x` sends a URL-encoded form: the error says what to send instead of
+    only that the JSON is malformed. (A JSON body under that content type, curl -d '{…}'
+    without -H, is read as JSON.)"""
+    r = gateway.http.post("/v1/images/edits", data={"prompt": "x", "image": "a.png"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_json"
+    assert "multipart/form-data" in r.json()["error"]["message"]
+    r = gateway.http.post("/v1/images/generations", content=b'{"prompt": "x", "model": "cogview"}',
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+    nothing = gateway.http.post("/v1/images/generations", data={"prompt": "x"})
+    assert "URL-encoded" in nothing.json()["error"]["message"]

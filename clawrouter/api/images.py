@@ -243,7 +243,19 @@ async def read_json(request: Request, model: type[Body], slot: Slot) -> Body:
     try:
         return model.model_validate_json(raw or b"null")
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
+        errors = exc.errors()
+        if errors[0].get("type") == "json_invalid" and _url_encoded(request):
+            raise InvalidRequest(
+                "The body is a URL-encoded form, and this route takes JSON (curl: -H "
+                "'Content-Type: application/json' -d '{\"prompt\": \"…\"}'); "
+                "/v1/images/edits takes multipart/form-data too (curl -F).",
+                code="invalid_json") from None
+        raise RequestValidationError(errors) from None
+
+
+def _url_encoded(request: Request) -> bool:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return media_type == "application/x-www-form-urlencoded"
 
 
 @router.post("/v1/images/generations", openapi_extra=body_schema(GenerationBody))
