@@ -98,8 +98,8 @@ class Coalescer:
                   work: Callable[[RequestContext], Awaitable[Result]], *,
                   window: float | None = None) -> Result:
         """`window` shortens how long this request's result is shared once done (0: only
-        while in flight); a paid failure is kept for the whole window, and an Idempotency-Key
-        keeps everything for its own 24 h."""
+        while in flight) if a client received it; a paid failure, or a result whose clients
+        all left, is kept for the whole window, and an Idempotency-Key keeps its own 24 h."""
         key = (("key", ctx.client, idempotency_key) if idempotency_key
                else ("same", ctx.client, fingerprint))
         tag = fingerprint_parts("idempotency", ctx.client, idempotency_key) \
@@ -137,8 +137,6 @@ class Coalescer:
         entry.attach(ctx)
         self._put(key, entry)
         ttl = self.idempotency_ttl if idempotency_key else self.window
-        # a paid failure is kept for the whole window: it stops a second payment
-        result_ttl = ttl if idempotency_key or window is None else min(window, ttl)
         try:
             result = await work(shared)
         except BaseException as exc:
@@ -152,7 +150,11 @@ class Coalescer:
             raise
         entry.future.set_result(_slim(result))
         if result.amount or idempotency_key:
-            entry.finished(self._clock() + result_ttl)
+            # Shortened only for a result someone received: one whose clients all left is
+            # kept whole, for the retry that is surely coming (the SDK's, after its timeout).
+            delivered = not shared.gone.is_set()
+            short = window is not None and not idempotency_key and delivered
+            entry.finished(self._clock() + (min(window, ttl) if short else ttl))
         else:  # nothing was paid: a repeat may simply run again (joiners hold the future)
             self._entries.pop(key, None)
         return result

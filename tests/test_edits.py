@@ -8,6 +8,7 @@ import base64
 import hashlib
 import os
 import socket
+import time
 
 import httpx
 import openai
@@ -279,17 +280,25 @@ def test_a_mask_without_an_image_is_refused_never_dropped(gateway, sandbox, file
     nothing_upstream(sandbox)
 
 
-def test_form_text_in_a_charset_that_is_not_text_is_a_400(gateway, sandbox):
-    """Starlette decodes form fields with the charset the client names; one that yields lone
-    surrogates (unicode_escape) must be refused, not fail later as a 500."""
-    body = (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n\\ud800 cat\r\n"
-            b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+@pytest.mark.parametrize("charset, prompt", [
+    ("", b"caf\xe9 \xff"),  # not UTF-8 (Starlette would fall back to latin-1: "café ÿ")
+    ("; charset=unicode_escape", b"\\ud800 cat"),  # decodes to a lone surrogate
+])
+def test_form_text_that_is_not_text_in_its_charset_is_a_400(gateway, sandbox, charset, prompt):
+    """A prompt whose bytes are not text is refused, never paid for as something else, and
+    never a 500 later."""
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n" + prompt
+            + b"\r\n--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
             b"Content-Type: image/png\r\n\r\n" + png() + b"\r\n--B--\r\n")
     r = gateway.http.post("/v1/images/edits", content=body, headers={
-        "content-type": "multipart/form-data; boundary=B; charset=unicode_escape"})
+        "content-type": "multipart/form-data; boundary=B" + charset})
     assert r.status_code == 400, r.text
     assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("prompt", "invalid_type")
-    nothing_upstream(sandbox)
+    good = body.replace(prompt, "café".encode())
+    r = gateway.http.post("/v1/images/edits", content=good,
+                          headers={"content-type": "multipart/form-data; boundary=B"})
+    assert r.status_code == 200, r.text
+    assert sandbox.stats()["bodies"][-1]["prompt"] == "café"
 
 
 def test_an_image_sent_as_form_text_may_be_as_big_as_an_upload(make_gateway, sandbox):
@@ -344,6 +353,22 @@ def test_a_repeated_edit_of_a_file_changed_since_is_made_again(gateway, sandbox,
     again = gateway.http.post("/v1/images/image2image", json=inline)
     assert again.headers["x-clawrouter-shared"] == "true"
     assert sandbox.stats()["payments_count"] == 3
+
+
+def test_a_path_edit_whose_client_left_is_shared_with_its_retry(gateway, sandbox, files):
+    """A path edit's result is shared once done only if someone received it: when its client
+    timed out before it came, the retry that follows gets it instead of paying again."""
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 1.0, "times": 1})
+    body = {"model": "gpt-image-1", "prompt": "left early", "image": str(files[2])}
+    with pytest.raises(httpx.ReadTimeout):
+        gateway.http.post("/v1/images/image2image", json=body, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while [p["status"] for p in gateway.http.get("/v1/spend").json()["latest"]] != ["settled"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    retry = gateway.http.post("/v1/images/image2image", json=body)
+    assert retry.status_code == 200 and retry.headers["x-clawrouter-shared"] == "true"
+    assert sandbox.stats()["payments_count"] == 1
 
 
 def test_a_url_encoded_form_is_told_to_send_json_or_multipart(gateway, sandbox):

@@ -761,7 +761,7 @@ def test_a_stream_that_cannot_be_sent_gives_its_place_back_and_pays_nothing(spec
     from clawrouter.context import RequestContext
     from clawrouter.errors import ClientGone
 
-    async def scenario() -> tuple[list[str], bool, bool]:
+    async def scenario() -> tuple[list[str], bool, bool, bool]:
         heavy = HeavyPhase(slots=1, in_flight=1)
         ran: list[str] = []
 
@@ -795,41 +795,55 @@ def test_a_stream_that_cannot_be_sent_gives_its_place_back_and_pays_nothing(spec
         with (pytest.raises(BaseException) if how.endswith("send_raises")
               else contextlib.nullcontext()):
             await response({"type": "http", "asgi": {"spec_version": spec}}, receive, send)
+        # work started before the stream was told its client left, and holds its place
+        # until it stops
+        told = ctx.gone.is_set() and heavy._admission.locked()
         await asyncio.sleep(0.2)  # the work, if it started, stops at its next safe point
-        return ran, held, heavy._admission.locked() or heavy._expansion.locked()
+        return ran, held, heavy._admission.locked() or heavy._expansion.locked(), told
 
-    ran, held, still_held = asyncio.run(scenario())
+    ran, held, still_held, told = asyncio.run(scenario())
     assert held and not still_held
     assert ran == ([] if how == "send_raises" else ["started"])
-    assert still_held is False
+    assert told or how != "started_then_send_raises"
 
 
 def test_a_streamed_edit_cancelled_while_its_inputs_are_judged_tells_its_work() -> None:
     """`inputs_judged` starts the work before the stream exists; if the handler is cancelled
     meanwhile (a server shutting down), nobody will send that stream: the work is told its
-    client left, so it stops at its next safe point instead of paying for nobody."""
+    client left, so it stops at its next safe point instead of paying for nobody, and holds
+    its place among the big requests until it has (its error retrieved)."""
     from types import SimpleNamespace
 
+    from clawrouter.api.heavy import HeavyPhase
     from clawrouter.api.images import inputs_judged
     from clawrouter.context import RequestContext
+    from clawrouter.errors import ClientGone
 
-    async def scenario() -> bool:
+    async def scenario() -> tuple[bool, bool, bool]:
         ctx = RequestContext("r", "http://localhost")
+        heavy = HeavyPhase(slots=1, in_flight=1)
 
         async def work():
             await ctx.gone.wait()
-            return "stopped"
+            await asyncio.sleep(0.1)  # reaching its next safe point
+            raise ClientGone()
 
         async def receive():
             await asyncio.sleep(30)
 
-        request = SimpleNamespace(receive=receive)
-        handler = asyncio.ensure_future(inputs_judged(request, work(), ctx))
+        async def handle() -> None:
+            async with heavy.slot() as slot:
+                await slot.enter(2 * 1024 * 1024)
+                await inputs_judged(SimpleNamespace(receive=receive), work(), ctx, slot)
+
+        handler = asyncio.ensure_future(handle())
         await asyncio.sleep(0.05)
         handler.cancel()
         with pytest.raises(asyncio.CancelledError):
             await handler
-        await asyncio.sleep(0)
-        return ctx.gone.is_set()
+        held_while_stopping = heavy._admission.locked()
+        await asyncio.sleep(0.2)
+        return ctx.gone.is_set(), held_while_stopping, heavy._admission.locked()
 
-    assert asyncio.run(scenario())
+    told, held_while_stopping, still_held = asyncio.run(scenario())
+    assert told and held_while_stopping and not still_held

@@ -17,9 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clawrouter.api.heavy import BIG_BODY, Slot
+from clawrouter.api.multipart import read_multipart
 from clawrouter.api.schemas import EditBody, GenerationBody
 from clawrouter.api.streaming import KEEPALIVE_SECONDS, stream_response
 from clawrouter.catalog import format_usd
@@ -93,8 +93,8 @@ def by_reference(job: ImageJob) -> bool:
                for s in [*job.images, job.mask] if s)
 
 
-async def inputs_judged(request: Request, work: Awaitable[Result],
-                        ctx: RequestContext) -> asyncio.Future[Result]:
+async def inputs_judged(request: Request, work: Awaitable[Result], ctx: RequestContext,
+                        slot: Slot) -> asyncio.Future[Result]:
     """Start a streamed edit and wait (up to the stream's first keep-alive) until its inputs
     are read and checked, so a refused one is an HTTP error the SDK raises as such (a 400),
     not an `error` event after a 200. Work shared with an earlier request never says: the
@@ -115,6 +115,14 @@ async def inputs_judged(request: Request, work: Awaitable[Result],
                                return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # cancelled: nobody will send the stream, the work must stop
         ctx.leave()
+        close = slot.hand_off()  # and holds its place until it has
+
+        def stopped(task: asyncio.Future[Result]) -> None:
+            if not task.cancelled():
+                task.exception()  # retrieved: nobody is left to tell
+            close()
+
+        task.add_done_callback(stopped)
         raise
     finally:
         waiter.cancel()
@@ -138,7 +146,7 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
                             window=0 if by_reference(job) else None)
     if job.stream:  # the work runs while the stream is sent: the slot is held until it ends
         if job.images:
-            work = await inputs_judged(request, work, ctx)
+            work = await inputs_judged(request, work, ctx, slot)
         return stream_response(work, job, ctx, obs, ended=slot.hand_off())
     async with watch_disconnect(request, ctx):
         result = await work
@@ -317,15 +325,8 @@ async def _read_form(request: Request,
     await slot.admit(_declared_length(request) if "content-length" in request.headers
                      else BIG_BODY + 1)
     # A text field may be an image as a data URI: its base64 is 4/3 of the image's bytes.
-    max_text = 4 * (settings.max_image_bytes // 3 + 1) + _DATA_URI_HEAD
-    try:
-        form = await request.form(max_files=32, max_fields=200, max_part_size=max_text)
-    except StarletteHTTPException as exc:
-        if "exceeded maximum size" not in str(exc.detail):
-            raise
-        raise InvalidRequest(f"A form field is longer than {max_text} characters, the most "
-                             "an image given as text may take (CLAWROUTER_MAX_IMAGE_MB).",
-                             code="image_too_large") from None
+    form = await read_multipart(request, max_files=32, max_fields=200, max_text_bytes=4 * (
+        settings.max_image_bytes // 3 + 1) + _DATA_URI_HEAD)
     uploads: list[SourceImage] = []
     mask: SourceImage | None = None
     fields: dict[str, Any] = {}
@@ -344,9 +345,6 @@ async def _read_form(request: Request,
                     uploads.append(SourceImage(f"image[{len(uploads)}]", data))
             elif value == "":
                 continue  # blank form fields mean unset
-            elif not _utf8(value):  # decoded with a charset the client named
-                raise InvalidRequest(f"'{key}' is not valid text (send UTF-8).", param=key,
-                                     code="invalid_type")
             elif key in ("image", "image[]"):
                 fields.setdefault("image", []).append(value)
             else:
@@ -368,16 +366,6 @@ _DATA_URI_HEAD = 256
 def _parsed_size(form: FormData) -> int:
     return sum(value.size or 0 if isinstance(value, UploadFile) else len(value)
                for _, value in form.multi_items())
-
-
-def _utf8(value: str) -> bool:
-    if value.isascii():
-        return True
-    try:
-        value.encode()
-    except UnicodeEncodeError:  # lone surrogates, from a charset such as unicode_escape
-        return False
-    return True
 
 
 async def _read_upload(upload: UploadFile, limit: int, param: str) -> bytes:

@@ -91,7 +91,7 @@ def _abandoned(amount: int) -> PaidRequestFailed:
         "payment should not settle (`clawrouter stats` shows it). Not paid again: identical "
         "requests share this outcome for coalesce_window_seconds (a day with the same "
         "Idempotency-Key). Give the client a timeout longer than the model takes (up to 5 "
-        "minutes), then send the request again.",
+        "minutes), and send the request again once that time has passed.",
         status=409, code="job_abandoned", extra={"payment": "not_settled"})
 
 

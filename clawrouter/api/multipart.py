@@ -1,0 +1,51 @@
+"""Parse a multipart form (OpenAI `images.edit`) with text fields that must be real text.
+
+Starlette's parser decodes a text field with the charset the client names and, when the bytes
+do not decode, quietly falls back to latin-1: `caf\\xe9` becomes "café" and is paid for as that
+prompt. Here a field that is not text in its charset (or decodes to lone surrogates, as
+`charset=unicode_escape` can) is a 400 naming it; a field over the size limit is one too.
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from clawrouter.errors import InvalidRequest
+
+
+class _NotText(MultiPartException):
+    def __init__(self, field: str) -> None:
+        super().__init__(f"Field '{field}' is not text.")
+        self.field = field
+
+
+class _StrictTextParser(MultiPartParser):
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode(self._charset).encode()
+            except UnicodeError:  # not in its charset, or not encodable as UTF-8
+                raise _NotText(part.field_name) from None
+        super().on_part_end()
+
+
+async def read_multipart(request: Request, *, max_files: int, max_fields: int,
+                         max_text_bytes: int) -> FormData:
+    """The form, its files spooled to temporary files; the caller closes it."""
+    parser = _StrictTextParser(request.headers, request.stream(), max_files=max_files,
+                               max_fields=max_fields, max_part_size=max_text_bytes)
+    try:
+        return await parser.parse()
+    except _NotText as exc:
+        raise InvalidRequest(f"'{exc.field}' is not valid text (send UTF-8).",
+                             param=exc.field, code="invalid_type") from None
+    except MultiPartException as exc:
+        if "exceeded maximum size" in exc.message:
+            raise InvalidRequest(
+                f"A form field is over {max_text_bytes} bytes, the most an image given as "
+                "text may take (CLAWROUTER_MAX_IMAGE_MB).", code="image_too_large") from None
+        raise InvalidRequest(f"Malformed multipart form: {exc.message}",
+                             code="invalid_multipart") from None
