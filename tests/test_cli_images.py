@@ -64,3 +64,28 @@ def test_a_bad_configuration_is_a_message_and_exit_2_not_a_traceback(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "invalid configuration: image_max_gb" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_prune_refuses_while_a_gateway_uses_the_data_directory(tmp_path):
+    """A gateway keeps an index and a cache of the store: files deleted behind it would still
+    be served from memory, and new identical images would get URLs to nothing."""
+    from clawrouter.config import Settings
+    from clawrouter.payment.ledger import Ledger
+
+    fill(tmp_path, 2)
+    limit = {"CLAWROUTER_IMAGE_MAX_GB": str(1 / 1024**3)}
+    with Ledger(Settings(home=tmp_path).ledger_path_for("base-sepolia")):  # a gateway holds it
+        done = subprocess.run([sys.executable, "-m", "clawrouter", "images", "prune"],
+                              env={**os.environ, "CLAWROUTER_HOME": str(tmp_path), **limit},
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Stop it to prune now" in done.stderr
+    assert len(json.loads(run(tmp_path, "ls", "--json").stdout)) == 2
+
+
+def test_ls_reads_the_store_as_it_is_and_changes_nothing(tmp_path):
+    """`ls` may run beside a gateway that is writing the store: it reconciles nothing (an open
+    store would drop a row whose file it had not seen yet)."""
+    names = fill(tmp_path, 2)
+    (tmp_path / "images" / names[0]).unlink()  # as if its file were not written yet
+    assert len(json.loads(run(tmp_path, "ls", "--json").stdout)) == 2
+    assert len(json.loads(run(tmp_path, "ls", "--json").stdout)) == 2  # its row is still there

@@ -161,8 +161,16 @@ def observed(obs: dict[str, Any], result: Result) -> None:
 
 async def image_bytes(image: Any) -> bytes:
     if image.data is None and image.stored is not None:
-        async with aiofiles.open(image.stored.path, "rb") as f:
-            image.data = await f.read()
+        try:
+            async with aiofiles.open(image.stored.path, "rb") as f:
+                image.data = await f.read()
+        except FileNotFoundError:  # a kept result (`coalesce`) outlived its file
+            raise InvalidRequest(
+                f"This request's image ({image.stored.name}) was paid for by an identical "
+                "earlier request, and has since been deleted from the store (image_ttl_days, "
+                "image_max_gb); it was not paid again. Send the request with a new "
+                "Idempotency-Key, or wait out the coalescing window, to make a new one.",
+                status=410, code="image_evicted") from None
     return image.data or b""
 
 

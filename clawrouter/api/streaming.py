@@ -88,8 +88,13 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                 return
             observed(obs, result)
             kind = "image_generation" if job.route == "generations" else "image_edit"
-            for image in result.images:
-                data = await image_bytes(image)
+            try:
+                images = [await image_bytes(image) for image in result.images]
+            except ClawError as error:
+                obs["error_code"] = error.code
+                yield sse("error", error.envelope())
+                return
+            for image, data in zip(result.images, images):
                 fmt = EXTENSIONS.get(image.stored.content_type, "png") if image.stored else "png"
                 yield sse(f"{kind}.completed", {
                     "type": f"{kind}.completed", "b64_json": pybase64.b64encode(data).decode(),

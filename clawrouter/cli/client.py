@@ -485,7 +485,7 @@ def foreign(url: str, health: dict[str, Any], settings: Settings) -> str | None:
     container's) would pay from a wallet, and count against budgets, the user did not name.
     """
     instance = health.get("instance")
-    if instance and any(held.instance == instance for held in _holders(settings)):
+    if instance and any(held.instance == instance for held in holders(settings)):
         return None
     try:
         mine = key_in_use(settings)
@@ -502,7 +502,7 @@ def foreign(url: str, health: dict[str, Any], settings: Settings) -> str | None:
             "data directory's, stop that gateway or set CLAWROUTER_PORT to a free port.")
 
 
-def _holders(settings: Settings) -> list[Holder]:
+def holders(settings: Settings) -> list[Holder]:
     """Who holds this data directory's ledgers (one per network), as their lock files say."""
     found = []
     for network in dict.fromkeys((settings.network, *NETWORKS)):
@@ -516,7 +516,7 @@ def _holders(settings: Settings) -> list[Holder]:
 
 def _advertised(settings: Settings) -> list[str]:
     """Where the `serve`s holding this data directory's ledgers say they listen."""
-    return [held.url for held in _holders(settings) if held.url]
+    return [held.url for held in holders(settings) if held.url]
 
 
 async def _load_settings() -> Settings:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from typing import Any
 
+from clawrouter.cli.client import holders
 from clawrouter.cli.common import settings_from
 from clawrouter.store import ImageStore
 
@@ -35,16 +37,9 @@ def register(commands: Any) -> None:
     prune.set_defaults(run=run_prune)
 
 
-def _store(args: argparse.Namespace) -> ImageStore:
-    return ImageStore.from_settings(settings_from(args))
-
-
 def run_ls(args: argparse.Namespace) -> int:
-    async def ls() -> list[dict[str, Any]]:
-        async with _store(args) as store:
-            return await store.ls(args.limit, args.offset)
-
-    rows = asyncio.run(ls())
+    # Read as it is, never reconciled: a gateway may be writing the store meanwhile.
+    rows = asyncio.run(ImageStore.rows(settings_from(args).images_dir, args.limit, args.offset))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -63,8 +58,17 @@ def run_ls(args: argparse.Namespace) -> int:
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    running = holders(settings)
+    if running:  # its index and cache would keep serving (and deduplicating to) deleted files
+        where = f" at {running[0].url}" if running[0].url else ""
+        print(f"A gateway (pid {running[0].pid}{where}) is using {settings.home}: it applies "
+              "CLAWROUTER_IMAGE_TTL_DAYS and CLAWROUTER_IMAGE_MAX_GB itself, in the "
+              "background. Stop it to prune now.", file=sys.stderr)
+        return 1
+
     async def prune() -> list[str]:
-        async with _store(args) as store:
+        async with ImageStore.from_settings(settings) as store:
             return await store.prune()
 
     removed = asyncio.run(prune())

@@ -9,6 +9,7 @@ opening the store can remove it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -49,15 +50,18 @@ def write_atomic(directory: Path, name: str, data: bytes, *, sync_dir: bool = Tr
 
 
 def fsync_dir(directory: Path) -> None:
-    """Make a rename or unlink in `directory` durable (no-op where directories can't be opened)."""
+    """Make a rename or unlink in `directory` durable. A no-op only where directories cannot
+    be opened or synced at all (Windows; file systems that refuse it): any other failure (an
+    I/O error, no file descriptors left) raises, so nothing is answered as durable that is not."""
     try:
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows
+    except (PermissionError, IsADirectoryError):  # e.g. Windows
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

@@ -71,11 +71,13 @@ class ImageServer:
 
         base, etag, last_modified = self._headers_for(image)
         if_none_match = if_modified_since = range_ = if_range = None
+        ranges = 0
         for key, value in scope["headers"]:
-            if key == b"if-none-match":
-                if_none_match = value
+            if key == b"if-none-match":  # a list, which may come over several lines
+                if_none_match = value if if_none_match is None else if_none_match + b"," + value
             elif key == b"range":
                 range_ = value
+                ranges += 1
             elif key == b"if-modified-since":
                 if_modified_since = value
             elif key == b"if-range":
@@ -89,7 +91,9 @@ class ImageServer:
             return await _not_modified(send, etag, last_modified)
 
         start, stop, headers, status = 0, image.bytes, base, 200
-        if range_ is not None and (if_range is None or if_range in (etag, last_modified)):
+        # Range is defined for GET only, and one that comes twice is ignored (RFC 9110 §14.2)
+        if (range_ is not None and method == "GET" and ranges == 1
+                and (if_range is None or if_range in (etag, last_modified))):
             try:
                 span = parse_range(range_.decode("latin-1"), image.bytes)
             except RangeNotSatisfiable:

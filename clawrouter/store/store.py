@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DAY = 86400.0
+DB_NAME = "index.sqlite3"
 _HASH_INLINE = 256 * 1024  # hashed on the event loop (≤ 0.13 ms): a thread hop adds ~0.05 ms of latency
 
 
@@ -89,7 +90,7 @@ class ImageStore:
         self._flush_interval = flush_interval
         self._prune_interval = prune_interval
         self._temp_grace = temp_grace
-        self._db = MetadataDB(db_path or self.root / "index.sqlite3")
+        self._db = MetadataDB(db_path or self.root / DB_NAME)
         self._group: GroupCommit[_Put] | None = None  # the store's one thread
         self._index: dict[str, StoredImage] = {}
         self._last_used: dict[str, float] = {}
@@ -123,9 +124,12 @@ class ImageStore:
         self._group = GroupCommit("image-store", self._commit)
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
         await self._run_db(self._db.open)
+        # Rows before files: a file is in place before its row commits, so an image another
+        # process stores meanwhile shows as a file without a row (recovered, then its real row
+        # wins), never as a row without a file (which would be dropped).
+        rows = await self._run_db(self._db.index_rows)
         scan = await asyncio.to_thread(files.scan, self.root, temp_grace=self._temp_grace)
         await asyncio.to_thread(files.remove, scan.stale_temps)
-        rows = await self._run_db(self._db.index_rows)
 
         keep, drop_rows, drop_files = [], [], []
         for row in rows:
@@ -226,8 +230,10 @@ class ImageStore:
         async with self._lock(image_id):
             existing = self._index.get(image_id)
             if existing is not None:
-                self.mark_served(image_id)  # its URL is about to be handed out again
-                return existing
+                if await asyncio.to_thread(existing.path.exists):
+                    self.mark_served(image_id)  # its URL is about to be handed out again
+                    return existing
+                self.discard(image_id)  # deleted behind our back: stored again below
             image = StoredImage(id=image_id, ext=ext, content_type=content_type,
                                 bytes=len(data), root=self.root,
                                 created=time.time())
@@ -313,11 +319,23 @@ class ImageStore:
         Each dict has the database columns plus `name` and `path`.
         """
         await self._flush_served()
-        rows = await self._run_db(self._db.list_images, limit, offset)
-        for row in rows:
-            row["name"] = f"{row['id']}.{row['ext']}"
-            row["path"] = str(self.root / row["name"])
-        return rows
+        return _named(self.root, await self._run_db(self._db.list_images, limit, offset))
+
+    @staticmethod
+    async def rows(root: Path, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        """What `ls` lists, without opening the store: nothing is reconciled or written, so it
+        is safe beside a gateway using the store (`open` would drop what it is writing)."""
+        def read() -> list[dict[str, Any]]:
+            if not (root / DB_NAME).exists():
+                return []
+            db = MetadataDB(root / DB_NAME)
+            db.open()
+            try:
+                return db.list_images(limit, offset)
+            finally:
+                db.close()
+
+        return _named(root, await asyncio.to_thread(read))
 
     async def stats(self) -> dict[str, Any]:
         counts = await self._run_db(self._db.pending_counts)
@@ -426,3 +444,10 @@ class _Put:
     image: StoredImage
     data: bytes
     meta: ImageMeta
+
+
+def _named(root: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for row in rows:
+        row["name"] = f"{row['id']}.{row['ext']}"
+        row["path"] = str(root / row["name"])
+    return rows
