@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -88,6 +89,16 @@ class Settings(BaseSettings):
     log_prompts: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("api_key", "wallet_key")
+    @classmethod
+    def _blank_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        """A secret of only spaces is unset (an empty variable); spaces around one (a CRLF env
+        file's `\r`) are not part of it: clients' keys are compared stripped too."""
+        if value is None:
+            return None
+        text = value.get_secret_value().strip()
+        return SecretStr(text) if text else None
+
     @field_validator("upstream_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
@@ -157,11 +168,17 @@ class Settings(BaseSettings):
         return int(self.max_image_mb * 1024 * 1024)
 
 
+_AUTHORITY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+
+
 def is_loopback_authority(authority: str) -> bool:
-    """Whether a Host header (`name[:port]` or `[v6][:port]`) names this machine's loopback,
-    `*.localhost` included (RFC 6761: never resolved by outside DNS)."""
-    name = (authority[1:authority.find("]")] if authority.startswith("[")
-            else authority.rsplit(":", 1)[0]).rstrip(".").lower()
+    """Whether a Host header (`name[:port]` or `[v6][:port]`, nothing else: it goes into the
+    URLs we hand out) names this machine's loopback, `*.localhost` included (RFC 6761: never
+    resolved by outside DNS)."""
+    match = _AUTHORITY.fullmatch(authority)
+    if match is None:
+        return False
+    name = match.group(1).strip("[]").rstrip(".").lower()
     return is_loopback_host(name) or name.endswith(".localhost")
 
 
@@ -185,10 +202,18 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=path if path.is_file() else None)
 
+    for name, meant in _NOT_READ.items():
+        if name in os.environ:  # pydantic-settings would take them (prefix + field name)
+            raise ValueError(f"{name} is not a setting: use {meant}")
     try:
         return _FromFile(**overrides)
     except ValidationError as exc:
         raise ValueError(_explain(exc, path)) from None
+
+
+#: field names under the prefix that the settings would read but are named otherwise
+_NOT_READ = {"CLAWROUTER_WALLET_KEY": "BLOCKRUN_WALLET_KEY",
+             "CLAWROUTER_UPSTREAM_URL": "BLOCKRUN_API_URL"}
 
 
 def _explain(exc: ValidationError, path: Path) -> str:

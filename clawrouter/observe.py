@@ -106,14 +106,16 @@ class Observe:
             m.overhead.labels(route).observe(max(0.0, seconds - upstream / 1000))
         if status == 200 and obs.get("images"):
             m.images.labels(model).inc(obs["images"])
-        if (path.startswith(QUIET_PREFIXES) and status < 400
+        # quiet: reads of images and health (many, free); never a paid request (a POST)
+        if (path.startswith(QUIET_PREFIXES) and status < 400 and route == "other"
                 or not access_log.isEnabledFor(logging.INFO)):
             return
         line: dict[str, Any] = {
             "request_id": st.get("request_id"), "method": scope["method"], "route": path,
             "model": model or None, "status": status, "latency_ms": round(seconds * 1000, 2),
             "upstream_ms": round(upstream, 2) if upstream is not None else None,
-            "overhead_ms": round(seconds * 1000 - upstream, 2) if upstream is not None else None,
+            "overhead_ms": (round(max(0.0, seconds * 1000 - upstream), 2)
+                            if upstream is not None else None),
             "cost_usd": obs["amount"] / 1_000_000 if obs.get("amount") else 0.0,
             "outcome": _outcome(status, st.get("error_code")),
         }

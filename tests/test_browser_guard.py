@@ -115,6 +115,9 @@ def test_the_gateways_own_page_may_post(gateway: Gateway, sandbox: Sandbox):
     ({"sec-fetch-site": "same-site"}, "cross_origin_refused"),
     ({"host": "rebound.example:8402"}, "forbidden_host"),
     ({"host": "127.0.0.1.nip.io"}, "forbidden_host"),
+    ({"host": "localhost:8402@evil.example"}, "forbidden_host"),  # would go into our URLs
+    ({"host": "[::1]@evil.example"}, "forbidden_host"),
+    ({"host": "localhost/evil"}, "forbidden_host"),
 ])
 def test_browser_requests_from_elsewhere_are_refused_before_anything_runs(
         gateway: Gateway, sandbox: Sandbox, headers, code):

@@ -89,3 +89,24 @@ def test_only_the_documented_environment_names_count(monkeypatch, tmp_path):
     config = tmp_path / "c.toml"
     config.write_text('upstream_url = "http://from-file/api"\n')
     assert load_settings(config).upstream_url == "http://from-file/api"
+    # the prefix plus a field name pydantic-settings would also take: refused, named
+    for name, meant in (("CLAWROUTER_WALLET_KEY", "BLOCKRUN_WALLET_KEY"),
+                        ("CLAWROUTER_UPSTREAM_URL", "BLOCKRUN_API_URL")):
+        monkeypatch.setenv(name, "0x" + "33" * 32)
+        with pytest.raises(ValueError, match=f"{name} is not a setting: use {meant}") as err:
+            load_settings(home=tmp_path)
+        assert "33" * 32 not in str(err.value)
+        monkeypatch.delenv(name)
+
+
+def test_blank_secrets_are_unset_and_spaces_around_them_are_not_part_of_them(monkeypatch,
+                                                                               tmp_path):
+    """An empty BLOCKRUN_WALLET_KEY is no key (the file is used, by every command alike); an
+    API key of spaces is none (so off loopback the gateway refuses to start instead of
+    locking everyone out), and one read from a CRLF file works without its `\\r`."""
+    monkeypatch.setenv("BLOCKRUN_WALLET_KEY", "  ")
+    monkeypatch.setenv("CLAWROUTER_API_KEY", " ")
+    s = load_settings(home=tmp_path)
+    assert s.wallet_key is None and s.api_key is None
+    monkeypatch.setenv("CLAWROUTER_API_KEY", "s3cret\r")
+    assert load_settings(home=tmp_path).api_key.get_secret_value() == "s3cret"

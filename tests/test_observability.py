@@ -98,6 +98,12 @@ def test_logs_are_json_lines_without_prompts_keys_or_payment_headers(tmp_path, s
                        json={"model": "cogview", "prompt": secret_prompt})
         assert r.status_code == 200
         httpx.post(base + "/v1/images/generations", json={"model": "nope", "prompt": "p2"})
+        # the route without /v1 shares a prefix with image reads, which are not logged; a
+        # paid request is, and so is its repeat (which waited less than the first's upstream)
+        for _ in range(2):
+            assert httpx.post(base + "/images/generations", headers={"x-request-id": "log-3"},
+                              json={"model": "cogview", "prompt": "p3"}).status_code == 200
+        httpx.get(r.json()["data"][0]["url"])
     finally:
         _, stderr = stop(proc)
     lines = [json.loads(line) for line in stderr.splitlines()]  # nothing but JSON lines
@@ -108,6 +114,11 @@ def test_logs_are_json_lines_without_prompts_keys_or_payment_headers(tmp_path, s
     assert request_line["cost_usd"] == 0.01675 and request_line["outcome"] == "ok"
     assert request_line["latency_ms"] >= request_line["overhead_ms"] >= 0
     assert any(line.get("outcome") == "model_not_found" for line in lines)
+    paid = [line for line in lines if line.get("request_id") == "log-3"]
+    assert len(paid) == 2 and paid[0]["cost_usd"] == 0.01675
+    assert all(line["overhead_ms"] >= 0 for line in paid)
+    assert not [line for line in lines if str(line.get("route", "")).startswith("/images/")
+                and line.get("method") == "GET"]  # image reads stay quiet
     assert key[2:] not in stderr and key[2:].lower() not in stderr.lower()
     assert "eyJ4NDAyVmVyc2lvbi" not in stderr  # base64 of '{"x402Version…': a payment header
     assert (secret_prompt in stderr) == log_prompts

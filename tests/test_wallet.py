@@ -23,6 +23,22 @@ def test_new_key_is_created_private_and_reused(tmp_path):
     assert first.key not in repr(first)
 
 
+def test_a_key_file_others_can_read_is_made_private(tmp_path, caplog):
+    path = tmp_path / "wallet.key"
+    path.write_text(KEY + "\n")
+    path.chmod(0o644)
+    assert load_wallet(tmp_path, None).key == KEY
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "now 600" in caplog.text and KEY not in caplog.text
+
+
+def test_a_broken_link_where_the_key_file_goes_is_a_clear_error(tmp_path):
+    (tmp_path / "wallet.key").symlink_to(tmp_path / "gone")
+    with pytest.raises(WalletError, match="broken link"):
+        load_wallet(tmp_path, None)
+    assert not (tmp_path / "gone").exists()  # never followed
+
+
 @pytest.mark.parametrize("bad", ["0x1234", "11" * 32, "0x" + "zz" * 32, "0x" + "00" * 32])
 def test_malformed_keys_are_clear_errors_that_never_echo_the_key(tmp_path, bad):
     with pytest.raises(WalletError) as err:

@@ -25,6 +25,7 @@ from clawrouter.cli.common import CommandError, settings_from
 from clawrouter.config import Settings
 from clawrouter.payment.networks import NETWORKS, Network
 from clawrouter.payment.wallet import WalletError, check_key, create_key_file
+from clawrouter.store.files import fsync_dir
 
 KEY_FILE = "wallet.key"
 ENV_KEY = "BLOCKRUN_WALLET_KEY"
@@ -393,18 +394,7 @@ def replace_key_file(path: Path, key: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 # --- wallet export ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ was used (never the key).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from clawrouter.store.files import fsync_dir
+
+log = logging.getLogger(__name__)
 _KEY = re.compile(r"^0x[0-9a-fA-F]{64}$")
 
 
@@ -46,17 +50,37 @@ def load_wallet(home: Path, env_key: str | None) -> WalletKey:
         return WalletKey(check_key(env_key, "BLOCKRUN_WALLET_KEY"), "env")
     path = home / "wallet.key"
     if path.exists():
-        return WalletKey(check_key(path.read_text(), str(path)), "file", path)
+        key = check_key(path.read_text(), str(path))
+        _keep_private(path)
+        return WalletKey(key, "file", path)
     return WalletKey(create_key_file(path), "created", path)
 
 
+def _keep_private(path: Path) -> None:
+    """A key file others can read is made the owner's alone, as ssh would insist."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        try:
+            os.chmod(path, 0o600)
+        except OSError:
+            log.warning("%s is readable by other users (mode %o) and could not be made "
+                        "private: chmod 600 it", path, mode)
+            return
+        log.warning("%s was readable by other users (mode %o); it is now 600", path, mode)
+
+
 def create_key_file(path: Path) -> str:
-    """Write a fresh key with mode 0600; refuse to replace an existing file."""
+    """Write a fresh key with mode 0600, durably; refuse to replace an existing file."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = "0x" + secrets.token_bytes(32).hex()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # not there to read, yet there: a broken link, say
+        raise WalletError(f"{path} exists but cannot be read (a broken link?); move it "
+                          "away, or set BLOCKRUN_WALLET_KEY") from None
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
         f.flush()
         os.fsync(f.fileno())
+    fsync_dir(path.parent)  # the new name too: a key lost to a crash loses its funds
     return key
