@@ -39,6 +39,7 @@ def test_ls_lists_newest_first_with_metadata(tmp_path):
     assert listed[0]["prompt"] == "picture 2" and listed[0]["cost_micro"] == 16_750
     text = run(tmp_path, "ls", "--limit", "2")
     assert text.returncode == 0 and "picture 2" in text.stdout and "picture 0" not in text.stdout
+    assert "$0.01675" in text.stdout  # what was paid, to the micro-dollar
     assert text.stdout.count("/images/") == 2  # one path line per image
 
 

@@ -70,6 +70,18 @@ def test_generate_prints_paths_urls_and_cost(tmp_path: Path, gateway: Any) -> No
     assert "$0.0535" in proc.stdout and "google/nano-banana" in proc.stdout
 
 
+def test_an_unusable_output_directory_is_said_to_have_cost_nothing(tmp_path: Path, gateway: Any,
+                                                                     sandbox: Any) -> None:
+    """`--out` is checked before paying: its failure must not read as a paid image lost
+    ('could not save the image') nor as a bad configuration."""
+    (tmp_path / "afile").write_text("")
+    for out in (str(tmp_path / "afile" / "sub"), "/proc/clawrouter-out"):
+        proc = run(tmp_path, "generate", "a red kite", "--out", out, url=gateway.url)
+        assert proc.returncode == 1, proc.stderr
+        assert "Nothing was sent or paid" in proc.stderr and "could not save" not in proc.stderr
+    assert sandbox.round_trips() == 0
+
+
 def test_edit_sends_a_relative_local_path_as_absolute(tmp_path: Path, gateway: Any) -> None:
     (tmp_path / "photo.png").write_bytes(make_png(64, 64, seed=3))
     proc = run(tmp_path, "edit", "photo.png", "add a rainbow", "--json", url=gateway.url,
@@ -468,6 +480,7 @@ def test_status_json_reports_health_spend_and_budget(tmp_path: Path, make_gatewa
     assert out["spend"]["budget"]["day"]["remaining_usd"] == pytest.approx(3.0 - 0.0535)
     text = run(tmp_path, "status", url=gateway.url)
     assert text.returncode == 0 and gateway.gw.address in text.stdout and "$0.0535" in text.stdout
+    assert "$2.9465 left today" in text.stdout
 
 
 def test_status_without_a_gateway_exits_1(tmp_path: Path) -> None:

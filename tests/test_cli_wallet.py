@@ -16,15 +16,11 @@ from pathlib import Path
 
 import pytest
 from eth_account import Account
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from clawrouter.config import Settings
 from clawrouter.payment.ledger import Ledger, REJECTED, SETTLED
 from clawrouter.payment.networks import NETWORKS
-from tests.servers import ServerThread, dead_port
+from tests.servers import dead_port
 from tests.test_balance import FakeRpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -357,19 +353,32 @@ def test_stats_json_from_a_running_gateway(cli, make_gateway):
     assert payment["model"] == "zai/cogview-4"
 
 
-def test_stats_sends_the_api_key_to_the_gateway(cli):
-    seen: list[str | None] = []
-
-    async def spend(request: Request) -> JSONResponse:
-        seen.append(request.headers.get("authorization"))
-        return JSONResponse({"total": {"payments": 0}, "latest": []})
-
-    server = ServerThread(Starlette(routes=[Route("/v1/spend", spend)])).start()
-    try:
-        done = cli("stats", "--json", CLAWROUTER_PORT=str(server.port),
-                   CLAWROUTER_API_KEY="s3cret")
-    finally:
-        server.stop()
+def test_stats_sends_the_api_key_to_the_gateway(cli, make_gateway):
+    gateway = make_gateway(api_key="s3cret")
+    env = dict(CLAWROUTER_HOME=str(gateway.gw.settings.home), CLAWROUTER_NETWORK="base-sepolia",
+               CLAWROUTER_PORT=str(gateway.server.port))
+    done = cli("stats", "--json", CLAWROUTER_API_KEY="s3cret", **env)
     assert done.returncode == 0, done.stderr
-    assert seen == ["Bearer s3cret"]
-    assert json.loads(done.stdout) == {"total": {"payments": 0}, "latest": []}
+    assert json.loads(done.stdout)["wallet"] == gateway.gw.address
+    refused = cli("stats", **env)
+    assert refused.returncode == 1 and "CLAWROUTER_API_KEY" in refused.stderr
+
+
+def test_stats_asks_the_gateway_every_command_uses_and_says_which_network(cli, make_gateway):
+    """After a request that ended without an answer, an agent is told to check stats before
+    asking again: stats must read the gateway that request went to (CLAWROUTER_URL, a
+    container's), never this directory's empty ledger instead, nor another directory's
+    gateway as if it were this one's; and it names the network (and the sandbox)."""
+    gateway = make_gateway(sandbox=True)
+    r = gateway.http.post("/v1/images/generations",
+                          json={"model": "cogview", "prompt": "a lighthouse", "size": "512x512"})
+    assert r.status_code == 200, r.text
+    named = cli("stats", "--json", CLAWROUTER_URL=gateway.url)  # cli's own home is elsewhere
+    assert named.returncode == 0, named.stderr
+    summary = json.loads(named.stdout)
+    assert summary["total"]["payments"] == 1 and summary["network"] == "base-sepolia"
+    assert summary["sandbox"] is True and "other_ledgers" not in summary
+    table = cli("stats", CLAWROUTER_URL=gateway.url).stdout
+    assert "Spending on base-sepolia (the sandbox: no real payments)" in table
+    unnamed = cli("stats", CLAWROUTER_PORT=str(gateway.server.port))
+    assert unnamed.returncode == 1 and "another data directory" in unnamed.stderr

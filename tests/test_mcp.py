@@ -242,3 +242,54 @@ def test_skill_recommends_no_retired_model() -> None:
     # and the frontmatter tells an agent when to use the skill
     head = SKILL.read_text().split("---")[1]
     assert "name: imagegen" in head and "Trigger when" in head
+
+
+def test_a_cancelled_call_still_stops_its_gateway_and_frees_the_wallet(tmp_path: Path) -> None:
+    """MCP clients cancel a call that outlives their timeout (`notifications/cancelled`). The
+    gateway started for it must stop as after any call, or it holds the wallet's ledger for
+    the rest of the session: every later call and the user's own commands would wait."""
+    import json
+    import os
+    import subprocess
+    import time
+
+    from clawrouter.config import Settings
+    from clawrouter.payment.ledger import in_use, lock_path
+    from tests.servers import dead_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
+    env |= mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {"CLAWROUTER_SANDBOX": "true"}
+    lock = lock_path(Settings(home=tmp_path / "client-home").ledger_path_for("base-sepolia"))
+    server = subprocess.Popen([sys.executable, "-m", "clawrouter", "mcp"], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    assert server.stdin is not None and server.stdout is not None
+
+    def send(message: dict[str, Any]) -> None:
+        server.stdin.write(json.dumps({"jsonrpc": "2.0", **message}) + "\n")
+        server.stdin.flush()
+
+    def wait_for(condition: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + 30
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    try:
+        send({"id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"}}})
+        server.stdout.readline()
+        send({"method": "notifications/initialized"})
+        send({"id": 1, "method": "tools/call", "params": {
+            "name": "generate_image",
+            "arguments": {"prompt": "outlives the agent's timeout", "model": "gpt-image-2"}}})
+        assert wait_for(lambda: lock.exists() and in_use(lock))  # its gateway runs the call
+        time.sleep(0.5)  # the slow job is being polled
+        send({"method": "notifications/cancelled", "params": {"requestId": 1}})
+        assert wait_for(lambda: not in_use(lock)), "the cancelled call's gateway still runs"
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)

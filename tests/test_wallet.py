@@ -39,7 +39,8 @@ def test_a_broken_link_where_the_key_file_goes_is_a_clear_error(tmp_path):
     assert not (tmp_path / "gone").exists()  # never followed
 
 
-@pytest.mark.parametrize("bad", ["0x1234", "11" * 32, "0x" + "zz" * 32, "0x" + "00" * 32])
+@pytest.mark.parametrize("bad", ["0x1234", "11" * 32, "0x" + "zz" * 32, "0x" + "00" * 32,
+                                 "0x" + "ff" * 32])  # at or above the curve's order
 def test_malformed_keys_are_clear_errors_that_never_echo_the_key(tmp_path, bad):
     with pytest.raises(WalletError) as err:
         load_wallet(tmp_path, bad)

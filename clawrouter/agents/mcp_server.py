@@ -94,7 +94,11 @@ class Connection:
             code = f" (code: {exc.code})" if exc.code else ""
             raise ToolError(f"clawrouter: {exc.message}{code}") from None
         finally:
-            await self._release(gateway, gone=gone)
+            # A cancelled call (the agent's timeout) must still give its gateway back: an
+            # unshielded await here is cancelled at once, and the gateway would keep running
+            # and hold the wallet's ledger for the rest of the session.
+            with anyio.CancelScope(shield=True):
+                await self._release(gateway, gone=gone)
 
     async def aclose(self) -> None:
         if self._gateway is not None:

@@ -107,9 +107,13 @@ def auth_headers(settings: Settings | None = None) -> dict[str, str]:
 
 
 def output_dir(out: str | Path | None = None) -> Path:
-    """Where saved images go, created if needed."""
+    """Where saved images go, created if needed (before paying: a failure here cost nothing)."""
     path = Path(out or os.environ.get("CLAWROUTER_OUT") or DEFAULT_OUT).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GatewayError(f"Cannot save images in {path}: {exc.strerror or exc}. Nothing was "
+                           "sent or paid; choose another --out.", code="bad_output_dir") from None
     return path
 
 
@@ -279,8 +283,9 @@ class Gateway:
     async def health(self) -> dict[str, Any]:
         return (await self._send("GET", "/health")).json()
 
-    async def spend(self) -> dict[str, Any]:
-        return (await self._send("GET", "/v1/spend")).json()
+    async def spend(self, latest: int | None = None) -> dict[str, Any]:
+        params = {} if latest is None else {"latest": latest}
+        return (await self._send("GET", "/v1/spend", params=params)).json()
 
     # --- paid endpoints --------------------------------------------------------------------
     async def generate(self, prompt: str, *, model: str | None = None, size: str | None = None,

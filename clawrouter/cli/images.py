@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any
 
+from clawrouter.catalog import format_usd
 from clawrouter.cli.client import holders
 from clawrouter.cli.common import settings_from
 from clawrouter.store import ImageStore
@@ -48,7 +49,7 @@ def run_ls(args: argparse.Namespace) -> int:
         return 0
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"]))
-        cost = f"${(row.get('cost_micro') or 0) / 1e6:.4f}"
+        cost = format_usd(row.get("cost_micro") or 0)
         prompt = (row.get("prompt") or "").replace("\n", " ")
         prompt = prompt[:50] + ("…" if len(prompt) > 50 else "")
         print(f"{when}  {row['name']}  {row.get('model') or '-':<28} {row.get('size') or '-':>9}"

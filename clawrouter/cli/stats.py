@@ -1,23 +1,24 @@
 """`clawrouter stats`: what the gateway has spent, as a terminal table (or `--json`).
 
-The numbers come from a running gateway's `GET /v1/spend` when one answers at the configured
-host and port; otherwise from the configured network's ledger file (`Settings.ledger_path`).
-A running gateway holds the ledger's lock, so if the lock is taken but nobody answers, we say
-so instead of guessing.
+The numbers come from the running gateway's `GET /v1/spend`, found as every command finds it
+(`CLAWROUTER_URL`, else the address the settings give, if that gateway is this data
+directory's: `client.connect`); otherwise from the configured network's ledger file
+(`Settings.ledger_path`). A running gateway holds the ledger's lock, so if the lock is taken
+but nobody answers, we say so instead of guessing.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from clawrouter.catalog import format_usd
+from clawrouter.cli.client import GatewayError, NoGateway, connect
 from clawrouter.cli.common import CommandError, settings_from
 from clawrouter.config import Settings
 from clawrouter.payment.budget import Budget
@@ -49,7 +50,7 @@ def _count(value: str) -> int:
 def run_stats(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     summary, source = spend_summary(settings, args.latest)
-    others = other_ledgers(settings)
+    others = other_ledgers(settings, summary.get("network") or settings.network)
     if others:
         summary["other_ledgers"] = {name: str(path) for name, path in others.items()}
     if args.json:
@@ -63,63 +64,48 @@ def run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def other_ledgers(settings: Settings) -> dict[str, Path]:
-    """The ledger files of the other networks in the data directory, by network name."""
-    paths = {name: settings.ledger_path_for(name) for name in NETWORKS if name != settings.network}
+def other_ledgers(settings: Settings, shown: str) -> dict[str, Path]:
+    """The ledger files of the networks other than the one `shown`, by network name."""
+    paths = {name: settings.ledger_path_for(name) for name in NETWORKS if name != shown}
     return {name: path for name, path in paths.items() if path.exists()}
 
 
 def spend_summary(settings: Settings, latest: int) -> tuple[dict[str, Any], str]:
     """The summary and where it came from (the gateway's URL or the ledger's path)."""
-    url = spend_url(settings)
-    summary = _from_gateway(settings, url, latest) if settings.port else None
-    if summary is not None:
-        return summary, f"the gateway at {url.rsplit('/v1/', 1)[0]}"
-    return _from_ledger(settings, url, latest)
+    found = asyncio.run(_from_gateway(settings, latest))
+    return found if found is not None else _from_ledger(settings, latest)
 
 
-def spend_url(settings: Settings) -> str:
-    return f"{settings.url}/v1/spend"
-
-
-def _from_gateway(settings: Settings, url: str, latest: int) -> dict[str, Any] | None:
-    headers = {}
-    if settings.api_key is not None:
-        headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+async def _from_gateway(settings: Settings, latest: int) -> tuple[dict[str, Any], str] | None:
     try:
-        resp = httpx.get(url, params={"latest": latest}, headers=headers,
-                         timeout=httpx.Timeout(5.0, connect=1.0), trust_env=False)
-    except httpx.HTTPError:
+        gateway = await connect(start=False, settings=settings)
+    except NoGateway:
         return None
-    if resp.status_code in (401, 403):
-        raise CommandError(1, f"the gateway at {url} refused the request (HTTP {resp.status_code}): "
-                       "set CLAWROUTER_API_KEY to its API key")
-    try:
-        summary = resp.json() if resp.status_code == 200 else None
-    except ValueError:
-        return None
-    if not isinstance(summary, dict) or not {"total", "latest"} <= summary.keys():
-        return None  # something else listens there
+    except GatewayError as exc:  # another data directory's, another program, a key wanted
+        raise CommandError(1, exc.message) from None
+    async with gateway:
+        try:
+            summary = await gateway.spend(latest)
+            health = await gateway.health()
+        except GatewayError as exc:
+            raise CommandError(1, exc.message) from None
     summary["latest"] = summary["latest"][:latest]
-    return summary
+    summary["sandbox"] = bool(health.get("sandbox"))
+    return summary, f"the gateway at {gateway.url}"
 
 
-def _from_ledger(settings: Settings, url: str, latest: int) -> tuple[dict[str, Any], str]:
+def _from_ledger(settings: Settings, latest: int) -> tuple[dict[str, Any], str]:
     path = settings.ledger_path
     if not path.exists():  # report zeros without creating a ledger in the user's home
         with tempfile.TemporaryDirectory() as tmp:
             return _read(Ledger(Path(tmp) / FILENAME), settings, latest), f"{path} (no ledger yet)"
     try:
         ledger = Ledger(path, chain_network=chain_network(settings))
-    except LedgerBusy as busy:
-        # A gateway started with other flags (`serve --port`) says where it is in the lock file.
-        there = busy.holder.url if busy.holder else None
-        summary = _from_gateway(settings, f"{there}/v1/spend", latest) if there else None
-        if summary is not None:
-            return summary, f"the gateway at {there}"
-        raise CommandError(1, f"a gateway is using the ledger {path} but did not answer at {url}. "
-                       "Point stats at it with the same --config, CLAWROUTER_HOST and "
-                       "CLAWROUTER_PORT, or stop it to read the ledger directly.") from None
+    except LedgerBusy:
+        raise CommandError(1, f"a gateway is using the ledger {path} but did not answer at "
+                       f"{settings.url}. Point stats at it with CLAWROUTER_URL (or the same "
+                       "--config, CLAWROUTER_HOST and CLAWROUTER_PORT), or stop it to read "
+                       "the ledger directly.") from None
     return _read(ledger, settings, latest), str(path)
 
 
@@ -133,7 +119,10 @@ def _read(ledger: Ledger, settings: Settings, latest: int) -> dict[str, Any]:
 
 # --- the table ----------------------------------------------------------------------------------
 def render(summary: dict[str, Any], source: str) -> str:
-    out = [f"Spending (days and times in {summary.get('timezone') or 'local time'}), from "
+    network = summary.get("network")
+    on = (f" on {network}" if network else "") + (
+        " (the sandbox: no real payments)" if summary.get("sandbox") else "")
+    out = [f"Spending{on} (days and times in {summary.get('timezone') or 'local time'}), from "
            f"{source}", ""]
     windows = [(label, summary[key]) for label, key in
                (("Today", "today"), ("This month", "month"), ("Total", "total"))]

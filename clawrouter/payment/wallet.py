@@ -19,6 +19,7 @@ from clawrouter.store.files import fsync_dir
 
 log = logging.getLogger(__name__)
 _KEY = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
 class WalletError(ValueError):
@@ -42,6 +43,9 @@ def check_key(key: str, where: str) -> str:
                           "64 hex characters")
     if int(key, 16) == 0:
         raise WalletError(f"the wallet key in {where} is zero")
+    if int(key, 16) >= _CURVE_ORDER:  # eth-keys would refuse it with the number in the message
+        raise WalletError(f"the wallet key in {where} is not a private key: it must be below "
+                          "secp256k1's group order")
     return key
 
 
