@@ -202,8 +202,8 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=path if path.is_file() else None)
 
-    for name, meant in _NOT_READ.items():
-        if name in os.environ:  # pydantic-settings would take them (prefix + field name)
+    for name in os.environ:  # pydantic-settings would take them (prefix + field name, any case)
+        if (meant := _NOT_READ.get(name.upper())) is not None:
             raise ValueError(f"{name} is not a setting: use {meant}")
     try:
         return _FromFile(**overrides)

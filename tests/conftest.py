@@ -61,7 +61,8 @@ def sandbox_server() -> Iterator[Sandbox]:
 def sandbox(sandbox_server: Sandbox) -> Sandbox:
     sandbox_server.reset()
     sandbox_server.configure(latency_ms=0, slow_seconds=0.6, finality_seconds=0,
-                             max_timeout_seconds=300, marked=True)
+                             max_timeout_seconds=300, marked=True, url_results=True,
+                             image_bytes=None, verify_cpu_ms=0)
     return sandbox_server
 
 

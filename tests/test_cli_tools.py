@@ -370,6 +370,35 @@ def test_a_holder_that_says_where_it_listens_only_later_is_still_found(
     assert time.monotonic() - began < 10
 
 
+def test_a_serve_elsewhere_is_found_when_another_program_has_the_configured_port(
+        tmp_path: Path, make_gateway: Any, sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --port 9000` because a web server took 8402: the commands use the serve the
+    ledger's lock file names instead of stopping at the web server."""
+    import asyncio
+
+    from starlette.applications import Starlette
+
+    from clawrouter.cli.client import connect
+    from tests.conftest import gateway_settings
+    from tests.servers import ServerThread
+
+    monkeypatch.delenv("CLAWROUTER_URL", raising=False)
+    monkeypatch.delenv("CLAWROUTER_API_KEY", raising=False)
+    other = ServerThread(Starlette()).start()  # answers 404 to everything
+    try:
+        settings = gateway_settings(tmp_path / "held", sandbox.api, port=other.port)
+        holding = make_gateway(home=settings.home)
+        holding.gw.ledger.advertise(holding.url)
+
+        async def found() -> str:
+            async with await connect(settings=settings, start=False) as gateway:
+                return gateway.url
+
+        assert asyncio.run(found()) == holding.url
+    finally:
+        other.stop()
+
+
 def test_a_gateway_of_another_data_directory_is_named_not_used(
         tmp_path: Path, make_gateway: Any, sandbox: Any) -> None:
     """Another CLAWROUTER_HOME's `serve` (or a container's) at the port these settings give

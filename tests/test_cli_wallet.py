@@ -364,6 +364,23 @@ def test_stats_sends_the_api_key_to_the_gateway(cli, make_gateway):
     assert refused.returncode == 1 and "CLAWROUTER_API_KEY" in refused.stderr
 
 
+def test_stats_reads_the_ledger_when_another_program_has_the_port(cli):
+    """No gateway of ours answers there (a web server took 8402, say): the ledger file is
+    what stats reads, as it does when nothing answers."""
+    from starlette.applications import Starlette
+
+    from tests.servers import ServerThread
+
+    fill_ledger(cli.ledger)
+    server = ServerThread(Starlette()).start()  # 404 for everything
+    try:
+        done = cli("stats", "--json", CLAWROUTER_PORT=str(server.port))
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["total"]["micro"] == 53_500
+
+
 def test_stats_asks_the_gateway_every_command_uses_and_says_which_network(cli, make_gateway):
     """After a request that ended without an answer, an agent is told to check stats before
     asking again: stats must read the gateway that request went to (CLAWROUTER_URL, a

@@ -91,7 +91,8 @@ def test_only_the_documented_environment_names_count(monkeypatch, tmp_path):
     assert load_settings(config).upstream_url == "http://from-file/api"
     # the prefix plus a field name pydantic-settings would also take: refused, named
     for name, meant in (("CLAWROUTER_WALLET_KEY", "BLOCKRUN_WALLET_KEY"),
-                        ("CLAWROUTER_UPSTREAM_URL", "BLOCKRUN_API_URL")):
+                        ("CLAWROUTER_UPSTREAM_URL", "BLOCKRUN_API_URL"),
+                        ("clawrouter_wallet_key", "BLOCKRUN_WALLET_KEY")):  # any case counts
         monkeypatch.setenv(name, "0x" + "33" * 32)
         with pytest.raises(ValueError, match=f"{name} is not a setting: use {meant}") as err:
             load_settings(home=tmp_path)
@@ -110,3 +111,7 @@ def test_blank_secrets_are_unset_and_spaces_around_them_are_not_part_of_them(mon
     assert s.wallet_key is None and s.api_key is None
     monkeypatch.setenv("CLAWROUTER_API_KEY", "s3cret\r")
     assert load_settings(home=tmp_path).api_key.get_secret_value() == "s3cret"
+    from clawrouter.cli.client import auth_headers  # and the commands send it the same way
+    assert auth_headers() == {"authorization": "Bearer s3cret"}
+    monkeypatch.setenv("CLAWROUTER_API_KEY", " ")
+    assert auth_headers() == {}

@@ -122,25 +122,32 @@ def test_sdk_retries_after_leaving_a_slow_job_learn_of_it_and_never_pay_again(ga
     assert row["status"] == "rejected"  # held until the chain says it expired unused
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_kept_result_whose_image_was_evicted_is_a_clear_410(gateway, sandbox, stream):
+@pytest.mark.parametrize("stream, upstream_copy", [(False, False), (True, False), (False, True)])
+def test_a_kept_result_whose_image_was_evicted_is_a_clear_410(gateway, sandbox, stream,
+                                                               upstream_copy):
     """A repeat within the window gets the first request's outcome; if its image has been
-    evicted since (small limits), it says so (410 image_evicted, or that error event in a
-    stream) instead of failing with a 500, and nothing is paid again."""
+    evicted since (small limits), it gets the upstream's copy when there is one, else says so
+    (410 image_evicted, or that error event in a stream) instead of failing with a 500, and
+    nothing is paid again."""
+    sandbox.configure(url_results=upstream_copy)
     body = {**COGVIEW, "prompt": "evicted later", "response_format": "b64_json"}
-    key = {"Idempotency-Key": f"evict-{stream}"}
+    key = {"Idempotency-Key": f"evict-{stream}-{upstream_copy}"}
     first = gateway.http.post("/v1/images/generations", json=body, headers=key)
     assert first.status_code == 200, first.text
     for stored in gateway.gw.store.root.glob("*.png"):
         stored.unlink()  # as eviction would
     again = gateway.http.post("/v1/images/generations", json={**body, "stream": stream},
                               headers=key)
-    if stream:
+    if upstream_copy:
+        assert again.status_code == 200, again.text
+        assert again.json()["data"][0]["url"].startswith(sandbox.url)
+    elif stream:
         assert again.status_code == 200 and '"code":"image_evicted"' in again.text
     else:
         assert again.status_code == 410, again.text
         assert again.json()["error"]["code"] == "image_evicted"
         assert again.headers["x-should-retry"] == "false"
+        assert "not paid again" in again.json()["error"]["message"]
     assert sandbox.stats()["payments_count"] == 1
 
 

@@ -29,6 +29,8 @@ from clawrouter.validate import MAX_N
 #: How long a tool call waits for another command's gateway to let go of the wallet's ledger
 #: before it fails, naming that process (agents' tool calls time out sooner than terminals).
 LEDGER_WAIT = 60.0
+#: how long a call that ended (or was cancelled) may take to give its gateway back
+RELEASE_WAIT = 30.0
 
 INSTRUCTIONS = (
     "clawrouter makes and edits images through BlockRun and pays per image in USDC on Base "
@@ -97,7 +99,7 @@ class Connection:
             # A cancelled call (the agent's timeout) must still give its gateway back: an
             # unshielded await here is cancelled at once, and the gateway would keep running
             # and hold the wallet's ledger for the rest of the session.
-            with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(RELEASE_WAIT, shield=True):
                 await self._release(gateway, gone=gone)
 
     async def aclose(self) -> None:

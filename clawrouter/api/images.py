@@ -159,19 +159,31 @@ def observed(obs: dict[str, Any], result: Result) -> None:
                images=len(result.images))
 
 
-async def image_bytes(image: Any) -> bytes:
+async def image_bytes(image: Any) -> bytes | None:
+    """The image's bytes; None if its file was deleted from the store (evicted) since."""
     if image.data is None and image.stored is not None:
         try:
             async with aiofiles.open(image.stored.path, "rb") as f:
                 image.data = await f.read()
-        except FileNotFoundError:  # a kept result (`coalesce`) outlived its file
-            raise InvalidRequest(
-                f"This request's image ({image.stored.name}) was paid for by an identical "
-                "earlier request, and has since been deleted from the store (image_ttl_days, "
-                "image_max_gb); it was not paid again. Send the request with a new "
-                "Idempotency-Key, or wait out the coalescing window, to make a new one.",
-                status=410, code="image_evicted") from None
+        except FileNotFoundError:
+            return None
     return image.data or b""
+
+
+def evicted(image: Any, shared: bool) -> ClawError:
+    """An image gone from the store before it could be sent, with no upstream copy to send."""
+    if shared:  # a kept result (`coalesce`) outlived its file
+        return InvalidRequest(
+            f"This request's image ({image.stored.name}) was paid for by an identical earlier "
+            "request, and has since been deleted from the store (image_ttl_days, "
+            "image_max_gb); it was not paid again. Send the request with a new "
+            "Idempotency-Key, or wait out the coalescing window, to make a new one.",
+            status=410, code="image_evicted")
+    return ClawError(
+        f"This request's image ({image.stored.name}) was paid for, then deleted from the store "
+        "before it could be sent (is image_max_gb tiny?), and the upstream gave no other copy. "
+        "Do not resend it expecting the same image: `clawrouter stats` shows the payment.",
+        code="image_evicted", headers={"x-should-retry": "false"})
 
 
 async def shape(result: Result, job: ImageJob, base: str) -> dict[str, Any]:
@@ -184,7 +196,13 @@ async def shape(result: Result, job: ImageJob, base: str) -> dict[str, Any]:
         elif job.response_format == "url" and image.remote_url:
             item["url"] = image.remote_url  # our store failed; the upstream copy still works
         elif image.stored is not None or image.data is not None:
-            item["b64_json"] = pybase64.b64encode(await image_bytes(image)).decode("ascii")
+            raw = await image_bytes(image)
+            if raw is not None:
+                item["b64_json"] = pybase64.b64encode(raw).decode("ascii")
+            elif image.remote_url:  # evicted meanwhile: the upstream's copy still works
+                item["url"] = image.remote_url
+            else:
+                raise evicted(image, result.shared)
         elif image.remote_url:
             item["url"] = image.remote_url
         if image.revised_prompt:

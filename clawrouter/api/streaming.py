@@ -59,7 +59,7 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                     ) -> StreamingResponse:
     """Server-sent events for `work`; `ended` (idempotent) runs once the work is over (the
     stream ended, or its client left and the work stopped), or at once if it never started."""
-    from clawrouter.api.images import image_bytes, observed
+    from clawrouter.api.images import evicted, image_bytes, observed
 
     started = False
 
@@ -88,9 +88,10 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                 return
             observed(obs, result)
             kind = "image_generation" if job.route == "generations" else "image_edit"
-            try:
-                images = [await image_bytes(image) for image in result.images]
-            except ClawError as error:
+            images = [await image_bytes(image) for image in result.images]
+            gone = next((i for i, data in zip(result.images, images) if data is None), None)
+            if gone is not None:
+                error = evicted(gone, result.shared)
                 obs["error_code"] = error.code
                 yield sse("error", error.envelope())
                 return

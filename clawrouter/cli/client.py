@@ -18,6 +18,7 @@ Results are downloaded into an output directory (`CLAWROUTER_OUT`, default
 from __future__ import annotations
 
 import asyncio
+import errno
 import base64
 import os
 import threading
@@ -100,7 +101,7 @@ def auth_headers(settings: Settings | None = None) -> dict[str, str]:
     """`CLAWROUTER_API_KEY`, else the key in `settings`: pass them only for a gateway they
     describe (one started with them, or found where they make `serve` listen), so a key meant
     for the local gateway never goes to another address."""
-    key = os.environ.get("CLAWROUTER_API_KEY")
+    key = (os.environ.get("CLAWROUTER_API_KEY") or "").strip()  # as the settings strip it
     if not key and settings is not None and settings.api_key is not None:
         key = settings.api_key.get_secret_value()
     return {"authorization": f"Bearer {key}"} if key else {}
@@ -111,6 +112,8 @@ def output_dir(out: str | Path | None = None) -> Path:
     path = Path(out or os.environ.get("CLAWROUTER_OUT") or DEFAULT_OUT).expanduser().resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable")
     except OSError as exc:
         raise GatewayError(f"Cannot save images in {path}: {exc.strerror or exc}. Nothing was "
                            "sent or paid; choose another --out.", code="bad_output_dir") from None
@@ -441,12 +444,18 @@ async def connect(url: str | None = None, *, start: bool = True,
         settings = await _load_settings()
     url = gateway_url(url, settings)
     keyed = settings if found_by_settings else None  # whose API key the gateway at url wants
-    if await _usable(url, keyed):
-        return Gateway(url, settings=keyed)
+    problem: GatewayError | None = None
+    try:
+        if await _usable(url, keyed):
+            return Gateway(url, settings=keyed)
+    except GatewayError as exc:  # something else there: our `serve` may be elsewhere
+        problem = exc
     if keyed is not None:
         for there in await asyncio.to_thread(_advertised, keyed):  # a `serve --port`, say
             if await _usable(there, keyed):
                 return Gateway(there, settings=keyed)
+    if problem is not None:
+        raise problem
     if not start:
         raise NoGateway(f"No clawrouter gateway answers at {url}. Start one with "
                         "`clawrouter serve`, or set CLAWROUTER_URL.", code="no_gateway")

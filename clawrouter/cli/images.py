@@ -10,8 +10,9 @@ import time
 from typing import Any
 
 from clawrouter.catalog import format_usd
-from clawrouter.cli.client import holders
 from clawrouter.cli.common import settings_from
+from clawrouter.payment.ledger import holder, in_use, lock_path
+from clawrouter.payment.networks import NETWORKS
 from clawrouter.store import ImageStore
 
 
@@ -60,12 +61,14 @@ def run_ls(args: argparse.Namespace) -> int:
 
 def run_prune(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    running = holders(settings)
-    if running:  # its index and cache would keep serving (and deduplicating to) deleted files
-        where = f" at {running[0].url}" if running[0].url else ""
-        print(f"A gateway (pid {running[0].pid}{where}) is using {settings.home}: it applies "
-              "CLAWROUTER_IMAGE_TTL_DAYS and CLAWROUTER_IMAGE_MAX_GB itself, in the "
-              "background. Stop it to prune now.", file=sys.stderr)
+    busy = [lock for lock in (lock_path(settings.ledger_path_for(name)) for name in NETWORKS)
+            if lock.exists() and in_use(lock)]
+    if busy:  # its index and cache would keep serving (and deduplicating to) deleted files
+        held = holder(busy[0])
+        who = f" (pid {held.pid}{f' at {held.url}' if held.url else ''})" if held else ""
+        print(f"A gateway{who} is using {settings.home}: it applies CLAWROUTER_IMAGE_TTL_DAYS "
+              "and CLAWROUTER_IMAGE_MAX_GB itself, in the background. Stop it to prune now.",
+              file=sys.stderr)
         return 1
 
     async def prune() -> list[str]:

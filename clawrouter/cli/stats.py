@@ -82,6 +82,8 @@ async def _from_gateway(settings: Settings, latest: int) -> tuple[dict[str, Any]
     except NoGateway:
         return None
     except GatewayError as exc:  # another data directory's, another program, a key wanted
+        if exc.code == "not_clawrouter":  # no gateway of ours answers: its ledger will do
+            return None
         raise CommandError(1, exc.message) from None
     async with gateway:
         try:

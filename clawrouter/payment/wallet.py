@@ -63,7 +63,7 @@ def load_wallet(home: Path, env_key: str | None) -> WalletKey:
 def _keep_private(path: Path) -> None:
     """A key file others can read is made the owner's alone, as ssh would insist."""
     mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
+    if mode & 0o077 and os.name == "posix":  # (Windows reports every file as 0o666)
         try:
             os.chmod(path, 0o600)
         except OSError:

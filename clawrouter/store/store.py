@@ -241,6 +241,8 @@ class ImageStore:
             # between leaves a file without its row, which `open` recovers.
             await self._write(image, data, meta)
             self._add(image, image.created)
+            if existing is not None:  # stored again under its old row: not idle since then
+                self.mark_served(image_id)
             self.cache.put(image_id, data)
         if self._total > self.max_bytes:
             self._wake.set()
