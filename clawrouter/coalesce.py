@@ -3,8 +3,8 @@
 - With an `Idempotency-Key` header, a repeat within 24 h gets the first result (or waits for it
   while it is in flight); the same key with a different request is a 409. Results are kept in
   memory, but the key goes into the ledger with any payment it signs: a repeat that finds
-  no result here (after a restart) but a payment there is a 409 that names the payment, and
-  is never paid again.
+  no outcome here (after a restart) but a payment there, even a refused one, is a 409 that
+  names the payment, and is never signed for again.
 - Without one, an identical request from the same client that arrives while the first is in
   flight, or within `window` seconds after it ended with a payment, gets the first outcome.
   This is what stops the OpenAI SDK's automatic retries (after a timeout or dropped connection)
@@ -30,7 +30,7 @@ from typing import Any
 from clawrouter.catalog import format_usd
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClawError, ClientGone, Conflict
-from clawrouter.payment.ledger import Payment
+from clawrouter.payment.ledger import REJECTED, Payment
 from clawrouter.pipeline import Result
 
 IDEMPOTENCY_TTL = 24 * 3600.0
@@ -197,10 +197,12 @@ def _detached(error: ClawError) -> ClawError:
 
 
 def _paid_before(payment: Payment) -> Conflict:
+    what = ("signed a payment the upstream refused, or one for a slow job its client left "
+            "(it should not settle)" if payment.status == REJECTED else "paid")
     return Conflict(
-        f"This Idempotency-Key already paid: payment {payment.id} of "
-        f"{format_usd(payment.amount)} ({payment.status}, `clawrouter stats`). Its result is "
-        "no longer kept (results live in memory: the gateway restarted since, or forgot it); "
+        f"This Idempotency-Key already {what}: payment {payment.id} of "
+        f"{format_usd(payment.amount)} ({payment.status}, `clawrouter stats`). Its outcome is "
+        "no longer kept (outcomes live in memory: the gateway restarted since, or forgot it); "
         "its images, if any, are in the gallery at /. Not paid again. Use a new key for a "
         "new request.",
         param="Idempotency-Key", code="idempotency_key_paid",

@@ -23,6 +23,7 @@ from clawrouter.context import RequestContext
 from clawrouter.errors import InvalidRequest, UpstreamError, forget_frames
 from clawrouter.inputs import ImageInput, InputResolver, Pending
 from clawrouter.inputs.budget import InputBudget, InputHold
+from clawrouter.sniff import dimensions
 from clawrouter.store import ImageMeta, ImageStore, StoredImage
 from clawrouter.upstream.errors import paid_error
 from clawrouter.upstream.exchange import Exchange, Outcome, UpstreamCall
@@ -137,10 +138,8 @@ class ImagePipeline:
         resolved = (await _read_pending(found, hold, ctx)
                     if any(isinstance(f, Pending) for f in found) else found)
         mask = resolved.pop() if job.mask else None
-        if mask is not None and mask.mime != "image/png":
-            raise InvalidRequest(f"The mask must be a PNG (with transparency marking the area "
-                                 f"to edit); got {mask.mime}.", param="mask",
-                                 code="mask_not_png")
+        if mask is not None:
+            _check_mask(mask, resolved[0])
         return resolved, mask
 
     async def _store_results(self, job: ImageJob, outcome: Outcome,
@@ -204,6 +203,20 @@ async def _read_pending(found: list[ImageInput | Pending], hold: InputHold,
     finally:
         _close(pending)
     return [next(read) if isinstance(f, Pending) else f for f in found]
+
+
+
+def _check_mask(mask: ImageInput, image: ImageInput) -> None:
+    """OpenAI's rules for a mask, checked before anything is paid: a PNG (transparency marks
+    the area to edit) the size of the image it applies to."""
+    if mask.mime != "image/png":
+        raise InvalidRequest(f"The mask must be a PNG (with transparency marking the area to "
+                             f"edit); got {mask.mime}.", param="mask", code="mask_not_png")
+    mask_size, image_size = dimensions(mask.data), dimensions(image.data)
+    if mask_size and image_size and mask_size != image_size:
+        raise InvalidRequest("The mask must be the same size as the image: the mask is "
+                             "{}x{}, the image {}x{}.".format(*mask_size, *image_size),
+                             param="mask", code="mask_size_mismatch")
 
 
 async def _all(awaitables: list[Awaitable[T]]) -> list[T]:

@@ -214,6 +214,8 @@ def test_local_files_can_be_turned_off(make_gateway, sandbox, files):
     ({"model": "nano-banana", "image": "1 file", "mask": "png"}, "mask", "mask_not_supported"),
     ({"model": "gpt-image-1", "image": "2 files", "mask": "png"}, "mask", "mask_needs_one_image"),
     ({"model": "gpt-image-1", "image": "1 file", "mask": "jpeg"}, "mask", "mask_not_png"),
+    ({"model": "gpt-image-1", "image": "1 file", "mask": "small png"}, "mask",
+     "mask_size_mismatch"),
     ({"model": "gpt-image-1"}, "image", "missing_image"),
 ])
 def test_model_rules_are_checked_before_paying(gateway, sandbox, files, body, param, code):
@@ -225,7 +227,11 @@ def test_model_rules_are_checked_before_paying(gateway, sandbox, files, body, pa
         body["mask"] = data_uri(png(5))
     elif body.get("mask") == "jpeg":
         body["mask"] = data_uri(JPEG, "image/jpeg")
+    elif body.get("mask") == "small png":
+        body["mask"] = data_uri(png(5, size=32))  # the image is 64x64
     r = gateway.http.post("/v1/images/image2image", json=body)
+    if code == "mask_size_mismatch":
+        assert "the mask is 32x32, the image 64x64" in r.json()["error"]["message"]
     assert r.status_code == 400, r.text
     assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code)
     nothing_upstream(sandbox)

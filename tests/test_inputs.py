@@ -31,6 +31,8 @@ from clawrouter.config import Settings
 from clawrouter.errors import InvalidRequest
 from clawrouter.inputs import ImageInput, InputPolicy, InputResolver
 from clawrouter.inputs.addresses import is_public_address
+from clawrouter.sandbox.images import make_png
+from clawrouter.sniff import dimensions, sniff_image
 from tests.servers import ServerThread
 
 pytestmark = pytest.mark.anyio
@@ -266,6 +268,43 @@ def via_dns() -> dict[str, Any]:
 
 
 # --- ImageInput, policy ---------------------------------------------------------------------
+
+#: 3x5 images written by Pillow (an independent encoder), base64
+SIZED = {
+    "jpeg (progressive)": """
+/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDAKBueIx4ZKCMgoy0qqC+8P//8Nzc8P////////////////////////////
+//////////////////////////////2wBDAaq0tPDS8P//////////////////////////////////////////////
+////////////////////////////////wgARCAAFAAMDASIAAhEBAxEB/8QAFQABAQAAAAAAAAAAAAAAAAAAAAL/xA
+AVAQEBAAAAAAAAAAAAAAAAAAABAv/aAAwDAQACEAMQAAABkFf/xAAUEAEAAAAAAAAAAAAAAAAAAAAA/9oACAEBAAEF
+An//xAAUEQEAAAAAAAAAAAAAAAAAAAAA/9oACAEDAQE/AX//xAAUEQEAAAAAAAAAAAAAAAAAAAAA/9oACAECAQE/AX
+//xAAUEAEAAAAAAAAAAAAAAAAAAAAA/9oACAEBAAY/An//xAAUEAEAAAAAAAAAAAAAAAAAAAAA/9oACAEBAAE/IX//
+2gAMAwEAAgADAAAAEPP/xAAUEQEAAAAAAAAAAAAAAAAAAAAA/9oACAEDAQE/EH//xAAUEQEAAAAAAAAAAAAAAAAAAA
+AA/9oACAECAQE/EH//xAAUEAEAAAAAAAAAAAAAAAAAAAAA/9oACAEBAAE/EH//2Q==""",
+    "webp (lossy)": """
+UklGRjwAAABXRUJQVlA4IDAAAADQAQCdASoDAAUAAUAmJaACdLoB+AADsAD+9hNf/izkYjs83/4E78Cd+BO/8AAAAA
+A=""",
+    "webp (lossless)": "UklGRh4AAABXRUJQVlA4TBEAAAAvAgABEAdQhSJXoYCBiOh/AAA=",
+    "webp (extended)": """
+UklGRmAAAABXRUJQVlA4WAoAAAAQAAAAAgAABAAAQUxQSAoAAAABB1DAiAhERP8DVlA4IDAAAADQAQCdASoDAAUAAU
+AmJaACdLoB+AADsAD+9hNf/izkYjs83/4E78Cd+BO/8AAAAAA=""",
+    "gif": "R0lGODdhAwAFAIEAAMgKCgAAAAAAAAAAACwAAAAAAwAFAAAICAABCBxIsGBAADs=",
+}
+
+
+@pytest.mark.parametrize("kind", SIZED)
+def test_dimensions_read_each_format_header(kind: str) -> None:
+    data = base64.b64decode("".join(SIZED[kind].split()))
+    assert sniff_image(data) is not None
+    assert dimensions(data) == (3, 5)
+    assert all(dimensions(data[:cut]) in (None, (3, 5)) for cut in range(len(data)))
+
+
+def test_dimensions_of_a_png_and_of_what_is_not_an_image() -> None:
+    assert dimensions(make_png(7, 2, 1)) == (7, 2)
+    for junk in (b"", b"\xff\xd8", b"\xff\xd8\x00\x00", b"\xff\xd8\xff\xd9", b"RIFF0000WEBPVP8 ",
+                 b"GIF89a\x01", SECRET):
+        assert dimensions(junk) is None
+
 
 def test_image_input_digest_and_data_uri() -> None:
     image = ImageInput(PNG, "image/png")

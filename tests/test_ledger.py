@@ -288,11 +288,10 @@ def test_refusals_from_before_holds_stay_final_unless_still_spendable(tmp_path: 
         assert flags == {spendable: None, expired: 1}
 
 
-def test_a_key_is_found_paid_only_by_a_payment_that_may_have_cost_money(ledger: Ledger,
-                                                                         clock: Clock) -> None:
+def test_a_key_is_found_by_the_newest_payment_it_signed(ledger: Ledger, clock: Clock) -> None:
     refused = record(ledger, 1_000, idempotency="k")
     ledger.commit(ledger.outcome(refused, "rejected"))
-    assert ledger.paid_for("k", since=0) is None  # refused: the key may run again
+    assert ledger.paid_for("k", since=0).id == refused  # its outcome, kept across a restart
     paid = record(ledger, 2_000, idempotency="k", attempt=2)
     assert ledger.paid_for("k", since=0).id == paid
     assert ledger.paid_for("k", since=clock.now + 1) is None  # older than the key's 24 h

@@ -193,6 +193,33 @@ def test_an_idempotency_key_that_paid_is_never_paid_again_after_a_restart(make_g
     assert "idempotency" not in again.http.get("/v1/spend").json()["latest"][0]
 
 
+def test_an_idempotency_key_whose_payment_was_refused_is_not_signed_for_after_a_restart(
+        make_gateway, sandbox, tmp_path):
+    """The key's first outcome (here the upstream refused the payment; a slow job its client
+    left is recorded the same way) is kept a day in memory; a restart must not turn the
+    repeat into a second signature."""
+    home = tmp_path / "restarted"
+    first = make_gateway(home=home)
+    sandbox.faults({"kind": "reject", "code": "PAYMENT_UNFUNDED", "times": 1})
+    order = {"Idempotency-Key": "order-9"}
+    refused = first.http.post("/v1/images/generations", headers=order,
+                              json={**COGVIEW, "prompt": "once"})
+    assert refused.json()["error"]["code"] == "payment_rejected"
+    kept = first.http.post("/v1/images/generations", headers=order,
+                           json={**COGVIEW, "prompt": "once"})
+    assert kept.json() == refused.json()  # the same outcome while the gateway runs
+    first.server.stop()
+    again = make_gateway(home=home)
+    repeat = again.http.post("/v1/images/generations", headers=order,
+                             json={**COGVIEW, "prompt": "once"})
+    assert repeat.status_code == 409 and repeat.headers["x-should-retry"] == "false"
+    error = repeat.json()["error"]
+    assert (error["code"], error["payment"]) == ("idempotency_key_paid", "rejected")
+    assert "refused" in error["message"] and "Not paid again" in error["message"]
+    assert [row["status"] for row in ledger_rows(again)] == ["rejected"]  # signed once
+    assert sandbox.stats()["payments_count"] == 0
+
+
 def test_idempotent_repeats_wait_for_the_request_in_flight(gateway, sandbox):
     sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 0.8})
     headers = {"Idempotency-Key": "in-flight"}

@@ -710,3 +710,24 @@ def test_the_fast_base64_path_agrees_with_the_strict_reference() -> None:
             assert ours == fast
 
     check()
+
+
+def test_reading_image_dimensions_never_raises() -> None:
+    """`sniff.dimensions` reads headers of anything a client sends (a mask, an image): any
+    bytes after any magic give a size or None, never an exception (a 500)."""
+    from clawrouter.sniff import dimensions
+
+    magics = [b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"\xff\xd8", b"\xff\xd8\xff",
+              b"GIF89a", b"RIFF\x00\x00\x00\x00WEBPVP8X", b"RIFF\x00\x00\x00\x00WEBPVP8L",
+              b"RIFF\x00\x00\x00\x00WEBPVP8 ", b""]
+    seen = Counter()
+
+    @settings(PROPERTY, max_examples=2000)
+    @given(magic=st.sampled_from(magics), rest=st.binary(max_size=64))
+    def check(magic: bytes, rest: bytes) -> None:
+        size = dimensions(magic + rest)
+        seen[size is None] += 1
+        assert size is None or (len(size) == 2 and all(isinstance(x, int) for x in size))
+
+    check()
+    assert seen[True] and seen[False]

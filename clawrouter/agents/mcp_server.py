@@ -145,8 +145,9 @@ def build_server(connection: Connection, out: str | None = None) -> MCPServer:
         prompt: Annotated[str, Field(description="The change to make.")],
         image: Annotated[str | list[str], Field(description="Source image(s): URL, local path "
                                                 "or data URI.")],
-        mask: Annotated[str | None, Field(description="Optional PNG mask (URL, path or data "
-                                          "URI); transparent pixels mark what to edit.")] = None,
+        mask: Annotated[str | None, Field(description="Optional PNG mask the size of the "
+                                          "image (URL, path or data URI); transparent "
+                                          "pixels mark what to edit.")] = None,
         model: Annotated[str | None, Field(description="Editing model id or alias (default "
                                            f"{catalog.DEFAULT_EDIT_MODEL}).")] = None,
         size: Annotated[str | None, Field(description="WIDTHxHEIGHT of the result.")] = None,

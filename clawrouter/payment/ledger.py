@@ -544,13 +544,14 @@ class Ledger:
 
     def paid_for(self, idempotency: str, since: float) -> Payment | None:
         """The newest payment signed since `since` for a request with this hashed
-        Idempotency-Key that may have cost money (not `rejected`), if any: how a repeat of the
-        key is known paid after a restart."""
+        Idempotency-Key, if any: how a repeat of the key is known to have signed after a
+        restart. A `rejected` one counts too: the key's first outcome (refused, or a slow job
+        its client left) is kept for a day in memory, and a restart must not turn it into a
+        second signature."""
         with self._db_lock:
             row = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM payments WHERE idempotency = ? AND time >= ? "
-                "AND status != ? ORDER BY id DESC LIMIT 1",
-                (idempotency, since, REJECTED)).fetchone()
+                "ORDER BY id DESC LIMIT 1", (idempotency, since)).fetchone()
         return None if row is None else Payment(*row)
 
     def payments(self, *, latest: int | None = None) -> list[Payment]:
