@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import re
 
-#: at most 19 digits (any real offset fits): int() refuses very long numbers outright
-_SPEC = re.compile(r"(\d{0,19})-(\d{0,19})", re.ASCII)
+_SPEC = re.compile(r"(\d*)-(\d*)", re.ASCII)
+#: past any real offset: what a longer number stands for (int() refuses very long ones)
+_HUGE = 1 << 64
+
+
+def _offset(digits: str) -> int:
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 19 else _HUGE
 
 
 class RangeNotSatisfiable(Exception):
@@ -28,13 +34,13 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     if not first:
         if not last:
             return None
-        suffix = int(last)  # bytes=-n: the last n bytes
+        suffix = _offset(last)  # bytes=-n: the last n bytes
         if suffix == 0 or size == 0:
             raise RangeNotSatisfiable
         return max(0, size - suffix), size
-    start = int(first)
-    if last and int(last) < start:
+    start = _offset(first)
+    if last and _offset(last) < start:
         return None  # bytes=5-2 is invalid, not unsatisfiable
     if start >= size:
         raise RangeNotSatisfiable
-    return start, min(int(last) + 1, size) if last else size
+    return start, min(_offset(last) + 1, size) if last else size
