@@ -104,6 +104,35 @@ def test_polls_that_fail_then_recover_still_complete(gateway, sandbox):
     assert [row["status"] for row in rows(gateway)] == ["settled"]
 
 
+def test_a_poll_is_done_only_when_its_job_says_so(gateway, sandbox):
+    """BlockRun's SDKs end polling on the job's status, not the HTTP code: a 200 that says
+    the job is still running settled nothing, and polling goes on to the image."""
+    sandbox.faults({"kind": "job"},
+                   {"kind": "respond", "phase": "poll", "status": 200, "times": 2,
+                    "body": {"id": "img_1", "status": "in_progress"}})
+    r = gen(gateway)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["url"].startswith(gateway.url + "/images/")
+    assert sandbox.stats()["settled_count"] == 1
+    assert [row["status"] for row in rows(gateway)] == ["settled"]
+
+
+def test_a_poll_that_says_the_job_failed_ends_it_whatever_its_http_status(make_gateway,
+                                                                          sandbox):
+    gw = make_gateway(poll_deadline=30)
+    sandbox.faults({"kind": "job"},
+                   {"kind": "respond", "phase": "poll", "status": 500,
+                    "body": {"status": "failed", "error": "content policy violation"}})
+    started = time.monotonic()
+    r = gen(gw)
+    assert r.status_code == 502 and r.headers["x-should-retry"] == "false", r.text
+    assert (error(r)["code"], error(r)["payment"]) == ("job_failed", "not_settled")
+    assert "content policy violation" in error(r)["message"]
+    assert time.monotonic() - started < 10  # told, not polled to the deadline
+    assert sandbox.stats()["settled_count"] == 0
+    assert [row["status"] for row in rows(gw)] == ["rejected"]
+
+
 def test_polls_still_running_at_the_deadline_cost_nothing(make_gateway, sandbox):
     gw = make_gateway(poll_deadline=0.6)
     sandbox.configure(slow_seconds=30)

@@ -17,6 +17,9 @@ from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamR
 from clawrouter.upstream.errors import paid_error, upstream_message
 
 TRANSIENT = {202, 408, 425, 429, 500, 502, 503, 504}
+#: a job's statuses before it completes: a poll that says one of them (even as a 200) settled
+#: nothing, and polling goes on (BlockRun's SDKs key the end on the status, not the HTTP code)
+RUNNING = {"queued", "in_progress"}
 #: answers after which the poll may have completed (and settled) the job upstream
 UNCERTAIN = {500, 502, 503, 504}
 #: the last poll comes this long before the authorization expires: settling it takes a block
@@ -60,22 +63,23 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
         if resp is not None:
             body = resp.json()
             status = body.get("status") if isinstance(body, dict) else None
-            if resp.status == 200 and status == "failed":
+            if status == "failed" and resp.status != 402:  # whatever the HTTP status says
                 what = f"The upstream job failed: {body.get('error') or 'the job failed'}."
                 raise _settled_unless_lost(PaidRequestFailed(
                     f"{what} No payment was settled (BlockRun settles only completed jobs).",
                     status=502, code="job_failed", extra={"payment": "not_settled"}),
                     what, amount, lost)
             if resp.status == 200:
-                return resp, polls
-            if resp.status == 402:  # settlement failed: nothing was charged by this poll
+                if status not in RUNNING:
+                    return resp, polls  # completed (judged by its contents from here)
+            elif resp.status == 402:  # settlement failed: nothing was charged by this poll
                 error = paid_error(resp, amount)
                 error.extra["payment"] = "not_settled"
                 what = f"The upstream did not settle the job: {upstream_message(resp)[0]}."
                 raise _settled_unless_lost(error, what, amount, lost)
-            if resp.status not in TRANSIENT:
+            elif resp.status not in TRANSIENT:
                 raise paid_error(resp, amount)
-            if resp.status in UNCERTAIN and lost is None:
+            elif resp.status in UNCERTAIN and lost is None:
                 lost = f"poll {polls}: HTTP {resp.status}"
         remaining = give_up - time.monotonic()
         if remaining <= 0:
