@@ -6,6 +6,7 @@ scenario, from a results file.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -58,8 +59,11 @@ def plot(results: dict[str, Any], out: Path) -> None:
 
 def main() -> int:
     here = Path(__file__).resolve().parent / "results"
-    src = Path(sys.argv[1]) if len(sys.argv) > 1 else here / "latest.json"
-    out = Path(sys.argv[2]) if len(sys.argv) > 2 else here / "latency.png"
+    cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cli.add_argument("results", nargs="?", type=Path, default=here / "latest.json")
+    cli.add_argument("png", nargs="?", type=Path, default=here / "latency.png")
+    args = cli.parse_args()
+    src, out = args.results, args.png
     plot(json.loads(src.read_text()), out)
     print(f"wrote {out}")
     return 0

@@ -174,7 +174,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def markdown(results: dict[str, Any], png: str = "bench/results/latency.png") -> str:
+def markdown(results: dict[str, Any], png: str = "latency.png") -> str:
     m = results["machine"]
     st = results["settings"]
     sc = results["scenarios"]
@@ -348,14 +348,18 @@ def console(results: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":  # re-render the markdown of a results file (after editing this module)
+    import argparse
     import json
-    import sys
     from pathlib import Path
 
-    src = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results/latest.json")
+    cli = argparse.ArgumentParser(description="Re-render a results file's markdown (and its "
+                                  "targets) after editing this module.")
+    cli.add_argument("results", nargs="?", type=Path,
+                     default=Path(__file__).parent / "results/latest.json")
+    src = cli.parse_args().results
     data = json.loads(src.read_text())
     data["targets"] = targets(data)
-    png = "bench/results/latency.png" if src.stem == "latest" else f"bench/results/{src.stem}.png"
+    png = "latency.png" if src.stem == "latest" else f"{src.stem}.png"  # beside the .md
     src.with_suffix(".md").write_text(markdown(data, png) + "\n")
     src.write_text(json.dumps(clean(data), indent=1) + "\n")
     print(console(data))

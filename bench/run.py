@@ -189,7 +189,7 @@ def main() -> int:
     png = args.out / f"{name}.png" if name != "latest" else args.out / "latency.png"
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / f"{name}.md").write_text(
-        report.markdown(results, _rel(png)) + "\n")
+        report.markdown(results, png.name) + "\n")  # the .png sits beside the .md
     try:
         import plot
         plot.plot(results, png)

@@ -62,7 +62,8 @@ def sandbox(sandbox_server: Sandbox) -> Sandbox:
     sandbox_server.reset()
     sandbox_server.configure(latency_ms=0, slow_seconds=0.6, finality_seconds=0,
                              max_timeout_seconds=300, marked=True, url_results=True,
-                             image_bytes=None, verify_cpu_ms=0)
+                             image_bytes=None, verify_cpu_ms=0, accept_v1=False,
+                             max_accepted_timeout_seconds=600)
     return sandbox_server
 
 

@@ -210,3 +210,35 @@ def test_a_window_override_shortens_how_long_results_are_shared_but_not_paid_fai
         assert len(runs) == 4  # an Idempotency-Key keeps its result
 
     asyncio.run(main())
+
+
+def test_an_idempotency_key_is_kept_a_day_and_the_cache_holds_at_most_its_cap():
+    """SECURITY.md: Idempotency-Key results are kept 24 h, up to `max_entries` finished ones
+    (10,000 by default; the oldest go first). Beyond either, a repeat falls back to the
+    ledger's record of the key (`recall`), never to a second payment while it is there."""
+    now = [0.0]
+    coalescer = Coalescer(60, clock=lambda: now[0], max_entries=3)
+    assert Coalescer(60)._max == 10_000 and coalescer.idempotency_ttl == 24 * 3600
+    runs = []
+
+    async def counted(shared):
+        runs.append(1)
+        return Result(1, [], 1000, None)
+
+    async def main():
+        await coalescer.run(ctx(), "fp", "order-1", counted)
+        now[0] = 24 * 3600 - 1  # long past the 60 s window, within the key's day
+        await coalescer.run(ctx(), "fp", "order-1", counted)
+        assert len(runs) == 1
+        now[0] = 24 * 3600
+        await coalescer.run(ctx(), "fp", "order-1", counted)  # a day on: forgotten
+        assert len(runs) == 2
+        for key in ("order-2", "order-3", "order-4"):  # the cap: order-1's entry goes
+            await coalescer.run(ctx(), "fp", key, counted)
+        assert len(coalescer) == 3
+        await coalescer.run(ctx(), "fp", "order-4", counted)  # still kept
+        assert len(runs) == 5
+        await coalescer.run(ctx(), "fp", "order-1", counted)  # evicted: runs again here
+        assert len(runs) == 6
+
+    asyncio.run(main())

@@ -115,3 +115,10 @@ def test_blank_secrets_are_unset_and_spaces_around_them_are_not_part_of_them(mon
     assert auth_headers() == {"authorization": "Bearer s3cret"}
     monkeypatch.setenv("CLAWROUTER_API_KEY", " ")
     assert auth_headers() == {}
+
+
+def test_each_network_has_its_own_ledger(tmp_path: Path) -> None:
+    """Testnet and sandbox payments never count against mainnet's budgets or totals."""
+    mainnet = Settings(home=tmp_path).ledger_path
+    assert mainnet == tmp_path / "ledger.sqlite3"
+    assert Settings(home=tmp_path, network="base-sepolia").ledger_path != mainnet

@@ -7,6 +7,7 @@ and the ledger agrees with what the sandbox saw.
 from __future__ import annotations
 
 import base64
+import json
 import sqlite3
 import subprocess
 import threading
@@ -15,6 +16,7 @@ import time
 import httpx
 import pytest
 
+from clawrouter.sandbox.images import make_png
 from tests.servers import free_port
 
 COGVIEW = {"model": "cogview", "size": "512x512"}
@@ -92,6 +94,22 @@ def test_a_paid_200_without_images_is_reported_not_retried(gateway, sandbox, bod
     assert sandbox.stats()["payments_count"] == 1
 
 
+def test_a_receipt_with_a_malformed_transaction_still_delivers_the_image(gateway, sandbox):
+    """The receipt is the upstream's word, unauthenticated: a hash that is not one (here with
+    a newline after it, which a regex's `$` lets through) must not break a paid answer."""
+    receipt = {"success": True, "transaction": "0x" + "ab" * 32 + "\n"}
+    sandbox.faults({"kind": "respond", "phase": "paid", "status": 200,
+                    "body": {"created": 1, "data": [
+                        {"b64_json": base64.b64encode(make_png(8, 8, 1)).decode()}]},
+                    "headers": {"PAYMENT-RESPONSE": base64.b64encode(
+                        json.dumps(receipt).encode()).decode()}})
+    r = gen(gateway)
+    assert r.status_code == 200, r.text
+    assert "x-clawrouter-transaction" not in r.headers
+    (row,) = rows(gateway)
+    assert row["transaction"] is None and sandbox.stats()["payments_count"] == 1
+
+
 def test_polls_that_fail_then_recover_still_complete(gateway, sandbox):
     sandbox.faults({"kind": "job"},
                    {"kind": "respond", "phase": "poll", "status": 500, "times": 2,
@@ -113,7 +131,9 @@ def test_a_poll_is_done_only_when_its_job_says_so(gateway, sandbox):
     r = gen(gateway)
     assert r.status_code == 200, r.text
     assert r.json()["data"][0]["url"].startswith(gateway.url + "/images/")
-    assert sandbox.stats()["settled_count"] == 1
+    stats = sandbox.stats()
+    assert stats["settled_count"] == 1 and stats["polls"] >= 3
+    assert stats["polls_with_another_authorization"] == 0  # never signed afresh for a poll
     assert [row["status"] for row in rows(gateway)] == ["settled"]
 
 

@@ -88,22 +88,31 @@ def stop(proc) -> tuple[str, str]:
 @pytest.mark.parametrize("log_prompts", [False, True])
 def test_logs_are_json_lines_without_prompts_keys_or_payment_headers(tmp_path, sandbox,
                                                                     log_prompts):
-    proc, port, key = run_gateway(tmp_path, sandbox,
+    api_key, wrong_key = "sk-local-Qm7vT2pLx9", "sk-guess-Wd4nR8kZy1"
+    proc, port, key = run_gateway(tmp_path, sandbox, CLAWROUTER_API_KEY=api_key,
                                   CLAWROUTER_LOG_PROMPTS=str(log_prompts).lower())
+    auth = {"Authorization": f"Bearer {api_key}"}
     try:
         assert "ready" in proc.stdout.readline()
         base = f"http://127.0.0.1:{port}"
         secret_prompt = "a very private prompt about Xyzzy"
-        r = httpx.post(base + "/v1/images/generations", headers={"x-request-id": "log-1"},
+        r = httpx.post(base + "/v1/images/generations", headers={"x-request-id": "log-1", **auth},
                        json={"model": "cogview", "prompt": secret_prompt})
         assert r.status_code == 200
-        httpx.post(base + "/v1/images/generations", json={"model": "nope", "prompt": "p2"})
+        httpx.post(base + "/v1/images/generations", headers=auth,
+                   json={"model": "nope", "prompt": "p2"})
+        assert httpx.post(base + "/v1/images/generations",
+                          headers={"Authorization": f"Bearer {wrong_key}"},
+                          json={"model": "cogview", "prompt": "p"}).status_code == 401
         # the route without /v1 shares a prefix with image reads, which are not logged; a
         # paid request is, and so is its repeat (which waited less than the first's upstream)
         for _ in range(2):
-            assert httpx.post(base + "/images/generations", headers={"x-request-id": "log-3"},
+            assert httpx.post(base + "/images/generations",
+                              headers={"x-request-id": "log-3", **auth},
                               json={"model": "cogview", "prompt": "p3"}).status_code == 200
-        httpx.get(r.json()["data"][0]["url"])
+        httpx.get(r.json()["data"][0]["url"], headers=auth)
+        for check in ("/health", "/healthz", "/readyz", "/metrics"):  # quiet when they pass
+            assert httpx.get(base + check, headers=auth).status_code == 200, check
     finally:
         _, stderr = stop(proc)
     lines = [json.loads(line) for line in stderr.splitlines()]  # nothing but JSON lines
@@ -119,6 +128,10 @@ def test_logs_are_json_lines_without_prompts_keys_or_payment_headers(tmp_path, s
     assert all(line["overhead_ms"] >= 0 for line in paid)
     assert not [line for line in lines if str(line.get("route", "")).startswith("/images/")
                 and line.get("method") == "GET"]  # image reads stay quiet
+    assert not [line for line in lines if line.get("route") in
+                ("/health", "/healthz", "/readyz", "/metrics")]
+    assert any(line.get("status") == 401 for line in lines)  # the refusal is logged...
+    assert api_key not in stderr and wrong_key not in stderr  # ...without either key
     assert key[2:] not in stderr and key[2:].lower() not in stderr.lower()
     assert "eyJ4NDAyVmVyc2lvbi" not in stderr  # base64 of '{"x402Version…': a payment header
     assert (secret_prompt in stderr) == log_prompts

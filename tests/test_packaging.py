@@ -22,6 +22,14 @@ def test_console_script_and_python_version():
         assert re.search(rf"^\s+{command}\b", out, re.M), command
 
 
+def test_the_sandbox_command_takes_no_mainnet():
+    """A sandbox on Base mainnet would receive a mainnet gateway's real authorizations, and
+    its fake settlements would land in the real ledger (SECURITY.md: it never receives one)."""
+    run = subprocess.run([sys.executable, "-m", "clawrouter", "sandbox", "--network", "base"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "invalid choice: 'base'" in run.stderr
+
+
 def test_gallery_files_are_package_data():
     static = resources.files("clawrouter.static")
     for name in ("index.html", "gallery.css", "gallery.js"):

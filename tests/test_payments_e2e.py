@@ -44,6 +44,9 @@ EVIL = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
     ({"override": {"network": "eip155:8453"}}, "network"),
     ({"override": {"scheme": "upto"}}, "scheme"),
     ({"override": {"maxTimeoutSeconds": 3600}}, "timeout"),
+    ({"override": {"extra": {"name": "USD Coin", "version": "2"}}}, "domain"),  # mainnet's
+    ({"override": {"extra": {"name": "USDC", "version": "2",
+                             "assetTransferMethod": "permit2"}}}, "scheme"),
     ({"header": "%%%not-base64"}, "challenge"),
     ({"v1": True, "override": {"maxAmountRequired": "5000000"}}, "amount"),
 ])
@@ -149,6 +152,16 @@ def test_a_kept_result_whose_image_was_evicted_is_a_clear_410(gateway, sandbox, 
         assert again.headers["x-should-retry"] == "false"
         assert "not paid again" in again.json()["error"]["message"]
     assert sandbox.stats()["payments_count"] == 1
+
+
+def test_a_v1_challenge_is_paid_in_the_x_payment_header(gateway, sandbox):
+    """x402 v1 servers read a payment only from X-PAYMENT (the sandbox's v1 mode too)."""
+    sandbox.configure(accept_v1=True)
+    sandbox.faults({"kind": "challenge", "v1": True})
+    r = gen(gateway)
+    assert r.status_code == 200, r.text
+    assert sandbox.stats()["settled_count"] == 1
+    assert [row["status"] for row in ledger_rows(gateway)] == ["settled"]
 
 
 def test_idempotency_key_returns_the_first_result_and_rejects_a_different_body(gateway, sandbox):

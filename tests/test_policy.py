@@ -46,6 +46,13 @@ def test_a_correct_challenge_is_selected():
     ({"maxTimeoutSeconds": 0}, "timeout"),
     ({"maxTimeoutSeconds": "300"}, "timeout"),
     ({"maxTimeoutSeconds": True}, "timeout"),
+    # a facilitator verifies with the challenge's domain, we sign with our table's: a mismatch
+    # would be a refused payment that is still spendable until it expires
+    ({"extra": {"name": "USDC", "version": "2"}}, "domain"),
+    ({"extra": {"name": "USD Coin", "version": 2}}, "domain"),
+    ({"extra": {}}, "domain"),
+    ({"extra": {"name": "USD Coin", "version": "2", "assetTransferMethod": "permit2"}},
+     "scheme"),
 ])
 def test_each_tampered_field_is_refused(changes, check):
     with pytest.raises(PaymentRefused) as err:
@@ -71,7 +78,8 @@ def test_an_upto_entry_first_does_not_hide_the_exact_one_and_is_never_chosen():
 def test_v1_body_challenge_with_network_names():
     ch = parse_challenge({}, b'{"x402Version":1,"accepts":[{"scheme":"exact","network":"base",'
                              b'"maxAmountRequired":"21000","asset":"' + BASE.usdc.encode() +
-                         b'","payTo":"' + BLOCKRUN_PAYEE.encode() + b'","maxTimeoutSeconds":60}]}')
+                         b'","payTo":"' + BLOCKRUN_PAYEE.encode() + b'","maxTimeoutSeconds":60,'
+                             b'"extra":{"name":"USD Coin","version":"2"}}]}')
     assert ch.version == 1 and select(ch).amount == "21000"
 
 
@@ -86,3 +94,14 @@ def test_a_slow_jobs_authorization_outlives_its_polls_within_the_cap(asked, want
     longer = policy.outliving(req, want, cap)
     assert longer.max_timeout_seconds == longer.raw["maxTimeoutSeconds"] == signed
     assert {**longer.raw, "maxTimeoutSeconds": asked} == req.raw  # nothing else changes
+
+
+def test_a_permit2_entry_first_does_not_hide_the_eip3009_one():
+    ch = challenge()
+    permit2 = ch.requirements[0].raw | {"extra": {"name": "USD Coin", "version": "2",
+                                                  "assetTransferMethod": "permit2"}}
+    eip3009 = ch.requirements[0].raw | {"extra": {"name": "USD Coin", "version": "2",
+                                                  "assetTransferMethod": "eip3009"}}
+    ch2 = parse_challenge({"payment-required": b64_json(
+        {"x402Version": 2, "accepts": [permit2, eip3009]})}, b"")
+    assert select(ch2).extra["assetTransferMethod"] == "eip3009"

@@ -118,6 +118,22 @@ def mostly(good: st.SearchStrategy[Any], hostile: st.SearchStrategy[Any]) -> st.
     return st.integers(0, 3).flatmap(lambda i: hostile if i == 3 else good)
 
 
+def domain(network: Network) -> dict[str, str]:
+    return {"name": network.domain_name, "version": network.domain_version}
+
+
+def extras(network: Network) -> st.SearchStrategy[Any]:
+    """`extra` as a hostile upstream might write it: another network's domain, a spelling of
+    ours, a transfer method we do not sign (permit2), or anything at all."""
+    names = [n.domain_name for n in NETWORKS.values()] + ["usd coin", "USD Coin ", ""]
+    return st.one_of(
+        st.fixed_dictionaries({"name": st.sampled_from(names),
+                               "version": st.sampled_from(["2", "1", 2, ""])}),
+        st.sampled_from(["eip3009", "permit2", "EIP3009", None]).map(
+            lambda method: {**domain(network), "assetTransferMethod": method}),
+        JSON_VALUES)
+
+
 @st.composite
 def entries(draw: st.DrawFn, network: Network, ceiling: int, cap: int, version: int) -> Any:
     """One `accepts[]` entry: mostly plausible, every field possibly hostile or missing."""
@@ -133,7 +149,7 @@ def entries(draw: st.DrawFn, network: Network, ceiling: int, cap: int, version: 
         "asset": mostly(st.just(network.usdc), assets()),
         "payTo": mostly(st.just(BLOCKRUN_PAYEE), payees()),
         "maxTimeoutSeconds": mostly(st.integers(1, 600), timeouts()),
-        "extra": st.one_of(st.just({"name": "USD Coin", "version": "2"}), JSON_VALUES),
+        "extra": mostly(st.just(domain(network)), extras(network)),
     }
     entry = {}
     for key, strategy in fields.items():
@@ -157,7 +173,7 @@ def challenges(draw: st.DrawFn) -> tuple[dict[str, str], bytes, Network, int, in
         good = {"scheme": "exact", "network": draw(st.sampled_from([network.name, network.caip2])),
                 "amount": str(draw(st.integers(1, max(1, min(ceiling, cap))))),
                 "asset": network.usdc, "payTo": BLOCKRUN_PAYEE,
-                "maxTimeoutSeconds": draw(st.integers(1, 600))}
+                "maxTimeoutSeconds": draw(st.integers(1, 600)), "extra": domain(network)}
         if version == 1:
             good["maxAmountRequired"] = good.pop("amount")
         accepts.insert(draw(st.integers(0, len(accepts))), good)
@@ -201,6 +217,9 @@ def assert_safe_to_sign(req: Any, network: Network, ceiling: int, cap: int) -> N
     assert 0 < int(req.amount) <= min(ceiling, cap)
     timeout = req.max_timeout_seconds
     assert type(timeout) is int and 0 < timeout <= 600  # x402.md §10.7
+    assert (req.extra.get("name"), req.extra.get("version")) == \
+        (network.domain_name, network.domain_version)  # the domain we sign with (§10.8)
+    assert req.extra.get("assetTransferMethod", "eip3009") == "eip3009"  # never permit2
 
 
 def test_no_challenge_outside_our_tables_is_ever_selected() -> None:
@@ -211,7 +230,8 @@ def test_no_challenge_outside_our_tables_is_ever_selected() -> None:
     @example(({"payment-required": b64_json({"x402Version": 2, "accepts": [
         {"scheme": "exact", "network": "eip155:84532", "amount": "1000\n",
          "asset": NETWORKS["base-sepolia"].usdc, "payTo": BLOCKRUN_PAYEE,
-         "maxTimeoutSeconds": 60}]})}, b"", NETWORKS["base-sepolia"], 10_000, 10_000))
+         "maxTimeoutSeconds": 60, "extra": {"name": "USDC", "version": "2"}}]})}, b"",
+        NETWORKS["base-sepolia"], 10_000, 10_000))
     def check(drawn: tuple[dict[str, str], bytes, Network, int, int]) -> None:
         headers, body, network, ceiling, cap = drawn
         try:
@@ -232,7 +252,8 @@ def test_no_challenge_outside_our_tables_is_ever_selected() -> None:
     check()
     # The search reached every branch: unreadable, each refusal, and selection.
     assert {"unreadable", "selected", "refused: scheme", "refused: network", "refused: asset",
-            "refused: payee", "refused: amount", "refused: timeout"} <= set(outcomes), outcomes
+            "refused: payee", "refused: amount", "refused: timeout", "refused: domain"} \
+        <= set(outcomes), outcomes
 
 
 TAMPERING = {
@@ -251,9 +272,15 @@ TAMPERING = {
     "timeout as true": ("maxTimeoutSeconds", lambda ceiling, cap: True),
     "timeout as a float": ("maxTimeoutSeconds", lambda ceiling, cap: 60.0),
     "no timeout": ("maxTimeoutSeconds", lambda ceiling, cap: None),
+    "mainnet's domain": ("extra", lambda ceiling, cap: {"name": "USD Coin", "version": "2"}),
+    "no domain": ("extra", lambda ceiling, cap: {}),
+    "permit2": ("extra", lambda ceiling, cap: {"name": "USDC", "version": "2",
+                                               "assetTransferMethod": "permit2"}),
 }
 EXPECTED_CHECK = {"amount": "amount", "payTo": "payee", "asset": "asset", "network": "network",
                   "scheme": "scheme", "maxTimeoutSeconds": "timeout"}
+#: a tampered `extra` fails the domain check, or (permit2) is no `exact` we sign at all
+EXPECTED_EXTRA = {"mainnet's domain": "domain", "no domain": "domain", "permit2": "scheme"}
 
 
 def test_one_tampered_field_in_a_good_challenge_is_always_refused() -> None:
@@ -274,7 +301,8 @@ def test_one_tampered_field_in_a_good_challenge_is_always_refused() -> None:
               decoys: list[dict[str, Any]], v1: bool) -> None:
         good = {"scheme": "exact", "network": "base-sepolia" if v1 else network.caip2,
                 "amount": str(min(ceiling, cap)), "asset": network.usdc,
-                "payTo": BLOCKRUN_PAYEE, "maxTimeoutSeconds": timeout}
+                "payTo": BLOCKRUN_PAYEE, "maxTimeoutSeconds": timeout,
+                "extra": domain(network)}
         field, value = TAMPERING[tampering]
         bad = {**good, field: value(ceiling, cap)}
 
@@ -293,7 +321,8 @@ def test_one_tampered_field_in_a_good_challenge_is_always_refused() -> None:
         assert chosen(good).amount == str(min(ceiling, cap))
         with pytest.raises(PaymentRefused) as refusal:
             chosen(bad)
-        assert refusal.value.extra["check"] == EXPECTED_CHECK[field]
+        assert refusal.value.extra["check"] == (EXPECTED_EXTRA[tampering] if field == "extra"
+                                                 else EXPECTED_CHECK[field])
 
     check()
 

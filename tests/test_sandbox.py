@@ -354,6 +354,7 @@ def test_slow_model_202_then_polls_then_settles_once(client: httpx.Client) -> No
     assert [(s["transaction"], s["amount"], s["job_id"]) for s in seen["settled"]] == [
         (tx, amount, job["id"])]
     assert seen["polls"] == 3 and seen["round_trips"] == 5
+    assert seen["polls_with_another_authorization"] == 0
     assert seen["requests"]["generations"] == {"unpaid": 1, "paid": 1, "poll": 3}
     # the job's authorization cannot be spent again; the rejection points at the job
     replay = client.post(GEN, json=body, headers={"PAYMENT-SIGNATURE": header})
@@ -375,6 +376,7 @@ def test_polls_are_bound_to_the_paying_wallet(client: httpx.Client) -> None:
     same_wallet = forge(requirement_for(client, GEN, body))
     assert client.get(poll_url, headers={"PAYMENT-SIGNATURE": same_wallet}).status_code == 202
     assert stats(client)["settled"] == []
+    assert stats(client)["polls_with_another_authorization"] == 1  # and counted: tests assert 0
 
 
 def test_authorization_expiring_before_completion_fails_settlement(client: httpx.Client) -> None:

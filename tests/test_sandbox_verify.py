@@ -95,6 +95,13 @@ def test_vector1_accepted_must_match_the_requirement() -> None:
         == "accepted_requirements_mismatch"
 
 
+def test_accepted_must_equal_the_requirement_as_json() -> None:
+    """Python's == takes 60.0 for 60; the echo is compared as the JSON it is."""
+    floated = {**V1_ACCEPTED, "maxTimeoutSeconds": 60.0}
+    assert _reason(lambda: verify_payment(_payment(floated), V1_ACCEPTED, SEPOLIA, V1_NOW)) \
+        == "accepted_requirements_mismatch"
+
+
 def test_vector2_signer_and_verifier_agree() -> None:
     assert Signer(V2_KEY).sign_authorization(BASE, V2_AUTH) == V2_SIG
     assert check_authorization(V2_AUTH, V2_SIG, V2_EXPECTED, BASE, 1700000100).payer \
@@ -119,8 +126,16 @@ def test_vector2_malleable_signatures_are_refused(mangle: str) -> None:
     ("to", "0x" + "11" * 20, "invalid_exact_evm_payload_recipient_mismatch"),
     ("value", "1001", "invalid_exact_evm_payload_authorization_value_mismatch"),
     ("value", "1e3", "invalid_payload"),
+    ("value", 1000, "invalid_payload"),  # x402's uint256 fields are decimal strings
+    ("value", "01000", "invalid_payload"),
+    ("value", "1000\n", "invalid_payload"),
     ("nonce", "0x01", "invalid_exact_evm_payload_nonce"),
+    # `$` matches before a final newline: a replay key that is not the signed nonce's
+    ("nonce", V2_AUTH["nonce"] + "\n", "invalid_exact_evm_payload_nonce"),
     ("from", "0xabc", "invalid_payload"),
+    ("from", V2_AUTH["from"] + "\n", "invalid_payload"),
+    # alive longer than the 300 s asked for (+5 s of clock skew)
+    ("validBefore", str(1700000100 + 306), "invalid_exact_evm_payload_authorization_valid_before"),
 ])
 def test_authorization_field_checks(field: str, value: str, reason: str) -> None:
     auth = {**V2_AUTH, field: value}

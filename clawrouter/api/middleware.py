@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from clawrouter.config import is_loopback_authority
 from clawrouter.errors import BodyTooLarge, ClawError, Forbidden, Unauthorized
 
-_SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_SAFE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 HEALTH_PATHS = frozenset({"/health", "/healthz", "/readyz"})
 
 
@@ -58,7 +58,7 @@ class RequestId:
         rid = b""
         for name, value in scope["headers"]:
             if name == b"x-request-id":
-                rid = value if _SAFE_ID.match(value) else b""
+                rid = value if _SAFE_ID.fullmatch(value) else b""
                 break
         rid = rid or new_request_id().encode()
         state(scope)["request_id"] = rid.decode()

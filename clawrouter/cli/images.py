@@ -29,7 +29,7 @@ def register(commands: Any) -> None:
     ls.add_argument("--json", action="store_true", help="print JSON for scripts")
     ls.add_argument("--config", help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
     ls.set_defaults(run=run_ls)
-    prune = sub.add_parser("prune", help="delete images past the age or size limits now",
+    prune = sub.add_parser("prune", help="delete images idle past image_ttl_days, or beyond image_max_gb, now",
                            description="Apply CLAWROUTER_IMAGE_TTL_DAYS and "
                                        "CLAWROUTER_IMAGE_MAX_GB now (the gateway also does it "
                                        "in the background).")

@@ -32,9 +32,12 @@ def register(commands: Any) -> None:
                             "under /api, real x402 challenges and verification, local PNGs).")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8403, help="port to listen on (default 8403)")
-    s.add_argument("--network", default=SANDBOX_NETWORK, choices=["base", "base-sepolia"],
-                   help=f"the network its challenges name (default {SANDBOX_NETWORK}; a "
-                   "gateway pointed at it needs the same CLAWROUTER_NETWORK)")
+    # Base Sepolia only: a mainnet gateway pointed at a sandbox would sign real
+    # authorizations for it, and record its fake settlements in the real ledger.
+    s.add_argument("--network", default=SANDBOX_NETWORK, choices=[SANDBOX_NETWORK],
+                   help=f"the network its challenges name: {SANDBOX_NETWORK} only (a gateway "
+                   "pointed at it needs CLAWROUTER_NETWORK=base-sepolia; a mainnet one refuses "
+                   "its challenges)")
     s.add_argument("--slow-seconds", type=float, default=3.0,
                    help="how long a slow model's 202 job takes")
     s.add_argument("--latency-ms", type=float, default=0.0,

@@ -30,7 +30,7 @@ from clawrouter.store.files import fsync_dir
 KEY_FILE = "wallet.key"
 ENV_KEY = "BLOCKRUN_WALLET_KEY"
 CIRCLE_FAUCET = "https://faucet.circle.com"
-_BARE_HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$")
+_BARE_HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _blockrun_files() -> list[Path]:
@@ -344,7 +344,7 @@ def _read_import(source: str | None) -> tuple[str, str]:
 def _with_prefix(raw: str) -> str:
     """BlockRun's SDKs accept a key without `0x`; so do we."""
     raw = raw.strip()
-    return "0x" + raw if _BARE_HEX_KEY.match(raw) else raw
+    return "0x" + raw if _BARE_HEX_KEY.fullmatch(raw) else raw
 
 
 def confirm(question: str) -> bool | None:

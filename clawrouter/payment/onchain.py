@@ -28,9 +28,9 @@ BALANCE_OF = "0x" + keccak(b"balanceOf(address)")[:4].hex()
 AUTHORIZATION_STATE = "0x" + keccak(b"authorizationState(address,bytes32)")[:4].hex()
 AUTHORIZATION_USED = "0x" + keccak(b"AuthorizationUsed(address,bytes32)").hex()
 
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-_NONCE = re.compile(r"^0x[0-9a-fA-F]{64}$")
-_QUANTITY = re.compile(r"^0x[0-9a-fA-F]{1,64}$")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_NONCE = re.compile(r"0x[0-9a-fA-F]{64}")
+_QUANTITY = re.compile(r"0x[0-9a-fA-F]{1,64}")
 _MAX_BODY = 256 * 1024
 T = TypeVar("T")
 
@@ -131,14 +131,14 @@ class Rpc:
             raise ValueError("eth_getLogs answered no list")
         for log in logs:
             tx = log.get("transactionHash") if isinstance(log, dict) else None
-            if isinstance(tx, str) and _NONCE.match(tx) and not log.get("removed"):
+            if isinstance(tx, str) and _NONCE.fullmatch(tx) and not log.get("removed"):
                 return tx.lower()
         return None
 
     async def _call(self, network: Network, data: str, block: str) -> int:
         result = await self.request("eth_call", [{"to": network.usdc, "data": data}, block])
         # "0x" is what a chain without the USDC contract answers: a wrong RPC, not a 0.
-        if not isinstance(result, str) or not _QUANTITY.match(result):
+        if not isinstance(result, str) or not _QUANTITY.fullmatch(result):
             raise ValueError(f"unexpected result {str(result)[:80]!r} (is this RPC on the "
                              "right chain?)")
         return int(result, 16)
@@ -195,12 +195,12 @@ def _failure(rpc: Rpc, exc: BaseException) -> str:
 
 def askable(payer: object, nonce: object) -> bool:
     """Whether the chain can be asked about this (payer, nonce) at all."""
-    return (isinstance(payer, str) and bool(_ADDRESS.match(payer))
-            and isinstance(nonce, str) and bool(_NONCE.match(nonce)))
+    return (isinstance(payer, str) and bool(_ADDRESS.fullmatch(payer))
+            and isinstance(nonce, str) and bool(_NONCE.fullmatch(nonce)))
 
 
 def check_address(address: str) -> None:
-    if not isinstance(address, str) or not _ADDRESS.match(address):
+    if not isinstance(address, str) or not _ADDRESS.fullmatch(address):
         raise ValueError(f"not an address: {address!r}")
 
 
@@ -210,12 +210,12 @@ def _word_address(address: str) -> str:
 
 
 def _word_nonce(nonce: str) -> str:
-    if not isinstance(nonce, str) or not _NONCE.match(nonce):
+    if not isinstance(nonce, str) or not _NONCE.fullmatch(nonce):
         raise ValueError(f"not a 32-byte nonce: {nonce!r}")
     return nonce[2:].lower()
 
 
 def _quantity(value: Any, what: str) -> int:
-    if not isinstance(value, str) or not _QUANTITY.match(value):
+    if not isinstance(value, str) or not _QUANTITY.fullmatch(value):
         raise ValueError(f"unexpected {what} {str(value)[:80]!r}")
     return int(value, 16)

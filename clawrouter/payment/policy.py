@@ -1,8 +1,8 @@
 """Check a 402 challenge against our own tables before anything is signed.
 
 The challenge is unauthenticated: anything on the path can rewrite it. We pick the first `exact`
-requirement on our network and refuse it unless asset, payee, amount and timeout all pass
-(x402.md §10). The checks run on the requirement we will sign, not on a neighbour.
+(EIP-3009) requirement on our network and refuse it unless asset, EIP-712 domain, payee,
+amount and timeout all pass (x402.md §10). The checks run on the requirement we will sign, not on a neighbour.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ def refuse(check: str, message: str) -> PaymentRefused:
 def select(challenge: Challenge, *, network: Network, pay_to: str, ceiling: int, cap: int,
            max_timeout: int = MAX_TIMEOUT_SECONDS) -> Requirement:
     """Return the requirement we may sign, or raise `PaymentRefused` naming the failed check."""
-    exact = [r for r in challenge.requirements if r.scheme == "exact"]
+    exact = [r for r in challenge.requirements if r.scheme == "exact"
+             and r.extra.get("assetTransferMethod", "eip3009") == "eip3009"]
     if not exact:
-        schemes = ", ".join(sorted({r.scheme or "?" for r in challenge.requirements}))
-        raise refuse("scheme", f"the upstream asked for scheme {schemes}; only 'exact' is signed.")
+        schemes = ", ".join(sorted({_method(r) for r in challenge.requirements}))
+        raise refuse("scheme", f"the upstream asked for scheme {schemes}; only 'exact' "
+                               "(EIP-3009) is signed.")
     ours = [r for r in exact if lookup(r.network) == network]
     if not ours:
         asked = ", ".join(sorted({r.network or "?" for r in exact}))
@@ -41,6 +43,13 @@ def select(challenge: Challenge, *, network: Network, pay_to: str, ceiling: int,
     if req.asset.lower() != network.usdc.lower():
         raise refuse("asset", f"asset {req.asset!r} is not USDC on {network.name} "
                               f"({network.usdc}).")
+    domain = (req.extra.get("name"), req.extra.get("version"))
+    if domain != (network.domain_name, network.domain_version):
+        # We sign with our table's domain whatever it says; a facilitator verifies with its
+        # `extra`, so a payment signed here would be refused, yet spendable until it expires.
+        raise refuse("domain", f"the EIP-712 domain {domain!r} (extra.name, extra.version) is "
+                               f"not USDC's on {network.name} ({network.domain_name!r}, "
+                               f"{network.domain_version!r}).")
     if not _ADDRESS.fullmatch(req.pay_to) or req.pay_to.lower() != pay_to.lower():
         raise refuse("payee", f"payee {req.pay_to!r} is not the configured BlockRun payee "
                               f"{pay_to}.")
@@ -60,6 +69,11 @@ def select(challenge: Challenge, *, network: Network, pay_to: str, ceiling: int,
         raise refuse("timeout", f"maxTimeoutSeconds {timeout!r} is outside 1..{max_timeout}; "
                                 "a longer-lived authorization is not signed.")
     return req
+
+
+def _method(req: Requirement) -> str:
+    method = req.extra.get("assetTransferMethod")
+    return f"{req.scheme or '?'} ({method})" if method else req.scheme or "?"
 
 
 def outliving(req: Requirement, seconds: int, max_timeout: int) -> Requirement:

@@ -19,7 +19,9 @@ from eth_account.messages import encode_typed_data
 from eth_hash.auto import keccak
 
 from clawrouter.payment.networks import Network
-from clawrouter.payment.wire import Challenge, Requirement, b64_json
+from clawrouter.payment.wire import (
+    SIGNATURE_HEADER, V1_HEADER, Challenge, Requirement, b64_json,
+)
 
 TWA_TYPES = {
     "TransferWithAuthorization": [
@@ -52,12 +54,18 @@ def signable(network: Network, authorization: dict[str, Any]):
 
 @dataclass(frozen=True)
 class SignedPayment:
-    header: str  # value of PAYMENT-SIGNATURE; a bearer instrument: never log it
+    header: str  # the header's value; a bearer instrument: never log it
     amount: int
     pay_to: str
     nonce: str
     valid_before: int
     network: str
+    #: where the payment goes: v2's `PAYMENT-SIGNATURE`, or v1's `X-PAYMENT` (x402 transports)
+    header_name: str = SIGNATURE_HEADER
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {self.header_name: self.header}
 
 
 TWA_TYPEHASH = keccak(b"TransferWithAuthorization(address from,address to,uint256 value,"
@@ -146,7 +154,8 @@ class Signer:
                        "payload": payload}
         return SignedPayment(b64_json(message), amount, requirement.pay_to,
                              authorization["nonce"], int(authorization["validBefore"]),
-                             network.caip2)
+                             network.caip2,
+                             SIGNATURE_HEADER if challenge.version >= 2 else V1_HEADER)
 
 
 def _same_origin(url: Any, expected: str) -> bool:

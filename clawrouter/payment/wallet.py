@@ -18,7 +18,7 @@ from typing import Literal
 from clawrouter.store.files import fsync_dir
 
 log = logging.getLogger(__name__)
-_KEY = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_KEY = re.compile(r"0x[0-9a-fA-F]{64}")
 _CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
@@ -38,7 +38,7 @@ class WalletKey:
 
 def check_key(key: str, where: str) -> str:
     key = key.strip()
-    if not _KEY.match(key):
+    if not _KEY.fullmatch(key):
         raise WalletError(f"the wallet key in {where} is malformed: expected 0x followed by "
                           "64 hex characters")
     if int(key, 16) == 0:

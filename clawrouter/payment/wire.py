@@ -10,12 +10,13 @@ import base64
 import binascii
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import re
 from typing import Any
 
 REQUIRED_HEADER = "payment-required"
 SIGNATURE_HEADER = "PAYMENT-SIGNATURE"
+V1_HEADER = "X-PAYMENT"  # where x402 v1 sends a payment
 RECEIPT_HEADERS = ("payment-response", "x-payment-response", "x-payment-receipt")
 
 
@@ -109,7 +110,7 @@ def parse_challenge(headers: Mapping[str, str], body: bytes) -> Challenge:
     )
 
 
-_TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class Receipt:
 def read_receipt(headers: Mapping[str, str]) -> Receipt | None:
     """Settlement evidence from `PAYMENT-RESPONSE`, `X-PAYMENT-RESPONSE` or `X-Payment-Receipt`."""
     lowered = {k.lower(): v for k, v in headers.items()}
+    found: Receipt | None = None
     for name in RECEIPT_HEADERS[:2]:
         if lowered.get(name):
             try:
@@ -130,14 +132,16 @@ def read_receipt(headers: Mapping[str, str]) -> Receipt | None:
                 continue
             if isinstance(data, dict):
                 tx = data.get("transaction") or data.get("txHash") or None
-                return Receipt(_transaction(tx), data.get("network"), data.get("amount"))
+                found = found or Receipt(None, data.get("network"), data.get("amount"))
+                if _transaction(tx):  # else the next header may still name the transaction
+                    return replace(found, transaction=tx)
     bare = lowered.get("x-payment-receipt")
-    if bare:
-        return Receipt(_transaction(bare.strip()))
-    return None
+    if bare and _transaction(bare.strip()):
+        return replace(found or Receipt(None), transaction=bare.strip())
+    return found or (Receipt(None) if bare else None)
 
 
 def _transaction(value: object) -> str | None:
     """A transaction hash, or None for anything else: the value goes into the ledger and a
     response header, where a malformed one would fail a request whose payment settled."""
-    return value if isinstance(value, str) and _TX_HASH.match(value) else None
+    return value if isinstance(value, str) and _TX_HASH.fullmatch(value) else None

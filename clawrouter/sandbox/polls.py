@@ -73,5 +73,9 @@ def _check_wallet(header: str, job: Job, sandbox: Sandbox) -> None:
                sandbox.config.chain).lower() != payer.lower():
         raise PaymentInvalid("invalid_exact_evm_payload_signature",
                              "signature does not recover to the job's payer", payer)
+    if str(payload["authorization"].get("nonce", "")).lower() != job.nonce:
+        # Accepted, as BlockRun does; counted, so tests can tell a client that signs afresh
+        # for each poll (a fresh authorization is spendable money) from one that re-sends.
+        sandbox.stats.polls_with_another_authorization += 1
 
 

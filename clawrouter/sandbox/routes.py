@@ -25,7 +25,9 @@ from clawrouter.sandbox.middleware import DropConnection
 from clawrouter.sandbox.results import ImagesResponse, render
 from clawrouter.sandbox.state import Sandbox
 from clawrouter.sandbox.validate import BadRequest, ImageRequest, Route, validate
-from clawrouter.sandbox.verify import PaymentInvalid, Verified, decode_payment, verify_payment
+from clawrouter.sandbox.verify import (
+    PaymentInvalid, Verified, decode_payment, payer_of, verify_payment,
+)
 
 PAYMENT_HEADERS = ("payment-signature", "x-payment")
 
@@ -91,7 +93,10 @@ async def _paid(request: Request, sandbox: Sandbox, req: ImageRequest,
         return reject_by_rule(sandbox, req, rule, header, int(expected["amount"]))
     now = int(sandbox.now())
     try:
-        verified = verify_payment(decode_payment(header), expected, config.chain, now,
+        payment = decode_payment(header)
+        if config.accept_v1:  # (else a v1 payment is refused for its version)
+            _check_transport(request, payment)
+        verified = verify_payment(payment, expected, config.chain, now,
                                   max_accepted_timeout=config.max_accepted_timeout_seconds,
                                   accept_v1=config.accept_v1)
     except PaymentInvalid as exc:
@@ -120,6 +125,15 @@ async def _paid(request: Request, sandbox: Sandbox, req: ImageRequest,
         {"created": int(sandbox.now())}, data,
         headers={wire.RECEIPT_HEADER: wire.receipt(transaction, config.chain, verified.payer,
                                                    verified.amount)})
+
+
+def _check_transport(request: Request, payment: dict[str, Any]) -> None:
+    """x402's HTTP transports: v1 pays in `X-PAYMENT`, and a v1 server reads nothing else;
+    v2 in `PAYMENT-SIGNATURE`, though x402's v2 servers read `X-PAYMENT` too (so do polls
+    here: BlockRun's TS SDK sends both)."""
+    if payment.get("x402Version") == 1 and not request.headers.get("x-payment"):
+        raise PaymentInvalid("invalid_payload", "an x402 v1 payment goes in the X-PAYMENT "
+                             "header", payer_of(payment))
 
 
 def _start_job(request: Request, sandbox: Sandbox, req: ImageRequest, verified: Verified,

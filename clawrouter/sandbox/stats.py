@@ -23,6 +23,8 @@ class Stats:
         self.requests: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.round_trips = 0
         self.polls = 0
+        #: polls carrying another authorization of the job's wallet than the one that paid
+        self.polls_with_another_authorization = 0
         self.payments_received: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.payments_count = 0
         self.settled: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
@@ -60,6 +62,7 @@ class Stats:
             "requests": {route: dict(phases) for route, phases in self.requests.items()},
             "round_trips": self.round_trips,
             "polls": self.polls,
+            "polls_with_another_authorization": self.polls_with_another_authorization,
             "payments_received": list(self.payments_received),
             "payments_count": self.payments_count,
             "settled": list(self.settled),

@@ -8,6 +8,7 @@ state, and must happen at accept time.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +23,12 @@ SECP256K1_N = int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364
 #: the facilitator wants at least this many seconds left on an authorization
 MIN_VALIDITY_SECONDS = 6
 
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-_NONCE = re.compile(r"^0x[0-9a-fA-F]{64}$")
-_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
-_UINT = re.compile(r"^[0-9]{1,78}$")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_NONCE = re.compile(r"0x[0-9a-fA-F]{64}")
+_SIGNATURE = re.compile(r"0x[0-9a-fA-F]{130}")
+_UINT = re.compile(r"0|[1-9][0-9]{0,77}")  # canonical decimal: what the signer sends
+#: seconds a validBefore may exceed now + maxTimeoutSeconds (the signer's clock runs ahead)
+CLOCK_SKEW_SECONDS = 5
 
 
 class PaymentInvalid(Exception):
@@ -103,15 +106,22 @@ def verify_payment(payment: dict[str, Any], expected: dict[str, Any], network: N
     payload = payment.get("payload")
     if not isinstance(payload, dict) or not isinstance(payload.get("authorization"), dict):
         raise PaymentInvalid("invalid_payload", "payload.authorization is missing", payer)
+    lifetime = (payment["accepted"]["maxTimeoutSeconds"] if version == 2
+                else expected["maxTimeoutSeconds"])  # v2: checked against `expected` above
     return check_authorization(payload["authorization"], payload.get("signature"), expected,
-                               network, now)
+                               network, now, lifetime=lifetime)
 
 
 def check_authorization(authorization: dict[str, Any], signature: Any,
-                        expected: dict[str, Any], network: Network, now: int) -> Verified:
-    """Checks 5-8 of x402.md §7 plus nonce and signature shape, then EIP-712 recovery."""
+                        expected: dict[str, Any], network: Network, now: int, *,
+                        lifetime: int | None = None) -> Verified:
+    """Checks 5-8 of x402.md §7 plus nonce and signature shape, then EIP-712 recovery.
+
+    Stricter than a facilitator in one way, as a test oracle: an authorization may live no
+    longer than the `lifetime` it was asked for (`maxTimeoutSeconds`, default `expected`'s),
+    so a gateway that signs longer-lived ones than it must fails every paid test."""
     payer = authorization.get("from")
-    if not isinstance(payer, str) or not _ADDRESS.match(payer):
+    if not isinstance(payer, str) or not _ADDRESS.fullmatch(payer):
         raise PaymentInvalid("invalid_payload", "authorization.from is not an address")
     to = authorization.get("to")
     if not isinstance(to, str) or to.lower() != str(expected["payTo"]).lower():
@@ -130,8 +140,13 @@ def check_authorization(authorization: dict[str, Any], signature: Any,
         raise PaymentInvalid("invalid_exact_evm_payload_authorization_valid_before",
                              f"validBefore {valid_before} < now + {MIN_VALIDITY_SECONDS} "
                              f"({now + MIN_VALIDITY_SECONDS})", payer)
+    longest = now + (expected["maxTimeoutSeconds"] if lifetime is None else lifetime)
+    if valid_before > longest + CLOCK_SKEW_SECONDS:
+        raise PaymentInvalid("invalid_exact_evm_payload_authorization_valid_before",
+                             f"validBefore {valid_before} is more than maxTimeoutSeconds "
+                             f"after now ({longest})", payer)
     nonce = authorization.get("nonce")
-    if not isinstance(nonce, str) or not _NONCE.match(nonce):
+    if not isinstance(nonce, str) or not _NONCE.fullmatch(nonce):
         raise PaymentInvalid("invalid_exact_evm_payload_nonce",
                              "nonce must be 32 bytes of 0x-hex", payer)
     recovered = recover(authorization, signature, network)
@@ -144,7 +159,7 @@ def check_authorization(authorization: dict[str, Any], signature: Any,
 def recover(authorization: dict[str, Any], signature: Any, network: Network) -> str:
     """The EIP-712 signer of an authorization, after USDC's ECRecover shape rules."""
     payer = authorization.get("from") if isinstance(authorization.get("from"), str) else None
-    if not isinstance(signature, str) or not _SIGNATURE.match(signature):
+    if not isinstance(signature, str) or not _SIGNATURE.fullmatch(signature):
         raise PaymentInvalid("invalid_exact_evm_payload_signature",
                              "signature must be 65 bytes of 0x-hex", payer)
     raw = bytes.fromhex(signature[2:])
@@ -180,7 +195,7 @@ def _check_accepted(accepted: Any, expected: dict[str, Any], network: Network,
         raise PaymentInvalid("asset_mismatch",
                              f"asset {accepted.get('asset')!r} is not USDC {network.usdc}", payer)
     differing = sorted(k for k in set(accepted) | set(expected)
-                       if accepted.get(k) != expected.get(k)
+                       if not _same(accepted.get(k), expected.get(k))
                        and not (k == "maxTimeoutSeconds"
                                 and _raised_timeout(accepted.get(k), expected[k],
                                                     max_accepted_timeout)))
@@ -205,10 +220,15 @@ def _raised_timeout(got: Any, want: int, limit: int | None) -> bool:
             and want <= got <= limit)
 
 
+def _same(got: Any, want: Any) -> bool:
+    """Equal as JSON: 300.0 is not 300, nor True 1 (Python's == says they are)."""
+    return json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+
+
 def _uint(authorization: dict[str, Any], name: str, payer: str) -> int:
+    """x402's uint256 fields are canonical decimal strings (no number, sign, space or 0-pad)."""
     value = authorization.get(name)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and _UINT.match(value):
+    if isinstance(value, str) and _UINT.fullmatch(value):
         return int(value)
-    raise PaymentInvalid("invalid_payload", f"authorization.{name} is not a decimal uint", payer)
+    raise PaymentInvalid("invalid_payload", f"authorization.{name} is not a decimal string",
+                         payer)

@@ -31,7 +31,7 @@ from clawrouter.payment.networks import Network
 from clawrouter.payment.prices import PriceBook, PriceKey
 from clawrouter.payment.signer import SignedPayment, Signer
 from clawrouter.payment.wire import (
-    SIGNATURE_HEADER, Challenge, ChallengeError, Requirement, parse_challenge, read_receipt,
+    Challenge, ChallengeError, Requirement, parse_challenge, read_receipt,
 )
 from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
 from clawrouter.upstream.errors import paid_error, unpaid_error, upstream_message
@@ -203,8 +203,7 @@ class Exchange:
                          sent=False)
             raise ClientGone()
         try:
-            resp = await self.client.post(call.route, call.body,
-                                          {SIGNATURE_HEADER: payment.header})
+            resp = await self.client.post(call.route, call.body, payment.headers)
         except TransportError as exc:
             await finish("failed_after_payment", f"{exc.kind}: {exc.detail}")
             raise paid_error(None, payment.amount, detail=exc.detail) from None
@@ -290,7 +289,7 @@ class Exchange:
         amount = payment.amount if payment else 0
         if resp.status == 202:
             call.accepted()
-            headers = {SIGNATURE_HEADER: payment.header} if payment else {}
+            headers = payment.headers if payment else {}
             resp, polls = await wait_for_job(
                 self.client, resp, headers, ctx, amount=amount, delay=self.settings.poll_delay,
                 interval=self.settings.poll_interval, deadline=self.settings.poll_deadline,
