@@ -6,6 +6,8 @@ Shared by `clawrouter serve` and by the CLI and MCP server when they run a gatew
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,6 +20,11 @@ from clawrouter.config import DEFAULT_UPSTREAM, Settings
 
 SANDBOX_NETWORK = "base-sepolia"  # the sandbox never receives a mainnet authorization
 T = TypeVar("T")
+
+
+class AddressInUse(RuntimeError):
+    """The gateway's address cannot be listened on (another program has the port, or the
+    host is not this machine's): said in one line, before a key or ledger is touched."""
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -89,7 +96,7 @@ async def start_gateway(settings: Settings, *, advertise: bool = False) -> Runni
 
             sandbox_app = create_sandbox_app(SandboxConfig(network=SANDBOX_NETWORK,
                                                            pay_to=settings.pay_to))
-            port = await _serve(sandbox_app, "127.0.0.1", 0, servers, tasks,
+            port = await _serve(sandbox_app, bind("127.0.0.1", 0), servers, tasks,
                                 settings.header_timeout)
             update: dict[str, Any] = {"upstream_url": f"http://127.0.0.1:{port}/api",
                                       "network": SANDBOX_NETWORK}
@@ -97,9 +104,13 @@ async def start_gateway(settings: Settings, *, advertise: bool = False) -> Runni
                 # balances and reconciliation read the sandbox's stand-in chain, not a real one
                 update["rpc_urls"] = [f"http://127.0.0.1:{port}/_sandbox/rpc"]
             settings = settings.model_copy(update=update)
-        app = create_app(settings, sandbox=bool(use_sandbox))
-        port = await _serve(app, settings.host, settings.port, servers, tasks,
-                            settings.header_timeout)
+        listening = bind(settings.host, settings.port)  # before the wallet and ledger
+        try:
+            app = create_app(settings, sandbox=bool(use_sandbox))
+        except BaseException:
+            listening.close()
+            raise
+        port = await _serve(app, listening, servers, tasks, settings.header_timeout)
         if advertise:
             app.state.gw.ledger.advertise(settings.model_copy(update={"port": port}).url)
     except BaseException:
@@ -121,13 +132,35 @@ def server_options(header_timeout: float) -> dict[str, Any]:
                 http=protocol_class(header_timeout), ws="none")
 
 
-async def _serve(app: Any, host: str, port: int, servers: list[uvicorn.Server],
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or `AddressInUse` (uvicorn would log a traceback and
+    exit the process on its own)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise AddressInUse(f"cannot listen on {host}:{port}: {exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUse(f"{host}:{port} is taken by another program: pick another "
+                               "port with --port.") from None
+        raise AddressInUse(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+async def _serve(app: Any, sock: socket.socket, servers: list[uvicorn.Server],
                  tasks: list[asyncio.Task[None]], header_timeout: float) -> int:
-    """Start one uvicorn server as a task; return its bound port once it listens."""
+    """Start one uvicorn server on `sock` as a task; return its port once it listens."""
     # log_config=None: keep the host process's logging (JSON lines; or stdout as MCP's wire).
+    host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None,
                                            lifespan="on", **server_options(header_timeout)))
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     servers.append(server)
     tasks.append(task)
     while not server.started:

@@ -25,6 +25,7 @@ from clawrouter.inputs import ImageInput, InputResolver, Pending
 from clawrouter.inputs.budget import InputBudget, InputHold
 from clawrouter.sniff import dimensions
 from clawrouter.store import ImageMeta, ImageStore, StoredImage
+from clawrouter.store.links import image_name
 from clawrouter.upstream.errors import paid_error
 from clawrouter.upstream.exchange import Exchange, Outcome, UpstreamCall
 from clawrouter.validate import ImageJob
@@ -131,6 +132,10 @@ class ImagePipeline:
         async def one(source) -> ImageInput | Pending:
             if isinstance(source.value, bytes):
                 return self.inputs.from_upload(source.value, param=source.param)
+            stored = self._stored(source.value, ctx.base_url, param=source.param)
+            if stored is not None:
+                return await self.inputs.open_stored(stored.path, stored.bytes,
+                                                     param=source.param)
             return await self.inputs.open(source.value, param=source.param)
 
         sources = [*job.images, job.mask] if job.mask else job.images
@@ -141,6 +146,18 @@ class ImagePipeline:
         if mask is not None:
             _check_mask(mask, resolved[0])
         return resolved, mask
+
+    def _stored(self, value: str, base_url: str, *, param: str) -> StoredImage | None:
+        """The stored image an input names by this gateway's own `/images/` URL, if any."""
+        name = image_name(value.strip(), base_url) if isinstance(value, str) else None
+        if name is None:
+            return None
+        image = self.store.get(name)
+        if image is None:
+            raise InvalidRequest(f"{param}: {name} is not in this gateway's image store (it was "
+                                 "deleted, or never made here).", param=param,
+                                 code="file_not_found")
+        return image
 
     async def _store_results(self, job: ImageJob, outcome: Outcome,
                              ctx: RequestContext) -> Result:

@@ -171,7 +171,7 @@ def test_a_refused_authorization_holds_its_room_until_it_expires(ledger: Ledger,
     ledger.commit(ledger.outcome(pid, "rejected", note="PAYMENT_INVALID"))
     with pytest.raises(BudgetExceeded) as caught:
         b.reserve(IMAGE)
-    assert "$0.0535 of what is used is held by payments the upstream refused" \
+    assert "$0.0535 of what is used is held by unsettled payments" \
         in caught.value.message
     assert b.remaining()["day"]["held_usd"] == b.remaining()["day"]["used_usd"] == 0.0535
     clock.now = expires + EXPIRY_MARGIN
@@ -187,7 +187,7 @@ def test_stats_names_the_money_refused_payments_still_hold(ledger: Ledger,
         pid = record(ledger, IMAGE, reservation=res, valid_before=int(clock.now) + 300)
     ledger.commit(ledger.outcome(pid, "rejected"))
     summary = {**ledger.summary(), "budget": b.remaining()}
-    assert "Held: $0.0535 of payments the upstream refused" in render(summary, "here")
+    assert "Held: $0.0535 of unsettled payments" in render(summary, "here")
     clock.now += 360
     assert "Held" not in render({**summary, "budget": b.remaining()}, "here")
 

@@ -41,6 +41,12 @@ def test_ls_lists_newest_first_with_metadata(tmp_path):
     assert text.returncode == 0 and "picture 2" in text.stdout and "picture 0" not in text.stdout
     assert "$0.01675" in text.stdout  # what was paid, to the micro-dollar
     assert text.stdout.count("/images/") == 2  # one path line per image
+    past = run(tmp_path, "ls", "--offset", "3")
+    assert past.returncode == 0 and past.stdout == "No images past the first 3.\n"
+    for bad in (["--limit", "0"], ["--limit", "-1"], ["--offset", "-1"], ["--limit", "x"]):
+        refused = run(tmp_path, "ls", *bad)
+        assert refused.returncode == 2, bad
+        assert "invalid count value" in refused.stderr or "must be" in refused.stderr, bad
 
 
 def test_ls_on_an_empty_home_says_so(tmp_path):

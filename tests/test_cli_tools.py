@@ -542,6 +542,21 @@ def test_doctor_json_all_ok_next_to_a_running_gateway(tmp_path: Path, make_gatew
     assert "serving clawrouter" in port["detail"]
 
 
+def test_doctor_finds_the_gateway_serving_on_another_port(tmp_path: Path, make_gateway: Any,
+                                                         sandbox: Any) -> None:
+    """`serve --port 18435`: the commands find it by the ledger's lock file, and so does
+    doctor (it said the default port was free and the balance unknown)."""
+    gateway = make_gateway(home=doctor_home(tmp_path), wallet_key=None)
+    gateway.gw.ledger.advertise(gateway.url)
+    proc = run(tmp_path, "doctor", "--json", CLAWROUTER_PORT=str(free_port()),
+               BLOCKRUN_API_URL=sandbox.api)
+    assert proc.returncode == 0, proc.stdout
+    port = next(c for c in as_json(proc)["checks"] if c["name"] == "port")
+    assert port["status"] == "ok"
+    assert port["detail"].endswith(f"is free; this data directory's gateway serves at "
+                                   f"{gateway.url}")
+
+
 def test_doctor_names_each_failure_with_a_fix(tmp_path: Path) -> None:
     home = doctor_home(tmp_path, mode=0o644)
     with socket.socket() as taken:
@@ -612,7 +627,7 @@ def test_every_other_command_has_a_complete_help() -> None:
 def test_only_the_gateways_own_image_urls_keep_their_file_names() -> None:
     """A name chosen by whoever answered could overwrite another saved image: such results are
     saved under their content hash."""
-    from clawrouter.cli.client import _own_image_name
+    from clawrouter.store.links import image_name as _own_image_name
 
     image = "5f0c8e2a9b1d4c7e8a3f6b2d1e9c0a47.png"
     assert _own_image_name(f"http://localhost:8402/images/{image}") == image

@@ -64,6 +64,30 @@ def test_sdk_edit_with_one_uploaded_file(gateway, sandbox, files):
     assert sandbox.stats()["bodies"][-1]["model"] == "openai/gpt-image-1"
 
 
+def test_an_image_this_gateway_made_is_edited_by_its_url(gateway, sandbox, make_gateway):
+    """Generate, then edit the URL that came back. That URL is a loopback address (refused for
+    any other URL) and its file lies in the data directory (refused as a path): the gateway
+    reads it from its own store, by any loopback name for itself."""
+    made = gateway.http.post("/v1/images/generations", json={"model": "cogview", "prompt": "cat"})
+    url = made.json()["data"][0]["url"]
+    stored = gateway.http.get(url).content
+    host = url.split("/")[2].split(":")[0]
+    for same in (url, url.replace(host, "localhost" if host != "localhost" else "127.0.0.1")):
+        r = gateway.http.post("/v1/images/image2image", json={"prompt": "add a hat",
+                                                              "image": same})
+        assert r.status_code == 200, r.text
+        assert sent_images(sandbox)[0]["sha256"] == sha(stored)
+    gone = url.rsplit("/", 1)[0] + "/" + "0" * 32 + ".png"
+    r = gateway.http.post("/v1/images/image2image", json={"prompt": "x", "image": gone})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "file_not_found")
+    assert "not in this gateway's image store" in r.json()["error"]["message"]
+    # another gateway's image URL is just a loopback URL to it: refused, as ever
+    other = make_gateway()
+    r = other.http.post("/v1/images/image2image", json={"prompt": "x", "image": url})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "url_refused"
+    assert sandbox.stats()["payments_count"] == 3
+
+
 def test_sdk_edit_with_several_files_and_bare_bytes(gateway, sandbox, files):
     client = OpenAI(base_url=gateway.v1, api_key="unused")
     with open(files[1], "rb") as f1, open(files[2], "rb") as f2:
@@ -168,6 +192,8 @@ def test_refused_inputs_cost_nothing(gateway, sandbox, value, code):
     assert error["param"] == "image[0]"
     if code:
         assert error["code"] == code
+    # advice only where it is safe: never "allow private URLs" for this machine or metadata
+    assert ("allow_private_urls" in error["message"]) == value.startswith("http://10.")
     nothing_upstream(sandbox)
 
 

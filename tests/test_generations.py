@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+import openai
 from openai import OpenAI
 
 from clawrouter.catalog import BY_ID, estimate_micro
@@ -178,6 +179,13 @@ def test_health_and_models_are_free(gateway, sandbox):
     assert card["edits"] and card["mask"] and "gpt-image" in card["aliases"]
     assert card["prices"]["1536x1024"] == 0.042
     assert sdk(gateway).models.list().data[0].id
+    # one model, as the SDK retrieves it: by id (with its slash), alias or retired name
+    for name in ("openai/gpt-image-1", "gpt-image", "GPT-IMAGE-1"):
+        assert sdk(gateway).models.retrieve(name).id == "openai/gpt-image-1"
+    assert gateway.http.get("/v1/models/dall-e-3").json()["id"] == "openai/gpt-image-2"
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk(gateway).models.retrieve("nope/model")
+    assert missing.value.body["code"] == "model_not_found"
     assert sandbox.round_trips() == 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import re
 import subprocess
 import sys
@@ -135,6 +136,23 @@ def test_logs_are_json_lines_without_prompts_keys_or_payment_headers(tmp_path, s
     assert key[2:] not in stderr and key[2:].lower() not in stderr.lower()
     assert "eyJ4NDAyVmVyc2lvbi" not in stderr  # base64 of '{"x402Version…': a payment header
     assert (secret_prompt in stderr) == log_prompts
+
+
+@pytest.mark.parametrize("command", ["serve", "sandbox"])
+def test_a_taken_port_is_one_clear_line_before_anything_is_created(tmp_path, command):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    home = tmp_path / "home"
+    with taken:
+        run = subprocess.run([sys.executable, "-m", "clawrouter", command, "--port", str(port)],
+                             env={**os.environ, "CLAWROUTER_HOME": str(home)},
+                             capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr == (f"clawrouter: 127.0.0.1:{port} is taken by another program: pick "
+                          "another port with --port.\n")
+    assert not home.exists()  # no wallet key made, no ledger locked, for nothing
 
 
 def test_non_loopback_without_api_key_refuses_to_start(tmp_path, sandbox):

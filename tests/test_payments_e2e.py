@@ -245,6 +245,20 @@ def test_idempotent_repeats_wait_for_the_request_in_flight(gateway, sandbox):
     assert sandbox.stats()["payments_count"] == 1
 
 
+def test_a_request_above_the_per_request_limit_is_refused_before_the_upstream(make_gateway,
+                                                                              sandbox):
+    """Its catalog price decides: no quote can fit, so not even the free probe is sent. (A
+    challenge above the limit is still refused by the challenge check, `payment_refused`.)"""
+    gw = make_gateway(max_usd_per_request=0.01)
+    r = gen(gw)
+    assert r.status_code == 402, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["window"], error["requested_usd"]) == \
+        ("budget_exceeded", "request", COGVIEW_PRICE / 1e6)
+    assert "CLAWROUTER_MAX_USD_PER_REQUEST" in error["message"]
+    assert sandbox.stats()["round_trips"] == 0 and ledger_rows(gw) == []
+
+
 def test_concurrent_requests_never_exceed_the_budget(make_gateway, sandbox):
     gw = make_gateway(max_usd_per_day=5 * COGVIEW_PRICE / 1e6 + 0.00001)
 
@@ -335,7 +349,7 @@ def test_a_refused_payment_holds_its_budget_until_its_authorization_expires(make
     assert gen(gw, "second").status_code == 200
     over = gen(gw, "third")
     assert over.status_code == 402 and over.json()["error"]["code"] == "budget_exceeded"
-    assert "held by payments the upstream refused" in over.json()["error"]["message"]
+    assert "held by unsettled payments" in over.json()["error"]["message"]
     assert [row["status"] for row in ledger_rows(gw)] == ["settled", "rejected"]
     assert sandbox.stats()["payments_count"] == 1
 

@@ -825,3 +825,23 @@ def test_eviction_goes_below_the_cap_so_it_does_not_run_on_every_put() -> None:
     assert pick(100_000) == []  # at the cap is not over it
     assert pick(95_000) == ["id0", "id1"]  # over: down to 90 % of the cap, oldest first
     assert pick(50_000) == [f"id{i}" for i in range(6)]  # 40 KB <= 45 KB
+
+
+@pytest.mark.parametrize("url, base, name", [
+    ("http://127.0.0.1:8402/images/" + "a" * 32 + ".png", "http://localhost:8402",
+     "a" * 32 + ".png"),  # any loopback name for any other
+    ("http://[::1]:8402/images/" + "a" * 32, "http://localhost:8402", "a" * 32),
+    ("http://localhost:8403/images/" + "a" * 32 + ".png", "http://localhost:8402", None),
+    ("https://claw.example/base/images/" + "a" * 32 + ".jpg?x=1",
+     "https://claw.example:443/base", "a" * 32 + ".jpg"),  # a public_url with a path
+    ("https://claw.example/images/" + "a" * 32 + ".jpg", "https://claw.example/base", None),
+    ("https://other.example/images/" + "a" * 32 + ".png", "https://claw.example", None),
+    ("http://localhost:99999/images/" + "a" * 32, "http://localhost:8402", None),
+    ("http://localhost:8402/images/../wallet.key", "http://localhost:8402", None),
+    ("file:///images/" + "a" * 32 + ".png", "http://localhost:8402", None),
+])
+def test_our_image_urls_are_known_again_only_at_our_origin(url: str, base: str,
+                                                           name: str | None) -> None:
+    from clawrouter.store.links import image_name
+
+    assert image_name(url, base) == name

@@ -29,6 +29,7 @@ from clawrouter.context import RequestContext
 from clawrouter.errors import ClawError, InvalidRequest
 from clawrouter.inputs.forms import Form, classify
 from clawrouter.pipeline import Result
+from clawrouter.store.links import image_url
 from clawrouter.validate import ImageJob, SourceImage, edit_job, generation_job
 
 router = APIRouter()
@@ -192,7 +193,7 @@ async def shape(result: Result, job: ImageJob, base: str) -> dict[str, Any]:
     for image in result.images:
         item: dict[str, Any] = {}
         if job.response_format == "url" and image.stored is not None:
-            item["url"] = f"{base}/images/{image.stored.name}"
+            item["url"] = image_url(base, image.stored.name)
         elif job.response_format == "url" and image.remote_url:
             item["url"] = image.remote_url  # our store failed; the upstream copy still works
         elif image.stored is not None or image.data is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from clawrouter import __version__, catalog
@@ -80,6 +80,13 @@ def model_card(model: catalog.ImageModel) -> dict[str, Any]:
 @router.get("/models", include_in_schema=False)
 async def models() -> dict[str, Any]:
     return {"object": "list", "data": [model_card(m) for m in catalog.MODELS]}
+
+
+@router.get("/v1/models/{name:path}")
+@router.get("/models/{name:path}", include_in_schema=False)
+async def model(name: str = Path(min_length=1, max_length=200)) -> dict[str, Any]:
+    """One model (`client.models.retrieve`), by id, alias or retired name; 404 otherwise."""
+    return model_card(catalog.resolve(name).model)
 
 
 @router.get("/v1/spend")

@@ -8,6 +8,7 @@ import sys
 
 from clawrouter import __version__
 from clawrouter.cli.common import CommandError
+from clawrouter.launch import AddressInUse
 from clawrouter.payment.ledger import LedgerBusy
 from clawrouter.payment.wallet import WalletError
 from clawrouter.cli import serve
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"clawrouter: {exc}", file=sys.stderr)
         return exc.code
-    except (WalletError, LedgerBusy) as exc:  # their messages never contain a key
+    except (WalletError, LedgerBusy, AddressInUse) as exc:  # messages never contain a key
         print(f"clawrouter: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

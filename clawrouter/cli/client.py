@@ -46,6 +46,7 @@ from clawrouter.payment.wallet import WalletError
 from clawrouter.sniff import EXTENSIONS, sniff_image
 from clawrouter.store.download import DownloadFailed, download
 from clawrouter.store.files import content_id, write_atomic
+from clawrouter.store.links import image_name
 from clawrouter.store.records import NAME
 from clawrouter.store.sources import ResultSources
 
@@ -370,7 +371,7 @@ class Gateway:
             try:
                 # A file name is kept only from our own gateway's URLs; others (chosen by
                 # whoever answered) are saved under their content hash, never over a file.
-                name = _own_image_name(url) or ""
+                name = image_name(url) or ""
                 path = await asyncio.to_thread(_write, directory, name, data)
             except OSError as exc:  # paid for already: name the URL so the image is not lost
                 raise GatewayError(f"Paid, but could not save {url or 'the image'} in "
@@ -385,7 +386,7 @@ class Gateway:
         addresses only, and only if it is an image."""
         if url.startswith("data:"):
             return _b64(url.split(",", 1)[1])
-        name = _own_image_name(url)
+        name = image_name(url)
         if name is None:
             return await _download_elsewhere(url)
         try:
@@ -405,13 +406,6 @@ def _read_as_data_uri(path: str, policy: InputPolicy, param: str) -> str:
                              "URL or a data URI", param=param, code=LOCAL_FILES_DISABLED)
     data = read_local_image(path, policy, cwd=Path.cwd(), param=param)
     return checked_image(data, max_bytes=policy.max_bytes, param=param).data_uri()
-
-
-def _own_image_name(url: str) -> str | None:
-    """`<id>.<ext>` when `url` is a gateway image URL (`/images/<id>.<ext>`), else None."""
-    path = urlsplit(url).path if url.startswith(("http://", "https://")) else ""
-    name = path.rsplit("/", 1)[-1]
-    return name if path == f"/images/{name}" and NAME.fullmatch(name) else None
 
 
 async def _download_elsewhere(url: str) -> bytes:
@@ -451,7 +445,7 @@ async def connect(url: str | None = None, *, start: bool = True,
     except GatewayError as exc:  # something else there: our `serve` may be elsewhere
         problem = exc
     if keyed is not None:
-        for there in await asyncio.to_thread(_advertised, keyed):  # a `serve --port`, say
+        for there in await asyncio.to_thread(advertised, keyed):  # a `serve --port`, say
             if await _usable(there, keyed):
                 return Gateway(there, settings=keyed)
     if problem is not None:
@@ -528,7 +522,7 @@ def holders(settings: Settings) -> list[Holder]:
     return found
 
 
-def _advertised(settings: Settings) -> list[str]:
+def advertised(settings: Settings) -> list[str]:
     """Where the `serve`s holding this data directory's ledgers say they listen."""
     return [held.url for held in holders(settings) if held.url]
 

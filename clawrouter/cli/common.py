@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from clawrouter.config import Settings, load_settings
 
@@ -21,3 +22,14 @@ def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
         return load_settings(getattr(args, "config", None), **overrides)
     except (ValueError, FileNotFoundError) as exc:
         raise CommandError(2, f"invalid configuration: {exc}") from None
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse `type`: a whole number no smaller than `minimum` (else a usage error)."""
+    def count(value: str) -> int:
+        n = int(value)
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more")
+        return n
+    count.__name__ = "count"  # argparse's "invalid count value: 'x'"
+    return count

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from clawrouter.catalog import format_usd
-from clawrouter.cli.common import settings_from
+from clawrouter.cli.common import at_least, settings_from
 from clawrouter.payment.ledger import holder, in_use, lock_path
 from clawrouter.payment.networks import NETWORKS
 from clawrouter.store import ImageStore
@@ -24,12 +24,14 @@ def register(commands: Any) -> None:
     ls = sub.add_parser("ls", help="list stored images, newest first",
                         description="List the stored images, newest first: name, size, "
                                     "model, cost, prompt and path.")
-    ls.add_argument("--limit", type=int, default=20, help="how many to list (default 20)")
-    ls.add_argument("--offset", type=int, default=0, help="skip this many first")
+    ls.add_argument("--limit", type=at_least(1), default=20,
+                    help="how many to list (default 20)")
+    ls.add_argument("--offset", type=at_least(0), default=0, help="skip this many first")
     ls.add_argument("--json", action="store_true", help="print JSON for scripts")
     ls.add_argument("--config", help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
     ls.set_defaults(run=run_ls)
-    prune = sub.add_parser("prune", help="delete images idle past image_ttl_days, or beyond image_max_gb, now",
+    prune = sub.add_parser("prune", help="delete images idle past image_ttl_days, or beyond "
+                           "image_max_gb, now",
                            description="Apply CLAWROUTER_IMAGE_TTL_DAYS and "
                                        "CLAWROUTER_IMAGE_MAX_GB now (the gateway also does it "
                                        "in the background).")
@@ -46,7 +48,8 @@ def run_ls(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print("No images stored yet.")
+        print(f"No images past the first {args.offset}." if args.offset else
+              "No images stored yet.")
         return 0
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"]))

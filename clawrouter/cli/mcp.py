@@ -19,7 +19,8 @@ def register(commands: Any) -> None:
         "each call (between calls your other commands can use the wallet). Images are saved "
         "to CLAWROUTER_OUT (default ~/Pictures/clawrouter).",
         epilog="Example (Claude Desktop / Claude Code config): "
-        '{"mcpServers": {"clawrouter": {"command": "clawrouter", "args": ["mcp"]}}}')
+        '{"mcpServers": {"clawrouter": {"command": "/path/to/.venv/bin/clawrouter", '
+        '"args": ["mcp"]}}} (the full path: an MCP client does not read your shell\'s PATH)')
     p.add_argument("--url", help=URL_HELP)
     p.add_argument("--out", metavar="DIR", help="directory for saved images (default "
                    "$CLAWROUTER_OUT or ~/Pictures/clawrouter)")

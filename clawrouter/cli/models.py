@@ -32,8 +32,8 @@ def run_models(args: argparse.Namespace) -> int:
     else:
         print(table())
         print(f"\nPrices are per image on Base (list × {catalog.BASE_MARKUP}), plus "
-              f"${catalog.FEE_USD} per request. Retired: dall-e-3 → openai/gpt-image-2; "
-              "flux was dropped.")
+              f"${catalog.FEE_USD} per request. Old names still accepted: dall-e-3 "
+              "(and dall-e, dalle) → openai/gpt-image-2. flux was dropped.")
     return 0
 
 

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from clawrouter.config import Settings
-from clawrouter.launch import SANDBOX_NETWORK, run_async, start_gateway
+from clawrouter.launch import SANDBOX_NETWORK, bind, run_async, start_gateway
 from clawrouter.cli.common import settings_from
 
 
@@ -74,8 +74,9 @@ def run_sandbox(args: argparse.Namespace) -> int:
     from clawrouter.sandbox import SandboxConfig, run_sandbox as run
 
     logging.basicConfig(level=logging.WARNING)
+    listening = bind(args.host, args.port)  # a taken port: one line, not uvicorn's traceback
     print(f"clawrouter sandbox on http://{args.host}:{args.port}/api (network {args.network})",
           flush=True)
-    run(args.host, args.port, SandboxConfig(network=args.network, slow_seconds=args.slow_seconds,
-                                            latency_ms=args.latency_ms))
+    run(listening, SandboxConfig(network=args.network, slow_seconds=args.slow_seconds,
+                                 latency_ms=args.latency_ms))
     return 0

@@ -19,7 +19,7 @@ from typing import Any
 
 from clawrouter.catalog import format_usd
 from clawrouter.cli.client import GatewayError, NoGateway, connect
-from clawrouter.cli.common import CommandError, settings_from
+from clawrouter.cli.common import CommandError, at_least, settings_from
 from clawrouter.config import Settings
 from clawrouter.payment.budget import Budget
 from clawrouter.payment.networks import NETWORKS
@@ -35,16 +35,9 @@ def register(commands: Any) -> None:
                     "from the running gateway, else from the ledger file.")
     p.add_argument("--config", help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON only")
-    p.add_argument("--latest", type=_count, default=20, metavar="N",
+    p.add_argument("--latest", type=at_least(0), default=20, metavar="N",
                    help="how many of the latest payments to list (default 20)")
     p.set_defaults(run=run_stats)
-
-
-def _count(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return n
 
 
 def run_stats(args: argparse.Namespace) -> int:
@@ -140,8 +133,9 @@ def render(summary: dict[str, Any], source: str) -> str:
     if budget := summary.get("budget"):
         out += ["", "Budget   " + _budget(budget)]
         if held := (budget.get("total") or {}).get("held_usd"):
-            out += [f"Held: {format_usd(round(held * 1_000_000))} of payments the upstream "
-                    "refused still count against the budgets until nothing can settle them "
+            out += [f"Held: {format_usd(round(held * 1_000_000))} of unsettled payments (the "
+                    "upstream refused them, or their slow job's client left) still count "
+                    "against the budgets until nothing can settle them "
                     "(the chain sees each authorization expire unused, or, with no RPC, it "
                     "expires): a refusal does not unsign."]
     if summary.get("by_model"):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from clawrouter.catalog import format_usd
-from clawrouter.cli.client import URL_HELP, GatewayError, connect, foreign, probe
+from clawrouter.cli.client import URL_HELP, GatewayError, advertised, connect, foreign, probe
 from clawrouter.config import Settings
 
 
@@ -84,7 +84,7 @@ def run_status(args: argparse.Namespace) -> int:
     held = spend.get("budget", {}).get("total", {}).get("held_usd")
     print(f"budget    {'no daily limit' if left is None else f'{_usd(left)} left today'}"
           + ("" if month is None else f" · {_usd(month)} left this month")
-          + (f" · {_usd(held)} held by refused payments" if held else ""))
+          + (f" · {_usd(held)} held by unsettled payments" if held else ""))
     return 0
 
 
@@ -183,9 +183,19 @@ def check_data_dir(home: Path) -> Check:
 
 
 async def check_port(settings: Settings) -> tuple[Check, dict[str, Any] | None]:
-    """Free, or already serving clawrouter (then its /health is returned for the balance)."""
+    """Free, or already serving clawrouter (then its /health is returned for the balance):
+    at this address, or where this data directory's `serve` says it listens (`--port`), which
+    is where the commands go too."""
     host, port = settings.host, settings.port
     if await asyncio.to_thread(_can_bind, host, port):
+        for url in await asyncio.to_thread(advertised, settings):
+            try:
+                health = await probe(url, settings)
+            except GatewayError:
+                continue
+            if health is not None:
+                return Check("port", "ok", f"{host}:{port} is free; this data directory's "
+                             f"gateway serves at {url}"), health
         return Check("port", "ok", f"{host}:{port} is free"), None
     try:
         health = await probe(settings.url, settings)

@@ -21,7 +21,7 @@ from ..sniff import EXTENSIONS
 from .addresses import AddressRule, is_public_address
 from .encoded import canonical_base64, decode_base64, decode_data_uri
 from .forms import Form, classify
-from .image import ImageInput, checked_image
+from .image import ImageInput, check_size, checked_image
 from .paths import bare_name_exists, open_local_image, path_from_file_url, read_judged
 from .policy import InputPolicy
 from .refusals import (
@@ -95,6 +95,23 @@ class InputResolver:
         if value.startswith(f"data:{image.mime};base64,") and canonical_base64(data, value):
             return replace(image, uri=value)
         return image
+
+    async def open_stored(self, path: Path, size: int, *, param: str) -> ImageInput | Pending:
+        """One of the gateway's own images, named by its `/images/` URL: read from the store
+        (the data directory is no input root, and fetching our own loopback URL is refused
+        like any private address), so "generate, then edit what came back" just works."""
+        check_size(size, max_bytes=self.policy.max_bytes, param=param)
+
+        async def read() -> bytes:
+            try:
+                return await asyncio.to_thread(path.read_bytes)
+            except FileNotFoundError:
+                refuse(f"{path.name} was deleted from this gateway's image store since "
+                       "(image_ttl_days, image_max_gb)", param=param, code=FILE_NOT_FOUND)
+
+        if size <= READ_AT_ONCE:
+            return checked_image(await read(), max_bytes=self.policy.max_bytes, param=param)
+        return Pending(param, size, self.policy.max_bytes, read)
 
     def from_upload(self, data: bytes, *, param: str) -> ImageInput:
         """An uploaded file part: already in memory, so only the cap and the sniff apply."""

@@ -178,10 +178,19 @@ def _timed_out(url: str, total: float, *, param: str) -> NoReturn:
            code=URL_FETCH_FAILED)
 
 
+#: what to do instead, by `address_problem`; none for link-local (cloud metadata) and the rest
+_ADVICE = {
+    "loopback": " (this machine: send the image's path or bytes instead; this gateway's own "
+                "/images/ URLs are read from its store)",
+    "private": " (set allow_private_urls to fetch from your own network: it lets the URLs "
+               "clients send reach every non-public address, this machine's included)",
+}
+
+
 def _describe(address: IPAddress) -> str:
     problem = address_problem(address)
     kind = f"a {problem} address" if problem else "an address outside the allowed set"
-    return f"{kind} (set allow_private_urls to fetch from your own network)"
+    return kind + _ADVICE.get(problem or "", "")
 
 
 def guarded_session(allowed: AddressRule | None, *, dns: AbstractResolver | None = None,

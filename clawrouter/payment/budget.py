@@ -90,6 +90,14 @@ class Budget:
             self._reserved += amount_micro
             return Reservation(self, amount_micro)
 
+    def check_request(self, estimate_micro: int) -> None:
+        """Refuse, before anything is sent upstream, a request whose catalog price is above
+        the per-request limit: no quote can fit it (the other windows are judged on the
+        upstream's quote, when it is reserved)."""
+        limit = self.limits["request"]
+        if limit and estimate_micro > limit:
+            raise self._exceeded("request", estimate_micro, limit)
+
     def remaining(self) -> dict[str, dict[str, Any]]:
         """Per window: limit, used (ledger + reservations), reserved, held (refused
         authorizations not yet expired, part of used) and what is left, in USD.
@@ -138,8 +146,9 @@ class Budget:
                    f"{_RESETS.get(window, '')}")
             held = _held(self.ledger.held(), date.fromtimestamp(self._clock()).isoformat())
             if held[window]:
-                why += (f"; {format_usd(held[window])} of what is used is held by payments the "
-                        "upstream refused, until nothing can settle them any more (the chain "
+                why += (f"; {format_usd(held[window])} of what is used is held by unsettled "
+                        "payments (the upstream refused them, or their slow job's client "
+                        "left), until nothing can settle them any more (the chain "
                         "sees the authorization expired, or it expires)")
         return BudgetExceeded(
             f"Budget exceeded, nothing was signed: {why}. Raise {_SETTING[window]} to allow it.",

@@ -7,15 +7,19 @@ can misbehave on request (faults.py). Control endpoints live under `/_sandbox/` 
 
 from __future__ import annotations
 
+import socket
+
 from clawrouter.sandbox.app import create_sandbox_app
 from clawrouter.sandbox.config import SandboxConfig
 
 __all__ = ["SandboxConfig", "create_sandbox_app", "run_sandbox"]
 
 
-def run_sandbox(host: str = "127.0.0.1", port: int = 8403,
-                config: SandboxConfig | None = None) -> None:
-    """Serve a sandbox until interrupted (blocking; `clawrouter sandbox --port P`)."""
+def run_sandbox(sock: socket.socket, config: SandboxConfig | None = None) -> None:
+    """Serve a sandbox on a bound socket until interrupted (blocking; `clawrouter sandbox`)."""
     import uvicorn
 
-    uvicorn.run(create_sandbox_app(config), host=host, port=port, log_level="warning")
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(create_sandbox_app(config), host=host, port=port,
+                                           log_level="warning"))
+    server.run(sockets=[sock])

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from clawrouter.catalog import ImageModel, ceiling_micro, format_usd, to_micro
+from clawrouter.catalog import ImageModel, ceiling_micro, estimate_micro, format_usd, to_micro
 from clawrouter.config import Settings
 from clawrouter.context import RequestContext
 from clawrouter.errors import (
@@ -83,15 +83,15 @@ class Outcome:
             await asyncio.shield(self.recording)  # a cancelled caller must not cancel the write
 
 
-def _abandoned(amount: int) -> PaidRequestFailed:
+def _abandoned(amount: int, window: float) -> PaidRequestFailed:
     return PaidRequestFailed(
         f"An identical request paid {format_usd(amount)} for a slow job, then left (it "
-        "disconnected or timed out) while the job was in progress, so the gateway stopped "
-        "polling it. BlockRun settles a slow job only when its result is fetched, so that "
-        "payment should not settle (`clawrouter stats` shows it). Not paid again: identical "
-        "requests share this outcome for coalesce_window_seconds (a day with the same "
-        "Idempotency-Key). Give the client a timeout longer than the model takes (up to 5 "
-        "minutes), and send the request again once that time has passed.",
+        "disconnected, timed out or was interrupted) while the job was in progress, so the "
+        "gateway stopped polling it. BlockRun settles a slow job only when its result is "
+        "fetched, so that payment should not settle (`clawrouter stats` shows it). Not paid "
+        f"again: identical requests get this answer for {window:g} s (a day with the same "
+        "Idempotency-Key). To make the image, send the request after that, and wait for it: "
+        "slow models take up to 5 minutes.",
         status=409, code="job_abandoned", extra={"payment": "not_settled"})
 
 
@@ -116,6 +116,7 @@ class Exchange:
 
     async def run(self, call: UpstreamCall, ctx: RequestContext) -> Outcome:
         ctx.check()
+        self.budget.check_request(estimate_micro(call.model, call.size, call.n))
         attempt = 1
         known = self.prices.get(call.price_key) if self.settings.preauth else None
         if known is not None:
@@ -242,7 +243,7 @@ class Exchange:
             await finish("rejected", "not settled: the client left during polling")
             # Nobody hears this but a repeat: the SDK resends a request that timed out on its
             # side, and must learn of this job (`coalesce` keeps paid outcomes), not pay anew.
-            raise _abandoned(payment.amount) from None
+            raise _abandoned(payment.amount, self.settings.coalesce_window_seconds) from None
         except ClawError as exc:
             settled_nothing = exc.extra.get("payment") == "not_settled"
             await finish("rejected" if settled_nothing else "failed_after_payment",
