@@ -19,7 +19,7 @@ import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ContentBlock, ImageContent, TextContent, ToolAnnotations
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from clawrouter import __version__, catalog
 from clawrouter.cli import models as model_table
@@ -108,10 +108,31 @@ class Connection:
             self._gateway = None
 
 
+class _Server(MCPServer):
+    async def call_tool(self, name: str, arguments: dict[str, Any],
+                        context: Any = None) -> Any:
+        """As the SDK's, but arguments that do not fit the schema are named in one plain line
+        (the SDK passes on pydantic's report: model class names and a docs link)."""
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if not isinstance(exc.__cause__, ValidationError):
+                raise
+            raise ToolError(f"{name}: " + "; ".join(
+                _argument_error(error) for error in exc.__cause__.errors())) from None
+
+
+def _argument_error(error: Any) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "arguments"
+    if error["type"] == "missing":
+        return f"'{where}' is required"
+    return f"'{where}': {error['msg'][0].lower()}{error['msg'][1:]}"
+
+
 def build_server(connection: Connection, out: str | None = None) -> MCPServer:
     """The MCP server with its four tools, bound to one gateway connection."""
-    server: MCPServer = MCPServer("clawrouter", version=__version__, instructions=INSTRUCTIONS,
-                                  log_level="WARNING")
+    server: MCPServer = _Server("clawrouter", version=__version__, instructions=INSTRUCTIONS,
+                                log_level="WARNING")
     paid = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
                            open_world_hint=True)
     free = ToolAnnotations(read_only_hint=True, open_world_hint=False)
