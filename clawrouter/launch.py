@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -108,7 +109,8 @@ async def start_gateway(settings: Settings, *, advertise: bool = False) -> Runni
         try:
             app = create_app(settings, sandbox=bool(use_sandbox))
         except BaseException:
-            listening.close()
+            for sock in listening:
+                sock.close()
             raise
         port = await _serve(app, listening, servers, tasks, settings.header_timeout)
         if advertise:
@@ -132,35 +134,45 @@ def server_options(header_timeout: float) -> dict[str, Any]:
                 http=protocol_class(header_timeout), ws="none")
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port, or `AddressInUse` (uvicorn would log a traceback and
-    exit the process on its own)."""
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address `host` names (all interfaces for ""), as asyncio's
+    `create_server` (what uvicorn used) binds them, or `AddressInUse`: uvicorn would log a
+    traceback and exit the process on its own."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as exc:
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
         raise AddressInUse(f"cannot listen on {host}:{port}: {exc}") from None
+    sockets: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            if os.name == "posix":  # elsewhere (Windows) it would share a port in use
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # `::` means IPv6 only, as asyncio binds it
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # one port for all of them
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
     except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
+        for sock in sockets:
+            sock.close()
+        if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", None)):
             raise AddressInUse(f"{host}:{port} is taken by another program: pick another "
                                "port with --port.") from None
         raise AddressInUse(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
+    return sockets
 
 
-async def _serve(app: Any, sock: socket.socket, servers: list[uvicorn.Server],
+async def _serve(app: Any, sockets: list[socket.socket], servers: list[uvicorn.Server],
                  tasks: list[asyncio.Task[None]], header_timeout: float) -> int:
-    """Start one uvicorn server on `sock` as a task; return its port once it listens."""
+    """Start one uvicorn server on `sockets` as a task; return its port once it listens."""
     # log_config=None: keep the host process's logging (JSON lines; or stdout as MCP's wire).
-    host, port = sock.getsockname()[:2]
+    host, port = sockets[0].getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None,
                                            lifespan="on", **server_options(header_timeout)))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+    task = asyncio.create_task(server.serve(sockets=sockets))
     servers.append(server)
     tasks.append(task)
     while not server.started:

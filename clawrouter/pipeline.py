@@ -155,8 +155,8 @@ class ImagePipeline:
         image = self.store.get(name)
         if image is None:
             raise InvalidRequest(f"{param}: {name} is not in this gateway's image store (it was "
-                                 "deleted, or never made here).", param=param,
-                                 code="file_not_found")
+                                 "deleted, or another gateway made it: send its bytes or its "
+                                 "path instead).", param=param, code="file_not_found")
         return image
 
     async def _store_results(self, job: ImageJob, outcome: Outcome,

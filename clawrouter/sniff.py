@@ -58,10 +58,17 @@ def _webp(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+#: segments (and fill bytes) read before giving up on a JPEG's size: real files reach their
+#: frame in a few dozen; a hostile one must not hold the event loop for a byte-by-byte walk
+_JPEG_STEPS = 1024
+
+
 def _jpeg(data: bytes) -> tuple[int, int] | None:
     """Walk the segments to the first start-of-frame (its height comes before its width)."""
     i = 2
-    while i + 4 <= len(data):
+    for _ in range(_JPEG_STEPS):
+        if i + 4 > len(data):
+            return None
         if data[i] != 0xFF:
             return None
         marker = data[i + 1]

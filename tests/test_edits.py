@@ -81,11 +81,21 @@ def test_an_image_this_gateway_made_is_edited_by_its_url(gateway, sandbox, make_
     r = gateway.http.post("/v1/images/image2image", json={"prompt": "x", "image": gone})
     assert (r.status_code, r.json()["error"]["code"]) == (400, "file_not_found")
     assert "not in this gateway's image store" in r.json()["error"]["message"]
-    # another gateway's image URL is just a loopback URL to it: refused, as ever
+    # another data directory's gateway: not in its store (and never fetched from ours)
     other = make_gateway()
     r = other.http.post("/v1/images/image2image", json={"prompt": "x", "image": url})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "url_refused"
-    assert sandbox.stats()["payments_count"] == 3
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "file_not_found")
+    assert "another gateway made it" in r.json()["error"]["message"]
+    # a CLI run's own gateway on this data directory, on another port: the same store
+    twin = make_gateway(home=gateway.gw.settings.home.parent / "twin")
+    assert twin.http.post("/v1/images/generations",
+                          json={"model": "cogview", "prompt": "cat"}).status_code == 200
+    twin_url = twin.http.get("/v1/images").json()["data"][0]["url"]
+    assert twin_url.split("/")[2] != url.split("/")[2]  # another port
+    r = twin.http.post("/v1/images/image2image", json={"prompt": "x", "image": url.replace(
+        url.rsplit("/", 1)[1], twin_url.rsplit("/", 1)[1])})
+    assert r.status_code == 200, r.text
+    assert sandbox.stats()["payments_count"] == 5
 
 
 def test_sdk_edit_with_several_files_and_bare_bytes(gateway, sandbox, files):

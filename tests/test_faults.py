@@ -122,12 +122,14 @@ def test_polls_that_fail_then_recover_still_complete(gateway, sandbox):
     assert [row["status"] for row in rows(gateway)] == ["settled"]
 
 
-def test_a_poll_is_done_only_when_its_job_says_so(gateway, sandbox):
+@pytest.mark.parametrize("running", ["in_progress", "processing"])
+def test_a_poll_is_done_only_when_its_job_says_so(gateway, sandbox, running):
     """BlockRun's SDKs end polling on the job's status, not the HTTP code: a 200 that says
-    the job is still running settled nothing, and polling goes on to the image."""
+    the job is still running (whatever it calls that) settled nothing, and polling goes on
+    to the image."""
     sandbox.faults({"kind": "job"},
                    {"kind": "respond", "phase": "poll", "status": 200, "times": 2,
-                    "body": {"id": "img_1", "status": "in_progress"}})
+                    "body": {"id": "img_1", "status": running}})
     r = gen(gateway)
     assert r.status_code == 200, r.text
     assert r.json()["data"][0]["url"].startswith(gateway.url + "/images/")
@@ -135,6 +137,23 @@ def test_a_poll_is_done_only_when_its_job_says_so(gateway, sandbox):
     assert stats["settled_count"] == 1 and stats["polls"] >= 3
     assert stats["polls_with_another_authorization"] == 0  # never signed afresh for a poll
     assert [row["status"] for row in rows(gateway)] == ["settled"]
+
+
+def test_a_200_poll_without_status_or_images_leaves_the_payment_pending(make_gateway,
+                                                                        sandbox):
+    """Not the completed job we know, yet a 200 that may have been it: polling goes on, and
+    if the job never says it completed, the payment stays pending (never recorded settled
+    on a guess, nor let go)."""
+    gw = make_gateway(poll_deadline=0.6)
+    sandbox.configure(slow_seconds=30)
+    sandbox.faults({"kind": "job"}, {"kind": "respond", "phase": "poll", "status": 200,
+                                     "times": 1, "body": {"id": "img_1"}})
+    r = gen(gw)
+    assert r.status_code == 504 and error(r)["payment"] == "signed", r.text
+    assert "may have settled" in error(r)["message"]
+    assert sandbox.stats()["polls"] >= 2  # it polled on
+    (row,) = rows(gw)
+    assert row["status"] == "failed_after_payment" and "without a job status" in row["note"]
 
 
 def test_a_poll_that_says_the_job_failed_ends_it_whatever_its_http_status(make_gateway,

@@ -183,6 +183,8 @@ def test_health_and_models_are_free(gateway, sandbox):
     for name in ("openai/gpt-image-1", "gpt-image", "GPT-IMAGE-1"):
         assert sdk(gateway).models.retrieve(name).id == "openai/gpt-image-1"
     assert gateway.http.get("/v1/models/dall-e-3").json()["id"] == "openai/gpt-image-2"
+    dropped = gateway.http.get("/v1/models/flux")
+    assert dropped.status_code == 404 and "dropped" in dropped.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError) as missing:
         sdk(gateway).models.retrieve("nope/model")
     assert missing.value.body["code"] == "model_not_found"

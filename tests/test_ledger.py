@@ -292,6 +292,10 @@ def test_a_key_is_found_by_the_newest_payment_it_signed(ledger: Ledger, clock: C
     refused = record(ledger, 1_000, idempotency="k")
     ledger.commit(ledger.outcome(refused, "rejected"))
     assert ledger.paid_for("k", since=0).id == refused  # its outcome, kept across a restart
+    kept_here = record(ledger, 1_000, idempotency="k2")
+    ledger.commit(ledger.outcome(kept_here, "rejected", note="never sent: the client left",
+                                 can_settle=False))
+    assert ledger.paid_for("k2", since=0) is None  # it cost nothing: the key may run again
     paid = record(ledger, 2_000, idempotency="k", attempt=2)
     assert ledger.paid_for("k", since=0).id == paid
     assert ledger.paid_for("k", since=clock.now + 1) is None  # older than the key's 24 h

@@ -155,6 +155,26 @@ def test_a_taken_port_is_one_clear_line_before_anything_is_created(tmp_path, com
     assert not home.exists()  # no wallet key made, no ledger locked, for nothing
 
 
+def test_bind_listens_as_asyncio_would():
+    """`bind` replaced uvicorn's own binding: "" is every interface, on one port; `::` stays
+    IPv6 only; a name that cannot be used is one clear error, not a traceback."""
+    from clawrouter.launch import AddressInUse, bind
+
+    sockets = bind("", 0)
+    try:
+        assert {s.family for s in sockets} >= {socket.AF_INET}
+        assert len({s.getsockname()[1] for s in sockets}) == 1
+        for s in sockets:
+            if s.family == socket.AF_INET6:
+                assert s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    finally:
+        for s in sockets:
+            s.close()
+    for host in ("a..b", "no-such-host.invalid"):
+        with pytest.raises(AddressInUse, match="cannot listen on"):
+            bind(host, 0)
+
+
 def test_non_loopback_without_api_key_refuses_to_start(tmp_path, sandbox):
     proc, _, _ = run_gateway(tmp_path, sandbox, "--host", "0.0.0.0")
     _, stderr = proc.communicate(timeout=20)

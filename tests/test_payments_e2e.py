@@ -154,14 +154,18 @@ def test_a_kept_result_whose_image_was_evicted_is_a_clear_410(gateway, sandbox, 
     assert sandbox.stats()["payments_count"] == 1
 
 
-def test_a_v1_challenge_is_paid_in_the_x_payment_header(gateway, sandbox):
-    """x402 v1 servers read a payment only from X-PAYMENT (the sandbox's v1 mode too)."""
+def test_a_v1_challenge_is_paid_in_the_x_payment_header(make_gateway, sandbox):
+    """x402 v1 servers read a payment only from X-PAYMENT (the sandbox's v1 mode too). A v1
+    payment has no `accepted` to say its authorization lives longer than asked, so a slow
+    model's is not raised to the poll window (the default 300 s deadline would ask 360)."""
+    gw = make_gateway(poll_deadline=300)
     sandbox.configure(accept_v1=True)
     sandbox.faults({"kind": "challenge", "v1": True})
-    r = gen(gateway)
-    assert r.status_code == 200, r.text
-    assert sandbox.stats()["settled_count"] == 1
-    assert [row["status"] for row in ledger_rows(gateway)] == ["settled"]
+    assert gen(gw).status_code == 200
+    slow = gw.http.post("/v1/images/generations", json={"model": "gpt-image-2", "prompt": "x"})
+    assert slow.status_code == 200, slow.text
+    assert sandbox.stats()["settled_count"] == 2
+    assert [row["status"] for row in ledger_rows(gw)] == ["settled", "settled"]
 
 
 def test_idempotency_key_returns_the_first_result_and_rejects_a_different_body(gateway, sandbox):

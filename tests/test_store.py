@@ -831,7 +831,10 @@ def test_eviction_goes_below_the_cap_so_it_does_not_run_on_every_put() -> None:
     ("http://127.0.0.1:8402/images/" + "a" * 32 + ".png", "http://localhost:8402",
      "a" * 32 + ".png"),  # any loopback name for any other
     ("http://[::1]:8402/images/" + "a" * 32, "http://localhost:8402", "a" * 32),
-    ("http://localhost:8403/images/" + "a" * 32 + ".png", "http://localhost:8402", None),
+    # another port: a CLI run's own gateway on this data directory (ids are content hashes)
+    ("http://localhost:8403/images/" + "a" * 32 + ".png", "http://localhost:8402",
+     "a" * 32 + ".png"),
+    ("http://127.0.0.1/images/" + "a" * 32, "https://claw.example", "a" * 32),
     ("https://claw.example/base/images/" + "a" * 32 + ".jpg?x=1",
      "https://claw.example:443/base", "a" * 32 + ".jpg"),  # a public_url with a path
     ("https://claw.example/images/" + "a" * 32 + ".jpg", "https://claw.example/base", None),
@@ -840,7 +843,7 @@ def test_eviction_goes_below_the_cap_so_it_does_not_run_on_every_put() -> None:
     ("http://localhost:8402/images/../wallet.key", "http://localhost:8402", None),
     ("file:///images/" + "a" * 32 + ".png", "http://localhost:8402", None),
 ])
-def test_our_image_urls_are_known_again_only_at_our_origin(url: str, base: str,
+def test_our_image_urls_are_known_again_at_our_origin_or_on_loopback(url: str, base: str,
                                                            name: str | None) -> None:
     from clawrouter.store.links import image_name
 

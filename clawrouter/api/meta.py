@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from clawrouter import __version__, catalog
+from clawrouter.errors import InvalidRequest, ModelNotFound
 
 router = APIRouter()
 
@@ -85,8 +86,14 @@ async def models() -> dict[str, Any]:
 @router.get("/v1/models/{name:path}")
 @router.get("/models/{name:path}", include_in_schema=False)
 async def model(name: str = Path(min_length=1, max_length=200)) -> dict[str, Any]:
-    """One model (`client.models.retrieve`), by id, alias or retired name; 404 otherwise."""
-    return model_card(catalog.resolve(name).model)
+    """One model (`client.models.retrieve`), by id, alias or retired name; 404 otherwise
+    (a dropped one too, saying what to use instead)."""
+    try:
+        return model_card(catalog.resolve(name).model)
+    except InvalidRequest as exc:
+        if exc.code == "model_dropped":
+            raise ModelNotFound(exc.message, param="model") from None
+        raise
 
 
 @router.get("/v1/spend")

@@ -68,6 +68,9 @@ EXPIRY_MARGIN = 60
 #: not hold the budgets for ever
 CHAIN_PATIENCE = 24 * 3600
 
+#: how a `rejected` row's note starts when its signature never left the process (its request
+#: ended first): it cost nothing, and its Idempotency-Key may run again (`paid_for`)
+NEVER_SENT = "never sent"
 NOTE_MAX = 300
 # Runs this long are keys, nonces, tx hashes or base64 payment headers: never stored in a note.
 _SECRETISH = re.compile(r"[A-Za-z0-9+/_-]{64,}=*")
@@ -545,13 +548,14 @@ class Ledger:
     def paid_for(self, idempotency: str, since: float) -> Payment | None:
         """The newest payment signed since `since` for a request with this hashed
         Idempotency-Key, if any: how a repeat of the key is known to have signed after a
-        restart. A `rejected` one counts too: the key's first outcome (refused, or a slow job
-        its client left) is kept for a day in memory, and a restart must not turn it into a
-        second signature."""
+        restart. A `rejected` one counts too (the key's first outcome, refused or a slow job
+        its client left, is kept for a day in memory, and a restart must not turn it into a
+        second signature), unless it never left the process: that outcome is not kept."""
         with self._db_lock:
             row = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM payments WHERE idempotency = ? AND time >= ? "
-                "ORDER BY id DESC LIMIT 1", (idempotency, since)).fetchone()
+                "AND NOT (status = ? AND coalesce(note, '') LIKE ?) ORDER BY id DESC LIMIT 1",
+                (idempotency, since, REJECTED, NEVER_SENT + "%")).fetchone()
         return None if row is None else Payment(*row)
 
     def payments(self, *, latest: int | None = None) -> list[Payment]:

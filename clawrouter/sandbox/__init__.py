@@ -15,11 +15,11 @@ from clawrouter.sandbox.config import SandboxConfig
 __all__ = ["SandboxConfig", "create_sandbox_app", "run_sandbox"]
 
 
-def run_sandbox(sock: socket.socket, config: SandboxConfig | None = None) -> None:
-    """Serve a sandbox on a bound socket until interrupted (blocking; `clawrouter sandbox`)."""
+def run_sandbox(sockets: list[socket.socket], config: SandboxConfig | None = None) -> None:
+    """Serve a sandbox on bound sockets until interrupted (blocking; `clawrouter sandbox`)."""
     import uvicorn
 
-    host, port = sock.getsockname()[:2]
+    host, port = sockets[0].getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(create_sandbox_app(config), host=host, port=port,
                                            log_level="warning"))
-    server.run(sockets=[sock])
+    server.run(sockets=sockets)

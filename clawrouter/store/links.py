@@ -18,9 +18,10 @@ def image_url(base: str, name: str) -> str:
 def image_name(url: str, base: str | None = None) -> str | None:
     """`<id>[.<ext>]` when `url` is one of our image URLs, else None.
 
-    With `base` (what this gateway hands out), only a URL at its origin counts, any loopback
-    name standing for any other (`localhost` and `127.0.0.1` are the same gateway), under its
-    path; without it, any host (a client that knows it talks to us)."""
+    With `base` (what this gateway hands out), a URL at its origin under its path counts, and
+    so does any loopback one: ids are content hashes, so an id in our store names our bytes
+    whichever local gateway (a CLI run's own, on another port) handed the URL out. Without
+    `base`, any host (a client that knows it talks to us)."""
     if not url.startswith(("http://", "https://")):
         return None
     try:
@@ -28,9 +29,11 @@ def image_name(url: str, base: str | None = None) -> str | None:
         prefix = "/images/"
         if base is not None:
             home = urlsplit(base)
-            if not _same_origin(parts, home):
+            if _same_origin(parts, home):
+                prefix = home.path.rstrip("/") + prefix
+            elif not is_loopback_host(parts.hostname or ""):
                 return None
-            prefix = home.path.rstrip("/") + prefix
+            _ = parts.port  # raises ValueError for a malformed one
     except ValueError:  # a malformed port or address
         return None
     name = parts.path[len(prefix):] if parts.path.startswith(prefix) else ""
@@ -38,8 +41,5 @@ def image_name(url: str, base: str | None = None) -> str | None:
 
 
 def _same_origin(url: SplitResult, home: SplitResult) -> bool:
-    if url.scheme != home.scheme or (
-            (url.port or _DEFAULT_PORTS[url.scheme]) != (home.port or _DEFAULT_PORTS[home.scheme])):
-        return False
-    host, ours = url.hostname or "", home.hostname or ""
-    return host == ours or (is_loopback_host(host) and is_loopback_host(ours))
+    return (url.scheme, url.hostname, url.port or _DEFAULT_PORTS[url.scheme]) == \
+        (home.scheme, home.hostname, home.port or _DEFAULT_PORTS.get(home.scheme))

@@ -26,7 +26,7 @@ from clawrouter.errors import (
 from clawrouter.payment import policy
 from clawrouter.payment.balance import BalanceMonitor
 from clawrouter.payment.budget import Budget
-from clawrouter.payment.ledger import Ledger
+from clawrouter.payment.ledger import NEVER_SENT, Ledger
 from clawrouter.payment.networks import Network
 from clawrouter.payment.prices import PriceBook, PriceKey
 from clawrouter.payment.signer import SignedPayment, Signer
@@ -167,7 +167,9 @@ class Exchange:
     async def _pay(self, call: UpstreamCall, ctx: RequestContext, challenge: Challenge, *,
                    attempt: int, round_trips: int, preauth: bool) -> Outcome:
         requirement = self._select(call, challenge)  # learned prices are re-checked too
-        if call.model.slow:  # its job settles on the completing poll: sign for the poll window
+        # A slow job settles on the completing poll: sign for the poll window, where `accepted`
+        # can tell the upstream so (v2; a v1 payment carries only the authorization).
+        if call.model.slow and challenge.version >= 2:
             cap = self.settings.max_timeout_seconds
             window = min(float(cap), self.settings.poll_deadline + SETTLE_MARGIN_SECONDS)
             requirement = policy.outliving(requirement, math.ceil(window), cap)
@@ -200,7 +202,7 @@ class Exchange:
                 self.on_payment(status, payment.amount, call.model.id)
 
         if ctx.gone.is_set():  # left while the ledger was written: the authorization stays here
-            await finish("rejected", "never sent: the client left before the paid request",
+            await finish("rejected", f"{NEVER_SENT}: the client left before the paid request",
                          sent=False)
             raise ClientGone()
         try:

@@ -4,6 +4,10 @@ On Base the payment settles on the first completed poll, so giving up (deadline,
 costs nothing — unless a poll's answer was lost (a timeout, a dropped connection, a 5xx): that
 poll may have completed the job and settled, so the payment is then left pending for the chain
 to tell. Polls never sign anything new.
+
+A poll ends on what the job says, not on the HTTP status, as BlockRun's SDKs do
+(blockrun-llm `jobs.py`): done on `status: "completed"` (or images with no status), failed on
+`status: "failed"` at any HTTP status, still running on any other status, even in a 200.
 """
 
 from __future__ import annotations
@@ -17,9 +21,6 @@ from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamR
 from clawrouter.upstream.errors import paid_error, upstream_message
 
 TRANSIENT = {202, 408, 425, 429, 500, 502, 503, 504}
-#: a job's statuses before it completes: a poll that says one of them (even as a 200) settled
-#: nothing, and polling goes on (BlockRun's SDKs key the end on the status, not the HTTP code)
-RUNNING = {"queued", "in_progress"}
 #: answers after which the poll may have completed (and settled) the job upstream
 UNCERTAIN = {500, 502, 503, 504}
 #: the last poll comes this long before the authorization expires: settling it takes a block
@@ -70,8 +71,13 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                     status=502, code="job_failed", extra={"payment": "not_settled"}),
                     what, amount, lost)
             if resp.status == 200:
-                if status not in RUNNING:
-                    return resp, polls  # completed (judged by its contents from here)
+                data = body.get("data") if isinstance(body, dict) else None
+                if status == "completed" or (status is None and data):
+                    return resp, polls  # judged by its contents from here
+                if not isinstance(status, str) and lost is None:
+                    # Neither a status nor images: not the completed job we know, yet a 200
+                    # that may have been it (and settled). Polled on, it stays pending.
+                    lost = f"poll {polls}: HTTP 200 without a job status"
             elif resp.status == 402:  # settlement failed: nothing was charged by this poll
                 error = paid_error(resp, amount)
                 error.extra["payment"] = "not_settled"
