@@ -172,9 +172,21 @@ class ImagePipeline:
         per_image = outcome.amount // max(1, len(items))
         meta = ImageMeta(model=job.model.id, prompt=job.prompt, size=job.size,
                          cost_micro=per_image, request_id=ctx.request_id)
-        images = await asyncio.gather(*(self._store_one(item, meta) for item in items))
+        stored = await asyncio.gather(*(self._store_one(item, meta) for item in items))
+        # An item with no image in any usable form (no URL, no bytes, bytes that do not
+        # decode) is no image: never a 200 with an empty entry for the client to find.
+        images = [i for i in stored if i.stored is not None or i.data or i.remote_url]
+        if not images:
+            if not outcome.amount:
+                raise UpstreamError("The upstream answered without a usable image. Nothing was "
+                                    "paid.", status=502, extra={"payment": "none"})
+            raise paid_error(outcome.response, outcome.amount, transaction=outcome.transaction,
+                             detail="the upstream answered without a usable image")
+        if len(images) < len(stored):
+            log.warning("%d of the %d images in a paid answer were unusable (no image in them)",
+                        len(stored) - len(images), len(stored))
         created = body.get("created")
-        return Result(created if isinstance(created, int) else int(time.time()), list(images),
+        return Result(created if isinstance(created, int) else int(time.time()), images,
                       outcome.amount, outcome.transaction)
 
     async def _store_one(self, item: Any, meta: ImageMeta) -> ResultImage:
@@ -183,7 +195,9 @@ class ImagePipeline:
         revised = item.get("revised_prompt") if isinstance(item.get("revised_prompt"), str) else None
         url = item.get("url")
         b64 = item.get("b64_json")
-        remote = url if isinstance(url, str) and url.startswith(("https://", "http://")) else None
+        # BlockRun's URL, else the provider's own (`source_url`) when BlockRun's is no URL
+        remote = next((u for u in (url, item.get("source_url")) if isinstance(u, str)
+                       and u.startswith(("https://", "http://"))), None)
         data: bytes | None = None
         try:
             if isinstance(b64, str) and b64:
@@ -220,7 +234,6 @@ async def _read_pending(found: list[ImageInput | Pending], hold: InputHold,
     finally:
         _close(pending)
     return [next(read) if isinstance(f, Pending) else f for f in found]
-
 
 
 def _check_mask(mask: ImageInput, image: ImageInput) -> None:

@@ -129,6 +129,15 @@ def test_a_down_or_slow_rpc_falls_through_to_the_next(rpc, slow_rpc):
     assert time.monotonic() - start < 2.0
 
 
+def test_the_highest_balance_any_rpc_answers_is_the_one_believed(rpc):
+    """The balance only refuses requests: an RPC behind the chain (here first, with the old
+    balance) must not refuse a wallet that another shows funded."""
+    with FakeRpc(balance=5_000_000) as current:
+        rpc.balance = 0
+        assert asyncio.run(usdc_balance(ADDRESS, "base-sepolia", [rpc.url, current.url],
+                                        timeout=2)) == 5_000_000
+
+
 @pytest.mark.parametrize("answer", [
     {"error": {"code": -32000, "message": "execution reverted"}},
     {"result": "0x"},  # no contract at that address: a wrong chain, not an empty wallet
@@ -374,5 +383,40 @@ def test_closing_stops_a_reread_whose_request_left(rpc):
         assert running is not None and not running.done()
         await monitor.aclose()
         assert running.cancelled() and monitor._rereading is None
+
+    asyncio.run(main())
+
+
+def test_a_reread_answering_after_a_newer_lookup_does_not_refuse(monkeypatch):
+    """A request's re-read of a low balance answers last, after the background loop's newer
+    lookup saw the wallet funded: the request is judged on the newer answer."""
+    import clawrouter.payment.balance as balance
+
+    async def main() -> None:
+        answers: list[asyncio.Future[int]] = []
+
+        async def fetch(*args: Any, **kwargs: Any) -> int:
+            answers.append(asyncio.get_running_loop().create_future())
+            return await answers[-1]
+
+        monkeypatch.setattr(balance, "fetch_usdc_balance", fetch)
+        clock = [1000.0]
+        monitor = BalanceMonitor(ADDRESS, "base-sepolia", ["http://unused/"], timeout=5,
+                                 clock=lambda: clock[0], session=object())  # type: ignore[arg-type]
+        first = asyncio.ensure_future(monitor.refresh())
+        await _wait(lambda: len(answers) == 1)
+        answers[0].set_result(10)
+        await first  # a known low balance
+        clock[0] += 3  # older than `recheck`: the request re-reads it
+        request = asyncio.ensure_future(monitor.short_of(100_000))
+        await _wait(lambda: len(answers) == 2)
+        clock[0] += 1
+        newer = asyncio.ensure_future(monitor.refresh())
+        await _wait(lambda: len(answers) == 3)
+        answers[2].set_result(5_000_000)  # funded
+        await newer
+        answers[1].set_result(10)  # the request's re-read answers last, with the old balance
+        assert await request is None
+        assert monitor.snapshot()["balance_usd"] == 5.0
 
     asyncio.run(main())

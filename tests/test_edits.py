@@ -107,6 +107,37 @@ def test_sdk_edit_with_several_files_and_bare_bytes(gateway, sandbox, files):
         sha(files[i].read_bytes()) for i in (1, 2, 3)]
 
 
+def test_sdk_edit_with_files_sent_without_a_filename(gateway, sandbox, files):
+    """The SDK's `(None, bytes)` (and curl's `-F 'image=<a.png'`): parts with no filename,
+    whose bytes are a file's, not text."""
+    client = OpenAI(base_url=gateway.v1, api_key="unused")
+    image, mask = files[1].read_bytes(), png(98)
+    client.images.edit(image=(None, image), mask=(None, mask), prompt="x", model="gpt-image-1")
+    assert sent_images(sandbox)[0]["sha256"] == sha(image)
+    assert sandbox.stats()["bodies"][-1]["mask"]["sha256"] == sha(mask)
+    # still text where text is due: a prompt that is not UTF-8 is refused, not paid for
+    r = gateway.http.post("/v1/images/edits", files=[
+        ("image", ("a.png", image, "image/png")), ("prompt", (None, b"caf\xe9"))])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+@pytest.mark.parametrize("twice", ["prompt", "mask files", "mask file and text"])
+def test_a_form_field_given_twice_is_refused_not_guessed(gateway, sandbox, files, twice):
+    """Which prompt, which mask would be paid for? (Repeated images are meant: a list.)"""
+    image = ("image", ("a.png", files[1].read_bytes(), "image/png"))
+    mask = ("mask", ("m.png", png(5), "image/png"))
+    extra = {"prompt": [("prompt", (None, "one")), ("prompt", (None, "two"))],
+             "mask files": [("prompt", (None, "x")), mask, mask],
+             "mask file and text": [("prompt", (None, "x")), mask,
+                                    ("mask", (None, data_uri(png(6))))]}[twice]
+    r = gateway.http.post("/v1/images/edits", files=[image, ("model", (None, "gpt-image-1")),
+                                                     *extra])
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("duplicate_field", twice.split()[0])
+    nothing_upstream(sandbox)
+
+
 def test_sdk_edit_with_a_mask(gateway, sandbox, files):
     client = OpenAI(base_url=gateway.v1, api_key="unused")
     mask = png(99)

@@ -79,6 +79,9 @@ def test_unpaid_5xx_pass_through_with_retry_after(gateway, sandbox, status, head
 @pytest.mark.parametrize("body, content_type", [
     ("<html>oops</html>", "text/html"),
     ({"created": 1, "data": []}, None),
+    # items with no image in any usable form: not a 200 with empty entries
+    ({"created": 1, "data": [{"revised_prompt": "x"}, {"url": "/relative.png"},
+                             {"url": "data:image/png;base64,%%%"}]}, None),
     ("[" * 50_000 + "]" * 50_000, "application/json"),  # nesting deeper than any parser allows
 ])
 def test_a_paid_200_without_images_is_reported_not_retried(gateway, sandbox, body, content_type):
@@ -108,6 +111,23 @@ def test_a_receipt_with_a_malformed_transaction_still_delivers_the_image(gateway
     assert "x-clawrouter-transaction" not in r.headers
     (row,) = rows(gateway)
     assert row["transaction"] is None and sandbox.stats()["payments_count"] == 1
+
+
+def test_a_streamed_image_the_gateway_could_not_store_is_a_paid_error_with_its_url(
+        gateway, sandbox):
+    """Only the upstream's URL is known (its download failed): a stream carries bytes, so it
+    ends in an error event naming the payment and that URL, never an empty `b64_json`."""
+    missing = sandbox.url + "/media/doesnotexist.png"
+    sandbox.faults({"kind": "respond", "phase": "paid", "status": 200, "settle": True,
+                    "body": {"created": 1, "data": [{"url": missing}]}})
+    with httpx.stream("POST", gateway.v1 + "/images/generations", timeout=30,
+                      json={**COGVIEW, "prompt": "streamed", "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert len(events) == 1, events
+    event = json.loads(events[0][len("data:"):])
+    assert event["error"]["code"] == "image_not_stored"
+    assert missing in event["error"]["message"]
+    assert sandbox.stats()["payments_count"] == 1
 
 
 def test_polls_that_fail_then_recover_still_complete(gateway, sandbox):

@@ -24,6 +24,7 @@ def test_openai_sdk_generates_pays_once_and_serves_the_image(gateway, sandbox):
                                           size="512x512")
     url = result.data[0].url
     assert url.startswith(gateway.url + "/images/") and url.endswith(".png")
+    assert (result.size, result.output_format) == ("512x512", "png")  # what it is, as OpenAI
     image = httpx.get(url)
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert image.content.startswith(PNG)
@@ -42,7 +43,7 @@ def test_curl_style_request_reports_cost_and_transaction(gateway, sandbox):
     assert r.headers["x-clawrouter-cost-usd"] == "0.0535"
     assert r.headers["x-clawrouter-transaction"] == sandbox.stats()["settled"][0]["transaction"]
     assert r.headers["x-request-id"]
-    assert set(r.json()) == {"created", "data"}
+    assert set(r.json()) == {"created", "data", "size", "output_format"}
 
 
 @pytest.mark.parametrize("alias, model_id", [
@@ -80,6 +81,9 @@ def test_only_fields_blockrun_accepts_are_forwarded(gateway, sandbox):
     ({"prompt": 42}, 400, "prompt", "string"),
     ({"prompt": "x" * 32_001}, 400, "prompt", "32000"),
     ({"prompt": "x", "response_format": "png"}, 400, "response_format", "url"),
+    # OpenAI's ranges, though BlockRun takes neither field: a 400 there, not a paid image here
+    ({"prompt": "x", "partial_images": 9}, 400, "partial_images", "3"),
+    ({"prompt": "x", "output_compression": 500}, 400, "output_compression", "100"),
 ])
 def test_invalid_requests_are_400s_that_reach_nothing_upstream(gateway, sandbox, body, status,
                                                                param, fragment):

@@ -248,9 +248,12 @@ def test_with_the_chain_asked_a_refused_authorization_counts_until_it_answers(
         for pid in (unused, used, unanswered, elsewhere):
             ledger.commit(ledger.outcome(pid, "rejected", note="PAYMENT_INVALID"))
         ledger.commit(ledger.outcome(failed, "failed_after_payment"))
-        # refusals after the rows whose fate is unknown, however many refusals there are
-        assert [p.id for p in ledger.unresolved(base)] == [failed, unused, used, unanswered]
-        assert [p.id for p in ledger.unresolved(base, limit=2)] == [failed, unused]
+        # the rows whose fate is unknown and the refusals apart, each paged by id
+        assert [p.id for p in ledger.unresolved(base)] == [failed]
+        assert [p.id for p in ledger.unresolved(base, refused=True)] == [unused, used, unanswered]
+        assert [p.id for p in ledger.unresolved(base, refused=True, limit=2)] == [unused, used]
+        assert [p.id for p in ledger.unresolved(base, refused=True, after_id=used)] == \
+            [unanswered]
         clock.now = expires + 10 * EXPIRY_MARGIN
         assert ledger.spent() == 7_300 and len(ledger.held()) == 3  # only `elsewhere` let go
     with Ledger(path, clock=clock, chain_network=base) as again:  # held across a restart
@@ -264,7 +267,8 @@ def test_with_the_chain_asked_a_refused_authorization_counts_until_it_answers(
         clock.now = expires + CHAIN_PATIENCE
         assert again.spent() == again.spent(since=0) == 2_300 and again.held() == []
         # no longer counted, still asked about: a late "used" still corrects the record
-        assert [p.id for p in again.unresolved(base)] == [failed, unanswered]
+        assert [p.id for p in again.unresolved(base)] == [failed]
+        assert [p.id for p in again.unresolved(base, refused=True)] == [unanswered]
         again.commit(again.outcome(unanswered, "settled", expected="rejected"))
         assert again.spent() == again.spent(since=0) == 3_300
     with Ledger(path, clock=clock, chain_network=base) as reopened:

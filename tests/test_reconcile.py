@@ -463,3 +463,86 @@ def test_a_row_left_signed_long_after_its_authorization_expired_is_reconciled(
         assert done.payment.id == orphan and done.status == REJECTED
         assert ledger.get(orphan).status == REJECTED and ledger.get(live).status == "signed"
         assert ledger.spent() == 16_750  # only the live row still counts
+
+
+def test_rows_the_chain_never_answers_for_do_not_keep_the_others_from_being_asked(
+        tmp_path: Path):
+    """One RPC of two down: an expired, never-used failed row needs both to be refunded, so it
+    stays. Rounds page on past such rows (here a batch of 2, three stuck ones), and a refused
+    payment the payee settled anyway is found and counted, not let go after a day unasked."""
+    import aiohttp
+    from types import SimpleNamespace
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from clawrouter.payment.reconcile import Reconciler
+    from clawrouter.sandbox.chain import Chain, rpc as chain_rpc
+    from tests.servers import dead_port
+
+    payer = "0x1563915e194D8CfBA1943570603F7606A3115508"
+    chain = Chain(SEPOLIA, time.time, 0)
+    app = Starlette(routes=[Route("/", chain_rpc, methods=["POST"])])
+    app.state.sandbox = SimpleNamespace(chain=chain)
+    with serving(app) as server, Ledger(tmp_path / "l.sqlite3",
+                                        chain_network=SEPOLIA.caip2) as ledger:
+        def signed(i: int) -> int:
+            return ledger.commit(ledger.signed(
+                request_id="r", route="/v1/images/generations", model="m", size="s", n=1,
+                amount=1000, payee=payer, network=SEPOLIA.caip2, nonce="0x%064x" % i,
+                payer=payer, valid_before=int(time.time()) - 600))
+
+        for i in range(1, 4):
+            ledger.commit(ledger.outcome(signed(i), FAILED_AFTER_PAYMENT, note="timeout"))
+        refused = signed(99)
+        ledger.commit(ledger.outcome(refused, REJECTED, note="PAYMENT_INVALID"))
+        chain.transfer(payer, "0x%064x" % 99, 1000, "0x" + "ee" * 32)
+
+        async def rounds() -> None:
+            async with aiohttp.ClientSession() as session:
+                reconciler = Reconciler(ledger, SEPOLIA, [
+                    f"http://127.0.0.1:{dead_port()}/", server.url + "/"], session, batch=2)
+                for _ in range(3):
+                    await reconciler.reconcile_once()
+
+        asyncio.run(rounds())
+        assert ledger.get(refused).status == SETTLED
+        assert [p.status for p in ledger.payments()].count(FAILED_AFTER_PAYMENT) == 3
+
+
+@pytest.mark.parametrize("answer, chunks", [
+    (b'{"jsonrpc": "2.0", "id": 1, "result": "0x14a34"}', 2),  # split: read to its end
+    (b"[" * 100_000 + b"]" * 100_000, 1),  # nested past the parser: one RPC's failure
+])
+def test_an_rpc_answer_is_read_whole_and_any_bad_one_is_that_rpcs_failure(answer, chunks):
+    import aiohttp
+
+    from clawrouter.payment.onchain import Rpc
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(answer))
+        step = -(-len(answer) // chunks)
+        for i in range(0, len(answer), step):
+            writer.write(answer[i:i + step])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.close()
+
+    async def ask() -> object:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with aiohttp.ClientSession() as session:
+                return await Rpc(f"http://127.0.0.1:{port}/", session).chain_id()
+        except ValueError as exc:  # what every caller counts as this RPC failing
+            return exc
+        finally:
+            server.close()
+
+    got = asyncio.run(ask())
+    if chunks == 2:
+        assert got == SEPOLIA.chain_id
+    else:
+        assert isinstance(got, ValueError) and "not JSON" in str(got)

@@ -29,6 +29,7 @@ from clawrouter.context import RequestContext
 from clawrouter.errors import ClawError, InvalidRequest
 from clawrouter.inputs.forms import Form, classify
 from clawrouter.pipeline import Result
+from clawrouter.sniff import EXTENSIONS, sniff_image
 from clawrouter.store.links import image_url
 from clawrouter.validate import ImageJob, SourceImage, edit_job, generation_job
 
@@ -161,18 +162,26 @@ def observed(obs: dict[str, Any], result: Result) -> None:
 
 
 async def image_bytes(image: Any) -> bytes | None:
-    """The image's bytes; None if its file was deleted from the store (evicted) since."""
+    """The image's bytes; None if there are none here: its file was deleted from the store
+    (evicted) since, or it was never stored (only the upstream's URL is known)."""
     if image.data is None and image.stored is not None:
         try:
             async with aiofiles.open(image.stored.path, "rb") as f:
                 image.data = await f.read()
         except FileNotFoundError:
             return None
-    return image.data or b""
+    return image.data
 
 
 def evicted(image: Any, shared: bool) -> ClawError:
-    """An image gone from the store before it could be sent, with no upstream copy to send."""
+    """An image with no bytes here to send (`image_bytes` gave None) where bytes are due (a
+    stream), or gone from the store with no upstream copy to send instead."""
+    if image.stored is None:  # never stored: the upstream's copy is all there is
+        return ClawError(
+            f"This request's image was paid for, but the gateway could not store it, so it "
+            f"cannot be sent in the stream; the upstream's copy: {image.remote_url}. Not paid "
+            "again: `clawrouter stats` shows the payment.",
+            status=502, code="image_not_stored", headers={"x-should-retry": "false"})
     if shared:  # a kept result (`coalesce`) outlived its file
         return InvalidRequest(
             f"This request's image ({image.stored.name}) was paid for by an identical earlier "
@@ -209,7 +218,18 @@ async def shape(result: Result, job: ImageJob, base: str) -> dict[str, Any]:
         if image.revised_prompt:
             item["revised_prompt"] = image.revised_prompt
         data.append(item)
-    return {"created": result.created, "data": data}
+    body: dict[str, Any] = {"created": result.created, "data": data, "size": job.size}
+    formats = {output_format(image) for image in result.images}
+    if len(formats) == 1 and None not in formats:  # what the bytes are, whatever was asked
+        body["output_format"] = formats.pop()
+    return body
+
+
+def output_format(image: Any) -> str | None:
+    """OpenAI's name for the image's format (`png`, `jpeg`, `webp`), when it is known here."""
+    mime = image.stored.content_type if image.stored is not None else (
+        sniff_image(image.data) if image.data else None)
+    return EXTENSIONS.get(mime or "", "").replace("jpg", "jpeg") or None
 
 
 def result_headers(result: Result) -> dict[str, str]:
@@ -353,7 +373,7 @@ async def _read_form(request: Request,
                      else BIG_BODY + 1)
     # A text field may be an image as a data URI: its base64 is 4/3 of the image's bytes.
     form = await read_multipart(request, max_files=32, max_fields=200, max_text_bytes=4 * (
-        settings.max_image_bytes // 3 + 1) + _DATA_URI_HEAD)
+        settings.max_image_bytes // 3 + 1) + _DATA_URI_HEAD, file_fields=frozenset(_FILE_FIELDS))
     uploads: list[SourceImage] = []
     mask: SourceImage | None = None
     fields: dict[str, Any] = {}
@@ -367,6 +387,8 @@ async def _read_form(request: Request,
                                          "'image' or 'image[]' and a mask as 'mask'.", param=key)
                 data = await _read_upload(value, settings.max_image_bytes, key)
                 if key == "mask":
+                    if mask is not None:
+                        raise _twice(key)
                     mask = SourceImage("mask", data)
                 else:
                     uploads.append(SourceImage(f"image[{len(uploads)}]", data))
@@ -374,16 +396,25 @@ async def _read_form(request: Request,
                 continue  # blank form fields mean unset
             elif key in ("image", "image[]"):
                 fields.setdefault("image", []).append(value)
+            elif key in fields:  # which one would be paid for? (repeated images are meant)
+                raise _twice(key)
             else:
                 fields[key] = _coerce(key, value)
     finally:
         await form.close()
+    if mask is not None and "mask" in fields:
+        raise _twice("mask")
     if len(uploads) == 1 and "image" not in fields:
         uploads = [SourceImage("image", uploads[0].value)]
     try:
         return EditBody.model_validate(fields), uploads, mask
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
+
+
+def _twice(key: str) -> InvalidRequest:
+    return InvalidRequest(f"'{key}' was given more than once; send it once.", param=key,
+                          code="duplicate_field")
 
 
 #: room for `data:image/png;base64,` and the like in front of an image sent as a text field

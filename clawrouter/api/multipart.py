@@ -4,11 +4,15 @@ Starlette's parser decodes a text field with the charset the client names and, w
 do not decode, quietly falls back to latin-1: `caf\\xe9` becomes "café" and is paid for as that
 prompt. Here a field that is not text in its charset (or decodes to lone surrogates, as
 `charset=unicode_escape` can) is a 400 naming it; a field over the size limit is one too.
+A part of an image field that is not text is a file sent without a filename, and is taken
+as one.
 """
 
 from __future__ import annotations
 
-from starlette.datastructures import FormData
+import io
+
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
@@ -22,21 +26,32 @@ class _NotText(MultiPartException):
 
 
 class _StrictTextParser(MultiPartParser):
+    #: fields whose parts without a filename may still carry a file's bytes
+    file_fields: frozenset[str] = frozenset()
+
     def on_part_end(self) -> None:
         part = self._current_part
         if part.file is None:
+            data = bytes(part.data)
             try:
-                bytes(part.data).decode(self._charset).encode()
+                data.decode(self._charset).encode()
             except UnicodeError:  # not in its charset, or not encodable as UTF-8
-                raise _NotText(part.field_name) from None
+                if part.field_name not in self.file_fields:
+                    raise _NotText(part.field_name) from None
+                # A file sent without a filename (the SDK's `(None, bytes)`, curl's
+                # `-F 'image=<a.png'`): its bytes, as an upload, for the sniff to judge.
+                self.items.append((part.field_name, UploadFile(io.BytesIO(data), size=len(data))))
+                return
         super().on_part_end()
 
 
 async def read_multipart(request: Request, *, max_files: int, max_fields: int,
-                         max_text_bytes: int) -> FormData:
+                         max_text_bytes: int,
+                         file_fields: frozenset[str] = frozenset()) -> FormData:
     """The form, its files spooled to temporary files; the caller closes it."""
     parser = _StrictTextParser(request.headers, request.stream(), max_files=max_files,
                                max_fields=max_fields, max_part_size=max_text_bytes)
+    parser.file_fields = file_fields
     try:
         return await parser.parse()
     except _NotText as exc:

@@ -6,9 +6,11 @@ forwarded; `null` means unset everywhere.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator,
+)
 
 MAX_PROMPT_CHARS = 32_000
 
@@ -28,9 +30,9 @@ class _Body(BaseModel):
     user: StrictStr | None = None
     background: StrictStr | None = None
     output_format: StrictStr | None = None
-    output_compression: StrictInt | None = None
+    output_compression: Annotated[StrictInt, Field(ge=0, le=100)] | None = None  # OpenAI's
     moderation: StrictStr | None = None
-    partial_images: StrictInt | None = None
+    partial_images: Annotated[StrictInt, Field(ge=0, le=3)] | None = None  # ranges
 
     @field_validator("response_format", mode="before")
     @classmethod

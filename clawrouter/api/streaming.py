@@ -21,7 +21,6 @@ from fastapi.responses import StreamingResponse
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClawError, ClientGone, internal_error
 from clawrouter.pipeline import Result
-from clawrouter.sniff import EXTENSIONS
 from clawrouter.validate import ImageJob
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                     ) -> StreamingResponse:
     """Server-sent events for `work`; `ended` (idempotent) runs once the work is over (the
     stream ended, or its client left and the work stopped), or at once if it never started."""
-    from clawrouter.api.images import evicted, image_bytes, observed
+    from clawrouter.api.images import evicted, image_bytes, observed, output_format
 
     started = False
 
@@ -96,11 +95,10 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                 yield sse("error", error.envelope())
                 return
             for image, data in zip(result.images, images):
-                fmt = EXTENSIONS.get(image.stored.content_type, "png") if image.stored else "png"
                 yield sse(f"{kind}.completed", {
                     "type": f"{kind}.completed", "b64_json": pybase64.b64encode(data).decode(),
                     "created_at": result.created, "size": job.size, "quality": "auto",
-                    "background": "auto", "output_format": fmt.replace("jpg", "jpeg"),
+                    "background": "auto", "output_format": output_format(image) or "png",
                     "usage": USAGE})
             yield b"data: [DONE]\n\n"
         finally:

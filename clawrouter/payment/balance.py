@@ -18,7 +18,7 @@ import aiohttp
 from clawrouter.catalog import MICRO
 from clawrouter.config import Settings
 from clawrouter.payment.networks import NETWORKS, Network
-from clawrouter.payment.onchain import BALANCE_OF, ChainUnavailable, check_address, first_answer
+from clawrouter.payment.onchain import BALANCE_OF, ChainUnavailable, check_address, every_answer
 from clawrouter.wake import stop
 
 __all__ = ["BALANCE_OF", "BalanceMonitor", "BalanceUnavailable", "fetch_usdc_balance",
@@ -47,16 +47,18 @@ def rpc_urls_for(network: Network | str, configured: Sequence[str]) -> list[str]
 async def fetch_usdc_balance(address: str, network: Network | str, rpc_urls: Sequence[str], *,
                              timeout: float = 3.0,
                              session: aiohttp.ClientSession | None = None) -> int:
-    """The balance in micro-USDC from the first RPC that answers (each gets `timeout` seconds);
-    raises `BalanceUnavailable` when none does."""
+    """The balance in micro-USDC: the highest any RPC answers (all are asked at once, each
+    for `timeout` seconds), since it is used to refuse, and one lagging behind the chain
+    must not refuse a wallet just funded; raises `BalanceUnavailable` when none answers."""
     check_address(address)
     chain = _network(network)
     async with contextlib.AsyncExitStack() as stack:
         if session is None:
             session = await stack.enter_async_context(
                 aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()))
-        return await first_answer(rpc_urls, lambda rpc: rpc.usdc_balance(address, chain),
-                                  session=session, timeout=timeout)
+        answers, _ = await every_answer(rpc_urls, lambda rpc: rpc.usdc_balance(address, chain),
+                                        session=session, timeout=timeout)
+        return max(answers)
 
 
 async def usdc_balance(address: str, network: Network | str, rpc_urls: Sequence[str], *,
@@ -154,9 +156,11 @@ class BalanceMonitor:
             self._rereading = asyncio.create_task(self.refresh())
             self._rereading.add_done_callback(self._reread)
         try:
-            micro = await asyncio.wait_for(asyncio.shield(self._rereading), self.timeout)
+            if await asyncio.wait_for(asyncio.shield(self._rereading), self.timeout) is None:
+                return None  # not re-read: refuse nothing on the old answer
         except asyncio.TimeoutError:
             return None
+        micro = self._micro  # the newest answer: a lookup started later may have come first
         return micro if micro is not None and micro < amount else None
 
     def _reread(self, done: asyncio.Task[int | None]) -> None:

@@ -525,24 +525,27 @@ class Ledger:
         return Payment(*row)
 
     def unresolved(self, network: str, *, limit: int = 100,
-                   orphaned_before: float | None = None) -> list[Payment]:
+                   orphaned_before: float | None = None, refused: bool = False,
+                   after_id: int = 0) -> list[Payment]:
         """Rows whose money may or may not have moved and that carry what the chain needs to
-        tell (payer, validBefore): `unknown` and `failed_after_payment` rows, `signed` rows
-        whose authorization expired before `orphaned_before` (their request task died without
-        an outcome, e.g. cancelled while the row was written), oldest first; then refused
-        (`rejected`) ones that may have settled, so that refusals never crowd out the rows
-        whose fate is unknown. A refusal is asked about until the chain answers, even once it
-        no longer counts (`CHAIN_PATIENCE`): a late answer still corrects the record."""
+        tell (payer, validBefore), by id from `after_id` (the caller pages through them, so
+        rows the chain never answers for cannot keep the rest from being asked).
+
+        Without `refused`: `unknown` and `failed_after_payment` rows, and `signed` rows whose
+        authorization expired before `orphaned_before` (their request task died without an
+        outcome, e.g. cancelled while the row was written). With it: refused (`rejected`)
+        rows that may have settled, asked about until the chain answers, even once they no
+        longer count (`CHAIN_PATIENCE`): a late answer still corrects the record."""
+        which = ("status = ? AND unspendable IS NULL" if refused else
+                 "(status IN (?, ?) OR (status = ? AND valid_before < ?))")
+        params: tuple[Any, ...] = (REJECTED,) if refused else (
+            UNKNOWN, FAILED_AFTER_PAYMENT, SIGNED,
+            -1 if orphaned_before is None else orphaned_before)
         with self._db_lock:
             rows = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM payments WHERE network = ? "
-                "AND (status IN (?, ?) OR (status = ? AND valid_before < ?) "
-                "OR (status = ? AND unspendable IS NULL)) "
+                f"SELECT {_COLUMNS} FROM payments WHERE network = ? AND id > ? AND {which} "
                 "AND length(payer) = 42 AND length(nonce) = 66 AND valid_before IS NOT NULL "
-                "ORDER BY status = ?, id LIMIT ?",
-                (network, UNKNOWN, FAILED_AFTER_PAYMENT, SIGNED,
-                 -1 if orphaned_before is None else orphaned_before, REJECTED,
-                 REJECTED, limit)).fetchall()
+                "ORDER BY id LIMIT ?", (network, after_id, *params, limit)).fetchall()
         return [Payment(*row) for row in rows]
 
     def paid_for(self, idempotency: str, since: float) -> Payment | None:

@@ -68,12 +68,16 @@ class Rpc:
         async with self.session.post(self.url, json=body, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status}")
-            raw = await resp.content.read(_MAX_BODY + 1)
-        if len(raw) > _MAX_BODY:
-            raise ValueError("answer too large")
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_any():  # to its end, however it arrives
+                size += len(chunk)
+                if size > _MAX_BODY:
+                    raise ValueError("answer too large")
+                chunks.append(chunk)
         try:
-            answer = json.loads(raw)
-        except ValueError:
+            answer = json.loads(b"".join(chunks))
+        except (ValueError, RecursionError):  # nested deeper than the parser goes, too
             raise ValueError("answer is not JSON") from None
         if not isinstance(answer, dict):
             raise ValueError("answer is not a JSON-RPC response")
@@ -142,21 +146,6 @@ class Rpc:
             raise ValueError(f"unexpected result {str(result)[:80]!r} (is this RPC on the "
                              "right chain?)")
         return int(result, 16)
-
-
-async def first_answer(urls: Sequence[str], ask: Callable[[Rpc], Awaitable[T]], *,
-                       session: aiohttp.ClientSession, timeout: float = 3.0) -> T:
-    """`ask` each RPC in order until one answers; ChainUnavailable when none does."""
-    if not urls:
-        raise ChainUnavailable("no RPC URLs configured")
-    failures = []
-    for url in urls:
-        rpc = Rpc(url, session, timeout)
-        try:
-            return await ask(rpc)
-        except _RPC_FAILURES as exc:
-            failures.append(_failure(rpc, exc))
-    raise ChainUnavailable("; ".join(failures))
 
 
 async def every_answer(urls: Sequence[str], ask: Callable[[Rpc], Awaitable[T]], *,

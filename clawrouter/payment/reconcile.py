@@ -159,19 +159,27 @@ class Reconciler:
                  timeout: float = 5.0, batch: int = 100) -> None:
         self.ledger = ledger
         self.network = network
-        self.rpc_urls = list(rpc_urls)
+        self.rpc_urls = list(dict.fromkeys(rpc_urls))  # one URL twice is not two RPCs
         self.session = session
         self.interval = interval
         self.timeout = timeout
         self.batch = batch
         self._task: asyncio.Task[None] | None = None
         self._failing = ""
+        #: where each round goes on from, per kind (pending, refused): rows the chain never
+        #: answers for must not keep the next ones from being asked
+        self._after = {False: 0, True: 0}
 
     async def reconcile_once(self) -> list[Resolution]:
-        """One round: read the open rows, ask the chain, record what it proves."""
-        payments = await self.ledger.call(self.ledger.unresolved, self.network.caip2,
-                                          limit=self.batch,
-                                          orphaned_before=time.time() - ORPHANED_AFTER)
+        """One round: read the open rows, ask the chain, record what it proves.
+
+        A round asks about up to `batch` rows whose fate is unknown, then fills the rest of
+        its `batch` with refused ones (a quarter at least, one at the very least, so neither
+        kind starves the other),
+        each kind going on after the last row the previous round asked about."""
+        pending = await self._next(False, self.batch)
+        refused = await self._next(True, max(1, self.batch // 4, self.batch - len(pending)))
+        payments = pending + refused
         if not payments:
             return []
         answers, failures = await every_answer(
@@ -191,6 +199,14 @@ class Reconciler:
                      format_usd(r.payment.amount), r.status)
             done.append(r)
         return done
+
+    async def _next(self, refused: bool, limit: int) -> list[Payment]:
+        rows = await self.ledger.call(self.ledger.unresolved, self.network.caip2, limit=limit,
+                                      orphaned_before=time.time() - ORPHANED_AFTER,
+                                      refused=refused, after_id=self._after[refused])
+        # a full page: go on after it next round; else the end was reached: start over
+        self._after[refused] = rows[-1].id if rows and len(rows) == limit else 0
+        return rows
 
     def start(self) -> None:
         """Launch the loop (from a running event loop; idempotent). Without RPC URLs or with
