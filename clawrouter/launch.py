@@ -144,9 +144,14 @@ def bind(host: str, port: int) -> list[socket.socket]:
     except (OSError, UnicodeError) as exc:
         raise AddressInUse(f"cannot listen on {host}:{port}: {exc}") from None
     sockets: list[socket.socket] = []
+    lacking: OSError | None = None
     try:
         for family, kind, proto, _, address in dict.fromkeys(found):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:  # a family this machine lacks (IPv6 off): as asyncio does,
+                lacking = exc       # the others are enough
+                continue
             sockets.append(sock)
             if os.name == "posix":  # elsewhere (Windows) it would share a port in use
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -158,10 +163,12 @@ def bind(host: str, port: int) -> list[socket.socket]:
     except OSError as exc:
         for sock in sockets:
             sock.close()
-        if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", None)):
+        if port and exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", None)):
             raise AddressInUse(f"{host}:{port} is taken by another program: pick another "
                                "port with --port.") from None
         raise AddressInUse(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    if not sockets:
+        raise AddressInUse(f"cannot listen on {host}:{port}: {lacking}")
     return sockets
 
 

@@ -169,7 +169,8 @@ class ImagePipeline:
                                     status=502, extra={"payment": "none"})
             raise paid_error(outcome.response, outcome.amount, transaction=outcome.transaction,
                              detail="the upstream answered without images")
-        per_image = outcome.amount // max(1, len(items))
+        # the price is shared by the images the answer holds, not by its empty entries
+        per_image = outcome.amount // max(1, sum(map(_holds_an_image, items)))
         meta = ImageMeta(model=job.model.id, prompt=job.prompt, size=job.size,
                          cost_micro=per_image, request_id=ctx.request_id)
         stored = await asyncio.gather(*(self._store_one(item, meta) for item in items))
@@ -234,6 +235,16 @@ async def _read_pending(found: list[ImageInput | Pending], hold: InputHold,
     finally:
         _close(pending)
     return [next(read) if isinstance(f, Pending) else f for f in found]
+
+
+def _holds_an_image(item: Any) -> bool:
+    """Whether an answer's `data` entry carries an image in a form `_store_one` takes."""
+    if not isinstance(item, dict):
+        return False
+    b64, url, source = item.get("b64_json"), item.get("url"), item.get("source_url")
+    return ((isinstance(b64, str) and b64 != "")
+            or (isinstance(url, str) and url.startswith(("data:", "http://", "https://")))
+            or (isinstance(source, str) and source.startswith(("http://", "https://"))))
 
 
 def _check_mask(mask: ImageInput, image: ImageInput) -> None:

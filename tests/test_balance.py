@@ -308,8 +308,9 @@ def test_short_of_refuses_only_on_a_known_balance_and_rereads_a_low_one_once(rpc
 
 
 def test_a_reread_waits_at_most_the_timeout_and_a_failed_one_is_not_retried_at_once(rpc):
-    """RPCs that hang must not slow every payment down: a request waits for the re-read
-    `timeout` seconds at most, and after a failed one the next `recheck` seconds ask nothing."""
+    """RPCs that hang must not slow every payment down: a re-read gives each RPC's lookup
+    half of `timeout`, a request waits for it `timeout` seconds at most, and after a failed
+    one the next `recheck` seconds ask nothing."""
     async def main() -> None:
         clock = [1000.0]
         monitor = BalanceMonitor(ADDRESS, "base-sepolia", [rpc.url], recheck=2.0, timeout=0.3,
@@ -317,16 +318,10 @@ def test_a_reread_waits_at_most_the_timeout_and_a_failed_one_is_not_retried_at_o
         rpc.balance = 10
         await monitor.refresh()
         clock[0] += 2.5
-        rpc.delay = 0.25  # each call within the timeout, the lookup (two calls) beyond it
+        rpc.delay = 1.0  # the lookup outlasts its share: the re-read fails, in time
         started = time.monotonic()
-        assert await monitor.short_of(100_000) is None  # not waited for: refuses nothing
-        assert time.monotonic() - started < 0.45
-        await _wait(lambda: monitor._rereading is None)
-        assert await monitor.short_of(100_000) == 10  # …and its answer counts once it is in
-
-        clock[0] += 2.5
-        rpc.delay = 1.0  # each call outlasts the timeout: the re-read fails
-        assert await monitor.short_of(100_000) is None
+        assert await monitor.short_of(100_000) is None  # refuses nothing
+        assert time.monotonic() - started < 0.3
         await _wait(lambda: monitor._rereading is None)
         asked = len(rpc.requests)
         assert await monitor.short_of(100_000) is None and len(rpc.requests) == asked
@@ -372,17 +367,37 @@ def test_an_old_answer_arriving_late_does_not_undo_a_newer_one(monkeypatch):
 def test_closing_stops_a_reread_whose_request_left(rpc):
     async def main() -> None:
         clock = [1000.0]
-        monitor = BalanceMonitor(ADDRESS, "base-sepolia", [rpc.url], timeout=0.2,
+        monitor = BalanceMonitor(ADDRESS, "base-sepolia", [rpc.url], timeout=2.0,
                                  clock=lambda: clock[0])
         rpc.balance = 10
         await monitor.refresh()
         clock[0] += 2.5
-        rpc.delay = 0.15  # two calls: the lookup outlives the request's 0.2 s
-        assert await monitor.short_of(100_000) is None
+        rpc.delay = 0.5
+        request = asyncio.ensure_future(monitor.short_of(100_000))
+        await _wait(lambda: monitor._rereading is not None)
+        request.cancel()  # its client left: the shared re-read goes on, for the others
         running = monitor._rereading
         assert running is not None and not running.done()
         await monitor.aclose()
         assert running.cancelled() and monitor._rereading is None
+
+    asyncio.run(main())
+
+
+def test_an_rpc_that_hangs_does_not_keep_the_others_from_deciding(rpc):
+    """All RPCs are asked at once: one that hangs is given half the request's wait, and the
+    others' answer decides (it used to outlast the wait, which then refused nothing)."""
+    async def main() -> None:
+        with FakeRpc(balance=999) as hung:
+            hung.delay = 2.5
+            clock = [1000.0]
+            monitor = BalanceMonitor(ADDRESS, "base-sepolia", [hung.url, rpc.url],
+                                     timeout=1.0, clock=lambda: clock[0])
+            rpc.balance = 10
+            await monitor.refresh()
+            clock[0] += 2.5  # old enough to be re-read
+            assert await monitor.short_of(100_000) == 10  # refused, on the answer there is
+            await monitor.aclose()
 
     asyncio.run(main())
 

@@ -113,6 +113,18 @@ def test_a_receipt_with_a_malformed_transaction_still_delivers_the_image(gateway
     assert row["transaction"] is None and sandbox.stats()["payments_count"] == 1
 
 
+def test_an_answer_with_some_empty_entries_delivers_the_images_at_their_true_price(gateway,
+                                                                                 sandbox):
+    png = base64.b64encode(make_png(8, 8, 3)).decode()
+    sandbox.faults({"kind": "respond", "phase": "paid", "status": 200, "settle": True,
+                    "body": {"created": 1, "data": [{"revised_prompt": "empty"},
+                                                    {"b64_json": png}]}})
+    r = gen(gateway, "some empty")
+    assert r.status_code == 200 and len(r.json()["data"]) == 1, r.text
+    (image,) = gateway.http.get("/v1/images").json()["data"]
+    assert image["cost_usd"] == 0.01675  # the whole price, not half of it
+
+
 def test_a_streamed_image_the_gateway_could_not_store_is_a_paid_error_with_its_url(
         gateway, sandbox):
     """Only the upstream's URL is known (its download failed): a stream carries bytes, so it
@@ -157,6 +169,17 @@ def test_a_poll_is_done_only_when_its_job_says_so(gateway, sandbox, running):
     assert stats["settled_count"] == 1 and stats["polls"] >= 3
     assert stats["polls_with_another_authorization"] == 0  # never signed afresh for a poll
     assert [row["status"] for row in rows(gateway)] == ["settled"]
+
+
+def test_a_poll_that_brings_images_ends_the_job_whatever_its_status_says(gateway, sandbox):
+    sandbox.faults({"kind": "job"}, {"kind": "respond", "phase": "poll", "status": 200,
+                                     "settle": True, "times": 1, "body": {
+                                         "status": "succeeded", "data": [{"b64_json": base64.
+                                         b64encode(make_png(8, 8, 2)).decode()}]}})
+    r = gen(gateway)
+    assert r.status_code == 200, r.text
+    assert [row["status"] for row in rows(gateway)] == ["settled"]
+    assert sandbox.stats()["polls"] == 1
 
 
 def test_a_200_poll_without_status_or_images_leaves_the_payment_pending(make_gateway,

@@ -300,6 +300,10 @@ def test_a_key_is_found_by_the_newest_payment_it_signed(ledger: Ledger, clock: C
     ledger.commit(ledger.outcome(kept_here, "rejected", note="never sent: the client left",
                                  can_settle=False))
     assert ledger.paid_for("k2", since=0) is None  # it cost nothing: the key may run again
+    # an upstream's refusal that reads the same is still a signature it holds
+    sent = record(ledger, 1_000, idempotency="k3")
+    ledger.commit(ledger.outcome(sent, "rejected", note="never sent to the facilitator"))
+    assert ledger.paid_for("k3", since=0).id == sent
     paid = record(ledger, 2_000, idempotency="k", attempt=2)
     assert ledger.paid_for("k", since=0).id == paid
     assert ledger.paid_for("k", since=clock.now + 1) is None  # older than the key's 24 h

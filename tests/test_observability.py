@@ -175,6 +175,23 @@ def test_bind_listens_as_asyncio_would():
             bind(host, 0)
 
 
+def test_bind_skips_an_address_family_the_machine_lacks(monkeypatch):
+    """IPv6 switched off: "" still listens on IPv4, as asyncio's binding did."""
+    from clawrouter import launch
+
+    real = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real(family, *args)
+
+    monkeypatch.setattr(launch.socket, "socket", no_ipv6)
+    sockets = launch.bind("", 0)
+    assert [s.family for s in sockets] == [socket.AF_INET]
+    sockets[0].close()
+
+
 def test_non_loopback_without_api_key_refuses_to_start(tmp_path, sandbox):
     proc, _, _ = run_gateway(tmp_path, sandbox, "--host", "0.0.0.0")
     _, stderr = proc.communicate(timeout=20)

@@ -510,6 +510,45 @@ def test_rows_the_chain_never_answers_for_do_not_keep_the_others_from_being_aske
         assert [p.status for p in ledger.payments()].count(FAILED_AFTER_PAYMENT) == 3
 
 
+def test_rounds_page_through_rows_the_chain_cannot_decide_yet(tmp_path: Path):
+    """Two failed rows whose authorizations are still live (nothing to decide) fill a batch
+    of 2; the next round goes on to the third, expired unused: refunded (one RPC, the only
+    one configured)."""
+    import aiohttp
+    from types import SimpleNamespace
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from clawrouter.payment.reconcile import Reconciler
+    from clawrouter.sandbox.chain import Chain, rpc as chain_rpc
+
+    payer = "0x1563915e194D8CfBA1943570603F7606A3115508"
+    app = Starlette(routes=[Route("/", chain_rpc, methods=["POST"])])
+    app.state.sandbox = SimpleNamespace(chain=Chain(SEPOLIA, time.time, 0))
+    with serving(app) as server, Ledger(tmp_path / "l.sqlite3",
+                                        chain_network=SEPOLIA.caip2) as ledger:
+        ids = []
+        for i, valid_before in enumerate((time.time() + 3600, time.time() + 3600,
+                                          time.time() - 600), start=1):
+            pid = ledger.commit(ledger.signed(
+                request_id="r", route="/v1/images/generations", model="m", size="s", n=1,
+                amount=1000, payee=payer, network=SEPOLIA.caip2, nonce="0x%064x" % i,
+                payer=payer, valid_before=int(valid_before)))
+            ledger.commit(ledger.outcome(pid, FAILED_AFTER_PAYMENT, note="timeout"))
+            ids.append(pid)
+
+        async def rounds() -> None:
+            async with aiohttp.ClientSession() as session:
+                reconciler = Reconciler(ledger, SEPOLIA, [server.url + "/"], session, batch=2)
+                for _ in range(2):
+                    await reconciler.reconcile_once()
+
+        asyncio.run(rounds())
+        assert [ledger.get(pid).status for pid in ids] == [
+            FAILED_AFTER_PAYMENT, FAILED_AFTER_PAYMENT, REJECTED]
+
+
 @pytest.mark.parametrize("answer, chunks", [
     (b'{"jsonrpc": "2.0", "id": 1, "result": "0x14a34"}', 2),  # split: read to its end
     (b"[" * 100_000 + b"]" * 100_000, 1),  # nested past the parser: one RPC's failure

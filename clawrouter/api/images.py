@@ -176,12 +176,14 @@ async def image_bytes(image: Any) -> bytes | None:
 def evicted(image: Any, shared: bool) -> ClawError:
     """An image with no bytes here to send (`image_bytes` gave None) where bytes are due (a
     stream), or gone from the store with no upstream copy to send instead."""
-    if image.stored is None:  # never stored: the upstream's copy is all there is
+    if image.remote_url:  # no bytes here for a stream, but the upstream's copy is known
+        what = ("could not be stored" if image.stored is None else
+                "was deleted from the store since (image_ttl_days, image_max_gb)")
         return ClawError(
-            f"This request's image was paid for, but the gateway could not store it, so it "
-            f"cannot be sent in the stream; the upstream's copy: {image.remote_url}. Not paid "
-            "again: `clawrouter stats` shows the payment.",
-            status=502, code="image_not_stored", headers={"x-should-retry": "false"})
+            f"This request's image was paid for, but it {what}, so it cannot be sent in the "
+            f"stream; the upstream's copy: {image.remote_url}. Not paid again: `clawrouter "
+            "stats` shows the payment.", status=502, headers={"x-should-retry": "false"},
+            code="image_not_stored" if image.stored is None else "image_evicted")
     if shared:  # a kept result (`coalesce`) outlived its file
         return InvalidRequest(
             f"This request's image ({image.stored.name}) was paid for by an identical earlier "

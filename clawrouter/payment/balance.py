@@ -48,16 +48,18 @@ async def fetch_usdc_balance(address: str, network: Network | str, rpc_urls: Seq
                              timeout: float = 3.0,
                              session: aiohttp.ClientSession | None = None) -> int:
     """The balance in micro-USDC: the highest any RPC answers (all are asked at once, each
-    for `timeout` seconds), since it is used to refuse, and one lagging behind the chain
-    must not refuse a wallet just funded; raises `BalanceUnavailable` when none answers."""
+    lookup given `timeout` seconds in all), since it is used to refuse, and one lagging behind
+    the chain must not refuse a wallet just funded; raises `BalanceUnavailable` when none
+    answers. (An RPC lying high only switches the check off: the upstream still refuses.)"""
     check_address(address)
     chain = _network(network)
     async with contextlib.AsyncExitStack() as stack:
         if session is None:
             session = await stack.enter_async_context(
                 aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()))
-        answers, _ = await every_answer(rpc_urls, lambda rpc: rpc.usdc_balance(address, chain),
-                                        session=session, timeout=timeout)
+        answers, _ = await every_answer(
+            rpc_urls, lambda rpc: asyncio.wait_for(rpc.usdc_balance(address, chain), timeout),
+            session=session, timeout=timeout)
         return max(answers)
 
 
@@ -175,8 +177,10 @@ class BalanceMonitor:
             self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         started = self._clock()
         try:
+            # Half the wait `short_of` gives a re-read: an RPC that hangs costs a request
+            # that much, and the others' answers still decide it.
             micro = await fetch_usdc_balance(self.address, self.network, self.rpc_urls,
-                                             timeout=self.timeout, session=self._session)
+                                             timeout=self.timeout / 2, session=self._session)
         except Exception as exc:  # noqa: BLE001 - the loop must survive anything
             self._failures += 1
             self._error = str(exc) or type(exc).__name__

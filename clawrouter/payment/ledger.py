@@ -557,8 +557,11 @@ class Ledger:
         with self._db_lock:
             row = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM payments WHERE idempotency = ? AND time >= ? "
-                "AND NOT (status = ? AND coalesce(note, '') LIKE ?) ORDER BY id DESC LIMIT 1",
-                (idempotency, since, REJECTED, NEVER_SENT + "%")).fetchone()
+                # never sent: what only the request path writes, not an upstream's message
+                "AND NOT (status = ? AND coalesce(unspendable, 0) = 1 "
+                "AND substr(coalesce(note, ''), 1, ?) = ?) "
+                "ORDER BY id DESC LIMIT 1",
+                (idempotency, since, REJECTED, len(NEVER_SENT), NEVER_SENT)).fetchone()
         return None if row is None else Payment(*row)
 
     def payments(self, *, latest: int | None = None) -> list[Payment]:

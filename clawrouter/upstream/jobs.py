@@ -7,7 +7,8 @@ to tell. Polls never sign anything new.
 
 A poll ends on what the job says, not on the HTTP status, as BlockRun's SDKs do
 (blockrun-llm `jobs.py`): done on `status: "completed"` (or images with no status), failed on
-`status: "failed"` at any HTTP status, still running on any other status, even in a 200.
+`status: "failed"` at any HTTP status, and a 200 that brings images ends it whatever its status
+says; a 200 with another status and no images is still running.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                     what, amount, lost)
             if resp.status == 200:
                 data = body.get("data") if isinstance(body, dict) else None
-                if status == "completed" or (status is None and data):
+                if status == "completed" or data:  # images end it, whatever it calls that
                     return resp, polls  # judged by its contents from here
                 if not isinstance(status, str) and lost is None:
                     # Neither a status nor images: not the completed job we know, yet a 200
