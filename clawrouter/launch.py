@@ -149,8 +149,8 @@ def bind(host: str, port: int) -> list[socket.socket]:
         for family, kind, proto, _, address in dict.fromkeys(found):
             try:
                 sock = socket.socket(family, kind, proto)
-            except OSError as exc:  # a family this machine lacks (IPv6 off): as asyncio does,
-                lacking = exc       # the others are enough
+            except OSError as exc:  # a family this machine lacks (IPv6 off): the others are
+                lacking = exc       # enough, as asyncio's binding has it
                 continue
             sockets.append(sock)
             if os.name == "posix":  # elsewhere (Windows) it would share a port in use
@@ -159,7 +159,14 @@ def bind(host: str, port: int) -> list[socket.socket]:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if port == 0 and len(sockets) > 1:  # one port for all of them
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
-            sock.bind(address)
+            try:
+                sock.bind(address)
+            except OSError as exc:  # an address this machine lacks (`::1` with IPv6 off)
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                sockets.remove(sock)
+                sock.close()
+                lacking = exc
     except OSError as exc:
         for sock in sockets:
             sock.close()

@@ -28,6 +28,7 @@ from clawrouter.store import ImageMeta, ImageStore, StoredImage
 from clawrouter.store.links import image_name
 from clawrouter.upstream.errors import paid_error
 from clawrouter.upstream.exchange import Exchange, Outcome, UpstreamCall
+from clawrouter.upstream.results import entry_image
 from clawrouter.validate import ImageJob
 
 log = logging.getLogger("clawrouter.pipeline")
@@ -169,59 +170,71 @@ class ImagePipeline:
                                     status=502, extra={"payment": "none"})
             raise paid_error(outcome.response, outcome.amount, transaction=outcome.transaction,
                              detail="the upstream answered without images")
-        # the price is shared by the images the answer holds, not by its empty entries
-        per_image = outcome.amount // max(1, sum(map(_holds_an_image, items)))
-        meta = ImageMeta(model=job.model.id, prompt=job.prompt, size=job.size,
-                         cost_micro=per_image, request_id=ctx.request_id)
-        stored = await asyncio.gather(*(self._store_one(item, meta) for item in items))
-        # An item with no image in any usable form (no URL, no bytes, bytes that do not
-        # decode) is no image: never a 200 with an empty entry for the client to find.
-        images = [i for i in stored if i.stored is not None or i.data or i.remote_url]
-        if not images:
+        # An entry with no image in any usable form (no URL, no bytes, bytes that do not
+        # decode) is no image: never a 200 with an empty entry for the client to find, nor
+        # a share of the price.
+        found = [f for f in map(_decoded, items) if f is not None]
+        if not found:
             if not outcome.amount:
                 raise UpstreamError("The upstream answered without a usable image. Nothing was "
                                     "paid.", status=502, extra={"payment": "none"})
             raise paid_error(outcome.response, outcome.amount, transaction=outcome.transaction,
                              detail="the upstream answered without a usable image")
-        if len(images) < len(stored):
-            log.warning("%d of the %d images in a paid answer were unusable (no image in them)",
-                        len(stored) - len(images), len(stored))
+        if len(found) < len(items):
+            log.warning("%d of the %d images in an answer were unusable (no image in them)",
+                        len(items) - len(found), len(items))
+        meta = ImageMeta(model=job.model.id, prompt=job.prompt, size=job.size,
+                         cost_micro=outcome.amount // len(found), request_id=ctx.request_id)
+        images = list(await asyncio.gather(*(self._store_one(f, meta) for f in found)))
         created = body.get("created")
         return Result(created if isinstance(created, int) else int(time.time()), images,
                       outcome.amount, outcome.transaction)
 
-    async def _store_one(self, item: Any, meta: ImageMeta) -> ResultImage:
-        if not isinstance(item, dict):
-            return ResultImage(None)
-        revised = item.get("revised_prompt") if isinstance(item.get("revised_prompt"), str) else None
-        url = item.get("url")
-        b64 = item.get("b64_json")
-        # BlockRun's URL, else the provider's own (`source_url`) when BlockRun's is no URL
-        remote = next((u for u in (url, item.get("source_url")) if isinstance(u, str)
-                       and u.startswith(("https://", "http://"))), None)
-        data: bytes | None = None
+    async def _store_one(self, found: _Found, meta: ImageMeta) -> ResultImage:
         try:
-            if isinstance(b64, str) and b64:
-                data = _b64decode(b64)
-                source = "b64_json"
-            elif isinstance(url, str) and url.startswith("data:"):
-                data = _b64decode(url.partition(",")[2])
-                source = "data-uri"
-            elif remote:
-                # A failed download is retried in the background; the client gets the
-                # upstream URL meanwhile, so a paid image is never lost.
-                saved = await self.store.put_remote_or_defer(remote, replace(meta, source=remote),
-                                                             self.session)
-                stored = saved if isinstance(saved, StoredImage) else None
-                return ResultImage(stored, None, remote, revised)
-            else:
-                return ResultImage(None, None, None, revised)
-            stored = await self.store.put_bytes(data, replace(meta, source=source))
-            return ResultImage(stored, data, None, revised)
+            if found.data is not None:
+                stored = await self.store.put_bytes(found.data,
+                                                    replace(meta, source=found.source))
+                return ResultImage(stored, found.data, None, found.revised)
+            assert found.remote is not None
+            # A failed download is retried in the background; the client gets the upstream
+            # URL meanwhile, so a paid image is never lost.
+            saved = await self.store.put_remote_or_defer(
+                found.remote, replace(meta, source=found.remote), self.session)
+            stored = saved if isinstance(saved, StoredImage) else None
+            return ResultImage(stored, None, found.remote, found.revised)
         except Exception as exc:  # a paid image is never lost because of our own store
             log.warning("storing a result failed (%s: %s); returning it without a local copy",
                         type(exc).__name__, exc)
-            return ResultImage(None, data, remote, revised)
+            return ResultImage(None, found.data, found.remote, found.revised)
+
+
+@dataclass(frozen=True)
+class _Found:
+    """One answer entry's image: its decoded bytes, or (when it has none) its URL."""
+
+    data: bytes | None
+    source: str  # what `ImageMeta.source` records: "b64_json", "data-uri" or the URL
+    remote: str | None
+    revised: str | None
+
+
+def _decoded(entry: Any) -> _Found | None:
+    """The entry's image, its base64 decoded (bytes that do not decode, or decode to nothing,
+    leave only its URL); None when it has no usable image."""
+    image = entry_image(entry)
+    if image is None:
+        return None
+    revised = entry.get("revised_prompt")
+    revised = revised if isinstance(revised, str) else None
+    if image.encoded is not None:
+        try:
+            data = _b64decode(image.encoded)
+        except ValueError:
+            data = b""
+        if data:
+            return _Found(data, image.source, image.remote, revised)
+    return _Found(None, image.remote, image.remote, revised) if image.remote else None
 
 
 async def _read_pending(found: list[ImageInput | Pending], hold: InputHold,
@@ -235,16 +248,6 @@ async def _read_pending(found: list[ImageInput | Pending], hold: InputHold,
     finally:
         _close(pending)
     return [next(read) if isinstance(f, Pending) else f for f in found]
-
-
-def _holds_an_image(item: Any) -> bool:
-    """Whether an answer's `data` entry carries an image in a form `_store_one` takes."""
-    if not isinstance(item, dict):
-        return False
-    b64, url, source = item.get("b64_json"), item.get("url"), item.get("source_url")
-    return ((isinstance(b64, str) and b64 != "")
-            or (isinstance(url, str) and url.startswith(("data:", "http://", "https://")))
-            or (isinstance(source, str) and source.startswith(("http://", "https://"))))
 
 
 def _check_mask(mask: ImageInput, image: ImageInput) -> None:

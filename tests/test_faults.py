@@ -118,6 +118,7 @@ def test_an_answer_with_some_empty_entries_delivers_the_images_at_their_true_pri
     png = base64.b64encode(make_png(8, 8, 3)).decode()
     sandbox.faults({"kind": "respond", "phase": "paid", "status": 200, "settle": True,
                     "body": {"created": 1, "data": [{"revised_prompt": "empty"},
+                                                    {"b64_json": "@@@@"},  # decodes to b""
                                                     {"b64_json": png}]}})
     r = gen(gateway, "some empty")
     assert r.status_code == 200 and len(r.json()["data"]) == 1, r.text
@@ -154,14 +155,22 @@ def test_polls_that_fail_then_recover_still_complete(gateway, sandbox):
     assert [row["status"] for row in rows(gateway)] == ["settled"]
 
 
-@pytest.mark.parametrize("running", ["in_progress", "processing"])
-def test_a_poll_is_done_only_when_its_job_says_so(gateway, sandbox, running):
+@pytest.mark.parametrize("running, data", [
+    ("in_progress", None), ("processing", None),
+    # `data` that holds no image: progress reports, placeholders
+    ("in_progress", {"progress": 0.5}), ("in_progress", "pending"), ("in_progress", [{}]),
+    ("in_progress", [None]), ("in_progress", [{"progress": 0.5}]),
+])
+def test_a_poll_is_done_only_when_its_job_says_so(gateway, sandbox, running, data):
     """BlockRun's SDKs end polling on the job's status, not the HTTP code: a 200 that says
-    the job is still running (whatever it calls that) settled nothing, and polling goes on
-    to the image."""
+    the job is still running (whatever it calls that) and brings no image settled nothing,
+    and polling goes on to the image."""
+    body = {"id": "img_1", "status": running}
+    if data is not None:
+        body["data"] = data
     sandbox.faults({"kind": "job"},
                    {"kind": "respond", "phase": "poll", "status": 200, "times": 2,
-                    "body": {"id": "img_1", "status": running}})
+                    "body": body})
     r = gen(gateway)
     assert r.status_code == 200, r.text
     assert r.json()["data"][0]["url"].startswith(gateway.url + "/images/")

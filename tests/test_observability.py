@@ -232,3 +232,27 @@ def test_non_loopback_requires_the_key_and_turns_local_files_off(tmp_path, sandb
     finally:
         stop(proc)
     assert sandbox.stats()["payments_count"] == 0
+
+
+def test_bind_skips_an_address_the_machine_lacks(monkeypatch):
+    """IPv6 switched off by sysctl: `::1` cannot be bound though the socket can be made;
+    `localhost` (which may name both) still listens on 127.0.0.1."""
+    import errno
+
+    from clawrouter import launch
+
+    v4 = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))
+    v6 = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))
+    monkeypatch.setattr(launch.socket, "getaddrinfo", lambda *a, **k: [v6, v4])
+    real_bind = socket.socket.bind
+
+    class NoIPv6(socket.socket):
+        def bind(self, address: object) -> None:
+            if self.family == socket.AF_INET6:
+                raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+            real_bind(self, address)
+
+    monkeypatch.setattr(launch.socket, "socket", NoIPv6)
+    sockets = launch.bind("localhost", 0)
+    assert [s.family for s in sockets] == [socket.AF_INET]
+    sockets[0].close()

@@ -468,8 +468,9 @@ def test_a_row_left_signed_long_after_its_authorization_expired_is_reconciled(
 def test_rows_the_chain_never_answers_for_do_not_keep_the_others_from_being_asked(
         tmp_path: Path):
     """One RPC of two down: an expired, never-used failed row needs both to be refunded, so it
-    stays. Rounds page on past such rows (here a batch of 2, three stuck ones), and a refused
-    payment the payee settled anyway is found and counted, not let go after a day unasked."""
+    stays. Three such rows fill every batch of 2, yet a refused payment the payee settled
+    anyway is asked about (refusals have a slice of each round of their own), found and
+    counted, not let go after a day unasked."""
     import aiohttp
     from types import SimpleNamespace
 

@@ -1,8 +1,10 @@
 """The wallet's USDC balance, read on chain (`onchain.Rpc.usdc_balance`).
 
-BlockRun has no balance endpoint for the wallet rail (blockrun-api.md §11), so we ask a public
-Base RPC. Each configured RPC is tried in order with a short timeout; when all fail we report
-"unknown" (None), never a fake 0 — a 0 would tell the user to fund a wallet that may be full.
+BlockRun has no balance endpoint for the wallet rail (blockrun-api.md §11), so we ask public
+Base RPCs: all at once, each lookup given a short time, the highest answer believed (a lagging
+RPC must not refuse a funded wallet). A slow RPC thus reads as failed, which only switches the
+check off. When all fail we report "unknown" (None), never a fake 0 — a 0 would tell the user
+to fund a wallet that may be full.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The challenge is unauthenticated: anything on the path can rewrite it. We pick the first `exact`
 (EIP-3009) requirement on our network and refuse it unless asset, EIP-712 domain, payee,
-amount and timeout all pass (x402.md §10). The checks run on the requirement we will sign, not on a neighbour.
+amount and timeout all pass (x402.md §10). The checks run on the requirement we will sign, not
+on a neighbour.
 """
 
 from __future__ import annotations

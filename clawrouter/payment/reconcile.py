@@ -175,8 +175,8 @@ class Reconciler:
 
         A round asks about up to `batch` rows whose fate is unknown, then fills the rest of
         its `batch` with refused ones (a quarter at least, one at the very least, so neither
-        kind starves the other),
-        each kind going on after the last row the previous round asked about."""
+        kind starves the other), each kind going on after the last row the previous round
+        asked about."""
         pending = await self._next(False, self.batch)
         refused = await self._next(True, max(1, self.batch // 4, self.batch - len(pending)))
         payments = pending + refused
