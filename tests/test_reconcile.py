@@ -586,3 +586,41 @@ def test_an_rpc_answer_is_read_whole_and_any_bad_one_is_that_rpcs_failure(answer
         assert got == SEPOLIA.chain_id
     else:
         assert isinstance(got, ValueError) and "not JSON" in str(got)
+
+
+def test_a_pruned_rpc_decides_expired_payments_from_its_recent_state(tmp_path: Path):
+    """A full node keeps 128 blocks of state; Base's finalized head is ~600 behind. Once an
+    authorization expired before the finalized head, every block that could have used it is
+    final, so the latest state (which every node keeps) decides: used → settled, unused →
+    refunded. Before, each such RPC failed every round and the rows stayed pending."""
+    import aiohttp
+    from types import SimpleNamespace
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from clawrouter.payment.reconcile import Reconciler
+    from clawrouter.sandbox.chain import Chain, rpc as chain_rpc
+
+    payer = "0x1563915e194D8CfBA1943570603F7606A3115508"
+    chain = Chain(SEPOLIA, time.time, 0, lambda: 1200.0, state_blocks=128)
+    app = Starlette(routes=[Route("/", chain_rpc, methods=["POST"])])
+    app.state.sandbox = SimpleNamespace(chain=chain)
+    with serving(app) as server, Ledger(tmp_path / "l.sqlite3",
+                                        chain_network=SEPOLIA.caip2) as ledger:
+        ids = []
+        for i in (1, 2):
+            pid = ledger.commit(ledger.signed(
+                request_id="r", route="/v1/images/generations", model="m", size="s", n=1,
+                amount=1000, payee=payer, network=SEPOLIA.caip2, nonce="0x%064x" % i,
+                payer=payer, valid_before=int(time.time()) - 1300))
+            ledger.commit(ledger.outcome(pid, FAILED_AFTER_PAYMENT, note="timeout"))
+            ids.append(pid)
+        chain.transfer(payer, "0x%064x" % 1, 1000, "0x" + "ee" * 32)
+
+        async def round_() -> None:
+            async with aiohttp.ClientSession() as session:
+                await Reconciler(ledger, SEPOLIA, [server.url + "/"], session).reconcile_once()
+
+        asyncio.run(round_())
+        assert [ledger.get(pid).status for pid in ids] == [SETTLED, REJECTED]

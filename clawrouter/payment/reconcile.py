@@ -15,7 +15,9 @@ settles the question for good:
 - otherwise the row stays as it is and is asked about again next round.
 
 A wrong answer would mis-state money, so each RPC is asked at its *finalized* block (what no
-reorg can undo; on Base about 20 minutes behind the latest) after its chain id was checked, a
+reorg can undo; on Base about 20 minutes behind the latest) after its chain id was checked —
+or, once that block is past the authorization's validBefore, at its latest: every block that
+could have used it is final then, and the latest state is what a pruned node still has — a
 round asks every configured RPC at once and keeps only what their answers prove together, and
 nothing changes for a row they disagree on or when anything fails. Handing an amount back to
 the budgets is the one outcome that loosens a spending cap, so a row becomes `rejected` only
@@ -95,12 +97,25 @@ async def resolve(rpc: Rpc, network: Network,
     by payment id; raises on any failure."""
     await rpc.check_chain(network)
     block = await rpc.block(FINALIZED)
+    head = await rpc.block("latest")
+    if head.number < block.number:  # answers from two nodes of a pool, one of them behind
+        raise ValueError(f"latest block {head.number} is behind finalized {block.number}")
     verdicts: dict[int, Resolution | None] = {}
     for payment in payments:
         if not askable(payment.payer, payment.nonce):
             continue  # not from our signer; a malformed row must not stall every other
-        assert payment.payer is not None
-        used = await rpc.authorization_used(network, payment.payer, payment.nonce, block.number)
+        assert payment.payer is not None and payment.valid_before is not None
+        if block.timestamp >= payment.valid_before:
+            # Every block that could have used it is final: the recent state (which any node
+            # keeps) says for good. A pruned node has no state 20 minutes back.
+            used = await rpc.authorization_used(network, payment.payer, payment.nonce,
+                                                head.number)
+        else:
+            try:  # still live: only a use in the finalized state is for good (archive nodes)
+                used = await rpc.authorization_used(network, payment.payer, payment.nonce,
+                                                    block.number)
+            except ValueError:  # that state is pruned here: decided once it expires
+                used = False
         decision = decide(payment, used, block)
         if decision is None:
             verdicts[payment.id] = None

@@ -33,11 +33,15 @@ class Chain:
     """Settled authorizations and what they spent, per payer."""
 
     def __init__(self, network: Network, clock: Callable[[], float], faucet: int,
-                 finality: Callable[[], float] = lambda: 0.0) -> None:
+                 finality: Callable[[], float] = lambda: 0.0, *,
+                 state_blocks: int | None = None) -> None:
         self.network = network
         self.clock = clock
         self.faucet = faucet
         self.finality = finality  # seconds the finalized head trails the latest
+        #: how many recent blocks' state `eth_call` can read (None: all, an archive node);
+        #: a pruned full node keeps 128 (go-ethereum), fewer than Base's finality spans
+        self.state_blocks = state_blocks
         self._transfers: dict[tuple[str, str], Transfer] = {}
         self._spent: dict[str, int] = {}
 
@@ -66,8 +70,10 @@ class Chain:
             return {"number": hex(number),
                     "timestamp": hex(number * self.network.block_seconds)}
         if method == "eth_call":
-            return self._call(params[0], self._block_param(params[1] if len(params) > 1
-                                                           else "latest"))
+            block = self._block_param(params[1] if len(params) > 1 else "latest")
+            if self.state_blocks is not None and block < self.block() - self.state_blocks:
+                raise ValueError(f"missing trie node (state of block {block} is pruned)")
+            return self._call(params[0], block)
         if method == "eth_getLogs":
             return self._logs(params[0])
         raise ValueError(f"the sandbox chain does not implement {method}")
