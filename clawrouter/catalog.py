@@ -178,6 +178,11 @@ def ceiling_micro(model: ImageModel, size: str, n: int, tolerance: float) -> int
     return to_micro(model.prices[size] * BASE_MARKUP * n * tolerance) + to_micro(FEE_USD)
 
 
+def format_dollars(usd: float) -> str:
+    """`format_usd` for an amount in dollars (as the JSON summaries carry them)."""
+    return format_usd(round(usd * MICRO))
+
+
 def format_usd(micro: int) -> str:
     """$0.0525 style: at least cents, at most micro-dollars, no trailing zeros."""
     whole, frac = f"{micro / MICRO:.6f}".split(".")

@@ -333,19 +333,26 @@ def test_a_reread_waits_at_most_the_timeout_and_a_failed_one_is_not_retried_at_o
     asyncio.run(main())
 
 
+def answered_by_hand(monkeypatch: pytest.MonkeyPatch) -> list[asyncio.Future[int]]:
+    """Replace the balance lookup by one the test answers: each lookup, when it starts, adds
+    the future it waits on to the list returned."""
+    import clawrouter.payment.balance as balance
+
+    answers: list[asyncio.Future[int]] = []
+
+    async def fetch(*args: Any, **kwargs: Any) -> int:
+        answers.append(asyncio.get_running_loop().create_future())
+        return await answers[-1]
+
+    monkeypatch.setattr(balance, "fetch_usdc_balance", fetch)
+    return answers
+
+
 def test_an_old_answer_arriving_late_does_not_undo_a_newer_one(monkeypatch):
     """A background lookup that started before the wallet was funded, and answers after a
     newer lookup did, must not put the old balance back (it would refuse a funded wallet)."""
-    import clawrouter.payment.balance as balance
-
     async def main() -> None:
-        answers: list[asyncio.Future[int]] = []
-
-        async def fetch(*args: Any, **kwargs: Any) -> int:
-            answers.append(asyncio.get_running_loop().create_future())
-            return await answers[-1]
-
-        monkeypatch.setattr(balance, "fetch_usdc_balance", fetch)
+        answers = answered_by_hand(monkeypatch)
         clock = [1000.0]
         monitor = BalanceMonitor(ADDRESS, "base-sepolia", ["http://unused/"],
                                  clock=lambda: clock[0], session=object())  # type: ignore[arg-type]
@@ -405,16 +412,8 @@ def test_an_rpc_that_hangs_does_not_keep_the_others_from_deciding(rpc):
 def test_a_reread_answering_after_a_newer_lookup_does_not_refuse(monkeypatch):
     """A request's re-read of a low balance answers last, after the background loop's newer
     lookup saw the wallet funded: the request is judged on the newer answer."""
-    import clawrouter.payment.balance as balance
-
     async def main() -> None:
-        answers: list[asyncio.Future[int]] = []
-
-        async def fetch(*args: Any, **kwargs: Any) -> int:
-            answers.append(asyncio.get_running_loop().create_future())
-            return await answers[-1]
-
-        monkeypatch.setattr(balance, "fetch_usdc_balance", fetch)
+        answers = answered_by_hand(monkeypatch)
         clock = [1000.0]
         monitor = BalanceMonitor(ADDRESS, "base-sepolia", ["http://unused/"], timeout=5,
                                  clock=lambda: clock[0], session=object())  # type: ignore[arg-type]

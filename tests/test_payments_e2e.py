@@ -182,6 +182,17 @@ def test_idempotency_key_returns_the_first_result_and_rejects_a_different_body(g
     assert sandbox.stats()["payments_count"] == 1
 
 
+def repeated_after_a_restart(first, make_gateway, home, headers):
+    """Stop `first`, start a gateway on its data directory, repeat the request there: it must
+    be a 409 that invites no retry. Returns the new gateway and the error."""
+    first.server.stop()
+    again = make_gateway(home=home)
+    repeat = again.http.post("/v1/images/generations", headers=headers,
+                             json={**COGVIEW, "prompt": "once"})
+    assert repeat.status_code == 409 and repeat.headers["x-should-retry"] == "false"
+    return again, repeat.json()["error"]
+
+
 def test_an_idempotency_key_that_paid_is_never_paid_again_after_a_restart(make_gateway, sandbox,
                                                                           tmp_path):
     """Results are kept in memory, but the key goes into the ledger with its payment: after a
@@ -191,12 +202,7 @@ def test_an_idempotency_key_that_paid_is_never_paid_again_after_a_restart(make_g
     order = {"Idempotency-Key": "order-7"}
     assert first.http.post("/v1/images/generations", headers=order,
                            json={**COGVIEW, "prompt": "once"}).status_code == 200
-    first.server.stop()
-    again = make_gateway(home=home)
-    repeat = again.http.post("/v1/images/generations", headers=order,
-                             json={**COGVIEW, "prompt": "once"})
-    assert repeat.status_code == 409 and repeat.headers["x-should-retry"] == "false"
-    error = repeat.json()["error"]
+    again, error = repeated_after_a_restart(first, make_gateway, home, order)
     assert (error["code"], error["param"], error["payment"]) == \
         ("idempotency_key_paid", "Idempotency-Key", "settled")
     assert "Not paid again" in error["message"]
@@ -225,12 +231,7 @@ def test_an_idempotency_key_whose_payment_was_refused_is_not_signed_for_after_a_
     kept = first.http.post("/v1/images/generations", headers=order,
                            json={**COGVIEW, "prompt": "once"})
     assert kept.json() == refused.json()  # the same outcome while the gateway runs
-    first.server.stop()
-    again = make_gateway(home=home)
-    repeat = again.http.post("/v1/images/generations", headers=order,
-                             json={**COGVIEW, "prompt": "once"})
-    assert repeat.status_code == 409 and repeat.headers["x-should-retry"] == "false"
-    error = repeat.json()["error"]
+    again, error = repeated_after_a_restart(first, make_gateway, home, order)
     assert (error["code"], error["payment"]) == ("idempotency_key_paid", "rejected")
     assert "refused" in error["message"] and "Not paid again" in error["message"]
     assert [row["status"] for row in ledger_rows(again)] == ["rejected"]  # signed once

@@ -360,7 +360,7 @@ async def variations() -> Response:
                          code="unsupported_endpoint")
 
 
-_FILE_FIELDS = ("image", "image[]", "mask")
+_FILE_FIELDS = frozenset({"image", "image[]", "mask"})
 #: input forms read by reference (`by_reference`)
 _REFERENCES = frozenset({Form.URL, Form.FILE_URL, Form.PATH, Form.BARE_NAME})
 _INT_FIELDS = ("n", "output_compression", "partial_images")
@@ -375,7 +375,7 @@ async def _read_form(request: Request,
                      else BIG_BODY + 1)
     # A text field may be an image as a data URI: its base64 is 4/3 of the image's bytes.
     form = await read_multipart(request, max_files=32, max_fields=200, max_text_bytes=4 * (
-        settings.max_image_bytes // 3 + 1) + _DATA_URI_HEAD, file_fields=frozenset(_FILE_FIELDS))
+        settings.max_image_bytes // 3 + 1) + _DATA_URI_HEAD, file_fields=_FILE_FIELDS)
     uploads: list[SourceImage] = []
     mask: SourceImage | None = None
     fields: dict[str, Any] = {}

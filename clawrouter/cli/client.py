@@ -18,8 +18,8 @@ Results are downloaded into an output directory (`CLAWROUTER_OUT`, default
 from __future__ import annotations
 
 import asyncio
-import errno
 import base64
+import errno
 import os
 import threading
 import time

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from clawrouter.catalog import format_usd
+from clawrouter.catalog import format_dollars, format_usd
 from clawrouter.cli.client import GatewayError, NoGateway, connect
 from clawrouter.cli.common import CommandError, at_least, settings_from
 from clawrouter.config import Settings
@@ -133,7 +133,7 @@ def render(summary: dict[str, Any], source: str) -> str:
     if budget := summary.get("budget"):
         out += ["", "Budget   " + _budget(budget)]
         if held := (budget.get("total") or {}).get("held_usd"):
-            out += [f"Held: {format_usd(round(held * 1_000_000))} of unsettled payments (the "
+            out += [f"Held: {format_dollars(held)} of unsettled payments (the "
                     "upstream refused them, or their slow job's client left) still count "
                     "against the budgets until nothing can settle them "
                     "(the chain sees each authorization expire unused, or, with no RPC, it "
@@ -167,7 +167,7 @@ def _money(window: dict[str, Any]) -> list[str]:
 
 def _budget(budget: dict[str, Any]) -> str:
     def usd(value: float | None) -> str:
-        return "no limit" if value is None else format_usd(round(value * 1_000_000))
+        return "no limit" if value is None else format_dollars(value)
 
     parts = [f"per request {usd(budget['request']['limit_usd'])}"]
     for window, label in (("day", "today"), ("month", "this month"), ("total", "in total")):

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clawrouter.catalog import format_usd
+from clawrouter.catalog import format_dollars
 from clawrouter.cli.client import URL_HELP, GatewayError, advertised, connect, foreign, probe
 from clawrouter.config import Settings
 
@@ -74,17 +74,18 @@ def run_status(args: argparse.Namespace) -> int:
           f"{health.get('status')}{sandbox}")
     print(f"wallet    {health.get('wallet')} on {health.get('network')}")
     print(f"upstream  {health.get('upstream')}")
-    print(f"balance   {_usd(balance) + ' USDC' if balance is not None else 'unknown'}")
+    usd = format_dollars
+    print(f"balance   {usd(balance) + ' USDC' if balance is not None else 'unknown'}")
     today = spend.get("today", {})
     pending = today.get("pending", {})
-    print(f"today     {_usd(today.get('usd', 0))} in {today.get('payments', 0)} payment(s)"
-          + (f" · {_usd(pending['usd'])} pending in {pending['payments']}"
+    print(f"today     {usd(today.get('usd', 0))} in {today.get('payments', 0)} payment(s)"
+          + (f" · {usd(pending['usd'])} pending in {pending['payments']}"
              if pending.get("payments") else ""))
     month = spend.get("budget", {}).get("month", {}).get("remaining_usd")
     held = spend.get("budget", {}).get("total", {}).get("held_usd")
-    print(f"budget    {'no daily limit' if left is None else f'{_usd(left)} left today'}"
-          + ("" if month is None else f" · {_usd(month)} left this month")
-          + (f" · {_usd(held)} held by unsettled payments" if held else ""))
+    print(f"budget    {'no daily limit' if left is None else f'{usd(left)} left today'}"
+          + ("" if month is None else f" · {usd(month)} left this month")
+          + (f" · {usd(held)} held by unsettled payments" if held else ""))
     return 0
 
 
@@ -253,7 +254,3 @@ def check_balance(health: dict[str, Any] | None, low: float) -> Check:
         return Check("balance", "fail", f"${balance} USDC is below ${low}",
                      f"send USDC on Base to {health.get('wallet') if health else 'the wallet'}")
     return Check("balance", "ok", f"${balance} USDC")
-
-
-def _usd(value: float) -> str:
-    return format_usd(round(value * 1_000_000))

@@ -19,7 +19,8 @@ from clawrouter.store.files import fsync_dir
 
 log = logging.getLogger(__name__)
 _KEY = re.compile(r"0x[0-9a-fA-F]{64}")
-_CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+#: secp256k1's group order: a private key is below it (a public constant, not a key)
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
 class WalletError(ValueError):
@@ -43,7 +44,7 @@ def check_key(key: str, where: str) -> str:
                           "64 hex characters")
     if int(key, 16) == 0:
         raise WalletError(f"the wallet key in {where} is zero")
-    if int(key, 16) >= _CURVE_ORDER:  # eth-keys would refuse it with the number in the message
+    if int(key, 16) >= SECP256K1_N:  # eth-keys would refuse it with the number in the message
         raise WalletError(f"the wallet key in {where} is not a private key: it must be below "
                           "secp256k1's group order")
     return key

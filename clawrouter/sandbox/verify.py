@@ -17,9 +17,9 @@ from eth_account import Account
 
 from clawrouter.payment.networks import Network
 from clawrouter.payment.signer import signable
+from clawrouter.payment.wallet import SECP256K1_N
 from clawrouter.payment.wire import ChallengeError, decode_b64_json
 
-SECP256K1_N = int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141", 16)  # curve order
 #: the facilitator wants at least this many seconds left on an authorization
 MIN_VALIDITY_SECONDS = 6
 
