@@ -17,6 +17,11 @@ Variants:
   floor-durable  floor.py plus the two durability promises (payment row before the money
                  leaves, image file before its URL), group committed: the least a gateway that
                  keeps them can cost
+  stdloop        the gateway as shipped, on asyncio's own event loop instead of uvloop
+  random-ids     the gateway as shipped, with image ids drawn at random instead of hashed
+                 (what content addressing costs)
+
+Run without variants, it measures the first five; name the others to add them.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent)]
 
+import record  # noqa: E402
 import sidebyside  # noqa: E402
 
 VARIANTS = ("full", "inline", "bare", "floor", "floor-durable")
+EXTRA = ("stdloop", "random-ids")
 
 
 def serve(variant: str, argv: list[str]) -> None:
@@ -57,6 +64,12 @@ def serve(variant: str, argv: list[str]) -> None:
     if variant == "inline":
         GroupCommit.write = write_now  # type: ignore[method-assign]
         GroupCommit.call = call_now  # type: ignore[method-assign]
+    if variant == "stdloop":
+        from clawrouter import launch
+
+        launch.event_loop_factory = lambda: None
+    if variant == "random-ids":
+        files.content_id = lambda data: secrets.token_hex(16)
     if variant == "bare":
         ids = itertools.count(1)
 
@@ -82,7 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variants", nargs="*", metavar="variant",
-                        help=f"any of {', '.join(VARIANTS)} (default: all)")
+                        help=f"any of {', '.join(VARIANTS + EXTRA)} (default: "
+                             f"{', '.join(VARIANTS)})")
     parser.add_argument("--scenario", choices=sorted(sidebyside.SCENARIOS), default="gen-url")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=2000, help="per phase")
@@ -92,16 +106,18 @@ def main() -> None:
     parser.add_argument("--fast-direct", action="store_true",
                         help="also measure a direct client that parses with the gateway's "
                              "parsers (pydantic-core, pybase64) instead of json and base64")
+    record.add_save_option(parser, "ablate-url")
     args = parser.parse_args()
-    unknown = set(args.variants) - set(VARIANTS)
+    unknown = set(args.variants) - set(VARIANTS + EXTRA)
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(sorted(unknown))}")
     sides = {v: (sidebyside.floor(durable=v == "floor-durable") if v.startswith("floor")
                  else sidebyside.gateway(Path(__file__), {"BENCH_ABLATE": v}))
              for v in args.variants or VARIANTS}
-    asyncio.run(sidebyside.run(sides, scenario=args.scenario, concurrency=args.concurrency,
-                               n=args.requests, rounds=args.rounds, direct=not args.no_direct,
-                               fast_direct=args.fast_direct))
+    with record.saved(args.save, "Where the gateway's CPU per paid image goes", "ablate.py"):
+        asyncio.run(sidebyside.run(sides, scenario=args.scenario, concurrency=args.concurrency,
+                                   n=args.requests, rounds=args.rounds,
+                                   direct=not args.no_direct, fast_direct=args.fast_direct))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent)]
 
 import procs  # noqa: E402
+import record  # noqa: E402
 import sidebyside  # noqa: E402
 
 
@@ -53,21 +54,23 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--requests", type=int, default=2000, help="per phase")
     parser.add_argument("--rounds", type=int, default=4)
+    record.add_save_option(parser, "compare-c3032e1")
     args = parser.parse_args()
     procs.install_cleanup()
-    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
-        trees = {args.base: checkout(args.base, Path(tmp) / "base"),
-                 args.new or "working tree": (checkout(args.new, Path(tmp) / "new")
-                                              if args.new else str(BENCH.parent))}
-        try:
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
+            trees = {args.base: checkout(args.base, Path(tmp) / "base"),
+                     args.new or "working tree": (checkout(args.new, Path(tmp) / "new")
+                                                  if args.new else str(BENCH.parent))}
             sides = {label: sidebyside.gateway(Path(__file__), {"BENCH_TREE": tree})
                      for label, tree in trees.items()}
-            asyncio.run(sidebyside.run(sides, scenario=args.scenario,
-                                       concurrency=args.concurrency, n=args.requests,
-                                       rounds=args.rounds))
-        finally:
-            subprocess.run(["git", "-C", str(BENCH.parent), "worktree", "prune"],
-                           capture_output=True)
+            with record.saved(args.save, "Two revisions side by side", "compare.py"):
+                asyncio.run(sidebyside.run(sides, scenario=args.scenario,
+                                           concurrency=args.concurrency, n=args.requests,
+                                           rounds=args.rounds))
+    finally:  # the worktrees' directories are gone now: forget them
+        subprocess.run(["git", "-C", str(BENCH.parent), "worktree", "prune"],
+                       capture_output=True)
 
 
 if __name__ == "__main__":

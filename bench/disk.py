@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import record
+
 SIZES = {"200 KB (URL result)": 200_000, "1.1 MB (1.5 MB data URI)": 1_100_000}
 
 
@@ -51,17 +53,23 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path.home(),
                         help="a directory on the disk to measure (a temporary one is made in it)")
     parser.add_argument("--count", type=int, default=200, help="images per measurement")
+    record.add_save_option(parser, "disk")
     args = parser.parse_args()
-    print(f"CPU per image, ms (user + kernel), {args.count} images each, on {args.dir}\n")
+    with record.saved(args.save, "What durability costs here, in CPU", "disk.py", fenced=False):
+        measure(args.dir, args.count)
+
+
+def measure(where: Path, count: int) -> None:
+    print(f"CPU per image, ms (user + kernel), {count} images each, on {where}\n")
     print("| image | sha256 | write + rename | write + fsync + rename (durable) |")
     print("|---|---|---|---|")
-    with tempfile.TemporaryDirectory(dir=args.dir, prefix="clawrouter-disk-") as tmp:
+    with tempfile.TemporaryDirectory(dir=where, prefix="clawrouter-disk-") as tmp:
         directory = Path(tmp)
         for label, size in SIZES.items():
             data = secrets.token_bytes(size)
-            row = [per_image_ms(lambda: hashlib.sha256(data).digest(), args.count * 5),
-                   per_image_ms(lambda: _write(directory, data, sync=False), args.count),
-                   per_image_ms(lambda: _write(directory, data, sync=True), args.count)]
+            row = [per_image_ms(lambda: hashlib.sha256(data).digest(), count * 5),
+                   per_image_ms(lambda: _write(directory, data, sync=False), count),
+                   per_image_ms(lambda: _write(directory, data, sync=True), count)]
             for f in directory.iterdir():
                 f.unlink()
             print(f"| {label} | " + " | ".join(f"{ms:.3f}" for ms in row) + " |")

@@ -11,8 +11,8 @@ file write) counts as busy: read those entries as wall time on the request path,
 
 from __future__ import annotations
 
+import argparse
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -62,4 +62,9 @@ def summary(path: Path, top: int = 15) -> str:
 
 
 if __name__ == "__main__":
-    print(summary(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 15))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folded", type=Path, help="a py-spy folded-stacks file")
+    parser.add_argument("top", type=int, nargs="?", default=15, help="functions to list")
+    args = parser.parse_args()
+    print(summary(args.folded, args.top))

@@ -13,13 +13,9 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import shlex
 import shutil
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,30 +24,13 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(BENCH.parent))
 
 import procs  # noqa: E402
+import record  # noqa: E402
 import report  # noqa: E402
 import scenarios  # noqa: E402
 
 
 def log(message: str) -> None:
     print(message, flush=True)
-
-
-def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH.parent,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "clawrouter"],
-                                    cwd=BENCH.parent, capture_output=True, text=True,
-                                    timeout=5).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", False
-    return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "platform": platform.platform(), "date": datetime.now(timezone.utc)
-            .strftime("%Y-%m-%d %H:%M UTC"), "loadavg_before": _loadavg(),
-            "git_commit": commit + ("+local changes" if dirty else "")}
 
 
 def _cpu_busy(window: float = 3.0) -> float:
@@ -76,21 +55,13 @@ def wait_quiet(limit_s: float, busy_max: float = 0.15) -> float:
     return busy
 
 
-def _loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def command_line(argv: list[str]) -> str:
-    return " ".join([".venv/bin/python", "bench/run.py", *map(shlex.quote, argv)])
-
-
 async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     plan = scenarios.QUICK if args.quick else scenarios.FULL
     if args.repeats:
         plan = scenarios.Plan(**{**plan.__dict__, "repeats": args.repeats})
     busy = wait_quiet(args.wait_quiet) if args.wait_quiet else _cpu_busy()
     results: dict[str, Any] = {
-        "command": command_line(argv), "machine": machine(),
+        "command": record.command_line("run.py", argv), "machine": record.machine(),
         "settings": {"quick": plan.quick, "repeats": plan.repeats, "warmup": plan.warmup,
                      "warmup_s": plan.warmup_s,
                      "points": {k: {str(c): n for c, n in v.items()}
@@ -126,7 +97,7 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> dict[str, Any
         bench.stop_gateways()
         sandbox.stop()
     results["duration_s"] = round(time.monotonic() - t0, 1)
-    results["machine"]["loadavg_after"] = _loadavg()
+    results["machine"]["loadavg_after"] = record.loadavg()
     return results
 
 

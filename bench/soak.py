@@ -31,12 +31,13 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.procs import install_cleanup, start_gateway, start_sandbox, status_kb  # noqa: E402
+from bench.record import command_line, machine, produced_by  # noqa: E402
+from clawrouter.payment.ledger import FINAL  # noqa: E402
 from clawrouter.sandbox.images import make_png  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 EDIT_IMAGE = "data:image/png;base64," + base64.b64encode(
     make_png(256, 256, 7, pad_to=256_000)).decode()
-FINAL = {"settled", "rejected", "failed_after_payment"}
 
 
 def mix(i: int) -> tuple[str, str, dict | bytes, int]:
@@ -174,8 +175,9 @@ def report(result: dict) -> str:
     lines = [
         "## Soak",
         "",
-        f"`.venv/bin/python bench/soak.py --seconds {result['seconds']:.0f} "
-        f"--concurrency {result['concurrency']}`: {result['ops_per_second']} operations/s "
+        produced_by(result["command"], result["machine"]),
+        "",
+        f"{result['ops_per_second']} operations/s "
         f"({ops}); {result['payments']} payments.",
         "",
         "| check | measured | result |",
@@ -201,7 +203,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=12)
     args = parser.parse_args()
     install_cleanup()
-    result = asyncio.run(soak(args.seconds, args.concurrency))
+    started = {"command": command_line("soak.py", sys.argv[1:]), "machine": machine()}
+    result = {**started, **asyncio.run(soak(args.seconds, args.concurrency))}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "soak.json").write_text(json.dumps(result, indent=2))
     text = report(result)

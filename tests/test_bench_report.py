@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import record  # noqa: E402
 import report  # noqa: E402
 
 
@@ -68,3 +70,44 @@ def test_no_budget_without_a_direct_rate() -> None:
     point = _point(2.0, 0.9, 0.3, 1000.0, 450.0)
     point["direct"]["rps"] = 0.0
     assert report.cpu_budget(point, cores=2) is None
+
+
+def test_a_saved_report_keeps_what_was_printed_under_the_command_that_made_it(
+        tmp_path, monkeypatch, capsys) -> None:
+    """The README quotes ablate/compare/disk runs; `--save` keeps them as results files that
+    name their command and commit, and keeps nothing from a run that failed."""
+    monkeypatch.setattr(record, "RESULTS", tmp_path)
+    monkeypatch.setattr(record, "BENCH", tmp_path.parent)
+    monkeypatch.setattr(sys, "argv", ["disk.py", "--save", "kept"])
+    with record.saved("kept", "A title", "disk.py"):
+        print("| a | table |")
+    assert "| a | table |" in capsys.readouterr().out  # still printed
+    text = (tmp_path / "kept.md").read_text()
+    assert text.startswith("## A title\n\nProduced by `.venv/bin/python bench/disk.py --save "
+                           "kept` on ")
+    assert "clawrouter " in text and "```\n| a | table |\n```\n" in text
+    with pytest.raises(RuntimeError), record.saved("failed", "A title", "disk.py"):
+        print("half a table")
+        raise RuntimeError("the run broke")
+    assert not (tmp_path / "failed.md").exists()
+    with record.saved(None, "A title", "disk.py"):
+        print("not kept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.md"]
+    parser = argparse.ArgumentParser()
+    record.add_save_option(parser, "x")
+    for bad in ("../x", "/tmp/x", ".hidden", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--save", bad])
+
+
+@pytest.mark.parametrize("name", ["latest", "preauth-on", "latency-50", "upstream-cpu"])
+def test_each_committed_report_is_what_its_measurements_render_to(name: str) -> None:
+    """The README quotes the .md files; they must say what the measurements in their .json
+    say, under this module's current wording and targets (`bench/report.py FILE` re-renders)."""
+    import json
+
+    results = Path(report.__file__).parent / "results"
+    data = json.loads((results / f"{name}.json").read_text())
+    data["targets"] = report.targets(data)
+    png = "latency.png" if name == "latest" else f"{name}.png"
+    assert (results / f"{name}.md").read_text() == report.markdown(data, png) + "\n"
