@@ -21,6 +21,8 @@ RUN pip install --no-compile . \
 USER clawrouter
 VOLUME ["/data"]
 EXPOSE 8402
+# Asks where `serve` listens by the same settings (CLAWROUTER_PORT, /data/config.toml), so a
+# changed port stays healthy.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8402/healthz', timeout=2).status == 200 else 1)"]
+  CMD ["python", "-c", "import urllib.request,sys; from clawrouter.config import load_settings; sys.exit(0 if urllib.request.urlopen(load_settings().url + '/healthz', timeout=2).status == 200 else 1)"]
 ENTRYPOINT ["clawrouter", "serve"]

@@ -11,14 +11,17 @@ import ipaddress
 import os
 import re
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -32,10 +35,14 @@ def default_home() -> Path:
 
 class Settings(BaseSettings):
     # hide_input_in_errors: a secret under a wrong name (`private_key = "0x…"`) must not be
-    # echoed by the error that rejects it.
+    # echoed by the error that rejects it. env_ignore_empty: `CLAWROUTER_HOME=` is unset, as
+    # `default_home` has it (else the data directory, wallet key included, would be the current
+    # directory while config.toml is read from ~/.clawrouter); BLOCKRUN_* names alike.
+    # allow_inf_nan=False: no setting means anything at inf or nan (image_max_gb=inf crashed).
     model_config = SettingsConfigDict(
         env_prefix="CLAWROUTER_", populate_by_name=True, extra="forbid",
-        validate_default=True, hide_input_in_errors=True)
+        validate_default=True, hide_input_in_errors=True, env_ignore_empty=True,
+        allow_inf_nan=False)
 
     # --- server -----------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -50,12 +57,12 @@ class Settings(BaseSettings):
     # bare UPSTREAM_URL variable count (populate_by_name keeps the field name for TOML and flags).
     upstream_url: str = Field(DEFAULT_UPSTREAM, validation_alias="BLOCKRUN_API_URL")
     sandbox: bool | Literal["auto"] = "auto"
-    upstream_connect_timeout: float = 5.0
-    upstream_timeout: float = 200.0
-    upstream_max_connections: int = 256
-    poll_delay: float = 2.0
-    poll_interval: float = 3.0
-    poll_deadline: float = 300.0
+    upstream_connect_timeout: float = Field(5.0, gt=0)
+    upstream_timeout: float = Field(200.0, gt=0)
+    upstream_max_connections: int = Field(256, ge=1)  # (aiohttp takes 0 as "no limit")
+    poll_delay: float = Field(2.0, ge=0)
+    poll_interval: float = Field(3.0, ge=0.1)  # below, a job is polled in a tight loop
+    poll_deadline: float = Field(300.0, gt=0)
 
     # --- payment ----------------------------------------------------------------------------
     wallet_key: SecretStr | None = Field(None, validation_alias="BLOCKRUN_WALLET_KEY")
@@ -82,12 +89,17 @@ class Settings(BaseSettings):
 
     # --- results ----------------------------------------------------------------------------
     response_format: Literal["url", "b64_json"] = "url"
-    image_ttl_days: float = 30.0
-    image_max_gb: float = 2.0
+    image_ttl_days: float = Field(30.0, gt=0)
+    # 0 evicted each paid image right after delivery; at most a petabyte (its size in bytes
+    # must stay a number)
+    image_max_gb: float = Field(2.0, gt=0, le=1_000_000)
 
     # --- logs -------------------------------------------------------------------------------
     log_prompts: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    #: the TOML file these settings were read from, if any (`load_settings`): named in messages
+    _config_file: Path | None = PrivateAttr(None)
 
     @field_validator("api_key", "wallet_key")
     @classmethod
@@ -128,6 +140,17 @@ class Settings(BaseSettings):
 
     # --- derived ----------------------------------------------------------------------------
     @property
+    def wallet_key_source(self) -> str:
+        """Where `wallet_key` was set, for messages about it (never the key): a bad key in
+        config.toml must not be blamed on an environment variable nobody set."""
+        key = self.wallet_key.get_secret_value() if self.wallet_key else None
+        if key and any(name.upper() == "BLOCKRUN_WALLET_KEY" and value.strip() == key
+                       for name, value in os.environ.items()):
+            return "BLOCKRUN_WALLET_KEY"
+        where = f" in {self._config_file}" if self._config_file else ""
+        return f"the wallet_key setting{where}"
+
+    @property
     def loopback(self) -> bool:
         return is_loopback_host(self.host)
 
@@ -136,17 +159,24 @@ class Settings(BaseSettings):
         """Where a client on this machine reaches the gateway these settings run (`serve`):
         the command-line tools look there first, as `clawrouter stats` does."""
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return f"http://{url_host(host)}:{self.port}"
+
+    @property
+    def exposed(self) -> bool:
+        """Whether others may reach the gateway: it listens beyond loopback, or `public_url`
+        names another host (a reverse proxy hands that name's requests to our loopback port).
+        Either way it needs an API key, and local-file inputs are off unless turned on."""
+        public = urlsplit(self.public_url).netloc if self.public_url else ""
+        return not self.loopback or bool(public and not is_loopback_authority(public))
 
     @property
     def local_files_allowed(self) -> bool:
-        return self.loopback if self.allow_local_files is None else self.allow_local_files
+        return not self.exposed if self.allow_local_files is None else self.allow_local_files
 
     @property
     def roots(self) -> list[Path]:
-        roots = self.allowed_roots or [Path.home(), Path(tempfile.gettempdir())]
+        roots = ([Path.home(), Path(tempfile.gettempdir())] if self.allowed_roots is None
+                 else self.allowed_roots)  # [] is no folder at all, not the default
         return [Path(r).expanduser().resolve() for r in roots]
 
     @property
@@ -166,6 +196,11 @@ class Settings(BaseSettings):
     @property
     def max_image_bytes(self) -> int:
         return int(self.max_image_mb * 1024 * 1024)
+
+
+def url_host(host: str) -> str:
+    """`host` as a URL names it: an IPv6 address in brackets (`http://[::]:8402`)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 _AUTHORITY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
@@ -206,14 +241,29 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         if (meant := _NOT_READ.get(name.upper())) is not None:
             raise ValueError(f"{name} is not a setting: use {meant}")
     try:
-        return _FromFile(**overrides)
+        settings = _FromFile(**overrides)
     except ValidationError as exc:
         raise ValueError(_explain(exc, path)) from None
+    except tomllib.TOMLDecodeError as exc:  # says the line, not the file
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    except SettingsError as exc:  # says the field, not what it expected
+        raise ValueError(_explain_source(exc)) from None
+    if path.is_file():
+        settings._config_file = path
+    return settings
 
 
 #: field names under the prefix that the settings would read but are named otherwise
 _NOT_READ = {"CLAWROUTER_WALLET_KEY": "BLOCKRUN_WALLET_KEY",
              "CLAWROUTER_UPSTREAM_URL": "BLOCKRUN_API_URL"}
+
+
+def _explain_source(exc: SettingsError) -> str:
+    """A list setting from the environment that is not JSON (`CLAWROUTER_RPC_URLS=http://a`)."""
+    field = re.search(r'field "(\w+)"', str(exc))
+    name = f"CLAWROUTER_{field.group(1).upper()}" if field else "a CLAWROUTER_* variable"
+    return (f'{name}: expected a JSON list, e.g. ["https://a.example", "https://b.example"] '
+            "(list settings are JSON in the environment)")
 
 
 def _explain(exc: ValidationError, path: Path) -> str:

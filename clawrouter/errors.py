@@ -175,6 +175,16 @@ class PaidRequestFailed(ClawError):
     retryable = False
 
 
+class LedgerUnavailable(ClawError):
+    """The payment ledger could not record a payment before it was sent (disk full, locked):
+    nothing left the gateway, so a retry is safe and costs nothing more."""
+
+    status = 503
+    type = "server_error"
+    default_code = "ledger_unavailable"
+    retryable = True
+
+
 class ClientGone(Exception):
     """The client disconnected; stop work that costs money. Never shown to anyone."""
 

@@ -162,7 +162,7 @@ class ImagePipeline:
 
     async def _store_results(self, job: ImageJob, outcome: Outcome,
                              ctx: RequestContext) -> Result:
-        body = outcome.response.json()
+        body = outcome.body
         items = body.get("data") if isinstance(body, dict) else None
         if not isinstance(items, list) or not items:
             if not outcome.amount:
@@ -174,6 +174,7 @@ class ImagePipeline:
         # decode) is no image: never a 200 with an empty entry for the client to find, nor
         # a share of the price.
         found = [f for f in map(_decoded, items) if f is not None]
+        outcome.judged(delivered=bool(found))
         if not found:
             if not outcome.amount:
                 raise UpstreamError("The upstream answered without a usable image. Nothing was "

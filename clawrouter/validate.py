@@ -102,6 +102,8 @@ def _sources(body: EditBody) -> list[SourceImage]:
 
 def edit_job(body: EditBody, *, uploads: list[SourceImage] | None = None,
              mask_upload: SourceImage | None = None, default_format: str = "url") -> ImageJob:
+    """`uploads` are a multipart form's images, files and text fields alike, already named by
+    their place in the form (`api/images.py`); a JSON body's are in `body`."""
     resolved, prompt, size, n, fmt = _common(body, catalog.DEFAULT_EDIT_MODEL, default_format)
     model = resolved.model
     sources = (uploads or []) + _sources(body)

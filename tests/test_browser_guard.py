@@ -133,9 +133,10 @@ def test_loopback_names_are_this_gateway(gateway: Gateway, host):
 
 
 def test_behind_a_proxy_the_public_host_is_allowed(make_gateway, sandbox: Sandbox):
-    gw = make_gateway(public_url="https://pics.example.com")
+    gw = make_gateway(public_url="https://pics.example.com", api_key="k")
     r = httpx.post(gw.v1 + "/images/generations", json=COGVIEW,
-                   headers={"host": "pics.example.com", "origin": "https://pics.example.com"})
+                   headers={"host": "pics.example.com", "origin": "https://pics.example.com",
+                            "authorization": "Bearer k"})
     assert r.status_code == 200, r.text
     other = httpx.get(gw.url + "/health", headers={"host": "other.example.com"})
     assert other.status_code == 403

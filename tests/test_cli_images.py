@@ -18,13 +18,13 @@ def run(home, *args):
                           capture_output=True, text=True, timeout=60)
 
 
-def fill(home, count: int) -> list[str]:
+def fill(home, count: int, prompt: str = "picture {i}") -> list[str]:
     async def put() -> list[str]:
         async with ImageStore(home / "images") as store:
             names = []
             for i in range(count):
                 image = await store.put_bytes(make_png(32, 32, i), ImageMeta(
-                    model="zai/cogview-4", prompt=f"picture {i}", size="512x512",
+                    model="zai/cogview-4", prompt=prompt.format(i=i), size="512x512",
                     cost_micro=16_750))
                 names.append(image.name)
             return names
@@ -47,6 +47,16 @@ def test_ls_lists_newest_first_with_metadata(tmp_path):
         refused = run(tmp_path, "ls", *bad)
         assert refused.returncode == 2, bad
         assert "invalid count value" in refused.stderr or "must be" in refused.stderr, bad
+
+
+def test_ls_shows_a_prompt_as_plain_text_never_as_terminal_commands(tmp_path):
+    """A prompt is whatever an agent relayed: escapes in it (a clipboard write, a cleared
+    screen) must not reach the terminal; `--json` keeps it as it is."""
+    fill(tmp_path, 1, prompt="cat\x1b]52;c;ZXZpbA==\x07\x1b[2J\r\x9bhidden {i}")
+    shown = run(tmp_path, "ls").stdout
+    assert "cat" in shown and "hidden 0" in shown
+    assert not any(ord(c) < 32 and c != "\n" or 0x7f <= ord(c) <= 0x9f for c in shown)
+    assert "\x1b[2J" in json.loads(run(tmp_path, "ls", "--json").stdout)[0]["prompt"]
 
 
 def test_ls_on_an_empty_home_says_so(tmp_path):

@@ -3,6 +3,7 @@ real subprocesses against a real gateway on the sandbox upstream; `--json` to as
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -90,6 +91,26 @@ def test_edit_sends_a_relative_local_path_as_absolute(tmp_path: Path, gateway: A
     out = as_json(proc)
     assert out["model"] == catalog.DEFAULT_EDIT_MODEL and out["cost_usd"] == "0.022"
     assert Path(out["images"][0]["path"]).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_edit_sources_are_made_absolute_only_when_the_gateway_reads_them_as_paths(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`clawrouter edit` and the MCP `edit_image` tool send every input form the gateway takes:
+    only a local path (or a file URL, as its path) is made absolute, since the gateway's working
+    folder differs from ours; URLs in any case, data URIs and base64 go as given."""
+    from clawrouter.cli.client import source_arg
+
+    monkeypatch.chdir(tmp_path)
+    here = tmp_path.resolve()
+    raw = base64.b64encode(make_png(8, 8, seed=1)).decode()
+    for given in ("HTTPS://example.com/a.png", "Http://example.com/a.png",
+                  "DATA:image/png;base64," + raw, raw, "file://otherhost/x.png"):
+        assert source_arg(given) == given
+    assert source_arg("file:///tmp/x%20y.png") == str(Path("/tmp/x y.png").resolve())
+    assert source_arg("file://localhost/tmp/x.png") == str(Path("/tmp/x.png").resolve())
+    assert source_arg("./x.png") == str(here / "x.png")
+    assert source_arg("x.png") == str(here / "x.png")
+    assert source_arg("sub/x.png") == str(here / "sub" / "x.png")
 
 
 def this_machines_address() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -241,6 +242,48 @@ def test_a_malformed_environment_key_exits_2_without_echoing_it(cli):
     assert bad not in shown.stdout + shown.stderr
 
 
+
+def test_a_malformed_key_in_the_config_file_is_blamed_on_the_file(cli):
+    """`serve`, `doctor` and `wallet` name the setting and file the bad key is in, not an
+    environment variable nobody set."""
+    config = cli.claw / "config.toml"
+    cli.claw.mkdir()
+    config.write_text('wallet_key = "0x1234"\n')
+    where = f"the wallet_key setting in {config}"
+    served = cli("serve", "--no-sandbox", "--port", "0",
+                 "--upstream", f"http://127.0.0.1:{dead_port()}/api")
+    assert served.returncode == 2 and where in served.stderr, served.stderr
+    doctor = cli("doctor", "--json")
+    (wallet,) = [c for c in json.loads(doctor.stdout)["checks"] if c["name"] == "wallet"]
+    assert wallet["status"] == "fail" and where in wallet["detail"] and where in wallet["fix"]
+    shown = cli("wallet")
+    assert shown.returncode == 2 and where in shown.stderr
+    for done in (served, doctor, shown):
+        assert "BLOCKRUN_WALLET_KEY" not in done.stdout + done.stderr
+        assert "1234" not in done.stdout + done.stderr.replace(str(config), "")
+
+
+def test_commands_name_a_data_file_they_cannot_use_in_one_line(cli):
+    """A damaged ledger, a key file that is a folder, a data directory that is a file: one
+    line saying which file and what to do, exit 2, never a traceback."""
+    cli.claw.mkdir()
+    cli.ledger.write_bytes(b"not a database at all " * 20)
+    stats = cli("stats")
+    assert f"{cli.ledger} is damaged or not a database" in stats.stderr
+    assert "restore it from a backup" in stats.stderr
+    cli.ledger.unlink()
+    cli.key_file.mkdir()
+    shown = cli("wallet")
+    assert f"{cli.key_file}: it is a directory, not a file — move it away" in shown.stderr
+    shutil.rmtree(cli.claw)
+    cli.claw.write_text("")
+    pruned = cli("images", "prune")
+    assert f"{cli.claw} is a file, not a directory — move it away" in pruned.stderr
+    for done in (stats, shown, pruned):
+        assert done.returncode == 2 and done.stderr.startswith("clawrouter: ")
+        assert done.stderr.count("\n") == 1, done.stderr
+
+
 # --- export ---------------------------------------------------------------------------------
 def test_export_needs_confirmation_and_warns(cli):
     write_key(cli, KEY)
@@ -399,3 +442,20 @@ def test_stats_asks_the_gateway_every_command_uses_and_says_which_network(cli, m
     assert "Spending on base-sepolia (the sandbox: no real payments)" in table
     unnamed = cli("stats", CLAWROUTER_PORT=str(gateway.server.port))
     assert unnamed.returncode == 1 and "another data directory" in unnamed.stderr
+
+
+def test_a_data_directory_without_permission_is_named_with_the_fix(tmp_path):
+    """(Run as root here, so the refusal is made up: root may write anywhere.)"""
+    from argparse import Namespace
+
+    from clawrouter.cli.common import file_problem, settings_from
+
+    home = tmp_path / "data"
+    settings_from(Namespace(config=None), home=home)
+    denied = PermissionError(13, "Permission denied", str(home / "wallet.key"))
+    assert file_problem(denied) == (f"cannot use {home / 'wallet.key'}: Permission denied — "
+                                    "make the data directory writable by you, or set "
+                                    "CLAWROUTER_HOME to another data directory")
+    elsewhere = PermissionError(13, "Permission denied", str(tmp_path / "out.png"))
+    assert file_problem(elsewhere) == f"cannot use {tmp_path / 'out.png'}: Permission denied"
+    assert file_problem(ConnectionResetError(104, "reset")) is None  # no file: a traceback

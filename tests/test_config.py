@@ -1,10 +1,14 @@
 """Settings precedence and the example file (every setting, its default, an explanation)."""
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from clawrouter.config import Settings, load_settings
 
@@ -122,3 +126,64 @@ def test_each_network_has_its_own_ledger(tmp_path: Path) -> None:
     mainnet = Settings(home=tmp_path).ledger_path
     assert mainnet == tmp_path / "ledger.sqlite3"
     assert Settings(home=tmp_path, network="base-sepolia").ledger_path != mainnet
+
+
+def test_an_empty_variable_is_unset(monkeypatch, tmp_path):
+    """`CLAWROUTER_HOME=` is the default data directory, where config.toml is read from too,
+    not the current directory (a wallet key in whatever folder the command ran from);
+    `CLAWROUTER_HOST=` is loopback, not every interface; BLOCKRUN_* names alike."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".clawrouter").mkdir()
+    (tmp_path / ".clawrouter" / "config.toml").write_text("port = 9555\n")
+    for name in ("CLAWROUTER_HOME", "CLAWROUTER_HOST", "CLAWROUTER_PORT", "BLOCKRUN_API_URL",
+                 "BLOCKRUN_WALLET_KEY", "CLAWROUTER_RPC_URLS"):
+        monkeypatch.setenv(name, "")
+    s = load_settings()
+    assert s.home == tmp_path / ".clawrouter"
+    assert (s.host, s.port, s.upstream_url) == ("127.0.0.1", 9555, "https://blockrun.ai/api")
+    assert s.wallet_key is None and s.rpc_urls == Settings(home=tmp_path).rpc_urls
+
+
+def test_a_toml_syntax_error_names_the_file_and_line(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('port = 9000\nhost = \n')
+    with pytest.raises(ValueError) as caught:
+        load_settings(config)
+    assert str(config) in str(caught.value) and "line 2" in str(caught.value)
+
+
+def test_a_list_setting_from_the_environment_must_be_json(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLAWROUTER_RPC_URLS", "http://a")
+    with pytest.raises(ValueError, match=r"CLAWROUTER_RPC_URLS: expected a JSON list"):
+        load_settings(home=tmp_path)
+    monkeypatch.setenv("CLAWROUTER_RPC_URLS", '["http://a"]')
+    assert load_settings(home=tmp_path).rpc_urls == ["http://a"]
+
+
+@pytest.mark.parametrize("name, bad", [
+    *[(name, value) for name in ("poll_deadline", "upstream_timeout", "upstream_connect_timeout",
+                                 "image_ttl_days")
+      for value in (0, -1, float("inf"), float("nan"))],
+    ("poll_interval", 0), ("poll_interval", 0.01), ("poll_delay", -1),
+    ("poll_delay", float("inf")), ("upstream_max_connections", 0),
+    # 0 deleted each paid image right after delivery; inf crashed create_app (OverflowError)
+    ("image_max_gb", 0), ("image_max_gb", -1),
+    ("image_max_gb", float("inf")), ("image_max_gb", float("nan")), ("image_max_gb", 1e300),
+    ("header_timeout", float("inf")), ("max_usd_per_day", float("inf"))])
+def test_timings_and_store_limits_are_bounded_and_finite(tmp_path, name, bad):
+    with pytest.raises(ValidationError):
+        Settings(home=tmp_path, **{name: bad})
+
+
+def test_an_out_of_bounds_setting_is_one_clear_cli_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
+    run = subprocess.run([sys.executable, "-m", "clawrouter", "serve", "--no-sandbox"],
+                         env={**env, "CLAWROUTER_HOME": str(tmp_path / "home"),
+                              "CLAWROUTER_IMAGE_MAX_GB": "inf", "CLAWROUTER_POLL_INTERVAL": "0"},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("clawrouter: invalid configuration: ")
+    assert run.stderr.count("\n") == 1 and "image_max_gb: Input should be a finite" in run.stderr
+    assert "poll_interval: Input should be greater than or equal to 0.1" in run.stderr
+    assert not (tmp_path / "home").exists()

@@ -60,8 +60,27 @@ def test_urls_use_the_loopback_host_the_client_used(gateway):
 
 
 def test_public_url_setting_wins(make_gateway):
-    gw = make_gateway(public_url="https://pics.example.com/")
+    gw = make_gateway(public_url="https://pics.example.com/", api_key="k")
+    gw.http.headers["authorization"] = "Bearer k"
     assert generate(gw).json()["data"][0]["url"].startswith("https://pics.example.com/images/")
+
+
+def test_with_an_api_key_image_urls_still_work_where_the_key_cannot_go(make_gateway):
+    """A browser's `<img>`, a viewer or another program cannot send the key: a returned URL
+    is a capability (128 bits of its content's hash), as OpenAI's result URLs are. Everything
+    else, the listing of images included, still needs the key."""
+    gw = make_gateway(api_key="k")
+    assert gw.http.post("/v1/images/generations",
+                        json={"model": "cogview", "prompt": "x"}).status_code == 401
+    gw.http.headers["authorization"] = "Bearer k"
+    url = generate(gw).json()["data"][0]["url"]
+    anyone = httpx.Client()
+    assert anyone.get(url).status_code == 200 and anyone.head(url).status_code == 200
+    name = url.rsplit("/", 1)[1]
+    for method, path in [("GET", "/v1/images"), ("GET", "/"), ("POST", f"/images/{name}"),
+                         ("GET", f"/images/{name}/x"), ("GET", "/v1/models")]:
+        r = anyone.request(method, gw.url + path)
+        assert r.status_code == 401, (method, path, r.status_code)
 
 
 def test_sdk_streaming_generation_yields_one_completed_event_per_image(gateway):

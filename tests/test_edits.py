@@ -165,6 +165,26 @@ def test_multipart_with_repeated_image_fields_and_blank_fields(gateway, sandbox,
     assert r.status_code == 200, r.text
 
 
+def test_a_form_mixing_uploads_and_text_images_keeps_the_forms_order(gateway, sandbox, files):
+    """Uploads and text `image` fields are one list in the form's order: that order reaches
+    the upstream, and an error names an input by its place in the form."""
+    upload = ("image", ("a.png", files[1].read_bytes(), "image/png"))
+    rest = [("prompt", (None, "x")), ("model", (None, "gpt-image-1"))]
+    r = gateway.http.post("/v1/images/edits",
+                          files=[("image", (None, str(files[2]))), upload, *rest])
+    assert r.status_code == 200, r.text
+    assert [i["sha256"] for i in sent_images(sandbox)] == [
+        sha(files[i].read_bytes()) for i in (2, 1)]
+    trips = sandbox.stats()["round_trips"]
+    r = gateway.http.post("/v1/images/edits",
+                          files=[upload, ("image", (None, "/etc/hostname")), *rest])
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == ("image[1]", "path_refused")
+    assert error["message"].startswith("image[1]: ")
+    assert sandbox.stats()["round_trips"] == trips
+
+
 def test_curl_json_to_edits_in_openai_shape(gateway, sandbox, files):
     data = files[1].read_bytes()
     r = gateway.http.post("/v1/images/edits", json={
@@ -272,6 +292,38 @@ def test_local_files_can_be_turned_off(make_gateway, sandbox, files):
     r = gw.http.post("/v1/images/image2image", json={"prompt": "x", "image": str(files[1])})
     assert r.status_code == 400 and r.json()["error"]["code"] == "local_files_disabled"
     nothing_upstream(sandbox)
+
+
+def test_an_empty_allowed_roots_allows_no_folder_not_the_default_ones(make_gateway, sandbox,
+                                                                     files):
+    """Emptying the list to lock local files down must not open home and the temp dir."""
+    gw = make_gateway(allowed_roots=[])
+    r = gw.http.post("/v1/images/image2image", json={"prompt": "x", "image": str(files[1])})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "path_refused", r.text
+    assert "none configured" in r.json()["error"]["message"]
+    nothing_upstream(sandbox)
+
+
+def test_a_deleted_working_folder_refuses_only_relative_paths(gateway, sandbox, files,
+                                                               tmp_path, monkeypatch):
+    """With the gateway's working folder deleted under it, absolute paths still work and a
+    relative path or bare file name is a clear 400, never a 500."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)  # the gateway runs in this process: this is its cwd
+    gone.rmdir()
+    r = gateway.http.post("/v1/images/image2image", json={"prompt": "x", "image": str(files[1])})
+    assert r.status_code == 200, r.text
+    assert sent_images(sandbox)[0]["sha256"] == sha(files[1].read_bytes())
+    trips = sandbox.stats()["round_trips"]
+    for value in ("./photo1.png", "pictures/photo1.png", "photo1.png"):
+        r = gateway.http.post("/v1/images/image2image", json={"prompt": "x", "image": value})
+        assert r.status_code == 400, (value, r.text)
+        error = r.json()["error"]
+        assert (error["param"], error["code"]) == ("image", "path_refused"), value
+        assert "working folder no longer exists" in error["message"]
+        assert "absolute path" in error["message"]
+    assert sandbox.stats()["round_trips"] == trips
 
 
 @pytest.mark.parametrize("body, param, code", [

@@ -76,6 +76,24 @@ def test_unpaid_5xx_pass_through_with_retry_after(gateway, sandbox, status, head
     assert sandbox.stats()["payments_count"] == 0
 
 
+@pytest.mark.parametrize("body", [
+    {"error": {"message": "bad\x1b]52;c;ZXZpbA==\x07\x1b[2J\r\u2028" + "x" * 5000,
+               "code": "evil\x1b[31m"}},
+    "bad\x1b[2J\r" + "y" * 5000,  # not JSON: its first 300 bytes
+])
+def test_an_upstream_message_reaches_clients_as_plain_bounded_text(gateway, sandbox, body):
+    """The upstream's words reach terminals (`clawrouter generate`), agents and the ledger:
+    no terminal escapes (a clipboard write, a cleared screen), no line breaks, bounded."""
+    sandbox.faults({"kind": "respond", "phase": "unpaid", "status": 400, "body": body})
+    r = gen(gateway)
+    assert r.status_code == 400, r.text
+    message, code = error(r)["message"], error(r)["code"]
+    assert message.startswith("Upstream error: bad ") and len(message) < 600
+    assert not any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f or c in "\u2028\u2029"
+                   for c in message + code)
+    assert sandbox.stats()["payments_count"] == 0
+
+
 @pytest.mark.parametrize("body, content_type", [
     ("<html>oops</html>", "text/html"),
     ({"created": 1, "data": []}, None),
@@ -95,6 +113,11 @@ def test_a_paid_200_without_images_is_reported_not_retried(gateway, sandbox, bod
     assert sandbox.stats()["payments_count"] == 1
     assert gen(gateway).status_code == 502  # the same request is not paid again
     assert sandbox.stats()["payments_count"] == 1
+    # Nothing delivered and no receipt: whether it settled is the chain's to say, so the
+    # payment stays pending (reconciled), not counted as settled spend for good.
+    (row,) = rows(gateway)
+    assert row["status"] == "failed_after_payment", row
+    assert gateway.http.get("/v1/spend").json()["today"]["micro"] == 0
 
 
 def test_a_receipt_with_a_malformed_transaction_still_delivers_the_image(gateway, sandbox):

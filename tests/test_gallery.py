@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from tests.conftest import Gateway, Sandbox, gateway_settings
-from tests.servers import ServerThread
+from tests.servers import ServerThread, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps calling Google services.
@@ -285,3 +286,104 @@ def test_load_more_pages_through_older_images(visit: Visit, gateway: Gateway,
     assert urls[0].endswith(names[-1])
     assert visit.remote_requests() == []
     assert visit.errors == []
+
+
+def test_generate_in_the_browser_on_a_gateway_that_defaults_to_base64(
+        visit: Visit, make_gateway: Any) -> None:
+    """`response_format = "b64_json"` in the config is only a default: the page asks for URLs,
+    and still shows an image that comes back as base64 anyway."""
+    gw = make_gateway(response_format="b64_json")
+    page = visit.open(gw.url)
+    cards = page.locator(".grid .grid-item")
+    expect(cards).to_have_count(0)
+    page.select_option("#model", "google/nano-banana")
+    page.fill("#prompt", "a red kite over the dunes")
+    page.click("#generate")
+    expect(cards).to_have_count(1)
+    expect(page.locator(".grid-item.pending")).to_have_count(0)
+    expect(page.locator("#status")).to_have_text(re.compile(r"Done in \d+ s\."))
+    stored = gw.http.get("/v1/images").json()["data"]
+    expect(cards.first.locator("img")).to_have_attribute("src", stored[0]["url"])
+    image_loaded(page, ".grid .grid-item:first-child img")
+
+    # A gateway that ignores the request's format: the image is shown from its bytes.
+    def without_format(route: Route) -> None:
+        body = route.request.post_data_json
+        del body["response_format"]
+        route.fulfill(response=route.fetch(post_data=body))
+
+    page.route("**/v1/images/generations", without_format)
+    page.fill("#prompt", "a blue kite over the dunes")
+    page.click("#generate")
+    expect(cards).to_have_count(2)
+    expect(page.locator(".grid-item.pending")).to_have_count(0)
+    expect(cards.first.locator(".card-prompt")).to_have_text("a blue kite over the dunes")
+    expect(cards.first.locator("img")).to_have_attribute(
+        "src", re.compile(r"^data:image/png;base64,"))
+    image_loaded(page, ".grid .grid-item:first-child img")
+    expect(page.locator("#error")).to_be_hidden()
+    assert visit.errors == []
+
+
+def prefix_proxy(upstream: str, prefix: str) -> Any:
+    """A reverse proxy that serves `upstream` under `prefix` (and nothing else), as one in
+    front of a gateway with public_url https://host/claw would."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        path = scope["path"]
+        if not path.startswith(prefix + "/"):
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b"not behind the prefix"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        query = scope["query_string"].decode()
+        headers = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
+        async with httpx.AsyncClient(base_url=upstream, trust_env=False, timeout=60) as client:
+            resp = await client.request(scope["method"], path[len(prefix):]
+                                        + (f"?{query}" if query else ""),
+                                        headers=headers, content=body)
+        drop = {b"content-length", b"transfer-encoding", b"connection", b"content-encoding"}
+        out = [(k, v) for k, v in resp.headers.raw if k.lower() not in drop]
+        await send({"type": "http.response.start", "status": resp.status_code,
+                    "headers": out + [(b"content-length", str(len(resp.content)).encode())]})
+        await send({"type": "http.response.body", "body": resp.content})
+
+    return app
+
+
+def test_the_page_works_under_a_proxys_path_prefix(visit: Visit, make_gateway: Any) -> None:
+    """Behind a proxy at http://host/claw/ every URL the page uses stays under /claw/."""
+    port = free_port()
+    public = f"http://127.0.0.1:{port}/claw"
+    gw = make_gateway(public_url=public)
+    older = generate(gw, "a harbour seen through the proxy")
+    assert older.startswith(f"{public}/images/")
+    proxy = ServerThread(prefix_proxy(gw.url, "/claw"), port=port).start()
+    try:
+        page = visit.open(public)
+        cards = page.locator(".grid .grid-item")
+        expect(cards).to_have_count(1)
+        image_loaded(page, ".grid .grid-item:first-child img")
+        expect(page.locator("#wallet")).to_have_attribute("title", gw.gw.address)
+        page.select_option("#model", "google/nano-banana")
+        page.fill("#prompt", "a pier seen through the proxy")
+        page.click("#generate")
+        expect(cards).to_have_count(2)
+        expect(page.locator(".grid-item.pending")).to_have_count(0)
+        expect(page.locator("#error")).to_be_hidden()
+        image_loaded(page, ".grid .grid-item:first-child img")
+        assert visit.requests and all(url.startswith(f"{public}/") for url in visit.requests), \
+            visit.requests
+        assert visit.errors == []
+    finally:
+        proxy.stop()

@@ -386,6 +386,24 @@ async def test_data_uri_refusals(root: Path) -> None:
     assert (await resolve(policy, "data:image/png;base64," + b64(padded_png(CAP)))).mime
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+@pytest.mark.parametrize("prefix", ["", "data:image/png;base64,"])
+async def test_wrapped_base64_is_sized_by_its_characters_not_its_line_breaks(
+        root: Path, newline: str, prefix: str) -> None:
+    """Base64 wrapped at 76 columns (MIME, `base64` on the command line) fits the cap exactly
+    as unwrapped base64 does: line breaks are not counted as encoded bytes."""
+    def wrapped(data: bytes) -> str:
+        return prefix + base64.encodebytes(data).decode().replace("\n", newline)
+
+    policy = make_policy(root)
+    near = padded_png(CAP - 2)
+    assert len(wrapped(near)) * 3 // 4 - 2 > CAP  # counting the breaks would refuse it
+    assert (await resolve(policy, wrapped(near))).data == near
+    assert (await resolve(policy, wrapped(padded_png(CAP)))).data == padded_png(CAP)
+    await refused(policy, wrapped(padded_png(CAP + 1)), "image_too_large")
+    await refused(policy, wrapped(padded_png(CAP + 4)), "image_too_large")
+
+
 async def test_raw_base64_refusals(root: Path) -> None:
     policy = make_policy(root)
     error = await refused(policy, "*" * 5000, "invalid_base64")

@@ -159,6 +159,8 @@ def test_runs_the_gateway_in_process_when_none_answers(tmp_path: Path) -> None:
     assert not made.is_error, text(made)
     assert Path(made.structured_content["images"][0]["path"]).read_bytes().startswith(PNG_MAGIC)
     assert made.structured_content["in_process"] is True
+    # Its gateway stopped after the call: no dead URL in the data either, only the file.
+    assert made.structured_content["images"][0]["url"] is None
     # An agent must not report placeholder images bought with sandbox money as real ones.
     assert made.structured_content["sandbox"] is True
     assert "sandbox: no real payment" in text(made) and "USDC on Base" not in text(made)
@@ -167,6 +169,30 @@ def test_runs_the_gateway_in_process_when_none_answers(tmp_path: Path) -> None:
     assert status["spent_today_usd"] == pytest.approx(0.0535)
     # The user's home was used: the wallet file was created there.
     assert (tmp_path / "client-home" / "wallet.key").is_file()
+
+
+def test_a_serve_that_stopped_between_calls_is_replaced_not_reported_as_maybe_paid(
+        tmp_path: Path, gateway: Any, sandbox: Any) -> None:
+    """The session keeps the `serve` it found. Once that stops, the next call's connection is
+    refused: nothing was sent, so the call goes to whatever gateway there is now (here one
+    started in-process on the same upstream) instead of failing with "may have paid"."""
+    env = mcp_env(tmp_path, gateway.url) | {
+        "BLOCKRUN_API_URL": sandbox.api, "CLAWROUTER_NETWORK": "base-sepolia",
+        "CLAWROUTER_RPC_URLS": "[]"}
+
+    async def use(session: ClientSession) -> tuple[Any, Any]:
+        before = await session.call_tool("generate_image", {"prompt": "while serve runs"})
+        await anyio.to_thread.run_sync(gateway.server.stop)
+        return before, await session.call_tool("generate_image", {"prompt": "after it stopped"})
+
+    before, after = with_session(env, use)
+    assert not before.is_error, text(before)
+    assert before.structured_content["in_process"] is False
+    assert "may already have paid" not in text(after)
+    assert not after.is_error, text(after)
+    assert after.structured_content["in_process"] is True
+    assert Path(after.structured_content["images"][0]["path"]).read_bytes().startswith(PNG_MAGIC)
+    assert sandbox.paid() == 2  # one payment per image: the refused attempt paid nothing
 
 
 def test_other_commands_run_between_an_mcp_sessions_calls(tmp_path: Path) -> None:
@@ -247,6 +273,22 @@ def test_skill_recommends_no_retired_model() -> None:
     # and the frontmatter tells an agent when to use the skill
     head = SKILL.read_text().split("---")[1]
     assert "name: imagegen" in head and "Trigger when" in head
+
+
+def test_skill_requests_ask_for_urls() -> None:
+    """The gateway's default format may be b64_json (config): every request the skill shows
+    asks for a URL, or an agent gets megabytes of base64 and no `url` to show."""
+    import json
+    import re
+
+    blocks = re.findall(r"```(\w*)\n(.*?)```", SKILL.read_text(), re.DOTALL)
+    requests = [json.loads(body) for lang, body in blocks
+                if lang == "json" and '"prompt"' in body]
+    assert len(requests) >= 3  # generation, image2image, image2image with a mask
+    for request in requests:
+        assert request.get("response_format") == "url", request
+    calls = [body for lang, body in blocks if lang == "python" and "client.images." in body]
+    assert calls and all('response_format="url"' in body for body in calls)
 
 
 def test_a_cancelled_call_still_stops_its_gateway_and_frees_the_wallet(tmp_path: Path) -> None:

@@ -198,6 +198,42 @@ def test_non_loopback_without_api_key_refuses_to_start(tmp_path, sandbox):
     assert proc.returncode == 2 and "CLAWROUTER_API_KEY" in stderr
 
 
+def test_a_public_url_on_another_host_needs_the_key_and_turns_local_files_off(tmp_path,
+                                                                              sandbox):
+    """Behind a reverse proxy the gateway listens on loopback, but whoever reaches the proxy
+    reaches it: the same rules as listening beyond loopback. A loopback public_url is not
+    a proxy."""
+    image = tmp_path / "in.png"
+    from clawrouter.sandbox.images import make_png
+
+    image.write_bytes(make_png(16, 16, 1))
+    public = "https://pics.example.com"
+    proc, _, _ = run_gateway(tmp_path / "a", sandbox, CLAWROUTER_PUBLIC_URL=public)
+    _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 2 and "CLAWROUTER_API_KEY" in stderr and public in stderr
+    proc, port, _ = run_gateway(tmp_path / "b", sandbox, CLAWROUTER_PUBLIC_URL=public,
+                                CLAWROUTER_API_KEY="s3cret-key")
+    try:
+        assert "ready" in proc.stdout.readline()
+        base, proxied = f"http://127.0.0.1:{port}", {"host": "pics.example.com"}
+        r = httpx.post(base + "/v1/images/image2image", headers=proxied,
+                       json={"prompt": "x", "image": str(image)})
+        assert r.status_code == 401, r.text
+        r = httpx.post(base + "/v1/images/image2image",
+                       headers={**proxied, "authorization": "Bearer s3cret-key"},
+                       json={"prompt": "x", "image": str(image)})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "local_files_disabled"
+    finally:
+        stop(proc)
+    proc, _, _ = run_gateway(tmp_path / "c", sandbox,
+                             CLAWROUTER_PUBLIC_URL="http://localhost:9000/claw")
+    try:
+        assert "ready" in proc.stdout.readline()
+    finally:
+        stop(proc)
+    assert sandbox.stats()["payments_count"] == 0
+
+
 def test_non_loopback_requires_the_key_and_turns_local_files_off(tmp_path, sandbox):
     image = tmp_path / "in.png"
     from clawrouter.sandbox.images import make_png
@@ -256,3 +292,75 @@ def test_bind_skips_an_address_the_machine_lacks(monkeypatch):
     sockets = launch.bind("localhost", 0)
     assert [s.family for s in sockets] == [socket.AF_INET]
     sockets[0].close()
+
+
+def serve_alone(home, *args: str, **env: str) -> subprocess.Popen:
+    """`serve` with its in-process sandbox and no configured key: the data directory's own."""
+    return subprocess.Popen([sys.executable, "-m", "clawrouter", "serve", "--sandbox",
+                             "--port", "0", *args],
+                            env={**os.environ, "CLAWROUTER_HOME": str(home), **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _regular_file(home):
+    home.write_text("not a directory")
+    return f"{home} is a file, not a directory"
+
+
+def _key_is_a_directory(home):
+    (home / "wallet.key").mkdir(parents=True)
+    return f"{home / 'wallet.key'}: it is a directory, not a file"
+
+
+def _damaged_ledger(home):
+    home.mkdir()
+    (home / "ledger-base-sepolia.sqlite3").write_bytes(b"not a database at all " * 20)
+    return f"{home / 'ledger-base-sepolia.sqlite3'} is damaged or not a database"
+
+
+@pytest.mark.parametrize("spoil", [_regular_file, _key_is_a_directory, _damaged_ledger])
+def test_a_data_directory_that_cannot_be_used_is_one_clear_line(tmp_path, spoil):
+    """A data directory that is a file, a key file that is a folder, a damaged ledger: one
+    line naming the file and what to do, exit 2, never a traceback."""
+    home = tmp_path / "home"
+    expected = spoil(home)
+    proc = serve_alone(home)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, stderr
+    assert "Traceback" not in stderr and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("clawrouter: ") and expected in stderr
+    assert "move it away" in stderr
+
+
+def test_serve_says_where_the_key_comes_from_and_to_back_up_a_new_one(tmp_path):
+    """A key made on the first start must be backed up before the wallet is funded; later
+    starts say which file pays. Never the key itself."""
+    home = tmp_path / "home"
+    logs = []
+    for _ in range(2):
+        proc = serve_alone(home)
+        try:
+            assert "ready" in proc.stdout.readline()
+        finally:
+            _, stderr = stop(proc)
+        logs.append([json.loads(line)["message"] for line in stderr.splitlines()])
+    key = (home / "wallet.key").read_text().strip()
+    created, loaded = ([m for m in messages if "wallet key" in m] for messages in logs)
+    assert created == [f"created a new wallet key in {home / 'wallet.key'} (mode 0600): back "
+                       "it up before funding the wallet; it is the only copy of this wallet's "
+                       "key"]
+    assert loaded == [f"wallet key loaded from {home / 'wallet.key'}"]
+    assert key[2:] not in str(logs)
+
+
+def test_the_ready_line_brackets_an_ipv6_address(tmp_path):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    proc = serve_alone(tmp_path / "home", "--host", "::", CLAWROUTER_API_KEY="k")
+    try:
+        line = proc.stdout.readline()
+    finally:
+        _, stderr = stop(proc)
+    if "cannot listen on" in stderr:
+        pytest.skip("IPv6 is off on this machine")
+    assert re.match(r"clawrouter ready on http://\[::\]:\d+/v1 ", line), line

@@ -71,3 +71,36 @@ def test_every_test_security_md_cites_exists() -> None:
     missing = [f"{path}::{name}" for path, name in cited
                if not re.search(rf"^(async )?def {name}\(", (ROOT / path).read_text(), re.M)]
     assert not missing
+
+
+def test_the_dockerfile_healthcheck_follows_the_configured_port(tmp_path):
+    """`docker run -e CLAWROUTER_PORT=9000` must stay healthy: the check asks where `serve`
+    listens by the same settings, not a hard-coded 8402. Run here against a stand-in server."""
+    import json
+    import os
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    text = (ROOT / "Dockerfile").read_text()
+    command = json.loads(re.search(r"^HEALTHCHECK .*?CMD (\[[^\n]*\])$", text, re.M | re.S)[1])
+    assert command[0] == "python"
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
+    env.update(CLAWROUTER_HOME=str(tmp_path), CLAWROUTER_HOST="0.0.0.0")  # as in the image
+    try:
+        for port, healthy in ((server.server_address[1], True), (0, False)):
+            run = subprocess.run([sys.executable, *command[1:]], capture_output=True, timeout=30,
+                                 env={**env, "CLAWROUTER_PORT": str(port)})
+            assert (run.returncode == 0) == healthy, run.stderr
+    finally:
+        server.shutdown()

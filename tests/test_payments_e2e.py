@@ -125,7 +125,8 @@ def test_sdk_retries_after_leaving_a_slow_job_learn_of_it_and_never_pay_again(ga
     assert row["status"] == "rejected"  # held until the chain says it expired unused
 
 
-@pytest.mark.parametrize("stream, upstream_copy", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("stream, upstream_copy",
+                         [(False, False), (True, False), (False, True), (True, True)])
 def test_a_kept_result_whose_image_was_evicted_is_a_clear_410(gateway, sandbox, stream,
                                                                upstream_copy):
     """A repeat within the window gets the first request's outcome; if its image has been
@@ -141,7 +142,10 @@ def test_a_kept_result_whose_image_was_evicted_is_a_clear_410(gateway, sandbox, 
         stored.unlink()  # as eviction would
     again = gateway.http.post("/v1/images/generations", json={**body, "stream": stream},
                               headers=key)
-    if upstream_copy:
+    if upstream_copy and stream:  # a stream carries bytes: it names the copy it cannot send
+        assert again.status_code == 200 and '"code":"image_evicted"' in again.text
+        assert f"upstream's copy: {sandbox.url}" in again.text
+    elif upstream_copy:
         assert again.status_code == 200, again.text
         assert again.json()["data"][0]["url"].startswith(sandbox.url)
     elif stream:
@@ -408,6 +412,28 @@ def test_tampered_challenges_are_still_refused_on_the_preauth_path(gateway, sand
     assert sandbox.stats()["payments_count"] == 1
 
 
+def test_a_refused_preauth_then_a_failed_probe_says_so_and_is_kept_for_its_key(gateway,
+                                                                             sandbox):
+    """The pre-authorized payment is refused (the price changed) and the fresh probe then
+    fails: the client must not read "nothing was paid, retry" (the SDK retries a 503), since
+    the refused payment holds budget and its Idempotency-Key has spent it; a repeat of the key
+    gets that same answer, not a 409 claiming the gateway forgot the outcome."""
+    assert gen(gateway, "warm").status_code == 200
+    sandbox.faults({"kind": "price", "multiply": 2},
+                   {"kind": "respond", "phase": "unpaid", "status": 503, "times": 1,
+                    "body": {"error": "busy"}})
+    key = {"Idempotency-Key": "refused-then-busy"}
+    answers = [gateway.http.post("/v1/images/generations", headers=key,
+                                 json={**COGVIEW, "prompt": "changed"}) for _ in range(2)]
+    for r in answers:
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["payment"] == "rejected" and r.headers["x-should-retry"] == "false"
+        assert "refused this request's pre-authorized payment of $0.01675" in error["message"]
+    assert [row["status"] for row in ledger_rows(gateway)] == ["rejected", "settled"]
+    assert sandbox.stats()["payments_count"] == 1
+
+
 def test_polling_that_never_completes_ends_in_504_with_nothing_settled(make_gateway, sandbox):
     gw = make_gateway(poll_deadline=0.5)
     sandbox.faults({"kind": "job", "outcome": "never"})
@@ -485,6 +511,42 @@ def test_a_ledger_that_cannot_record_an_outcome_never_costs_a_second_payment(
     assert [row["status"] for row in ledger_rows(gw)] == ["signed"]  # "unknown" after restart
 
 
+def test_a_ledger_that_cannot_record_a_payment_sends_none_and_says_a_retry_is_safe(gateway,
+                                                                                 sandbox):
+    """Disk full (or the ledger locked) when a signed payment is recorded: it must not leave,
+    and the client hears a 503 that says nothing was paid and a retry is safe, not a bare 500
+    that says neither; the next request, with the ledger back, pays as usual."""
+    import sqlite3
+
+    class FullDisk:  # the commit fails, as SQLite's does when the disk is full
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def execute(self, sql: str, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.conn.execute(sql, *args)
+
+        def __getattr__(self, name: str):
+            return getattr(self.conn, name)
+
+    ledger = gateway.gw.ledger
+    real, ledger._conn = ledger._conn, FullDisk(ledger._conn)
+    try:
+        r = gateway.http.post("/v1/images/generations", json={**COGVIEW, "prompt": "full"})
+    finally:
+        ledger._conn = real
+    assert r.status_code == 503, r.text
+    error = r.json()["error"]
+    assert error["code"] == "ledger_unavailable" and error["payment"] == "none"
+    assert "database or disk is full" in error["message"]
+    assert r.headers["x-should-retry"] == "true" and r.headers["retry-after"] == "5"
+    assert sandbox.stats()["payments_count"] == 0 and ledger_rows(gateway) == []
+    r = gateway.http.post("/v1/images/generations", json={**COGVIEW, "prompt": "full"})
+    assert r.status_code == 200, r.text
+    assert sandbox.stats()["payments_count"] == 1
+
+
 def test_kill_9_during_a_paid_request_leaves_an_unknown_row_that_the_chain_settles(tmp_path,
                                                                                  sandbox):
     port = free_port()
@@ -499,6 +561,8 @@ def test_kill_9_during_a_paid_request_leaves_an_unknown_row_that_the_chain_settl
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
         line = proc.stdout.readline()
+        if "created a new wallet key" in line:  # the first start's log line says so
+            line = proc.stdout.readline()
         assert "ready" in line, line
         return proc
 

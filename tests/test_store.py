@@ -181,6 +181,56 @@ def test_crash_leftovers_are_cleaned_recovered_or_dropped_at_open(tmp_path: Path
         assert httpx.get(f"{server.url}/images/{content_id(recovered)}.png").content == recovered
 
 
+def test_a_file_without_a_row_is_deleted_only_if_its_bytes_are_wrong(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """At open, a file that cannot be read now (too many open files, a permission) may be an
+    image someone paid for: it is left for the next start, never deleted as corrupt; and one
+    that another process (a gateway sharing the store) removes meanwhile is no error."""
+    import errno
+
+    unreadable, vanishing = png(1000, 1), png(1000, 2)
+    paths = [tmp_path / f"{content_id(data)}.png" for data in (unreadable, vanishing)]
+    for path, data in zip(paths, (unreadable, vanishing)):
+        path.write_bytes(data)
+    real = Path.read_bytes
+
+    def read_bytes(self: Path) -> bytes:
+        if self == paths[0]:
+            raise OSError(errno.EMFILE, "Too many open files")
+        if self == paths[1]:
+            self.unlink()  # evicted by the other gateway just now
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+    async def reopen() -> list[str]:
+        async with ImageStore(tmp_path) as store:
+            return [r["name"] for r in await store.ls()]
+
+    assert run(reopen()) == []
+    assert paths[0].exists()  # still there, for the next start
+    monkeypatch.setattr(Path, "read_bytes", real)
+    assert run(reopen()) == [paths[0].name]  # readable again: recovered
+
+
+def test_a_damaged_index_is_moved_aside_and_rebuilt_from_the_files(tmp_path: Path) -> None:
+    """The images are files named by their hash: a damaged index (a disk error, a bad copy)
+    loses their prompts, never the images, and never stops the gateway from starting."""
+    images = run(put_all(tmp_path, png(1000, 1), png(1000, 2)))
+    index = next(tmp_path.glob("*.sqlite3"))
+    index.write_bytes(b"not a database, " * 100)
+
+    async def reopen() -> list[dict]:
+        async with ImageStore(tmp_path) as store:
+            return await store.ls()
+
+    listed = run(reopen())
+    assert sorted(r["name"] for r in listed) == sorted(i.name for i in images)
+    assert {r["source"] for r in listed} == {"recovered"}
+    (aside,) = tmp_path.glob(f"{index.name}.damaged-*")
+    assert aside.read_bytes().startswith(b"not a database")
+
+
 def test_a_row_whose_file_vanished_is_dropped_at_open(tmp_path: Path) -> None:
     gone, stays = run(put_all(tmp_path, png(1000, 1), png(1000, 2)))
     gone.path.unlink()

@@ -1,4 +1,6 @@
+import multiprocessing
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +50,41 @@ def test_malformed_keys_are_clear_errors_that_never_echo_the_key(tmp_path, bad):
     (tmp_path / "wallet.key").write_text(bad)
     with pytest.raises(WalletError, match="wallet.key"):
         load_wallet(tmp_path, None)
+
+
+def _load_in_rounds(homes: list[str], barrier, results) -> None:
+    """One of two racing processes: each round, both load the wallet of a fresh home at once."""
+    for home in homes:
+        barrier.wait()
+        try:
+            results.put((home, load_wallet(Path(home), None).key))
+        except Exception as exc:  # reported to the test, which fails on it
+            results.put((home, f"error: {exc}"))
+
+
+def test_two_processes_creating_the_first_key_agree_on_it(tmp_path):
+    """Two gateways (or a gateway and `wallet create`) starting together on a new machine: the
+    loser of the race reads the winner's complete key, never a half-written or empty file."""
+    ctx = multiprocessing.get_context("spawn")
+    rounds = 40
+    homes = [str(tmp_path / f"home{i}") for i in range(rounds)]
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    workers = [ctx.Process(target=_load_in_rounds, args=(homes, barrier, results))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        seen: dict[str, set[str]] = {}
+        for _ in range(2 * rounds):
+            home, got = results.get(timeout=60)
+            seen.setdefault(home, set()).add(got)
+    finally:
+        for worker in workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.kill()
+    for home, keys in seen.items():
+        (key,) = keys  # the same key for both
+        assert not key.startswith("error"), (home, key)
+        assert (Path(home) / "wallet.key").read_text() == key + "\n"
+        assert [p.name for p in Path(home).iterdir()] == ["wallet.key"]  # no temp file left

@@ -23,7 +23,9 @@ from pydantic import Field, ValidationError
 
 from clawrouter import __version__, catalog
 from clawrouter.cli import models as model_table
-from clawrouter.cli.client import Gateway, GatewayError, ImageResult, connect, source_arg
+from clawrouter.cli.client import (
+    UNREACHABLE, Gateway, GatewayError, ImageResult, connect, source_arg,
+)
 from clawrouter.validate import MAX_N
 
 #: How long a tool call waits for another command's gateway to let go of the wallet's ledger
@@ -85,22 +87,30 @@ class Connection:
     async def run(self, use: Callable[[Gateway], Awaitable[T]]) -> T:
         """Run one gateway call; its refusals become tool errors with the gateway's message.
 
-        The failed call is not retried: it may have paid.
+        A failed call is not retried, as it may have paid, unless it provably sent nothing:
+        a running gateway (a `serve`) that has since stopped refuses the connection. Then it
+        is forgotten and the call made once more, on whatever gateway answers (or starts) now.
         """
-        gateway = await self._acquire()
-        gone = False
-        try:
-            return await use(gateway)
-        except GatewayError as exc:
-            gone = exc.code == "connection_error" and not gateway.in_process
-            code = f" (code: {exc.code})" if exc.code else ""
-            raise ToolError(f"clawrouter: {exc.message}{code}") from None
-        finally:
-            # A cancelled call (the agent's timeout) must still give its gateway back: an
-            # unshielded await here is cancelled at once, and the gateway would keep running
-            # and hold the wallet's ledger for the rest of the session.
-            with anyio.move_on_after(RELEASE_WAIT, shield=True):
-                await self._release(gateway, gone=gone)
+        for attempt in (1, 2):
+            gateway = await self._acquire()
+            gone, posted = False, gateway.posted
+            try:
+                return await use(gateway)
+            except GatewayError as exc:
+                # nothing of this call left (its paid request, if any, was never sent)
+                unsent = exc.code == UNREACHABLE and gateway.posted == posted
+                gone = not gateway.in_process and exc.code in ("connection_error", UNREACHABLE)
+                if gone and unsent and attempt == 1:
+                    continue  # `finally` forgets the gone gateway first
+                code = f" (code: {exc.code})" if exc.code else ""
+                raise ToolError(f"clawrouter: {exc.message}{code}") from None
+            finally:
+                # A cancelled call (the agent's timeout) must still give its gateway back: an
+                # unshielded await here is cancelled at once, and the gateway would keep
+                # running and hold the wallet's ledger for the rest of the session.
+                with anyio.move_on_after(RELEASE_WAIT, shield=True):
+                    await self._release(gateway, gone=gone)
+        raise AssertionError("unreachable")  # the second attempt returns or raises
 
     async def aclose(self) -> None:
         if self._gateway is not None:
@@ -237,7 +247,17 @@ async def _image_result(verb: str, result: ImageResult, inline: bool) -> CallToo
                     ".gif": "image/gif"}.get(Path(image.path).suffix, "image/png")
             content.append(ImageContent(type="image", mime_type=mime,
                                         data=base64.b64encode(data).decode("ascii")))
-    return CallToolResult(content=content, structured_content=result.to_json())
+    return CallToolResult(content=content, structured_content=structured(result))
+
+
+def structured(result: ImageResult) -> dict[str, Any]:
+    """The result as data. A gateway started for the call stopped after it, so its images'
+    URLs (on its ephemeral port) are dead: null, like the text that leaves them out."""
+    data = result.to_json()
+    if result.in_process:
+        for image in data["images"]:
+            image["url"] = None
+    return data
 
 
 def wallet_summary(health: dict[str, Any], spend: dict[str, Any],

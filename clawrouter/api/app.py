@@ -79,7 +79,7 @@ class Gateway:
 def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     wallet = load_wallet(settings.home, settings.wallet_key.get_secret_value()
-                         if settings.wallet_key else None)
+                         if settings.wallet_key else None, settings.wallet_key_source)
     signer = Signer(wallet.key)
     store = ImageStore.from_settings(settings)
     ledger = Ledger(settings.ledger_path, chain_network=chain_network(settings))

@@ -376,7 +376,7 @@ async def _read_form(request: Request,
     # A text field may be an image as a data URI: its base64 is 4/3 of the image's bytes.
     form = await read_multipart(request, max_files=32, max_fields=200, max_text_bytes=4 * (
         settings.max_image_bytes // 3 + 1) + _DATA_URI_HEAD, file_fields=_FILE_FIELDS)
-    uploads: list[SourceImage] = []
+    images: list[str | bytes] = []  # uploads and text fields alike, in the form's order
     mask: SourceImage | None = None
     fields: dict[str, Any] = {}
     try:
@@ -393,11 +393,11 @@ async def _read_form(request: Request,
                         raise _twice(key)
                     mask = SourceImage("mask", data)
                 else:
-                    uploads.append(SourceImage(f"image[{len(uploads)}]", data))
+                    images.append(data)
             elif value == "":
                 continue  # blank form fields mean unset
             elif key in ("image", "image[]"):
-                fields.setdefault("image", []).append(value)
+                images.append(value)
             elif key in fields:  # which one would be paid for? (repeated images are meant)
                 raise _twice(key)
             else:
@@ -406,8 +406,10 @@ async def _read_form(request: Request,
         await form.close()
     if mask is not None and "mask" in fields:
         raise _twice("mask")
-    if len(uploads) == 1 and "image" not in fields:
-        uploads = [SourceImage("image", uploads[0].value)]
+    # Numbered by place in the form, whichever kind each is: the upstream gets them in that
+    # order, and an error's `param` points at the right one.
+    uploads = ([SourceImage("image", images[0])] if len(images) == 1 else
+               [SourceImage(f"image[{i}]", value) for i, value in enumerate(images)])
     try:
         return EditBody.model_validate(fields), uploads, mask
     except ValidationError as exc:

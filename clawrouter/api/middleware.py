@@ -20,6 +20,7 @@ from clawrouter.errors import BodyTooLarge, ClawError, Forbidden, Unauthorized
 
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 HEALTH_PATHS = frozenset({"/health", "/healthz", "/readyz"})
+_IMAGE_URL = re.compile(r"/images/[^/]+")  # one stored image (`/images/` lists nothing)
 
 
 def new_request_id() -> str:
@@ -99,7 +100,7 @@ class BrowserGuard:
         error = None
         if self.loopback_only and host and not self._host_allowed(host):
             error = Forbidden(f"Host {host!r} is not this gateway's: it answers on loopback "
-                              "names only (set public_url to serve behind a proxy).",
+                              "names only (behind a proxy, set public_url and an API key).",
                               code="forbidden_host")
         elif scope["method"] not in ("GET", "HEAD", "OPTIONS"):
             origin = headers.get(b"origin", b"").decode("latin-1").lower()
@@ -122,7 +123,10 @@ class BrowserGuard:
 class ApiKey:
     """Require `Authorization: Bearer <key>` on every route but the health checks, which
     answer anyone (load balancers, container probes) but tell only the key's holders more
-    than "ok" (`state["authorized"]`, read by `/health`)."""
+    than "ok" (`state["authorized"]`, read by `/health`), and the images' own URLs. Those are
+    capabilities, as OpenAI's result URLs are: handed only to the key's holders, named by 128
+    bits of their content's hash, and fetched by browsers (`<img>`), viewers and other
+    programs that cannot send the key."""
 
     def __init__(self, app: ASGIApp, *, key: str) -> None:
         self.app = app
@@ -138,6 +142,9 @@ class ApiKey:
                                                                          self.expected)
         if scope["path"] in HEALTH_PATHS:
             state(scope)["authorized"] = authorized
+            await self.app(scope, receive, send)
+            return
+        if _IMAGE_URL.fullmatch(scope["path"]) and scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
         if not authorized:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 
 from clawrouter import __version__
-from clawrouter.cli.common import CommandError
+from clawrouter.cli.common import CommandError, file_problem
 from clawrouter.launch import AddressInUse
 from clawrouter.payment.ledger import LedgerBusy
 from clawrouter.payment.wallet import WalletError
@@ -51,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except (WalletError, LedgerBusy, AddressInUse) as exc:  # messages never contain a key
         print(f"clawrouter: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, sqlite3.DatabaseError) as exc:
+        # A data directory that cannot be written, a file where a folder goes, a damaged
+        # ledger: one line naming the file and the fix. Anything else is a bug: traceback.
+        message = file_problem(exc)
+        if message is None:
+            raise
+        print(f"clawrouter: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

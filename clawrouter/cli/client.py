@@ -37,7 +37,8 @@ from clawrouter.config import Settings, is_loopback_host
 from clawrouter.errors import InvalidRequest
 from clawrouter.inputs.addresses import is_public_address
 from clawrouter.inputs.image import checked_image
-from clawrouter.inputs.paths import read_local_image
+from clawrouter.inputs.forms import Form, classify
+from clawrouter.inputs.paths import path_from_file_url, read_local_image
 from clawrouter.inputs.policy import InputPolicy
 from clawrouter.inputs.refusals import LOCAL_FILES_DISABLED
 from clawrouter.payment.ledger import Holder, LedgerBusy, holder, in_use, lock_path
@@ -56,6 +57,8 @@ URL_HELP = ("gateway URL (default $CLAWROUTER_URL, else where `clawrouter serve`
             "your settings: http://127.0.0.1:8402 unless CLAWROUTER_PORT or config.toml say "
             "otherwise)")
 #: Said whenever a paid request ends without an answer: a retry might pay again.
+#: the code of a request that could not connect to the gateway, so never left this process
+UNREACHABLE = "gateway_unreachable"
 MAYBE_PAID = ("The gateway may already have paid for it: check `clawrouter stats` (or "
               "GET /v1/spend) before asking again.")
 DEFAULT_OUT = "~/Pictures/clawrouter"
@@ -130,13 +133,28 @@ def model_id(name: str | None, default: str) -> str:
 
 
 def source_arg(value: str) -> str:
-    """URLs and data URIs pass through; a local path becomes absolute (the gateway's cwd
-    differs from ours)."""
-    return str(Path(value).expanduser().resolve()) if _is_path(value) else value
+    """A local path (or `file://` URL, as its path) made absolute, since the gateway's working
+    folder differs from ours; any other form the gateway takes (URLs, data URIs, base64) as
+    given. Told apart by the gateway's own `classify`, so both read a value the same way."""
+    form = classify(value)
+    if form is Form.FILE_URL:
+        try:
+            path = path_from_file_url(value.strip(), param="image")
+        except InvalidRequest:  # names a host: the gateway refuses it, saying why
+            return value
+    elif form in _PATHS:
+        path = value.strip()
+    else:
+        return value
+    return str(Path(path).expanduser().resolve())
+
+
+#: the forms the gateway reads as a local file's path
+_PATHS = frozenset({Form.PATH, Form.BARE_NAME})
 
 
 def _is_path(source: str) -> bool:
-    return not source.startswith(("http://", "https://", "data:"))
+    return classify(source) in _PATHS
 
 
 @dataclass
@@ -263,7 +281,7 @@ class Gateway:
         self.url = url
         self.local = local
         #: a paid request was sent: if it ends without an answer, it may have been paid
-        self.posted = False
+        self.posted = 0  # POSTs that left (or may have): paid requests, maybe paid
         self._policy: InputPolicy | None = None  # for local files sent as data (`_sendable`)
         self.http = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, trust_env=False,
                                       headers=auth_headers(local.settings if local else settings))
@@ -337,9 +355,15 @@ class Gateway:
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         maybe_paid = f" {MAYBE_PAID}" if method == "POST" else ""
-        self.posted = self.posted or method == "POST"
+        posting = method == "POST"
+        self.posted += posting  # counted as it leaves: an interrupted one may have paid
         try:
             resp = await self.http.request(method, path, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # it never left
+            self.posted -= posting
+            raise GatewayError(f"Could not connect to the gateway at {self.url} ({exc}): "
+                               f"nothing was sent, so nothing was paid.",
+                               code=UNREACHABLE) from None
         except httpx.TimeoutException:
             raise GatewayError(f"The gateway at {self.url} did not answer {path} in time."
                                f"{maybe_paid}", code="timeout") from None

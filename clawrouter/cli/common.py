@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
 from clawrouter.config import Settings, load_settings
+
+#: the data directory of the settings this command loaded: a file there that cannot be used
+#: is explained with what to do about the data directory (`file_problem`)
+_home: Path | None = None
+
+#: sqlite errors about the database file itself (not about our SQL, which are bugs)
+_FILE_ERRORS = {"SQLITE_NOTADB": "is damaged or not a database",
+                "SQLITE_CORRUPT": "is damaged",
+                "SQLITE_CANTOPEN": "cannot be opened",
+                "SQLITE_READONLY": "is read-only",
+                "SQLITE_PERM": "cannot be written (permission denied)",
+                "SQLITE_IOERR": "cannot be read or written (an I/O error)",
+                "SQLITE_FULL": "cannot grow: the disk is full"}
 
 
 class CommandError(Exception):
@@ -18,10 +33,65 @@ class CommandError(Exception):
 
 
 def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
+    global _home
     try:
-        return load_settings(getattr(args, "config", None), **overrides)
+        settings = load_settings(getattr(args, "config", None), **overrides)
     except (ValueError, FileNotFoundError) as exc:
         raise CommandError(2, f"invalid configuration: {exc}") from None
+    _home = settings.home
+    return settings
+
+
+def file_problem(exc: BaseException) -> str | None:
+    """One line for a file the command cannot use (the data directory not writable, or a
+    file, a damaged ledger...), naming it and what to do; None for anything else (a bug, a
+    network error), whose traceback is worth more than a guess."""
+    if isinstance(exc, sqlite3.DatabaseError):
+        what = _FILE_ERRORS.get(getattr(exc, "sqlite_errorname", ""))
+        if what is None:
+            return None
+        path = _database_path(exc)
+        name = str(path) if path else "a database in the data directory"
+        fix = ("make the data directory writable by you, or set CLAWROUTER_HOME"
+               if "damaged" not in what else "restore it from a backup, or move it away to "
+               "start afresh" + (" (it holds the spend history the budgets count)"
+                                 if path and path.name.startswith("ledger") else ""))
+        return f"{name} {what} ({exc}): {fix}"
+    if not isinstance(exc, OSError) or not exc.filename:
+        return None
+    path, reason = Path(exc.filename), exc.strerror or str(exc)
+    fix = "make the data directory writable by you"
+    file = _file_in_the_way(path) if isinstance(exc, (FileExistsError,
+                                                      NotADirectoryError)) else None
+    if file is not None:
+        problem, fix = f"cannot use {path}: {file} is a file, not a directory", "move it away"
+    elif isinstance(exc, IsADirectoryError):
+        problem, fix = f"cannot use {path}: it is a directory, not a file", "move it away"
+    else:
+        problem = f"cannot use {path}: {reason}"
+    if _home is None or not (path == _home or _home in path.parents):
+        return problem  # not the data directory's: the fix is the user's to judge
+    return f"{problem} — {fix}, or set CLAWROUTER_HOME to another data directory"
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The file that stands where `path` or one of its folders should be a directory."""
+    for part in (*reversed(path.parents), path):
+        if part.exists() and not part.is_dir():
+            return part
+    return None
+
+
+def _database_path(exc: BaseException) -> Path | None:
+    """The file of the database that failed: sqlite's errors do not say, but the objects
+    that open ours (the ledger, the image index) keep it as `path`."""
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        path = getattr(tb.tb_frame.f_locals.get("self"), "path", None)
+        if isinstance(path, Path):
+            found = path
+        tb = tb.tb_next
+    return found
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

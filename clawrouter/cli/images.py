@@ -13,6 +13,7 @@ from clawrouter.catalog import format_usd
 from clawrouter.cli.common import at_least, settings_from
 from clawrouter.payment.ledger import holder, in_use, lock_path
 from clawrouter.payment.networks import NETWORKS
+from clawrouter.plaintext import one_line
 from clawrouter.store import ImageStore
 
 
@@ -54,8 +55,7 @@ def run_ls(args: argparse.Namespace) -> int:
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"]))
         cost = format_usd(row.get("cost_micro") or 0)
-        prompt = (row.get("prompt") or "").replace("\n", " ")
-        prompt = prompt[:50] + ("…" if len(prompt) > 50 else "")
+        prompt = one_line(row.get("prompt") or "", 51)  # a prompt may hold terminal escapes
         print(f"{when}  {row['name']}  {row.get('model') or '-':<28} {row.get('size') or '-':>9}"
               f"  {cost}  {prompt}")
         print(f"{'':18}{row['path']}")

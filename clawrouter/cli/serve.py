@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 from typing import Any
 
-from clawrouter.config import Settings
+from clawrouter.config import Settings, url_host
 from clawrouter.launch import SANDBOX_NETWORK, bind, run_async, start_gateway
-from clawrouter.cli.common import settings_from
+from clawrouter.cli.common import CommandError, file_problem, settings_from
+from clawrouter.payment.wallet import WalletKey
+
+log = logging.getLogger("clawrouter.serve")
 
 
 def register(commands: Any) -> None:
@@ -55,19 +59,39 @@ async def serve(settings: Settings) -> int:
     from clawrouter.observe import setup_logging
 
     setup_logging(settings.log_level)
-    if not settings.loopback and not settings.api_key:
-        print(f"clawrouter: refusing to listen on {settings.host} without an API key: set "
-              "CLAWROUTER_API_KEY (clients then send 'Authorization: Bearer <key>').",
-              file=sys.stderr)
+    if settings.exposed and not settings.api_key:
+        where = (f"listen on {settings.host}" if not settings.loopback
+                 else f"serve {settings.public_url} (public_url)")
+        print(f"clawrouter: refusing to {where} without an API key: set CLAWROUTER_API_KEY "
+              "(clients then send 'Authorization: Bearer <key>').", file=sys.stderr)
         return 2
-    running = await start_gateway(settings, advertise=True)
+    try:
+        running = await start_gateway(settings, advertise=True)
+    except (OSError, sqlite3.DatabaseError) as exc:  # the data directory, the ledger
+        message = file_problem(exc)
+        if message is None:
+            raise
+        raise CommandError(2, message) from None
+    report_wallet(running.app.state.gw.wallet, running.settings)
     mode = " (sandbox: no real payments)" if running.sandbox else ""
-    host = "localhost" if settings.loopback else settings.host
+    host = "localhost" if settings.loopback else url_host(settings.host or "0.0.0.0")
     print(f"clawrouter ready on http://{host}:{running.port}/v1 — wallet "
           f"{running.app.state.gw.address} — upstream {running.settings.upstream_url}{mode}",
           flush=True)
     await running.wait()
     return 0
+
+
+def report_wallet(wallet: WalletKey, settings: Settings) -> None:
+    """Say which key pays (never the key): a key made just now must be backed up before the
+    wallet is funded, and a key from the environment hides the file's."""
+    if wallet.source == "created":
+        log.warning("created a new wallet key in %s (mode 0600): back it up before funding "
+                    "the wallet; it is the only copy of this wallet's key", wallet.path)
+    elif wallet.source == "file":
+        log.info("wallet key loaded from %s", wallet.path)
+    else:
+        log.info("wallet key from %s", settings.wallet_key_source)
 
 
 def run_sandbox(args: argparse.Namespace) -> int:

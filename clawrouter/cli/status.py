@@ -132,7 +132,8 @@ async def doctor(config: str | None = None) -> list[Check]:
     checks = [Check("config", "ok", f"loaded (file {source}"
                     + ("" if Path(source).is_file() else ", not present: defaults") + ")")]
     key = settings.wallet_key.get_secret_value() if settings.wallet_key else None
-    checks.append(await asyncio.to_thread(check_wallet, settings.home, key))
+    checks.append(await asyncio.to_thread(check_wallet, settings.home, key,
+                                          settings.wallet_key_source))
     checks.append(await asyncio.to_thread(check_data_dir, settings.home))
     port_check, health = await check_port(settings)
     checks.append(port_check)
@@ -141,17 +142,19 @@ async def doctor(config: str | None = None) -> list[Check]:
     return checks
 
 
-def check_wallet(home: Path, configured_key: str | None) -> Check:
-    """A configured key (BLOCKRUN_WALLET_KEY) wins over the file, as in `serve`."""
+def check_wallet(home: Path, configured_key: str | None,
+                 source: str = "BLOCKRUN_WALLET_KEY") -> Check:
+    """A configured key (BLOCKRUN_WALLET_KEY, or `wallet_key` in the TOML file: `source`)
+    wins over the file, as in `serve`."""
     from clawrouter.payment.wallet import WalletError, check_key
 
     if configured_key:
         try:
-            check_key(configured_key, "BLOCKRUN_WALLET_KEY")
+            check_key(configured_key, source)
         except WalletError as exc:
-            return Check("wallet", "fail", str(exc), "set BLOCKRUN_WALLET_KEY to 0x + 64 hex "
-                         "characters, or unset it to use the wallet file")
-        return Check("wallet", "ok", "key from BLOCKRUN_WALLET_KEY (the file is not used)")
+            return Check("wallet", "fail", str(exc), f"set {source} to 0x + 64 hex "
+                         "characters, or remove it to use the wallet file")
+        return Check("wallet", "ok", f"key from {source} (the file is not used)")
     path = home / "wallet.key"
     if not path.is_file():
         return Check("wallet", "fail", f"{path} does not exist",

@@ -121,9 +121,9 @@ def key_in_use(settings: Settings) -> KeyInUse | None:
     """The key the gateway would pay with, or None when it would create a new one."""
     path = settings.home / KEY_FILE
     if settings.wallet_key is not None:
-        env = bool(os.environ.get(ENV_KEY))
-        key = check_key(settings.wallet_key.get_secret_value(), ENV_KEY if env else "wallet_key")
-        return KeyInUse(key, "env" if env else "setting", path)
+        source = settings.wallet_key_source
+        key = check_key(settings.wallet_key.get_secret_value(), source)
+        return KeyInUse(key, "env" if source == ENV_KEY else "setting", path)
     if path.exists():
         return KeyInUse(check_key(path.read_text(), str(path)), "file", path)
     return None
@@ -139,7 +139,7 @@ def _override_note(settings: Settings, path: Path) -> str | None:
     """A note for create/import when the file is not the key in use."""
     if settings.wallet_key is None:
         return None
-    name = ENV_KEY if os.environ.get(ENV_KEY) else "the wallet_key setting"
+    name = settings.wallet_key_source
     return (f"note: {name} is set, so the gateway pays with that key, not with {path}, "
             f"until it is unset.")
 

@@ -55,12 +55,15 @@ class JudgedFile:
         return self.stat.st_size
 
 
-def read_local_image(raw: str, policy: InputPolicy, *, cwd: Path, param: str) -> bytes:
-    """Bytes of the file `raw` names (absolute, `~/…` or relative to `cwd`), if policy allows."""
+def read_local_image(raw: str, policy: InputPolicy, *, cwd: Path | None,
+                     param: str) -> bytes:
+    """Bytes of the file `raw` names (absolute, `~/…` or relative to `cwd`), if policy allows.
+
+    `cwd` None means the process's working folder, looked up only for a relative path."""
     return read_judged(judge_local_image(raw, policy, cwd=cwd, param=param), param=param)
 
 
-def open_local_image(raw: str, policy: InputPolicy, *, cwd: Path, param: str,
+def open_local_image(raw: str, policy: InputPolicy, *, cwd: Path | None, param: str,
                      read_up_to: int) -> bytes | JudgedFile:
     """Judge `raw`; a file of at most `read_up_to` bytes is read at once (one thread hop), a
     bigger one is returned judged, for `read_judged` once there is room for it."""
@@ -68,7 +71,8 @@ def open_local_image(raw: str, policy: InputPolicy, *, cwd: Path, param: str,
     return read_judged(judged, param=param) if judged.size <= read_up_to else judged
 
 
-def judge_local_image(raw: str, policy: InputPolicy, *, cwd: Path, param: str) -> JudgedFile:
+def judge_local_image(raw: str, policy: InputPolicy, *, cwd: Path | None,
+                      param: str) -> JudgedFile:
     """The regular file within the cap that `raw` names, judged by the policy before its stat."""
     real = _judged_path(raw, policy, cwd=cwd, param=param)
     shown = shorten(raw)
@@ -108,12 +112,12 @@ def read_judged(judged: JudgedFile, *, param: str) -> bytes:
     return data
 
 
-def bare_name_exists(name: str, policy: InputPolicy, *, cwd: Path, param: str) -> bool:
+def bare_name_exists(name: str, policy: InputPolicy, *, cwd: Path | None, param: str) -> bool:
     """Whether a bare name (no folder in it) names something in `cwd`, asked only once the
     policy allows the path: a refusal here does not depend on whether the file exists, so
     names cannot probe for files outside the roots."""
     _judged_path(name, policy, cwd=cwd, param=param)
-    return os.path.lexists(cwd / name)
+    return os.path.lexists(working_folder(cwd, param=param) / name)
 
 
 def _open_judged(real: Path) -> int:
@@ -136,13 +140,14 @@ def _open_judged(real: Path) -> int:
             os.close(fd)
 
 
-def _judged_path(raw: str, policy: InputPolicy, *, cwd: Path, param: str) -> Path:
+def _judged_path(raw: str, policy: InputPolicy, *, cwd: Path | None, param: str) -> Path:
     """The real path `raw` points to, or a refusal saying which rule it breaks."""
     shown = shorten(raw)
     if not raw or "\0" in raw or not _fs_encodable(raw):
         refuse("empty or malformed path", param=param, code=PATH_REFUSED)
     written = os.path.expanduser(raw)
-    given = Path(written) if os.path.isabs(written) else cwd / written
+    given = (Path(written) if os.path.isabs(written)
+             else working_folder(cwd, param=param) / written)
     roots = _with_resolved(policy.roots)
     forbidden = _with_resolved(policy.forbidden)
 
@@ -168,6 +173,22 @@ def _judged_path(raw: str, policy: InputPolicy, *, cwd: Path, param: str) -> Pat
         refuse(f"{shown!r} resolves into a hidden file or folder ({shorten(hidden, 40)!r})",
                param=param, code=PATH_REFUSED)
     return real
+
+
+def working_folder(cwd: Path | None, *, param: str) -> Path:
+    """The folder relative paths and bare names are read from: `cwd`, else the process's.
+
+    Asked only when a relative path needs it, so absolute paths keep working after that folder
+    was deleted under the gateway (`os.getcwd()` then fails); a relative one is then a 400.
+    """
+    if cwd is not None:
+        return cwd
+    try:
+        return Path(os.getcwd())
+    except OSError:
+        refuse("the gateway's working folder no longer exists, so relative paths and bare "
+               "file names cannot be read; give the file's absolute path", param=param,
+               code=PATH_REFUSED)
 
 
 def _fs_encodable(raw: str) -> bool:

@@ -27,7 +27,7 @@ class InputPolicy:
     connect_timeout: float = 5.0
     total_timeout: float = 30.0
     max_redirects: int = 3
-    cwd: Path | None = None  # base for relative paths; None = os.getcwd() at call time
+    cwd: Path | None = None  # base for relative paths; None = os.getcwd(), when one needs it
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "InputPolicy":

@@ -8,7 +8,6 @@ once the caller has room for it (`api/heavy.py`). `resolve` does both at once.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -162,8 +161,8 @@ class InputResolver:
         image file was clearly meant, else "not recognised".
         """
         try:
-            return await asyncio.to_thread(bare_name_exists, name, self.policy, cwd=self._cwd(),
-                                           param=param)
+            return await asyncio.to_thread(bare_name_exists, name, self.policy,
+                                           cwd=self.policy.cwd, param=param)
         except InvalidRequest:
             if meant_a_file:
                 raise
@@ -171,8 +170,9 @@ class InputResolver:
 
     async def _open_file(self, path: str, *, param: str) -> bytes | Pending:
         self._require_local_files(param)
-        found = await asyncio.to_thread(open_local_image, path, self.policy, cwd=self._cwd(),
-                                        param=param, read_up_to=READ_AT_ONCE)
+        found = await asyncio.to_thread(open_local_image, path, self.policy,
+                                        cwd=self.policy.cwd, param=param,
+                                        read_up_to=READ_AT_ONCE)
         if isinstance(found, bytes):
             return found
         return Pending(param, found.size, self.policy.max_bytes,
@@ -189,9 +189,6 @@ class InputResolver:
             refuse("local files are disabled on this gateway (allow_local_files); send a URL, "
                    "a data URI, base64 or an uploaded file", param=param,
                    code=LOCAL_FILES_DISABLED)
-
-    def _cwd(self) -> Path:
-        return self.policy.cwd if self.policy.cwd is not None else Path(os.getcwd())
 
     def _unrecognized(self, value: str) -> str:
         forms = ["an http(s) URL", "a data URI (data:<mime>;base64,<payload>)",

@@ -50,15 +50,23 @@ def check_key(key: str, where: str) -> str:
     return key
 
 
-def load_wallet(home: Path, env_key: str | None) -> WalletKey:
+def load_wallet(home: Path, env_key: str | None,
+                where: str = "BLOCKRUN_WALLET_KEY") -> WalletKey:
+    """The configured key (`env_key`, set in `where`: named when it is malformed), else the
+    data directory's key file, else a new one created there."""
     if env_key:
-        return WalletKey(check_key(env_key, "BLOCKRUN_WALLET_KEY"), "env")
+        return WalletKey(check_key(env_key, where), "env")
     path = home / "wallet.key"
-    if path.exists():
-        key = check_key(path.read_text(), str(path))
-        _keep_private(path)
-        return WalletKey(key, "file", path)
-    return WalletKey(create_key_file(path), "created", path)
+    if not path.exists():
+        try:
+            return WalletKey(create_key_file(path), "created", path)
+        except FileExistsError:  # another process created it first: its key is complete
+            if not path.exists():  # not there to read, yet there: a broken link, say
+                raise WalletError(f"{path} exists but cannot be read (a broken link?); move "
+                                  "it away, or set BLOCKRUN_WALLET_KEY") from None
+    key = check_key(path.read_text(), str(path))
+    _keep_private(path)
+    return WalletKey(key, "file", path)
 
 
 def _keep_private(path: Path) -> None:
@@ -75,17 +83,36 @@ def _keep_private(path: Path) -> None:
 
 
 def create_key_file(path: Path) -> str:
-    """Write a fresh key with mode 0600, durably; refuse to replace an existing file."""
+    """Write a fresh key with mode 0600, durably; `FileExistsError` if `path` exists.
+
+    The key is written and synced under a temporary name, then linked into place: a process
+    racing to create the first key (two gateways starting together) either wins or finds the
+    winner's complete key, never an empty or half-written file; and a link never replaces
+    an existing file, as a rename would."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = "0x" + secrets.token_bytes(32).hex()
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}-{secrets.token_hex(4)}")
+    _write_new(tmp, key + "\n")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # not there to read, yet there: a broken link, say
-        raise WalletError(f"{path} exists but cannot be read (a broken link?); move it "
-                          "away, or set BLOCKRUN_WALLET_KEY") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: create the name itself, exclusively
+        _write_new(path, key + "\n")
+    finally:
+        tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)  # the new name too: a key lost to a crash loses its funds
     return key
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Create `path` (never an existing one) with mode 0600 and `text`, synced to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

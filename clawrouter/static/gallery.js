@@ -1,6 +1,7 @@
 // The gallery page: header facts, the prompt box, the image grid and the detail dialog.
 // Plain DOM, no framework. Every string from the API goes in through textContent or a
-// property (never innerHTML): prompts are user text.
+// property (never innerHTML): prompts are user text. API paths are relative to the page, so it
+// also works under a proxy's path prefix (the page at https://host/claw/).
 
 const PAGE = 24;
 const $ = (id) => document.getElementById(id);
@@ -105,7 +106,8 @@ function safeUrl(url) {
 
 function nameOf(url) {
   try {
-    return new URL(url, location.href).pathname.split("/").pop();
+    const parsed = new URL(url, location.href);
+    return ["http:", "https:"].includes(parsed.protocol) ? parsed.pathname.split("/").pop() : "";
   } catch {
     return "";
   }
@@ -172,7 +174,7 @@ async function copyText(text, button) {
 // --- Header ---------------------------------------------------------------------------------
 
 async function loadHealth() {
-  const health = await api("/health");
+  const health = await api("health");
   const wallet = String(health.wallet || "");
   $("wallet").textContent = shortAddress(wallet);
   $("wallet").title = wallet;
@@ -184,7 +186,7 @@ async function loadHealth() {
 }
 
 async function loadSpend() {
-  const spend = await api("/v1/spend");
+  const spend = await api("v1/spend");
   const today = (spend && spend.today) || {};
   $("spend-today").textContent = usd(today.usd);
   const pending = today.pending && today.pending.usd;
@@ -219,7 +221,7 @@ function chosenModel() {
 }
 
 async function loadModels() {
-  const body = await api("/v1/models");
+  const body = await api("v1/models");
   state.models = Array.isArray(body && body.data) ? body.data : [];
   const select = $("model");
   select.replaceChildren(...state.models.map((model) => {
@@ -328,7 +330,7 @@ function addItems(items, { top = false } = {}) {
   const firstStored = () => grid.querySelector(".grid-item:not(.pending)");
   for (const item of top ? [...items].reverse() : items) {
     const name = String(item.name || nameOf(item.url));
-    const existing = [...grid.children].find((li) => li.dataset.name === name);
+    const existing = name && [...grid.children].find((li) => li.dataset.name === name);
     if (existing && !top) continue;
     if (existing) existing.remove();
     else if (item.name) {
@@ -347,7 +349,7 @@ async function loadPage() {
   more.disabled = true;
   $("list-error").hidden = true;
   try {
-    const body = await api(`/v1/images?limit=${PAGE}&offset=${state.offset}`);
+    const body = await api(`v1/images?limit=${PAGE}&offset=${state.offset}`);
     const items = Array.isArray(body && body.data) ? body.data : [];
     state.offset += items.length;
     addItems(items.filter((item) => !state.shown.has(String(item.name))));
@@ -401,11 +403,22 @@ function track(job, running) {
   tick();
 }
 
+/** Where one result's image is: its URL, or its bytes as a data: URL (a gateway that
+ * answered in base64 despite the request). */
+function imageSource(item, body) {
+  if (item && typeof item.url === "string" && item.url) return item.url;
+  if (item && typeof item.b64_json === "string" && item.b64_json) {
+    const format = String((body && body.output_format) || "png").replace("jpg", "jpeg");
+    return `data:image/${format};base64,${item.b64_json}`;
+  }
+  return "";
+}
+
 /** The stored records of freshly generated URLs (a URL not in the store yet gets a stand-in). */
 async function recordsFor(urls, job, created) {
   let listed = [];
   try {
-    const body = await api(`/v1/images?limit=${Math.max(10, urls.length + state.running.size)}&offset=0`);
+    const body = await api(`v1/images?limit=${Math.max(10, urls.length + state.running.size)}&offset=0`);
     listed = Array.isArray(body && body.data) ? body.data : [];
   } catch {
     // The image itself arrived; its metadata can wait for the next refresh.
@@ -429,13 +442,18 @@ async function generate(event) {
   updateEmpty();
   track(job, true);
   try {
-    const body = await api("/v1/images/generations", {
+    const body = await api("v1/images/generations", {
       method: "POST",
       headers: { "content-type": "application/json" },
-      body: JSON.stringify({ model: job.model, prompt, size: job.size, n: 1 }),
+      // Always URLs: the gateway's default may be b64_json (response_format in its config).
+      body: JSON.stringify({ model: job.model, prompt, size: job.size, n: 1,
+        response_format: "url" }),
     });
     const urls = (Array.isArray(body && body.data) ? body.data : [])
-      .map((d) => d && d.url).filter((u) => typeof u === "string" && u);
+      .map((d) => imageSource(d, body)).filter(Boolean);
+    if (!urls.length) {
+      throw new ApiError("The gateway's answer had no image: press Refresh to look for it.");
+    }
     const items = await recordsFor(urls, job, body && body.created);
     placeholder.remove();
     addItems(items, { top: true });

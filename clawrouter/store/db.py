@@ -8,13 +8,20 @@ never corrupts, and opening the store re-indexes any file whose row was lost.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clawrouter.store.records import ImageMeta, StoredImage
+
+log = logging.getLogger(__name__)
+
+#: what SQLite says of a file that is not (or no longer) a database it can read
+_DAMAGED = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
 
 #: The `source` of a row rebuilt from a file found on disk without one.
 RECOVERED = "recovered"
@@ -89,12 +96,35 @@ class MetadataDB:
         return self._conn
 
     def open(self) -> None:
+        """Open (or create) the index. A damaged one is moved aside and started afresh: the
+        images are files named by their hash, so the store's `open` recovers every one of them
+        (their prompts and costs stay in the file moved aside, and the ledger keeps every
+        payment)."""
+        try:
+            self._conn = self._connect()
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorname", None) not in _DAMAGED:
+                raise
+            aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm"):
+                part = self.path.with_name(self.path.name + suffix)
+                if part.exists():
+                    part.rename(aside.with_name(aside.name + suffix))
+            log.warning("the image index %s was damaged (%s): moved to %s, and a new one is "
+                        "built from the image files", self.path, exc, aside)
+            self._conn = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=10)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
-        self._conn = conn
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def close(self) -> None:
         if self._conn is not None:

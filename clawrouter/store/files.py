@@ -86,25 +86,27 @@ def scan(directory: Path, *, temp_grace: float) -> Scan:
         for entry in entries:
             if not entry.is_file(follow_symlinks=False):
                 continue
-            if entry.name.startswith(".") and entry.name.endswith(_TEMP_SUFFIX):
-                if now - entry.stat(follow_symlinks=False).st_mtime >= temp_grace:
-                    result.stale_temps.append(Path(entry.path))
+            try:  # another process (a gateway sharing the store) may remove it meanwhile
+                if entry.name.startswith(".") and entry.name.endswith(_TEMP_SUFFIX):
+                    if now - entry.stat(follow_symlinks=False).st_mtime >= temp_grace:
+                        result.stale_temps.append(Path(entry.path))
+                    continue
+                parsed = parse_name(entry.name)
+                if parsed is not None and parsed[1] is not None:
+                    result.images[entry.name] = entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
                 continue
-            parsed = parse_name(entry.name)
-            if parsed is not None and parsed[1] is not None:
-                result.images[entry.name] = entry.stat(follow_symlinks=False).st_size
     return result
 
 
 def verify(path: Path) -> tuple[str, int] | None:
-    """Return (content type, size) if the file's bytes match its name's id and extension."""
+    """Return (content type, size) if the file's bytes match its name's id and extension,
+    None if they do not. A file that cannot be read raises OSError: unreadable is not corrupt
+    (too many open files, a permission changed), and it may be an image someone paid for."""
     parsed = parse_name(path.name)
     if parsed is None:
         return None
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
+    data = path.read_bytes()
     content_type = sniff_image(data)
     if content_type is None or EXTENSIONS[content_type] != parsed[1]:
         return None

@@ -166,14 +166,20 @@ class ImageStore:
         recovered = []
         for name in names:
             path = self.root / name
-            checked = files.verify(path)
+            try:
+                checked = files.verify(path)
+                created = path.stat().st_mtime
+            except FileNotFoundError:  # evicted by another process sharing the store
+                continue
+            except OSError as exc:  # left as it is, for the next start to look at again
+                log.warning("image store: %s could not be read (%s); left in place", name, exc)
+                continue
             if checked is None:
                 corrupt.append(path)
                 continue
             image_id, ext = name.split(".")
             recovered.append(StoredImage(id=image_id, ext=ext, content_type=checked[0],
-                                         bytes=checked[1], root=self.root,
-                                         created=path.stat().st_mtime))
+                                         bytes=checked[1], root=self.root, created=created))
         return recovered
 
     async def start(self, session: Getter | None = None) -> None:

@@ -11,29 +11,36 @@ from typing import Any
 
 from clawrouter.catalog import format_usd
 from clawrouter.errors import ClawError, PaidRequestFailed, UpstreamError
+from clawrouter.plaintext import one_line
 from clawrouter.upstream.client import UpstreamResponse
 
 KEPT_HEADERS = ("retry-after", "retry-after-ms")
 
 
 def upstream_message(resp: UpstreamResponse) -> tuple[str, str | None, str | None]:
-    """(message, code, param) from any BlockRun error body."""
+    """(message, code, param) from any BlockRun error body, as plain bounded one-line text
+    (`plaintext`): it reaches terminals, agents' contexts and the ledger's notes."""
     data: Any = resp.json()
     if isinstance(data, dict):
         err = data.get("error")
         if isinstance(err, dict):
             msg = err.get("message") or data.get("message") or "upstream error"
-            return str(msg), _str(err.get("code")), _str(err.get("param"))
+            return one_line(msg, MESSAGE_MAX), _str(err.get("code")), _str(err.get("param"))
         parts = [p for p in (err, data.get("message"), data.get("details"), data.get("hint"))
                  if isinstance(p, str) and p]
         if parts:
-            return " — ".join(dict.fromkeys(parts)), _str(data.get("code")), None
-    text = resp.body[:300].decode("utf-8", "replace").strip()
+            return (one_line(" — ".join(dict.fromkeys(parts)), MESSAGE_MAX),
+                    _str(data.get("code")), None)
+    text = one_line(resp.body[:300].decode("utf-8", "replace"), MESSAGE_MAX)
     return (text or f"upstream answered {resp.status}"), None, None
 
 
+#: characters of an upstream's message we pass on; its codes and params are shorter still
+MESSAGE_MAX, CODE_MAX = 500, 100
+
+
 def _str(value: Any) -> str | None:
-    return str(value) if value is not None else None
+    return one_line(value, CODE_MAX) if value is not None else None
 
 
 def _kept_headers(resp: UpstreamResponse) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -20,8 +21,8 @@ from clawrouter.catalog import ImageModel, ceiling_micro, estimate_micro, format
 from clawrouter.config import Settings
 from clawrouter.context import RequestContext
 from clawrouter.errors import (
-    ClawError, ClientGone, InsufficientFunds, PaidRequestFailed, PaymentRefused, PaymentRejected,
-    UpstreamTimeout, UpstreamUnavailable,
+    ClawError, ClientGone, InsufficientFunds, LedgerUnavailable, PaidRequestFailed,
+    PaymentRefused, PaymentRejected, UpstreamTimeout, UpstreamUnavailable,
 )
 from clawrouter.payment import policy
 from clawrouter.payment.balance import BalanceMonitor
@@ -67,20 +68,39 @@ class UpstreamCall:
         self.on_accepted()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Outcome:
     response: UpstreamResponse  # the final 200
     amount: int  # micro-USDC signed (0 when the upstream asked for nothing)
     transaction: str | None
     round_trips: int
-    #: the ledger's "settled" write, still in flight so that it overlaps storing the images;
-    #: await it before answering the client (`settled` does, and is idempotent)
-    recording: Awaitable[None] | None = None
+    body: Any  # the response's JSON (None if it is not JSON), parsed once
+    #: writes the payment's outcome to the ledger (status, note, transaction); None if unpaid
+    finish: Callable[[str, str | None, str | None], Awaitable[None]] | None = None
+    _recording: asyncio.Future[None] | None = None
+
+    def judged(self, delivered: bool) -> None:
+        """Start the ledger's write of the outcome, once the caller knows whether the answer
+        `delivered` an image; it runs while the caller stores the images (the signed row is
+        already durable, so nothing can be lost, and the fsync leaves the critical path).
+        Settled if it delivered or a receipt names its transaction; otherwise the upstream
+        failed and may not have settled: pending (`failed_after_payment`) until the chain
+        says. A task, so it completes even if the request is cancelled meanwhile."""
+        if self.finish is None or self._recording is not None:
+            return
+        if delivered or self.transaction:
+            write = self.finish("settled", None, self.transaction)
+        else:
+            write = self.finish("failed_after_payment",
+                                "the upstream's 200 answer held no usable image", None)
+        self._recording = asyncio.ensure_future(write)
 
     async def settled(self) -> None:
-        """Wait until the ledger says settled (a no-op for unpaid or already-recorded calls)."""
-        if self.recording is not None:
-            await asyncio.shield(self.recording)  # a cancelled caller must not cancel the write
+        """Wait until the ledger has the outcome (a no-op for unpaid calls; idempotent). A
+        caller that failed before judging the answer found no image in it."""
+        self.judged(False)
+        if self._recording is not None:
+            await asyncio.shield(self._recording)  # a cancelled caller must not cancel the write
 
 
 def _abandoned(amount: int, window: float) -> PaidRequestFailed:
@@ -97,6 +117,24 @@ def _abandoned(amount: int, window: float) -> PaidRequestFailed:
 
 class _PreauthRejected(Exception):
     """The upstream refused a payment signed from a learned price: probe afresh, once."""
+
+    def __init__(self, amount: int, reason: str) -> None:
+        super().__init__(reason)
+        self.amount, self.reason = amount, reason
+
+
+def _after_refusal(error: ClawError, refused: _PreauthRejected) -> ClawError:
+    """`error` ended a request after its pre-authorized payment was refused: that payment is
+    part of its story (it holds budget, and the request's Idempotency-Key has spent it), so
+    the client must not read "nothing was paid, retry"."""
+    error.message += (
+        f" Before that, the upstream refused this request's pre-authorized payment of "
+        f"{format_usd(refused.amount)} ({refused.reason}); it should not settle, but it is "
+        "held against the budgets until it expires. Not signed again: send the request with a "
+        "new Idempotency-Key, if it has one, to try again.")
+    error.extra["payment"] = "rejected"
+    error.headers["x-should-retry"] = "false"
+    return error
 
 
 class Exchange:
@@ -117,14 +155,22 @@ class Exchange:
     async def run(self, call: UpstreamCall, ctx: RequestContext) -> Outcome:
         ctx.check()
         self.budget.check_request(estimate_micro(call.model, call.size, call.n))
-        attempt = 1
         known = self.prices.get(call.price_key) if self.settings.preauth else None
-        if known is not None:
+        if known is None:
+            return await self._probe_and_pay(call, ctx, attempt=1)
+        try:
+            return await self._pay(call, ctx, known, attempt=1, round_trips=0, preauth=True)
+        except _PreauthRejected as refused:
+            self.prices.forget(call.price_key)
             try:
-                return await self._pay(call, ctx, known, attempt=1, round_trips=0, preauth=True)
-            except _PreauthRejected:
-                self.prices.forget(call.price_key)
-                attempt = 2
+                return await self._probe_and_pay(call, ctx, attempt=2)
+            except ClawError as exc:
+                if exc.extra.get("payment") in (None, "none"):
+                    raise _after_refusal(exc, refused) from None
+                raise
+
+    async def _probe_and_pay(self, call: UpstreamCall, ctx: RequestContext, *,
+                             attempt: int) -> Outcome:
         probe = await self._send_unpaid(call)
         if probe.status in (200, 202):  # the upstream asked for nothing
             return await self._complete(call, probe, None, ctx, round_trips=1)
@@ -178,12 +224,20 @@ class Exchange:
             ctx.check()  # the last exit before money: a client that left pays nothing
             payment = self.signer.pay(challenge, requirement, self.network,
                                       self.client.url(call.route))
-            payment_id = await self.ledger.write(self.ledger.signed(
-                request_id=ctx.request_id, route=call.route, model=call.model.id,
-                size=call.size, n=call.n, amount=payment.amount, payee=payment.pay_to,
-                network=payment.network, nonce=payment.nonce, attempt=attempt,
-                payer=self.signer.address, valid_before=payment.valid_before,
-                idempotency=ctx.idempotency, reservation=reservation))
+            try:
+                payment_id = await self.ledger.write(self.ledger.signed(
+                    request_id=ctx.request_id, route=call.route, model=call.model.id,
+                    size=call.size, n=call.n, amount=payment.amount, payee=payment.pay_to,
+                    network=payment.network, nonce=payment.nonce, attempt=attempt,
+                    payer=self.signer.address, valid_before=payment.valid_before,
+                    idempotency=ctx.idempotency, reservation=reservation))
+            except (sqlite3.Error, OSError) as exc:  # no record, so the payment never leaves
+                log.error("the ledger could not record a payment, so it was not sent: %s", exc)
+                raise LedgerUnavailable(
+                    f"Nothing was paid: the payment ledger ({self.ledger.path}) could not "
+                    f"record the payment, so it was not sent ({exc}). Free disk space or stop "
+                    "what holds the ledger, then retry.", headers={"Retry-After": "5"},
+                    extra={"payment": "none"}) from None
         started = time.perf_counter()
 
         async def finish(status: str, note: str | None = None, tx: str | None = None,
@@ -228,7 +282,7 @@ class Exchange:
             message, code, _ = upstream_message(resp)
             await finish("rejected", f"{code or ''} {message}".strip())
             if preauth:
-                raise _PreauthRejected()
+                raise _PreauthRejected(payment.amount, code or message)
             raise PaymentRejected(
                 f"The upstream rejected the payment of {policy.usd(payment.amount)}: {message}. "
                 "It was not re-signed.", extra={"upstream_code": code, "payment": "rejected"})
@@ -263,11 +317,7 @@ class Exchange:
                              detail="the gateway failed on the upstream's answer") from exc
         if not preauth and self.settings.preauth:
             self.prices.learn(call.price_key, challenge)
-        # The settled row is written while the caller stores the images: the signed row is
-        # already durable, so nothing can be lost, and the thread hop and fsync leave the
-        # critical path. A task, so it completes even if the request is cancelled meanwhile.
-        recording = asyncio.ensure_future(finish("settled", tx=outcome.transaction))
-        return replace(outcome, recording=recording)
+        return replace(outcome, finish=finish)
 
     async def _check_funds(self, amount: int) -> None:
         """Refuse, before signing, a payment the wallet is known not to cover: the upstream
@@ -300,7 +350,8 @@ class Exchange:
             round_trips += polls
         if resp.status == 200:
             receipt = read_receipt(resp.headers)
-            return Outcome(resp, amount, receipt.transaction if receipt else None, round_trips)
+            return Outcome(resp, amount, receipt.transaction if receipt else None, round_trips,
+                           resp.json())
         if payment is None:
             raise unpaid_error(resp)
         raise paid_error(resp, amount)

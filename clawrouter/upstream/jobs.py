@@ -20,7 +20,7 @@ from clawrouter.context import RequestContext
 from clawrouter.errors import ClientGone, PaidRequestFailed, UpstreamTimeout
 from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
 from clawrouter.upstream.errors import paid_error, upstream_message
-from clawrouter.upstream.results import entry_image
+from clawrouter.upstream.results import holds_an_image
 
 TRANSIENT = {202, 408, 425, 429, 500, 502, 503, 504}
 #: answers after which the poll may have completed (and settled) the job upstream
@@ -73,9 +73,8 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                     status=502, code="job_failed", extra={"payment": "not_settled"}),
                     what, amount, lost)
             if resp.status == 200:
-                data = body.get("data") if isinstance(body, dict) else None
-                images = isinstance(data, list) and any(map(entry_image, data))
-                if status == "completed" or images:  # images end it, whatever it says
+                if status == "completed" or holds_an_image(body):  # images end it, whatever
+                    # it says
                     return resp, polls  # judged by its contents from here
                 if not isinstance(status, str) and lost is None:
                     # Neither a status nor images: not the completed job we know, yet a 200

@@ -27,3 +27,9 @@ def entry_image(entry: Any) -> EntryImage | None:
     if isinstance(url, str) and url.startswith("data:"):
         return EntryImage(url.partition(",")[2], "data-uri", remote)
     return EntryImage(None, remote, remote) if remote else None
+
+
+def holds_an_image(body: Any) -> bool:
+    """Whether an answer's `data` names at least one image (an upstream that delivered)."""
+    data = body.get("data") if isinstance(body, dict) else None
+    return isinstance(data, list) and any(map(entry_image, data))
