@@ -32,8 +32,8 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop when it is installed (uvicorn[standard] brings it, except on Windows).
 
     `uvicorn.run` picks it by itself, but we run uvicorn's `Server.serve` inside our own loop.
-    Measured on a 200 KB generation at c=1: 2.65 → 2.33 ms of gateway CPU, and its p50 overhead
-    over a direct client 2.31 → 1.88 ms (bench/).
+    Measured on a 200 KB generation at c=1: 11 % less gateway CPU per request and a 0.25 ms
+    lower p50 (bench/results/ablate-loop.md: `bench/ablate.py --concurrency 1 full stdloop`).
     """
     try:
         import uvloop

@@ -294,6 +294,30 @@ def test_local_files_can_be_turned_off(make_gateway, sandbox, files):
     nothing_upstream(sandbox)
 
 
+def test_a_wrapped_data_uri_in_a_form_field_fits_the_cap_as_a_file_does(make_gateway,
+                                                                         sandbox):
+    """A form's text field holding the image as a data URI wrapped at 76 columns with CRLF
+    (MIME's base64) is read whole up to the image cap, as the decoder counts it; past it, the
+    form is refused before anything is paid."""
+    gw = make_gateway(max_image_mb=0.05)
+    cap = int(0.05 * 1024 * 1024)
+
+    def field(size: int) -> str:
+        data = make_png(16, 16, 1, pad_to=size)
+        return "data:image/png;base64," + base64.encodebytes(data).decode().replace("\n", "\r\n")
+
+    def send(size: int) -> httpx.Response:
+        return gw.http.post("/v1/images/edits", files=[
+            ("image", (None, field(size))), ("prompt", (None, "x")),
+            ("model", (None, "gpt-image-1"))])
+
+    assert send(cap - 64).status_code == 200
+    r = send(cap + 2000)
+    assert r.status_code in (400, 413) and r.json()["error"]["code"] in (
+        "image_too_large", "field_too_large", "request_too_large"), r.text
+    assert sandbox.stats()["payments_count"] == 1
+
+
 def test_an_empty_allowed_roots_allows_no_folder_not_the_default_ones(make_gateway, sandbox,
                                                                      files):
     """Emptying the list to lock local files down must not open home and the temp dir."""
