@@ -20,8 +20,6 @@ import base64
 import json
 import secrets
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -32,16 +30,9 @@ import pydantic_core  # noqa: E402
 from eth_account import Account  # noqa: E402
 
 import record  # noqa: E402
+from disk import cpu_ms_per_call  # noqa: E402
 from clawrouter.payment.networks import NETWORKS  # noqa: E402
 from clawrouter.payment.signer import Signer, signable  # noqa: E402
-
-
-def per_call_ms(fn: Callable[[], object], count: int) -> float:
-    fn()  # warm
-    start = time.process_time()
-    for _ in range(count):
-        fn()
-    return (time.process_time() - start) * 1000 / count
 
 
 def main() -> None:
@@ -66,15 +57,15 @@ def measure(count: int) -> None:
     assert general.removeprefix("0x") == signature.removeprefix("0x"), "not the same signature"
     rows = [
         ("strict base64 decode, 4 MB", "pybase64",
-         per_call_ms(lambda: pybase64.b64decode(image, validate=True), count),
-         "base64", per_call_ms(lambda: base64.b64decode(image, validate=True), count)),
+         cpu_ms_per_call(lambda: pybase64.b64decode(image, validate=True), count),
+         "base64", cpu_ms_per_call(lambda: base64.b64decode(image, validate=True), count)),
         ("JSON parse, 1.5 MB data-URI answer", "pydantic-core",
-         per_call_ms(lambda: pydantic_core.from_json(answer), count),
-         "json", per_call_ms(lambda: json.loads(answer), count)),
+         cpu_ms_per_call(lambda: pydantic_core.from_json(answer), count),
+         "json", cpu_ms_per_call(lambda: json.loads(answer), count)),
         ("EIP-3009 signature", "fixed digest + coincurve",
-         per_call_ms(lambda: signer.sign_authorization(network, authorization), count * 10),
+         cpu_ms_per_call(lambda: signer.sign_authorization(network, authorization), count * 10),
          "eth-account EIP-712",
-         per_call_ms(lambda: Account.sign_message(signable(network, authorization), key),
+         cpu_ms_per_call(lambda: Account.sign_message(signable(network, authorization), key),
                      count * 10)),
     ]
     print(f"CPU per call, ms (user + kernel), {count} calls each (signatures: {count * 10})\n")
