@@ -68,21 +68,22 @@ class Settings(BaseSettings):
     wallet_key: SecretStr | None = Field(None, validation_alias="BLOCKRUN_WALLET_KEY")
     network: Literal["base", "base-sepolia"] = "base"
     pay_to: str = Field(BLOCKRUN_PAYEE, pattern=r"^0x[0-9a-fA-F]{40}$")
-    price_tolerance: float = Field(1.5, ge=1.0)
-    max_usd_per_request: float = Field(1.00, gt=0)
-    max_usd_per_day: float = Field(5.00, ge=0)
-    max_usd_per_month: float = Field(0.0, ge=0)
-    max_usd_total: float = Field(0.0, ge=0)
+    price_tolerance: float = Field(1.5, ge=1.0, le=10.0)
+    # dollars are kept in micro-USDC integers: at most a million dollars, so they stay numbers
+    max_usd_per_request: float = Field(1.00, gt=0, le=1_000_000)
+    max_usd_per_day: float = Field(5.00, ge=0, le=1_000_000)
+    max_usd_per_month: float = Field(0.0, ge=0, le=1_000_000)
+    max_usd_total: float = Field(0.0, ge=0, le=1_000_000)
     max_timeout_seconds: int = Field(600, gt=0, le=600)
     preauth: bool = True
-    price_ttl_seconds: float = 3600.0
-    coalesce_window_seconds: float = 60.0
+    price_ttl_seconds: float = Field(3600.0, ge=0)
+    coalesce_window_seconds: float = Field(60.0, ge=0)
     rpc_urls: list[str] = ["https://mainnet.base.org", "https://base.publicnode.com"]
-    low_balance_usd: float = 1.0
+    low_balance_usd: float = Field(1.0, ge=0, le=1_000_000)
     reconcile_interval: float = Field(60.0, ge=0)
 
     # --- inputs -----------------------------------------------------------------------------
-    max_image_mb: float = Field(20.0, gt=0)
+    max_image_mb: float = Field(20.0, gt=0, le=1024)  # a request body may be 4× this
     allowed_roots: list[Path] | None = None
     allow_local_files: bool | None = None
     allow_private_urls: bool = False
@@ -115,6 +116,27 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("public_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        """An http(s) base, `https://host[:port][/path]`: it starts every image URL we hand
+        out, and its host decides whether the gateway is `exposed` (so it needs a key); a
+        value without a scheme would read as no host at all."""
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if (parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc
+                or parts.query or parts.fragment or "\\" in value
+                or any(c.isspace() for c in value.strip())):
+            raise ValueError("must be an http(s) URL naming a host, like "
+                             "https://images.example.com (a path may follow; no user, query "
+                             "or fragment)")
+        try:
+            parts.port  # noqa: B018 - a bad port raises here
+        except ValueError:
+            raise ValueError("its port is not a number from 0 to 65535") from None
+        return value.strip()
 
     @field_validator("max_usd_per_request", "max_usd_per_day", "max_usd_per_month",
                      "max_usd_total")
@@ -246,6 +268,8 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         raise ValueError(_explain(exc, path)) from None
     except tomllib.TOMLDecodeError as exc:  # says the line, not the file
         raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # says the byte, not the file
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start} is not)") from None
     except SettingsError as exc:  # says the field, not what it expected
         raise ValueError(_explain_source(exc)) from None
     if path.is_file():
@@ -273,6 +297,9 @@ def _explain(exc: ValidationError, path: Path) -> str:
         name = ".".join(str(part) for part in error["loc"]) or "settings"
         what = ("not a setting" if error["type"] == "extra_forbidden"
                 else error["msg"].removeprefix("Value error, "))
+        if error["type"] == "list_type":  # a plain string where a list goes: from the env?
+            what += (f' (as a CLAWROUTER_{name.upper()} variable, a JSON list: '
+                     '["/a", "/b"])')
         problems.append(f"{name}: {what}")
     where = f"{path}, " if path.is_file() else ""
     return (f"{'; '.join(problems)} (from {where}CLAWROUTER_* variables or flags; every setting "

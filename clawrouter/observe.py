@@ -117,17 +117,21 @@ class Observe:
             "overhead_ms": (round(max(0.0, seconds * 1000 - upstream), 2)
                             if upstream is not None else None),
             "cost_usd": obs["amount"] / 1_000_000 if obs.get("amount") else 0.0,
-            "outcome": _outcome(status, st.get("error_code")),
+            # a stream's error comes after its 200: the pipeline notes it in `obs`
+            "outcome": _outcome(status, st.get("error_code") or obs.get("error_code")),
         }
+        payment = st.get("payment") or obs.get("payment")
+        if payment is not None:  # what happened to a failed request's payment, if any
+            line["payment"] = payment
         if self.log_prompts and obs.get("prompt"):
             line["prompt"] = obs["prompt"]
         access_log.info(json.dumps(line, separators=(",", ":")))
 
 
 def _outcome(status: int, code: str | None) -> str:
-    if status < 400:
-        return "ok"
-    return code or ("client_error" if status < 500 else "error")
+    if code:
+        return code
+    return "ok" if status < 400 else "client_error" if status < 500 else "error"
 
 
 class JsonFormatter(logging.Formatter):

@@ -111,6 +111,8 @@ def test_edit_sources_are_made_absolute_only_when_the_gateway_reads_them_as_path
     assert source_arg("./x.png") == str(here / "x.png")
     assert source_arg("x.png") == str(here / "x.png")
     assert source_arg("sub/x.png") == str(here / "sub" / "x.png")
+    for malformed in ("file:///tmp/a%00b.png", "a\x00b.png"):  # the gateway says why not
+        assert source_arg(malformed) == malformed
 
 
 def this_machines_address() -> str:
@@ -200,6 +202,24 @@ def test_an_api_key_from_the_config_file_reaches_the_in_process_gateway(tmp_path
     (home / "config.toml").write_text('api_key = "from-the-file"\n')
     proc = run(tmp_path, "generate", "a quiet harbour", "--json", CLAWROUTER_SANDBOX="true")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_public_url_in_the_config_does_not_stop_local_files_on_this_machine(
+        tmp_path: Path, make_gateway: Any, sandbox: Any) -> None:
+    """`public_url` is for the proxy in front of `serve`: the gateway a command starts for
+    itself is reached by nothing else, and a `serve` that takes no paths (it serves others)
+    gets the file's bytes from the command instead."""
+    (tmp_path / "photo.png").write_bytes(make_png(64, 64, seed=3))
+    env = {"CLAWROUTER_PUBLIC_URL": "https://gw.example.com", "CLAWROUTER_API_KEY": "k"}
+    proc = run(tmp_path, "edit", "photo.png", "add a rainbow", "--json", cwd=tmp_path,
+               CLAWROUTER_SANDBOX="true", **env)
+    assert proc.returncode == 0, proc.stderr
+    assert as_json(proc)["in_process"] is True
+    served = make_gateway(public_url="https://gw.example.com", api_key="k")
+    proc = run(tmp_path, "edit", "photo.png", "add a rainbow", "--json", cwd=tmp_path,
+               url=served.url, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert as_json(proc)["in_process"] is False and sandbox.paid() == 1
 
 
 def test_a_gateway_that_wants_a_key_says_so_and_shows_nothing_without_it(
@@ -670,3 +690,46 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
     finally:
         os.close(write)
     assert done.stderr == "" and done.returncode == 141
+
+
+def test_stats_says_whose_time_zone_its_days_and_times_are_in(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """Days are summed by the gateway, in its zone; payment times are printed here, in ours:
+    a header naming one zone for both would misdate one of them."""
+    import time as clock
+
+    from clawrouter.cli.stats import render
+    from clawrouter.payment.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    summary = ledger.summary()
+    ledger.close()
+    monkeypatch.setenv("TZ", "UTC")
+    clock.tzset()
+    try:
+        assert "(days and times in UTC)" in render({**summary, "timezone": "UTC"}, "x")
+        assert "(days in the gateway's JST, times in UTC)" in render(
+            {**summary, "timezone": "JST"}, "x")
+    finally:
+        monkeypatch.undo()
+        clock.tzset()
+
+
+def test_balances_read_as_dollars_on_the_right_chain() -> None:
+    """`doctor` and the MCP wallet tool show money as the rest of the CLI does ($0.000003,
+    never 3e-06), and a testnet wallet is told to get USDC on Base Sepolia, not Base."""
+    from clawrouter.agents.mcp_server import describe_wallet
+    from clawrouter.cli.status import check_balance
+
+    low = check_balance({"balance_usd": 3e-6, "network": "base-sepolia", "wallet": "0xabc",
+                         "sandbox": False}, 0.5)
+    assert low.detail == "$0.000003 USDC is below $0.50" and "Base Sepolia" in low.fix
+    assert "on Base to" in check_balance({"balance_usd": 0.1, "network": "base",
+                                          "wallet": "0xabc", "sandbox": False}, 0.5).fix
+    text = describe_wallet({"sandbox": False, "balance_usd": 4.88275, "address": "0xabc",
+                            "network": "base", "budget_left_today_usd": 4.88275,
+                            "daily_limit_usd": 5.0, "spent_today_usd": 0.0,
+                            "payments_today": 0, "pending_today_usd": 0.0,
+                            "budget_left_month_usd": None, "budget_left_total_usd": None})
+    assert "$4.88275 of $5.00" in text and "Spent today: $0.00 (0 payments)" in text

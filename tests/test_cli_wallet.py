@@ -279,7 +279,14 @@ def test_commands_name_a_data_file_they_cannot_use_in_one_line(cli):
     cli.claw.write_text("")
     pruned = cli("images", "prune")
     assert f"{cli.claw} is a file, not a directory — move it away" in pruned.stderr
-    for done in (stats, shown, pruned):
+    created = cli("wallet", "create")  # not "wallet.key already exists"
+    assert f"{cli.claw} is a file, not a directory — move it away" in created.stderr
+    cli.claw.unlink()
+    cli.claw.mkdir()
+    cli.key_file.symlink_to(cli.claw / "gone")
+    dangling = cli("wallet", "create")
+    assert dangling.returncode == 1 and "broken link" in dangling.stderr
+    for done in (stats, shown, pruned, created):
         assert done.returncode == 2 and done.stderr.startswith("clawrouter: ")
         assert done.stderr.count("\n") == 1, done.stderr
 
@@ -334,6 +341,8 @@ def test_stats_json_reads_the_ledger_file(cli):
 
     one = json.loads(cli("stats", "--json", "--latest", "1").stdout)
     assert [p["status"] for p in one["latest"]] == ["unknown"]
+    too_many = cli("stats", "--latest", "1001")  # what /v1/spend refuses, refused offline too
+    assert too_many.returncode == 2 and "must be 1000 or less" in too_many.stderr
 
 
 def test_stats_points_to_the_other_networks_ledger(cli):

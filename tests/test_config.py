@@ -151,12 +151,21 @@ def test_a_toml_syntax_error_names_the_file_and_line(tmp_path):
     with pytest.raises(ValueError) as caught:
         load_settings(config)
     assert str(config) in str(caught.value) and "line 2" in str(caught.value)
+    config.write_bytes(b'port = 9000\nhost = "\xff"\n')  # Latin-1, say
+    with pytest.raises(ValueError) as caught:
+        load_settings(config)
+    assert f"{config} is not UTF-8 text" in str(caught.value)
 
 
 def test_a_list_setting_from_the_environment_must_be_json(monkeypatch, tmp_path):
     monkeypatch.setenv("CLAWROUTER_RPC_URLS", "http://a")
     with pytest.raises(ValueError, match=r"CLAWROUTER_RPC_URLS: expected a JSON list"):
         load_settings(home=tmp_path)
+    monkeypatch.delenv("CLAWROUTER_RPC_URLS")
+    monkeypatch.setenv("CLAWROUTER_ALLOWED_ROOTS", "/tmp")  # a union with None: no SettingsError
+    with pytest.raises(ValueError, match=r"CLAWROUTER_ALLOWED_ROOTS variable, a JSON list"):
+        load_settings(home=tmp_path)
+    monkeypatch.delenv("CLAWROUTER_ALLOWED_ROOTS")
     monkeypatch.setenv("CLAWROUTER_RPC_URLS", '["http://a"]')
     assert load_settings(home=tmp_path).rpc_urls == ["http://a"]
 
@@ -170,7 +179,11 @@ def test_a_list_setting_from_the_environment_must_be_json(monkeypatch, tmp_path)
     # 0 deleted each paid image right after delivery; inf crashed create_app (OverflowError)
     ("image_max_gb", 0), ("image_max_gb", -1),
     ("image_max_gb", float("inf")), ("image_max_gb", float("nan")), ("image_max_gb", 1e300),
-    ("header_timeout", float("inf")), ("max_usd_per_day", float("inf"))])
+    ("header_timeout", float("inf")), ("max_usd_per_day", float("inf")),
+    # finite, yet infinite once turned into bytes or micro-USDC
+    ("max_image_mb", 1e308), ("max_usd_per_day", 1e308), ("max_usd_per_request", 1e308),
+    ("max_usd_total", 1e308), ("price_tolerance", 1e308), ("low_balance_usd", -1),
+    ("coalesce_window_seconds", -1), ("price_ttl_seconds", -1)])
 def test_timings_and_store_limits_are_bounded_and_finite(tmp_path, name, bad):
     with pytest.raises(ValidationError):
         Settings(home=tmp_path, **{name: bad})
@@ -187,3 +200,17 @@ def test_an_out_of_bounds_setting_is_one_clear_cli_error(tmp_path):
     assert run.stderr.count("\n") == 1 and "image_max_gb: Input should be a finite" in run.stderr
     assert "poll_interval: Input should be greater than or equal to 0.1" in run.stderr
     assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("value", [
+    "images.example.com", "images.example.com:443", "/claw", "ftp://images.example.com",
+    "https://user@images.example.com", "http://localhost?@evil.example",
+    "http://localhost#@evil.example", "http://evil.example\\@localhost", "http://x:99999",
+])
+def test_a_public_url_must_be_an_http_base_naming_its_host(tmp_path, value):
+    """It starts every image URL we hand out, and its host decides whether the gateway needs
+    an API key: a value read as "no host" would have turned that check off."""
+    with pytest.raises(ValueError, match="public_url"):
+        load_settings(None, home=tmp_path, public_url=value)
+    for good in ("https://images.example.com", "http://[::1]:9000/claw/", " http://localhost "):
+        assert load_settings(None, home=tmp_path, public_url=good).public_url == good.strip()

@@ -94,6 +94,47 @@ def test_an_upstream_message_reaches_clients_as_plain_bounded_text(gateway, sand
     assert sandbox.stats()["payments_count"] == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_request_log_says_what_became_of_a_failed_paid_request(gateway, sandbox, caplog,
+                                                                 stream):
+    """A stream's error comes after its 200: the log line must still say it failed, and for
+    any failed request whether a payment was involved (here: signed and sent)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="clawrouter.access")
+    sandbox.faults({"kind": "respond", "phase": "paid", "status": 500,
+                    "body": {"error": "provider down"}})
+    r = gen(gateway, "logged", stream=stream)
+    assert (r.status_code == 200) is stream, r.text
+
+    def lines() -> list[dict]:  # written once the response has ended, on the server's thread
+        return [json.loads(rec.getMessage()) for rec in caplog.records
+                if rec.name == "clawrouter.access" and "generations" in rec.getMessage()]
+
+    deadline = time.monotonic() + 5
+    while not lines() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (line,) = lines()
+    assert line["outcome"] == "failed_after_payment" and line["payment"] == "signed", line
+    assert line["status"] == r.status_code
+
+
+def test_a_failed_jobs_reason_reaches_the_client_and_ledger_as_plain_text(make_gateway,
+                                                                         sandbox):
+    """A slow job's failure reason is the upstream's text too: plain, bounded, in the answer
+    and in the ledger's note."""
+    gw = make_gateway(poll_deadline=30)
+    evil = "bad\x1b]52;c;ZXZpbA==\x07\x1b[2J\r\nline2" + "x" * 5000
+    sandbox.faults({"kind": "job"}, {"kind": "respond", "phase": "poll", "status": 500,
+                                      "body": {"status": "failed", "error": evil}})
+    r = gen(gw)
+    assert r.status_code == 502 and error(r)["code"] == "job_failed", r.text
+    (row,) = rows(gw)
+    for text in (error(r)["message"], row["note"]):
+        assert "bad" in text and len(text) < 1500
+        assert not any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f for c in text), text[:80]
+
+
 @pytest.mark.parametrize("body, content_type", [
     ("<html>oops</html>", "text/html"),
     ({"created": 1, "data": []}, None),

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from clawrouter.payment.ledger import (
-    CHAIN_PATIENCE, EXPIRY_MARGIN, Holder, Ledger, LedgerBusy, day_start, holder, in_use,
-    local_day, lock_path,
+    CHAIN_PATIENCE, EXPIRY_MARGIN, NOTE_MAX, Holder, Ledger, LedgerBusy, clean_note, day_start,
+    holder, in_use, local_day, lock_path,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -567,3 +567,14 @@ def test_kill_9_during_many_writes_loses_no_committed_row(tmp_path: Path, mode: 
             assert (rows[pid].status, rows[pid].transaction) == ("settled", f"0xtx{recorded[pid]}")
         assert {p.status for p in rows.values()} <= {"settled", "unknown"}
         assert ledger.spent() == sum(p.amount for p in rows.values())
+
+
+def test_a_note_is_plain_one_line_text_without_secrets() -> None:
+    """Notes quote upstreams and reach `clawrouter stats` and agents: no terminal escapes,
+    no line breaks, nothing that could be a key, bounded."""
+    key = "ab" * 32
+    note = clean_note(f"refused\x1b]52;c;ZXZpbA==\x07\x1b[2J\r\n\u2028key {key} " + "x" * 999)
+    assert note is not None and note.startswith("refused") and key not in note
+    assert "[redacted]" in note and len(note) <= NOTE_MAX
+    assert not any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f or c == "\u2028" for c in note)
+    assert clean_note(" \r\n ") is None

@@ -542,9 +542,15 @@ def test_a_ledger_that_cannot_record_a_payment_sends_none_and_says_a_retry_is_sa
     assert "database or disk is full" in error["message"]
     assert r.headers["x-should-retry"] == "true" and r.headers["retry-after"] == "5"
     assert sandbox.stats()["payments_count"] == 0 and ledger_rows(gateway) == []
+    ready = gateway.http.get("/readyz")  # a load balancer stops sending paid work here
+    assert ready.status_code == 503 and ready.json()["checks"]["ledger"] is False
+    ledger.failed_at -= 31  # a while later, with no request to try again: ready, to be tried
+    assert gateway.http.get("/readyz").status_code == 200
+    ledger.failed_at += 31
     r = gateway.http.post("/v1/images/generations", json={**COGVIEW, "prompt": "full"})
     assert r.status_code == 200, r.text
     assert sandbox.stats()["payments_count"] == 1
+    assert gateway.http.get("/readyz").status_code == 200
 
 
 def test_kill_9_during_a_paid_request_leaves_an_unknown_row_that_the_chain_settles(tmp_path,
@@ -598,6 +604,10 @@ def test_kill_9_during_a_paid_request_leaves_an_unknown_row_that_the_chain_settl
         assert row["status"] == "settled" and row["transaction"] == event["transaction"]
         assert now["today"]["micro"] == COGVIEW_PRICE == sandbox.stats()["settled_total_micro"]
         assert now["today"]["pending"]["micro"] == 0
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text  # the chain's word too
+        assert 'clawrouter_payments_total{outcome="settled"} 1.0' in metrics
+        assert f'clawrouter_spent_usd_total{{model="zai/cogview-4"}} {COGVIEW_PRICE / 1e6}' \
+            in metrics
     finally:
         proc.terminate()
         proc.wait()

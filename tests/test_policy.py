@@ -62,6 +62,20 @@ def test_each_tampered_field_is_refused(changes, check):
     assert "nothing was signed" in err.value.message
 
 
+@pytest.mark.parametrize("changes", [
+    {"scheme": "\x1b]52;c;ZXZpbA==\x07\x1b[2J\r\nupto" + "y" * 3000},
+    {"network": "\x1b[2Jevil\n" + "z" * 3000},
+])
+def test_a_refusal_quotes_the_challenge_as_plain_bounded_text(changes):
+    """The refusal names what the challenge asked for; that text is the upstream's, and it
+    reaches terminals and agents: no control characters, bounded."""
+    with pytest.raises(PaymentRefused) as err:
+        select(challenge(**changes))
+    message = err.value.message
+    assert len(message) < 700 and ("evil" in message or "upto" in message)
+    assert not any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f for c in message)
+
+
 def test_the_per_request_cap_applies_even_under_the_catalog_ceiling():
     with pytest.raises(PaymentRefused, match="per-request cap"):
         select(challenge(amount="21000"), ceiling=50_000, cap=20_000)

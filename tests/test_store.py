@@ -231,6 +231,58 @@ def test_a_damaged_index_is_moved_aside_and_rebuilt_from_the_files(tmp_path: Pat
     assert aside.read_bytes().startswith(b"not a database")
 
 
+def test_an_index_another_gateway_just_rebuilt_is_not_moved_aside(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Two gateways (another network's) share a store and find its index damaged: the first
+    moves it aside and makes a new one; the second must open that one, not move it too."""
+    from clawrouter.store.db import MetadataDB
+
+    index = tmp_path / "index.sqlite3"
+    index.write_bytes(b"not a database, " * 100)
+    real, calls = MetadataDB._connect, []
+
+    def connect(self: MetadataDB) -> sqlite3.Connection:
+        calls.append(1)
+        if len(calls) == 1:  # meanwhile, the other gateway moves it aside and starts anew
+            index.rename(tmp_path / "theirs.damaged")
+            real(self).close()
+            damaged = sqlite3.DatabaseError("file is not a database")
+            damaged.sqlite_errorname = "SQLITE_NOTADB"
+            raise damaged
+        return real(self)
+
+    monkeypatch.setattr(MetadataDB, "_connect", connect)
+    db = MetadataDB(index)
+    db.open()
+    db.close()
+    assert not list(tmp_path.glob("index.sqlite3.damaged-*"))
+    assert (tmp_path / "theirs.damaged").read_bytes().startswith(b"not a database")
+
+
+def test_damage_past_the_index_header_is_found_at_open_too(tmp_path: Path) -> None:
+    """A damaged page deep in the index opens fine and fails only when read: the store checks
+    every page at open, so the gateway starts (rebuilt from the files) instead of failing."""
+    images = run(put_all(tmp_path, *(png(1000, i) for i in range(60))))
+    index = next(tmp_path.glob("*.sqlite3"))
+    with sqlite3.connect(index) as conn:  # fold the WAL in: every row in the main file
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(index.read_bytes())
+    page = 4096
+    assert len(data) > 2 * page
+    data[page + 100:2 * page] = b"\xff" * (page - 100)  # the second page: the table's
+    index.write_bytes(bytes(data))
+
+    async def reopen() -> list[dict]:
+        async with ImageStore(tmp_path) as store:
+            return await store.ls(limit=100)
+
+    listed = run(reopen())
+    assert sorted(r["name"] for r in listed) == sorted(i.name for i in images)
+    moved = [p for p in tmp_path.glob(f"{index.name}.damaged-*")
+             if not p.name.endswith(("-wal", "-shm"))]
+    assert len(moved) == 1
+
+
 def test_a_row_whose_file_vanished_is_dropped_at_open(tmp_path: Path) -> None:
     gone, stays = run(put_all(tmp_path, png(1000, 1), png(1000, 2)))
     gone.path.unlink()

@@ -1,5 +1,7 @@
 import multiprocessing
+import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,15 @@ def test_two_processes_creating_the_first_key_agree_on_it(tmp_path):
         assert not key.startswith("error"), (home, key)
         assert (Path(home) / "wallet.key").read_text() == key + "\n"
         assert [p.name for p in Path(home).iterdir()] == ["wallet.key"]  # no temp file left
+
+
+def test_key_drafts_a_crash_left_behind_are_removed(tmp_path):
+    """A creator killed between writing its draft and linking it leaves a file holding a
+    private key: the next load removes it once it is clearly not a live creator's."""
+    old = tmp_path / ".wallet.key.new-123-abcd"
+    old.write_text("0x" + "11" * 32 + "\n")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    young = tmp_path / ".wallet.key.new-456-ef01"  # another process creating right now
+    young.write_text("0x" + "22" * 32 + "\n")
+    load_wallet(tmp_path, None)
+    assert not old.exists() and young.exists() and (tmp_path / "wallet.key").exists()

@@ -283,20 +283,21 @@ def wallet_summary(health: dict[str, Any], spend: dict[str, Any],
 
 
 def describe_wallet(s: dict[str, Any]) -> str:
+    usd = catalog.format_dollars
     sandbox = " (sandbox: no real payments)" if s["sandbox"] else ""
-    balance = (f"${s['balance_usd']} USDC" if s["balance_usd"] is not None
+    balance = (f"{usd(s['balance_usd'])} USDC" if s["balance_usd"] is not None
                else "unknown (the gateway does not report it)")
     left = ("no daily limit" if s["budget_left_today_usd"] is None
-            else f"${s['budget_left_today_usd']} of ${s['daily_limit_usd']}")
+            else f"{usd(s['budget_left_today_usd'])} of {usd(s['daily_limit_usd'])}")
     lines = [f"Wallet {s['address']} on {s['network']}{sandbox}",
              f"Balance: {balance}",
-             f"Spent today: ${s['spent_today_usd']} ({s['payments_today']} payments"
-             + (f", ${s['pending_today_usd']} pending)" if s["pending_today_usd"] else ")"),
+             f"Spent today: {usd(s['spent_today_usd'])} ({s['payments_today']} payments"
+             + (f", {usd(s['pending_today_usd'])} pending)" if s["pending_today_usd"] else ")"),
              f"Budget left today: {left}"]
     if s["budget_left_month_usd"] is not None:
-        lines.append(f"Budget left this month: ${s['budget_left_month_usd']}")
+        lines.append(f"Budget left this month: {usd(s['budget_left_month_usd'])}")
     if s["budget_left_total_usd"] is not None:
-        lines.append(f"Budget left in total: ${s['budget_left_total_usd']}")
+        lines.append(f"Budget left in total: {usd(s['budget_left_total_usd'])}")
     return "\n".join(lines)
 
 

@@ -111,7 +111,8 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
         gw.balance = balance
         reconciler = Reconciler(ledger, gw.network,
                                 rpc_urls_for(settings.network, settings.rpc_urls), session,
-                                interval=settings.reconcile_interval)
+                                interval=settings.reconcile_interval,
+                                on_payment=gw.metrics.payment)
         reconciler.start()
         exchange = Exchange(client, signer, settings, gw.network, ledger, budget, prices,
                             balance=balance, on_payment=gw.metrics.payment)

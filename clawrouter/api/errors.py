@@ -32,9 +32,17 @@ class EnvelopeResponse(JSONResponse):
         return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
+def note_error(into: dict[str, Any], error: ClawError) -> None:
+    """What the request log says of a failed request: its code and, when a payment was
+    involved, what became of it (`signed`, `rejected`, `not_settled`, `none`)."""
+    into["error_code"] = error.code
+    if error.extra.get("payment") is not None:
+        into["payment"] = error.extra["payment"]
+
+
 def error_response(error: ClawError, request: Request | None = None) -> JSONResponse:
     if request is not None:
-        request.scope.setdefault("state", {})["error_code"] = error.code
+        note_error(request.scope.setdefault("state", {}), error)
     return EnvelopeResponse(error.envelope(), status_code=error.status,
                             headers=error.response_headers())
 

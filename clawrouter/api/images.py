@@ -49,8 +49,9 @@ def base_url(request: Request) -> str:
 
 
 def context(request: Request) -> RequestContext:
-    # "Same client" for coalescing: the same caller address and program (user agent) or the
-    # same API key. Two different local programs asking the same thing still pay separately.
+    # "Same client" for coalescing: the same API key (every program holding it, as one user),
+    # else the same caller address and program (user agent): two programs with no key that
+    # ask the same thing still pay separately (SECURITY.md, "the same client").
     address = request.client.host if request.client else "local"
     client = request.headers.get("authorization") or (
         f"{address} {request.headers.get('user-agent', '')}")

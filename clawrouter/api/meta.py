@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from fastapi import APIRouter, Path, Query, Request
@@ -37,14 +38,24 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+#: seconds `/readyz` says not ready after a ledger commit failed: long enough for a load
+#: balancer to send work elsewhere, short enough that a gateway nobody sends work to recovers
+LEDGER_RECOVERY = 30.0
+
+
 @router.get("/readyz")
 async def readyz(request: Request) -> Response:
-    """Readiness: settings loaded, wallet loaded, store and ledger open. Never calls upstream."""
+    """Readiness: settings loaded, wallet loaded, store and ledger open, and no ledger commit
+    failed in the last LEDGER_RECOVERY seconds (disk full or locked: no payment can be
+    recorded, so none is made; after that, the next request tries again). Never calls
+    upstream."""
     gw = request.app.state.gw
     images = gw.settings.images_dir
+    failed_at = gw.ledger.failed_at
     checks = {"config": True, "wallet": bool(gw.address), "pipeline": gw.pipeline is not None,
               "store": images.is_dir() and os.access(images, os.W_OK),
-              "ledger": gw.settings.ledger_path.is_file()}
+              "ledger": gw.settings.ledger_path.is_file() and (
+                  failed_at is None or time.time() - failed_at > LEDGER_RECOVERY)}
     ready = all(checks.values())
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
                         status_code=200 if ready else 503)

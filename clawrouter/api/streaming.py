@@ -18,6 +18,7 @@ from typing import Any
 import pybase64
 from fastapi.responses import StreamingResponse
 
+from clawrouter.api.errors import note_error
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClawError, ClientGone, internal_error
 from clawrouter.pipeline import Result
@@ -74,7 +75,7 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
             try:
                 result = task.result()
             except ClawError as error:
-                obs["error_code"] = error.code
+                note_error(obs, error)
                 yield sse("error", error.envelope())
                 return
             except ClientGone:  # nobody left to tell
@@ -91,7 +92,7 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
             gone = next((i for i, data in zip(result.images, images) if data is None), None)
             if gone is not None:
                 error = evicted(gone, result.shared)
-                obs["error_code"] = error.code
+                note_error(obs, error)
                 yield sse("error", error.envelope())
                 return
             for image, data in zip(result.images, images):

@@ -146,7 +146,10 @@ def source_arg(value: str) -> str:
         path = value.strip()
     else:
         return value
-    return str(Path(path).expanduser().resolve())
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (ValueError, OSError):  # a NUL in it, say: the gateway refuses it, saying why
+        return value
 
 
 #: the forms the gateway reads as a local file's path
@@ -220,7 +223,7 @@ class LocalGateway:
     """
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        self.settings = on_this_machine(settings)  # no proxy reaches its ephemeral port
         self.url = ""
         self.sandbox = False
         self._servers: list[Any] = []
@@ -264,12 +267,17 @@ class LocalGateway:
         """What `clawrouter serve` does, on an ephemeral loopback port and without printing."""
         from clawrouter.launch import start_gateway
 
-        running = await start_gateway(self.settings.model_copy(update={"host": "127.0.0.1",
-                                                                       "port": 0}))
+        running = await start_gateway(self.settings.model_copy(update={"port": 0}))
         self._servers.extend(running.servers)
         self.sandbox = running.sandbox
         self.url = f"http://127.0.0.1:{running.port}"
         return running.tasks
+
+
+def on_this_machine(settings: Settings) -> Settings:
+    """`settings` for this user's own process (a command, or the gateway it starts for one):
+    on loopback, behind no proxy, so local files follow `allow_local_files` alone."""
+    return settings.model_copy(update={"host": "127.0.0.1", "public_url": None})
 
 
 class Gateway:
@@ -280,11 +288,13 @@ class Gateway:
         """`settings`: those the gateway at `url` runs with, if known (for its API key)."""
         self.url = url
         self.local = local
-        #: a paid request was sent: if it ends without an answer, it may have been paid
-        self.posted = 0  # POSTs that left (or may have): paid requests, maybe paid
+        self.settings = local.settings if local else settings
+        #: paid requests sent (or maybe sent): one that ends without an answer may have paid
+        self.posted = 0
         self._policy: InputPolicy | None = None  # for local files sent as data (`_sendable`)
+        self._read_here = False  # this machine's gateway refused paths: send files as data
         self.http = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, trust_env=False,
-                                      headers=auth_headers(local.settings if local else settings))
+                                      headers=auth_headers(self.settings))
 
     @property
     def in_process(self) -> bool:
@@ -323,25 +333,36 @@ class Gateway:
         """`POST /v1/images/image2image`: images are URLs, data URIs or local paths (which a
         gateway on another machine gets as data URIs, see `_sendable`)."""
         directory = await asyncio.to_thread(output_dir, out)  # fail before paying
-        body = _body(prompt, model=model, size=size, n=n)
         params = ["image"] if len(images) == 1 else [f"image[{i}]" for i in range(len(images))]
-        sent = [await self._sendable(source, param) for source, param in zip(images, params)]
-        body["image"] = sent[0] if len(sent) == 1 else sent
-        if mask:
-            body["mask"] = await self._sendable(mask, "mask")
-        resp = await self._send("POST", "/v1/images/image2image", json=body)
+        while True:
+            body = _body(prompt, model=model, size=size, n=n)
+            sent = [await self._sendable(source, param) for source, param in zip(images, params)]
+            body["image"] = sent[0] if len(sent) == 1 else sent
+            if mask:
+                body["mask"] = await self._sendable(mask, "mask")
+            try:
+                resp = await self._send("POST", "/v1/images/image2image", json=body)
+                break
+            except GatewayError as exc:
+                # It takes no paths (it serves others), and refused them before any payment:
+                # send the files' bytes, read here, instead.
+                paths = any(map(_is_path, [*images, mask or ""]))
+                if exc.code != LOCAL_FILES_DISABLED or self._read_here or not paths:
+                    raise
+                self._read_here = True
         return await self._save(resp, model_id(model, catalog.DEFAULT_EDIT_MODEL), directory)
 
     # --- plumbing --------------------------------------------------------------------------
     async def _sendable(self, source: str, param: str) -> str:
         """A source the gateway can use. A gateway on this machine reads local paths itself,
-        under its file policy; one elsewhere would look on its own disk, so the file is read
-        here, under the same policy from this machine's settings, and sent as a data URI."""
-        if not _is_path(source) or self._same_machine:
+        under its file policy, unless it refused them (it serves others: beyond loopback, or
+        behind a proxy); one elsewhere would look on its own disk. Then the file is read here,
+        under this machine's file policy, and sent as a data URI."""
+        if not _is_path(source) or self._same_machine and not self._read_here:
             return source
         if self._policy is None:
-            settings = self.local.settings if self.local else await _load_settings()
-            self._policy = InputPolicy.from_settings(settings)
+            settings = self.settings or await _load_settings()
+            self._policy = InputPolicy.from_settings(on_this_machine(settings))
         policy = self._policy
         try:
             return await asyncio.to_thread(_read_as_data_uri, source, policy, param)

@@ -94,12 +94,14 @@ def _database_path(exc: BaseException) -> Path | None:
     return found
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse `type`: a whole number no smaller than `minimum` (else a usage error)."""
+def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse `type`: a whole number from `minimum` (to `maximum`), else a usage error."""
     def count(value: str) -> int:
         n = int(value)
         if n < minimum:
             raise argparse.ArgumentTypeError(f"must be {minimum} or more")
+        if maximum is not None and n > maximum:
+            raise argparse.ArgumentTypeError(f"must be {maximum} or less")
         return n
     count.__name__ = "count"  # argparse's "invalid count value: 'x'"
     return count

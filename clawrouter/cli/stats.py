@@ -27,6 +27,10 @@ from clawrouter.payment.reconcile import chain_network
 from clawrouter.payment.ledger import FILENAME, Ledger, LedgerBusy
 
 
+#: as many as GET /v1/spend lists: the same answer whether or not a gateway runs
+LATEST_MAX = 1000
+
+
 def register(commands: Any) -> None:
     p = commands.add_parser(
         "stats", help="show what the gateway has spent",
@@ -35,8 +39,9 @@ def register(commands: Any) -> None:
                     "from the running gateway, else from the ledger file.")
     p.add_argument("--config", help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON only")
-    p.add_argument("--latest", type=at_least(0), default=20, metavar="N",
-                   help="how many of the latest payments to list (default 20)")
+    p.add_argument("--latest", type=at_least(0, LATEST_MAX), default=20, metavar="N",
+                   help=f"how many of the latest payments to list (default 20, at most "
+                        f"{LATEST_MAX})")
     p.set_defaults(run=run_stats)
 
 
@@ -117,8 +122,12 @@ def render(summary: dict[str, Any], source: str) -> str:
     network = summary.get("network")
     on = (f" on {network}" if network else "") + (
         " (the sandbox: no real payments)" if summary.get("sandbox") else "")
-    out = [f"Spending{on} (days and times in {summary.get('timezone') or 'local time'}), from "
-           f"{source}", ""]
+    # Days are the gateway's (they are summed there); payment times are shown here, in ours.
+    theirs = summary.get("timezone") or "local time"
+    ours = datetime.now().astimezone().tzname()
+    zones = (f"days and times in {theirs}" if theirs in (ours, "local time")
+             else f"days in the gateway's {theirs}, times in {ours}")
+    out = [f"Spending{on} ({zones}), from {source}", ""]
     windows = [(label, summary[key]) for label, key in
                (("Today", "today"), ("This month", "month"), ("Total", "total"))]
     out += _table(["", "Settled", "Payments", "Pending", "Pending payments"],

@@ -251,9 +251,12 @@ def check_balance(health: dict[str, Any] | None, low: float) -> Check:
     balance = (health or {}).get("balance_usd")
     if balance is None:
         return Check("balance", "skip", "unknown (needs a running gateway that reports it)")
+    shown = format_dollars(float(balance))
     if health and health.get("sandbox"):
-        return Check("balance", "ok", f"${balance} (sandbox)")
+        return Check("balance", "ok", f"{shown} (sandbox)")
     if float(balance) < low:
-        return Check("balance", "fail", f"${balance} USDC is below ${low}",
-                     f"send USDC on Base to {health.get('wallet') if health else 'the wallet'}")
-    return Check("balance", "ok", f"${balance} USDC")
+        chain = "Base Sepolia" if (health or {}).get("network") == "base-sepolia" else "Base"
+        return Check("balance", "fail", f"{shown} USDC is below {format_dollars(low)}",
+                     f"send USDC on {chain} to "
+                     f"{health.get('wallet') if health else 'the wallet'}")
+    return Check("balance", "ok", f"{shown} USDC")

@@ -256,12 +256,17 @@ def run_create(args: argparse.Namespace) -> int:
     path = settings.home / KEY_FILE
     refusal = (f"{path} already exists; it was not changed (a key file is never "
                "overwritten). `clawrouter wallet` shows its address.")
+    if path.is_symlink() and not path.exists():
+        raise CommandError(1, f"{path} is a link to nothing (a broken link?); it was not "
+                              "changed: move it away, then run this again.")
     if path.exists():
         raise CommandError(1, refusal)
     try:
         key = create_key_file(path)
     except FileExistsError:
-        raise CommandError(1, refusal) from None
+        if path.exists():  # another process created it meanwhile
+            raise CommandError(1, refusal) from None
+        raise  # the data directory (or a folder above it) is a file: `main` names it
     print(address_of(key))
     print(f"created {path} (mode 0600); back it up: it is the only copy of this wallet's key.",
           file=sys.stderr)

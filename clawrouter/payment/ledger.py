@@ -39,6 +39,7 @@ from typing import IO, Any, Callable, Protocol, TypeVar
 
 from clawrouter.catalog import MICRO
 from clawrouter.groupcommit import GroupCommit, Outcome
+from clawrouter.plaintext import one_line
 
 try:  # POSIX: one gateway per ledger, or two processes would each enforce budgets alone
     import fcntl
@@ -204,11 +205,11 @@ def day_start(day: date) -> float:
 
 
 def clean_note(note: str | None) -> str | None:
-    """Short, single-line, and without anything that could be a key or a payment header."""
+    """Short, single-line plain text (`plaintext`: an upstream's words reach terminals), and
+    without anything that could be a key or a payment header."""
     if note is None:
         return None
-    note = _SECRETISH.sub("[redacted]", " ".join(str(note).split()))
-    return note[:NOTE_MAX] or None
+    return one_line(_SECRETISH.sub("[redacted]", str(note)), NOTE_MAX) or None
 
 
 class Ledger:
@@ -238,6 +239,8 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         #: this process's hold on the ledger (see `Holder.instance`)
         self.instance = secrets.token_hex(8)
+        #: when the last commit failed (disk full, locked), until one succeeds (`/readyz`)
+        self.failed_at: float | None = None
         self._lockfile = _exclusive_lock(lock_path(self.path), self.instance)
         try:
             self._conn = self._connect()
@@ -436,7 +439,9 @@ class Ledger:
                         conn.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass
+                self.failed_at = time.time()
                 return [(None, exc)] * len(writes)
+            self.failed_at = None
         for write, (value, error) in zip(writes, outcomes):
             if error is None and write.durable is not None:
                 try:

@@ -15,6 +15,7 @@ from clawrouter.catalog import format_usd as usd
 from clawrouter.errors import PaymentRefused
 from clawrouter.payment.networks import Network, lookup
 from clawrouter.payment.wire import Challenge, Requirement
+from clawrouter.plaintext import one_line
 
 MAX_TIMEOUT_SECONDS = 600
 _AMOUNT = re.compile(r"[0-9]{1,30}")
@@ -22,7 +23,9 @@ _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
 def refuse(check: str, message: str) -> PaymentRefused:
-    return PaymentRefused(f"Payment refused, nothing was signed: {message}",
+    """The refusal of a challenge that failed `check`; its message quotes the challenge's
+    own words, so it is made plain, bounded text (`plaintext`)."""
+    return PaymentRefused(f"Payment refused, nothing was signed: {one_line(message, 600)}",
                           extra={"check": check})
 
 

@@ -31,7 +31,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -171,8 +171,10 @@ class Reconciler:
 
     def __init__(self, ledger: Ledger, network: Network, rpc_urls: Sequence[str],
                  session: aiohttp.ClientSession, *, interval: float = 60.0,
-                 timeout: float = 5.0, batch: int = 100) -> None:
+                 timeout: float = 5.0, batch: int = 100,
+                 on_payment: Callable[[str, int, str], None] | None = None) -> None:
         self.ledger = ledger
+        self.on_payment = on_payment  # (outcome, amount, model) for metrics, as the exchange
         self.network = network
         self.rpc_urls = list(dict.fromkeys(rpc_urls))  # one URL twice is not two RPCs
         self.session = session
@@ -212,6 +214,8 @@ class Reconciler:
                 continue
             log.info("payment %d (%s, %s): %s, from the chain", r.payment.id, r.payment.status,
                      format_usd(r.payment.amount), r.status)
+            if self.on_payment:
+                self.on_payment(r.status, r.payment.amount, r.payment.model)
             done.append(r)
         return done
 

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -57,6 +58,7 @@ def load_wallet(home: Path, env_key: str | None,
     if env_key:
         return WalletKey(check_key(env_key, where), "env")
     path = home / "wallet.key"
+    _remove_stale_drafts(path)
     if not path.exists():
         try:
             return WalletKey(create_key_file(path), "created", path)
@@ -91,7 +93,7 @@ def create_key_file(path: Path) -> str:
     an existing file, as a rename would."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = "0x" + secrets.token_bytes(32).hex()
-    tmp = path.with_name(f".{path.name}.new-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = path.with_name(f"{_draft_name(path)}{os.getpid()}-{secrets.token_hex(4)}")
     _write_new(tmp, key + "\n")
     try:
         os.link(tmp, path)
@@ -103,6 +105,30 @@ def create_key_file(path: Path) -> str:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)  # the new name too: a key lost to a crash loses its funds
     return key
+
+
+#: a key draft older than this is a crashed creator's: its key was never linked (so never
+#: shown, never funded) or is the live key file's second name
+DRAFT_GRACE = 60.0
+
+
+def _draft_name(path: Path) -> str:
+    return f".{path.name}.new-"
+
+
+def _remove_stale_drafts(path: Path) -> None:
+    """Delete key drafts (`create_key_file`) that a crash left behind: files holding a private
+    key should not linger in the data directory."""
+    try:
+        drafts = [p for p in path.parent.iterdir() if p.name.startswith(_draft_name(path))]
+    except OSError:
+        return
+    for draft in drafts:
+        try:
+            if time.time() - draft.lstat().st_mtime > DRAFT_GRACE:
+                draft.unlink()
+        except OSError:
+            continue
 
 
 def _write_new(path: Path, text: str) -> None:

@@ -9,6 +9,7 @@ never corrupts, and opening the store re-indexes any file whose row was lost.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -20,8 +21,22 @@ from clawrouter.store.records import ImageMeta, StoredImage
 
 log = logging.getLogger(__name__)
 
-#: what SQLite says of a file that is not (or no longer) a database it can read
-_DAMAGED = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT"})
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    """What SQLite says of a file that is not (or no longer) a database it can read
+    (SQLITE_CORRUPT_INDEX and the like included), or what `quick_check` found."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    return (name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT")
+            or str(exc).startswith("quick_check found"))
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
 
 #: The `source` of a row rebuilt from a file found on disk without one.
 RECOVERED = "recovered"
@@ -100,19 +115,26 @@ class MetadataDB:
         images are files named by their hash, so the store's `open` recovers every one of them
         (their prompts and costs stay in the file moved aside, and the ledger keeps every
         payment)."""
+        before = _identity(self.path)
         try:
             self._conn = self._connect()
+            return
         except sqlite3.DatabaseError as exc:
-            if getattr(exc, "sqlite_errorname", None) not in _DAMAGED:
+            if not _damaged(exc):
                 raise
-            aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+            damage = exc
+        # Another gateway sharing the store may have moved it aside already, and made a new
+        # one: that one is not ours to move.
+        if _identity(self.path) == before:
+            aside = self.path.with_name(
+                f"{self.path.name}.damaged-{int(time.time())}-{os.getpid()}")
             for suffix in ("", "-wal", "-shm"):
                 part = self.path.with_name(self.path.name + suffix)
                 if part.exists():
                     part.rename(aside.with_name(aside.name + suffix))
             log.warning("the image index %s was damaged (%s): moved to %s, and a new one is "
-                        "built from the image files", self.path, exc, aside)
-            self._conn = self._connect()
+                        "built from the image files", self.path, damage, aside)
+        self._conn = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=10)
@@ -121,6 +143,9 @@ class MetadataDB:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            # damage past the header shows only when its pages are read: read them all now
+            if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check found the index damaged")
         except BaseException:
             conn.close()
             raise

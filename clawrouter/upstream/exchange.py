@@ -130,10 +130,12 @@ def _after_refusal(error: ClawError, refused: _PreauthRejected) -> ClawError:
     error.message += (
         f" Before that, the upstream refused this request's pre-authorized payment of "
         f"{format_usd(refused.amount)} ({refused.reason}); it should not settle, but it is "
-        "held against the budgets until it expires. Not signed again: send the request with a "
-        "new Idempotency-Key, if it has one, to try again.")
+        "held against the budgets until it expires. Not signed again: an identical request "
+        "gets this answer for the coalescing window (a day with the same Idempotency-Key); "
+        "change the request, or wait, to try again.")
     error.extra["payment"] = "rejected"
     error.headers["x-should-retry"] = "false"
+    error.headers.pop("Retry-After", None)  # a retry gets this answer, not another try
     return error
 
 
@@ -231,7 +233,10 @@ class Exchange:
                     network=payment.network, nonce=payment.nonce, attempt=attempt,
                     payer=self.signer.address, valid_before=payment.valid_before,
                     idempotency=ctx.idempotency, reservation=reservation))
-            except (sqlite3.Error, OSError) as exc:  # no record, so the payment never leaves
+            # No durable record (as far as SQLite can tell: a failed fsync may still leave the
+            # row in the WAL, read back as `unknown` after a crash, for reconcile to settle),
+            # so the payment never leaves.
+            except (sqlite3.Error, OSError) as exc:
                 log.error("the ledger could not record a payment, so it was not sent: %s", exc)
                 raise LedgerUnavailable(
                     f"Nothing was paid: the payment ledger ({self.ledger.path}) could not "

@@ -18,8 +18,9 @@ import time
 from clawrouter.catalog import format_usd
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClientGone, PaidRequestFailed, UpstreamTimeout
+from clawrouter.plaintext import one_line
 from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
-from clawrouter.upstream.errors import paid_error, upstream_message
+from clawrouter.upstream.errors import MESSAGE_MAX, paid_error, upstream_message
 from clawrouter.upstream.results import holds_an_image
 
 TRANSIENT = {202, 408, 425, 429, 500, 502, 503, 504}
@@ -67,7 +68,8 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
             body = resp.json()
             status = body.get("status") if isinstance(body, dict) else None
             if status == "failed" and resp.status != 402:  # whatever the HTTP status says
-                what = f"The upstream job failed: {body.get('error') or 'the job failed'}."
+                reason = one_line(body.get("error") or "the job failed", MESSAGE_MAX)
+                what = f"The upstream job failed: {reason}."
                 raise _settled_unless_lost(PaidRequestFailed(
                     f"{what} No payment was settled (BlockRun settles only completed jobs).",
                     status=502, code="job_failed", extra={"payment": "not_settled"}),
