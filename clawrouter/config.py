@@ -127,8 +127,8 @@ class Settings(BaseSettings):
             return None
         parts = urlsplit(value.strip())
         if (parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc
-                or parts.query or parts.fragment or "\\" in value
-                or any(c.isspace() for c in value.strip())):
+                or any(c in "?#\\" or c.isspace() or not c.isprintable()
+                       for c in value.strip())):
             raise ValueError("must be an http(s) URL naming a host, like "
                              "https://images.example.com (a path may follow; no user, query "
                              "or fragment)")
@@ -297,9 +297,9 @@ def _explain(exc: ValidationError, path: Path) -> str:
         name = ".".join(str(part) for part in error["loc"]) or "settings"
         what = ("not a setting" if error["type"] == "extra_forbidden"
                 else error["msg"].removeprefix("Value error, "))
-        if error["type"] == "list_type":  # a plain string where a list goes: from the env?
-            what += (f' (as a CLAWROUTER_{name.upper()} variable, a JSON list: '
-                     '["/a", "/b"])')
+        if error["type"] == "list_type":  # a plain string where a list goes
+            what += (f" (a TOML list in the file; as CLAWROUTER_{name.upper()} in the "
+                     "environment, a JSON list)")
         problems.append(f"{name}: {what}")
     where = f"{path}, " if path.is_file() else ""
     return (f"{'; '.join(problems)} (from {where}CLAWROUTER_* variables or flags; every setting "

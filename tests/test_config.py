@@ -163,7 +163,7 @@ def test_a_list_setting_from_the_environment_must_be_json(monkeypatch, tmp_path)
         load_settings(home=tmp_path)
     monkeypatch.delenv("CLAWROUTER_RPC_URLS")
     monkeypatch.setenv("CLAWROUTER_ALLOWED_ROOTS", "/tmp")  # a union with None: no SettingsError
-    with pytest.raises(ValueError, match=r"CLAWROUTER_ALLOWED_ROOTS variable, a JSON list"):
+    with pytest.raises(ValueError, match=r"as CLAWROUTER_ALLOWED_ROOTS in the environment, a JSON"):
         load_settings(home=tmp_path)
     monkeypatch.delenv("CLAWROUTER_ALLOWED_ROOTS")
     monkeypatch.setenv("CLAWROUTER_RPC_URLS", '["http://a"]')
@@ -206,6 +206,7 @@ def test_an_out_of_bounds_setting_is_one_clear_cli_error(tmp_path):
     "images.example.com", "images.example.com:443", "/claw", "ftp://images.example.com",
     "https://user@images.example.com", "http://localhost?@evil.example",
     "http://localhost#@evil.example", "http://evil.example\\@localhost", "http://x:99999",
+    "https://x.example/?", "https://x.example/#", "http://x\x00y", "http://x\x1by",
 ])
 def test_a_public_url_must_be_an_http_base_naming_its_host(tmp_path, value):
     """It starts every image URL we hand out, and its host decides whether the gateway needs

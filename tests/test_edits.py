@@ -450,6 +450,23 @@ def test_form_text_that_is_not_text_in_its_charset_is_a_400(gateway, sandbox, ch
     assert sandbox.stats()["bodies"][-1]["prompt"] == "café"
 
 
+@pytest.mark.parametrize("ending", [b"", b"\r\n--B\r\n", b"\r\n--B"])
+def test_a_form_without_its_closing_boundary_is_refused_not_paid(gateway, sandbox, ending):
+    """Its last part (here n=3) may be cut short: paying for what arrived would pay for a
+    request the client did not send."""
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n"
+            b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + png()
+            + b"\r\n--B\r\nContent-Disposition: form-data; name=\"n\"\r\n\r\n3")
+    r = gateway.http.post("/v1/images/edits", content=body + ending, headers={
+        "content-type": "multipart/form-data; boundary=B"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_multipart", r.text
+    nothing_upstream(sandbox)
+    r = gateway.http.post("/v1/images/edits", content=body + b"\r\n--B--\r\n", headers={
+        "content-type": "multipart/form-data; boundary=B"})
+    assert r.status_code == 200 and len(r.json()["data"]) == 3, r.text
+
+
 def test_an_image_sent_as_form_text_may_be_as_big_as_an_upload(make_gateway, sandbox):
     """Base64 is 4/3 of the image: a form's text field takes as big an image as an upload,
     and one past that is a clear image_too_large."""

@@ -119,6 +119,28 @@ def test_the_request_log_says_what_became_of_a_failed_paid_request(gateway, sand
     assert line["status"] == r.status_code
 
 
+def test_the_request_log_names_refusals_made_before_the_app(make_gateway, caplog):
+    """Refusals the middleware makes itself (an oversized body by its declared length, a
+    missing API key) are logged by their code, as the app's own errors are."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="clawrouter.access")
+    gw = make_gateway(max_image_mb=0.01, api_key="k")  # bodies over 40 KB are refused
+    big = httpx.post(gw.v1 + "/images/generations", content=b"x" * 100_000,
+                     headers={"authorization": "Bearer k", "content-type": "application/json"})
+    keyless = httpx.get(gw.v1 + "/models")
+    assert (big.status_code, keyless.status_code) == (413, 401)
+
+    def outcomes() -> list[str]:
+        return [json.loads(rec.getMessage())["outcome"] for rec in caplog.records
+                if rec.name == "clawrouter.access"]
+
+    deadline = time.monotonic() + 5
+    while len(outcomes()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sorted(outcomes()) == ["body_too_large", "invalid_api_key"]
+
+
 def test_a_failed_jobs_reason_reaches_the_client_and_ledger_as_plain_text(make_gateway,
                                                                          sandbox):
     """A slow job's failure reason is the upstream's text too: plain, bounded, in the answer

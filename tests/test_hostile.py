@@ -594,6 +594,26 @@ def test_a_request_that_cannot_be_parsed_gets_the_envelope(
     nothing_reached(sandbox)
 
 
+@pytest.mark.parametrize("data", [
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: evil.example\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET /health HTTP/1.1\r\n\r\n",
+])
+def test_a_request_without_exactly_one_host_is_a_400(shared_gateway: GatewayProcess,
+                                                     data: bytes) -> None:
+    """The Host header decides which names this gateway answers to (DNS rebinding) and the
+    URLs it hands out: two (the guard would read one, the URLs the other) or none is a 400."""
+    def ask(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        with socket.create_connection(("127.0.0.1", shared_gateway.port)) as sock:
+            sock.sendall(raw)
+            return read_response(sock)
+
+    status, headers, body = ask(data)
+    assert_envelope(status, headers.get("content-type", ""), body, "raw request")
+    assert (status, json.loads(body)["error"]["code"]) == (400, "malformed_http")
+    assert ask(b"GET /health HTTP/1.0\r\n\r\n")[0] == 200  # HTTP/1.0 may leave it out
+
+
 @pytest.mark.parametrize("headers", [
     [("Cookie", "a" * 100_000)],  # one huge header
     [(f"X-Pad-{i}", "b" * 100) for i in range(800)],  # many small ones
@@ -648,6 +668,81 @@ def test_a_stalled_pipelined_head_does_not_cut_the_answer_in_progress(
         status, headers, body = read_response(sock, timeout=HEADER_TIMEOUT + 5)
         assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
     assert sandbox.stats()["payments_count"] == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/image2image"])
+def test_a_client_that_leaves_mid_body_is_no_error_of_ours(shared_gateway: GatewayProcess,
+                                                           sandbox: Sandbox, path: str) -> None:
+    """A body cut short by its client is the client's doing: not a 500 in the metrics, nor an
+    'unhandled error' in the log."""
+    with socket.create_connection(("127.0.0.1", shared_gateway.port)) as sock:
+        sock.sendall(request_head(path, Content_Type="application/json", Content_Length="100")
+                     + b'{"prompt":')
+        time.sleep(0.3)  # the app is reading it
+    deadline = time.monotonic() + 5
+    while 'status="499"' not in (metrics := httpx.get(shared_gateway.url + "/metrics").text):
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.05)
+    assert 'status="5' not in metrics
+    assert "unhandled error" not in shared_gateway.output()
+    assert "Exception in ASGI application" not in shared_gateway.output()
+    nothing_reached(sandbox)
+
+
+def server_side_state(server_port: int, client_port: int) -> str | None:
+    """The TCP state (/proc/net/tcp's hex code: 01 established) of a server's end of a
+    loopback connection from `client_port`."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if (int(local.split(":")[1], 16), int(remote.split(":")[1], 16)) == (server_port,
+                                                                              client_port):
+            return state
+    return None
+
+
+def test_a_trickled_body_is_a_408_and_gives_its_place_back(impatient_gateway: GatewayProcess,
+                                                           sandbox: Sandbox) -> None:
+    """Once the app waits for a body, it must keep arriving (16 KB a second over each header
+    window): one byte at a time cannot hold a big request's place, or a connection, for ever.
+    """
+    head = request_head("/v1/images/generations", Content_Type="application/json",
+                        Content_Length="2000000")
+    with socket.create_connection(("127.0.0.1", impatient_gateway.port)) as sock:
+        sock.sendall(head + b'{"prompt": "')
+        deadline = time.monotonic() + HEADER_TIMEOUT * 6
+        answer = b""
+        sock.settimeout(0.2)
+        while not answer and time.monotonic() < deadline:
+            try:
+                sock.sendall(b"x")
+                answer = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer, answer[:200]
+    impatient_gateway.assert_alive()
+    nothing_reached(sandbox)
+
+
+def test_an_answer_its_client_never_reads_is_dropped_not_kept(impatient_gateway: GatewayProcess,
+                                                            sandbox: Sandbox) -> None:
+    """A client that stops reading a big `b64_json` answer cannot keep it in the gateway's
+    memory: once its bytes have not moved for a header window, the connection is dropped."""
+    sandbox.configure(image_bytes=9_000_000)  # 12 MB of JSON: more than the kernel buffers
+    body = json.dumps({"prompt": "unread", "response_format": "b64_json"}).encode()
+    with socket.create_connection(("127.0.0.1", impatient_gateway.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(request_head("/v1/images/generations", Content_Type="application/json",
+                                  Content_Length=str(len(body))) + body)
+        deadline = time.monotonic() + 30  # it takes about one header window
+        while "its client read nothing of the answer" not in impatient_gateway.output():
+            assert time.monotonic() < deadline, impatient_gateway.output()
+            time.sleep(0.1)
+        # the gateway closed its end (the kernel may still be sending what it took in)
+        assert server_side_state(impatient_gateway.port, sock.getsockname()[1]) != "01"
+    assert sandbox.stats()["payments_count"] == 1
+    impatient_gateway.assert_alive()
 
 
 def test_the_header_clock_does_not_cut_an_idle_keep_alive_connection(
@@ -734,8 +829,9 @@ def test_a_chunked_body_with_an_endless_trailer_is_cut_off(shared_gateway: Gatew
                 sent += 1
         except (BrokenPipeError, ConnectionResetError):
             pass
-        try:
-            assert sock.recv(65536) == b""  # closed: the request was already being answered
+        try:  # its own answer had not begun: the refusal, then the connection closed
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 431") and b"headers_too_large" in answer
         except ConnectionResetError:
             pass
     assert sent < 64, f"{sent} × 256 KB of trailer were accepted"

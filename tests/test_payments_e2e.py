@@ -421,7 +421,7 @@ def test_a_refused_preauth_then_a_failed_probe_says_so_and_is_kept_for_its_key(g
     assert gen(gateway, "warm").status_code == 200
     sandbox.faults({"kind": "price", "multiply": 2},
                    {"kind": "respond", "phase": "unpaid", "status": 503, "times": 1,
-                    "body": {"error": "busy"}})
+                    "body": {"error": "busy"}, "headers": {"Retry-After": "7"}})
     key = {"Idempotency-Key": "refused-then-busy"}
     answers = [gateway.http.post("/v1/images/generations", headers=key,
                                  json={**COGVIEW, "prompt": "changed"}) for _ in range(2)]
@@ -429,6 +429,7 @@ def test_a_refused_preauth_then_a_failed_probe_says_so_and_is_kept_for_its_key(g
         assert r.status_code == 503, r.text
         error = r.json()["error"]
         assert error["payment"] == "rejected" and r.headers["x-should-retry"] == "false"
+        assert "retry-after" not in r.headers  # the upstream's: a retry gets this answer
         assert "refused this request's pre-authorized payment of $0.01675" in error["message"]
     assert [row["status"] for row in ledger_rows(gateway)] == ["rejected", "settled"]
     assert sandbox.stats()["payments_count"] == 1
@@ -509,6 +510,8 @@ def test_a_ledger_that_cannot_record_an_outcome_never_costs_a_second_payment(
         assert failed.value.response.headers["x-should-retry"] == "false"
     assert sandbox.stats()["payments_count"] == 1
     assert [row["status"] for row in ledger_rows(gw)] == ["signed"]  # "unknown" after restart
+    # not counted yet: reconcile counts it once it records the chain's answer
+    assert "clawrouter_payments_total{" not in gw.http.get("/metrics").text
 
 
 def test_a_ledger_that_cannot_record_a_payment_sends_none_and_says_a_retry_is_safe(gateway,

@@ -11,8 +11,14 @@ library for every upgrade request. Here:
   trailers), which httptools would otherwise buffer without limit;
 - a head must be complete `head_timeout` seconds after the connection opened or the request's
   first byte arrived (408, `request_timeout`; a connection that sent nothing is just closed):
-  endless headers cannot hold a connection. A body is read at the client's pace (its memory is
-  bounded by uvicorn's flow control and the app's body limit);
+  endless headers cannot hold a connection;
+- a body is read at the client's pace, its memory bounded by uvicorn's flow control and the
+  app's body limit, but not slower than `MIN_BODY_RATE` over each `head_timeout` window in
+  which the app waits for it (408): a trickled body cannot hold one of the few places big
+  requests get (`api/heavy.py`), nor a connection whose answer was already sent;
+- an answer the client stops reading is dropped once its buffered bytes have not moved for
+  `head_timeout` seconds: a client that never reads cannot keep megabytes of `b64_json` in
+  memory, nor a stream (and its big-request place) open;
 - WebSocket (and other) upgrade requests are ordinary requests (uvicorn runs with `ws="none"`):
   the gateway has no WebSocket routes, so they get the app's own 404 or 405 envelope. httptools
   never reads the body of an upgrade request, so one that declares a body is a 400
@@ -32,6 +38,9 @@ from clawrouter.errors import ClawError, InvalidRequest
 #: The whole request head. Browsers send a few KB (cookies for `localhost` are shared by every
 #: local app, so they can grow); h11 and Node stop at 16 KB, nginx at 32 KB.
 MAX_HEAD_BYTES = 64 * 1024
+#: bytes a second a body must keep arriving at while the app waits for it: a phone line's
+#: speed, far below any client of a local gateway
+MIN_BODY_RATE = 16 * 1024
 
 log = logging.getLogger("clawrouter.api")
 
@@ -57,6 +66,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _unparsed = 0  # bytes read since that last happened
     _head_error: ClawError | None = None
     _head_timer: asyncio.TimerHandle | None = None
+    _body_timer: asyncio.TimerHandle | None = None
+    _body_bytes = 0  # body bytes in the current window
+    _write_timer: asyncio.TimerHandle | None = None
+    _unsent = 0  # bytes the transport still held when the last write check ran
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -64,6 +77,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._body_timer = _cancel(self._body_timer)
+        self._write_timer = _cancel(self._write_timer)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -111,14 +126,64 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
         else:
             self._in_body = True
+            self._body_window()
 
     def on_body(self, body: bytes) -> None:
         self._moved()
+        self._body_bytes += len(body)
         super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._in_body = False
+        self._body_timer = _cancel(self._body_timer)
         super().on_message_complete()
+
+    def _body_window(self) -> None:
+        """Start a window in which the body must arrive at `MIN_BODY_RATE`."""
+        self._body_bytes = 0
+        self._body_timer = _cancel(self._body_timer)
+        self._body_timer = self.loop.call_later(self.head_timeout, self._body_window_ended)
+
+    def _body_window_ended(self) -> None:
+        self._body_timer = None
+        if not self._in_body or self.transport.is_closing() or self.cycle is None:
+            return
+        # the app waits for it: nothing of it is buffered unread, reading is not paused, and
+        # a client that asked to be told to send (Expect: 100-continue) has been told
+        waiting = not (self.cycle.body or self.flow.read_paused
+                       or self.cycle.waiting_for_100_continue)
+        if self.cycle.response_complete:  # answered already: the rest would be thrown away
+            self.transport.close()
+        elif waiting and self._body_bytes < MIN_BODY_RATE * self.head_timeout:
+            self._refuse(InvalidRequest(
+                f"The request body arrived slower than {MIN_BODY_RATE // 1024} KB a second.",
+                status=408, code="request_timeout"))
+        else:
+            self._body_window()
+
+    def pause_writing(self) -> None:
+        """The transport holds more than its high-water mark of our answer: watch it drain."""
+        super().pause_writing()
+        self._unsent = self.transport.get_write_buffer_size()
+        self._write_timer = _cancel(self._write_timer)
+        self._write_timer = self.loop.call_later(self.head_timeout, self._write_check)
+
+    def resume_writing(self) -> None:
+        self._write_timer = _cancel(self._write_timer)
+        super().resume_writing()
+
+    def _write_check(self) -> None:
+        self._write_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        if unsent and unsent >= self._unsent:  # nothing read by the client in a whole window
+            log.warning("dropped a connection from %s: its client read nothing of the answer "
+                        "for %g s (%d bytes waiting)", self.client[0] if self.client else "?",
+                        self.head_timeout, unsent)
+            self.transport.abort()  # frees the buffer; the app sees the client gone
+            return
+        self._unsent = unsent
+        if unsent:
+            self._write_timer = self.loop.call_later(self.head_timeout, self._write_check)
 
     def _moved(self) -> None:
         self._progress = True
@@ -159,11 +224,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                     self.client[0] if self.client else "?", error.code)
         self._disarm()
         self._reading_head = False
-        if self.cycle is None or self.cycle.response_complete:
-            # (with a pipelined request still being answered, the bytes would land inside
-            # that response: then the connection is only closed)
+        idle = self.cycle is None or self.cycle.response_complete
+        # a body of the request being run, whose answer has not begun (nor is another's due)
+        own_body = (self._in_body and not self.pipeline and self.cycle is not None
+                    and not self.cycle.response_started)
+        if idle or own_body:
+            # (else the bytes would land inside, or before, an answer: only close)
             self.transport.write(raw_error(error, self.server_state.default_headers))
         self.transport.close()
+
+
+def _cancel(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
 
 
 def _head_too_large() -> InvalidRequest:

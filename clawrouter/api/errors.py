@@ -15,7 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from clawrouter.api.middleware import note_error
 from clawrouter.api.schemas import EditBody, GenerationBody, ImageURL
 from clawrouter.errors import (
     ClawError, ClientGone, InvalidRequest, MethodNotAllowed, RouteNotFound, internal_error,
@@ -30,14 +32,6 @@ class EnvelopeResponse(JSONResponse):
 
     def render(self, content: object) -> bytes:
         return json.dumps(content, separators=(",", ":")).encode("ascii")
-
-
-def note_error(into: dict[str, Any], error: ClawError) -> None:
-    """What the request log says of a failed request: its code and, when a payment was
-    involved, what became of it (`signed`, `rejected`, `not_settled`, `none`)."""
-    into["error_code"] = error.code
-    if error.extra.get("payment") is not None:
-        into["payment"] = error.extra["payment"]
 
 
 def error_response(error: ClawError, request: Request | None = None) -> JSONResponse:
@@ -132,7 +126,10 @@ def install(app: FastAPI) -> None:
         return error_response(err, request)
 
     @app.exception_handler(ClientGone)
-    async def _gone(_: Request, __: ClientGone) -> Response:
+    @app.exception_handler(ClientDisconnect)  # Starlette's, reading a body its client left
+    async def _gone(request: Request, _: Exception) -> Response:
+        # nobody hears it; the log and metrics say the client closed, not that we failed
+        request.scope.setdefault("state", {})["error_code"] = "client_closed"
         return Response(status_code=499)
 
     @app.exception_handler(Exception)

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clawrouter.config import is_loopback_authority
-from clawrouter.errors import BodyTooLarge, ClawError, Forbidden, Unauthorized
+from clawrouter.errors import BodyTooLarge, ClawError, Forbidden, InvalidRequest, Unauthorized
 
 _SAFE_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 HEALTH_PATHS = frozenset({"/health", "/healthz", "/readyz"})
@@ -39,7 +39,17 @@ def error_parts(error: ClawError) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     return body, headers
 
 
-async def send_error(send: Send, error: ClawError) -> None:
+def note_error(into: dict, error: ClawError) -> None:
+    """What the request log says of a failed request (`observe`): its code and, when a
+    payment was involved, what became of it (`signed`, `rejected`, `not_settled`, `none`)."""
+    into["error_code"] = error.code
+    if error.extra.get("payment") is not None:
+        into["payment"] = error.extra["payment"]
+
+
+async def send_error(scope: Scope, send: Send, error: ClawError) -> None:
+    """Answer with `error` below FastAPI, noting it for the request log as its handlers do."""
+    note_error(state(scope), error)
     body, headers = error_parts(error)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -97,8 +107,13 @@ class BrowserGuard:
         headers = {k: v for k, v in scope["headers"]
                    if k in (b"host", b"origin", b"sec-fetch-site")}
         host = headers.get(b"host", b"").decode("latin-1").lower()
+        hosts = sum(1 for k, _ in scope["headers"] if k == b"host")
         error = None
-        if self.loopback_only and host and not self._host_allowed(host):
+        if hosts > 1 or (hosts == 0 and scope.get("http_version") == "1.1"):
+            # RFC 9112 §3.2: exactly one; with two, which one names this gateway?
+            error = InvalidRequest("An HTTP/1.1 request must carry exactly one Host header.",
+                                   code="malformed_http")
+        elif self.loopback_only and host and not self._host_allowed(host):
             error = Forbidden(f"Host {host!r} is not this gateway's: it answers on loopback "
                               "names only (behind a proxy, set public_url and an API key).",
                               code="forbidden_host")
@@ -111,8 +126,7 @@ class BrowserGuard:
                                   "spend your money through this gateway.",
                                   code="cross_origin_refused")
         if error is not None:
-            state(scope)["error_code"] = error.code
-            await send_error(send, error)
+            await send_error(scope, send, error)
             return
         await self.app(scope, receive, send)
 
@@ -148,8 +162,7 @@ class ApiKey:
             await self.app(scope, receive, send)
             return
         if not authorized:
-            state(scope)["error_code"] = "invalid_api_key"
-            await send_error(send, Unauthorized(
+            await send_error(scope, send, Unauthorized(
                 "Missing or wrong API key: send 'Authorization: Bearer <CLAWROUTER_API_KEY>'.",
                 headers={"www-authenticate": "Bearer"}))
             return
@@ -170,7 +183,7 @@ class BodyLimit:
             return
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await send_error(send, self._too_large())
+            await send_error(scope, send, self._too_large())
             return
         seen = 0
         started = False
@@ -193,7 +206,7 @@ class BodyLimit:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge as exc:
             if not started:
-                await send_error(send, exc)
+                await send_error(scope, send, exc)
 
     def _too_large(self) -> BodyTooLarge:
         mb = self.limit / 1024 / 1024

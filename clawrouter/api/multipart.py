@@ -28,6 +28,12 @@ class _NotText(MultiPartException):
 class _StrictTextParser(MultiPartParser):
     #: fields whose parts without a filename may still carry a file's bytes
     file_fields: frozenset[str] = frozenset()
+    #: the closing boundary came: without it the last part may be cut short (RFC 7578)
+    ended = False
+
+    def on_end(self) -> None:
+        self.ended = True
+        super().on_end()
 
     def on_part_end(self) -> None:
         part = self._current_part
@@ -53,7 +59,7 @@ async def read_multipart(request: Request, *, max_files: int, max_fields: int,
                                max_fields=max_fields, max_part_size=max_text_bytes)
     parser.file_fields = file_fields
     try:
-        return await parser.parse()
+        form = await parser.parse()
     except _NotText as exc:
         raise InvalidRequest(f"'{exc.field}' is not valid text (send UTF-8).",
                              param=exc.field, code="invalid_type") from None
@@ -64,3 +70,9 @@ async def read_multipart(request: Request, *, max_files: int, max_fields: int,
                 "text may take (CLAWROUTER_MAX_IMAGE_MB).", code="image_too_large") from None
         raise InvalidRequest(f"Malformed multipart form: {exc.message}",
                              code="invalid_multipart") from None
+    if not parser.ended:  # a part may be missing or cut short: which request would be paid?
+        await form.close()
+        raise InvalidRequest("Malformed multipart form: it ends without its closing boundary "
+                             "(--boundary--), so its last part may be cut short.",
+                             code="invalid_multipart")
+    return form

@@ -18,7 +18,7 @@ from typing import Any
 import pybase64
 from fastapi.responses import StreamingResponse
 
-from clawrouter.api.errors import note_error
+from clawrouter.api.middleware import note_error
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClawError, ClientGone, internal_error
 from clawrouter.pipeline import Result

@@ -350,6 +350,7 @@ class Gateway:
                 if exc.code != LOCAL_FILES_DISABLED or self._read_here or not paths:
                     raise
                 self._read_here = True
+                self.posted -= 1  # answered, and refused before any payment
         return await self._save(resp, model_id(model, catalog.DEFAULT_EDIT_MODEL), directory)
 
     # --- plumbing --------------------------------------------------------------------------

@@ -135,7 +135,8 @@ def _after_refusal(error: ClawError, refused: _PreauthRejected) -> ClawError:
         "change the request, or wait, to try again.")
     error.extra["payment"] = "rejected"
     error.headers["x-should-retry"] = "false"
-    error.headers.pop("Retry-After", None)  # a retry gets this answer, not another try
+    for name in [n for n in error.headers if n.lower() in ("retry-after", "retry-after-ms")]:
+        del error.headers[name]  # a retry gets this answer, not another try
     return error
 
 
@@ -257,6 +258,7 @@ class Exchange:
             except Exception:
                 log.exception("payment %d: could not record its outcome (%s); the row stays "
                               "'signed' and reads as unknown after a restart", payment_id, status)
+                return  # counted when reconcile records it, not twice
             if self.on_payment:
                 self.on_payment(status, payment.amount, call.model.id)
 
