@@ -254,12 +254,17 @@ def test_a_release_racing_a_recording_counts_once(ledger: Ledger, clock: Clock) 
     assert used(b) == (0.0535, 0.0535)
 
 
-def _covering_five(ledger: Ledger, clock: Clock) -> Budget:
-    return budget(ledger, clock, day=5 * IMAGE / 1_000_000, total=0.5)
+def _covering_five(ledger: Ledger, clock: Clock, window: str = "day") -> Budget:
+    """A budget whose `window` (day, month or total) covers exactly five images."""
+    return budget(ledger, clock, **{window: 5 * IMAGE / 1_000_000})
 
 
-def test_race_threads(ledger: Ledger, clock: Clock) -> None:
-    b = _covering_five(ledger, clock)
+WINDOWS = pytest.mark.parametrize("window", ["day", "month", "total"])
+
+
+@WINDOWS
+def test_race_threads(ledger: Ledger, clock: Clock, window: str) -> None:
+    b = _covering_five(ledger, clock, window)
     start = threading.Barrier(50)
     outcomes: list[str] = []
 
@@ -278,11 +283,12 @@ def test_race_threads(ledger: Ledger, clock: Clock) -> None:
         t.join()
     assert outcomes.count("paid") == 5 and outcomes.count("refused") == 45
     assert len(ledger.payments()) == 5 and ledger.spent() == 5 * IMAGE
-    assert b.remaining()["day"]["remaining_usd"] == 0
+    assert b.remaining()[window]["remaining_usd"] == 0
 
 
-def test_race_threads_holding_reservations(ledger: Ledger, clock: Clock) -> None:
-    b = _covering_five(ledger, clock)
+@WINDOWS
+def test_race_threads_holding_reservations(ledger: Ledger, clock: Clock, window: str) -> None:
+    b = _covering_five(ledger, clock, window)
     start = threading.Barrier(50)
     held: list = []
     refused: list = []
@@ -305,8 +311,9 @@ def test_race_threads_holding_reservations(ledger: Ledger, clock: Clock) -> None
     assert used(b) == (0, 0)
 
 
-def test_race_asyncio_tasks(ledger: Ledger, clock: Clock) -> None:
-    b = _covering_five(ledger, clock)
+@WINDOWS
+def test_race_asyncio_tasks(ledger: Ledger, clock: Clock, window: str) -> None:
+    b = _covering_five(ledger, clock, window)
 
     async def request() -> int:
         await asyncio.sleep(0)

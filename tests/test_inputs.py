@@ -582,6 +582,31 @@ def test_a_parent_folder_swapped_for_a_symlink_after_the_checks_is_not_followed(
     assert refused.value.code == "path_refused" and "SECRET" not in refused.value.message
 
 
+def test_a_file_replaced_after_it_was_judged_is_not_read(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file itself replaced between its judgement (stat) and its open, by one no bigger
+    (a hard link to a file outside the roots, say): the open must be refused, not read."""
+    from clawrouter.inputs import paths
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "img.png").write_bytes(PNG + b"PUBLIC")
+    (outside / "secret.png").write_bytes(PNG + b"SECRET")  # the same size
+    policy = InputPolicy(max_bytes=CAP, roots=(root,))
+    open_judged = paths._open_judged
+
+    def swapped_then_opened(real: Path) -> int:
+        (root / "img.png").unlink()
+        os.link(outside / "secret.png", root / "img.png")
+        return open_judged(real)
+
+    monkeypatch.setattr(paths, "_open_judged", swapped_then_opened)
+    with pytest.raises(InvalidRequest) as refused:
+        paths.read_local_image(str(root / "img.png"), policy, cwd=root, param="image")
+    assert refused.value.code == "path_refused" and "changed" in refused.value.message
+
+
 async def test_default_forbidden_dir_is_hidden_in_home(tmp_path: Path) -> None:
     home = tmp_path / "home"
     (home / ".clawrouter").mkdir(parents=True)

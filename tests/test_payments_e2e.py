@@ -7,6 +7,7 @@ the gateway's ledger.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import os
 import signal
@@ -20,6 +21,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from clawrouter.sandbox.images import make_png
 from tests.servers import free_port
 
 COGVIEW = {"model": "cogview", "size": "512x512"}
@@ -186,6 +188,25 @@ def test_idempotency_key_returns_the_first_result_and_rejects_a_different_body(g
     assert sandbox.stats()["payments_count"] == 1
 
 
+def test_idempotency_key_keeps_a_result_that_cost_nothing_too(gateway, sandbox):
+    """An upstream that asked for no payment still made an image: a repeat of the key gets
+    that image, not a new one, and a different body is refused."""
+    png = base64.b64encode(make_png(8, 8, 5)).decode()
+    sandbox.faults({"kind": "respond", "phase": "unpaid", "status": 200,
+                    "body": {"created": 1, "data": [{"b64_json": png}]}})
+    headers = {"Idempotency-Key": "free-1"}
+    first = gateway.http.post("/v1/images/generations", headers=headers,
+                              json={**COGVIEW, "prompt": "free"})
+    second = gateway.http.post("/v1/images/generations", headers=headers,
+                               json={**COGVIEW, "prompt": "free"})
+    assert first.status_code == second.status_code == 200, first.text
+    assert first.json() == second.json() and second.headers["x-clawrouter-shared"] == "true"
+    conflict = gateway.http.post("/v1/images/generations", headers=headers,
+                                 json={**COGVIEW, "prompt": "other"})
+    assert conflict.status_code == 409
+    assert sandbox.round_trips() == 1 and sandbox.stats()["payments_count"] == 0
+
+
 def repeated_after_a_restart(first, make_gateway, home, headers):
     """Stop `first`, start a gateway on its data directory, repeat the request there: it must
     be a 409 that invites no retry. Returns the new gateway and the error."""
@@ -330,6 +351,28 @@ def test_a_wallet_known_to_hold_too_little_is_refused_before_signing(make_gatewa
         assert sandbox.stats()["payments_count"] == 2
 
 
+def test_on_mainnet_an_upstream_calling_itself_a_sandbox_still_gets_the_funds_check(
+        make_gateway):
+    """The sandbox's mark lifts the funds check only on a testnet: on Base, any upstream could
+    send it, and each payment it then refused would hold its amount against the budgets."""
+    from clawrouter.sandbox import SandboxConfig, create_sandbox_app
+    from tests.servers import serving
+    from tests.test_balance import FakeRpc
+
+    from clawrouter.payment.networks import NETWORKS
+
+    with FakeRpc(balance=0, chain_id=NETWORKS["base"].chain_id) as rpc, serving(create_sandbox_app(
+            SandboxConfig(network="base", marked=True))) as upstream:
+        gw = make_gateway(upstream=upstream.url + "/api", network="base", rpc_urls=[rpc.url])
+        deadline = time.monotonic() + 10
+        while gw.http.get("/health").json().get("balance_usd") is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = gen(gw, "marked on mainnet")
+        assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_funds", r.text
+        assert httpx.get(upstream.url + "/_sandbox/stats").json()["payments_count"] == 0
+
+
 def test_a_monthly_budget_refuses_before_anything_is_signed(make_gateway, sandbox):
     gw = make_gateway(max_usd_per_month=1.5 * COGVIEW_PRICE / 1e6)
     assert gen(gw, "first").status_code == 200
@@ -387,6 +430,20 @@ def test_preauth_off_pays_with_two_round_trips(make_gateway, sandbox):
     for i in range(3):
         assert gen(gw, f"q{i}").status_code == 200
     assert sandbox.round_trips() == 6
+
+
+def test_a_challenge_above_the_per_request_cap_is_refused_unsigned(make_gateway, sandbox):
+    """The catalog price fits the cap, so the request goes out; the upstream then asks for
+    more than the cap (within the price tolerance): the challenge check refuses it, and
+    nothing is signed."""
+    gw = make_gateway(max_usd_per_request=0.02)  # cogview 512x512: $0.01675
+    sandbox.faults({"kind": "challenge", "override": {"amount": "25000"}})  # $0.025
+    r = gen(gw, "over the cap")
+    assert r.status_code == 402, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["check"]) == ("payment_refused", "amount")
+    assert "per-request cap of $0.02" in error["message"]
+    assert sandbox.stats()["payments_count"] == 0 and ledger_rows(gw) == []
 
 
 def test_a_price_change_costs_exactly_one_fresh_payment(gateway, sandbox):

@@ -16,9 +16,9 @@ library for every upgrade request. Here:
   app's body limit, but not slower than `MIN_BODY_RATE` over each `head_timeout` window in
   which the app waits for it (408): a trickled body cannot hold one of the few places big
   requests get (`api/heavy.py`), nor a connection whose answer was already sent;
-- an answer the client stops reading is dropped once its buffered bytes have not moved for
-  `head_timeout` seconds: a client that never reads cannot keep megabytes of `b64_json` in
-  memory, nor a stream (and its big-request place) open;
+- an answer the client reads slower than `MIN_BODY_RATE` over a `head_timeout` window (while
+  our buffer for it is full) is dropped: a client that (nearly) never reads cannot keep
+  megabytes of `b64_json` in memory, nor a stream (and its big-request place) open;
 - WebSocket (and other) upgrade requests are ordinary requests (uvicorn runs with `ws="none"`):
   the gateway has no WebSocket routes, so they get the app's own 404 or 405 envelope. httptools
   never reads the body of an upgrade request, so one that declares a body is a 400
@@ -68,6 +68,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _head_timer: asyncio.TimerHandle | None = None
     _body_timer: asyncio.TimerHandle | None = None
     _body_bytes = 0  # body bytes in the current window
+    _app_waited = False  # the app was waiting for the body when the current window began
     _write_timer: asyncio.TimerHandle | None = None
     _unsent = 0  # bytes the transport still held when the last write check ran
 
@@ -126,6 +127,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
         else:
             self._in_body = True
+            self._app_waited = False
             self._body_window()
 
     def on_body(self, body: bytes) -> None:
@@ -154,11 +156,16 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                        or self.cycle.waiting_for_100_continue)
         if self.cycle.response_complete:  # answered already: the rest would be thrown away
             self.transport.close()
-        elif waiting and self._body_bytes < MIN_BODY_RATE * self.head_timeout:
+        elif (waiting and self._app_waited
+              and self._body_bytes < MIN_BODY_RATE * self.head_timeout):
+            # judged only on a window the app waited for from its start: one in which the
+            # gateway held the body back (a big request waiting for its place) is not the
+            # client's slowness
             self._refuse(InvalidRequest(
                 f"The request body arrived slower than {MIN_BODY_RATE // 1024} KB a second.",
                 status=408, code="request_timeout"))
         else:
+            self._app_waited = waiting
             self._body_window()
 
     def pause_writing(self) -> None:
@@ -175,9 +182,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def _write_check(self) -> None:
         self._write_timer = None
         unsent = self.transport.get_write_buffer_size()
-        if unsent and unsent >= self._unsent:  # nothing read by the client in a whole window
-            log.warning("dropped a connection from %s: its client read nothing of the answer "
-                        "for %g s (%d bytes waiting)", self.client[0] if self.client else "?",
+        if unsent and self._unsent - unsent < MIN_BODY_RATE * self.head_timeout:
+            # (while writing is paused nothing is added: the buffer only drains)
+            log.warning("dropped a connection from %s: its client read its answer slower than "
+                        "%d KB a second for %g s (%d bytes waiting)",
+                        self.client[0] if self.client else "?", MIN_BODY_RATE // 1024,
                         self.head_timeout, unsent)
             self.transport.abort()  # frees the buffer; the app sees the client gone
             return
@@ -231,6 +240,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if idle or own_body:
             # (else the bytes would land inside, or before, an answer: only close)
             self.transport.write(raw_error(error, self.server_state.default_headers))
+            if own_body:  # the app hears "client gone": the log and metrics, what was sent
+                note = self.cycle.scope.setdefault("state", {})
+                note.update(error_code=error.code, refused_status=error.status)
         self.transport.close()
 
 

@@ -128,9 +128,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ClientGone)
     @app.exception_handler(ClientDisconnect)  # Starlette's, reading a body its client left
     async def _gone(request: Request, _: Exception) -> Response:
-        # nobody hears it; the log and metrics say the client closed, not that we failed
-        request.scope.setdefault("state", {})["error_code"] = "client_closed"
-        return Response(status_code=499)
+        # Nobody hears it; the log and metrics say the client closed, not that we failed, or
+        # what the connection told it before closing (a 408 for a body too slow).
+        state = request.scope.setdefault("state", {})
+        state.setdefault("error_code", "client_closed")
+        return Response(status_code=state.get("refused_status", 499))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> Response:
