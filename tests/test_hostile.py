@@ -689,6 +689,18 @@ def test_a_client_that_leaves_mid_body_is_no_error_of_ours(shared_gateway: Gatew
     nothing_reached(sandbox)
 
 
+def asked_for_a_big_answer(gateway: GatewayProcess, sandbox: Sandbox) -> socket.socket:
+    """A raw connection that asked for 12 MB of `b64_json` (more than the kernel buffers)
+    with a tiny receive window: what it reads is up to the caller."""
+    sandbox.configure(image_bytes=9_000_000)
+    body = json.dumps({"prompt": "big", "response_format": "b64_json"}).encode()
+    sock = socket.create_connection(("127.0.0.1", gateway.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(request_head("/v1/images/generations", Content_Type="application/json",
+                              Content_Length=str(len(body))) + body)
+    return sock
+
+
 def dropped(gateway: GatewayProcess) -> int:
     """How many answers the gateway has dropped for being read too slowly (its log says)."""
     return gateway.log.read_bytes().count(b"its client read its answer slower than")
@@ -739,13 +751,8 @@ def test_an_answer_read_a_trickle_at_a_time_is_dropped_too(impatient_gateway: Ga
                                                            sandbox: Sandbox) -> None:
     """Reading a few KB a window would keep 12 MB in memory for hours: an answer must drain
     at 16 KB a second while the gateway's buffer for it is full."""
-    sandbox.configure(image_bytes=9_000_000)
-    body = json.dumps({"prompt": "trickled", "response_format": "b64_json"}).encode()
     before = dropped(impatient_gateway)
-    with socket.create_connection(("127.0.0.1", impatient_gateway.port)) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.sendall(request_head("/v1/images/generations", Content_Type="application/json",
-                                  Content_Length=str(len(body))) + body)
+    with asked_for_a_big_answer(impatient_gateway, sandbox) as sock:
         sock.settimeout(1)
         deadline = time.monotonic() + 30
         while dropped(impatient_gateway) == before:
@@ -762,13 +769,8 @@ def test_an_answer_its_client_never_reads_is_dropped_not_kept(impatient_gateway:
                                                             sandbox: Sandbox) -> None:
     """A client that stops reading a big `b64_json` answer cannot keep it in the gateway's
     memory: once its bytes have not moved for a header window, the connection is dropped."""
-    sandbox.configure(image_bytes=9_000_000)  # 12 MB of JSON: more than the kernel buffers
-    body = json.dumps({"prompt": "unread", "response_format": "b64_json"}).encode()
     before = dropped(impatient_gateway)
-    with socket.create_connection(("127.0.0.1", impatient_gateway.port)) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.sendall(request_head("/v1/images/generations", Content_Type="application/json",
-                                  Content_Length=str(len(body))) + body)
+    with asked_for_a_big_answer(impatient_gateway, sandbox) as sock:
         deadline = time.monotonic() + 30  # it takes about one header window
         while dropped(impatient_gateway) == before:
             assert time.monotonic() < deadline, impatient_gateway.output()
