@@ -689,11 +689,13 @@ def test_a_client_that_leaves_mid_body_is_no_error_of_ours(shared_gateway: Gatew
     nothing_reached(sandbox)
 
 
-def asked_for_a_big_answer(gateway: GatewayProcess, sandbox: Sandbox) -> socket.socket:
+def asked_for_a_big_answer(gateway: GatewayProcess, sandbox: Sandbox,
+                           prompt: str) -> socket.socket:
     """A raw connection that asked for 12 MB of `b64_json` (more than the kernel buffers)
-    with a tiny receive window: what it reads is up to the caller."""
+    with a tiny receive window: what it reads is up to the caller. (Each test its own
+    `prompt`: an identical request within a minute would share the first one's answer.)"""
     sandbox.configure(image_bytes=9_000_000)
-    body = json.dumps({"prompt": "big", "response_format": "b64_json"}).encode()
+    body = json.dumps({"prompt": prompt, "response_format": "b64_json"}).encode()
     sock = socket.create_connection(("127.0.0.1", gateway.port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.sendall(request_head("/v1/images/generations", Content_Type="application/json",
@@ -752,7 +754,7 @@ def test_an_answer_read_a_trickle_at_a_time_is_dropped_too(impatient_gateway: Ga
     """Reading a few KB a window would keep 12 MB in memory for hours: an answer must drain
     at 16 KB a second while the gateway's buffer for it is full."""
     before = dropped(impatient_gateway)
-    with asked_for_a_big_answer(impatient_gateway, sandbox) as sock:
+    with asked_for_a_big_answer(impatient_gateway, sandbox, "trickled") as sock:
         sock.settimeout(1)
         deadline = time.monotonic() + 30
         while dropped(impatient_gateway) == before:
@@ -770,7 +772,7 @@ def test_an_answer_its_client_never_reads_is_dropped_not_kept(impatient_gateway:
     """A client that stops reading a big `b64_json` answer cannot keep it in the gateway's
     memory: once its bytes have not moved for a header window, the connection is dropped."""
     before = dropped(impatient_gateway)
-    with asked_for_a_big_answer(impatient_gateway, sandbox) as sock:
+    with asked_for_a_big_answer(impatient_gateway, sandbox, "unread") as sock:
         deadline = time.monotonic() + 30  # it takes about one header window
         while dropped(impatient_gateway) == before:
             assert time.monotonic() < deadline, impatient_gateway.output()
