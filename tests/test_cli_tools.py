@@ -222,6 +222,20 @@ def test_a_public_url_in_the_config_does_not_stop_local_files_on_this_machine(
     assert as_json(proc)["in_process"] is False and sandbox.paid() == 1
 
 
+def test_an_upstream_error_named_like_the_path_refusal_is_never_resent(
+        tmp_path: Path, gateway: Any, sandbox: Any) -> None:
+    """The edit's resend (files as bytes) follows only the gateway's own refusal, made before
+    any payment: an upstream's answer after payment may carry any code, that one too, and
+    must not be paid again."""
+    (tmp_path / "photo.png").write_bytes(make_png(64, 64, seed=3))
+    sandbox.faults({"kind": "respond", "phase": "paid", "status": 400,
+                    "body": {"error": {"message": "no", "code": "local_files_disabled"}}})
+    proc = run(tmp_path, "edit", "photo.png", "add a rainbow", "--json", url=gateway.url,
+               cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert sandbox.stats()["payments_count"] == 1
+
+
 def test_a_gateway_that_wants_a_key_says_so_and_shows_nothing_without_it(
         tmp_path: Path, make_gateway: Any) -> None:
     """Its /health answers anyone, but with the wallet only for the key's holders; the CLI

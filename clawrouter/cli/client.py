@@ -77,13 +77,15 @@ class GatewayError(Exception):
     """
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 type: str | None = None, param: str | None = None) -> None:
+                 type: str | None = None, param: str | None = None,
+                 payment: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
         self.type = type
         self.param = param
+        self.payment = payment  # what the gateway says became of a payment, if one was made
 
     def to_json(self) -> dict[str, Any]:
         return {"message": self.message, "type": self.type, "param": self.param,
@@ -345,9 +347,11 @@ class Gateway:
                 break
             except GatewayError as exc:
                 # It takes no paths (it serves others), and refused them before any payment:
-                # send the files' bytes, read here, instead.
-                paths = any(map(_is_path, [*images, mask or ""]))
-                if exc.code != LOCAL_FILES_DISABLED or self._read_here or not paths:
+                # send the files' bytes, read here, instead. Only the gateway's own refusal
+                # (an upstream's error may carry any code, after a payment too).
+                refused = (exc.code == LOCAL_FILES_DISABLED and exc.payment is None
+                           and exc.type == "invalid_request_error")
+                if not refused or self._read_here or not any(map(_is_path, [*images, mask or ""])):
                     raise
                 self._read_here = True
                 self.posted -= 1  # answered, and refused before any payment
@@ -627,7 +631,8 @@ def _error(resp: httpx.Response) -> GatewayError:
         err = resp.json()["error"]
         return GatewayError(err.get("message") or f"HTTP {resp.status_code}",
                             status=resp.status_code, code=err.get("code"),
-                            type=err.get("type"), param=err.get("param"))
+                            type=err.get("type"), param=err.get("param"),
+                            payment=err.get("payment"))
     except (ValueError, KeyError, TypeError, AttributeError):
         return GatewayError(f"HTTP {resp.status_code} from the gateway: {resp.text[:200]}",
                             status=resp.status_code)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sqlite3
 import sys
 from typing import Any
 
 from clawrouter.config import Settings, url_host
 from clawrouter.launch import SANDBOX_NETWORK, bind, run_async, start_gateway
-from clawrouter.cli.common import CommandError, file_problem, settings_from
+from clawrouter.cli.common import settings_from
 from clawrouter.payment.wallet import WalletKey
 
 log = logging.getLogger("clawrouter.serve")
@@ -65,13 +64,7 @@ async def serve(settings: Settings) -> int:
         print(f"clawrouter: refusing to {where} without an API key: set CLAWROUTER_API_KEY "
               "(clients then send 'Authorization: Bearer <key>').", file=sys.stderr)
         return 2
-    try:
-        running = await start_gateway(settings, advertise=True)
-    except (OSError, sqlite3.DatabaseError) as exc:  # the data directory, the ledger
-        message = file_problem(exc)
-        if message is None:
-            raise
-        raise CommandError(2, message) from None
+    running = await start_gateway(settings, advertise=True)  # its file problems: `main`
     report_wallet(running.app.state.gw.wallet, running.settings)
     mode = " (sandbox: no real payments)" if running.sandbox else ""
     host = "localhost" if settings.loopback else url_host(settings.host or "0.0.0.0")

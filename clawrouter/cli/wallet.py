@@ -24,7 +24,7 @@ from clawrouter.catalog import MICRO, format_usd
 from clawrouter.cli.common import CommandError, settings_from
 from clawrouter.config import Settings
 from clawrouter.payment.networks import NETWORKS, Network
-from clawrouter.payment.wallet import WalletError, check_key, create_key_file
+from clawrouter.payment.wallet import WalletError, check_key, create_key_file, write_private
 from clawrouter.store.files import fsync_dir
 
 KEY_FILE = "wallet.key"
@@ -364,16 +364,6 @@ def confirm(question: str) -> bool | None:
         tty.write(f"{question} [y/N] ")
         tty.flush()
         return tty.readline().strip().lower() in ("y", "yes")
-
-
-def write_private(path: Path, text: str) -> None:
-    """Create `path` with mode 0600 and `text`, durably; never replaces an existing file."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def backup_key_file(path: Path) -> Path:

@@ -91,16 +91,15 @@ def create_key_file(path: Path) -> str:
     racing to create the first key (two gateways starting together) either wins or finds the
     winner's complete key, never an empty or half-written file; and a link never replaces
     an existing file, as a rename would."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = "0x" + secrets.token_bytes(32).hex()
     tmp = path.with_name(f"{_draft_name(path)}{os.getpid()}-{secrets.token_hex(4)}")
-    _write_new(tmp, key + "\n")
+    write_private(tmp, key + "\n")
     try:
         os.link(tmp, path)
     except FileExistsError:
         raise
     except OSError:  # a file system without hard links: create the name itself, exclusively
-        _write_new(path, key + "\n")
+        write_private(path, key + "\n")
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)  # the new name too: a key lost to a crash loses its funds
@@ -131,8 +130,10 @@ def _remove_stale_drafts(path: Path) -> None:
             continue
 
 
-def _write_new(path: Path, text: str) -> None:
-    """Create `path` (never an existing one) with mode 0600 and `text`, synced to disk."""
+def write_private(path: Path, text: str) -> None:
+    """Create `path` (never an existing one) with mode 0600 and `text`, synced to disk; a
+    write that fails leaves nothing behind."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as f:

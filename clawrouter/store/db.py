@@ -22,12 +22,16 @@ from clawrouter.store.records import ImageMeta, StoredImage
 log = logging.getLogger(__name__)
 
 
+class _FailedCheck(sqlite3.DatabaseError):
+    """`PRAGMA quick_check` found damage the open itself did not meet."""
+
+
 def _damaged(exc: sqlite3.DatabaseError) -> bool:
     """What SQLite says of a file that is not (or no longer) a database it can read
     (SQLITE_CORRUPT_INDEX and the like included), or what `quick_check` found."""
     name = getattr(exc, "sqlite_errorname", None) or ""
-    return (name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT")
-            or str(exc).startswith("quick_check found"))
+    return (isinstance(exc, _FailedCheck) or name == "SQLITE_NOTADB"
+            or name.startswith("SQLITE_CORRUPT"))
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -129,9 +133,11 @@ class MetadataDB:
             aside = self.path.with_name(
                 f"{self.path.name}.damaged-{int(time.time())}-{os.getpid()}")
             for suffix in ("", "-wal", "-shm"):
-                part = self.path.with_name(self.path.name + suffix)
-                if part.exists():
-                    part.rename(aside.with_name(aside.name + suffix))
+                try:
+                    self.path.with_name(self.path.name + suffix).rename(
+                        aside.with_name(aside.name + suffix))
+                except FileNotFoundError:  # no such part (or another gateway moved it)
+                    continue
             log.warning("the image index %s was damaged (%s): moved to %s, and a new one is "
                         "built from the image files", self.path, damage, aside)
         self._conn = self._connect()
@@ -145,7 +151,7 @@ class MetadataDB:
             conn.executescript(_SCHEMA)
             # damage past the header shows only when its pages are read: read them all now
             if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("quick_check found the index damaged")
+                raise _FailedCheck("quick_check found the index damaged")
         except BaseException:
             conn.close()
             raise

@@ -75,9 +75,9 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                     status=502, code="job_failed", extra={"payment": "not_settled"}),
                     what, amount, lost)
             if resp.status == 200:
-                if status == "completed" or holds_an_image(body):  # images end it, whatever
-                    # it says
-                    return resp, polls  # judged by its contents from here
+                # images end it, whatever its status says; it is judged by them from here
+                if status == "completed" or holds_an_image(body):
+                    return resp, polls
                 if not isinstance(status, str) and lost is None:
                     # Neither a status nor images: not the completed job we know, yet a 200
                     # that may have been it (and settled). Polled on, it stays pending.
