@@ -207,6 +207,23 @@ def test_envelope_on_404_and_405(gateway, method, path, status):
     assert r.json()["error"]["code"] in ("not_found", "method_not_allowed")
 
 
+@pytest.mark.parametrize("path", ["/health", "/healthz", "/readyz", "/metrics", "/v1/models",
+                                  "/v1/models/gpt-image", "/v1/spend", "/v1/images", "/"])
+def test_head_is_answered_wherever_get_is(gateway, sandbox, path):
+    """Uptime checkers and `curl -I` probe with HEAD: the GET's status and headers, no body
+    (a body would be read as the start of the next answer on this kept-alive connection)."""
+    get = gateway.http.get(path)
+    head = gateway.http.head(path)
+    assert head.status_code == get.status_code == 200, head.text
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert gateway.http.get("/health").json()["status"] == "ok"  # the same connection, intact
+    refused = gateway.http.post(path)
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
+    assert "GET, HEAD" in refused.json()["error"]["message"]
+    assert sandbox.round_trips() == 0
+
+
 def test_a_crash_is_a_500_envelope_that_no_client_retries(make_gateway, caplog):
     """A bug met after a payment left would otherwise be retried by the SDK into another."""
     gw = make_gateway()

@@ -1,6 +1,8 @@
 import multiprocessing
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -102,3 +104,24 @@ def test_key_drafts_a_crash_left_behind_are_removed(tmp_path):
     young.write_text("0x" + "22" * 32 + "\n")
     load_wallet(tmp_path, None)
     assert not old.exists() and young.exists() and (tmp_path / "wallet.key").exists()
+
+
+def test_a_replacement_killed_before_its_swap_leaves_a_draft_the_next_load_removes(tmp_path):
+    """`wallet import --force` writes the new key under a temporary name, then swaps it in.
+    Killed in between, it leaves a file holding a private key; it must be a draft that the
+    next load removes, and the old key must still be in place."""
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from clawrouter.cli import wallet\n"
+        "wallet.os.replace = lambda src, dst: os._exit(9)\n"
+        "wallet.replace_key_file(Path(sys.argv[1]), '0x' + '33' * 32)\n")
+    path = tmp_path / "wallet.key"
+    path.write_text(KEY + "\n")
+    died = subprocess.run([sys.executable, "-c", script, str(path)], timeout=60)
+    assert died.returncode == 9
+    (left,) = [p for p in tmp_path.iterdir() if p.name != "wallet.key"]
+    assert left.read_text() == "0x" + "33" * 32 + "\n"
+    os.utime(left, (time.time() - 3600, time.time() - 3600))
+    assert load_wallet(tmp_path, None).key == KEY
+    assert [p.name for p in tmp_path.iterdir()] == ["wallet.key"]

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from clawrouter import __version__
 from clawrouter.api import errors, gallery, images, meta
 from clawrouter.api.heavy import HeavyPhase
-from clawrouter.api.middleware import ApiKey, BodyLimit, BrowserGuard, RequestId
+from clawrouter.api.middleware import ApiKey, BodyLimit, BrowserGuard, HeadAsGet, RequestId
 from clawrouter.memory import Trimmer
 from clawrouter.observe import Metrics, Observe
 from clawrouter.coalesce import Coalescer
@@ -140,6 +140,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     app.include_router(gallery.router)
     app.add_route("/images/{name}", ImageServer(store))
     # add_middleware wraps: the last added is the outermost.
+    app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit, limit=4 * settings.max_image_bytes)
     if settings.api_key:
         app.add_middleware(ApiKey, key=settings.api_key.get_secret_value())

@@ -117,6 +117,8 @@ def install(app: FastAPI) -> None:
                 "POST /v1/images/generations."), request)
         if exc.status_code == 405:
             allow = (exc.headers or {}).get("allow") or (exc.headers or {}).get("Allow", "")
+            if "GET" in allow.split(", ") and "HEAD" not in allow:
+                allow += ", HEAD"  # answered by `HeadAsGet`
             return error_response(MethodNotAllowed(
                 f"Method {request.method} is not allowed on {request.url.path}"
                 + (f"; use {allow}." if allow else "."), headers={"allow": allow} if allow else {}),

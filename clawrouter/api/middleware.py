@@ -1,7 +1,8 @@
 """Pure ASGI middleware (cheaper than BaseHTTPMiddleware on the hot path).
 
 Order, outermost first: `RequestId` (every response carries `x-request-id`), `Observe`
-(metrics and the one-line JSON log), `BrowserGuard`, `ApiKey` (when configured), `BodyLimit`.
+(metrics and the one-line JSON log), `BrowserGuard`, `ApiKey` (when configured), `BodyLimit`,
+`HeadAsGet`.
 """
 
 from __future__ import annotations
@@ -212,3 +213,26 @@ class BodyLimit:
         mb = self.limit / 1024 / 1024
         return BodyTooLarge(f"The request body is larger than {mb:.0f} MB (4 × "
                             "CLAWROUTER_MAX_IMAGE_MB).")
+
+
+class HeadAsGet:
+    """Answer HEAD wherever GET is answered (RFC 9110 §9.3.2: a server that answers GET must
+    answer HEAD): probes such as `curl -I /health` and uptime checkers use it. The request runs
+    as the GET it stands for and its body is dropped here, whatever the server does. Stored
+    images answer HEAD themselves, without reading the file."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD" \
+                or _IMAGE_URL.fullmatch(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)

@@ -24,7 +24,9 @@ from clawrouter.catalog import MICRO, format_usd
 from clawrouter.cli.common import CommandError, settings_from
 from clawrouter.config import Settings
 from clawrouter.payment.networks import NETWORKS, Network
-from clawrouter.payment.wallet import WalletError, check_key, create_key_file, write_private
+from clawrouter.payment.wallet import (
+    WalletError, check_key, create_key_file, draft_path, write_private,
+)
 from clawrouter.store.files import fsync_dir
 
 KEY_FILE = "wallet.key"
@@ -382,7 +384,7 @@ def backup_key_file(path: Path) -> Path:
 
 def replace_key_file(path: Path, key: str) -> None:
     """Swap in a new key atomically (the old one must already be backed up)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = draft_path(path)
     write_private(tmp, key + "\n")
     try:
         os.replace(tmp, path)

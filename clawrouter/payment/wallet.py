@@ -92,7 +92,7 @@ def create_key_file(path: Path) -> str:
     winner's complete key, never an empty or half-written file; and a link never replaces
     an existing file, as a rename would."""
     key = "0x" + secrets.token_bytes(32).hex()
-    tmp = path.with_name(f"{_draft_name(path)}{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = draft_path(path)
     write_private(tmp, key + "\n")
     try:
         os.link(tmp, path)
@@ -115,8 +115,14 @@ def _draft_name(path: Path) -> str:
     return f".{path.name}.new-"
 
 
+def draft_path(path: Path) -> Path:
+    """A fresh name next to `path` for a key being written; one a crash leaves behind is
+    removed by the next `load_wallet` once `DRAFT_GRACE` has passed."""
+    return path.with_name(f"{_draft_name(path)}{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def _remove_stale_drafts(path: Path) -> None:
-    """Delete key drafts (`create_key_file`) that a crash left behind: files holding a private
+    """Delete key drafts (`draft_path`) that a crash left behind: files holding a private
     key should not linger in the data directory."""
     try:
         drafts = [p for p in path.parent.iterdir() if p.name.startswith(_draft_name(path))]
