@@ -11,6 +11,14 @@
   from paying twice: it sends no idempotency key of its own. A request whose images are read
   from paths or URLs is shared only while in flight: the same words may name new bytes once
   it is done (an agent that edits a file in place, then asks again).
+- Both survive a restart: the ledger row of every payment carries the request's hashed key
+  (or, without one, its hashed client and content). A repeat of a key that finds no outcome
+  here but a payment in the ledger (within 24 h) is a 409 that names the payment, and is
+  never signed for again. Without a key, so is a repeat within `window` of this process's
+  start of a request that was in flight when the last one died (`Ledger.interrupted`): the
+  SDK's retry after a crash and an immediate restart. A request that ended before a clean
+  stop is not refused: its client had its answer (and each `clawrouter generate` runs its
+  own short-lived gateway, which must not refuse the same command run twice).
 
 The shared work stops early (client gone) only when every client waiting on it has left, and
 goes on if one joins before it has noticed.
@@ -82,10 +90,14 @@ Recall = Callable[[str, float], Awaitable[Payment | None]]
 class Coalescer:
     def __init__(self, window: float, *, idempotency_ttl: float = IDEMPOTENCY_TTL,
                  clock: Callable[[], float] = time.monotonic, max_entries: int = 10_000,
-                 recall: Recall | None = None) -> None:
+                 recall: Recall | None = None,
+                 interrupted: frozenset[int] = frozenset()) -> None:
         self.window = window
         self.idempotency_ttl = idempotency_ttl
         self.recall = recall
+        #: payments the last run left in flight when it died (`Ledger.interrupted`)
+        self.interrupted = interrupted
+        self.started = time.time()
         self._clock = clock
         self._max = max_entries
         self._entries: OrderedDict[tuple[str, ...], _Entry] = OrderedDict()
@@ -100,11 +112,18 @@ class Coalescer:
         """`window` shortens how long this request's result is shared once done (0: only
         while in flight) if a client received it; a paid failure, or a result whose clients
         all left, is kept for the whole window, and an Idempotency-Key keeps its own 24 h."""
-        key = (("key", ctx.client, idempotency_key) if idempotency_key
-               else ("same", ctx.client, fingerprint))
-        tag = fingerprint_parts("idempotency", ctx.client, idempotency_key) \
-            if idempotency_key else None
-        recalled = tag is None or self.recall is None
+        if idempotency_key:
+            key = ("key", ctx.client, idempotency_key)
+            tag = fingerprint_parts("idempotency", ctx.client, idempotency_key)
+            since = time.time() - self.idempotency_ttl
+        else:
+            key = ("same", ctx.client, fingerprint)
+            tag = fingerprint_parts("same", ctx.client, fingerprint)
+            since = time.time() - self.window
+        # Without a key, only the payments the last run left in flight matter, and only for
+        # `window` seconds after this one started: no ledger read otherwise.
+        recalled = self.recall is None or (not idempotency_key and (
+            not self.interrupted or since >= self.started))
         while True:
             while (entry := self._live(key)) is not None:
                 if entry.fingerprint != fingerprint:
@@ -126,10 +145,10 @@ class Coalescer:
             if recalled:
                 break
             recalled = True
-            assert tag is not None and self.recall is not None
-            earlier = await self.recall(tag, time.time() - self.idempotency_ttl)
-            if earlier is not None:
-                raise _paid_before(earlier)
+            assert self.recall is not None
+            earlier = await self.recall(tag, since)
+            if earlier is not None and (idempotency_key or earlier.id in self.interrupted):
+                raise _paid_before(earlier, keyed=bool(idempotency_key))
             # and look again: a repeat may have started the work while the ledger was read
         shared = RequestContext(ctx.request_id, ctx.base_url, ctx.client,
                                 body_built=ctx.body_built, idempotency=tag)
@@ -196,16 +215,25 @@ def _detached(error: ClawError) -> ClawError:
     return detached
 
 
-def _paid_before(payment: Payment) -> Conflict:
+def _paid_before(payment: Payment, *, keyed: bool) -> Conflict:
     what = ("signed a payment the upstream refused, or one for a slow job its client left "
             "(it should not settle)" if payment.status == REJECTED else "paid")
+    paid = (f"payment {payment.id} of {format_usd(payment.amount)} ({payment.status}, "
+            "`clawrouter stats`)")
+    if keyed:
+        return Conflict(
+            f"This Idempotency-Key already {what}: {paid}. Its outcome is no longer kept "
+            "(outcomes live in memory: the gateway restarted since, or forgot it); its images, "
+            "if any, are in the gallery at /. Not paid again. Use a new key for a new request.",
+            param="Idempotency-Key", code="idempotency_key_paid",
+            headers={"x-should-retry": "false"}, extra={"payment": payment.status})
     return Conflict(
-        f"This Idempotency-Key already {what}: payment {payment.id} of "
-        f"{format_usd(payment.amount)} ({payment.status}, `clawrouter stats`). Its outcome is "
-        "no longer kept (outcomes live in memory: the gateway restarted since, or forgot it); "
-        "its images, if any, are in the gallery at /. Not paid again. Use a new key for a "
-        "new request.",
-        param="Idempotency-Key", code="idempotency_key_paid",
+        f"An identical request from this client {what} {time.time() - payment.time:.0f} s "
+        f"ago, and was cut off when the gateway stopped: {paid}. Its outcome was lost; "
+        "its images, if any, are in the gallery at /. Not paid again (this is how a retry "
+        "after a crash is kept from paying twice). Send it again after the coalescing window "
+        "(coalesce_window_seconds), or with an Idempotency-Key, for a new image.",
+        code="repeat_paid_before_restart",
         headers={"x-should-retry": "false"}, extra={"payment": payment.status})
 
 

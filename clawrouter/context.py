@@ -21,8 +21,9 @@ class RequestContext:
     #: identifies the client for coalescing duplicate requests (API key or address)
     client: str = "local"
     gone: asyncio.Event = field(default_factory=asyncio.Event)
-    #: the request's Idempotency-Key hashed with `client`, kept with any payment it signs so
-    #: that a repeat of the key is known paid even after a restart (`coalesce`)
+    #: the request's Idempotency-Key (or, without one, its content) hashed with `client`,
+    #: kept with any payment it signs so that a repeat is known paid after a restart
+    #: (`coalesce`)
     idempotency: str | None = None
     #: called once the upstream body is built and the big copies of the input are gone
     body_built: Callable[[], None] = field(default=lambda: None, repr=False)

@@ -1,13 +1,19 @@
 """The coalescer on its own: sharing, expiry, and memory that follows the rate, not the cap."""
 
 import asyncio
+import dataclasses
 
 import pytest
 
 from clawrouter.coalesce import SWEEP_EVERY, Coalescer
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClientGone, Conflict, PaidRequestFailed
+from clawrouter.payment.ledger import Payment
 from clawrouter.pipeline import Result
+
+
+PAYMENT = Payment(7, 0.0, "req", "/v1/images/generations", "zai/cogview-4", "512x512", 1,
+                  16_750, "0xpayee", "base", "0x" + "11" * 32, "unknown", None, None, None, 1)
 
 
 def ctx(client="c"):
@@ -240,5 +246,41 @@ def test_an_idempotency_key_is_kept_a_day_and_the_cache_holds_at_most_its_cap():
         assert len(runs) == 5
         await coalescer.run(ctx(), "fp", "order-1", counted)  # evicted: runs again here
         assert len(runs) == 6
+
+    asyncio.run(main())
+
+
+def test_without_a_key_only_a_request_the_last_run_left_in_flight_is_refused_after_a_restart():
+    """A request without an Idempotency-Key is repeated by the SDK after a crash: its ledger
+    row (tagged with its client and content) was left in flight, and makes the repeat a 409
+    while the window since the restart lasts. A request that ended before (the same command
+    run twice, each with its own gateway) is no reason to refuse; with nothing left in flight,
+    or once the window since the start has passed, the ledger is not read at all."""
+    asked: list[str] = []
+    payment: list[Payment] = []  # what the ledger holds for the first client's request
+
+    async def recall(tag: str, since: float) -> Payment | None:
+        asked.append(tag)
+        return payment[0] if tag == asked[0] else None  # the first client's payment
+
+    def coalescer(interrupted: frozenset[int]) -> Coalescer:
+        return Coalescer(60, recall=recall, interrupted=interrupted)
+
+    async def main():
+        payment.append(PAYMENT)
+        cut_off = coalescer(frozenset({PAYMENT.id}))
+        with pytest.raises(Conflict) as refused:
+            await cut_off.run(ctx(), "fp", None, paid())
+        assert refused.value.code == "repeat_paid_before_restart"
+        assert refused.value.headers["x-should-retry"] == "false"
+        await cut_off.run(ctx("other client"), "fp", None, paid())  # another tag
+        assert len(asked) == 2 and asked[1] != asked[0]
+        await coalescer(frozenset({PAYMENT.id + 1})).run(ctx(), "fp", None, paid())  # ended
+        assert len(asked) == 3
+        await coalescer(frozenset()).run(ctx(), "fp", None, paid())  # a clean stop: no read
+        late = coalescer(frozenset({PAYMENT.id}))
+        late.started -= 61  # a minute after the start: nothing to ask the ledger
+        await late.run(ctx(), "fp", None, paid())
+        assert len(asked) == 3
 
     asyncio.run(main())

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from schemathesis.checks import negative_data_rejection, not_a_server_error
 from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
@@ -85,26 +85,25 @@ def test_every_operation_from_the_schema(fuzzed_gateway: Gateway, sandbox: Sandb
     if mode is GenerationMode.NEGATIVE:  # nothing to make invalid in a bare GET
         operations = [op for op in operations if has_inputs(op)]
     session = requests.Session()
+    forms: list[Any] = []
     for operation in operations:
         @settings(max_examples=EXAMPLES_PER_OPERATION, derandomize=True, deadline=None,
                   database=None, suppress_health_check=list(HealthCheck))
         @given(case=operation.as_strategy(generation_mode=mode))
         def fuzz(case: Any) -> None:
+            if case.media_type == "multipart/form-data":
+                forms.append(case)
+                # Every form field is text: a "number" or an "object" is only words there,
+                # so schemathesis's type violations are not violations in a form.
+                assume(mode is GenerationMode.POSITIVE)
             response = case.call(session=session, timeout=30)
             case.validate_response(response, checks=[not_a_server_error,
                                                      negative_data_rejection])
             content_type = (response.headers.get("content-type") or [""])[0]
             assert_envelope(response.status_code, content_type, response.content,
                             case.as_curl_command())
-            if operation.path == "/v1/images/image2image":
-                # The JSON form of /v1/images/edits parses its body by hand (the route also
-                # takes multipart, so it has no body schema): give it the same bodies.
-                sent = response.request.body or b""
-                edit = session.post(fuzzed_gateway.v1 + "/images/edits", data=sent,
-                                    headers={"content-type": "application/json"}, timeout=30)
-                assert_envelope(edit.status_code, edit.headers.get("content-type", ""),
-                                edit.content, f"POST /v1/images/edits {sent[:300]!r}")
         fuzz()
+    assert forms, "no multipart form was generated for /v1/images/edits"
     if mode is GenerationMode.POSITIVE:  # valid bodies went all the way: paid and served
         assert sandbox.paid() > 0
     assert fuzzed_gateway.http.get("/health").status_code == 200

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -613,35 +614,33 @@ def test_a_ledger_that_cannot_record_a_payment_sends_none_and_says_a_retry_is_sa
     assert gateway.http.get("/readyz").status_code == 200
 
 
-def test_kill_9_during_a_paid_request_leaves_an_unknown_row_that_the_chain_settles(tmp_path,
-                                                                                 sandbox):
-    port = free_port()
-    env = {**os.environ, "CLAWROUTER_HOME": str(tmp_path), "BLOCKRUN_API_URL": sandbox.api,
+def serve_process(home: Path, sandbox, port: int) -> subprocess.Popen:
+    """`clawrouter serve` in its own process (so it can be killed), paying `sandbox`."""
+    env = {**os.environ, "CLAWROUTER_HOME": str(home), "BLOCKRUN_API_URL": sandbox.api,
            "CLAWROUTER_NETWORK": "base-sepolia", "CLAWROUTER_MAX_USD_PER_DAY": "0",
            "CLAWROUTER_LOG_LEVEL": "warning",
            "CLAWROUTER_RPC_URLS": f'["{sandbox.url}/_sandbox/rpc"]',
            "CLAWROUTER_RECONCILE_INTERVAL": "0.2"}
     cmd = [sys.executable, "-m", "clawrouter", "serve", "--port", str(port), "--no-sandbox"]
-
-    def start():
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    line = proc.stdout.readline()
+    if "created a new wallet key" in line:  # the first start's log line says so
         line = proc.stdout.readline()
-        if "created a new wallet key" in line:  # the first start's log line says so
-            line = proc.stdout.readline()
-        assert "ready" in line, line
-        return proc
+    assert "ready" in line, line
+    return proc
 
-    def spend():
-        return httpx.get(f"http://127.0.0.1:{port}/v1/spend").json()
 
-    proc = start()
-    # the sandbox settles 6 s after it received the payment, long after the gateway died
+def killed_while_paying(proc: subprocess.Popen, sandbox, port: int, prompt: str,
+                        headers: dict[str, str] | None = None) -> None:
+    """Send a paid request and SIGKILL the gateway once the sandbox holds its payment (which
+    it settles 6 s later, long after the gateway died)."""
     sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 6})
+
     def doomed_request():
         with pytest.raises(httpx.HTTPError):  # the gateway dies under it
             httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=10,
-                       json={**COGVIEW, "prompt": "interrupted"})
+                       json={**COGVIEW, "prompt": prompt}, headers=headers)
 
     threading.Thread(target=doomed_request, daemon=True).start()
     deadline = time.monotonic() + 10
@@ -650,7 +649,17 @@ def test_kill_9_during_a_paid_request_leaves_an_unknown_row_that_the_chain_settl
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    proc = start()
+
+
+def test_kill_9_during_a_paid_request_leaves_an_unknown_row_that_the_chain_settles(tmp_path,
+                                                                                 sandbox):
+    port = free_port()
+
+    def spend():
+        return httpx.get(f"http://127.0.0.1:{port}/v1/spend").json()
+
+    killed_while_paying(serve_process(tmp_path, sandbox, port), sandbox, port, "interrupted")
+    proc = serve_process(tmp_path, sandbox, port)
     try:
         assert sandbox.stats()["settled_count"] == 0
         first = spend()
@@ -668,6 +677,38 @@ def test_kill_9_during_a_paid_request_leaves_an_unknown_row_that_the_chain_settl
         assert 'clawrouter_payments_total{outcome="settled"} 1.0' in metrics
         assert f'clawrouter_spent_usd_total{{model="zai/cogview-4"}} {COGVIEW_PRICE / 1e6}' \
             in metrics
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_a_retry_after_a_crash_is_not_paid_again(tmp_path, sandbox):
+    """The OpenAI SDK retries a request whose connection died, with no Idempotency-Key of its
+    own. If the gateway died under it (and was restarted at once, as a supervisor does), the
+    retry must not pay a second time: the first payment's row carries the request's hashed
+    client and content, and a repeat within the coalescing window is a 409 that names it."""
+    port = free_port()
+    sdk_client = {"authorization": "Bearer unused"}  # who the SDK below is, to the gateway
+    killed_while_paying(serve_process(tmp_path, sandbox, port), sandbox, port, "crashed",
+                        headers=sdk_client)
+    proc = serve_process(tmp_path, sandbox, port)
+    trips = sandbox.stats()["round_trips"]
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=2)
+        with pytest.raises(openai.ConflictError) as refused:  # and the SDK does not retry it
+            client.images.generate(model=COGVIEW["model"], prompt="crashed",
+                                   size=COGVIEW["size"])
+        assert refused.value.response.headers["x-should-retry"] == "false"
+        error = refused.value.body
+        assert (error["code"], error["payment"]) == ("repeat_paid_before_restart", "unknown")
+        assert "Not paid again" in error["message"] and "cut off" in error["message"]
+        assert sandbox.stats()["payments_count"] == 1
+        assert sandbox.stats()["round_trips"] == trips  # the retry did not even probe
+        # another request is not held up
+        other = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=10,
+                           json={**COGVIEW, "prompt": "something else"})
+        assert other.status_code == 200, other.text
+        assert sandbox.stats()["payments_count"] == 2
     finally:
         proc.terminate()
         proc.wait()

@@ -88,7 +88,8 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     trimmer = Trimmer()
     gw = Gateway(settings, wallet, signer, NETWORKS[settings.network], sandbox, store, ledger,
                  budget, Coalescer(settings.coalesce_window_seconds,
-                                   recall=functools.partial(ledger.call, ledger.paid_for)),
+                                   recall=functools.partial(ledger.call, ledger.paid_for),
+                                   interrupted=ledger.interrupted),
                  Metrics(),
                  HeavyPhase(after_big=trimmer.poke), trimmer)
 

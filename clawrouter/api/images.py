@@ -265,6 +265,26 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
         "application/json": {"schema": _inline(model.model_json_schema())}}}}
 
 
+def edit_form_schema() -> dict[str, Any]:
+    """`openapi_extra` for `/v1/images/edits`: its JSON body, and the multipart form the
+    OpenAI SDK and `curl -F` send (text fields as in the JSON; `image` repeated, and `mask`,
+    as uploads or text)."""
+    json_schema = _inline(EditBody.model_json_schema())
+    fields: dict[str, Any] = {}
+    for name, field in json_schema["properties"].items():
+        if name in ("image", "images", "mask"):
+            continue
+        kinds = [k for k in field.get("anyOf", [field]) if k.get("type") != "null"]
+        fields[name] = {"title": field.get("title", name), **kinds[0]}
+    binary = {"type": "string", "format": "binary"}
+    fields["image"] = {"title": "Image", "type": "array", "items": binary, "minItems": 1}
+    fields["mask"] = {"title": "Mask", **binary}
+    form = {"type": "object", "properties": fields, "required": ["prompt", "image"]}
+    extra = body_schema(EditBody)
+    extra["requestBody"]["content"]["multipart/form-data"] = {"schema": form}
+    return extra
+
+
 Body = TypeVar("Body", bound=BaseModel)
 
 
@@ -337,7 +357,7 @@ async def image2image(request: Request) -> Response:
         return await run(request, job, slot)
 
 
-@router.post("/v1/images/edits", openapi_extra=body_schema(EditBody))
+@router.post("/v1/images/edits", openapi_extra=edit_form_schema())
 @router.post("/images/edits", include_in_schema=False)
 async def edits(request: Request) -> Response:
     """OpenAI `images.edit`: multipart uploads, or JSON in OpenAI's or ClawRouter's shape."""

@@ -103,7 +103,8 @@ CREATE INDEX IF NOT EXISTS payments_time ON payments (time);
 CREATE INDEX IF NOT EXISTS payments_status ON payments (status);
 """
 #: schema version 2 added `payer` and `valid_before` (NULL in rows from version 1), version 3
-#: `idempotency` (the request's Idempotency-Key, hashed with its client; NULL without one) and
+#: `idempotency` (the request's Idempotency-Key hashed with its client, or without one its
+#: client and content: see `coalesce`) and
 #: `unspendable` (1 on a rejected row once nothing can settle it: see `Ledger.outcome`)
 SCHEMA_VERSION = 3
 _ADDED = {"payer": "TEXT", "valid_before": "INTEGER", "idempotency": "TEXT",
@@ -186,7 +187,7 @@ class Payment:
     attempt: int
     payer: str | None = None  # the signing wallet (None in rows older than schema 2)
     valid_before: int | None = None  # unix time the authorization stops being spendable
-    idempotency: str | None = None  # the request's hashed Idempotency-Key (see `paid_for`)
+    idempotency: str | None = None  # the request's hashed repeat key (see `paid_for`)
 
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)
@@ -244,7 +245,9 @@ class Ledger:
         self._lockfile = _exclusive_lock(lock_path(self.path), self.instance)
         try:
             self._conn = self._connect()
-            self.recovered = self._recover()
+            #: the rows this process found left `signed`: in flight when the last run died,
+            #: their clients may well retry them (`coalesce`)
+            self.interrupted = self._recover()
             self._total, self._by_day, self._by_month = self._load_totals()
         except BaseException:
             self._lockfile.close()
@@ -266,12 +269,14 @@ class Ledger:
         _migrate(conn, self._clock())
         return conn
 
-    def _recover(self) -> int:
+    def _recover(self) -> frozenset[int]:
         """Rows still `signed` were in flight when the last run died: their fate is unknown."""
-        cur = self._conn.execute(
+        ids = frozenset(row[0] for row in self._conn.execute(
+            "SELECT id FROM payments WHERE status = ?", (SIGNED,)))
+        self._conn.execute(  # (the process lock keeps any other writer out meanwhile)
             "UPDATE payments SET status = ?, note = COALESCE(note, ?) WHERE status = ?",
             (UNKNOWN, "gateway stopped before the outcome was known", SIGNED))
-        return cur.rowcount
+        return ids
 
     def _load_totals(self) -> tuple[int, dict[str, int], dict[str, int]]:
         """In total, per local day (YYYY-MM-DD) and per local month (YYYY-MM), with every
@@ -555,8 +560,8 @@ class Ledger:
 
     def paid_for(self, idempotency: str, since: float) -> Payment | None:
         """The newest payment signed since `since` for a request with this hashed
-        Idempotency-Key, if any: how a repeat of the key is known to have signed after a
-        restart. A `rejected` one counts too (the key's first outcome, refused or a slow job
+        Idempotency-Key (or, without one, hashed client and content), if any: how a repeat
+        is known to have signed after a restart. A `rejected` one counts too (the key's first outcome, refused or a slow job
         its client left, is kept for a day in memory, and a restart must not turn it into a
         second signature), unless it never left the process: that outcome is not kept."""
         with self._db_lock:
