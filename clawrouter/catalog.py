@@ -126,8 +126,6 @@ _BY_NAME = _names()
 @dataclass(frozen=True)
 class Resolved:
     model: ImageModel
-    #: the name the client sent (aliases and renames are visible in responses)
-    requested: str
     renamed: Renamed | None = None
 
     def size(self, size: str) -> str:
@@ -152,7 +150,7 @@ def resolve(name: str) -> Resolved:
                              param="model", code="model_dropped")
     if key in RENAMED:
         renamed = RENAMED[key]
-        return Resolved(BY_ID[renamed.target], name, renamed)
+        return Resolved(BY_ID[renamed.target], renamed)
     model = _BY_NAME.get(key)
     if model is None:
         raise ModelNotFound(
@@ -160,7 +158,7 @@ def resolve(name: str) -> Resolved:
             f"{', '.join(m.id for m in MODELS)} (aliases: "
             f"{', '.join(a for m in MODELS for a in m.aliases)}).",
             param="model")
-    return Resolved(model, name)
+    return Resolved(model)
 
 
 def to_micro(usd: float) -> int:

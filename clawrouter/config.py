@@ -114,8 +114,13 @@ class Settings(BaseSettings):
 
     @field_validator("upstream_url")
     @classmethod
-    def _strip_slash(cls, value: str) -> str:
-        return value.rstrip("/")
+    def _upstream_base(cls, value: str) -> str:
+        """An http(s) base like `https://blockrun.ai/api`: anything else would start as a
+        gateway whose every request fails with "cannot connect"."""
+        base = _http_base(value)
+        if base is None:
+            raise ValueError("must be an http(s) URL, like https://blockrun.ai/api")
+        return base.rstrip("/")
 
     @field_validator("public_url")
     @classmethod
@@ -123,20 +128,7 @@ class Settings(BaseSettings):
         """An http(s) base, `https://host[:port][/path]`: it starts every image URL we hand
         out, and its host decides whether the gateway is `exposed` (so it needs a key); a
         value without a scheme would read as no host at all."""
-        if value is None or not value.strip():
-            return None
-        parts = urlsplit(value.strip())
-        if (parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc
-                or any(c in "?#\\" or c.isspace() or not c.isprintable()
-                       for c in value.strip())):
-            raise ValueError("must be an http(s) URL naming a host, like "
-                             "https://images.example.com (a path may follow; no user, query "
-                             "or fragment)")
-        try:
-            parts.port  # noqa: B018 - a bad port raises here
-        except ValueError:
-            raise ValueError("its port is not a number from 0 to 65535") from None
-        return value.strip()
+        return _http_base(value)
 
     @field_validator("max_usd_per_request", "max_usd_per_day", "max_usd_per_month",
                      "max_usd_total")
@@ -304,3 +296,22 @@ def _explain(exc: ValidationError, path: Path) -> str:
     where = f"{path}, " if path.is_file() else ""
     return (f"{'; '.join(problems)} (from {where}CLAWROUTER_* variables or flags; every setting "
             "is listed in config.example.toml)")
+
+
+def _http_base(value: str | None) -> str | None:
+    """`value` stripped if it is an http(s) base URL naming a host (a path may follow; no user,
+    query or fragment), None if it is blank; else `ValueError` saying what is wrong."""
+    if value is None or not value.strip():
+        return None
+    parts = urlsplit(value.strip())
+    if (parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc
+            or any(c in "?#\\" or c.isspace() or not c.isprintable()
+                   for c in value.strip())):
+        raise ValueError("must be an http(s) URL naming a host, like "
+                         "https://images.example.com (a path may follow; no user, query "
+                         "or fragment)")
+    try:
+        parts.port  # noqa: B018 - a bad port raises here
+    except ValueError:
+        raise ValueError("its port is not a number from 0 to 65535") from None
+    return value.strip()

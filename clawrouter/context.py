@@ -66,6 +66,15 @@ class RequestContext:
             raise ClientGone()
         return task.result()
 
+    async def rejoined(self, within: float) -> bool:
+        """After a leave: whether a joining client (`coalesce`) undid it within `within`
+        seconds."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + within
+        while self.gone.is_set() and loop.time() < until:
+            await asyncio.sleep(min(0.1, max(0.0, until - loop.time())))
+        return not self.gone.is_set()
+
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake at once (raising `ClientGone`) if the client disconnects (and no
         joining client has undone that by the time we wake: `coalesce`)."""

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
+import math
 import os
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,7 +23,15 @@ from clawrouter.api.connection import protocol_class
 from clawrouter.config import DEFAULT_UPSTREAM, Settings
 
 SANDBOX_NETWORK = "base-sepolia"  # the sandbox never receives a mainnet authorization
+#: the most a macOS process may set its soft RLIMIT_NOFILE to (OPEN_MAX) when the hard one is
+#: "unlimited", which setrlimit refuses there
+OPEN_MAX = 10240
+#: how often (s) the gateway counts its open file descriptors; it warns at most once a minute
+FD_CHECK_SECONDS = 5
+FD_WARN_SECONDS = 60.0
+FD_WARN_SHARE = 0.95  # of the limit in use: nearly out
 T = TypeVar("T")
+log = logging.getLogger("clawrouter.launch")
 
 
 class AddressInUse(RuntimeError):
@@ -84,6 +95,7 @@ async def start_gateway(settings: Settings, *, advertise: bool = False) -> Runni
     the ledger's lock file, for commands that find the ledger busy to use this gateway."""
     from clawrouter.api.app import create_app
 
+    raise_fd_limit()
     use_sandbox = settings.sandbox
     if use_sandbox == "auto":
         use_sandbox = (settings.upstream_url == DEFAULT_UPSTREAM
@@ -112,7 +124,8 @@ async def start_gateway(settings: Settings, *, advertise: bool = False) -> Runni
             for sock in listening:
                 sock.close()
             raise
-        port = await _serve(app, listening, servers, tasks, settings.header_timeout)
+        port = await _serve(app, listening, servers, tasks, settings.header_timeout,
+                            watch=True)
         if advertise:
             app.state.gw.ledger.advertise(settings.model_copy(update={"port": port}).url)
     except BaseException:
@@ -179,13 +192,108 @@ def bind(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+def raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one (POSIX; a refusal changes nothing).
+
+    Every connection, even an idle one, holds a descriptor: at macOS's default soft limit of
+    256 (1024 on many Linux desktops) a few hundred idle sockets left the gateway serving
+    nobody.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return
+    unlimited = resource.RLIM_INFINITY
+    # an unlimited hard limit: macOS refuses it as a soft one, but takes OPEN_MAX
+    for target in (hard, OPEN_MAX) if hard == unlimited else (hard,):
+        if soft == unlimited or (target != unlimited and target <= soft):
+            return  # never lowered
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            continue
+        log.debug("raised the open file limit (RLIMIT_NOFILE) from %d to %s", soft,
+                  "unlimited" if target == unlimited else target)
+        return
+
+
+def fd_limit() -> int | None:
+    """The soft RLIMIT_NOFILE, or None where there is none to speak of (Windows, unlimited)."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+class DescriptorWatch:
+    """Warn (at most once a minute) when the process is nearly or quite out of file
+    descriptors: nothing else says so, since uvloop (libuv) accepts and closes at once the
+    connections it has no descriptor for, and clients just see the gateway hang up.
+
+    Called from uvicorn's main loop (`callback_notify`), where an exception would stop the
+    server, so it never raises.
+    """
+
+    def __init__(self) -> None:
+        self._warned = -math.inf
+
+    async def __call__(self) -> None:
+        try:
+            self.check()
+        except Exception:
+            log.debug("could not count open file descriptors", exc_info=True)
+
+    def check(self) -> None:
+        limit = fd_limit()
+        if limit is None:
+            return
+        try:
+            used = len(os.listdir("/dev/fd"))  # Linux (a link to /proc/self/fd) and macOS
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                return  # no /dev/fd here: nothing to count
+            used = limit  # not even one left to list them with
+        if used < limit * FD_WARN_SHARE:
+            return
+        now = time.monotonic()
+        if now - self._warned < FD_WARN_SECONDS:
+            return
+        self._warned = now
+        log.warning("out of file descriptors: %d of the %d this process may open "
+                    "(RLIMIT_NOFILE) are in use; with none left, new connections are closed "
+                    "unanswered. Raise the limit (`ulimit -n` before starting, LimitNOFILE= "
+                    "under systemd) or find the client holding many connections open.",
+                    used, limit)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which has the queued log lines written once it has shut down: after a
+    signal (Ctrl-C, SIGTERM) it raises it again, and the process ends without `atexit`."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        from clawrouter.observe import flush_logs
+
+        await super().shutdown(sockets)
+        await asyncio.to_thread(flush_logs)
+
+
 async def _serve(app: Any, sockets: list[socket.socket], servers: list[uvicorn.Server],
-                 tasks: list[asyncio.Task[None]], header_timeout: float) -> int:
-    """Start one uvicorn server on `sockets` as a task; return its port once it listens."""
+                 tasks: list[asyncio.Task[None]], header_timeout: float, *,
+                 watch: bool = False) -> int:
+    """Start one uvicorn server on `sockets` as a task; return its port once it listens.
+    `watch`: count its process's file descriptors on uvicorn's own clock (`DescriptorWatch`)."""
     # log_config=None: keep the host process's logging (JSON lines; or stdout as MCP's wire).
     host, port = sockets[0].getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None,
-                                           lifespan="on", **server_options(header_timeout)))
+    notify: dict[str, Any] = (dict(callback_notify=DescriptorWatch(),
+                                   timeout_notify=FD_CHECK_SECONDS) if watch else {})
+    server = Server(uvicorn.Config(app, host=host, port=port, log_config=None,
+                                   lifespan="on", **server_options(header_timeout), **notify))
     task = asyncio.create_task(server.serve(sockets=sockets))
     servers.append(server)
     tasks.append(task)

@@ -6,10 +6,15 @@ built from an allowlist of fields, not from the request.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
+import queue
 import sys
+import threading
 import time
+from logging.handlers import QueueHandler, QueueListener
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -26,6 +31,10 @@ ROUTES = {
 QUIET_PREFIXES = ("/images/", "/health", "/healthz", "/readyz", "/metrics")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.5)
+#: log lines waiting for the writer thread (about 1 MB); more are dropped and counted
+LOG_QUEUE_LINES = 1024
+#: how long exit waits for the writer to empty the queue: stderr may be a pipe nobody reads
+LOG_FLUSH_SECONDS = 5.0
 
 
 class Metrics:
@@ -53,6 +62,9 @@ class Metrics:
         self.serving = 0
         Gauge("clawrouter_requests_in_flight", "Requests being served",
               registry=r).set_function(lambda: self.serving)
+        Gauge("clawrouter_log_lines_dropped", "Log lines dropped since start because stderr "
+              "was not read as fast as they came", registry=r).set_function(
+                  lambda: _handler.dropped if _handler is not None else 0)
 
     def payment(self, outcome: str, amount: int, model: str) -> None:
         self.payments.labels(outcome).inc()
@@ -145,18 +157,93 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, separators=(",", ":"))
 
 
+class DroppingQueueHandler(QueueHandler):
+    """Hand each formatted line to the writer thread without ever waiting for it.
+
+    Written on the event loop, a line to stderr on a pipe nobody reads blocked the loop: the
+    gateway froze after ~290 requests. When the queue is full the line is dropped and counted,
+    and the next line that fits is preceded by one saying how many were lost.
+    """
+
+    def __init__(self, lines: queue.Queue[Any]) -> None:
+        super().__init__(lines)
+        self.dropped = 0
+        self._told = 0  # of `dropped`, how many a line has reported
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.tell_dropped()
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def tell_dropped(self) -> None:
+        """Queue a line saying how many lines were dropped since the last one said so (call
+        with the handler's lock held); `queue.Full` if it does not fit either."""
+        if self.dropped > self._told:
+            self.queue.put_nowait(self.prepare(logging.LogRecord(
+                __name__, logging.WARNING, __file__, 0, "%d log lines were dropped: stderr was "
+                "not read as fast as they came", (self.dropped - self._told,), None)))
+            self._told = self.dropped
+
+
+class LogWriter(QueueListener):
+    """The thread that writes queued lines to stderr."""
+
+    def handle(self, record: logging.LogRecord | threading.Event) -> None:
+        if isinstance(record, threading.Event):  # `flush`'s mark: all lines before it written
+            record.set()
+        else:
+            super().handle(record)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the lines queued so far are written, or about `timeout` seconds (stderr
+        may be a pipe nobody reads); True if they were."""
+        deadline = time.monotonic() + timeout
+        mark = threading.Event()
+        try:
+            self.queue.put(mark, timeout=timeout)
+        except queue.Full:
+            return False
+        return mark.wait(max(0.0, deadline - time.monotonic()))
+
+
+_handler: DroppingQueueHandler | None = None
+_writer: LogWriter | None = None
+
+
 def setup_logging(level: str) -> None:
-    """JSON lines on stderr for our loggers and uvicorn's.
+    """JSON lines on stderr for our loggers and uvicorn's, written by a thread of their own
+    (see `DroppingQueueHandler`; `flush_logs` at exit).
 
     uvicorn speaks from warnings up (bad requests, errors) unless `level` is debug: its
     lifecycle lines (started, waiting for startup, running on …) only repeat `serve`'s one ready
     line, and the in-process sandbox's "running on" names a port that is not the gateway's.
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    global _handler, _writer
+    handler = DroppingQueueHandler(queue.Queue(LOG_QUEUE_LINES))
+    handler.setFormatter(JsonFormatter())  # formatted here: the writer prints `msg` as it is
     for name in ("clawrouter", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers = [handler]
         quiet = name.startswith("uvicorn") and level != "debug"
         logger.setLevel("WARNING" if quiet else level.upper())
         logger.propagate = False
+    if _writer is not None:  # set up again: the old writer ends after its lines
+        with contextlib.suppress(queue.Full):
+            _writer.enqueue_sentinel()
+    _handler, _writer = handler, LogWriter(handler.queue, logging.StreamHandler(sys.stderr))
+    _writer.start()
+    atexit.unregister(flush_logs)
+    atexit.register(flush_logs)
+
+
+def flush_logs() -> None:
+    """Write the lines queued so far before the process ends (at exit, and when a server shuts
+    down: uvicorn then re-raises the signal that stopped it, and `atexit` never runs)."""
+    if _writer is None or _handler is None or not _writer.flush(LOG_FLUSH_SECONDS):
+        return  # (a writer stuck on a pipe nobody reads: nothing more can be said)
+    with _handler.lock:  # `emit` holds it too
+        with contextlib.suppress(queue.Full):
+            _handler.tell_dropped()  # the queue was full when the last line was dropped
+    _writer.flush(LOG_FLUSH_SECONDS)

@@ -13,7 +13,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from clawrouter.payment.balance import (
-    BALANCE_OF,
     DEFAULT_RPC_URLS,
     MAINNET_RPC_URLS,
     BalanceMonitor,
@@ -22,6 +21,7 @@ from clawrouter.payment.balance import (
     usdc_balance,
 )
 from clawrouter.payment.networks import NETWORKS
+from clawrouter.payment.onchain import BALANCE_OF
 from tests.servers import ServerThread, dead_port
 
 ADDRESS = "0x1563915e194D8CfBA1943570603F7606A3115508"

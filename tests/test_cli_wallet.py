@@ -468,3 +468,64 @@ def test_a_data_directory_without_permission_is_named_with_the_fix(tmp_path):
     elsewhere = PermissionError(13, "Permission denied", str(tmp_path / "out.png"))
     assert file_problem(elsewhere) == f"cannot use {tmp_path / 'out.png'}: Permission denied"
     assert file_problem(ConnectionResetError(104, "reset")) is None  # no file: a traceback
+
+
+# --- confirmations on the terminal ----------------------------------------------------------
+def on_a_terminal(cli: Cli, shell_command: str, answer: bytes) -> tuple[int, str]:
+    """Run `shell_command` with a pseudo-terminal as its controlling terminal (as a user at a
+    terminal does), answer its question when it asks, and return (exit code, terminal text)."""
+    import pty
+    import select
+
+    pid, master = pty.fork()
+    if pid == 0:  # the child: its terminal is the pty; the shell's pipes and redirects stay
+        try:
+            os.chdir(REPO)
+            os.execvpe("sh", ["sh", "-c", shell_command], cli.env)
+        finally:
+            os._exit(127)
+    seen = b""
+    answered = False
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+        if not answered and b"[y/N]" in seen:
+            os.write(master, answer)
+            answered = True
+    os.close(master)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), seen.decode(errors="replace")
+
+
+def test_import_from_a_pipe_asks_on_the_terminal(cli):
+    """README: `echo 0x… | clawrouter wallet import` asks for confirmation on the terminal
+    (stdin is the key) and imports on "y"."""
+    python = f"{sys.executable} -m clawrouter"
+    code, shown = on_a_terminal(cli, f"echo {KEY} | {python} wallet import", b"y\n")
+    assert code == 0, shown
+    assert f"Import wallet {ADDRESS}? [y/N]" in shown and KEY not in shown
+    assert cli.key_file.read_text().strip() == KEY and mode(cli.key_file) == 0o600
+    code, shown = on_a_terminal(cli, f"echo {OTHER_KEY} | {python} wallet import --force", b"n\n")
+    assert code == 1 and "nothing was imported" in shown
+    assert cli.key_file.read_text().strip() == KEY
+
+
+def test_export_to_a_file_asks_on_the_terminal_and_writes_only_the_key(cli):
+    """`clawrouter wallet export > backup` at a terminal: the question goes to the terminal,
+    the file gets the key and nothing else."""
+    write_key(cli, KEY)
+    backup = cli.home / "backup.txt"
+    code, shown = on_a_terminal(
+        cli, f"{sys.executable} -m clawrouter wallet export > {backup}", b"y\n")
+    assert code == 0, shown
+    assert "Print the private key? [y/N]" in shown and KEY not in shown
+    assert backup.read_text() == KEY + "\n"

@@ -1,7 +1,6 @@
 """The coalescer on its own: sharing, expiry, and memory that follows the rate, not the cap."""
 
 import asyncio
-import dataclasses
 
 import pytest
 

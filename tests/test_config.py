@@ -215,3 +215,15 @@ def test_a_public_url_must_be_an_http_base_naming_its_host(tmp_path, value):
         load_settings(None, home=tmp_path, public_url=value)
     for good in ("https://images.example.com", "http://[::1]:9000/claw/", " http://localhost "):
         assert load_settings(None, home=tmp_path, public_url=good).public_url == good.strip()
+
+
+@pytest.mark.parametrize("value", ["blockrun.ai/api", "0x" + "ab" * 32, "ftp://blockrun.ai/api",
+                                   "https://user:pw@blockrun.ai/api", "http://x:99999", " "])
+def test_the_upstream_must_be_an_http_base(tmp_path, value):
+    """Anything else would start a gateway whose every request fails with "cannot connect",
+    and `doctor` would blame the internet connection: the setting is named at once."""
+    with pytest.raises(ValueError, match="upstream_url") as refused:
+        load_settings(None, home=tmp_path, upstream_url=value)
+    assert "pw" not in str(refused.value)
+    settings = load_settings(None, home=tmp_path, upstream_url="http://127.0.0.1:8000/api/")
+    assert settings.upstream_url == "http://127.0.0.1:8000/api"

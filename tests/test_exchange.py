@@ -11,7 +11,7 @@ from eth_account import Account
 
 from clawrouter.catalog import BY_ID
 from clawrouter.context import RequestContext
-from clawrouter.errors import ClientGone
+from clawrouter.errors import ClientGone, UpstreamUnavailable
 from clawrouter.payment.budget import Budget
 from clawrouter.payment.ledger import Ledger
 from clawrouter.payment.networks import NETWORKS
@@ -20,6 +20,7 @@ from clawrouter.payment.signer import Signer
 from clawrouter.upstream.client import BlockRunClient, TransportError, new_session
 from clawrouter.upstream.exchange import Exchange, UpstreamCall
 from tests.conftest import gateway_settings
+from tests.servers import free_port
 
 
 def test_a_client_leaving_while_the_signature_is_recorded_is_never_charged(sandbox, tmp_path):
@@ -54,6 +55,42 @@ def test_a_client_leaving_while_the_signature_is_recorded_is_never_charged(sandb
     [row] = ledger.payments()
     assert row.status == "rejected" and "never sent" in row.note
     assert ledger.spent() == 0 and ledger.held() == []  # nothing can settle it: freed at once
+    ledger.close()
+
+
+def test_a_paid_request_that_cannot_connect_never_left_and_costs_nothing(sandbox, tmp_path):
+    """With a learned price the paid request goes first (pre-auth). If no connection can be
+    made (the upstream is down, the process is out of file descriptors), the authorization
+    never left this machine: recorded as never sent, freed at once, and the client is told
+    nothing was paid (so a retry, which may pay, is safe)."""
+    settings = gateway_settings(tmp_path, sandbox.api)
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    prices = PriceBook(3600)
+    call = UpstreamCall("/v1/images/generations",
+                        b'{"model":"zai/cogview-4","prompt":"x","size":"512x512","n":1}',
+                        BY_ID["zai/cogview-4"], "512x512", 1)
+
+    async def main():
+        async with new_session(8) as session:
+            def exchange(api: str) -> Exchange:
+                return Exchange(BlockRunClient(api, session, timeout=10, connect_timeout=5),
+                                Signer(Account.create().key.to_0x_hex()), settings,
+                                NETWORKS["base-sepolia"], ledger,
+                                Budget(ledger, per_request_usd=1, per_day_usd=1, total_usd=0),
+                                prices)
+            await exchange(sandbox.api).run(call, RequestContext("req_1", "http://localhost"))
+            nobody = f"http://127.0.0.1:{free_port()}/api"
+            with pytest.raises(UpstreamUnavailable) as raised:
+                await exchange(nobody).run(call, RequestContext("req_2", "http://localhost"))
+            return raised.value
+
+    error = asyncio.run(main())
+    assert error.extra["payment"] == "none" and "Nothing was paid" in error.message
+    assert error.response_headers().get("x-should-retry") != "false"
+    paid, never = ledger.payments(latest=2)[::-1]
+    assert sandbox.stats()["payments_count"] == 1  # (its outcome is the pipeline's to write)
+    assert never.status == "rejected" and "never sent" in never.note
+    assert ledger.spent() == paid.amount and ledger.held() == []  # nothing held for it
     ledger.close()
 
 

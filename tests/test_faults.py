@@ -14,9 +14,11 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 
 from clawrouter.sandbox.images import make_png
+from clawrouter.upstream import jobs
 from tests.servers import free_port
 
 COGVIEW = {"model": "cogview", "size": "512x512"}
@@ -74,6 +76,38 @@ def test_unpaid_5xx_pass_through_with_retry_after(gateway, sandbox, status, head
     assert r.headers.get("retry-after") == headers.get("Retry-After")
     assert error(r)["payment"] == "none"
     assert sandbox.stats()["payments_count"] == 0
+
+
+@pytest.mark.parametrize("phase, status", [("unpaid", 401), ("unpaid", 403), ("paid", 401)])
+def test_the_upstreams_401_and_403_are_not_passed_off_as_this_gateways(gateway, sandbox,
+                                                                       phase, status):
+    """The upstream refusing *our* access (a wrong upstream_url, say) is an upstream failure,
+    a 502: passed through, the OpenAI SDK raises AuthenticationError and its user suspects
+    the gateway's own API key."""
+    sandbox.faults({"kind": "respond", "phase": phase, "status": status,
+                    "body": {"error": "API key required"}})
+    client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.images.generate(model="cogview", prompt="fault", size="512x512")
+    body = raised.value.body
+    assert raised.value.status_code == 502 and body["code"] == "upstream_auth"
+    assert f"HTTP {status}" in body["message"] and "API key required" in body["message"]
+    assert body["payment"] == ("signed" if phase == "paid" else "none")
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_paid_failure_carries_no_retry_after(gateway, sandbox, status):
+    """After a payment no answer invites a retry: not `x-should-retry` (the OpenAI SDK's),
+    and not the upstream's `Retry-After` either, which other clients honour (one waiting
+    past the coalescing window would pay again)."""
+    sandbox.faults({"kind": "respond", "phase": "paid", "status": status,
+                    "headers": {"Retry-After": "90", "Retry-After-Ms": "90000"},
+                    "body": {"error": "busy"}})
+    r = gen(gateway)
+    assert r.status_code == status and error(r)["payment"] == "signed", r.text
+    assert r.headers["x-should-retry"] == "false"
+    assert "retry-after" not in r.headers and "retry-after-ms" not in r.headers
+    assert sandbox.stats()["payments_count"] == 1
 
 
 @pytest.mark.parametrize("body", [
@@ -409,7 +443,9 @@ def test_a_failure_after_a_lost_poll_answer_leaves_the_payment_pending(make_gate
     assert gw.http.get("/v1/spend").json()["today"]["pending"]["micro"] == row["amount"]
 
 
-def test_a_client_that_leaves_after_a_lost_poll_is_not_paid_for_again(make_gateway, sandbox):
+def test_a_client_that_leaves_after_a_lost_poll_is_not_paid_for_again(make_gateway, sandbox,
+                                                                      monkeypatch):
+    monkeypatch.setattr(jobs, "REJOIN_SECONDS", 0.3)  # (how long polling waits for a resend)
     gw = make_gateway(poll_deadline=30)
     sandbox.configure(slow_seconds=30)
     sandbox.faults({"kind": "job"},

@@ -192,6 +192,10 @@ def test_health_and_models_are_free(gateway, sandbox):
     with pytest.raises(openai.NotFoundError) as missing:
         sdk(gateway).models.retrieve("nope/model")
     assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as long:  # quoted back only in part
+        sdk(gateway).models.retrieve("x" * 5000)
+    assert (long.value.body["code"], long.value.body["param"]) == ("model_not_found", "model")
+    assert len(long.value.body["message"]) < 1000
     assert sandbox.round_trips() == 0
 
 

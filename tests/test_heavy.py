@@ -10,9 +10,12 @@ failed run's buffers go when it does.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import json
 import weakref
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -162,6 +165,39 @@ def test_a_failed_run_frees_its_upstream_body_at_once(make_gateway, sandbox,
         assert calls and calls[0]() is None, "the failed run's upstream body is still alive"
     finally:
         gc.enable()
+
+
+def test_big_bodies_are_admitted_by_their_bytes_and_an_undeclared_one_as_the_largest(
+        make_gateway, sandbox) -> None:
+    """Admission counts bytes, not requests: with the default 20 MB images a body may be
+    80 MB, so a count of requests would let a burst of them hold gigabytes. Here, room for two
+    4.5 MB bodies, not three; an upload that declares no length (chunked) counts as the
+    largest body allowed, so it is served alone."""
+    from clawrouter.api.heavy import HeavyPhase
+
+    gw = make_gateway(max_image_mb=4)
+    gw.gw.heavy = HeavyPhase(body_bytes=10 * MB, largest_body=4 * gw.gw.settings.max_image_bytes)
+    seen = count_upstream_bodies(gw, delay=0.5)
+    image = "data:image/png;base64," + base64.b64encode(
+        make_png(64, 64, 1, pad_to=3_300_000)).decode()
+    bodies = [{"prompt": f"edit {i}", "image": image} for i in range(4)]
+    responses = edit_all(gw, bodies)
+    assert [r.status_code for r in responses] == [200] * 4, responses[0].text
+    assert seen["peak_runs"] == 2, seen  # 4 x 4.5 MB against 10 MB: two at a time
+
+    async def chunked(i: int) -> AsyncIterator[bytes]:
+        yield json.dumps({"prompt": f"chunked {i}", "image": image}).encode()
+
+    async def send() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post(
+                "/v1/images/image2image", content=chunked(i),
+                headers={"content-type": "application/json"}) for i in range(3)))
+
+    seen["peak_runs"] = 0
+    responses = asyncio.run(asyncio.wait_for(send(), 90))
+    assert [r.status_code for r in responses] == [200] * 3, responses[0].text
+    assert seen["peak_runs"] == 1, seen  # each counted as 16 MB: more than all the room
 
 
 # --- the budget itself ------------------------------------------------------------------------

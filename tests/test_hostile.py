@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,7 +43,9 @@ RSS_HEADROOM_KB = 50 * 1024
 class GatewayProcess:
     """`clawrouter serve --no-sandbox` in a child process, pointed at the sandbox upstream."""
 
-    def __init__(self, home: Path, upstream: str, **settings: str) -> None:
+    def __init__(self, home: Path, upstream: str, *, prefix: tuple[str, ...] = (),
+                 **settings: str) -> None:
+        """`prefix`: a command that runs the gateway (`prlimit --nofile=…`)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home.parent / f"{home.name}.log"
@@ -53,7 +56,7 @@ class GatewayProcess:
                **{f"CLAWROUTER_{name.upper()}": value for name, value in settings.items()}}
         with open(self.log, "wb") as log:  # a file, not a pipe: a full pipe would block it
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "clawrouter", "serve", "--port", str(self.port),
+                [*prefix, sys.executable, "-m", "clawrouter", "serve", "--port", str(self.port),
                  "--no-sandbox"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while b"ready" not in self.log.read_bytes():
@@ -310,6 +313,79 @@ def test_the_gateway_process_runs_on_uvloop(gateway_process: GatewayProcess) -> 
     assert "uvloop" in maps
 
 
+def idle_connections(port: int, count: int) -> list[socket.socket]:
+    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_limits(pid: int) -> tuple[int, int]:
+    line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+needs_prlimit = pytest.mark.skipif(shutil.which("prlimit") is None, reason="no prlimit")
+
+
+@needs_prlimit
+def test_idle_sockets_past_a_low_soft_fd_limit_do_not_stop_the_gateway(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    """macOS starts programs with a soft limit of 256 descriptors: the gateway raises it to the
+    hard one, so 300 idle connections (each holding one) leave it serving others. At 256 it
+    accepted and closed every new connection, /health included, without a word."""
+    process = GatewayProcess(tmp_path / "home", sandbox.api,
+                             prefix=("prlimit", "--nofile=256:4096"))
+    idle: list[socket.socket] = []
+    try:
+        assert fd_limits(process.proc.pid) == (4096, 4096)
+        idle = idle_connections(process.port, 300)
+        process.assert_alive()  # accepted after the 300 before it: they are all held
+        assert open_fds(process.proc.pid) > 300
+    finally:
+        for sock in idle:
+            sock.close()
+        process.stop()
+
+
+@needs_prlimit
+def test_running_out_of_file_descriptors_is_said_once_and_survived(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    """With a hard limit of 256 nothing can be raised: when idle connections take every
+    descriptor, new ones are closed unanswered, so the gateway says so (one warning, naming
+    the limit and what to do), and serves again once they are gone."""
+    process = GatewayProcess(tmp_path / "home", sandbox.api,
+                             prefix=("prlimit", "--nofile=256:256"))
+    idle: list[socket.socket] = []
+    try:
+        idle = idle_connections(process.port, 300)
+        deadline = time.monotonic() + 30
+        while "out of file descriptors" not in process.output():
+            assert time.monotonic() < deadline, process.output()
+            time.sleep(0.1)
+        with pytest.raises(httpx.TransportError):  # what the warning is about
+            httpx.get(process.url + "/health", timeout=5)
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 30
+        while open_fds(process.proc.pid) > 200:  # the closes reach it
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        process.assert_alive()
+    finally:
+        for sock in idle:
+            sock.close()
+        process.stop()
+    warnings = [json.loads(line) for line in process.log.read_text().splitlines()
+                if "out of file descriptors" in line]
+    assert len(warnings) == 1, warnings  # once a minute at most
+    assert warnings[0]["level"] == "warning" and "256" in warnings[0]["message"]
+    assert "ulimit -n" in warnings[0]["message"]
+
+
 def test_slow_clients_do_not_starve_others_or_grow_memory(
         gateway_process: GatewayProcess, sandbox: Sandbox) -> None:
     port = gateway_process.port
@@ -427,7 +503,7 @@ def test_big_bodies_beyond_the_in_flight_limit_wait_unread(make_gateway, sandbox
     from clawrouter.api.heavy import HeavyPhase
 
     gw = make_gateway()
-    gw.gw.heavy = HeavyPhase(in_flight=1)
+    gw.gw.heavy = HeavyPhase(body_bytes=1)  # room for one big body at a time
     big = json.dumps({"prompt": "x" * (2 * 1024 * 1024)}).encode()
     head = request_head("/v1/images/generations", Content_Type="application/json",
                         Content_Length=str(len(big)))
@@ -467,7 +543,7 @@ def test_a_streamed_big_request_keeps_its_place_until_its_stream_ends(make_gatew
     from clawrouter.sandbox.images import make_png
 
     gw = make_gateway()
-    gw.gw.heavy = HeavyPhase(in_flight=1)
+    gw.gw.heavy = HeavyPhase(body_bytes=1)  # room for one big body at a time
     image = base64.b64encode(make_png(64, 64, 1, pad_to=1_500_000)).decode()
     answer, held_while_working = _held_while_paying(gw, sandbox, lambda: httpx.post(
         gw.v1 + "/images/image2image", timeout=30, json={
@@ -475,7 +551,7 @@ def test_a_streamed_big_request_keeps_its_place_until_its_stream_ends(make_gatew
             "stream": True}))
     assert answer.status_code == 200 and "image_edit.completed" in answer.text
     assert held_while_working
-    assert not gw.gw.heavy._admission.locked()  # given back when the stream ended
+    assert not gw.gw.heavy._admission.held > 0  # given back when the stream ended
 
 
 def _held_while_paying(gw, sandbox: Sandbox,
@@ -489,7 +565,7 @@ def _held_while_paying(gw, sandbox: Sandbox,
     deadline = time.monotonic() + 5
     while sandbox.paid() == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
-    held = gw.gw.heavy._admission.locked()
+    held = gw.gw.heavy._admission.held > 0
     thread.join()
     return answer["r"], held
 
@@ -501,7 +577,7 @@ def test_a_chunked_form_is_admitted_as_a_big_request(make_gateway, sandbox) -> N
     from clawrouter.sandbox.images import make_png
 
     gw = make_gateway()
-    gw.gw.heavy = HeavyPhase(in_flight=1)
+    gw.gw.heavy = HeavyPhase(body_bytes=1)  # room for one big body at a time
     body = (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n"
             b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
             b"Content-Type: image/png\r\n\r\n" + make_png(64, 64, 2, pad_to=300_000)
@@ -511,7 +587,7 @@ def test_a_chunked_form_is_admitted_as_a_big_request(make_gateway, sandbox) -> N
         headers={"content-type": "multipart/form-data; boundary=B"}))
     assert answer.status_code == 200, answer.text
     assert held_while_working
-    assert not gw.gw.heavy._admission.locked()
+    assert not gw.gw.heavy._admission.held > 0
 
 
 def test_forwarded_headers_from_a_local_client_change_nothing(
@@ -896,7 +972,7 @@ def test_a_stream_that_cannot_be_sent_gives_its_place_back_and_pays_nothing(spec
     from clawrouter.errors import ClientGone
 
     async def scenario() -> tuple[list[str], bool, bool, bool]:
-        heavy = HeavyPhase(slots=1, in_flight=1)
+        heavy = HeavyPhase(slots=1, body_bytes=1)
         ran: list[str] = []
 
         ctx = RequestContext("r", "http://localhost")
@@ -914,7 +990,7 @@ def test_a_stream_that_cannot_be_sent_gives_its_place_back_and_pays_nothing(spec
             started = (asyncio.ensure_future(work()) if how == "started_then_send_raises"
                        else work())
             response = streaming.stream_response(started, job, ctx, {}, ended=slot.hand_off())
-        held = heavy._admission.locked() and heavy._expansion.locked()
+        held = heavy._admission.held > 0 and heavy._expansion.locked()
 
         async def receive():
             await asyncio.sleep(0.02 if how == "leaves_mid_send" else 30)
@@ -931,9 +1007,9 @@ def test_a_stream_that_cannot_be_sent_gives_its_place_back_and_pays_nothing(spec
             await response({"type": "http", "asgi": {"spec_version": spec}}, receive, send)
         # work started before the stream was told its client left, and holds its place
         # until it stops
-        told = ctx.gone.is_set() and heavy._admission.locked()
+        told = ctx.gone.is_set() and heavy._admission.held > 0
         await asyncio.sleep(0.2)  # the work, if it started, stops at its next safe point
-        return ran, held, heavy._admission.locked() or heavy._expansion.locked(), told
+        return ran, held, heavy._admission.held > 0 or heavy._expansion.locked(), told
 
     ran, held, still_held, told = asyncio.run(scenario())
     assert held and not still_held
@@ -955,7 +1031,7 @@ def test_a_streamed_edit_cancelled_while_its_inputs_are_judged_tells_its_work() 
 
     async def scenario() -> tuple[bool, bool, bool]:
         ctx = RequestContext("r", "http://localhost")
-        heavy = HeavyPhase(slots=1, in_flight=1)
+        heavy = HeavyPhase(slots=1, body_bytes=1)
 
         async def work():
             await ctx.gone.wait()
@@ -975,9 +1051,9 @@ def test_a_streamed_edit_cancelled_while_its_inputs_are_judged_tells_its_work() 
         handler.cancel()
         with pytest.raises(asyncio.CancelledError):
             await handler
-        held_while_stopping = heavy._admission.locked()
+        held_while_stopping = heavy._admission.held > 0
         await asyncio.sleep(0.2)
-        return ctx.gone.is_set(), held_while_stopping, heavy._admission.locked()
+        return ctx.gone.is_set(), held_while_stopping, heavy._admission.held > 0
 
     told, held_while_stopping, still_held = asyncio.run(scenario())
     assert told and held_while_stopping and not still_held

@@ -138,6 +138,28 @@ def test_logs_are_json_lines_without_prompts_keys_or_payment_headers(tmp_path, s
     assert (secret_prompt in stderr) == log_prompts
 
 
+def test_a_stderr_nobody_reads_never_stops_the_gateway(tmp_path, sandbox):
+    """Log lines are written by a thread of their own: written on the event loop, a line to a
+    pipe nobody reads froze the gateway after ~290 requests. Lines beyond a bounded queue are
+    dropped, counted in /metrics and, once stderr is read again, said in a line."""
+    proc, port, _ = run_gateway(tmp_path, sandbox)
+    sent = 1500  # a 404 is logged, and costs little: more than the pipe and the queue hold
+    try:
+        assert "ready" in proc.stdout.readline()  # stderr is never read until the end
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for _ in range(sent):
+                assert client.get("/v1/nope").status_code == 404
+            assert client.get("/health").status_code == 200
+            dropped = int(metric(client.get("/metrics").text, "clawrouter_log_lines_dropped"))
+    finally:
+        _, stderr = stop(proc)
+    lines = [json.loads(line) for line in stderr.splitlines()]
+    assert dropped > 0 and len([line for line in lines if line.get("status") == 404]) == \
+        sent - dropped
+    assert [line["message"] for line in lines if line.get("logger") == "clawrouter.observe"] \
+        == [f"{dropped} log lines were dropped: stderr was not read as fast as they came"]
+
+
 @pytest.mark.parametrize("command", ["serve", "sandbox"])
 def test_a_taken_port_is_one_clear_line_before_anything_is_created(tmp_path, command):
     taken = socket.socket()

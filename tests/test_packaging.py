@@ -104,3 +104,15 @@ def test_the_dockerfile_healthcheck_follows_the_configured_port(tmp_path):
             assert (run.returncode == 0) == healthy, run.stderr
     finally:
         server.shutdown()
+
+
+def test_the_readme_module_map_names_every_module() -> None:
+    """"How it is built" is where a newcomer learns the layout: a module added (or removed)
+    without its line there leaves the map wrong."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"^```\nclawrouter/\n(.*?)^```$", text, re.M | re.S)[1]
+    listed = set(re.findall(r"^  (\w+\.py|\w+/) ", block, re.M))
+    package = ROOT / "clawrouter"
+    modules = {p.name for p in package.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    subpackages = {f"{p.parent.name}/" for p in package.glob("*/__init__.py")}
+    assert listed == modules | subpackages

@@ -23,6 +23,7 @@ import pytest
 from openai import OpenAI
 
 from clawrouter.sandbox.images import make_png
+from clawrouter.upstream import jobs
 from tests.servers import free_port
 
 COGVIEW = {"model": "cogview", "size": "512x512"}
@@ -111,12 +112,36 @@ def test_sdk_timeouts_and_retries_join_the_paid_request_in_flight(gateway, sandb
     assert sandbox.stats()["payments_count"] == 1
 
 
-def test_sdk_retries_after_leaving_a_slow_job_learn_of_it_and_never_pay_again(gateway, sandbox):
-    """A slow (202) job outlives the client's timeout: the client leaves while it is polled,
-    polling stops, and the SDK's retry gets the abandoned job's answer (a 409 it does not
+def test_sdk_retries_join_a_slow_job_that_outlives_their_timeout(gateway, sandbox):
+    """The SDK gives up on a request after its own timeout and resends it about a second
+    later. A slow (202) job whose clients have all left waits a moment before giving up, so
+    the resend joins it: one payment, and the image, instead of an abandoned job."""
+    sandbox.configure(slow_seconds=3)
+    client = OpenAI(base_url=gateway.v1, api_key="unused", timeout=1.5, max_retries=2)
+    made = client.images.with_raw_response.generate(model="gpt-image-2", prompt="outlives",
+                                                    size="1024x1024")
+    assert made.headers["x-clawrouter-shared"] == "true"  # the resend that joined it
+    assert made.parse().data[0].url
+    assert sandbox.stats()["payments_count"] == 1
+    (row,) = gateway.http.get("/v1/spend").json()["latest"]
+    assert row["status"] == "settled"
+
+
+def test_sdk_retries_after_leaving_a_slow_job_learn_of_it_and_never_pay_again(gateway, sandbox,
+                                                                            monkeypatch):
+    """A slow job that outlives every retry: once its clients have been gone for a moment,
+    polling stops, and a later repeat gets the abandoned job's answer (a 409 the SDK does not
     retry), not a second signature for a second job."""
+    monkeypatch.setattr(jobs, "REJOIN_SECONDS", 0.5)
     sandbox.configure(slow_seconds=30)
     client = OpenAI(base_url=gateway.v1, api_key="unused", timeout=0.8, max_retries=1)
+    with pytest.raises(openai.APITimeoutError):  # the retry joined, and timed out too
+        client.images.generate(model="gpt-image-2", prompt="outlives its client",
+                               size="1024x1024")
+    deadline = time.monotonic() + 10
+    while gateway.http.get("/v1/spend").json()["latest"][0]["status"] != "rejected":
+        assert time.monotonic() < deadline  # held until the chain says it expired unused
+        time.sleep(0.05)
     with pytest.raises(openai.ConflictError) as raised:
         client.images.generate(model="gpt-image-2", prompt="outlives its client",
                                size="1024x1024")
@@ -124,8 +149,6 @@ def test_sdk_retries_after_leaving_a_slow_job_learn_of_it_and_never_pay_again(ga
     assert raised.value.response.headers["x-should-retry"] == "false"
     assert "Not paid again" in raised.value.message
     assert sandbox.stats()["payments_count"] == 1
-    (row,) = gateway.http.get("/v1/spend").json()["latest"]
-    assert row["status"] == "rejected"  # held until the chain says it expired unused
 
 
 @pytest.mark.parametrize("stream, upstream_copy",

@@ -119,3 +119,26 @@ def test_a_permit2_entry_first_does_not_hide_the_eip3009_one():
     ch2 = parse_challenge({"payment-required": b64_json(
         {"x402Version": 2, "accepts": [permit2, eip3009]})}, b"")
     assert select(ch2).extra["assetTransferMethod"] == "eip3009"
+
+
+def test_an_exact_entry_that_fails_a_check_does_not_hide_a_later_one_that_passes():
+    """A challenge may list several `exact` entries on one network: a Circle Gateway batching
+    entry first (another EIP-712 domain, another payee, a week-long timeout), as a captured
+    Base 402 does, then standard USDC. The first is passed over, the second signed; a
+    challenge where none passes is refused with the first one's failure."""
+    standard = challenge().requirements[0].raw
+    gateway = standard | {"payTo": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8",
+                          "maxTimeoutSeconds": 604900,
+                          "extra": {"name": "GatewayWalletBatched", "version": "1"}}
+    dearer = standard | {"amount": "900000"}
+
+    def both(*entries):
+        return parse_challenge({"payment-required": b64_json(
+            {"x402Version": 2, "accepts": list(entries)})}, b"")
+
+    assert select(both(gateway, standard)).raw == standard
+    assert select(both(dearer, standard)).raw == standard  # never the dearer one
+    assert select(both(standard, dearer)).raw == standard
+    with pytest.raises(PaymentRefused) as err:
+        select(both(gateway, dearer))
+    assert err.value.extra["check"] == "domain"  # the first entry's failure

@@ -3,7 +3,8 @@
 1. Challenges (`payment.wire.parse_challenge` + `payment.policy.select`): whatever a 402 says,
    either it is refused or the requirement chosen is `exact`, on our network, in our USDC, to the
    pinned payee, for a positive whole amount within the ceiling and the cap, with an int timeout
-   in 1..600. The parser raises nothing but `ChallengeError`, whatever the bytes.
+   in 1..600. The parser raises nothing but `ChallengeError`, whatever the bytes, and reads
+   no `x402Version` but the integers 1 and 2.
 2. Local paths (`inputs.InputResolver`): no byte from outside the allowed roots (or from a
    hidden or forbidden folder inside them) is ever returned, and no refusal echoes a file.
 3. URLs: with the default policy, no connection is ever made to a private address, however the
@@ -177,8 +178,10 @@ def challenges(draw: st.DrawFn) -> tuple[dict[str, str], bytes, Network, int, in
         if version == 1:
             good["maxAmountRequired"] = good.pop("amount")
         accepts.insert(draw(st.integers(0, len(accepts))), good)
-    document: Any = {"x402Version": draw(mostly(st.just(version), JSON_VALUES)), "accepts": accepts,
-                     "resource": draw(st.one_of(st.none(), JSON_VALUES))}
+    near_versions = st.sampled_from([True, False, 1.0, 2.0, "1", "2", 0, 3])  # true == 1, 2.0 == 2
+    document: Any = {"x402Version": draw(mostly(st.just(version),
+                                                st.one_of(near_versions, JSON_VALUES))),
+                     "accepts": accepts, "resource": draw(st.one_of(st.none(), JSON_VALUES))}
     shape = draw(st.sampled_from(["header", "header", "header-urlsafe", "body", "body-x402",
                                   "garbage"]))
     if shape == "garbage":
@@ -239,6 +242,7 @@ def test_no_challenge_outside_our_tables_is_ever_selected() -> None:
         except ChallengeError:
             outcomes["unreadable"] += 1
             return
+        assert type(challenge.version) is int and challenge.version in (1, 2)  # not true, 2.0
         try:
             req = policy.select(challenge, network=network, pay_to=BLOCKRUN_PAYEE,
                                 ceiling=ceiling, cap=cap)

@@ -300,7 +300,7 @@ def _other_price(accepted: dict) -> dict:
      "invalid_exact_evm_payload_authorization_valid_after"),
     (lambda a: forge(a, nonce="0x01"), "invalid_exact_evm_payload_nonce"),
     (lambda a: forge(a, mangle=high_s), "invalid_exact_evm_payload_signature"),
-    (lambda a: forge(a, mangle=lambda s: s[:64] + bytes([s[64] - 27])),
+    (lambda a: forge(a, mangle=lambda s: s[:64] + bytes([s[64] + 2])),  # v = 29 or 30
      "invalid_exact_evm_payload_signature"),
     (lambda a: "%%% not base64 %%%", "invalid_payload"),
     (lambda a: b64_json({"x402Version": 1, "scheme": "exact", "network": "base-sepolia"}),

@@ -108,18 +108,29 @@ def test_vector2_signer_and_verifier_agree() -> None:
         == V2_AUTH["from"]
 
 
-@pytest.mark.parametrize("mangle", ["high_s", "v_minus_27"])
+@pytest.mark.parametrize("mangle", ["high_s", "v_plus_2", "v_minus_25"])
 def test_vector2_malleable_signatures_are_refused(mangle: str) -> None:
     raw = bytearray(bytes.fromhex(V2_SIG[2:]))
     if mangle == "high_s":  # eth-account still recovers `from` here; USDC would not
         s = SECP256K1_N - int.from_bytes(raw[32:64], "big")
         raw[32:64] = s.to_bytes(32, "big")
         raw[64] = 55 - raw[64]
-    else:
-        raw[64] -= 27
+    elif mangle == "v_plus_2":  # 27/28 -> 29/30: neither USDC nor the facilitator takes it
+        raw[64] += 2
+    else:  # 27/28 -> 2/3: not a 0/1 the facilitator would lift to 27/28
+        raw[64] -= 25
     sig = "0x" + raw.hex()
     assert _reason(lambda: check_authorization(V2_AUTH, sig, V2_EXPECTED, BASE, 1700000100)) \
         == "invalid_exact_evm_payload_signature"
+
+
+def test_vector2_v_minus_27_is_accepted_like_the_facilitator() -> None:
+    """x402's facilitator adds 27 to a v of 0/1 before settling, so USDC takes those too."""
+    raw = bytearray(bytes.fromhex(V2_SIG[2:]))
+    raw[64] -= 27
+    assert raw[64] in (0, 1)
+    assert check_authorization(V2_AUTH, "0x" + raw.hex(), V2_EXPECTED, BASE, 1700000100).payer \
+        == V2_AUTH["from"]
 
 
 @pytest.mark.parametrize("field,value,reason", [

@@ -181,6 +181,33 @@ def test_crash_leftovers_are_cleaned_recovered_or_dropped_at_open(tmp_path: Path
         assert httpx.get(f"{server.url}/images/{content_id(recovered)}.png").content == recovered
 
 
+def test_temporary_files_a_crash_left_are_swept_in_the_background_once_stale(
+        tmp_path: Path) -> None:
+    """A restart within `temp_grace` of a crash spares its temporary files at open (they may
+    be another process's write in progress); the periodic prune removes them once they are
+    older, rather than the next start, and still spares young ones."""
+    [image] = run(put_all(tmp_path, png(3000, 1)))
+    crashed = tmp_path / f".{content_id(png(3000, 2))}.png.k3j9x_.tmp"
+    crashed.write_bytes(png(3000, 2)[:2000])
+    young = tmp_path / f".{content_id(png(3000, 3))}.png.a8d2q1.tmp"
+
+    async def scenario() -> bool:
+        async with ImageStore(tmp_path, temp_grace=60, flush_interval=0.02,
+                              prune_interval=0) as store:
+            kept_at_open = crashed.exists()
+            young.write_bytes(png(3000, 3)[:500])
+            os.utime(crashed, (time.time() - 120, time.time() - 120))  # the grace is over
+            await store.start()
+            for _ in range(500):
+                if not crashed.exists():
+                    break
+                await asyncio.sleep(0.02)
+            return kept_at_open
+
+    assert run(scenario())
+    assert not crashed.exists() and young.exists() and image.path.exists()
+
+
 def test_a_file_without_a_row_is_deleted_only_if_its_bytes_are_wrong(tmp_path: Path,
                                                                      monkeypatch) -> None:
     """At open, a file that cannot be read now (too many open files, a permission) may be an

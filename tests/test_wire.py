@@ -1,9 +1,12 @@
 import base64
 import json
 
+import httpx
 import pytest
 
-from clawrouter.payment.wire import ChallengeError, decode_b64_json, parse_challenge, read_receipt
+from clawrouter.payment.wire import (
+    ChallengeError, b64_json, decode_b64_json, parse_challenge, read_receipt,
+)
 
 
 def test_decoding_is_lenient_about_urlsafe_alphabet_and_padding():
@@ -19,10 +22,35 @@ def test_decoding_is_lenient_about_urlsafe_alphabet_and_padding():
     ({}, b'{"error":"Payment Required"}'),
     ({}, b"<html>"),
     ({"payment-required": base64.b64encode(b'{"x402Version":2,"accepts":[]}').decode()}, b""),
+    # Python's == takes JSON true for 1 and 2.0 for 2
+    ({"payment-required": b64_json({"x402Version": True, "accepts": [{}]})}, b""),
+    ({"payment-required": b64_json({"x402Version": 2.0, "accepts": [{}]})}, b""),
+    ({}, b'{"x402Version":true,"accepts":[{}]}'),
+    ({}, b'{"x402Version":1.0,"accepts":[{}]}'),
 ])
 def test_unreadable_challenges_raise(headers, body):
     with pytest.raises(ChallengeError):
         parse_challenge(headers, body)
+
+
+@pytest.mark.parametrize("version, status, paid", [(True, 402, 0), (2.0, 402, 0), (2, 200, 1)])
+def test_a_challenge_whose_version_is_not_an_integer_is_refused_unsigned(gateway, sandbox,
+                                                                          version, status, paid):
+    """The sandbox's real challenge with only `x402Version` changed: paid as the integer 2,
+    refused before signing as `true` or `2.0` (a version we cannot vouch for)."""
+    probe = httpx.post(sandbox.api + "/v1/images/generations",
+                       json={"model": "zai/cogview-4", "prompt": "p", "size": "512x512"})
+    challenge = decode_b64_json(probe.headers["payment-required"])
+    sandbox.faults({"kind": "challenge",
+                    "header": b64_json({**challenge, "x402Version": version})})
+    r = gateway.http.post("/v1/images/generations",
+                          json={"model": "cogview", "prompt": "p", "size": "512x512"})
+    assert r.status_code == status, r.text
+    if not paid:
+        assert (r.json()["error"]["code"], r.json()["error"]["check"]) \
+            == ("payment_refused", "challenge")
+    assert sandbox.stats()["payments_count"] == paid
+    assert len(gateway.http.get("/v1/spend").json()["latest"]) == paid
 
 
 def test_receipts_from_each_header():

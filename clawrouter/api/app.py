@@ -91,7 +91,8 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
                                    recall=functools.partial(ledger.call, ledger.paid_for),
                                    interrupted=ledger.interrupted),
                  Metrics(),
-                 HeavyPhase(after_big=trimmer.poke), trimmer)
+                 HeavyPhase(largest_body=4 * settings.max_image_bytes,
+                            after_big=trimmer.poke), trimmer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,19 +1,21 @@
 """Bound how much memory requests with big bodies can hold at once.
 
-A 4 MB edit arrives as 5.3 MB of JSON. Two limits keep a burst of them from multiplying that
-into gigabytes:
+A 4 MB edit arrives as 5.3 MB of JSON; the largest body allowed (4 × `max_image_mb`) is
+80 MB by default. Two limits keep a burst of them from multiplying that into gigabytes:
 
-- Admission: at most `IN_FLIGHT` requests with a body over `BIG_BODY` are read and carried
-  upstream at a time; the rest wait *before* their body is read, so it stays in the client's
-  socket (TCP pushes back) instead of in our heap. The declared Content-Length decides; a
-  chunked upload is admitted when what has arrived passes `BIG_BODY`. Small requests never
-  wait. The upstream works through big requests a few at a time anyway, so 16 lose no
-  throughput; they only move the queue from the upstream's side to ours. The price: a slow
-  uploader holds its place while it uploads, so 16 of them at once make other big requests
-  wait (never small ones).
+- Admission: requests with a body over `BIG_BODY` are read and carried upstream only while
+  their bodies together fit in `BODY_BYTES` (a semaphore counted in bytes, `InputBudget`);
+  the rest wait *before* their body is read, so it stays in the client's socket (TCP pushes
+  back) instead of in our heap. The declared Content-Length decides; a chunked upload, which
+  declares none, counts as the largest body allowed. One body bigger than the whole budget is
+  served alone. Small requests never wait. The upstream works through big requests a few at a
+  time anyway, so two dozen 4 MB edits at once lose no throughput; waiting only moves the
+  queue from the upstream's side to ours. The price: a slow uploader holds its share while it
+  uploads, so a few of them at once make other big requests wait (never small ones).
 - Expansion: parsing, decoding and building the upstream body briefly hold three or four
   copies of it, so at most `SLOTS` requests do that at once. The work is CPU-bound on one event
-  loop, so a few slots lose nothing either.
+  loop, so a few slots lose nothing either. Together: at most `BODY_BYTES` of bodies, and
+  three or four copies of those being expanded, whatever their sizes (about 0.5 GB).
 
 - Inputs: an image given as a URL or a local path costs the client a few bytes but the gateway
   up to `max_image_mb` each, so it is bounded by its size, not by the request's. A pipeline run
@@ -37,32 +39,36 @@ from contextlib import asynccontextmanager
 
 from clawrouter.inputs.budget import InputBudget
 
-IN_FLIGHT = 16
 SLOTS = 4
 BIG_BODY = 1024 * 1024
-#: image bytes read from URLs and paths held at once: the 16 big requests' worth of 4 MB images
-INPUT_BYTES = IN_FLIGHT * 4 * 1024 * 1024
+#: big request bodies held at once: two dozen 4 MB edits, or one and a half of the largest
+BODY_BYTES = 128 * 1024 * 1024
+#: image bytes read from URLs and paths held at once: sixteen 4 MB images
+INPUT_BYTES = 64 * 1024 * 1024
 
 
 class Slot:
     """One request's places: admission (held until the request ends) and expansion."""
 
-    def __init__(self, admission: asyncio.Semaphore, expansion: asyncio.Semaphore,
-                 after_big: Callable[[], None] | None = None) -> None:
+    def __init__(self, admission: InputBudget, expansion: asyncio.Semaphore,
+                 after_big: Callable[[], None] | None = None, *,
+                 undeclared: int = BODY_BYTES) -> None:
         self._admission = admission
         self._expansion = expansion
         self._after_big = after_big
-        self._admitted = False
+        self._undeclared = undeclared  # what a body of unknown length counts as
+        self._admitted = 0  # bytes of the admission budget held
         self._held = False
         self.used = False  # a big body went through this request
         self.handed_off = False  # a stream ends the request, not the handler (`hand_off`)
 
-    async def admit(self, size: int) -> None:
-        """Before (or while) reading a body of `size` bytes: wait for a place if it is big."""
+    async def admit(self, size: int | None) -> None:
+        """Before reading a body of `size` bytes (None: not declared, so as big as allowed):
+        wait for room if it is big. Once per request: the first call decides."""
+        size = self._undeclared if size is None else size
         if size > BIG_BODY and not self._admitted:
             self.used = True
-            await self._admission.acquire()
-            self._admitted = True
+            self._admitted = await self._admission.acquire(size)
 
     async def enter(self, size: int) -> None:
         """Take an expansion slot if a body of `size` bytes is big enough to need one."""
@@ -81,8 +87,8 @@ class Slot:
         """The request is over: give every place back, then trim after a big one (idempotent)."""
         self.release()
         if self._admitted:
-            self._admitted = False
-            self._admission.release()
+            size, self._admitted = self._admitted, 0
+            self._admission.release(size)
         if self.used and self._after_big is not None:
             self.used = False
             self._after_big()
@@ -95,18 +101,21 @@ class Slot:
 
 
 class HeavyPhase:
-    def __init__(self, slots: int = SLOTS, in_flight: int = IN_FLIGHT, *,
-                 input_bytes: int = INPUT_BYTES,
+    def __init__(self, slots: int = SLOTS, body_bytes: int = BODY_BYTES, *,
+                 input_bytes: int = INPUT_BYTES, largest_body: int = BODY_BYTES,
                  after_big: Callable[[], None] | None = None) -> None:
-        self._admission = asyncio.Semaphore(in_flight)
+        """`largest_body`: the body limit, which an upload of undeclared length counts as."""
+        self._admission = InputBudget(body_bytes)  # (trimming is `Slot.close`'s job)
         self._expansion = asyncio.Semaphore(slots)
         self._after_big = after_big
+        self._largest_body = largest_body
         #: URL and path inputs, held by pipeline runs (see the module docstring)
         self.inputs = InputBudget(input_bytes, after_big=after_big)
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
-        slot = Slot(self._admission, self._expansion, self._after_big)
+        slot = Slot(self._admission, self._expansion, self._after_big,
+                    undeclared=self._largest_body)
         try:
             yield slot
         finally:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
-from clawrouter.api.heavy import BIG_BODY, Slot
+from clawrouter.api.heavy import Slot
 from clawrouter.api.multipart import read_multipart
 from clawrouter.api.schemas import EditBody, GenerationBody
 from clawrouter.api.streaming import KEEPALIVE_SECONDS, stream_response
@@ -298,14 +298,13 @@ async def read_body(request: Request, slot: Slot) -> bytearray:
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > BIG_BODY:
-            await slot.admit(len(body))
     return body
 
 
-def _declared_length(request: Request) -> int:
+def _declared_length(request: Request) -> int | None:
+    """The Content-Length (which the server holds the body to), None if none is declared."""
     value = request.headers.get("content-length", "")
-    return int(value) if value.isdigit() else 0
+    return int(value) if value.isdigit() else None
 
 
 async def read_json(request: Request, model: type[Body], slot: Slot) -> Body:
@@ -391,9 +390,8 @@ _BOOL_FIELDS = ("stream",)
 async def _read_form(request: Request,
                      slot: Slot) -> tuple[EditBody, list[SourceImage], SourceImage | None]:
     settings = request.app.state.gw.settings
-    # A chunked form declares no length: it is admitted as a big one (it carries images).
-    await slot.admit(_declared_length(request) if "content-length" in request.headers
-                     else BIG_BODY + 1)
+    # A chunked form declares no length: it is admitted as the largest body allowed.
+    await slot.admit(_declared_length(request))
     # A text field may be an image as a data URI: its base64 is 4/3 of the image's bytes, and
     # 78/76 of that when wrapped in lines of 76 with CRLF (MIME's; the decoder takes them).
     form = await read_multipart(request, max_files=32, max_fields=200, max_text_bytes=4 * (

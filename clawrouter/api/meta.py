@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from clawrouter import __version__, catalog
@@ -94,13 +94,17 @@ async def models() -> dict[str, Any]:
     return {"object": "list", "data": [model_card(m) for m in catalog.MODELS]}
 
 
+_NAME_MAX = 200  # characters of a model name looked up (and quoted back); ids are shorter
+
+
 @router.get("/v1/models/{name:path}")
 @router.get("/models/{name:path}", include_in_schema=False)
-async def model(name: str = Path(min_length=1, max_length=200)) -> dict[str, Any]:
+async def model(name: str) -> dict[str, Any]:
     """One model (`client.models.retrieve`), by id, alias or retired name; 404 otherwise
-    (a dropped one too, saying what to use instead)."""
+    (a dropped one too, saying what to use instead, and a name far longer than any model's,
+    quoted only in part)."""
     try:
-        return model_card(catalog.resolve(name).model)
+        return model_card(catalog.resolve(name[:_NAME_MAX]).model)
     except InvalidRequest as exc:
         if exc.code == "model_dropped":
             raise ModelNotFound(exc.message, param="model") from None

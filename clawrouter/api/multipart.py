@@ -52,8 +52,7 @@ class _StrictTextParser(MultiPartParser):
 
 
 async def read_multipart(request: Request, *, max_files: int, max_fields: int,
-                         max_text_bytes: int,
-                         file_fields: frozenset[str] = frozenset()) -> FormData:
+                         max_text_bytes: int, file_fields: frozenset[str]) -> FormData:
     """The form, its files spooled to temporary files; the caller closes it."""
     parser = _StrictTextParser(request.headers, request.stream(), max_files=max_files,
                                max_fields=max_fields, max_part_size=max_text_bytes)

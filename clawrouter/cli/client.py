@@ -330,14 +330,14 @@ class Gateway:
         return await self._save(resp, model_id(model, catalog.DEFAULT_GENERATE_MODEL), directory)
 
     async def edit(self, prompt: str, images: list[str], *, mask: str | None = None,
-                   model: str | None = None, size: str | None = None, n: int | None = None,
+                   model: str | None = None, size: str | None = None,
                    out: str | Path | None = None) -> ImageResult:
         """`POST /v1/images/image2image`: images are URLs, data URIs or local paths (which a
         gateway on another machine gets as data URIs, see `_sendable`)."""
         directory = await asyncio.to_thread(output_dir, out)  # fail before paying
         params = ["image"] if len(images) == 1 else [f"image[{i}]" for i in range(len(images))]
         while True:
-            body = _body(prompt, model=model, size=size, n=n)
+            body = _body(prompt, model=model, size=size, n=None)
             sent = [await self._sendable(source, param) for source, param in zip(images, params)]
             body["image"] = sent[0] if len(sent) == 1 else sent
             if mask:

@@ -355,17 +355,19 @@ def _with_prefix(raw: str) -> str:
 
 
 def confirm(question: str) -> bool | None:
-    """Ask on the controlling terminal (stdin may be the key); None when there is none."""
+    """Ask on the controlling terminal (stdin may be the key, stdout the exported key's file);
+    None when there is none."""
     try:
-        tty = open("/dev/tty", "r+", encoding="utf-8")
+        tty = open("/dev/tty", "rb+", buffering=0)  # (a terminal cannot be opened "r+": seeks)
     except OSError:
         if sys.stdin is not None and sys.stdin.isatty():  # e.g. Windows
-            return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+            print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+            return sys.stdin.readline().strip().lower() in ("y", "yes")
         return None
     with tty:
-        tty.write(f"{question} [y/N] ")
-        tty.flush()
-        return tty.readline().strip().lower() in ("y", "yes")
+        tty.write(f"{question} [y/N] ".encode())
+        answer = tty.readline().decode(errors="replace")
+    return answer.strip().lower() in ("y", "yes")
 
 
 def backup_key_file(path: Path) -> Path:

@@ -7,7 +7,7 @@ Every refusal is an `InvalidRequest` with a distinct `code` (see `refusals.py`).
 
 Modules: `policy` (limits), `forms` (which form a string is), `urls` + `dns` + `addresses`
 (fetching), `paths` (local files), `encoded` (data URIs and base64), `image` (the final check),
-`resolver` (the entry point).
+`resolver` (the entry point), `budget` (the bytes of URL and path inputs held at once).
 """
 
 from .image import ImageInput

@@ -22,7 +22,7 @@ class InputBudget:
                  after_big: Callable[[], None] | None = None) -> None:
         self.total = total
         self.held = 0
-        self.peak = 0  # the most ever held at once (tests, diagnostics)
+        self.peak = 0  # the most ever held at once (tests)
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._after_big = after_big
 

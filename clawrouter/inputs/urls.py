@@ -37,10 +37,6 @@ class UrlFetcher:
         self._allowed = allowed  # None: no address check (allow_private_urls)
         self._session: aiohttp.ClientSession | None = None
 
-    async def fetch(self, url: str, *, param: str) -> bytes:
-        """Bytes of the image at `url` (not yet sniffed), or a refusal naming `param`."""
-        return await (await self.open(url, param=param)).read()
-
     async def open(self, url: str, *, param: str) -> OpenedUrl:
         """Follow `url` to its image's response and stop before the body, so the caller can
         wait for memory for it (`OpenedUrl.size`) first; a declared size over the cap is

@@ -20,11 +20,10 @@ import aiohttp
 from clawrouter.catalog import MICRO
 from clawrouter.config import Settings
 from clawrouter.payment.networks import NETWORKS, Network
-from clawrouter.payment.onchain import BALANCE_OF, ChainUnavailable, check_address, every_answer
+from clawrouter.payment.onchain import ChainUnavailable, check_address, every_answer
 from clawrouter.wake import stop
 
-__all__ = ["BALANCE_OF", "BalanceMonitor", "BalanceUnavailable", "fetch_usdc_balance",
-           "rpc_urls_for", "usdc_balance"]
+__all__ = ["BalanceMonitor", "fetch_usdc_balance", "rpc_urls_for", "usdc_balance"]
 
 #: the settings' default RPCs, which are Base mainnet's
 MAINNET_RPC_URLS: tuple[str, ...] = tuple(Settings.model_fields["rpc_urls"].default)
@@ -33,8 +32,6 @@ DEFAULT_RPC_URLS: dict[str, tuple[str, ...]] = {
     "base": MAINNET_RPC_URLS,
     "base-sepolia": ("https://sepolia.base.org", "https://base-sepolia-rpc.publicnode.com"),
 }
-
-BalanceUnavailable = ChainUnavailable
 
 
 def rpc_urls_for(network: Network | str, configured: Sequence[str]) -> list[str]:
@@ -51,7 +48,7 @@ async def fetch_usdc_balance(address: str, network: Network | str, rpc_urls: Seq
                              session: aiohttp.ClientSession | None = None) -> int:
     """The balance in micro-USDC: the highest any RPC answers (all are asked at once, each
     lookup given `timeout` seconds in all), since it is used to refuse, and one lagging behind
-    the chain must not refuse a wallet just funded; raises `BalanceUnavailable` when none
+    the chain must not refuse a wallet just funded; raises `ChainUnavailable` when none
     answers. (An RPC lying high only switches the check off: the upstream still refuses.)"""
     check_address(address)
     chain = _network(network)
@@ -72,7 +69,7 @@ async def usdc_balance(address: str, network: Network | str, rpc_urls: Sequence[
     try:
         return await fetch_usdc_balance(address, network, rpc_urls, timeout=timeout,
                                         session=session)
-    except BalanceUnavailable:
+    except ChainUnavailable:
         return None
 
 

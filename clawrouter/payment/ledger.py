@@ -410,7 +410,7 @@ class Ledger:
 
     def commit(self, write: Write) -> Any:
         """Apply one write now, on this thread: blocking, durable on disk when it returns (for
-        tools and tests; `commit(signed(...))` gives the payment id)."""
+        tests; `commit(signed(...))` gives the payment id)."""
         value, error = self._commit([write])[0]
         if error is not None:
             raise error

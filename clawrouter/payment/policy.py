@@ -1,9 +1,11 @@
 """Check a 402 challenge against our own tables before anything is signed.
 
-The challenge is unauthenticated: anything on the path can rewrite it. We pick the first `exact`
-(EIP-3009) requirement on our network and refuse it unless asset, EIP-712 domain, payee,
-amount and timeout all pass (x402.md §10). The checks run on the requirement we will sign, not
-on a neighbour.
+The challenge is unauthenticated: anything on the path can rewrite it. We sign the first `exact`
+(EIP-3009) requirement on our network whose asset, EIP-712 domain, payee, amount and timeout
+all pass (x402.md §10), and refuse the challenge, quoting the first one's failure, if none
+does. The checks run on the requirement we will sign, not on a neighbour. (A challenge may list
+several `exact` entries on one network, e.g. a Circle Gateway batching one first, with its own
+domain and payee: that one is passed over, not a reason to refuse the standard one.)
 """
 
 from __future__ import annotations
@@ -43,7 +45,19 @@ def select(challenge: Challenge, *, network: Network, pay_to: str, ceiling: int,
         asked = ", ".join(sorted({r.network or "?" for r in exact}))
         raise refuse("network", f"the upstream asked to pay on {asked}; this gateway pays on "
                                 f"{network.name} ({network.caip2}) only.")
-    req = ours[0]
+    refusals: list[PaymentRefused] = []
+    for req in ours:
+        try:
+            return _checked(req, network=network, pay_to=pay_to, ceiling=ceiling, cap=cap,
+                            max_timeout=max_timeout)
+        except PaymentRefused as refusal:
+            refusals.append(refusal)
+    raise refusals[0]
+
+
+def _checked(req: Requirement, *, network: Network, pay_to: str, ceiling: int, cap: int,
+             max_timeout: int) -> Requirement:
+    """`req` if every check passes, else `PaymentRefused` naming the first that fails."""
     if req.asset.lower() != network.usdc.lower():
         raise refuse("asset", f"asset {req.asset!r} is not USDC on {network.name} "
                               f"({network.usdc}).")

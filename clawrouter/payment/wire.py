@@ -95,7 +95,7 @@ def parse_challenge(headers: Mapping[str, str], body: bytes) -> Challenge:
     if not isinstance(data, dict):
         raise ChallengeError("challenge is not a JSON object")
     version = data.get("x402Version", 1 if not header else 2)
-    if version not in (1, 2):
+    if type(version) is not int or version not in (1, 2):  # JSON true == 1 and 2.0 == 2 in Python
         raise ChallengeError(f"unsupported x402Version {version!r}")
     accepts = data.get("accepts")
     if not isinstance(accepts, list) or not accepts:

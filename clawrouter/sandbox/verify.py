@@ -1,9 +1,9 @@
 """A strict offline x402 `exact` verifier (x402.md §7), as pure functions.
 
 Checks everything that needs no chain: the echoed requirement, recipient, exact value, validity
-window, nonce and signature shape (USDC's ECRecover rules: low-s, v in {27,28}), and EIP-712
-recovery with the domain from our network table. Replay tracking is the caller's job: it needs
-state, and must happen at accept time.
+window, nonce and signature shape (USDC's ECRecover rules: low-s, v in {27,28}; v in {0,1} too, as
+the facilitator adds 27), and EIP-712 recovery with the domain from our network table. Replay
+tracking is the caller's job: it needs state, and must happen at accept time.
 """
 
 from __future__ import annotations
@@ -164,9 +164,12 @@ def recover(authorization: dict[str, Any], signature: Any, network: Network) -> 
                              "signature must be 65 bytes of 0x-hex", payer)
     raw = bytes.fromhex(signature[2:])
     r, s, v = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:64], "big"), raw[64]
+    if v in (0, 1):  # the x402 facilitator adds 27 before it settles, so USDC takes these too
+        v += 27
+        raw = raw[:64] + bytes([v])
     if v not in (27, 28):
         raise PaymentInvalid("invalid_exact_evm_payload_signature",
-                             f"signature v is {v}, not 27 or 28", payer)
+                             f"signature v is {v}, not 0, 1, 27 or 28", payer)
     if not 0 < r < SECP256K1_N or not 0 < s <= SECP256K1_N // 2:
         raise PaymentInvalid("invalid_exact_evm_payload_signature",
                              "signature s is in the upper half (malleable) or r/s is zero", payer)

@@ -12,6 +12,8 @@
 - `cache`: the LRU of hot image bytes.
 - `ranges`: the `Range` header.
 - `server`: `ImageServer`, the ASGI endpoint.
+- `links`: the URLs handed out for stored images, and knowing one again when a client sends it
+  back.
 """
 
 from clawrouter.store.download import DownloadFailed

@@ -4,7 +4,7 @@ Every function here blocks (disk I/O, fsync, hashing) and is meant to run in a w
 A file only ever appears under its final name complete and fsynced: we write a hidden temporary
 file in the same directory, fsync it, rename it over the final name and fsync the directory.
 A crash therefore leaves at worst a `.<name>.<random>.tmp` file, which `scan` reports so that
-opening the store can remove it.
+opening the store can remove it (and `stale_temps`, for the periodic prune).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def scan(directory: Path, *, temp_grace: float) -> Scan:
             if not entry.is_file(follow_symlinks=False):
                 continue
             try:  # another process (a gateway sharing the store) may remove it meanwhile
-                if entry.name.startswith(".") and entry.name.endswith(_TEMP_SUFFIX):
+                if _is_temp(entry.name):
                     if now - entry.stat(follow_symlinks=False).st_mtime >= temp_grace:
                         result.stale_temps.append(Path(entry.path))
                     continue
@@ -97,6 +97,28 @@ def scan(directory: Path, *, temp_grace: float) -> Scan:
             except FileNotFoundError:
                 continue
     return result
+
+
+def stale_temps(directory: Path, *, temp_grace: float) -> list[Path]:
+    """`scan`'s stale temporary files alone (image files are not even stat'ed): a restart
+    within `temp_grace` of a crash leaves them to the periodic prune."""
+    now = time.time()
+    stale = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not _is_temp(entry.name):
+                continue
+            try:
+                if (entry.is_file(follow_symlinks=False) and
+                        now - entry.stat(follow_symlinks=False).st_mtime >= temp_grace):
+                    stale.append(Path(entry.path))
+            except FileNotFoundError:  # removed meanwhile
+                continue
+    return stale
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(_TEMP_SUFFIX)
 
 
 def verify(path: Path) -> tuple[str, int] | None:

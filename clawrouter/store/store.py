@@ -354,7 +354,8 @@ class ImageStore:
     # --- eviction -----------------------------------------------------------------------------
     async def prune(self) -> list[str]:
         """Evict images idle for over `ttl_days`, then least recently used ones until the total
-        fits `max_bytes`; return the removed names. Also drops failed downloads past the TTL."""
+        fits `max_bytes`; return the removed names. Also drops failed downloads past the TTL,
+        and temporary files a crashed write left (older than `temp_grace`)."""
         async with self._prune_lock:
             now = time.time()
             ttl = self.ttl_days * _DAY
@@ -377,6 +378,14 @@ class ImageStore:
                     await asyncio.to_thread(files.remove, [img.path for img in removed])
                     await self._run_db(self._db.delete_images, [img.id for img in removed])
             await self._run_db(self._db.delete_failed_before, now - ttl)
+            try:
+                swept = await asyncio.to_thread(self._sweep_temps)
+            except OSError as exc:  # the next prune tries again
+                log.warning("image store: temporary files could not be removed (%s)", exc)
+            else:
+                if swept:
+                    log.warning("image store: %d temporary files left by a crashed write "
+                                "removed", swept)
         if removed:
             log.info("evicted %d images (%d bytes)", len(removed),
                      sum(img.bytes for img in removed))
@@ -396,6 +405,13 @@ class ImageStore:
                     await self.prune()
             except Exception:  # keep the loop alive; the next tick retries
                 log.exception("image store maintenance failed")
+
+    def _sweep_temps(self) -> int:
+        """Remove stale temporary files (in a worker thread): `open` spares those younger than
+        the grace, so a restart soon after a crash would keep them until the next one."""
+        stale = files.stale_temps(self.root, temp_grace=self._temp_grace)
+        files.remove(stale)
+        return len(stale)
 
     async def _flush_served(self) -> None:
         if self._served:

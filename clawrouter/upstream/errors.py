@@ -47,13 +47,29 @@ def _kept_headers(resp: UpstreamResponse) -> dict[str, str]:
     return {k: v for k, v in resp.headers.items() if k in KEPT_HEADERS}
 
 
+def _passed_status(resp: UpstreamResponse) -> tuple[int, str | None]:
+    """The status a client gets for the upstream's, and a code of our own if it is changed.
+    A 401 or 403 is the upstream's word about *our* access to it (a wrong `upstream_url`, say):
+    passed through, the OpenAI SDK would raise `AuthenticationError`, and the user would
+    suspect this gateway's API key. It is a 502, like any upstream failure of ours."""
+    if resp.status in (401, 403):
+        return 502, "upstream_auth"
+    return (resp.status, None) if 400 <= resp.status <= 599 else (502, None)
+
+
+def _refused_access(resp: UpstreamResponse, message: str) -> str:
+    return f"it refused this gateway's access (HTTP {resp.status}: {message})"
+
+
 def unpaid_error(resp: UpstreamResponse) -> ClawError:
     """An upstream refusal before any payment: pass the status through."""
     message, code, param = upstream_message(resp)
-    status = resp.status if 400 <= resp.status <= 599 else 502
-    return UpstreamError(f"Upstream error: {message}", status=status, code=code or "upstream_error",
-                         param=param, headers=_kept_headers(resp),
-                         extra={"payment": "none"})
+    status, ours = _passed_status(resp)
+    if ours:
+        message = _refused_access(resp, message)
+    return UpstreamError(f"Upstream error: {message}", status=status,
+                         code=ours or code or "upstream_error", param=param,
+                         headers=_kept_headers(resp), extra={"payment": "none"})
 
 
 def paid_error(resp: UpstreamResponse | None, amount: int, *, transaction: str | None = None,
@@ -61,7 +77,9 @@ def paid_error(resp: UpstreamResponse | None, amount: int, *, transaction: str |
     """A failure after a payment was signed and sent: say so, and forbid automatic retries."""
     if resp is not None:
         message, code, param = upstream_message(resp)
-        status = resp.status if 400 <= resp.status <= 599 else 502
+        status, ours = _passed_status(resp)
+        if ours:
+            code, message = ours, _refused_access(resp, message)
     else:
         message, code, param, status = detail or "the connection failed", None, None, 502
     paid = f"A payment of {format_usd(amount)} was signed and sent for this request"
@@ -71,5 +89,5 @@ def paid_error(resp: UpstreamResponse | None, amount: int, *, transaction: str |
     return PaidRequestFailed(
         f"Upstream failed after payment: {message}. {paid} Not retried, so nothing is paid twice.",
         status=status, code=code or "failed_after_payment", param=param,
-        headers=_kept_headers(resp) if resp else {},
+        # no Retry-After: a client that honours it, and not `x-should-retry`, would pay again
         extra={"payment": "signed", "transaction": transaction})

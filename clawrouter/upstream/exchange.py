@@ -269,6 +269,11 @@ class Exchange:
         try:
             resp = await self.client.post(call.route, call.body, payment.headers)
         except TransportError as exc:
+            if exc.kind == "connect":  # no connection was made: the authorization never left
+                await finish("rejected", f"{NEVER_SENT}: {exc.detail}", sent=False)
+                raise UpstreamUnavailable(f"Upstream unreachable: {exc.detail}. Nothing was "
+                                          "paid: the signed payment never left this machine.",
+                                          extra={"payment": "none"}) from None
             await finish("failed_after_payment", f"{exc.kind}: {exc.detail}")
             raise paid_error(None, payment.amount, detail=exc.detail) from None
         if resp.status == 402 and _started_job(resp):

@@ -1,7 +1,10 @@
 """Slow jobs: BlockRun answers 202 with a `poll_url`; we poll it with the same payment header.
 
 On Base the payment settles on the first completed poll, so giving up (deadline, client gone)
-costs nothing — unless a poll's answer was lost (a timeout, a dropped connection, a 5xx): that
+costs nothing. When every client has left, polling pauses for `REJOIN_SECONDS` before it
+gives up: the OpenAI SDK resends a request that outlived its own timeout about a second later,
+and that resend joins the job (`coalesce`) instead of finding it abandoned. Nothing is polled
+meanwhile, so nothing can settle for a client that is not there. Giving up costs nothing — unless a poll's answer was lost (a timeout, a dropped connection, a 5xx): that
 poll may have completed the job and settled, so the payment is then left pending for the chain
 to tell. Polls never sign anything new.
 
@@ -29,6 +32,9 @@ UNCERTAIN = {500, 502, 503, 504}
 #: the last poll comes this long before the authorization expires: settling it takes a block
 #: stamped before validBefore (Base: one every 2 s)
 SETTLE_SECONDS = 2
+#: how long polling waits, once every client has left, for one to join again (the SDK's
+#: retries come 0.5–1 s after its timeout, then 1–2 s after the next)
+REJOIN_SECONDS = 5.0
 
 
 class JobAbandoned(ClientGone):
@@ -53,7 +59,7 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
     valid_for = deadline if expires is None else expires - time.time() - SETTLE_SECONDS
     expiring = valid_for < deadline
     give_up = time.monotonic() + min(deadline, valid_for)
-    await ctx.sleep(delay)
+    await _pause(ctx, delay, give_up)
     polls = 0
     lost: str | None = None  # the first poll whose answer was lost, if any
     while True:
@@ -95,10 +101,20 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
         if remaining <= 0:
             raise _timed_out(deadline, amount, lost, expiring)
         try:
-            await ctx.sleep(min(interval, remaining))
+            await _pause(ctx, min(interval, remaining), give_up)
         except ClientGone:
             if lost:
                 raise JobAbandoned(lost) from None
+            raise
+
+
+async def _pause(ctx: RequestContext, seconds: float, give_up: float) -> None:
+    """Sleep between polls; `ClientGone` once every client has left and none has joined
+    again within `REJOIN_SECONDS` (never past `give_up`, monotonic time)."""
+    try:
+        await ctx.sleep(seconds)
+    except ClientGone:
+        if not await ctx.rejoined(min(REJOIN_SECONDS, max(0.0, give_up - time.monotonic()))):
             raise
 
 
