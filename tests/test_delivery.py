@@ -194,3 +194,41 @@ def test_a_result_url_into_the_local_network_is_never_fetched(make_gateway, sand
         r = trusting.http.post("/v1/images/generations", json={"model": "cogview", "prompt": "x"})
         assert r.json()["data"][0]["url"].startswith(trusting.url + "/images/"), r.text
         assert hits == ["/admin.png"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_big_b64_answers_are_encoded_off_the_event_loop(gateway, sandbox, monkeypatch, stream):
+    """Base64 and JSON for megabytes of image take tens of milliseconds each: on the event
+    loop, every other client (a `/health` probe, a small request) would wait that long.
+    They run on a worker thread, where no event loop runs; small ones stay where they are."""
+    import asyncio
+
+    from clawrouter.api import images
+
+    threads: list[str] = []
+
+    def where() -> str:
+        try:
+            asyncio.get_running_loop()
+            return "loop"
+        except RuntimeError:
+            return "worker"
+
+    def spy(encode):
+        def wrapped(value):
+            threads.append(where())
+            return encode(value)
+        return wrapped
+
+    monkeypatch.setattr(images, "b64", spy(images.b64))
+    monkeypatch.setattr(images, "json_bytes", spy(images.json_bytes))
+    sandbox.configure(image_bytes=2_000_000)
+    try:
+        r = gateway.http.post("/v1/images/generations", json={
+            "model": "cogview", "size": "512x512", "prompt": f"big answer {stream}",
+            "response_format": "b64_json", "stream": stream})
+    finally:
+        sandbox.configure(image_bytes=None)
+    assert r.status_code == 200, r.text
+    assert len(r.content) > 2_000_000
+    assert threads and set(threads) == {"worker"}, threads

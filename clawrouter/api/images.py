@@ -7,6 +7,8 @@ leave it out). Query strings are ignored.
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
@@ -154,7 +156,33 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
     async with watch_disconnect(request, ctx):
         result = await work
     observed(obs, result)
-    return JSONResponse(await shape(result, job, ctx.base_url), headers=result_headers(result))
+    body = await shape(result, job, ctx.base_url)
+    if any("b64_json" in item for item in body["data"]):  # megabytes of JSON: encoded aside
+        return Response(await off_loop(json_bytes, body), media_type="application/json",
+                        headers=result_headers(result))
+    return JSONResponse(body, headers=result_headers(result))
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+#: bytes of image past which base64 and JSON encoding run on a worker thread: a 15 MB image
+#: takes ~50 ms to encode, which the event loop would otherwise take from every other client
+OFF_LOOP_BYTES = 1024 * 1024
+
+
+async def off_loop(encode: Callable[[T], R], value: T, size: int = OFF_LOOP_BYTES + 1) -> R:
+    """`encode(value)`, on a worker thread when `size` (of the image behind it) is big."""
+    return await asyncio.to_thread(encode, value) if size > OFF_LOOP_BYTES else encode(value)
+
+
+def json_bytes(body: Any) -> bytes:
+    """As Starlette's `JSONResponse` renders: compact UTF-8, no NaN."""
+    return json.dumps(body, ensure_ascii=False, allow_nan=False,
+                      separators=(",", ":")).encode("utf-8")
+
+
+def b64(data: bytes) -> str:
+    return pybase64.b64encode(data).decode("ascii")
 
 
 def observed(obs: dict[str, Any], result: Result) -> None:
@@ -211,7 +239,7 @@ async def shape(result: Result, job: ImageJob, base: str) -> dict[str, Any]:
         elif image.stored is not None or image.data is not None:
             raw = await image_bytes(image)
             if raw is not None:
-                item["b64_json"] = pybase64.b64encode(raw).decode("ascii")
+                item["b64_json"] = await off_loop(b64, raw, len(raw))
             elif image.remote_url:  # evicted meanwhile: the upstream's copy still works
                 item["url"] = image.remote_url
             else:

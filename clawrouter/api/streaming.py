@@ -15,7 +15,6 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
-import pybase64
 from fastapi.responses import StreamingResponse
 
 from clawrouter.api.middleware import note_error
@@ -59,7 +58,7 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                     ) -> StreamingResponse:
     """Server-sent events for `work`; `ended` (idempotent) runs once the work is over (the
     stream ended, or its client left and the work stopped), or at once if it never started."""
-    from clawrouter.api.images import evicted, image_bytes, observed, output_format
+    from clawrouter.api.images import b64, evicted, image_bytes, observed, off_loop, output_format
 
     started = False
 
@@ -96,11 +95,12 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                 yield sse("error", error.envelope())
                 return
             for image, data in zip(result.images, images):
-                yield sse(f"{kind}.completed", {
-                    "type": f"{kind}.completed", "b64_json": pybase64.b64encode(data).decode(),
+                event = {
+                    "type": f"{kind}.completed", "b64_json": await off_loop(b64, data, len(data)),
                     "created_at": result.created, "size": job.size, "quality": "auto",
                     "background": "auto", "output_format": output_format(image) or "png",
-                    "usage": USAGE})
+                    "usage": USAGE}
+                yield await off_loop(lambda e: sse(e["type"], e), event, len(data))
             yield b"data: [DONE]\n\n"
         finally:
             if task.done():
