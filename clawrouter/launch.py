@@ -144,7 +144,19 @@ def server_options(header_timeout: float) -> dict[str, Any]:
     # local client must not change the scheme or client address we see (one layer less, too).
     # http, ws: see api/connection.py (envelopes and bounds before a request reaches the app).
     return dict(access_log=False, timeout_keep_alive=30, proxy_headers=False,
-                http=protocol_class(header_timeout), ws="none")
+                http=protocol_class(header_timeout, connection_cap()), ws="none")
+
+
+#: file descriptors kept back from client connections for the rest of the process: the
+#: upstream pool (and the in-process sandbox's side of it), image files, the ledger
+RESERVED_DESCRIPTORS = 768
+
+
+def connection_cap() -> int | None:
+    """How many connections a server keeps open at once: the soft descriptor limit less
+    `RESERVED_DESCRIPTORS` (at most half of it); None where there is no limit."""
+    limit = fd_limit()
+    return None if limit is None else limit - min(RESERVED_DESCRIPTORS, limit // 2)
 
 
 def bind(host: str, port: int) -> list[socket.socket]:

@@ -352,38 +352,88 @@ def test_idle_sockets_past_a_low_soft_fd_limit_do_not_stop_the_gateway(
 
 
 @needs_prlimit
-def test_running_out_of_file_descriptors_is_said_once_and_survived(
+def test_past_its_connection_cap_the_gateway_closes_the_longest_idle_and_says_so(
         tmp_path: Path, sandbox: Sandbox) -> None:
-    """With a hard limit of 256 nothing can be raised: when idle connections take every
-    descriptor, new ones are closed unanswered, so the gateway says so (one warning, naming
-    the limit and what to do), and serves again once they are gone."""
+    """With a hard limit of 256 nothing can be raised, so connections are capped at half of
+    it: past the cap, each new connection closes the one that has waited longest with no
+    request (idle sockets cannot take every descriptor and leave the gateway serving nobody),
+    and the gateway says so once."""
     process = GatewayProcess(tmp_path / "home", sandbox.api,
                              prefix=("prlimit", "--nofile=256:256"))
     idle: list[socket.socket] = []
     try:
         idle = idle_connections(process.port, 300)
-        deadline = time.monotonic() + 30
-        while "out of file descriptors" not in process.output():
-            assert time.monotonic() < deadline, process.output()
-            time.sleep(0.1)
-        with pytest.raises(httpx.TransportError):  # what the warning is about
-            httpx.get(process.url + "/health", timeout=5)
-        for sock in idle:
-            sock.close()
-        deadline = time.monotonic() + 30
-        while open_fds(process.proc.pid) > 200:  # the closes reach it
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        with httpx.Client(base_url=process.url, timeout=10) as client:
+            for _ in range(3):  # each one a new connection past the cap, answered
+                assert client.get("/health", headers={"connection": "close"}).status_code == 200
+            made = client.post("/v1/images/generations", json={"prompt": "crowded",
+                                                               "model": "cogview"})
+            assert made.status_code == 200, made.text
+        idle[0].settimeout(10)
+        assert idle[0].recv(1) == b""  # the oldest idle ones were closed to make room
+        assert open_fds(process.proc.pid) < 256
         process.assert_alive()
     finally:
         for sock in idle:
             sock.close()
         process.stop()
     warnings = [json.loads(line) for line in process.log.read_text().splitlines()
-                if "out of file descriptors" in line]
+                if "connections open at once" in line]
     assert len(warnings) == 1, warnings  # once a minute at most
-    assert warnings[0]["level"] == "warning" and "256" in warnings[0]["message"]
     assert "ulimit -n" in warnings[0]["message"]
+
+
+@needs_prlimit
+def test_past_its_connection_cap_with_every_connection_busy_a_new_one_gets_a_503(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    """Connections whose requests are in the app (here, each waiting for its body) are not
+    closed to make room: the new connection is told, in the envelope, to come back."""
+    process = GatewayProcess(tmp_path / "home", sandbox.api,
+                             prefix=("prlimit", "--nofile=256:256"))
+    busy: list[socket.socket] = []
+    try:
+        head = request_head("/v1/images/generations", Content_Type="application/json",
+                            Content_Length="100")
+        for sock in idle_connections(process.port, 140):
+            sock.sendall(head)  # and no body: the app waits for it
+            busy.append(sock)
+        time.sleep(0.5)  # (their heads are read)
+        status, headers, body = read_response(
+            socket.create_connection(("127.0.0.1", process.port), timeout=10), timeout=10)
+        assert status == 503 and headers.get("retry-after") == "1", (status, body)
+        assert json.loads(body)["error"]["code"] == "server_busy"
+        for sock in busy:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while open_fds(process.proc.pid) > 100:  # the closes reach it
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        process.assert_alive()  # and serves again
+    finally:
+        for sock in busy:
+            sock.close()
+        process.stop()
+
+
+def test_a_process_nearly_out_of_descriptors_is_warned_of_once_a_minute(monkeypatch, caplog):
+    """Connections are capped, but other descriptors (files, the upstream pool) may still run
+    out: the gateway's periodic check says so, once a minute at most."""
+    import logging
+
+    from clawrouter import launch
+
+    monkeypatch.setattr(launch, "fd_limit", lambda: 100)
+    monkeypatch.setattr(launch.os, "listdir", lambda path: ["x"] * 99)
+    caplog.set_level(logging.WARNING, logger="clawrouter.launch")
+    watch = launch.DescriptorWatch()
+    for _ in range(3):
+        watch.check()
+    (warned,) = [r for r in caplog.records if "out of file descriptors" in r.getMessage()]
+    assert "100" in warned.getMessage() and "ulimit -n" in warned.getMessage()
+    monkeypatch.setattr(launch.os, "listdir", lambda path: ["x"] * 50)
+    watch._warned = float("-inf")
+    watch.check()  # half used: nothing to say
+    assert len([r for r in caplog.records if "out of file" in r.getMessage()]) == 1
 
 
 def test_slow_clients_do_not_starve_others_or_grow_memory(

@@ -19,6 +19,10 @@ library for every upgrade request. Here:
 - an answer the client reads slower than `MIN_BODY_RATE` over a `head_timeout` window (while
   our buffer for it is full) is dropped: a client that (nearly) never reads cannot keep
   megabytes of `b64_json` in memory, nor a stream (and its big-request place) open;
+- at most `max_connections` connections are kept open (every one holds a file descriptor,
+  and a process out of them serves nobody): past it, the connection that has waited longest
+  with no request in the app (an idle keep-alive, or one still sending its head) is closed
+  to make room, and when every one is busy the new one gets a 503 (`server_busy`);
 - WebSocket (and other) upgrade requests are ordinary requests (uvicorn runs with `ws="none"`):
   the gateway has no WebSocket routes, so they get the app's own 404 or 405 envelope. httptools
   never reads the body of an upgrade request, so one that declares a body is a 400
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -43,6 +48,10 @@ MAX_HEAD_BYTES = 64 * 1024
 MIN_BODY_RATE = 16 * 1024
 
 log = logging.getLogger("clawrouter.api")
+#: how often (s) at most the gateway says that it closed or refused connections to stay under
+#: `max_connections`
+CROWDED_WARN_SECONDS = 60.0
+_crowded_warned = -CROWDED_WARN_SECONDS
 
 
 def raw_error(error: ClawError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -59,6 +68,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     """One connection. Set `head_timeout` with `protocol_class()`."""
 
     head_timeout: float = 30.0
+    max_connections: int | None = None  # None: no cap
+    _waiting_since = 0.0  # loop time of the connect, or of the last answer's end
     _reading_head = False  # between a request's first byte and the end of its headers
     _in_body = False  # between the end of its headers and the end of the message
     _upgraded = False  # an upgrade request was read: httptools parses nothing after it
@@ -74,7 +85,42 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._waiting_since = self.loop.time()
         self._arm()
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            self._make_room()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._waiting_since = self.loop.time()
+
+    def _waiting(self) -> bool:
+        """No request of this connection is in the app: it is idle, or sending a head."""
+        return ((self.cycle is None or self.cycle.response_complete) and not self._in_body
+                and not self.pipeline and not self.transport.is_closing())
+
+    def _make_room(self) -> None:
+        """Over the cap: close the connection that has waited longest with no request in the
+        app, or, when every other one is busy, refuse this one."""
+        waiting = [c for c in self.connections if c is not self
+                   and isinstance(c, GatewayHttpProtocol) and c._waiting()]
+        if waiting:
+            min(waiting, key=lambda c: c._waiting_since).transport.close()
+            what = "closed the longest-waiting idle one"
+        else:
+            self.transport.write(raw_error(ClawError(
+                "The gateway has as many connections open as it can keep; try again in a "
+                "moment.", status=503, code="server_busy", headers={"Retry-After": "1"}),
+                self.server_state.default_headers))
+            self.transport.close()
+            what = "refused new ones with 503 server_busy"
+        global _crowded_warned
+        if time.monotonic() - _crowded_warned >= CROWDED_WARN_SECONDS:
+            _crowded_warned = time.monotonic()
+            log.warning("more than %d connections open at once (the most this process's file "
+                        "descriptor limit allows): %s. A client is holding many connections "
+                        "open; raise the limit (`ulimit -n`) if they are wanted.",
+                        self.max_connections, what)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -257,6 +303,8 @@ def _head_too_large() -> InvalidRequest:
                           status=431, code="headers_too_large")
 
 
-def protocol_class(head_timeout: float) -> type[GatewayHttpProtocol]:
+def protocol_class(head_timeout: float,
+                   max_connections: int | None = None) -> type[GatewayHttpProtocol]:
     """uvicorn builds protocols itself (`Config(http=...)`), so settings travel on a subclass."""
-    return type("GatewayHttpProtocol", (GatewayHttpProtocol,), {"head_timeout": head_timeout})
+    return type("GatewayHttpProtocol", (GatewayHttpProtocol,),
+                {"head_timeout": head_timeout, "max_connections": max_connections})
