@@ -31,7 +31,7 @@ import asyncio
 import copy
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -91,12 +91,13 @@ class Coalescer:
     def __init__(self, window: float, *, idempotency_ttl: float = IDEMPOTENCY_TTL,
                  clock: Callable[[], float] = time.monotonic, max_entries: int = 10_000,
                  recall: Recall | None = None,
-                 interrupted: frozenset[int] = frozenset()) -> None:
+                 interrupted: Mapping[int, float] | None = None) -> None:
         self.window = window
         self.idempotency_ttl = idempotency_ttl
         self.recall = recall
-        #: payments the last run left in flight when it died (`Ledger.interrupted`)
-        self.interrupted = interrupted
+        #: payments the last run left in flight when it died, and when each was signed
+        #: (`Ledger.interrupted`)
+        self.interrupted = dict(interrupted or {})
         self.started = time.time()
         self._clock = clock
         self._max = max_entries
@@ -119,11 +120,12 @@ class Coalescer:
         else:
             key = ("same", ctx.client, fingerprint)
             tag = fingerprint_parts("same", ctx.client, fingerprint)
-            since = time.time() - self.window
-        # Without a key, only the payments the last run left in flight matter, and only for
-        # `window` seconds after this one started: no ledger read otherwise.
+            # Only the payments the last run left in flight matter (however long they were in
+            # flight), and only for `window` seconds after this run started: no ledger read
+            # otherwise.
+            since = min(self.interrupted.values(), default=0.0)
         recalled = self.recall is None or (not idempotency_key and (
-            not self.interrupted or since >= self.started))
+            not self.interrupted or time.time() - self.window >= self.started))
         while True:
             while (entry := self._live(key)) is not None:
                 if entry.fingerprint != fingerprint:

@@ -252,7 +252,8 @@ class DescriptorWatch:
     server, so it never raises.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, count: Callable[[], int] = lambda: len(os.listdir("/dev/fd"))) -> None:
+        self._count = count  # open descriptors (/dev/fd: Linux, where it is /proc/self/fd; macOS)
         self._warned = -math.inf
 
     async def __call__(self) -> None:
@@ -266,7 +267,7 @@ class DescriptorWatch:
         if limit is None:
             return
         try:
-            used = len(os.listdir("/dev/fd"))  # Linux (a link to /proc/self/fd) and macOS
+            used = self._count()
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 return  # no /dev/fd here: nothing to count

@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -188,13 +189,31 @@ class DroppingQueueHandler(QueueHandler):
 
 
 class LogWriter(QueueListener):
-    """The thread that writes queued lines to stderr."""
+    """The thread that writes queued lines to stderr: straight to its file descriptor, holding
+    no lock of Python's while a write blocks (a pipe nobody reads), so nothing else — the exit's
+    `logging.shutdown`, a final flush of `sys.stderr` — can be stuck behind it."""
+
+    def __init__(self, lines: queue.Queue[Any]) -> None:
+        super().__init__(lines)
+        try:
+            self._fd: int | None = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):  # stderr replaced by something in memory
+            self._fd = None
 
     def handle(self, record: logging.LogRecord | threading.Event) -> None:
         if isinstance(record, threading.Event):  # `flush`'s mark: all lines before it written
             record.set()
-        else:
-            super().handle(record)
+            return
+        line = record.getMessage() + "\n"  # formatted already (`QueueHandler.prepare`)
+        if self._fd is None:
+            sys.stderr.write(line)
+            return
+        data = memoryview(line.encode("utf-8", "replace"))
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError:  # stderr closed: there is nobody to tell
+            pass
 
     def flush(self, timeout: float) -> bool:
         """Wait until the lines queued so far are written, or about `timeout` seconds (stderr
@@ -210,6 +229,7 @@ class LogWriter(QueueListener):
 
 _handler: DroppingQueueHandler | None = None
 _writer: LogWriter | None = None
+_stuck = False  # a flush timed out: the writer cannot write
 
 
 def setup_logging(level: str) -> None:
@@ -232,7 +252,7 @@ def setup_logging(level: str) -> None:
     if _writer is not None:  # set up again: the old writer ends after its lines
         with contextlib.suppress(queue.Full):
             _writer.enqueue_sentinel()
-    _handler, _writer = handler, LogWriter(handler.queue, logging.StreamHandler(sys.stderr))
+    _handler, _writer = handler, LogWriter(handler.queue)
     _writer.start()
     atexit.unregister(flush_logs)
     atexit.register(flush_logs)
@@ -241,8 +261,12 @@ def setup_logging(level: str) -> None:
 def flush_logs() -> None:
     """Write the lines queued so far before the process ends (at exit, and when a server shuts
     down: uvicorn then re-raises the signal that stopped it, and `atexit` never runs)."""
-    if _writer is None or _handler is None or not _writer.flush(LOG_FLUSH_SECONDS):
-        return  # (a writer stuck on a pipe nobody reads: nothing more can be said)
+    global _stuck
+    if _writer is None or _handler is None or _stuck:
+        return
+    if not _writer.flush(LOG_FLUSH_SECONDS):
+        _stuck = True  # a writer stuck on a pipe nobody reads: later calls wait no more
+        return
     with _handler.lock:  # `emit` holds it too
         with contextlib.suppress(queue.Full):
             _handler.tell_dropped()  # the queue was full when the last line was dropped

@@ -262,22 +262,22 @@ def test_without_a_key_only_a_request_the_last_run_left_in_flight_is_refused_aft
         asked.append(tag)
         return payment[0] if tag == asked[0] else None  # the first client's payment
 
-    def coalescer(interrupted: frozenset[int]) -> Coalescer:
+    def coalescer(interrupted: dict[int, float]) -> Coalescer:
         return Coalescer(60, recall=recall, interrupted=interrupted)
 
     async def main():
         payment.append(PAYMENT)
-        cut_off = coalescer(frozenset({PAYMENT.id}))
+        cut_off = coalescer({PAYMENT.id: PAYMENT.time})
         with pytest.raises(Conflict) as refused:
             await cut_off.run(ctx(), "fp", None, paid())
         assert refused.value.code == "repeat_paid_before_restart"
         assert refused.value.headers["x-should-retry"] == "false"
         await cut_off.run(ctx("other client"), "fp", None, paid())  # another tag
         assert len(asked) == 2 and asked[1] != asked[0]
-        await coalescer(frozenset({PAYMENT.id + 1})).run(ctx(), "fp", None, paid())  # ended
+        await coalescer({PAYMENT.id + 1: 0.0}).run(ctx(), "fp", None, paid())  # ended
         assert len(asked) == 3
-        await coalescer(frozenset()).run(ctx(), "fp", None, paid())  # a clean stop: no read
-        late = coalescer(frozenset({PAYMENT.id}))
+        await coalescer({}).run(ctx(), "fp", None, paid())  # a clean stop: no read
+        late = coalescer({PAYMENT.id: PAYMENT.time})
         late.started -= 61  # a minute after the start: nothing to ask the ledger
         await late.run(ctx(), "fp", None, paid())
         assert len(asked) == 3

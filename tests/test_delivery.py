@@ -198,30 +198,37 @@ def test_a_result_url_into_the_local_network_is_never_fetched(make_gateway, sand
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_big_b64_answers_are_encoded_off_the_event_loop(gateway, sandbox, monkeypatch, stream):
-    """Base64 and JSON for megabytes of image take tens of milliseconds each: on the event
-    loop, every other client (a `/health` probe, a small request) would wait that long.
-    They run on a worker thread, where no event loop runs; small ones stay where they are."""
+    """Base64 for megabytes of image takes tens of milliseconds: on the event loop, every other
+    client (a `/health` probe, a small request) would wait that long. It runs on a worker
+    thread (where no event loop runs), and never goes through `json.dumps` (which would hold
+    the interpreter lock throughout): the answer is the JSON it would have been."""
     import asyncio
+    import json
 
-    from clawrouter.api import images
+    from clawrouter.api import encoding, images, streaming
 
     threads: list[str] = []
 
-    def where() -> str:
-        try:
-            asyncio.get_running_loop()
-            return "loop"
-        except RuntimeError:
-            return "worker"
+    class Spied(encoding.Base64):
+        def __init__(self, image: bytes) -> None:
+            try:
+                asyncio.get_running_loop()
+                threads.append("loop")
+            except RuntimeError:
+                threads.append("worker")
+            super().__init__(image)
 
-    def spy(encode):
-        def wrapped(value):
-            threads.append(where())
-            return encode(value)
-        return wrapped
+    dumped: list[int] = []  # the length of every JSON text json.dumps made
+    real_dumps = json.dumps
 
-    monkeypatch.setattr(images, "b64", spy(images.b64))
-    monkeypatch.setattr(images, "json_bytes", spy(images.json_bytes))
+    def dumps(*args, **kwargs):
+        text = real_dumps(*args, **kwargs)
+        dumped.append(len(text))
+        return text
+
+    monkeypatch.setattr(encoding.json, "dumps", dumps)
+    monkeypatch.setattr(images, "Base64", Spied)
+    monkeypatch.setattr(streaming, "Base64", Spied)
     sandbox.configure(image_bytes=2_000_000)
     try:
         r = gateway.http.post("/v1/images/generations", json={
@@ -230,5 +237,28 @@ def test_big_b64_answers_are_encoded_off_the_event_loop(gateway, sandbox, monkey
     finally:
         sandbox.configure(image_bytes=None)
     assert r.status_code == 200, r.text
-    assert len(r.content) > 2_000_000
     assert threads and set(threads) == {"worker"}, threads
+    assert dumped and max(dumped) < 10_000, dumped  # the base64 was joined in, not dumped
+    text = r.text.split("data: ", 1)[1].split("\n", 1)[0] if stream else r.text
+    b64 = json.loads(text)["b64_json" if stream else "data"]
+    image = base64.b64decode(b64 if stream else b64[0]["b64_json"])
+    assert len(image) > 1_900_000 and image.startswith(b"\x89PNG")
+
+
+def test_spliced_base64_makes_the_json_it_stands_for():
+    """The JSON around a placeholder, with the base64 joined in, is the JSON `json.dumps`
+    would have made: whatever the rest of the body says (quotes, the placeholder's shape,
+    non-ASCII), and for several images."""
+    import json
+
+    from clawrouter.api.encoding import Base64, json_bytes
+
+    images = [bytes(range(256)) * 40, b"", b"\xff" * 3]
+    body = {"data": [{"b64_json": Base64(i), "revised_prompt": 'a "cat": x:0" — ü'}
+                     for i in images], "created": 1, "size": "1024x1024"}
+    expected = {"data": [{"b64_json": base64.b64encode(i).decode(),
+                          "revised_prompt": 'a "cat": x:0" — ü'} for i in images],
+                "created": 1, "size": "1024x1024"}
+    assert json.loads(json_bytes(body)) == expected
+    assert json_bytes(expected) == json.dumps(expected, ensure_ascii=False,
+                                              separators=(",", ":")).encode()

@@ -20,7 +20,7 @@ from clawrouter.payment.signer import Signer
 from clawrouter.upstream.client import BlockRunClient, TransportError, new_session
 from clawrouter.upstream.exchange import Exchange, UpstreamCall
 from tests.conftest import gateway_settings
-from tests.servers import free_port
+from tests.servers import dead_port
 
 
 def test_a_client_leaving_while_the_signature_is_recorded_is_never_charged(sandbox, tmp_path):
@@ -79,7 +79,7 @@ def test_a_paid_request_that_cannot_connect_never_left_and_costs_nothing(sandbox
                                 Budget(ledger, per_request_usd=1, per_day_usd=1, total_usd=0),
                                 prices)
             await exchange(sandbox.api).run(call, RequestContext("req_1", "http://localhost"))
-            nobody = f"http://127.0.0.1:{free_port()}/api"
+            nobody = f"http://127.0.0.1:{dead_port()}/api"
             with pytest.raises(UpstreamUnavailable) as raised:
                 await exchange(nobody).run(call, RequestContext("req_2", "http://localhost"))
             return raised.value

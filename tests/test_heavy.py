@@ -172,7 +172,7 @@ def test_big_bodies_are_admitted_by_their_bytes_and_an_undeclared_one_as_the_lar
     """Admission counts bytes, not requests: with the default 20 MB images a body may be
     80 MB, so a count of requests would let a burst of them hold gigabytes. Here, room for two
     4.5 MB bodies, not three; an upload that declares no length (chunked) counts as the
-    largest body allowed, so it is served alone."""
+    largest body allowed once it is big, so it is served alone, and never while it is small."""
     from clawrouter.api.heavy import HeavyPhase
 
     gw = make_gateway(max_image_mb=4)
@@ -198,6 +198,20 @@ def test_big_bodies_are_admitted_by_their_bytes_and_an_undeclared_one_as_the_lar
     responses = asyncio.run(asyncio.wait_for(send(), 90))
     assert [r.status_code for r in responses] == [200] * 3, responses[0].text
     assert seen["peak_runs"] == 1, seen  # each counted as 16 MB: more than all the room
+
+    async def small(i: int) -> AsyncIterator[bytes]:
+        yield json.dumps({"prompt": f"small chunked {i}", "model": "cogview"}).encode()
+
+    async def send_small() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post(
+                "/v1/images/generations", content=small(i),
+                headers={"content-type": "application/json"}) for i in range(3)))
+
+    seen["peak_runs"] = 0
+    responses = asyncio.run(asyncio.wait_for(send_small(), 90))
+    assert [r.status_code for r in responses] == [200] * 3, responses[0].text
+    assert seen["peak_runs"] == 3, seen  # small chunked bodies never wait
 
 
 # --- the budget itself ------------------------------------------------------------------------

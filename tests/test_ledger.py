@@ -531,13 +531,13 @@ def test_kill_9_after_signing_loses_nothing(tmp_path: Path) -> None:
         _kill(proc)
     with Ledger(path) as ledger:
         (row,) = ledger.payments()
-        assert ledger.interrupted == {row.id}  # in flight when it died: a retry may come
+        assert ledger.interrupted == {row.id: row.time}  # in flight when it died: retried?
         assert (row.status, row.request_id, row.amount, row.n, row.nonce) == \
             ("unknown", "req-0", 43_000, 2, "0x" + "0" * 64)
         assert "stopped" in row.note
         assert ledger.spent() == 43_000  # still counted: it may have cost money
     with Ledger(path) as ledger:  # and it stays visible as unknown
-        assert ledger.interrupted == set() and ledger.payments()[0].status == "unknown"
+        assert ledger.interrupted == {} and ledger.payments()[0].status == "unknown"
 
 
 @pytest.mark.parametrize("mode", ["many", "batched"])

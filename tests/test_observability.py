@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import re
 import subprocess
@@ -386,3 +387,22 @@ def test_the_ready_line_brackets_an_ipv6_address(tmp_path):
     if "cannot listen on" in stderr:
         pytest.skip("IPv6 is off on this machine")
     assert re.match(r"clawrouter ready on http://\[::\]:\d+/v1 ", line), line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_gateway_whose_stderr_nobody_reads_still_stops(tmp_path, sandbox, sig):
+    """With its log writer stuck on a full pipe, Ctrl-C or SIGTERM must still end it: the
+    writer holds no lock the exit needs, and the exit waits for it once, briefly."""
+    proc, port, _ = run_gateway(tmp_path, sandbox)
+    try:
+        assert "ready" in proc.stdout.readline()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for _ in range(600):  # more lines than the pipe holds
+                client.get("/v1/nope")
+        proc.send_signal(sig)
+        code = proc.wait(timeout=30)  # (each stuck wait is 5 s; it used to hang for good)
+        assert code in (-sig, 128 + sig, 0, 1), code
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -132,7 +132,7 @@ def test_sdk_retries_after_leaving_a_slow_job_learn_of_it_and_never_pay_again(ga
     """A slow job that outlives every retry: once its clients have been gone for a moment,
     polling stops, and a later repeat gets the abandoned job's answer (a 409 the SDK does not
     retry), not a second signature for a second job."""
-    monkeypatch.setattr(jobs, "REJOIN_SECONDS", 0.5)
+    monkeypatch.setattr(jobs, "REJOIN_SECONDS", 1.5)  # (the SDK's retry comes 0.4–0.5 s on)
     sandbox.configure(slow_seconds=30)
     client = OpenAI(base_url=gateway.v1, api_key="unused", timeout=0.8, max_retries=1)
     with pytest.raises(openai.APITimeoutError):  # the retry joined, and timed out too
@@ -637,41 +637,58 @@ def test_a_ledger_that_cannot_record_a_payment_sends_none_and_says_a_retry_is_sa
     assert gateway.http.get("/readyz").status_code == 200
 
 
-def serve_process(home: Path, sandbox, port: int) -> subprocess.Popen:
+def serve_process(home: Path, sandbox, port: int, **settings: str) -> subprocess.Popen:
     """`clawrouter serve` in its own process (so it can be killed), paying `sandbox`."""
     env = {**os.environ, "CLAWROUTER_HOME": str(home), "BLOCKRUN_API_URL": sandbox.api,
            "CLAWROUTER_NETWORK": "base-sepolia", "CLAWROUTER_MAX_USD_PER_DAY": "0",
            "CLAWROUTER_LOG_LEVEL": "warning",
            "CLAWROUTER_RPC_URLS": f'["{sandbox.url}/_sandbox/rpc"]',
-           "CLAWROUTER_RECONCILE_INTERVAL": "0.2"}
+           "CLAWROUTER_RECONCILE_INTERVAL": "0.2", **settings}
     cmd = [sys.executable, "-m", "clawrouter", "serve", "--port", str(port), "--no-sandbox"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    line = proc.stdout.readline()
-    if "created a new wallet key" in line:  # the first start's log line says so
-        line = proc.stdout.readline()
-    assert "ready" in line, line
+    try:
+        lines = [proc.stdout.readline()]
+        while "ready" not in lines[-1] and lines[-1] and len(lines) < 20:
+            lines.append(proc.stdout.readline())  # log lines too (a new key, a recovery)
+        assert "ready" in lines[-1], lines
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     return proc
 
 
 def killed_while_paying(proc: subprocess.Popen, sandbox, port: int, prompt: str,
-                        headers: dict[str, str] | None = None) -> None:
-    """Send a paid request and SIGKILL the gateway once the sandbox holds its payment (which
-    it settles 6 s later, long after the gateway died)."""
-    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 6})
+                        headers: dict[str, str] | None = None, *,
+                        route: str = "/v1/images/generations", body: dict | None = None,
+                        after: float = 0.0) -> None:
+    """Send a paid request and SIGKILL the gateway `after` seconds once the sandbox holds its
+    payment (which it settles 6 s after that, long after the gateway died: `settled` waits)."""
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 6 + after, "times": 1})
 
     def doomed_request():
         with pytest.raises(httpx.HTTPError):  # the gateway dies under it
-            httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=10,
-                       json={**COGVIEW, "prompt": prompt}, headers=headers)
+            httpx.post(f"http://127.0.0.1:{port}{route}", timeout=30,
+                       json={**(body or COGVIEW), "prompt": prompt}, headers=headers)
 
     threading.Thread(target=doomed_request, daemon=True).start()
     deadline = time.monotonic() + 10
     while sandbox.stats()["payments_count"] == 0:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    time.sleep(after)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def settled(sandbox, count: int = 1) -> None:
+    """Wait until the killed request's payment has settled (it must not land in the next
+    test's sandbox)."""
+    deadline = time.monotonic() + 30
+    while sandbox.stats()["settled_count"] < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
 
 def test_kill_9_during_a_paid_request_leaves_an_unknown_row_that_the_chain_settles(tmp_path,
@@ -732,6 +749,37 @@ def test_a_retry_after_a_crash_is_not_paid_again(tmp_path, sandbox):
                            json={**COGVIEW, "prompt": "something else"})
         assert other.status_code == 200, other.text
         assert sandbox.stats()["payments_count"] == 2
+        settled(sandbox, 2)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@pytest.mark.parametrize("case", ["an edit", "in flight longer than the window"])
+def test_a_retry_after_a_crash_is_not_paid_again_whatever_it_carried_or_how_long_it_ran(
+        tmp_path, sandbox, case):
+    """The retry is known by its request's content, hashed the same way in every process
+    (images included: a per-process hash would make an edit's retry look new), and by its
+    payment being one the last run left in flight, however long before the crash it was
+    signed (a slow job polls for minutes, a window of 60 s would have missed it)."""
+    port = free_port()
+    settings = {"CLAWROUTER_COALESCE_WINDOW_SECONDS": "6"}
+    image = "data:image/png;base64," + base64.b64encode(make_png(64, 64, seed=5)).decode()
+    edit = {"model": "nano-banana", "image": image}
+    if case == "an edit":
+        request = dict(route="/v1/images/image2image", body=edit)
+    else:
+        request = dict(after=7.0)  # signed 7 s before the crash: older than the window
+    killed_while_paying(serve_process(tmp_path, sandbox, port, **settings), sandbox, port,
+                        case, **request)
+    proc = serve_process(tmp_path, sandbox, port, **settings)
+    try:
+        retry = httpx.post(f"http://127.0.0.1:{port}{request.get('route', '/v1/images/generations')}",
+                           json={**request.get("body", COGVIEW), "prompt": case}, timeout=30)
+        assert retry.status_code == 409, retry.text
+        assert retry.json()["error"]["code"] == "repeat_paid_before_restart"
+        assert sandbox.stats()["payments_count"] == 1
+        settled(sandbox)
     finally:
         proc.terminate()
         proc.wait()

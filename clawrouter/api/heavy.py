@@ -7,7 +7,8 @@ A 4 MB edit arrives as 5.3 MB of JSON; the largest body allowed (4 × `max_image
   their bodies together fit in `BODY_BYTES` (a semaphore counted in bytes, `InputBudget`);
   the rest wait *before* their body is read, so it stays in the client's socket (TCP pushes
   back) instead of in our heap. The declared Content-Length decides; a chunked upload, which
-  declares none, counts as the largest body allowed. One body bigger than the whole budget is
+  declares none, counts as the largest body allowed (a JSON one once 1 MB of it has arrived,
+  so a small one never waits; a form before it is read). One body bigger than the whole budget is
   served alone. Small requests never wait. The upstream works through big requests a few at a
   time anyway, so two dozen 4 MB edits at once lose no throughput; waiting only moves the
   queue from the upstream's side to ours. The price: a slow uploader holds its share while it

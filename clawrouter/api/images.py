@@ -7,20 +7,18 @@ leave it out). Query strings are ignored.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import aiofiles
-import pybase64
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
-from clawrouter.api.heavy import Slot
+from clawrouter.api.encoding import Base64, json_bytes, off_loop
+from clawrouter.api.heavy import BIG_BODY, Slot
 from clawrouter.api.multipart import read_multipart
 from clawrouter.api.schemas import EditBody, GenerationBody
 from clawrouter.api.streaming import KEEPALIVE_SECONDS, stream_response
@@ -82,12 +80,12 @@ async def watch_disconnect(request: Request, ctx: RequestContext) -> AsyncIterat
 def fingerprint(job: ImageJob) -> str:
     """What makes two requests the same paid request (the output format does not).
 
-    Image values can be megabytes: they enter as their length and Python's own (SipHash)
-    hash, cached on the string — a fraction of the cost of hashing them again. Fingerprints
-    only ever meet others from the same client, in this process, within the coalescing window.
+    Stable across processes: it goes into the ledger with a payment (`coalesce`), where a
+    gateway restarted after a crash looks for the request its client retries. So image values
+    enter whole, through SHA-256 (3 ms for a 4 MB image; on a worker thread when big), never
+    by a per-process hash or a sample (an agent that changed a few pixels asks anew).
     """
-    sources = [part for s in [*job.images, job.mask] if s
-               for part in (s.param, len(s.value), hash(s.value))]
+    sources = [part for s in [*job.images, job.mask] if s for part in (s.param, s.value)]
     return fingerprint_parts(job.route, job.model.id, job.prompt, job.size, job.n,
                              job.quality or "", *sources)
 
@@ -146,7 +144,9 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
     obs["model"] = job.model.id
     if gw.settings.log_prompts:
         obs["prompt"] = job.prompt
-    work = gw.coalescer.run(ctx, fingerprint(job), request.headers.get("idempotency-key"),
+    inputs = sum(len(s.value) for s in [*job.images, job.mask] if s)
+    work = gw.coalescer.run(ctx, await off_loop(fingerprint, job, inputs),
+                            request.headers.get("idempotency-key"),
                             lambda shared: gw.pipeline.run(job, shared),
                             window=0 if by_reference(job) else None)
     if job.stream:  # the work runs while the stream is sent: the slot is held until it ends
@@ -157,32 +157,10 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
         result = await work
     observed(obs, result)
     body = await shape(result, job, ctx.base_url)
-    if any("b64_json" in item for item in body["data"]):  # megabytes of JSON: encoded aside
+    if any("b64_json" in item for item in body["data"]):  # megabytes of JSON (`encoding`)
         return Response(await off_loop(json_bytes, body), media_type="application/json",
                         headers=result_headers(result))
     return JSONResponse(body, headers=result_headers(result))
-
-
-T = TypeVar("T")
-R = TypeVar("R")
-#: bytes of image past which base64 and JSON encoding run on a worker thread: a 15 MB image
-#: takes ~50 ms to encode, which the event loop would otherwise take from every other client
-OFF_LOOP_BYTES = 1024 * 1024
-
-
-async def off_loop(encode: Callable[[T], R], value: T, size: int = OFF_LOOP_BYTES + 1) -> R:
-    """`encode(value)`, on a worker thread when `size` (of the image behind it) is big."""
-    return await asyncio.to_thread(encode, value) if size > OFF_LOOP_BYTES else encode(value)
-
-
-def json_bytes(body: Any) -> bytes:
-    """As Starlette's `JSONResponse` renders: compact UTF-8, no NaN."""
-    return json.dumps(body, ensure_ascii=False, allow_nan=False,
-                      separators=(",", ":")).encode("utf-8")
-
-
-def b64(data: bytes) -> str:
-    return pybase64.b64encode(data).decode("ascii")
 
 
 def observed(obs: dict[str, Any], result: Result) -> None:
@@ -239,7 +217,7 @@ async def shape(result: Result, job: ImageJob, base: str) -> dict[str, Any]:
         elif image.stored is not None or image.data is not None:
             raw = await image_bytes(image)
             if raw is not None:
-                item["b64_json"] = await off_loop(b64, raw, len(raw))
+                item["b64_json"] = await off_loop(Base64, raw, len(raw))
             elif image.remote_url:  # evicted meanwhile: the upstream's copy still works
                 item["url"] = image.remote_url
             else:
@@ -322,10 +300,15 @@ async def read_body(request: Request, slot: Slot) -> bytearray:
     what has arrived (a declared length is a promise, not a reason to reserve memory).
 
     A big body is read only once the request is admitted (see `api/heavy.py`)."""
-    await slot.admit(_declared_length(request))
+    declared = _declared_length(request)
+    await slot.admit(declared or 0)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
+        if declared is None and len(body) > BIG_BODY:
+            # a chunked body that turns out big: how big it will get is unknown, so it
+            # counts as the largest allowed (a small one never waits)
+            await slot.admit(None)
     return body
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
 
+from clawrouter.api.encoding import Base64, json_bytes, off_loop
 from clawrouter.api.middleware import note_error
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClawError, ClientGone, internal_error
@@ -31,7 +31,7 @@ USAGE = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+    return b"".join((b"event: ", event.encode(), b"\ndata: ", json_bytes(data), b"\n\n"))
 
 
 class _EventStream(StreamingResponse):
@@ -58,7 +58,7 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                     ) -> StreamingResponse:
     """Server-sent events for `work`; `ended` (idempotent) runs once the work is over (the
     stream ended, or its client left and the work stopped), or at once if it never started."""
-    from clawrouter.api.images import b64, evicted, image_bytes, observed, off_loop, output_format
+    from clawrouter.api.images import evicted, image_bytes, observed, output_format
 
     started = False
 
@@ -96,7 +96,8 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                 return
             for image, data in zip(result.images, images):
                 event = {
-                    "type": f"{kind}.completed", "b64_json": await off_loop(b64, data, len(data)),
+                    "type": f"{kind}.completed", "b64_json": await off_loop(Base64, data,
+                                                                            len(data)),
                     "created_at": result.created, "size": job.size, "quality": "auto",
                     "background": "auto", "output_format": output_format(image) or "png",
                     "usage": USAGE}

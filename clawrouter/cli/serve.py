@@ -68,9 +68,11 @@ async def serve(settings: Settings) -> int:
     report_wallet(running.app.state.gw.wallet, running.settings)
     mode = " (sandbox: no real payments)" if running.sandbox else ""
     host = "localhost" if settings.loopback else url_host(settings.host or "0.0.0.0")
-    print(f"clawrouter ready on http://{host}:{running.port}/v1 — wallet "
-          f"{running.app.state.gw.address} — upstream {running.settings.upstream_url}{mode}",
-          flush=True)
+    # one write: log lines come from a thread of their own, and may share the pipe (2>&1)
+    sys.stdout.write(f"clawrouter ready on http://{host}:{running.port}/v1 — wallet "
+                     f"{running.app.state.gw.address} — upstream "
+                     f"{running.settings.upstream_url}{mode}\n")
+    sys.stdout.flush()
     await running.wait()
     return 0
 

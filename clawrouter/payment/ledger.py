@@ -245,8 +245,8 @@ class Ledger:
         self._lockfile = _exclusive_lock(lock_path(self.path), self.instance)
         try:
             self._conn = self._connect()
-            #: the rows this process found left `signed`: in flight when the last run died,
-            #: their clients may well retry them (`coalesce`)
+            #: the rows this process found left `signed` (id: time signed): in flight when
+            #: the last run died, their clients may well retry them (`coalesce`)
             self.interrupted = self._recover()
             self._total, self._by_day, self._by_month = self._load_totals()
         except BaseException:
@@ -269,10 +269,10 @@ class Ledger:
         _migrate(conn, self._clock())
         return conn
 
-    def _recover(self) -> frozenset[int]:
+    def _recover(self) -> dict[int, float]:
         """Rows still `signed` were in flight when the last run died: their fate is unknown."""
-        ids = frozenset(row[0] for row in self._conn.execute(
-            "SELECT id FROM payments WHERE status = ?", (SIGNED,)))
+        ids = dict(self._conn.execute("SELECT id, time FROM payments WHERE status = ?",
+                                      (SIGNED,)).fetchall())
         self._conn.execute(  # (the process lock keeps any other writer out meanwhile)
             "UPDATE payments SET status = ?, note = COALESCE(note, ?) WHERE status = ?",
             (UNKNOWN, "gateway stopped before the outcome was known", SIGNED))
