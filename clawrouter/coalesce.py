@@ -91,14 +91,18 @@ class Coalescer:
     def __init__(self, window: float, *, idempotency_ttl: float = IDEMPOTENCY_TTL,
                  clock: Callable[[], float] = time.monotonic, max_entries: int = 10_000,
                  recall: Recall | None = None,
-                 interrupted: Mapping[int, float] | None = None) -> None:
+                 interrupted: Mapping[int, float] | None = None,
+                 in_flight_for: float = float("inf")) -> None:
+        """`in_flight_for`: the longest a request can be in flight, so the longest before this
+        start that a payment left in flight can have a client still waiting to retry it."""
         self.window = window
         self.idempotency_ttl = idempotency_ttl
         self.recall = recall
-        #: payments the last run left in flight when it died, and when each was signed
-        #: (`Ledger.interrupted`)
-        self.interrupted = dict(interrupted or {})
         self.started = time.time()
+        #: payments the last run left in flight when it died, and when each was signed
+        #: (`Ledger.interrupted`): those recent enough for a client to be retrying them
+        self.interrupted = {i: t for i, t in (interrupted or {}).items()
+                            if t >= self.started - in_flight_for}
         self._clock = clock
         self._max = max_entries
         self._entries: OrderedDict[tuple[str, ...], _Entry] = OrderedDict()
@@ -153,7 +157,8 @@ class Coalescer:
                 raise _paid_before(earlier, keyed=bool(idempotency_key))
             # and look again: a repeat may have started the work while the ledger was read
         shared = RequestContext(ctx.request_id, ctx.base_url, ctx.client,
-                                body_built=ctx.body_built, idempotency=tag)
+                                body_built=ctx.body_built, job_accepted=ctx.job_accepted,
+                                idempotency=tag)
         entry = _Entry(fingerprint, asyncio.get_running_loop().create_future(), shared)
         entry.attach(ctx)
         self._put(key, entry)
@@ -233,8 +238,9 @@ def _paid_before(payment: Payment, *, keyed: bool) -> Conflict:
         f"An identical request from this client {what} {time.time() - payment.time:.0f} s "
         f"ago, and was cut off when the gateway stopped: {paid}. Its outcome was lost; "
         "its images, if any, are in the gallery at /. Not paid again (this is how a retry "
-        "after a crash is kept from paying twice). Send it again after the coalescing window "
-        "(coalesce_window_seconds), or with an Idempotency-Key, for a new image.",
+        "after a crash is kept from paying twice). Send it again once the gateway has run for "
+        "coalesce_window_seconds since the restart, or with an Idempotency-Key, for a new "
+        "image.",
         code="repeat_paid_before_restart",
         headers={"x-should-retry": "false"}, extra={"payment": payment.status})
 

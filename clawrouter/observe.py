@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import select
 import sys
 import threading
 import time
@@ -211,7 +212,10 @@ class LogWriter(QueueListener):
         data = memoryview(line.encode("utf-8", "replace"))
         try:
             while data:
-                data = data[os.write(self._fd, data):]
+                try:
+                    data = data[os.write(self._fd, data):]
+                except BlockingIOError:  # a non-blocking stderr (shared with a parent): wait
+                    select.select([], [self._fd], [])
         except OSError:  # stderr closed: there is nobody to tell
             pass
 
@@ -249,6 +253,14 @@ def setup_logging(level: str) -> None:
         quiet = name.startswith("uvicorn") and level != "debug"
         logger.setLevel("WARNING" if quiet else level.upper())
         logger.propagate = False
+    # Everyone else's warnings (asyncio, aiohttp, Python's own) take the same way: never a
+    # write to stderr on the event loop, never a line that is not JSON.
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel("WARNING")
+    logging.captureWarnings(True)
+    # A malformed form is the client's 400, which says what was wrong; no warning of ours.
+    logging.getLogger("python_multipart").setLevel("ERROR")
     if _writer is not None:  # set up again: the old writer ends after its lines
         with contextlib.suppress(queue.Full):
             _writer.enqueue_sentinel()

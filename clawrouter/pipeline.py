@@ -108,9 +108,13 @@ class ImagePipeline:
 
     async def _run(self, job: ImageJob, ctx: RequestContext, hold: InputHold) -> Result:
         images, mask = await self._resolve_inputs(job, hold, ctx)
+        def accepted() -> None:  # nothing is sent again: what the body held goes
+            hold.release()
+            ctx.job_accepted()
+
         call = UpstreamCall(job.upstream_path, upstream_body(job, images, mask), job.model,
                             job.size, job.n, (job.quality, len(images), mask is not None),
-                            on_accepted=hold.release)
+                            on_accepted=accepted)
         # The body now holds the only copy we need: drop the decoded images and the client's
         # copies before the (possibly long) upstream wait, so memory is one copy per request.
         del images, mask

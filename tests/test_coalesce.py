@@ -1,6 +1,7 @@
 """The coalescer on its own: sharing, expiry, and memory that follows the rate, not the cap."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -280,6 +281,12 @@ def test_without_a_key_only_a_request_the_last_run_left_in_flight_is_refused_aft
         late = coalescer({PAYMENT.id: PAYMENT.time})
         late.started -= 61  # a minute after the start: nothing to ask the ledger
         await late.run(ctx(), "fp", None, paid())
+        assert len(asked) == 3
+        # a payment left in flight long before this start (a crash a week ago) has no client
+        # retrying it: the same request now is a new one
+        old = Coalescer(60, recall=recall, interrupted={PAYMENT.id: time.time() - 7 * 86400},
+                        in_flight_for=420)
+        await old.run(ctx(), "fp", None, paid())
         assert len(asked) == 3
 
     asyncio.run(main())

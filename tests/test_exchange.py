@@ -4,7 +4,10 @@ only the timing of a client's departure is forced."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import socket
+from collections.abc import Iterator
 
 import pytest
 from eth_account import Account
@@ -58,11 +61,32 @@ def test_a_client_leaving_while_the_signature_is_recorded_is_never_charged(sandb
     ledger.close()
 
 
-def test_a_paid_request_that_cannot_connect_never_left_and_costs_nothing(sandbox, tmp_path):
+@contextlib.contextmanager
+def blackholed() -> Iterator[int]:
+    """A port whose connections never complete: its listener's queue is full, so the SYNs of
+    new ones go unanswered (as behind a firewall that drops them)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        fillers = [socket.socket() for _ in range(4)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+            yield port
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+@pytest.mark.parametrize("upstream", ["refused", "blackholed"])
+def test_a_paid_request_that_cannot_connect_never_left_and_costs_nothing(sandbox, tmp_path,
+                                                                         upstream):
     """With a learned price the paid request goes first (pre-auth). If no connection can be
-    made (the upstream is down, the process is out of file descriptors), the authorization
-    never left this machine: recorded as never sent, freed at once, and the client is told
-    nothing was paid (so a retry, which may pay, is safe)."""
+    made (the upstream is down, the process is out of file descriptors, the connect times
+    out), the authorization never left this machine: recorded as never sent, freed at once,
+    and the client is told nothing was paid (so a retry, which may pay, is safe)."""
     settings = gateway_settings(tmp_path, sandbox.api)
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     prices = PriceBook(3600)
@@ -73,15 +97,18 @@ def test_a_paid_request_that_cannot_connect_never_left_and_costs_nothing(sandbox
     async def main():
         async with new_session(8) as session:
             def exchange(api: str) -> Exchange:
-                return Exchange(BlockRunClient(api, session, timeout=10, connect_timeout=5),
+                return Exchange(BlockRunClient(api, session, timeout=10, connect_timeout=1),
                                 Signer(Account.create().key.to_0x_hex()), settings,
                                 NETWORKS["base-sepolia"], ledger,
                                 Budget(ledger, per_request_usd=1, per_day_usd=1, total_usd=0),
                                 prices)
             await exchange(sandbox.api).run(call, RequestContext("req_1", "http://localhost"))
-            nobody = f"http://127.0.0.1:{dead_port()}/api"
-            with pytest.raises(UpstreamUnavailable) as raised:
-                await exchange(nobody).run(call, RequestContext("req_2", "http://localhost"))
+            with contextlib.ExitStack() as stack:
+                port = (dead_port() if upstream == "refused" else
+                        stack.enter_context(blackholed()))
+                with pytest.raises(UpstreamUnavailable) as raised:
+                    await exchange(f"http://127.0.0.1:{port}/api").run(
+                        call, RequestContext("req_2", "http://localhost"))
             return raised.value
 
     error = asyncio.run(main())

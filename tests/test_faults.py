@@ -56,15 +56,32 @@ def test_reset_before_payment_is_a_502_that_paid_nothing(gateway, sandbox):
 
 @pytest.mark.parametrize("phase, status, paid", [("unpaid", 504, 0), ("paid", 502, 1)])
 def test_an_upstream_that_hangs_past_the_timeout(make_gateway, sandbox, phase, status, paid):
+    """Unpaid, `upstream_timeout` is the limit. Paid, the payment can settle until its
+    authorization expires, so the gateway waits that long (here the least the sandbox asks,
+    6 s) before it gives up, rather than hang up on an image that is then paid for."""
+    sandbox.configure(max_timeout_seconds=6)
     gw = make_gateway(upstream_timeout=0.5)
-    sandbox.faults({"kind": "delay", "phase": phase, "seconds": 2, "times": 1})
+    sandbox.faults({"kind": "delay", "phase": phase, "seconds": 8, "times": 1})
+    started = time.monotonic()
     r = gen(gw)
     assert r.status_code == status, r.text
+    assert (time.monotonic() - started > 5) is bool(paid)  # waited for the authorization
     assert r.headers.get("x-should-retry") == ("false" if paid else None)
     assert sandbox.stats()["payments_count"] == paid
     assert [row["status"] for row in rows(gw)] == ["failed_after_payment"] * paid
-    time.sleep(1.6)  # let the hung upstream request end before the next test's reset
+    time.sleep(8.5 - (time.monotonic() - started))  # the hung request ends before the reset
     still_serving(gw, sandbox)
+
+
+def test_a_paid_request_slower_than_the_upstream_timeout_is_waited_for(make_gateway, sandbox):
+    """An answer that comes after `upstream_timeout` but while the payment can still settle
+    is the image the user pays for: the gateway waits for it."""
+    gw = make_gateway(upstream_timeout=0.5)
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 1.5, "times": 1})
+    r = gen(gw, "slow but paid")
+    assert r.status_code == 200, r.text
+    assert sandbox.stats()["settled_count"] == 1
+    assert [row["status"] for row in rows(gw)] == ["settled"]
 
 
 @pytest.mark.parametrize("status, headers", [(500, {}), (503, {"Retry-After": "3"})])
@@ -342,6 +359,22 @@ def test_a_poll_that_says_the_job_failed_ends_it_whatever_its_http_status(make_g
     assert time.monotonic() - started < 10  # told, not polled to the deadline
     assert sandbox.stats()["settled_count"] == 0
     assert [row["status"] for row in rows(gw)] == ["rejected"]
+
+
+def test_a_poll_that_hangs_is_cut_at_the_deadline(make_gateway, sandbox):
+    """Each poll gets only the time left before the deadline (and the moment a completing poll
+    takes to settle), not a whole `upstream_timeout`: a hung poll sent just before it cannot
+    keep the client waiting, nor outlive the authorization."""
+    gw = make_gateway(poll_deadline=1.5)
+    sandbox.configure(slow_seconds=30)
+    sandbox.faults({"kind": "delay", "phase": "poll", "seconds": 8})
+    started = time.monotonic()
+    r = httpx.post(gw.v1 + "/images/generations", timeout=30,
+                   json={"model": "gpt-image-2", "prompt": "hung poll"})
+    assert r.status_code == 504, r.text
+    assert time.monotonic() - started < 6.5, "a poll outlived the deadline by its own timeout"
+    assert sandbox.stats()["settled_count"] == 0
+    time.sleep(max(0.0, 8.5 - (time.monotonic() - started)))  # the hung poll ends first
 
 
 def test_polls_still_running_at_the_deadline_cost_nothing(make_gateway, sandbox):

@@ -204,9 +204,57 @@ def test_big_bodies_are_admitted_by_their_bytes_and_an_undeclared_one_as_the_lar
     # big ones, each counted as 16 MB (more than all the room): one at a time
     assert chunked("/v1/images/image2image",
                    [{"prompt": f"chunked {i}", "image": image} for i in range(3)]) == 1
-    # small ones never wait
+    # small ones never wait, nor do small forms
     assert chunked("/v1/images/generations",
                    [{"prompt": f"small chunked {i}", "model": "cogview"} for i in range(3)]) == 3
+    seen["peak_runs"] = 0
+    png = make_png(32, 32, 2)
+
+    async def form_chunks(i: int) -> AsyncIterator[bytes]:
+        yield (f'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nsmall form {i}'
+               '\r\n--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+               'Content-Type: image/png\r\n\r\n').encode() + png + b"\r\n--b--\r\n"
+
+    async def send_forms() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post(
+                "/v1/images/edits", content=form_chunks(i),
+                headers={"content-type": "multipart/form-data; boundary=b"}) for i in range(3)))
+
+    responses = asyncio.run(asyncio.wait_for(send_forms(), 90))
+    assert [r.status_code for r in responses] == [200] * 3, responses[0].text
+    assert seen["peak_runs"] == 3, seen
+
+
+def test_the_resend_of_a_big_slow_edit_joins_it_whatever_its_body_declares(
+        make_gateway, sandbox, monkeypatch) -> None:
+    """A slow job gives back its request's admission once accepted (its body is gone): the
+    SDK's resend after its own timeout, as big, is read at once and joins the job, rather
+    than wait for room the job holds until it gives up waiting for a resend."""
+    from clawrouter.api.heavy import HeavyPhase
+    from clawrouter.upstream import jobs
+
+    monkeypatch.setattr(jobs, "REJOIN_SECONDS", 2.0)
+    sandbox.configure(slow_seconds=4)
+    gw = make_gateway(max_image_mb=4)
+    gw.gw.heavy = HeavyPhase(body_bytes=20 * MB, largest_body=4 * gw.gw.settings.max_image_bytes)
+    image = "data:image/png;base64," + base64.b64encode(
+        make_png(64, 64, 1, pad_to=1_500_000)).decode()
+    for chunked in (False, True):
+        body = json.dumps({"model": "gpt-image-2", "prompt": f"slow {chunked}",
+                           "image": image}).encode()
+
+        def content() -> Any:
+            return iter([body]) if chunked else body  # (an iterator: no Content-Length)
+
+        url = gw.url + "/v1/images/image2image"
+        headers = {"content-type": "application/json"}
+        with pytest.raises(httpx.ReadTimeout):  # the SDK's timeout
+            httpx.post(url, content=content(), headers=headers, timeout=1.0)
+        resend = httpx.post(url, content=content(), headers=headers, timeout=30)
+        assert resend.status_code == 200, (chunked, resend.text)
+        assert resend.headers["x-clawrouter-shared"] == "true"
+    assert sandbox.stats()["payments_count"] == 2  # one for each, not one per send
 
 
 # --- the budget itself ------------------------------------------------------------------------

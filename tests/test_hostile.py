@@ -548,7 +548,7 @@ def test_big_requests_give_their_memory_back_at_once(make_gateway) -> None:
     assert trimmer.trims == before + 1  # small requests do not trim
 
 
-def test_big_bodies_beyond_the_in_flight_limit_wait_unread(make_gateway, sandbox) -> None:
+def test_big_bodies_beyond_the_admission_budget_wait_unread(make_gateway, sandbox) -> None:
     """With one place for big requests, a second big body is not read (it stays in the
     client's socket) until the first request ends; small requests never wait."""
     from clawrouter.api.heavy import HeavyPhase
@@ -622,8 +622,9 @@ def _held_while_paying(gw, sandbox: Sandbox,
 
 
 def test_a_chunked_form_is_admitted_as_a_big_request(make_gateway, sandbox) -> None:
-    """A multipart upload with no Content-Length declares nothing to judge it by: it takes a
-    place among the big requests, or many at once would escape the bound on memory."""
+    """A multipart upload with no Content-Length declares nothing to judge it by: once more
+    than 1 MB of it has arrived it takes a place among the big requests (as the largest body
+    allowed), or many at once would escape the bound on memory."""
     from clawrouter.api.heavy import HeavyPhase
     from clawrouter.sandbox.images import make_png
 
@@ -631,7 +632,7 @@ def test_a_chunked_form_is_admitted_as_a_big_request(make_gateway, sandbox) -> N
     gw.gw.heavy = HeavyPhase(body_bytes=1)  # room for one big body at a time
     body = (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n"
             b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
-            b"Content-Type: image/png\r\n\r\n" + make_png(64, 64, 2, pad_to=300_000)
+            b"Content-Type: image/png\r\n\r\n" + make_png(64, 64, 2, pad_to=1_500_000)
             + b"\r\n--B--\r\n")
     answer, held_while_working = _held_while_paying(gw, sandbox, lambda: httpx.post(
         gw.v1 + "/images/edits", timeout=30, content=iter([body[:100_000], body[100_000:]]),

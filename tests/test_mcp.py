@@ -293,8 +293,9 @@ def test_skill_requests_ask_for_urls() -> None:
 
 def test_a_cancelled_call_still_stops_its_gateway_and_frees_the_wallet(tmp_path: Path) -> None:
     """MCP clients cancel a call that outlives their timeout (`notifications/cancelled`). The
-    gateway started for it must stop as after any call, or it holds the wallet's ledger for
-    the rest of the session: every later call and the user's own commands would wait."""
+    gateway started for it must stop, once the coalescing window for the agent's retry has
+    passed, or it holds the wallet's ledger for the rest of the session: every later call and
+    the user's own commands would wait."""
     import json
     import os
     import subprocess
@@ -305,7 +306,8 @@ def test_a_cancelled_call_still_stops_its_gateway_and_frees_the_wallet(tmp_path:
     from tests.servers import dead_port
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
-    env |= mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {"CLAWROUTER_SANDBOX": "true"}
+    env |= mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {
+        "CLAWROUTER_SANDBOX": "true", "CLAWROUTER_COALESCE_WINDOW_SECONDS": "2"}
     lock = lock_path(Settings(home=tmp_path / "client-home").ledger_path_for("base-sepolia"))
     server = subprocess.Popen([sys.executable, "-m", "clawrouter", "mcp"], env=env, text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -337,6 +339,56 @@ def test_a_cancelled_call_still_stops_its_gateway_and_frees_the_wallet(tmp_path:
         time.sleep(0.5)  # the slow job is being polled
         send({"method": "notifications/cancelled", "params": {"requestId": 1}})
         assert wait_for(lambda: not in_use(lock)), "the cancelled call's gateway still runs"
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+
+
+def test_a_call_retried_after_the_agent_cancelled_it_is_not_paid_again(tmp_path: Path,
+                                                                       sandbox: Any) -> None:
+    """An agent whose timeout cancels a call during its paid request, then calls again: the
+    gateway started for the first call stays for the coalescing window, so the retry gets
+    the image that call paid for instead of paying a second time."""
+    import json
+    import os
+    import subprocess
+    import time
+
+    from tests.servers import dead_port
+
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 2, "times": 1})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
+    env |= mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {
+        "BLOCKRUN_API_URL": sandbox.api, "CLAWROUTER_SANDBOX": "false",
+        "CLAWROUTER_NETWORK": "base-sepolia", "CLAWROUTER_RPC_URLS": "[]"}
+    server = subprocess.Popen([sys.executable, "-m", "clawrouter", "mcp"], env=env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    assert server.stdin is not None and server.stdout is not None
+
+    def send(message: dict[str, Any]) -> None:
+        server.stdin.write(json.dumps({"jsonrpc": "2.0", **message}) + "\n")
+        server.stdin.flush()
+
+    try:
+        send({"id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"}}})
+        server.stdout.readline()
+        send({"method": "notifications/initialized"})
+        call = {"name": "generate_image",
+                "arguments": {"prompt": "retried after a cancel", "model": "cogview"}}
+        send({"id": 1, "method": "tools/call", "params": call})
+        deadline = time.monotonic() + 30
+        while sandbox.stats()["payments_count"] == 0:  # its paid request is in flight
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        send({"method": "notifications/cancelled", "params": {"requestId": 1}})
+        time.sleep(0.3)
+        send({"id": 2, "method": "tools/call", "params": call})
+        reply = json.loads(server.stdout.readline())
+        assert reply["id"] == 2 and not reply["result"].get("isError"), reply
+        assert sandbox.stats()["payments_count"] == 1
     finally:
         server.stdin.close()
         server.wait(timeout=30)

@@ -52,13 +52,16 @@ class Connection:
     session. One this process starts is kept only while calls are in flight: it holds the
     wallet's ledger, which the user's other commands need between an agent's calls, and a
     session can end (its client kills the server seconds later) under any request that
-    another process would have sent it."""
+    another process would have sent it. After a cancelled call (the agent's timeout), though,
+    it is kept for `coalesce_window_seconds` more: the work it paid for goes on, and the
+    agent's retry of the call joins it (or gets its result) instead of paying again."""
 
     def __init__(self, url: str | None = None) -> None:
         self.url = url
         self._gateway: Gateway | None = None
         self._users = 0  # calls using `_gateway` now
         self._lock = asyncio.Lock()
+        self._lingering: asyncio.Task[None] | None = None  # `_close_later`, after a cancel
 
     async def _acquire(self) -> Gateway:
         async with self._lock:
@@ -73,13 +76,29 @@ class Connection:
             self._users += 1
             return self._gateway
 
-    async def _release(self, gateway: Gateway, *, gone: bool = False) -> None:
-        """One call done; stop our own gateway after the last, forget a running one that
-        went away (`gone`), so the next call looks again."""
+    async def _release(self, gateway: Gateway, *, gone: bool = False,
+                       cancelled: bool = False) -> None:
+        """One call done; stop our own gateway after the last (a while later if it was
+        `cancelled`), forget a running one that went away (`gone`), so the next call looks
+        again."""
         async with self._lock:
             self._users -= 1
             if self._gateway is not gateway or not (gone or gateway.in_process and
                                                      not self._users):
+                return
+            if cancelled and not gone and gateway.settings is not None:
+                self._lingering = asyncio.create_task(self._close_later(
+                    gateway, gateway.settings.coalesce_window_seconds))
+                return
+            self._gateway = None
+        await gateway.aclose()
+
+    async def _close_later(self, gateway: Gateway, delay: float) -> None:
+        """Stop our gateway `delay` seconds on, unless a call is using it (its last one then
+        stops it, or lingers again)."""
+        await asyncio.sleep(delay)
+        async with self._lock:
+            if self._gateway is not gateway or self._users:
                 return
             self._gateway = None
         await gateway.aclose()
@@ -93,9 +112,12 @@ class Connection:
         """
         for attempt in (1, 2):
             gateway = await self._acquire()
-            gone, posted = False, gateway.posted
+            gone, cancelled, posted = False, False, gateway.posted
             try:
                 return await use(gateway)
+            except anyio.get_cancelled_exc_class():
+                cancelled = True
+                raise
             except GatewayError as exc:
                 # nothing of this call left (its paid request, if any, was never sent)
                 unsent = exc.code == UNREACHABLE and gateway.posted == posted
@@ -109,10 +131,12 @@ class Connection:
                 # unshielded await here is cancelled at once, and the gateway would keep
                 # running and hold the wallet's ledger for the rest of the session.
                 with anyio.move_on_after(RELEASE_WAIT, shield=True):
-                    await self._release(gateway, gone=gone)
+                    await self._release(gateway, gone=gone, cancelled=cancelled)
         raise AssertionError("unreachable")  # the second attempt returns or raises
 
     async def aclose(self) -> None:
+        if self._lingering is not None:
+            self._lingering.cancel()
         if self._gateway is not None:
             await self._gateway.aclose()
             self._gateway = None

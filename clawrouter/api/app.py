@@ -34,7 +34,7 @@ from clawrouter.pipeline import ImagePipeline
 from clawrouter.store import ImageServer, ImageStore
 from clawrouter.store.sources import ResultSources
 from clawrouter.upstream.client import BlockRunClient, new_session
-from clawrouter.upstream.exchange import Exchange
+from clawrouter.upstream.exchange import SETTLE_MARGIN_SECONDS, Exchange
 
 # FastAPI's built-in OpenTelemetry looks for configured providers on every request; we keep
 # our own metrics (/metrics) and logs, so it is switched off where this FastAPI has it.
@@ -76,6 +76,19 @@ class Gateway:
         return self.signer.address
 
 
+#: how soon after a crash a supervisor (or the user) restarts the gateway, for a client's
+#: retry of a request it cut off to still be coming
+RESTART_SECONDS = 60.0
+
+
+def longest_in_flight(settings: Settings) -> float:
+    """The longest a paid request can run (a synchronous call, or a slow job's polling), plus
+    the time a restart takes: a payment the last run left in flight longer before this start
+    has no client retrying it (`Coalescer`)."""
+    return (max(settings.upstream_timeout, settings.poll_deadline + SETTLE_MARGIN_SECONDS)
+            + RESTART_SECONDS)
+
+
 def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     wallet = load_wallet(settings.home, settings.wallet_key.get_secret_value()
@@ -89,7 +102,8 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     gw = Gateway(settings, wallet, signer, NETWORKS[settings.network], sandbox, store, ledger,
                  budget, Coalescer(settings.coalesce_window_seconds,
                                    recall=functools.partial(ledger.call, ledger.paid_for),
-                                   interrupted=ledger.interrupted),
+                                   interrupted=ledger.interrupted,
+                                   in_flight_for=longest_in_flight(settings)),
                  Metrics(),
                  HeavyPhase(largest_body=4 * settings.max_image_bytes,
                             after_big=trimmer.poke), trimmer)

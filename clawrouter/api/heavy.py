@@ -84,12 +84,17 @@ class Slot:
             self._held = False
             self._expansion.release()
 
-    def close(self) -> None:
-        """The request is over: give every place back, then trim after a big one (idempotent)."""
+    def let_go(self) -> None:
+        """The body is gone for good (its slow job was accepted): give every place back
+        (idempotent), so the client's resend of the request can be read, and join it."""
         self.release()
         if self._admitted:
             size, self._admitted = self._admitted, 0
             self._admission.release(size)
+
+    def close(self) -> None:
+        """The request is over: give every place back, then trim after a big one (idempotent)."""
+        self.let_go()
         if self.used and self._after_big is not None:
             self.used = False
             self._after_big()

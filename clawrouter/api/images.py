@@ -140,6 +140,7 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
     gw = request.app.state.gw
     ctx = context(request)
     ctx.body_built = slot.release
+    ctx.job_accepted = slot.let_go
     obs = request.scope.setdefault("state", {}).setdefault("obs", {})
     obs["model"] = job.model.id
     if gw.settings.log_prompts:
@@ -300,16 +301,28 @@ async def read_body(request: Request, slot: Slot) -> bytearray:
     what has arrived (a declared length is a promise, not a reason to reserve memory).
 
     A big body is read only once the request is admitted (see `api/heavy.py`)."""
-    declared = _declared_length(request)
-    await slot.admit(declared or 0)
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in admitted_stream(request, slot):
         body += chunk
-        if declared is None and len(body) > BIG_BODY:
-            # a chunked body that turns out big: how big it will get is unknown, so it
-            # counts as the largest allowed (a small one never waits)
-            await slot.admit(None)
     return body
+
+
+def admitted_stream(request: Request, slot: Slot) -> AsyncIterator[bytes]:
+    """The body's chunks, read once the request is admitted (`api/heavy.py`): by its declared
+    length before the first, or, for a chunked body, as the largest allowed once more than
+    `BIG_BODY` of it has arrived (how big it will get is unknown; a small one never waits)."""
+    declared = _declared_length(request)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        await slot.admit(declared or 0)
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if declared is None and seen > BIG_BODY:
+                await slot.admit(None)
+            yield chunk
+
+    return chunks()
 
 
 def _declared_length(request: Request) -> int | None:
@@ -401,13 +414,12 @@ _BOOL_FIELDS = ("stream",)
 async def _read_form(request: Request,
                      slot: Slot) -> tuple[EditBody, list[SourceImage], SourceImage | None]:
     settings = request.app.state.gw.settings
-    # A chunked form declares no length: it is admitted as the largest body allowed.
-    await slot.admit(_declared_length(request))
     # A text field may be an image as a data URI: its base64 is 4/3 of the image's bytes, and
     # 78/76 of that when wrapped in lines of 76 with CRLF (MIME's; the decoder takes them).
-    form = await read_multipart(request, max_files=32, max_fields=200, max_text_bytes=4 * (
-        settings.max_image_bytes // 3 + 1) * 78 // 76 + _DATA_URI_HEAD,
-        file_fields=_FILE_FIELDS)
+    form = await read_multipart(request, admitted_stream(request, slot), max_files=32,
+                                max_fields=200, file_fields=_FILE_FIELDS, max_text_bytes=4 * (
+                                    settings.max_image_bytes // 3 + 1) * 78 // 76
+                                + _DATA_URI_HEAD)
     images: list[str | bytes] = []  # uploads and text fields alike, in the form's order
     mask: SourceImage | None = None
     fields: dict[str, Any] = {}

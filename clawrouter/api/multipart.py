@@ -11,6 +11,7 @@ as one.
 from __future__ import annotations
 
 import io
+from collections.abc import AsyncIterator
 
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -51,10 +52,12 @@ class _StrictTextParser(MultiPartParser):
         super().on_part_end()
 
 
-async def read_multipart(request: Request, *, max_files: int, max_fields: int,
-                         max_text_bytes: int, file_fields: frozenset[str]) -> FormData:
-    """The form, its files spooled to temporary files; the caller closes it."""
-    parser = _StrictTextParser(request.headers, request.stream(), max_files=max_files,
+async def read_multipart(request: Request, stream: AsyncIterator[bytes], *, max_files: int,
+                         max_fields: int, max_text_bytes: int,
+                         file_fields: frozenset[str]) -> FormData:
+    """The form read from `stream` (the request's body), its files spooled to temporary
+    files; the caller closes it."""
+    parser = _StrictTextParser(request.headers, stream, max_files=max_files,
                                max_fields=max_fields, max_part_size=max_text_bytes)
     parser.file_fields = file_fields
     try:

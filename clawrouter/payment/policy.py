@@ -99,8 +99,8 @@ def outliving(req: Requirement, seconds: int, max_timeout: int) -> Requirement:
 
     A slow job settles on the poll that completes it, which USDC accepts only before
     validBefore: an authorization that expires while the job runs pays nothing and delivers
-    nothing. BlockRun takes a raised `maxTimeoutSeconds` in `accepted` (its Go SDK asks >= 600
-    for images, blockrun-api.md §5.1).
+    nothing. BlockRun's own clients raise `maxTimeoutSeconds` in `accepted` for video jobs (its
+    Go SDK to 600 s, `video.go`), not for images; `max_timeout_seconds = 300` turns it off.
     """
     want = min(max(req.max_timeout_seconds, seconds), max_timeout)
     if want == req.max_timeout_seconds:

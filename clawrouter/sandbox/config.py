@@ -39,7 +39,7 @@ class SandboxConfig:
     #: advertised in every challenge
     max_timeout_seconds: int = 300
     #: largest `maxTimeoutSeconds` a payment may echo in `accepted`; BlockRun tolerates clients
-    #: that raise it (its Go SDK uses >= 600 for slow jobs). Equal to max_timeout_seconds = strict.
+    #: that raise it (its Go SDK does for video jobs). Equal to max_timeout_seconds = strict.
     max_accepted_timeout_seconds: int = 600
     #: take x402 v1 payloads (`X-PAYMENT`, no `accepted`); BlockRun speaks v2 only
     accept_v1: bool = False

@@ -85,6 +85,8 @@ class BlockRunClient:
         parts = urlsplit(self.base_url)
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self._session = session
+        self.timeout = timeout  # a request's whole time, unless it is given its own
+        self._connect_timeout = connect_timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
 
     def url(self, path: str) -> str:
@@ -110,7 +112,8 @@ class BlockRunClient:
         return url
 
     async def request(self, method: str, url: str, *, body: bytes | None = None,
-                      headers: dict[str, str] | None = None) -> UpstreamResponse:
+                      headers: dict[str, str] | None = None,
+                      timeout: float | None = None) -> UpstreamResponse:
         """One request, resent once (identical, headers included) if the connection dropped.
 
         A pooled keep-alive connection can be closed by the server just as we reuse it. Resending
@@ -118,13 +121,15 @@ class BlockRunClient:
         carries the same signed authorization, whose nonce can settle only once — a resend can
         never pay twice. `UpstreamResponse.resent` tells the caller it happened.
         """
+        limit = self._timeout if timeout is None else aiohttp.ClientTimeout(
+            total=timeout, sock_connect=self._connect_timeout)
         try:
-            return await self._send(method, url, body, headers)
+            return await self._send(method, url, body, headers, limit)
         except TransportError as exc:
             if exc.kind != "dropped":
                 raise
         try:
-            response = await self._send(method, url, body, headers)
+            response = await self._send(method, url, body, headers, limit)
         except TransportError as exc:
             if exc.kind == "connect":  # but the first attempt was sent: it may have arrived
                 raise TransportError("dropped", f"{exc.detail}, after a dropped connection "
@@ -133,7 +138,8 @@ class BlockRunClient:
         return replace(response, resent=True)
 
     async def _send(self, method: str, url: str, body: bytes | None,
-                    headers: dict[str, str] | None) -> UpstreamResponse:
+                    headers: dict[str, str] | None,
+                    timeout: aiohttp.ClientTimeout) -> UpstreamResponse:
         send_headers = {"Accept": "application/json"}
         if body is not None:
             send_headers["Content-Type"] = "application/json"
@@ -143,7 +149,7 @@ class BlockRunClient:
             data = SlicedBody(body) if body is not None and len(body) > SlicedBody.SLICE else body
             async with self._session.request(method, url, data=data, headers=send_headers,
                                              allow_redirects=False,
-                                             timeout=self._timeout) as resp:
+                                             timeout=timeout) as resp:
                 data = await read_capped(resp, self.max_answer_bytes)
                 answer = UpstreamResponse(
                     resp.status, {k.lower(): v for k, v in resp.headers.items()}, data,
@@ -154,8 +160,13 @@ class BlockRunClient:
         except TooLarge as exc:  # an answer this big is not an image API's; never resent
             raise TransportError("too_large", f"the answer from {self.origin} is too large "
                                               f"({exc})") from None
+        except aiohttp.ConnectionTimeoutError:  # (an asyncio.TimeoutError too) before sending
+            raise TransportError("connect", f"cannot connect to {self.origin} within "
+                                            f"{self._connect_timeout:g} s "
+                                            "(upstream_connect_timeout)") from None
         except asyncio.TimeoutError:
-            raise TransportError("timeout", f"no answer from {self.origin} in time") from None
+            raise TransportError("timeout", f"no answer from {self.origin} within "
+                                            f"{timeout.total:g} s") from None
         except aiohttp.ClientConnectorError as exc:
             raise TransportError("connect", f"cannot connect to {self.origin}: "
                                             f"{exc.os_error or exc}") from None
@@ -163,12 +174,14 @@ class BlockRunClient:
             raise TransportError("dropped", f"connection to {self.origin} failed: "
                                             f"{type(exc).__name__}") from None
 
-    async def post(self, path: str, body: bytes,
-                   headers: dict[str, str] | None = None) -> UpstreamResponse:
-        return await self.request("POST", self.url(path), body=body, headers=headers)
+    async def post(self, path: str, body: bytes, headers: dict[str, str] | None = None, *,
+                   timeout: float | None = None) -> UpstreamResponse:
+        return await self.request("POST", self.url(path), body=body, headers=headers,
+                                  timeout=timeout)
 
-    async def get(self, url: str, headers: dict[str, str] | None = None) -> UpstreamResponse:
-        return await self.request("GET", url, headers=headers)
+    async def get(self, url: str, headers: dict[str, str] | None = None, *,
+                  timeout: float | None = None) -> UpstreamResponse:
+        return await self.request("GET", url, headers=headers, timeout=timeout)
 
 
 def new_session(max_connections: int) -> aiohttp.ClientSession:

@@ -111,7 +111,7 @@ def _abandoned(amount: int, window: float) -> PaidRequestFailed:
         "fetched, so that payment should not settle (`clawrouter stats` shows it). Not paid "
         f"again: identical requests get this answer for {window:g} s (a day with the same "
         "Idempotency-Key). To make the image, send the request after that, and wait for it: "
-        "slow models take up to 5 minutes.",
+        "the gateway polls a slow job for up to poll_deadline (5 minutes by default).",
         status=409, code="job_abandoned", extra={"payment": "not_settled"})
 
 
@@ -267,7 +267,11 @@ class Exchange:
                          sent=False)
             raise ClientGone()
         try:
-            resp = await self.client.post(call.route, call.body, payment.headers)
+            # Answered or not, the payment can settle until validBefore: waiting less, the
+            # gateway could hang up on an image that is then paid for.
+            resp = await self.client.post(
+                call.route, call.body, payment.headers,
+                timeout=max(self.client.timeout, payment.valid_before - time.time()))
         except TransportError as exc:
             if exc.kind == "connect":  # no connection was made: the authorization never left
                 await finish("rejected", f"{NEVER_SENT}: {exc.detail}", sent=False)

@@ -2,7 +2,7 @@
 
 On Base the payment settles on the first completed poll, so giving up (deadline, client gone)
 costs nothing. When every client has left, polling pauses for `REJOIN_SECONDS` before it
-gives up: the OpenAI SDK resends a request that outlived its own timeout about a second later,
+gives up: the OpenAI SDK resends a request that outlived its own timeout half a second later,
 and that resend joins the job (`coalesce`) instead of finding it abandoned. Nothing is polled
 meanwhile, so nothing can settle for a client that is not there. Giving up costs nothing — unless a poll's answer was lost (a timeout, a dropped connection, a 5xx): that
 poll may have completed the job and settled, so the payment is then left pending for the chain
@@ -33,7 +33,7 @@ UNCERTAIN = {500, 502, 503, 504}
 #: stamped before validBefore (Base: one every 2 s)
 SETTLE_SECONDS = 2
 #: how long polling waits, once every client has left, for one to join again (the SDK's
-#: retries come 0.5–1 s after its timeout, then 1–2 s after the next)
+#: retries come 0.4–0.5 s after its timeout, then 0.75–1 s after the next)
 REJOIN_SECONDS = 5.0
 
 
@@ -64,8 +64,9 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
     lost: str | None = None  # the first poll whose answer was lost, if any
     while True:
         polls += 1
-        try:
-            resp = await client.get(url, headers)
+        try:  # never past the deadline by more than a poll's settling
+            resp = await client.get(url, headers, timeout=max(1.0, min(
+                client.timeout, give_up - time.monotonic() + SETTLE_SECONDS)))
         except TransportError as exc:
             resp = None  # a poll hiccup; the job is still running upstream
             if exc.kind != "connect" and lost is None:  # sent: it may have completed the job
