@@ -1,5 +1,7 @@
 # clawrouter in a container: non-root, data on a volume, listening on all interfaces inside the
-# container — which is why it refuses to start without CLAWROUTER_API_KEY.
+# container — which is why it refuses to start without CLAWROUTER_API_KEY. It never falls back to
+# the built-in sandbox (a network not ready at boot would otherwise make it hand out placeholder
+# images for good); `-e CLAWROUTER_SANDBOX=true` asks for one.
 #   docker build -t clawrouter .
 #   docker run -p 127.0.0.1:8402:8402 -v clawrouter:/data -e CLAWROUTER_API_KEY=… clawrouter
 FROM python:3.12-slim
@@ -9,10 +11,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     CLAWROUTER_HOME=/data \
     CLAWROUTER_HOST=0.0.0.0 \
-    CLAWROUTER_PORT=8402
+    CLAWROUTER_PORT=8402 \
+    CLAWROUTER_SANDBOX=false
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE config.example.toml ./
 COPY clawrouter ./clawrouter
 RUN pip install --no-compile . \
  && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin clawrouter \

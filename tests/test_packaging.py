@@ -44,6 +44,22 @@ def test_dockerfile_promises():
     assert "CLAWROUTER_HOST=0.0.0.0" in text and "EXPOSE 8402" in text
     assert re.search(r"^HEALTHCHECK .*CMD \[", text, re.M | re.S)
     assert re.search(r'^ENTRYPOINT \["clawrouter", "serve"\]$', text, re.M)
+    # a network not ready at boot must not turn a server into a sandbox for good
+    assert "CLAWROUTER_SANDBOX=false" in text
+
+
+def test_the_version_is_one_and_the_license_travels_with_the_package():
+    import tomllib
+
+    import clawrouter
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["version"] == clawrouter.__version__
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    manifest = (ROOT / "MANIFEST.in").read_text()
+    for needed in ("graft tests", "config.example.toml", "SECURITY.md", "scripts/test"):
+        assert needed in manifest  # the sdist can run its own tests
 
 
 def test_importing_the_gateway_keeps_a_safe_recursion_limit():
