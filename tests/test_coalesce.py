@@ -290,3 +290,14 @@ def test_without_a_key_only_a_request_the_last_run_left_in_flight_is_refused_aft
         assert len(asked) == 3
 
     asyncio.run(main())
+
+
+def test_a_payment_in_flight_for_as_long_as_a_paid_call_may_wait_is_still_recalled():
+    """A fast model's paid call waits up to its authorization's life (`max_timeout_seconds`,
+    600 s at most): a crash 450 s into it leaves a payment whose client may still retry."""
+    from clawrouter.api.app import longest_in_flight
+    from clawrouter.config import Settings
+
+    coalescer = Coalescer(60, interrupted={7: time.time() - 590},
+                          in_flight_for=longest_in_flight(Settings(max_timeout_seconds=600)))
+    assert 7 in coalescer.interrupted

@@ -121,6 +121,70 @@ def test_a_paid_request_that_cannot_connect_never_left_and_costs_nothing(sandbox
     ledger.close()
 
 
+def test_a_resend_has_only_what_is_left_of_its_requests_time():
+    """A paid request's time runs to its authorization's expiry (nothing settles after it):
+    if the first attempt drops late and the resend hangs, the resend gets what is left, not
+    all of it again."""
+    import time
+
+    async def main() -> float:
+        attempts = 0
+
+        async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal attempts
+            attempts += 1
+            await reader.readuntil(b"\r\n\r\n")
+            if attempts == 1:
+                await asyncio.sleep(1.5)  # drops late
+                writer.close()
+            else:
+                await asyncio.sleep(30)  # the resend hangs
+
+        server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with new_session(8) as session:
+            client = BlockRunClient(f"http://127.0.0.1:{port}/api", session, timeout=30,
+                                    connect_timeout=2)
+            started = time.monotonic()
+            with pytest.raises(TransportError):
+                await client.post("/v1/images/generations", b"{}", timeout=2.5)
+            elapsed = time.monotonic() - started
+        server.close()
+        assert attempts == 2
+        return elapsed
+
+    assert asyncio.run(main()) < 4.0  # 2.5 s in all, not 2.5 for each attempt
+
+
+def test_a_request_that_never_gets_a_pooled_connection_was_never_sent(monkeypatch):
+    """Every pooled connection busy (a hung upstream, `upstream_max_connections` of them): a
+    request that waits too long for one was never sent, and says so, as a failed connect
+    does; a paid one is then recorded as never sent, not as possibly paid."""
+    from clawrouter.upstream import client as upstream_client
+
+    monkeypatch.setattr(upstream_client, "CONNECT_WAIT", 1.0)
+
+    async def main() -> TransportError:
+        async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(30)
+
+        server = await asyncio.start_server(hang, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with new_session(1) as session:  # one connection, taken by the hung request
+            client = BlockRunClient(f"http://127.0.0.1:{port}/api", session, timeout=20,
+                                    connect_timeout=1)
+            hung = asyncio.create_task(client.get(client.url("/hang")))
+            await asyncio.sleep(0.3)
+            with pytest.raises(TransportError) as waited:
+                await client.post("/v1/images/generations", b"{}", timeout=20)
+            hung.cancel()
+        server.close()
+        return waited.value
+
+    error = asyncio.run(main())
+    assert error.kind == "connect" and "no free connection" in error.detail
+
+
 def test_a_request_whose_connection_dropped_counts_as_sent_even_if_the_resend_cannot_connect():
     """The first attempt may have arrived (a poll that completed and settled the job, say):
     a resend that then finds nobody listening must not make it look never sent."""

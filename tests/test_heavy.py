@@ -344,3 +344,32 @@ def test_a_client_that_leaves_stops_waiting_for_room() -> None:
             asyncio.sleep(0, "done")) == "done"
 
     asyncio.run(scenario())
+
+
+def test_a_slow_multipart_edit_holds_no_copy_of_its_upload_once_accepted(
+        make_gateway, sandbox) -> None:
+    """Once the slow job is accepted its admission is given back (the resend may be read):
+    so the upload must be gone too, or slow multipart edits would escape the bound."""
+    import threading
+    import time
+
+    from clawrouter.validate import SourceImage
+
+    sandbox.configure(slow_seconds=3)
+    gw = make_gateway()
+    png = make_png(64, 64, 3, pad_to=1_500_000)
+    done: list[httpx.Response] = []
+    worker = threading.Thread(target=lambda: done.append(httpx.post(
+        gw.v1 + "/images/edits", timeout=30, files={"image": ("a.png", png, "image/png")},
+        data={"prompt": "slow multipart", "model": "gpt-image-2"})))
+    worker.start()
+    deadline = time.monotonic() + 20
+    while sandbox.stats()["polls"] == 0:  # accepted, and polled
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    gc.collect()
+    held = [o for o in gc.get_objects() if isinstance(o, SourceImage)
+            and isinstance(o.value, bytes) and len(o.value) > 1_000_000]
+    assert held == [], "the upload outlived its admission"
+    worker.join(30)
+    assert done and done[0].status_code == 200, done and done[0].text

@@ -344,51 +344,101 @@ def test_a_cancelled_call_still_stops_its_gateway_and_frees_the_wallet(tmp_path:
         server.wait(timeout=30)
 
 
+class McpProcess:
+    """`clawrouter mcp` as a subprocess, spoken to in raw JSON-RPC (to send cancellations),
+    paying `sandbox` through the gateway it starts for itself."""
+
+    def __init__(self, tmp_path: Path, sandbox: Any, **settings: str) -> None:
+        import os
+        import subprocess
+
+        from tests.servers import dead_port
+
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
+        env |= mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {
+            "BLOCKRUN_API_URL": sandbox.api, "CLAWROUTER_SANDBOX": "false",
+            "CLAWROUTER_NETWORK": "base-sepolia", "CLAWROUTER_RPC_URLS": "[]", **settings}
+        self.proc = subprocess.Popen([sys.executable, "-m", "clawrouter", "mcp"], env=env,
+                                     text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        self.send({"id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"}}})
+        self.proc.stdout.readline()
+        self.send({"method": "notifications/initialized"})
+
+    def send(self, message: dict[str, Any]) -> None:
+        import json
+
+        self.proc.stdin.write(json.dumps({"jsonrpc": "2.0", **message}) + "\n")
+        self.proc.stdin.flush()
+
+    def reply(self) -> dict[str, Any]:
+        import json
+
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def paid_in_flight(sandbox: Any) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while sandbox.stats()["payments_count"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+CANCELLED_CALL = {"name": "generate_image",
+                  "arguments": {"prompt": "retried after a cancel", "model": "cogview"}}
+
+
 def test_a_call_retried_after_the_agent_cancelled_it_is_not_paid_again(tmp_path: Path,
                                                                        sandbox: Any) -> None:
     """An agent whose timeout cancels a call during its paid request, then calls again: the
     gateway started for the first call stays for the coalescing window, so the retry gets
     the image that call paid for instead of paying a second time."""
-    import json
-    import os
-    import subprocess
     import time
 
-    from tests.servers import dead_port
-
     sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 2, "times": 1})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
-    env |= mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {
-        "BLOCKRUN_API_URL": sandbox.api, "CLAWROUTER_SANDBOX": "false",
-        "CLAWROUTER_NETWORK": "base-sepolia", "CLAWROUTER_RPC_URLS": "[]"}
-    server = subprocess.Popen([sys.executable, "-m", "clawrouter", "mcp"], env=env, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL)
-    assert server.stdin is not None and server.stdout is not None
-
-    def send(message: dict[str, Any]) -> None:
-        server.stdin.write(json.dumps({"jsonrpc": "2.0", **message}) + "\n")
-        server.stdin.flush()
-
+    mcp = McpProcess(tmp_path, sandbox)
     try:
-        send({"id": 0, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {},
-            "clientInfo": {"name": "test", "version": "1"}}})
-        server.stdout.readline()
-        send({"method": "notifications/initialized"})
-        call = {"name": "generate_image",
-                "arguments": {"prompt": "retried after a cancel", "model": "cogview"}}
-        send({"id": 1, "method": "tools/call", "params": call})
-        deadline = time.monotonic() + 30
-        while sandbox.stats()["payments_count"] == 0:  # its paid request is in flight
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        send({"method": "notifications/cancelled", "params": {"requestId": 1}})
+        mcp.send({"id": 1, "method": "tools/call", "params": CANCELLED_CALL})
+        paid_in_flight(sandbox)
+        mcp.send({"method": "notifications/cancelled", "params": {"requestId": 1}})
         time.sleep(0.3)
-        send({"id": 2, "method": "tools/call", "params": call})
-        reply = json.loads(server.stdout.readline())
+        mcp.send({"id": 2, "method": "tools/call", "params": CANCELLED_CALL})
+        reply = mcp.reply()
         assert reply["id"] == 2 and not reply["result"].get("isError"), reply
         assert sandbox.stats()["payments_count"] == 1
     finally:
-        server.stdin.close()
-        server.wait(timeout=30)
+        mcp.close()
+
+
+def test_a_call_cancelled_twice_is_not_paid_again(tmp_path: Path, sandbox: Any) -> None:
+    """Each cancel keeps the gateway for its own window: the first one's end must not stop it
+    inside the second's, where the agent's third try would find a new gateway and pay again."""
+    import time
+
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 2.5, "times": 1})
+    mcp = McpProcess(tmp_path, sandbox, CLAWROUTER_COALESCE_WINDOW_SECONDS="3")
+    try:
+        mcp.send({"id": 1, "method": "tools/call", "params": CANCELLED_CALL})
+        paid_in_flight(sandbox)
+        started = time.monotonic()
+        mcp.send({"method": "notifications/cancelled", "params": {"requestId": 1}})
+        time.sleep(0.5)
+        mcp.send({"id": 2, "method": "tools/call", "params": CANCELLED_CALL})  # joins it
+        time.sleep(1.5)
+        mcp.send({"method": "notifications/cancelled", "params": {"requestId": 2}})
+        time.sleep(max(0.0, started + 3.6 - time.monotonic()))  # past the first window only
+        mcp.send({"id": 3, "method": "tools/call", "params": CANCELLED_CALL})
+        reply = mcp.reply()
+        assert reply["id"] == 3 and not reply["result"].get("isError"), reply
+        assert sandbox.stats()["payments_count"] == 1
+    finally:
+        mcp.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -62,6 +63,8 @@ class Connection:
         self._users = 0  # calls using `_gateway` now
         self._lock = asyncio.Lock()
         self._lingering: asyncio.Task[None] | None = None  # `_close_later`, after a cancel
+        #: (monotonic) until when a cancelled call's gateway is kept, for the agent's retry
+        self._keep_until = 0.0
 
     async def _acquire(self) -> Gateway:
         async with self._lock:
@@ -83,20 +86,24 @@ class Connection:
         again."""
         async with self._lock:
             self._users -= 1
+            if cancelled and gateway.in_process and gateway.settings is not None:
+                self._keep_until = max(self._keep_until, time.monotonic()
+                                       + gateway.settings.coalesce_window_seconds)
             if self._gateway is not gateway or not (gone or gateway.in_process and
                                                      not self._users):
                 return
-            if cancelled and not gone and gateway.settings is not None:
-                self._lingering = asyncio.create_task(self._close_later(
-                    gateway, gateway.settings.coalesce_window_seconds))
+            if not gone and time.monotonic() < self._keep_until:
+                if self._lingering is not None:
+                    self._lingering.cancel()
+                self._lingering = asyncio.create_task(self._close_later(gateway))
                 return
             self._gateway = None
         await gateway.aclose()
 
-    async def _close_later(self, gateway: Gateway, delay: float) -> None:
-        """Stop our gateway `delay` seconds on, unless a call is using it (its last one then
-        stops it, or lingers again)."""
-        await asyncio.sleep(delay)
+    async def _close_later(self, gateway: Gateway) -> None:
+        """Stop our gateway once every cancelled call's window has passed, unless a call is
+        using it then (its last one stops it, or waits again)."""
+        await asyncio.sleep(max(0.0, self._keep_until - time.monotonic()))
         async with self._lock:
             if self._gateway is not gateway or self._users:
                 return

@@ -79,14 +79,18 @@ class Gateway:
 #: how soon after a crash a supervisor (or the user) restarts the gateway, for a client's
 #: retry of a request it cut off to still be coming
 RESTART_SECONDS = 60.0
+#: the longest a paid request's results take to download and store once the upstream answered
+RESULT_SECONDS = 60.0
 
 
 def longest_in_flight(settings: Settings) -> float:
-    """The longest a paid request can run (a synchronous call, or a slow job's polling), plus
-    the time a restart takes: a payment the last run left in flight longer before this start
-    has no client retrying it (`Coalescer`)."""
-    return (max(settings.upstream_timeout, settings.poll_deadline + SETTLE_MARGIN_SECONDS)
-            + RESTART_SECONDS)
+    """The longest a paid request can run after signing (its paid call waits up to the
+    authorization's life, `max_timeout_seconds` at most; a slow job is polled within it; the
+    result is downloaded after), plus the time a restart takes: a payment the last run left in
+    flight longer before this start has no client retrying it (`Coalescer`)."""
+    return (max(settings.upstream_timeout, settings.max_timeout_seconds,
+                settings.poll_deadline + SETTLE_MARGIN_SECONDS)
+            + RESULT_SECONDS + RESTART_SECONDS)
 
 
 def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:

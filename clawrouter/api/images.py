@@ -390,6 +390,7 @@ async def edits(request: Request) -> Response:
             form_body, uploads, mask = await _read_form(request, slot)
             job = edit_job(form_body, uploads=uploads, mask_upload=mask,
                            default_format=default_format)
+            del form_body, uploads, mask  # the job holds them; it lets them go (`run`)
         else:
             job = edit_job(await read_json(request, EditBody, slot),
                            default_format=default_format)

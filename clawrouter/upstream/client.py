@@ -22,6 +22,9 @@ from clawrouter.errors import UpstreamError
 
 #: the largest answer read from the API: ten 4096x4096 PNGs as data URIs fit many times over
 MAX_ANSWER_BYTES = 256 * 1024 * 1024
+#: the longest a request waits for a free pooled connection and to make it: past that,
+#: it was never sent (a paid one's authorization never left)
+CONNECT_WAIT = 30.0
 #: what the sandbox (`clawrouter sandbox`) puts on every answer
 SANDBOX_MARKER = "x-blockrun-sandbox"
 
@@ -87,7 +90,6 @@ class BlockRunClient:
         self._session = session
         self.timeout = timeout  # a request's whole time, unless it is given its own
         self._connect_timeout = connect_timeout
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
 
     def url(self, path: str) -> str:
         return self.base_url + path
@@ -121,21 +123,29 @@ class BlockRunClient:
         carries the same signed authorization, whose nonce can settle only once — a resend can
         never pay twice. `UpstreamResponse.resent` tells the caller it happened.
         """
-        limit = self._timeout if timeout is None else aiohttp.ClientTimeout(
-            total=timeout, sock_connect=self._connect_timeout)
+        total = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + total
         try:
-            return await self._send(method, url, body, headers, limit)
+            return await self._send(method, url, body, headers, self._limit(total))
         except TransportError as exc:
             if exc.kind != "dropped":
                 raise
+        # the resend has what is left of the first attempt's time, not all of it again (a
+        # paid request's time runs to the authorization's expiry: nothing settles after it)
+        left = deadline - time.monotonic() if timeout is not None else total
         try:
-            response = await self._send(method, url, body, headers, limit)
+            response = await self._send(method, url, body, headers, self._limit(max(left, 1.0)))
         except TransportError as exc:
             if exc.kind == "connect":  # but the first attempt was sent: it may have arrived
                 raise TransportError("dropped", f"{exc.detail}, after a dropped connection "
                                                 "that may have delivered it") from None
             raise
         return replace(response, resent=True)
+
+    def _limit(self, total: float) -> aiohttp.ClientTimeout:
+        # connect: waiting for a free pooled connection, then making it (never sent either way)
+        return aiohttp.ClientTimeout(total=total, sock_connect=self._connect_timeout,
+                                     connect=max(self._connect_timeout, CONNECT_WAIT))
 
     async def _send(self, method: str, url: str, body: bytes | None,
                     headers: dict[str, str] | None,
@@ -161,9 +171,9 @@ class BlockRunClient:
             raise TransportError("too_large", f"the answer from {self.origin} is too large "
                                               f"({exc})") from None
         except aiohttp.ConnectionTimeoutError:  # (an asyncio.TimeoutError too) before sending
-            raise TransportError("connect", f"cannot connect to {self.origin} within "
-                                            f"{self._connect_timeout:g} s "
-                                            "(upstream_connect_timeout)") from None
+            raise TransportError("connect", f"cannot connect to {self.origin} in time "
+                                            "(upstream_connect_timeout, or no free connection "
+                                            f"for {CONNECT_WAIT:g} s)") from None
         except asyncio.TimeoutError:
             raise TransportError("timeout", f"no answer from {self.origin} within "
                                             f"{timeout.total:g} s") from None
