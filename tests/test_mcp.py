@@ -374,10 +374,18 @@ class McpProcess:
         self.proc.stdin.write(json.dumps({"jsonrpc": "2.0", **message}) + "\n")
         self.proc.stdin.flush()
 
-    def reply(self) -> dict[str, Any]:
+    def call(self, request_id: int) -> None:
+        self.send({"id": request_id, "method": "tools/call", "params": CANCELLED_CALL})
+
+    def cancel(self, request_id: int) -> None:
+        self.send({"method": "notifications/cancelled", "params": {"requestId": request_id}})
+
+    def succeeded(self, request_id: int) -> None:
+        """The next reply answers `request_id`, with the tool's result (no error)."""
         import json
 
-        return json.loads(self.proc.stdout.readline())
+        reply = json.loads(self.proc.stdout.readline())
+        assert reply["id"] == request_id and not reply["result"].get("isError"), reply
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -407,13 +415,12 @@ def test_a_call_retried_after_the_agent_cancelled_it_is_not_paid_again(tmp_path:
     sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 2, "times": 1})
     mcp = McpProcess(tmp_path, sandbox)
     try:
-        mcp.send({"id": 1, "method": "tools/call", "params": CANCELLED_CALL})
+        mcp.call(1)
         paid_in_flight(sandbox)
-        mcp.send({"method": "notifications/cancelled", "params": {"requestId": 1}})
+        mcp.cancel(1)
         time.sleep(0.3)
-        mcp.send({"id": 2, "method": "tools/call", "params": CANCELLED_CALL})
-        reply = mcp.reply()
-        assert reply["id"] == 2 and not reply["result"].get("isError"), reply
+        mcp.call(2)
+        mcp.succeeded(2)
         assert sandbox.stats()["payments_count"] == 1
     finally:
         mcp.close()
@@ -427,18 +434,17 @@ def test_a_call_cancelled_twice_is_not_paid_again(tmp_path: Path, sandbox: Any) 
     sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 2.5, "times": 1})
     mcp = McpProcess(tmp_path, sandbox, CLAWROUTER_COALESCE_WINDOW_SECONDS="3")
     try:
-        mcp.send({"id": 1, "method": "tools/call", "params": CANCELLED_CALL})
+        mcp.call(1)
         paid_in_flight(sandbox)
         started = time.monotonic()
-        mcp.send({"method": "notifications/cancelled", "params": {"requestId": 1}})
+        mcp.cancel(1)
         time.sleep(0.5)
-        mcp.send({"id": 2, "method": "tools/call", "params": CANCELLED_CALL})  # joins it
+        mcp.call(2)  # joins it
         time.sleep(1.5)
-        mcp.send({"method": "notifications/cancelled", "params": {"requestId": 2}})
+        mcp.cancel(2)
         time.sleep(max(0.0, started + 3.6 - time.monotonic()))  # past the first window only
-        mcp.send({"id": 3, "method": "tools/call", "params": CANCELLED_CALL})
-        reply = mcp.reply()
-        assert reply["id"] == 3 and not reply["result"].get("isError"), reply
+        mcp.call(3)
+        mcp.succeeded(3)
         assert sandbox.stats()["payments_count"] == 1
     finally:
         mcp.close()
