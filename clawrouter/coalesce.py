@@ -111,6 +111,10 @@ class Coalescer:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def working(self) -> bool:
+        """Whether any request's work is still in progress (safe from another thread)."""
+        return any(not entry.future.done() for entry in list(self._entries.values()))
+
     async def run(self, ctx: RequestContext, fingerprint: str, idempotency_key: str | None,
                   work: Callable[[RequestContext], Awaitable[Result]], *,
                   window: float | None = None) -> Result:

@@ -156,13 +156,12 @@ def test_a_resend_has_only_what_is_left_of_its_requests_time():
     assert asyncio.run(main()) < 4.0  # 2.5 s in all, not 2.5 for each attempt
 
 
-def test_a_request_that_never_gets_a_pooled_connection_was_never_sent(monkeypatch):
+def test_a_request_that_never_gets_a_pooled_connection_was_never_sent():
     """Every pooled connection busy (a hung upstream, `upstream_max_connections` of them): a
-    request that waits too long for one was never sent, and says so, as a failed connect
-    does; a paid one is then recorded as never sent, not as possibly paid."""
-    from clawrouter.upstream import client as upstream_client
-
-    monkeypatch.setattr(upstream_client, "CONNECT_WAIT", 1.0)
+    request whose time runs out while it waits for one was never sent. A paid one is then
+    recorded as never sent, not as possibly paid, and the client gets a 503 that names the
+    setting and asks it to come back, rather than "unreachable"."""
+    from clawrouter.upstream.exchange import _unsent
 
     async def main() -> TransportError:
         async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -176,13 +175,16 @@ def test_a_request_that_never_gets_a_pooled_connection_was_never_sent(monkeypatc
             hung = asyncio.create_task(client.get(client.url("/hang")))
             await asyncio.sleep(0.3)
             with pytest.raises(TransportError) as waited:
-                await client.post("/v1/images/generations", b"{}", timeout=20)
+                await client.post("/v1/images/generations", b"{}", timeout=1.5)
             hung.cancel()
         server.close()
         return waited.value
 
     error = asyncio.run(main())
-    assert error.kind == "connect" and "no free connection" in error.detail
+    assert error.kind == "busy" and "upstream_max_connections" in error.detail
+    answer = _unsent(error, "nothing was sent")
+    assert (answer.status, answer.code, answer.extra["payment"]) == (503, "upstream_busy", "none")
+    assert answer.response_headers()["Retry-After"] == "5"
 
 
 def test_a_request_whose_connection_dropped_counts_as_sent_even_if_the_resend_cannot_connect():

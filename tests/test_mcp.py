@@ -448,3 +448,75 @@ def test_a_call_cancelled_twice_is_not_paid_again(tmp_path: Path, sandbox: Any) 
         assert sandbox.stats()["payments_count"] == 1
     finally:
         mcp.close()
+
+
+def test_a_retry_while_the_cancelled_calls_work_still_runs_joins_it(tmp_path: Path,
+                                                                    sandbox: Any) -> None:
+    """The agent retries after the coalescing window, while the cancelled call's paid request
+    still waits for its answer (a paid call may wait minutes): the gateway is kept while that
+    work runs, so the retry joins it instead of finding a new gateway and paying again."""
+    import time
+
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 6, "times": 1})
+    mcp = McpProcess(tmp_path, sandbox, CLAWROUTER_COALESCE_WINDOW_SECONDS="1")
+    try:
+        mcp.call(1)
+        paid_in_flight(sandbox)
+        mcp.cancel(1)
+        time.sleep(2.5)  # past the window; the paid request still waits
+        mcp.call(2)
+        mcp.succeeded(2)
+        assert sandbox.stats()["payments_count"] == 1
+    finally:
+        mcp.close()
+
+
+def test_a_call_cancelled_while_its_gateway_starts_does_not_leave_it_running(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """A thread cannot be cancelled: the gateway a cancelled call was starting finishes
+    starting, and must then be stopped, or it holds the wallet's ledger for the rest of the
+    session (every later call, and the user's own commands, would wait for it)."""
+    import threading
+    import time
+
+    from clawrouter.agents.mcp_server import Connection
+    from clawrouter.cli import client as cli_client
+    from clawrouter.config import Settings
+    from clawrouter.payment.ledger import in_use, lock_path
+    from tests.servers import dead_port
+
+    home = tmp_path / "client-home"
+    monkeypatch.setenv("CLAWROUTER_HOME", str(home))
+    monkeypatch.setenv("CLAWROUTER_SANDBOX", "true")
+    entered, started = threading.Event(), threading.Event()
+    start = cli_client.LocalGateway.start
+
+    def starting(self: Any, *args: Any, **kwargs: Any) -> str:
+        entered.set()
+        try:
+            return start(self, *args, **kwargs)
+        finally:
+            started.set()
+
+    monkeypatch.setattr(cli_client.LocalGateway, "start", starting)
+    lock = lock_path(Settings(home=home).ledger_path_for("base-sepolia"))
+
+    async def main() -> None:
+        connection = Connection(f"http://127.0.0.1:{dead_port()}")
+        with anyio.CancelScope() as scope:
+            async def cancel_once_starting() -> None:
+                while not entered.is_set():
+                    await anyio.sleep(0.01)
+                scope.cancel()  # the agent's notifications/cancelled
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(cancel_once_starting)
+                await connection.run(lambda gateway: gateway.health())
+        assert await anyio.to_thread.run_sync(started.wait, 30)  # it did start, and hold it
+        deadline = time.monotonic() + 20
+        while lock.exists() and in_use(lock):
+            assert time.monotonic() < deadline, "the cancelled call's gateway still runs"
+            await anyio.sleep(0.1)
+        await connection.aclose()
+
+    anyio.run(main)

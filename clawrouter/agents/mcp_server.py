@@ -86,29 +86,35 @@ class Connection:
         again."""
         async with self._lock:
             self._users -= 1
-            if cancelled and gateway.in_process and gateway.settings is not None:
-                self._keep_until = max(self._keep_until, time.monotonic()
-                                       + gateway.settings.coalesce_window_seconds)
+            window = gateway.settings.coalesce_window_seconds if gateway.settings else 0.0
+            if cancelled and gateway.in_process:
+                self._keep_until = max(self._keep_until, time.monotonic() + window)
             if self._gateway is not gateway or not (gone or gateway.in_process and
                                                      not self._users):
                 return
             if not gone and time.monotonic() < self._keep_until:
                 if self._lingering is not None:
                     self._lingering.cancel()
-                self._lingering = asyncio.create_task(self._close_later(gateway))
+                self._lingering = asyncio.create_task(self._close_later(gateway, window))
                 return
             self._gateway = None
         await gateway.aclose()
 
-    async def _close_later(self, gateway: Gateway) -> None:
-        """Stop our gateway once every cancelled call's window has passed, unless a call is
-        using it then (its last one stops it, or waits again)."""
-        await asyncio.sleep(max(0.0, self._keep_until - time.monotonic()))
-        async with self._lock:
-            if self._gateway is not gateway or self._users:
-                return
-            self._gateway = None
-        await gateway.aclose()
+    async def _close_later(self, gateway: Gateway, window: float) -> None:
+        """Stop our gateway once every cancelled call's window has passed and no work runs
+        there that its retry could join (the window starts again from its end), unless a call
+        is using it then (its last one stops it, or waits again)."""
+        while True:
+            await asyncio.sleep(max(0.0, self._keep_until - time.monotonic()))
+            async with self._lock:
+                if self._gateway is not gateway or self._users:
+                    return
+                if gateway.local is not None and gateway.local.working():
+                    self._keep_until = time.monotonic() + window
+                    continue
+                self._gateway = None
+            await gateway.aclose()
+            return
 
     async def run(self, use: Callable[[Gateway], Awaitable[T]]) -> T:
         """Run one gateway call; its refusals become tool errors with the gateway's message.
@@ -123,7 +129,7 @@ class Connection:
             try:
                 return await use(gateway)
             except anyio.get_cancelled_exc_class():
-                cancelled = True
+                cancelled = gateway.posted != posted  # a paid request of it may go on
                 raise
             except GatewayError as exc:
                 # nothing of this call left (its paid request, if any, was never sent)

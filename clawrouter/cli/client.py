@@ -229,6 +229,7 @@ class LocalGateway:
         self.url = ""
         self.sandbox = False
         self._servers: list[Any] = []
+        self._app: Any = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="clawrouter-gateway", daemon=True)
@@ -241,6 +242,11 @@ class LocalGateway:
             raise GatewayError(f"Could not start the gateway in-process: {self._error}",
                                code="gateway_start_failed") from self._error
         return self.url
+
+    def working(self) -> bool:
+        """Whether paid work runs here that a client may yet come back for (`coalesce`): a
+        request whose client left goes on to its end."""
+        return self._app is not None and self._app.state.gw.coalescer.working()
 
     def stop(self) -> None:
         for server in self._servers:
@@ -270,6 +276,7 @@ class LocalGateway:
         from clawrouter.launch import start_gateway
 
         running = await start_gateway(self.settings.model_copy(update={"port": 0}))
+        self._app = running.app
         self._servers.extend(running.servers)
         self.sandbox = running.sandbox
         self.url = f"http://127.0.0.1:{running.port}"
@@ -509,8 +516,16 @@ async def connect(url: str | None = None, *, start: bool = True,
     say = _once(waiting)
     while True:
         local = LocalGateway(settings)
+        starting = asyncio.ensure_future(asyncio.to_thread(local.start))
         try:
-            return Gateway(await asyncio.to_thread(local.start), local)
+            return Gateway(await asyncio.shield(starting), local)
+        except asyncio.CancelledError:
+            # The start goes on in its thread (a thread cannot be cancelled): stop what it
+            # starts, or it holds the wallet's ledger with nobody to stop it.
+            stopping = asyncio.ensure_future(_stop_once_started(starting, local))
+            _BACKGROUND.add(stopping)
+            stopping.add_done_callback(_BACKGROUND.discard)
+            raise
         except GatewayError as exc:
             await asyncio.to_thread(local.stop)
             busy = exc.__cause__
@@ -519,6 +534,14 @@ async def connect(url: str | None = None, *, start: bool = True,
         found = await _wait_for_ledger(busy, (url, keyed), settings, deadline, say)
         if found is not None:
             return Gateway(found[0], settings=found[1])
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()  # (tasks the event loop must not forget)
+
+
+async def _stop_once_started(starting: asyncio.Future[str], local: LocalGateway) -> None:
+    await asyncio.gather(starting, return_exceptions=True)
+    await asyncio.to_thread(local.stop)
 
 
 async def _usable(url: str, settings: Settings | None) -> bool:

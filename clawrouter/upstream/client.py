@@ -22,11 +22,12 @@ from clawrouter.errors import UpstreamError
 
 #: the largest answer read from the API: ten 4096x4096 PNGs as data URIs fit many times over
 MAX_ANSWER_BYTES = 256 * 1024 * 1024
-#: the longest a request waits for a free pooled connection and to make it: past that,
-#: it was never sent (a paid one's authorization never left)
-CONNECT_WAIT = 30.0
 #: what the sandbox (`clawrouter sandbox`) puts on every answer
 SANDBOX_MARKER = "x-blockrun-sandbox"
+
+
+#: `TransportError` kinds of a request that never left this machine
+NEVER_SENT = frozenset({"connect", "busy"})
 
 
 class TransportError(Exception):
@@ -34,7 +35,9 @@ class TransportError(Exception):
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
-        self.kind = kind  # "connect", "timeout", "dropped" or "too_large" (after sending)
+        #: never sent: "connect" (no connection made), "busy" (no pooled connection free);
+        #: maybe sent: "timeout", "dropped"; "too_large" (an answer refused while read)
+        self.kind = kind
         self.detail = detail
 
 
@@ -136,16 +139,14 @@ class BlockRunClient:
         try:
             response = await self._send(method, url, body, headers, self._limit(max(left, 1.0)))
         except TransportError as exc:
-            if exc.kind == "connect":  # but the first attempt was sent: it may have arrived
+            if exc.kind in NEVER_SENT:  # but the first attempt was sent: it may have arrived
                 raise TransportError("dropped", f"{exc.detail}, after a dropped connection "
                                                 "that may have delivered it") from None
             raise
         return replace(response, resent=True)
 
     def _limit(self, total: float) -> aiohttp.ClientTimeout:
-        # connect: waiting for a free pooled connection, then making it (never sent either way)
-        return aiohttp.ClientTimeout(total=total, sock_connect=self._connect_timeout,
-                                     connect=max(self._connect_timeout, CONNECT_WAIT))
+        return aiohttp.ClientTimeout(total=total, sock_connect=self._connect_timeout)
 
     async def _send(self, method: str, url: str, body: bytes | None,
                     headers: dict[str, str] | None,
@@ -154,12 +155,13 @@ class BlockRunClient:
         if body is not None:
             send_headers["Content-Type"] = "application/json"
         send_headers.update(headers or {})
+        progress = _Progress()
         started = time.perf_counter()
         try:
             data = SlicedBody(body) if body is not None and len(body) > SlicedBody.SLICE else body
             async with self._session.request(method, url, data=data, headers=send_headers,
-                                             allow_redirects=False,
-                                             timeout=timeout) as resp:
+                                             allow_redirects=False, timeout=timeout,
+                                             trace_request_ctx=progress) as resp:
                 data = await read_capped(resp, self.max_answer_bytes)
                 answer = UpstreamResponse(
                     resp.status, {k.lower(): v for k, v in resp.headers.items()}, data,
@@ -171,10 +173,14 @@ class BlockRunClient:
             raise TransportError("too_large", f"the answer from {self.origin} is too large "
                                               f"({exc})") from None
         except aiohttp.ConnectionTimeoutError:  # (an asyncio.TimeoutError too) before sending
-            raise TransportError("connect", f"cannot connect to {self.origin} in time "
-                                            "(upstream_connect_timeout, or no free connection "
-                                            f"for {CONNECT_WAIT:g} s)") from None
+            raise TransportError("connect", f"cannot connect to {self.origin} within "
+                                            f"{self._connect_timeout:g} s "
+                                            "(upstream_connect_timeout)") from None
         except asyncio.TimeoutError:
+            if not progress.connected:  # still waiting for a pooled connection: never sent
+                raise TransportError("busy", f"every connection to {self.origin} was busy "
+                                             "for the whole request's time (raise "
+                                             "upstream_max_connections)") from None
             raise TransportError("timeout", f"no answer from {self.origin} within "
                                             f"{timeout.total:g} s") from None
         except aiohttp.ClientConnectorError as exc:
@@ -194,6 +200,24 @@ class BlockRunClient:
         return await self.request("GET", url, headers=headers, timeout=timeout)
 
 
+class _Progress:
+    """How far one request got (`_connection_trace`): a request that never got a connection
+    was never sent."""
+
+    connected = False
+
+
+def _connection_trace() -> aiohttp.TraceConfig:
+    async def connected(session: Any, context: Any, params: Any) -> None:
+        if isinstance(context.trace_request_ctx, _Progress):
+            context.trace_request_ctx.connected = True
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(connected)
+    trace.on_connection_reuseconn.append(connected)
+    return trace
+
+
 def new_session(max_connections: int) -> aiohttp.ClientSession:
     """The one shared upstream session: keep-alive pool, no cookies, no env proxies surprises."""
     # Idle connections are dropped after 4 s, before common servers' 5 s keep-alive closes them
@@ -202,7 +226,8 @@ def new_session(max_connections: int) -> aiohttp.ClientSession:
                                      ttl_dns_cache=300, enable_cleanup_closed=True,
                                      keepalive_timeout=4.0)
     session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                    auto_decompress=True, raise_for_status=False)
+                                    auto_decompress=True, raise_for_status=False,
+                                    trace_configs=[_connection_trace()])
     # aiohttp resends a GET (a poll) once by itself when its connection drops, and reports a
     # failure to reconnect as a connect error, which reads as "never sent" although the poll
     # may have completed the job. `request` does the one resend, knowing what was sent; there

@@ -34,6 +34,7 @@ from clawrouter.payment.signer import SignedPayment, Signer
 from clawrouter.payment.wire import (
     Challenge, ChallengeError, Requirement, parse_challenge, read_receipt,
 )
+from clawrouter.upstream.client import NEVER_SENT as TRANSPORT_NEVER_SENT
 from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
 from clawrouter.upstream.errors import paid_error, unpaid_error, upstream_message
 from clawrouter.upstream.jobs import JobAbandoned, wait_for_job
@@ -101,6 +102,17 @@ class Outcome:
         self.judged(False)
         if self._recording is not None:
             await asyncio.shield(self._recording)  # a cancelled caller must not cancel the write
+
+
+def _unsent(exc: TransportError, what: str) -> UpstreamUnavailable:
+    """A request that never left: unreachable (502), or every pooled connection busy (503, a
+    moment later may do)."""
+    if exc.kind == "busy":
+        return UpstreamUnavailable(f"The gateway is busy: {exc.detail}. Nothing was paid: {what}.",
+                                   status=503, code="upstream_busy",
+                                   headers={"Retry-After": "5"}, extra={"payment": "none"})
+    return UpstreamUnavailable(f"Upstream unreachable: {exc.detail}. Nothing was paid: {what}.",
+                               extra={"payment": "none"})
 
 
 def _abandoned(amount: int, window: float) -> PaidRequestFailed:
@@ -194,8 +206,7 @@ class Exchange:
                 raise UpstreamUnavailable(f"Upstream answer refused: {exc.detail}. Nothing was "
                                           "paid.", code="upstream_answer_too_large",
                                           extra={"payment": "none"}) from None
-            raise UpstreamUnavailable(f"Upstream unreachable: {exc.detail}. Nothing was paid.",
-                                      extra={"payment": "none"}) from None
+            raise _unsent(exc, "nothing was sent") from None
 
     @staticmethod
     def _read_challenge(probe: UpstreamResponse) -> Challenge:
@@ -273,11 +284,9 @@ class Exchange:
                 call.route, call.body, payment.headers,
                 timeout=max(self.client.timeout, payment.valid_before - time.time()))
         except TransportError as exc:
-            if exc.kind == "connect":  # no connection was made: the authorization never left
+            if exc.kind in TRANSPORT_NEVER_SENT:  # the authorization never left this machine
                 await finish("rejected", f"{NEVER_SENT}: {exc.detail}", sent=False)
-                raise UpstreamUnavailable(f"Upstream unreachable: {exc.detail}. Nothing was "
-                                          "paid: the signed payment never left this machine.",
-                                          extra={"payment": "none"}) from None
+                raise _unsent(exc, "the signed payment never left this machine") from None
             await finish("failed_after_payment", f"{exc.kind}: {exc.detail}")
             raise paid_error(None, payment.amount, detail=exc.detail) from None
         if resp.status == 402 and _started_job(resp):

@@ -4,8 +4,9 @@ On Base the payment settles on the first completed poll, so giving up (deadline,
 costs nothing. When every client has left, polling pauses for `REJOIN_SECONDS` before it
 gives up: the OpenAI SDK resends a request that outlived its own timeout half a second later,
 and that resend joins the job (`coalesce`) instead of finding it abandoned. Nothing is polled
-meanwhile, so nothing can settle for a client that is not there. Giving up costs nothing — unless a poll's answer was lost (a timeout, a dropped connection, a 5xx): that
-poll may have completed the job and settled, so the payment is then left pending for the chain
+meanwhile, so nothing can settle for a client that is not there. Giving up costs nothing —
+unless a poll's answer was lost (a timeout, a dropped connection, a 5xx): that poll may have
+completed the job and settled, so the payment is then left pending for the chain
 to tell. Polls never sign anything new.
 
 A poll ends on what the job says, not on the HTTP status, as BlockRun's SDKs do
@@ -22,7 +23,7 @@ from clawrouter.catalog import format_usd
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClientGone, PaidRequestFailed, UpstreamTimeout
 from clawrouter.plaintext import one_line
-from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
+from clawrouter.upstream.client import NEVER_SENT, BlockRunClient, TransportError, UpstreamResponse
 from clawrouter.upstream.errors import MESSAGE_MAX, paid_error, upstream_message
 from clawrouter.upstream.results import holds_an_image
 
@@ -69,7 +70,7 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                 client.timeout, give_up - time.monotonic() + SETTLE_SECONDS)))
         except TransportError as exc:
             resp = None  # a poll hiccup; the job is still running upstream
-            if exc.kind != "connect" and lost is None:  # sent: it may have completed the job
+            if exc.kind not in NEVER_SENT and lost is None:  # sent: it may have completed it
                 lost = f"poll {polls}: {exc.detail}"
         if resp is not None:
             body = resp.json()
