@@ -774,7 +774,8 @@ def test_a_retry_after_a_crash_is_not_paid_again_whatever_it_carried_or_how_long
                         case, **request)
     proc = serve_process(tmp_path, sandbox, port, **settings)
     try:
-        retry = httpx.post(f"http://127.0.0.1:{port}{request.get('route', '/v1/images/generations')}",
+        route = request.get("route", "/v1/images/generations")
+        retry = httpx.post(f"http://127.0.0.1:{port}{route}",
                            json={**request.get("body", COGVIEW), "prompt": case}, timeout=30)
         assert retry.status_code == 409, retry.text
         assert retry.json()["error"]["code"] == "repeat_paid_before_restart"

@@ -561,9 +561,10 @@ class Ledger:
     def paid_for(self, idempotency: str, since: float) -> Payment | None:
         """The newest payment signed since `since` for a request with this hashed
         Idempotency-Key (or, without one, hashed client and content), if any: how a repeat
-        is known to have signed after a restart. A `rejected` one counts too (the key's first outcome, refused or a slow job
-        its client left, is kept for a day in memory, and a restart must not turn it into a
-        second signature), unless it never left the process: that outcome is not kept."""
+        is known to have signed after a restart. A `rejected` one counts too (the key's first
+        outcome, refused or a slow job its client left, is kept for a day in memory, and a
+        restart must not turn it into a second signature), unless it never left the process:
+        that outcome is not kept."""
         with self._db_lock:
             row = self._conn.execute(
                 f"SELECT {_COLUMNS} FROM payments WHERE idempotency = ? AND time >= ? "

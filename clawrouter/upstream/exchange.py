@@ -206,7 +206,7 @@ class Exchange:
                 raise UpstreamUnavailable(f"Upstream answer refused: {exc.detail}. Nothing was "
                                           "paid.", code="upstream_answer_too_large",
                                           extra={"payment": "none"}) from None
-            raise _unsent(exc, "nothing was sent") from None
+            raise _unsent(exc, "the request never left this machine") from None
 
     @staticmethod
     def _read_challenge(probe: UpstreamResponse) -> Challenge:
