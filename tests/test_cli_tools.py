@@ -747,3 +747,40 @@ def test_balances_read_as_dollars_on_the_right_chain() -> None:
                             "payments_today": 0, "pending_today_usd": 0.0,
                             "budget_left_month_usd": None, "budget_left_total_usd": None})
     assert "$4.88275 of $5.00" in text and "Spent today: $0.00 (0 payments)" in text
+
+
+def test_a_gateway_that_starts_too_slowly_is_stopped_once_it_has_started(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """`start` gives up after its timeout, but the gateway's thread goes on starting (a slow
+    disk, a loaded machine): once started it must stop, not hold the wallet's ledger with
+    nobody to stop it."""
+    import asyncio
+    import time
+
+    from clawrouter import launch
+    from clawrouter.cli import client as cli_client
+    from clawrouter.config import Settings
+    from clawrouter.payment.ledger import in_use, lock_path
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("CLAWROUTER_HOME", str(home))
+    monkeypatch.setenv("CLAWROUTER_SANDBOX", "true")
+    real = launch.start_gateway
+
+    async def slow(settings: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(1.5)
+        return await real(settings, **kwargs)
+
+    monkeypatch.setattr(launch, "start_gateway", slow)
+    monkeypatch.setattr(cli_client.LocalGateway.start, "__defaults__", (0.5,))
+    lock = lock_path(Settings(home=home).ledger_path_for("base-sepolia"))
+
+    async def main() -> None:
+        with pytest.raises(cli_client.GatewayError):
+            await cli_client.connect(f"http://127.0.0.1:{dead_port()}", wait=0)
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 15
+    while not lock.exists() or in_use(lock):  # it starts (and takes the ledger), then stops
+        assert time.monotonic() < deadline, "the late gateway still holds the ledger"
+        time.sleep(0.1)

@@ -187,6 +187,28 @@ def test_a_request_that_never_gets_a_pooled_connection_was_never_sent():
     assert answer.response_headers()["Retry-After"] == "5"
 
 
+def test_a_name_that_never_resolves_is_never_sent_and_not_called_busy(monkeypatch):
+    """No connection was made, and none was waited for (the pool is empty): "connect", not
+    "busy" (which would tell the user to raise upstream_max_connections)."""
+    import aiohttp
+
+    async def never(self, *args, **kwargs):  # a DNS server that never answers
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(aiohttp.TCPConnector, "_resolve_host", never)
+
+    async def main() -> TransportError:
+        async with new_session(8) as session:
+            client = BlockRunClient("http://blockrun.invalid/api", session, timeout=20,
+                                    connect_timeout=1)
+            with pytest.raises(TransportError) as failed:
+                await client.post("/v1/images/generations", b"{}", timeout=1.0)
+        return failed.value
+
+    error = asyncio.run(main())
+    assert error.kind == "connect" and "upstream_max_connections" not in error.detail
+
+
 def test_a_request_whose_connection_dropped_counts_as_sent_even_if_the_resend_cannot_connect():
     """The first attempt may have arrived (a poll that completed and settled the job, say):
     a resend that then finds nobody listening must not make it look never sent."""

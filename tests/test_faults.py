@@ -630,3 +630,13 @@ def test_a_lost_response_after_settlement_is_never_recorded_as_rejected(gateway,
     assert "identical resend" in error(r)["message"]
     assert sandbox.stats()["settled_count"] == 1
     assert [row["status"] for row in rows(gateway)] == ["failed_after_payment"]
+
+
+def test_a_dropped_probe_says_nothing_was_paid_but_not_that_it_never_left(gateway, sandbox):
+    """The upstream closed the unpaid probe's connection, twice (it and its resend arrived):
+    nothing was paid, but "it never left this machine" would be false."""
+    sandbox.faults({"kind": "drop", "phase": "unpaid", "times": 2})
+    r = gen(gateway)
+    assert r.status_code == 502 and error(r)["payment"] == "none", r.text
+    assert "Nothing was paid" in error(r)["message"]
+    assert "never left" not in error(r)["message"]

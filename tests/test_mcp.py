@@ -520,3 +520,54 @@ def test_a_call_cancelled_while_its_gateway_starts_does_not_leave_it_running(
         await connection.aclose()
 
     anyio.run(main)
+
+
+def test_a_retry_soon_after_the_cancelled_work_ended_is_not_paid_again(tmp_path: Path,
+                                                                       sandbox: Any) -> None:
+    """The window the gateway is kept for runs from the end of the cancelled call's work,
+    not from whenever the gateway last looked."""
+    import time
+
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 3.5, "times": 1})
+    mcp = McpProcess(tmp_path, sandbox, CLAWROUTER_COALESCE_WINDOW_SECONDS="2")
+    try:
+        mcp.call(1)
+        paid_in_flight(sandbox)
+        started = time.monotonic()
+        mcp.cancel(1)
+        time.sleep(max(0.0, started + 4.6 - time.monotonic()))  # 1.1 s after the work ended
+        mcp.call(2)
+        mcp.succeeded(2)
+        assert sandbox.stats()["payments_count"] == 1
+    finally:
+        mcp.close()
+
+
+def test_another_calls_end_does_not_stop_the_gateway_under_cancelled_paid_work(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Call 1 is cancelled while its paid request waits; call 2 (other words) ends after call
+    1's window, while call 1's work still runs: the gateway must stay for it (and call 2's
+    answer must not wait for that work), or call 1's retry pays again on a new gateway."""
+    import json
+    import time
+
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 6, "times": 1})
+    mcp = McpProcess(tmp_path, sandbox, CLAWROUTER_COALESCE_WINDOW_SECONDS="1")
+    try:
+        mcp.call(1)
+        paid_in_flight(sandbox)
+        started = time.monotonic()
+        mcp.cancel(1)
+        time.sleep(0.3)
+        sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 2, "times": 1})
+        mcp.send({"id": 2, "method": "tools/call", "params": {
+            "name": "generate_image", "arguments": {"prompt": "another picture",
+                                                    "model": "cogview"}}})
+        assert json.loads(mcp.proc.stdout.readline())["id"] == 2
+        assert time.monotonic() - started < 5, "call 2's answer waited for call 1's work"
+        time.sleep(max(0.0, started + 3.5 - time.monotonic()))
+        mcp.call(3)  # call 1's retry, while its paid request still waits
+        mcp.succeeded(3)
+        assert sandbox.stats()["payments_count"] == 2  # call 1's and call 2's, no third
+    finally:
+        mcp.close()

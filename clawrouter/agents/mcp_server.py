@@ -34,6 +34,8 @@ from clawrouter.validate import MAX_N
 LEDGER_WAIT = 60.0
 #: how long a call that ended (or was cancelled) may take to give its gateway back
 RELEASE_WAIT = 30.0
+#: how often (s) a gateway kept for a cancelled call's retry looks whether its work is done
+WORK_CHECK = 0.5
 
 INSTRUCTIONS = (
     "clawrouter makes and edits images through BlockRun and pays per image in USDC on Base "
@@ -92,7 +94,9 @@ class Connection:
             if self._gateway is not gateway or not (gone or gateway.in_process and
                                                      not self._users):
                 return
-            if not gone and time.monotonic() < self._keep_until:
+            if not gone and (time.monotonic() < self._keep_until or (
+                    gateway.local is not None and gateway.local.working())):
+                # a cancelled call's paid work goes on there, or its window has not passed
                 if self._lingering is not None:
                     self._lingering.cancel()
                 self._lingering = asyncio.create_task(self._close_later(gateway, window))
@@ -105,12 +109,16 @@ class Connection:
         there that its retry could join (the window starts again from its end), unless a call
         is using it then (its last one stops it, or waits again)."""
         while True:
-            await asyncio.sleep(max(0.0, self._keep_until - time.monotonic()))
+            await asyncio.sleep(min(WORK_CHECK, max(0.0, self._keep_until - time.monotonic())))
             async with self._lock:
                 if self._gateway is not gateway or self._users:
                     return
                 if gateway.local is not None and gateway.local.working():
-                    self._keep_until = time.monotonic() + window
+                    # the window runs from the work's end (seen to within a check)
+                    self._keep_until = max(self._keep_until,
+                                           time.monotonic() + window + WORK_CHECK)
+                    continue
+                if time.monotonic() < self._keep_until:
                     continue
                 self._gateway = None
             await gateway.aclose()

@@ -230,6 +230,7 @@ class LocalGateway:
         self.sandbox = False
         self._servers: list[Any] = []
         self._app: Any = None
+        self._stopping = False
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="clawrouter-gateway", daemon=True)
@@ -249,6 +250,7 @@ class LocalGateway:
         return self._app is not None and self._app.state.gw.coalescer.working()
 
     def stop(self) -> None:
+        self._stopping = True  # (a launch still under way stops as soon as it is done)
         for server in self._servers:
             server.should_exit = True
         if self._thread.is_alive():
@@ -268,6 +270,9 @@ class LocalGateway:
             self._error = exc
             self._ready.set()
             return
+        if self._stopping:  # stopped while it started (a start that timed out, a cancel)
+            for server in self._servers:
+                server.should_exit = True
         self._ready.set()
         await asyncio.gather(*tasks)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -177,10 +178,13 @@ class BlockRunClient:
                                             f"{self._connect_timeout:g} s "
                                             "(upstream_connect_timeout)") from None
         except asyncio.TimeoutError:
-            if not progress.connected:  # still waiting for a pooled connection: never sent
+            if progress.queued:  # still waiting for a free pooled connection: never sent
                 raise TransportError("busy", f"every connection to {self.origin} was busy "
                                              "for the whole request's time (raise "
                                              "upstream_max_connections)") from None
+            if not progress.connected:  # no connection made (a name that never resolved)
+                raise TransportError("connect", f"no connection to {self.origin} was made "
+                                                f"within {timeout.total:g} s") from None
             raise TransportError("timeout", f"no answer from {self.origin} within "
                                             f"{timeout.total:g} s") from None
         except aiohttp.ClientConnectorError as exc:
@@ -202,19 +206,24 @@ class BlockRunClient:
 
 class _Progress:
     """How far one request got (`_connection_trace`): a request that never got a connection
-    was never sent."""
+    was never sent, and one still queued for the pool never got one for want of a free one."""
 
     connected = False
+    queued = False
 
 
 def _connection_trace() -> aiohttp.TraceConfig:
-    async def connected(session: Any, context: Any, params: Any) -> None:
-        if isinstance(context.trace_request_ctx, _Progress):
-            context.trace_request_ctx.connected = True
+    def note(**progress: bool) -> Callable[[Any, Any, Any], Awaitable[None]]:
+        async def callback(session: Any, context: Any, params: Any) -> None:
+            if isinstance(context.trace_request_ctx, _Progress):
+                vars(context.trace_request_ctx).update(progress)
+        return callback
 
     trace = aiohttp.TraceConfig()
-    trace.on_connection_create_end.append(connected)
-    trace.on_connection_reuseconn.append(connected)
+    trace.on_connection_queued_start.append(note(queued=True))
+    trace.on_connection_queued_end.append(note(queued=False))
+    trace.on_connection_create_end.append(note(connected=True))
+    trace.on_connection_reuseconn.append(note(connected=True))
     return trace
 
 

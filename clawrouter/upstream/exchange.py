@@ -206,7 +206,11 @@ class Exchange:
                 raise UpstreamUnavailable(f"Upstream answer refused: {exc.detail}. Nothing was "
                                           "paid.", code="upstream_answer_too_large",
                                           extra={"payment": "none"}) from None
-            raise _unsent(exc, "the request never left this machine") from None
+            if exc.kind in TRANSPORT_NEVER_SENT:
+                raise _unsent(exc, "the request never left this machine") from None
+            raise UpstreamUnavailable(f"Upstream unreachable: {exc.detail}. Nothing was paid "
+                                      "(no payment was signed).",
+                                      extra={"payment": "none"}) from None
 
     @staticmethod
     def _read_challenge(probe: UpstreamResponse) -> Challenge:
