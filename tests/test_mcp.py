@@ -3,8 +3,9 @@ a real gateway on the sandbox upstream. Nothing mocked."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -392,13 +393,26 @@ class McpProcess:
         self.proc.wait(timeout=30)
 
 
-def paid_in_flight(sandbox: Any) -> None:
+@contextlib.contextmanager
+def cancelled_while_paying(tmp_path: Path, sandbox: Any, paid_seconds: float,
+                           **settings: str) -> Iterator[tuple[McpProcess, float]]:
+    """An MCP server whose call 1 the agent cancels while its paid request waits
+    `paid_seconds` for the upstream; yields it and when the cancel was sent."""
     import time
 
-    deadline = time.monotonic() + 30
-    while sandbox.stats()["payments_count"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": paid_seconds, "times": 1})
+    mcp = McpProcess(tmp_path, sandbox, **settings)
+    try:
+        mcp.call(1)
+        deadline = time.monotonic() + 30
+        while sandbox.stats()["payments_count"] == 0:  # its paid request is in flight
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        started = time.monotonic()
+        mcp.cancel(1)
+        yield mcp, started
+    finally:
+        mcp.close()
 
 
 CANCELLED_CALL = {"name": "generate_image",
@@ -412,32 +426,19 @@ def test_a_call_retried_after_the_agent_cancelled_it_is_not_paid_again(tmp_path:
     the image that call paid for instead of paying a second time."""
     import time
 
-    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 2, "times": 1})
-    mcp = McpProcess(tmp_path, sandbox)
-    try:
-        mcp.call(1)
-        paid_in_flight(sandbox)
-        mcp.cancel(1)
+    with cancelled_while_paying(tmp_path, sandbox, 2) as (mcp, _):
         time.sleep(0.3)
         mcp.call(2)
         mcp.succeeded(2)
         assert sandbox.stats()["payments_count"] == 1
-    finally:
-        mcp.close()
-
 
 def test_a_call_cancelled_twice_is_not_paid_again(tmp_path: Path, sandbox: Any) -> None:
     """Each cancel keeps the gateway for its own window: the first one's end must not stop it
     inside the second's, where the agent's third try would find a new gateway and pay again."""
     import time
 
-    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 2.5, "times": 1})
-    mcp = McpProcess(tmp_path, sandbox, CLAWROUTER_COALESCE_WINDOW_SECONDS="3")
-    try:
-        mcp.call(1)
-        paid_in_flight(sandbox)
-        started = time.monotonic()
-        mcp.cancel(1)
+    with cancelled_while_paying(tmp_path, sandbox, 2.5,
+                                CLAWROUTER_COALESCE_WINDOW_SECONDS="3") as (mcp, started):
         time.sleep(0.5)
         mcp.call(2)  # joins it
         time.sleep(1.5)
@@ -446,9 +447,6 @@ def test_a_call_cancelled_twice_is_not_paid_again(tmp_path: Path, sandbox: Any) 
         mcp.call(3)
         mcp.succeeded(3)
         assert sandbox.stats()["payments_count"] == 1
-    finally:
-        mcp.close()
-
 
 def test_a_retry_while_the_cancelled_calls_work_still_runs_joins_it(tmp_path: Path,
                                                                     sandbox: Any) -> None:
@@ -457,19 +455,12 @@ def test_a_retry_while_the_cancelled_calls_work_still_runs_joins_it(tmp_path: Pa
     work runs, so the retry joins it instead of finding a new gateway and paying again."""
     import time
 
-    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 6, "times": 1})
-    mcp = McpProcess(tmp_path, sandbox, CLAWROUTER_COALESCE_WINDOW_SECONDS="1")
-    try:
-        mcp.call(1)
-        paid_in_flight(sandbox)
-        mcp.cancel(1)
+    with cancelled_while_paying(tmp_path, sandbox, 6,
+                                CLAWROUTER_COALESCE_WINDOW_SECONDS="1") as (mcp, _):
         time.sleep(2.5)  # past the window; the paid request still waits
         mcp.call(2)
         mcp.succeeded(2)
         assert sandbox.stats()["payments_count"] == 1
-    finally:
-        mcp.close()
-
 
 def test_a_call_cancelled_while_its_gateway_starts_does_not_leave_it_running(
         tmp_path: Path, monkeypatch: Any) -> None:
@@ -528,20 +519,12 @@ def test_a_retry_soon_after_the_cancelled_work_ended_is_not_paid_again(tmp_path:
     not from whenever the gateway last looked."""
     import time
 
-    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 3.5, "times": 1})
-    mcp = McpProcess(tmp_path, sandbox, CLAWROUTER_COALESCE_WINDOW_SECONDS="2")
-    try:
-        mcp.call(1)
-        paid_in_flight(sandbox)
-        started = time.monotonic()
-        mcp.cancel(1)
+    with cancelled_while_paying(tmp_path, sandbox, 3.5,
+                                CLAWROUTER_COALESCE_WINDOW_SECONDS="2") as (mcp, started):
         time.sleep(max(0.0, started + 4.6 - time.monotonic()))  # 1.1 s after the work ended
         mcp.call(2)
         mcp.succeeded(2)
         assert sandbox.stats()["payments_count"] == 1
-    finally:
-        mcp.close()
-
 
 def test_another_calls_end_does_not_stop_the_gateway_under_cancelled_paid_work(
         tmp_path: Path, sandbox: Any) -> None:
@@ -551,13 +534,8 @@ def test_another_calls_end_does_not_stop_the_gateway_under_cancelled_paid_work(
     import json
     import time
 
-    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 6, "times": 1})
-    mcp = McpProcess(tmp_path, sandbox, CLAWROUTER_COALESCE_WINDOW_SECONDS="1")
-    try:
-        mcp.call(1)
-        paid_in_flight(sandbox)
-        started = time.monotonic()
-        mcp.cancel(1)
+    with cancelled_while_paying(tmp_path, sandbox, 6,
+                                CLAWROUTER_COALESCE_WINDOW_SECONDS="1") as (mcp, started):
         time.sleep(0.3)
         sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 2, "times": 1})
         mcp.send({"id": 2, "method": "tools/call", "params": {
@@ -569,5 +547,3 @@ def test_another_calls_end_does_not_stop_the_gateway_under_cancelled_paid_work(
         mcp.call(3)  # call 1's retry, while its paid request still waits
         mcp.succeeded(3)
         assert sandbox.stats()["payments_count"] == 2  # call 1's and call 2's, no third
-    finally:
-        mcp.close()
