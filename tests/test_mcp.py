@@ -547,3 +547,24 @@ def test_another_calls_end_does_not_stop_the_gateway_under_cancelled_paid_work(
         mcp.call(3)  # call 1's retry, while its paid request still waits
         mcp.succeeded(3)
         assert sandbox.stats()["payments_count"] == 2  # call 1's and call 2's, no third
+
+
+def test_a_retry_after_another_call_outlived_the_cancelled_work_is_not_paid_again(
+        tmp_path: Path, sandbox: Any) -> None:
+    """Call 2 (other words) runs past the end of cancelled call 1's work: the window for call
+    1's retry still runs from that work's end, not from call 2's, whichever call ends last."""
+    import json
+    import time
+
+    with cancelled_while_paying(tmp_path, sandbox, 4.5,
+                                CLAWROUTER_COALESCE_WINDOW_SECONDS="4") as (mcp, _):
+        time.sleep(0.3)
+        sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 5.5, "times": 1})
+        mcp.send({"id": 2, "method": "tools/call", "params": {
+            "name": "generate_image", "arguments": {"prompt": "another picture",
+                                                    "model": "cogview"}}})
+        assert json.loads(mcp.proc.stdout.readline())["id"] == 2
+        time.sleep(0.3)
+        mcp.call(3)  # call 1's retry, about 2 s after its work ended
+        mcp.succeeded(3)
+        assert sandbox.stats()["payments_count"] == 2  # call 1's and call 2's, no third

@@ -65,6 +65,7 @@ class Connection:
         self._users = 0  # calls using `_gateway` now
         self._lock = asyncio.Lock()
         self._lingering: asyncio.Task[None] | None = None  # `_close_later`, after a cancel
+        self._lingering_for: Gateway | None = None  # the gateway it looks after
         #: (monotonic) until when a cancelled call's gateway is kept, for the agent's retry
         self._keep_until = 0.0
 
@@ -83,42 +84,48 @@ class Connection:
 
     async def _release(self, gateway: Gateway, *, gone: bool = False,
                        cancelled: bool = False) -> None:
-        """One call done; stop our own gateway after the last (a while later if it was
-        `cancelled`), forget a running one that went away (`gone`), so the next call looks
-        again."""
+        """One call done; stop our own gateway after the last, forget a running one that
+        went away (`gone`), so the next call looks again. After a `cancelled` call (one that
+        sent a paid request), or while paid work runs there that a client left, a watcher
+        stops it instead, once that work has ended and the window for its retry has passed."""
         async with self._lock:
             self._users -= 1
-            window = gateway.settings.coalesce_window_seconds if gateway.settings else 0.0
-            if cancelled and gateway.in_process:
-                self._keep_until = max(self._keep_until, time.monotonic() + window)
-            if self._gateway is not gateway or not (gone or gateway.in_process and
-                                                     not self._users):
+            if self._gateway is not gateway:
                 return
-            if not gone and (time.monotonic() < self._keep_until or (
-                    gateway.local is not None and gateway.local.working())):
-                # a cancelled call's paid work goes on there, or its window has not passed
-                if self._lingering is not None:
-                    self._lingering.cancel()
-                self._lingering = asyncio.create_task(self._close_later(gateway, window))
+            if gateway.in_process and not gone and gateway.local is not None and (
+                    cancelled or self._watched() or gateway.local.working()):
+                window = gateway.settings.coalesce_window_seconds if gateway.settings else 0.0
+                if cancelled:
+                    self._keep_until = max(self._keep_until, time.monotonic() + window)
+                if not self._watched():
+                    self._lingering = asyncio.create_task(self._close_later(gateway, window))
+                    self._lingering_for = gateway
+                return
+            if not (gone or gateway.in_process and not self._users):
                 return
             self._gateway = None
         await gateway.aclose()
 
+    def _watched(self) -> bool:
+        """Whether a watcher looks after the current gateway (`_close_later`)."""
+        return (self._lingering is not None and not self._lingering.done()
+                and self._lingering_for is self._gateway)
+
     async def _close_later(self, gateway: Gateway, window: float) -> None:
-        """Stop our gateway once every cancelled call's window has passed and no work runs
-        there that its retry could join (the window starts again from its end), unless a call
-        is using it then (its last one stops it, or waits again)."""
+        """The watcher: stop our gateway once no work runs there that a retry could join, the
+        window for that retry has passed (it runs from the work's end, seen to within a
+        check) and no call is using it."""
+        assert gateway.local is not None
         while True:
-            await asyncio.sleep(min(WORK_CHECK, max(0.0, self._keep_until - time.monotonic())))
+            await asyncio.sleep(WORK_CHECK)
             async with self._lock:
-                if self._gateway is not gateway or self._users:
+                if self._gateway is not gateway:
                     return
-                if gateway.local is not None and gateway.local.working():
-                    # the window runs from the work's end (seen to within a check)
-                    self._keep_until = max(self._keep_until,
-                                           time.monotonic() + window + WORK_CHECK)
+                now = time.monotonic()
+                if gateway.local.working():
+                    self._keep_until = max(self._keep_until, now + window + WORK_CHECK)
                     continue
-                if time.monotonic() < self._keep_until:
+                if self._users or now < self._keep_until:
                     continue
                 self._gateway = None
             await gateway.aclose()
