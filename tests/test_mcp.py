@@ -378,6 +378,17 @@ class McpProcess:
     def call(self, request_id: int) -> None:
         self.send({"id": request_id, "method": "tools/call", "params": CANCELLED_CALL})
 
+    def another_call(self, sandbox: Any, paid_seconds: float) -> None:
+        """Call 2, with other words, its paid request answered after `paid_seconds`; returns
+        once it has answered."""
+        import json
+
+        sandbox.faults({"kind": "delay", "phase": "paid", "seconds": paid_seconds, "times": 1})
+        self.send({"id": 2, "method": "tools/call", "params": {
+            "name": "generate_image", "arguments": {"prompt": "another picture",
+                                                    "model": "cogview"}}})
+        assert json.loads(self.proc.stdout.readline())["id"] == 2
+
     def cancel(self, request_id: int) -> None:
         self.send({"method": "notifications/cancelled", "params": {"requestId": request_id}})
 
@@ -531,17 +542,12 @@ def test_another_calls_end_does_not_stop_the_gateway_under_cancelled_paid_work(
     """Call 1 is cancelled while its paid request waits; call 2 (other words) ends after call
     1's window, while call 1's work still runs: the gateway must stay for it (and call 2's
     answer must not wait for that work), or call 1's retry pays again on a new gateway."""
-    import json
     import time
 
     with cancelled_while_paying(tmp_path, sandbox, 6,
                                 CLAWROUTER_COALESCE_WINDOW_SECONDS="1") as (mcp, started):
         time.sleep(0.3)
-        sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 2, "times": 1})
-        mcp.send({"id": 2, "method": "tools/call", "params": {
-            "name": "generate_image", "arguments": {"prompt": "another picture",
-                                                    "model": "cogview"}}})
-        assert json.loads(mcp.proc.stdout.readline())["id"] == 2
+        mcp.another_call(sandbox, 2)
         assert time.monotonic() - started < 5, "call 2's answer waited for call 1's work"
         time.sleep(max(0.0, started + 3.5 - time.monotonic()))
         mcp.call(3)  # call 1's retry, while its paid request still waits
@@ -553,17 +559,12 @@ def test_a_retry_after_another_call_outlived_the_cancelled_work_is_not_paid_agai
         tmp_path: Path, sandbox: Any) -> None:
     """Call 2 (other words) runs past the end of cancelled call 1's work: the window for call
     1's retry still runs from that work's end, not from call 2's, whichever call ends last."""
-    import json
     import time
 
     with cancelled_while_paying(tmp_path, sandbox, 4.5,
                                 CLAWROUTER_COALESCE_WINDOW_SECONDS="4") as (mcp, _):
         time.sleep(0.3)
-        sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 5.5, "times": 1})
-        mcp.send({"id": 2, "method": "tools/call", "params": {
-            "name": "generate_image", "arguments": {"prompt": "another picture",
-                                                    "model": "cogview"}}})
-        assert json.loads(mcp.proc.stdout.readline())["id"] == 2
+        mcp.another_call(sandbox, 5.5)
         time.sleep(0.3)
         mcp.call(3)  # call 1's retry, about 2 s after its work ended
         mcp.succeeded(3)
