@@ -16,7 +16,9 @@ def register(commands: Any) -> None:
         "gateway (CLAWROUTER_URL, else where `clawrouter serve` listens with your settings, "
         "http://127.0.0.1:8402 by default; CLAWROUTER_API_KEY is sent as a bearer token when "
         "set) or, when none answers, starts one inside this process with your settings for "
-        "each call (between calls your other commands can use the wallet). Images are saved "
+        "each call (between calls your other commands can use the wallet; after a call the "
+        "agent cancelled, once its paid work is done and the time for the agent's retry, "
+        "coalesce_window_seconds, has passed). Images are saved "
         "to CLAWROUTER_OUT (default ~/Pictures/clawrouter).",
         epilog="Example (Claude Desktop / Claude Code config): "
         '{"mcpServers": {"clawrouter": {"command": "/path/to/.venv/bin/clawrouter", '
