@@ -143,8 +143,7 @@ class ImagePipeline:
                                                      param=source.param)
             return await self.inputs.open(source.value, param=source.param)
 
-        sources = [*job.images, job.mask] if job.mask else job.images
-        found = await _all([one(s) for s in sources])
+        found = await _all([one(s) for s in job.sources])
         resolved = (await _read_pending(found, hold, ctx)
                     if any(isinstance(f, Pending) for f in found) else found)
         mask = resolved.pop() if job.mask else None

@@ -51,6 +51,11 @@ class ImageJob:
     def upstream_path(self) -> str:
         return UPSTREAM_PATHS[self.route]
 
+    @property
+    def sources(self) -> list[SourceImage]:
+        """Every image input, the mask last."""
+        return [*self.images, self.mask] if self.mask else list(self.images)
+
 
 def _common(body: GenerationBody | EditBody, default_model: str, default_format: str):
     prompt = body.prompt.strip()

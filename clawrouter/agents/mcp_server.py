@@ -55,16 +55,17 @@ class Connection:
     session. One this process starts is kept only while calls are in flight: it holds the
     wallet's ledger, which the user's other commands need between an agent's calls, and a
     session can end (its client kills the server seconds later) under any request that
-    another process would have sent it. After a cancelled call (the agent's timeout), though,
-    it is kept for `coalesce_window_seconds` more: the work it paid for goes on, and the
-    agent's retry of the call joins it (or gets its result) instead of paying again."""
+    another process would have sent it. After a cancelled call that sent a paid request (the
+    agent's timeout), though, it is kept while that work goes on and for
+    `coalesce_window_seconds` after: the agent's retry of the call joins it (or gets its
+    result) instead of paying again (`_close_later`)."""
 
     def __init__(self, url: str | None = None) -> None:
         self.url = url
         self._gateway: Gateway | None = None
         self._users = 0  # calls using `_gateway` now
         self._lock = asyncio.Lock()
-        self._lingering: asyncio.Task[None] | None = None  # `_close_later`, after a cancel
+        self._lingering: asyncio.Task[None] | None = None  # the watcher (`_close_later`)
         self._lingering_for: Gateway | None = None  # the gateway it looks after
         #: (monotonic) until when a cancelled call's gateway is kept, for the agent's retry
         self._keep_until = 0.0

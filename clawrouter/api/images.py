@@ -85,7 +85,7 @@ def fingerprint(job: ImageJob) -> str:
     enter whole, through SHA-256 (3 ms for a 4 MB image; on a worker thread when big), never
     by a per-process hash or a sample (an agent that changed a few pixels asks anew).
     """
-    sources = [part for s in [*job.images, job.mask] if s for part in (s.param, s.value)]
+    sources = [part for s in job.sources for part in (s.param, s.value)]
     return fingerprint_parts(job.route, job.model.id, job.prompt, job.size, job.n,
                              job.quality or "", *sources)
 
@@ -93,7 +93,7 @@ def fingerprint(job: ImageJob) -> str:
 def by_reference(job: ImageJob) -> bool:
     """Whether an input is read from a path or URL, whose bytes may change once it is done."""
     return any(isinstance(s.value, str) and classify(s.value) in _REFERENCES
-               for s in [*job.images, job.mask] if s)
+               for s in job.sources)
 
 
 async def inputs_judged(request: Request, work: Awaitable[Result], ctx: RequestContext,
@@ -145,7 +145,7 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
     obs["model"] = job.model.id
     if gw.settings.log_prompts:
         obs["prompt"] = job.prompt
-    inputs = sum(len(s.value) for s in [*job.images, job.mask] if s)
+    inputs = sum(len(s.value) for s in job.sources)
     work = gw.coalescer.run(ctx, await off_loop(fingerprint, job, inputs),
                             request.headers.get("idempotency-key"),
                             lambda shared: gw.pipeline.run(job, shared),

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -101,7 +102,7 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                     "created_at": result.created, "size": job.size, "quality": "auto",
                     "background": "auto", "output_format": output_format(image) or "png",
                     "usage": USAGE}
-                yield await off_loop(lambda e: sse(e["type"], e), event, len(data))
+                yield await off_loop(partial(sse, event["type"]), event, len(data))
             yield b"data: [DONE]\n\n"
         finally:
             if task.done():
