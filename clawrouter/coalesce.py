@@ -22,7 +22,15 @@
 
 The shared work stops early (client gone) only when every client waiting on it has left, and
 goes on if one joins before it has noticed.
-Outcomes that involved no payment are not kept: retrying those costs nothing.
+Outcomes that involved no payment are not kept without a key: retrying those costs nothing
+(a key's outcome is kept whatever it was: the key promises one outcome).
+
+Memory: an outcome kept without a key is never dropped inside its window (nothing else would
+stop its retry from paying again), so those follow the rate, not a cap: at most the requests in
+flight, plus the paid outcomes of the `window` seconds before the last sweep, plus the
+`SWEEP_EVERY` made since (600 paid images a second for 60 s: about 36,000), each slimmed to
+stored references, no image bytes. Keyed outcomes (24 h) are capped at `max_entries` finished
+ones, the oldest dropped first: the ledger recalls a dropped key's payment.
 """
 
 from __future__ import annotations
@@ -105,15 +113,22 @@ class Coalescer:
                             if t >= self.started - in_flight_for}
         self._clock = clock
         self._max = max_entries
-        self._entries: OrderedDict[tuple[str, ...], _Entry] = OrderedDict()
+        #: Idempotency-Key entries (capped) and keyless ones (bounded by the window), apart so
+        #: the cap's eviction never scans past, or drops, a keyless entry
+        self._keyed: OrderedDict[tuple[str, ...], _Entry] = OrderedDict()
+        self._same: dict[tuple[str, ...], _Entry] = {}
         self._puts = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._keyed) + len(self._same)
 
     def working(self) -> bool:
         """Whether any request's work is still in progress (safe from another thread)."""
-        return any(not entry.future.done() for entry in list(self._entries.values()))
+        entries = [*list(self._keyed.values()), *list(self._same.values())]
+        return any(not entry.future.done() for entry in entries)
+
+    def _table(self, key: tuple[str, ...]) -> dict[tuple[str, ...], _Entry]:
+        return self._keyed if key[0] == "key" else self._same
 
     async def run(self, ctx: RequestContext, fingerprint: str, idempotency_key: str | None,
                   work: Callable[[RequestContext], Awaitable[Result]], *,
@@ -176,7 +191,7 @@ class Coalescer:
             if paid:
                 entry.finished(self._clock() + ttl)
             else:
-                self._entries.pop(key, None)
+                self._table(key).pop(key, None)
             raise
         entry.future.set_result(_slim(result))
         if result.amount or idempotency_key:
@@ -186,34 +201,39 @@ class Coalescer:
             short = window is not None and not idempotency_key and delivered
             entry.finished(self._clock() + (min(window, ttl) if short else ttl))
         else:  # nothing was paid: a repeat may simply run again (joiners hold the future)
-            self._entries.pop(key, None)
+            self._table(key).pop(key, None)
         return result
 
     def _sweep(self) -> None:
         """Drop every expired entry (amortised: one pass per SWEEP_EVERY new entries), so
         memory follows the request rate over the window, not the entry cap."""
         now = self._clock()
-        expired = [k for k, e in self._entries.items() if e.future.done() and now >= e.expires]
-        for k in expired:
-            del self._entries[k]
+        for table in (self._keyed, self._same):
+            expired = [k for k, e in table.items() if e.future.done() and now >= e.expires]
+            for k in expired:
+                del table[k]
 
     def _live(self, key: tuple[str, ...]) -> _Entry | None:
-        entry = self._entries.get(key)
+        table = self._table(key)
+        entry = table.get(key)
         if entry is not None and entry.future.done() and self._clock() >= entry.expires:
-            del self._entries[key]
+            del table[key]
             return None
         return entry
 
     def _put(self, key: tuple[str, ...], entry: _Entry) -> None:
-        self._entries[key] = entry
+        table = self._table(key)
+        table[key] = entry
         self._puts += 1
         if self._puts % SWEEP_EVERY == 0:
             self._sweep()
-        while len(self._entries) > self._max:  # drop the oldest finished entries first
-            oldest = next((k for k, e in self._entries.items() if e.future.done()), None)
+        # Only keyed entries are capped, oldest finished first: the ledger recalls a dropped
+        # key's payment. A keyless one dropped inside its window would be paid for again.
+        while table is self._keyed and len(table) > self._max:
+            oldest = next((k for k, e in table.items() if e.future.done()), None)
             if oldest is None:
                 break
-            del self._entries[oldest]
+            del table[oldest]
 
 
 def _detached(error: ClawError) -> ClawError:

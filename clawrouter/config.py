@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator
+from pydantic import (
+    Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -121,6 +123,21 @@ class Settings(BaseSettings):
         if base is None:
             raise ValueError("must be an http(s) URL, like https://blockrun.ai/api")
         return base.rstrip("/")
+
+    @model_validator(mode="after")
+    def _encrypted_on_mainnet(self) -> Settings:
+        """Every paid request carries a payment header anyone could settle: on Base mainnet it
+        never crosses a network in clear text. Plain http stays for loopback (the sandbox, a
+        local proxy), which never leaves this machine, and for the testnet."""
+        parts = urlsplit(self.upstream_url)
+        if (self.network == "base" and parts.scheme == "http"
+                and not is_loopback_host(parts.hostname or "")):
+            raise ValueError(
+                "upstream_url (BLOCKRUN_API_URL, --upstream) is plain http:// to another "
+                "machine, which would send every payment unencrypted on Base mainnet: use "
+                "https://, an address on this machine (127.0.0.1, localhost) for a local "
+                'proxy, or network = "base-sepolia" for a test upstream')
+        return self
 
     @field_validator("public_url")
     @classmethod
@@ -241,12 +258,18 @@ def is_loopback_host(host: str) -> bool:
 
 
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
-    """Build settings; `overrides` are CLI flags (None means "not given")."""
+    """Build settings; `overrides` are CLI flags (None means "not given").
+
+    The file is `config_file` (`--config`), else `CLAWROUTER_CONFIG`, else config.toml in the
+    data directory: the variable names one file for every command and the gateways they start
+    (an agent's MCP config sets it once), where `--config` exists only on a command line."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     home = Path(overrides.get("home") or default_home()).expanduser()
+    named = "" if config_file else " (named by CLAWROUTER_CONFIG or --config)"
+    config_file = config_file or os.environ.get("CLAWROUTER_CONFIG") or None  # "" is unset
     path = Path(config_file).expanduser() if config_file else home / "config.toml"
     if config_file and not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"config file not found: {path}{named}")
 
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=path if path.is_file() else None)

@@ -96,6 +96,7 @@ async def start_gateway(settings: Settings, *, advertise: bool = False) -> Runni
     from clawrouter.api.app import create_app
 
     raise_fd_limit()
+    no_core_dumps()
     use_sandbox = settings.sandbox
     if use_sandbox == "auto":
         use_sandbox = (settings.upstream_url == DEFAULT_UPSTREAM
@@ -231,6 +232,28 @@ def raise_fd_limit() -> None:
         log.debug("raised the open file limit (RLIMIT_NOFILE) from %d to %s", soft,
                   "unlimited" if target == unlimited else target)
         return
+
+
+def no_core_dumps() -> None:
+    """Set the soft RLIMIT_CORE to 0 (POSIX; a refusal is logged at debug level).
+
+    A core dump of this process holds the wallet key and the payment headers in flight, and
+    is written where anyone with the file (a bug report, a crash collector) can read it.
+    The hard limit is left alone: code that could raise the soft one again could read the key
+    anyway, and a hard 0 could never be undone by anything this process starts.
+    PR_SET_DUMPABLE would stop the kernel's crash helpers too, but it also makes
+    /proc/<pid>/fd and maps root's, so the user could no longer see the gateway's descriptors
+    or profile it (py-spy): a gateway is the user's own process, and stays inspectable.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows: no core files
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE,
+                           (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    except (OSError, ValueError) as exc:
+        log.debug("could not turn core dumps off (RLIMIT_CORE): %s", exc)
 
 
 def fd_limit() -> int | None:

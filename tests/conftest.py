@@ -47,24 +47,44 @@ class Sandbox:
         return self.stats()["round_trips"]
 
 
-@pytest.fixture(scope="session")
-def sandbox_server() -> Iterator[Sandbox]:
+def _start_sandbox() -> Sandbox:
     from clawrouter.sandbox import SandboxConfig, create_sandbox_app
 
-    server = ServerThread(create_sandbox_app(SandboxConfig(network="base-sepolia",
-                                                           slow_seconds=0.6))).start()
-    yield Sandbox(server)
-    server.stop()
+    return Sandbox(ServerThread(create_sandbox_app(SandboxConfig(network="base-sepolia",
+                                                                 slow_seconds=0.6))).start())
+
+
+def _fresh(sandbox: Sandbox) -> Sandbox:
+    sandbox.reset()
+    sandbox.configure(latency_ms=0, slow_seconds=0.6, finality_seconds=0,
+                      max_timeout_seconds=300, marked=True, url_results=True,
+                      image_bytes=None, verify_cpu_ms=0, accept_v1=False,
+                      max_accepted_timeout_seconds=600)
+    return sandbox
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[Sandbox]:
+    sandbox = _start_sandbox()
+    yield sandbox
+    sandbox.server.stop()
 
 
 @pytest.fixture
 def sandbox(sandbox_server: Sandbox) -> Sandbox:
-    sandbox_server.reset()
-    sandbox_server.configure(latency_ms=0, slow_seconds=0.6, finality_seconds=0,
-                             max_timeout_seconds=300, marked=True, url_results=True,
-                             image_bytes=None, verify_cpu_ms=0, accept_v1=False,
-                             max_accepted_timeout_seconds=600)
-    return sandbox_server
+    return _fresh(sandbox_server)
+
+
+@pytest.fixture
+def own_sandbox() -> Iterator[Sandbox]:
+    """A sandbox of this test's alone, configured as `sandbox` is, for a test that leaves a
+    request hanging in it (or a payment to settle later): in the shared one that request would
+    end in a later test's sandbox (a settlement, a round trip), so the test had to wait it out.
+    At the end it is told to stop, not waited for: the hung request ends on its own, unseen."""
+    sandbox = _fresh(_start_sandbox())
+    yield sandbox
+    sandbox.http.close()
+    sandbox.server.server.should_exit = True
 
 
 class Gateway:

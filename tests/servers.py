@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -31,6 +32,17 @@ def dead_port() -> int:
     s.bind(("127.0.0.1", 0))
     _DEAD.append(s)
     return s.getsockname()[1]
+
+
+def clawrouter_command(*args: str, constants: dict[str, object] | None = None) -> list[str]:
+    """`python -m clawrouter *args`, with module constants set first, as tests of in-process
+    gateways monkeypatch them (`constants={"clawrouter.observe.LOG_FLUSH_SECONDS": 1.0}`):
+    a test of a real process then waits out no hard-coded seconds that it does not test."""
+    code = "".join(f"import {module}; {module}.{name} = {value!r}; "
+                   for path, value in (constants or {}).items()
+                   for module, _, name in [path.rpartition(".")])
+    code += "import runpy; runpy.run_module('clawrouter', run_name='__main__', alter_sys=True)"
+    return [sys.executable, "-c", code, *args]
 
 
 class ServerThread:

@@ -277,7 +277,9 @@ def test_a_terminated_paid_request_says_a_payment_may_be_under_way(tmp_path: Pat
                                                                       sandbox: Any) -> None:
     """An agent's shell timeout sends SIGTERM: the command must not die silently while the
     gateway may have paid, or the agent retries into a second payment."""
-    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 5})
+    # the command is stopped as soon as the payment arrives, seconds before its answer (which
+    # the gateway waits for before this test's end lets it stop)
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 2.5})
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
     environ.update(CLAWROUTER_HOME=str(tmp_path / "cli-home"),

@@ -156,14 +156,13 @@ def test_a_resend_has_only_what_is_left_of_its_requests_time():
     assert asyncio.run(main()) < 4.0  # 2.5 s in all, not 2.5 for each attempt
 
 
-def test_a_request_that_never_gets_a_pooled_connection_was_never_sent():
-    """Every pooled connection busy (a hung upstream, `upstream_max_connections` of them): a
-    request whose time runs out while it waits for one was never sent. A paid one is then
-    recorded as never sent, not as possibly paid, and the client gets a 503 that names the
-    setting and asks it to come back, rather than "unreachable"."""
-    from clawrouter.upstream.exchange import _unsent
+def _queued_behind_a_hung_request(timeout: float, *,
+                                  at_three_quarters: bool = False) -> tuple[TransportError, float]:
+    """A paid-like POST (`timeout`) on a pool of one connection, which a hung request holds:
+    what it failed with and how long it waited (started at x.75 s of the loop's clock if
+    `at_three_quarters`)."""
 
-    async def main() -> TransportError:
+    async def main() -> tuple[TransportError, float]:
         async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await asyncio.sleep(30)
 
@@ -173,18 +172,69 @@ def test_a_request_that_never_gets_a_pooled_connection_was_never_sent():
             client = BlockRunClient(f"http://127.0.0.1:{port}/api", session, timeout=20,
                                     connect_timeout=1)
             hung = asyncio.create_task(client.get(client.url("/hang")))
-            await asyncio.sleep(0.3)
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(0.3 + ((0.75 - (loop.time() + 0.3)) % 1 if at_three_quarters
+                                       else 0))
+            started = loop.time()
             with pytest.raises(TransportError) as waited:
-                await client.post("/v1/images/generations", b"{}", timeout=1.5)
+                await client.post("/v1/images/generations", b"{}", timeout=timeout)
+            waited_for = loop.time() - started
             hung.cancel()
         server.close()
-        return waited.value
+        return waited.value, waited_for
 
-    error = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_a_request_that_never_gets_a_pooled_connection_was_never_sent():
+    """Every pooled connection busy (a hung upstream, `upstream_max_connections` of them): a
+    request whose time runs out while it waits for one was never sent. A paid one is then
+    recorded as never sent, not as possibly paid, and the client gets a 503 that names the
+    setting and asks it to come back, rather than "unreachable"."""
+    from clawrouter.upstream.exchange import _unsent
+
+    error, _ = _queued_behind_a_hung_request(1.5)
     assert error.kind == "busy" and "upstream_max_connections" in error.detail
     answer = _unsent(error, "nothing was sent")
     assert (answer.status, answer.code, answer.extra["payment"]) == (503, "upstream_busy", "none")
     assert answer.response_headers()["Retry-After"] == "5"
+
+
+def test_a_long_wait_for_a_pooled_connection_runs_its_time_and_is_still_never_sent():
+    """A paid request's time runs to its authorization's expiry: waiting its turn for a pooled
+    connection, it waits nearly all of it, and still ends as busy, not as maybe sent. aiohttp
+    rounds a timer over 5 s up to a whole second; started at .75 of a second, the wait's timer
+    and the whole request's would come due in the same turn of the loop, and both firing ends
+    in a plain timeout: a "timeout", which tells the user the request may have been paid."""
+    from clawrouter.upstream.client import CONNECT_MARGIN
+
+    error, waited_for = _queued_behind_a_hung_request(6, at_three_quarters=True)
+    assert error.kind == "busy" and "upstream_max_connections" in error.detail
+    assert waited_for >= 6 - CONNECT_MARGIN  # cut no sooner than the margin before its time
+
+
+def test_a_sent_request_that_gets_no_answer_in_time_is_maybe_sent():
+    """Sent on the pool's only connection and never answered: its time's end is a "timeout"
+    (it may have been paid), never "busy" or "connect" (nothing paid): aiohttp's connect
+    timeout is a TimeoutError too, and only that one means never sent."""
+
+    async def main() -> TransportError:
+        async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(30)
+
+        server = await asyncio.start_server(hang, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with new_session(1) as session:
+            client = BlockRunClient(f"http://127.0.0.1:{port}/api", session, timeout=20,
+                                    connect_timeout=1)
+            with pytest.raises(TransportError) as raised:
+                await client.post("/v1/images/generations", b"{}", timeout=1.0)
+        server.close()
+        return raised.value
+
+    error = asyncio.run(main())
+    assert error.kind == "timeout" and "no answer" in error.detail
 
 
 def test_a_name_that_never_resolves_is_never_sent_and_not_called_busy(monkeypatch):

@@ -134,14 +134,19 @@ def test_slow_model_is_polled_to_completion_and_settles_once(gateway, sandbox):
     assert httpx.get(r.json()["data"][0]["url"]).status_code == 200
 
 
-def test_client_disconnect_during_polling_stops_polling(gateway, sandbox):
+def test_client_disconnect_during_polling_stops_polling(gateway, sandbox, monkeypatch):
+    from clawrouter.upstream import jobs
+
+    # Polling pauses for a client to come back, then gives up: 0.8 s here (not 5, which the
+    # gateway's stop at the end waited out), so that the window below spans both.
+    monkeypatch.setattr(jobs, "REJOIN_SECONDS", 0.8)
     sandbox.configure(slow_seconds=30)
     with pytest.raises(httpx.ReadTimeout):
         gateway.http.post("/v1/images/generations", json={"model": "gpt-image-2", "prompt": "x"},
                           timeout=0.6)
     time.sleep(0.4)
     polls = sandbox.stats()["polls"]
-    time.sleep(0.6)
+    time.sleep(0.9)
     stats = sandbox.stats()
     assert stats["polls"] == polls
     assert stats["settled"] == []

@@ -15,6 +15,7 @@ from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from clawrouter import catalog
+from clawrouter.cli import models as model_table
 from clawrouter.sandbox.images import make_png
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -130,7 +131,8 @@ def test_list_image_models_covers_the_catalog(tmp_path: Path, gateway: Any) -> N
     ids = [m["id"] for m in result.structured_content["models"]]
     assert ids == [m.id for m in catalog.MODELS]
     body = text(result)
-    assert all(m.id in body for m in catalog.MODELS) and "flux was dropped" in body
+    assert all(m.id in body for m in catalog.MODELS) and "dall-e-3" in body and "flux" in body
+    assert model_table.retired_names() in body
 
 
 def test_wallet_status_reports_address_spend_and_budget(tmp_path: Path, make_gateway: Any
@@ -299,20 +301,24 @@ def test_a_cancelled_call_still_stops_its_gateway_and_frees_the_wallet(tmp_path:
     the user's own commands would wait."""
     import json
     import os
+    import sqlite3
     import subprocess
     import time
 
     from clawrouter.config import Settings
     from clawrouter.payment.ledger import in_use, lock_path
-    from tests.servers import dead_port
+    from tests.servers import clawrouter_command, dead_port
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
     env |= mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {
         "CLAWROUTER_SANDBOX": "true", "CLAWROUTER_COALESCE_WINDOW_SECONDS": "2"}
-    lock = lock_path(Settings(home=tmp_path / "client-home").ledger_path_for("base-sepolia"))
-    server = subprocess.Popen([sys.executable, "-m", "clawrouter", "mcp"], env=env, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL)
+    ledger = Settings(home=tmp_path / "client-home").ledger_path_for("base-sepolia")
+    lock = lock_path(ledger)
+    # polling waits 1 s, not 5, for the client that left to come back before it gives up
+    command = clawrouter_command("mcp", constants={
+        "clawrouter.upstream.jobs.REJOIN_SECONDS": 1.0})
+    server = subprocess.Popen(command, env=env, text=True, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert server.stdin is not None and server.stdout is not None
 
     def send(message: dict[str, Any]) -> None:
@@ -327,6 +333,14 @@ def test_a_cancelled_call_still_stops_its_gateway_and_frees_the_wallet(tmp_path:
             time.sleep(0.05)
         return True
 
+    def signed() -> bool:
+        """Whether the call's payment is in the ledger (its paid request is on its way)."""
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)) as db:
+                return db.execute("SELECT count(*) FROM payments").fetchone()[0] > 0
+        except sqlite3.OperationalError:  # not created yet, or busy a moment
+            return False
+
     try:
         send({"id": 0, "method": "initialize", "params": {
             "protocolVersion": "2025-06-18", "capabilities": {},
@@ -337,7 +351,7 @@ def test_a_cancelled_call_still_stops_its_gateway_and_frees_the_wallet(tmp_path:
             "name": "generate_image",
             "arguments": {"prompt": "outlives the agent's timeout", "model": "gpt-image-2"}}})
         assert wait_for(lambda: lock.exists() and in_use(lock))  # its gateway runs the call
-        time.sleep(0.5)  # the slow job is being polled
+        assert wait_for(signed)  # and pays for it: the slow job is polled next
         send({"method": "notifications/cancelled", "params": {"requestId": 1}})
         assert wait_for(lambda: not in_use(lock)), "the cancelled call's gateway still runs"
     finally:
@@ -466,9 +480,9 @@ def test_a_retry_while_the_cancelled_calls_work_still_runs_joins_it(tmp_path: Pa
     work runs, so the retry joins it instead of finding a new gateway and paying again."""
     import time
 
-    with cancelled_while_paying(tmp_path, sandbox, 6,
+    with cancelled_while_paying(tmp_path, sandbox, 4.5,
                                 CLAWROUTER_COALESCE_WINDOW_SECONDS="1") as (mcp, _):
-        time.sleep(2.5)  # past the window; the paid request still waits
+        time.sleep(2.5)  # past the window; the paid request still waits (2 s more)
         mcp.call(2)
         mcp.succeeded(2)
         assert sandbox.stats()["payments_count"] == 1

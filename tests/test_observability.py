@@ -17,7 +17,7 @@ import pytest
 from eth_account import Account
 
 from clawrouter import __version__
-from tests.servers import free_port
+from tests.servers import clawrouter_command, free_port
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -68,13 +68,15 @@ def test_health_endpoints_never_call_the_upstream(gateway, sandbox):
     assert sandbox.stats()["requests"] == {}
 
 
-def run_gateway(tmp_path, sandbox, *args, **env):
+def run_gateway(tmp_path, sandbox, *args, constants=None, **env):
+    """`clawrouter serve` paying `sandbox` (`constants`: as `clawrouter_command`'s)."""
     port = free_port()
     key = Account.create().key.to_0x_hex()
     full_env = {**os.environ, "CLAWROUTER_HOME": str(tmp_path), "BLOCKRUN_API_URL": sandbox.api,
                 "CLAWROUTER_NETWORK": "base-sepolia", "BLOCKRUN_WALLET_KEY": key, **env}
-    proc = subprocess.Popen([sys.executable, "-m", "clawrouter", "serve", "--port", str(port),
-                             "--no-sandbox", *args], env=full_env, stdout=subprocess.PIPE,
+    command = clawrouter_command("serve", "--port", str(port), "--no-sandbox", *args,
+                                 constants=constants)
+    proc = subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     return proc, port, key
 
@@ -392,21 +394,24 @@ def test_the_ready_line_brackets_an_ipv6_address(tmp_path):
         _, stderr = stop(proc)
     if "cannot listen on" in stderr:
         pytest.skip("IPv6 is off on this machine")
-    assert re.match(r"clawrouter ready on http://\[::\]:\d+/v1 ", line), line
+    assert re.match(r"clawrouter ready on http://\[::1\]:\d+/v1 "
+                    r"\(listening on all IPv6 interfaces: \[::\], ", line), line
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_gateway_whose_stderr_nobody_reads_still_stops(tmp_path, sandbox, sig):
     """With its log writer stuck on a full pipe, Ctrl-C or SIGTERM must still end it: the
     writer holds no lock the exit needs, and the exit waits for it once, briefly."""
-    proc, port, _ = run_gateway(tmp_path, sandbox)
+    # the exit's wait for the stuck writer: 1 s here, not 5 (it used to hang for good)
+    proc, port, _ = run_gateway(tmp_path, sandbox,
+                                constants={"clawrouter.observe.LOG_FLUSH_SECONDS": 1.0})
     try:
         assert "ready" in proc.stdout.readline()
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
             for _ in range(600):  # more lines than the pipe holds
                 client.get("/v1/nope")
         proc.send_signal(sig)
-        code = proc.wait(timeout=30)  # (each stuck wait is 5 s; it used to hang for good)
+        code = proc.wait(timeout=30)
         assert code in (-sig, 128 + sig, 0, 1), code
     finally:
         if proc.poll() is None:

@@ -241,18 +241,20 @@ def build_server(connection: Connection, out: str | None = None) -> MCPServer:
         images = [image] if isinstance(image, str) else list(image)
         if not images:
             raise ToolError("Give at least one source image.")
-        sources = [source_arg(s) for s in images]
+        # Making paths absolute resolves their symlinks: file-system work, off the loop.
+        sources, mask_source = await asyncio.to_thread(
+            lambda: ([source_arg(s) for s in images], source_arg(mask) if mask else None))
         result = await connection.run(
-            lambda gw: gw.edit(prompt, sources, mask=source_arg(mask) if mask else None,
-                               model=model, size=size, out=out))
+            lambda gw: gw.edit(prompt, sources, mask=mask_source, model=model, size=size,
+                               out=out))
         return await _image_result("Edited", result, inline)
 
     @server.tool(annotations=free, description=(
         "List the image models: ids, aliases, sizes, price per image on Base and edit/mask "
         "support. Free; needs no gateway."))
     async def list_image_models() -> CallToolResult:
-        text = (model_table.markdown() + f"\n\nEvery request also pays a ${catalog.FEE_USD} fee. "
-                "'dall-e-3' maps to openai/gpt-image-2; flux was dropped by BlockRun.")
+        text = (model_table.markdown() + f"\n\nEvery request also pays a ${catalog.FEE_USD} fee.\n"
+                + model_table.retired_names())
         return CallToolResult(content=[TextContent(type="text", text=text)],
                               structured_content={"models": model_table.cards(),
                                                   "fee_per_request_usd": catalog.FEE_USD})

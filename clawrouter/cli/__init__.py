@@ -8,7 +8,7 @@ import sqlite3
 import sys
 
 from clawrouter import __version__
-from clawrouter.cli.common import CommandError, file_problem
+from clawrouter.cli.common import CommandError, config_named, file_problem
 from clawrouter.launch import AddressInUse
 from clawrouter.payment.ledger import LedgerBusy
 from clawrouter.payment.wallet import WalletError
@@ -22,7 +22,11 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="clawrouter",
         description="A local OpenAI-compatible image gateway that pays BlockRun per image "
-                    "with x402 (USDC on Base).")
+                    "with x402 (USDC on Base).",
+        epilog="Every command that reads the settings takes --config FILE; "
+               "CLAWROUTER_CONFIG=FILE names it for all of them (and for an agent's "
+               "`clawrouter mcp`). Precedence: flags > CLAWROUTER_* variables > that file > "
+               "defaults.")
     root.add_argument("--version", action="version", version=f"clawrouter {__version__}")
     commands = root.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve.register(commands)
@@ -39,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        code = int(args.run(args) or 0)
+        with config_named(args):
+            code = int(args.run(args) or 0)
         sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
         return code
     except BrokenPipeError:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from clawrouter.config import Settings, load_settings
@@ -40,6 +42,35 @@ def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
         raise CommandError(2, f"invalid configuration: {exc}") from None
     _home = settings.home
     return settings
+
+
+#: How every command that reads the settings names its `--config`.
+CONFIG_HELP = ("TOML settings file (default $CLAWROUTER_CONFIG, else "
+               "$CLAWROUTER_HOME/config.toml, ~/.clawrouter/config.toml by default)")
+
+
+def add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+
+
+@contextmanager
+def config_named(args: argparse.Namespace) -> Iterator[None]:
+    """`--config FILE` is `CLAWROUTER_CONFIG=FILE` while the command runs: whatever part of it
+    reads the settings (the gateway it finds or starts, the MCP server's tools) reads that
+    file, not only the part that was handed `args`."""
+    config = getattr(args, "config", None)
+    if not config:
+        yield
+        return
+    before = os.environ.get("CLAWROUTER_CONFIG")
+    os.environ["CLAWROUTER_CONFIG"] = str(Path(config).expanduser().absolute())
+    try:
+        yield
+    finally:  # (a caller embedding `main` keeps its own environment)
+        if before is None:
+            os.environ.pop("CLAWROUTER_CONFIG", None)
+        else:
+            os.environ["CLAWROUTER_CONFIG"] = before
 
 
 def file_problem(exc: BaseException) -> str | None:

@@ -23,6 +23,7 @@ from clawrouter import catalog
 from clawrouter.cli.client import (
     MAYBE_PAID, URL_HELP, Gateway, GatewayError, ImageResult, connect, source_arg,
 )
+from clawrouter.cli.common import add_config
 from clawrouter.validate import MAX_N
 
 _ENV = ("Uses the running gateway (CLAWROUTER_URL, else where `clawrouter serve` listens "
@@ -73,6 +74,7 @@ def _common(p: argparse.ArgumentParser, default_model: str) -> None:
                    help="print one JSON document (model, cost_usd, transaction, images with "
                    "url and path) on stdout and nothing else")
     p.add_argument("--url", help=URL_HELP)
+    add_config(p)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -209,6 +211,13 @@ class Spinner:
             await asyncio.sleep(0.1)
 
 
+def viewer_environment() -> dict[str, str]:
+    """This process's environment without our settings: a viewer (and whatever the desktop
+    starts through it) has no use for BLOCKRUN_WALLET_KEY or CLAWROUTER_API_KEY."""
+    return {name: value for name, value in os.environ.items()
+            if not name.upper().startswith(("CLAWROUTER_", "BLOCKRUN_"))}
+
+
 def open_file(path: str) -> None:
     """Hand a file to the desktop's viewer without waiting for it."""
     if sys.platform == "darwin":
@@ -220,6 +229,6 @@ def open_file(path: str) -> None:
         command = ["xdg-open", path]
     try:
         subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+                         start_new_session=True, env=viewer_environment())
     except OSError as exc:
         print(f"clawrouter: could not open {path}: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from clawrouter.catalog import format_usd
-from clawrouter.cli.common import at_least, settings_from
+from clawrouter.cli.common import add_config, at_least, settings_from
 from clawrouter.payment.ledger import holder, in_use, lock_path
 from clawrouter.payment.networks import NETWORKS
 from clawrouter.plaintext import one_line
@@ -29,7 +29,7 @@ def register(commands: Any) -> None:
                     help="how many to list (default 20)")
     ls.add_argument("--offset", type=at_least(0), default=0, help="skip this many first")
     ls.add_argument("--json", action="store_true", help="print JSON for scripts")
-    ls.add_argument("--config", help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
+    add_config(ls)
     ls.set_defaults(run=run_ls)
     prune = sub.add_parser("prune", help="delete images idle past image_ttl_days, or beyond "
                            "image_max_gb, now",
@@ -37,8 +37,7 @@ def register(commands: Any) -> None:
                                        "CLAWROUTER_IMAGE_MAX_GB now (the gateway also does it "
                                        "in the background).")
     prune.add_argument("--json", action="store_true", help="print JSON for scripts")
-    prune.add_argument("--config",
-                       help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
+    add_config(prune)
     prune.set_defaults(run=run_prune)
 
 
@@ -52,14 +51,26 @@ def run_ls(args: argparse.Namespace) -> int:
         print(f"No images past the first {args.offset}." if args.offset else
               "No images stored yet.")
         return 0
-    for row in rows:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"]))
-        cost = format_usd(row.get("cost_micro") or 0)
-        prompt = one_line(row.get("prompt") or "", 51)  # a prompt may hold terminal escapes
-        print(f"{when}  {row['name']}  {row.get('model') or '-':<28} {row.get('size') or '-':>9}"
-              f"  {cost}  {prompt}")
-        print(f"{'':18}{row['path']}")
+    print("\n".join(listing(rows)))
     return 0
+
+
+def listing(rows: list[dict[str, Any]]) -> list[str]:
+    """Two lines per image: time, name, model, size, cost and prompt in columns as wide as
+    this page's widest (costs and names differ in length: $0.021, $0.04725; .png, .jpeg),
+    then its path."""
+    cells = [(time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"])), row["name"],
+              row.get("model") or "-", row.get("size") or "-",
+              format_usd(row.get("cost_micro") or 0),
+              one_line(row.get("prompt") or "", 51))  # a prompt may hold terminal escapes
+             for row in rows]
+    name, model, size, cost = (max(len(c[i]) for c in cells) for i in (1, 2, 3, 4))
+    lines = []
+    for (when, n, m, sz, usd, prompt), row in zip(cells, rows):
+        lines.append(f"{when}  {n:<{name}}  {m:<{model}}  {sz:>{size}}  {usd:>{cost}}  "
+                     f"{prompt}".rstrip())
+        lines.append(f"{'':18}{row['path']}")
+    return lines
 
 
 def run_prune(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from clawrouter.cli.client import URL_HELP
+from clawrouter.cli.common import add_config
 
 
 def register(commands: Any) -> None:
@@ -22,8 +23,11 @@ def register(commands: Any) -> None:
         "to CLAWROUTER_OUT (default ~/Pictures/clawrouter).",
         epilog="Example (Claude Desktop / Claude Code config): "
         '{"mcpServers": {"clawrouter": {"command": "/path/to/.venv/bin/clawrouter", '
-        '"args": ["mcp"]}}} (the full path: an MCP client does not read your shell\'s PATH)')
+        '"args": ["mcp"]}}} (the full path: an MCP client does not read your shell\'s PATH); '
+        'add "env": {"CLAWROUTER_CONFIG": "/path/to/my.toml"} to use a settings file of '
+        "your own (as `serve --config` does)")
     p.add_argument("--url", help=URL_HELP)
+    add_config(p)
     p.add_argument("--out", metavar="DIR", help="directory for saved images (default "
                    "$CLAWROUTER_OUT or ~/Pictures/clawrouter)")
     p.set_defaults(run=run_mcp)

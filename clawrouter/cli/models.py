@@ -32,9 +32,24 @@ def run_models(args: argparse.Namespace) -> int:
     else:
         print(table())
         print(f"\nPrices are per image on Base (list × {catalog.BASE_MARKUP}), plus "
-              f"${catalog.FEE_USD} per request. Old names still accepted: dall-e-3 "
-              "(and dall-e, dalle) → openai/gpt-image-2. flux was dropped.")
+              f"${catalog.FEE_USD} per request.")
+        print(retired_names())
     return 0
+
+
+def retired_names() -> str:
+    """Every retired name the catalog knows, as the README and the agent skill list them:
+    the renamed ones that still work, and the dropped ones that are refused."""
+    lines = []
+    for target in dict.fromkeys(r.target for r in catalog.RENAMED.values()):
+        names = [name for name, r in catalog.RENAMED.items() if r.target == target]
+        sizes = {old: new for name in names for old, new in catalog.RENAMED[name].sizes.items()}
+        mapped = ", ".join(f"{old} → {new}" for old, new in sizes.items())
+        lines.append(f"Retired names that still work: {', '.join(names)} → {target}"
+                     + (f" (sizes {mapped})" if mapped else "") + ".")
+    lines.append(f"Dropped by BlockRun, refused (400 model_dropped, naming what to use "
+                 f"instead): {', '.join(catalog.DROPPED)}.")
+    return "\n".join(lines)
 
 
 def cards() -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from clawrouter.config import Settings, url_host
 from clawrouter.launch import SANDBOX_NETWORK, bind, run_async, start_gateway
-from clawrouter.cli.common import settings_from
+from clawrouter.cli.common import add_config, settings_from
 from clawrouter.payment.wallet import WalletKey
 
 log = logging.getLogger("clawrouter.serve")
@@ -21,7 +21,7 @@ def register(commands: Any) -> None:
                             "starts the built-in sandbox upstream unless --no-sandbox is given.")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 8402)")
-    p.add_argument("--config", help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
+    add_config(p)
     p.add_argument("--upstream", help="BlockRun API base URL (default https://blockrun.ai/api)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--sandbox", dest="sandbox", action="store_const", const=True,
@@ -67,14 +67,33 @@ async def serve(settings: Settings) -> int:
     running = await start_gateway(settings, advertise=True)  # its file problems: `main`
     report_wallet(running.app.state.gw.wallet, running.settings)
     mode = " (sandbox: no real payments)" if running.sandbox else ""
-    host = "localhost" if settings.loopback else url_host(settings.host or "0.0.0.0")
     # one write: log lines come from a thread of their own, and may share the pipe (2>&1)
-    sys.stdout.write(f"clawrouter ready on http://{host}:{running.port}/v1 — wallet "
-                     f"{running.app.state.gw.address} — upstream "
+    sys.stdout.write(f"clawrouter ready on {ready_address(settings.host, running.port)} — "
+                     f"wallet {running.app.state.gw.address} — upstream "
                      f"{running.settings.upstream_url}{mode}\n")
     sys.stdout.flush()
     await running.wait()
     return 0
+
+
+#: hosts that mean "every interface": (a name a client here connects to, what they listen on)
+_ALL_INTERFACES = {"0.0.0.0": ("localhost", "all interfaces: 0.0.0.0"),
+                   "::": ("[::1]", "all IPv6 interfaces: [::]"),  # (bound IPv6 only)
+                   "": ("localhost", "all interfaces: 0.0.0.0 and [::]")}
+
+
+def ready_address(host: str, port: int) -> str:
+    """The base URL the ready line shows: one a client can use. http://0.0.0.0:8402 (a
+    container's) is where the gateway listens, not an address to connect to: a client on this
+    machine uses localhost, others this machine's address, so the listen address is said
+    apart."""
+    if host in _ALL_INTERFACES:
+        name, listening = _ALL_INTERFACES[host]
+        return f"http://{name}:{port}/v1 (listening on {listening}, port {port})"
+    # localhost is 127.0.0.1 to every client; another loopback address (::1, 127.0.0.2) is
+    # named as it is, or a client would knock where nobody listens
+    local = "localhost" if host in ("127.0.0.1", "localhost") else url_host(host)
+    return f"http://{local}:{port}/v1"
 
 
 def report_wallet(wallet: WalletKey, settings: Settings) -> None:

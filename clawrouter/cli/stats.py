@@ -19,7 +19,7 @@ from typing import Any
 
 from clawrouter.catalog import format_dollars, format_usd
 from clawrouter.cli.client import GatewayError, NoGateway, connect
-from clawrouter.cli.common import CommandError, at_least, settings_from
+from clawrouter.cli.common import CommandError, add_config, at_least, settings_from
 from clawrouter.config import Settings
 from clawrouter.payment.budget import Budget
 from clawrouter.payment.networks import NETWORKS
@@ -37,7 +37,7 @@ def register(commands: Any) -> None:
         description="Spending: today, this month and in total (settled and pending), by model, "
                     "by day, and the latest payments with their status and transaction. Read "
                     "from the running gateway, else from the ledger file.")
-    p.add_argument("--config", help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
+    add_config(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON only")
     p.add_argument("--latest", type=at_least(0, LATEST_MAX), default=20, metavar="N",
                    help=f"how many of the latest payments to list (default 20, at most "
@@ -54,12 +54,25 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
+    pointers = [f"Payments on {name} ({_kind(name)}) are kept apart, in {path}: "
+                f"CLAWROUTER_NETWORK={name} clawrouter stats" for name, path in others.items()]
+    if pointers and _no_payments(summary):  # what was asked for is empty: say where to look
+        print("\n".join(pointers) + "\n")
+        pointers = []
     print(render(summary, source))
-    for name, path in others.items():
-        kind = "the sandbox's and testnet ones" if NETWORKS[name].testnet else "real USDC"
-        print(f"\nPayments on {name} ({kind}) are kept apart, in {path}: "
-              f"CLAWROUTER_NETWORK={name} clawrouter stats")
+    for pointer in pointers:
+        print(f"\n{pointer}")
     return 0
+
+
+def _kind(network: str) -> str:
+    return "the sandbox's and testnet ones" if NETWORKS[network].testnet else "real USDC"
+
+
+def _no_payments(summary: dict[str, Any]) -> bool:
+    """Nothing in this ledger at all (a rejected payment shows only among the latest)."""
+    total = summary["total"]
+    return not (total["payments"] or total["pending"]["payments"] or summary.get("latest"))
 
 
 def other_ledgers(settings: Settings, shown: str) -> dict[str, Path]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from clawrouter.catalog import format_dollars
 from clawrouter.cli.client import URL_HELP, GatewayError, advertised, connect, foreign, probe
+from clawrouter.cli.common import add_config
 from clawrouter.config import Settings
 
 
@@ -33,6 +34,7 @@ def register(commands: Any) -> None:
     s.add_argument("--json", action="store_true",
                    help="print one JSON document ({health, spend}) on stdout and nothing else")
     s.add_argument("--url", help=URL_HELP)
+    add_config(s)
     s.set_defaults(run=run_status)
 
     d = commands.add_parser(
@@ -45,7 +47,7 @@ def register(commands: Any) -> None:
     d.add_argument("--json", action="store_true",
                    help="print one JSON document ({ok, checks: [{name, status, detail, fix}]}) "
                    "on stdout and nothing else")
-    d.add_argument("--config", help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
+    add_config(d)
     d.set_defaults(run=run_doctor)
 
 
@@ -128,9 +130,9 @@ async def doctor(config: str | None = None) -> list[Check]:
         return [Check("config", "fail", detail,
                       "fix the setting named above in the TOML file or the CLAWROUTER_* "
                       "environment (see config.example.toml)")]
-    source = config or settings.home / "config.toml"
-    checks = [Check("config", "ok", f"loaded (file {source}"
-                    + ("" if Path(source).is_file() else ", not present: defaults") + ")")]
+    read = settings._config_file  # --config, CLAWROUTER_CONFIG or the data directory's
+    checks = [Check("config", "ok", f"loaded (file {read})" if read else
+                    f"loaded (file {settings.home / 'config.toml'}, not present: defaults)")]
     key = settings.wallet_key.get_secret_value() if settings.wallet_key else None
     checks.append(await asyncio.to_thread(check_wallet, settings.home, key,
                                           settings.wallet_key_source))
@@ -146,7 +148,7 @@ def check_wallet(home: Path, configured_key: str | None,
                  source: str = "BLOCKRUN_WALLET_KEY") -> Check:
     """A configured key (BLOCKRUN_WALLET_KEY, or `wallet_key` in the TOML file: `source`)
     wins over the file, as in `serve`."""
-    from clawrouter.payment.wallet import WalletError, check_key
+    from clawrouter.payment.wallet import WalletError, check_key, read_key_file
 
     if configured_key:
         try:
@@ -165,8 +167,14 @@ def check_wallet(home: Path, configured_key: str | None,
         return Check("wallet", "fail", f"{path} has mode {mode:04o}: others can read the key",
                      f"chmod 600 {path}")
     try:
-        check_key(path.read_text(), str(path))
-    except (WalletError, OSError) as exc:
+        text = read_key_file(path)
+    except WalletError as exc:  # not ASCII (a UTF-16 file): the key may be fine
+        return Check("wallet", "fail", str(exc), "rewrite the file as ASCII, as above")
+    except OSError as exc:
+        return Check("wallet", "fail", str(exc), f"make {path} readable by this user")
+    try:
+        check_key(text, str(path))
+    except WalletError as exc:
         return Check("wallet", "fail", str(exc), f"restore the key file {path} from your "
                      "backup (never replace it if it holds funds)")
     return Check("wallet", "ok", f"{path} (mode 0600)")
@@ -237,8 +245,8 @@ async def check_upstream(url: str, sandbox: bool | str) -> Check:
     from clawrouter.launch import upstream_reachable
 
     if sandbox is True:
-        return Check("upstream", "skip", "sandbox forced (CLAWROUTER_SANDBOX=true): no real "
-                     "images or payments")
+        return Check("upstream", "skip", "sandbox forced (`sandbox = true` in the settings): "
+                     "no real images or payments")
     if await upstream_reachable(url):
         return Check("upstream", "ok", f"{url} answers")
     fallback = " (`serve` would fall back to the sandbox: no real images)" \

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clawrouter.catalog import MICRO, format_usd
-from clawrouter.cli.common import CommandError, settings_from
+from clawrouter.cli.common import CONFIG_HELP, CommandError, settings_from
 from clawrouter.config import Settings
 from clawrouter.payment.networks import NETWORKS, Network
 from clawrouter.payment.wallet import (
-    WalletError, check_key, create_key_file, draft_path, write_private,
+    WalletError, check_key, create_key_file, draft_path, read_key_file, write_private,
 )
 from clawrouter.store.files import fsync_dir
 
@@ -94,7 +94,7 @@ def _config_option(parser: argparse.ArgumentParser,
     # SUPPRESS on subcommands, so `wallet --config X create` keeps X instead of the
     # subcommand's own default overwriting it.
     parser.add_argument("--config", default=argparse_default,
-                        help="TOML settings file (default $CLAWROUTER_HOME/config.toml)")
+                        metavar="FILE", help=CONFIG_HELP)
 
 
 # --- the key in use -----------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def key_in_use(settings: Settings) -> KeyInUse | None:
         key = check_key(settings.wallet_key.get_secret_value(), source)
         return KeyInUse(key, "env" if source == ENV_KEY else "setting", path)
     if path.exists():
-        return KeyInUse(check_key(path.read_text(), str(path)), "file", path)
+        return KeyInUse(check_key(read_key_file(path), str(path)), "file", path)
     return None
 
 
@@ -286,9 +286,8 @@ def run_import(args: argparse.Namespace) -> int:
     path = settings.home / KEY_FILE
     old_address = None
     if path.exists():
-        old_raw = path.read_text()
         try:
-            old_key = check_key(old_raw, str(path))
+            old_key = check_key(read_key_file(path), str(path))
             old_address = address_of(old_key)
         except WalletError:
             old_key, old_address = None, "unreadable key"
@@ -343,7 +342,7 @@ def _read_import(source: str | None) -> tuple[str, str]:
     candidates = IMPORT_SOURCES[source]()
     for path in candidates:
         if path.is_file():
-            return path.read_text(), str(path)
+            return read_key_file(path), str(path)
     raise CommandError(1, f"no {source} wallet found (looked for "
                    f"{', '.join(str(p) for p in candidates)})")
 
@@ -371,9 +370,10 @@ def confirm(question: str) -> bool | None:
 
 
 def backup_key_file(path: Path) -> Path:
-    """Copy the key file to `<name>.bak-<time>` (0600, a name not yet taken)."""
+    """Copy the key file to `<name>.bak-<time>` (0600, a name not yet taken), byte for byte:
+    one that is not ASCII text (`read_key_file`) may still be the only copy of a key."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    text = path.read_text()
+    text = path.read_bytes()
     for suffix in ("", *(f"-{i}" for i in range(1, 100))):
         backup = path.with_name(f"{path.name}.bak-{stamp}{suffix}")
         try:

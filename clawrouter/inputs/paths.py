@@ -4,8 +4,11 @@ A path is judged before anything is opened, in this order: no hidden component i
 written; not in a forbidden folder (the gateway's data directory holds the wallet key); after
 resolving symlinks and `..`, inside an allowed root; no hidden component below that root. Only
 then is the file stat'ed — so the answer never reveals whether a file outside the roots exists —
-and read, at most its stat'ed size (itself within the cap). Judging and reading are separate
-steps (`judge_local_image`, `read_judged`) so the gateway can wait for memory between them.
+and read, at most its stat'ed size (itself within the cap). Both walk the resolved path from `/`
+one folder at a time without following a symlink (`_open_parent`), so a folder or file swapped
+for one since it was resolved is neither described nor read, and no folder on the way may be
+the data directory by identity, whatever its name. Judging and reading are separate steps
+(`judge_local_image`, `read_judged`) so the gateway can wait for memory between them.
 Whatever passes must still sniff as an image, so a text secret renamed `photo.png` is refused
 by the caller.
 
@@ -14,6 +17,7 @@ Everything here blocks; call it through `asyncio.to_thread`.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterable
@@ -31,6 +35,17 @@ _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBL
 _DIR_FLAGS = (getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0)
               | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
 _READ_CHUNK = 1024 * 1024
+#: what an open of a judged file fails with when its path changed since (gone, a folder on its
+#: way replaced by a file, the file by a symlink: O_NOFOLLOW's ELOOP); other errors are said as is
+_CHANGED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+
+
+class _Changed(OSError):
+    """A component of a resolved path is a symlink now: it changed since it was resolved."""
+
+
+class _DataDirectory(OSError):
+    """A folder on the way is the data directory (or another forbidden one), by identity."""
 
 
 def path_from_file_url(value: str, *, param: str) -> str:
@@ -77,11 +92,18 @@ def judge_local_image(raw: str, policy: InputPolicy, *, cwd: Path | None,
     real = _judged_path(raw, policy, cwd=cwd, param=param)
     shown = shorten(raw)
     try:
-        before = os.stat(real)
+        before = _stat_judged(real, _identities(policy.forbidden))
+    except _DataDirectory:
+        refuse(f"{shown!r} is inside the gateway's data directory", param=param,
+               code=PATH_REFUSED)
+    except _Changed:
+        refuse(f"{shown!r} changed while it was being judged", param=param, code=PATH_REFUSED)
     except (FileNotFoundError, NotADirectoryError):
         refuse(f"no such file: {shown!r}", param=param, code=FILE_NOT_FOUND)
     except OSError as exc:
         refuse(f"cannot read {shown!r} ({exc.strerror})", param=param, code=PATH_REFUSED)
+    if stat.S_ISLNK(before.st_mode):
+        refuse(f"{shown!r} changed while it was being judged", param=param, code=PATH_REFUSED)
     if not stat.S_ISREG(before.st_mode):
         refuse(f"{shown!r} is not a regular file", param=param, code=PATH_REFUSED)
     check_size(before.st_size, max_bytes=policy.max_bytes, param=param)
@@ -95,8 +117,10 @@ def read_judged(judged: JudgedFile, *, param: str) -> bytes:
     try:
         fd = _open_judged(judged.real)
     except OSError as exc:
-        refuse(f"cannot read {shown!r} ({exc.strerror}; did it change while being read?)",
-               param=param, code=PATH_REFUSED)
+        if isinstance(exc, _Changed) or exc.errno in _CHANGED:
+            refuse(f"{shown!r} changed while it was being read", param=param,
+                   code=PATH_REFUSED)
+        refuse(f"cannot read {shown!r} ({exc.strerror})", param=param, code=PATH_REFUSED)
     try:
         # The file we opened must be the one we judged, not one swapped in after the checks:
         # no component of its path was followed as a symlink (O_NOFOLLOW at every level), and
@@ -120,24 +144,88 @@ def bare_name_exists(name: str, policy: InputPolicy, *, cwd: Path | None, param:
     return os.path.lexists(working_folder(cwd, param=param) / name)
 
 
+def _stat_judged(real: Path, forbidden: frozenset[tuple[int, int]]) -> os.stat_result:
+    """The stat of the resolved path `real` itself (a symlink now is not followed), reached by
+    the walk that opens it, and refused if a folder on its way is one of `forbidden`."""
+    parent, name = _open_parent(real, forbidden)
+    try:
+        return os.stat(name, dir_fd=parent, follow_symlinks=False)
+    finally:
+        if parent is not None:
+            os.close(parent)
+
+
 def _open_judged(real: Path) -> int:
-    """Open the resolved path `real` one component at a time, each relative to the folder
-    opened before it and with O_NOFOLLOW: a parent folder swapped for a symlink since `real`
-    was judged (say, to the data directory) fails to open instead of being followed."""
+    """Open the resolved path `real` for reading by the same walk, with O_NOFOLLOW on the file
+    too. (Which file it is, is `read_judged`'s check: the one judged.)"""
+    parent, name = _open_parent(real, frozenset())
+    try:
+        return os.open(name, _OPEN_FLAGS, dir_fd=parent)
+    finally:
+        if parent is not None:
+            os.close(parent)
+
+
+def _open_parent(real: Path, forbidden: frozenset[tuple[int, int]]) -> tuple[int | None, str]:
+    """The folder `real` is in, opened from `/` one component at a time, each relative to the
+    folder opened before it and with O_NOFOLLOW (O_PATH where there is one: search permission
+    is enough, as for a path lookup), and the name to look up in it. A folder swapped for a
+    symlink since `real` was resolved is not followed (`_Changed`), and none of the folders may
+    be one of `forbidden` by (device, inode): a bind mount or a differently-cased name is the
+    same folder (`_DataDirectory`). Without `dir_fd` support: (None, `real`) as one name."""
     if os.open not in os.supports_dir_fd:
-        return os.open(real, _OPEN_FLAGS)
+        return None, str(real)
     fd = os.open("/", _DIR_FLAGS)
     try:
+        _refuse_forbidden(fd, forbidden)
         for part in real.parts[1:-1]:
             parent, fd = fd, -1
             try:
-                fd = os.open(part, _DIR_FLAGS, dir_fd=parent)
+                fd = _open_folder(part, parent)
             finally:
                 os.close(parent)
-        return os.open(real.name, _OPEN_FLAGS, dir_fd=fd)
-    finally:
+            _refuse_forbidden(fd, forbidden)
+    except BaseException:
         if fd >= 0:
             os.close(fd)
+        raise
+    return fd, real.name
+
+
+def _open_folder(name: str, parent: int) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except OSError as exc:
+        # O_NOFOLLOW with O_DIRECTORY refuses a symlink as ENOTDIR (O_PATH) or ELOOP
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_symlink(name, parent):
+            raise _Changed(exc.errno, "a folder on the way is a symlink now") from None
+        raise
+
+
+def _is_symlink(name: str, parent: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _refuse_forbidden(fd: int, forbidden: frozenset[tuple[int, int]]) -> None:
+    if forbidden:
+        folder = os.fstat(fd)
+        if (folder.st_dev, folder.st_ino) in forbidden:
+            raise _DataDirectory(errno.EACCES, "the data directory")
+
+
+def _identities(folders: Iterable[Path]) -> frozenset[tuple[int, int]]:
+    """(device, inode) of each folder that exists: what every name for it shares."""
+    found = set()
+    for folder in folders:
+        try:
+            info = os.stat(Path(folder).expanduser())
+        except (OSError, ValueError):
+            continue
+        found.add((info.st_dev, info.st_ino))
+    return frozenset(found)
 
 
 def _judged_path(raw: str, policy: InputPolicy, *, cwd: Path | None, param: str) -> Path:

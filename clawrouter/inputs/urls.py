@@ -185,7 +185,8 @@ _ADVICE = {
 
 def _describe(address: IPAddress) -> str:
     problem = address_problem(address)
-    kind = f"a {problem} address" if problem else "an address outside the allowed set"
+    article = "an" if problem and problem[0] in "aeiou" else "a"
+    kind = f"{article} {problem} address" if problem else "an address outside the allowed set"
     return kind + _ADVICE.get(problem or "", "")
 
 

@@ -27,7 +27,6 @@ import functools
 import heapq
 import logging
 import os
-import re
 import secrets
 import sqlite3
 import threading
@@ -39,7 +38,7 @@ from typing import IO, Any, Callable, Protocol, TypeVar
 
 from clawrouter.catalog import MICRO
 from clawrouter.groupcommit import GroupCommit, Outcome
-from clawrouter.plaintext import one_line
+from clawrouter.plaintext import one_line, scrub
 
 try:  # POSIX: one gateway per ledger, or two processes would each enforce budgets alone
     import fcntl
@@ -73,8 +72,6 @@ CHAIN_PATIENCE = 24 * 3600
 #: ended first): it cost nothing, and its Idempotency-Key may run again (`paid_for`)
 NEVER_SENT = "never sent"
 NOTE_MAX = 300
-# Runs this long are keys, nonces, tx hashes or base64 payment headers: never stored in a note.
-_SECRETISH = re.compile(r"[A-Za-z0-9+/_-]{64,}=*")
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS payments (
@@ -207,10 +204,11 @@ def day_start(day: date) -> float:
 
 def clean_note(note: str | None) -> str | None:
     """Short, single-line plain text (`plaintext`: an upstream's words reach terminals), and
-    without anything that could be a key or a payment header."""
+    without anything that could be a key or a payment header (`scrub`: the payment this
+    request sent, in any form, and long hex or base64 runs, split into words or not)."""
     if note is None:
         return None
-    return one_line(_SECRETISH.sub("[redacted]", str(note)), NOTE_MAX) or None
+    return one_line(scrub(note), NOTE_MAX) or None
 
 
 class Ledger:

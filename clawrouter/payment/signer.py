@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import coincurve
@@ -54,7 +54,9 @@ def signable(network: Network, authorization: dict[str, Any]):
 
 @dataclass(frozen=True)
 class SignedPayment:
-    header: str  # the header's value; a bearer instrument: never log it
+    #: the header's value, signature included: a bearer instrument, so never logged and kept
+    #: out of the repr (a traceback's locals, a debug log)
+    header: str = field(repr=False)
     amount: int
     pay_to: str
     nonce: str

@@ -51,6 +51,20 @@ def check_key(key: str, where: str) -> str:
     return key
 
 
+def read_key_file(path: Path) -> str:
+    """A key file's text, or `WalletError` when it is not ASCII text (PowerShell 5's `>` and
+    `Out-File` write UTF-16): the message says how to rewrite it, never what it holds."""
+    data = path.read_bytes()
+    if b"\0" not in data and data.isascii():
+        return data.decode("ascii")
+    utf16 = " (it looks like UTF-16, which PowerShell 5's > and Out-File write)" if (
+        data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\0" in data) else ""
+    raise WalletError(
+        f"{path} is not ASCII text{utf16}: a wallet key file holds one line of ASCII, 0x "
+        "followed by 64 hex characters. Rewrite it as ASCII, e.g. in PowerShell: "
+        f"(Get-Content '{path}') | Set-Content -Encoding ascii '{path}'")
+
+
 def load_wallet(home: Path, env_key: str | None,
                 where: str = "BLOCKRUN_WALLET_KEY") -> WalletKey:
     """The configured key (`env_key`, set in `where`: named when it is malformed), else the
@@ -66,7 +80,7 @@ def load_wallet(home: Path, env_key: str | None,
             if not path.exists():  # not there to read, yet there: a broken link, say
                 raise WalletError(f"{path} exists but cannot be read (a broken link?); move "
                                   "it away, or set BLOCKRUN_WALLET_KEY") from None
-    key = check_key(path.read_text(), str(path))
+    key = check_key(read_key_file(path), str(path))
     _keep_private(path)
     return WalletKey(key, "file", path)
 
@@ -136,13 +150,13 @@ def _remove_stale_drafts(path: Path) -> None:
             continue
 
 
-def write_private(path: Path, text: str) -> None:
-    """Create `path` (never an existing one) with mode 0600 and `text`, synced to disk; a
-    write that fails leaves nothing behind."""
+def write_private(path: Path, text: str | bytes) -> None:
+    """Create `path` (never an existing one) with mode 0600 and `text` (bytes: as they are,
+    for a backup), synced to disk; a write that fails leaves nothing behind."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

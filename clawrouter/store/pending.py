@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from clawrouter.plaintext import scrub
 from clawrouter.store.db import MetadataDB, PendingRow
 from clawrouter.store.download import DownloadRefused, Getter
 from clawrouter.store.records import Deferred, ImageMeta, StoredImage
@@ -58,14 +59,14 @@ class PendingDownloads:
                 self._db.add_pending, url, meta, created=time.time(), error=error,
                 next_attempt=next_attempt)
         except Exception:
-            log.exception("could not record a deferred result download: %s", url)
+            log.exception("could not record a deferred result download: %s", scrub(url))
             return Deferred(url=url, error=error, pending_id=None)
         if next_attempt is not None:
             self._rows[pending_id] = PendingRow(
                 id=pending_id, url=url, meta=meta, attempts=1, next_attempt=next_attempt,
                 last_error=error, state="pending")
             self._wake.set()
-        log.warning("result download deferred (%s): %s", error, url)
+        log.warning("result download deferred (%s): %s", scrub(error), scrub(url))
         return Deferred(url=url, error=error, pending_id=pending_id)
 
     async def run(self, session: Getter) -> None:
@@ -97,14 +98,14 @@ class PendingDownloads:
             if next_attempt is None:
                 self._rows.pop(row.id, None)
                 log.warning("result download gave up after %d attempts (%s): %s",
-                            attempts, exc, row.url)
+                            attempts, scrub(exc), scrub(row.url))
             else:
                 self._rows[row.id] = replace(row, attempts=attempts, next_attempt=next_attempt,
                                              last_error=str(exc))
             return
         await self._run_db(self._db.delete_pending, row.id)
         self._rows.pop(row.id, None)
-        log.info("deferred result download stored as %s: %s", image.name, row.url)
+        log.info("deferred result download stored as %s: %s", image.name, scrub(row.url))
 
     def _next_attempt(self, attempts: int) -> float | None:
         """When to try again after `attempts` failures, or None to give up."""

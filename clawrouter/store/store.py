@@ -34,6 +34,7 @@ import aiohttp
 
 from clawrouter.groupcommit import GroupCommit, Outcome
 from clawrouter.inputs.addresses import is_public_address
+from clawrouter.plaintext import scrub
 from clawrouter.sniff import EXTENSIONS, sniff_image
 from clawrouter.store import files
 from clawrouter.store.cache import ByteCache
@@ -275,7 +276,8 @@ class ImageStore:
         try:
             return await self.fetch_and_put(url, meta, session)
         except DownloadRefused as exc:  # retrying cannot help: nothing to record
-            log.warning("result download refused (%s): %s", exc, url)
+            # the upstream's URL, which may quote the payment we sent it: scrubbed in the log
+            log.warning("result download refused (%s): %s", scrub(exc), scrub(url))
             return Deferred(url=url, error=str(exc), pending_id=None)
         except Exception as exc:
             error = str(exc) if isinstance(exc, DownloadFailed) else f"{type(exc).__name__}: {exc}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -29,6 +28,12 @@ SANDBOX_MARKER = "x-blockrun-sandbox"
 
 #: `TransportError` kinds of a request that never left this machine
 NEVER_SENT = frozenset({"connect", "busy"})
+#: how long before a request's whole time its wait for a connection ends (a quarter of it
+#: under 2 s: a resend may have 1 s). The loop handles the connect timer's end before the
+#: total's comes due, unless it stalls that long: then the request counts as maybe sent
+CONNECT_MARGIN = 0.5
+#: aiohttp's default: timers longer than this are rounded up to a whole second
+_CEIL_THRESHOLD = aiohttp.ClientTimeout().ceil_threshold
 
 
 class TransportError(Exception):
@@ -147,7 +152,18 @@ class BlockRunClient:
         return replace(response, resent=True)
 
     def _limit(self, total: float) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=total, sock_connect=self._connect_timeout)
+        """The whole request gets `total`; getting a connection (a free pooled one, DNS, TCP)
+        a little less, so a request stuck before sending ends in aiohttp's
+        ConnectionTimeoutError, which it raises before sending only: that, and nothing else,
+        is never sent.
+
+        The connect timer must come due before the total's, not at the same instant (whichever
+        runs first decides the exception). aiohttp rounds a timer longer than `ceil_threshold`
+        up to a whole second: at `total`, the total's is rounded as by default and the connect
+        one never is, so it is due at least the margin sooner."""
+        return aiohttp.ClientTimeout(total=total, sock_connect=self._connect_timeout,
+                                     connect=total - min(CONNECT_MARGIN, total / 4),
+                                     ceil_threshold=max(_CEIL_THRESHOLD, total))
 
     async def _send(self, method: str, url: str, body: bytes | None,
                     headers: dict[str, str] | None,
@@ -156,13 +172,12 @@ class BlockRunClient:
         if body is not None:
             send_headers["Content-Type"] = "application/json"
         send_headers.update(headers or {})
-        progress = _Progress()
         started = time.perf_counter()
         try:
             data = SlicedBody(body) if body is not None and len(body) > SlicedBody.SLICE else body
             async with self._session.request(method, url, data=data, headers=send_headers,
-                                             allow_redirects=False, timeout=timeout,
-                                             trace_request_ctx=progress) as resp:
+                                             allow_redirects=False,
+                                             timeout=timeout) as resp:
                 data = await read_capped(resp, self.max_answer_bytes)
                 answer = UpstreamResponse(
                     resp.status, {k.lower(): v for k, v in resp.headers.items()}, data,
@@ -174,17 +189,8 @@ class BlockRunClient:
             raise TransportError("too_large", f"the answer from {self.origin} is too large "
                                               f"({exc})") from None
         except aiohttp.ConnectionTimeoutError:  # (an asyncio.TimeoutError too) before sending
-            raise TransportError("connect", f"cannot connect to {self.origin} within "
-                                            f"{self._connect_timeout:g} s "
-                                            "(upstream_connect_timeout)") from None
-        except asyncio.TimeoutError:
-            if progress.queued:  # still waiting for a free pooled connection: never sent
-                raise TransportError("busy", f"every connection to {self.origin} was busy "
-                                             "for the whole request's time (raise "
-                                             "upstream_max_connections)") from None
-            if not progress.connected:  # no connection made (a name that never resolved)
-                raise TransportError("connect", f"no connection to {self.origin} was made "
-                                                f"within {timeout.total:g} s") from None
+            raise self._unconnected(timeout, time.perf_counter() - started) from None
+        except asyncio.TimeoutError:  # sent (or stalled, see CONNECT_MARGIN): maybe sent
             raise TransportError("timeout", f"no answer from {self.origin} within "
                                             f"{timeout.total:g} s") from None
         except aiohttp.ClientConnectorError as exc:
@@ -193,6 +199,34 @@ class BlockRunClient:
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise TransportError("dropped", f"connection to {self.origin} failed: "
                                             f"{type(exc).__name__}") from None
+
+    def _unconnected(self, timeout: aiohttp.ClientTimeout, elapsed: float) -> TransportError:
+        """Why a request got no connection: every pooled one busy, or none made."""
+        if self._pool_full():
+            return TransportError("busy", f"every connection to {self.origin} was busy for the "
+                                          "whole request's time (raise "
+                                          "upstream_max_connections)")
+        budget = timeout.connect or 0.0
+        if elapsed < budget - 0.05:  # well before the wait's end: one attempt's own limit
+            return TransportError("connect", f"cannot connect to {self.origin} within "
+                                             f"{self._connect_timeout:g} s "
+                                             "(upstream_connect_timeout)")
+        return TransportError("connect", f"no connection to {self.origin} was made within "
+                                         f"{budget:g} s")
+
+    def _pool_full(self) -> bool:
+        """Every pooled connection is in use: a request that timed out waiting for one.
+
+        Read after the failure, when a request that held a slot (resolving, connecting) has
+        given it back: only one that never got a slot finds the pool full. The count is
+        aiohttp's private `_acquired`, read on this failure only: the connector has no public
+        one, and counting our own requests would miss the connections the session's other
+        users hold (result downloads, balance and on-chain checks share it).
+        """
+        connector = self._session.connector
+        acquired = getattr(connector, "_acquired", None)
+        return bool(connector is not None and connector.limit and acquired is not None
+                    and len(acquired) >= connector.limit)
 
     async def post(self, path: str, body: bytes, headers: dict[str, str] | None = None, *,
                    timeout: float | None = None) -> UpstreamResponse:
@@ -204,29 +238,6 @@ class BlockRunClient:
         return await self.request("GET", url, headers=headers, timeout=timeout)
 
 
-class _Progress:
-    """How far one request got (`_connection_trace`): a request that never got a connection
-    was never sent, and one still queued for the pool never got one for want of a free one."""
-
-    connected = False
-    queued = False
-
-
-def _connection_trace() -> aiohttp.TraceConfig:
-    def note(**progress: bool) -> Callable[[Any, Any, Any], Awaitable[None]]:
-        async def callback(session: Any, context: Any, params: Any) -> None:
-            if isinstance(context.trace_request_ctx, _Progress):
-                vars(context.trace_request_ctx).update(progress)
-        return callback
-
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_queued_start.append(note(queued=True))
-    trace.on_connection_queued_end.append(note(queued=False))
-    trace.on_connection_create_end.append(note(connected=True))
-    trace.on_connection_reuseconn.append(note(connected=True))
-    return trace
-
-
 def new_session(max_connections: int) -> aiohttp.ClientSession:
     """The one shared upstream session: keep-alive pool, no cookies, no env proxies surprises."""
     # Idle connections are dropped after 4 s, before common servers' 5 s keep-alive closes them
@@ -235,8 +246,7 @@ def new_session(max_connections: int) -> aiohttp.ClientSession:
                                      ttl_dns_cache=300, enable_cleanup_closed=True,
                                      keepalive_timeout=4.0)
     session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                    auto_decompress=True, raise_for_status=False,
-                                    trace_configs=[_connection_trace()])
+                                    auto_decompress=True, raise_for_status=False)
     # aiohttp resends a GET (a poll) once by itself when its connection drops, and reports a
     # failure to reconnect as a connect error, which reads as "never sent" although the poll
     # may have completed the job. `request` does the one resend, knowing what was sent; there

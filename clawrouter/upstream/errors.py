@@ -2,16 +2,20 @@
 
 BlockRun answers errors in three shapes (nested OpenAI, flat `{"error": "…"}`, and
 `{error, message, hint}`); we keep the message, never its `debug` field, and say plainly
-whether a payment had been signed.
+whether a payment had been signed. Whatever the upstream says is `scrub`bed of the payment
+we sent it: a message quoting our header would hand a settleable authorization to the
+client, an agent's context and the ledger's readers.
 """
 
 from __future__ import annotations
 
+import re
+from email.utils import parsedate_tz
 from typing import Any
 
 from clawrouter.catalog import format_usd
 from clawrouter.errors import ClawError, PaidRequestFailed, UpstreamError
-from clawrouter.plaintext import one_line
+from clawrouter.plaintext import one_line, scrub
 from clawrouter.upstream.client import UpstreamResponse
 
 KEPT_HEADERS = ("retry-after", "retry-after-ms")
@@ -25,26 +29,39 @@ def upstream_message(resp: UpstreamResponse) -> tuple[str, str | None, str | Non
         err = data.get("error")
         if isinstance(err, dict):
             msg = err.get("message") or data.get("message") or "upstream error"
-            return one_line(msg, MESSAGE_MAX), _str(err.get("code")), _str(err.get("param"))
+            return shown(msg), _str(err.get("code")), _str(err.get("param"))
         parts = [p for p in (err, data.get("message"), data.get("details"), data.get("hint"))
                  if isinstance(p, str) and p]
         if parts:
-            return (one_line(" — ".join(dict.fromkeys(parts)), MESSAGE_MAX),
-                    _str(data.get("code")), None)
-    text = one_line(resp.body[:300].decode("utf-8", "replace"), MESSAGE_MAX)
+            return shown(" — ".join(dict.fromkeys(parts))), _str(data.get("code")), None
+    text = shown(resp.body[:300].decode("utf-8", "replace"))
     return (text or f"upstream answered {resp.status}"), None, None
+
+
+def shown(value: Any, limit: int | None = None) -> str:
+    """An upstream's words as we pass them on: scrubbed, then one bounded line."""
+    return one_line(scrub(value), limit or MESSAGE_MAX)
 
 
 #: characters of an upstream's message we pass on; its codes and params are shorter still
 MESSAGE_MAX, CODE_MAX = 500, 100
+#: characters of our account of a failure, which may quote one such message
+DETAIL_MAX = 1500
 
 
 def _str(value: Any) -> str | None:
-    return one_line(value, CODE_MAX) if value is not None else None
+    return shown(value, CODE_MAX) if value is not None else None
+
+
+_SECONDS = re.compile(r"[0-9]{1,10}(\.[0-9]{1,6})?")
 
 
 def _kept_headers(resp: UpstreamResponse) -> dict[str, str]:
-    return {k: v for k, v in resp.headers.items() if k in KEPT_HEADERS}
+    """The upstream's Retry-After headers, when they hold what they should (seconds, or an
+    HTTP date for Retry-After): anything else is its text, which we do not pass on."""
+    return {k: v for k, v in resp.headers.items() if k in KEPT_HEADERS and (
+        _SECONDS.fullmatch(v.strip()) or (k == "retry-after" and len(v) <= 40
+                                          and parsedate_tz(v) is not None))}
 
 
 def _passed_status(resp: UpstreamResponse) -> tuple[int, str | None]:
@@ -81,7 +98,9 @@ def paid_error(resp: UpstreamResponse | None, amount: int, *, transaction: str |
         if ours:
             code, message = ours, _refused_access(resp, message)
     else:
-        message, code, param, status = detail or "the connection failed", None, None, 502
+        # `detail` may quote the upstream too (a job's error, a refusal)
+        message = shown(detail, DETAIL_MAX) if detail else "the connection failed"
+        code, param, status = None, None, 502
     paid = f"A payment of {format_usd(amount)} was signed and sent for this request"
     paid += f" (transaction {transaction})." if transaction else (
         "; no settlement receipt was received. BlockRun settles on Base only when the image is "
@@ -91,3 +110,13 @@ def paid_error(resp: UpstreamResponse | None, amount: int, *, transaction: str |
         status=status, code=code or "failed_after_payment", param=param,
         # no Retry-After: a client that honours it, and not `x-should-retry`, would pay again
         extra={"payment": "signed", "transaction": transaction})
+
+
+def already_used(resp: UpstreamResponse) -> bool:
+    """A 402 saying this authorization was already used (blockrun-api.md §6: code
+    `PAYMENT_REPLAY`, or `recoverable`/`job_id` present): not a refusal to pay, and a sign
+    that it may have settled."""
+    body = resp.json()
+    return isinstance(body, dict) and (
+        body.get("code") == "PAYMENT_REPLAY" or bool(body.get("recoverable"))
+        or body.get("job_id") is not None)

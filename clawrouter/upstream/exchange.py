@@ -34,9 +34,11 @@ from clawrouter.payment.signer import SignedPayment, Signer
 from clawrouter.payment.wire import (
     Challenge, ChallengeError, Requirement, parse_challenge, read_receipt,
 )
+from clawrouter.plaintext import scrub, withhold
 from clawrouter.upstream.client import NEVER_SENT as TRANSPORT_NEVER_SENT
 from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
-from clawrouter.upstream.errors import paid_error, unpaid_error, upstream_message
+from clawrouter.upstream.errors import (already_used, paid_error, shown, unpaid_error,
+                                        upstream_message)
 from clawrouter.upstream.jobs import JobAbandoned, wait_for_job
 
 log = logging.getLogger(__name__)
@@ -218,15 +220,21 @@ class Exchange:
             return parse_challenge(probe.headers, probe.body)
         except ChallengeError as exc:
             raise PaymentRefused(f"Payment refused, nothing was signed: the upstream's 402 "
-                                 f"challenge is unreadable ({exc}).",
+                                 f"challenge is unreadable ({shown(exc)}).",
                                  extra={"check": "challenge"}) from None
 
     def _select(self, call: UpstreamCall, challenge: Challenge) -> Requirement:
-        return policy.select(
-            challenge, network=self.network, pay_to=self.settings.pay_to,
-            ceiling=ceiling_micro(call.model, call.size, call.n, self.settings.price_tolerance),
-            cap=to_micro(self.settings.max_usd_per_request),
-            max_timeout=self.settings.max_timeout_seconds)
+        try:
+            return policy.select(
+                challenge, network=self.network, pay_to=self.settings.pay_to,
+                ceiling=ceiling_micro(call.model, call.size, call.n,
+                                      self.settings.price_tolerance),
+                cap=to_micro(self.settings.max_usd_per_request),
+                max_timeout=self.settings.max_timeout_seconds)
+        except PaymentRefused as refused:  # it quotes the challenge, which may quote our header
+            refused.message = scrub(refused.message)
+            refused.args = (refused.message,)  # what str() and a traceback show
+            raise
 
     async def _pay(self, call: UpstreamCall, ctx: RequestContext, challenge: Challenge, *,
                    attempt: int, round_trips: int, preauth: bool) -> Outcome:
@@ -242,6 +250,7 @@ class Exchange:
             ctx.check()  # the last exit before money: a client that left pays nothing
             payment = self.signer.pay(challenge, requirement, self.network,
                                       self.client.url(call.route))
+            withhold(payment.header)  # no upstream text this request passes on may quote it
             try:
                 payment_id = await self.ledger.write(self.ledger.signed(
                     request_id=ctx.request_id, route=call.route, model=call.model.id,
@@ -297,7 +306,7 @@ class Exchange:
             # The authorization was already used, by the job this answer names (our first
             # attempt, whose connection dropped): poll that job, with the same header.
             resp = replace(resp, status=202)
-        elif resp.status == 402 and (resp.resent or _already_used(resp)):
+        elif resp.status == 402 and (resp.resent or already_used(resp)):
             # Used already (the first attempt's connection dropped and the resend was refused,
             # or the upstream says so): the upstream may well have settled it. Never re-signed.
             message, code, _ = upstream_message(resp)
@@ -395,11 +404,3 @@ def _started_job(resp: UpstreamResponse) -> bool:
     """A 402 naming the job this authorization already started (BlockRun: `poll_url`)."""
     poll_url = _rejection(resp).get("poll_url")
     return isinstance(poll_url, str) and bool(poll_url)
-
-
-def _already_used(resp: UpstreamResponse) -> bool:
-    """A 402 saying this authorization was already used (blockrun-api.md §6: code
-    `PAYMENT_REPLAY`, or `recoverable`/`job_id` present): not a refusal to pay."""
-    body = _rejection(resp)
-    return (body.get("code") == "PAYMENT_REPLAY" or bool(body.get("recoverable"))
-            or body.get("job_id") is not None)

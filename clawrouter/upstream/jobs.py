@@ -5,9 +5,10 @@ costs nothing. When every client has left, polling pauses for `REJOIN_SECONDS` b
 gives up: the OpenAI SDK resends a request that outlived its own timeout half a second later,
 and that resend joins the job (`coalesce`) instead of finding it abandoned. Nothing is polled
 meanwhile, so nothing can settle for a client that is not there. Giving up costs nothing —
-unless a poll's answer was lost (a timeout, a dropped connection, a 5xx): that poll may have
-completed the job and settled, so the payment is then left pending for the chain
-to tell. Polls never sign anything new.
+unless a poll's answer was lost (a timeout, a dropped connection, a resent poll, a 5xx, a 200
+without a status) or a poll was told the authorization is already used: that poll, or another,
+may have completed the job and settled, so the payment is then left pending for the chain to
+tell. Polls never sign anything new.
 
 A poll ends on what the job says, not on the HTTP status, as BlockRun's SDKs do
 (blockrun-llm `jobs.py`): done on `status: "completed"` (or images with no status), failed on
@@ -22,9 +23,8 @@ import time
 from clawrouter.catalog import format_usd
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClientGone, PaidRequestFailed, UpstreamTimeout
-from clawrouter.plaintext import one_line
 from clawrouter.upstream.client import NEVER_SENT, BlockRunClient, TransportError, UpstreamResponse
-from clawrouter.upstream.errors import MESSAGE_MAX, paid_error, upstream_message
+from clawrouter.upstream.errors import already_used, paid_error, shown, upstream_message
 from clawrouter.upstream.results import holds_an_image
 
 TRANSIENT = {202, 408, 425, 429, 500, 502, 503, 504}
@@ -72,11 +72,16 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
             resp = None  # a poll hiccup; the job is still running upstream
             if exc.kind not in NEVER_SENT and lost is None:  # sent: it may have completed it
                 lost = f"poll {polls}: {exc.detail}"
+        if resp is not None and resp.resent and lost is None:
+            # The first attempt was sent before its connection dropped: it may have completed
+            # the job and settled, so the resend's "not settled" (a used authorization) or
+            # "failed" does not say nothing was paid.
+            lost = f"poll {polls}: its connection dropped after it was sent, and it was resent"
         if resp is not None:
             body = resp.json()
             status = body.get("status") if isinstance(body, dict) else None
             if status == "failed" and resp.status != 402:  # whatever the HTTP status says
-                reason = one_line(body.get("error") or "the job failed", MESSAGE_MAX)
+                reason = shown(body.get("error") or "the job failed")  # may quote our header
                 what = f"The upstream job failed: {reason}."
                 raise _settled_unless_lost(PaidRequestFailed(
                     f"{what} No payment was settled (BlockRun settles only completed jobs).",
@@ -94,6 +99,8 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                 error = paid_error(resp, amount)
                 error.extra["payment"] = "not_settled"
                 what = f"The upstream did not settle the job: {upstream_message(resp)[0]}."
+                if already_used(resp) and lost is None:  # spent: by whom, the chain will say
+                    lost = f"poll {polls}: the upstream says the authorization was already used"
                 raise _settled_unless_lost(error, what, amount, lost)
             elif resp.status not in TRANSIENT:
                 raise paid_error(resp, amount)
