@@ -64,11 +64,22 @@ def test_the_version_is_one_and_the_license_travels_with_the_package():
 
 def test_importing_the_gateway_keeps_a_safe_recursion_limit():
     """py_ecc raises it to 100,000 at import; deeply nested JSON then crashed the process."""
-    code = ("import sys, clawrouter.api.app, clawrouter.cli, clawrouter.sandbox; "
-            "print(sys.getrecursionlimit())")
+    code = ("import sys, clawrouter.api.app, clawrouter.cli, clawrouter.sandbox, "
+            "clawrouter.payment.signer, clawrouter.cli.wallet; clawrouter.cli.wallet.address_of("
+            "'0x' + '4c' * 32); print(sys.getrecursionlimit())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert int(out) <= 10_000
+
+
+def test_commands_that_neither_sign_nor_verify_do_not_load_eth_account():
+    """eth-account (py_ecc's pairing tables) is a third of a second of every start: `models`,
+    `status`, `stats` and a `generate` that finds a gateway running never need it."""
+    code = ("import sys, clawrouter.cli, clawrouter.cli.models, clawrouter.cli.status, "
+            "clawrouter.cli.stats, clawrouter.cli.client; print('eth_account' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_every_test_security_md_cites_exists() -> None:

@@ -132,7 +132,7 @@ def key_in_use(settings: Settings) -> KeyInUse | None:
 
 
 def address_of(key: str) -> str:
-    from eth_account import Account
+    from clawrouter.payment.eth import Account
 
     return Account.from_key(key).address
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import coincurve
-from eth_account import Account
-from eth_account.messages import encode_typed_data
 from eth_hash.auto import keccak
 
+from clawrouter.payment.eth import Account, encode_typed_data
 from clawrouter.payment.networks import Network
 from clawrouter.payment.wire import (
     SIGNATURE_HEADER, V1_HEADER, Challenge, Requirement, b64_json,

@@ -13,8 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from eth_account import Account
-
+from clawrouter.payment.eth import Account
 from clawrouter.payment.networks import Network
 from clawrouter.payment.signer import signable
 from clawrouter.payment.wallet import SECP256K1_N
