@@ -107,20 +107,14 @@ class Hostile:
         return JSONResponse({"created": 1, "data": [], "message": words(quoted, 10)})
 
     def result_url_quoting_header(self, request: Request, paid: str | None) -> Response | None:
-        """A paid 200 whose image is on a private address, its query the header."""
-        if not paid:
-            return None
-        return JSONResponse({"created": 1, "data": [
-            {"url": f"http://10.255.0.1/image.png?p={quote(paid, safe='')}"}]})
+        """A paid 200 whose image is on a private address (refused), its query the header."""
+        return _image_at("http://10.255.0.1/image.png", paid)
 
     def result_url_failing_quoting_header(self, request: Request, paid: str | None
                                           ) -> Response | None:
         """A paid 200 whose image, on the upstream's own origin, is not there (a 404 the
         gateway defers and retries), its query the header."""
-        if not paid:
-            return None
-        return JSONResponse({"created": 1, "data": [
-            {"url": f"{request.base_url}missing.png?p={quote(paid, safe='')}"}]})
+        return _image_at(f"{request.base_url}missing.png", paid)
 
     def busy_quoting_an_earlier_payment(self, request: Request, paid: str | None
                                         ) -> Response | None:
@@ -185,6 +179,13 @@ def gen(gw, prompt: str, **extra) -> httpx.Response:
 def notes(gw) -> str:
     """What `/v1/spend` (and so `clawrouter stats` and agents) shows of the payments."""
     return gw.http.get("/v1/spend", params={"latest": 50}).text
+
+
+def _image_at(url: str, paid: str | None) -> Response | None:
+    """A paid 200 naming `url` as its image, the payment header in its query."""
+    if not paid:
+        return None
+    return JSONResponse({"created": 1, "data": [{"url": f"{url}?p={quote(paid, safe='')}"}]})
 
 
 def assert_scrubbed(text: str, hostile: Hostile) -> None:
