@@ -39,6 +39,7 @@ from starlette.routing import Route
 
 from clawrouter.groupcommit import GroupCommit, Outcome
 from clawrouter.launch import event_loop_factory
+from clawrouter.offloop import off_loop
 from clawrouter.payment.networks import NETWORKS
 from clawrouter.payment.signer import Signer
 from clawrouter.payment.wire import SIGNATURE_HEADER, parse_challenge
@@ -89,8 +90,7 @@ class Durable:
 
     async def image(self, data: bytes) -> str:
         # as the store does: big images are hashed off the event loop
-        name = (files.content_id(data) if len(data) <= 256 * 1024
-                else await asyncio.to_thread(files.content_id, data))
+        name = await off_loop(files.content_id, data, size=len(data))
         await self.store.write((f"{name}.png", data))
         return name
 

@@ -9,6 +9,7 @@ pay; this table only bounds it (estimate × tolerance) and feeds budgets.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -96,6 +97,24 @@ RENAMED: dict[str, Renamed] = {
     "openai/dall-e-3": _DALLE,
 }
 
+#: OpenAI's dated snapshot names (the openai SDK's `ImageModel`) of a model the catalog has:
+#: aliases, kept out of the listings (BlockRun serves one version of each model)
+SNAPSHOTS: dict[str, str] = {
+    "gpt-image-2-2026-04-21": "openai/gpt-image-2",
+    "gpt-image-2.5-flare-2026-09-08": "openai/gpt-image-2.5-flare",
+    "gpt-image-2.5-sunburst-2026-09-08": "openai/gpt-image-2.5-sunburst",
+}
+
+#: OpenAI's own names for its GPT image models (the SDK's `ImageModel`), each also with a dated
+#: snapshot suffix: OpenAI always answers them with `b64_json`, so code written for them reads
+#: that (`openai_image_name`). Not our alias `gpt-image`, nor `openai/…` ids: BlockRun's names.
+OPENAI_IMAGE_NAMES = frozenset({
+    "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2",
+    "gpt-image-2.5-sunburst", "gpt-image-2.5-flare", "gpt-image-2.6-sunburst",
+    "gpt-image-2.6-flare", "chatgpt-image-latest",
+})
+_SNAPSHOT_DATE = re.compile(r"-[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
+
 _FLUX = ("Flux was dropped by BlockRun and is no longer available. Use 'nano-banana' "
          "(google/nano-banana) or 'seedream' (bytedance/seedream-5-pro) instead.")
 DROPPED: dict[str, str] = {
@@ -117,6 +136,8 @@ def _names() -> dict[str, ImageModel]:
         names[model.id.split("/", 1)[1]] = model  # bare id without the provider prefix
         for alias in model.aliases:
             names[alias] = model
+    for snapshot, target in SNAPSHOTS.items():
+        names[snapshot] = BY_ID[target]
     return names
 
 
@@ -154,16 +175,42 @@ def resolve(name: str) -> Resolved:
     model = _BY_NAME.get(key)
     if model is None:
         raise ModelNotFound(
-            f"Unknown image model '{name}'. Available: "
+            f"Unknown image model '{name}'.{_not_offered(name)} Available: "
             f"{', '.join(m.id for m in MODELS)} (aliases: "
             f"{', '.join(a for m in MODELS for a in m.aliases)}).",
             param="model")
     return Resolved(model)
 
 
+def openai_image_name(name: str) -> bool:
+    """Whether `name`, as the client sent it, is OpenAI's own for a GPT image model (or a
+    dated snapshot of one): such a client expects `b64_json` when it asks for no format."""
+    key = _SNAPSHOT_DATE.sub("", name.strip().lower())
+    return key in OPENAI_IMAGE_NAMES
+
+
+def _not_offered(name: str) -> str:
+    """For an OpenAI model name BlockRun lacks: which of OpenAI's models it does have."""
+    if not openai_image_name(name):
+        return ""
+    ours = ", ".join(m.id for m in MODELS if m.provider == "openai")
+    return f" It is an OpenAI model that BlockRun does not offer; its OpenAI models: {ours}."
+
+
 def to_micro(usd: float) -> int:
-    """USD -> atomic USDC, rounding up (a ceiling must never round down)."""
+    """USD -> atomic USDC, rounding up (a price estimate must never round down)."""
     return math.ceil(round(usd * MICRO, 6))
+
+
+def limit_micro(usd: float) -> int:
+    """A user's USD limit (a cap, a budget) in micro-USDC, rounded down: a limit must never
+    allow more than configured. Every limit goes through here."""
+    return max(0, math.floor(round(usd * MICRO, 6)))
+
+
+def to_usd(micro: int) -> float:
+    """Micro-USDC -> USD, as the JSON summaries and metrics carry it."""
+    return round(micro / MICRO, 6)
 
 
 def estimate_micro(model: ImageModel, size: str, n: int) -> int:

@@ -8,9 +8,15 @@
 - Without one, an identical request from the same client that arrives while the first is in
   flight, or within `window` seconds after it ended with a payment, gets the first outcome.
   This is what stops the OpenAI SDK's automatic retries (after a timeout or dropped connection)
-  from paying twice: it sends no idempotency key of its own. A request whose images are read
-  from paths or URLs is shared only while in flight: the same words may name new bytes once
-  it is done (an agent that edits a file in place, then asks again).
+  from paying twice: it sends no idempotency key of its own. It does number its tries
+  (`x-stainless-retry-count`: 0 for a call's first, then 1, 2): a first try does not take a
+  result already delivered to a client (`first_try`), so three calls in a loop are three
+  images, paid three times, while each call's retries still pay nothing. A first try still
+  joins work in flight, and takes a paid failure or a result whose clients all left (a call
+  re-issued after its caller gave up, by a user or an agent's harness, gets what was paid for
+  and never received); its own outcome replaces the delivered one it did not take. A request
+  whose images are read from paths or URLs is shared only while in flight: the same words may
+  name new bytes once it is done (an agent that edits a file in place, then asks again).
 - Both survive a restart: the ledger row of every payment carries the request's hashed key
   (or, without one, its hashed client and content). A repeat of a key that finds no outcome
   here but a payment in the ledger (within 24 h) is a 409 that names the payment, and is
@@ -60,6 +66,8 @@ class _Entry:
     shared: RequestContext | None  # None once finished: only the outcome is kept
     clients: list[RequestContext] = field(default_factory=list)
     expires: float = float("inf")
+    #: finished with a result a client received (not a failure, not one every client left)
+    delivered: bool = False
 
     def attach(self, ctx: RequestContext) -> None:
         if self.shared is None:
@@ -132,10 +140,13 @@ class Coalescer:
 
     async def run(self, ctx: RequestContext, fingerprint: str, idempotency_key: str | None,
                   work: Callable[[RequestContext], Awaitable[Result]], *,
-                  window: float | None = None) -> Result:
+                  window: float | None = None, first_try: bool = False) -> Result:
         """`window` shortens how long this request's result is shared once done (0: only
         while in flight) if a client received it; a paid failure, or a result whose clients
-        all left, is kept for the whole window, and an Idempotency-Key keeps its own 24 h."""
+        all left, is kept for the whole window, and an Idempotency-Key keeps its own 24 h.
+        `first_try`: the client says this is a new call, not a retry (the OpenAI SDK's
+        `x-stainless-retry-count: 0`), so without a key it does not take a result already
+        delivered: it runs anew, and its outcome stands in for that one."""
         if idempotency_key:
             key = ("key", ctx.client, idempotency_key)
             tag = fingerprint_parts("idempotency", ctx.client, idempotency_key)
@@ -149,8 +160,9 @@ class Coalescer:
             since = min(self.interrupted.values(), default=0.0)
         recalled = self.recall is None or (not idempotency_key and (
             not self.interrupted or time.time() - self.window >= self.started))
+        fresh = first_try and not idempotency_key
         while True:
-            while (entry := self._live(key)) is not None:
+            while (entry := self._live(key, fresh)) is not None:
                 if entry.fingerprint != fingerprint:
                     raise Conflict("This Idempotency-Key was already used for a different "
                                    "request; use a new key for a new request.",
@@ -180,6 +192,7 @@ class Coalescer:
                                 idempotency=tag)
         entry = _Entry(fingerprint, asyncio.get_running_loop().create_future(), shared)
         entry.attach(ctx)
+        replaced = self._table(key).get(key)  # a delivered result `fresh` did not take
         self._put(key, entry)
         ttl = self.idempotency_ttl if idempotency_key else self.window
         try:
@@ -191,7 +204,7 @@ class Coalescer:
             if paid:
                 entry.finished(self._clock() + ttl)
             else:
-                self._table(key).pop(key, None)
+                self._forget(key, replaced)
             raise
         entry.future.set_result(_slim(result))
         if result.amount or idempotency_key:
@@ -200,9 +213,19 @@ class Coalescer:
             delivered = not shared.gone.is_set()
             short = window is not None and not idempotency_key and delivered
             entry.finished(self._clock() + (min(window, ttl) if short else ttl))
+            entry.delivered = delivered
         else:  # nothing was paid: a repeat may simply run again (joiners hold the future)
-            self._table(key).pop(key, None)
+            self._forget(key, replaced)
         return result
+
+    def _forget(self, key: tuple[str, ...], replaced: _Entry | None) -> None:
+        """Drop an outcome not worth keeping, putting back the delivered one it stood in for
+        (`first_try`): that one's own retries must still find it, not pay again."""
+        table = self._table(key)
+        if replaced is None:
+            table.pop(key, None)
+        else:
+            table[key] = replaced
 
     def _sweep(self) -> None:
         """Drop every expired entry (amortised: one pass per SWEEP_EVERY new entries), so
@@ -213,13 +236,15 @@ class Coalescer:
             for k in expired:
                 del table[k]
 
-    def _live(self, key: tuple[str, ...]) -> _Entry | None:
+    def _live(self, key: tuple[str, ...], fresh: bool = False) -> _Entry | None:
+        """The entry a request takes its outcome from; with `fresh`, none that was already
+        delivered (it is left in place until the new outcome replaces it)."""
         table = self._table(key)
         entry = table.get(key)
         if entry is not None and entry.future.done() and self._clock() >= entry.expires:
             del table[key]
             return None
-        return entry
+        return None if fresh and entry is not None and entry.delivered else entry
 
     def _put(self, key: tuple[str, ...], entry: _Entry) -> None:
         table = self._table(key)

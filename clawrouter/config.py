@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=default_home)
     public_url: str | None = None
     api_key: SecretStr | None = None
+    # seconds a client has to send a request's headers (408), and the window over which a body
+    # must arrive, and an answer be read, at 16 KB/s at least (408; a slow reader is dropped)
     header_timeout: float = Field(30.0, gt=0)
 
     # --- upstream ---------------------------------------------------------------------------
@@ -91,10 +93,11 @@ class Settings(BaseSettings):
     allow_private_urls: bool = False
 
     # --- results ----------------------------------------------------------------------------
-    response_format: Literal["url", "b64_json"] = "url"
+    # "auto": OpenAI's gpt-image names get b64_json (as from OpenAI), every other name url
+    response_format: Literal["auto", "url", "b64_json"] = "auto"
     image_ttl_days: float = Field(30.0, gt=0)
-    # 0 evicted each paid image right after delivery; at most a petabyte (its size in bytes
-    # must stay a number)
+    # > 0 (a tiny cap evicts each paid image right after delivery); at most a petabyte (its
+    # size in bytes must stay a number)
     image_max_gb: float = Field(2.0, gt=0, le=1_000_000)
 
     # --- logs -------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ class RequestContext:
     idempotency: str | None = None
     #: called once the upstream body is built and the big copies of the input are gone
     body_built: Callable[[], None] = field(default=lambda: None, repr=False)
-    #: called once a slow job is accepted: the upstream body is gone too, for good
+    #: called once a slow job is accepted: the upstream body is gone too, for good (and a
+    #: stream held until then starts: `api/images.inputs_judged`)
     job_accepted: Callable[[], None] = field(default=lambda: None, repr=False)
     _on_leave: list[Callable[[], None]] = field(default_factory=list, repr=False)
 

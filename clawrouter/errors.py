@@ -145,7 +145,9 @@ class BudgetExceeded(ClawError):
 
 
 class UpstreamError(ClawError):
-    """The upstream refused the request before any payment (status passed through)."""
+    """The upstream refused or failed the request (its status passed through, if it gave
+    one). Whether anything was paid is the raiser's to say (`extra["payment"]`): raised while
+    a paid job is polled (a bad `poll_url`), the exchange turns it into `PaidRequestFailed`."""
 
     type = "upstream_error"
     default_code = "upstream_error"

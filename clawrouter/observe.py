@@ -22,6 +22,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from clawrouter.catalog import to_usd
+
 access_log = logging.getLogger("clawrouter.access")
 
 #: label values for routes; anything else is "other" (bounded label cardinality)
@@ -71,7 +73,7 @@ class Metrics:
     def payment(self, outcome: str, amount: int, model: str) -> None:
         self.payments.labels(outcome).inc()
         if outcome == "settled":
-            self.spent.labels(model).inc(amount / 1_000_000)
+            self.spent.labels(model).inc(to_usd(amount))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -130,7 +132,7 @@ class Observe:
             "upstream_ms": round(upstream, 2) if upstream is not None else None,
             "overhead_ms": (round(max(0.0, seconds * 1000 - upstream), 2)
                             if upstream is not None else None),
-            "cost_usd": obs["amount"] / 1_000_000 if obs.get("amount") else 0.0,
+            "cost_usd": to_usd(obs["amount"]) if obs.get("amount") else 0.0,
             # a stream's error comes after its 200: the pipeline notes it in `obs`
             "outcome": _outcome(status, st.get("error_code") or obs.get("error_code")),
         }

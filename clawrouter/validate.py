@@ -21,6 +21,19 @@ UPSTREAM_PATHS: dict[Route, str] = {
 }
 MAX_N = 10
 
+#: OpenAI fields that change what is made, which BlockRun cannot honour: refused, not dropped
+#: (every other unknown field is accepted and not forwarded), so nobody pays for an edit made
+#: without what they asked for
+UNSUPPORTED: dict[str, str] = {
+    "markup": "a markup image (an overlay that guides an OpenAI gpt-image-2.5 edit); describe "
+              "the change in the prompt instead, or use 'mask' with a model that takes one",
+}
+
+
+def unsupported(name: str) -> InvalidRequest:
+    return InvalidRequest(f"'{name}' is not supported: BlockRun's image API does not take "
+                          f"{UNSUPPORTED[name]}.", param=name, code="unsupported_parameter")
+
 
 @dataclass(frozen=True)
 class SourceImage:
@@ -30,8 +43,11 @@ class SourceImage:
     value: str | bytes  # URL, path, data URI, raw base64 — or uploaded bytes
 
 
-@dataclass(frozen=True)
+@dataclass
 class ImageJob:
+    """A checked request. Not frozen: its inputs are let go of once the upstream body holds
+    them (`let_go_of_inputs`)."""
+
     route: Route
     resolved: Resolved
     prompt: str
@@ -56,6 +72,12 @@ class ImageJob:
         """Every image input, the mask last."""
         return [*self.images, self.mask] if self.mask else list(self.images)
 
+    def let_go_of_inputs(self) -> None:
+        """Drop the client's images and mask (megabytes each, as uploads or data URIs): once
+        the upstream body is built, they must not live through the upstream wait too."""
+        self.images.clear()
+        self.mask = None
+
 
 def _common(body: GenerationBody | EditBody, default_model: str, default_format: str):
     prompt = body.prompt.strip()
@@ -65,20 +87,37 @@ def _common(body: GenerationBody | EditBody, default_model: str, default_format:
     if len(body.prompt) > MAX_PROMPT_CHARS:
         raise InvalidRequest(f"'prompt' is {len(body.prompt)} characters; the most is "
                              f"{MAX_PROMPT_CHARS}.", param="prompt", code="prompt_too_long")
+    for name in UNSUPPORTED.keys() & (body.model_extra or {}).keys():
+        if body.model_extra[name] not in (None, ""):  # null or blank is unset
+            raise unsupported(name)
     resolved = catalog.resolve(body.model or default_model)
-    size_asked = body.size or catalog.DEFAULT_SIZE
-    if size_asked == "auto":
-        size_asked = resolved.model.sizes[0]
-    size = resolved.size(size_asked)
+    size = resolved.size(body.size if body.size and body.size != "auto" else
+                         default_size(resolved.model))
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise InvalidRequest(f"'n' must be between 1 and {MAX_N}; got {n}.", param="n",
                              code="invalid_n")
-    fmt = body.response_format or default_format
-    return resolved, body.prompt, size, n, fmt
+    return resolved, body.prompt, size, n, response_format(body, default_format)
 
 
-def generation_job(body: GenerationBody, default_format: str = "url") -> ImageJob:
+def default_size(model: ImageModel) -> str:
+    """The size for an omitted or `auto` size (OpenAI's `auto` lets the model choose): one
+    rule for both, so the two never get different images or prices."""
+    return catalog.DEFAULT_SIZE if catalog.DEFAULT_SIZE in model.prices else model.sizes[0]
+
+
+def response_format(body: GenerationBody | EditBody, default: str) -> Literal["url", "b64_json"]:
+    """The client's, else the configured default; `auto` answers as OpenAI would for the name
+    the client sent: `b64_json` for its gpt-image names (code written for them reads it),
+    `url` for every other name (dall-e's, ours, BlockRun's ids)."""
+    if body.response_format:
+        return body.response_format
+    if default != "auto":
+        return default  # type: ignore[return-value]
+    return "b64_json" if body.model and catalog.openai_image_name(body.model) else "url"
+
+
+def generation_job(body: GenerationBody, default_format: str = "auto") -> ImageJob:
     resolved, prompt, size, n, fmt = _common(body, catalog.DEFAULT_GENERATE_MODEL, default_format)
     return ImageJob("generations", resolved, prompt, size, n, fmt, bool(body.stream),
                     body.quality if resolved.model.quality else None)
@@ -106,7 +145,7 @@ def _sources(body: EditBody) -> list[SourceImage]:
 
 
 def edit_job(body: EditBody, *, uploads: list[SourceImage] | None = None,
-             mask_upload: SourceImage | None = None, default_format: str = "url") -> ImageJob:
+             mask_upload: SourceImage | None = None, default_format: str = "auto") -> ImageJob:
     """`uploads` are a multipart form's images, files and text fields alike, already named by
     their place in the form (`api/images.py`); a JSON body's are in `body`."""
     resolved, prompt, size, n, fmt = _common(body, catalog.DEFAULT_EDIT_MODEL, default_format)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,9 @@ from tests.servers import ServerThread
 for _name in list(os.environ):
     if _name.startswith(("CLAWROUTER_", "BLOCKRUN_")):
         del os.environ[_name]
+# ...nor take a wallet lock in the real ~/.clawrouter/wallets (mainnet gateways hold one)
+os.environ["CLAWROUTER_WALLET_LOCKS"] = tempfile.mkdtemp(prefix="clawrouter-wallet-locks-")
+atexit.register(shutil.rmtree, os.environ["CLAWROUTER_WALLET_LOCKS"], ignore_errors=True)
 
 
 class Sandbox:

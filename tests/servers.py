@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -43,6 +46,38 @@ def clawrouter_command(*args: str, constants: dict[str, object] | None = None) -
                    for module, _, name in [path.rpartition(".")])
     code += "import runpy; runpy.run_module('clawrouter', run_name='__main__', alter_sys=True)"
     return [sys.executable, "-c", code, *args]
+
+
+def clawrouter_in_process(*args: str, env: dict[str, str], input: str | None = None,
+                          cwd: str | os.PathLike[str] | None = None
+                          ) -> subprocess.CompletedProcess[str]:
+    """`clawrouter *args` run by `clawrouter.cli.main` in this process, with `env` as the whole
+    environment, `input` as stdin (a pipe: not a terminal) and stdout/stderr captured, as
+    `subprocess.run(..., capture_output=True, text=True)` reports it: a Python start (about
+    0.6 s) saved for a test that is not about the process boundary. Not for commands that may
+    ask on /dev/tty, start `serve`, or exit by signal: those need a real process."""
+    from clawrouter.cli import common, main
+
+    saved = dict(os.environ), os.getcwd(), sys.stdin, sys.stdout, sys.stderr, common._home
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(env)
+    sys.stdin, sys.stdout, sys.stderr = io.StringIO(input or ""), out, err
+    common._home = None  # as in a new process
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors and --help
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved[0])
+        os.chdir(saved[1])
+        sys.stdin, sys.stdout, sys.stderr, common._home = saved[2:]
+    return subprocess.CompletedProcess(["clawrouter", *args], code, out.getvalue(),
+                                       err.getvalue())
 
 
 class ServerThread:

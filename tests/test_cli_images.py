@@ -1,21 +1,20 @@
-"""`clawrouter images ls|prune` on a real store in a temporary CLAWROUTER_HOME."""
+"""`clawrouter images ls|prune` on a real store in a temporary CLAWROUTER_HOME, run by
+`clawrouter.cli.main` in this process (nothing here is about the process boundary)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import subprocess
-import sys
 
 from clawrouter.sandbox.images import make_png
 from clawrouter.store import ImageMeta, ImageStore
+from tests.servers import clawrouter_in_process
 
 
-def run(home, *args):
-    env = {**os.environ, "CLAWROUTER_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "clawrouter", "images", *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+def run(home, *args, **env):
+    return clawrouter_in_process("images", *args,
+                                 env={**os.environ, "CLAWROUTER_HOME": str(home), **env})
 
 
 def fill(home, count: int, prompt: str = "picture {i}") -> list[str]:
@@ -67,9 +66,7 @@ def test_ls_on_an_empty_home_says_so(tmp_path):
 def test_prune_applies_the_size_limit(tmp_path):
     fill(tmp_path, 3)
     env_limit = {"CLAWROUTER_IMAGE_MAX_GB": str(1 / 1024**3)}  # one byte: everything goes
-    done = subprocess.run([sys.executable, "-m", "clawrouter", "images", "prune", "--json"],
-                          env={**os.environ, "CLAWROUTER_HOME": str(tmp_path), **env_limit},
-                          capture_output=True, text=True, timeout=60)
+    done = run(tmp_path, "prune", "--json", **env_limit)
     assert done.returncode == 0 and len(json.loads(done.stdout)["removed"]) == 3
     assert json.loads(run(tmp_path, "ls", "--json").stdout) == []
 
@@ -92,9 +89,7 @@ def test_prune_refuses_while_a_gateway_uses_the_data_directory(tmp_path):
     fill(tmp_path, 2)
     limit = {"CLAWROUTER_IMAGE_MAX_GB": str(1 / 1024**3)}
     with Ledger(Settings(home=tmp_path).ledger_path_for("base-sepolia")):  # a gateway holds it
-        done = subprocess.run([sys.executable, "-m", "clawrouter", "images", "prune"],
-                              env={**os.environ, "CLAWROUTER_HOME": str(tmp_path), **limit},
-                              capture_output=True, text=True, timeout=60)
+        done = run(tmp_path, "prune", **limit)
     assert done.returncode == 1 and "Stop it to prune now" in done.stderr
     assert len(json.loads(run(tmp_path, "ls", "--json").stdout)) == 2
 

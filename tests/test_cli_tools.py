@@ -1,5 +1,7 @@
-"""The terminal tools as a user runs them: `clawrouter generate/edit/models/status/doctor/mcp` as
-real subprocesses against a real gateway on the sandbox upstream; `--json` to assert."""
+"""The terminal tools as a user runs them: `clawrouter generate/edit/models/status/doctor/mcp`
+against a real gateway on the sandbox upstream; `--json` to assert. A command runs by
+`clawrouter.cli.main` in this process (`run`: its own environment, working folder, stdout and
+stderr) unless the test is about processes: signals, pipes, one process waiting for another."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from starlette.routing import Route
 
 from clawrouter import catalog
 from clawrouter.sandbox.images import make_png
-from tests.servers import dead_port, free_port, serving
+from tests.servers import clawrouter_in_process, dead_port, free_port, serving
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MY_COMMANDS = ("generate", "edit", "models", "status", "doctor", "mcp")
@@ -29,13 +31,12 @@ MY_COMMANDS = ("generate", "edit", "models", "status", "doctor", "mcp")
 
 def run(tmp_path: Path, *args: str, url: str | None = None, cwd: Path | None = None,
         **env: str) -> subprocess.CompletedProcess[str]:
-    """Run `clawrouter ARGS` with a private home and output directory."""
+    """Run `clawrouter ARGS` (in this process) with a private home and output directory."""
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
     environ.update(CLAWROUTER_HOME=str(tmp_path / "cli-home"), CLAWROUTER_OUT=str(tmp_path / "out"),
                    CLAWROUTER_URL=url or f"http://127.0.0.1:{dead_port()}", **env)
-    return subprocess.run([sys.executable, "-m", "clawrouter", *args], env=environ, cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+    return clawrouter_in_process(*args, env=environ, cwd=cwd)
 
 
 def as_json(proc: subprocess.CompletedProcess[str]) -> Any:
@@ -279,7 +280,7 @@ def test_a_terminated_paid_request_says_a_payment_may_be_under_way(tmp_path: Pat
     gateway may have paid, or the agent retries into a second payment."""
     # the command is stopped as soon as the payment arrives, seconds before its answer (which
     # the gateway waits for before this test's end lets it stop)
-    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 2.5})
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 1.5})
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
     environ.update(CLAWROUTER_HOME=str(tmp_path / "cli-home"),
@@ -356,8 +357,7 @@ def test_commands_find_the_gateway_where_serve_listens_with_the_same_settings(
         f'port = {port}\napi_key = "from-the-file"\n')
 
     def clawrouter(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "clawrouter", *args],
-                              env=environ | env, capture_output=True, text=True, timeout=60)
+        return clawrouter_in_process(*args, env=environ | env)
 
     status = clawrouter("status", "--json")
     assert status.returncode == 0, status.stderr
@@ -385,11 +385,9 @@ def test_commands_use_the_gateway_holding_the_ledger_wherever_it_listens(
                              stderr=subprocess.PIPE, text=True)
     try:
         assert serve.stdout is not None and "ready" in serve.stdout.readline()
-        made = subprocess.run([sys.executable, "-m", "clawrouter", "generate", "x", "--json"],
-                              env=environ, capture_output=True, text=True, timeout=60)
-        stats = subprocess.run([sys.executable, "-m", "clawrouter", "stats"],  # the sandbox's
-                               env=environ | {"CLAWROUTER_NETWORK": "base-sepolia"},
-                               capture_output=True, text=True, timeout=60)
+        made = clawrouter_in_process("generate", "x", "--json", env=environ)
+        stats = clawrouter_in_process("stats",  # the sandbox's
+                                      env=environ | {"CLAWROUTER_NETWORK": "base-sepolia"})
     finally:
         serve.terminate()
         serve.wait(timeout=20)
@@ -469,8 +467,7 @@ def test_a_gateway_of_another_data_directory_is_named_not_used(
     environ = cli_env(tmp_path, CLAWROUTER_PORT=other.url.rsplit(":", 1)[1])
 
     def clawrouter(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "clawrouter", *args],
-                              env=environ | env, capture_output=True, text=True, timeout=60)
+        return clawrouter_in_process(*args, env=environ | env)
 
     paid = sandbox.paid()
     made = clawrouter("generate", "x", "--json")
@@ -614,7 +611,10 @@ def test_doctor_finds_the_gateway_serving_on_another_port(tmp_path: Path, make_g
                                    f"{gateway.url}")
 
 
-def test_doctor_names_each_failure_with_a_fix(tmp_path: Path) -> None:
+def test_doctor_names_each_failure_with_a_fix(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # the taken port never answers: its probe waits this long, not 2 s, before saying so
+    monkeypatch.setattr("clawrouter.cli.client.PROBE_TIMEOUT", httpx.Timeout(0.3))
     home = doctor_home(tmp_path, mode=0o644)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -1,7 +1,10 @@
-"""`clawrouter wallet` and `clawrouter stats` as real subprocesses: real files, exit codes, stdin.
+"""`clawrouter wallet` and `clawrouter stats`: real files, exit codes, stdin.
 
-Every run gets its own session (no controlling terminal), so a confirmation prompt can never
-wait on the developer's terminal: without `--yes` the commands must refuse.
+Commands run by `clawrouter.cli.main` in this process (`cli(...)`), with their own environment
+and stdin, unless the terminal matters: `cli.process(...)` is a real subprocess in a session
+of its own (no controlling terminal), so a confirmation prompt can never wait on the
+developer's terminal: without `--yes` the commands must refuse. Only commands that cannot ask
+run in-process.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from eth_account import Account
 from clawrouter.config import Settings
 from clawrouter.payment.ledger import Ledger, REJECTED, SETTLED
 from clawrouter.payment.networks import NETWORKS
-from tests.servers import dead_port
+from tests.servers import clawrouter_in_process, dead_port
 from tests.test_balance import FakeRpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +57,12 @@ class Cli:
 
     def __call__(self, *args: str, input: str | None = None,
                  **env: str) -> subprocess.CompletedProcess[str]:
+        """The command in this process: for one that never asks on the terminal."""
+        return clawrouter_in_process(*args, env={**self.env, **env}, input=input, cwd=REPO)
+
+    def process(self, *args: str, input: str | None = None,
+                **env: str) -> subprocess.CompletedProcess[str]:
+        """The command as a real process without a controlling terminal."""
         return subprocess.run([sys.executable, "-m", "clawrouter", *args], input=input,
                               capture_output=True, text=True, cwd=REPO, timeout=30,
                               env={**self.env, **env}, start_new_session=True)
@@ -205,7 +214,7 @@ def test_import_from_a_missing_client_wallet_says_where_it_looked(cli):
 
 
 def test_import_without_yes_and_without_a_terminal_refuses(cli):
-    done = cli("wallet", "import", input=KEY)
+    done = cli.process("wallet", "import", input=KEY)
     assert done.returncode == 1 and "--yes" in done.stderr
     assert ADDRESS in done.stderr  # it said what it would have imported
     assert not cli.key_file.exists()
@@ -250,7 +259,7 @@ def test_a_malformed_key_in_the_config_file_is_blamed_on_the_file(cli):
     cli.claw.mkdir()
     config.write_text('wallet_key = "0x1234"\n')
     where = f"the wallet_key setting in {config}"
-    served = cli("serve", "--no-sandbox", "--port", "0",
+    served = cli.process("serve", "--no-sandbox", "--port", "0",
                  "--upstream", f"http://127.0.0.1:{dead_port()}/api")
     assert served.returncode == 2 and where in served.stderr, served.stderr
     doctor = cli("doctor", "--json")
@@ -294,7 +303,7 @@ def test_commands_name_a_data_file_they_cannot_use_in_one_line(cli):
 # --- export ---------------------------------------------------------------------------------
 def test_export_needs_confirmation_and_warns(cli):
     write_key(cli, KEY)
-    refused = cli("wallet", "export")
+    refused = cli.process("wallet", "export")
     assert refused.returncode == 1 and "--yes" in refused.stderr
     assert KEY not in refused.stdout + refused.stderr
 

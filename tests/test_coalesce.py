@@ -301,3 +301,60 @@ def test_a_payment_in_flight_for_as_long_as_a_paid_call_may_wait_is_still_recall
     coalescer = Coalescer(60, interrupted={7: time.time() - 590},
                           in_flight_for=longest_in_flight(Settings(max_timeout_seconds=600)))
     assert 7 in coalescer.interrupted
+
+
+def test_a_first_try_runs_anew_after_a_delivered_result_and_shares_everything_else():
+    """`x-stainless-retry-count: 0` (`first_try`) is a new call, not a retry: it does not take
+    a result a client received, and its own result replaces that one. It still joins work in
+    flight, takes a paid failure or a result every client left, and its unpaid failure puts
+    back the result it passed over (whose own retries must still find it); retries, requests
+    that do not say, and Idempotency-Keys share as before."""
+    coalescer = Coalescer(60)
+    runs: list[str] = []
+
+    def work(tag, amount=1000, fail=None, wait=0.0):
+        async def run(shared):
+            runs.append(tag)
+            await asyncio.sleep(wait)
+            if fail:
+                raise fail
+            return Result(1, [], amount, tag)
+        return run
+
+    async def main():
+        first = await coalescer.run(ctx(), "fp", None, work("a"))
+        again = await coalescer.run(ctx(), "fp", None, work("b"), first_try=True)
+        assert (first.transaction, again.transaction, again.shared) == ("a", "b", False)
+        retry = await coalescer.run(ctx(), "fp", None, work("c"))  # a retry: shares b's
+        assert (retry.transaction, retry.shared) == ("b", True)
+        # in flight: a first try joins
+        both = await asyncio.gather(*(coalescer.run(ctx(), "flight", None, work("f", wait=0.02),
+                                                    first_try=True) for _ in range(2)))
+        assert [r.transaction for r in both] == ["f", "f"] and runs.count("f") == 1
+        # an unpaid failure of a first try puts back the delivered result it passed over
+        with pytest.raises(ClientGone):
+            await coalescer.run(ctx(), "fp", None, work("d", fail=ClientGone("gone")),
+                                first_try=True)
+        assert (await coalescer.run(ctx(), "fp", None, work("e"))).transaction == "b"
+        # a paid failure is shared with a first try
+        failed = PaidRequestFailed("paid, then failed", extra={"payment": "signed"})
+        for _ in range(2):
+            with pytest.raises(PaidRequestFailed):
+                await coalescer.run(ctx(), "failed", None, work("p", fail=failed),
+                                    first_try=True)
+        assert runs.count("p") == 1
+        # a result whose every client left is shared with a first try
+        left = ctx()
+        abandoned = asyncio.create_task(coalescer.run(left, "left", None, work("l", wait=0.02)))
+        await asyncio.sleep(0.005)
+        left.leave()
+        assert (await abandoned).transaction == "l"
+        kept = await coalescer.run(ctx(), "left", None, work("m"), first_try=True)
+        assert (kept.transaction, kept.shared) == ("l", True)
+        # an Idempotency-Key keeps its one outcome whatever the try
+        await coalescer.run(ctx(), "keyed", "k1", work("k"))
+        keyed = await coalescer.run(ctx(), "keyed", "k1", work("x"), first_try=True)
+        assert keyed.transaction == "k" and "x" not in runs
+        assert runs == ["a", "b", "f", "d", "p", "l", "k"]
+
+    asyncio.run(main())

@@ -58,7 +58,8 @@ def test_sdk_edit_with_one_uploaded_file(gateway, sandbox, files):
     client = OpenAI(base_url=gateway.v1, api_key="unused")
     with open(files[1], "rb") as f:
         result = client.images.edit(image=f, prompt="add a hat", model="gpt-image-1")
-    assert result.data[0].url.startswith(gateway.url + "/images/")
+    # OpenAI's name for the model, and no response_format: b64_json, as OpenAI answers it
+    assert base64.b64decode(result.data[0].b64_json).startswith(b"\x89PNG")
     assert sent_images(sandbox) == [{"mime": "image/png", "sha256": sha(files[1].read_bytes()),
                                      "bytes": files[1].stat().st_size}]
     assert sandbox.stats()["bodies"][-1]["model"] == "openai/gpt-image-1"
@@ -146,6 +147,69 @@ def test_sdk_edit_with_a_mask(gateway, sandbox, files):
                            model="gpt-image-1")
     body = sandbox.stats()["bodies"][-1]
     assert body["mask"]["sha256"] == sha(mask)
+
+
+@pytest.mark.parametrize("sent", ["multipart", "json"])
+def test_the_images_and_mask_are_let_go_of_before_the_upstream_wait(gateway, sandbox, sent):
+    """Once the upstream body holds them, the request keeps no other copy of its inputs: an
+    upload or data URI held through the upstream wait (minutes for a slow job) would double
+    what every waiting edit costs in memory."""
+    seen: dict[str, object] = {}
+    pipeline, exchange = gateway.gw.pipeline, gateway.gw.pipeline.exchange
+    run_pipeline, run_exchange = pipeline.run, exchange.run
+
+    async def watched_pipeline(job, ctx):
+        seen["job"] = job
+        return await run_pipeline(job, ctx)
+
+    async def watched_exchange(call, ctx):  # the upstream wait starts here
+        job = seen["job"]
+        seen["during"] = (list(job.images), job.mask, b'"mask":"data:image/png' in call.body)
+        return await run_exchange(call, ctx)
+
+    pipeline.run, exchange.run = watched_pipeline, watched_exchange
+    image, mask = png(3), png(4)
+    if sent == "multipart":
+        r = httpx.post(gateway.v1 + "/images/edits", timeout=30,
+                       data={"prompt": "masked", "model": "gpt-image-1"},
+                       files=[("image", ("a.png", image, "image/png")),
+                              ("mask", ("m.png", mask, "image/png"))])
+    else:
+        r = httpx.post(gateway.v1 + "/images/image2image", timeout=30, json={
+            "prompt": "masked", "model": "gpt-image-1", "image": data_uri(image),
+            "mask": data_uri(mask)})
+    assert r.status_code == 200, r.text
+    assert seen["during"] == ([], None, True)  # the mask went upstream, and was let go of
+    assert sandbox.stats()["bodies"][-1]["mask"]["sha256"] == sha(mask)
+
+
+def test_a_big_edit_s_upstream_body_is_built_off_the_event_loop(gateway, sandbox, monkeypatch):
+    """Base64-encoding big uploads and joining the body takes tens of milliseconds, which every
+    other client would wait out on the loop; a small body is built inline (a hop costs more)."""
+    import asyncio
+
+    from clawrouter import pipeline
+    from clawrouter.offloop import OFF_LOOP_BYTES
+
+    built_on_loop: list[bool] = []
+    build = pipeline.upstream_body
+
+    def watched(*args):
+        try:
+            asyncio.get_running_loop()
+            built_on_loop.append(True)
+        except RuntimeError:  # a worker thread runs no loop
+            built_on_loop.append(False)
+        return build(*args)
+
+    monkeypatch.setattr(pipeline, "upstream_body", watched)
+    for image in (png(3), make_png(64, 64, 3, pad_to=OFF_LOOP_BYTES + 4096)):
+        r = httpx.post(gateway.v1 + "/images/edits", timeout=30,
+                       data={"prompt": "how big", "model": "gpt-image-1"},
+                       files={"image": ("a.png", image, "image/png")})
+        assert r.status_code == 200, r.text
+        assert sent_images(sandbox)[0]["sha256"] == sha(image)
+    assert built_on_loop == [True, False]
 
 
 def test_multipart_with_repeated_image_fields_and_blank_fields(gateway, sandbox, files):

@@ -14,7 +14,7 @@ from eth_account import Account
 
 from clawrouter.catalog import BY_ID
 from clawrouter.context import RequestContext
-from clawrouter.errors import ClientGone, UpstreamUnavailable
+from clawrouter.errors import ClientGone, PaymentRefused, UpstreamUnavailable
 from clawrouter.payment.budget import Budget
 from clawrouter.payment.ledger import Ledger
 from clawrouter.payment.networks import NETWORKS
@@ -332,3 +332,31 @@ def test_a_learned_price_is_reused_only_for_the_same_quality_inputs_and_mask():
             UpstreamCall(base.route, b"{}", model, "1024x1024", 1, (None, 2, False)).price_key,
             UpstreamCall(base.route, b"{}", model, "1024x1024", 1, (None, 0, True)).price_key}
     assert len(keys) == 4
+
+
+def test_a_per_request_cap_between_two_micro_usdc_rounds_down_for_the_check_and_the_budget(
+        tmp_path):
+    """$0.0000015 is 1.5 micro-USDC: the challenge check and the budget both round the cap down
+    to 1, so a challenge for 2 is refused before signing (a cap never allows more than set)."""
+    from clawrouter.payment.wire import b64_json, parse_challenge
+
+    settings = gateway_settings(tmp_path, "http://127.0.0.1:9/api",
+                                max_usd_per_request=0.0000015)
+    network = NETWORKS["base-sepolia"]
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    budget = Budget.from_settings(ledger, settings)
+    exchange = Exchange(None, None, settings, network, ledger, budget, PriceBook(3600))
+    entry = {"scheme": "exact", "network": network.caip2, "amount": "2", "asset": network.usdc,
+             "payTo": settings.pay_to, "maxTimeoutSeconds": 300,
+             "extra": {"name": network.domain_name, "version": network.domain_version}}
+    challenge = parse_challenge({"payment-required": b64_json({"x402Version": 2,
+                                                               "accepts": [entry]})}, b"")
+    call = UpstreamCall("/v1/images/generations", b"{}", BY_ID["zai/cogview-4"], "512x512", 1)
+    try:
+        assert budget.limits["request"] == 1
+        with pytest.raises(PaymentRefused) as refused:
+            exchange._select(call, challenge)
+        assert refused.value.extra["check"] == "amount"
+        assert "per-request cap of $0.000001" in refused.value.message
+    finally:
+        ledger.close()

@@ -70,6 +70,8 @@ def test_an_upstream_that_hangs_past_the_timeout(make_gateway, own_sandbox, phas
     assert r.status_code == status, r.text
     assert (time.monotonic() - started > 5) is bool(paid)  # waited for the authorization
     assert r.headers.get("x-should-retry") == ("false" if paid else None)
+    # sent and never answered: it may have settled, and is pending until the chain tells
+    assert ("may have settled" in error(r)["message"]) is bool(paid)
     assert sandbox.stats()["payments_count"] == paid
     assert [row["status"] for row in rows(gw)] == ["failed_after_payment"] * paid
     still_serving(gw, sandbox)
@@ -495,6 +497,8 @@ def test_a_client_that_leaves_after_a_lost_poll_is_not_paid_for_again(make_gatew
     again = gen(gw, "left while polling")  # the SDK's retry of the same request
     assert again.status_code == 502 and again.headers["x-should-retry"] == "false"
     assert "lost" in error(again)["message"]
+    assert "may have settled" in error(again)["message"]
+    assert "should not have been charged" not in error(again)["message"]
     assert sandbox.stats()["payments_count"] == 1
 
 

@@ -168,6 +168,9 @@ def test_an_upstream_that_is_a_sandbox_is_said_to_be_one_on_a_testnet_only(make_
     refused = mainnet.http.post("/v1/images/generations",  # a Base Sepolia challenge: refused
                                 json={"prompt": "x", "model": "cogview"})
     assert refused.status_code == 402 and "x-clawrouter-sandbox" not in refused.headers
+    assert refused.json()["error"]["code"] == "payment_refused"
+    assert refused.json()["error"]["check"] == "network"
+    assert sandbox.stats()["payments_count"] == 1  # testnet's one: nothing signed on mainnet
     assert mainnet.gw.client.sandbox  # it did say so
     assert mainnet.http.get("/health").json()["sandbox"] is False
 

@@ -68,7 +68,7 @@ def test_many_small_requests_naming_big_files_hold_no_more_than_the_budget(
     gw = make_gateway()
     big = tmp_path / "big.png"
     big.write_bytes(make_png(64, 64, 1, pad_to=8 * MB))
-    seen = count_upstream_bodies(gw, delay=1.0)
+    seen = count_upstream_bodies(gw, delay=0.5)
     # Different prompts: identical requests from one client would share one run.
     responses = edit_all(gw, [{"prompt": f"edit {i}", "image": [str(big)] * 3}
                               for i in range(6)])
@@ -92,7 +92,7 @@ def test_a_request_bigger_than_the_budget_is_served_alone_and_none_deadlocks(
         files.append(tmp_path / f"photo{i}.png")
         files[-1].write_bytes(make_png(32, 32, i, pad_to=100_000))
     budget = gw.gw.pipeline.budget = InputBudget(250_000)
-    seen = count_upstream_bodies(gw, delay=0.2)
+    seen = count_upstream_bodies(gw, delay=0.1)
     bodies = [{"prompt": f"edit {i}", "image": [str(f) for f in files[: 2 + i % 2]]}
               for i in range(8)]
     responses = edit_all(gw, bodies)
@@ -177,7 +177,7 @@ def test_big_bodies_are_admitted_by_their_bytes_and_an_undeclared_one_as_the_lar
 
     gw = make_gateway(max_image_mb=4)
     gw.gw.heavy = HeavyPhase(body_bytes=10 * MB, largest_body=4 * gw.gw.settings.max_image_bytes)
-    seen = count_upstream_bodies(gw, delay=0.5)
+    seen = count_upstream_bodies(gw, delay=0.3)
     image = "data:image/png;base64," + base64.b64encode(
         make_png(64, 64, 1, pad_to=3_300_000)).decode()
     bodies = [{"prompt": f"edit {i}", "image": image} for i in range(4)]
@@ -235,7 +235,7 @@ def test_the_resend_of_a_big_slow_edit_joins_it_whatever_its_body_declares(
     from clawrouter.upstream import jobs
 
     monkeypatch.setattr(jobs, "REJOIN_SECONDS", 2.0)
-    sandbox.configure(slow_seconds=4)
+    sandbox.configure(slow_seconds=3)  # the resend, at 1 s, comes while the job runs
     gw = make_gateway(max_image_mb=4)
     gw.gw.heavy = HeavyPhase(body_bytes=20 * MB, largest_body=4 * gw.gw.settings.max_image_bytes)
     image = "data:image/png;base64," + base64.b64encode(
@@ -355,7 +355,7 @@ def test_a_slow_multipart_edit_holds_no_copy_of_its_upload_once_accepted(
 
     from clawrouter.validate import SourceImage
 
-    sandbox.configure(slow_seconds=3)
+    sandbox.configure(slow_seconds=2)
     gw = make_gateway()
     png = make_png(64, 64, 3, pad_to=1_500_000)
     done: list[httpx.Response] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +26,23 @@ def mcp_env(tmp_path: Path, url: str) -> dict[str, str]:
             "CLAWROUTER_OUT": str(tmp_path / "out")}
 
 
-def with_session(env: dict[str, str], use: Callable[[ClientSession], Awaitable[Any]]) -> Any:
-    """Start `clawrouter mcp` as a stdio subprocess, initialize, run `use`, shut it down."""
+@contextlib.asynccontextmanager
+async def session_of(env: dict[str, str]) -> AsyncIterator[ClientSession]:
+    """`clawrouter mcp` as a stdio subprocess, initialized; shut down on leaving."""
     params = StdioServerParameters(command=sys.executable, args=["-m", "clawrouter", "mcp"],
                                    env=env)
+    async with stdio_client(params) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            yield session
 
+
+def with_session(env: dict[str, str], use: Callable[[ClientSession], Awaitable[Any]]) -> Any:
+    """Start `clawrouter mcp` as a stdio subprocess, initialize, run `use`, shut it down."""
     async def main() -> Any:
         with anyio.fail_after(60):
-            async with stdio_client(params) as (read, write):
-                async with ClientSession(read, write) as session:
-                    await session.initialize()
-                    return await use(session)
+            async with session_of(env) as session:
+                return await use(session)
 
     return anyio.run(main)
 
@@ -45,12 +51,46 @@ def call(env: dict[str, str], tool: str, arguments: dict[str, Any] | None = None
     return with_session(env, lambda s: s.call_tool(tool, arguments or {}))
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, sandbox_server: Any
+           ) -> Iterator[Callable[[Callable[[ClientSession], Awaitable[Any]]], Any]]:
+    """One `clawrouter mcp` session, on one gateway paying the shared sandbox, for the tests
+    whose calls pay nothing and leave nothing behind (lists, refusals): each would otherwise
+    start its own server and gateway (about 1.3 s) for one call. Call it with what to do with
+    the session; a test of payments or of the server's lifetime starts its own."""
+    from anyio.from_thread import start_blocking_portal
+
+    from clawrouter.api.app import create_app
+    from clawrouter.launch import server_options
+    from tests.conftest import gateway_settings
+    from tests.servers import ServerThread
+
+    tmp = tmp_path_factory.mktemp("shared-mcp")
+    settings = gateway_settings(tmp / "gateway-home", sandbox_server.api)
+    server = ServerThread(create_app(settings), **server_options(settings.header_timeout))
+    server.start()
+    try:
+        with start_blocking_portal() as portal:
+            with portal.wrap_async_context_manager(
+                    session_of(mcp_env(tmp, server.url))) as session:
+                def use(what: Callable[[ClientSession], Awaitable[Any]]) -> Any:
+                    async def bounded() -> Any:
+                        with anyio.fail_after(60):
+                            return await what(session)
+
+                    return portal.call(bounded)
+
+                yield use
+    finally:
+        server.stop()
+
+
 def text(result: Any) -> str:
     return "\n".join(c.text for c in result.content if c.type == "text")
 
 
-def test_lists_four_tools_with_schemas(tmp_path: Path, gateway: Any) -> None:
-    tools = with_session(mcp_env(tmp_path, gateway.url), lambda s: s.list_tools()).tools
+def test_lists_four_tools_with_schemas(shared: Any) -> None:
+    tools = shared(lambda s: s.list_tools()).tools
     by_name = {t.name: t for t in tools}
     assert set(by_name) == {"generate_image", "edit_image", "list_image_models", "wallet_status"}
     gen = by_name["generate_image"].input_schema
@@ -64,8 +104,14 @@ def test_lists_four_tools_with_schemas(tmp_path: Path, gateway: Any) -> None:
 
 def test_generate_image_saves_a_png_and_reports_url_path_model_cost(
         tmp_path: Path, gateway: Any, sandbox: Any) -> None:
-    result = call(mcp_env(tmp_path, gateway.url), "generate_image",
-                  {"prompt": "a lighthouse at dawn", "model": "gpt-image", "inline": True})
+    async def use(session: ClientSession) -> tuple[Any, Any]:
+        first = await session.call_tool("generate_image", {
+            "prompt": "a lighthouse at dawn", "model": "gpt-image", "inline": True})
+        # "Another one, please" with the same words (checked below): the same image
+        return first, await session.call_tool("generate_image", {
+            "prompt": "a lighthouse at dawn", "model": "gpt-image"})
+
+    result, again = with_session(mcp_env(tmp_path, gateway.url), use)
     assert not result.is_error, text(result)
     saved = result.structured_content
     assert saved["model"] == "openai/gpt-image-1"
@@ -82,8 +128,6 @@ def test_generate_image_saves_a_png_and_reports_url_path_model_cost(
     assert sandbox.paid() == 1
     assert saved["shared"] is False and "paid again" not in body
     # "Another one, please" with the same words: the agent is told it is the same image.
-    again = call(mcp_env(tmp_path, gateway.url), "generate_image",
-                 {"prompt": "a lighthouse at dawn", "model": "gpt-image"})
     assert again.structured_content["shared"] is True
     assert "nothing was paid again" in text(again)
     assert sandbox.paid() == 1
@@ -110,9 +154,8 @@ def test_edit_image_with_a_local_file(tmp_path: Path, gateway: Any) -> None:
                                                  "than or equal to 10"),
 ])
 def test_refusals_are_tool_errors_with_the_gateways_message(
-        tmp_path: Path, gateway: Any, sandbox: Any, tool: str, arguments: dict[str, Any],
-        message: str) -> None:
-    result = call(mcp_env(tmp_path, gateway.url), tool, arguments)
+        shared: Any, sandbox: Any, tool: str, arguments: dict[str, Any], message: str) -> None:
+    result = shared(lambda s: s.call_tool(tool, arguments))
     assert result.is_error
     assert message in text(result)
     assert "pydantic" not in text(result)
@@ -125,8 +168,8 @@ def test_budget_refusal_is_a_tool_error(tmp_path: Path, make_gateway: Any) -> No
     assert result.is_error and "budget" in text(result).lower()
 
 
-def test_list_image_models_covers_the_catalog(tmp_path: Path, gateway: Any) -> None:
-    result = call(mcp_env(tmp_path, gateway.url), "list_image_models")
+def test_list_image_models_covers_the_catalog(shared: Any) -> None:
+    result = shared(lambda s: s.call_tool("list_image_models", {}))
     assert not result.is_error
     ids = [m["id"] for m in result.structured_content["models"]]
     assert ids == [m.id for m in catalog.MODELS]
@@ -311,7 +354,7 @@ def test_a_cancelled_call_still_stops_its_gateway_and_frees_the_wallet(tmp_path:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
     env |= mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {
-        "CLAWROUTER_SANDBOX": "true", "CLAWROUTER_COALESCE_WINDOW_SECONDS": "2"}
+        "CLAWROUTER_SANDBOX": "true", "CLAWROUTER_COALESCE_WINDOW_SECONDS": "1"}
     ledger = Settings(home=tmp_path / "client-home").ledger_path_for("base-sepolia")
     lock = lock_path(ledger)
     # polling waits 1 s, not 5, for the client that left to come back before it gives up

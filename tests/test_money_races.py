@@ -46,6 +46,31 @@ def test_a_poll_told_the_authorization_was_already_used_leaves_the_payment_pendi
     assert gw.http.get("/v1/spend").json()["today"]["pending"]["micro"] == row["amount"]
 
 
+PAID_REFUSED_AS_USED = {
+    "already used": {"kind": "respond", "phase": "paid", "times": 1, **REPLAY},
+    "resend refused": {"kind": "drop", "phase": "paid", "settle": True, "times": 1},
+}
+
+
+@pytest.mark.parametrize("case", list(PAID_REFUSED_AS_USED))
+def test_a_paid_request_refused_as_already_used_says_it_may_have_settled(make_gateway, sandbox,
+                                                                          case):
+    """The paid POST is refused because its authorization is already used (said outright, or
+    to the resend after the first attempt's connection dropped): whoever used it may have
+    settled it, so the client is told the payment is pending, never that it was not charged."""
+    gw = make_gateway()
+    sandbox.faults(PAID_REFUSED_AS_USED[case])
+    r = gen(gw, f"paid, then {case}")
+    assert r.status_code == 502 and r.headers["x-should-retry"] == "false", r.text
+    error = r.json()["error"]
+    assert error["payment"] == "signed" and "already used" in error["message"]
+    assert "may have settled" in error["message"]
+    assert "pending until the chain tells" in error["message"]
+    assert "should not have been charged" not in error["message"]
+    (row,) = rows(gw)
+    assert row["status"] == "failed_after_payment"
+
+
 RESEND_ANSWERS = {
     "settlement refused": {"status": 402, "body": {
         "error": "Payment settlement failed", "details": "transaction_simulation_failed"}},

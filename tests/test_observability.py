@@ -402,9 +402,9 @@ def test_the_ready_line_brackets_an_ipv6_address(tmp_path):
 def test_a_gateway_whose_stderr_nobody_reads_still_stops(tmp_path, sandbox, sig):
     """With its log writer stuck on a full pipe, Ctrl-C or SIGTERM must still end it: the
     writer holds no lock the exit needs, and the exit waits for it once, briefly."""
-    # the exit's wait for the stuck writer: 1 s here, not 5 (it used to hang for good)
+    # the exit's wait for the stuck writer: 0.3 s here, not 5 (it used to hang for good)
     proc, port, _ = run_gateway(tmp_path, sandbox,
-                                constants={"clawrouter.observe.LOG_FLUSH_SECONDS": 1.0})
+                                constants={"clawrouter.observe.LOG_FLUSH_SECONDS": 0.3})
     try:
         assert "ready" in proc.stdout.readline()
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:

@@ -121,7 +121,7 @@ def test_sdk_retries_join_a_slow_job_that_outlives_their_timeout(gateway, sandbo
     made = client.images.with_raw_response.generate(model="gpt-image-2", prompt="outlives",
                                                     size="1024x1024")
     assert made.headers["x-clawrouter-shared"] == "true"  # the resend that joined it
-    assert made.parse().data[0].url
+    assert made.parse().data[0].b64_json  # OpenAI's name: its format (response_format auto)
     assert sandbox.stats()["payments_count"] == 1
     (row,) = gateway.http.get("/v1/spend").json()["latest"]
     assert row["status"] == "settled"
@@ -481,6 +481,45 @@ def test_a_price_change_costs_exactly_one_fresh_payment(gateway, sandbox):
     assert [(row["status"], row["attempt"]) for row in rows] == [
         ("settled", 2), ("rejected", 1), ("settled", 1)]
     assert rows[0]["amount"] > rows[1]["amount"]
+
+
+def test_after_a_price_change_the_new_price_is_pre_authorized(gateway, sandbox):
+    assert gen(gateway, "warm").status_code == 200
+    sandbox.faults({"kind": "price", "multiply": 1.2})
+    assert gen(gateway, "after the change").status_code == 200  # refused, probe, fresh one
+    trips = sandbox.round_trips()
+    assert gen(gateway, "at the new price").status_code == 200
+    assert sandbox.round_trips() == trips + 1
+
+
+def test_a_preauth_refused_for_want_of_funds_is_not_signed_again(gateway, sandbox):
+    """A fresh payment from the same wallet would be refused the same way: one signature."""
+    assert gen(gateway, "warm").status_code == 200
+    sandbox.faults({"kind": "reject", "phase": "paid", "code": "PAYMENT_UNFUNDED", "times": 1})
+    trips = sandbox.round_trips()
+    r = gen(gateway, "short")
+    assert r.status_code == 402, r.text
+    error = r.json()["error"]
+    assert (error["payment"], error["upstream_code"]) == ("rejected", "PAYMENT_UNFUNDED")
+    assert "not re-signed" in error["message"]
+    assert sandbox.round_trips() == trips + 1  # no probe, no second payment
+    assert [(row["status"], row["attempt"]) for row in ledger_rows(gateway)] == [
+        ("rejected", 1), ("settled", 1)]
+
+
+def test_a_preauth_refused_at_an_unchanged_price_stops_pre_auth_for_a_while(gateway, sandbox):
+    """The upstream refused the pre-authorised payment, then asked the same amount again: the
+    refusal was not about the price, so the next requests probe first instead of risking a
+    second signature each."""
+    assert gen(gateway, "warm").status_code == 200
+    sandbox.faults({"kind": "reject", "phase": "paid", "code": "PAYMENT_INVALID", "times": 1})
+    assert gen(gateway, "refused once").status_code == 200  # refused, probe, fresh payment
+    trips = sandbox.round_trips()
+    for i in range(2):
+        assert gen(gateway, f"later {i}").status_code == 200
+    assert sandbox.round_trips() == trips + 4  # probe + payment each: nothing pre-authorised
+    assert [(row["status"], row["attempt"]) for row in ledger_rows(gateway)] == [
+        ("settled", 1), ("settled", 1), ("settled", 2), ("rejected", 1), ("settled", 1)]
 
 
 def test_tampered_challenges_are_still_refused_on_the_preauth_path(gateway, sandbox):

@@ -142,3 +142,23 @@ def test_an_exact_entry_that_fails_a_check_does_not_hide_a_later_one_that_passes
     with pytest.raises(PaymentRefused) as err:
         select(both(gateway, dearer))
     assert err.value.extra["check"] == "domain"  # the first entry's failure
+
+
+def test_the_cheapest_acceptable_entry_is_signed_not_the_first():
+    """Two acceptable options, both under the ceiling: the challenge's order does not decide
+    what we pay (a dearer one listed first is passed over); of equally cheap ones, the first.
+    One that fails a check is never chosen for being cheaper."""
+    standard = challenge().requirements[0].raw
+
+    def entries(*accepts):
+        return parse_challenge({"payment-required": b64_json(
+            {"x402Version": 2, "accepts": list(accepts)})}, b"")
+
+    dear, cheap = standard | {"amount": "79999"}, standard | {"amount": "53500"}
+    assert select(entries(dear, cheap), ceiling=80_000).raw == cheap
+    assert select(entries(cheap, dear), ceiling=80_000).raw == cheap
+    twin = cheap | {"maxTimeoutSeconds": 120}
+    assert select(entries(dear, cheap, twin), ceiling=80_000).raw == cheap
+    assert select(entries(dear, twin, cheap), ceiling=80_000).raw == twin
+    elsewhere = standard | {"amount": "1", "payTo": "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"}
+    assert select(entries(dear, elsewhere), ceiling=80_000).raw == dear

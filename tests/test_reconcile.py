@@ -136,12 +136,14 @@ def test_the_sandbox_chain_refuses_what_it_cannot_answer(sandbox, chain_url):
 
 
 def test_a_sandboxed_gateway_reads_its_balance_from_the_sandbox_chain(tmp_path):
-    """`clawrouter serve --sandbox`: /health shows the sandbox wallet's balance, offline."""
+    """`clawrouter serve --sandbox`: /health shows the sandbox wallet's balance, offline. The
+    sandbox never receives a mainnet authorization: it runs on Base Sepolia whatever
+    `network` says."""
     from clawrouter.config import Settings
     from clawrouter.launch import run_async, start_gateway
 
     async def main() -> dict:
-        settings = Settings(home=tmp_path, port=0, sandbox=True)
+        settings = Settings(home=tmp_path, port=0, sandbox=True, network="base")
         running = await start_gateway(settings)
         try:
             assert running.settings.rpc_urls[0].endswith("/_sandbox/rpc")
@@ -158,6 +160,7 @@ def test_a_sandboxed_gateway_reads_its_balance_from_the_sandbox_chain(tmp_path):
 
     health = run_async(main())
     assert health["balance_usd"] == 100.0 and health["sandbox"] is True
+    assert health["network"] == "base-sepolia"
 
 
 # --- reconciling ----------------------------------------------------------------------------

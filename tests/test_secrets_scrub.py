@@ -184,7 +184,7 @@ def test_retry_after_is_passed_on_only_as_a_delay_or_a_date() -> None:
     (which may quote a payment of another request)."""
     def kept(value: str) -> dict[str, str]:
         resp = UpstreamResponse(429, {"retry-after": value, "retry-after-ms": value},
-                                b'{"error": "slow down"}', 1.0)
+                                b'{"error": "slow down"}')
         return {k.lower(): v for k, v in unpaid_error(resp).headers.items()}
 
     assert kept("5") == {"retry-after": "5", "retry-after-ms": "5"}

@@ -30,6 +30,7 @@ from clawrouter.payment.prices import PriceBook
 from clawrouter.payment.reconcile import Reconciler, chain_network
 from clawrouter.payment.signer import Signer
 from clawrouter.payment.wallet import WalletKey, load_wallet
+from clawrouter.payment import walletlock
 from clawrouter.pipeline import ImagePipeline
 from clawrouter.store import ImageServer, ImageStore
 from clawrouter.store.sources import ResultSources
@@ -93,6 +94,18 @@ def longest_in_flight(settings: Settings) -> float:
             + RESULT_SECONDS + RESTART_SECONDS)
 
 
+def _hold_wallet(ledger: Ledger, address: str, settings: Settings,
+                 sandbox: bool) -> walletlock.WalletLock:
+    """The wallet's lock, taken once this data directory's ledger is ours (so a command
+    waiting for that ledger never meets it); refused, the ledger is let go with it."""
+    try:
+        return walletlock.hold(address, NETWORKS[settings.network], settings.home,
+                               sandbox=sandbox)
+    except BaseException:
+        ledger.close()
+        raise
+
+
 def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     wallet = load_wallet(settings.home, settings.wallet_key.get_secret_value()
@@ -100,6 +113,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     signer = Signer(wallet.key)
     store = ImageStore.from_settings(settings)
     ledger = Ledger(settings.ledger_path, chain_network=chain_network(settings))
+    wallet_lock = _hold_wallet(ledger, signer.address, settings, sandbox)
     budget = Budget.from_settings(ledger, settings)
     prices = PriceBook(settings.price_ttl_seconds)
     trimmer = Trimmer()
@@ -149,6 +163,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
             await inputs.aclose()
             await session.close()
             ledger.close()
+            wallet_lock.release()
 
     app = FastAPI(title="clawrouter", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, redirect_slashes=False,

@@ -2,32 +2,19 @@
 
 Base64 of a 15 MB image, and JSON around it, take tens of milliseconds: on the event loop, every
 other client (a `/health` probe, a small request) would wait that long. pybase64 releases the
-interpreter lock, so it runs on a worker thread; `json.dumps` does not, so the base64 never goes
-through it: the JSON is written around a placeholder, and the base64 bytes (whose alphabet needs
-no escaping) are joined in.
+interpreter lock, so it runs on a worker thread (`offloop`); `json.dumps` does not, so the
+base64 never goes through it: the JSON is written around a placeholder, and the base64 bytes
+(whose alphabet needs no escaping) are joined in.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import secrets
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pybase64
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-#: bytes of image past which hashing and encoding run on a worker thread
-OFF_LOOP_BYTES = 1024 * 1024
-
-
-async def off_loop(fn: Callable[[T], R], value: T, size: int = OFF_LOOP_BYTES + 1) -> R:
-    """`fn(value)`, on a worker thread when `size` (of the image bytes behind it) is big."""
-    return await asyncio.to_thread(fn, value) if size > OFF_LOOP_BYTES else fn(value)
 
 
 class Base64:

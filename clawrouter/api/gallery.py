@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from clawrouter.api.images import base_url
+from clawrouter.catalog import to_usd
 from clawrouter.store.links import image_url
 
 router = APIRouter()
@@ -50,6 +51,6 @@ async def list_images(request: Request, limit: int = Query(50, ge=1, le=500),
     for row in rows:
         item = {k: row.get(k) for k in PUBLIC_FIELDS}
         item["url"] = image_url(base, row["name"])
-        item["cost_usd"] = (row.get("cost_micro") or 0) / 1_000_000
+        item["cost_usd"] = to_usd(row.get("cost_micro") or 0)
         data.append(item)
     return {"object": "list", "data": data, "limit": limit, "offset": offset}

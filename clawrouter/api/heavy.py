@@ -7,12 +7,13 @@ A 4 MB edit arrives as 5.3 MB of JSON; the largest body allowed (4 × `max_image
   their bodies together fit in `BODY_BYTES` (a semaphore counted in bytes, `InputBudget`);
   the rest wait *before* their body is read, so it stays in the client's socket (TCP pushes
   back) instead of in our heap. The declared Content-Length decides; a chunked upload, which
-  declares none, counts as the largest body allowed (a JSON one once 1 MB of it has arrived,
-  so a small one never waits; a form before it is read). One body bigger than the whole budget is
-  served alone. Small requests never wait. The upstream works through big requests a few at a
-  time anyway, so two dozen 4 MB edits at once lose no throughput; waiting only moves the
-  queue from the upstream's side to ours. The price: a slow uploader holds its share while it
-  uploads, so a few of them at once make other big requests wait (never small ones).
+  declares none, counts as the largest body allowed once 1 MB of it has arrived (JSON and
+  forms alike, `api.images.admitted_stream`), so a small one never waits. One body bigger than
+  the whole budget is served alone. Small requests never wait. The upstream works through big
+  requests a few at a time anyway, so two dozen 4 MB edits at once lose no throughput; waiting
+  only moves the queue from the upstream's side to ours. The price: a slow uploader holds its
+  share while it uploads, so a few of them at once make other big requests wait (never small
+  ones).
 - Expansion: parsing, decoding and building the upstream body briefly hold three or four
   copies of it, so at most `SLOTS` requests do that at once. The work is CPU-bound on one event
   loop, so a few slots lose nothing either. Together: at most `BODY_BYTES` of bodies, and
@@ -65,7 +66,8 @@ class Slot:
 
     async def admit(self, size: int | None) -> None:
         """Before reading a body of `size` bytes (None: not declared, so as big as allowed):
-        wait for room if it is big. Once per request: the first call decides."""
+        wait for room if it is big. Once per request: the first call over `BIG_BODY` decides
+        (a chunked body calls with 0 first, then with None once it is past `BIG_BODY`)."""
         size = self._undeclared if size is None else size
         if size > BIG_BODY and not self._admitted:
             self.used = True

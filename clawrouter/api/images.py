@@ -7,8 +7,9 @@ leave it out). Query strings are ignored.
 from __future__ import annotations
 
 import asyncio
+import json
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, TypeGuard, TypeVar
 
 import aiofiles
 from fastapi import APIRouter, Request
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
-from clawrouter.api.encoding import Base64, json_bytes, off_loop
+from clawrouter.api.encoding import Base64, json_bytes
 from clawrouter.api.heavy import BIG_BODY, Slot
 from clawrouter.api.multipart import read_multipart
 from clawrouter.api.schemas import EditBody, GenerationBody
@@ -28,10 +29,13 @@ from clawrouter.config import is_loopback_authority
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClawError, InvalidRequest
 from clawrouter.inputs.forms import Form, classify
+from clawrouter.offloop import off_loop
 from clawrouter.pipeline import Result
 from clawrouter.sniff import EXTENSIONS, sniff_image
 from clawrouter.store.links import image_url
-from clawrouter.validate import ImageJob, SourceImage, edit_job, generation_job
+from clawrouter.validate import (
+    UNSUPPORTED, ImageJob, SourceImage, edit_job, generation_job, unsupported,
+)
 
 router = APIRouter()
 
@@ -90,6 +94,13 @@ def fingerprint(job: ImageJob) -> str:
                              job.quality or "", *sources)
 
 
+def first_try(request: Request) -> bool:
+    """Whether the client says this is a call's first try, not a retry (the OpenAI SDK's
+    `x-stainless-retry-count: 0`): a deliberate repeat, not to be answered with an earlier
+    call's delivered result (`coalesce`)."""
+    return request.headers.get("x-stainless-retry-count", "").strip() == "0"
+
+
 def by_reference(job: ImageJob) -> bool:
     """Whether an input is read from a path or URL, whose bytes may change once it is done."""
     return any(isinstance(s.value, str) and classify(s.value) in _REFERENCES
@@ -98,18 +109,20 @@ def by_reference(job: ImageJob) -> bool:
 
 async def inputs_judged(request: Request, work: Awaitable[Result], ctx: RequestContext,
                         slot: Slot) -> asyncio.Future[Result]:
-    """Start a streamed edit and wait (up to the stream's first keep-alive) until its inputs
-    are read and checked, so a refused one is an HTTP error the SDK raises as such (a 400),
-    not an `error` event after a 200. Work shared with an earlier request never says: the
-    stream then starts when the wait ends."""
+    """Start a stream's work and hold its 200 (up to the stream's first keep-alive) until the
+    work ends or its slow job is accepted, so that an error before any payment (a refused
+    input, the cap, a busy upstream's 503) is an HTTP error the SDK raises, and retries, as it
+    does without streaming, not an `error` event after a 200 (a bare `APIError`, never
+    retried). A failure after signing still goes in the stream, with its payment. Work shared
+    with an earlier request never says its job was accepted: it holds until the wait ends."""
     ready = asyncio.Event()
-    built = ctx.body_built
+    accepted = ctx.job_accepted
 
-    def body_built() -> None:
-        built()
+    def job_accepted() -> None:
+        accepted()
         ready.set()
 
-    ctx.body_built = body_built
+    ctx.job_accepted = job_accepted
     task = asyncio.ensure_future(work)
     waiter = asyncio.ensure_future(ready.wait())
     try:
@@ -129,11 +142,16 @@ async def inputs_judged(request: Request, work: Awaitable[Result], ctx: RequestC
         raise
     finally:
         waiter.cancel()
-    if task.done() and not task.cancelled() and not ready.is_set():
-        error = task.exception()
-        if isinstance(error, ClawError):
-            raise error
+    error = task.exception() if task.done() and not task.cancelled() else None
+    if _unpaid(error):
+        raise error
     return task
+
+
+def _unpaid(error: BaseException | None) -> TypeGuard[ClawError]:
+    """An error that says nothing was paid (`coalesce` keeps only the others): a retry may
+    simply run the request again."""
+    return isinstance(error, ClawError) and error.extra.get("payment") in (None, "none")
 
 
 async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
@@ -146,13 +164,13 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
     if gw.settings.log_prompts:
         obs["prompt"] = job.prompt
     inputs = sum(len(s.value) for s in job.sources)
-    work = gw.coalescer.run(ctx, await off_loop(fingerprint, job, inputs),
+    work = gw.coalescer.run(ctx, await off_loop(fingerprint, job, size=inputs),
                             request.headers.get("idempotency-key"),
                             lambda shared: gw.pipeline.run(job, shared),
-                            window=0 if by_reference(job) else None)
+                            window=0 if by_reference(job) else None,
+                            first_try=first_try(request))
     if job.stream:  # the work runs while the stream is sent: the slot is held until it ends
-        if job.images:
-            work = await inputs_judged(request, work, ctx, slot)
+        work = await inputs_judged(request, work, ctx, slot)
         return stream_response(work, job, ctx, obs, ended=slot.hand_off())
     async with watch_disconnect(request, ctx):
         result = await work
@@ -218,7 +236,7 @@ async def shape(result: Result, job: ImageJob, base: str) -> dict[str, Any]:
         elif image.stored is not None or image.data is not None:
             raw = await image_bytes(image)
             if raw is not None:
-                item["b64_json"] = await off_loop(Base64, raw, len(raw))
+                item["b64_json"] = await off_loop(Base64, raw, size=len(raw))
             elif image.remote_url:  # evicted meanwhile: the upstream's copy still works
                 item["url"] = image.remote_url
             else:
@@ -339,24 +357,115 @@ async def read_json(request: Request, model: type[Body], slot: Slot) -> Body:
     and pydantic's parser refuses what `json.loads` lets through (lone surrogates). A big body
     takes a heavy-phase slot before it is expanded (see `api/heavy.py`).
     """
+    _refuse_compressed(request)
     raw = await read_body(request, slot)
     await slot.enter(len(raw))
+    if raw.startswith(_BOM):  # RFC 8259 §8.1: a parser may ignore it (Windows tools add it)
+        del raw[:len(_BOM)]
     try:
-        return model.model_validate_json(raw or b"null")
+        # On the loop even when big: pydantic-core holds the interpreter lock throughout, so
+        # on a worker thread the loop would wait just as long (a 40 MB body: no turn of the
+        # loop in the 47 ms of its parse) and pay for the hop too.
+        body = model.model_validate_json(raw or b"null")
     except ValidationError as exc:
         errors = exc.errors()
-        if errors[0].get("type") == "json_invalid" and _url_encoded(request):
-            raise InvalidRequest(
-                "The body is a URL-encoded form, and this route takes JSON (curl: -H "
-                "'Content-Type: application/json' -d '{\"prompt\": \"…\"}'); "
-                "/v1/images/edits takes multipart/form-data too (curl -F).",
-                code="invalid_json") from None
+        if errors[0].get("type") == "json_invalid" and (form := _form_sent(request)):
+            raise InvalidRequest(form, code="invalid_json") from None
         raise RequestValidationError(errors) from None
+    _refuse_duplicates(raw, body)
+    return body
 
 
-def _url_encoded(request: Request) -> bool:
+_BOM = b"\xef\xbb\xbf"
+
+
+def _refuse_compressed(request: Request) -> None:
+    """A compressed body would otherwise be "invalid JSON" (or a malformed form): say why."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise InvalidRequest(f"Request bodies must not be compressed (Content-Encoding: "
+                             f"{encoding[:40]}); send the body as it is, without that header.",
+                             status=415, code="unsupported_content_encoding")
+
+
+def _form_sent(request: Request) -> str | None:
+    """What to say when a form, not JSON, was sent to a route that takes only JSON."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    return media_type == "application/x-www-form-urlencoded"
+    if media_type == "application/x-www-form-urlencoded":
+        return ("The body is a URL-encoded form, and this route takes JSON (curl: -H "
+                "'Content-Type: application/json' -d '{\"prompt\": \"…\"}'); "
+                "/v1/images/edits takes multipart/form-data too (curl -F).")
+    if media_type == "multipart/form-data":
+        return ("The body is a multipart form, and this route takes JSON (curl: -H "
+                "'Content-Type: application/json' -d '{\"prompt\": \"…\"}'); multipart "
+                "uploads are for /v1/images/edits (the OpenAI SDK's images.edit).")
+    return None
+
+
+class _Duplicate(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _refuse_duplicates(raw: bytes | bytearray, body: BaseModel) -> None:
+    """A JSON object with a key twice (`{"model": "cogview", "model": "banana-pro"}`) would be
+    paid for as its last value, which the client may not have meant: a 400, as a form's is.
+
+    The parse kept one value per key; each key and string kept is two quotes in the body, so
+    when the body has no more quotes than that, nothing was dropped: counting them is the cheap
+    check (2 ms for 40 MB of base64, 4 µs for a generation). Only a body with more (a key given
+    twice, or an escaped quote in a prompt) is parsed again, keeping every key, to name it:
+    about as long as the first parse for a body of base64, several times it for one of
+    thousands of tiny fields (no client's)."""
+    kept = 2 * _strings(body)  # (pydantic's parser bounds the depth: ~250 levels)
+    if _quotes(raw, kept) <= kept:
+        return
+    try:
+        json.loads(raw, object_pairs_hook=_unique)
+    except _Duplicate as exc:
+        raise _twice(exc.key) from None
+    except (ValueError, RecursionError):
+        pass  # pydantic's parser took it: nothing duplicated that json.loads could name
+
+
+def _quotes(raw: bytes | bytearray, most: int) -> int:
+    """The quotes in `raw`, counted to one past `most`. A few (base64 and a handful of fields):
+    by `find`, a memchr (3 ms for 40 MB, where `count` takes 30); many (thousands of fields):
+    by `count`, rather than a turn of a Python loop for each."""
+    if most > _FEW_QUOTES:
+        return raw.count(b'"')
+    at, seen = -1, 0
+    while seen <= most and (at := raw.find(b'"', at + 1)) >= 0:
+        seen += 1
+    return seen
+
+
+_FEW_QUOTES = 256
+
+
+def _strings(value: Any) -> int:
+    """The keys and strings in a parsed body (an object kept as a model, or as a dict in an
+    extra field)."""
+    if isinstance(value, BaseModel):
+        extra = value.model_extra or {}  # (its fields set include its extra ones)
+        values = [*(getattr(value, k) for k in value.model_fields_set - extra.keys()),
+                  *extra.values()]
+        return len(values) + sum(map(_strings, values))
+    if isinstance(value, dict):
+        return len(value) + sum(map(_strings, value.values()))
+    if isinstance(value, list):
+        return sum(map(_strings, value))
+    return int(isinstance(value, str))
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook`: an object, unless a key is in it twice."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _Duplicate(key)
+        obj[key] = value
+    return obj
 
 
 @router.post("/v1/images/generations", openapi_extra=body_schema(GenerationBody))
@@ -390,7 +499,7 @@ async def edits(request: Request) -> Response:
             form_body, uploads, mask = await _read_form(request, slot)
             job = edit_job(form_body, uploads=uploads, mask_upload=mask,
                            default_format=default_format)
-            del form_body, uploads, mask  # the job holds them; it lets them go (`run`)
+            del form_body, uploads, mask  # the job holds them until the pipeline lets them go
         else:
             job = edit_job(await read_json(request, EditBody, slot),
                            default_format=default_format)
@@ -415,6 +524,7 @@ _BOOL_FIELDS = ("stream",)
 async def _read_form(request: Request,
                      slot: Slot) -> tuple[EditBody, list[SourceImage], SourceImage | None]:
     settings = request.app.state.gw.settings
+    _refuse_compressed(request)
     # A text field may be an image as a data URI: its base64 is 4/3 of the image's bytes, and
     # 78/76 of that when wrapped in lines of 76 with CRLF (MIME's; the decoder takes them).
     form = await read_multipart(request, admitted_stream(request, slot), max_files=32,
@@ -429,6 +539,8 @@ async def _read_form(request: Request,
         await slot.enter(_parsed_size(form))
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
+                if key in UNSUPPORTED:
+                    raise unsupported(key)
                 if key not in _FILE_FIELDS:
                     raise InvalidRequest(f"Unexpected file field '{key}'; send images as "
                                          "'image' or 'image[]' and a mask as 'mask'.", param=key)

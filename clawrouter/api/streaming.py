@@ -3,7 +3,10 @@
 One `image_generation.completed` (or `image_edit.completed`) event per image with `b64_json`
 and `usage`, an `error` event on failure (the SDK raises `APIError` from it), and comment
 keep-alives every 10 s while the upstream works, so long 202 jobs survive proxies and client
-read timeouts. A client that leaves stops the work at its next safe point.
+read timeouts. A client that leaves stops the work at its next safe point. The 200 waits (up
+to the first keep-alive) until the work ends or its slow job is accepted, so a failure that
+paid nothing is an HTTP error instead, which the SDK raises with its status and retries
+(`images.inputs_judged`).
 """
 
 from __future__ import annotations
@@ -12,15 +15,15 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from functools import partial
 from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from clawrouter.api.encoding import Base64, json_bytes, off_loop
+from clawrouter.api.encoding import Base64, json_bytes
 from clawrouter.api.middleware import note_error
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClawError, ClientGone, internal_error
+from clawrouter.offloop import off_loop
 from clawrouter.pipeline import Result
 from clawrouter.validate import ImageJob
 
@@ -97,12 +100,12 @@ def stream_response(work: Awaitable[Result], job: ImageJob, ctx: RequestContext,
                 return
             for image, data in zip(result.images, images):
                 event = {
-                    "type": f"{kind}.completed", "b64_json": await off_loop(Base64, data,
-                                                                            len(data)),
+                    "type": f"{kind}.completed",
+                    "b64_json": await off_loop(Base64, data, size=len(data)),
                     "created_at": result.created, "size": job.size, "quality": "auto",
                     "background": "auto", "output_format": output_format(image) or "png",
                     "usage": USAGE}
-                yield await off_loop(partial(sse, event["type"]), event, len(data))
+                yield await off_loop(sse, event["type"], event, size=len(data))
             yield b"data: [DONE]\n\n"
         finally:
             if task.done():

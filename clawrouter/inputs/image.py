@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from functools import cached_property
 
 import pybase64
 
@@ -21,11 +19,6 @@ class ImageInput:
     #: the client's own `data:` URI when it is exactly `data:<mime>;base64,<canonical base64>`:
     #: forwarded as it came, so a big image is not encoded again
     uri: str | None = None
-
-    @cached_property
-    def sha256(self) -> str:
-        """Hex digest of `data`; cached because the pipeline may key on it more than once."""
-        return hashlib.sha256(self.data).hexdigest()
 
     def data_uri(self) -> str:
         """The form BlockRun accepts upstream: `data:<mime>;base64,<payload>`."""

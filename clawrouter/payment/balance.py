@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import aiohttp
 
-from clawrouter.catalog import MICRO
+from clawrouter.catalog import to_usd
 from clawrouter.config import Settings
 from clawrouter.payment.networks import NETWORKS, Network
 from clawrouter.payment.onchain import ChainUnavailable, check_address, every_answer
@@ -131,7 +131,7 @@ class BalanceMonitor:
     def snapshot(self) -> dict[str, Any]:
         """What `/health` shows; `None` values mean "not known (yet)"."""
         micro = self._micro
-        usd = None if micro is None else micro / MICRO
+        usd = None if micro is None else to_usd(micro)
         return {"balance_usd": usd,
                 "low": None if usd is None else usd < self.low_balance_usd,
                 "checked": self._checked, "error": self._error}

@@ -27,13 +27,12 @@ event loop (there is no await inside the critical section) or from any thread.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from datetime import date
 from typing import Any, Callable
 
-from clawrouter.catalog import MICRO, format_usd
+from clawrouter.catalog import format_usd, limit_micro, to_usd
 from clawrouter.errors import BudgetExceeded
 from clawrouter.payment.ledger import Ledger
 
@@ -42,11 +41,6 @@ _SETTING = {"request": "CLAWROUTER_MAX_USD_PER_REQUEST", "day": "CLAWROUTER_MAX_
 _NAME = {"request": "per-request", "day": "daily", "month": "monthly", "total": "total"}
 _RESETS = {"day": " (resets at local midnight)",
            "month": " (resets at local midnight on the 1st of the month)"}
-
-
-def limit_micro(usd: float) -> int:
-    """A USD limit in micro-USDC, rounded down (a limit must never grow by rounding)."""
-    return max(0, math.floor(round(usd * MICRO, 6)))
 
 
 class Budget:
@@ -115,10 +109,10 @@ class Budget:
             limit = self.limits[window]
             out[window] = {
                 "limit_usd": _usd_or_none(limit),
-                "used_usd": _usd(used[window]),
-                "reserved_usd": _usd(reserved),
-                "held_usd": _usd(held[window]),
-                "remaining_usd": _usd(max(0, limit - used[window])) if limit else None,
+                "used_usd": to_usd(used[window]),
+                "reserved_usd": to_usd(reserved),
+                "held_usd": to_usd(held[window]),
+                "remaining_usd": to_usd(max(0, limit - used[window])) if limit else None,
             }
         out["day"]["day"] = today
         out["month"]["month"] = today[:7]
@@ -152,8 +146,8 @@ class Budget:
                         "sees the authorization expired, or it expires)")
         return BudgetExceeded(
             f"Budget exceeded, nothing was signed: {why}. Raise {_SETTING[window]} to allow it.",
-            extra={"window": window, "limit_usd": _usd(limit), "remaining_usd": _usd(left),
-                   "requested_usd": _usd(amount)})
+            extra={"window": window, "limit_usd": to_usd(limit), "remaining_usd": to_usd(left),
+                   "requested_usd": to_usd(amount)})
 
     def _end(self, reservation: Reservation) -> None:
         """Stop counting a live reservation; call under the lock."""
@@ -220,10 +214,6 @@ class Reservation:
         return f"Reservation({format_usd(self.amount)}, {self._state})"
 
 
-def _usd(micro: int) -> float:
-    return round(micro / MICRO, 6)
-
-
 def _held(holds: list[tuple[float, int]], today: str) -> dict[str, int]:
     """Micro-USDC of refused authorizations still counted, per window (local days)."""
     days = [(date.fromtimestamp(when).isoformat(), amount) for when, amount in holds]
@@ -233,4 +223,4 @@ def _held(holds: list[tuple[float, int]], today: str) -> dict[str, int]:
 
 
 def _usd_or_none(micro: int) -> float | None:
-    return _usd(micro) if micro else None
+    return to_usd(micro) if micro else None

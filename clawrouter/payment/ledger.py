@@ -10,9 +10,10 @@ keeps counting until nothing can settle it: until the chain says its authorizati
 unused (or was used: then it is `settled` after all), or, when no chain is asked, until it
 expires.
 
-The ledger also keeps running totals in memory (per local calendar day and overall) so the
-budget check on the hot path never runs a SQL query. Days are the user's **local** calendar
-days (the process's time zone, `TZ`), because that is what "per day" means to the user.
+The ledger also keeps running totals in memory (per local calendar day, per month and
+overall) so the budget check on the hot path never runs a SQL query. Days and months are the
+user's **local** calendar ones (the process's time zone, `TZ`), because that is what "per day"
+means to the user.
 
 Threading: every blocking method is thread-safe. From asyncio, writes go through
 `await ledger.write(ledger.signed(...))` / `ledger.outcome(...)`: concurrent writes are group
@@ -36,7 +37,7 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Callable, Protocol, TypeVar
 
-from clawrouter.catalog import MICRO
+from clawrouter.catalog import to_usd
 from clawrouter.groupcommit import GroupCommit, Outcome
 from clawrouter.plaintext import one_line, scrub
 
@@ -189,7 +190,7 @@ class Payment:
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)
         del row["idempotency"]  # a hash of the client's credentials among the rest: not shown
-        return {**row, "usd": _usd(self.amount)}
+        return {**row, "usd": to_usd(self.amount)}
 
 
 def local_day(t: float) -> str:
@@ -666,13 +667,9 @@ class Ledger:
         self.close()
 
 
-def _usd(micro: int) -> float:
-    return round(micro / MICRO, 6)
-
-
 def _window(settled: int, settled_n: int, pending: int, pending_n: int) -> dict[str, Any]:
-    return {"usd": _usd(settled), "micro": settled, "payments": settled_n,
-            "pending": {"usd": _usd(pending), "micro": pending, "payments": pending_n}}
+    return {"usd": to_usd(settled), "micro": settled, "payments": settled_n,
+            "pending": {"usd": to_usd(pending), "micro": pending, "payments": pending_n}}
 
 
 def _migrate(conn: sqlite3.Connection, now: float) -> None:

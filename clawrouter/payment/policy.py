@@ -1,11 +1,12 @@
 """Check a 402 challenge against our own tables before anything is signed.
 
-The challenge is unauthenticated: anything on the path can rewrite it. We sign the first `exact`
-(EIP-3009) requirement on our network whose asset, EIP-712 domain, payee, amount and timeout
-all pass (x402.md §10), and refuse the challenge, quoting the first one's failure, if none
-does. The checks run on the requirement we will sign, not on a neighbour. (A challenge may list
-several `exact` entries on one network, e.g. a Circle Gateway batching one first, with its own
-domain and payee: that one is passed over, not a reason to refuse the standard one.)
+The challenge is unauthenticated: anything on the path can rewrite it. We sign the cheapest
+`exact` (EIP-3009) requirement on our network whose asset, EIP-712 domain, payee, amount and
+timeout all pass (x402.md §10; of equally cheap ones, the first): a dearer option listed first
+is not paid for coming first. If none passes, the challenge is refused, quoting the first one's
+failure. The checks run on the requirement we will sign, not on a neighbour. (A challenge may
+list several `exact` entries on one network, e.g. a Circle Gateway batching one first, with its
+own domain and payee: that one is passed over, not a reason to refuse the standard one.)
 """
 
 from __future__ import annotations
@@ -45,14 +46,17 @@ def select(challenge: Challenge, *, network: Network, pay_to: str, ceiling: int,
         asked = ", ".join(sorted({r.network or "?" for r in exact}))
         raise refuse("network", f"the upstream asked to pay on {asked}; this gateway pays on "
                                 f"{network.name} ({network.caip2}) only.")
+    passed: list[Requirement] = []
     refusals: list[PaymentRefused] = []
     for req in ours:
         try:
-            return _checked(req, network=network, pay_to=pay_to, ceiling=ceiling, cap=cap,
-                            max_timeout=max_timeout)
+            passed.append(_checked(req, network=network, pay_to=pay_to, ceiling=ceiling,
+                                   cap=cap, max_timeout=max_timeout))
         except PaymentRefused as refusal:
             refusals.append(refusal)
-    raise refusals[0]
+    if not passed:
+        raise refusals[0]
+    return min(passed, key=lambda req: int(req.amount))  # (min keeps the first of a tie)
 
 
 def _checked(req: Requirement, *, network: Network, pay_to: str, ceiling: int, cap: int,

@@ -1,7 +1,7 @@
 """Sign x402 `exact` payments: an EIP-3009 `TransferWithAuthorization` for USDC.
 
 The domain comes from our network table; `to` and `value` come from a requirement that
-`policy.check` already accepted. Validity follows BlockRun's SDKs: from ten minutes ago (clock
+`policy.select` already accepted. Validity follows BlockRun's SDKs: from ten minutes ago (clock
 skew) until `maxTimeoutSeconds` from now.
 """
 
@@ -35,7 +35,7 @@ TWA_TYPES = {
 VALID_AFTER_SKEW = 600
 
 
-def typed_message(network: Network, authorization: dict[str, Any]) -> dict[str, Any]:
+def typed_message(authorization: dict[str, Any]) -> dict[str, Any]:
     """The EIP-712 message for an authorization (ints for numbers, bytes for the nonce)."""
     return {
         "from": authorization["from"],
@@ -48,7 +48,7 @@ def typed_message(network: Network, authorization: dict[str, Any]) -> dict[str, 
 
 
 def signable(network: Network, authorization: dict[str, Any]):
-    return encode_typed_data(network.domain, TWA_TYPES, typed_message(network, authorization))
+    return encode_typed_data(network.domain, TWA_TYPES, typed_message(authorization))
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ TWA_TYPEHASH = keccak(b"TransferWithAuthorization(address from,address to,uint25
 @functools.lru_cache(maxsize=8)
 def domain_separator(network: Network) -> bytes:
     """The EIP-712 domain separator, computed by eth-account once per network."""
-    return bytes(encode_typed_data(network.domain, TWA_TYPES, typed_message(network, {
+    return bytes(encode_typed_data(network.domain, TWA_TYPES, typed_message({
         "from": "0x" + "00" * 20, "to": "0x" + "00" * 20, "value": "0", "validAfter": "0",
         "validBefore": "0", "nonce": "0x" + "00" * 32})).header)
 

@@ -44,7 +44,6 @@ class Challenge:
     requirements: list[Requirement]
     resource: dict[str, Any] | None = None
     extensions: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
 
 
 def b64_json(value: Any) -> str:
@@ -106,7 +105,6 @@ def parse_challenge(headers: Mapping[str, str], body: bytes) -> Challenge:
         requirements=[_requirement(entry, version) for entry in accepts],
         resource=resource if isinstance(resource, dict) else None,
         extensions=data.get("extensions") if isinstance(data.get("extensions"), dict) else {},
-        error=data.get("error") if isinstance(data.get("error"), str) else None,
     )
 
 

@@ -34,6 +34,7 @@ import aiohttp
 
 from clawrouter.groupcommit import GroupCommit, Outcome
 from clawrouter.inputs.addresses import is_public_address
+from clawrouter.offloop import off_loop
 from clawrouter.plaintext import scrub
 from clawrouter.sniff import EXTENSIONS, sniff_image
 from clawrouter.store import files
@@ -63,7 +64,6 @@ T = TypeVar("T")
 
 _DAY = 86400.0
 DB_NAME = "index.sqlite3"
-_HASH_INLINE = 256 * 1024  # hashed on the event loop (≤ 0.13 ms): a thread hop adds ~0.05 ms of latency
 
 
 class ImageStore:
@@ -229,10 +229,7 @@ class ImageStore:
         content_type = sniff_image(data)
         if content_type is None:
             raise ValueError("not a PNG, JPEG, WEBP or GIF image")
-        if len(data) <= _HASH_INLINE:
-            image_id = files.content_id(data)
-        else:
-            image_id = await asyncio.to_thread(files.content_id, data)
+        image_id = await off_loop(files.content_id, data, size=len(data))
         ext = EXTENSIONS[content_type]
         async with self._lock(image_id):
             existing = self._index.get(image_id)

@@ -52,7 +52,6 @@ class UpstreamResponse:
     status: int
     headers: dict[str, str]  # lower-cased names
     body: bytes
-    latency_ms: float
     resent: bool = False  # the first attempt's connection dropped; this is the resend
 
     def json(self) -> Any:
@@ -159,8 +158,9 @@ class BlockRunClient:
 
         The connect timer must come due before the total's, not at the same instant (whichever
         runs first decides the exception). aiohttp rounds a timer longer than `ceil_threshold`
-        up to a whole second: at `total`, the total's is rounded as by default and the connect
-        one never is, so it is due at least the margin sooner."""
+        up to a whole second, which could swallow the margin: with the threshold at `total`
+        (or the default, if higher), neither timer is rounded, so the connect one is due the
+        margin sooner."""
         return aiohttp.ClientTimeout(total=total, sock_connect=self._connect_timeout,
                                      connect=total - min(CONNECT_MARGIN, total / 4),
                                      ceil_threshold=max(_CEIL_THRESHOLD, total))
@@ -180,8 +180,7 @@ class BlockRunClient:
                                              timeout=timeout) as resp:
                 data = await read_capped(resp, self.max_answer_bytes)
                 answer = UpstreamResponse(
-                    resp.status, {k.lower(): v for k, v in resp.headers.items()}, data,
-                    (time.perf_counter() - started) * 1000)
+                    resp.status, {k.lower(): v for k, v in resp.headers.items()}, data)
                 if answer.headers.get(SANDBOX_MARKER) == "true":
                     self.sandbox = True
                 return answer

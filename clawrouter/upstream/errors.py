@@ -82,16 +82,21 @@ def unpaid_error(resp: UpstreamResponse) -> ClawError:
     """An upstream refusal before any payment: pass the status through."""
     message, code, param = upstream_message(resp)
     status, ours = _passed_status(resp)
+    headers = _kept_headers(resp)
     if ours:
         message = _refused_access(resp, message)
+        # a 502, which the OpenAI SDK would retry twice: the same access is refused again
+        headers["x-should-retry"] = "false"
     return UpstreamError(f"Upstream error: {message}", status=status,
                          code=ours or code or "upstream_error", param=param,
-                         headers=_kept_headers(resp), extra={"payment": "none"})
+                         headers=headers, extra={"payment": "none"})
 
 
 def paid_error(resp: UpstreamResponse | None, amount: int, *, transaction: str | None = None,
-               detail: str | None = None) -> PaidRequestFailed:
-    """A failure after a payment was signed and sent: say so, and forbid automatic retries."""
+               detail: str | None = None, may_have_settled: bool = False) -> PaidRequestFailed:
+    """A failure after a payment was signed and sent: say so, and forbid automatic retries.
+    `may_have_settled`: the upstream may have used the authorization (its answer was lost, or
+    it says so), so the client must not read that it was not charged."""
     if resp is not None:
         message, code, param = upstream_message(resp)
         status, ours = _passed_status(resp)
@@ -103,6 +108,8 @@ def paid_error(resp: UpstreamResponse | None, amount: int, *, transaction: str |
         code, param, status = None, None, 502
     paid = f"A payment of {format_usd(amount)} was signed and sent for this request"
     paid += f" (transaction {transaction})." if transaction else (
+        "; no settlement receipt was received, and it may have settled. It is pending until "
+        "the chain tells (`clawrouter stats`)." if may_have_settled else
         "; no settlement receipt was received. BlockRun settles on Base only when the image is "
         "delivered, so it should not have been charged, but check `clawrouter stats`.")
     return PaidRequestFailed(

@@ -2,7 +2,10 @@
 
 unpaid request → 402 challenge → policy check → reserve budget → sign → record in the ledger →
 paid request → (202 → poll) → result. With a learned price the unpaid probe is skipped; if the
-upstream rejects that pre-authorised payment, one clean probe and one fresh payment follow.
+upstream rejects that pre-authorised payment, one clean probe and one fresh payment follow,
+unless no fresh one could fare better (the wallet is short); a refusal the new price does not
+explain (the same amount asked again) stops pre-auth for that request shape for a while, so an
+upstream that refuses pre-authorised payments costs a second signature once, not every time.
 A paid attempt that fails any other way is reported, never re-signed: signing is settlement.
 """
 
@@ -17,7 +20,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from clawrouter.catalog import ImageModel, ceiling_micro, estimate_micro, format_usd, to_micro
+from clawrouter.catalog import (
+    ImageModel, ceiling_micro, estimate_micro, format_usd, limit_micro, to_usd,
+)
 from clawrouter.config import Settings
 from clawrouter.context import RequestContext
 from clawrouter.errors import (
@@ -46,6 +51,11 @@ log = logging.getLogger(__name__)
 #: seconds a slow model's authorization outlives the poll deadline: the paid POST before the
 #: first poll and the settlement after the last one
 SETTLE_MARGIN_SECONDS = 60
+#: how long pre-auth waits, for one request shape, after its pre-authorised payment was refused
+#: at the very price the upstream then asked again (so not for a price change)
+PREAUTH_HOLD_OFF_SECONDS = 600.0
+#: refusals of a pre-authorised payment that a fresh payment would meet too
+_FINAL_REFUSALS = frozenset({"PAYMENT_UNFUNDED"})
 
 
 @dataclass
@@ -76,7 +86,6 @@ class Outcome:
     response: UpstreamResponse  # the final 200
     amount: int  # micro-USDC signed (0 when the upstream asked for nothing)
     transaction: str | None
-    round_trips: int
     body: Any  # the response's JSON (None if it is not JSON), parsed once
     #: writes the payment's outcome to the ledger (status, note, transaction); None if unpaid
     finish: Callable[[str, str | None, str | None], Awaitable[None]] | None = None
@@ -176,26 +185,28 @@ class Exchange:
         if known is None:
             return await self._probe_and_pay(call, ctx, attempt=1)
         try:
-            return await self._pay(call, ctx, known, attempt=1, round_trips=0, preauth=True)
+            return await self._pay(call, ctx, known, attempt=1, preauth=True)
         except _PreauthRejected as refused:
             self.prices.forget(call.price_key)
             try:
-                return await self._probe_and_pay(call, ctx, attempt=2)
+                return await self._probe_and_pay(call, ctx, attempt=2, refused=refused.amount)
             except ClawError as exc:
                 if exc.extra.get("payment") in (None, "none"):
                     raise _after_refusal(exc, refused) from None
                 raise
 
     async def _probe_and_pay(self, call: UpstreamCall, ctx: RequestContext, *,
-                             attempt: int) -> Outcome:
+                             attempt: int, refused: int | None = None) -> Outcome:
+        """`refused`: the amount of this request's pre-authorised payment the upstream just
+        refused, if any."""
         probe = await self._send_unpaid(call)
         if probe.status in (200, 202):  # the upstream asked for nothing
-            return await self._complete(call, probe, None, ctx, round_trips=1)
+            return await self._complete(call, probe, None, ctx)
         if probe.status != 402:
             raise unpaid_error(probe)
         challenge = self._read_challenge(probe)
-        return await self._pay(call, ctx, challenge, attempt=attempt, round_trips=1,
-                               preauth=False)
+        return await self._pay(call, ctx, challenge, attempt=attempt, preauth=False,
+                               refused=refused)
 
     async def _send_unpaid(self, call: UpstreamCall) -> UpstreamResponse:
         try:
@@ -229,7 +240,7 @@ class Exchange:
                 challenge, network=self.network, pay_to=self.settings.pay_to,
                 ceiling=ceiling_micro(call.model, call.size, call.n,
                                       self.settings.price_tolerance),
-                cap=to_micro(self.settings.max_usd_per_request),
+                cap=limit_micro(self.settings.max_usd_per_request),
                 max_timeout=self.settings.max_timeout_seconds)
         except PaymentRefused as refused:  # it quotes the challenge, which may quote our header
             refused.message = scrub(refused.message)
@@ -237,7 +248,7 @@ class Exchange:
             raise
 
     async def _pay(self, call: UpstreamCall, ctx: RequestContext, challenge: Challenge, *,
-                   attempt: int, round_trips: int, preauth: bool) -> Outcome:
+                   attempt: int, preauth: bool, refused: int | None = None) -> Outcome:
         requirement = self._select(call, challenge)  # learned prices are re-checked too
         # A slow job settles on the completing poll: sign for the poll window, where `accepted`
         # can tell the upstream so (v2; a v1 payment carries only the authorization).
@@ -301,7 +312,9 @@ class Exchange:
                 await finish("rejected", f"{NEVER_SENT}: {exc.detail}", sent=False)
                 raise _unsent(exc, "the signed payment never left this machine") from None
             await finish("failed_after_payment", f"{exc.kind}: {exc.detail}")
-            raise paid_error(None, payment.amount, detail=exc.detail) from None
+            # sent, and its answer lost or cut short: the upstream may have settled it
+            raise paid_error(None, payment.amount, detail=exc.detail,
+                             may_have_settled=True) from None
         if resp.status == 402 and _started_job(resp):
             # The authorization was already used, by the job this answer names (our first
             # attempt, whose connection dropped): poll that job, with the same header.
@@ -315,23 +328,25 @@ class Exchange:
             raise paid_error(None, payment.amount, detail=(
                 "the upstream refused this payment as already used "
                 + ("(the connection dropped after it was sent, and the identical resend was "
-                   "refused) " if resp.resent else "") + f"({code or message})"))
+                   "refused) " if resp.resent else "") + f"({code or message})"),
+                may_have_settled=True)
         if resp.status == 402:
             message, code, _ = upstream_message(resp)
             await finish("rejected", f"{code or ''} {message}".strip())
-            if preauth:
+            if preauth and code not in _FINAL_REFUSALS:
                 raise _PreauthRejected(payment.amount, code or message)
             raise PaymentRejected(
                 f"The upstream rejected the payment of {policy.usd(payment.amount)}: {message}. "
                 "It was not re-signed.", extra={"upstream_code": code, "payment": "rejected"})
         try:
-            outcome = await self._complete(call, resp, payment, ctx, round_trips + 1)
+            outcome = await self._complete(call, resp, payment, ctx)
         except JobAbandoned as exc:
             await finish("failed_after_payment", f"the client left during polling after {exc}")
             # Its client is gone, but a repeat of the request joining it must learn that a
             # payment may have settled, not start another one.
             raise paid_error(None, payment.amount, detail=(
-                f"the client left during polling, after the answer to {exc} was lost")) from None
+                f"the client left during polling, after the answer to {exc} was lost"),
+                may_have_settled=True) from None
         except ClientGone:
             # BlockRun settles a 202 job on the completed poll, which now never comes.
             await finish("rejected", "not settled: the client left during polling")
@@ -353,7 +368,9 @@ class Exchange:
             await finish("failed_after_payment", f"gateway error: {type(exc).__name__}")
             raise paid_error(None, payment.amount,
                              detail="the gateway failed on the upstream's answer") from exc
-        if not preauth and self.settings.preauth:
+        if refused == payment.amount:  # refused for something other than the price
+            self.prices.forget(call.price_key, hold_off=PREAUTH_HOLD_OFF_SECONDS)
+        elif not preauth and self.settings.preauth:
             self.prices.learn(call.price_key, challenge)
         return replace(outcome, finish=finish)
 
@@ -372,24 +389,21 @@ class Exchange:
             f"{format_usd(held)} USDC on {chain}, less than the {format_usd(amount)} this "
             f"request costs. Send USDC on {chain} to that address (`clawrouter wallet` shows "
             "it and its balance), then retry.",
-            extra={"balance_usd": held / 1_000_000, "amount_usd": amount / 1_000_000})
+            extra={"balance_usd": to_usd(held), "amount_usd": to_usd(amount)})
 
     async def _complete(self, call: UpstreamCall, resp: UpstreamResponse,
-                        payment: SignedPayment | None, ctx: RequestContext,
-                        round_trips: int) -> Outcome:
+                        payment: SignedPayment | None, ctx: RequestContext) -> Outcome:
         amount = payment.amount if payment else 0
         if resp.status == 202:
             call.accepted()
             headers = payment.headers if payment else {}
-            resp, polls = await wait_for_job(
+            resp = await wait_for_job(
                 self.client, resp, headers, ctx, amount=amount, delay=self.settings.poll_delay,
                 interval=self.settings.poll_interval, deadline=self.settings.poll_deadline,
                 expires=payment.valid_before if payment else None)
-            round_trips += polls
         if resp.status == 200:
             receipt = read_receipt(resp.headers)
-            return Outcome(resp, amount, receipt.transaction if receipt else None, round_trips,
-                           resp.json())
+            return Outcome(resp, amount, receipt.transaction if receipt else None, resp.json())
         if payment is None:
             raise unpaid_error(resp)
         raise paid_error(resp, amount)

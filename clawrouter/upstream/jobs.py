@@ -46,8 +46,8 @@ class JobAbandoned(ClientGone):
 async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                        headers: dict[str, str], ctx: RequestContext, *, amount: int,
                        delay: float, interval: float, deadline: float,
-                       expires: int | None = None) -> tuple[UpstreamResponse, int]:
-    """Poll until the job completes; return the completed 200 response and the poll count.
+                       expires: int | None = None) -> UpstreamResponse:
+    """Poll until the job completes; return the completed 200 response.
 
     Polling stops after `deadline` seconds, or `SETTLE_SECONDS` before `expires` (the
     payment's validBefore, unix time) when that comes first: no later poll could settle it.
@@ -90,7 +90,7 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
             if resp.status == 200:
                 # images end it, whatever its status says; it is judged by them from here
                 if status == "completed" or holds_an_image(body):
-                    return resp, polls
+                    return resp
                 if not isinstance(status, str) and lost is None:
                     # Neither a status nor images: not the completed job we know, yet a 200
                     # that may have been it (and settled). Polled on, it stays pending.
