@@ -1,12 +1,17 @@
 """Every error a client can see, in one place.
 
-Each error knows its HTTP status and its OpenAI envelope fields; the API layer turns any of them
-into `{"error": {"message", "type", "param", "code"}}` in one handler (`api/errors.py`).
+Each error knows its HTTP status and its OpenAI envelope fields, and renders itself as
+`{"error": {"message", "type", "param", "code"}}` with its headers (`ClawError.rendered`) for
+every way an error leaves: FastAPI's handlers (`api/errors.py`), the middleware below them
+(`api/middleware.py`), the image server (`store/server.py`) and the raw connection.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
+
+Headers = list[tuple[bytes, bytes]]
 
 
 class ClawError(Exception):
@@ -52,6 +57,18 @@ class ClawError(Exception):
         if self.retryable is not None and "x-should-retry" not in headers:
             headers["x-should-retry"] = "true" if self.retryable else "false"
         return headers
+
+    def rendered(self) -> tuple[bytes, Headers]:
+        """The envelope as compact JSON escaped to ASCII (it may quote client text that is not
+        valid UTF-8, a lone surrogate, and rendering it must never fail), and the headers it
+        is sent with: content type and length, then the error's own, names as it gives them
+        (the FastAPI and image paths lowercase them, as ASGI wants)."""
+        body = json.dumps(self.envelope(), separators=(",", ":")).encode("ascii")
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+        headers += [(k.encode("latin-1"), v.encode("latin-1"))
+                    for k, v in self.response_headers().items()]
+        return body, headers
 
 
 class InvalidRequest(ClawError):

@@ -23,6 +23,9 @@ from clawrouter.api.connection import protocol_class
 from clawrouter.config import DEFAULT_UPSTREAM, Settings
 
 SANDBOX_NETWORK = "base-sepolia"  # the sandbox never receives a mainnet authorization
+#: how long the in-process sandbox's slow-model jobs run (BlockRun-like); a module constant so
+#: that tests of real processes waiting on a job only incidentally can shorten it
+SANDBOX_SLOW_SECONDS = 3.0
 #: the most a macOS process may set its soft RLIMIT_NOFILE to (OPEN_MAX) when the hard one is
 #: "unlimited", which setrlimit refuses there
 OPEN_MAX = 10240
@@ -108,8 +111,9 @@ async def start_gateway(settings: Settings, *, advertise: bool = False) -> Runni
             from clawrouter.payment.balance import MAINNET_RPC_URLS
             from clawrouter.sandbox import SandboxConfig, create_sandbox_app
 
-            sandbox_app = create_sandbox_app(SandboxConfig(network=SANDBOX_NETWORK,
-                                                           pay_to=settings.pay_to))
+            sandbox_app = create_sandbox_app(SandboxConfig(
+                network=SANDBOX_NETWORK, pay_to=settings.pay_to,
+                slow_seconds=SANDBOX_SLOW_SECONDS))
             port = await _serve(sandbox_app, bind("127.0.0.1", 0), servers, tasks,
                                 settings.header_timeout)
             update: dict[str, Any] = {"upstream_url": f"http://127.0.0.1:{port}/api",

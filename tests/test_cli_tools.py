@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +25,8 @@ from starlette.routing import Route
 
 from clawrouter import catalog
 from clawrouter.sandbox.images import make_png
-from tests.servers import clawrouter_in_process, dead_port, free_port, serving
+from tests.servers import (clawrouter_command, clawrouter_in_process, dead_port, free_port,
+                           serving)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MY_COMMANDS = ("generate", "edit", "models", "status", "doctor", "mcp")
@@ -316,27 +319,48 @@ def wait_for_ledger_holder(tmp_path: Path, proc: subprocess.Popen[Any]) -> None:
         time.sleep(0.05)
 
 
+def first_line(proc: subprocess.Popen[str], timeout: float = 30) -> str:
+    """`proc`'s first line on stderr, or "" if it writes none within `timeout` (a command
+    that waits silently would otherwise keep the test waiting for its whole LEDGER_WAIT)."""
+    assert proc.stderr is not None
+    ready, _, _ = select.select([proc.stderr], [], [], timeout)
+    return proc.stderr.readline() if ready else ""
+
+
 def test_a_second_command_waits_for_the_one_running_its_own_gateway(tmp_path: Path) -> None:
     """The ledger is one process's at a time. Agents run tool calls in parallel: the second
     command waits for the first (saying so, and whose turn it is) instead of failing."""
     environ = cli_env(tmp_path, CLAWROUTER_SANDBOX="true",
                       CLAWROUTER_URL=f"http://127.0.0.1:{dead_port()}")
-    first = subprocess.Popen([sys.executable, "-m", "clawrouter", "generate", "slow one",
-                              "--model", "gpt-image-2", "--json"], env=environ,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The first is paused (SIGSTOP) while it holds the ledger until the second says it waits,
+    # so its slow job need not outlast the second's start: 1 s, polled every 0.2 s.
+    first = subprocess.Popen(clawrouter_command(
+        "generate", "slow one", "--model", "gpt-image-2", "--json",
+        constants={"clawrouter.launch.SANDBOX_SLOW_SECONDS": 1.0}),
+        env=environ | {"CLAWROUTER_POLL_DELAY": "0.2", "CLAWROUTER_POLL_INTERVAL": "0.2"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second: subprocess.Popen[str] | None = None
     try:
         wait_for_ledger_holder(tmp_path, first)
-        second = subprocess.run([sys.executable, "-m", "clawrouter", "generate", "x", "--json"],
-                                env=environ, capture_output=True, text=True, timeout=60)
+        first.send_signal(signal.SIGSTOP)
+        second = subprocess.Popen([sys.executable, "-m", "clawrouter", "generate", "x",
+                                   "--json"], env=environ, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        waiting = first_line(second)
+        first.send_signal(signal.SIGCONT)
         first_out, first_err = first.communicate(timeout=60)
+        second_out, second_err = second.communicate(timeout=60)
     finally:
-        first.kill()
+        for proc in (first, second):
+            if proc is not None:
+                proc.kill()
+                proc.wait(timeout=20)
     assert first.returncode == 0, first_err
-    assert second.returncode == 0, second.stderr
+    assert second.returncode == 0, waiting + second_err
     assert (f"another clawrouter process (pid {first.pid}) is using this wallet's ledger; "
-            "waiting for it to finish") in second.stderr
+            "waiting for it to finish") in waiting
     images = [as_json(subprocess.CompletedProcess([], 0, out))["images"][0]["path"]
-              for out in (first_out, second.stdout)]
+              for out in (first_out, second_out)]
     assert all(Path(path).read_bytes().startswith(PNG_MAGIC) for path in images)
     stats = as_json(run(tmp_path, "stats", "--json", CLAWROUTER_SANDBOX="true",
                         CLAWROUTER_NETWORK="base-sepolia"))
@@ -497,25 +521,24 @@ def test_a_gateway_of_another_data_directory_is_named_not_used(
 
 
 def test_interrupted_while_waiting_for_the_ledger_says_nothing_was_paid(tmp_path: Path) -> None:
+    from clawrouter.payment.ledger import Ledger
+
     environ = cli_env(tmp_path, CLAWROUTER_SANDBOX="true",
                       CLAWROUTER_URL=f"http://127.0.0.1:{dead_port()}")
-    first = subprocess.Popen([sys.executable, "-m", "clawrouter", "generate", "slow one",
-                              "--model", "gpt-image-2"], env=environ,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_ledger_holder(tmp_path, first)
+    # The sandbox ledger held here for the whole test, as a command running its own gateway
+    # holds it (a real one would have to outlast the second's start).
+    with Ledger(tmp_path / "cli-home" / "ledger-base-sepolia.sqlite3"):
         second = subprocess.Popen([sys.executable, "-m", "clawrouter", "generate", "x",
                                    "--json"], env=environ, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        assert second.stderr is not None
-        line = second.stderr.readline()  # the note that it waits
-        assert "waiting for it to finish" in line and time.monotonic() < deadline
-        second.terminate()
-        out, err = second.communicate(timeout=20)
-    finally:
-        first.kill()
-        first.wait(timeout=20)
+        try:
+            line = first_line(second)  # the note that it waits
+            assert "waiting for it to finish" in line
+            second.terminate()
+            out, err = second.communicate(timeout=20)
+        finally:
+            second.kill()
+            second.wait(timeout=20)
     assert second.returncode == 130
     assert "nothing was paid" in err and "may already have paid" not in err
     assert as_json(subprocess.CompletedProcess([], 0, out))["error"]["code"] == "interrupted"

@@ -73,6 +73,17 @@ def test_a_configured_response_format_is_every_models_default(make_gateway, sand
     assert set(asked.json()["data"][0]) - {"revised_prompt"} == {"url"}  # the client's wins
 
 
+def test_clawrouters_own_edit_route_answers_its_alias_gpt_image_1_with_a_url(gateway, sandbox):
+    """`gpt-image-1` is ClawRouter's alias too, and /v1/images/image2image its route, whose
+    clients read `data[0].url` (the agent skill's edit): OpenAI's `b64_json` is for OpenAI's
+    routes."""
+    image = "data:image/png;base64," + base64.b64encode(make_png(32, 32, 1)).decode()
+    r = post(gateway, {"prompt": "a hat", "model": "gpt-image-1", "image": image},
+             route="/v1/images/image2image")
+    assert r.status_code == 200, r.text
+    assert set(r.json()["data"][0]) - {"revised_prompt"} == {"url"}
+
+
 def test_an_explicit_response_format_wins_over_the_name(gateway, sandbox):
     r = post(gateway, {"prompt": "x", "model": "gpt-image-1", "response_format": "url"})
     assert r.json()["data"][0]["url"].startswith(gateway.url + "/images/")
@@ -173,6 +184,22 @@ def test_a_key_given_twice_is_refused_not_paid_as_its_last_value(gateway, sandbo
     twice = post(gateway, b'{"prompt": "x", "images": [{"image_url": "a", "image_url": "b"}]}',
                  route="/v1/images/edits")
     assert twice.json()["error"]["code"] == "duplicate_field"
+    nothing_upstream(sandbox)
+
+
+def test_a_body_of_countless_tiny_fields_is_refused_not_walked(gateway, sandbox):
+    """Looking for a key given twice walks what was parsed: a body of a hundred thousand
+    tiny objects (and an escaped quote, which would ask for a second parse) is refused at the
+    field limit instead of holding the event loop for seconds; a long key given twice is
+    not echoed whole."""
+    many = {"prompt": 'say "hi"', "extra": [{"a": 1}] * 100_000}  # json.dumps escapes it
+    r = post(gateway, json.dumps(many).encode())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "too_many_fields"
+    key = "k" * 100_000
+    long = post(gateway, f'{{"prompt": "x", "{key}": 1, "{key}": 2}}'.encode())
+    assert long.status_code == 400 and long.json()["error"]["code"] == "duplicate_field"
+    assert len(long.content) < 1_000
     nothing_upstream(sandbox)
 
 

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from clawrouter.sandbox import verify as sandbox_verify
 from clawrouter.sandbox.images import make_png
 from clawrouter.upstream import jobs
 from tests.servers import free_port
@@ -55,20 +56,23 @@ def test_reset_before_payment_is_a_502_that_paid_nothing(gateway, sandbox):
 
 
 @pytest.mark.parametrize("phase, status, paid", [("unpaid", 504, 0), ("paid", 502, 1)])
-def test_an_upstream_that_hangs_past_the_timeout(make_gateway, own_sandbox, phase, status,
-                                                 paid):
+def test_an_upstream_that_hangs_past_the_timeout(make_gateway, own_sandbox, monkeypatch,
+                                                 phase, status, paid):
     """Unpaid, `upstream_timeout` is the limit. Paid, the payment can settle until its
-    authorization expires, so the gateway waits that long (here the least the sandbox asks,
-    6 s) before it gives up, rather than hang up on an image that is then paid for."""
+    authorization expires, so the gateway waits that long (here 3 s) before it gives up,
+    rather than hang up on an image that is then paid for."""
     sandbox = own_sandbox  # the hung request ends after the test, unseen by the next one
-    sandbox.configure(max_timeout_seconds=6)
+    # The sandbox (in this process) accepts an authorization valid for 2 s more, not only for
+    # x402's 6: the wait is for the authorization, whatever its length.
+    monkeypatch.setattr(sandbox_verify, "MIN_VALIDITY_SECONDS", 2)
+    sandbox.configure(max_timeout_seconds=3)
     gw = make_gateway(sandbox.api, upstream_timeout=0.5)
-    # the hang outlasts what the gateway may wait by far: 0.5 s unpaid, 6 s paid
+    # the hang outlasts what the gateway may wait by far: 0.5 s unpaid, 3 s paid
     sandbox.faults({"kind": "delay", "phase": phase, "seconds": 8 if paid else 3, "times": 1})
     started = time.monotonic()
     r = gen(gw)
     assert r.status_code == status, r.text
-    assert (time.monotonic() - started > 5) is bool(paid)  # waited for the authorization
+    assert (time.monotonic() - started > 2) is bool(paid)  # waited for the authorization
     assert r.headers.get("x-should-retry") == ("false" if paid else None)
     # sent and never answered: it may have settled, and is pending until the chain tells
     assert ("may have settled" in error(r)["message"]) is bool(paid)
@@ -309,6 +313,8 @@ def test_a_poll_is_done_only_when_its_job_says_so(gateway, sandbox, running, dat
     body = {"id": "img_1", "status": running}
     if data is not None:
         body["data"] = data
+    # the two faked answers come first however soon the job is done: 0.2 s, not 0.6
+    sandbox.configure(slow_seconds=0.2)
     sandbox.faults({"kind": "job"},
                    {"kind": "respond", "phase": "poll", "status": 200, "times": 2,
                     "body": body})
@@ -370,7 +376,7 @@ def test_a_poll_that_hangs_is_cut_at_the_deadline(make_gateway, own_sandbox):
     takes to settle), not a whole `upstream_timeout`: a hung poll sent just before it cannot
     keep the client waiting, nor outlive the authorization."""
     sandbox = own_sandbox  # the hung poll ends after the test, unseen by the next one
-    gw = make_gateway(sandbox.api, poll_deadline=1.5)
+    gw = make_gateway(sandbox.api, poll_deadline=0.5)
     sandbox.configure(slow_seconds=30)
     sandbox.faults({"kind": "delay", "phase": "poll", "seconds": 8})
     started = time.monotonic()
@@ -393,16 +399,18 @@ def test_polls_still_running_at_the_deadline_cost_nothing(make_gateway, sandbox)
 
 
 def test_a_slow_job_is_signed_for_its_poll_window_and_never_polled_past_expiry(make_gateway,
-                                                                              sandbox):
+                                                                              sandbox,
+                                                                              monkeypatch):
     """A slow model's job settles on the poll that completes it, so its authorization must
     outlive the polling: the gateway raises a short `maxTimeoutSeconds` to the poll window
     (within `max_timeout_seconds`). Where it may not, it stops polling before the
     authorization expires and says so: nothing settled, no image."""
-    # 6 s: the least the sandbox accepts; the job outlives the short window (polls stop 2 s
-    # before it ends, 3-4 s in), not the long one
-    sandbox.configure(max_timeout_seconds=6, slow_seconds=4.5)
+    # 3 s, which the sandbox (in this process) is made to accept (x402's least is 6); the job
+    # outlives the short window (polls stop 2 s before it ends, 0-1 s in), not the long one
+    monkeypatch.setattr(sandbox_verify, "MIN_VALIDITY_SECONDS", 2)
+    sandbox.configure(max_timeout_seconds=3, slow_seconds=2)
     signs_longer = make_gateway(poll_deadline=20)
-    may_not = make_gateway(poll_deadline=20, max_timeout_seconds=6)
+    may_not = make_gateway(poll_deadline=20, max_timeout_seconds=3)
     answers = {}
 
     def ask(name, gw):
@@ -418,7 +426,7 @@ def test_a_slow_job_is_signed_for_its_poll_window_and_never_polled_past_expiry(m
         t.join()
     assert answers["longer"].status_code == 200, answers["longer"].text
     short, longer = sorted(p["valid_before"] for p in sandbox.stats()["payments_received"])
-    assert abs((longer - short) - (80 - 6)) <= 1  # poll_deadline + 60 s, not the challenge's 6
+    assert abs((longer - short) - (80 - 3)) <= 1  # poll_deadline + 60 s, not the challenge's 3
     expiring = answers["expiring"]
     assert expiring.status_code == 504 and expiring.headers["x-should-retry"] == "false"
     assert "authorization was about to expire before the image was ready" \
@@ -589,26 +597,22 @@ def test_a_busy_store_database_does_not_lose_the_image(gateway, sandbox):
     assert [row["status"] for row in rows(gateway)] == ["settled", "settled"]
 
 
-def test_a_second_gateway_on_the_same_home_refuses_to_start(tmp_path, sandbox):
+def test_a_second_gateway_on_the_same_home_refuses_to_start(tmp_path, make_gateway, sandbox):
     import os
     import sys
 
+    # The first in this process, holding the ledger and saying where it listens, as `serve`
+    # does once it listens (test_cli_tools runs a real one): one Python start less.
+    first = make_gateway(home=tmp_path)
+    first.gw.ledger.advertise(first.url)
     env = {**os.environ, "CLAWROUTER_HOME": str(tmp_path), "BLOCKRUN_API_URL": sandbox.api,
            "CLAWROUTER_NETWORK": "base-sepolia"}
-    cmd = [sys.executable, "-m", "clawrouter", "serve", "--no-sandbox", "--port"]
-    port = free_port()
-    first = subprocess.Popen(cmd + [str(port)], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    try:
-        assert "ready" in first.stdout.readline()
-        second = subprocess.run(cmd + [str(free_port())], env=env, capture_output=True,
-                                text=True, timeout=30)
-        assert second.returncode == 2
-        assert "another clawrouter process" in second.stderr and "Traceback" not in second.stderr
-        assert f"(pid {first.pid}, serving http://127.0.0.1:{port})" in second.stderr
-    finally:
-        first.terminate()
-        first.wait()
+    second = subprocess.run([sys.executable, "-m", "clawrouter", "serve", "--no-sandbox",
+                             "--port", str(free_port())], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert second.returncode == 2
+    assert "another clawrouter process" in second.stderr and "Traceback" not in second.stderr
+    assert f"(pid {os.getpid()}, serving {first.url})" in second.stderr
 
 
 def test_a_dropped_probe_is_resent_once_and_the_image_arrives(gateway, sandbox):

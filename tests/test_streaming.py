@@ -92,7 +92,8 @@ def test_a_failure_after_payment_stays_an_error_event_that_names_the_payment(gat
 def test_a_coalesced_stream_hears_the_shared_refusal_as_an_http_error(gateway, sandbox):
     """A second identical stream joins the first's work (no hooks of its own): it too gets
     the busy upstream's 503, and neither paid."""
-    sandbox.faults({"kind": "delay", "phase": "unpaid", "seconds": 1, "times": 1}, BUSY)
+    # the first's probe is held 2.5 s: the second, 0.3 s later, joins it on a slow box too
+    sandbox.faults({"kind": "delay", "phase": "unpaid", "seconds": 2.5, "times": 1}, BUSY)
     raised: list[BaseException] = []
 
     def one() -> None:

@@ -217,3 +217,29 @@ def test_the_locks_live_in_the_users_home_made_private(
             "0o700", "0o700"]
     finally:
         lock.release()
+
+
+def test_a_start_refused_for_the_wallet_leaves_the_crash_record_for_the_next(
+        tmp_path: Path, locks: Path) -> None:
+    """A payment left in flight by a crash is remembered (`Ledger.interrupted`) by the start
+    that gets the ledger, so the SDK's retry is refused, not paid again: a start refused for
+    the wallet, in between, must not use that record up."""
+    from clawrouter.api.app import create_app
+
+    key = new_key()
+    settings = mainnet(tmp_path / "home", "http://127.0.0.1:9/api", key)
+    settings.home.mkdir()
+    with Ledger(settings.ledger_path) as ledger:  # the process died with this one in flight
+        payment = ledger.commit(ledger.signed(
+            request_id="r1", route="/v1/images/generations", model="zai/cogview-4",
+            size="512x512", n=1, amount=16750, payee=settings.pay_to, network=BASE.caip2,
+            nonce="0x" + "11" * 32))
+    other = walletlock.hold(Account.from_key(key).address, BASE, tmp_path / "other",
+                            sandbox=False)
+    try:
+        with pytest.raises(WalletBusy):
+            create_app(settings)
+    finally:
+        other.release()
+    with Ledger(settings.ledger_path) as ledger:
+        assert list(ledger.interrupted) == [payment]

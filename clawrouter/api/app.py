@@ -8,7 +8,7 @@ import functools
 import inspect
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
 
@@ -94,16 +94,13 @@ def longest_in_flight(settings: Settings) -> float:
             + RESULT_SECONDS + RESTART_SECONDS)
 
 
-def _hold_wallet(ledger: Ledger, address: str, settings: Settings,
-                 sandbox: bool) -> walletlock.WalletLock:
-    """The wallet's lock, taken once this data directory's ledger is ours (so a command
-    waiting for that ledger never meets it); refused, the ledger is let go with it."""
-    try:
-        return walletlock.hold(address, NETWORKS[settings.network], settings.home,
-                               sandbox=sandbox)
-    except BaseException:
-        ledger.close()
-        raise
+def _wallet_holder(address: str, settings: Settings,
+                   sandbox: bool) -> Callable[[], walletlock.WalletLock]:
+    """The wallet's lock, taken once this data directory's ledger lock is ours (so a command
+    waiting for that ledger never meets it) and before the ledger is recovered (refused, the
+    ledger is let go untouched); released with the ledger."""
+    return functools.partial(walletlock.hold, address, NETWORKS[settings.network],
+                             settings.home, sandbox=sandbox)
 
 
 def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
@@ -112,8 +109,8 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
                          if settings.wallet_key else None, settings.wallet_key_source)
     signer = Signer(wallet.key)
     store = ImageStore.from_settings(settings)
-    ledger = Ledger(settings.ledger_path, chain_network=chain_network(settings))
-    wallet_lock = _hold_wallet(ledger, signer.address, settings, sandbox)
+    ledger = Ledger(settings.ledger_path, chain_network=chain_network(settings),
+                    holding=_wallet_holder(signer.address, settings, sandbox))
     budget = Budget.from_settings(ledger, settings)
     prices = PriceBook(settings.price_ttl_seconds)
     trimmer = Trimmer()
@@ -162,8 +159,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
             await results.aclose()
             await inputs.aclose()
             await session.close()
-            ledger.close()
-            wallet_lock.release()
+            ledger.close()  # (and the wallet's lock)
 
     app = FastAPI(title="clawrouter", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, redirect_slashes=False,

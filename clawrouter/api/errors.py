@@ -6,14 +6,13 @@ param or type, so validation errors become 400 envelopes naming the field.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -26,19 +25,20 @@ from clawrouter.errors import (
 log = logging.getLogger("clawrouter.api")
 
 
-class EnvelopeResponse(JSONResponse):
-    """JSON escaped to ASCII: an error may quote client text that is not valid UTF-8 (a lone
-    surrogate), and rendering it must never fail."""
+class EnvelopeResponse(Response):
+    """`error` as every path sends it (`ClawError.rendered`), header names lowercased as
+    Starlette's own responses have them."""
 
-    def render(self, content: object) -> bytes:
-        return json.dumps(content, separators=(",", ":")).encode("ascii")
+    def __init__(self, error: ClawError) -> None:
+        body, headers = error.rendered()
+        super().__init__(body, status_code=error.status)
+        self.raw_headers = [(name.lower(), value) for name, value in headers]
 
 
-def error_response(error: ClawError, request: Request | None = None) -> JSONResponse:
+def error_response(error: ClawError, request: Request | None = None) -> Response:
     if request is not None:
         note_error(request.scope.setdefault("state", {}), error)
-    return EnvelopeResponse(error.envelope(), status_code=error.status,
-                            headers=error.response_headers())
+    return EnvelopeResponse(error)
 
 
 # The first element of a FastAPI location says where the value came from; ours start with the

@@ -417,7 +417,7 @@ def _refuse_duplicates(raw: bytes | bytearray, body: BaseModel) -> None:
     twice, or an escaped quote in a prompt) is parsed again, keeping every key, to name it:
     about as long as the first parse for a body of base64, several times it for one of
     thousands of tiny fields (no client's)."""
-    kept = 2 * _strings(body)  # (pydantic's parser bounds the depth: ~250 levels)
+    kept = 2 * _strings(body, [MAX_FIELDS])  # (pydantic's parser bounds the depth)
     if _quotes(raw, kept) <= kept:
         return
     try:
@@ -442,20 +442,34 @@ def _quotes(raw: bytes | bytearray, most: int) -> int:
 
 _FEW_QUOTES = 256
 
+#: keys, strings and items a request body may hold (an image request has a few dozen): more is
+#: refused rather than walked, so a body of a million tiny fields costs one parse, no more
+MAX_FIELDS = 10_000
 
-def _strings(value: Any) -> int:
+
+def _strings(value: Any, left: list[int]) -> int:
     """The keys and strings in a parsed body (an object kept as a model, or as a dict in an
-    extra field)."""
+    extra field). `left` is what remains of `MAX_FIELDS`, spent on every key, string and
+    item walked; past it, the body is refused."""
     if isinstance(value, BaseModel):
         extra = value.model_extra or {}  # (its fields set include its extra ones)
         values = [*(getattr(value, k) for k in value.model_fields_set - extra.keys()),
                   *extra.values()]
-        return len(values) + sum(map(_strings, values))
+        return _spend(left, len(values)) + sum(_strings(v, left) for v in values)
     if isinstance(value, dict):
-        return len(value) + sum(map(_strings, value.values()))
+        return _spend(left, len(value)) + sum(_strings(v, left) for v in value.values())
     if isinstance(value, list):
-        return sum(map(_strings, value))
+        _spend(left, len(value))
+        return sum(_strings(v, left) for v in value)
     return int(isinstance(value, str))
+
+
+def _spend(left: list[int], count: int) -> int:
+    left[0] -= count
+    if left[0] < 0:
+        raise InvalidRequest(f"The body holds more than {MAX_FIELDS:,} fields and items; an "
+                             "image request needs a few dozen.", code="too_many_fields")
+    return count
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -484,7 +498,11 @@ async def image2image(request: Request) -> Response:
     """Edit images given as URLs, local paths or data URIs (ClawRouter's route)."""
     async with request.app.state.gw.heavy.slot() as slot:
         body = await read_json(request, EditBody, slot)
-        job = edit_job(body, default_format=request.app.state.gw.settings.response_format)
+        # ClawRouter's route answers as ClawRouter does: OpenAI's `b64_json` for OpenAI's
+        # names ("auto") is for OpenAI's routes, and ClawRouter's own alias `gpt-image-1`
+        # reads `url` here
+        fmt = request.app.state.gw.settings.response_format
+        job = edit_job(body, default_format="url" if fmt == "auto" else fmt)
         del body
         return await run(request, job, slot)
 
@@ -574,6 +592,7 @@ async def _read_form(request: Request,
 
 
 def _twice(key: str) -> InvalidRequest:
+    key = key[:80]  # a key is the client's: a megabyte of it is not echoed twice
     return InvalidRequest(f"'{key}' was given more than once; send it once.", param=key,
                           code="duplicate_field")
 

@@ -8,7 +8,6 @@ Order, outermost first: `RequestId` (every response carries `x-request-id`), `Ob
 from __future__ import annotations
 
 import hmac
-import json
 import re
 import secrets
 from collections.abc import Callable
@@ -34,10 +33,7 @@ def state(scope: Scope) -> dict:
 
 def error_parts(error: ClawError) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """The envelope (ASCII JSON) and its headers, for answers built below FastAPI."""
-    body = json.dumps(error.envelope(), separators=(",", ":")).encode("ascii")
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in error.response_headers().items()]
-    return body, headers
+    return error.rendered()
 
 
 def note_error(into: dict, error: ClawError) -> None:

@@ -212,15 +212,24 @@ def clean_note(note: str | None) -> str | None:
     return one_line(scrub(note), NOTE_MAX) or None
 
 
+class Releasable(Protocol):
+    def release(self) -> None: ...
+
+
 class Ledger:
     """The SQLite ledger at `path` (normally `$CLAWROUTER_HOME/ledger.sqlite3`).
 
     Opening it creates the schema, takes an exclusive process lock, and turns rows left
-    `signed` by a previous run into `unknown`.
+    `signed` by a previous run into `unknown`. `holding` is called once the lock is ours and
+    before anything is read or changed: whatever else must be held for the ledger to be this
+    process's (the wallet's lock). If it raises, the ledger is let go untouched, so the rows a
+    crash left in flight are still there for the start that does get it (`interrupted`).
+    What it returns is released by `close`.
     """
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
-                 chain_network: str | None = None) -> None:
+                 chain_network: str | None = None,
+                 holding: Callable[[], Releasable] | None = None) -> None:
         self.path = Path(path)
         self._clock = clock
         #: the network (CAIP-2) whose chain is asked about refused authorizations (`reconcile`
@@ -242,14 +251,16 @@ class Ledger:
         #: when the last commit failed (disk full, locked), until one succeeds (`/readyz`)
         self.failed_at: float | None = None
         self._lockfile = _exclusive_lock(lock_path(self.path), self.instance)
+        self._holding: Releasable | None = None
         try:
+            self._holding = holding() if holding is not None else None
             self._conn = self._connect()
             #: the rows this process found left `signed` (id: time signed): in flight when
             #: the last run died, their clients may well retry them (`coalesce`)
             self.interrupted = self._recover()
             self._total, self._by_day, self._by_month = self._load_totals()
         except BaseException:
-            self._lockfile.close()
+            self._let_go()
             raise
 
     # --- opening ------------------------------------------------------------------------------
@@ -658,7 +669,14 @@ class Ledger:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None  # type: ignore[assignment]
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Release the process lock, and what `holding` took."""
         self._lockfile.close()
+        if self._holding is not None:
+            holding, self._holding = self._holding, None
+            holding.release()
 
     def __enter__(self) -> Ledger:
         return self

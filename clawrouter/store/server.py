@@ -16,7 +16,6 @@ too big for the cache are streamed from disk in chunks. Last-served times are no
 from __future__ import annotations
 
 import asyncio
-import json
 from email.utils import formatdate, parsedate_to_datetime
 
 from starlette.types import Receive, Scope, Send
@@ -36,12 +35,10 @@ _ACCEPT_RANGES = (b"accept-ranges", b"bytes")
 
 
 def _error(exc: ClawError, extra: Headers | None = None) -> tuple[int, Headers, bytes]:
-    """An error in the OpenAI envelope, rendered once (the same shape the API layer uses)."""
-    body = json.dumps(exc.envelope(), separators=(",", ":")).encode()
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode()), _NOSNIFF, *(extra or [])]
-    headers += [(k.lower().encode(), v.encode()) for k, v in exc.response_headers().items()]
-    return exc.status, headers, body
+    """An error in the OpenAI envelope (`ClawError.rendered`, as every path sends it), with
+    `nosniff` as every image answer has it and `extra`, rendered once."""
+    body, headers = exc.rendered()
+    return exc.status, [*((k.lower(), v) for k, v in headers), _NOSNIFF, *(extra or [])], body
 
 
 _NOT_FOUND = _error(RouteNotFound("Image not found"))

@@ -127,3 +127,20 @@ def already_used(resp: UpstreamResponse) -> bool:
     return isinstance(body, dict) and (
         body.get("code") == "PAYMENT_REPLAY" or bool(body.get("recoverable"))
         or body.get("job_id") is not None)
+
+
+_SHORT = re.compile(r'"invalidReason"\s*:\s*"insufficient_funds"')
+
+
+def unfunded(resp: UpstreamResponse) -> bool:
+    """A 402 refusing a payment because the wallet is short (blockrun-api.md §6: code
+    `PAYMENT_UNFUNDED`, or `insufficient_funds` as the reason, top level or in the
+    VerifyResponse quoted in `details`): a fresh payment from that wallet would be refused
+    the same way."""
+    body = resp.json()
+    if not isinstance(body, dict):
+        return False
+    details = body.get("details")
+    return (body.get("code") == "PAYMENT_UNFUNDED"
+            or "insufficient_funds" in (body.get("reason"), body.get("invalidReason"))
+            or (isinstance(details, str) and _SHORT.search(details) is not None))

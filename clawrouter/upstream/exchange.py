@@ -42,7 +42,7 @@ from clawrouter.payment.wire import (
 from clawrouter.plaintext import scrub, withhold
 from clawrouter.upstream.client import NEVER_SENT as TRANSPORT_NEVER_SENT
 from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
-from clawrouter.upstream.errors import (already_used, paid_error, shown, unpaid_error,
+from clawrouter.upstream.errors import (already_used, paid_error, shown, unfunded, unpaid_error,
                                         upstream_message)
 from clawrouter.upstream.jobs import JobAbandoned, wait_for_job
 
@@ -54,8 +54,9 @@ SETTLE_MARGIN_SECONDS = 60
 #: how long pre-auth waits, for one request shape, after its pre-authorised payment was refused
 #: at the very price the upstream then asked again (so not for a price change)
 PREAUTH_HOLD_OFF_SECONDS = 600.0
-#: refusals of a pre-authorised payment that a fresh payment would meet too
-_FINAL_REFUSALS = frozenset({"PAYMENT_UNFUNDED"})
+
+#: writes a signed payment's outcome to the ledger: (status, note, tx, sent=True); never raises
+_Finish = Callable[..., Awaitable[None]]
 
 
 @dataclass
@@ -249,13 +250,40 @@ class Exchange:
 
     async def _pay(self, call: UpstreamCall, ctx: RequestContext, challenge: Challenge, *,
                    attempt: int, preauth: bool, refused: int | None = None) -> Outcome:
-        requirement = self._select(call, challenge)  # learned prices are re-checked too
+        """Sign one payment for `challenge`, send the request with it, and see it through, in
+        this order. Once the payment is recorded, every failure writes its outcome (`finish`)
+        before it is raised; a success hands `finish` to the caller (`Outcome.judged`)."""
+        requirement = self._requirement(call, challenge)
+        payment, payment_id = await self._sign_and_record(call, ctx, challenge, requirement,
+                                                          attempt=attempt)
+        finish = self._finisher(call, payment, payment_id)
+        resp = await self._send_paid(call, ctx, payment, finish)
+        resp = await self._judge_paid(resp, payment, finish, preauth=preauth)
+        outcome = await self._complete_paid(call, resp, payment, payment_id, ctx, finish)
+        if refused == payment.amount:  # refused for something other than the price
+            self.prices.forget(call.price_key, hold_off=PREAUTH_HOLD_OFF_SECONDS)
+        elif not preauth and self.settings.preauth:
+            self.prices.learn(call.price_key, challenge)
+        return replace(outcome, finish=finish)
+
+    def _requirement(self, call: UpstreamCall, challenge: Challenge) -> Requirement:
+        """The option to sign, checked against policy (learned prices are re-checked too),
+        with its validity widened for a slow job, which settles only on its completing poll."""
+        requirement = self._select(call, challenge)
         # A slow job settles on the completing poll: sign for the poll window, where `accepted`
         # can tell the upstream so (v2; a v1 payment carries only the authorization).
         if call.model.slow and challenge.version >= 2:
             cap = self.settings.max_timeout_seconds
             window = min(float(cap), self.settings.poll_deadline + SETTLE_MARGIN_SECONDS)
             requirement = policy.outliving(requirement, math.ceil(window), cap)
+        return requirement
+
+    async def _sign_and_record(self, call: UpstreamCall, ctx: RequestContext,
+                               challenge: Challenge, requirement: Requirement, *,
+                               attempt: int) -> tuple[SignedPayment, int]:
+        """Check funds, reserve the budget, sign, and make the signed payment durable in the
+        ledger (returning its row id) before anything can send it: a payment with no record
+        never leaves."""
         await self._check_funds(int(requirement.amount))
         with self.budget.reserve(int(requirement.amount)) as reservation:
             ctx.check()  # the last exit before money: a client that left pays nothing
@@ -279,6 +307,12 @@ class Exchange:
                     f"record the payment, so it was not sent ({exc}). Free disk space or stop "
                     "what holds the ledger, then retry.", headers={"Retry-After": "5"},
                     extra={"payment": "none"}) from None
+        return payment, payment_id
+
+    def _finisher(self, call: UpstreamCall, payment: SignedPayment,
+                  payment_id: int) -> _Finish:
+        """`finish(status, note, tx, sent=True)`: writes the outcome of the payment in row
+        `payment_id` to the ledger, timed from now (just after it was recorded)."""
         started = time.perf_counter()
 
         async def finish(status: str, note: str | None = None, tx: str | None = None,
@@ -297,6 +331,12 @@ class Exchange:
             if self.on_payment:
                 self.on_payment(status, payment.amount, call.model.id)
 
+        return finish
+
+    async def _send_paid(self, call: UpstreamCall, ctx: RequestContext, payment: SignedPayment,
+                         finish: _Finish) -> UpstreamResponse:
+        """Send the request with the payment, unless its client already left; a transport
+        failure is told apart by whether the authorization may have left this machine."""
         if ctx.gone.is_set():  # left while the ledger was written: the authorization stays here
             await finish("rejected", f"{NEVER_SENT}: the client left before the paid request",
                          sent=False)
@@ -304,7 +344,7 @@ class Exchange:
         try:
             # Answered or not, the payment can settle until validBefore: waiting less, the
             # gateway could hang up on an image that is then paid for.
-            resp = await self.client.post(
+            return await self.client.post(
                 call.route, call.body, payment.headers,
                 timeout=max(self.client.timeout, payment.valid_before - time.time()))
         except TransportError as exc:
@@ -315,11 +355,19 @@ class Exchange:
             # sent, and its answer lost or cut short: the upstream may have settled it
             raise paid_error(None, payment.amount, detail=exc.detail,
                              may_have_settled=True) from None
+
+    @staticmethod
+    async def _judge_paid(resp: UpstreamResponse, payment: SignedPayment,
+                          finish: _Finish, *,
+                          preauth: bool) -> UpstreamResponse:
+        """Sort a 402 to the paid request into its cases: a job this authorization already
+        started (poll it), a payment used already (may have settled), and a refusal (a
+        pre-authorised one probes afresh, once). Any other answer passes through."""
         if resp.status == 402 and _started_job(resp):
             # The authorization was already used, by the job this answer names (our first
             # attempt, whose connection dropped): poll that job, with the same header.
-            resp = replace(resp, status=202)
-        elif resp.status == 402 and (resp.resent or already_used(resp)):
+            return replace(resp, status=202)
+        if resp.status == 402 and (resp.resent or already_used(resp)):
             # Used already (the first attempt's connection dropped and the resend was refused,
             # or the upstream says so): the upstream may well have settled it. Never re-signed.
             message, code, _ = upstream_message(resp)
@@ -333,13 +381,20 @@ class Exchange:
         if resp.status == 402:
             message, code, _ = upstream_message(resp)
             await finish("rejected", f"{code or ''} {message}".strip())
-            if preauth and code not in _FINAL_REFUSALS:
+            if preauth and not unfunded(resp):  # a fresh one would be refused alike
                 raise _PreauthRejected(payment.amount, code or message)
             raise PaymentRejected(
                 f"The upstream rejected the payment of {policy.usd(payment.amount)}: {message}. "
                 "It was not re-signed.", extra={"upstream_code": code, "payment": "rejected"})
+        return resp
+
+    async def _complete_paid(self, call: UpstreamCall, resp: UpstreamResponse,
+                             payment: SignedPayment, payment_id: int, ctx: RequestContext,
+                             finish: _Finish) -> Outcome:
+        """Poll and read the paid answer; any failure is told as one after a payment, with
+        the outcome written first, so nothing invites a retry that would pay again."""
         try:
-            outcome = await self._complete(call, resp, payment, ctx)
+            return await self._complete(call, resp, payment, ctx)
         except JobAbandoned as exc:
             await finish("failed_after_payment", f"the client left during polling after {exc}")
             # Its client is gone, but a repeat of the request joining it must learn that a
@@ -368,11 +423,6 @@ class Exchange:
             await finish("failed_after_payment", f"gateway error: {type(exc).__name__}")
             raise paid_error(None, payment.amount,
                              detail="the gateway failed on the upstream's answer") from exc
-        if refused == payment.amount:  # refused for something other than the price
-            self.prices.forget(call.price_key, hold_off=PREAUTH_HOLD_OFF_SECONDS)
-        elif not preauth and self.settings.preauth:
-            self.prices.learn(call.price_key, challenge)
-        return replace(outcome, finish=finish)
 
     async def _check_funds(self, amount: int) -> None:
         """Refuse, before signing, a payment the wallet is known not to cover: the upstream
