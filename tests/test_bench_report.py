@@ -101,7 +101,7 @@ def test_a_saved_report_keeps_what_was_printed_under_the_command_that_made_it(
 
 
 @pytest.mark.parametrize("name", ["latest", "preauth-on", "latency-50", "upstream-cpu",
-                                  "edits-admitted-by-bytes"])
+                                  "edits-admitted-by-bytes", "xeon-7063df1"])
 def test_each_committed_report_is_what_its_measurements_render_to(name: str) -> None:
     """The README quotes the .md files; they must say what the measurements in their .json
     say, under this module's current wording and targets (`bench/report.py FILE` re-renders)."""
