@@ -7,6 +7,7 @@ real ~/.clawrouter/wallets."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import subprocess
@@ -243,3 +244,34 @@ def test_a_start_refused_for_the_wallet_leaves_the_crash_record_for_the_next(
         other.release()
     with Ledger(settings.ledger_path) as ledger:
         assert list(ledger.interrupted) == [payment]
+
+
+def test_whoever_gets_the_ledger_next_finds_the_wallet_free_too(tmp_path: Path,
+                                                                  locks: Path) -> None:
+    """A command waiting for this data directory's ledger gets it the moment it is let go:
+    the wallet's lock must be free by then, or it would be refused as if another data
+    directory paid from the wallet (it would wait on the ledger, but not on that)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    path = home / "ledger.sqlite3"
+    hold = functools.partial(walletlock.hold, "0x" + "ab" * 20, BASE, home, sandbox=False)
+    successor: list[str] = []
+
+    class Watched:
+        """The wallet lock, and what a successor meets the moment it is released."""
+
+        def __init__(self) -> None:
+            self.inner = hold()
+
+        def release(self) -> None:
+            self.inner.release()
+            try:
+                Ledger(path, holding=hold).close()
+                successor.append("started")
+            except LedgerBusy:
+                successor.append("waits for the ledger")  # as a command does
+            except WalletBusy:
+                successor.append("refused for the wallet")
+
+    Ledger(path, holding=Watched).close()
+    assert successor == ["waits for the ledger"]

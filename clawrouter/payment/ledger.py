@@ -672,11 +672,14 @@ class Ledger:
         self._let_go()
 
     def _let_go(self) -> None:
-        """Release the process lock, and what `holding` took."""
-        self._lockfile.close()
-        if self._holding is not None:
-            holding, self._holding = self._holding, None
-            holding.release()
+        """Release what `holding` took, then the process lock: in that order, whoever gets
+        the ledger next (a command that waited for it) finds the wallet free too."""
+        holding, self._holding = self._holding, None
+        try:
+            if holding is not None:
+                holding.release()
+        finally:
+            self._lockfile.close()
 
     def __enter__(self) -> Ledger:
         return self

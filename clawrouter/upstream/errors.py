@@ -134,13 +134,14 @@ _SHORT = re.compile(r'"invalidReason"\s*:\s*"insufficient_funds"')
 
 def unfunded(resp: UpstreamResponse) -> bool:
     """A 402 refusing a payment because the wallet is short (blockrun-api.md §6: code
-    `PAYMENT_UNFUNDED`, or `insufficient_funds` as the reason, top level or in the
-    VerifyResponse quoted in `details`): a fresh payment from that wallet would be refused
-    the same way."""
+    `PAYMENT_UNFUNDED`, flat or OpenAI-nested, or `insufficient_funds` as the reason, top
+    level or in the VerifyResponse of `details`, quoted or as an object): a fresh payment
+    from that wallet would be refused the same way."""
     body = resp.json()
     if not isinstance(body, dict):
         return False
     details = body.get("details")
-    return (body.get("code") == "PAYMENT_UNFUNDED"
+    return (upstream_message(resp)[1] == "PAYMENT_UNFUNDED"
             or "insufficient_funds" in (body.get("reason"), body.get("invalidReason"))
-            or (isinstance(details, str) and _SHORT.search(details) is not None))
+            or (isinstance(details, str) and _SHORT.search(details) is not None)
+            or (isinstance(details, dict) and details.get("invalidReason") == "insufficient_funds"))
