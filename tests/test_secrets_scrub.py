@@ -192,6 +192,9 @@ def test_retry_after_is_passed_on_only_as_a_delay_or_a_date() -> None:
         "retry-after": "Wed, 21 Oct 2026 07:28:00 GMT"}
     assert kept(PAYMENT.header[:200]) == {}
     assert kept("5 " + PAYMENT.header[:50]) == {}
+    # not ASCII, yet a date to `parsedate_tz`: an HTTP header cannot carry it, and passing it
+    # on made the answer a 500
+    assert kept("Wed, 21 Oct 2026 07:28:00 \u2603") == {} and kept("\u0663") == {}
 
 
 def test_a_signed_payment_keeps_its_header_out_of_its_repr() -> None:

@@ -59,7 +59,7 @@ _SECONDS = re.compile(r"[0-9]{1,10}(\.[0-9]{1,6})?")
 def _kept_headers(resp: UpstreamResponse) -> dict[str, str]:
     """The upstream's Retry-After headers, when they hold what they should (seconds, or an
     HTTP date for Retry-After): anything else is its text, which we do not pass on."""
-    return {k: v for k, v in resp.headers.items() if k in KEPT_HEADERS and (
+    return {k: v for k, v in resp.headers.items() if k in KEPT_HEADERS and v.isascii() and (
         _SECONDS.fullmatch(v.strip()) or (k == "retry-after" and len(v) <= 40
                                           and parsedate_tz(v) is not None))}
 
