@@ -1,6 +1,6 @@
 """An error leaves the gateway four ways: FastAPI's handlers (`api/errors.py`), the ASGI
 middleware below them (`send_error`), the image server (`store/server.py`) and the raw
-connection (`api/connection.py`, through `error_parts`). They share one rendering; these pin
+connection (`api/connection.py`), through `ClawError.rendered`. They share one rendering; these pin
 what each sends, so that sharing it changed nothing a client can see."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from clawrouter.api.errors import error_response
-from clawrouter.api.middleware import error_parts, send_error
+from clawrouter.api.middleware import send_error
 from clawrouter.errors import ClawError, PaymentRejected, UpstreamUnavailable
 from clawrouter.store import server as image_server
 from tests.conftest import Gateway
@@ -50,7 +50,7 @@ def test_fastapi_handlers_send_the_envelope_with_lowercase_headers(error, body, 
     (REJECTED, REJECTED_BODY, [(b"x-should-retry", b"false")]),
 ])
 def test_middleware_and_raw_connection_send_the_envelope(error, body, own):
-    parts = error_parts(error)
+    parts = error.rendered()
     assert parts[0] == body and sorted(parts[1]) == sorted(_common(body) + own)
     sent: list[dict[str, Any]] = []
 
@@ -78,7 +78,7 @@ def test_the_image_server_adds_nosniff_and_its_own_headers():
 
 
 def test_a_plain_error_sends_no_retry_advice():
-    body, headers = error_parts(ClawError("Oops."))
+    body, headers = ClawError("Oops.").rendered()
     assert body == (b'{"error":{"message":"Oops.","type":"server_error","param":null,'
                     b'"code":null}}')
     assert sorted(headers) == sorted(_common(body))

@@ -261,23 +261,17 @@ def test_an_unpaid_error_quoting_another_requests_payment_is_redacted(
     assert_scrubbed(r.text + json.dumps(dict(r.headers)), hostile)
 
 
+@pytest.mark.parametrize("mode, logged_as, names", [
+    ("result_url_quoting_header", "refused", "10.255.0.1"),  # on a private address
+    ("result_url_failing_quoting_header", "deferred", "missing.png"),  # not there yet
+])
 def test_a_result_url_quoting_the_payment_is_logged_scrubbed(make_gateway, hostile: Hostile,
-                                                             caplog) -> None:
+                                                             caplog, mode: str, logged_as: str,
+                                                             names: str) -> None:
     gw = make_gateway(upstream=hostile.url)
-    hostile.mode = "result_url_quoting_header"
+    hostile.mode = mode
     caplog.set_level(logging.WARNING, logger="clawrouter")
-    gen(gw, "a result on a private address")
-    logged = [rec.getMessage() for rec in caplog.records if "refused" in rec.getMessage()]
-    assert logged and "10.255.0.1" in logged[0], caplog.text[-400:]
-    assert_scrubbed("\n".join(logged), hostile)
-
-
-def test_a_deferred_result_url_quoting_the_payment_is_logged_scrubbed(
-        make_gateway, hostile: Hostile, caplog) -> None:
-    gw = make_gateway(upstream=hostile.url)
-    hostile.mode = "result_url_failing_quoting_header"
-    caplog.set_level(logging.WARNING, logger="clawrouter")
-    gen(gw, "a result that is not there yet")
-    logged = [rec.getMessage() for rec in caplog.records if "deferred" in rec.getMessage()]
-    assert logged and "missing.png" in logged[0], caplog.text[-400:]
+    gen(gw, "a result the gateway cannot store")
+    logged = [rec.getMessage() for rec in caplog.records if logged_as in rec.getMessage()]
+    assert logged and names in logged[0], caplog.text[-400:]
     assert_scrubbed("\n".join(logged), hostile)

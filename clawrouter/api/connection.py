@@ -37,7 +37,7 @@ import time
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from clawrouter.api.middleware import error_parts, new_request_id
+from clawrouter.api.middleware import new_request_id
 from clawrouter.errors import ClawError, InvalidRequest
 
 #: The whole request head. Browsers send a few KB (cookies for `localhost` are shared by every
@@ -56,7 +56,7 @@ _crowded_warned = -CROWDED_WARN_SECONDS
 
 def raw_error(error: ClawError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
     """A complete HTTP/1.1 error response that closes the connection."""
-    body, own = error_parts(error)
+    body, own = error.rendered()
     headers = [*default_headers, *own, (b"x-request-id", new_request_id().encode()),
                (b"connection", b"close")]
     return b"".join([STATUS_LINE[error.status],

@@ -31,11 +31,6 @@ def state(scope: Scope) -> dict:
     return scope.setdefault("state", {})
 
 
-def error_parts(error: ClawError) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """The envelope (ASCII JSON) and its headers, for answers built below FastAPI."""
-    return error.rendered()
-
-
 def note_error(into: dict, error: ClawError) -> None:
     """What the request log says of a failed request (`observe`): its code and, when a
     payment was involved, what became of it (`signed`, `rejected`, `not_settled`, `none`)."""
@@ -47,7 +42,7 @@ def note_error(into: dict, error: ClawError) -> None:
 async def send_error(scope: Scope, send: Send, error: ClawError) -> None:
     """Answer with `error` below FastAPI, noting it for the request log as its handlers do."""
     note_error(state(scope), error)
-    body, headers = error_parts(error)
+    body, headers = error.rendered()
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
