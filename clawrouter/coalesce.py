@@ -94,8 +94,11 @@ def _paid(error: BaseException) -> bool:
 
 
 def _slim(result: Result) -> Result:
-    """Keep stored references, not image bytes, in the cache (shaping re-reads files)."""
-    images = [replace(i, data=None) if i.stored is not None else i for i in result.images]
+    """Keep stored references, not image bytes, in the cache (shaping re-reads files). An
+    image the store could not keep keeps its bytes only when they are all there is of it: with
+    the disk full, holding every result for the window would fill memory next."""
+    images = [replace(i, data=None) if i.stored is not None or i.remote_url else i
+              for i in result.images]
     return replace(result, images=images)
 
 

@@ -7,11 +7,15 @@ the two BlockRun already defines: `BLOCKRUN_API_URL` and `BLOCKRUN_WALLET_KEY`.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
+import sys
 import tempfile
+import threading
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -280,6 +284,7 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     for name in os.environ:  # pydantic-settings would take them (prefix + field name, any case)
         if (meant := _NOT_READ.get(name.upper())) is not None:
             raise ValueError(f"{name} is not a setting: use {meant}")
+    warn_unknown_variables()
     try:
         settings = _FromFile(**overrides)
     except ValidationError as exc:
@@ -298,6 +303,55 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
 #: field names under the prefix that the settings would read but are named otherwise
 _NOT_READ = {"CLAWROUTER_WALLET_KEY": "BLOCKRUN_WALLET_KEY",
              "CLAWROUTER_UPSTREAM_URL": "BLOCKRUN_API_URL"}
+
+#: CLAWROUTER_* variables that are read, but not as settings: the tools' gateway and output
+#: folder (cli/client.py), the settings file (`load_settings`), the wallet locks (walletlock.py)
+OTHER_VARIABLES = frozenset({"CLAWROUTER_URL", "CLAWROUTER_OUT", "CLAWROUTER_CONFIG",
+                             "CLAWROUTER_WALLET_LOCKS"})
+
+_warned: set[str] = set()  # variables already warned about by this process
+_warned_lock = threading.Lock()  # (settings are loaded from worker threads too)
+
+
+def variable_names() -> dict[str, str]:
+    """Every variable we read, by the part a misspelling of it shares with `CLAWROUTER_*`:
+    `MAX_USD_PER_DAY` for CLAWROUTER_MAX_USD_PER_DAY, `API_URL` for BLOCKRUN_API_URL."""
+    names = {(field.validation_alias or f"CLAWROUTER_{name.upper()}"): None
+             for name, field in Settings.model_fields.items()}
+    names.update(dict.fromkeys(OTHER_VARIABLES))
+    return {name.split("_", 1)[1]: name for name in names}
+
+
+def unknown_variables(environ: Mapping[str, str]) -> dict[str, str | None]:
+    """Each `CLAWROUTER_*` variable in `environ` that nothing reads (a misspelled budget,
+    CLAWROUTER_MAX_USD_PER_DAYS, would otherwise leave the default limit on without a word),
+    with the name it is closest to, if any. The names `_NOT_READ` lists are errors instead."""
+    names = variable_names()
+    ours = {name for name in names.values() if name.startswith("CLAWROUTER_")}
+    found: dict[str, str | None] = {}
+    for name in environ:
+        upper = name.upper()  # (pydantic-settings reads them in any case)
+        if not upper.startswith("CLAWROUTER_") or upper in ours or upper in _NOT_READ:
+            continue
+        close = difflib.get_close_matches(upper.removeprefix("CLAWROUTER_"), names, n=1,
+                                          cutoff=0.7)
+        found[name] = names[close[0]] if close else None
+    return found
+
+
+def warn_unknown_variables() -> None:
+    """Say on stderr, once per process (a command may load its settings again: the gateway
+    it finds or starts, an MCP server's tools), which CLAWROUTER_* variables are ignored.
+    Not an error, unlike an unknown name in config.toml: the same shell may hold variables of
+    ClawRouter, the OpenClaw plugin (CLAWROUTER_PAYMENT_CHAIN, say), that are none of ours."""
+    for name, meant in unknown_variables(os.environ).items():
+        with _warned_lock:
+            if name in _warned:
+                continue
+            _warned.add(name)
+        hint = f" (did you mean {meant}?)" if meant else ""
+        print(f"clawrouter: warning: {name} is ignored: no such clawrouter setting{hint}",
+              file=sys.stderr, flush=True)
 
 
 def _explain_source(exc: SettingsError) -> str:

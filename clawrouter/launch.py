@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import math
 import os
@@ -62,14 +63,50 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
+#: the most of a model list read to tell whether it is one (BlockRun's is some 100 KB)
+MODELS_READ_LIMIT = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelsAnswer:
+    """What an upstream answered to `GET <base>/v1/models` (BlockRun's free model list)."""
+
+    status: int
+    blockrun: bool  # 200 with a JSON model list (`{"data": [...]}`), as BlockRun answers
+
+
 async def upstream_reachable(url: str, timeout: float = 3.0) -> bool:
-    """A free GET of the model list; any HTTP answer below 500 means the upstream is there."""
+    """A free GET of the model list; any HTTP answer below 500 means the upstream is there
+    (enough to choose the sandbox or not; `doctor` asks `models_answer` for more)."""
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
             async with s.get(url + "/v1/models") as resp:
                 return resp.status < 500
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
         return False
+
+
+async def models_answer(url: str, timeout: float = 3.0) -> ModelsAnswer | None:
+    """How `url` answers `GET /v1/models`, None when nothing does. Any answer is not enough
+    to call it BlockRun: a base without its `/api` gets a 404 there, as every request would."""
+    body = b""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+            async with s.get(url + "/v1/models") as resp:
+                if resp.status != 200:
+                    return ModelsAnswer(resp.status, False)
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MODELS_READ_LIMIT:
+                        return ModelsAnswer(200, False)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return None
+    try:
+        listing = json.loads(body)
+    except ValueError:  # (UnicodeDecodeError included)
+        listing = None
+    return ModelsAnswer(200, isinstance(listing, dict)
+                        and isinstance(listing.get("data"), list))
 
 
 @dataclass

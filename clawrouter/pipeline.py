@@ -27,6 +27,7 @@ from clawrouter.offloop import off_loop
 from clawrouter.sniff import dimensions
 from clawrouter.store import ImageMeta, ImageStore, StoredImage
 from clawrouter.store.links import image_name
+from clawrouter.store.store import Unsaved
 from clawrouter.upstream.errors import paid_error
 from clawrouter.upstream.exchange import Exchange, Outcome, UpstreamCall
 from clawrouter.upstream.results import entry_image
@@ -38,8 +39,8 @@ T = TypeVar("T")
 
 @dataclass
 class ResultImage:
-    stored: StoredImage | None  # None only when storing failed: then `remote_url` is kept
-    data: bytes | None = None
+    stored: StoredImage | None  # None only when storing failed: then the bytes or URL are kept
+    data: bytes | None = None  # (not stored: the bytes, whenever they were had)
     remote_url: str | None = None
     revised_prompt: str | None = None
 
@@ -205,11 +206,14 @@ class ImagePipeline:
                 return ResultImage(stored, found.data, None, found.revised)
             assert found.remote is not None
             # A failed download is retried in the background; the client gets the upstream
-            # URL meanwhile, so a paid image is never lost.
+            # URL meanwhile, so a paid image is never lost. One downloaded but not stored
+            # (disk full) is answered from its bytes, as the client asked.
             saved = await self.store.put_remote_or_defer(
                 found.remote, replace(meta, source=found.remote), self.session)
-            stored = saved if isinstance(saved, StoredImage) else None
-            return ResultImage(stored, None, found.remote, found.revised)
+            if isinstance(saved, StoredImage):
+                return ResultImage(saved, None, found.remote, found.revised)
+            data = saved.data if isinstance(saved, Unsaved) else None
+            return ResultImage(None, data, found.remote, found.revised)
         except Exception as exc:  # a paid image is never lost because of our own store
             log.warning("storing a result failed (%s: %s); returning it without a local copy",
                         type(exc).__name__, exc)

@@ -34,11 +34,14 @@ MY_COMMANDS = ("generate", "edit", "models", "status", "doctor", "mcp")
 
 def run(tmp_path: Path, *args: str, url: str | None = None, cwd: Path | None = None,
         **env: str) -> subprocess.CompletedProcess[str]:
-    """Run `clawrouter ARGS` (in this process) with a private home and output directory."""
+    """Run `clawrouter ARGS` (in this process) with a private home and output directory, on
+    the gateway at `url`; without one, nothing answers where its settings look (a dead
+    CLAWROUTER_PORT), so a command that may start its own gateway does."""
     environ = {k: v for k, v in os.environ.items()
                if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
-    environ.update(CLAWROUTER_HOME=str(tmp_path / "cli-home"), CLAWROUTER_OUT=str(tmp_path / "out"),
-                   CLAWROUTER_URL=url or f"http://127.0.0.1:{dead_port()}", **env)
+    environ.update(CLAWROUTER_HOME=str(tmp_path / "cli-home"), CLAWROUTER_OUT=str(tmp_path / "out"))
+    environ.update({"CLAWROUTER_URL": url} if url else {"CLAWROUTER_PORT": str(dead_port())})
+    environ.update(env)
     return clawrouter_in_process(*args, env=environ, cwd=cwd)
 
 
@@ -82,8 +85,9 @@ def test_an_unusable_output_directory_is_said_to_have_cost_nothing(tmp_path: Pat
     (tmp_path / "afile").write_text("")
     for out in (str(tmp_path / "afile" / "sub"), "/proc/clawrouter-out"):
         proc = run(tmp_path, "generate", "a red kite", "--out", out, url=gateway.url)
-        assert proc.returncode == 1, proc.stderr
+        assert proc.returncode == 2, proc.stderr  # the usage's fault: nothing was sent
         assert "Nothing was sent or paid" in proc.stderr and "could not save" not in proc.stderr
+        assert "invalid configuration" not in proc.stderr
     assert sandbox.round_trips() == 0
 
 
@@ -330,8 +334,7 @@ def first_line(proc: subprocess.Popen[str], timeout: float = 30) -> str:
 def test_a_second_command_waits_for_the_one_running_its_own_gateway(tmp_path: Path) -> None:
     """The ledger is one process's at a time. Agents run tool calls in parallel: the second
     command waits for the first (saying so, and whose turn it is) instead of failing."""
-    environ = cli_env(tmp_path, CLAWROUTER_SANDBOX="true",
-                      CLAWROUTER_URL=f"http://127.0.0.1:{dead_port()}")
+    environ = cli_env(tmp_path, CLAWROUTER_SANDBOX="true", CLAWROUTER_PORT=str(dead_port()))
     # The first is paused (SIGSTOP) while it holds the ledger until the second says it waits,
     # so its slow job need not outlast the second's start: 1 s, polled every 0.2 s.
     first = subprocess.Popen(clawrouter_command(
@@ -523,8 +526,7 @@ def test_a_gateway_of_another_data_directory_is_named_not_used(
 def test_interrupted_while_waiting_for_the_ledger_says_nothing_was_paid(tmp_path: Path) -> None:
     from clawrouter.payment.ledger import Ledger
 
-    environ = cli_env(tmp_path, CLAWROUTER_SANDBOX="true",
-                      CLAWROUTER_URL=f"http://127.0.0.1:{dead_port()}")
+    environ = cli_env(tmp_path, CLAWROUTER_SANDBOX="true", CLAWROUTER_PORT=str(dead_port()))
     # The sandbox ledger held here for the whole test, as a command running its own gateway
     # holds it (a real one would have to outlast the second's start).
     with Ledger(tmp_path / "cli-home" / "ledger-base-sepolia.sqlite3"):
@@ -790,6 +792,8 @@ def test_a_gateway_that_starts_too_slowly_is_stopped_once_it_has_started(
     home = tmp_path / "home"
     monkeypatch.setenv("CLAWROUTER_HOME", str(home))
     monkeypatch.setenv("CLAWROUTER_SANDBOX", "true")
+    monkeypatch.setenv("CLAWROUTER_PORT", str(dead_port()))  # nothing answers: it starts one
+    monkeypatch.delenv("CLAWROUTER_URL", raising=False)
     real = launch.start_gateway
 
     async def slow(settings: Any, **kwargs: Any) -> Any:
@@ -802,7 +806,7 @@ def test_a_gateway_that_starts_too_slowly_is_stopped_once_it_has_started(
 
     async def main() -> None:
         with pytest.raises(cli_client.GatewayError):
-            await cli_client.connect(f"http://127.0.0.1:{dead_port()}", wait=0)
+            await cli_client.connect(wait=0)
 
     asyncio.run(main())
     deadline = time.monotonic() + 15

@@ -9,9 +9,11 @@ run in-process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -281,6 +283,12 @@ def test_commands_name_a_data_file_they_cannot_use_in_one_line(cli):
     assert f"{cli.ledger} is damaged or not a database" in stats.stderr
     assert "restore it from a backup" in stats.stderr
     cli.ledger.unlink()
+    with contextlib.closing(sqlite3.connect(cli.ledger)) as newer:  # a later version's ledger
+        newer.execute("PRAGMA user_version = 99")
+    downgraded = cli("stats")
+    assert f"{cli.ledger} was written by a newer clawrouter (schema 99" in downgraded.stderr
+    assert "upgrade clawrouter" in downgraded.stderr
+    cli.ledger.unlink()
     cli.key_file.mkdir()
     shown = cli("wallet")
     assert f"{cli.key_file}: it is a directory, not a file — move it away" in shown.stderr
@@ -295,7 +303,7 @@ def test_commands_name_a_data_file_they_cannot_use_in_one_line(cli):
     cli.key_file.symlink_to(cli.claw / "gone")
     dangling = cli("wallet", "create")
     assert dangling.returncode == 1 and "broken link" in dangling.stderr
-    for done in (stats, shown, pruned, created):
+    for done in (stats, downgraded, shown, pruned, created):
         assert done.returncode == 2 and done.stderr.startswith("clawrouter: ")
         assert done.stderr.count("\n") == 1, done.stderr
 

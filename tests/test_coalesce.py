@@ -358,3 +358,25 @@ def test_a_first_try_runs_anew_after_a_delivered_result_and_shares_everything_el
         assert runs == ["a", "b", "f", "d", "p", "l", "k"]
 
     asyncio.run(main())
+
+
+def test_a_shared_result_keeps_the_bytes_of_an_unstored_image_only_when_they_are_all_of_it():
+    """With the disk full every result is unstored: holding all their bytes for the window
+    would fill memory next. The upstream's URL stands in for bytes it can give again."""
+    from clawrouter.pipeline import ResultImage
+
+    coalescer = Coalescer(60)
+    with_url = ResultImage(None, b"png" * 1000, "http://upstream/img.png")
+    bytes_only = ResultImage(None, b"png" * 1000, None)
+
+    async def work(shared):
+        return Result(1, [with_url, bytes_only], 1000, None)
+
+    async def main():
+        await coalescer.run(ctx(), "same", None, work)
+        return await coalescer.run(ctx(), "same", None, work)
+
+    again = asyncio.run(main())
+    assert again.shared
+    assert [i.data for i in again.images] == [None, bytes_only.data]
+    assert again.images[0].remote_url == "http://upstream/img.png"

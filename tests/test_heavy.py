@@ -235,7 +235,9 @@ def test_the_resend_of_a_big_slow_edit_joins_it_whatever_its_body_declares(
     from clawrouter.upstream import jobs
 
     monkeypatch.setattr(jobs, "REJOIN_SECONDS", 2.0)
-    sandbox.configure(slow_seconds=3)  # the resend, at 1 s, comes while the job runs
+    # The job, made once the body is read, is done 1.5 s later: after the send's 1 s timeout
+    # whatever the load; its polling pauses once its client has left, until the resend joins.
+    sandbox.configure(slow_seconds=1.5)
     gw = make_gateway(max_image_mb=4)
     gw.gw.heavy = HeavyPhase(body_bytes=20 * MB, largest_body=4 * gw.gw.settings.max_image_bytes)
     image = "data:image/png;base64," + base64.b64encode(

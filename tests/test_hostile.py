@@ -915,11 +915,11 @@ def test_the_header_clock_does_not_cut_an_idle_keep_alive_connection(
         impatient_gateway: GatewayProcess) -> None:
     """Between requests the keep-alive timeout (30 s) applies, not the header deadline."""
     with socket.create_connection(("127.0.0.1", impatient_gateway.port)) as sock:
-        for _ in range(2):
+        for idle in (0, HEADER_TIMEOUT * 1.5):  # (idle after the last one proves nothing)
+            time.sleep(idle)
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             status, _, _ = read_response(sock)
             assert status == 200
-            time.sleep(HEADER_TIMEOUT * 1.5)
 
 
 @pytest.mark.parametrize("path,status,code", [

@@ -551,6 +551,11 @@ async def test_forbidden_data_dir(tree: dict[str, Path]) -> None:
     (root / "link.png").symlink_to(root / "data" / "real.png")
     await refused(policy, "link.png", "path_refused")
     await refused(policy, (root / "data" / "real.png").as_uri(), "path_refused")
+    # A hard link is the key by another name: read, but not an image, so refused, unechoed
+    # (SECURITY.md says so; only what is sent is guarded here).
+    os.link(root / "data" / "wallet.key", root / "key.png")
+    error = await refused(policy, str(root / "key.png"), "invalid_image")
+    assert "PRIVATE_KEY" not in error.message
 
 
 def test_a_parent_folder_swapped_for_a_symlink_after_the_checks_is_not_followed(
@@ -764,6 +769,72 @@ async def test_url_refusals(root: Path, public: tuple[HostServer, Origin]) -> No
     await refused(policy, "http://nowhere.example/a.png", "url_fetch_failed", **via_dns())
     error = await refused(policy, f"{base}/text", "invalid_image", **via_dns())
     assert "PRIVATE_KEY" not in error.message
+
+
+#: URLs whose host no parser or resolver takes: each was a 500 `internal_error` (a UnicodeError
+#: from IDNA in yarl or `getaddrinfo`, a ValueError from `urlsplit`), not a refusal
+MALFORMED = [
+    ("http://a..b/x.png", "url_refused"),  # an empty label: getaddrinfo's IDNA encoding
+    ("http://" + "a" * 64 + ".com/x.png", "url_refused"),  # a label over 63 characters
+    ("https://xn--a/x.png", "url_refused"),  # a bad punycode label: yarl's `url.host`
+    ("file://[/tmp/x.png", "path_refused"),  # an unbalanced bracket: urlsplit
+    ("file://]/x", "path_refused"),
+]
+
+
+def _nothing_upstream(sandbox: Any) -> None:
+    stats = sandbox.stats()
+    assert stats["round_trips"] == 0 and stats["payments_count"] == 0
+
+
+def _edit(gateway: Any, image: str) -> dict[str, Any]:
+    """POST an edit of `image`; the 400 envelope's error, which names the input."""
+    r = gateway.http.post("/v1/images/edits", json={"model": "openai/gpt-image-1",
+                                                     "prompt": "x", "image": image})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == "image"
+    return error
+
+
+@pytest.mark.parametrize("value, code", MALFORMED)
+def test_a_malformed_url_is_a_400_that_costs_nothing(gateway: Any, sandbox: Any, value: str,
+                                                     code: str) -> None:
+    assert _edit(gateway, value)["code"] == code
+    _nothing_upstream(sandbox)
+
+
+@pytest.mark.parametrize("target", ["http://a..b/", "http://xn--a/x.png"])
+def test_a_redirect_to_a_malformed_url_is_refused(make_gateway: Any, sandbox: Any,
+                                                   private: tuple[HostServer, Origin],
+                                                   target: str) -> None:
+    """Every hop is judged alike: the origin answers once, with the redirect, and that is all."""
+    server, origin = private
+    gateway = make_gateway(allow_private_urls=True)  # the origin is on loopback
+    before = origin.hits
+    error = _edit(gateway, f"http://127.0.0.1:{server.port}/to?u={target}")
+    assert error["code"] == "url_refused" and "malformed host" in error["message"]
+    assert origin.hits == before + 1
+    _nothing_upstream(sandbox)
+
+
+@pytest.mark.parametrize("value", [v for v, code in MALFORMED if code == "path_refused"])
+def test_the_cli_leaves_a_malformed_file_url_to_the_gateway(tmp_path: Path, gateway: Any,
+                                                           sandbox: Any, value: str) -> None:
+    """`clawrouter edit` and the MCP `edit_image` tool make paths absolute (`source_arg`): a
+    file URL they cannot parse goes as it came, for the gateway's one-line refusal."""
+    from clawrouter.cli.client import source_arg
+    from tests.servers import clawrouter_in_process
+
+    assert source_arg(value) == value
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
+    env.update(CLAWROUTER_HOME=str(tmp_path / "cli-home"), CLAWROUTER_OUT=str(tmp_path / "out"),
+               CLAWROUTER_URL=gateway.url)
+    proc = clawrouter_in_process("edit", value, "x", env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "malformed file URL" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    _nothing_upstream(sandbox)
 
 
 async def test_url_size_cap(root: Path, public: tuple[HostServer, Origin]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from clawrouter.cli.common import file_problem
 from clawrouter.payment.ledger import (
     CHAIN_PATIENCE, EXPIRY_MARGIN, NOTE_MAX, Holder, Ledger, LedgerBusy, clean_note, day_start,
     holder, in_use, local_day, lock_path,
@@ -333,6 +335,24 @@ def test_one_process_per_ledger_and_totals_reload(tmp_path: Path, clock: Clock) 
     with Ledger(path, clock=clock) as again:
         assert again.spent() == 3_000
         assert again.spent_on(local_day(clock.now)) == 3_000
+
+
+def test_a_filesystem_without_locks_is_named_not_taken_for_another_gateway(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flock failing for another reason than a holder (ENOLCK: NFS without lockd) is not
+    "another clawrouter process is using this ledger": a command would wait for that process
+    to its deadline. It is a file the command cannot use, said in one line."""
+    def no_locks(*_: object) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    path = tmp_path / "ledger.sqlite3"
+    with pytest.raises(OSError) as failed:
+        Ledger(path)
+    assert not isinstance(failed.value, LedgerBusy)
+    assert failed.value.filename == str(lock_path(path))
+    assert file_problem(failed.value) == (f"cannot use {lock_path(path)}: cannot lock it "
+                                          f"({os.strerror(errno.ENOLCK)})")
 
 
 def test_a_process_testing_the_lock_never_fails_a_gateway_starting_meanwhile(

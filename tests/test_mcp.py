@@ -21,9 +21,14 @@ from clawrouter.sandbox.images import make_png
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def mcp_env(tmp_path: Path, url: str) -> dict[str, str]:
-    return {"CLAWROUTER_URL": url, "CLAWROUTER_HOME": str(tmp_path / "client-home"),
-            "CLAWROUTER_OUT": str(tmp_path / "out")}
+def mcp_env(tmp_path: Path, url: str | None) -> dict[str, str]:
+    """The server's environment: the gateway at `url`; without one, nothing answers where its
+    settings look (a dead CLAWROUTER_PORT), so it starts its own."""
+    from tests.servers import dead_port
+
+    where = {"CLAWROUTER_URL": url} if url else {"CLAWROUTER_PORT": str(dead_port())}
+    return where | {"CLAWROUTER_HOME": str(tmp_path / "client-home"),
+                    "CLAWROUTER_OUT": str(tmp_path / "out")}
 
 
 @contextlib.asynccontextmanager
@@ -107,7 +112,7 @@ def test_generate_image_saves_a_png_and_reports_url_path_model_cost(
     async def use(session: ClientSession) -> tuple[Any, Any]:
         first = await session.call_tool("generate_image", {
             "prompt": "a lighthouse at dawn", "model": "gpt-image", "inline": True})
-        # "Another one, please" with the same words (checked below): the same image
+        # "Another one, please" with the same words (checked below): another image
         return first, await session.call_tool("generate_image", {
             "prompt": "a lighthouse at dawn", "model": "gpt-image"})
 
@@ -125,12 +130,11 @@ def test_generate_image_saves_a_png_and_reports_url_path_model_cost(
     assert "openai/gpt-image-1" in body and "$0.022" in body
     inline = [c for c in result.content if c.type == "image"]
     assert len(inline) == 1 and inline[0].mime_type == "image/png"
-    assert sandbox.paid() == 1
     assert saved["shared"] is False and "paid again" not in body
-    # "Another one, please" with the same words: the agent is told it is the same image.
-    assert again.structured_content["shared"] is True
-    assert "nothing was paid again" in text(again)
-    assert sandbox.paid() == 1
+    # "Another one, please" with the same words: a new call, as the SDK's second call is (each
+    # is marked a first try), so a new image, paid for; not the first call's, delivered.
+    assert again.structured_content["shared"] is False and "paid again" not in text(again)
+    assert sandbox.paid() == 2
 
 
 def test_edit_image_with_a_local_file(tmp_path: Path, gateway: Any) -> None:
@@ -193,9 +197,7 @@ def test_wallet_status_reports_address_spend_and_budget(tmp_path: Path, make_gat
 
 
 def test_runs_the_gateway_in_process_when_none_answers(tmp_path: Path) -> None:
-    from tests.servers import dead_port
-
-    env = mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {"CLAWROUTER_SANDBOX": "true"}
+    env = mcp_env(tmp_path, None) | {"CLAWROUTER_SANDBOX": "true"}
 
     async def use(session: ClientSession) -> tuple[Any, Any]:
         made = await session.call_tool("generate_image", {"prompt": "a quiet harbour"})
@@ -217,21 +219,27 @@ def test_runs_the_gateway_in_process_when_none_answers(tmp_path: Path) -> None:
     assert (tmp_path / "client-home" / "wallet.key").is_file()
 
 
-def test_a_serve_that_stopped_between_calls_is_replaced_not_reported_as_maybe_paid(
-        tmp_path: Path, gateway: Any, sandbox: Any) -> None:
-    """The session keeps the `serve` it found. Once that stops, the next call's connection is
-    refused: nothing was sent, so the call goes to whatever gateway there is now (here one
-    started in-process on the same upstream) instead of failing with "may have paid"."""
-    env = mcp_env(tmp_path, gateway.url) | {
-        "BLOCKRUN_API_URL": sandbox.api, "CLAWROUTER_NETWORK": "base-sepolia",
-        "CLAWROUTER_RPC_URLS": "[]"}
-
+def stop_between_two_calls(env: dict[str, str], gateway: Any) -> tuple[Any, Any]:
+    """Two `generate_image` calls in one session, `gateway` stopped between them."""
     async def use(session: ClientSession) -> tuple[Any, Any]:
         before = await session.call_tool("generate_image", {"prompt": "while serve runs"})
         await anyio.to_thread.run_sync(gateway.server.stop)
         return before, await session.call_tool("generate_image", {"prompt": "after it stopped"})
 
-    before, after = with_session(env, use)
+    return with_session(env, use)
+
+
+def test_a_serve_that_stopped_between_calls_is_replaced_not_reported_as_maybe_paid(
+        tmp_path: Path, gateway: Any, sandbox: Any) -> None:
+    """The session keeps the `serve` it found where its settings look. Once that stops, the
+    next call's connection is refused: nothing was sent, so the call goes to whatever gateway
+    there is now (here one started in-process on the same upstream, paying from the same
+    wallet) instead of failing with "may have paid"."""
+    env = mcp_env(tmp_path, None) | {
+        "CLAWROUTER_PORT": str(gateway.server.port), "BLOCKRUN_API_URL": sandbox.api,
+        "BLOCKRUN_WALLET_KEY": gateway.gw.settings.wallet_key.get_secret_value(),
+        "CLAWROUTER_NETWORK": "base-sepolia", "CLAWROUTER_RPC_URLS": "[]"}
+    before, after = stop_between_two_calls(env, gateway)
     assert not before.is_error, text(before)
     assert before.structured_content["in_process"] is False
     assert "may already have paid" not in text(after)
@@ -241,6 +249,23 @@ def test_a_serve_that_stopped_between_calls_is_replaced_not_reported_as_maybe_pa
     assert sandbox.paid() == 2  # one payment per image: the refused attempt paid nothing
 
 
+def test_a_named_serve_that_stopped_between_calls_is_not_replaced(
+        tmp_path: Path, gateway: Any, sandbox: Any) -> None:
+    """A gateway named by CLAWROUTER_URL (a container's, say) is the one the user chose to pay
+    from: once it stops, the call fails saying so (nothing was sent, so not "may have paid"),
+    and no gateway of this machine's starts to pay from its own wallet instead."""
+    env = mcp_env(tmp_path, gateway.url) | {
+        "BLOCKRUN_API_URL": sandbox.api, "CLAWROUTER_NETWORK": "base-sepolia",
+        "CLAWROUTER_RPC_URLS": "[]"}
+    before, after = stop_between_two_calls(env, gateway)
+    assert not before.is_error, text(before)
+    assert after.is_error and "may already have paid" not in text(after)
+    assert f"No clawrouter gateway answers at {gateway.url} (named by CLAWROUTER_URL)" in text(
+        after), text(after)
+    assert not (tmp_path / "client-home" / "wallet.key").exists()
+    assert sandbox.paid() == 1
+
+
 def test_other_commands_run_between_an_mcp_sessions_calls(tmp_path: Path) -> None:
     """An agent's MCP server lives for the session, but a gateway it starts holds the wallet's
     ledger only during its calls: the user's other commands run in between, without waiting,
@@ -248,9 +273,7 @@ def test_other_commands_run_between_an_mcp_sessions_calls(tmp_path: Path) -> Non
     import os
     import subprocess
 
-    from tests.servers import dead_port
-
-    env = mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {"CLAWROUTER_SANDBOX": "true"}
+    env = mcp_env(tmp_path, None) | {"CLAWROUTER_SANDBOX": "true"}
     cli = {k: v for k, v in os.environ.items()
            if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))} | env
 
@@ -350,10 +373,10 @@ def test_a_cancelled_call_still_stops_its_gateway_and_frees_the_wallet(tmp_path:
 
     from clawrouter.config import Settings
     from clawrouter.payment.ledger import in_use, lock_path
-    from tests.servers import clawrouter_command, dead_port
+    from tests.servers import clawrouter_command
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
-    env |= mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {
+    env |= mcp_env(tmp_path, None) | {
         "CLAWROUTER_SANDBOX": "true", "CLAWROUTER_COALESCE_WINDOW_SECONDS": "1"}
     ledger = Settings(home=tmp_path / "client-home").ledger_path_for("base-sepolia")
     lock = lock_path(ledger)
@@ -410,11 +433,9 @@ class McpProcess:
         import os
         import subprocess
 
-        from tests.servers import dead_port
-
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
-        env |= mcp_env(tmp_path, f"http://127.0.0.1:{dead_port()}") | {
+        env |= mcp_env(tmp_path, None) | {
             "BLOCKRUN_API_URL": sandbox.api, "CLAWROUTER_SANDBOX": "false",
             "CLAWROUTER_NETWORK": "base-sepolia", "CLAWROUTER_RPC_URLS": "[]", **settings}
         self.proc = subprocess.Popen([sys.executable, "-m", "clawrouter", "mcp"], env=env,
@@ -547,6 +568,8 @@ def test_a_call_cancelled_while_its_gateway_starts_does_not_leave_it_running(
     home = tmp_path / "client-home"
     monkeypatch.setenv("CLAWROUTER_HOME", str(home))
     monkeypatch.setenv("CLAWROUTER_SANDBOX", "true")
+    monkeypatch.setenv("CLAWROUTER_PORT", str(dead_port()))  # nothing answers: it starts one
+    monkeypatch.delenv("CLAWROUTER_URL", raising=False)
     entered, started = threading.Event(), threading.Event()
     start = cli_client.LocalGateway.start
 
@@ -561,7 +584,7 @@ def test_a_call_cancelled_while_its_gateway_starts_does_not_leave_it_running(
     lock = lock_path(Settings(home=home).ledger_path_for("base-sepolia"))
 
     async def main() -> None:
-        connection = Connection(f"http://127.0.0.1:{dead_port()}")
+        connection = Connection()
         with anyio.CancelScope() as scope:
             async def cancel_once_starting() -> None:
                 while not entered.is_set():

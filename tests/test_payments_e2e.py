@@ -116,7 +116,9 @@ def test_sdk_retries_join_a_slow_job_that_outlives_their_timeout(gateway, sandbo
     """The SDK gives up on a request after its own timeout and resends it about a second
     later. A slow (202) job whose clients have all left waits a moment before giving up, so
     the resend joins it: one payment, and the image, instead of an abandoned job."""
-    sandbox.configure(slow_seconds=3)
+    # Done 2 s after it is accepted: after the first try's 1.5 s timeout, whatever the load;
+    # its polling pauses until the resend joins, which then has the image well within its own.
+    sandbox.configure(slow_seconds=2)
     client = OpenAI(base_url=gateway.v1, api_key="unused", timeout=1.5, max_retries=2)
     made = client.images.with_raw_response.generate(model="gpt-image-2", prompt="outlives",
                                                     size="1024x1024")
@@ -711,11 +713,12 @@ def serve_process(home: Path, sandbox, port: int, **settings: str) -> subprocess
 def killed_while_paying(proc: subprocess.Popen, sandbox, port: int, prompt: str,
                         headers: dict[str, str] | None = None, *,
                         route: str = "/v1/images/generations", body: dict | None = None,
-                        after: float = 0.0) -> None:
+                        after: float = 0.0, held: float = 6.0) -> None:
     """Send a paid request and SIGKILL the gateway `after` seconds once the sandbox holds its
-    payment, which it settles 6 s after the kill: once the restarted gateway has looked. (A
-    test that does not wait for that uses a sandbox of its own: it settles after the test.)"""
-    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 6 + after, "times": 1})
+    payment, which it settles `held` s after the kill: by default once the restarted gateway
+    has looked. (A test that does not wait for that uses a sandbox of its own: it settles
+    after the test.)"""
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": held + after, "times": 1})
 
     def doomed_request():
         with pytest.raises(httpx.HTTPError):  # the gateway dies under it
@@ -734,18 +737,29 @@ def killed_while_paying(proc: subprocess.Popen, sandbox, port: int, prompt: str,
 
 def test_kill_9_during_a_paid_request_leaves_an_unknown_row_that_the_chain_settles(tmp_path,
                                                                                  sandbox):
+    """The restarted gateway shows the killed request's payment as unknown, and pending,
+    until the chain settles it. The sandbox's settlement is final only once the test has
+    looked (its finalized head trails the latest by an hour until then), not some seconds
+    after the kill, which a restart on a busy machine may outlast; as the look comes after
+    the sandbox settled, a settlement in the latest blocks alone must decide nothing."""
     port = free_port()
 
     def spend():
         return httpx.get(f"http://127.0.0.1:{port}/v1/spend").json()
 
-    killed_while_paying(serve_process(tmp_path, sandbox, port), sandbox, port, "interrupted")
+    sandbox.configure(finality_seconds=3600)
+    killed_while_paying(serve_process(tmp_path, sandbox, port), sandbox, port, "interrupted",
+                        held=2.0)
     proc = serve_process(tmp_path, sandbox, port)
     try:
-        assert sandbox.stats()["settled_count"] == 0
+        deadline = time.monotonic() + 15
+        while sandbox.stats()["settled_count"] == 0:  # in the latest blocks, not final yet
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         first = spend()
         assert [row["status"] for row in first["latest"]] == ["unknown"]
         assert first["today"]["pending"]["micro"] == COGVIEW_PRICE
+        sandbox.configure(finality_seconds=0)
         deadline = time.monotonic() + 15
         while (now := spend())["latest"][0]["status"] == "unknown":
             assert time.monotonic() < deadline
@@ -805,13 +819,13 @@ def test_a_retry_after_a_crash_is_not_paid_again_whatever_it_carried_or_how_long
     signed (a slow job polls for minutes, a window of 60 s would have missed it)."""
     sandbox = own_sandbox  # the killed request's payment settles there after the test
     port = free_port()
-    settings = {"CLAWROUTER_COALESCE_WINDOW_SECONDS": "4"}
+    settings = {"CLAWROUTER_COALESCE_WINDOW_SECONDS": "1"}  # its retry: 0.05-0.15 s in
     image = "data:image/png;base64," + base64.b64encode(make_png(64, 64, seed=5)).decode()
     edit = {"model": "nano-banana", "image": image}
     if case == "an edit":
         request = dict(route="/v1/images/image2image", body=edit)
     else:
-        request = dict(after=5.0)  # signed 5 s before the crash: older than the window
+        request = dict(after=1.5)  # signed 1.5 s before the crash: older than the window
     killed_while_paying(serve_process(tmp_path, sandbox, port, **settings), sandbox, port,
                         case, **request)
     proc = serve_process(tmp_path, sandbox, port, **settings)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import re
 import socket
@@ -64,6 +65,7 @@ def spellings(value: str) -> list[str]:
             value[:-1], value.replace("0x", "0X")]
 
 
+@functools.cache
 def networks_named() -> st.SearchStrategy[str]:
     ours = [name for n in NETWORKS.values() for name in (n.name, n.caip2)]
     return st.one_of(
@@ -74,17 +76,20 @@ def networks_named() -> st.SearchStrategy[str]:
         st.text(max_size=20))
 
 
+@functools.cache
 def assets() -> st.SearchStrategy[str]:
     usdc = [n.usdc for n in NETWORKS.values()]
     return st.one_of(st.sampled_from([s for a in usdc for s in spellings(a)]),
                      HEX40.map(lambda h: "0x" + h), st.text(max_size=44))
 
 
+@functools.cache
 def payees() -> st.SearchStrategy[str]:
     return st.one_of(st.sampled_from(spellings(BLOCKRUN_PAYEE) + [OTHER_ADDRESS]),
                      HEX40.map(lambda h: "0x" + h), st.text(max_size=44))
 
 
+@functools.cache
 def amounts(ceiling: int, cap: int) -> st.SearchStrategy[Any]:
     limit = min(ceiling, cap)
     near = st.integers(min_value=max(-2, limit - 3), max_value=limit + 3)
@@ -98,6 +103,7 @@ def amounts(ceiling: int, cap: int) -> st.SearchStrategy[Any]:
         st.text(max_size=12))
 
 
+@functools.cache
 def timeouts() -> st.SearchStrategy[Any]:
     return st.one_of(st.integers(-5, 605), st.integers(), st.sampled_from([600, 601, 0, 1]),
                      st.floats(), st.booleans(), st.none(), st.text(max_size=5),
@@ -123,6 +129,7 @@ def domain(network: Network) -> dict[str, str]:
     return {"name": network.domain_name, "version": network.domain_version}
 
 
+@functools.cache
 def extras(network: Network) -> st.SearchStrategy[Any]:
     """`extra` as a hostile upstream might write it: another network's domain, a spelling of
     ours, a transfer method we do not sign (permit2), or anything at all."""
@@ -140,9 +147,23 @@ def entries(draw: st.DrawFn, network: Network, ceiling: int, cap: int, version: 
     """One `accepts[]` entry: mostly plausible, every field possibly hostile or missing."""
     if draw(st.integers(0, 19)) == 19:
         return draw(JSON_VALUES)
+    entry = {}
+    for key, strategy in entry_fields(network, ceiling, cap, version).items():
+        if draw(st.integers(0, 15)) < 15:  # now and then a field is missing
+            entry[key] = draw(strategy)
+    if draw(st.integers(0, 3)) == 3:  # the other version's amount field, to confuse the parser
+        entry["amount" if version == 1 else "maxAmountRequired"] = draw(amounts(ceiling, cap))
+    return entry
+
+
+@functools.cache
+def entry_fields(network: Network, ceiling: int, cap: int,
+                 version: int) -> dict[str, st.SearchStrategy[Any]]:
+    """Each field's strategy, built once per challenge, not per entry (a fresh strategy is
+    validated on its first draw: the search spent most of its time there)."""
     amount_key = "maxAmountRequired" if version == 1 else "amount"
     limit = max(1, min(ceiling, cap))
-    fields = {
+    return {
         "scheme": mostly(st.just("exact"), st.one_of(
             st.sampled_from(["upto", "EXACT", "exact ", "permit2", ""]), st.text(max_size=8))),
         "network": mostly(st.sampled_from([network.name, network.caip2]), networks_named()),
@@ -152,13 +173,6 @@ def entries(draw: st.DrawFn, network: Network, ceiling: int, cap: int, version: 
         "maxTimeoutSeconds": mostly(st.integers(1, 600), timeouts()),
         "extra": mostly(st.just(domain(network)), extras(network)),
     }
-    entry = {}
-    for key, strategy in fields.items():
-        if draw(st.integers(0, 15)) < 15:  # now and then a field is missing
-            entry[key] = draw(strategy)
-    if draw(st.integers(0, 3)) == 3:  # the other version's amount field, to confuse the parser
-        entry["amount" if version == 1 else "maxAmountRequired"] = draw(amounts(ceiling, cap))
-    return entry
 
 
 @st.composite
@@ -197,6 +211,7 @@ def challenges(draw: st.DrawFn) -> tuple[dict[str, str], bytes, Network, int, in
     return {}, json.dumps(document).encode(), network, ceiling, cap
 
 
+@functools.cache
 def garbage_headers() -> st.SearchStrategy[dict[str, str]]:
     value = st.one_of(
         st.text(max_size=80),

@@ -108,3 +108,80 @@ class _Request:
 
     def __init__(self, scope: dict[str, Any]) -> None:
         self.scope = scope
+
+
+# --- the ledger, split into ledgerdb / ledgerlock / ledgertotals / ledgerreport -------------
+# These pin what the split must not change: the names other modules import from `ledger`, the
+# refused-authorization rule that lives in two forms (SQL and in memory), and the report's shape.
+
+LEDGER_NAMES = (
+    "CHAIN_PATIENCE", "EXPIRY_MARGIN", "FAILED_AFTER_PAYMENT", "FILENAME", "FINAL", "NEVER_SENT",
+    "NOTE_MAX", "PENDING", "REJECTED", "SETTLED", "SIGNED", "STATUSES", "UNKNOWN", "Holder",
+    "Ledger", "LedgerBusy", "Payment", "Write", "clean_note", "day_start", "holder", "in_use",
+    "local_day", "lock_path",
+)
+
+
+def test_the_ledger_still_exports_what_the_rest_imports():
+    from clawrouter.payment import ledger, ledgerdb, ledgerlock
+
+    missing = [name for name in LEDGER_NAMES if not hasattr(ledger, name)]
+    assert missing == []
+    assert ledger.Payment is ledgerdb.Payment and ledger.LedgerBusy is ledgerlock.LedgerBusy
+    assert ledger.holder is ledgerlock.holder and ledger.FINAL == ("settled", "rejected")
+
+
+@pytest.mark.parametrize("chain", ["eip155:8453", None])
+@pytest.mark.parametrize("network", ["eip155:8453", "eip155:84532"])
+@pytest.mark.parametrize("offset", [-86_400 - 1, -86_400, -86_399, -61, -60, -59, 0, 300])
+def test_the_held_rule_says_the_same_in_sql_and_in_memory(chain, network, offset):
+    """A restart (`HELD`, in SQL) must hold exactly the refusals the running totals hold
+    (`held_until`): at and around each boundary, on the chain's network and another."""
+    import sqlite3
+
+    from clawrouter.payment.ledgerdb import HELD, held_params, held_until
+
+    now = 1_773_500_000.0
+    valid_before = int(now) + offset
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE payments (status TEXT, unspendable INTEGER, valid_before INTEGER, "
+               "network TEXT)")
+    db.execute("INSERT INTO payments VALUES ('rejected', NULL, ?, ?)", (valid_before, network))
+    in_sql = db.execute(f"SELECT count(*) FROM payments WHERE {HELD}",
+                        held_params(now, chain)).fetchone()[0] == 1
+    assert in_sql == (held_until(valid_before, network, chain) > now)
+
+
+def test_totals_in_memory_match_a_sql_sum_and_a_restart(tmp_path):
+    """The running totals (`ledgertotals`) and the ledger's SQL agree as a refusal is held and
+    then let go, and a restart rebuilds the same totals (day and month included)."""
+    from clawrouter.payment.ledger import EXPIRY_MARGIN, Ledger, local_day
+    from tests.test_ledger import Clock, record
+
+    clock = Clock()
+    path = tmp_path / "ledger.sqlite3"
+    today = local_day(clock.now)
+    expires = int(clock.now) + 300
+    with Ledger(path, clock=clock) as ledger:
+        held = record(ledger, 4_000, valid_before=expires)
+        let_go = record(ledger, 2_000, valid_before=expires)
+        record(ledger, 1_000)
+        ledger.commit(ledger.outcome(held, "rejected"))
+        ledger.commit(ledger.outcome(let_go, "rejected", can_settle=False))
+        assert ledger.spent() == ledger.spent(since=0) == 5_000  # as the outcomes moved them
+    for now, spent in [(clock.now, 5_000), (expires + EXPIRY_MARGIN, 1_000)]:
+        clock.now = now
+        with Ledger(path, clock=clock) as ledger:  # (from a restart) ...
+            restarted = (ledger.spent(), ledger.spent_on(today), ledger.spent_in_month(today[:7]))
+            assert restarted == (spent, spent, spent) and ledger.spent(since=0) == spent
+    clock.now = expires - 1
+    with Ledger(path, clock=clock) as ledger:  # ... and as it lets go in memory
+        assert ledger.spent() == ledger.spent(since=0) == 5_000 and len(ledger.held()) == 1
+        clock.now = expires + EXPIRY_MARGIN
+        assert ledger.spent() == ledger.spent(since=0) == ledger.spent_on(today) == 1_000
+        assert ledger.held() == []
+
+
+def test_the_spending_report_keeps_its_keys_in_order(ledger):
+    assert list(ledger.summary()) == ["timezone", "today", "month", "total", "by_model",
+                                      "by_day", "latest"]

@@ -45,7 +45,8 @@ def test_a_broken_link_where_the_key_file_goes_is_a_clear_error(tmp_path):
     assert not (tmp_path / "gone").exists()  # never followed
 
 
-@pytest.mark.parametrize("bad", ["0x1234", "11" * 32, "0x" + "zz" * 32, "0x" + "00" * 32,
+@pytest.mark.parametrize("bad", ["0x1234", "11" * 31, "0x" + "11" * 33, "0x0x" + "11" * 32,
+                                 "0x" + "zz" * 32, "0x" + "00" * 32, "00" * 32,
                                  "0x" + "ff" * 32])  # at or above the curve's order
 def test_malformed_keys_are_clear_errors_that_never_echo_the_key(tmp_path, bad):
     with pytest.raises(WalletError) as err:
@@ -54,6 +55,15 @@ def test_malformed_keys_are_clear_errors_that_never_echo_the_key(tmp_path, bad):
     (tmp_path / "wallet.key").write_text(bad)
     with pytest.raises(WalletError, match="wallet.key"):
         load_wallet(tmp_path, None)
+
+
+def test_a_key_is_taken_with_or_without_0x_from_either_place(tmp_path):
+    """Wallets export keys both ways; one spelling (`0x` + 64 hex) is what the rest reads."""
+    bare = KEY.removeprefix("0x")
+    assert load_wallet(tmp_path, f" {bare}\n").key == KEY
+    (tmp_path / "wallet.key").write_text(bare + "\n")
+    (tmp_path / "wallet.key").chmod(0o600)
+    assert load_wallet(tmp_path, None).key == KEY
 
 
 def _load_in_rounds(homes: list[str], barrier, results) -> None:

@@ -1,9 +1,10 @@
 """`clawrouter mcp`: the gateway as MCP tools over stdio, so an agent needs no glue code.
 
-The tools talk to a running gateway (`CLAWROUTER_URL`), or to one this process starts on first
-use when none answers (`cli/client.py`). Every failure a user can cause or fix (budget, refused
-input, payment, no wallet) comes back as a tool error carrying the gateway's message, never as a
-crash of the server: the agent reads it and can act on it.
+The tools talk to a running gateway (`--url` or `CLAWROUTER_URL`: that one only, never replaced
+when it does not answer), or to one this process starts on first use when none answers where
+the user's settings make `serve` listen (`cli/client.py`). Every failure a user can cause or
+fix (budget, refused input, payment, no wallet) comes back as a tool error carrying the
+gateway's message, never as a crash of the server: the agent reads it and can act on it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,8 +27,10 @@ from pydantic import Field, ValidationError
 from clawrouter import __version__, catalog
 from clawrouter.cli import models as model_table
 from clawrouter.cli.client import (
-    UNREACHABLE, Gateway, GatewayError, ImageResult, connect, source_arg,
+    UNREACHABLE, BadGatewayUrl, Gateway, GatewayError, ImageResult, checked_url, connect,
+    source_arg,
 )
+from clawrouter.cli.common import CommandError
 from clawrouter.validate import MAX_N
 
 #: How long a tool call waits for another command's gateway to let go of the wallet's ledger
@@ -137,7 +141,8 @@ class Connection:
 
         A failed call is not retried, as it may have paid, unless it provably sent nothing:
         a running gateway (a `serve`) that has since stopped refuses the connection. Then it
-        is forgotten and the call made once more, on whatever gateway answers (or starts) now.
+        is forgotten and the call made once more, on whatever gateway answers (or starts) now
+        (a gateway the user named is not replaced: that call fails, saying it does not answer).
         """
         for attempt in (1, 2):
             gateway = await self._acquire()
@@ -282,11 +287,12 @@ def describe(verb: str, result: ImageResult) -> str:
     lines = [f"{verb} {count} image{'s' * (count != 1)} with {result.model} for {cost} "
              f"{paid}."]
     if result.shared:
-        lines.append("These are the images of an identical request made moments ago; nothing "
-                     "was paid again. Change the prompt to get different ones.")
+        lines.append("These are the images of an identical request that had not received them "
+                     "(one still running, or a call cancelled before its answer); nothing was "
+                     "paid again. Call again for different ones.")
     for i, image in enumerate(result.images, 1):
         lines.append(f"{i}. file: {image.path}")
-        if not result.in_process:  # a gateway started for the call stops after it
+        if image.url and not result.in_process:  # one started for the call stops after it
             lines.append(f"   url: {image.url}")
     if result.transaction:
         lines.append(f"Transaction: {result.transaction}")
@@ -357,7 +363,14 @@ def describe_wallet(s: dict[str, Any]) -> str:
 
 
 def run(url: str | None = None, out: str | None = None) -> int:
-    """Serve MCP over stdio until the client closes stdin."""
+    """Serve MCP over stdio until the client closes stdin. A gateway URL that cannot be one
+    stops it at once (exit 2, on stderr): every tool call would fail for it."""
+    named = ("--url", url) if url else ("CLAWROUTER_URL", os.environ.get("CLAWROUTER_URL"))
+    if named[1]:
+        try:
+            checked_url(named[1], named[0])
+        except BadGatewayUrl as exc:
+            raise CommandError(2, str(exc)) from None
     connection = Connection(url)
     server = build_server(connection, out)
 

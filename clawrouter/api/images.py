@@ -176,7 +176,8 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
         result = await work
     observed(obs, result)
     body = await shape(result, job, ctx.base_url)
-    if any("b64_json" in item for item in body["data"]):  # megabytes of JSON (`encoding`)
+    if any(isinstance(value, Base64) for item in body["data"] for value in item.values()):
+        # megabytes of JSON (`encoding`): `b64_json`, or a `url` that is a data URI
         return Response(await off_loop(json_bytes, body), media_type="application/json",
                         headers=result_headers(result))
     return JSONResponse(body, headers=result_headers(result))
@@ -225,24 +226,20 @@ def evicted(image: Any, shared: bool) -> ClawError:
 
 
 async def shape(result: Result, job: ImageJob, base: str) -> dict[str, Any]:
-    """The OpenAI `ImagesResponse` body."""
+    """The OpenAI `ImagesResponse` body, each image in the field the client asked for."""
     data = []
     for image in result.images:
         item: dict[str, Any] = {}
-        if job.response_format == "url" and image.stored is not None:
-            item["url"] = image_url(base, image.stored.name)
-        elif job.response_format == "url" and image.remote_url:
-            item["url"] = image.remote_url  # our store failed; the upstream copy still works
-        elif image.stored is not None or image.data is not None:
+        if job.response_format == "url":
+            item["url"] = await _url(image, base)
+        else:
             raw = await image_bytes(image)
             if raw is not None:
                 item["b64_json"] = await off_loop(Base64, raw, size=len(raw))
-            elif image.remote_url:  # evicted meanwhile: the upstream's copy still works
+            elif image.remote_url:  # never had, or evicted meanwhile: the upstream's copy
                 item["url"] = image.remote_url
             else:
                 raise evicted(image, result.shared)
-        elif image.remote_url:
-            item["url"] = image.remote_url
         if image.revised_prompt:
             item["revised_prompt"] = image.revised_prompt
         data.append(item)
@@ -251,6 +248,26 @@ async def shape(result: Result, job: ImageJob, base: str) -> dict[str, Any]:
     if len(formats) == 1 and None not in formats:  # what the bytes are, whatever was asked
         body["output_format"] = formats.pop()
     return body
+
+
+async def _url(image: Any, base: str) -> str | Base64 | None:
+    """Our URL for a stored image; for one our store could not keep, the upstream's URL, else
+    its bytes as a `data:` URI (as BlockRun itself gives the results of some models)."""
+    if image.stored is not None:
+        return image_url(base, image.stored.name)
+    if image.remote_url:
+        return image.remote_url
+    if image.data is None:
+        return None
+    return await off_loop(data_uri, image.data, size=len(image.data))
+
+
+def data_uri(raw: bytes) -> Base64:
+    """`raw` as a `data:` URI, spliced into the JSON as `Base64` is (no escaping needed)."""
+    uri = Base64(raw)
+    mime = sniff_image(raw) or "application/octet-stream"
+    uri.data = b"data:%s;base64,%s" % (mime.encode(), uri.data)
+    return uri
 
 
 def output_format(image: Any) -> str | None:
@@ -266,6 +283,9 @@ def result_headers(result: Result) -> dict[str, str]:
         headers["x-clawrouter-transaction"] = result.transaction
     if result.shared:  # the cost and transaction are the first request's: nothing paid again
         headers["x-clawrouter-shared"] = "true"
+    unstored = sum(image.stored is None for image in result.images)
+    if unstored:  # answered from the bytes or the upstream's URL: no `/images/` copy here
+        headers["x-clawrouter-not-stored"] = str(unstored)
     return headers
 
 

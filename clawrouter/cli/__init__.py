@@ -8,9 +8,10 @@ import sqlite3
 import sys
 
 from clawrouter import __version__
+from clawrouter.cli.client import BadGatewayUrl
 from clawrouter.cli.common import CommandError, config_named, file_problem
 from clawrouter.launch import AddressInUse
-from clawrouter.payment.ledger import LedgerBusy
+from clawrouter.payment.ledger import LedgerBusy, LedgerUnusable
 from clawrouter.payment.wallet import WalletError
 from clawrouter.cli import serve
 from clawrouter.cli import generate, mcp, models, status
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"clawrouter: {exc}", file=sys.stderr)
         return exc.code
-    except (WalletError, LedgerBusy, AddressInUse) as exc:  # messages never contain a key
+    except (WalletError, LedgerBusy, LedgerUnusable, AddressInUse, BadGatewayUrl) as exc:
+        # one line each, the user's to settle (messages never contain a key)
         print(f"clawrouter: {exc}", file=sys.stderr)
         return 2
     except (OSError, sqlite3.DatabaseError) as exc:

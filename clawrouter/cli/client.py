@@ -1,10 +1,12 @@
 """Reach a gateway from the terminal and from agents: the running one, or one started in-process.
 
 Shared by `clawrouter generate/edit/status` and `clawrouter mcp`. The caller never needs to know
-which kind it got: a running gateway is found at `CLAWROUTER_URL`, else where the user's
-settings make `clawrouter serve` listen (http://127.0.0.1:8402 by default); when nothing answers
-there, the gateway is started inside this process with the user's settings, in its own thread
-and event loop, so a slow upstream or the gateway's own file I/O never blocks the caller's loop.
+which kind it got: a running gateway is found at `--url` or `CLAWROUTER_URL`, else where the
+user's settings make `clawrouter serve` listen (http://127.0.0.1:8402 by default); when nothing
+answers there, the gateway is started inside this process with the user's settings, in its own
+thread and event loop, so a slow upstream or the gateway's own file I/O never blocks the
+caller's loop. A gateway the user named is never replaced: it may pay from another wallet
+(a container's), and one started here would pay from this machine's.
 
 The wallet's ledger is one process's at a time. `serve` writes where it listens into the
 ledger's lock file, so the other commands find it even on a port they were not told. A
@@ -21,6 +23,7 @@ import asyncio
 import base64
 import errno
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -53,15 +56,25 @@ from clawrouter.store.sources import ResultSources
 
 DEFAULT_URL = "http://127.0.0.1:8402"
 #: How every command's help names the gateway it uses.
-URL_HELP = ("gateway URL (default $CLAWROUTER_URL, else where `clawrouter serve` listens with "
-            "your settings: http://127.0.0.1:8402 unless CLAWROUTER_PORT or config.toml say "
-            "otherwise)")
+URL_HELP = ("gateway URL, http(s)://HOST:PORT (default $CLAWROUTER_URL; a gateway named either "
+            "way is the only one used: if it does not answer, the command fails rather than "
+            "start one here; else where `clawrouter serve` listens with your settings: "
+            "http://127.0.0.1:8402 unless CLAWROUTER_PORT or config.toml say otherwise)")
 #: Said whenever a paid request ends without an answer: a retry might pay again.
 #: the code of a request that could not connect to the gateway, so never left this process
 UNREACHABLE = "gateway_unreachable"
 MAYBE_PAID = ("The gateway may already have paid for it: check `clawrouter stats` (or "
               "GET /v1/spend) before asking again.")
 DEFAULT_OUT = "~/Pictures/clawrouter"
+#: Sent with every paid request: each is a call's first try, as the OpenAI SDK marks one, so a
+#: command run again makes a new image rather than get the one the last run received, while
+#: it still joins the same request in flight, and gets one paid for that nobody received (a
+#: run killed mid-request, run again). A retry would send its count; there is none: the only
+#: resends (an edit's files as bytes, an MCP call after a refused connection) follow an answer
+#: that nothing was paid, or a request that never left, so each is a first try too.
+FIRST_TRY = {"x-stainless-retry-count": "0"}
+#: what `--out` names is a directory: a new one named like an image file is a mistake
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif"})
 #: Slow models answer 202 and are polled for up to five minutes by the gateway.
 REQUEST_TIMEOUT = httpx.Timeout(900.0, connect=5.0)
 PROBE_TIMEOUT = httpx.Timeout(2.0)
@@ -96,6 +109,27 @@ class NoGateway(GatewayError):
     """Nothing answers at the gateway URL."""
 
 
+class BadGatewayUrl(ValueError):
+    """A gateway URL no gateway can answer at (no scheme, another scheme, malformed): a usage
+    error, refused before anything is started, sent or paid."""
+
+
+def checked_url(url: str, named_by: str) -> str:
+    """`url` if it is an http(s) URL with a host, else BadGatewayUrl saying the form expected.
+    `localhost:18402` would otherwise fail to connect and read as "no gateway there"."""
+    try:
+        parts = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise BadGatewayUrl(f"{named_by} {url!r} is not a valid URL ({exc}): give the "
+                            f"gateway as {_URL_FORM}") from None
+    if parts.scheme not in ("http", "https") or not parts.host:
+        raise BadGatewayUrl(f"{named_by} {url!r} is not a gateway URL: give it as {_URL_FORM}")
+    return url
+
+
+_URL_FORM = "http://HOST:PORT, e.g. http://127.0.0.1:8402 (or https://...)"
+
+
 def gateway_url(url: str | None = None, settings: Settings | None = None) -> str:
     """The gateway's root URL: `url`, else `CLAWROUTER_URL`, else where `settings` make
     `serve` listen; tolerates the OpenAI-style `.../v1` base URL."""
@@ -116,6 +150,8 @@ def auth_headers(settings: Settings | None = None) -> dict[str, str]:
 def output_dir(out: str | Path | None = None) -> Path:
     """Where saved images go, created if needed (before paying: a failure here cost nothing)."""
     path = Path(out or os.environ.get("CLAWROUTER_OUT") or DEFAULT_OUT).expanduser().resolve()
+    if (problem := file_like_dir(path)) is not None:
+        raise GatewayError(f"{problem}. Nothing was sent or paid.", code="bad_output_dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
         if not os.access(path, os.W_OK | os.X_OK):
@@ -124,6 +160,16 @@ def output_dir(out: str | Path | None = None) -> Path:
         raise GatewayError(f"Cannot save images in {path}: {exc.strerror or exc}. Nothing was "
                            "sent or paid; choose another --out.", code="bad_output_dir") from None
     return path
+
+
+def file_like_dir(path: Path) -> str | None:
+    """Why `path` is refused as the output directory: a new one named like an image file
+    (`--out x.png`) is a file name meant, which would become a directory of that name."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES or path.is_dir():
+        return None
+    return (f"{path.name!r} looks like a file name, but --out (or CLAWROUTER_OUT) names the "
+            "directory to save into: give a directory (the files are named after the "
+            "images), or create it first if you mean one of that name")
 
 
 def model_id(name: str | None, default: str) -> str:
@@ -142,7 +188,7 @@ def source_arg(value: str) -> str:
     if form is Form.FILE_URL:
         try:
             path = path_from_file_url(value.strip(), param="image")
-        except InvalidRequest:  # names a host: the gateway refuses it, saying why
+        except InvalidRequest:  # names a host, or is malformed: the gateway refuses it, saying why
             return value
     elif form in _PATHS:
         path = value.strip()
@@ -200,7 +246,7 @@ async def probe(url: str, settings: Settings | None = None) -> dict[str, Any] | 
         async with httpx.AsyncClient(timeout=PROBE_TIMEOUT, headers=auth_headers(settings),
                                      trust_env=False) as http:
             resp = await http.get(url + "/health")
-    except (httpx.TransportError, OSError):
+    except (httpx.TransportError, httpx.InvalidURL, OSError):  # (a URL named is `checked_url`)
         return None
     try:
         body = resp.json()
@@ -224,8 +270,11 @@ class LocalGateway:
     run them with `asyncio.to_thread`.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings,
+                 notice: Callable[[str], None] | None = None) -> None:
+        """`notice`: how to tell the user of a wallet key this start created (`_launch`)."""
         self.settings = on_this_machine(settings)  # no proxy reaches its ephemeral port
+        self.notice = notice or _to_stderr
         self.url = ""
         self.sandbox = False
         self._servers: list[Any] = []
@@ -281,11 +330,25 @@ class LocalGateway:
         from clawrouter.launch import start_gateway
 
         running = await start_gateway(self.settings.model_copy(update={"port": 0}))
+        wallet = running.app.state.gw.wallet
+        if wallet.source == "created":  # as `serve` says it: the key's only copy is that file
+            self.notice(created_key_notice(wallet.path))
         self._app = running.app
         self._servers.extend(running.servers)
         self.sandbox = running.sandbox
         self.url = f"http://127.0.0.1:{running.port}"
         return running.tasks
+
+
+def created_key_notice(path: Path | None) -> str:
+    """What the user must hear when a command made a new wallet key (never the key itself)."""
+    return (f"created a new wallet key in {path} (mode 0600): back it up before funding the "
+            "wallet; it is the only copy of this wallet's key")
+
+
+def _to_stderr(text: str) -> None:
+    """A line for the user on stderr: stdout is a command's result (or MCP's protocol)."""
+    print(f"clawrouter: {text}", file=sys.stderr, flush=True)
 
 
 def on_this_machine(settings: Settings) -> Settings:
@@ -394,6 +457,8 @@ class Gateway:
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         maybe_paid = f" {MAYBE_PAID}" if method == "POST" else ""
         posting = method == "POST"
+        if posting:
+            kwargs["headers"] = {**kwargs.get("headers", {}), **FIRST_TRY}
         self.posted += posting  # counted as it leaves: an interrupted one may have paid
         try:
             resp = await self.http.request(method, path, **kwargs)
@@ -430,16 +495,29 @@ class Gateway:
             except ValueError as exc:  # base64 that does not decode
                 raise GatewayError(f"Paid, but an image in the gateway's answer could not be "
                                    f"read ({exc}).", code="bad_response") from None
+            # A file name is kept only from our own gateway's URLs; others (chosen by
+            # whoever answered) are saved under their content hash, never over a file.
+            name = image_name(url) or ""
+            # a data: URI (an image the gateway could not store) is megabytes, no address:
+            # not shown to the user, nor put in an agent's context
+            shown = "" if url.startswith("data:") else url
             try:
-                # A file name is kept only from our own gateway's URLs; others (chosen by
-                # whoever answered) are saved under their content hash, never over a file.
-                name = image_name(url) or ""
                 path = await asyncio.to_thread(_write, directory, name, data)
-            except OSError as exc:  # paid for already: name the URL so the image is not lost
-                raise GatewayError(f"Paid, but could not save {url or 'the image'} in "
+            except OSError as exc:  # paid for already: say where the image still is
+                raise GatewayError(f"Paid, but could not save {self._kept(shown, name)} in "
                                    f"{directory}: {exc}", code="save_failed") from None
-            result.images.append(SavedImage(url, str(path), item.get("revised_prompt")))
+            result.images.append(SavedImage(shown, str(path), item.get("revised_prompt")))
         return result
+
+    def _kept(self, url: str, name: str) -> str:
+        """The paid image whose copy here failed, named by where it still is: the URL of a
+        running gateway; the stored file of one started for this command (its URL dies with
+        it; the data directory's store keeps the file)."""
+        if not self.in_process or not name or self.settings is None:
+            return url or "the image"
+        stored = self.settings.images_dir.expanduser() / name
+        return (f"image {name} (the gateway stored it as {stored}; `clawrouter images ls` "
+                "lists it)")
 
     async def _fetch(self, url: str) -> bytes:
         """Download a result. Our own images are fetched from the gateway we talk to (with our
@@ -489,13 +567,20 @@ async def connect(url: str | None = None, *, start: bool = True,
     """The running gateway at `gateway_url(url)`, else (if `start`) one started in-process.
 
     `settings` default to the user's (`load_settings()`, read only when needed); a bad
-    configuration raises ValueError/FileNotFoundError for the caller to report as such.
-    A gateway the user did not name (by `url` or `CLAWROUTER_URL`) is used only if it is this
-    data directory's (see `foreign`). When another process holds the ledger, its gateway is
-    used if it says where it is (a `serve`); otherwise (one started in-process) this waits for
-    it, up to `wait` seconds, and says so once through `waiting`.
+    configuration raises ValueError/FileNotFoundError for the caller to report as such, a
+    malformed `url` or CLAWROUTER_URL BadGatewayUrl (a ValueError too). A gateway the user
+    named (by `url` or `CLAWROUTER_URL`) is the only one used: when it does not answer, this
+    raises NoGateway and starts none (another wallet would pay). One the user did not name is
+    used only if it is this data directory's (see `foreign`). When another process holds the
+    ledger, its gateway is used if it says where it is (a `serve`); otherwise (one started
+    in-process) this waits for it, up to `wait` seconds, and says so once through `waiting`.
+    A wallet key created by the gateway started here is reported through `waiting`, or on
+    stderr.
     """
-    found_by_settings = not (url or os.environ.get("CLAWROUTER_URL"))
+    named_by = "--url" if url else "CLAWROUTER_URL" if os.environ.get("CLAWROUTER_URL") else None
+    found_by_settings = named_by is None
+    if named_by is not None:
+        checked_url(url or os.environ["CLAWROUTER_URL"], named_by)
     if settings is None and found_by_settings:
         settings = await _load_settings()
     url = gateway_url(url, settings)
@@ -512,6 +597,10 @@ async def connect(url: str | None = None, *, start: bool = True,
                 return Gateway(there, settings=keyed)
     if problem is not None:
         raise problem
+    if named_by is not None:
+        raise NoGateway(f"No clawrouter gateway answers at {url} (named by {named_by}). "
+                        "Nothing was started, sent or paid: start that gateway, or leave out "
+                        f"{named_by} to use this data directory's own.", code="no_gateway")
     if not start:
         raise NoGateway(f"No clawrouter gateway answers at {url}. Start one with "
                         "`clawrouter serve`, or set CLAWROUTER_URL.", code="no_gateway")
@@ -520,7 +609,7 @@ async def connect(url: str | None = None, *, start: bool = True,
     deadline = time.monotonic() + wait
     say = _once(waiting)
     while True:
-        local = LocalGateway(settings)
+        local = LocalGateway(settings, notice=waiting or _to_stderr)
         starting = asyncio.ensure_future(asyncio.to_thread(local.start))
         try:
             return Gateway(await asyncio.shield(starting), local)
@@ -675,4 +764,4 @@ def _write(directory: Path, name: str, data: bytes) -> Path:
     if not NAME.fullmatch(name):
         mime = sniff_image(data)
         name = f"{content_id(data)}.{EXTENSIONS.get(mime or '', 'bin')}"
-    return write_atomic(directory, name, data)
+    return write_atomic(directory, name, data, private=False)  # the user's file: their umask

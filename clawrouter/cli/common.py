@@ -125,6 +125,21 @@ def _database_path(exc: BaseException) -> Path | None:
     return found
 
 
+def setup_problem(exc: BaseException | None) -> str | None:
+    """One line for what stopped a gateway starting that is the user's set-up to fix (the
+    wallet key, the ledger, the port, a file), as `main` says it when `serve` fails so and
+    exits 2; None for anything else (a request's failure)."""
+    from clawrouter.launch import AddressInUse
+    from clawrouter.payment.ledger import LedgerBusy, LedgerUnusable
+    from clawrouter.payment.wallet import WalletError
+
+    if isinstance(exc, (WalletError, LedgerBusy, LedgerUnusable, AddressInUse)):
+        return str(exc)  # (their messages never contain a key)
+    if isinstance(exc, (OSError, sqlite3.DatabaseError)):
+        return file_problem(exc)
+    return None
+
+
 def at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """An argparse `type`: a whole number from `minimum` (to `maximum`), else a usage error."""
     def count(value: str) -> int:

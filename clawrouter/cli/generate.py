@@ -21,18 +21,22 @@ from typing import Any
 
 from clawrouter import catalog
 from clawrouter.cli.client import (
-    MAYBE_PAID, URL_HELP, Gateway, GatewayError, ImageResult, connect, source_arg,
+    MAYBE_PAID, URL_HELP, BadGatewayUrl, Gateway, GatewayError, ImageResult, connect,
+    file_like_dir, output_dir, source_arg,
 )
-from clawrouter.cli.common import add_config
+from clawrouter.cli.common import add_config, at_least, file_problem, setup_problem
 from clawrouter.validate import MAX_N
 
-_ENV = ("Uses the running gateway (CLAWROUTER_URL, else where `clawrouter serve` listens "
-        "with your settings, http://127.0.0.1:8402 by default; CLAWROUTER_API_KEY is sent as a "
-        "bearer token when set) or, when none answers, runs one inside this command with your "
-        "settings (if another command is running its own, after it finishes). Exit codes: 0 "
-        "saved, 1 the request failed (the gateway's message is printed), 2 usage or "
-        "configuration error, 130 interrupted (Ctrl-C or SIGTERM; a payment may be under way "
-        "if the request was sent).")
+_ENV = ("Uses the running gateway (--url or CLAWROUTER_URL: that one only, and if it does not "
+        "answer the command fails; else where `clawrouter serve` listens with your settings, "
+        "http://127.0.0.1:8402 by default; CLAWROUTER_API_KEY is sent as a bearer token when "
+        "set) or, when none answers there, runs one inside this command with your settings "
+        "(if another command is running its own, after it finishes). Each run is a new "
+        "request: run twice, one after the other, it makes (and pays for) two images (two "
+        "identical runs at once on one gateway share one). Exit codes: 0 saved, 1 the "
+        "request failed or no gateway answers at the URL named (the message is printed), 2 "
+        "usage or configuration error, 130 interrupted (Ctrl-C or SIGTERM; a payment may be "
+        "under way if the request was sent).")
 
 
 def register(commands: Any) -> None:
@@ -40,9 +44,9 @@ def register(commands: Any) -> None:
         "generate", help="generate images from a prompt and save them",
         description="Generate images from a text prompt, pay for them from the local wallet "
         "and save them. " + _ENV)
-    g.add_argument("prompt", help="what to draw")
+    g.add_argument("prompt", type=prompt_text, help="what to draw")
     _common(g, catalog.DEFAULT_GENERATE_MODEL)
-    g.add_argument("-n", type=int, default=None, metavar="N",
+    g.add_argument("-n", type=at_least(1, MAX_N), default=None, metavar="N",
                    help=f"how many images, 1 to {MAX_N} (default 1; each is paid)")
     g.set_defaults(run=run_generate)
 
@@ -52,7 +56,7 @@ def register(commands: Any) -> None:
     e.add_argument("images", nargs="+", metavar="IMAGE",
                    help="source image: a local path (made absolute), an http(s) URL or a "
                    "data: URI; several for models that combine images")
-    e.add_argument("prompt", help="the change to make")
+    e.add_argument("prompt", type=prompt_text, help="the change to make")
     e.add_argument("--mask", metavar="IMAGE",
                    help="PNG mask (path, URL or data URI): transparent pixels mark the area "
                    "to edit; one source image, and only with "
@@ -66,8 +70,9 @@ def _common(p: argparse.ArgumentParser, default_model: str) -> None:
                    "`clawrouter models`)")
     p.add_argument("--size", metavar="WxH",
                    help=f"image size, e.g. 1536x1024 (default {catalog.DEFAULT_SIZE})")
-    p.add_argument("--out", metavar="DIR", help="directory to save into (default "
-                   "$CLAWROUTER_OUT or ~/Pictures/clawrouter; created if needed)")
+    p.add_argument("--out", metavar="DIR", type=out_dir, help="directory to save into "
+                   "(default $CLAWROUTER_OUT or ~/Pictures/clawrouter; created if needed; "
+                   "files are named by the images, so a new DIR named like x.png is refused)")
     p.add_argument("--open", action="store_true",
                    help="open the saved images with the system viewer")
     p.add_argument("--json", action="store_true",
@@ -75,6 +80,25 @@ def _common(p: argparse.ArgumentParser, default_model: str) -> None:
                    "url and path) on stdout and nothing else")
     p.add_argument("--url", help=URL_HELP)
     add_config(p)
+
+
+def prompt_text(value: str) -> str:
+    """An argparse `type`: a prompt with words in it. The gateway refuses a blank one too,
+    but only once this command has found or started a gateway (and made a wallet)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty: say what to draw or change")
+    return value
+
+
+def out_dir(value: str) -> str:
+    """An argparse `type`: `--out` as a directory, refused at once if it looks like a file's
+    name (see `file_like_dir`)."""
+    from pathlib import Path
+
+    problem = file_like_dir(Path(value).expanduser())
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -98,31 +122,41 @@ def _run(args: argparse.Namespace, doing: str,
     used: list[Gateway] = []
     try:
         with _terminate_as_interrupt():
-            result = asyncio.run(_request(args.url, doing, call, used))
+            result = asyncio.run(_request(args.url, args.out, doing, call, used))
     except KeyboardInterrupt:
         if any(gateway.posted for gateway in used):
             message = f"interrupted. {MAYBE_PAID}"
         else:
             message = "interrupted before the request was sent: nothing was paid."
         return _fail(args, message, 130, {"message": message, "code": "interrupted"})
+    except BadGatewayUrl as exc:
+        return _fail(args, str(exc), 2, {"message": str(exc), "code": "bad_gateway_url"})
     except (ValueError, FileNotFoundError) as exc:
         return _fail(args, f"invalid configuration: {exc}", 2)
     except GatewayError as exc:
-        return _fail(args, exc.message, 1, exc.to_json())
-    except OSError as exc:
-        return _fail(args, f"could not save the image: {exc}", 1)
+        # the gateway this command starts could not: the set-up's fault, as for `serve`
+        if (setup := setup_problem(exc.__cause__)) is not None:
+            return _fail(args, setup, 2, exc.to_json() | {"message": setup})
+        usage = exc.code == "bad_output_dir"  # CLAWROUTER_OUT's, as --out's: nothing was sent
+        return _fail(args, exc.message, 2 if usage else 1, exc.to_json())
+    except OSError as exc:  # the settings file, before anything was sent (saving: `_save`)
+        if (problem := file_problem(exc)) is None:
+            raise
+        return _fail(args, problem, 2)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
         for image in result.images:
             print(image.path)
-            print(f"  {image.url}")
+            if image.url:  # (none for an image the gateway could not store)
+                print(f"  {image.url}")
         cost = f"${result.cost_usd}" if result.cost_usd is not None else "unknown"
         if result.sandbox:
             cost += " in the sandbox (no real payment; placeholder images)"
         if result.shared:
-            cost += (", paid by an identical request moments ago: the same images, nothing "
-                     "paid again (change the prompt for new ones)")
+            cost += (", paid by an identical request that had not received them (one still "
+                     "running, or a run stopped before its answer): the same images, nothing "
+                     "paid again (run it again for new ones)")
         print(f"{len(result.images)} image(s) · {result.model} · cost {cost}")
         if result.in_process:
             print("(the URLs worked while this command ran its own gateway; "
@@ -133,12 +167,13 @@ def _run(args: argparse.Namespace, doing: str,
     return 0
 
 
-async def _request(url: str | None, doing: str,
+async def _request(url: str | None, out: str | None, doing: str,
                    call: Callable[[Gateway], Awaitable[ImageResult]],
                    used: list[Gateway]) -> ImageResult:
     spinner = Spinner(doing)
     spinner.start()
     try:
+        await asyncio.to_thread(output_dir, out)  # before a gateway is started for nothing
         async with await connect(url, waiting=spinner.note) as gateway:
             used.append(gateway)
             if gateway.in_process:

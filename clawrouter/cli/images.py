@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from clawrouter.catalog import format_usd
 from clawrouter.cli.common import add_config, at_least, settings_from
-from clawrouter.payment.ledger import holder, in_use, lock_path
+from clawrouter.config import Settings
+from clawrouter.payment.ledgerlock import LedgerBusy, exclusive_lock, lock_path
 from clawrouter.payment.networks import NETWORKS
 from clawrouter.plaintext import one_line
 from clawrouter.store import ImageStore
@@ -75,25 +79,50 @@ def listing(rows: list[dict[str, Any]]) -> list[str]:
 
 def run_prune(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    busy = [lock for lock in (lock_path(settings.ledger_path_for(name)) for name in NETWORKS)
-            if lock.exists() and in_use(lock)]
-    if busy:  # its index and cache would keep serving (and deduplicating to) deleted files
-        held = holder(busy[0])
-        who = f" (pid {held.pid}{f' at {held.url}' if held.url else ''})" if held else ""
-        print(f"A gateway{who} is using {settings.home}: it applies CLAWROUTER_IMAGE_TTL_DAYS "
-              "and CLAWROUTER_IMAGE_MAX_GB itself, in the background. Stop it to prune now.",
-              file=sys.stderr)
-        return 1
+    # no store to open (opening would create one); a file in the way is `main`'s to name
+    if not settings.images_dir.exists() and not settings.home.is_file():
+        return report_pruned(args, [], f"No images stored in {settings.images_dir}: nothing "
+                                        "to prune.")
+    with ledgers_held(settings) as busy:
+        if busy is not None:  # its index and cache would keep serving deleted files
+            who = f" ({busy.holder})" if busy.holder else ""
+            print(f"A gateway{who} is using {settings.home}: it applies "
+                  "CLAWROUTER_IMAGE_TTL_DAYS and CLAWROUTER_IMAGE_MAX_GB itself, in the "
+                  "background. Stop it to prune now.", file=sys.stderr)
+            return 1
 
-    async def prune() -> list[str]:
-        async with ImageStore.from_settings(settings) as store:
-            return await store.prune()
+        async def prune() -> list[str]:
+            async with ImageStore.from_settings(settings) as store:
+                return await store.prune()
 
-    removed = asyncio.run(prune())
+        removed = asyncio.run(prune())
+    return report_pruned(args, removed, f"Removed {len(removed)} image(s).")
+
+
+def report_pruned(args: argparse.Namespace, removed: list[str], summary: str) -> int:
     if args.json:
         print(json.dumps({"removed": removed}))
     else:
-        print(f"Removed {len(removed)} image(s).")
+        print(summary)
         for name in removed:
             print(f"  {name}")
     return 0
+
+
+@contextmanager
+def ledgers_held(settings: Settings) -> Iterator[LedgerBusy | None]:
+    """Hold the lock of every ledger of this data directory (one per network) while pruning,
+    or give the `LedgerBusy` of one a gateway holds: a gateway is one per ledger, and each
+    shares the image store, so none can start (and index, cache or serve the files being
+    deleted) until the prune is done; one starting meanwhile waits or says the ledger is busy."""
+    instance = f"prune-{secrets.token_hex(8)}"
+    busy: LedgerBusy | None = None
+    with ExitStack() as held:
+        for network in NETWORKS:
+            try:
+                lock = exclusive_lock(lock_path(settings.ledger_path_for(network)), instance)
+            except LedgerBusy as exc:
+                busy = exc
+                break
+            held.enter_context(lock)
+        yield busy

@@ -13,14 +13,15 @@ def register(commands: Any) -> None:
     p = commands.add_parser(
         "mcp", help="serve the image tools to an AI agent over stdio (MCP)",
         description="Run a Model Context Protocol server on stdin/stdout with the tools "
-        "generate_image, edit_image, list_image_models and wallet_status. It uses the running "
-        "gateway (CLAWROUTER_URL, else where `clawrouter serve` listens with your settings, "
-        "http://127.0.0.1:8402 by default; CLAWROUTER_API_KEY is sent as a bearer token when "
-        "set) or, when none answers, starts one inside this process with your settings for "
-        "each call (between calls your other commands can use the wallet; after a call the "
-        "agent cancelled, once its paid work is done and the time for the agent's retry, "
-        "coalesce_window_seconds, has passed). Images are saved "
-        "to CLAWROUTER_OUT (default ~/Pictures/clawrouter).",
+        "generate_image, edit_image, list_image_models and wallet_status. It uses the gateway "
+        "--url or CLAWROUTER_URL names, and only that one (when it does not answer, a call "
+        "fails and nothing is started or paid); without one, the running gateway where "
+        "`clawrouter serve` listens with your settings (http://127.0.0.1:8402 by default; "
+        "CLAWROUTER_API_KEY is sent as a bearer token when set) or, when none answers, one it "
+        "starts inside this process with your settings for each call (between calls your "
+        "other commands can use the wallet; after a call the agent cancelled, once its paid "
+        "work is done and the time for the agent's retry, coalesce_window_seconds, has "
+        "passed). Images are saved to CLAWROUTER_OUT (default ~/Pictures/clawrouter).",
         epilog="Example (Claude Desktop / Claude Code config): "
         '{"mcpServers": {"clawrouter": {"command": "/path/to/.venv/bin/clawrouter", '
         '"args": ["mcp"]}}} (the full path: an MCP client does not read your shell\'s PATH); '

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Any
 
 from clawrouter.config import Settings, url_host
 from clawrouter.launch import SANDBOX_NETWORK, bind, run_async, start_gateway
+from clawrouter.cli.client import created_key_notice
 from clawrouter.cli.common import add_config, settings_from
 from clawrouter.payment.wallet import WalletKey
 
@@ -41,9 +43,9 @@ def register(commands: Any) -> None:
                    help=f"the network its challenges name: {SANDBOX_NETWORK} only (a gateway "
                    "pointed at it needs CLAWROUTER_NETWORK=base-sepolia; a mainnet one refuses "
                    "its challenges)")
-    s.add_argument("--slow-seconds", type=float, default=3.0,
+    s.add_argument("--slow-seconds", type=duration, default=3.0,
                    help="how long a slow model's 202 job takes")
-    s.add_argument("--latency-ms", type=float, default=0.0,
+    s.add_argument("--latency-ms", type=duration, default=0.0,
                    help="delay added to every answer (stands in for the internet)")
     s.set_defaults(run=run_sandbox)
 
@@ -58,11 +60,8 @@ async def serve(settings: Settings) -> int:
     from clawrouter.observe import setup_logging
 
     setup_logging(settings.log_level)
-    if settings.exposed and not settings.api_key:
-        where = (f"listen on {settings.host}" if not settings.loopback
-                 else f"serve {settings.public_url} (public_url)")
-        print(f"clawrouter: refusing to {where} without an API key: set CLAWROUTER_API_KEY "
-              "(clients then send 'Authorization: Bearer <key>').", file=sys.stderr)
+    if (missing := missing_api_key(settings)) is not None:
+        print(f"clawrouter: refusing to {missing[0]}: {missing[1]}.", file=sys.stderr)
         return 2
     running = await start_gateway(settings, advertise=True)  # its file problems: `main`
     report_wallet(running.app.state.gw.wallet, running.settings)
@@ -74,6 +73,18 @@ async def serve(settings: Settings) -> int:
     sys.stdout.flush()
     await running.wait()
     return 0
+
+
+def missing_api_key(settings: Settings) -> tuple[str, str] | None:
+    """What `serve` refuses to do without an API key, and the fix; None when it needs none.
+    Others can reach an exposed gateway, and every request it serves is paid from the wallet
+    (`doctor` fails the same set-up with the same words)."""
+    if not settings.exposed or settings.api_key:
+        return None
+    where = (f"listen on {settings.host}" if not settings.loopback
+             else f"serve {settings.public_url} (public_url)")
+    return (f"{where} without an API key",
+            "set CLAWROUTER_API_KEY (clients then send 'Authorization: Bearer <key>')")
 
 
 #: hosts that mean "every interface": (a name a client here connects to, what they listen on)
@@ -100,8 +111,7 @@ def report_wallet(wallet: WalletKey, settings: Settings) -> None:
     """Say which key pays (never the key): a key made just now must be backed up before the
     wallet is funded, and a key from the environment hides the file's."""
     if wallet.source == "created":
-        log.warning("created a new wallet key in %s (mode 0600): back it up before funding "
-                    "the wallet; it is the only copy of this wallet's key", wallet.path)
+        log.warning("%s", created_key_notice(wallet.path))
     elif wallet.source == "file":
         log.info("wallet key loaded from %s", wallet.path)
     else:
@@ -113,8 +123,20 @@ def run_sandbox(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     listening = bind(args.host, args.port)  # a taken port: one line, not uvicorn's traceback
-    print(f"clawrouter sandbox on http://{args.host}:{args.port}/api (network {args.network})",
+    port = listening[0].getsockname()[1]  # the one bound, for --port 0
+    # an address to connect to: bracketed if IPv6, a name here for "every interface"
+    host = _ALL_INTERFACES[args.host][0] if args.host in _ALL_INTERFACES else url_host(args.host)
+    print(f"clawrouter sandbox on http://{host}:{port}/api (network {args.network})",
           flush=True)
     run(listening, SandboxConfig(network=args.network, slow_seconds=args.slow_seconds,
                                  latency_ms=args.latency_ms))
     return 0
+
+
+def duration(value: str) -> float:
+    """An argparse `type`: a finite number >= 0. NaN made every sandbox answer a 500 (its
+    sleep refuses it), infinity never answered, a negative one is no delay at all."""
+    number = float(value)  # (argparse says "invalid duration value" for what is no number)
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, not {value!r}")
+    return number

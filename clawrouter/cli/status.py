@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from clawrouter.catalog import format_dollars
-from clawrouter.cli.client import URL_HELP, GatewayError, advertised, connect, foreign, probe
+from clawrouter.cli.client import (
+    URL_HELP, BadGatewayUrl, GatewayError, advertised, connect, foreign, probe,
+)
 from clawrouter.cli.common import add_config
-from clawrouter.config import Settings
+from clawrouter.config import DEFAULT_UPSTREAM, Settings
 
 
 def register(commands: Any) -> None:
@@ -32,7 +34,8 @@ def register(commands: Any) -> None:
         "for its wallet, network, upstream, spend today, budget left and balance. Exit codes: "
         "0 a gateway answered, 1 none answers (or it refused), 2 usage error.")
     s.add_argument("--json", action="store_true",
-                   help="print one JSON document ({health, spend}) on stdout and nothing else")
+                   help="print one JSON document on stdout and nothing else: {url, health, "
+                   "spend}, or {error} when no gateway answers or it refuses")
     s.add_argument("--url", help=URL_HELP)
     add_config(s)
     s.set_defaults(run=run_status)
@@ -56,6 +59,9 @@ def register(commands: Any) -> None:
 def run_status(args: argparse.Namespace) -> int:
     try:
         url, health, spend = asyncio.run(_status(args.url))
+    except BadGatewayUrl as exc:  # --url or CLAWROUTER_URL: not the configuration's fault
+        print(f"clawrouter: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as exc:
         print(f"clawrouter: invalid configuration: {exc}", file=sys.stderr)
         return 2
@@ -130,9 +136,7 @@ async def doctor(config: str | None = None) -> list[Check]:
         return [Check("config", "fail", detail,
                       "fix the setting named above in the TOML file or the CLAWROUTER_* "
                       "environment (see config.example.toml)")]
-    read = settings._config_file  # --config, CLAWROUTER_CONFIG or the data directory's
-    checks = [Check("config", "ok", f"loaded (file {read})" if read else
-                    f"loaded (file {settings.home / 'config.toml'}, not present: defaults)")]
+    checks = [check_config(settings)]
     key = settings.wallet_key.get_secret_value() if settings.wallet_key else None
     checks.append(await asyncio.to_thread(check_wallet, settings.home, key,
                                           settings.wallet_key_source))
@@ -142,6 +146,17 @@ async def doctor(config: str | None = None) -> list[Check]:
     checks.append(await check_upstream(settings.upstream_url, settings.sandbox))
     checks.append(check_balance(health, settings.low_balance_usd))
     return checks
+
+
+def check_config(settings: Settings) -> Check:
+    """Loaded, and `serve` would start with it: exposed without an API key, it refuses."""
+    from clawrouter.cli.serve import missing_api_key
+
+    if (missing := missing_api_key(settings)) is not None:
+        return Check("config", "fail", f"`serve` refuses to {missing[0]}", missing[1])
+    read = settings._config_file  # --config, CLAWROUTER_CONFIG or the data directory's
+    return Check("config", "ok", f"loaded (file {read})" if read else
+                 f"loaded (file {settings.home / 'config.toml'}, not present: defaults)")
 
 
 def check_wallet(home: Path, configured_key: str | None,
@@ -154,13 +169,13 @@ def check_wallet(home: Path, configured_key: str | None,
         try:
             check_key(configured_key, source)
         except WalletError as exc:
-            return Check("wallet", "fail", str(exc), f"set {source} to 0x + 64 hex "
-                         "characters, or remove it to use the wallet file")
+            return Check("wallet", "fail", str(exc), f"set {source} to 64 hex "
+                         "characters (0x before them or not), or remove it to use the wallet file")
         return Check("wallet", "ok", f"key from {source} (the file is not used)")
     path = home / "wallet.key"
     if not path.is_file():
         return Check("wallet", "fail", f"{path} does not exist",
-                     "run `clawrouter serve` once to create a wallet there (mode 0600), or set "
+                     "run `clawrouter wallet create` to make one there (mode 0600), or set "
                      "BLOCKRUN_WALLET_KEY")
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
@@ -242,17 +257,39 @@ def _can_bind(host: str, port: int) -> bool:
 
 
 async def check_upstream(url: str, sandbox: bool | str) -> Check:
-    from clawrouter.launch import upstream_reachable
+    """The upstream answers as BlockRun's API does (its model list), not merely answers: a
+    base without `/api` answers every request with Not Found."""
+    from clawrouter.launch import models_answer
 
     if sandbox is True:
         return Check("upstream", "skip", "sandbox forced (`sandbox = true` in the settings): "
                      "no real images or payments")
-    if await upstream_reachable(url):
+    answer = await models_answer(url)
+    if answer is not None and answer.blockrun:
         return Check("upstream", "ok", f"{url} answers")
+    if answer is not None and answer.status < 500:
+        said = f"{url} answers, but not as BlockRun's API (GET {url}/v1/models: " + (
+            "not a model list)" if answer.status == 200 else f"HTTP {answer.status})")
+        for base in _likely_bases(url):
+            if (found := await models_answer(base)) is not None and found.blockrun:
+                return Check("upstream", "fail", f"{said}; {base} does",
+                             f"set BLOCKRUN_API_URL (or upstream_url) to {base}")
+        return Check("upstream", "fail", said, "set BLOCKRUN_API_URL (or upstream_url) to "
+                     "BlockRun's API base, like https://blockrun.ai/api")
+    failed = "does not answer" if answer is None else f"fails (HTTP {answer.status})"
+    # (as `start_gateway` chooses: only BlockRun's own address falls back)
     fallback = " (`serve` would fall back to the sandbox: no real images)" \
-        if sandbox == "auto" else ""
-    return Check("upstream", "fail", f"{url} does not answer{fallback}",
+        if sandbox == "auto" and url == DEFAULT_UPSTREAM else ""
+    return Check("upstream", "fail", f"{url} {failed}{fallback}",
                  "check the internet connection and BLOCKRUN_API_URL")
+
+
+def _likely_bases(url: str) -> list[str]:
+    """What `url` likely meant as BlockRun's API base: `/api` left off, or `/v1` added."""
+    bases = [] if url.endswith("/api") else [url + "/api"]
+    if url.endswith("/v1"):
+        bases.insert(0, url.removesuffix("/v1"))
+    return bases
 
 
 def check_balance(health: dict[str, Any] | None, low: float) -> Check:

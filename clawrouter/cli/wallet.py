@@ -13,7 +13,6 @@ import asyncio
 import getpass
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ from clawrouter.store.files import fsync_dir
 KEY_FILE = "wallet.key"
 ENV_KEY = "BLOCKRUN_WALLET_KEY"
 CIRCLE_FAUCET = "https://faucet.circle.com"
-_BARE_HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _blockrun_files() -> list[Path]:
@@ -281,7 +279,7 @@ def run_create(args: argparse.Namespace) -> int:
 def run_import(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     raw, origin = _read_import(args.source)
-    key = check_key(_with_prefix(raw), origin)
+    key = check_key(raw, origin)
     address = address_of(key)
     path = settings.home / KEY_FILE
     old_address = None
@@ -310,7 +308,9 @@ def run_import(args: argparse.Namespace) -> int:
                            "--yes to import without asking.")
         if not answer:
             raise CommandError(1, "nothing was imported.")
+    running = None
     if old_address is not None:
+        running = _still_paying(settings, old_address)  # asked while the old key is in place
         backup = backup_key_file(path)
         print(f"kept the old key as {backup}", file=sys.stderr)
         replace_key_file(path, key)
@@ -323,7 +323,35 @@ def run_import(args: argparse.Namespace) -> int:
     print(f"imported into {path} (mode 0600)", file=sys.stderr)
     if note := _override_note(settings, path):
         print(note, file=sys.stderr)
+    if running is not None:
+        print(running, file=sys.stderr)
     return 0
+
+
+def _still_paying(settings: Settings, old_address: str) -> str | None:
+    """A note when this data directory's gateway is running (found as `status` finds it): it
+    read its key when it started, so it keeps paying from the replaced wallet until restarted.
+    None when no gateway runs, or the one running pays from another key (BLOCKRUN_WALLET_KEY)."""
+    from clawrouter.cli.client import GatewayError, connect, holders
+
+    async def ask() -> tuple[str, dict[str, Any]] | None:
+        try:
+            async with await connect(start=False, settings=settings) as gateway:
+                return gateway.url, await gateway.health()
+        except GatewayError:
+            return None
+
+    restart = (f"keeps paying from the replaced wallet {old_address} until it is restarted "
+               "(it reads the key once, when it starts)")
+    answered = asyncio.run(ask())
+    if answered is not None:
+        url, health = answered
+        theirs = str(health.get("wallet", ""))
+        return (f"note: the gateway running at {url} {restart}."
+                if theirs.lower() == old_address.lower() else None)
+    busy = holders(settings)  # one that does not answer us (an API key), or an MCP server's
+    return (f"note: a clawrouter process ({busy[0]}) is using {settings.home}: a gateway it "
+            f"runs {restart}." if busy else None)
 
 
 def _read_import(source: str | None) -> tuple[str, str]:
@@ -345,12 +373,6 @@ def _read_import(source: str | None) -> tuple[str, str]:
             return read_key_file(path), str(path)
     raise CommandError(1, f"no {source} wallet found (looked for "
                    f"{', '.join(str(p) for p in candidates)})")
-
-
-def _with_prefix(raw: str) -> str:
-    """BlockRun's SDKs accept a key without `0x`; so do we."""
-    raw = raw.strip()
-    return "0x" + raw if _BARE_HEX_KEY.fullmatch(raw) else raw
 
 
 def confirm(question: str) -> bool | None:

@@ -13,8 +13,22 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
 from .addresses import AddressRule, IPAddress
+
+
+def idna_host(url: URL) -> bool:
+    """Whether IDNA both decodes the URL's host (`url.host`) and encodes it, as `getaddrinfo`
+    does with what aiohttp resolves (`url.raw_host`). An empty or over-long label, or a bad
+    `xn--` one, raises UnicodeError in either: a ValueError, which aiohttp passes on as it is,
+    not the OSError of a failed lookup. Callers refuse such a URL before fetching it."""
+    try:
+        url.host  # noqa: B018 - decoded on access
+        (url.raw_host or "").encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 class AddressRefused(Exception):

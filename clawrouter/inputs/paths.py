@@ -49,8 +49,12 @@ class _DataDirectory(OSError):
 
 
 def path_from_file_url(value: str, *, param: str) -> str:
-    """The local path a `file://` URL names; a remote host in it is refused."""
-    parts = urlsplit(value)
+    """The local path a `file://` URL names; a remote host in it is refused, and so is a
+    host `urlsplit` cannot parse (an unbalanced `[` or `]`: its ValueError is no refusal)."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        refuse(f"malformed file URL {shorten(value)!r}", param=param, code=PATH_REFUSED)
     if parts.netloc not in ("", "localhost"):
         refuse(f"file URLs must not name a host ({shorten(value)!r})", param=param,
                code=PATH_REFUSED)

@@ -19,7 +19,7 @@ from yarl import URL
 
 from ..capped import TooLarge, read_capped
 from .addresses import AddressRule, IPAddress, address_problem, parse_literal_ip
-from .dns import AddressRefused, CheckingResolver, OwnThreadsResolver
+from .dns import AddressRefused, CheckingResolver, OwnThreadsResolver, idna_host
 from .image import check_size
 from .policy import InputPolicy
 from .refusals import URL_FETCH_FAILED, URL_REFUSED, refuse, shorten
@@ -98,6 +98,8 @@ class UrlFetcher:
                    param=param, code=URL_REFUSED)
         if url.user is not None or url.password is not None:
             refuse(f"URLs with credentials are refused ({shown})", param=param, code=URL_REFUSED)
+        if not idna_host(url):
+            refuse(f"malformed host name in {shown}", param=param, code=URL_REFUSED)
         host = url.host
         if not host:
             refuse(f"URL has no host ({shown})", param=param, code=URL_REFUSED)

@@ -20,6 +20,7 @@ from clawrouter.store.files import fsync_dir
 
 log = logging.getLogger(__name__)
 _KEY = re.compile(r"0x[0-9a-fA-F]{64}")
+_BARE_HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 #: secp256k1's group order: a private key is below it (a public constant, not a key)
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
@@ -38,11 +39,21 @@ class WalletKey:
         return f"WalletKey(source={self.source!r}, path={self.path!r})"
 
 
-def check_key(key: str, where: str) -> str:
+def with_0x(key: str) -> str:
+    """`key` stripped, with `0x` before it if it is 64 hex digits without (as some wallets
+    export it): the one spelling `check_key` accepts. Any other form stays as it is, for the
+    check to refuse."""
     key = key.strip()
+    return "0x" + key if _BARE_HEX_KEY.fullmatch(key) else key
+
+
+def check_key(key: str, where: str) -> str:
+    """`key` as the one spelling a private key has here (`with_0x`), or `WalletError` naming
+    `where` (never the key)."""
+    key = with_0x(key)
     if not _KEY.fullmatch(key):
-        raise WalletError(f"the wallet key in {where} is malformed: expected 0x followed by "
-                          "64 hex characters")
+        raise WalletError(f"the wallet key in {where} is malformed: expected 64 hex characters, "
+                          "with or without 0x before them")
     if int(key, 16) == 0:
         raise WalletError(f"the wallet key in {where} is zero")
     if int(key, 16) >= SECP256K1_N:  # eth-keys would refuse it with the number in the message

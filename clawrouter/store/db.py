@@ -21,6 +21,9 @@ from clawrouter.store.records import ImageMeta, StoredImage
 
 log = logging.getLogger(__name__)
 
+#: The index holds every prompt: the owner's only (SQLite gives its -wal and -shm the same).
+FILE_MODE = 0o600
+
 
 class _FailedCheck(sqlite3.DatabaseError):
     """`PRAGMA quick_check` found damage the open itself did not meet."""
@@ -107,6 +110,7 @@ class MetadataDB:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
+        self._opened: tuple[int, int] | None = None  # the file the connection is on
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -142,8 +146,40 @@ class MetadataDB:
                         "built from the image files", self.path, damage, aside)
         self._conn = self._connect()
 
+    def reopen_if_moved(self) -> None:
+        """If the index file was deleted (or replaced) while open, write what the connection
+        still holds to a new file at `path` and go on there: otherwise every later write would
+        go to the deleted file, and be lost at the next start."""
+        if self._conn is None or _identity(self.path) == self._opened:
+            return
+        if _identity(self.path) is None:
+            fresh = sqlite3.connect(self._private_file())
+            try:
+                self._conn.backup(fresh)
+            finally:
+                fresh.close()
+            log.warning("the image index %s was deleted while open: written again", self.path)
+        else:  # another process put a file there: that one is the index now
+            log.warning("the image index %s was replaced while open: using the new one",
+                        self.path)
+        self.close()
+        self._conn = self._connect()
+
+    def _private_file(self) -> Path:
+        """`path`, made for the owner only if new, and tightened if an older version made it
+        readable by all."""
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+            for part in ("", "-wal", "-shm"):
+                path = self.path.with_name(self.path.name + part)
+                if path.exists() and path.stat().st_mode & 0o777 != FILE_MODE:
+                    path.chmod(FILE_MODE)
+        except OSError as exc:  # another user's store, read-only: sqlite3 says what matters
+            log.debug("could not make %s private (%s)", self.path, exc)
+        return self.path
+
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=10)
+        conn = sqlite3.connect(self._private_file(), timeout=10)
         try:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
@@ -155,6 +191,7 @@ class MetadataDB:
         except BaseException:
             conn.close()
             raise
+        self._opened = _identity(self.path)
         return conn
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import aiohttp
 from yarl import URL
 
-from clawrouter.inputs.dns import AddressRefused
+from clawrouter.inputs.dns import AddressRefused, idna_host
 from clawrouter.sniff import sniff_image
 from clawrouter.capped import TooLarge, read_capped
 
@@ -30,7 +30,8 @@ class DownloadFailed(Exception):
 
 
 class DownloadRefused(DownloadFailed):
-    """The URL (or a redirect) leads where the gateway does not connect; retrying cannot help."""
+    """The URL (or a redirect) leads where the gateway does not connect, or round in circles;
+    retrying cannot help."""
 
 
 class Getter(Protocol):
@@ -55,10 +56,11 @@ async def download(url: str, session: Getter, *, max_bytes: int = DEFAULT_MAX_BY
                                        allow_redirects=False) as resp:
                     location = resp.headers.get("Location")
                     if resp.status in _REDIRECTS and location:
-                        target = _http_url(str(resp.url.join(URL(location))))
+                        target = _redirect_target(resp.url, location)
                         continue
                     return await _read(resp, max_bytes)
-            raise DownloadFailed(f"more than {_MAX_REDIRECTS} redirects")
+            # A loop (or a chain this long) is how the host is set up: asked again, it loops again.
+            raise DownloadRefused(f"more than {_MAX_REDIRECTS} redirects")
     except DownloadFailed:
         raise
     except AddressRefused as exc:
@@ -71,13 +73,25 @@ async def download(url: str, session: Getter, *, max_bytes: int = DEFAULT_MAX_BY
 
 
 def _http_url(url: str) -> URL:
+    """`url` if it is one the gateway fetches, else refused: a `file:` or `gopher:` URL, or a
+    host IDNA cannot encode (as `getaddrinfo` must), is the same on every retry."""
     try:
         parsed = URL(url)
     except (ValueError, TypeError):
-        raise DownloadFailed("not an http(s) URL") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise DownloadFailed("not an http(s) URL")
+        raise DownloadRefused("not an http(s) URL") from None
+    if parsed.scheme not in ("http", "https") or not parsed.raw_host:
+        raise DownloadRefused("not an http(s) URL")
+    if not idna_host(parsed):
+        raise DownloadRefused("malformed host name")
     return parsed
+
+
+def _redirect_target(base: URL, location: str) -> URL:
+    try:
+        target = str(base.join(URL(location)))
+    except (ValueError, TypeError):
+        raise DownloadRefused("redirected to a malformed URL") from None
+    return _http_url(target)
 
 
 async def _read(resp: aiohttp.ClientResponse, max_bytes: int) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,12 +29,17 @@ def content_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:ID_LENGTH]
 
 
-def write_atomic(directory: Path, name: str, data: bytes, *, sync_dir: bool = True) -> Path:
+def write_atomic(directory: Path, name: str, data: bytes, *, sync_dir: bool = True,
+                 private: bool = True) -> Path:
     """Write `data` to `directory/name` so that readers see either nothing or all of it.
 
     With `sync_dir=False` the rename is durable only after the caller's `fsync_dir` (one for
-    a batch of files)."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=_TEMP_SUFFIX)
+    a batch of files). `private`: mode 0600, as the store's files are; otherwise the mode a
+    new file gets under the umask (a user's saved image, for their viewer and their sharing)."""
+    if private:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=_TEMP_SUFFIX)
+    else:
+        fd, tmp = _temp_file(directory, name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -47,6 +53,18 @@ def write_atomic(directory: Path, name: str, data: bytes, *, sync_dir: bool = Tr
     if sync_dir:
         fsync_dir(directory)
     return target
+
+
+def _temp_file(directory: Path, name: str) -> tuple[int, str]:
+    """`mkstemp`'s hidden temporary file, but created 0666 less the umask, as `open` does (a
+    file's mode is set by the kernel at creation: the process-wide umask is never changed)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # another write's name, by chance: draw again
+            continue
 
 
 def fsync_dir(directory: Path) -> None:

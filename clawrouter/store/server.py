@@ -5,8 +5,8 @@ Mount it as `Route("/images/{name}", ImageServer(store))` (or `Mount("/images", 
 Safety: the requested name is only ever a key into the store's in-memory index; the file path
 comes from the index, so no path is built from the request and nothing outside the index (a
 file dropped in the directory by hand, a temporary file) can be served. Content-Type comes from
-the sniffed bytes, never from the URL; a known id asked for with the wrong extension gets a 308
-to its canonical name, so each image has one cacheable URL.
+the sniffed bytes, never from the URL; a known id asked for with the wrong extension, or none,
+gets a 308 to its canonical name, so each image has one cacheable URL.
 
 Speed: a raw ASGI callable with no Request/Response objects. Uvicorn cannot sendfile, so the
 body is sent from the store's in-memory LRU in one ASGI message (one transport write); images
@@ -62,7 +62,7 @@ class ImageServer:
         image = self.store.get(name)
         if image is None:
             return await _respond(send, *_NOT_FOUND)
-        if len(name) > 32 and name[33:] != image.ext:
+        if name != image.name:
             return await _respond(send, 308, [(b"location", image.name.encode()),
                                               (b"content-length", b"0")], b"")
 
@@ -105,7 +105,9 @@ class ImageServer:
                                    f"bytes {start}-{stop - 1}/{image.bytes}".encode())]
         headers = [*headers, (b"content-length", str(stop - start).encode())]
 
-        if method == "HEAD":
+        if method == "HEAD":  # 404 where a GET would be, for a file deleted behind our back
+            if not await self.store.present(image):
+                return await _respond(send, *_NOT_FOUND)
             return await _respond(send, status, headers, b"")
         data = await self.store.read(image)
         if data is not None:

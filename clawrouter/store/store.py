@@ -26,7 +26,7 @@ import time
 import weakref
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -48,7 +48,7 @@ from clawrouter.store.download import (
     Getter,
     download,
 )
-from clawrouter.store.eviction import choose_victims
+from clawrouter.store.eviction import FRESH_SECONDS, choose_victims
 from clawrouter.store.pending import DEFAULT_RETRY_DELAYS, PendingDownloads
 from clawrouter.store.records import Deferred, ImageMeta, StoredImage, parse_name
 from clawrouter.store.sources import ResultSources
@@ -64,6 +64,19 @@ T = TypeVar("T")
 
 _DAY = 86400.0
 DB_NAME = "index.sqlite3"
+#: The image directory holds every prompt's image and the index every prompt: the owner's only.
+DIR_MODE = 0o700
+
+
+@dataclass(frozen=True)
+class Unsaved(Deferred):
+    """A result downloaded but not stored (disk full, the directory gone or read-only).
+
+    Its bytes are what the client paid for, so the answer is made from them; storing is retried
+    in the background as a failed download is (`pending_id`).
+    """
+
+    data: bytes = field(default=b"", repr=False)
 
 
 class ImageStore:
@@ -81,6 +94,7 @@ class ImageStore:
         flush_interval: float = 30.0,
         prune_interval: float = 600.0,
         temp_grace: float = 60.0,
+        fresh_seconds: float = FRESH_SECONDS,
     ) -> None:
         self.root = Path(root)
         self.ttl_days = ttl_days
@@ -91,6 +105,10 @@ class ImageStore:
         self._flush_interval = flush_interval
         self._prune_interval = prune_interval
         self._temp_grace = temp_grace
+        self._fresh_seconds = fresh_seconds
+        #: id -> when (monotonic) a put of this process last handed its URL out: spared by
+        #: eviction for `fresh_seconds` (not images found at open: a CLI prune takes them)
+        self._fresh: dict[str, float] = {}
         self._db = MetadataDB(db_path or self.root / DB_NAME)
         self._group: GroupCommit[_Put] | None = None  # the store's one thread
         self._index: dict[str, StoredImage] = {}
@@ -100,6 +118,8 @@ class ImageStore:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary())
         self._prune_lock = asyncio.Lock()
+        #: disk reads under way, by id: concurrent misses for one image share one read
+        self._reads: dict[str, asyncio.Future[bytes | None]] = {}
         self._pending = PendingDownloads(self._db, self._run_db, self.fetch_and_put,
                                          delays=retry_delays)
         self._tasks: list[asyncio.Task[None]] = []
@@ -123,7 +143,7 @@ class ImageStore:
         not named like ours are left alone and never served.
         """
         self._group = GroupCommit("image-store", self._commit)
-        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(_make_private_dir, self.root)
         await self._run_db(self._db.open)
         # Rows before files: a file is in place before its row commits, so an image another
         # process stores meanwhile shows as a file without a row (recovered, then its real row
@@ -236,6 +256,7 @@ class ImageStore:
             if existing is not None:
                 if await asyncio.to_thread(existing.path.exists):
                     self.mark_served(image_id)  # its URL is about to be handed out again
+                    self._fresh[image_id] = time.monotonic()
                     return existing
                 self.discard(image_id)  # deleted behind our back: stored again below
             image = StoredImage(id=image_id, ext=ext, content_type=content_type,
@@ -243,8 +264,18 @@ class ImageStore:
                                 created=time.time())
             # The file, then its row; the image is served only once both are done. A crash in
             # between leaves a file without its row, which `open` recovers.
-            await self._write(image, data, meta)
+            try:
+                await self._write(image, data, meta)
+            except FileNotFoundError:  # the directory was deleted: made again, then once more
+                if not await self._run_db(self._restore_root):
+                    raise
+                await self._write(image, data, meta)
             self._add(image, image.created)
+            self._fresh[image_id] = time.monotonic()
+            if image.bytes > self.max_bytes:
+                log.warning("an image of %d bytes is bigger than the store's cap (%d bytes, "
+                            "image_max_gb): it is evicted once it is %d s old", image.bytes,
+                            self.max_bytes, self._fresh_seconds)
             if existing is not None:  # stored again under its old row: not idle since then
                 self.mark_served(image_id)
             self.cache.put(image_id, data)
@@ -267,11 +298,13 @@ class ImageStore:
         """`fetch_and_put`, but a failure never fails the (already paid) request.
 
         On any failure (download, or storing: disk full) the download is recorded in SQLite with
-        its error and retried in the background; the caller gets a `Deferred` and should return
-        the upstream URL. Never raises, except `CancelledError`.
+        its error and retried in the background. A failed download gives a `Deferred` (the
+        caller returns the upstream URL); a download that could not be stored gives `Unsaved`,
+        with the bytes, for the caller to answer from. Never raises, except `CancelledError`.
         """
         try:
-            return await self.fetch_and_put(url, meta, session)
+            data = await download(url, session, max_bytes=self.download_max_bytes,
+                                  timeout=self.download_timeout)
         except DownloadRefused as exc:  # retrying cannot help: nothing to record
             # the upstream's URL, which may quote the payment we sent it: scrubbed in the log
             log.warning("result download refused (%s): %s", scrub(exc), scrub(url))
@@ -279,6 +312,14 @@ class ImageStore:
         except Exception as exc:
             error = str(exc) if isinstance(exc, DownloadFailed) else f"{type(exc).__name__}: {exc}"
             return await self._pending.defer(url, meta, error)
+        try:
+            return await self.put_bytes(data, replace(meta, source=url))
+        except Exception as exc:  # (`download` checked it is an image: this is our disk)
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("a downloaded result could not be stored (%s): answered from memory, "
+                        "storing retried: %s", scrub(error), scrub(url))
+            deferred = await self._pending.defer(url, meta, error)
+            return Unsaved(deferred.url, deferred.error, deferred.pending_id, data)
 
     # --- reading ------------------------------------------------------------------------------
     def get(self, name: str) -> StoredImage | None:
@@ -297,19 +338,44 @@ class ImageStore:
 
     async def read(self, image: StoredImage) -> bytes | None:
         """The image's bytes from the cache or disk (cached if small); None if the file is gone
-        or too big to cache (the caller streams it)."""
+        or too big to cache (the caller streams it).
+
+        Concurrent misses for one image share one read: a burst of requests for an image not
+        cached (after a restart, or pushed out) would otherwise hold a copy each."""
         data = self.cache.get(image.id)
         if data is not None:
             return data
         if image.bytes > self.cache.max_item:
             return None
+        flight = self._reads.get(image.id)
+        if flight is None:
+            flight = self._reads[image.id] = asyncio.ensure_future(self._read_file(image))
+            flight.add_done_callback(lambda done: self._read_done(image.id, done))
+        # shielded: a reader that leaves (its client gone) does not cancel the others' read
+        return await asyncio.shield(flight)
+
+    async def _read_file(self, image: StoredImage) -> bytes | None:
         try:
-            data = await asyncio.to_thread(image.path.read_bytes)
+            data = await asyncio.to_thread(_read_bytes, image.path)
         except FileNotFoundError:
             self.discard(image.id)
             return None
         self.cache.put(image.id, data)
         return data
+
+    def _read_done(self, image_id: str, flight: asyncio.Future[bytes | None]) -> None:
+        if self._reads.get(image_id) is flight:
+            del self._reads[image_id]
+        if not flight.cancelled():
+            flight.exception()  # retrieved: every reader may have left
+
+    async def present(self, image: StoredImage) -> bool:
+        """Whether `read` would find the image (cached, or its file there), as a HEAD must
+        say without reading it; a file gone is forgotten, as `read` forgets it."""
+        if self.cache.get(image.id) is not None or await asyncio.to_thread(image.path.exists):
+            return True
+        self.discard(image.id)
+        return False
 
     def discard(self, image_id: str) -> None:
         """Forget an image whose file disappeared behind our back (the row goes at next open)."""
@@ -318,6 +384,7 @@ class ImageStore:
             self._total -= image.bytes
             self._last_used.pop(image_id, None)
             self._served.pop(image_id, None)
+            self._fresh.pop(image_id, None)
             self.cache.discard(image_id)
 
     async def ls(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
@@ -353,15 +420,19 @@ class ImageStore:
     # --- eviction -----------------------------------------------------------------------------
     async def prune(self) -> list[str]:
         """Evict images idle for over `ttl_days`, then least recently used ones until the total
-        fits `max_bytes`; return the removed names. Also drops failed downloads past the TTL,
-        and temporary files a crashed write left (older than `temp_grace`)."""
+        fits `max_bytes`; return the removed names. Images whose URL a put of this process
+        handed out less than `fresh_seconds` ago are spared (`eviction.FRESH_SECONDS`). Also
+        drops failed downloads past the TTL, and temporary files a crashed write left (older
+        than `temp_grace`)."""
         async with self._prune_lock:
             now = time.time()
             ttl = self.ttl_days * _DAY
+            since = time.monotonic() - self._fresh_seconds
+            self._fresh = {i: t for i, t in self._fresh.items() if t > since}
             chosen = choose_victims(
                 ((i, img.bytes, self._last_used.get(i, img.created))
                  for i, img in self._index.items()),
-                now=now, ttl_seconds=ttl, max_bytes=self.max_bytes)
+                now=now, ttl_seconds=ttl, max_bytes=self.max_bytes, spare=self._fresh)
             removed: list[StoredImage] = []
             async with AsyncExitStack() as stack:
                 for image_id, last_used in chosen:
@@ -404,6 +475,10 @@ class ImageStore:
                     await self.prune()
             except Exception:  # keep the loop alive; the next tick retries
                 log.exception("image store maintenance failed")
+            try:  # after the prune, which a put over the cap is waiting for
+                await self._run_db(self._restore_root)  # a stat or two: see `_restore_root`
+            except Exception:
+                log.exception("image store: checking its directory failed")
 
     def _sweep_temps(self) -> int:
         """Remove stale temporary files (in a worker thread): `open` spares those younger than
@@ -445,6 +520,24 @@ class ImageStore:
                 errors = [exc if error is None else error for error in errors]
         return [(None, error) for error in errors]
 
+    def _restore_root(self) -> bool:
+        """On the store's thread: if the image directory was deleted (`rm -rf images/` on a
+        running gateway), make it again and move the index into it, from the connection still
+        open on the deleted file (whose rows would otherwise be lost at the next start).
+        Return whether the directory is there to write into. Cheap (a stat or two): it runs
+        when a write finds no directory, and on each maintenance tick."""
+        if not self.root.is_dir():
+            try:
+                _make_private_dir(self.root)
+            except OSError as exc:  # e.g. a file is in the way: the puts fail, and say why
+                log.warning("image store: %s is gone and could not be made again (%s)",
+                            self.root, exc)
+                return False
+            log.warning("image store: %s was deleted while in use; made again (the images "
+                        "in it are gone)", self.root)
+        self._db.reopen_if_moved()
+        return True
+
     def _add(self, image: StoredImage, last_used: float) -> None:
         self._index[image.id] = image
         self._last_used[image.id] = last_used
@@ -467,6 +560,21 @@ class _Put:
     image: StoredImage
     data: bytes
     meta: ImageMeta
+
+
+def _read_bytes(path: Path) -> bytes:
+    """A file's bytes (in a worker thread; a name of its own, for tests to count reads)."""
+    return path.read_bytes()
+
+
+def _make_private_dir(path: Path) -> None:
+    """Make the directory for the owner only, and tighten one an older version made 0755."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    try:
+        if path.stat().st_mode & 0o777 != DIR_MODE:
+            path.chmod(DIR_MODE)
+    except OSError as exc:  # not ours to change (another user's store): read it as it is
+        log.warning("image store: could not make %s private (%s)", path, exc)
 
 
 def _named(root: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
