@@ -133,11 +133,6 @@ class Coalescer:
     def __len__(self) -> int:
         return len(self._keyed) + len(self._same)
 
-    def working(self) -> bool:
-        """Whether any request's work is still in progress (safe from another thread)."""
-        entries = [*list(self._keyed.values()), *list(self._same.values())]
-        return any(not entry.future.done() for entry in entries)
-
     def _table(self, key: tuple[str, ...]) -> dict[tuple[str, ...], _Entry]:
         return self._keyed if key[0] == "key" else self._same
 
@@ -172,7 +167,7 @@ class Coalescer:
                                    param="Idempotency-Key")
                 entry.attach(ctx)
                 try:
-                    return replace(await asyncio.shield(entry.future), shared=True)
+                    result = await asyncio.shield(entry.future)
                 except ClientGone:
                     # Every client before us left just as we joined, and the work stopped (at
                     # no cost: outcomes that cost money are kept and re-raised as they are).
@@ -181,7 +176,11 @@ class Coalescer:
                         raise
                 except ClawError as kept:
                     kept.__traceback__ = None  # this raise attached our frames to it
-                    raise _detached(kept) from None
+                    raise _replayed(kept) from None
+                else:
+                    if not ctx.gone.is_set():  # received (a retry's): a new call is a new one
+                        entry.delivered = True
+                    return replace(result, shared=True)
             if recalled:
                 break
             recalled = True
@@ -272,6 +271,21 @@ def _detached(error: ClawError) -> ClawError:
     detached = copy.copy(error)
     detached.__traceback__ = detached.__cause__ = detached.__context__ = None
     return detached
+
+
+#: how a repeat's copy of an earlier identical request's failure begins (`_replayed`)
+REPLAYED = "An identical request made just before ended so, and nothing more was paid: "
+
+
+def _replayed(kept: ClawError) -> ClawError:
+    """A repeat's copy of the failure it shares, saying so (in its message and the
+    `x-clawrouter-shared` header, as a shared result says it): otherwise a retry that gets a
+    kept paid failure reads as a new one, and the client concludes the upstream still fails."""
+    copy = _detached(kept)
+    copy.headers = {**kept.headers, "x-clawrouter-shared": "true"}
+    copy.message = REPLAYED + kept.message
+    copy.args = (copy.message,)
+    return copy
 
 
 def _paid_before(payment: Payment, *, keyed: bool) -> Conflict:

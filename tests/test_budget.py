@@ -47,7 +47,8 @@ def test_per_request_limit(ledger: Ledger, clock: Clock) -> None:
     assert (err.status, err.code, err.type) == (402, "budget_exceeded", "payment_error")
     assert err.message == ("Budget exceeded, nothing was signed: this payment is $1.20, above "
                            "the per-request limit of $1.00. Raise "
-                           "CLAWROUTER_MAX_USD_PER_REQUEST to allow it.")
+                           "CLAWROUTER_MAX_USD_PER_REQUEST (or max_usd_per_request in the "
+                           "config file) to allow it.")
     assert err.extra == {"window": "request", "limit_usd": 1.0, "remaining_usd": 1.0,
                          "requested_usd": 1.2}
     assert err.envelope()["error"]["window"] == "request"
@@ -64,7 +65,7 @@ def test_daily_limit(ledger: Ledger, clock: Clock) -> None:
     assert caught.value.message == (
         "Budget exceeded, nothing was signed: this payment is $0.0535 but only $0.043 is left "
         "of the daily limit of $0.15 (resets at local midnight). Raise "
-        "CLAWROUTER_MAX_USD_PER_DAY to allow it.")
+        "CLAWROUTER_MAX_USD_PER_DAY (or max_usd_per_day in the config file) to allow it.")
     assert caught.value.extra == {"window": "day", "limit_usd": 0.15, "remaining_usd": 0.043,
                                   "requested_usd": 0.0535}
     b.reserve(43_000).release()  # what is left still fits
@@ -94,7 +95,7 @@ def test_monthly_limit_counts_the_calendar_month_and_resets_on_the_first(
                                   "requested_usd": 0.0535}
     assert caught.value.message.endswith(
         "of the monthly limit of $0.12 (resets at local midnight on the 1st of the month). "
-        "Raise CLAWROUTER_MAX_USD_PER_MONTH to allow it.")
+        "Raise CLAWROUTER_MAX_USD_PER_MONTH (or max_usd_per_month in the config file) to allow it.")
     ledger.commit(ledger.outcome(first, "settled", note="a detail"))  # settled stays counted
     with pytest.raises(BudgetExceeded):
         b.reserve(IMAGE)

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from clawrouter.coalesce import SWEEP_EVERY, Coalescer
+from clawrouter.coalesce import REPLAYED, SWEEP_EVERY, Coalescer
 from clawrouter.context import RequestContext
 from clawrouter.errors import ClientGone, Conflict, PaidRequestFailed
 from clawrouter.payment.ledger import Payment
@@ -153,7 +153,8 @@ def test_a_paid_failure_kept_for_repeats_does_not_keep_its_requests_memory():
         coalescer = Coalescer(60)
         first = await handler(coalescer, "first request")
         repeat = await handler(coalescer, "repeat")  # gets it, and pays nothing
-        assert first == repeat == "paid, then failed" and len(coalescer) == 1
+        assert first == "paid, then failed" and repeat == REPLAYED + first
+        assert len(coalescer) == 1
         return coalescer
 
     gc.disable()
@@ -306,7 +307,8 @@ def test_a_payment_in_flight_for_as_long_as_a_paid_call_may_wait_is_still_recall
 def test_a_first_try_runs_anew_after_a_delivered_result_and_shares_everything_else():
     """`x-stainless-retry-count: 0` (`first_try`) is a new call, not a retry: it does not take
     a result a client received, and its own result replaces that one. It still joins work in
-    flight, takes a paid failure or a result every client left, and its unpaid failure puts
+    flight, takes a paid failure or a result every client left (once: then it is delivered),
+    and its unpaid failure puts
     back the result it passed over (whose own retries must still find it); retries, requests
     that do not say, and Idempotency-Keys share as before."""
     coalescer = Coalescer(60)
@@ -351,11 +353,14 @@ def test_a_first_try_runs_anew_after_a_delivered_result_and_shares_everything_el
         assert (await abandoned).transaction == "l"
         kept = await coalescer.run(ctx(), "left", None, work("m"), first_try=True)
         assert (kept.transaction, kept.shared) == ("l", True)
+        # ... once: received so, it is delivered, and the next first try is a new call
+        fresh = await coalescer.run(ctx(), "left", None, work("n"), first_try=True)
+        assert (fresh.transaction, fresh.shared) == ("n", False)
         # an Idempotency-Key keeps its one outcome whatever the try
         await coalescer.run(ctx(), "keyed", "k1", work("k"))
         keyed = await coalescer.run(ctx(), "keyed", "k1", work("x"), first_try=True)
         assert keyed.transaction == "k" and "x" not in runs
-        assert runs == ["a", "b", "f", "d", "p", "l", "k"]
+        assert runs == ["a", "b", "f", "d", "p", "l", "n", "k"]
 
     asyncio.run(main())
 

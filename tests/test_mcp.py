@@ -107,6 +107,26 @@ def test_lists_four_tools_with_schemas(shared: Any) -> None:
     assert all(t.description for t in tools)
 
 
+def test_tool_descriptions_say_what_an_agent_needs_before_paying(shared: Any) -> None:
+    """Which models are slow and what to do when their call times out, where the images go,
+    and what `edit_image` takes: paths absolute (the server's working folder is not the
+    agent's), and how many source images each model edits."""
+    import re
+
+    by_name = {t.name: t for t in shared(lambda s: s.list_tools()).tools}
+    generate, edit = by_name["generate_image"].description, by_name["edit_image"].description
+    for description in (generate, edit):
+        assert all(m.id in description for m in catalog.MODELS if m.slow), description
+        assert "same arguments" in description and "without paying again" in description
+        assert re.search(r"Images are saved in /\S+/out\.", description), description
+    assert "absolute local file path" in edit
+    image = by_name["edit_image"].input_schema["properties"]["image"]["description"]
+    assert "absolute local path" in image and "not yours" in image
+    for model in catalog.MODELS:
+        if model.edits:
+            assert f"{model.id} (up to {model.max_images})" in edit
+
+
 def test_generate_image_saves_a_png_and_reports_url_path_model_cost(
         tmp_path: Path, gateway: Any, sandbox: Any) -> None:
     async def use(session: ClientSession) -> tuple[Any, Any]:
@@ -180,6 +200,15 @@ def test_list_image_models_covers_the_catalog(shared: Any) -> None:
     body = text(result)
     assert all(m.id in body for m in catalog.MODELS) and "dall-e-3" in body and "flux" in body
     assert model_table.retired_names() in body
+    # every size's price, not a range, and which models take minutes
+    for model in catalog.MODELS:
+        row = next(line for line in body.splitlines() if line.startswith(f"| {model.id} |"))
+        for size, price in model.prices.items():
+            base = catalog.format_usd(catalog.to_micro(price * catalog.BASE_MARKUP))
+            assert f"{size} {base}" in row, (model.id, size)
+        assert ("slow" in row) == model.slow, row
+    assert all(card["slow"] == m.slow for card, m in zip(
+        result.structured_content["models"], catalog.MODELS))
 
 
 def test_wallet_status_reports_address_spend_and_budget(tmp_path: Path, make_gateway: Any
@@ -362,9 +391,9 @@ def test_skill_requests_ask_for_urls() -> None:
 
 def test_a_cancelled_call_still_stops_its_gateway_and_frees_the_wallet(tmp_path: Path) -> None:
     """MCP clients cancel a call that outlives their timeout (`notifications/cancelled`). The
-    gateway started for it must stop, once the coalescing window for the agent's retry has
-    passed, or it holds the wallet's ledger for the rest of the session: every later call and
-    the user's own commands would wait."""
+    gateway started for it must stop, once the cancelled call's request (which goes on, for
+    the agent's retry) has ended, or it holds the wallet's ledger for the rest of the session:
+    every later call and the user's own commands would wait."""
     import json
     import os
     import sqlite3
@@ -511,8 +540,8 @@ CANCELLED_CALL = {"name": "generate_image",
 def test_a_call_retried_after_the_agent_cancelled_it_is_not_paid_again(tmp_path: Path,
                                                                        sandbox: Any) -> None:
     """An agent whose timeout cancels a call during its paid request, then calls again: the
-    gateway started for the first call stays for the coalescing window, so the retry gets
-    the image that call paid for instead of paying a second time."""
+    cancelled call's request goes on in the background (and its gateway with it), so the
+    retry gets the image that call paid for instead of paying a second time."""
     import time
 
     with cancelled_while_paying(tmp_path, sandbox, 2) as (mcp, _):
@@ -522,8 +551,8 @@ def test_a_call_retried_after_the_agent_cancelled_it_is_not_paid_again(tmp_path:
         assert sandbox.stats()["payments_count"] == 1
 
 def test_a_call_cancelled_twice_is_not_paid_again(tmp_path: Path, sandbox: Any) -> None:
-    """Each cancel keeps the gateway for its own window: the first one's end must not stop it
-    inside the second's, where the agent's third try would find a new gateway and pay again."""
+    """A retry that joins the cancelled call's work and is cancelled in turn leaves that work
+    kept: the agent's third try still collects it."""
     import time
 
     with cancelled_while_paying(tmp_path, sandbox, 2.5,
@@ -541,7 +570,7 @@ def test_a_retry_while_the_cancelled_calls_work_still_runs_joins_it(tmp_path: Pa
                                                                     sandbox: Any) -> None:
     """The agent retries after the coalescing window, while the cancelled call's paid request
     still waits for its answer (a paid call may wait minutes): the gateway is kept while that
-    work runs, so the retry joins it instead of finding a new gateway and paying again."""
+    work runs, so the retry joins it instead of paying again."""
     import time
 
     with cancelled_while_paying(tmp_path, sandbox, 4.5,

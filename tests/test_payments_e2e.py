@@ -22,6 +22,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from clawrouter.coalesce import REPLAYED
 from clawrouter.sandbox.images import make_png
 from clawrouter.upstream import jobs
 from tests.servers import free_port
@@ -88,8 +89,17 @@ def test_a_lost_response_is_not_paid_again_on_retry(gateway, sandbox):
     first = gen(gateway)
     assert first.status_code == 502 and first.headers["x-should-retry"] == "false"
     again = gen(gateway)  # the same request again, within the coalescing window
-    assert again.status_code == 502 and again.json() == first.json()
+    assert again.status_code == 502 and again.json() == replayed(first)
+    assert again.headers["x-clawrouter-shared"] == "true" and again.headers["x-should-retry"] \
+        == "false"
+    assert "x-clawrouter-shared" not in first.headers
     assert sandbox.stats()["payments_count"] == 1
+
+
+def replayed(response: httpx.Response) -> dict:
+    """The envelope a repeat gets of `response`'s failure: the same, saying it is shared."""
+    body = response.json()
+    return {"error": {**body["error"], "message": REPLAYED + body["error"]["message"]}}
 
 
 def test_a_repeat_answered_from_the_first_request_says_so(gateway, sandbox):
@@ -281,7 +291,7 @@ def test_an_idempotency_key_whose_payment_was_refused_is_not_signed_for_after_a_
     assert refused.json()["error"]["code"] == "payment_rejected"
     kept = first.http.post("/v1/images/generations", headers=order,
                            json={**COGVIEW, "prompt": "once"})
-    assert kept.json() == refused.json()  # the same outcome while the gateway runs
+    assert kept.json() == replayed(refused)  # the same outcome while the gateway runs
     again, error = repeated_after_a_restart(first, make_gateway, home, order)
     assert (error["code"], error["payment"]) == ("idempotency_key_paid", "rejected")
     assert "refused" in error["message"] and "Not paid again" in error["message"]

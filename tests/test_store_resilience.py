@@ -117,6 +117,21 @@ def test_a_fresh_url_from_a_gateway_with_a_tiny_cap_can_be_fetched(make_gateway,
     assert httpx.get(url).status_code == 200
 
 
+def test_fresh_images_alone_over_the_cap_do_not_wake_a_prune_per_put(tmp_path: Path) -> None:
+    """Nothing a prune may take: no wake (each would sort the whole index for nothing); once
+    an image is no longer fresh, a put over the cap wakes one again."""
+    async def scenario() -> tuple[bool, bool]:
+        async with ImageStore(tmp_path, max_bytes=20_000) as store:
+            for i in range(3):
+                await store.put_bytes(png(10_000, i), META)
+            fresh_only = store._wake.is_set()
+            store._fresh_seconds = 0.0  # they are old now
+            await store.put_bytes(png(10_000, 9), META)
+            return fresh_only, store._wake.is_set()
+
+    assert run(scenario()) == (False, True)
+
+
 def test_eviction_spares_the_ids_it_is_told_to() -> None:
     from clawrouter.store.eviction import choose_victims
 

@@ -81,6 +81,8 @@ PROBE_TIMEOUT = httpx.Timeout(2.0)
 #: How long a command waits for another process to let go of the wallet's ledger: a slow
 #: model's job takes up to five minutes, then its download.
 LEDGER_WAIT = 600.0
+#: How long stopping an in-process gateway waits for the requests under way there to end.
+STOP_WAIT = 10.0
 
 
 class GatewayError(Exception):
@@ -293,17 +295,12 @@ class LocalGateway:
                                code="gateway_start_failed") from self._error
         return self.url
 
-    def working(self) -> bool:
-        """Whether paid work runs here that a client may yet come back for (`coalesce`): a
-        request whose client left goes on to its end."""
-        return self._app is not None and self._app.state.gw.coalescer.working()
-
     def stop(self) -> None:
         self._stopping = True  # (a launch still under way stops as soon as it is done)
         for server in self._servers:
             server.should_exit = True
         if self._thread.is_alive():
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=STOP_WAIT)
 
     def _run(self) -> None:
         try:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sqlite3
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from clawrouter.config import Settings, load_settings
 
@@ -27,11 +31,27 @@ _FILE_ERRORS = {"SQLITE_NOTADB": "is damaged or not a database",
 
 class CommandError(Exception):
     """Stop the command: `main()` prints `clawrouter: <message>` on stderr and exits `code`
-    (1 a failed request or check, 2 a usage or configuration error)."""
+    (1 a failed request or check, 2 a usage or configuration error); `name` is the error's
+    code in the JSON a `--json` command prints (`fail`)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, *, name: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.name = name or ("usage_error" if code == 2 else "failed")
+
+
+def fail(args: argparse.Namespace, message: str, status: int, code: str | None,
+         detail: dict[str, Any] | None = None, *, line: bool = True) -> int:
+    """End a command that failed: `clawrouter: <message>` on stderr (unless `line` is False:
+    said already) and, with `--json`, one document on stdout, `{"error": {"message", "code",
+    ...detail}}`, so that a script reading stdout always has one to read. Returns `status`,
+    the exit code."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"message": message, "code": code} | (detail or {})},
+                         indent=2))
+    if line:
+        print(f"clawrouter: {message}", file=sys.stderr)
+    return status
 
 
 def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
@@ -39,7 +59,8 @@ def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
     try:
         settings = load_settings(getattr(args, "config", None), **overrides)
     except (ValueError, FileNotFoundError) as exc:
-        raise CommandError(2, f"invalid configuration: {exc}") from None
+        raise CommandError(2, f"invalid configuration: {exc}",
+                           name="invalid_configuration") from None
     _home = settings.home
     return settings
 
@@ -71,6 +92,38 @@ def config_named(args: argparse.Namespace) -> Iterator[None]:
             os.environ.pop("CLAWROUTER_CONFIG", None)
         else:
             os.environ["CLAWROUTER_CONFIG"] = before
+
+
+class _CommandLines(logging.Handler):
+    """A warning logged where nothing set logging up (the gateway a command runs in-process,
+    its reconciler...) as one `clawrouter: …` line, like the command's own, rather than
+    Python's bare message. On whatever `sys.stderr` is when it comes: a stream bound here
+    could be closed by then (a caller, or a test, swaps sys.stderr per command)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr
+            above = "\r\033[K" if stream.isatty() else ""  # over a spinner's line, not after it
+            stream.write(f"{above}clawrouter: {self.format(record)}\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - as logging's own handlers: never fail the caller
+            self.handleError(record)
+
+
+@contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """While a command runs, warnings nobody handles read as the command's lines. Warnings,
+    not more: they are rare and concern the user's payments or machine (a payment's fate
+    unknown, file descriptors running out), which a `--verbose` to ask for would hide;
+    `serve` sets its own logging up (JSON lines), which this leaves alone."""
+    before, logging.lastResort = logging.lastResort, _CommandLines()
+    try:
+        yield
+    finally:
+        logging.lastResort = before
 
 
 def file_problem(exc: BaseException) -> str | None:

@@ -17,14 +17,15 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from clawrouter import catalog
 from clawrouter.cli.client import (
-    MAYBE_PAID, URL_HELP, BadGatewayUrl, Gateway, GatewayError, ImageResult, connect,
+    MAYBE_PAID, STOP_WAIT, URL_HELP, BadGatewayUrl, Gateway, GatewayError, ImageResult, connect,
     file_like_dir, output_dir, source_arg,
 )
-from clawrouter.cli.common import add_config, at_least, file_problem, setup_problem
+from clawrouter.cli.common import add_config, at_least, fail, file_problem, setup_problem
 from clawrouter.validate import MAX_N
 
 _ENV = ("Uses the running gateway (--url or CLAWROUTER_URL: that one only, and if it does not "
@@ -119,30 +120,27 @@ def run_edit(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, doing: str,
          call: Callable[[Gateway], Awaitable[ImageResult]]) -> int:
-    used: list[Gateway] = []
+    request = _Request()
     try:
         with _terminate_as_interrupt():
-            result = asyncio.run(_request(args.url, args.out, doing, call, used))
+            result = asyncio.run(_request(args.url, args.out, doing, call, request))
     except KeyboardInterrupt:
-        if any(gateway.posted for gateway in used):
-            message = f"interrupted. {MAYBE_PAID}"
-        else:
-            message = "interrupted before the request was sent: nothing was paid."
-        return _fail(args, message, 130, {"message": message, "code": "interrupted"})
+        message = request.interrupted()  # (said already if it came during the request)
+        return fail(args, message, 130, "interrupted", line=False)
     except BadGatewayUrl as exc:
-        return _fail(args, str(exc), 2, {"message": str(exc), "code": "bad_gateway_url"})
+        return fail(args, str(exc), 2, "bad_gateway_url")
     except (ValueError, FileNotFoundError) as exc:
-        return _fail(args, f"invalid configuration: {exc}", 2)
+        return fail(args, f"invalid configuration: {exc}", 2, "invalid_configuration")
     except GatewayError as exc:
         # the gateway this command starts could not: the set-up's fault, as for `serve`
         if (setup := setup_problem(exc.__cause__)) is not None:
-            return _fail(args, setup, 2, exc.to_json() | {"message": setup})
+            return fail(args, setup, 2, exc.code, exc.to_json() | {"message": setup})
         usage = exc.code == "bad_output_dir"  # CLAWROUTER_OUT's, as --out's: nothing was sent
-        return _fail(args, exc.message, 2 if usage else 1, exc.to_json())
+        return fail(args, exc.message, 2 if usage else 1, exc.code, exc.to_json())
     except OSError as exc:  # the settings file, before anything was sent (saving: `_save`)
         if (problem := file_problem(exc)) is None:
             raise
-        return _fail(args, problem, 2)
+        return fail(args, problem, 2, "file_problem")
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -167,20 +165,53 @@ def _run(args: argparse.Namespace, doing: str,
     return 0
 
 
+@dataclass
+class _Request:
+    """How far a command's request got, for what an interruption says."""
+
+    gateway: Gateway | None = None
+    #: the line said about the interruption, once said
+    told: str | None = None
+
+    def interrupted(self) -> str:
+        """Say (once) that the command was interrupted, and whether a payment may be under
+        way: as soon as it happens, not after this command's own gateway has stopped."""
+        if self.told is None:
+            self.told = (f"interrupted. {MAYBE_PAID}" if self.gateway and self.gateway.posted
+                         else "interrupted before the request was sent: nothing was paid.")
+            print(f"clawrouter: {self.told}", file=sys.stderr, flush=True)
+        return self.told
+
+
 async def _request(url: str | None, out: str | None, doing: str,
                    call: Callable[[Gateway], Awaitable[ImageResult]],
-                   used: list[Gateway]) -> ImageResult:
+                   request: _Request) -> ImageResult:
     spinner = Spinner(doing)
     spinner.start()
     try:
         await asyncio.to_thread(output_dir, out)  # before a gateway is started for nothing
-        async with await connect(url, waiting=spinner.note) as gateway:
-            used.append(gateway)
+        gateway = request.gateway = await connect(url, waiting=spinner.note)
+        try:
             if gateway.in_process:
                 spinner.note("no gateway running; started one in this process")
             return await call(gateway)
+        except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels us) or SIGTERM
+            await _interrupted(spinner, request, gateway)
+            raise
+        finally:
+            await gateway.aclose()
     finally:
         await spinner.stop()
+
+
+async def _interrupted(spinner: Spinner, request: _Request, gateway: Gateway) -> None:
+    """Stop the spinner and say so at once: a gateway this command runs stops only once the
+    paid request under way there has ended, which a slow model can take seconds to do."""
+    await spinner.stop()
+    request.interrupted()
+    if gateway.in_process and gateway.posted:
+        print(f"clawrouter: waiting for the gateway this command started to finish that "
+              f"request and stop (at most {STOP_WAIT:g} s)", file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -199,14 +230,6 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _fail(args: argparse.Namespace, message: str, code: int,
-          error: dict[str, Any] | None = None) -> int:
-    if args.json:
-        print(json.dumps({"error": error or {"message": message}}, indent=2))
-    print(f"clawrouter: {message}", file=sys.stderr)
-    return code
 
 
 class Spinner:

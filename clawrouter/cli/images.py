@@ -6,14 +6,13 @@ import argparse
 import asyncio
 import json
 import secrets
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from clawrouter.catalog import format_usd
-from clawrouter.cli.common import add_config, at_least, settings_from
+from clawrouter.cli.common import CommandError, add_config, at_least, settings_from
 from clawrouter.config import Settings
 from clawrouter.payment.ledgerlock import LedgerBusy, exclusive_lock, lock_path
 from clawrouter.payment.networks import NETWORKS
@@ -86,10 +85,9 @@ def run_prune(args: argparse.Namespace) -> int:
     with ledgers_held(settings) as busy:
         if busy is not None:  # its index and cache would keep serving deleted files
             who = f" ({busy.holder})" if busy.holder else ""
-            print(f"A gateway{who} is using {settings.home}: it applies "
-                  "CLAWROUTER_IMAGE_TTL_DAYS and CLAWROUTER_IMAGE_MAX_GB itself, in the "
-                  "background. Stop it to prune now.", file=sys.stderr)
-            return 1
+            raise CommandError(1, f"a gateway{who} is using {settings.home}: it applies "
+                               "CLAWROUTER_IMAGE_TTL_DAYS and CLAWROUTER_IMAGE_MAX_GB itself, "
+                               "in the background. Stop it to prune now.", name="ledger_busy")
 
         async def prune() -> list[str]:
             async with ImageStore.from_settings(settings) as store:

@@ -95,13 +95,13 @@ async def _from_gateway(settings: Settings, latest: int) -> tuple[dict[str, Any]
     except GatewayError as exc:  # another data directory's, another program, a key wanted
         if exc.code == "not_clawrouter":  # no gateway of ours answers: its ledger will do
             return None
-        raise CommandError(1, exc.message) from None
+        raise CommandError(1, exc.message, name=exc.code) from None
     async with gateway:
         try:
             summary = await gateway.spend(latest)
             health = await gateway.health()
         except GatewayError as exc:
-            raise CommandError(1, exc.message) from None
+            raise CommandError(1, exc.message, name=exc.code) from None
     summary["latest"] = summary["latest"][:latest]
     summary["sandbox"] = bool(health.get("sandbox"))
     return summary, f"the gateway at {gateway.url}"
@@ -118,7 +118,7 @@ def _from_ledger(settings: Settings, latest: int) -> tuple[dict[str, Any], str]:
         raise CommandError(1, f"a gateway is using the ledger {path} but did not answer at "
                        f"{settings.url}. Point stats at it with CLAWROUTER_URL (or the same "
                        "--config, CLAWROUTER_HOST and CLAWROUTER_PORT), or stop it to read "
-                       "the ledger directly.") from None
+                       "the ledger directly.", name="ledger_busy") from None
     return _read(ledger, settings, latest), str(path)
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import stat
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from clawrouter.catalog import format_dollars
 from clawrouter.cli.client import (
     URL_HELP, BadGatewayUrl, GatewayError, advertised, connect, foreign, probe,
 )
-from clawrouter.cli.common import add_config
+from clawrouter.cli.common import add_config, fail
 from clawrouter.config import DEFAULT_UPSTREAM, Settings
 
 
@@ -60,16 +59,11 @@ def run_status(args: argparse.Namespace) -> int:
     try:
         url, health, spend = asyncio.run(_status(args.url))
     except BadGatewayUrl as exc:  # --url or CLAWROUTER_URL: not the configuration's fault
-        print(f"clawrouter: {exc}", file=sys.stderr)
-        return 2
+        return fail(args, str(exc), 2, "bad_gateway_url")
     except (ValueError, FileNotFoundError) as exc:
-        print(f"clawrouter: invalid configuration: {exc}", file=sys.stderr)
-        return 2
+        return fail(args, f"invalid configuration: {exc}", 2, "invalid_configuration")
     except GatewayError as exc:
-        if args.json:
-            print(json.dumps({"error": exc.to_json()}, indent=2))
-        print(f"clawrouter: {exc.message}", file=sys.stderr)
-        return 1
+        return fail(args, exc.message, 1, exc.code, exc.to_json())
     if args.json:
         print(json.dumps({"url": url, "health": health, "spend": spend},
                          indent=2))

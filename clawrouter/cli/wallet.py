@@ -153,7 +153,7 @@ def run_show(args: argparse.Namespace) -> int:
     if found is None:
         raise CommandError(1, f"no wallet yet ({settings.home / KEY_FILE} does not exist): create "
                        "one with `clawrouter wallet create`, import one with `clawrouter "
-                       f"wallet import`, or set {ENV_KEY}")
+                       f"wallet import`, or set {ENV_KEY}", name="no_wallet")
     address = found.address
     network = NETWORKS[settings.network]
     micro = asyncio.run(usdc_balance(address, network,

@@ -145,7 +145,9 @@ class Budget:
                         "left), until nothing can settle them any more (the chain "
                         "sees the authorization expired, or it expires)")
         return BudgetExceeded(
-            f"Budget exceeded, nothing was signed: {why}. Raise {_SETTING[window]} to allow it.",
+            f"Budget exceeded, nothing was signed: {why}. Raise {_SETTING[window]} (or "
+            f"{_SETTING[window].removeprefix('CLAWROUTER_').lower()} in the config file) to "
+            "allow it.",
             extra={"window": window, "limit_usd": to_usd(limit), "remaining_usd": to_usd(left),
                    "requested_usd": to_usd(amount)})
 

@@ -279,9 +279,17 @@ class ImageStore:
             if existing is not None:  # stored again under its old row: not idle since then
                 self.mark_served(image_id)
             self.cache.put(image_id, data)
-        if self._total > self.max_bytes:
+        if self._over_cap():
             self._wake.set()
         return image
+
+    def _over_cap(self) -> bool:
+        """Over `max_bytes` with an image a prune may take: fresh images alone over the cap
+        (one bigger than it, a burst) would have every put and tick sort the index for nothing."""
+        if self._total <= self.max_bytes:
+            return False
+        since = time.monotonic() - self._fresh_seconds
+        return sum(t > since for t in self._fresh.values()) < len(self._index)
 
     async def fetch_and_put(self, url: str, meta: ImageMeta,
                             session: Getter) -> StoredImage:
@@ -470,7 +478,7 @@ class ImageStore:
             try:
                 await self._flush_served()
                 now = time.monotonic()
-                if self._total > self.max_bytes or now - last_prune >= self._prune_interval:
+                if self._over_cap() or now - last_prune >= self._prune_interval:
                     last_prune = now
                     await self.prune()
             except Exception:  # keep the loop alive; the next tick retries
