@@ -133,6 +133,11 @@ class Coalescer:
     def __len__(self) -> int:
         return len(self._keyed) + len(self._same)
 
+    def working(self) -> bool:
+        """Whether any request's work is still in progress (safe from another thread)."""
+        entries = [*list(self._keyed.values()), *list(self._same.values())]
+        return any(not entry.future.done() for entry in entries)
+
     def _table(self, key: tuple[str, ...]) -> dict[tuple[str, ...], _Entry]:
         return self._keyed if key[0] == "key" else self._same
 

@@ -12,6 +12,11 @@ from clawrouter.errors import ClientGone
 
 T = TypeVar("T")
 
+#: The request header by which a client says "I may leave, but I will retry: a slow job I paid
+#: for, finish it" (value `true`): `clawrouter mcp` sends it, as its agent's timeout cancels a
+#: call long before a slow model is done (`upstream/jobs.py`, `keep_paid_job`).
+KEEP_PAID_JOB = "x-clawrouter-keep-paid-job"
+
 
 @dataclass
 class RequestContext:
@@ -25,6 +30,9 @@ class RequestContext:
     #: kept with any payment it signs so that a repeat is known paid after a restart
     #: (`coalesce`)
     idempotency: str | None = None
+    #: the client asked that a slow job it paid for be polled to its end even if it leaves
+    #: (`KEEP_PAID_JOB`): nothing changes before the payment, where leaving still stops it
+    keep_paid_job: bool = False
     #: called once the upstream body is built and the big copies of the input are gone
     body_built: Callable[[], None] = field(default=lambda: None, repr=False)
     #: called once a slow job is accepted: the upstream body is gone too, for good (and a

@@ -242,6 +242,7 @@ def test_an_upstream_error_named_like_the_path_refusal_is_never_resent(
                cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert sandbox.stats()["payments_count"] == 1
+    assert as_json(proc)["error"]["payment"] not in (None, "none")  # a script must know
 
 
 def test_a_gateway_that_wants_a_key_says_so_and_shows_nothing_without_it(

@@ -391,9 +391,10 @@ def test_skill_requests_ask_for_urls() -> None:
 
 def test_a_cancelled_call_still_stops_its_gateway_and_frees_the_wallet(tmp_path: Path) -> None:
     """MCP clients cancel a call that outlives their timeout (`notifications/cancelled`). The
-    gateway started for it must stop, once the cancelled call's request (which goes on, for
-    the agent's retry) has ended, or it holds the wallet's ledger for the rest of the session:
-    every later call and the user's own commands would wait."""
+    gateway started for it must stop, once the cancelled call's paid work (which it finishes,
+    for the agent's retry) has ended and the window for that retry has passed, or it holds the
+    wallet's ledger for the rest of the session: every later call and the user's own commands
+    would wait."""
     import json
     import os
     import sqlite3
@@ -540,8 +541,8 @@ CANCELLED_CALL = {"name": "generate_image",
 def test_a_call_retried_after_the_agent_cancelled_it_is_not_paid_again(tmp_path: Path,
                                                                        sandbox: Any) -> None:
     """An agent whose timeout cancels a call during its paid request, then calls again: the
-    cancelled call's request goes on in the background (and its gateway with it), so the
-    retry gets the image that call paid for instead of paying a second time."""
+    gateway finishes the paid work of the cancelled call's request (and is kept for it), so
+    the retry gets the image that call paid for instead of paying a second time."""
     import time
 
     with cancelled_while_paying(tmp_path, sandbox, 2) as (mcp, _):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,20 +52,25 @@ async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
             await anyio.sleep(0.05)
 
 
-async def timed_out(session: ClientSession, sandbox: Any, tool: str,
-                    arguments: dict[str, Any]) -> None:
+async def timed_out(session: ClientSession, tool: str, arguments: dict[str, Any],
+                    when: Callable[[], bool]) -> None:
     """Call `tool` and give up on it (as a client's timeout does: the SDK sends
-    `notifications/cancelled`) once its payment has reached the upstream."""
-    paid = sandbox.stats()["payments_count"]
+    `notifications/cancelled`) once `when()` holds."""
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as group:
             async def give_up() -> None:
-                await until(lambda: sandbox.stats()["payments_count"] > paid)
+                await until(when)
                 scope.cancel()
 
             group.start_soon(give_up)
             await session.call_tool(tool, arguments)
-    assert scope.cancelled_caught, "the call ended before its payment was sent"
+    assert scope.cancelled_caught, "the call ended before it was given up"
+
+
+def payment_sent(sandbox: Any) -> Callable[[], bool]:
+    """Whether a payment (one more than now) has reached the upstream."""
+    paid = sandbox.stats()["payments_count"]
+    return lambda: sandbox.stats()["payments_count"] > paid
 
 
 SLOW_CALL = {"prompt": "a sign that reads OPEN", "model": "gpt-image-2"}
@@ -74,9 +79,10 @@ SLOW_CALL = {"prompt": "a sign that reads OPEN", "model": "gpt-image-2"}
 @pytest.mark.parametrize("where", ["in-process", "serve"])
 def test_a_slow_call_retried_after_the_agents_timeout_gets_its_image_without_paying_again(
         tmp_path: Path, sandbox: Any, make_gateway: Any, monkeypatch: Any, where: str) -> None:
-    """A slow model outlives the agent's timeout, which cancels the call; the agent retries
-    later than the gateway waits for a client that left. The cancelled call's request went on
-    in the background, so the retry gets its image: paid once, the file saved. It is then
+    """A slow model outlives the agent's timeout, which cancels the call and its request; the
+    agent retries later than the gateway waits for a client that left. The request asked the
+    gateway to finish a paid job all the same (`KEEP_PAID_JOB`), and the server kept its own
+    gateway for it, so the retry gets its image: paid once, the file saved. It is then
     delivered: the same call once more is a new image, paid again."""
     monkeypatch.setattr("clawrouter.upstream.jobs.REJOIN_SECONDS", REJOIN)  # a `serve` here
     sandbox.configure(slow_seconds=2.5)
@@ -84,7 +90,7 @@ def test_a_slow_call_retried_after_the_agents_timeout_gets_its_image_without_pay
     env = server_env(tmp_path, sandbox, url)
 
     async def use(session: ClientSession) -> tuple[Any, Any]:
-        await timed_out(session, sandbox, "generate_image", SLOW_CALL)
+        await timed_out(session, "generate_image", SLOW_CALL, payment_sent(sandbox))
         await anyio.sleep(REJOIN + 0.7)  # a gateway left alone would have given up by now
         retry = await session.call_tool("generate_image", SLOW_CALL)
         sandbox.configure(slow_seconds=0.2)
@@ -108,124 +114,38 @@ def test_a_slow_call_retried_after_the_agents_timeout_gets_its_image_without_pay
     assert sandbox.stats()["payments_count"] == 2  # the first call's, and the last one's
 
 
-# --- a paid call's work, in-process: cancels, retries, delivery -----------------------------
+def test_a_call_cancelled_before_the_gateway_paid_pays_nothing_and_its_retry_pays_once(
+        tmp_path: Path, sandbox: Any) -> None:
+    """The agent's timeout cancels a call while the gateway is still before its payment (it
+    waits on the upstream's unpaid probe): the cancel reaches the gateway, whose client left,
+    so nothing is signed (were the call left to go on, it would pay for an image nobody
+    asked for any more). The agent's retry is a new call, paid once."""
+    sandbox.faults({"kind": "delay", "phase": "unpaid", "seconds": 1.5, "times": 1})
+    call = {"prompt": "cancelled before paying", "model": "cogview"}
 
-class Scripted:
-    """A `Connection` whose gateway calls run `use` on a stand-in gateway (no HTTP): the
-    paid calls' work as the agent's cancels and retries see it."""
+    def probed() -> bool:
+        return bool(sandbox.stats()["requests"].get("generations", {}).get("unpaid"))
 
-    @staticmethod
-    def connection(window: float = 60.0) -> Any:
-        from types import SimpleNamespace
+    async def use(session: ClientSession) -> tuple[int, Any]:
+        await timed_out(session, "generate_image", call, probed)
+        await anyio.sleep(2.0)  # the probe has answered: work that went on would have paid
+        return sandbox.stats()["payments_count"], await session.call_tool("generate_image",
+                                                                          call)
 
-        from clawrouter.agents.mcp_server import Connection
+    async def main() -> tuple[int, Any]:
+        with anyio.fail_after(60):
+            async with agent(server_env(tmp_path, sandbox)) as session:
+                return await use(session)
 
-        class Stand(Connection):
-            async def run(self, use: Any) -> Any:
-                return await use(SimpleNamespace(
-                    settings=SimpleNamespace(coalesce_window_seconds=window)))
-
-        return Stand()
-
-
-def paid_work(sends: list[str], seconds: float, *, fail: str | None = None,
-              before_sending: float = 0.0) -> Callable[[Any], Any]:
-    """A paid call's gateway work: `before_sending` s, its request sent (as the httpx hook
-    marks it), `seconds` s for the answer; then images, or the tool error `fail`."""
-    import httpx
-    from mcp.server.mcpserver.exceptions import ToolError
-
-    from clawrouter.agents.mcp_server import _mark_sent
-    from clawrouter.cli.client import ImageResult, SavedImage
-
-    async def use(gateway: Any) -> ImageResult:
-        await anyio.sleep(before_sending)
-        await _mark_sent(httpx.Request("POST", "http://127.0.0.1/v1/images/generations"))
-        sends.append("sent")
-        number = len(sends)  # this call's image is named after its send
-        await anyio.sleep(seconds)
-        if fail:
-            raise ToolError(fail)
-        return ImageResult("m", "0.05", None, [SavedImage("", f"/out/{number}.png")])
-
-    return use
+    paid_after_the_cancel, retry = anyio.run(main)
+    assert paid_after_the_cancel == 0
+    assert not retry.is_error, text(retry)
+    assert retry.structured_content["shared"] is False
+    assert Path(retry.structured_content["images"][0]["path"]).read_bytes().startswith(PNG_MAGIC)
+    assert sandbox.stats()["payments_count"] == 1
 
 
-async def cancelled_after(seconds: float, call: Awaitable[Any]) -> None:
-    with anyio.move_on_after(seconds) as scope:
-        await call
-    assert scope.cancelled_caught
-
-
-def test_a_retry_joins_the_cancelled_calls_work_and_then_it_is_delivered() -> None:
-    sends: list[str] = []
-
-    async def main() -> tuple[Any, Any]:
-        connection = Scripted.connection()
-        await cancelled_after(0.1, connection.paid("call", paid_work(sends, 0.3)))
-        retry = await connection.paid("call", paid_work(sends, 0.3))  # joins it, running
-        again = await connection.paid("call", paid_work(sends, 0.0))
-        return retry, again
-
-    retry, again = anyio.run(main)
-    assert retry.shared is True and retry.images[0].path == "/out/1.png"
-    assert again.shared is False and again.images[0].path == "/out/2.png"
-    assert sends == ["sent", "sent"]  # the cancelled call's, and the last call's
-
-
-def test_a_retry_after_the_cancelled_work_ended_takes_its_outcome_within_the_window() -> None:
-    sends: list[str] = []
-
-    async def main() -> tuple[Any, Any]:
-        connection = Scripted.connection(window=0.4)
-        await cancelled_after(0.05, connection.paid("a", paid_work(sends, 0.1)))
-        await cancelled_after(0.05, connection.paid("b", paid_work(sends, 0.1)))
-        await anyio.sleep(0.2)  # both ended; "a" is retried within its window, "b" after it
-        retry = await connection.paid("a", paid_work(sends, 0.0))
-        await anyio.sleep(0.4)
-        late = await connection.paid("b", paid_work(sends, 0.0))
-        return retry, late
-
-    retry, late = anyio.run(main)
-    assert retry.shared is True and retry.images[0].path == "/out/1.png"
-    assert late.shared is False and sends == ["sent", "sent", "sent"]
-
-
-def test_a_call_cancelled_before_its_request_was_sent_stops_and_pays_nothing() -> None:
-    sends: list[str] = []
-
-    async def main() -> Any:
-        connection = Scripted.connection()
-        await cancelled_after(0.05, connection.paid("call", paid_work(
-            sends, 0.0, before_sending=0.2)))
-        await anyio.sleep(0.3)  # it would have sent by now
-        assert sends == []
-        return await connection.paid("call", paid_work(sends, 0.0))  # a new call
-
-    assert anyio.run(main).shared is False and sends == ["sent"]
-
-
-def test_a_retry_of_cancelled_work_that_failed_says_whose_failure_it_is() -> None:
-    from mcp.server.mcpserver.exceptions import ToolError
-
-    from clawrouter.agents.mcp_server import EARLIER_FAILED
-
-    sends: list[str] = []
-
-    async def main() -> tuple[str, Any]:
-        connection = Scripted.connection()
-        await cancelled_after(0.05, connection.paid("call", paid_work(
-            sends, 0.1, fail="clawrouter: Upstream failed after payment")))
-        try:
-            await connection.paid("call", paid_work(sends, 0.0))
-        except ToolError as exc:
-            failed = str(exc)
-        return failed, await connection.paid("call", paid_work(sends, 0.0))
-
-    failed, again = anyio.run(main)
-    assert failed == EARLIER_FAILED + "clawrouter: Upstream failed after payment"
-    assert again.shared is False and sends == ["sent", "sent"]
-
+# --- progress -------------------------------------------------------------------------------
 
 def test_a_running_paid_call_reports_progress(monkeypatch: Any) -> None:
     monkeypatch.setattr("clawrouter.agents.mcp_server.PROGRESS_EVERY", 0.05)
@@ -235,7 +155,18 @@ def test_a_running_paid_call_reports_progress(monkeypatch: Any) -> None:
         seen.append(elapsed)
 
     async def main() -> None:
-        await Scripted.connection().paid("call", paid_work([], 0.3), progress)
+        from clawrouter.agents.mcp_server import Connection
+        from clawrouter.cli.client import ImageResult
+
+        class Stand(Connection):  # its gateway call takes 0.3 s, over no HTTP
+            async def run(self, use: Any) -> Any:
+                return await use(None)
+
+        async def use(gateway: Any) -> ImageResult:
+            await anyio.sleep(0.3)
+            return ImageResult("m", "0.05", None, [])
+
+        await Stand().paid(use, progress)
 
     anyio.run(main)
     assert len(seen) >= 2 and seen == sorted(seen)

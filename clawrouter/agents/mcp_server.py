@@ -7,9 +7,11 @@ fix (budget, refused input, payment, no wallet) comes back as a tool error carry
 gateway's message, never as a crash of the server: the agent reads it and can act on it.
 
 Agents' clients give up on a call after a timeout (60 s by default in the TypeScript SDK) and
-cancel it, while a slow model takes minutes: a paid call whose request was sent goes on in the
-background to its end, and the agent's retry of the same call collects its outcome
-(`Connection.paid`) instead of paying again.
+cancel it, while a slow model takes minutes. The cancel reaches the gateway (the call's request
+is cancelled, its client leaves), so a call cancelled before the gateway paid costs nothing;
+every paid request asks the gateway to finish a slow job paid for all the same
+(`client.KEEP_PAID_JOB`), and the agent's retry of the same call gets its outcome from the
+gateway's coalescing instead of paying again (`Connection`).
 """
 
 from __future__ import annotations
@@ -20,14 +22,11 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Hashable
-from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import anyio
-import httpx
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ContentBlock, ImageContent, TextContent, ToolAnnotations
@@ -51,6 +50,8 @@ from clawrouter.validate import MAX_N
 LEDGER_WAIT = 40.0
 #: how long a call that ended (or was cancelled) may take to give its gateway back
 RELEASE_WAIT = 30.0
+#: how often (s) a gateway kept for a cancelled call's retry looks whether its work is done
+WORK_CHECK = 0.5
 #: how often (s) a paid call still running says so (MCP progress): some clients restart their
 #: timeout on each, so a slow model's minutes do not end the call
 PROGRESS_EVERY = 10.0
@@ -58,9 +59,6 @@ PROGRESS_EVERY = 10.0
 #: Anthropic API (others allow more), and a tool result an agent's host can hold; the images
 #: beyond it are named by path only. Ten 4096² images would be tens of MB in one message.
 INLINE_MAX_CHARS = 5_000_000
-#: how long a cancelled call's outcome waits for the agent's retry when the gateway's own
-#: coalescing window is unknown (a gateway named by URL): the setting's default
-DEFAULT_WINDOW = float(Settings.model_fields["coalesce_window_seconds"].default)
 
 INSTRUCTIONS = (
     "clawrouter makes and edits images through BlockRun and pays per image in USDC on Base "
@@ -80,39 +78,6 @@ _SLOW_NOTE = (
     "after its payment, its work goes on: call again with the same arguments and that call "
     "collects the same images without paying again (while it runs, or within the coalescing "
     "window, 60 s by default, after it ended).")
-#: how a retry's copy of an earlier identical call's failure begins (`Connection.paid`)
-EARLIER_FAILED = ("This is the outcome of the identical earlier call that was cancelled (timed "
-                  "out) after it was sent; nothing more was paid: ")
-
-
-@dataclass(eq=False)
-class _Work:
-    """One paid call's work, a task of its own so that it can outlive the call's cancel."""
-
-    task: asyncio.Task[ImageResult] | None = None
-    #: its paid request left for the gateway: from then on it may pay, so a cancel no longer
-    #: stops it (its result would be lost, and a slow job's payment held for nothing)
-    sent: bool = False
-    #: how long its outcome waits for a retry once it ended: the gateway's coalescing window
-    window: float = DEFAULT_WINDOW
-    #: (monotonic) when its outcome is no longer a retry's to take
-    until: float = float("inf")
-
-    def ended(self, task: asyncio.Task[ImageResult]) -> None:
-        self.until = time.monotonic() + self.window
-        if not task.cancelled():
-            task.exception()  # retrieved: a failure nobody came back for is no stray error
-
-
-#: the paid work the current task does, if any (its own context: see `_mark_sent`)
-_WORK: ContextVar[_Work | None] = ContextVar("clawrouter_mcp_work", default=None)
-
-
-async def _mark_sent(request: httpx.Request) -> None:
-    """(httpx request hook, run in the sending task) A paid call's request is leaving."""
-    work = _WORK.get()
-    if work is not None and request.method == "POST":
-        work.sent = True
 
 
 class Connection:
@@ -120,16 +85,21 @@ class Connection:
     session. One this process starts is kept only while calls are in flight: it holds the
     wallet's ledger, which the user's other commands need between an agent's calls, and a
     session can end (its client kills the server seconds later) under any request that
-    another process would have sent it. A paid call cancelled after its request was sent
-    keeps it in use until that request has ended (`paid`)."""
+    another process would have sent it. After a cancelled call that sent a paid request (the
+    agent's timeout), though, it is kept while paid work runs there and for
+    `coalesce_window_seconds` after: the gateway finishes the paid work whose client left (a
+    slow job too, as the request asks: `KEEP_PAID_JOB`) and keeps its result for the agent's
+    retry, which gets it instead of paying again (`_close_later`)."""
 
     def __init__(self, url: str | None = None) -> None:
         self.url = url
         self._gateway: Gateway | None = None
         self._users = 0  # calls using `_gateway` now
         self._lock = asyncio.Lock()
-        #: the work of paid calls the agent cancelled after they were sent, by call (`paid`)
-        self._kept: dict[Hashable, _Work] = {}
+        self._lingering: asyncio.Task[None] | None = None  # the watcher (`_close_later`)
+        self._lingering_for: Gateway | None = None  # the gateway it looks after
+        #: (monotonic) until when a cancelled call's gateway is kept, for the agent's retry
+        self._keep_until = 0.0
         #: a result of this session came from a sandbox: a gateway started afresh for
         #: `wallet_status` cannot tell an external sandbox before it has paid it
         self.sandbox_seen = False
@@ -146,21 +116,59 @@ class Connection:
                     if isinstance(exc.__cause__, LedgerBusy):
                         raise ToolError(wallet_busy(exc.__cause__)) from None
                     raise ToolError(f"clawrouter is unavailable: {exc.message}") from None
-                self._gateway.http.event_hooks["request"].append(_mark_sent)
+                # The agent's retry comes for a slow job whose call its timeout cancelled.
+                self._gateway.keep_paid_jobs = True
             self._users += 1
             return self._gateway
 
-    async def _release(self, gateway: Gateway, *, gone: bool = False) -> None:
+    async def _release(self, gateway: Gateway, *, gone: bool = False,
+                       cancelled: bool = False) -> None:
         """One call done; stop our own gateway after the last, forget a running one that
-        went away (`gone`), so the next call looks again."""
+        went away (`gone`), so the next call looks again. After a `cancelled` call (one that
+        sent a paid request), or while paid work runs there that a client left, a watcher
+        stops it instead, once that work has ended and the window for its retry has passed."""
         async with self._lock:
             self._users -= 1
             if self._gateway is not gateway:
+                return
+            if gateway.in_process and not gone and gateway.local is not None and (
+                    cancelled or self._watched() or gateway.local.working()):
+                window = gateway.settings.coalesce_window_seconds if gateway.settings else 0.0
+                if cancelled:
+                    self._keep_until = max(self._keep_until, time.monotonic() + window)
+                if not self._watched():
+                    self._lingering = asyncio.create_task(self._close_later(gateway, window))
+                    self._lingering_for = gateway
                 return
             if not (gone or gateway.in_process and not self._users):
                 return
             self._gateway = None
         await gateway.aclose()
+
+    def _watched(self) -> bool:
+        """Whether a watcher looks after the current gateway (`_close_later`)."""
+        return (self._lingering is not None and not self._lingering.done()
+                and self._lingering_for is self._gateway)
+
+    async def _close_later(self, gateway: Gateway, window: float) -> None:
+        """The watcher: stop our gateway once no work runs there that a retry could join, the
+        window for that retry has passed (it runs from the work's end, seen to within a
+        check) and no call is using it."""
+        assert gateway.local is not None
+        while True:
+            await asyncio.sleep(WORK_CHECK)
+            async with self._lock:
+                if self._gateway is not gateway:
+                    return
+                now = time.monotonic()
+                if gateway.local.working():
+                    self._keep_until = max(self._keep_until, now + window + WORK_CHECK)
+                    continue
+                if self._users or now < self._keep_until:
+                    continue
+                self._gateway = None
+            await gateway.aclose()
+            return
 
     async def run(self, use: Callable[[Gateway], Awaitable[T]]) -> T:
         """Run one gateway call; its refusals become tool errors with the gateway's message.
@@ -169,12 +177,16 @@ class Connection:
         a running gateway (a `serve`) that has since stopped refuses the connection. Then it
         is forgotten and the call made once more, on whatever gateway answers (or starts) now
         (a gateway the user named is not replaced: that call fails, saying it does not answer).
+        A cancelled call's request is cancelled with it: the gateway sees its client leave.
         """
         for attempt in (1, 2):
             gateway = await self._acquire()
-            gone, posted = False, gateway.posted
+            gone, cancelled, posted = False, False, gateway.posted
             try:
                 return await use(gateway)
+            except anyio.get_cancelled_exc_class():
+                cancelled = gateway.posted != posted  # a paid request of it may go on
+                raise
             except GatewayError as exc:
                 # nothing of this call left (its paid request, if any, was never sent)
                 unsent = exc.code == UNREACHABLE and gateway.posted == posted
@@ -188,106 +200,40 @@ class Connection:
                 # unshielded await here is cancelled at once, and the gateway would keep
                 # running and hold the wallet's ledger for the rest of the session.
                 with anyio.move_on_after(RELEASE_WAIT, shield=True):
-                    await self._release(gateway, gone=gone)
+                    await self._release(gateway, gone=gone, cancelled=cancelled)
         raise AssertionError("unreachable")  # the second attempt returns or raises
 
-    async def paid(self, call: Hashable, use: Callable[[Gateway], Awaitable[ImageResult]],
+    async def paid(self, use: Callable[[Gateway], Awaitable[ImageResult]],
                    progress: Callable[[float], Awaitable[None]] | None = None) -> ImageResult:
-        """`run` a paid call as a task of its own, so that the agent's cancel (its timeout)
-        does not lose what it paid for. Cancelled before its request was sent, it stops:
-        nothing was paid. Cancelled after, it goes on to its end and saves its images, and
-        the agent's retry of the same `call` (tool and arguments) joins it, or takes its
-        outcome once, within the coalescing window after its end, instead of paying again
-        (the gateway had stopped a slow job soon after its client left). Once taken, it is
-        delivered: the same call again is a new one. `progress` is told the seconds so far
-        every `PROGRESS_EVERY` while it runs."""
-        self._forget_expired()
-        work = earlier = self._kept.get(call)
-        if work is None:
-            work = self._start(use)
-        assert work.task is not None
+        """`run` a paid call, telling `progress` the seconds so far every `PROGRESS_EVERY`
+        while it runs. The agent's cancel (its timeout) cancels its request: before the
+        gateway paid, that stops it at no cost; after, the gateway finishes it and keeps the
+        result for the agent's retry (`KEEP_PAID_JOB`, `coalesce`)."""
+        ticking = asyncio.create_task(_ticking(progress)) if progress is not None else None
         try:
-            result = await _waited(work.task, progress)
-        except asyncio.CancelledError:
-            if earlier is None:
-                self._leave(call, work)
-            raise
-        except ToolError as exc:
-            if earlier is None:
-                raise
-            self._delivered(call, work)
-            raise ToolError(EARLIER_FAILED + str(exc)) from None
-        if earlier is None:
-            return result
-        self._delivered(call, work)
-        return replace(result, shared=True)
-
-    def _start(self, use: Callable[[Gateway], Awaitable[ImageResult]]) -> _Work:
-        work = _Work()
-
-        async def using(gateway: Gateway) -> ImageResult:
-            window = gateway.settings.coalesce_window_seconds if gateway.settings else None
-            work.window = DEFAULT_WINDOW if window is None else window
-            try:
-                result = await use(gateway)
-            except GatewayError as exc:
-                if exc.code == UNREACHABLE:
-                    work.sent = False  # it never left (the next attempt may send it)
-                raise
-            self.sandbox_seen |= result.sandbox
-            return result
-
-        async def working() -> ImageResult:
-            _WORK.set(work)  # this task's own context
-            return await self.run(using)
-
-        work.task = asyncio.create_task(working())
-        work.task.add_done_callback(work.ended)
-        return work
-
-    def _leave(self, call: Hashable, work: _Work) -> None:
-        """The agent cancelled `call`: stop its work if nothing of it was sent (nothing was
-        paid), else keep it for the agent's retry."""
-        assert work.task is not None
-        if work.sent and not work.task.cancelled():
-            self._kept.setdefault(call, work)
-        else:
-            work.task.cancel()
-
-    def _delivered(self, call: Hashable, work: _Work) -> None:
-        if self._kept.get(call) is work:
-            del self._kept[call]
-
-    def _forget_expired(self) -> None:
-        now = time.monotonic()
-        for call in [c for c, work in self._kept.items() if now >= work.until]:
-            del self._kept[call]
+            result = await self.run(use)
+        finally:
+            if ticking is not None:
+                ticking.cancel()
+        self.sandbox_seen |= result.sandbox
+        return result
 
     async def aclose(self) -> None:
-        """End of the session: work kept for a retry that cannot come any more is stopped
-        (its payment stays in the ledger; the images it saved stay in the output folder)."""
-        kept = [work.task for work in self._kept.values() if work.task is not None]
-        for task in kept:
-            task.cancel()
-        if kept:
-            await asyncio.wait(kept, timeout=RELEASE_WAIT)
-        self._kept.clear()
+        """End of the session: a gateway kept for a retry that cannot come any more stops
+        (a payment of work cut short stays in the ledger, for the chain to tell)."""
+        if self._lingering is not None:
+            self._lingering.cancel()
         if self._gateway is not None:
             await self._gateway.aclose()
             self._gateway = None
 
 
-async def _waited(task: asyncio.Task[T], progress: Callable[[float], Awaitable[None]] | None
-                  ) -> T:
-    """`task`'s outcome, leaving it running if the caller is cancelled; `progress` is told
-    the seconds so far every `PROGRESS_EVERY`."""
+async def _ticking(progress: Callable[[float], Awaitable[None]]) -> None:
+    """Tell `progress` the seconds so far every `PROGRESS_EVERY`, until cancelled."""
     started = time.monotonic()
     while True:
-        done, _ = await asyncio.wait({task}, timeout=PROGRESS_EVERY)
-        if done:
-            return task.result()
-        if progress is not None:
-            await progress(time.monotonic() - started)
+        await asyncio.sleep(PROGRESS_EVERY)
+        await progress(time.monotonic() - started)
 
 
 def wallet_busy(busy: LedgerBusy) -> str:
@@ -369,7 +315,6 @@ def build_server(connection: Connection, out: str | None = None) -> MCPServer:
         inline: Annotated[bool, Field(description=_INLINE)] = False,
     ) -> CallToolResult:
         result = await connection.paid(
-            ("generate_image", prompt, model, size, n),
             lambda gw: gw.generate(prompt, model=model, size=size, n=n, out=out),
             _progress(ctx, model_id(model, catalog.DEFAULT_GENERATE_MODEL)))
         return await _image_result("Generated", result, inline)
@@ -403,7 +348,6 @@ def build_server(connection: Connection, out: str | None = None) -> MCPServer:
         sources, mask_source = await asyncio.to_thread(
             lambda: ([source_arg(s) for s in images], source_arg(mask) if mask else None))
         result = await connection.paid(
-            ("edit_image", prompt, tuple(sources), mask_source, model, size),
             lambda gw: gw.edit(prompt, sources, mask=mask_source, model=model, size=size,
                                out=out),
             _progress(ctx, model_id(model, catalog.DEFAULT_EDIT_MODEL)))

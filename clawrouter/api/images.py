@@ -26,7 +26,7 @@ from clawrouter.api.streaming import KEEPALIVE_SECONDS, stream_response
 from clawrouter.catalog import format_usd
 from clawrouter.coalesce import fingerprint_parts
 from clawrouter.config import is_loopback_authority
-from clawrouter.context import RequestContext
+from clawrouter.context import KEEP_PAID_JOB, RequestContext
 from clawrouter.errors import ClawError, InvalidRequest
 from clawrouter.inputs.forms import Form, classify
 from clawrouter.offloop import off_loop
@@ -60,7 +60,14 @@ def context(request: Request) -> RequestContext:
     client = request.headers.get("authorization") or (
         f"{address} {request.headers.get('user-agent', '')}")
     return RequestContext(request.scope.get("state", {}).get("request_id", ""),
-                          base_url(request), client=client)
+                          base_url(request), client=client,
+                          keep_paid_job=keeps_paid_job(request))
+
+
+def keeps_paid_job(request: Request) -> bool:
+    """Whether the client asks that a slow job it paid for be finished if it leaves
+    (`KEEP_PAID_JOB: true`): it will retry for the result, which `coalesce` keeps for it."""
+    return request.headers.get(KEEP_PAID_JOB, "").strip().lower() == "true"
 
 
 @asynccontextmanager
@@ -164,9 +171,15 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
     if gw.settings.log_prompts:
         obs["prompt"] = job.prompt
     inputs = sum(len(s.value) for s in job.sources)
+
+    def paid_work(shared: RequestContext) -> Awaitable[Result]:
+        # The work runs on the coalescer's own context, which the request that starts it
+        # tells whether to finish a paid slow job its clients left.
+        shared.keep_paid_job = ctx.keep_paid_job
+        return gw.pipeline.run(job, shared)
+
     work = gw.coalescer.run(ctx, await off_loop(fingerprint, job, size=inputs),
-                            request.headers.get("idempotency-key"),
-                            lambda shared: gw.pipeline.run(job, shared),
+                            request.headers.get("idempotency-key"), paid_work,
                             window=0 if by_reference(job) else None,
                             first_try=first_try(request))
     if job.stream:  # the work runs while the stream is sent: the slot is held until it ends

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from clawrouter import catalog
+from clawrouter import catalog, context
 from clawrouter.cli.wallet import key_in_use
 from clawrouter.config import Settings, is_loopback_host
 from clawrouter.errors import InvalidRequest
@@ -73,6 +73,10 @@ DEFAULT_OUT = "~/Pictures/clawrouter"
 #: resends (an edit's files as bytes, an MCP call after a refused connection) follow an answer
 #: that nothing was paid, or a request that never left, so each is a first try too.
 FIRST_TRY = {"x-stainless-retry-count": "0"}
+#: Sent with paid requests by a `Gateway` asked to (`keep_paid_jobs`: `clawrouter mcp`, whose
+#: agent cancels a slow call at its timeout and retries it): the gateway finishes a slow job
+#: paid for after its client left, and keeps the result for the retry (`upstream/jobs.py`).
+KEEP_PAID_JOB = {context.KEEP_PAID_JOB: "true"}
 #: what `--out` names is a directory: a new one named like an image file is a mistake
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif"})
 #: Slow models answer 202 and are polled for up to five minutes by the gateway.
@@ -103,8 +107,11 @@ class GatewayError(Exception):
         self.payment = payment  # what the gateway says became of a payment, if one was made
 
     def to_json(self) -> dict[str, Any]:
-        return {"message": self.message, "type": self.type, "param": self.param,
-                "code": self.code, "status": self.status}
+        """The error for `--json`; with `payment` when the gateway said what became of one (a
+        script deciding whether to ask again must know whether this one paid)."""
+        shown = {"message": self.message, "type": self.type, "param": self.param,
+                 "code": self.code, "status": self.status}
+        return shown | ({"payment": self.payment} if self.payment is not None else {})
 
 
 class NoGateway(GatewayError):
@@ -295,6 +302,11 @@ class LocalGateway:
                                code="gateway_start_failed") from self._error
         return self.url
 
+    def working(self) -> bool:
+        """Whether paid work runs here that a client may yet come back for (`coalesce`): a
+        request whose client left goes on to its end."""
+        return self._app is not None and self._app.state.gw.coalescer.working()
+
     def stop(self) -> None:
         self._stopping = True  # (a launch still under way stops as soon as it is done)
         for server in self._servers:
@@ -365,6 +377,8 @@ class Gateway:
         self.settings = local.settings if local else settings
         #: paid requests sent (or maybe sent): one that ends without an answer may have paid
         self.posted = 0
+        #: ask the gateway to finish a slow job paid for if this client leaves (KEEP_PAID_JOB)
+        self.keep_paid_jobs = False
         self._policy: InputPolicy | None = None  # for local files sent as data (`_sendable`)
         self._read_here = False  # this machine's gateway refused paths: send files as data
         self.http = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, trust_env=False,
@@ -455,7 +469,8 @@ class Gateway:
         maybe_paid = f" {MAYBE_PAID}" if method == "POST" else ""
         posting = method == "POST"
         if posting:
-            kwargs["headers"] = {**kwargs.get("headers", {}), **FIRST_TRY}
+            kept = KEEP_PAID_JOB if self.keep_paid_jobs else {}
+            kwargs["headers"] = {**kwargs.get("headers", {}), **FIRST_TRY, **kept}
         self.posted += posting  # counted as it leaves: an interrupted one may have paid
         try:
             resp = await self.http.request(method, path, **kwargs)

@@ -10,6 +10,12 @@ without a status) or a poll was told the authorization is already used: that pol
 may have completed the job and settled, so the payment is then left pending for the chain to
 tell. Polls never sign anything new.
 
+A request that asked to keep its paid job (`context.KEEP_PAID_JOB`: `clawrouter mcp`, whose
+agent's timeout cancels a call long before a slow model is done, and which retries it) is
+polled to its deadline whether or not a client is there: its result is kept for that retry
+(`coalesce` keeps a result whose clients all left for its window). Before the payment, nothing
+differs: its client leaving still stops it at no cost.
+
 A poll ends on what the job says, not on the HTTP status, as BlockRun's SDKs do
 (blockrun-llm `jobs.py`): done on `status: "completed"` (or images with no status), failed on
 `status: "failed"` at any HTTP status, and a 200 that brings images ends it whatever its status
@@ -18,6 +24,7 @@ says; a 200 with another status and no images is still running.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from clawrouter.catalog import format_usd
@@ -119,7 +126,11 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
 
 async def _pause(ctx: RequestContext, seconds: float, give_up: float) -> None:
     """Sleep between polls; `ClientGone` once every client has left and none has joined
-    again within `REJOIN_SECONDS` (never past `give_up`, monotonic time)."""
+    again within `REJOIN_SECONDS` (never past `give_up`, monotonic time), unless the request
+    asked to keep its paid job: then its clients' leaving does not matter."""
+    if ctx.keep_paid_job:
+        await asyncio.sleep(seconds)
+        return
     try:
         await ctx.sleep(seconds)
     except ClientGone:
