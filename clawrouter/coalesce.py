@@ -73,6 +73,9 @@ class _Entry:
         if self.shared is None:
             return  # finished: nobody's leaving can stop it any more
         self.clients.append(ctx)
+        # One client that will retry for a slow job it paid (`KEEP_PAID_JOB`) keeps it for
+        # all: the others' leaving must not abandon what it was promised.
+        self.shared.keep_paid_job |= ctx.keep_paid_job
         if self.shared.gone.is_set() and not ctx.gone.is_set():
             # Every earlier client left, but the work has not stopped yet (it checks at its
             # safe points): it goes on for this one, rather than stop and be paid for again.

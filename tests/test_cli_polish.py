@@ -135,6 +135,27 @@ def test_ctrl_c_while_the_commands_load_exits_130_without_a_traceback(tmp_path: 
         assert proc.returncode in (130, -signal.SIGINT), (delay, proc.returncode, err)
 
 
+def test_a_process_started_ignoring_ctrl_c_still_ignores_it_while_loading(
+        tmp_path: Path) -> None:
+    """`clawrouter serve &` in a script starts with SIGINT ignored: noting Ctrl-C during the
+    imports must not turn that into an exit."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
+    env["CLAWROUTER_HOME"] = str(tmp_path / "home")
+    proc = subprocess.Popen([str(CONSOLE_SCRIPT), "mcp"], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        for _ in range(3):  # while it loads, and after
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert proc.poll() is None, proc.communicate()
+    finally:
+        proc.stdin.close()  # the end of an MCP session: it exits by itself
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+
+
 def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """`clawrouter ARGS` in this process, with a private data directory and no gateway where
     its settings look."""

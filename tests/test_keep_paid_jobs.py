@@ -95,3 +95,23 @@ def test_with_the_header_a_client_that_leaves_before_the_payment_pays_nothing(
     retry = ask(gateway, "gone before paying", KEEP_PAID_JOB)  # a new call, paid once
     assert retry.status_code == 200 and "x-clawrouter-shared" not in retry.headers
     assert sandbox.stats()["payments_count"] == 1
+
+
+def test_a_request_that_joins_with_the_header_keeps_the_shared_job(
+        gateway: Any, sandbox: Any, monkeypatch: Any) -> None:
+    """An SDK script and an MCP call with one API key are one client: the first without the
+    header starts the job, the MCP call joins it with the header, both leave. The job is
+    kept for the MCP call's retry, as it was promised."""
+    import threading
+
+    monkeypatch.setattr(jobs, "REJOIN_SECONDS", REJOIN)
+    sandbox.configure(slow_seconds=2.5)
+    starter = threading.Thread(target=left, args=(gateway, "shared", {}, 1.0))
+    starter.start()
+    time.sleep(0.3)
+    left(gateway, "shared", KEEP_PAID_JOB, 0.7)  # joins the job in flight; both gone by ~1 s
+    starter.join()
+    until(lambda: [row["status"] for row in rows(gateway)] == ["settled"])
+    retry = ask(gateway, "shared", KEEP_PAID_JOB)
+    assert retry.status_code == 200 and retry.headers["x-clawrouter-shared"] == "true"
+    assert sandbox.stats()["payments_count"] == 1

@@ -332,3 +332,33 @@ def test_maybe_paid_points_an_agent_to_wallet_status() -> None:
     said = for_agents(f"Lost the gateway. {MAYBE_PAID}")
     assert "wallet_status tool" in said and "clawrouter stats" not in said
     assert "GET /v1/spend" not in said  # an agent has no HTTP client for it
+
+
+def test_calls_that_overlap_uncancelled_leave_the_wallet_free_when_they_end(
+        tmp_path: Path, sandbox: Any) -> None:
+    """One call ending while another still ran made the server keep its own gateway (and so
+    the wallet's ledger) for the whole retry window after both, though nobody cancelled
+    anything: the user's next command waited a minute for the wallet."""
+    import json
+    import time
+
+    from clawrouter.config import Settings
+    from clawrouter.payment.ledger import in_use, lock_path
+    from tests.test_mcp import McpProcess
+
+    mcp = McpProcess(tmp_path, sandbox, CLAWROUTER_COALESCE_WINDOW_SECONDS="60")
+    lock = lock_path(Settings(home=tmp_path / "client-home").ledger_path_for("base-sepolia"))
+    try:
+        sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 1.0, "times": 1})
+        for request_id, prompt in ((1, "first"), (2, "second")):
+            mcp.send({"id": request_id, "method": "tools/call", "params": {
+                "name": "generate_image", "arguments": {"prompt": prompt, "model": "cogview"}}})
+            time.sleep(0.4)  # the second starts while the first is still paying
+        answered = {json.loads(mcp.proc.stdout.readline())["id"] for _ in range(2)}
+        assert answered == {1, 2}
+        deadline = time.monotonic() + 15  # a stop takes a moment; the window is 60 s
+        while in_use(lock):
+            assert time.monotonic() < deadline, "the wallet is kept though nothing was cancelled"
+            time.sleep(0.05)
+    finally:
+        mcp.close()

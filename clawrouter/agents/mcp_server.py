@@ -125,14 +125,17 @@ class Connection:
                        cancelled: bool = False) -> None:
         """One call done; stop our own gateway after the last, forget a running one that
         went away (`gone`), so the next call looks again. After a `cancelled` call (one that
-        sent a paid request), or while paid work runs there that a client left, a watcher
-        stops it instead, once that work has ended and the window for its retry has passed."""
+        sent a paid request), or while paid work runs there that a client left (the last call
+        is done, the work is not), a watcher stops it instead, once that work has ended and
+        the window for its retry has passed. A call that ends while others still run leaves
+        the gateway to them: the wallet stays free between calls nobody cancelled."""
         async with self._lock:
             self._users -= 1
             if self._gateway is not gateway:
                 return
             if gateway.in_process and not gone and gateway.local is not None and (
-                    cancelled or self._watched() or gateway.local.working()):
+                    cancelled or self._watched()
+                    or not self._users and gateway.local.working()):
                 window = gateway.settings.coalesce_window_seconds if gateway.settings else 0.0
                 if cancelled:
                     self._keep_until = max(self._keep_until, time.monotonic() + window)

@@ -171,15 +171,9 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
     if gw.settings.log_prompts:
         obs["prompt"] = job.prompt
     inputs = sum(len(s.value) for s in job.sources)
-
-    def paid_work(shared: RequestContext) -> Awaitable[Result]:
-        # The work runs on the coalescer's own context, which the request that starts it
-        # tells whether to finish a paid slow job its clients left.
-        shared.keep_paid_job = ctx.keep_paid_job
-        return gw.pipeline.run(job, shared)
-
     work = gw.coalescer.run(ctx, await off_loop(fingerprint, job, size=inputs),
-                            request.headers.get("idempotency-key"), paid_work,
+                            request.headers.get("idempotency-key"),
+                            lambda shared: gw.pipeline.run(job, shared),
                             window=0 if by_reference(job) else None,
                             first_try=first_try(request))
     if job.stream:  # the work runs while the stream is sent: the slot is held until it ends

@@ -19,18 +19,20 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C while the commands load is noted, not raised: a KeyboardInterrupt raised inside
     # the import machinery (a module lock's callback) is printed with a traceback by Python
     # itself, past any `except` of ours.
+    # Only Python's own handler is replaced: a SIGINT the process was started ignoring
+    # (`clawrouter serve &` in a script) stays ignored, and a handler set outside Python stays.
     interrupted: list[int] = []
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
-        noting = True
-    except ValueError:  # not the main thread (a caller embedding us): signals are not ours
-        noting = False
+    noting = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if noting:
+        try:
+            signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+        except ValueError:  # not the main thread (a caller embedding us): signals are not ours
+            noting = False
     try:
         from clawrouter.cli.commands import main as run
     finally:
         if noting:
-            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     if interrupted:
         return 130  # nothing ran yet
     try:
