@@ -73,25 +73,13 @@ def test_the_mcp_tools_never_replace_a_named_gateway(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The same rule for `clawrouter mcp` (it uses the same `connect`), and its tool error says
     which gateway did not answer and that nothing was started or paid."""
-    from mcp.server.mcpserver.exceptions import ToolError
-
-    from clawrouter.agents.mcp_server import Connection
+    from tests.test_mcp import health_refusal
 
     monkeypatch.setenv("CLAWROUTER_HOME", str(tmp_path / "client-home"))
     monkeypatch.setenv("CLAWROUTER_SANDBOX", "true")
     dead = f"http://127.0.0.1:{dead_port()}"
 
-    async def call() -> str:
-        connection = Connection(dead)
-        try:
-            await connection.run(lambda gateway: gateway.health())
-        except ToolError as exc:
-            return str(exc)
-        finally:
-            await connection.aclose()
-        return "answered"
-
-    message = anyio.run(call)
+    message = health_refusal(dead)
     assert f"No clawrouter gateway answers at {dead} (named by --url)" in message, message
     assert "Nothing was started, sent or paid" in message
     assert not (tmp_path / "client-home").exists()

@@ -94,6 +94,26 @@ def text(result: Any) -> str:
     return "\n".join(c.text for c in result.content if c.type == "text")
 
 
+def health_refusal(url: str | None = None) -> str:
+    """The tool error a `Connection` (to `url`, else as the settings say) gives for one call
+    that asks the gateway its health; a call that succeeds fails the test."""
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    from clawrouter.agents.mcp_server import Connection
+
+    async def main() -> str:
+        connection = Connection(url)
+        try:
+            await connection.run(lambda gateway: gateway.health())
+        except ToolError as exc:
+            return str(exc)
+        finally:
+            await connection.aclose()
+        raise AssertionError("the call did not fail")
+
+    return anyio.run(main)
+
+
 def test_lists_four_tools_with_schemas(shared: Any) -> None:
     tools = shared(lambda s: s.list_tools()).tools
     by_name = {t.name: t for t in tools}

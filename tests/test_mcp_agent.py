@@ -15,7 +15,7 @@ import pytest
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from tests.test_mcp import PNG_MAGIC, mcp_env, text
+from tests.test_mcp import PNG_MAGIC, health_refusal, mcp_env, text
 
 #: polling stops this soon (s) after its client left, not 5 s: a retry later than that found
 #: the job abandoned before the fix, and the test waits out no more than it must
@@ -203,8 +203,6 @@ def test_a_call_that_finds_the_wallet_busy_says_nothing_was_paid_and_to_try_agai
     call gives up well inside the 60 s after which agents' clients give up on it, and says
     what an agent can do: nothing was paid, try again shortly. Not the terminal's advice to
     stop that process (mid-payment) or use another data directory (another, empty wallet)."""
-    from mcp.server.mcpserver.exceptions import ToolError
-
     from clawrouter.agents import mcp_server
     from clawrouter.config import Settings
     from clawrouter.payment.ledgerlock import exclusive_lock, lock_path
@@ -219,18 +217,8 @@ def test_a_call_that_finds_the_wallet_busy_says_nothing_was_paid_and_to_try_agai
     lock = lock_path(Settings(home=home).ledger_path_for("base-sepolia"))
     lock.parent.mkdir(parents=True)
 
-    async def main() -> str:
-        connection = mcp_server.Connection()
-        try:
-            await connection.run(lambda gateway: gateway.health())
-        except ToolError as exc:
-            return str(exc)
-        finally:
-            await connection.aclose()
-        raise AssertionError("the call did not fail")
-
     with exclusive_lock(lock, "another"):
-        message = anyio.run(main)
+        message = health_refusal()
     assert message.startswith("Nothing was sent or paid: another clawrouter call"), message
     assert f"(pid {os.getpid()})" in message and "Try this call again shortly." in message
     assert "CLAWROUTER_HOME" not in message and "stop it" not in message

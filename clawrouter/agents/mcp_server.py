@@ -35,8 +35,8 @@ from pydantic import Field, ValidationError
 from clawrouter import __version__, catalog
 from clawrouter.cli import models as model_table
 from clawrouter.cli.client import (
-    DEFAULT_OUT, MAYBE_PAID, UNREACHABLE, BadGatewayUrl, Gateway, GatewayError, ImageResult,
-    checked_url, connect, model_id, source_arg,
+    MAYBE_PAID, UNREACHABLE, BadGatewayUrl, Gateway, GatewayError, ImageResult,
+    checked_url, connect, model_id, output_path, source_arg,
 )
 from clawrouter.cli.common import CommandError
 from clawrouter.config import Settings
@@ -284,12 +284,6 @@ def _argument_error(error: Any) -> str:
     return f"'{where}': {error['msg'][0].lower()}{error['msg'][1:]}"
 
 
-def output_folder(out: str | None) -> Path:
-    """Where the images will be saved, as `output_dir` finds it (named in the tools'
-    descriptions; created only when a call first saves there)."""
-    return Path(out or os.environ.get("CLAWROUTER_OUT") or DEFAULT_OUT).expanduser().resolve()
-
-
 def build_server(connection: Connection, out: str | None = None) -> MCPServer:
     """The MCP server with its four tools, bound to one gateway connection."""
     server: MCPServer = _Server("clawrouter", version=__version__, instructions=INSTRUCTIONS,
@@ -297,7 +291,7 @@ def build_server(connection: Connection, out: str | None = None) -> MCPServer:
     paid = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False,
                            open_world_hint=True)
     free = ToolAnnotations(read_only_hint=True, open_world_hint=False)
-    saved_in = f"Images are saved in {output_folder(out)}."
+    saved_in = f"Images are saved in {output_path(out)}."  # (made by the first call saving)
 
     @server.tool(annotations=paid, description=(
         "Generate images from a text prompt (paid per image in USDC). Returns the saved file "

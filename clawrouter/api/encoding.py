@@ -18,12 +18,13 @@ import pybase64
 
 
 class Base64:
-    """An image's base64, as bytes, for `json_bytes` to put in a JSON string."""
+    """An image's base64, as bytes, for `json_bytes` to put in a JSON string (after `prefix`:
+    a `data:` URI's head)."""
 
     __slots__ = ("data",)
 
-    def __init__(self, image: bytes) -> None:
-        self.data = pybase64.b64encode(image)
+    def __init__(self, image: bytes, prefix: bytes = b"") -> None:
+        self.data = prefix + pybase64.b64encode(image)
 
 
 def json_bytes(body: Any) -> bytes:

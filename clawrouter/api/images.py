@@ -271,10 +271,8 @@ async def _url(image: Any, base: str) -> str | Base64 | None:
 
 def data_uri(raw: bytes) -> Base64:
     """`raw` as a `data:` URI, spliced into the JSON as `Base64` is (no escaping needed)."""
-    uri = Base64(raw)
     mime = sniff_image(raw) or "application/octet-stream"
-    uri.data = b"data:%s;base64,%s" % (mime.encode(), uri.data)
-    return uri
+    return Base64(raw, prefix=b"data:%s;base64," % mime.encode())
 
 
 def output_format(image: Any) -> str | None:

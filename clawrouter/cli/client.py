@@ -156,9 +156,14 @@ def auth_headers(settings: Settings | None = None) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"} if key else {}
 
 
+def output_path(out: str | Path | None = None) -> Path:
+    """Where saved images go: `out`, else CLAWROUTER_OUT, else the default (not created)."""
+    return Path(out or os.environ.get("CLAWROUTER_OUT") or DEFAULT_OUT).expanduser().resolve()
+
+
 def output_dir(out: str | Path | None = None) -> Path:
     """Where saved images go, created if needed (before paying: a failure here cost nothing)."""
-    path = Path(out or os.environ.get("CLAWROUTER_OUT") or DEFAULT_OUT).expanduser().resolve()
+    path = output_path(out)
     if (problem := file_like_dir(path)) is not None:
         raise GatewayError(f"{problem}. Nothing was sent or paid.", code="bad_output_dir")
     try:
@@ -283,7 +288,7 @@ class LocalGateway:
                  notice: Callable[[str], None] | None = None) -> None:
         """`notice`: how to tell the user of a wallet key this start created (`_launch`)."""
         self.settings = on_this_machine(settings)  # no proxy reaches its ephemeral port
-        self.notice = notice or _to_stderr
+        self.notice = notice or to_stderr
         self.url = ""
         self.sandbox = False
         self._servers: list[Any] = []
@@ -355,7 +360,7 @@ def created_key_notice(path: Path | None) -> str:
             "wallet; it is the only copy of this wallet's key")
 
 
-def _to_stderr(text: str) -> None:
+def to_stderr(text: str) -> None:
     """A line for the user on stderr: stdout is a command's result (or MCP's protocol)."""
     print(f"clawrouter: {text}", file=sys.stderr, flush=True)
 
@@ -621,7 +626,7 @@ async def connect(url: str | None = None, *, start: bool = True,
     deadline = time.monotonic() + wait
     say = _once(waiting)
     while True:
-        local = LocalGateway(settings, notice=waiting or _to_stderr)
+        local = LocalGateway(settings, notice=waiting or to_stderr)
         starting = asyncio.ensure_future(asyncio.to_thread(local.start))
         try:
             return Gateway(await asyncio.shield(starting), local)

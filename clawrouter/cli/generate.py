@@ -23,7 +23,7 @@ from typing import Any
 from clawrouter import catalog
 from clawrouter.cli.client import (
     MAYBE_PAID, STOP_WAIT, URL_HELP, BadGatewayUrl, Gateway, GatewayError, ImageResult, connect,
-    file_like_dir, output_dir, source_arg,
+    file_like_dir, output_dir, source_arg, to_stderr,
 )
 from clawrouter.cli.common import add_config, at_least, fail, file_problem, setup_problem
 from clawrouter.validate import MAX_N
@@ -179,7 +179,7 @@ class _Request:
         if self.told is None:
             self.told = (f"interrupted. {MAYBE_PAID}" if self.gateway and self.gateway.posted
                          else "interrupted before the request was sent: nothing was paid.")
-            print(f"clawrouter: {self.told}", file=sys.stderr, flush=True)
+            to_stderr(self.told)
         return self.told
 
 
@@ -210,8 +210,8 @@ async def _interrupted(spinner: Spinner, request: _Request, gateway: Gateway) ->
     await spinner.stop()
     request.interrupted()
     if gateway.in_process and gateway.posted:
-        print(f"clawrouter: waiting for the gateway this command started to finish that "
-              f"request and stop (at most {STOP_WAIT:g} s)", file=sys.stderr, flush=True)
+        to_stderr("waiting for the gateway this command started to finish that request and "
+                  f"stop (at most {STOP_WAIT:g} s)")
 
 
 @contextmanager
