@@ -113,6 +113,9 @@ OPENAI_IMAGE_NAMES = frozenset({
     "gpt-image-2.5-sunburst", "gpt-image-2.5-flare", "gpt-image-2.6-sunburst",
     "gpt-image-2.6-flare", "chatgpt-image-latest",
 })
+#: OpenAI's other image model names, none of which BlockRun offers: unknown names whose 404
+#: says so, as for an OPENAI_IMAGE_NAMES one the catalog lacks (OpenAI answers these `url`)
+OTHER_OPENAI_NAMES = frozenset({"dall-e-2", "dalle-2", "dalle2", "openai/dall-e-2"})
 _SNAPSHOT_DATE = re.compile(r"-[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
 
 _FLUX = ("Flux was dropped by BlockRun and is no longer available. Use 'nano-banana' "
@@ -191,7 +194,7 @@ def openai_image_name(name: str) -> bool:
 
 def _not_offered(name: str) -> str:
     """For an OpenAI model name BlockRun lacks: which of OpenAI's models it does have."""
-    if not openai_image_name(name):
+    if not openai_image_name(name) and name.strip().lower() not in OTHER_OPENAI_NAMES:
         return ""
     ours = ", ".join(m.id for m in MODELS if m.provider == "openai")
     return f" It is an OpenAI model that BlockRun does not offer; its OpenAI models: {ours}."

@@ -82,7 +82,8 @@ class Settings(BaseSettings):
     max_usd_per_day: float = Field(5.00, ge=0, le=1_000_000)
     max_usd_per_month: float = Field(0.0, ge=0, le=1_000_000)
     max_usd_total: float = Field(0.0, ge=0, le=1_000_000)
-    max_timeout_seconds: int = Field(600, gt=0, le=600)
+    # (facilitators refuse an authorization that ends within 6 s: `policy.MIN_TIMEOUT_SECONDS`)
+    max_timeout_seconds: int = Field(600, ge=6, le=600)
     preauth: bool = True
     price_ttl_seconds: float = Field(3600.0, ge=0)
     coalesce_window_seconds: float = Field(60.0, ge=0)

@@ -129,6 +129,13 @@ class Running:
             server.should_exit = True
 
 
+def falls_back(url: str, sandbox: bool | str) -> bool:
+    """Whether `serve` uses the built-in sandbox when `url` does not answer (nothing, or an
+    HTTP error of 500 and up): only with `sandbox` left "auto" and BlockRun's own address (one
+    configured, or `sandbox = false`, is just down). `doctor` says so by the same rule."""
+    return sandbox == "auto" and url == DEFAULT_UPSTREAM
+
+
 async def start_gateway(settings: Settings, *, advertise: bool = False) -> Running:
     """Listen as `settings` say; use the sandbox when told to, or when BlockRun does not
     answer and no other upstream was configured. `advertise`: write the gateway's URL into
@@ -137,10 +144,9 @@ async def start_gateway(settings: Settings, *, advertise: bool = False) -> Runni
 
     raise_fd_limit()
     no_core_dumps()
-    use_sandbox = settings.sandbox
-    if use_sandbox == "auto":
-        use_sandbox = (settings.upstream_url == DEFAULT_UPSTREAM
-                       and not await upstream_reachable(settings.upstream_url))
+    use_sandbox = settings.sandbox is True or (
+        falls_back(settings.upstream_url, settings.sandbox)
+        and not await upstream_reachable(settings.upstream_url))
     servers: list[uvicorn.Server] = []
     tasks: list[asyncio.Task[None]] = []
     try:

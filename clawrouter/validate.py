@@ -30,9 +30,26 @@ UNSUPPORTED: dict[str, str] = {
 }
 
 
+#: OpenAI fields accepted (and not forwarded) only with the values that ask for nothing
+#: BlockRun does not do anyway: any other value would be paid for and not honoured, so it is
+#: refused, as UNSUPPORTED's fields are. Field -> (the values accepted, why no other is)
+UNSUPPORTED_VALUES: dict[str, tuple[tuple[str, ...], str]] = {
+    "background": (("auto", "opaque"), "BlockRun's models return opaque images"),
+}
+
+
 def unsupported(name: str) -> InvalidRequest:
     return InvalidRequest(f"'{name}' is not supported: BlockRun's image API does not take "
                           f"{UNSUPPORTED[name]}.", param=name, code="unsupported_parameter")
+
+
+def unsupported_value(name: str, value: str) -> InvalidRequest:
+    """`unsupported_value`, not `unsupported_parameter`: the field itself is accepted, with
+    the values that change nothing."""
+    accepted, why = UNSUPPORTED_VALUES[name]
+    return InvalidRequest(f"{name}={value[:40]!r} is not supported: {why}; "
+                          f"{', '.join(repr(v) for v in accepted)} or null are accepted.",
+                          param=name, code="unsupported_value")
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,10 @@ def _common(body: GenerationBody | EditBody, default_model: str, default_format:
     for name in UNSUPPORTED.keys() & (body.model_extra or {}).keys():
         if body.model_extra[name] not in (None, ""):  # null or blank is unset
             raise unsupported(name)
+    for name, (accepted, _) in UNSUPPORTED_VALUES.items():
+        value = getattr(body, name, None)
+        if value not in (None, "", *accepted):
+            raise unsupported_value(name, value)
     resolved = catalog.resolve(body.model or default_model)
     size = resolved.size(body.size if body.size and body.size != "auto" else
                          default_size(resolved.model))

@@ -15,7 +15,7 @@ from clawrouter.errors import BudgetExceeded
 from clawrouter.payment.budget import Budget
 from clawrouter.payment.ledger import EXPIRY_MARGIN, Ledger, day_start
 
-from tests.test_ledger import TODAY, Clock, record
+from tests.test_ledger import NOON, TODAY, Clock, record
 
 IMAGE = 53_500  # nano-banana on Base: $0.0525 + $0.001 fee
 
@@ -378,3 +378,42 @@ def test_from_settings(ledger: Ledger, clock: Clock, tmp_path: Path) -> None:
     b = Budget.from_settings(ledger, settings, clock=clock)
     assert b.limits == {"request": 500_000, "day": 2_000_000, "month": 30_000_000, "total": 0}
     assert b.remaining()["request"] == {"limit_usd": 0.5, "remaining_usd": 0.5}
+
+
+@pytest.mark.parametrize("window", ["day", "month"])
+def test_a_clock_that_ran_ahead_and_came_back_does_not_double_the_daily_limit(tmp_path,
+                                                                            window):
+    """Rows dated after now (signed while the clock ran ahead, then set right) count in the
+    current day's and month's windows, which run from their start on, as the ledger's SQL
+    sums (`spent(since=…)`, /v1/spend's `today`) do; across a restart too."""
+    from datetime import date
+
+    ahead = 86_400 if window == "day" else 40 * 86_400  # a day, or into the next month
+    clock = Clock(NOON + ahead)  # an unsynced RTC, a wrong manual setting
+    path = tmp_path / "ledger.sqlite3"
+    limits = {"per_day_usd": 0.1 if window == "day" else 0, "per_month_usd": 0.1}
+
+    def spend_all(ledger: Ledger) -> int:
+        budget = Budget(ledger, per_request_usd=1, total_usd=0, clock=clock, **limits)
+        paid = 0
+        while True:
+            try:
+                reservation = budget.reserve(50_000)
+            except BudgetExceeded:
+                assert budget.remaining()[window]["used_usd"] == 0.1
+                return paid
+            with reservation:
+                record(ledger, 50_000, reservation=reservation)
+            paid += 50_000
+
+    with Ledger(path, clock=clock) as ledger:
+        assert spend_all(ledger) == 100_000
+        clock.now = NOON + 60  # NTP corrects it a minute later, in real time
+        assert spend_all(ledger) == 0, f"the {window}'s limit was spent a second time"
+        today = date.fromtimestamp(clock.now)
+        start = day_start(today if window == "day" else today.replace(day=1))
+        counted = (ledger.spent_since_day(today.isoformat()) if window == "day"
+                   else ledger.spent_since_month(today.isoformat()[:7]))
+        assert counted == ledger.spent(since=start) == 100_000  # memory and SQL agree
+    with Ledger(path, clock=clock) as ledger:  # a restart counts them alike
+        assert spend_all(ledger) == 0

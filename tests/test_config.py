@@ -196,7 +196,9 @@ def test_a_list_setting_from_the_environment_must_be_json(monkeypatch, tmp_path)
     # finite, yet infinite once turned into bytes or micro-USDC
     ("max_image_mb", 1e308), ("max_usd_per_day", 1e308), ("max_usd_per_request", 1e308),
     ("max_usd_total", 1e308), ("price_tolerance", 1e308), ("low_balance_usd", -1),
-    ("coalesce_window_seconds", -1), ("price_ttl_seconds", -1)])
+    ("coalesce_window_seconds", -1), ("price_ttl_seconds", -1),
+    # under x402's 6 s every challenge would be refused; over 600, longer than BlockRun's
+    ("max_timeout_seconds", 5), ("max_timeout_seconds", 601)])
 def test_timings_and_store_limits_are_bounded_and_finite(tmp_path, name, bad):
     with pytest.raises(ValidationError):
         Settings(home=tmp_path, **{name: bad})

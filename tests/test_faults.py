@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from clawrouter.payment import policy
 from clawrouter.sandbox import verify as sandbox_verify
 from clawrouter.sandbox.images import make_png
 from clawrouter.upstream import jobs
@@ -63,8 +64,10 @@ def test_an_upstream_that_hangs_past_the_timeout(make_gateway, own_sandbox, monk
     rather than hang up on an image that is then paid for."""
     sandbox = own_sandbox  # the hung request ends after the test, unseen by the next one
     # The sandbox (in this process) accepts an authorization valid for 2 s more, not only for
-    # x402's 6: the wait is for the authorization, whatever its length.
+    # x402's 6, and the gateway signs one: the wait is for the authorization, whatever its
+    # length.
     monkeypatch.setattr(sandbox_verify, "MIN_VALIDITY_SECONDS", 2)
+    monkeypatch.setattr(policy, "MIN_TIMEOUT_SECONDS", 2)
     sandbox.configure(max_timeout_seconds=3)
     gw = make_gateway(sandbox.api, upstream_timeout=0.5)
     # the hang outlasts what the gateway may wait by far: 0.5 s unpaid, 3 s paid
@@ -405,12 +408,15 @@ def test_a_slow_job_is_signed_for_its_poll_window_and_never_polled_past_expiry(m
     outlive the polling: the gateway raises a short `maxTimeoutSeconds` to the poll window
     (within `max_timeout_seconds`). Where it may not, it stops polling before the
     authorization expires and says so: nothing settled, no image."""
-    # 3 s, which the sandbox (in this process) is made to accept (x402's least is 6); the job
-    # outlives the short window (polls stop 2 s before it ends, 0-1 s in), not the long one
+    # 3 s, which the sandbox (in this process) is made to accept and the gateway to sign
+    # (x402's least is 6); the job outlives the short window (polls stop 2 s before it ends,
+    # 0-1 s in), not the long one
     monkeypatch.setattr(sandbox_verify, "MIN_VALIDITY_SECONDS", 2)
+    monkeypatch.setattr(policy, "MIN_TIMEOUT_SECONDS", 2)
     sandbox.configure(max_timeout_seconds=3, slow_seconds=2)
     signs_longer = make_gateway(poll_deadline=20)
-    may_not = make_gateway(poll_deadline=20, max_timeout_seconds=3)
+    may_not = make_gateway(poll_deadline=20)
+    may_not.gw.settings.max_timeout_seconds = 3  # (below what the settings let a user set)
     answers = {}
 
     def ask(name, gw):
@@ -436,14 +442,11 @@ def test_a_slow_job_is_signed_for_its_poll_window_and_never_polled_past_expiry(m
     assert [row["status"] for row in rows(may_not)] == ["rejected"]
 
 
-@pytest.mark.parametrize("lost", [{"kind": "respond", "status": 504},
-                                  {"kind": "drop"}])
-def test_a_lost_poll_answer_leaves_the_payment_pending_never_refunded(make_gateway, sandbox,
-                                                                      lost):
+def test_a_lost_poll_answer_leaves_the_payment_pending_never_refunded(make_gateway, sandbox):
     """BlockRun settles on the poll that completes the job: one whose answer was lost may have
     settled, so the budget keeps holding the amount until the chain tells."""
     gw = make_gateway(poll_deadline=0.6)
-    sandbox.faults({"kind": "job"}, {**lost, "phase": "poll", "settle": True})
+    sandbox.faults({"kind": "job"}, {"kind": "drop", "phase": "poll", "settle": True})
     r = gen(gw)
     assert r.status_code == 504 and r.headers["x-should-retry"] == "false"
     assert "may have settled" in error(r)["message"] and error(r)["payment"] == "signed"
@@ -451,6 +454,21 @@ def test_a_lost_poll_answer_leaves_the_payment_pending_never_refunded(make_gatew
     (row,) = rows(gw)
     assert row["status"] == "failed_after_payment" and "poll 1" in row["note"]
     assert gw.http.get("/v1/spend").json()["today"]["pending"]["micro"] == row["amount"]
+
+
+def test_a_failed_poll_answer_with_a_settlement_receipt_is_a_settled_payment(make_gateway,
+                                                                            sandbox):
+    """A 504 to the completing poll that still carries the settlement receipt is no lost
+    answer: the money moved, and the client and the ledger say so, with the transaction."""
+    gw = make_gateway(poll_deadline=0.6)
+    sandbox.faults({"kind": "job"},
+                   {"kind": "respond", "status": 504, "phase": "poll", "settle": True})
+    r = gen(gw)
+    assert r.status_code == 502 and r.headers["x-should-retry"] == "false"
+    assert error(r)["payment"] == "settled" and sandbox.stats()["settled_count"] == 1
+    (row,) = rows(gw)
+    assert row["status"] == "settled" and row["transaction"] == error(r)["transaction"], row
+    assert gw.http.get("/v1/spend").json()["today"]["micro"] == row["amount"]
 
 
 def test_a_job_whose_202_was_lost_is_polled_not_paid_again(gateway, sandbox):
@@ -472,7 +490,7 @@ def test_a_failure_after_a_lost_poll_answer_leaves_the_payment_pending(make_gate
     """The lost poll may have completed the job and settled; a later poll that is refused (the
     authorization is used) or reports the job failed does not make it unpaid."""
     gw = make_gateway(poll_deadline=5)
-    lost = {"kind": "respond", "phase": "poll", "status": 504, "settle": True, "times": 1}
+    lost = {"kind": "drop", "phase": "poll", "settle": True, "times": 1}
     if then == "job failed":
         sandbox.faults({"kind": "job", "outcome": "failed"}, lost)
     else:
@@ -494,8 +512,7 @@ def test_a_client_that_leaves_after_a_lost_poll_is_not_paid_for_again(make_gatew
     gw = make_gateway(poll_deadline=30)
     sandbox.configure(slow_seconds=30)
     sandbox.faults({"kind": "job"},
-                   {"kind": "respond", "phase": "poll", "status": 504, "settle": True,
-                    "times": 1})
+                   {"kind": "drop", "phase": "poll", "settle": True, "times": 1})
     with pytest.raises(httpx.ReadTimeout):
         gen(gw, "left while polling", timeout=0.6)
     deadline = time.monotonic() + 5

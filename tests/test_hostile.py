@@ -90,9 +90,39 @@ class GatewayProcess:
 
 @pytest.fixture
 def gateway_process(tmp_path: Path, sandbox: Sandbox) -> Iterator[GatewayProcess]:
+    """A process of this test's own: for a test that measures its memory from a baseline."""
     process = GatewayProcess(tmp_path / "home", sandbox.api)
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="module")
+def hostile_processes(tmp_path_factory: pytest.TempPathFactory,
+                      sandbox_server: Sandbox) -> Iterator[Callable[[], GatewayProcess]]:
+    """The running `hostile_gateway`, started again if it died (its death is reported)."""
+    started: list[GatewayProcess] = []
+
+    def running() -> GatewayProcess:
+        if not started or started[-1].proc.poll() is not None:
+            home = tmp_path_factory.mktemp("hostile") / "home"
+            started.append(GatewayProcess(home, sandbox_server.api))
+        return started[-1]
+
+    yield running
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+def hostile_gateway(hostile_processes: Callable[[], GatewayProcess]) -> Iterator[GatewayProcess]:
+    """One process for the tests that only send it requests and read the answers (each start
+    costs 1-2 s of CPU); `sandbox` still resets the upstream for each. A death fails the
+    test it happened in, and the next test gets a new process. Not `shared_gateway`: tests
+    there measure its memory, which the big bodies sent here would move."""
+    process = hostile_processes()
+    yield process
+    if process.proc.poll() is not None:
+        pytest.fail(f"the gateway died (exit {process.proc.poll()}): {process.output()}")
 
 
 def nothing_reached(sandbox: Sandbox) -> None:
@@ -141,9 +171,9 @@ def request_head(path: str, **headers: str) -> bytes:
 # --- oversized bodies -----------------------------------------------------------------------
 
 def test_a_declared_oversized_body_is_refused_before_it_is_sent(
-        gateway_process: GatewayProcess, sandbox: Sandbox) -> None:
+        hostile_gateway: GatewayProcess, sandbox: Sandbox) -> None:
     for path in (*JSON_ROUTES, "/v1/images/variations"):
-        with socket.create_connection(("127.0.0.1", gateway_process.port)) as sock:
+        with socket.create_connection(("127.0.0.1", hostile_gateway.port)) as sock:
             sock.sendall(request_head(path, Content_Type="application/json",
                                       Content_Length=str(10**12)))
             started = time.monotonic()
@@ -151,12 +181,12 @@ def test_a_declared_oversized_body_is_refused_before_it_is_sent(
             assert time.monotonic() - started < 5
         assert_envelope(status, headers.get("content-type", ""), body, path)
         assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
-    gateway_process.assert_alive()
+    hostile_gateway.assert_alive()
     nothing_reached(sandbox)
 
 
 def test_a_streamed_oversized_body_is_cut_off_at_the_limit(
-        gateway_process: GatewayProcess, sandbox: Sandbox) -> None:
+        hostile_gateway: GatewayProcess, sandbox: Sandbox) -> None:
     """Chunked, no length given: the limits must be enforced while reading."""
     part = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
             b"Content-Type: image/png\r\n\r\n" + PNG)
@@ -167,7 +197,7 @@ def test_a_streamed_oversized_body_is_cut_off_at_the_limit(
                ("/v1/images/edits", "multipart/form-data; boundary=b", part, 413,
                 "body_too_large")]
     for path, content_type, prefix, status, code in streams:
-        with socket.create_connection(("127.0.0.1", gateway_process.port)) as sock:
+        with socket.create_connection(("127.0.0.1", hostile_gateway.port)) as sock:
             sock.sendall(request_head(path, Content_Type=content_type,
                                       Transfer_Encoding="chunked"))
             chunk = b"x" * 65536
@@ -184,14 +214,14 @@ def test_a_streamed_oversized_body_is_cut_off_at_the_limit(
         assert status_seen == status, body
         if code:
             assert json.loads(body)["error"]["code"] == code, body
-    gateway_process.assert_alive()
+    hostile_gateway.assert_alive()
     nothing_reached(sandbox)
 
 
 def test_oversized_uploads_and_inline_images_are_refused(
-        gateway_process: GatewayProcess, sandbox: Sandbox) -> None:
+        hostile_gateway: GatewayProcess, sandbox: Sandbox) -> None:
     big = PNG + b"\0" * (MAX_IMAGE_MB * 1024 * 1024)  # one byte per MB over the image cap
-    with httpx.Client(base_url=gateway_process.url, timeout=30) as client:
+    with httpx.Client(base_url=hostile_gateway.url, timeout=30) as client:
         # A multipart body over the body limit.
         response = client.post("/v1/images/edits", data={"prompt": "a cat"},
                                files={"image": ("a.png", big * 5, "image/png")})
@@ -204,7 +234,7 @@ def test_oversized_uploads_and_inline_images_are_refused(
         for path in ("/v1/images/image2image", "/v1/images/edits"):
             response = client.post(path, json={"prompt": "a cat", "image": inline})
             assert_refused(response, 400, "image_too_large")
-    gateway_process.assert_alive()
+    hostile_gateway.assert_alive()
     nothing_reached(sandbox)
 
 
@@ -212,25 +242,25 @@ def test_oversized_uploads_and_inline_images_are_refused(
 
 @pytest.mark.parametrize("bomb", ["arrays", "objects", "inside"])
 def test_deeply_nested_json_is_refused_without_crashing(
-        gateway_process: GatewayProcess, sandbox: Sandbox, bomb: str) -> None:
+        hostile_gateway: GatewayProcess, sandbox: Sandbox, bomb: str) -> None:
     depth = 100_000  # 200 KB: far under the body limit
     body = {"arrays": "[" * depth + "]" * depth,
             "objects": '{"a":' * depth + "1" + "}" * depth,
             "inside": '{"prompt": "a cat", "x": ' + "[" * depth + "]" * depth + "}"}[bomb]
-    with httpx.Client(base_url=gateway_process.url, timeout=30) as client:
+    with httpx.Client(base_url=hostile_gateway.url, timeout=30) as client:
         for path in JSON_ROUTES:
             try:
                 response = client.post(path, content=body,
                                        headers={"content-type": "application/json"})
             except httpx.HTTPError as exc:
-                gateway_process.assert_alive()
+                hostile_gateway.assert_alive()
                 raise AssertionError(f"POST {path} with {depth}-deep JSON: {exc!r}") from exc
             assert_refused(response, 400)
-    gateway_process.assert_alive()
+    hostile_gateway.assert_alive()
     nothing_reached(sandbox)
 
 
-def test_huge_numbers_and_giant_prompts_are_refused(gateway_process: GatewayProcess,
+def test_huge_numbers_and_giant_prompts_are_refused(hostile_gateway: GatewayProcess,
                                                     sandbox: Sandbox) -> None:
     json_type = {"content-type": "application/json"}
     near_limit = BODY_LIMIT - 1024
@@ -255,7 +285,7 @@ def test_huge_numbers_and_giant_prompts_are_refused(gateway_process: GatewayProc
                                              **{f"k{i}": i for i in range(100_000)}}).encode(),
          400, "too_many_fields"),
     ]
-    with httpx.Client(base_url=gateway_process.url, timeout=30) as client:
+    with httpx.Client(base_url=hostile_gateway.url, timeout=30) as client:
         for label, body, status, code in cases:
             for path in ("/v1/images/generations", "/v1/images/image2image",
                          "/v1/images/edits"):
@@ -272,7 +302,7 @@ def test_huge_numbers_and_giant_prompts_are_refused(gateway_process: GatewayProc
         response = client.post("/v1/images/edits", data={"prompt": "a", "n": "9" * 5000},
                                files={"image": ("a.png", PNG, "image/png")})
         assert_refused(response, 400)
-    gateway_process.assert_alive()
+    hostile_gateway.assert_alive()
     nothing_reached(sandbox)
 
 
@@ -306,10 +336,10 @@ async def _trickle(port: int, prefix: bytes, drip: bytes, stop: asyncio.Event,
         writer.close()
 
 
-def test_the_gateway_process_runs_on_uvloop(gateway_process: GatewayProcess) -> None:
+def test_the_gateway_process_runs_on_uvloop(hostile_gateway: GatewayProcess) -> None:
     """`clawrouter serve` runs uvicorn inside its own event loop, so it must choose uvloop
     itself (`uvicorn.run` would; `Server.serve` does not): about a third less CPU per request."""
-    maps = Path(f"/proc/{gateway_process.proc.pid}/maps").read_text()
+    maps = Path(f"/proc/{hostile_gateway.proc.pid}/maps").read_text()
     assert "uvloop" in maps
 
 
@@ -643,12 +673,12 @@ def test_a_chunked_form_is_admitted_as_a_big_request(make_gateway, sandbox) -> N
 
 
 def test_forwarded_headers_from_a_local_client_change_nothing(
-        gateway_process: GatewayProcess, sandbox: Sandbox) -> None:
+        hostile_gateway: GatewayProcess, sandbox: Sandbox) -> None:
     """No proxy sits in front of a local gateway: X-Forwarded-* must neither turn the URLs we
     hand out into https:// ones nor make one program look like two callers (which would get a
     repeated request paid twice instead of answered from the first)."""
     def ask(forwarded_for: str) -> httpx.Response:
-        return httpx.post(gateway_process.url + "/v1/images/generations", timeout=30,
+        return httpx.post(hostile_gateway.url + "/v1/images/generations", timeout=30,
                           json={"prompt": "a lighthouse"},
                           headers={"x-forwarded-proto": "https", "x-forwarded-for": forwarded_for,
                                    "x-forwarded-host": "evil.example", "user-agent": "same/1.0"})
@@ -656,7 +686,7 @@ def test_forwarded_headers_from_a_local_client_change_nothing(
     first, second = ask("203.0.113.9"), ask("203.0.113.10")
     assert first.status_code == second.status_code == 200, (first.text, second.text)
     url = first.json()["data"][0]["url"]
-    assert url.startswith(gateway_process.url + "/images/"), url  # http, the host we used
+    assert url.startswith(hostile_gateway.url + "/images/"), url  # http, the host we used
     assert second.json()["data"][0]["url"] == url
     assert sandbox.stats()["payments_count"] == 1
 

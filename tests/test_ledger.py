@@ -201,7 +201,7 @@ def test_days_are_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
             assert s["by_day"][0]["day"] == "2026-03-15"
             assert s["today"]["pending"]["micro"] == 5_000
             assert s["timezone"] == "XYZ"
-            assert ledger.spent_on("2026-03-15") == 5_000
+            assert ledger.spent_since_day("2026-03-15") == 5_000
     finally:
         monkeypatch.undo()
         time.tzset()
@@ -218,7 +218,7 @@ def test_a_refused_authorization_counts_until_it_expires(tmp_path: Path, clock: 
         ledger.commit(ledger.outcome(refused, "rejected", note="PAYMENT_INVALID"))
         ledger.commit(ledger.outcome(unsent, "rejected", can_settle=False))  # never left
         assert ledger.spent() == ledger.spent(since=0) == 4_000
-        assert ledger.spent_on(local_day(clock.now)) == 4_000
+        assert ledger.spent_since_day(local_day(clock.now)) == 4_000
         assert ledger.held() == [(clock.now, 4_000)]
         assert [p.id for p in ledger.unresolved(ledger.get(refused).network)] == []  # no payer
     with Ledger(path, clock=clock) as again:
@@ -227,7 +227,7 @@ def test_a_refused_authorization_counts_until_it_expires(tmp_path: Path, clock: 
         assert again.spent() == 4_000
         clock.now += 1
         assert again.spent() == again.spent(since=0) == 0
-        assert again.spent_in_month(local_day(clock.now)[:7]) == 0 and again.held() == []
+        assert again.spent_since_month(local_day(clock.now)[:7]) == 0 and again.held() == []
     with Ledger(path, clock=clock) as expired:
         assert expired.spent() == 0
 
@@ -334,7 +334,7 @@ def test_one_process_per_ledger_and_totals_reload(tmp_path: Path, clock: Clock) 
     assert not in_use(lock)
     with Ledger(path, clock=clock) as again:
         assert again.spent() == 3_000
-        assert again.spent_on(local_day(clock.now)) == 3_000
+        assert again.spent_since_day(local_day(clock.now)) == 3_000
 
 
 def test_a_filesystem_without_locks_is_named_not_taken_for_another_gateway(

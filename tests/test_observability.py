@@ -3,6 +3,8 @@ checks, and the rule for listening beyond loopback."""
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import os
 import signal
@@ -10,6 +12,7 @@ import socket
 import re
 import subprocess
 import sys
+import termios
 import time
 
 import httpx
@@ -146,8 +149,10 @@ def test_a_stderr_nobody_reads_never_stops_the_gateway(tmp_path, sandbox):
     """Log lines are written by a thread of their own: written on the event loop, a line to a
     pipe nobody reads froze the gateway after ~290 requests. Lines beyond a bounded queue are
     dropped, counted in /metrics and, once stderr is read again, said in a line."""
-    proc, port, _ = run_gateway(tmp_path, sandbox)
-    sent = 1500  # a 404 is logged, and costs little: more than the pipe and the queue hold
+    # A queue of 256 lines, not 1024: the same overflow for 900 fewer requests.
+    proc, port, _ = run_gateway(tmp_path, sandbox,
+                                constants={"clawrouter.observe.LOG_QUEUE_LINES": 256})
+    sent = 600  # a 404 is logged, and costs little: more than the pipe and the queue hold
     try:
         assert "ready" in proc.stdout.readline()  # stderr is never read until the end
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
@@ -419,6 +424,20 @@ def test_a_gateway_whose_stderr_nobody_reads_still_stops(tmp_path, sandbox, sig)
             proc.wait()
 
 
+def wait_until_full(pipe: int) -> None:
+    """Until the pipe whose read end is `pipe` has no room for another line (they are 6 KB;
+    Linux leaves the last page's tail unused): a fixed wait could end before a child on a busy
+    machine had even started writing. (A second where the pipe's size is unknown.)"""
+    if not hasattr(fcntl, "F_GETPIPE_SZ"):
+        time.sleep(1.0)
+        return
+    capacity, held = fcntl.fcntl(pipe, fcntl.F_GETPIPE_SZ), array.array("i", [0])
+    deadline = time.monotonic() + 30
+    while fcntl.ioctl(pipe, termios.FIONREAD, held) == 0 and held[0] < capacity - 4096:
+        assert time.monotonic() < deadline, f"{held[0]} of {capacity} bytes in the pipe"
+        time.sleep(0.02)
+
+
 def test_log_lines_survive_a_non_blocking_stderr(tmp_path):
     """A parent may share a non-blocking stderr (a Node harness does): a full pipe is then an
     error to wait out, not a closed stderr; no line is lost or cut in two."""
@@ -432,7 +451,8 @@ def test_log_lines_survive_a_non_blocking_stderr(tmp_path):
         "    log.info('line %d %s', i, 'x' * 6000)\n"
         "flush_logs()\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # the pipe fills, and stays full a while, before anyone reads
+    wait_until_full(proc.stderr.fileno())  # before anyone reads
+    time.sleep(0.2)  # and stays full a while
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr[-500:]
     lines = [json.loads(line) for line in stderr.splitlines()]

@@ -44,6 +44,7 @@ def test_a_correct_challenge_is_selected():
     ({"payTo": BLOCKRUN_PAYEE + "\n"}, "payee"),
     ({"maxTimeoutSeconds": 3600}, "timeout"),
     ({"maxTimeoutSeconds": 0}, "timeout"),
+    ({"maxTimeoutSeconds": 5}, "timeout"),  # a facilitator wants validBefore ≥ now + 6
     ({"maxTimeoutSeconds": "300"}, "timeout"),
     ({"maxTimeoutSeconds": True}, "timeout"),
     # a facilitator verifies with the challenge's domain, we sign with our table's: a mismatch

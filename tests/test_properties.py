@@ -3,7 +3,7 @@
 1. Challenges (`payment.wire.parse_challenge` + `payment.policy.select`): whatever a 402 says,
    either it is refused or the requirement chosen is `exact`, on our network, in our USDC, to the
    pinned payee, for a positive whole amount within the ceiling and the cap, with an int timeout
-   in 1..600. The parser raises nothing but `ChallengeError`, whatever the bytes, and reads
+   in 6..600. The parser raises nothing but `ChallengeError`, whatever the bytes, and reads
    no `x402Version` but the integers 1 and 2.
 2. Local paths (`inputs.InputResolver`): no byte from outside the allowed roots (or from a
    hidden or forbidden folder inside them) is ever returned, and no refusal echoes a file.
@@ -105,7 +105,7 @@ def amounts(ceiling: int, cap: int) -> st.SearchStrategy[Any]:
 
 @functools.cache
 def timeouts() -> st.SearchStrategy[Any]:
-    return st.one_of(st.integers(-5, 605), st.integers(), st.sampled_from([600, 601, 0, 1]),
+    return st.one_of(st.integers(-5, 605), st.integers(), st.sampled_from([600, 601, 0, 1, 5, 6]),
                      st.floats(), st.booleans(), st.none(), st.text(max_size=5),
                      st.integers(1, 600).map(str), st.integers(1, 600).map(float),
                      st.lists(st.integers(1, 600), max_size=2),
@@ -170,7 +170,7 @@ def entry_fields(network: Network, ceiling: int, cap: int,
         amount_key: mostly(st.integers(1, limit).map(str), amounts(ceiling, cap)),
         "asset": mostly(st.just(network.usdc), assets()),
         "payTo": mostly(st.just(BLOCKRUN_PAYEE), payees()),
-        "maxTimeoutSeconds": mostly(st.integers(1, 600), timeouts()),
+        "maxTimeoutSeconds": mostly(st.integers(6, 600), timeouts()),
         "extra": mostly(st.just(domain(network)), extras(network)),
     }
 
@@ -188,7 +188,7 @@ def challenges(draw: st.DrawFn) -> tuple[dict[str, str], bytes, Network, int, in
         good = {"scheme": "exact", "network": draw(st.sampled_from([network.name, network.caip2])),
                 "amount": str(draw(st.integers(1, max(1, min(ceiling, cap))))),
                 "asset": network.usdc, "payTo": BLOCKRUN_PAYEE,
-                "maxTimeoutSeconds": draw(st.integers(1, 600)), "extra": domain(network)}
+                "maxTimeoutSeconds": draw(st.integers(6, 600)), "extra": domain(network)}
         if version == 1:
             good["maxAmountRequired"] = good.pop("amount")
         accepts.insert(draw(st.integers(0, len(accepts))), good)
@@ -234,7 +234,7 @@ def assert_safe_to_sign(req: Any, network: Network, ceiling: int, cap: int) -> N
     assert re.fullmatch(r"[0-9]+", req.amount), f"amount {req.amount!r} is not plain digits"
     assert 0 < int(req.amount) <= min(ceiling, cap)
     timeout = req.max_timeout_seconds
-    assert type(timeout) is int and 0 < timeout <= 600  # x402.md §10.7
+    assert type(timeout) is int and 6 <= timeout <= 600  # x402.md §10.7, §7 (now + 6)
     assert (req.extra.get("name"), req.extra.get("version")) == \
         (network.domain_name, network.domain_version)  # the domain we sign with (§10.8)
     assert req.extra.get("assetTransferMethod", "eip3009") == "eip3009"  # never permit2
@@ -287,6 +287,7 @@ TAMPERING = {
     "another network": ("network", lambda ceiling, cap: "eip155:1"),
     "upto": ("scheme", lambda ceiling, cap: "upto"),
     "long timeout": ("maxTimeoutSeconds", lambda ceiling, cap: 601),
+    "expiring timeout": ("maxTimeoutSeconds", lambda ceiling, cap: 5),
     "timeout as text": ("maxTimeoutSeconds", lambda ceiling, cap: "60"),
     "timeout as true": ("maxTimeoutSeconds", lambda ceiling, cap: True),
     "timeout as a float": ("maxTimeoutSeconds", lambda ceiling, cap: 60.0),
@@ -309,7 +310,7 @@ def test_one_tampered_field_in_a_good_challenge_is_always_refused() -> None:
 
     @PROPERTY
     @given(ceiling=st.integers(1, 10**7), cap=st.integers(1, 10**7),
-           tampering=st.sampled_from(sorted(TAMPERING)), timeout=st.integers(1, 600),
+           tampering=st.sampled_from(sorted(TAMPERING)), timeout=st.integers(6, 600),
            decoys=st.lists(st.fixed_dictionaries({
                "scheme": st.sampled_from(["upto", "permit2"]),
                "network": networks_named(), "amount": st.just("1"),

@@ -21,6 +21,7 @@ from clawrouter.payment.ledger import (
 from clawrouter.payment.networks import NETWORKS
 from clawrouter.payment.onchain import AUTHORIZATION_STATE, AUTHORIZATION_USED, Block
 from clawrouter.payment.reconcile import Resolution, agree, decide
+from clawrouter.payment.wire import RECEIPT_HEADERS
 from clawrouter.sandbox import SandboxConfig, create_sandbox_app
 from tests.servers import serving
 
@@ -202,12 +203,22 @@ def test_a_payment_never_used_stays_pending_until_it_expires_then_costs_nothing(
 
 
 def test_a_refused_payment_the_payee_settled_anyway_is_recorded_and_counted(
-        make_gateway, sandbox, chain_url):
-    """A dishonest payee answers 402 but settles: the chain corrects the record (`settled`,
-    with its transaction), and the amount never stopped counting against the budgets."""
+        make_gateway, sandbox, chain_url, monkeypatch):
+    """A dishonest payee answers 402 but settles, and sends no receipt (with one, the
+    refusal is recorded `settled` at once: `tests/test_hostile_upstream.py`): the chain corrects
+    the record (`settled`, with its transaction), and the amount never stopped counting
+    against the budgets."""
     sandbox.faults({"kind": "respond", "phase": "paid", "status": 402, "settle": True,
                     "body": {"error": "Payment rejected"}, "times": 1})
     gw = reconciling(make_gateway, chain_url)
+    post = gw.gw.client.post
+
+    async def without_receipts(*args, **kwargs):  # the sandbox sends one with `settle`
+        resp = await post(*args, **kwargs)
+        return dataclasses.replace(resp, headers={
+            k: v for k, v in resp.headers.items() if k not in RECEIPT_HEADERS})
+
+    monkeypatch.setattr(gw.gw.client, "post", without_receipts)
     refused = gen(gw, "refused")
     assert refused.status_code == 402 and refused.json()["error"]["code"] == "payment_rejected"
     row = wait_for(lambda: (r := only_row(gw))["status"] == SETTLED and r)

@@ -172,13 +172,14 @@ def test_totals_in_memory_match_a_sql_sum_and_a_restart(tmp_path):
     for now, spent in [(clock.now, 5_000), (expires + EXPIRY_MARGIN, 1_000)]:
         clock.now = now
         with Ledger(path, clock=clock) as ledger:  # (from a restart) ...
-            restarted = (ledger.spent(), ledger.spent_on(today), ledger.spent_in_month(today[:7]))
+            restarted = (ledger.spent(), ledger.spent_since_day(today),
+                         ledger.spent_since_month(today[:7]))
             assert restarted == (spent, spent, spent) and ledger.spent(since=0) == spent
     clock.now = expires - 1
     with Ledger(path, clock=clock) as ledger:  # ... and as it lets go in memory
         assert ledger.spent() == ledger.spent(since=0) == 5_000 and len(ledger.held()) == 1
         clock.now = expires + EXPIRY_MARGIN
-        assert ledger.spent() == ledger.spent(since=0) == ledger.spent_on(today) == 1_000
+        assert ledger.spent() == ledger.spent(since=0) == ledger.spent_since_day(today) == 1_000
         assert ledger.held() == []
 
 

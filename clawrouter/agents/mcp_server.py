@@ -197,7 +197,8 @@ class Connection:
                 if gone and unsent and attempt == 1:
                     continue  # `finally` forgets the gone gateway first
                 code = f" (code: {exc.code})" if exc.code else ""
-                raise ToolError(f"clawrouter: {for_agents(exc.message)}{code}") from None
+                raise ToolError(f"clawrouter: {for_agents(exc.message)}{code}"
+                                + (REPLAYED_NOTE if exc.shared else "")) from None
             finally:
                 # A cancelled call (the agent's timeout) must still give its gateway back: an
                 # unshielded await here is cancelled at once, and the gateway would keep
@@ -247,6 +248,15 @@ def wallet_busy(busy: LedgerBusy) -> str:
     return ("Nothing was sent or paid: another clawrouter call or command"
             f"{who} is using this wallet (a payment of its own, or a slow model's job), and "
             f"it did not finish within {LEDGER_WAIT:.0f} s. Try this call again shortly.")
+
+
+#: said after a failure the gateway replayed (`GatewayError.shared`): the message's own words
+#: ("may already have paid") are the earlier call's, and an agent must not count them twice
+REPLAYED_NOTE = ("\nThis was not a new attempt: it is the outcome of an earlier identical "
+                 "call, replayed by the gateway, and this call paid nothing (any payment "
+                 "mentioned above is that earlier call's). The same call again within the "
+                 "coalescing window (60 s by default) gets this answer again; a new attempt, "
+                 "paid again, needs changed arguments or a later call.")
 
 
 #: how the terminal's advice reads for an agent, which has tools, not a shell

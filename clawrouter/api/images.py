@@ -7,6 +7,7 @@ leave it out). Query strings are ignored.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, TypeGuard, TypeVar
@@ -41,15 +42,38 @@ router = APIRouter()
 
 
 def base_url(request: Request) -> str:
-    """Where the client can fetch our images: the loopback name it used, or the public URL."""
+    """Where the client can fetch our images: the public URL, else the loopback name it used,
+    else the address of ours it reached (a client on another machine: `localhost` would be
+    its own). Never a Host header that is not loopback's: under DNS rebinding it is the
+    attacker's name, and the URLs we hand out would point at the attacker."""
     settings = request.app.state.gw.settings
     if settings.public_url:
         return settings.public_url.rstrip("/")
     host = request.headers.get("host", "")
     if host and is_loopback_authority(host):
         return f"http://{host}"
-    server = request.scope.get("server") or (None, settings.port)
-    return f"http://localhost:{server[1]}"  # the port we really listen on
+    address, port = request.scope.get("server") or (None, None)
+    return f"http://{_reached(address) or 'localhost'}:{port or settings.port}"
+
+
+def _reached(address: str | None) -> str | None:
+    """Our own end of the connection (uvicorn's `scope["server"]` is the accepted socket's
+    `getsockname()`), as a URL's host: the client reached us there, so it can fetch there.
+    Safe where the Host header is not: it is our socket's address, not anything the client
+    sent. None where it names nothing a client can use: the wildcard (a server that gives its
+    listening address), a scoped IPv6 address (`fe80::1%eth0`: the scope is ours), a Unix
+    socket's path."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id:
+            return None
+        ip = ip.ipv4_mapped or ip  # an IPv4 client of a dual-stack socket
+    if ip.is_unspecified:
+        return None
+    return f"[{ip}]" if ip.version == 6 else str(ip)
 
 
 def context(request: Request) -> RequestContext:

@@ -113,9 +113,11 @@ async def model(name: str) -> dict[str, Any]:
 
 @router.get("/v1/spend")
 async def spend(request: Request, latest: int = Query(20, ge=0, le=1000)) -> dict[str, Any]:
-    """Every cent: today, this month, in total, by model and day, and the latest payments."""
+    """Every cent: today, this month, in total, by model and day, and the latest payments.
+    Read apart from the ledger's writer (`Ledger.report`): the gallery asks after every image,
+    and a report scanning months of rows must not hold up the next payment's record."""
     gw = request.app.state.gw
-    summary = await gw.ledger.call(gw.ledger.summary, latest=latest)
+    summary = await gw.ledger.report(latest=latest)
     summary["budget"] = gw.budget.remaining()
     summary["wallet"] = gw.address
     summary["network"] = gw.network.name

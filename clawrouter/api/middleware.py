@@ -33,7 +33,8 @@ def state(scope: Scope) -> dict:
 
 def note_error(into: dict, error: ClawError) -> None:
     """What the request log says of a failed request (`observe`): its code and, when a
-    payment was involved, what became of it (`signed`, `rejected`, `not_settled`, `none`)."""
+    payment was involved, what became of it (`signed`, `settled`, `rejected`,
+    `not_settled`, `none`)."""
     into["error_code"] = error.code
     if error.extra.get("payment") is not None:
         into["payment"] = error.extra["payment"]

@@ -28,7 +28,7 @@ class _Body(BaseModel):
     # Accepted for compatibility, never forwarded (BlockRun has no such fields).
     style: StrictStr | None = None
     user: StrictStr | None = None
-    background: StrictStr | None = None
+    background: StrictStr | None = None  # the values validate.UNSUPPORTED_VALUES accepts
     output_format: StrictStr | None = None
     output_compression: Annotated[StrictInt, Field(ge=0, le=100)] | None = None  # OpenAI's
     moderation: StrictStr | None = None

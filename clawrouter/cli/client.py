@@ -97,7 +97,7 @@ class GatewayError(Exception):
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
                  type: str | None = None, param: str | None = None,
-                 payment: str | None = None) -> None:
+                 payment: str | None = None, shared: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
@@ -105,13 +105,18 @@ class GatewayError(Exception):
         self.type = type
         self.param = param
         self.payment = payment  # what the gateway says became of a payment, if one was made
+        #: an identical earlier request's failure, replayed (`x-clawrouter-shared`): whatever
+        #: it paid, this request paid nothing
+        self.shared = shared
 
     def to_json(self) -> dict[str, Any]:
-        """The error for `--json`; with `payment` when the gateway said what became of one (a
-        script deciding whether to ask again must know whether this one paid)."""
+        """The error for `--json`; with `payment` when the gateway said what became of one,
+        and `shared` when it is an earlier identical request's (a script deciding whether to
+        ask again must know whether this one paid)."""
         shown = {"message": self.message, "type": self.type, "param": self.param,
                  "code": self.code, "status": self.status}
-        return shown | ({"payment": self.payment} if self.payment is not None else {})
+        return (shown | ({"payment": self.payment} if self.payment is not None else {})
+                | ({"shared": True} if self.shared else {}))
 
 
 class NoGateway(GatewayError):
@@ -761,15 +766,16 @@ def _body(prompt: str, *, model: str | None, size: str | None, n: int | None) ->
 
 
 def _error(resp: httpx.Response) -> GatewayError:
+    shared = resp.headers.get("x-clawrouter-shared") == "true"  # (a replay: `coalesce`)
     try:
         err = resp.json()["error"]
         return GatewayError(err.get("message") or f"HTTP {resp.status_code}",
                             status=resp.status_code, code=err.get("code"),
                             type=err.get("type"), param=err.get("param"),
-                            payment=err.get("payment"))
+                            payment=err.get("payment"), shared=shared)
     except (ValueError, KeyError, TypeError, AttributeError):
         return GatewayError(f"HTTP {resp.status_code} from the gateway: {resp.text[:200]}",
-                            status=resp.status_code)
+                            status=resp.status_code, shared=shared)
 
 
 def _b64(text: str) -> bytes:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sqlite3
 import sys
+from collections.abc import Sequence
+from typing import NoReturn
 
 from clawrouter import __version__
 from clawrouter.cli.client import BadGatewayUrl
@@ -22,8 +25,40 @@ from clawrouter.cli import stats, wallet
 from clawrouter.cli import images
 
 
+#: argparse's "argument --size: expected one argument": the argument a usage error is about
+_ARGUMENT = re.compile(r"argument ([^:]+): ")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error on a command line with `--json` also prints the one JSON
+    error document every `--json` failure prints (`fail`) on stdout: a script parsing
+    stdout gets one to read, not an empty stdout. Subcommands' parsers are this class too
+    (argparse makes them of their root's), and answer for the whole line."""
+
+    #: whether the line `main` is reading asks for `--json` (a subcommand sees only its part)
+    json_line = False
+
+    def error(self, message: str) -> NoReturn:
+        if Parser.json_line:
+            named = _ARGUMENT.match(message)
+            fail(argparse.Namespace(json=True), message, 2, "usage_error",
+                 {"type": "invalid_request_error", "param": named.group(1) if named else None,
+                  "status": None},  # (no HTTP status: nothing was sent)
+                 line=False)  # (argparse's usage and error lines follow on stderr)
+            sys.stdout.flush()
+        super().error(message)
+
+
+def asks_json(line: Sequence[str]) -> bool:
+    """Whether `--json` (or a prefix argparse takes for it, `--js`) is among the options of
+    `line`: anything after `--` is an argument (a prompt), not an option."""
+    options = line[:line.index("--")] if "--" in line else line
+    return any(len(word.split("=", 1)[0]) > 2 and "--json".startswith(word.split("=", 1)[0])
+               for word in options)
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(
+    root = Parser(
         prog="clawrouter",
         description="A local OpenAI-compatible image gateway that pays BlockRun per image "
                     "with x402 (USDC on Base).",
@@ -51,6 +86,7 @@ _SETTLE: dict[type[Exception], str] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    Parser.json_line = asks_json(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     try:
         with config_named(args), warnings_as_lines():

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,8 @@ _ENV = ("Uses the running gateway (--url or CLAWROUTER_URL: that one only, and i
         "identical runs at once on one gateway share one). Exit codes: 0 saved, 1 the "
         "request failed or no gateway answers at the URL named (the message is printed), 2 "
         "usage or configuration error, 130 interrupted (Ctrl-C or SIGTERM; a payment may be "
-        "under way if the request was sent).")
+        "under way if the request was sent; once the images are saved and shown, an "
+        "interrupt only cuts short the stop of this command's own gateway, and exits 0).")
 
 
 def register(commands: Any) -> None:
@@ -120,11 +121,14 @@ def run_edit(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, doing: str,
          call: Callable[[Gateway], Awaitable[ImageResult]]) -> int:
-    request = _Request()
+    request = _Request(show=lambda result: _show(args, result))
     try:
         with _terminate_as_interrupt():
             result = asyncio.run(_request(args.url, args.out, doing, call, request))
     except KeyboardInterrupt:
+        if request.shown:  # while this command's gateway stopped: the paid result is out
+            to_stderr("interrupted after the images were saved and shown: nothing is lost")
+            return 0
         message = request.interrupted()  # (said already if it came during the request)
         return fail(args, message, 130, "interrupted", line=False)
     except BadGatewayUrl as exc:
@@ -141,6 +145,14 @@ def _run(args: argparse.Namespace, doing: str,
         if (problem := file_problem(exc)) is None:
             raise
         return fail(args, problem, 2, "file_problem")
+    if args.open:  # (not under `_signals_held`: the viewer would inherit the held signals)
+        for image in result.images:
+            open_file(image.path)
+    return 0
+
+
+def _show(args: argparse.Namespace, result: ImageResult) -> None:
+    """Print where the images were saved (or the `--json` document)."""
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -159,10 +171,7 @@ def _run(args: argparse.Namespace, doing: str,
         if result.in_process:
             print("(the URLs worked while this command ran its own gateway; "
                   "`clawrouter serve` keeps them up)")
-    if args.open:
-        for image in result.images:
-            open_file(image.path)
-    return 0
+    sys.stdout.flush()  # before this command's gateway stops, which an interrupt may cut short
 
 
 @dataclass
@@ -172,6 +181,10 @@ class _Request:
     gateway: Gateway | None = None
     #: the line said about the interruption, once said
     told: str | None = None
+    #: how the result is shown (`_show`): as soon as it is saved, before the gateway stops
+    show: Callable[[ImageResult], None] = lambda result: None
+    #: the result was shown: an interrupt after it cuts short only the gateway's stop
+    shown: bool = False
 
     def interrupted(self) -> str:
         """Say (once) that the command was interrupted, and whether a payment may be under
@@ -186,6 +199,9 @@ class _Request:
 async def _request(url: str | None, out: str | None, doing: str,
                    call: Callable[[Gateway], Awaitable[ImageResult]],
                    request: _Request) -> ImageResult:
+    """Make the request and show its result, then let the gateway go: a gateway this command
+    started stops only then, and may take seconds to, while the images are saved and paid
+    for already. Shown first, an interrupt during that stop hides nothing."""
     spinner = Spinner(doing)
     spinner.start()
     try:
@@ -194,14 +210,20 @@ async def _request(url: str | None, out: str | None, doing: str,
         try:
             if gateway.in_process:
                 spinner.note("no gateway running; started one in this process")
-            return await call(gateway)
+            result = await call(gateway)
         except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels us) or SIGTERM
             await _interrupted(spinner, request, gateway)
             raise
+        else:
+            await spinner.stop()  # (awaits nothing: no interrupt lands before the result)
+            with _signals_held():  # shown whole, once: then an interrupt cuts only the stop
+                request.show(result)
+                request.shown = True
         finally:
             await gateway.aclose()
     finally:
         await spinner.stop()
+    return result
 
 
 async def _interrupted(spinner: Spinner, request: _Request, gateway: Gateway) -> None:
@@ -215,21 +237,44 @@ async def _interrupted(spinner: Spinner, request: _Request, gateway: Gateway) ->
 
 
 @contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends, then reach their own handlers: SIGTERM
+    raises KeyboardInterrupt wherever it lands, and half a JSON document followed by an error
+    one would send a script to ask, and pay, again for images it has. (Handlers, not a signal
+    mask: a mask holds a signal back from this thread only, not from the process's others.)"""
+    caught: list[int] = []
+    try:
+        with _handlers(dict.fromkeys((signal.SIGINT, signal.SIGTERM),
+                                     lambda signum, frame: caught.append(signum))):
+            yield
+    finally:
+        for signum in caught:
+            signal.raise_signal(signum)
+
+
+def _terminate_as_interrupt() -> AbstractContextManager[None]:
     """SIGTERM (an agent's shell timeout) ends the command like Ctrl-C: with a word about
     the payment that may be under way, instead of silently."""
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    return _handlers({signal.SIGTERM: interrupt})
+
+
+@contextmanager
+def _handlers(handlers: dict[int, Callable[[int, Any], None]]) -> Iterator[None]:
+    """`handlers` for the block's signals, then the ones before. Not in a thread other than
+    the main one (a caller embedding us), where signals are left alone."""
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread (a caller embedding us): leave signals alone
+        previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    except ValueError:
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class Spinner:

@@ -22,7 +22,7 @@ from clawrouter.cli.client import (
     URL_HELP, BadGatewayUrl, GatewayError, advertised, connect, foreign, probe,
 )
 from clawrouter.cli.common import add_config, fail
-from clawrouter.config import DEFAULT_UPSTREAM, Settings
+from clawrouter.config import Settings
 
 
 def register(commands: Any) -> None:
@@ -43,12 +43,14 @@ def register(commands: Any) -> None:
         "doctor", help="check configuration, wallet, data directory, port and upstream",
         description="Check that the gateway can run here: the configuration loads, the wallet "
         "file exists with mode 0600, the data directory is writable, the port is free (or "
-        "already serving clawrouter), the BlockRun upstream is reachable, and the balance "
-        "(when a running gateway reports it). Each failed check prints its fix. Exit codes: "
-        "0 all checks pass, 1 a check failed, 2 usage error.")
+        "already serving clawrouter), the BlockRun upstream is reachable (if not: a warning "
+        "where `serve` would use the built-in sandbox instead, else a failure), and the "
+        "balance (when a running gateway reports it). Each failure or warning prints its "
+        "fix. Exit codes: 0 no check failed (a warning is no failure), 1 a check failed, 2 "
+        "usage error.")
     d.add_argument("--json", action="store_true",
-                   help="print one JSON document ({ok, checks: [{name, status, detail, fix}]}) "
-                   "on stdout and nothing else")
+                   help="print one JSON document ({ok, checks: [{name, status, detail, fix}]}; "
+                   "status ok, warn, fail or skip) on stdout and nothing else")
     add_config(d)
     d.set_defaults(run=run_doctor)
 
@@ -102,7 +104,9 @@ async def _status(url: str | None) -> tuple[str, dict[str, Any], dict[str, Any]]
 @dataclass
 class Check:
     name: str
-    status: str  # "ok", "fail" or "skip" (cannot be checked here; not a failure)
+    #: "ok", "fail", "warn" (`serve` runs, but not as configured: `detail` says how; not a
+    #: failure) or "skip" (cannot be checked here; not a failure)
+    status: str
     detail: str
     fix: str | None = None
 
@@ -115,7 +119,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     else:
         for c in checks:
             print(f"{c.status:<4}  {c.name:<9} {c.detail}")
-            if c.status == "fail" and c.fix:
+            if c.status in ("fail", "warn") and c.fix:
                 print(f"      {'':<9} fix: {c.fix}")
     return 0 if ok else 1
 
@@ -167,10 +171,13 @@ def check_wallet(home: Path, configured_key: str | None,
                          "characters (0x before them or not), or remove it to use the wallet file")
         return Check("wallet", "ok", f"key from {source} (the file is not used)")
     path = home / "wallet.key"
+    if not path.exists() and not path.is_symlink():  # (the first run's: `serve` makes one)
+        return Check("wallet", "warn", f"no wallet yet: `serve` will create {path} "
+                     "(mode 0600) at its first start",
+                     "back that file up before you fund it, or run `clawrouter wallet create` "
+                     "now, or set BLOCKRUN_WALLET_KEY")
     if not path.is_file():
-        return Check("wallet", "fail", f"{path} does not exist",
-                     "run `clawrouter wallet create` to make one there (mode 0600), or set "
-                     "BLOCKRUN_WALLET_KEY")
+        return Check("wallet", "fail", f"{path} is not a file", f"remove or rename {path}")
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         return Check("wallet", "fail", f"{path} has mode {mode:04o}: others can read the key",
@@ -253,7 +260,7 @@ def _can_bind(host: str, port: int) -> bool:
 async def check_upstream(url: str, sandbox: bool | str) -> Check:
     """The upstream answers as BlockRun's API does (its model list), not merely answers: a
     base without `/api` answers every request with Not Found."""
-    from clawrouter.launch import models_answer
+    from clawrouter.launch import falls_back, models_answer
 
     if sandbox is True:
         return Check("upstream", "skip", "sandbox forced (`sandbox = true` in the settings): "
@@ -271,11 +278,12 @@ async def check_upstream(url: str, sandbox: bool | str) -> Check:
         return Check("upstream", "fail", said, "set BLOCKRUN_API_URL (or upstream_url) to "
                      "BlockRun's API base, like https://blockrun.ai/api")
     failed = "does not answer" if answer is None else f"fails (HTTP {answer.status})"
-    # (as `start_gateway` chooses: only BlockRun's own address falls back)
-    fallback = " (`serve` would fall back to the sandbox: no real images)" \
-        if sandbox == "auto" and url == DEFAULT_UPSTREAM else ""
-    return Check("upstream", "fail", f"{url} {failed}{fallback}",
-                 "check the internet connection and BLOCKRUN_API_URL")
+    fix = "check the internet connection and BLOCKRUN_API_URL"
+    if falls_back(url, sandbox):  # `serve` runs all the same: not a failure, but said
+        return Check("upstream", "warn", f"{url} {failed}: `serve` will use the built-in "
+                     "sandbox instead (no real payments; placeholder images)",
+                     f"for real images, {fix}")
+    return Check("upstream", "fail", f"{url} {failed}", fix)
 
 
 def _likely_bases(url: str) -> list[str]:

@@ -5,10 +5,12 @@ Four limits (settings `max_usd_per_request`, `max_usd_per_day`, `max_usd_per_mon
 and the reservation are one atomic step, so concurrent requests can never together pass a
 limit. What counts as used:
 
-- per day: ledger rows of the current local calendar day that may have cost money (every
-  status but `rejected`, and refused authorizations until nothing can settle them: see
-  `Ledger.outcome`), plus every live reservation;
-- per month: the same over the current local calendar month;
+- per day: ledger rows from the start of the current local calendar day on that may have cost
+  money (every status but `rejected`, and refused authorizations until nothing can settle
+  them: see `Ledger.outcome`), plus every live reservation. Rows dated later than now (signed
+  while the clock ran ahead, before it was set right) count too: else they would count in no
+  day, and the day's limit could be spent twice;
+- per month: the same from the start of the current local calendar month on;
 - in total: all such ledger rows, plus every live reservation.
 
 A reservation ends in one of two ways. `release()` when nothing was signed (or when the
@@ -124,8 +126,8 @@ class Budget:
         today = date.fromtimestamp(self._clock()).isoformat()
         return {
             "request": 0,
-            "day": self.ledger.spent_on(today) + self._reserved,
-            "month": self.ledger.spent_in_month(today[:7]) + self._reserved,
+            "day": self.ledger.spent_since_day(today) + self._reserved,
+            "month": self.ledger.spent_since_month(today[:7]) + self._reserved,
             "total": self.ledger.spent() + self._reserved,
         }
 
@@ -217,10 +219,11 @@ class Reservation:
 
 
 def _held(holds: list[tuple[float, int]], today: str) -> dict[str, int]:
-    """Micro-USDC of refused authorizations still counted, per window (local days)."""
+    """Micro-USDC of refused authorizations still counted, per window (local days, each from
+    its start on, as `Budget._used`)."""
     days = [(date.fromtimestamp(when).isoformat(), amount) for when, amount in holds]
-    return {"day": sum(a for d, a in days if d == today),
-            "month": sum(a for d, a in days if d[:7] == today[:7]),
+    return {"day": sum(a for d, a in days if d >= today),
+            "month": sum(a for d, a in days if d[:7] >= today[:7]),
             "total": sum(a for _, a in days)}
 
 

@@ -19,7 +19,11 @@ Threading: every blocking method is thread-safe. From asyncio, writes go through
 `await ledger.write(ledger.signed(...))` / `ledger.outcome(...)`: concurrent writes are group
 committed by the ledger's own thread (one transaction and one fsync per batch, see
 `groupcommit`), so the event loop never waits for an fsync. Reads go through
-`await ledger.call(ledger.method, ...)` on the same thread.
+`await ledger.call(ledger.method, ...)` on the same thread. Reports (`summary`, `payments`:
+every row, not one) do not: they read on a read-only connection of their own, in one read
+transaction each (`await ledger.report(...)` runs one on the reports' own thread), so however
+many rows they scan, a payment's record never waits for them (WAL: readers and the writer do
+not block each other).
 
 The parts it is made of, each in a module of its own (their public names are re-exported here):
 `ledgerdb` (the file: rows, statuses, schema, migrations), `ledgerlock` (one process per
@@ -28,6 +32,8 @@ ledger), `ledgertotals` (the running totals) and `ledgerreport` (spending as the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -35,15 +41,18 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
+from clawrouter.errors import LedgerUnavailable
 from clawrouter.groupcommit import GroupCommit, Outcome
 from clawrouter.payment.ledgerdb import (
     CHAIN_PATIENCE, COLUMNS, EXPIRY_MARGIN, FAILED_AFTER_PAYMENT, FINAL, HELD, PENDING, REJECTED,
     SCHEMA_VERSION, SETTLED, SIGNED, STATUSES, UNKNOWN, LedgerUnusable, Payment, connect,
-    day_start, held_params, local_day,
+    day_start, held_params, local_day, open_reader,
 )
 from clawrouter.payment.ledgerlock import (
     Holder, LedgerBusy, describe, exclusive_lock, holder, in_use, lock_path,
@@ -136,6 +145,12 @@ class Ledger:
         #: ledger row is one atomic step (never counted twice, never zero times)
         self.lock = threading.RLock()
         self._db_lock = threading.Lock()  # one statement sequence at a time on the connection
+        #: the reports' read-only connection (`_reading`), one report at a time on it; never
+        #: `_db_lock`, so the writer never waits for a report
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self._reports: ThreadPoolExecutor | None = None
+        self._closed = False
         self._group: GroupCommit[Write] | None = None
         self._totals = RunningTotals(clock, chain_network)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +163,8 @@ class Ledger:
         try:
             self._holding = holding() if holding is not None else None
             self._conn = connect(self.path, self._clock())
+            # opened now, by path, while the file is surely where the writer found it
+            self._reader = open_reader(self.path)
             #: the rows this process found left `signed` (id: time signed): in flight when
             #: the last run died, their clients may well retry them (`coalesce`)
             self.interrupted = self._recover()
@@ -334,18 +351,20 @@ class Ledger:
                 (since, REJECTED, *held_params(self._clock(), self.chain_network))).fetchone()
         return int(amount)
 
-    def spent_on(self, day: str) -> int:
-        """Running total for one local day (YYYY-MM-DD), from memory. Call under `lock` to
-        combine it atomically with other state."""
+    def spent_since_day(self, day: str) -> int:
+        """Running total from local day `day` (YYYY-MM-DD) on, from memory: as `spent(since=`
+        its midnight`)`, rows dated later included (signed while the clock ran ahead). Call
+        under `lock` to combine it atomically with other state."""
         with self.lock:
             self._totals.expire()
-            return self._totals.by_day.get(day, 0)
+            return self._totals.since_day(day)
 
-    def spent_in_month(self, month: str) -> int:
-        """Running total for one local calendar month (YYYY-MM), from memory; as `spent_on`."""
+    def spent_since_month(self, month: str) -> int:
+        """Running total from local calendar month `month` (YYYY-MM) on, from memory; as
+        `spent_since_day`."""
         with self.lock:
             self._totals.expire()
-            return self._totals.by_month.get(month, 0)
+            return self._totals.since_month(month)
 
     def held(self) -> list[tuple[float, int]]:
         """The refused authorizations still counted, as (time signed, amount)."""
@@ -402,15 +421,9 @@ class Ledger:
         return None if row is None else Payment(*row)
 
     def payments(self, *, latest: int | None = None) -> list[Payment]:
-        """Rows newest first (all of them unless `latest` is given)."""
-        sql = f"SELECT {COLUMNS} FROM payments ORDER BY id DESC"
-        params: tuple[Any, ...] = ()
-        if latest is not None:
-            sql += " LIMIT ?"
-            params = (latest,)
-        with self._db_lock:
-            rows = self._conn.execute(sql, params).fetchall()
-        return [Payment(*row) for row in rows]
+        """Rows newest first (all of them unless `latest` is given), read as a report is."""
+        with self._reading() as conn:
+            return _newest(conn, latest)
 
     def summary(self, *, now: float | None = None, latest: int = 20) -> dict[str, Any]:
         """Spending for GET /v1/spend and `clawrouter stats` (JSON-ready).
@@ -421,9 +434,43 @@ class Ledger:
         a refused one holds budget: `Budget.remaining`). Days are local days.
         """
         now = self._clock() if now is None else now
-        with self._db_lock:
-            report = spending(self._conn, now)
-        return {**report, "latest": [p.to_json() for p in self.payments(latest=latest)]}
+        with self._reading() as conn:  # one snapshot: the latest rows are the ones summed
+            report = spending(conn, now)
+            rows = _newest(conn, latest)
+        return {**report, "latest": [p.to_json() for p in rows]}
+
+    async def report(self, *, latest: int = 20) -> dict[str, Any]:
+        """`summary` from asyncio (GET /v1/spend), on the reports' thread: neither the event
+        loop nor the writer's queue (a payment's record) waits for it. One thread, because
+        reports share one connection: concurrent ones queue there, not in the default
+        executor the image work (`offloop`) shares."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._report_thread(),
+                                          functools.partial(self.summary, latest=latest))
+
+    def _report_thread(self) -> ThreadPoolExecutor:
+        with self.lock:
+            if self._closed:
+                raise _closed()
+            if self._reports is None:
+                self._reports = ThreadPoolExecutor(1, thread_name_prefix="ledger-report")
+            return self._reports
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The reports' connection inside one read transaction: every query in it sees the
+        same committed rows, whatever the writer commits meanwhile (without waiting for it)."""
+        with self._read_lock:
+            if self._closed:
+                raise _closed()
+            conn = self._reader
+            assert conn is not None  # (open until `_closed`)
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:  # (only read: ending it lets the snapshot go)
+                    conn.execute("ROLLBACK")
 
     # --- asyncio and lifetime -----------------------------------------------------------------
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -447,11 +494,25 @@ class Ledger:
         if self._group is not None:
             self._group.close()
             self._group = None
+        self._close_reports()
         with self._db_lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None  # type: ignore[assignment]
         self._let_go()
+
+    def _close_reports(self) -> None:
+        """Let running reports finish, then close their connection (before the writer's,
+        whose last close tidies the WAL away)."""
+        with self.lock:
+            self._closed = True
+            reports, self._reports = self._reports, None
+        if reports is not None:
+            reports.shutdown(wait=True)
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def _let_go(self) -> None:
         """Release what `holding` took, then the process lock: in that order, whoever gets
@@ -468,3 +529,19 @@ class Ledger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _newest(conn: sqlite3.Connection, latest: int | None) -> list[Payment]:
+    """Rows newest first, `latest` of them (all without it)."""
+    sql = f"SELECT {COLUMNS} FROM payments ORDER BY id DESC"
+    params: tuple[Any, ...] = ()
+    if latest is not None:
+        sql += " LIMIT ?"
+        params = (latest,)
+    return [Payment(*row) for row in conn.execute(sql, params).fetchall()]
+
+
+def _closed() -> LedgerUnavailable:
+    """A report asked of a closed ledger: the gateway is stopping (a 503, not a bug's 500)."""
+    return LedgerUnavailable("The gateway is stopping: its ledger is closed. Ask again once "
+                             "it runs.", code="ledger_closed")

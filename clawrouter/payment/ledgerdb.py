@@ -130,6 +130,21 @@ def local_day(t: float) -> str:
     return date.fromtimestamp(t).isoformat()
 
 
+#: where SQLite stops asking the C library for local time (2038-01-19 UTC): past it, and
+#: before 1970, it borrows the rules of a year from 2000 to 2003, and its day can differ
+_LOCALTIME_END = 2_147_385_600
+
+#: `local_day(time)` as SQL, without a Python call per row (the reports and the startup totals
+#: group thousands of rows by it). SQLite's `localtime` asks the C library, as
+#: `date.fromtimestamp` does, so the day is the same, given whole seconds (SQLite rounds a
+#: fraction to the millisecond, so 0.5 ms before midnight would be the next day: CAST floors
+#: it, as Python does) and a time SQLite does not map to another year (else: Python's).
+#: `tests/test_reports_off_the_payment_path.py` holds them to it across DST changes.
+LOCAL_DAY = (f"CASE WHEN time >= 0 AND time < {_LOCALTIME_END} "
+             "THEN date(CAST(time AS INTEGER), 'unixepoch', 'localtime') "
+             "ELSE local_day(time) END")
+
+
 def day_start(day: date) -> float:
     """Unix time of local midnight starting `day` (mktime handles DST)."""
     return time.mktime((day.year, day.month, day.day, 0, 0, 0, 0, 0, -1))
@@ -155,6 +170,19 @@ def connect(path: Path, now: float) -> sqlite3.Connection:
     conn.create_function("local_day", 1, local_day, deterministic=True)
     conn.executescript(_SCHEMA)
     _migrate(conn, now)
+    return conn
+
+
+def open_reader(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the ledger file for reports, beside the writer's. In WAL mode
+    a reader sees committed rows only, never waits for the writer and never makes it wait, so
+    a report over many rows cannot delay a payment's record (which must be durable before
+    the payment leaves). Open it while the writer's connection is open (its WAL files)."""
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
+                           timeout=10.0)
+    conn.create_function("local_day", 1, local_day, deterministic=True)
+    conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # opens the WAL files now
     return conn
 
 

@@ -2,7 +2,9 @@
 per window, per model and per local day, from the ledger's rows.
 
 Kept apart from `ledger` because it only reads: the budget never uses it (it reads the running
-totals), and what it shows can change without touching how payments are recorded.
+totals), and what it shows can change without touching how payments are recorded. It runs on
+the ledger's read-only connection, inside one read transaction (`Ledger.summary`): its queries
+all see the same rows, so `today` <= `month` <= `total` even while payments are written.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 from clawrouter.catalog import to_usd
-from clawrouter.payment.ledgerdb import PENDING, REJECTED, SETTLED, day_start
+from clawrouter.payment.ledgerdb import (
+    LOCAL_DAY, PENDING, REJECTED, SETTLED, day_start,
+)
 
 #: days of `by_day`, today included
 _DAYS = 30
@@ -28,7 +32,7 @@ def spending(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
         "total": _aggregate(conn, "NULL", None),
     }
     by_model = _aggregate(conn, "model", None)
-    by_day = _aggregate(conn, "local_day(time)", day_start(today - timedelta(days=_DAYS - 1)))
+    by_day = _aggregate(conn, LOCAL_DAY, day_start(today - timedelta(days=_DAYS - 1)))
     return {
         "timezone": datetime.fromtimestamp(now).astimezone().tzname(),
         **{name: rows[0][1] if rows else _window(0, 0, 0, 0) for name, rows in windows.items()},

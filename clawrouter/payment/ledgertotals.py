@@ -1,6 +1,8 @@
 """The ledger's running totals, in memory: spent overall, per local day and per local month.
 
 The budget check runs on every paid request, so it reads these instead of running a SQL query.
+A day's (or month's) window runs from its start on, as the SQL sums do (`time >= start`): rows
+dated later, signed while the clock ran ahead, count in today's window, not in none.
 They count what may have cost money: every row but a `rejected` one, and a refused
 authorization for as long as it may still settle (`ledgerdb.HELD`, `held_until`). Not
 thread-safe on its own: the ledger's `lock` guards every call (and `Budget` shares it).
@@ -13,7 +15,7 @@ import sqlite3
 from typing import Callable
 
 from clawrouter.payment.ledgerdb import (
-    HELD, REJECTED, SETTLED, held_params, held_until, local_day,
+    HELD, LOCAL_DAY, REJECTED, SETTLED, held_params, held_until, local_day,
 )
 
 #: what `Ledger._outcome_sql` returns of the row it changed:
@@ -30,6 +32,8 @@ class RunningTotals:
         self.total = 0
         self.by_day: dict[str, int] = {}
         self.by_month: dict[str, int] = {}
+        #: the latest local day any row was counted on (rows dated later than today are rare)
+        self._last_day = ""
         #: refused authorizations that still count, by payment id: (time signed, amount)
         self._held: dict[int, tuple[float, int]] = {}
         #: (expiry plus margin, payment id), a heap: when each stops counting without a chain
@@ -38,9 +42,9 @@ class RunningTotals:
     def load(self, conn: sqlite3.Connection) -> None:
         """Count the ledger's rows, holding every refused authorization that may still settle
         (as a restart must, `HELD`)."""
-        rows = conn.execute(
-            "SELECT local_day(time), SUM(amount) FROM payments WHERE status != ? "
-            "GROUP BY local_day(time)", (REJECTED,)).fetchall()
+        rows = conn.execute(  # LOCAL_DAY: local_day(time), without Python per row
+            f"SELECT {LOCAL_DAY} AS day, SUM(amount) FROM payments WHERE status != ? "
+            "GROUP BY day", (REJECTED,)).fetchall()
         by_day = {day: int(amount) for day, amount in rows}
         for payment_id, when, amount, valid_before, network in conn.execute(
                 f"SELECT id, time, amount, valid_before, network FROM payments WHERE {HELD}",
@@ -51,10 +55,24 @@ class RunningTotals:
         for day, amount in by_day.items():
             by_month[day[:7]] = by_month.get(day[:7], 0) + amount
         self.total, self.by_day, self.by_month = sum(by_day.values()), by_day, by_month
+        self._last_day = max(by_day, default="")
+
+    def since_day(self, day: str) -> int:
+        """Micro-USDC counted on local day `day` (YYYY-MM-DD) and any later one."""
+        if self._last_day <= day:  # no row dated later: the common case, one lookup
+            return self.by_day.get(day, 0)
+        return sum(amount for d, amount in self.by_day.items() if d >= day)
+
+    def since_month(self, month: str) -> int:
+        """Micro-USDC counted in local month `month` (YYYY-MM) and any later one."""
+        if self._last_day[:7] <= month:
+            return self.by_month.get(month, 0)
+        return sum(amount for m, amount in self.by_month.items() if m >= month)
 
     def add(self, when: float, amount: int) -> None:
         """Count `amount` (negative: stop counting it) on the local day of `when`."""
         day = local_day(when)
+        self._last_day = max(self._last_day, day)
         self.by_day[day] = self.by_day.get(day, 0) + amount
         self.by_month[day[:7]] = self.by_month.get(day[:7], 0) + amount
         self.total += amount

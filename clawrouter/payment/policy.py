@@ -21,6 +21,9 @@ from clawrouter.payment.wire import Challenge, Requirement
 from clawrouter.plaintext import one_line
 
 MAX_TIMEOUT_SECONDS = 600
+#: facilitators refuse an authorization whose validBefore is under 6 s away (three Base
+#: blocks, x402.md §7): a shorter window is refused after it left, yet spendable until then
+MIN_TIMEOUT_SECONDS = 6
 _AMOUNT = re.compile(r"[0-9]{1,30}")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
@@ -87,9 +90,12 @@ def _checked(req: Requirement, *, network: Network, pay_to: str, ceiling: int, c
                                f"({usd(ceiling)}: the catalog price × the tolerance, plus "
                                "the fee).")
     timeout = req.max_timeout_seconds
-    if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 < timeout <= max_timeout:
-        raise refuse("timeout", f"maxTimeoutSeconds {timeout!r} is outside 1..{max_timeout}; "
-                                "a longer-lived authorization is not signed.")
+    if not isinstance(timeout, int) or isinstance(timeout, bool) \
+            or not MIN_TIMEOUT_SECONDS <= timeout <= max_timeout:
+        raise refuse("timeout", f"maxTimeoutSeconds {timeout!r} is outside "
+                                f"{MIN_TIMEOUT_SECONDS}..{max_timeout}; a longer-lived "
+                                "authorization is not signed, nor one a facilitator would "
+                                "refuse as already expiring.")
     return req
 
 

@@ -116,6 +116,13 @@ class Receipt:
     transaction: str | None
     network: str | None = None
     amount: str | None = None
+    success: bool | None = None  # as the receipt says it; None for a bare hash, or unsaid
+
+    @property
+    def settled(self) -> bool:
+        """Proof that the payment moved, even on a failed answer: a transaction hash, from a
+        receipt that does not say the settlement failed (a reverted one has a hash too)."""
+        return self.transaction is not None and self.success is not False
 
 
 def read_receipt(headers: Mapping[str, str]) -> Receipt | None:
@@ -130,9 +137,11 @@ def read_receipt(headers: Mapping[str, str]) -> Receipt | None:
                 continue
             if isinstance(data, dict):
                 tx = data.get("transaction") or data.get("txHash") or None
-                found = found or Receipt(None, data.get("network"), data.get("amount"))
+                success = data.get("success")
+                success = success if isinstance(success, bool) else None
+                found = found or Receipt(None, data.get("network"), data.get("amount"), success)
                 if _transaction(tx):  # else the next header may still name the transaction
-                    return replace(found, transaction=tx)
+                    return replace(found, transaction=tx, success=success)
     bare = lowered.get("x-payment-receipt")
     if bare and _transaction(bare.strip()):
         return replace(found or Receipt(None), transaction=bare.strip())

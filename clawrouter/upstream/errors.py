@@ -15,6 +15,7 @@ from typing import Any
 
 from clawrouter.catalog import format_usd
 from clawrouter.errors import ClawError, PaidRequestFailed, UpstreamError
+from clawrouter.payment.wire import read_receipt
 from clawrouter.plaintext import one_line, scrub
 from clawrouter.upstream.client import UpstreamResponse
 
@@ -96,18 +97,23 @@ def paid_error(resp: UpstreamResponse | None, amount: int, *, transaction: str |
                detail: str | None = None, may_have_settled: bool = False) -> PaidRequestFailed:
     """A failure after a payment was signed and sent: say so, and forbid automatic retries.
     `may_have_settled`: the upstream may have used the authorization (its answer was lost, or
-    it says so), so the client must not read that it was not charged."""
+    it says so), so the client must not read that it was not charged. `transaction`: it
+    settled there, as a receipt on `resp` also says (`settled_failure`)."""
     if resp is not None:
         message, code, param = upstream_message(resp)
         status, ours = _passed_status(resp)
         if ours:
             code, message = ours, _refused_access(resp, message)
+        transaction = transaction or settlement(resp)
     else:
         # `detail` may quote the upstream too (a job's error, a refusal)
         message = shown(detail, DETAIL_MAX) if detail else "the connection failed"
         code, param, status = None, None, 502
+    if transaction:
+        return settled_failure(f"Upstream failed after payment: {message}.", amount, transaction,
+                               code=code, param=param)
     paid = f"A payment of {format_usd(amount)} was signed and sent for this request"
-    paid += f" (transaction {transaction})." if transaction else (
+    paid += (
         "; no settlement receipt was received, and it may have settled. It is pending until "
         "the chain tells (`clawrouter stats`)." if may_have_settled else
         "; no settlement receipt was received. BlockRun settles on Base only when the image is "
@@ -116,7 +122,26 @@ def paid_error(resp: UpstreamResponse | None, amount: int, *, transaction: str |
         f"Upstream failed after payment: {message}. {paid} Not retried, so nothing is paid twice.",
         status=status, code=code or "failed_after_payment", param=param,
         # no Retry-After: a client that honours it, and not `x-should-retry`, would pay again
-        extra={"payment": "signed", "transaction": transaction})
+        extra={"payment": "signed", "transaction": None})
+
+
+def settlement(resp: UpstreamResponse) -> str | None:
+    """The transaction of a receipt on `resp` proving that the payment settled, if any: read
+    on failures too, where the user's money moved whatever the answer says (x402.md §8)."""
+    receipt = read_receipt(resp.headers)
+    return receipt.transaction if receipt is not None and receipt.settled else None
+
+
+def settled_failure(what: str, amount: int, transaction: str, *, code: str | None = None,
+                    param: str | None = None) -> PaidRequestFailed:
+    """A failure whose payment settled (`settlement`): the client is told it was charged, and
+    the ledger records it `settled` with `transaction` (`extra`). A 502 whatever the upstream
+    answered: a 402 would read as a payment still to make."""
+    return PaidRequestFailed(
+        f"{what} Yet the upstream's settlement receipt says the payment of "
+        f"{format_usd(amount)} settled (transaction {transaction}): it was charged. Not "
+        "retried, so nothing is paid twice.", code=code or "failed_after_payment", param=param,
+        extra={"payment": "settled", "transaction": transaction})
 
 
 def already_used(resp: UpstreamResponse) -> bool:

@@ -4,7 +4,9 @@ unpaid request → 402 challenge → policy check → reserve budget → sign �
 paid request → (202 → poll) → result. With a learned price the unpaid probe is skipped; if the
 upstream rejects that pre-authorised payment, one clean probe and one fresh payment follow,
 unless no fresh one could fare better (the wallet is short); a refusal the new price does not
-explain (the same amount asked again) stops pre-auth for that request shape for a while, so an
+explain (the same amount asked again), or a second refusal (of a price learned after the first)
+with no pre-authorised payment accepted in between (whatever the amounts: a quote that moves
+each time), stops pre-auth for that request shape for a while (`PriceBook.refused`), so an
 upstream that refuses pre-authorised payments costs a second signature once, not every time.
 A paid attempt that fails any other way is reported, never re-signed: signing is settlement.
 """
@@ -36,14 +38,12 @@ from clawrouter.payment.ledger import NEVER_SENT, Ledger
 from clawrouter.payment.networks import Network
 from clawrouter.payment.prices import PriceBook, PriceKey
 from clawrouter.payment.signer import SignedPayment, Signer
-from clawrouter.payment.wire import (
-    Challenge, ChallengeError, Requirement, parse_challenge, read_receipt,
-)
+from clawrouter.payment.wire import Challenge, ChallengeError, Requirement, parse_challenge
 from clawrouter.plaintext import scrub, withhold
 from clawrouter.upstream.client import NEVER_SENT as TRANSPORT_NEVER_SENT
 from clawrouter.upstream.client import BlockRunClient, TransportError, UpstreamResponse
-from clawrouter.upstream.errors import (already_used, paid_error, shown, unfunded, unpaid_error,
-                                        upstream_message)
+from clawrouter.upstream.errors import (already_used, paid_error, settlement, shown, unfunded,
+                                        unpaid_error, upstream_message)
 from clawrouter.upstream.jobs import JobAbandoned, wait_for_job
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 #: first poll and the settlement after the last one
 SETTLE_MARGIN_SECONDS = 60
 #: how long pre-auth waits, for one request shape, after its pre-authorised payment was refused
-#: at the very price the upstream then asked again (so not for a price change)
+#: at the very price the upstream then asked again (so not for a price change), or a price
+#: learned after such a refusal was refused too, with none accepted in between
 PREAUTH_HOLD_OFF_SECONDS = 600.0
 
 #: writes a signed payment's outcome to the ledger: (status, note, tx, sent=True); never raises
@@ -96,7 +97,7 @@ class Outcome:
         """Start the ledger's write of the outcome, once the caller knows whether the answer
         `delivered` an image; it runs while the caller stores the images (the signed row is
         already durable, so nothing can be lost, and the fsync leaves the critical path).
-        Settled if it delivered or a receipt names its transaction; otherwise the upstream
+        Settled if it delivered or a receipt proved its transaction; otherwise the upstream
         failed and may not have settled: pending (`failed_after_payment`) until the chain
         says. A task, so it completes even if the request is cancelled meanwhile."""
         if self.finish is None or self._recording is not None:
@@ -186,9 +187,9 @@ class Exchange:
         if known is None:
             return await self._probe_and_pay(call, ctx, attempt=1)
         try:
-            return await self._pay(call, ctx, known, attempt=1, preauth=True)
+            return await self._pay(call, ctx, known.challenge, attempt=1, preauth=True)
         except _PreauthRejected as refused:
-            self.prices.forget(call.price_key)
+            self.prices.refused(call.price_key, known, hold_off=PREAUTH_HOLD_OFF_SECONDS)
             try:
                 return await self._probe_and_pay(call, ctx, attempt=2, refused=refused.amount)
             except ClawError as exc:
@@ -260,9 +261,11 @@ class Exchange:
         resp = await self._send_paid(call, ctx, payment, finish)
         resp = await self._judge_paid(resp, payment, finish, preauth=preauth)
         outcome = await self._complete_paid(call, resp, payment, payment_id, ctx, finish)
-        if refused == payment.amount:  # refused for something other than the price
+        if preauth:
+            self.prices.accepted(call.price_key)
+        elif refused == payment.amount:  # refused for something other than the price
             self.prices.forget(call.price_key, hold_off=PREAUTH_HOLD_OFF_SECONDS)
-        elif not preauth and self.settings.preauth:
+        elif self.settings.preauth:
             self.prices.learn(call.price_key, challenge)
         return replace(outcome, finish=finish)
 
@@ -361,12 +364,18 @@ class Exchange:
                           finish: _Finish, *,
                           preauth: bool) -> UpstreamResponse:
         """Sort a 402 to the paid request into its cases: a job this authorization already
-        started (poll it), a payment used already (may have settled), and a refusal (a
-        pre-authorised one probes afresh, once). Any other answer passes through."""
+        started (poll it), one whose receipt says it settled (charged, never signed again), a
+        payment used already (may have settled), and a refusal (a pre-authorised one probes
+        afresh, once). Any other answer passes through."""
         if resp.status == 402 and _started_job(resp):
             # The authorization was already used, by the job this answer names (our first
             # attempt, whose connection dropped): poll that job, with the same header.
             return replace(resp, status=202)
+        if resp.status == 402 and (transaction := settlement(resp)):
+            message, code, _ = upstream_message(resp)
+            await finish("settled", f"the upstream failed after settling: {code or message}",
+                         transaction)
+            raise paid_error(resp, payment.amount, transaction=transaction)
         if resp.status == 402 and (resp.resent or already_used(resp)):
             # Used already (the first attempt's connection dropped and the resend was refused,
             # or the upstream says so): the upstream may well have settled it. Never re-signed.
@@ -409,9 +418,7 @@ class Exchange:
             # side, and must learn of this job (`coalesce` keeps paid outcomes), not pay anew.
             raise _abandoned(payment.amount, self.settings.coalesce_window_seconds) from None
         except ClawError as exc:
-            settled_nothing = exc.extra.get("payment") == "not_settled"
-            await finish("rejected" if settled_nothing else "failed_after_payment",
-                         exc.message)
+            await _finish_failure(exc, finish)
             if exc.extra.get("payment") in (None, "none"):  # not written for a paid request
                 raise paid_error(None, payment.amount, detail=exc.message) from exc
             raise
@@ -443,20 +450,36 @@ class Exchange:
 
     async def _complete(self, call: UpstreamCall, resp: UpstreamResponse,
                         payment: SignedPayment | None, ctx: RequestContext) -> Outcome:
+        """The answer to a sent request, polled to its end if it is a 202 job. Its transaction
+        comes only from a receipt proving settlement (`settlement`: a reverted one names a hash
+        too), the final answer's or, for a job, the first one seen on the 202 or a poll."""
         amount = payment.amount if payment else 0
+        transaction: str | None = None
         if resp.status == 202:
             call.accepted()
             headers = payment.headers if payment else {}
-            resp = await wait_for_job(
+            resp, transaction = await wait_for_job(
                 self.client, resp, headers, ctx, amount=amount, delay=self.settings.poll_delay,
                 interval=self.settings.poll_interval, deadline=self.settings.poll_deadline,
                 expires=payment.valid_before if payment else None)
         if resp.status == 200:
-            receipt = read_receipt(resp.headers)
-            return Outcome(resp, amount, receipt.transaction if receipt else None, resp.json())
+            transaction = transaction or (settlement(resp) if payment else None)
+            return Outcome(resp, amount, transaction, resp.json())
         if payment is None:
             raise unpaid_error(resp)
         raise paid_error(resp, amount)
+
+
+async def _finish_failure(error: ClawError, finish: _Finish) -> None:
+    """Record a paid request's failure as what `error` says became of the payment: settled (a
+    receipt named its transaction), not settled (rejected), or not known."""
+    paid = error.extra.get("payment")
+    if paid == "settled":
+        await finish("settled", f"the upstream failed after settling: {error.message}",
+                     error.extra.get("transaction"))
+    else:
+        await finish("rejected" if paid == "not_settled" else "failed_after_payment",
+                     error.message)
 
 
 def _rejection(resp: UpstreamResponse) -> dict[str, Any]:

@@ -8,7 +8,10 @@ meanwhile, so nothing can settle for a client that is not there. Giving up costs
 unless a poll's answer was lost (a timeout, a dropped connection, a resent poll, a 5xx, a 200
 without a status) or a poll was told the authorization is already used: that poll, or another,
 may have completed the job and settled, so the payment is then left pending for the chain to
-tell. Polls never sign anything new.
+tell. Polls never sign anything new. A settlement receipt (`errors.settlement`) on the
+accepted 202 or on any poll is a payment that settled, whatever follows: a later failure,
+the deadline, or a client that left is then reported as settled with its transaction, and a
+completed poll without a receipt keeps that transaction.
 
 A request that asked to keep its paid job (`context.KEEP_PAID_JOB`: `clawrouter mcp`, whose
 agent's timeout cancels a call long before a slow model is done, and which retries it) is
@@ -29,9 +32,10 @@ import time
 
 from clawrouter.catalog import format_usd
 from clawrouter.context import RequestContext
-from clawrouter.errors import ClientGone, PaidRequestFailed, UpstreamTimeout
+from clawrouter.errors import ClawError, ClientGone, PaidRequestFailed, UpstreamTimeout
 from clawrouter.upstream.client import NEVER_SENT, BlockRunClient, TransportError, UpstreamResponse
-from clawrouter.upstream.errors import already_used, paid_error, shown, upstream_message
+from clawrouter.upstream.errors import (already_used, paid_error, settled_failure, settlement,
+                                        shown, unpaid_error, upstream_message)
 from clawrouter.upstream.results import holds_an_image
 
 TRANSIENT = {202, 408, 425, 429, 500, 502, 503, 504}
@@ -53,8 +57,9 @@ class JobAbandoned(ClientGone):
 async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                        headers: dict[str, str], ctx: RequestContext, *, amount: int,
                        delay: float, interval: float, deadline: float,
-                       expires: int | None = None) -> UpstreamResponse:
-    """Poll until the job completes; return the completed 200 response.
+                       expires: int | None = None) -> tuple[UpstreamResponse, str | None]:
+    """Poll until the job completes; return the completed 200 response, and the transaction
+    of the first settlement receipt seen on the way (the 202 or any poll), if any.
 
     Polling stops after `deadline` seconds, or `SETTLE_SECONDS` before `expires` (the
     payment's validBefore, unix time) when that comes first: no later poll could settle it.
@@ -67,7 +72,9 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
     valid_for = deadline if expires is None else expires - time.time() - SETTLE_SECONDS
     expiring = valid_for < deadline
     give_up = time.monotonic() + min(deadline, valid_for)
-    await _pause(ctx, delay, give_up)
+    # the first receipt proving settlement: only for a payment we sent (`headers`)
+    settled = settlement(accepted) if headers else None
+    await _between_polls(ctx, delay, give_up, lost=None, settled=settled)
     polls = 0
     lost: str | None = None  # the first poll whose answer was lost, if any
     while True:
@@ -85,11 +92,14 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
             # "failed" does not say nothing was paid.
             lost = f"poll {polls}: its connection dropped after it was sent, and it was resent"
         if resp is not None:
+            settled = settled or (settlement(resp) if headers else None)
             body = resp.json()
             status = body.get("status") if isinstance(body, dict) else None
             if status == "failed" and resp.status != 402:  # whatever the HTTP status says
                 reason = shown(body.get("error") or "the job failed")  # may quote our header
                 what = f"The upstream job failed: {reason}."
+                if settled:  # yet a receipt, now or before, says it was charged
+                    raise settled_failure(what, amount, settled, code="job_failed")
                 raise _settled_unless_lost(PaidRequestFailed(
                     f"{what} No payment was settled (BlockRun settles only completed jobs).",
                     status=502, code="job_failed", extra={"payment": "not_settled"}),
@@ -97,38 +107,55 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
             if resp.status == 200:
                 # images end it, whatever its status says; it is judged by them from here
                 if status == "completed" or holds_an_image(body):
-                    return resp
+                    return resp, settled
                 if not isinstance(status, str) and lost is None:
                     # Neither a status nor images: not the completed job we know, yet a 200
                     # that may have been it (and settled). Polled on, it stays pending.
                     lost = f"poll {polls}: HTTP 200 without a job status"
             elif resp.status == 402:  # settlement failed: nothing was charged by this poll
-                error = paid_error(resp, amount)
+                if not amount:  # (a job the upstream started unasked: nothing to settle)
+                    raise unpaid_error(resp)
+                error = paid_error(resp, amount, transaction=settled)
+                if error.extra["payment"] == "settled":  # unless a receipt says otherwise
+                    raise error
                 error.extra["payment"] = "not_settled"
                 what = f"The upstream did not settle the job: {upstream_message(resp)[0]}."
                 if already_used(resp) and lost is None:  # spent: by whom, the chain will say
                     lost = f"poll {polls}: the upstream says the authorization was already used"
                 raise _settled_unless_lost(error, what, amount, lost)
             elif resp.status not in TRANSIENT:
-                raise paid_error(resp, amount)
+                raise (paid_error(resp, amount, transaction=settled) if amount else
+                       unpaid_error(resp))
             elif resp.status in UNCERTAIN and lost is None:
                 lost = f"poll {polls}: HTTP {resp.status}"
         remaining = give_up - time.monotonic()
         if remaining <= 0:
-            raise _timed_out(deadline, amount, lost, expiring)
-        try:
-            await _pause(ctx, min(interval, remaining), give_up)
-        except ClientGone:
-            if lost:
-                raise JobAbandoned(lost) from None
-            raise
+            raise _timed_out(deadline, amount, lost, expiring, settled)
+        await _between_polls(ctx, min(interval, remaining), give_up, lost=lost, settled=settled)
 
 
-async def _pause(ctx: RequestContext, seconds: float, give_up: float) -> None:
+async def _between_polls(ctx: RequestContext, seconds: float, give_up: float, *,
+                         lost: str | None, settled: str | None) -> None:
+    """`_pause`. Once a receipt said the payment `settled`, clients' leaving does not stop
+    polling: polling on costs nothing more, and stopping would throw away an image that was
+    paid for (kept, it is a repeat's: `coalesce`). Else, when every client has left, stop as
+    what is known of the payment says: perhaps settled (`JobAbandoned`: a poll's answer was
+    `lost`), or not (`ClientGone`)."""
+    try:
+        await _pause(ctx, seconds, give_up, keep=settled is not None)
+    except ClientGone:
+        if lost:
+            raise JobAbandoned(lost) from None
+        raise
+
+
+async def _pause(ctx: RequestContext, seconds: float, give_up: float, *,
+                 keep: bool = False) -> None:
     """Sleep between polls; `ClientGone` once every client has left and none has joined
-    again within `REJOIN_SECONDS` (never past `give_up`, monotonic time), unless the request
-    asked to keep its paid job: then its clients' leaving does not matter."""
-    if ctx.keep_paid_job:
+    again within `REJOIN_SECONDS` (never past `give_up`, monotonic time), unless the job is
+    to be kept (`keep`, or the request asked to keep its paid job): then its clients'
+    leaving does not matter."""
+    if keep or ctx.keep_paid_job:
         await asyncio.sleep(seconds)
         return
     try:
@@ -153,11 +180,16 @@ def _settled_unless_lost(error: PaidRequestFailed, what: str, amount: int,
         headers=error.headers, extra={"payment": "signed", "lost_poll": lost})
 
 
-def _timed_out(deadline: float, amount: int, lost: str | None,
-               expired: bool) -> UpstreamTimeout:
+def _timed_out(deadline: float, amount: int, lost: str | None, expired: bool,
+               settled: str | None) -> ClawError:
+    """Polling gave up: nothing settled, it may have (a `lost` poll answer), or a receipt
+    already said it did (`settled`, its transaction)."""
     stopped = ("The payment's authorization was about to expire before the image was ready, "
-               "so polling stopped: no later poll could settle it." if expired else
-               f"The image was not ready after {deadline:.0f} s, so polling stopped.")
+               "so polling stopped" if expired else
+               f"The image was not ready after {deadline:.0f} s, so polling stopped")
+    if settled:
+        return settled_failure(f"{stopped}.", amount, settled, code="upstream_timeout")
+    stopped += ": no later poll could settle it." if expired else "."
     if lost is None:
         return UpstreamTimeout(
             f"{stopped} No payment was settled (BlockRun settles only when a poll completes).",
