@@ -759,3 +759,72 @@ def test_a_receipt_on_a_job_nobody_paid_for_claims_no_charge(make_gateway, upstr
     assert r.status_code == 404 and error(r)["payment"] != "settled", r.text
     assert "charged" not in error(r)["message"] and TX not in r.text
     assert rows(gw) == [] and upstream.payments == []
+
+
+# --- review 3: jobs nobody paid for, and a receipt recorded while its job runs on -----------
+
+JOB = {"id": "img_1", "status": "queued", "poll_url": "/api/v1/images/generations/img_1"}
+UNPAID_ENDINGS = {  # ending: (the 202's body, the poll's answer, status, code)
+    "failed job": (JOB, lambda up: JSONResponse({"status": "failed", "error": "policy"}),
+                   502, "job_failed"),
+    "lost poll, then failed": (JOB, lambda up: JSONResponse({"error": "boom"}, 503)
+                               if up.polls == 1 else JSONResponse({"status": "failed"}),
+                               502, "job_failed"),
+    "deadline": (JOB, lambda up: JSONResponse({"status": "in_progress"}, 202),
+                 504, "upstream_timeout"),
+    "no poll_url": ({"id": "img_1", "status": "queued"}, None, 502, "upstream_error"),
+}
+
+
+@pytest.mark.parametrize("ending", list(UNPAID_ENDINGS))
+def test_a_job_nobody_paid_for_ends_unpaid_and_a_retry_runs_again(make_gateway, upstream,
+                                                                  ending):
+    """The upstream started a job without asking for payment: however it ends, nothing was
+    paid (no "$0.00" payment, no lost poll), and a retry runs again instead of being answered
+    from the failure, as paid failures are (`coalesce`)."""
+    gw = make_gateway(upstream.api, poll_deadline=1.0)
+    accepted, poll, status, code = UNPAID_ENDINGS[ending]
+    upstream.unpaid = lambda request, _: JSONResponse(accepted, 202)
+    if poll is not None:
+        upstream.poll = lambda request, _: poll(upstream)
+    first, retry = gen(gw), gen(gw)
+    assert (first.status_code, error(first)["code"]) == (status, code), first.text
+    assert error(first)["payment"] == "none" and "lost_poll" not in error(first), first.text
+    assert "$0.00" not in first.text and "Nothing was paid" in error(first)["message"]
+    assert "x-clawrouter-shared" not in retry.headers and upstream.probes == 2, retry.text
+    assert rows(gw) == [] and upstream.payments == []
+
+
+def _settled_metric(gw) -> tuple[float, float]:
+    """/metrics' count of settled payments, and the USD spent on cogview-4."""
+    text = gw.http.get("/metrics").text
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                   if line and not line.startswith("#"))
+    return (float(samples.get('clawrouter_payments_total{outcome="settled"}', 0)),
+            float(samples.get('clawrouter_spent_usd_total{model="zai/cogview-4"}', 0)))
+
+
+@pytest.mark.parametrize("where", EARLY_RECEIPTS)
+def test_a_receipt_on_a_running_job_is_recorded_at_once_and_counted_once(make_gateway,
+                                                                         upstream, where):
+    """A receipt on the 202, or on a poll of a job still running: the row is `settled` with
+    its transaction while the job is still polled (the gateway may stop before the job ends),
+    and the job's end, which writes it again, does not count the payment twice."""
+    gw = make_gateway(upstream.api)
+    done = threading.Event()
+    _early_receipt(upstream, where, lambda request, _: image() if done.is_set() else
+                   JSONResponse({"status": "in_progress"}, 202))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(gen, gw)
+        deadline = time.monotonic() + 15
+        while [(row["status"], row["transaction"]) for row in rows(gw)] != [("settled", TX)]:
+            assert time.monotonic() < deadline and not pending.done(), rows(gw)
+            time.sleep(0.05)
+        assert not pending.done(), "the row was settled only when the job ended"
+        done.set()
+        r = pending.result()
+    assert r.status_code == 200 and r.headers["x-clawrouter-transaction"] == TX, r.text
+    (row,) = rows(gw)
+    assert (row["status"], row["transaction"]) == ("settled", TX), row
+    assert _settled_metric(gw) == (1, PRICE / 1e6)
+    assert len(upstream.payments) == 1 and gw.gw.ledger.spent() == PRICE

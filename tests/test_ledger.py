@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -598,3 +599,41 @@ def test_a_note_is_plain_one_line_text_without_secrets() -> None:
     assert "[redacted]" in note and len(note) <= NOTE_MAX
     assert not any(ord(c) < 32 or 0x7f <= ord(c) <= 0x9f or c == "\u2028" for c in note)
     assert clean_note(" \r\n ") is None
+
+
+def test_the_ledger_is_the_owners_only_whatever_the_umask(tmp_path: Path) -> None:
+    """Every payment is in it: like the image index, the ledger and its -wal and -shm are made
+    0600 (they were 0644 under a usual umask, readable by all in a data directory that is
+    not private), and one an older version made readable is tightened."""
+    old = tmp_path / "old" / "ledger.sqlite3"
+    old.parent.mkdir()
+    old.touch(mode=0o644)
+    old.chmod(0o644)
+    previous = os.umask(0o022)
+    try:
+        for path in (tmp_path / "new" / "ledger.sqlite3", old):
+            with Ledger(path, clock=Clock(NOON)) as ledger:
+                record(ledger, 5000)
+                for part in ("", "-wal", "-shm"):
+                    made = path.with_name(path.name + part)
+                    assert stat.S_IMODE(made.stat().st_mode) == 0o600, made
+    finally:
+        os.umask(previous)
+
+
+def test_a_ledger_that_fails_to_open_leaves_no_file_open(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recovery failing after the connections opened (a damaged row, a disk error): both are
+    closed at once, not when the exception is collected (a caller may keep it: the CLI's
+    in-process gateway does), so repeated failures leak no file descriptors."""
+    def damaged(self: Ledger) -> dict[int, float]:
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(Ledger, "_recover", damaged)
+    kept: list[BaseException] = []
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(sqlite3.DatabaseError) as failed:
+            Ledger(tmp_path / "ledger.sqlite3", clock=Clock(NOON))
+        kept.append(failed.value)
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -170,6 +170,10 @@ class Ledger:
             self.interrupted = self._recover()
             self._totals.load(self._conn)
         except BaseException:
+            # (closed now, not when the exception is collected: a caller may keep it)
+            for conn in (self._reader, getattr(self, "_conn", None)):  # the reader first
+                if conn is not None:
+                    conn.close()
             self._let_go()
             raise
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clawrouter.catalog import to_usd
+from clawrouter.ownerfiles import owner_only
 
 SIGNED = "signed"
 SETTLED = "settled"
@@ -154,7 +155,8 @@ def connect(path: Path, now: float) -> sqlite3.Connection:
     """Open the ledger file, creating or migrating its schema; `now` dates the migration."""
     # isolation_level=None: each statement commits by itself; with WAL + synchronous=FULL
     # the commit is fsynced before execute() returns, which is the durability we promise.
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn = sqlite3.connect(owner_only(path), isolation_level=None, check_same_thread=False,
+                           timeout=10.0)
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if mode.lower() != "wal":
         conn.close()

@@ -11,6 +11,7 @@ const state = {
   shown: new Set(), // names of stored images in the grid
   offset: 0,      // how many stored images (newest first) the grid holds: the next page's offset
   running: new Set(), // generations in flight
+  failed: null,   // the generation whose failure #error shows (a later one's success clears it)
   opener: null,   // the card that opened the detail dialog, to give focus back
 };
 
@@ -40,8 +41,9 @@ async function api(path, init = {}) {
 
 // --- Formatting -----------------------------------------------------------------------------
 
+// As the API gives them (micro-dollars): $0.01675 is what is paid, $0.0168 would not be.
 const usdFormat = new Intl.NumberFormat("en-US", {
-  style: "currency", currency: "USD", minimumFractionDigits: 2, maximumFractionDigits: 4,
+  style: "currency", currency: "USD", minimumFractionDigits: 2, maximumFractionDigits: 6,
 });
 const relative = new Intl.RelativeTimeFormat(undefined, { numeric: "auto", style: "short" });
 
@@ -185,17 +187,24 @@ async function loadHealth() {
   if (health.version) $("version").textContent = `clawrouter ${health.version}`;
 }
 
+/** Text in a header fact, hidden when there is none (an empty one would still take a gap). */
+function fact(id, text) {
+  $(id).textContent = text;
+  $(id).hidden = !text;
+}
+
+/** Every cent of today: settled, pending (outcome unknown) and held (refused after signing,
+ * still counted against the budget), so "left of" adds up on screen. */
 async function loadSpend() {
   const spend = await api("v1/spend");
   const today = (spend && spend.today) || {};
+  const day = (spend && spend.budget && spend.budget.day) || {};
   $("spend-today").textContent = usd(today.usd);
   const pending = today.pending && today.pending.usd;
-  $("spend").title = pending ? `Settled payments today; ${usd(pending)} more pending`
-    : "Settled payments today";
-  const day = spend && spend.budget && spend.budget.day;
-  const left = day && day.limit_usd != null && day.remaining_usd != null
-    ? `· ${usd(day.remaining_usd)} left of ${usd(day.limit_usd)}` : "";
-  $("spend-left").textContent = left;
+  fact("spend-pending", pending > 0 ? `· ${usd(pending)} pending` : "");
+  fact("spend-held", day.held_usd > 0 ? `· ${usd(day.held_usd)} held` : "");
+  fact("spend-left", day.limit_usd != null && day.remaining_usd != null
+    ? `· ${usd(day.remaining_usd)} left of ${usd(day.limit_usd)}` : "");
 }
 
 // --- Model and size pickers -----------------------------------------------------------------
@@ -276,7 +285,7 @@ function card(item) {
   img.decoding = "async";
   img.width = width;
   img.height = height;
-  img.alt = prompt || "Generated image";
+  img.alt = ""; // decorative: the card's text says the prompt, which the link's name then has once
   img.addEventListener("error", () => img.parentElement.classList.add("broken"), { once: true });
   if (url) img.src = url;
 
@@ -320,8 +329,9 @@ function pendingCard(job) {
   return li;
 }
 
+/** "No images yet" only when the list said so, not when it could not be loaded. */
 function updateEmpty() {
-  $("empty").hidden = $("grid").children.length > 0;
+  $("empty").hidden = $("grid").children.length > 0 || !$("list-error").hidden;
 }
 
 /** Put stored images in the grid: at the end (paging) or at the top (fresh results). */
@@ -344,49 +354,81 @@ function addItems(items, { top = false } = {}) {
   updateEmpty();
 }
 
-async function loadPage() {
+/** One page of stored images from `offset`, and whether more follow: one image more is asked
+ * for, so a store of exactly PAGE images offers no "Load more" that would load nothing. */
+async function fetchPage(offset) {
+  const body = await api(`v1/images?limit=${PAGE + 1}&offset=${offset}`);
+  const items = Array.isArray(body && body.data) ? body.data : [];
+  return { items: items.slice(0, PAGE), more: items.length > PAGE };
+}
+
+function showListError(error) {
+  $("list-error").textContent = error ? `Could not load images: ${error.message}` : "";
+  $("list-error").hidden = !error;
+}
+
+/** The next page of older images; with `fresh`, the first page in place of the grid's stored
+ * cards, which stay until it has arrived (a failed refresh keeps what the user had). */
+async function loadPage({ fresh = false } = {}) {
   const more = $("more");
   more.disabled = true;
-  $("list-error").hidden = true;
   try {
-    const body = await api(`v1/images?limit=${PAGE}&offset=${state.offset}`);
-    const items = Array.isArray(body && body.data) ? body.data : [];
-    state.offset += items.length;
-    addItems(items.filter((item) => !state.shown.has(String(item.name))));
-    more.hidden = items.length < PAGE;
+    const page = await fetchPage(fresh ? 0 : state.offset);
+    if (fresh) {
+      for (const li of [...$("grid").querySelectorAll(".grid-item:not(.pending)")]) li.remove();
+      state.shown.clear();
+      state.offset = 0;
+    }
+    showListError(null);
+    state.offset += page.items.length;
+    addItems(page.items.filter((item) => !state.shown.has(String(item.name))));
+    more.hidden = !page.more;
   } catch (error) {
-    $("list-error").textContent = `Could not load images: ${error.message}`;
-    $("list-error").hidden = false;
+    showListError(error);
   } finally {
     more.disabled = false;
+    updateEmpty();
   }
 }
 
 async function reload() {
-  for (const li of [...$("grid").querySelectorAll(".grid-item:not(.pending)")]) li.remove();
-  state.shown.clear();
-  state.offset = 0;
-  await Promise.allSettled([loadPage(), loadSpend()]);
-  updateEmpty();
+  await Promise.allSettled([loadPage({ fresh: true }), loadSpend()]);
 }
 
 // --- Generating -----------------------------------------------------------------------------
 
-function showError(message) {
+/** Show an error; `job`: the generation it answers, so a later one's success can clear it. */
+function showError(message, job = null) {
   $("error").textContent = message;
   $("error").hidden = !message;
+  state.failed = message ? job : null;
+}
+
+/** Set the live region's text, only on a change: a screen reader reads each change aloud. */
+function say(text) {
+  if ($("status").textContent !== text) $("status").textContent = text;
+}
+
+function isSlow(job) {
+  return state.models.some((m) => m.id === job.model && m.slow);
+}
+
+/** What is in progress, without the clock (that ticks in #elapsed, which is not read out). A
+ * slow model's paid job is finished and kept by the gateway (CALL_HEADERS) if the page goes. */
+function progress(jobs) {
+  const what = jobs.length === 1 ? `Generating with ${jobs[0].model}…`
+    : `${jobs.length} images in progress…`;
+  return jobs.some(isSlow)
+    ? `${what} A slow model: you can leave this page, and the image will appear in Recent `
+      + "images when it is done."
+    : what;
 }
 
 function tick() {
   const now = performance.now();
   for (const job of state.running) job.clock.textContent = elapsed(now - job.started);
-  const jobs = [...state.running];
-  if (jobs.length === 1) {
-    $("status").textContent = `Generating with ${jobs[0].model}… ${elapsed(now - jobs[0].started)}`;
-  } else if (jobs.length > 1) {
-    const oldest = Math.max(...jobs.map((j) => now - j.started));
-    $("status").textContent = `${jobs.length} images in progress… ${elapsed(oldest)}`;
-  }
+  const oldest = Math.max(0, ...[...state.running].map((job) => now - job.started));
+  $("elapsed").textContent = state.running.size ? elapsed(oldest) : "";
 }
 
 let ticker = null;
@@ -399,6 +441,7 @@ function track(job, running) {
     clearInterval(ticker);
     ticker = null;
   }
+  if (state.running.size) say(progress([...state.running]));
   $("composer").classList.toggle("busy", state.running.size > 0);
   tick();
 }
@@ -427,6 +470,16 @@ async function recordsFor(urls, job, created) {
     || { url, model: job.model, prompt: job.prompt, size: job.size, created, cost_usd: null });
 }
 
+/** Sent with every Generate. Each click is a new call, not a retry of the last one (the
+ * OpenAI SDK's marker: the gateway then shares no result already delivered, so the same prompt
+ * twice makes two images). And the page may be left (reload, Back) during a slow job: once
+ * paid, the gateway polls it to its end and stores the image, so it shows in the gallery. */
+const CALL_HEADERS = { "x-stainless-retry-count": "0", "x-clawrouter-keep-paid-job": "true" };
+
+function sameRequest(a, b) {
+  return a.model === b.model && a.size === b.size && a.prompt === b.prompt;
+}
+
 async function generate(event) {
   event.preventDefault();
   const prompt = $("prompt").value.trim();
@@ -437,6 +490,7 @@ async function generate(event) {
   }
   showError("");
   const job = { model: $("model").value, size: $("size").value, prompt, started: performance.now() };
+  if ([...state.running].some((j) => sameRequest(j, job))) return; // a double-click: one image
   const placeholder = pendingCard(job);
   $("grid").prepend(placeholder);
   updateEmpty();
@@ -444,7 +498,7 @@ async function generate(event) {
   try {
     const body = await api("v1/images/generations", {
       method: "POST",
-      headers: { "content-type": "application/json" },
+      headers: { "content-type": "application/json", ...CALL_HEADERS },
       // Always URLs: the gateway's default may be b64_json (response_format in its config).
       body: JSON.stringify({ model: job.model, prompt, size: job.size, n: 1,
         response_format: "url" }),
@@ -458,15 +512,14 @@ async function generate(event) {
     placeholder.remove();
     addItems(items, { top: true });
     track(job, false);
-    if (!state.running.size) {
-      $("status").textContent = `Done in ${elapsed(performance.now() - job.started)}.`;
-    }
+    if (state.failed && state.failed.started < job.started) showError(""); // answered since
+    if (!state.running.size) say(`Done in ${elapsed(performance.now() - job.started)}.`);
   } catch (error) {
     placeholder.remove();
     updateEmpty();
     track(job, false);
-    if (!state.running.size) $("status").textContent = "";
-    showError(error.message);
+    if (!state.running.size) say("");
+    showError(error.message, job);
   }
   loadSpend().catch(() => {});
 }

@@ -17,13 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clawrouter.ownerfiles import owner_only
 from clawrouter.store.records import ImageMeta, StoredImage
 
 log = logging.getLogger(__name__)
-
-#: The index holds every prompt: the owner's only (SQLite gives its -wal and -shm the same).
-FILE_MODE = 0o600
-
 
 class _FailedCheck(sqlite3.DatabaseError):
     """`PRAGMA quick_check` found damage the open itself did not meet."""
@@ -153,7 +150,7 @@ class MetadataDB:
         if self._conn is None or _identity(self.path) == self._opened:
             return
         if _identity(self.path) is None:
-            fresh = sqlite3.connect(self._private_file())
+            fresh = sqlite3.connect(owner_only(self.path))
             try:
                 self._conn.backup(fresh)
             finally:
@@ -165,21 +162,8 @@ class MetadataDB:
         self.close()
         self._conn = self._connect()
 
-    def _private_file(self) -> Path:
-        """`path`, made for the owner only if new, and tightened if an older version made it
-        readable by all."""
-        try:
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
-            for part in ("", "-wal", "-shm"):
-                path = self.path.with_name(self.path.name + part)
-                if path.exists() and path.stat().st_mode & 0o777 != FILE_MODE:
-                    path.chmod(FILE_MODE)
-        except OSError as exc:  # another user's store, read-only: sqlite3 says what matters
-            log.debug("could not make %s private (%s)", self.path, exc)
-        return self.path
-
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._private_file(), timeout=10)
+        conn = sqlite3.connect(owner_only(self.path), timeout=10)
         try:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from clawrouter.catalog import format_usd
 from clawrouter.context import RequestContext
-from clawrouter.errors import ClawError, ClientGone, PaidRequestFailed, UpstreamTimeout
+from clawrouter.errors import (ClawError, ClientGone, PaidRequestFailed, UpstreamError,
+                               UpstreamTimeout)
 from clawrouter.upstream.client import NEVER_SENT, BlockRunClient, TransportError, UpstreamResponse
 from clawrouter.upstream.errors import (already_used, paid_error, settled_failure, settlement,
                                         shown, unpaid_error, upstream_message)
@@ -57,16 +59,25 @@ class JobAbandoned(ClientGone):
 async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                        headers: dict[str, str], ctx: RequestContext, *, amount: int,
                        delay: float, interval: float, deadline: float,
-                       expires: int | None = None) -> tuple[UpstreamResponse, str | None]:
+                       expires: int | None = None,
+                       on_settled: Callable[[str], Awaitable[None]] | None = None,
+                       ) -> tuple[UpstreamResponse, str | None]:
     """Poll until the job completes; return the completed 200 response, and the transaction
     of the first settlement receipt seen on the way (the 202 or any poll), if any.
 
     Polling stops after `deadline` seconds, or `SETTLE_SECONDS` before `expires` (the
     payment's validBefore, unix time) when that comes first: no later poll could settle it.
+    A receipt seen while the job runs on is handed to `on_settled` at once, before polling
+    goes on: the gateway may stop before the job ends, and the ledger must know by then.
+    `amount` 0: the upstream started the job without asking for payment (`_unpaid_ending`).
     """
     job = accepted.json() or {}
     poll_url = job.get("poll_url") if isinstance(job, dict) else None
     if not isinstance(poll_url, str) or not poll_url:
+        if not amount:
+            raise _unpaid_ending("Upstream error: it accepted the job (HTTP 202) without a "
+                                 "poll_url to fetch its image from.", status=502,
+                                 code="upstream_error")
         raise paid_error(accepted, amount, detail="202 without a poll_url")
     url = client.poll_url(poll_url)
     valid_for = deadline if expires is None else expires - time.time() - SETTLE_SECONDS
@@ -74,6 +85,7 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
     give_up = time.monotonic() + min(deadline, valid_for)
     # the first receipt proving settlement: only for a payment we sent (`headers`)
     settled = settlement(accepted) if headers else None
+    recorded = await _record(settled, None, on_settled)
     await _between_polls(ctx, delay, give_up, lost=None, settled=settled)
     polls = 0
     lost: str | None = None  # the first poll whose answer was lost, if any
@@ -97,13 +109,7 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
             status = body.get("status") if isinstance(body, dict) else None
             if status == "failed" and resp.status != 402:  # whatever the HTTP status says
                 reason = shown(body.get("error") or "the job failed")  # may quote our header
-                what = f"The upstream job failed: {reason}."
-                if settled:  # yet a receipt, now or before, says it was charged
-                    raise settled_failure(what, amount, settled, code="job_failed")
-                raise _settled_unless_lost(PaidRequestFailed(
-                    f"{what} No payment was settled (BlockRun settles only completed jobs).",
-                    status=502, code="job_failed", extra={"payment": "not_settled"}),
-                    what, amount, lost)
+                raise _job_failed(f"The upstream job failed: {reason}.", amount, settled, lost)
             if resp.status == 200:
                 # images end it, whatever its status says; it is judged by them from here
                 if status == "completed" or holds_an_image(body):
@@ -131,7 +137,19 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
         remaining = give_up - time.monotonic()
         if remaining <= 0:
             raise _timed_out(deadline, amount, lost, expiring, settled)
+        recorded = await _record(settled, recorded, on_settled)
         await _between_polls(ctx, min(interval, remaining), give_up, lost=lost, settled=settled)
+
+
+async def _record(settled: str | None, recorded: str | None,
+                  on_settled: Callable[[str], Awaitable[None]] | None) -> str | None:
+    """Hand the first receipt's transaction (`settled`) to `on_settled`, once (`recorded`:
+    the one handed over already); returns what is recorded now. Only a job that polls on
+    needs it: an ending records its own outcome."""
+    if settled and recorded is None and on_settled is not None:
+        await on_settled(settled)
+        return settled
+    return recorded
 
 
 async def _between_polls(ctx: RequestContext, seconds: float, give_up: float, *,
@@ -165,6 +183,28 @@ async def _pause(ctx: RequestContext, seconds: float, give_up: float, *,
             raise
 
 
+def _unpaid_ending(what: str, *, status: int, code: str,
+                   headers: dict[str, str] | None = None) -> UpstreamError:
+    """How a job the upstream started without asking for payment ends without its image:
+    nothing was signed, so nothing can have settled, whatever poll answer was lost. Told as a
+    paid failure, `coalesce` would keep it, and a retry would get it instead of running again."""
+    return UpstreamError(f"{what} Nothing was paid (the upstream asked for no payment).",
+                         status=status, code=code, headers=headers, extra={"payment": "none"})
+
+
+def _job_failed(what: str, amount: int, settled: str | None,
+                lost: str | None) -> ClawError:
+    """The job says it failed: nothing was asked for (unpaid), a receipt says it was
+    charged (`settled`), a lost poll answer leaves it open (`lost`), or nothing settled."""
+    if not amount:
+        return _unpaid_ending(what, status=502, code="job_failed")
+    if settled:  # a receipt, now or before, says it was charged
+        return settled_failure(what, amount, settled, code="job_failed")
+    return _settled_unless_lost(PaidRequestFailed(
+        f"{what} No payment was settled (BlockRun settles only completed jobs).",
+        status=502, code="job_failed", extra={"payment": "not_settled"}), what, amount, lost)
+
+
 def _settled_unless_lost(error: PaidRequestFailed, what: str, amount: int,
                          lost: str | None) -> PaidRequestFailed:
     """`error` says nothing was settled; after a lost poll answer that is not known: that poll
@@ -182,11 +222,15 @@ def _settled_unless_lost(error: PaidRequestFailed, what: str, amount: int,
 
 def _timed_out(deadline: float, amount: int, lost: str | None, expired: bool,
                settled: str | None) -> ClawError:
-    """Polling gave up: nothing settled, it may have (a `lost` poll answer), or a receipt
-    already said it did (`settled`, its transaction)."""
+    """Polling gave up: nothing was asked for (`amount` 0), nothing settled, it may have (a
+    `lost` poll answer), or a receipt already said it did (`settled`, its transaction). Never
+    retried by the SDK: a retry would wait out a whole deadline again."""
     stopped = ("The payment's authorization was about to expire before the image was ready, "
                "so polling stopped" if expired else
                f"The image was not ready after {deadline:.0f} s, so polling stopped")
+    if not amount:
+        return _unpaid_ending(f"{stopped}.", status=504, code="upstream_timeout",
+                              headers={"x-should-retry": "false"})
     if settled:
         return settled_failure(f"{stopped}.", amount, settled, code="upstream_timeout")
     stopped += ": no later poll could settle it." if expired else "."
