@@ -621,15 +621,20 @@ def test_the_ledger_is_the_owners_only_whatever_the_umask(tmp_path: Path) -> Non
         os.umask(previous)
 
 
+@pytest.mark.parametrize("damage", ["recovery", "file"])
 def test_a_ledger_that_fails_to_open_leaves_no_file_open(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Recovery failing after the connections opened (a damaged row, a disk error): both are
-    closed at once, not when the exception is collected (a caller may keep it: the CLI's
-    in-process gateway does), so repeated failures leak no file descriptors."""
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         damage: str) -> None:
+    """Opening fails after a connection opened (recovery meets a damaged row; the file is not
+    a database): every connection is closed at once, not when the exception is collected (a
+    caller may keep it: the CLI's in-process gateway does), so failures leak no file."""
     def damaged(self: Ledger) -> dict[int, float]:
         raise sqlite3.DatabaseError("database disk image is malformed")
 
-    monkeypatch.setattr(Ledger, "_recover", damaged)
+    if damage == "recovery":
+        monkeypatch.setattr(Ledger, "_recover", damaged)
+    else:
+        (tmp_path / "ledger.sqlite3").write_bytes(b"not a database " * 1000)
     kept: list[BaseException] = []
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(5):

@@ -157,13 +157,21 @@ def connect(path: Path, now: float) -> sqlite3.Connection:
     # the commit is fsynced before execute() returns, which is the durability we promise.
     conn = sqlite3.connect(owner_only(path), isolation_level=None, check_same_thread=False,
                            timeout=10.0)
+    try:
+        _prepare(conn, path, now)
+    except BaseException:  # (closed now, not when the exception is collected: a caller may
+        conn.close()       # keep it, and a file it cannot open is tried again)
+        raise
+    return conn
+
+
+def _prepare(conn: sqlite3.Connection, path: Path, now: float) -> None:
+    """WAL and full sync, a schema this version knows, created or migrated."""
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if mode.lower() != "wal":
-        conn.close()
         raise LedgerUnusable(f"ledger {path}: cannot use a WAL journal here (got {mode!r})")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
-        conn.close()
         raise LedgerUnusable(
             f"ledger {path} was written by a newer clawrouter (schema {version}, this one "
             f"knows {SCHEMA_VERSION}): upgrade clawrouter to use it; reading it with this "
@@ -172,7 +180,6 @@ def connect(path: Path, now: float) -> sqlite3.Connection:
     conn.create_function("local_day", 1, local_day, deterministic=True)
     conn.executescript(_SCHEMA)
     _migrate(conn, now)
-    return conn
 
 
 def open_reader(path: Path) -> sqlite3.Connection:

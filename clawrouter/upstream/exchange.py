@@ -315,11 +315,8 @@ class Exchange:
     def _finisher(self, call: UpstreamCall, payment: SignedPayment,
                   payment_id: int) -> _Finish:
         """`finish(status, note, tx, sent=True)`: writes the outcome of the payment in row
-        `payment_id` to the ledger, timed from now (just after it was recorded). An outcome
-        written again (a slow job's settlement: when its receipt came, and at its end) is
-        counted in the metrics once."""
+        `payment_id` to the ledger, timed from now (just after it was recorded)."""
         started = time.perf_counter()
-        counted: set[str] = set()
 
         async def finish(status: str, note: str | None = None, tx: str | None = None,
                          sent: bool = True) -> None:
@@ -334,8 +331,7 @@ class Exchange:
                 log.exception("payment %d: could not record its outcome (%s); the row stays "
                               "'signed' and reads as unknown after a restart", payment_id, status)
                 return  # counted when reconcile records it, not twice
-            if self.on_payment and status not in counted:
-                counted.add(status)
+            if self.on_payment:
                 self.on_payment(status, payment.amount, call.model.id)
 
         return finish
@@ -406,14 +402,8 @@ class Exchange:
                              finish: _Finish) -> Outcome:
         """Poll and read the paid answer; any failure is told as one after a payment, with
         the outcome written first, so nothing invites a retry that would pay again."""
-        async def on_settled(transaction: str) -> None:
-            # The job runs on, perhaps past this gateway's life: a known settlement is on
-            # disk before the next poll (shielded: a cancelled request still writes it).
-            await asyncio.shield(finish("settled", "settled while the job was still running",
-                                        transaction))
-
         try:
-            return await self._complete(call, resp, payment, ctx, on_settled=on_settled)
+            return await self._complete(call, resp, payment, ctx)
         except JobAbandoned as exc:
             await finish("failed_after_payment", f"the client left during polling after {exc}")
             # Its client is gone, but a repeat of the request joining it must learn that a
@@ -459,12 +449,10 @@ class Exchange:
             extra={"balance_usd": to_usd(held), "amount_usd": to_usd(amount)})
 
     async def _complete(self, call: UpstreamCall, resp: UpstreamResponse,
-                        payment: SignedPayment | None, ctx: RequestContext, *,
-                        on_settled: Callable[[str], Awaitable[None]] | None = None) -> Outcome:
+                        payment: SignedPayment | None, ctx: RequestContext) -> Outcome:
         """The answer to a sent request, polled to its end if it is a 202 job. Its transaction
         comes only from a receipt proving settlement (`settlement`: a reverted one names a hash
-        too), the final answer's or, for a job, the first one seen on the 202 or a poll (handed
-        to `on_settled` at once if the job runs on)."""
+        too), the final answer's or, for a job, the first one seen on the 202 or a poll."""
         amount = payment.amount if payment else 0
         transaction: str | None = None
         if resp.status == 202:
@@ -473,7 +461,7 @@ class Exchange:
             resp, transaction = await wait_for_job(
                 self.client, resp, headers, ctx, amount=amount, delay=self.settings.poll_delay,
                 interval=self.settings.poll_interval, deadline=self.settings.poll_deadline,
-                expires=payment.valid_before if payment else None, on_settled=on_settled)
+                expires=payment.valid_before if payment else None)
         if resp.status == 200:
             transaction = transaction or (settlement(resp) if payment else None)
             return Outcome(resp, amount, transaction, resp.json())

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 from clawrouter.catalog import format_usd
 from clawrouter.context import RequestContext
@@ -59,16 +58,12 @@ class JobAbandoned(ClientGone):
 async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                        headers: dict[str, str], ctx: RequestContext, *, amount: int,
                        delay: float, interval: float, deadline: float,
-                       expires: int | None = None,
-                       on_settled: Callable[[str], Awaitable[None]] | None = None,
-                       ) -> tuple[UpstreamResponse, str | None]:
+                       expires: int | None = None) -> tuple[UpstreamResponse, str | None]:
     """Poll until the job completes; return the completed 200 response, and the transaction
     of the first settlement receipt seen on the way (the 202 or any poll), if any.
 
     Polling stops after `deadline` seconds, or `SETTLE_SECONDS` before `expires` (the
     payment's validBefore, unix time) when that comes first: no later poll could settle it.
-    A receipt seen while the job runs on is handed to `on_settled` at once, before polling
-    goes on: the gateway may stop before the job ends, and the ledger must know by then.
     `amount` 0: the upstream started the job without asking for payment (`_unpaid_ending`).
     """
     job = accepted.json() or {}
@@ -85,7 +80,6 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
     give_up = time.monotonic() + min(deadline, valid_for)
     # the first receipt proving settlement: only for a payment we sent (`headers`)
     settled = settlement(accepted) if headers else None
-    recorded = await _record(settled, None, on_settled)
     await _between_polls(ctx, delay, give_up, lost=None, settled=settled)
     polls = 0
     lost: str | None = None  # the first poll whose answer was lost, if any
@@ -137,19 +131,7 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
         remaining = give_up - time.monotonic()
         if remaining <= 0:
             raise _timed_out(deadline, amount, lost, expiring, settled)
-        recorded = await _record(settled, recorded, on_settled)
         await _between_polls(ctx, min(interval, remaining), give_up, lost=lost, settled=settled)
-
-
-async def _record(settled: str | None, recorded: str | None,
-                  on_settled: Callable[[str], Awaitable[None]] | None) -> str | None:
-    """Hand the first receipt's transaction (`settled`) to `on_settled`, once (`recorded`:
-    the one handed over already); returns what is recorded now. Only a job that polls on
-    needs it: an ending records its own outcome."""
-    if settled and recorded is None and on_settled is not None:
-        await on_settled(settled)
-        return settled
-    return recorded
 
 
 async def _between_polls(ctx: RequestContext, seconds: float, give_up: float, *,
