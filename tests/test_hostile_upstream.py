@@ -703,6 +703,20 @@ def test_a_receipt_before_the_job_fails_or_times_out_is_a_settled_payment(
     assert error(r)["code"] == ("job_failed" if end == "failed" else "upstream_timeout")
 
 
+def test_a_receipt_on_a_202_whose_poll_url_is_refused_is_a_settled_payment(make_gateway,
+                                                                           upstream):
+    """The 202 says the payment settled, and names a poll URL on another origin, which the
+    gateway never sends its payment header to: the request fails, and says it was charged
+    (the row `settled` with the transaction), not that nothing was received."""
+    gw = make_gateway(upstream.api)
+    upstream.paid = lambda request, _: JSONResponse(
+        {"id": "img_1", "status": "queued", "poll_url": "https://elsewhere.example/poll/1"},
+        202, headers={"PAYMENT-RESPONSE": receipt()})
+    r = gen(gw)
+    _settled_once(gw, upstream, r)
+    assert error(r)["code"] == "poll_origin_refused"
+
+
 @pytest.mark.parametrize("where", EARLY_RECEIPTS)
 def test_a_job_whose_receipt_came_is_polled_to_its_image_after_every_client_left(
         make_gateway, upstream, monkeypatch, where):

@@ -74,12 +74,17 @@ async def wait_for_job(client: BlockRunClient, accepted: UpstreamResponse,
                                  "poll_url to fetch its image from.", status=502,
                                  code="upstream_error")
         raise paid_error(accepted, amount, detail="202 without a poll_url")
-    url = client.poll_url(poll_url)
+    # the first receipt proving settlement: only for a payment we sent (`headers`)
+    settled = settlement(accepted) if headers else None
+    try:
+        url = client.poll_url(poll_url)
+    except UpstreamError as refused:  # (another origin: never polled with our header)
+        if settled:
+            raise settled_failure(refused.message, amount, settled, code=refused.code) from None
+        raise
     valid_for = deadline if expires is None else expires - time.time() - SETTLE_SECONDS
     expiring = valid_for < deadline
     give_up = time.monotonic() + min(deadline, valid_for)
-    # the first receipt proving settlement: only for a payment we sent (`headers`)
-    settled = settlement(accepted) if headers else None
     await _between_polls(ctx, delay, give_up, lost=None, settled=settled)
     polls = 0
     lost: str | None = None  # the first poll whose answer was lost, if any
