@@ -141,6 +141,14 @@ class Coalescer:
         entries = [*list(self._keyed.values()), *list(self._same.values())]
         return any(not entry.future.done() for entry in entries)
 
+    def keeps(self) -> bool:
+        """Whether any outcome is kept for a repeat (a paid one, or an Idempotency-Key's):
+        unpaid ones are dropped as they end, so a finished entry still in the tables is one
+        (safe from another thread)."""
+        now = self._clock()
+        entries = [*list(self._keyed.values()), *list(self._same.values())]
+        return any(entry.future.done() and now < entry.expires for entry in entries)
+
     def _table(self, key: tuple[str, ...]) -> dict[tuple[str, ...], _Entry]:
         return self._keyed if key[0] == "key" else self._same
 

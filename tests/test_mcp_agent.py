@@ -119,26 +119,36 @@ def test_a_call_cancelled_before_the_gateway_paid_pays_nothing_and_its_retry_pay
     """The agent's timeout cancels a call while the gateway is still before its payment (it
     waits on the upstream's unpaid probe): the cancel reaches the gateway, whose client left,
     so nothing is signed (were the call left to go on, it would pay for an image nobody
-    asked for any more). The agent's retry is a new call, paid once."""
+    asked for any more). The agent's retry is a new call, paid once; meanwhile the server's
+    own gateway, which keeps nothing for it, has let the wallet's ledger go."""
     sandbox.faults({"kind": "delay", "phase": "unpaid", "seconds": 1.5, "times": 1})
     call = {"prompt": "cancelled before paying", "model": "cogview"}
 
     def probed() -> bool:
         return bool(sandbox.stats()["requests"].get("generations", {}).get("unpaid"))
 
-    async def use(session: ClientSession) -> tuple[int, Any]:
+    from clawrouter.config import Settings
+    from clawrouter.payment.ledger import in_use, lock_path
+
+    lock = lock_path(Settings(home=tmp_path / "client-home").ledger_path_for("base-sepolia"))
+
+    async def use(session: ClientSession) -> tuple[int, bool, Any]:
         await timed_out(session, "generate_image", call, probed)
         await anyio.sleep(2.0)  # the probe has answered: work that went on would have paid
-        return sandbox.stats()["payments_count"], await session.call_tool("generate_image",
-                                                                          call)
+        held = lock.exists() and in_use(lock)
+        return (sandbox.stats()["payments_count"], held,
+                await session.call_tool("generate_image", call))
 
-    async def main() -> tuple[int, Any]:
+    async def main() -> tuple[int, bool, Any]:
         with anyio.fail_after(60):
             async with agent(server_env(tmp_path, sandbox)) as session:
                 return await use(session)
 
-    paid_after_the_cancel, retry = anyio.run(main)
+    paid_after_the_cancel, held, retry = anyio.run(main)
     assert paid_after_the_cancel == 0
+    # nothing is kept for a retry, so the server's own gateway let the wallet's ledger go at
+    # once (the user's other commands need it), not after the 60 s coalescing window
+    assert not held
     assert not retry.is_error, text(retry)
     assert retry.structured_content["shared"] is False
     assert Path(retry.structured_content["images"][0]["path"]).read_bytes().startswith(PNG_MAGIC)

@@ -87,9 +87,10 @@ class Connection:
     session can end (its client kills the server seconds later) under any request that
     another process would have sent it. After a cancelled call that sent a paid request (the
     agent's timeout), though, it is kept while paid work runs there and for
-    `coalesce_window_seconds` after: the gateway finishes the paid work whose client left (a
-    slow job too, as the request asks: `KEEP_PAID_JOB`) and keeps its result for the agent's
-    retry, which gets it instead of paying again (`_close_later`)."""
+    `coalesce_window_seconds` after, while an outcome is kept: the gateway finishes the paid
+    work whose client left (a slow job too, as the request asks: `KEEP_PAID_JOB`) and keeps
+    its result for the agent's retry, which gets it instead of paying again (`_close_later`).
+    A call cancelled before payment leaves nothing to keep, and the gateway stops at once."""
 
     def __init__(self, url: str | None = None) -> None:
         self.url = url
@@ -156,7 +157,7 @@ class Connection:
     async def _close_later(self, gateway: Gateway, window: float) -> None:
         """The watcher: stop our gateway once no work runs there that a retry could join, the
         window for that retry has passed (it runs from the work's end, seen to within a
-        check) and no call is using it."""
+        check) or nothing is kept there for one, and no call is using it."""
         assert gateway.local is not None
         while True:
             await asyncio.sleep(WORK_CHECK)
@@ -167,7 +168,8 @@ class Connection:
                 if gateway.local.working():
                     self._keep_until = max(self._keep_until, now + window + WORK_CHECK)
                     continue
-                if self._users or now < self._keep_until:
+                # (nothing kept for a retry, as after a cancel before payment: nothing to wait for)
+                if self._users or now < self._keep_until and gateway.local.keeps():
                     continue
                 self._gateway = None
             await gateway.aclose()

@@ -317,6 +317,10 @@ class LocalGateway:
         request whose client left goes on to its end."""
         return self._app is not None and self._app.state.gw.coalescer.working()
 
+    def keeps(self) -> bool:
+        """Whether an outcome is kept here for a repeat (a paid one: `coalesce`)."""
+        return self._app is not None and self._app.state.gw.coalescer.keeps()
+
     def stop(self) -> None:
         self._stopping = True  # (a launch still under way stops as soon as it is done)
         for server in self._servers:
