@@ -138,16 +138,18 @@ class Coalescer:
 
     def working(self) -> bool:
         """Whether any request's work is still in progress (safe from another thread)."""
-        entries = [*list(self._keyed.values()), *list(self._same.values())]
-        return any(not entry.future.done() for entry in entries)
+        return any(not entry.future.done() for entry in self._entries())
 
     def keeps(self) -> bool:
         """Whether any outcome is kept for a repeat (a paid one, or an Idempotency-Key's):
         unpaid ones are dropped as they end, so a finished entry still in the tables is one
         (safe from another thread)."""
         now = self._clock()
-        entries = [*list(self._keyed.values()), *list(self._same.values())]
-        return any(entry.future.done() and now < entry.expires for entry in entries)
+        return any(entry.future.done() and now < entry.expires for entry in self._entries())
+
+    def _entries(self) -> list[_Entry]:
+        """Every entry, copied (`list` of a dict another thread may change is one C call)."""
+        return [*list(self._keyed.values()), *list(self._same.values())]
 
     def _table(self, key: tuple[str, ...]) -> dict[tuple[str, ...], _Entry]:
         return self._keyed if key[0] == "key" else self._same

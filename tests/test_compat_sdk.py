@@ -142,12 +142,14 @@ def test_the_sdks_dated_snapshot_names_are_aliases(gateway, sandbox):
         assert sdk(gateway).models.retrieve(name).id == model_id
 
 
-@pytest.mark.parametrize("name", ["gpt-image-1.5", "gpt-image-1-mini", "gpt-image-2.6-flare"])
+@pytest.mark.parametrize("name", ["gpt-image-1.5", "gpt-image-1-mini", "gpt-image-2.6-flare",
+                                  # OpenAI's older names: not remapped as dall-e-3 is
+                                  "dall-e-2", "DALL-E-2", "openai/dall-e-2"])
 def test_openai_names_blockrun_lacks_are_404s_that_say_so(gateway, sandbox, name):
     with pytest.raises(openai.NotFoundError) as err:
         sdk(gateway).images.generate(model=name, prompt="x")
     assert err.value.code == "model_not_found" and err.value.param == "model"
-    assert "BlockRun does not offer" in err.value.message
+    assert "OpenAI model that BlockRun does not offer" in err.value.message
     assert "openai/gpt-image-1, openai/gpt-image-2" in err.value.message
     nothing_upstream(sandbox)
 

@@ -253,12 +253,17 @@ def test_the_cli_saves_an_image_that_could_not_be_stored_and_shows_no_data_uri(
 
 
 # --- 5. HEAD, bare ids, modes ----------------------------------------------------------------
-def test_head_of_an_image_whose_file_was_deleted_is_404_as_get_is(tmp_path: Path) -> None:
+def stored_one(root: Path, seed: int) -> Any:
+    """One small image put into the store at `root`, the store closed again."""
     async def put() -> Any:
-        async with ImageStore(tmp_path) as store:
-            return await store.put_bytes(png(1000, 4), META)
+        async with ImageStore(root) as store:
+            return await store.put_bytes(png(1000, seed), META)
 
-    image = run(put())
+    return run(put())
+
+
+def test_head_of_an_image_whose_file_was_deleted_is_404_as_get_is(tmp_path: Path) -> None:
+    image = stored_one(tmp_path, 4)
     with serving_store(tmp_path) as (server, _):
         url = f"{server.url}/images/{image.name}"
         assert httpx.head(url).status_code == 200
@@ -268,11 +273,7 @@ def test_head_of_an_image_whose_file_was_deleted_is_404_as_get_is(tmp_path: Path
 
 
 def test_a_bare_id_redirects_to_the_one_canonical_url(tmp_path: Path) -> None:
-    async def put() -> Any:
-        async with ImageStore(tmp_path) as store:
-            return await store.put_bytes(png(1000, 5), META)
-
-    image = run(put())
+    image = stored_one(tmp_path, 5)
     with serving_store(tmp_path) as (server, _):
         r = httpx.get(f"{server.url}/images/{image.id}")
         assert r.status_code == 308 and r.headers["location"] == image.name

@@ -1,6 +1,6 @@
 """What the SDK surface showed (tests/test_sdk_surface.py): a transparent background refused
 before paying, on every route and body; image URLs an exposed gateway's remote clients can
-fetch, never built from their Host header; dall-e-2's 404 saying what to use instead."""
+fetch, never built from their Host header (dall-e-2's 404: tests/test_compat_sdk.py)."""
 
 from __future__ import annotations
 
@@ -105,15 +105,3 @@ def test_an_exposed_gateway_never_builds_urls_from_a_host_header_that_is_not_loo
     url = r.json()["data"][0]["url"]
     assert url.startswith(f"http://127.0.0.1:{gw.server.port}/images/"), url
     assert httpx.get(url).status_code == 200
-
-
-# --- dall-e-2 ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", ["dall-e-2", "DALL-E-2", "openai/dall-e-2"])
-def test_dall_e_2_is_a_404_that_says_what_to_use_instead(gateway, sandbox, name: str) -> None:
-    with pytest.raises(openai.NotFoundError) as err:
-        sdk(gateway).images.generate(model=name, prompt="x")
-    assert err.value.code == "model_not_found" and err.value.param == "model"
-    assert "OpenAI model that BlockRun does not offer" in err.value.message
-    assert "openai/gpt-image-1, openai/gpt-image-2" in err.value.message
-    nothing_upstream(sandbox)

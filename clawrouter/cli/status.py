@@ -104,8 +104,8 @@ async def _status(url: str | None) -> tuple[str, dict[str, Any], dict[str, Any]]
 @dataclass
 class Check:
     name: str
-    #: "ok", "fail", "warn" (`serve` runs, but not as configured: `detail` says how; not a
-    #: failure) or "skip" (cannot be checked here; not a failure)
+    #: "ok", "fail", "warn" (`serve` runs, but does what the user should know of: `detail`
+    #: says what; not a failure) or "skip" (cannot be checked here; not a failure)
     status: str
     detail: str
     fix: str | None = None

@@ -455,7 +455,7 @@ class Ledger:
     def _report_thread(self) -> ThreadPoolExecutor:
         with self.lock:
             if self._closed:
-                raise _closed()
+                raise _closed_error()
             if self._reports is None:
                 self._reports = ThreadPoolExecutor(1, thread_name_prefix="ledger-report")
             return self._reports
@@ -466,7 +466,7 @@ class Ledger:
         same committed rows, whatever the writer commits meanwhile (without waiting for it)."""
         with self._read_lock:
             if self._closed:
-                raise _closed()
+                raise _closed_error()
             conn = self._reader
             assert conn is not None  # (open until `_closed`)
             conn.execute("BEGIN")
@@ -545,7 +545,7 @@ def _newest(conn: sqlite3.Connection, latest: int | None) -> list[Payment]:
     return [Payment(*row) for row in conn.execute(sql, params).fetchall()]
 
 
-def _closed() -> LedgerUnavailable:
+def _closed_error() -> LedgerUnavailable:
     """A report asked of a closed ledger: the gateway is stopping (a 503, not a bug's 500)."""
     return LedgerUnavailable("The gateway is stopping: its ledger is closed. Ask again once "
                              "it runs.", code="ledger_closed")
