@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import os
 import socket
 import subprocess
@@ -17,9 +18,39 @@ from typing import Any
 import uvicorn
 
 
+_BLOCK = 1000  # ports per xdist worker
+_handed = itertools.count()
+
+
+def _worker_ports() -> range:
+    """This xdist worker's own block of ports, below the kernel's ephemeral range: a port
+    asked of the kernel (`bind(0)`, any outgoing connection) never falls in it and no other
+    worker uses it, so a port found free here stays free until our server binds it. Empty
+    where the ephemeral range starts too low (then `free_port` asks the kernel)."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            ephemeral = int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    start = 10_000 + worker * _BLOCK
+    return range(start, start + _BLOCK) if start + _BLOCK <= ephemeral else range(0)
+
+
 def free_port() -> int:
-    """A port free now, for a server to bind (another may take it meanwhile: addresses that
-    must stay silent use `dead_port`)."""
+    """A loopback port free now, for a server to bind. Taken from this worker's own block
+    (see `_worker_ports`): with `bind(0)`, another worker's server or client could take the
+    port between this call and the bind, and the test failed with "address already in use".
+    Addresses that must stay silent use `dead_port`."""
+    ports = _worker_ports()
+    for _ in ports:
+        port = ports[next(_handed) % len(ports)]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))  # no SO_REUSEADDR: skips ports in TIME_WAIT too
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -143,3 +143,18 @@ def test_the_readme_module_map_names_every_module() -> None:
     modules = {p.name for p in package.glob("*.py") if p.stem not in ("__init__", "__main__")}
     subpackages = {f"{p.parent.name}/" for p in package.glob("*/__init__.py")}
     assert listed == modules | subpackages
+
+
+def test_test_servers_ports_cannot_be_taken_by_another_worker(monkeypatch) -> None:
+    """CI once failed on "address already in use": a port found free with `bind(0)` was taken
+    by another xdist worker before the test's server bound it. Each worker now has its own
+    ports, outside the range the kernel hands out."""
+    from tests import servers
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    handed = {}
+    for worker in ("gw0", "gw1", "gw3"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        handed[worker] = {servers.free_port() for _ in range(5)}
+        assert all(port < low for port in handed[worker]), handed
+    assert not handed["gw0"] & handed["gw1"] and not handed["gw1"] & handed["gw3"]
