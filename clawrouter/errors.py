@@ -204,6 +204,23 @@ class LedgerUnavailable(ClawError):
     retryable = True
 
 
+class GatewayStopping(ClawError):
+    """The gateway is stopping (Ctrl-C, SIGTERM) and signs no new payment: nothing was paid."""
+
+    status = 503
+    type = "server_error"
+    default_code = "gateway_stopping"
+
+
+class GatewayStopped(ClawError):
+    """Stopping cut this request off before it ended; a payment it signed stays in the ledger,
+    and a retry after the restart is refused rather than paid twice."""
+
+    status = 503
+    type = "server_error"
+    default_code = "gateway_stopped"
+
+
 class ClientGone(Exception):
     """The client disconnected; stop work that costs money. Never shown to anyone."""
 

@@ -15,13 +15,16 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import uvicorn
 
 from clawrouter.api.connection import protocol_class
 from clawrouter.config import DEFAULT_UPSTREAM, Settings
+
+if TYPE_CHECKING:
+    from clawrouter.api.stopping import Draining
 
 SANDBOX_NETWORK = "base-sepolia"  # the sandbox never receives a mainnet authorization
 #: how long the in-process sandbox's slow-model jobs run (BlockRun-like); a module constant so
@@ -115,7 +118,7 @@ class Running:
     app: Any
     port: int
     sandbox: bool
-    servers: list[uvicorn.Server] = field(default_factory=list)
+    servers: list[Server] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def wait(self) -> None:
@@ -136,10 +139,12 @@ def falls_back(url: str, sandbox: bool | str) -> bool:
     return sandbox == "auto" and url == DEFAULT_UPSTREAM
 
 
-async def start_gateway(settings: Settings, *, advertise: bool = False) -> Running:
+async def start_gateway(settings: Settings, *, advertise: bool = False,
+                        grace: float | None = None) -> Running:
     """Listen as `settings` say; use the sandbox when told to, or when BlockRun does not
     answer and no other upstream was configured. `advertise`: write the gateway's URL into
-    the ledger's lock file, for commands that find the ledger busy to use this gateway."""
+    the ledger's lock file, for commands that find the ledger busy to use this gateway.
+    `grace`: how long stopping waits for requests under way (`Server`)."""
     from clawrouter.api.app import create_app
 
     raise_fd_limit()
@@ -147,7 +152,7 @@ async def start_gateway(settings: Settings, *, advertise: bool = False) -> Runni
     use_sandbox = settings.sandbox is True or (
         falls_back(settings.upstream_url, settings.sandbox)
         and not await upstream_reachable(settings.upstream_url))
-    servers: list[uvicorn.Server] = []
+    servers: list[Server] = []
     tasks: list[asyncio.Task[None]] = []
     try:
         if use_sandbox:
@@ -173,7 +178,9 @@ async def start_gateway(settings: Settings, *, advertise: bool = False) -> Runni
                 sock.close()
             raise
         port = await _serve(app, listening, servers, tasks, settings.header_timeout,
-                            watch=True)
+                            draining=app.state.gw.draining, grace=grace, watch=True)
+        for server in servers[:-1]:  # the sandbox stops after the gateway, which uses it
+            server.users.append(tasks[-1])
         if advertise:
             app.state.gw.ledger.advertise(settings.model_copy(update={"port": port}).url)
     except BaseException:
@@ -355,28 +362,131 @@ class DescriptorWatch:
                     used, limit)
 
 
+#: how long stopping (Ctrl-C, SIGTERM) waits for the requests under way to end, signing no new
+#: payment meanwhile, before it cuts them off (a second signal cuts them at once): long enough
+#: for a paid image to arrive and be stored, not for a slow job to be polled to its end
+SHUTDOWN_GRACE_SECONDS = 30.0
+#: how long requests cut off get to end (they stop at their next await) before the teardown
+CUT_SECONDS = 5.0
+
+
 class Server(uvicorn.Server):
-    """uvicorn's server, which has the queued log lines written once it has shut down: after a
-    signal (Ctrl-C, SIGTERM) it raises it again, and the process ends without `atexit`."""
+    """uvicorn's server, stopping in bounded time. On the first signal (Ctrl-C, SIGTERM) or
+    `should_exit`, it stops listening, closes idle connections, has the app sign no new
+    payment (`Draining`) and waits up to `grace` seconds for the requests under way, and the
+    work of streams whose clients left; then it cuts off what is left (a second signal: at
+    once), and only then closes the app (its lifespan: the ledger last). Once it has shut down
+    it has the queued log lines written: after a signal uvicorn raises it again, and the
+    process ends without `atexit`."""
+
+    def __init__(self, config: uvicorn.Config, *, draining: Draining,
+                 grace: float | None = None) -> None:
+        """`grace`: None for `SHUTDOWN_GRACE_SECONDS` (as it is when the server stops)."""
+        super().__init__(config)
+        self.draining = draining
+        self.grace = grace
+        #: the tasks of servers that use this one (the sandbox's: the gateway's), which it
+        #: outlives: stopping waits for them first
+        self.users: list[asyncio.Task[None]] = []
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.should_exit:  # a second signal of either kind, not only Ctrl-C: stop now
+            self.force_exit = True
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         from clawrouter.observe import flush_logs
 
-        await super().shutdown(sockets)
+        await asyncio.gather(*self.users, return_exceptions=True)
+        self._stop_taking(sockets)
+        grace = SHUTDOWN_GRACE_SECONDS if self.grace is None else self.grace
+        if not await self._drained(grace):
+            await self._cut(quiet=grace == 0)
+        await self.lifespan.shutdown()  # the app's clients, store and ledger, closed in peace
         await asyncio.to_thread(flush_logs)
 
+    def _stop_taking(self, sockets: list[socket.socket] | None) -> None:
+        """No new connection, request or payment (uvicorn's first steps, and `Draining`)."""
+        self.draining.begin()
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()  # idle ones close now, the others once answered
 
-async def _serve(app: Any, sockets: list[socket.socket], servers: list[uvicorn.Server],
+    def _busy(self) -> bool:
+        state = self.server_state
+        return bool(state.connections or state.tasks or self.draining.runs)
+
+    async def _drained(self, grace: float) -> bool:
+        """Wait for the requests under way to end, up to `grace` s (or a second signal)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+        if self._busy() and grace > 0 and not self.force_exit:  # (info: a command's own
+            # gateway stops so too, and its user has no use for the line)
+            log.info("stopping: waiting up to %g s for the requests under way (no new "
+                     "payment is signed); a second Ctrl-C or SIGTERM stops them now", grace)
+        while self._busy() and not self.force_exit and loop.time() < until:
+            await asyncio.sleep(0.1)
+        return not self._busy()
+
+    async def _cut(self, *, quiet: bool) -> None:
+        """Cancel what is still under way; a payment it signed stays in the ledger (`Draining`).
+        An answer already begun that no `error` event can end is cut short (its connection
+        aborted), so the request ends quietly rather than as uvicorn's error. `quiet`: no
+        client is waiting (the sandbox's, once the gateway stopped), so nothing is said."""
+        state = self.server_state
+        if not quiet and (state.tasks or self.draining.runs):
+            log.warning("stopping now: cut off the requests still under way; any payment "
+                        "they signed stays in the ledger for the next start to settle with "
+                        "the chain (`clawrouter stats`)")
+        self._cut_short_answers()
+        tasks = {*state.tasks, *self.draining.runs}
+        self.draining.cut()
+        for task in state.tasks:
+            task.cancel()
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=CUT_SECONDS)
+            if late:
+                log.warning("%d cut-off requests did not end within %g s", len(late),
+                            CUT_SECONDS)
+        for connection in list(state.connections):
+            connection.transport.close()
+
+    def _cut_short_answers(self) -> None:
+        """Abort the connections of answers begun that are not event streams (an image being
+        sent): nothing can end them honestly, and their requests then end without a word."""
+        from clawrouter.api.stopping import EVENT_STREAM
+
+        for connection in list(self.server_state.connections):
+            cycle = getattr(connection, "cycle", None)
+            if (cycle is not None and cycle.response_started and not cycle.response_complete
+                    and not cycle.scope.get("state", {}).get(EVENT_STREAM)):
+                connection.transport.abort()
+
+
+async def _serve(app: Any, sockets: list[socket.socket], servers: list[Server],
                  tasks: list[asyncio.Task[None]], header_timeout: float, *,
+                 draining: Draining | None = None, grace: float | None = None,
                  watch: bool = False) -> int:
     """Start one uvicorn server on `sockets` as a task; return its port once it listens.
+    `draining`: the gateway's (`create_app`); without one (the sandbox, serving only the
+    gateway, which it outlives) requests under way are cut off at once when it stops.
     `watch`: count its process's file descriptors on uvicorn's own clock (`DescriptorWatch`)."""
+    from clawrouter.api.stopping import CutOff, Draining
+
     # log_config=None: keep the host process's logging (JSON lines; or stdout as MCP's wire).
     host, port = sockets[0].getsockname()[:2]
     notify: dict[str, Any] = (dict(callback_notify=DescriptorWatch(),
                                    timeout_notify=FD_CHECK_SECONDS) if watch else {})
+    grace = grace if draining is not None else 0.0
+    if draining is None:
+        draining = Draining()
+        app = CutOff(app, draining=draining)
     server = Server(uvicorn.Config(app, host=host, port=port, log_config=None,
-                                   lifespan="on", **server_options(header_timeout), **notify))
+                                   lifespan="on", **server_options(header_timeout), **notify),
+                    draining=draining, grace=grace)
     task = asyncio.create_task(server.serve(sockets=sockets))
     servers.append(server)
     tasks.append(task)

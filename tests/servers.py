@@ -6,6 +6,7 @@ import asyncio
 import io
 import itertools
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -17,9 +18,11 @@ from typing import Any
 
 import uvicorn
 
+from clawrouter.launch import bind
+
 
 _BLOCK = 1000  # ports per xdist worker
-_handed = itertools.count()
+_handed = itertools.count(random.randrange(_BLOCK))  # (two runs at once start apart)
 
 
 def _worker_ports() -> range:
@@ -117,9 +120,15 @@ class ServerThread:
     def __init__(self, app: Any, port: int | None = None, host: str = "127.0.0.1",
                  **config: Any) -> None:
         self.host = host
-        self.port = port or free_port()
-        self.config = uvicorn.Config(app, host=host, port=self.port, log_level="warning",
-                                     lifespan="on", **config)
+        #: without a port given, the socket is bound here, as `serve` binds its own, and handed
+        #: to uvicorn: no other server can take the port between its choice and the bind
+        self.sockets: list[socket.socket] | None = None
+        if port is None:
+            self.sockets = bind(host, 0)  # (TCP by protocol: asyncio sets TCP_NODELAY on
+            port = self.sockets[0].getsockname()[1]  # its connections only then)
+        self.port = port
+        self.config = uvicorn.Config(app, host=host, port=self.port,
+                                     **{"log_level": "warning", "lifespan": "on", **config})
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -132,7 +141,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
         try:
-            self.loop.run_until_complete(self.server.serve())
+            self.loop.run_until_complete(self.server.serve(sockets=self.sockets))
         finally:
             self.loop.close()
 
@@ -148,6 +157,8 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        for sock in self.sockets or []:
+            sock.close()
 
 
 @contextmanager

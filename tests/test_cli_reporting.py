@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tests.servers import dead_port, free_port, serving
-from tests.test_cli_polish import cli
+from tests.test_cli_polish import cli, ctrl_c_as_in_a_terminal
 
 KEY = "0x" + "4c" * 32
 
@@ -129,7 +129,8 @@ def test_ctrl_c_while_the_commands_gateway_stops_still_shows_the_saved_images(
                    CLAWROUTER_WALLET_LOCKS=os.environ["CLAWROUTER_WALLET_LOCKS"])
     proc = subprocess.Popen([sys.executable, "-c", SLOW_STOP, "generate", "a red kite",
                              *(["--json"] if as_json else [])], env=environ, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         assert proc.stdout is not None and proc.stderr is not None
         out, err = lines_of(proc.stdout), lines_of(proc.stderr)

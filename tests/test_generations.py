@@ -134,19 +134,23 @@ def test_slow_model_is_polled_to_completion_and_settles_once(gateway, sandbox):
     assert httpx.get(r.json()["data"][0]["url"]).status_code == 200
 
 
-def test_client_disconnect_during_polling_stops_polling(gateway, sandbox, monkeypatch):
+def test_client_disconnect_during_polling_stops_polling(make_gateway, sandbox, monkeypatch):
     from clawrouter.upstream import jobs
+    from tests.test_keep_paid_jobs import leaving, until
 
     # Polling pauses for a client to come back, then gives up: 0.8 s here (not 5, which the
-    # gateway's stop at the end waited out), so that the window below spans both.
+    # gateway's stop at the end waited out). Polled on, the job would end at the deadline
+    # only, long after the wait below.
     monkeypatch.setattr(jobs, "REJOIN_SECONDS", 0.8)
-    sandbox.configure(slow_seconds=30)
-    with pytest.raises(httpx.ReadTimeout):
-        gateway.http.post("/v1/images/generations", json={"model": "gpt-image-2", "prompt": "x"},
-                          timeout=0.6)
-    time.sleep(0.4)
+    gateway = make_gateway(poll_deadline=300)
+    sandbox.configure(slow_seconds=300)
+    with leaving(gateway.v1 + "/images/generations", {"model": "gpt-image-2", "prompt": "x"}):
+        until(lambda: sandbox.stats()["polls"] > 0)  # it leaves while its job is polled
+    # given up (the job's payment is then unsettled), and polled no more
+    until(lambda: [p["status"] for p in gateway.http.get("/v1/spend").json()["latest"]]
+          == ["rejected"])
     polls = sandbox.stats()["polls"]
-    time.sleep(0.9)
+    time.sleep(0.5)
     stats = sandbox.stats()
     assert stats["polls"] == polls
     assert stats["settled"] == []

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from clawrouter.sandbox.images import make_png
+from tests.test_keep_paid_jobs import leaving, until
 
 MB = 1024 * 1024
 
@@ -106,10 +107,9 @@ def test_a_slow_job_gives_its_inputs_share_and_body_back_once_accepted(
     """A slow model's job is polled for minutes after its paid request was accepted; nothing
     is sent again, so its upstream body and its inputs' share are let go then, not at the end."""
     import threading
-    import time
 
     gw = make_gateway()
-    sandbox.configure(slow_seconds=1.5)
+    sandbox.configure(slow_seconds=3)
     photo = tmp_path / "photo.png"
     photo.write_bytes(make_png(32, 32, 1, pad_to=500_000))
     calls: list[Any] = []
@@ -126,11 +126,9 @@ def test_a_slow_job_gives_its_inputs_share_and_body_back_once_accepted(
         gw.v1 + "/images/image2image", timeout=30,
         json={"model": "gpt-image-2", "prompt": "slow", "image": str(photo)})))
     thread.start()
-    deadline = time.monotonic() + 5
-    while not (calls and sandbox.paid()) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    until(lambda: calls and sandbox.paid())
     held_before = budget.peak
-    time.sleep(0.5)  # the job runs 1.5 s: it is being polled now
+    until(lambda: sandbox.stats()["polls"] > 0)  # the job runs 3 s: it is being polled now
     polling = (budget.held, len(calls[0].body), thread.is_alive())
     thread.join()
     assert answer["r"].status_code == 200, answer["r"].text
@@ -227,17 +225,16 @@ def test_big_bodies_are_admitted_by_their_bytes_and_an_undeclared_one_as_the_lar
 
 
 def test_the_resend_of_a_big_slow_edit_joins_it_whatever_its_body_declares(
-        make_gateway, sandbox, monkeypatch) -> None:
+        make_gateway, sandbox) -> None:
     """A slow job gives back its request's admission once accepted (its body is gone): the
     SDK's resend after its own timeout, as big, is read at once and joins the job, rather
     than wait for room the job holds until it gives up waiting for a resend."""
     from clawrouter.api.heavy import HeavyPhase
-    from clawrouter.upstream import jobs
 
-    monkeypatch.setattr(jobs, "REJOIN_SECONDS", 2.0)
-    # The job, made once the body is read, is done 1.5 s later: after the send's 1 s timeout
-    # whatever the load; its polling pauses once its client has left, until the resend joins.
-    sandbox.configure(slow_seconds=1.5)
+    # The job, made once the body is read, is done 3 s later: the send leaves (its timeout)
+    # once it is paid, well before; its polling pauses once its client has left, until the
+    # resend joins (REJOIN_SECONDS, 5 s).
+    sandbox.configure(slow_seconds=3)
     gw = make_gateway(max_image_mb=4)
     gw.gw.heavy = HeavyPhase(body_bytes=20 * MB, largest_body=4 * gw.gw.settings.max_image_bytes)
     image = "data:image/png;base64," + base64.b64encode(
@@ -251,8 +248,9 @@ def test_the_resend_of_a_big_slow_edit_joins_it_whatever_its_body_declares(
 
         url = gw.url + "/v1/images/image2image"
         headers = {"content-type": "application/json"}
-        with pytest.raises(httpx.ReadTimeout):  # the SDK's timeout
-            httpx.post(url, content=content(), headers=headers, timeout=1.0)
+        paid = sandbox.paid()
+        with leaving(url, body, chunked=chunked):  # the SDK's timeout, once it is paid
+            until(lambda: sandbox.paid() > paid)
         resend = httpx.post(url, content=content(), headers=headers, timeout=30)
         assert resend.status_code == 200, (chunked, resend.text)
         assert resend.headers["x-clawrouter-shared"] == "true"

@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
-import uvicorn
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from clawrouter.config import Settings
@@ -177,11 +176,7 @@ class HostServer(ServerThread):
     """`ServerThread` bound to a chosen loopback address (127.0.0.2 plays a public host)."""
 
     def __init__(self, app: Any, host: str) -> None:
-        super().__init__(app)
-        self.host = host
-        self.config = uvicorn.Config(app, host=host, port=self.port, log_level="error",
-                                     lifespan="on", timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(self.config)
+        super().__init__(app, host=host, log_level="error", timeout_graceful_shutdown=1)
 
     def _run(self) -> None:
         super()._run()
@@ -851,7 +846,7 @@ async def test_oversize_declared_length_is_refused_before_reading(
     started = time.monotonic()
     await refused(make_policy(root), f"http://public.example:{server.port}/stream"
                   f"?id=declared&declared={10**9}&interval=0.05", "image_too_large", **via_dns())
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 2.5  # (reading it would take the whole 3 s, and fail)
     assert await asyncio.to_thread(origin.closed["declared"].wait, 5)
 
 
@@ -870,12 +865,12 @@ async def test_endless_stream_is_cut_at_the_cap(root: Path,
 async def test_total_timeout(root: Path, public: tuple[HostServer, Origin]) -> None:
     server, origin = public
     policy = make_policy(root, total_timeout=0.5)
-    for path in ("/slow?s=3", "/stream?id=trickle&interval=0.05"):
+    for path in ("/slow?s=10", "/stream?id=trickle&interval=0.05"):
         started = time.monotonic()
         error = await refused(policy, f"http://public.example:{server.port}{path}",
                               "url_fetch_failed", **via_dns())
         assert "longer than 0.5 s" in error.message
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 5  # its 0.5 s, not the answer's 10 s (or never)
     assert await asyncio.to_thread(origin.closed["trickle"].wait, 5)
 
 

@@ -6,9 +6,13 @@ header a job whose client left is abandoned, as it always was."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -20,6 +24,9 @@ from clawrouter.upstream import jobs
 SLOW = {"model": "gpt-image-2", "size": "1024x1024", "response_format": "url"}
 #: how long polling waits for a client that left to come back (5 s in use)
 REJOIN = 0.3
+#: how long the sandbox's slow job runs once accepted: the client leaves, and the gateway
+#: gives up on a job nobody keeps, well before it ends on a busy machine too
+JOB_SECONDS = 3.0
 
 
 def ask(gw: Any, prompt: str, headers: dict[str, str], timeout: float = 30) -> httpx.Response:
@@ -28,28 +35,67 @@ def ask(gw: Any, prompt: str, headers: dict[str, str], timeout: float = 30) -> h
                       json={**SLOW, "prompt": prompt}, headers={**FIRST_TRY, **headers})
 
 
-def left(gw: Any, prompt: str, headers: dict[str, str], seconds: float) -> None:
-    """The client gives up on the request after `seconds` (its timeout), as an agent does."""
-    with pytest.raises(httpx.ReadTimeout):
-        ask(gw, prompt, headers, timeout=seconds)
+def asking(gw: Any, prompt: str, headers: Mapping[str, str]
+           ) -> contextlib.AbstractContextManager[socket.socket]:
+    """`ask`, as a client that hangs up unanswered when the block ends (`leaving`)."""
+    return leaving(gw.v1 + "/images/generations", {**SLOW, "prompt": prompt},
+                   headers={**FIRST_TRY, **headers})
+
+
+@contextlib.contextmanager
+def leaving(url: str, body: dict[str, Any] | bytes, *,
+            headers: Mapping[str, str] | None = None,
+            chunked: bool = False) -> Iterator[socket.socket]:
+    """POST `body` (JSON) to `url`; the client hangs up, unanswered, when the block ends: once
+    the test has seen the point it must leave at (its payment sent, its job polled). A client
+    timeout of a fraction of a second stood for that point, and on a busy machine ran out
+    before the payment was even signed: the test then saw nothing paid, or nothing to keep."""
+    parts = urlsplit(url)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    # httpx's user agent: the test's other requests (httpx's) are the same client's
+    fields = {"user-agent": f"python-httpx/{httpx.__version__}",
+              **{name.lower(): value for name, value in (headers or {}).items()}}
+    head = [f"POST {parts.path} HTTP/1.1", f"Host: {parts.netloc}",
+            "Content-Type: application/json",
+            "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(data)}",
+            *(f"{name}: {value}" for name, value in fields.items())]
+    if chunked:
+        data = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        yield sock
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):  # (nothing to read: not answered)
+            raise AssertionError(f"answered before its client left: {sock.recv(200)!r}")
 
 
 def rows(gw: Any) -> list[dict[str, Any]]:
     return gw.http.get("/v1/spend").json()["latest"]
 
 
-def until(condition: Callable[[], bool], seconds: float = 15) -> None:
+def until(condition: Callable[[], bool], seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
 
+def polled(sandbox: Any) -> Callable[[], bool]:
+    """Whether the sandbox's job has been polled: paid, accepted, and running."""
+    return lambda: sandbox.stats()["polls"] > 0
+
+
+def probed(sandbox: Any) -> Callable[[], bool]:
+    """Whether the sandbox has the unpaid request (the probe) of a generation."""
+    return lambda: bool(sandbox.stats()["requests"].get("generations", {}).get("unpaid"))
+
+
 def test_a_paid_slow_job_whose_client_left_is_finished_and_kept_for_its_retry(
         gateway: Any, sandbox: Any, monkeypatch: Any) -> None:
     monkeypatch.setattr(jobs, "REJOIN_SECONDS", REJOIN)
-    sandbox.configure(slow_seconds=1.5)
-    left(gateway, "finish it", KEEP_PAID_JOB, 0.5)  # paid and accepted, then gone
+    sandbox.configure(slow_seconds=JOB_SECONDS)
+    with asking(gateway, "finish it", KEEP_PAID_JOB):
+        until(polled(sandbox))  # paid and accepted, then gone
     assert sandbox.stats()["payments_count"] == 1
     # polled on to its end, long after the REJOIN_SECONDS that would have abandoned it
     until(lambda: [row["status"] for row in rows(gateway)] == ["settled"])
@@ -68,8 +114,9 @@ def test_a_paid_slow_job_whose_client_left_is_finished_and_kept_for_its_retry(
 def test_without_the_header_a_slow_job_whose_client_left_is_abandoned(
         gateway: Any, sandbox: Any, monkeypatch: Any) -> None:
     monkeypatch.setattr(jobs, "REJOIN_SECONDS", REJOIN)
-    sandbox.configure(slow_seconds=1.5)
-    left(gateway, "abandon it", {}, 0.5)
+    sandbox.configure(slow_seconds=JOB_SECONDS)
+    with asking(gateway, "abandon it", {}):
+        until(polled(sandbox))
     until(lambda: [row["status"] for row in rows(gateway)] == ["rejected"])
     retry = ask(gateway, "abandon it", {})
     assert retry.status_code == 409 and retry.json()["error"]["code"] == "job_abandoned"
@@ -80,8 +127,9 @@ def test_without_the_header_a_slow_job_whose_client_left_is_abandoned(
 def test_only_true_asks_to_keep_the_job(gateway: Any, sandbox: Any, monkeypatch: Any,
                                        value: str) -> None:
     monkeypatch.setattr(jobs, "REJOIN_SECONDS", REJOIN)
-    sandbox.configure(slow_seconds=1.5)
-    left(gateway, f"abandon it {value!r}", {HEADER: value}, 0.5)
+    sandbox.configure(slow_seconds=JOB_SECONDS)
+    with asking(gateway, f"abandon it {value!r}", {HEADER: value}):
+        until(polled(sandbox))
     until(lambda: [row["status"] for row in rows(gateway)] == ["rejected"])
 
 
@@ -89,8 +137,9 @@ def test_with_the_header_a_client_that_leaves_before_the_payment_pays_nothing(
         gateway: Any, sandbox: Any) -> None:
     sandbox.configure(slow_seconds=0.3)
     sandbox.faults({"kind": "delay", "phase": "unpaid", "seconds": 1.5, "times": 1})
-    left(gateway, "gone before paying", KEEP_PAID_JOB, 0.5)  # during the unpaid probe
-    time.sleep(1.5)  # the probe has answered: nothing may be signed for the client now
+    with asking(gateway, "gone before paying", KEEP_PAID_JOB):
+        until(probed(sandbox))  # it leaves during the unpaid probe
+    time.sleep(2.0)  # the probe has answered: nothing may be signed for the client now
     assert sandbox.stats()["payments_count"] == 0 and rows(gateway) == []
     retry = ask(gateway, "gone before paying", KEEP_PAID_JOB)  # a new call, paid once
     assert retry.status_code == 200 and "x-clawrouter-shared" not in retry.headers
@@ -101,16 +150,17 @@ def test_a_request_that_joins_with_the_header_keeps_the_shared_job(
         gateway: Any, sandbox: Any, monkeypatch: Any) -> None:
     """An SDK script and an MCP call with one API key are one client: the first without the
     header starts the job, the MCP call joins it with the header, both leave. The job is
-    kept for the MCP call's retry, as it was promised."""
-    import threading
-
+    kept for the MCP call's retry, as it was promised, even when both leave during the pause
+    between polls that began before the MCP call joined."""
     monkeypatch.setattr(jobs, "REJOIN_SECONDS", REJOIN)
-    sandbox.configure(slow_seconds=2.5)
-    starter = threading.Thread(target=left, args=(gateway, "shared", {}, 1.0))
-    starter.start()
-    time.sleep(0.3)
-    left(gateway, "shared", KEEP_PAID_JOB, 0.7)  # joins the job in flight; both gone by ~1 s
-    starter.join()
+    gateway.gw.settings.poll_interval = 2.0  # (a pause long enough to join and leave within)
+    sandbox.configure(slow_seconds=JOB_SECONDS)
+    with asking(gateway, "shared", {}):
+        until(polled(sandbox))
+        with asking(gateway, "shared", KEEP_PAID_JOB):  # joins the job in flight
+            until(lambda: any(len(entry.clients) == 2
+                              for entry in gateway.gw.coalescer._entries()))
+    # both gone
     until(lambda: [row["status"] for row in rows(gateway)] == ["settled"])
     retry = ask(gateway, "shared", KEEP_PAID_JOB)
     assert retry.status_code == 200 and retry.headers["x-clawrouter-shared"] == "true"

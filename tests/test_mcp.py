@@ -576,13 +576,15 @@ def test_a_call_cancelled_twice_is_not_paid_again(tmp_path: Path, sandbox: Any) 
     kept: the agent's third try still collects it."""
     import time
 
-    with cancelled_while_paying(tmp_path, sandbox, 2.5,
-                                CLAWROUTER_COALESCE_WINDOW_SECONDS="3") as (mcp, started):
+    # (call 1's work runs 4.5 s; call 3 comes 1.1 s after it ended and its 5 s window has
+    # 3.9 s to run, room for a loaded machine)
+    with cancelled_while_paying(tmp_path, sandbox, 4.5,
+                                CLAWROUTER_COALESCE_WINDOW_SECONDS="5") as (mcp, started):
         time.sleep(0.5)
         mcp.call(2)  # joins it
         time.sleep(1.5)
         mcp.cancel(2)
-        time.sleep(max(0.0, started + 3.6 - time.monotonic()))  # past the first window only
+        time.sleep(max(0.0, started + 5.6 - time.monotonic()))  # past the first window only
         mcp.call(3)
         mcp.succeeded(3)
         assert sandbox.stats()["payments_count"] == 1
@@ -594,9 +596,9 @@ def test_a_retry_while_the_cancelled_calls_work_still_runs_joins_it(tmp_path: Pa
     work runs, so the retry joins it instead of paying again."""
     import time
 
-    with cancelled_while_paying(tmp_path, sandbox, 4.5,
+    with cancelled_while_paying(tmp_path, sandbox, 6.5,
                                 CLAWROUTER_COALESCE_WINDOW_SECONDS="1") as (mcp, _):
-        time.sleep(2.5)  # past the window; the paid request still waits (2 s more)
+        time.sleep(2.5)  # past the window; the paid request still waits (4 s more)
         mcp.call(2)
         mcp.succeeded(2)
         assert sandbox.stats()["payments_count"] == 1
@@ -660,9 +662,11 @@ def test_a_retry_soon_after_the_cancelled_work_ended_is_not_paid_again(tmp_path:
     not from whenever the gateway last looked."""
     import time
 
-    with cancelled_while_paying(tmp_path, sandbox, 3.5,
-                                CLAWROUTER_COALESCE_WINDOW_SECONDS="2") as (mcp, started):
-        time.sleep(max(0.0, started + 4.6 - time.monotonic()))  # 1.1 s after the work ended
+    # (a window from the cancel would have ended before the work did; the one from the
+    # work's end has 3.5 s to run when call 2 comes, room for a loaded machine)
+    with cancelled_while_paying(tmp_path, sandbox, 5,
+                                CLAWROUTER_COALESCE_WINDOW_SECONDS="5") as (mcp, started):
+        time.sleep(max(0.0, started + 6.5 - time.monotonic()))  # 1.5 s after the work ended
         mcp.call(2)
         mcp.succeeded(2)
         assert sandbox.stats()["payments_count"] == 1
@@ -693,8 +697,9 @@ def test_a_retry_after_another_call_outlived_the_cancelled_work_is_not_paid_agai
     1's retry still runs from that work's end, not from call 2's, whichever call ends last."""
     import time
 
+    # (call 1's window, 7 s from its work's end, has some 5 s to run when call 3 comes)
     with cancelled_while_paying(tmp_path, sandbox, 4.5,
-                                CLAWROUTER_COALESCE_WINDOW_SECONDS="4") as (mcp, _):
+                                CLAWROUTER_COALESCE_WINDOW_SECONDS="7") as (mcp, _):
         time.sleep(0.3)
         mcp.another_call(sandbox, 5.5)
         time.sleep(0.3)

@@ -121,7 +121,8 @@ def test_a_call_cancelled_before_the_gateway_paid_pays_nothing_and_its_retry_pay
     so nothing is signed (were the call left to go on, it would pay for an image nobody
     asked for any more). The agent's retry is a new call, paid once; meanwhile the server's
     own gateway, which keeps nothing for it, has let the wallet's ledger go."""
-    sandbox.faults({"kind": "delay", "phase": "unpaid", "seconds": 1.5, "times": 1})
+    # (the probe answers 4 s on: time for the cancel to reach the gateway on a loaded machine)
+    sandbox.faults({"kind": "delay", "phase": "unpaid", "seconds": 4, "times": 1})
     call = {"prompt": "cancelled before paying", "model": "cogview"}
 
     def probed() -> bool:
@@ -134,7 +135,7 @@ def test_a_call_cancelled_before_the_gateway_paid_pays_nothing_and_its_retry_pay
 
     async def use(session: ClientSession) -> tuple[int, bool, Any]:
         await timed_out(session, "generate_image", call, probed)
-        await anyio.sleep(2.0)  # the probe has answered: work that went on would have paid
+        await anyio.sleep(4.5)  # the probe has answered: work that went on would have paid
         held = lock.exists() and in_use(lock)
         return (sandbox.stats()["payments_count"], held,
                 await session.call_tool("generate_image", call))

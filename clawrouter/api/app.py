@@ -7,7 +7,7 @@ import asyncio
 import functools
 import inspect
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
@@ -16,6 +16,7 @@ from clawrouter import __version__
 from clawrouter.api import errors, gallery, images, meta
 from clawrouter.api.heavy import HeavyPhase
 from clawrouter.api.middleware import ApiKey, BodyLimit, BrowserGuard, HeadAsGet, RequestId
+from clawrouter.api.stopping import CutOff, DrainedPipeline, Draining, StoppingSigner
 from clawrouter.memory import Trimmer
 from clawrouter.observe import Metrics, Observe
 from clawrouter.coalesce import Coalescer
@@ -42,8 +43,6 @@ from clawrouter.upstream.exchange import SETTLE_MARGIN_SECONDS, Exchange
 _FASTAPI_OPTIONS = ({"telemetry": {"tracing": False, "metrics": False, "logs": False,
                                    "operation_spans": False}}
                     if "telemetry" in inspect.signature(FastAPI).parameters else {})
-
-
 @dataclass
 class Gateway:
     """What the routes reach through `request.app.state.gw`."""
@@ -63,6 +62,7 @@ class Gateway:
     pipeline: ImagePipeline | None = None
     balance: BalanceMonitor | None = None
     client: BlockRunClient | None = None
+    draining: Draining = field(default_factory=Draining)
 
     @property
     def in_sandbox(self) -> bool:
@@ -105,10 +105,12 @@ def _wallet_holder(address: str, settings: Settings,
 
 def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = ImageStore.from_settings(settings)
+    store.check()  # (before a first start creates a wallet it would not then announce)
     wallet = load_wallet(settings.home, settings.wallet_key.get_secret_value()
                          if settings.wallet_key else None, settings.wallet_key_source)
-    signer = Signer(wallet.key)
-    store = ImageStore.from_settings(settings)
+    draining = Draining()
+    signer = StoppingSigner(wallet.key, draining)
     ledger = Ledger(settings.ledger_path, chain_network=chain_network(settings),
                     holding=_wallet_holder(signer.address, settings, sandbox))
     budget = Budget.from_settings(ledger, settings)
@@ -121,7 +123,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
                                    in_flight_for=longest_in_flight(settings)),
                  Metrics(),
                  HeavyPhase(largest_body=4 * settings.max_image_bytes,
-                            after_big=trimmer.poke), trimmer)
+                            after_big=trimmer.poke), trimmer, draining=draining)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -147,7 +149,8 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
         reconciler.start()
         exchange = Exchange(client, signer, settings, gw.network, ledger, budget, prices,
                             balance=balance, on_payment=gw.metrics.payment)
-        gw.pipeline = ImagePipeline(exchange, store, inputs, results, gw.heavy.inputs)
+        gw.pipeline = DrainedPipeline(exchange, store, inputs, results, gw.heavy.inputs,
+                                       draining=draining)
         trimming = asyncio.create_task(trimmer.run())
         try:
             yield
@@ -171,6 +174,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
     app.include_router(gallery.router)
     app.add_route("/images/{name}", ImageServer(store))
     # add_middleware wraps: the last added is the outermost.
+    app.add_middleware(CutOff, draining=draining)  # (its answers logged like any other)
     app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimit, limit=4 * settings.max_image_bytes)
     if settings.api_key:

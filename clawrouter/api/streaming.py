@@ -3,9 +3,11 @@
 One `image_generation.completed` (or `image_edit.completed`) event per image with `b64_json`
 and `usage`, an `error` event on failure (the SDK raises `APIError` from it), and comment
 keep-alives every 10 s while the upstream works, so long 202 jobs survive proxies and client
-read timeouts. A client that leaves stops the work at its next safe point. The 200 waits (up
-to the first keep-alive) until the work ends or its slow job is accepted, so a failure that
-paid nothing is an HTTP error instead, which the SDK raises with its status and retries
+read timeouts. A client that leaves stops the work at its next safe point; the work runs on in
+a task of its own until then, which stopping the gateway waits for (`stopping.Draining`), so its
+outcome reaches the ledger before the ledger closes. The 200 waits (up to the first
+keep-alive) until the work ends or its slow job is accepted, so a failure that paid nothing is
+an HTTP error instead, which the SDK raises with its status and retries
 (`images.inputs_judged`).
 """
 

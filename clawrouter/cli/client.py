@@ -85,8 +85,11 @@ PROBE_TIMEOUT = httpx.Timeout(2.0)
 #: How long a command waits for another process to let go of the wallet's ledger: a slow
 #: model's job takes up to five minutes, then its download.
 LEDGER_WAIT = 600.0
-#: How long stopping an in-process gateway waits for the requests under way there to end.
+#: How long stopping an in-process gateway waits for it to end; and how long it waits for the
+#: requests under way there before it cuts them off (`launch.Server`): short enough for the
+#: cut (`launch.CUT_SECONDS`) and the ledger's closing to fit in `STOP_WAIT`.
 STOP_WAIT = 10.0
+STOP_GRACE = 3.0
 
 
 class GatewayError(Exception):
@@ -352,7 +355,8 @@ class LocalGateway:
         """What `clawrouter serve` does, on an ephemeral loopback port and without printing."""
         from clawrouter.launch import start_gateway
 
-        running = await start_gateway(self.settings.model_copy(update={"port": 0}))
+        running = await start_gateway(self.settings.model_copy(update={"port": 0}),
+                                      grace=STOP_GRACE)
         wallet = running.app.state.gw.wallet
         if wallet.source == "created":  # as `serve` says it: the key's only copy is that file
             self.notice(created_key_notice(wallet.path))

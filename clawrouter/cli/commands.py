@@ -19,6 +19,7 @@ from clawrouter.cli.common import (
 from clawrouter.launch import AddressInUse
 from clawrouter.payment.ledger import LedgerBusy, LedgerUnusable
 from clawrouter.payment.wallet import WalletError
+from clawrouter.store.db import NewerIndex
 from clawrouter.cli import serve
 from clawrouter.cli import generate, mcp, models, status
 from clawrouter.cli import stats, wallet
@@ -82,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
 #: what stops a command that is the user's to settle, by the code `--json` gives it
 _SETTLE: dict[type[Exception], str] = {
     WalletError: "wallet_error", LedgerBusy: "ledger_busy", LedgerUnusable: "ledger_unusable",
+    NewerIndex: "index_unusable",
     AddressInUse: "address_in_use", BadGatewayUrl: "bad_gateway_url"}
 
 

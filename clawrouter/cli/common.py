@@ -185,8 +185,9 @@ def setup_problem(exc: BaseException | None) -> str | None:
     from clawrouter.launch import AddressInUse
     from clawrouter.payment.ledger import LedgerBusy, LedgerUnusable
     from clawrouter.payment.wallet import WalletError
+    from clawrouter.store.db import NewerIndex
 
-    if isinstance(exc, (WalletError, LedgerBusy, LedgerUnusable, AddressInUse)):
+    if isinstance(exc, (WalletError, LedgerBusy, LedgerUnusable, NewerIndex, AddressInUse)):
         return str(exc)  # (their messages never contain a key)
     if isinstance(exc, (OSError, sqlite3.DatabaseError)):
         return file_problem(exc)

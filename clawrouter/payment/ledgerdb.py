@@ -166,20 +166,25 @@ def connect(path: Path, now: float) -> sqlite3.Connection:
 
 
 def _prepare(conn: sqlite3.Connection, path: Path, now: float) -> None:
-    """WAL and full sync, a schema this version knows, created or migrated."""
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if mode.lower() != "wal":
-        raise LedgerUnusable(f"ledger {path}: cannot use a WAL journal here (got {mode!r})")
+    """A schema this version knows (a newer one is refused before anything is written to
+    it), WAL and full sync, and the schema created or migrated in one transaction: `_migrate`
+    goes by the columns it finds, so a migration cut short (a crash, a full disk) must leave
+    none of its steps behind, or the next start would skip the ones left undone."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise LedgerUnusable(
             f"ledger {path} was written by a newer clawrouter (schema {version}, this one "
             f"knows {SCHEMA_VERSION}): upgrade clawrouter to use it; reading it with this "
             "version could miscount the spend the budgets rest on")
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        raise LedgerUnusable(f"ledger {path}: cannot use a WAL journal here (got {mode!r})")
     conn.execute("PRAGMA synchronous=FULL")
     conn.create_function("local_day", 1, local_day, deterministic=True)
-    conn.executescript(_SCHEMA)
+    # (in the script: executescript would commit a transaction begun before it)
+    conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}")
     _migrate(conn, now)
+    conn.execute("COMMIT")  # (on an error, closing the connection rolls it all back)
 
 
 def open_reader(path: Path) -> sqlite3.Connection:

@@ -79,6 +79,45 @@ CREATE TABLE IF NOT EXISTS pending (
 
 _META = ("model", "prompt", "size", "cost_micro", "request_id")
 
+#: `PRAGMA user_version` of the index: 1 is `_SCHEMA` as it has been from the first release
+#: (whose files say 0). A later version that changes what the index means raises it, so that
+#: this one refuses its index (`NewerIndex`) instead of misreading or rewriting it.
+INDEX_VERSION = 1
+
+
+class NewerIndex(RuntimeError):
+    """The image index was written by a newer clawrouter. Not damage (a damaged index is moved
+    aside and rebuilt, losing its prompts and costs to the version that wrote them): the
+    user's to settle, said in one line by every command (`index_unusable` in `--json`)."""
+
+
+def _known_version(conn: sqlite3.Connection, path: Path) -> int:
+    """The index's version, if this clawrouter knows it; `NewerIndex` if not."""
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > INDEX_VERSION:
+        raise NewerIndex(
+            f"image index {path} was written by a newer clawrouter (version {version}, this "
+            f"one knows {INDEX_VERSION}): upgrade clawrouter to use it (the images stay as "
+            "they are)")
+    return version
+
+
+def refuse_newer(path: Path) -> None:
+    """Raise `NewerIndex` now if a newer clawrouter wrote the index at `path`: called before
+    the gateway listens (as the ledger is opened), since the store opens its index once the
+    server runs, where a failure ends in a traceback instead of one line. Anything else (no
+    file yet, damage) is left to `MetadataDB.open`."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return
+    try:
+        _known_version(conn, path)
+    except sqlite3.Error:
+        pass
+    finally:
+        conn.close()
+
 
 @dataclass(frozen=True)
 class IndexRow:
@@ -166,9 +205,12 @@ class MetadataDB:
         conn = sqlite3.connect(owner_only(self.path), timeout=10)
         try:
             conn.row_factory = sqlite3.Row
+            version = _known_version(conn, self.path)  # before anything is written to it
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            if version < INDEX_VERSION:
+                conn.execute(f"PRAGMA user_version = {INDEX_VERSION}")
             # damage past the header shows only when its pages are read: read them all now
             if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise _FailedCheck("quick_check found the index damaged")

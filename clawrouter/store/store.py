@@ -39,7 +39,7 @@ from clawrouter.plaintext import scrub
 from clawrouter.sniff import EXTENSIONS, sniff_image
 from clawrouter.store import files
 from clawrouter.store.cache import ByteCache
-from clawrouter.store.db import RECOVERED, MetadataDB
+from clawrouter.store.db import RECOVERED, MetadataDB, refuse_newer
 from clawrouter.store.download import (
     DEFAULT_MAX_BYTES,
     DEFAULT_TIMEOUT,
@@ -132,6 +132,11 @@ class ImageStore:
                    max_bytes=int(settings.image_max_gb * 1024**3), **options)
 
     # --- lifecycle ----------------------------------------------------------------------------
+    def check(self) -> None:
+        """Refuse now, before the gateway listens, an index a newer clawrouter wrote
+        (`NewerIndex`), which `open` would refuse from inside the running server."""
+        refuse_newer(self._db.path)
+
     async def open(self) -> None:
         """Create the directory and database, clean temporary files, reconcile, load the index.
 

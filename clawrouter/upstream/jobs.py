@@ -158,14 +158,18 @@ async def _pause(ctx: RequestContext, seconds: float, give_up: float, *,
                  keep: bool = False) -> None:
     """Sleep between polls; `ClientGone` once every client has left and none has joined
     again within `REJOIN_SECONDS` (never past `give_up`, monotonic time), unless the job is
-    to be kept (`keep`, or the request asked to keep its paid job): then its clients'
-    leaving does not matter."""
+    to be kept (`keep`, or a request sharing it asked to keep its paid job, even one that
+    joined during this sleep and left again): then its clients' leaving does not matter."""
     if keep or ctx.keep_paid_job:
         await asyncio.sleep(seconds)
         return
+    until = time.monotonic() + seconds
     try:
         await ctx.sleep(seconds)
     except ClientGone:
+        if ctx.keep_paid_job:  # joined (`coalesce`) since this sleep began
+            await asyncio.sleep(max(0.0, until - time.monotonic()))
+            return
         if not await ctx.rejoined(min(REJOIN_SECONDS, max(0.0, give_up - time.monotonic()))):
             raise
 
