@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import json
 import os
 import random
 import socket
@@ -12,10 +13,12 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import uvicorn
 
 from clawrouter.launch import bind
@@ -168,3 +171,39 @@ def serving(app: Any, **config: Any) -> Iterator[ServerThread]:
         yield server
     finally:
         server.stop()
+
+
+def until(condition: Callable[[], bool], what: str = "the condition",
+          seconds: float = 30) -> None:
+    """Wait for `condition`, polled every 50 ms, up to `seconds` (generous: a loaded machine)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@contextmanager
+def leaving(url: str, body: dict[str, Any] | bytes, *,
+            headers: Mapping[str, str] | None = None,
+            chunked: bool = False) -> Iterator[socket.socket]:
+    """POST `body` (JSON) to `url`; the client hangs up, unanswered, when the block ends: once
+    the test has seen the point it must leave at (its payment sent, its job polled). A client
+    timeout of a fraction of a second stood for that point, and on a busy machine ran out
+    before the payment was even signed: the test then saw nothing paid, or nothing to keep."""
+    parts = urlsplit(url)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    # httpx's user agent: the test's other requests (httpx's) are the same client's
+    fields = {"user-agent": f"python-httpx/{httpx.__version__}",
+              **{name.lower(): value for name, value in (headers or {}).items()}}
+    head = [f"POST {parts.path} HTTP/1.1", f"Host: {parts.netloc}",
+            "Content-Type: application/json",
+            "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(data)}",
+            *(f"{name}: {value}" for name, value in fields.items())]
+    if chunked:
+        data = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        yield sock
+        sock.setblocking(False)
+        with suppress(BlockingIOError):  # (nothing to read: not answered)
+            raise AssertionError(f"answered before its client left: {sock.recv(200)!r}")

@@ -15,7 +15,7 @@ import pytest
 from openai import OpenAI
 
 from clawrouter.sandbox.images import make_png
-from tests.test_keep_paid_jobs import leaving, until
+from tests.servers import leaving, until
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(200)
 

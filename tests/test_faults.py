@@ -22,7 +22,7 @@ from clawrouter.sandbox import verify as sandbox_verify
 from clawrouter.sandbox.images import make_png
 from clawrouter.upstream import jobs
 from tests.servers import free_port
-from tests.test_keep_paid_jobs import leaving, until
+from tests.servers import leaving, until
 
 COGVIEW = {"model": "cogview", "size": "512x512"}
 

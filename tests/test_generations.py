@@ -136,7 +136,7 @@ def test_slow_model_is_polled_to_completion_and_settles_once(gateway, sandbox):
 
 def test_client_disconnect_during_polling_stops_polling(make_gateway, sandbox, monkeypatch):
     from clawrouter.upstream import jobs
-    from tests.test_keep_paid_jobs import leaving, until
+    from tests.servers import leaving, until
 
     # Polling pauses for a client to come back, then gives up: 0.8 s here (not 5, which the
     # gateway's stop at the end waited out). Polled on, the job would end at the deadline

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from clawrouter.sandbox.images import make_png
-from tests.test_keep_paid_jobs import leaving, until
+from tests.servers import leaving, until
 
 MB = 1024 * 1024
 

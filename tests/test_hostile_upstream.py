@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from clawrouter.sandbox.images import make_png
 from tests.servers import ServerThread
-from tests.test_keep_paid_jobs import leaving, until
+from tests.servers import leaving, until
 
 # --- the reference values (x402.md §4, §9), written out: not read from our tables -----------
 SEPOLIA_CAIP2 = "eip155:84532"

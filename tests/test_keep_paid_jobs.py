@@ -7,12 +7,10 @@ header a job whose client left is abandoned, as it always was."""
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -20,6 +18,7 @@ import pytest
 from clawrouter.cli.client import FIRST_TRY, KEEP_PAID_JOB
 from clawrouter.context import KEEP_PAID_JOB as HEADER
 from clawrouter.upstream import jobs
+from tests.servers import leaving, until
 
 SLOW = {"model": "gpt-image-2", "size": "1024x1024", "response_format": "url"}
 #: how long polling waits for a client that left to come back (5 s in use)
@@ -42,42 +41,8 @@ def asking(gw: Any, prompt: str, headers: Mapping[str, str]
                    headers={**FIRST_TRY, **headers})
 
 
-@contextlib.contextmanager
-def leaving(url: str, body: dict[str, Any] | bytes, *,
-            headers: Mapping[str, str] | None = None,
-            chunked: bool = False) -> Iterator[socket.socket]:
-    """POST `body` (JSON) to `url`; the client hangs up, unanswered, when the block ends: once
-    the test has seen the point it must leave at (its payment sent, its job polled). A client
-    timeout of a fraction of a second stood for that point, and on a busy machine ran out
-    before the payment was even signed: the test then saw nothing paid, or nothing to keep."""
-    parts = urlsplit(url)
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    # httpx's user agent: the test's other requests (httpx's) are the same client's
-    fields = {"user-agent": f"python-httpx/{httpx.__version__}",
-              **{name.lower(): value for name, value in (headers or {}).items()}}
-    head = [f"POST {parts.path} HTTP/1.1", f"Host: {parts.netloc}",
-            "Content-Type: application/json",
-            "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(data)}",
-            *(f"{name}: {value}" for name, value in fields.items())]
-    if chunked:
-        data = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
-    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
-        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
-        yield sock
-        sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError):  # (nothing to read: not answered)
-            raise AssertionError(f"answered before its client left: {sock.recv(200)!r}")
-
-
 def rows(gw: Any) -> list[dict[str, Any]]:
     return gw.http.get("/v1/spend").json()["latest"]
-
-
-def until(condition: Callable[[], bool], seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
 
 
 def polled(sandbox: Any) -> Callable[[], bool]:

@@ -11,7 +11,7 @@ import pytest
 from clawrouter.coalesce import SWEEP_EVERY, Coalescer
 from clawrouter.context import RequestContext
 from clawrouter.pipeline import Result
-from tests.test_keep_paid_jobs import leaving, until
+from tests.servers import leaving, until
 
 COGVIEW = {"model": "cogview", "size": "1024x1024"}
 

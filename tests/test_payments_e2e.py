@@ -443,7 +443,8 @@ def test_a_refused_payment_holds_its_budget_until_its_authorization_expires(make
 
 
 def test_a_client_that_leaves_before_payment_costs_nothing(gateway, sandbox):
-    from tests.test_keep_paid_jobs import leaving, probed, until
+    from tests.servers import leaving, until
+    from tests.test_keep_paid_jobs import probed
 
     sandbox.faults({"kind": "delay", "phase": "unpaid", "seconds": 1.5})
     with leaving(gateway.v1 + "/images/generations", {**COGVIEW, "prompt": "bye"}):

@@ -12,7 +12,6 @@ import socket
 import sqlite3
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import httpx
 import pytest
 from eth_account import Account
 
-from tests.servers import clawrouter_command, free_port
+from tests.servers import clawrouter_command, free_port, until
 
 GRACE = "clawrouter.launch.SHUTDOWN_GRACE_SECONDS"
 #: how long a stopped gateway may take to exit once its grace is over (a loaded machine)
@@ -96,13 +95,6 @@ def quiet(stderr: str) -> None:
         assert not any(word in line for word in NEVER), stderr
         if not line.startswith("PLAIN "):
             json.loads(line)
-
-
-def until(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def in_background(call: Callable[[], Any]) -> Callable[[], Any]:
