@@ -21,8 +21,9 @@
   (or, without one, its hashed client and content). A repeat of a key that finds no outcome
   here but a payment in the ledger (within 24 h) is a 409 that names the payment, and is
   never signed for again. Without a key, so is a repeat within `window` of this process's
-  start of a request that was in flight when the last one died (`Ledger.interrupted`): the
-  SDK's retry after a crash and an immediate restart. A request that ended before a clean
+  start of a request that was in flight when the last one died (`Ledger.interrupted`), or
+  that settled but had not stored its images (`interrupt`): the SDK's retry after a crash
+  and an immediate restart. A request that ended before a clean
   stop is not refused: its client had its answer (and each `clawrouter generate` runs its
   own short-lived gateway, which must not refuse the same command run twice).
 
@@ -121,10 +122,13 @@ class Coalescer:
         self.idempotency_ttl = idempotency_ttl
         self.recall = recall
         self.started = time.time()
+        #: since when (unix) a payment can have been in flight when the last run died
+        self.in_flight_since = self.started - in_flight_for
         #: payments the last run left in flight when it died, and when each was signed
-        #: (`Ledger.interrupted`): those recent enough for a client to be retrying them
-        self.interrupted = {i: t for i, t in (interrupted or {}).items()
-                            if t >= self.started - in_flight_for}
+        #: (`Ledger.interrupted`; `interrupt`): those recent enough for a client to be
+        #: retrying them
+        self.interrupted: dict[int, float] = {}
+        self.interrupt(interrupted or {})
         self._clock = clock
         self._max = max_entries
         #: Idempotency-Key entries (capped) and keyless ones (bounded by the window), apart so
@@ -135,6 +139,13 @@ class Coalescer:
 
     def __len__(self) -> int:
         return len(self._keyed) + len(self._same)
+
+    def interrupt(self, payments: Mapping[int, float]) -> None:
+        """Count these payments (id: time signed) as left in flight by the last run too: ones
+        that settled but whose images never reached the store (`api.app.undelivered`). Called
+        before the first request."""
+        self.interrupted.update({i: t for i, t in payments.items()
+                                 if t >= self.in_flight_since})
 
     def working(self) -> bool:
         """Whether any request's work is still in progress (safe from another thread)."""

@@ -5,6 +5,7 @@ hears an OpenAI envelope (or an `error` event), never a hang or a traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -57,14 +58,15 @@ class Served:
 
 
 def serve(home: Path, sandbox, *, grace: float, key: str | None = None,
-          port: int | None = None) -> Served:
-    """`clawrouter serve` paying `sandbox`, stopping with `grace` seconds for its requests."""
+          port: int | None = None, **settings: str) -> Served:
+    """`clawrouter serve` paying `sandbox`, stopping with `grace` seconds for its requests
+    (`settings`: more environment, `CLAWROUTER_…`)."""
     key = key or Account.create().key.to_0x_hex()
     port = port or free_port()
     env = {**os.environ, "CLAWROUTER_HOME": str(home), "BLOCKRUN_API_URL": sandbox.api,
            "CLAWROUTER_NETWORK": "base-sepolia", "BLOCKRUN_WALLET_KEY": key,
            "CLAWROUTER_RPC_URLS": json.dumps([sandbox.url + "/_sandbox/rpc"]),
-           "PYTHONWARNINGS": "always::ResourceWarning"}
+           "PYTHONWARNINGS": "always::ResourceWarning", **settings}
     command = clawrouter_command("serve", "--port", str(port), "--no-sandbox",
                                  constants={GRACE: grace})
     command[2] = _PLAIN_COPY + command[2]
@@ -209,6 +211,69 @@ def test_a_slow_job_is_cut_off_after_the_grace_and_its_retry_after_a_restart_pay
         assert retry.status_code == (200 if stream else 409), retry.text
         assert error_of(retry)["code"] == "repeat_paid_before_restart"
         assert paid(own_sandbox) == 1
+    finally:
+        again.proc.send_signal(signal.SIGINT)
+        exited(again.proc)
+
+
+@pytest.mark.parametrize("stop", ["cut off after the grace", "kill -9"])
+def test_a_paid_result_cut_off_before_it_was_stored_is_not_paid_again_by_its_retry(
+        tmp_path, own_sandbox, stop):
+    """The payment settled, but the gateway stopped (or died) while it fetched the image: the
+    client never had its answer, so the SDK's retry after the restart is a 409 naming the
+    payment, not a second one. A request whose image was stored before the stop is paid
+    anew when sent again: its client had its answer."""
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from tests.servers import serving
+
+    fetches, released = [], threading.Event()
+
+    async def hanging(request):
+        fetches.append(request.url.path)
+        while not released.is_set():  # (asleep on the event loop, not blocking it)
+            await asyncio.sleep(0.05)
+        return Response(b"too late", 503)
+
+    private = {"CLAWROUTER_ALLOW_PRIVATE_URLS": "true"}  # the image host is on loopback
+    fox, owl = {"model": "cogview", "prompt": "a fox"}, {"model": "cogview", "prompt": "an owl"}
+    with serving(Starlette(routes=[Route("/owl.png", hanging)])) as host:
+        gw = serve(tmp_path, own_sandbox, grace=1, **private)
+        try:
+            assert gw.post(fox, **{"x-stainless-retry-count": "0"}).status_code == 200
+            own_sandbox.faults({"kind": "respond", "phase": "paid", "status": 200,
+                                "settle": True, "times": 1,
+                                "body": {"created": 1, "data": [{"url": host.url + "/owl.png"}]}})
+            answer = in_background(lambda: gw.post(owl, **{"x-stainless-retry-count": "0"}))
+            until(lambda: fetches and payments(tmp_path)[-1][0] == "settled",
+                  "the settled payment's image to be fetched")
+            if stop == "kill -9":
+                gw.proc.kill()
+                gw.proc.wait()
+                assert isinstance(answer(), httpx.TransportError)
+            else:
+                gw.proc.send_signal(signal.SIGTERM)
+                code, stderr = exited(gw.proc)
+                assert error_of(answer())["code"] == "gateway_stopped"
+                quiet(stderr)
+        finally:
+            released.set()
+            gw.proc.kill()
+            gw.proc.wait()
+    assert [status for status, _ in payments(tmp_path)] == ["settled", "settled"]
+    assert paid(own_sandbox) == 2
+    again = serve(tmp_path, own_sandbox, grace=1, key=gw.key, port=gw.port, **private)
+    try:
+        retry = again.post(owl, **{"x-stainless-retry-count": "1"})
+        assert retry.status_code == 409, retry.text
+        error = error_of(retry)
+        assert (error["code"], error["payment"]) == ("repeat_paid_before_restart", "settled")
+        assert retry.headers["x-should-retry"] == "false"
+        assert paid(own_sandbox) == 2
+        assert again.post(fox, **{"x-stainless-retry-count": "0"}).status_code == 200
+        assert paid(own_sandbox) == 3
     finally:
         again.proc.send_signal(signal.SIGINT)
         exited(again.proc)

@@ -39,7 +39,7 @@ from clawrouter.inputs.addresses import is_public_address
 from clawrouter.store.download import DownloadRefused, download
 from clawrouter.store.files import content_id
 from clawrouter.store.sources import ResultSources
-from tests.servers import ServerThread, serving
+from tests.servers import ServerThread, free_port, serving
 
 T = TypeVar("T")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -990,3 +990,28 @@ def test_our_image_urls_are_known_again_at_our_origin_or_on_loopback(url: str, b
     from clawrouter.store.links import image_name
 
     assert image_name(url, base) == name
+
+
+def test_kept_since_counts_each_requests_stored_and_queued_images(tmp_path: Path) -> None:
+    """What a start checks a settled payment's images against (`api.app.undelivered`): the
+    images stored and the downloads queued, per request, since a time; none of another
+    request, none from before."""
+    from dataclasses import replace
+
+    refused = f"http://127.0.0.1:{free_port()}/gone.png"  # nothing listens: deferred
+
+    async def scenario() -> tuple[dict[str, int], dict[str, int]]:
+        async with ImageStore(tmp_path) as store, aiohttp.ClientSession() as session:
+            await store.put_bytes(png(seed=1), replace(META, request_id="old"))
+            since = time.time()
+            await store.put_bytes(png(seed=2), replace(META, request_id="two"))
+            await store.put_bytes(png(seed=3), replace(META, request_id="two"))
+            deferred = await store.put_remote_or_defer(refused, replace(META, request_id="two"),
+                                                       session)
+            assert isinstance(deferred, Deferred)
+            await store.put_bytes(png(seed=4), replace(META, request_id="one"))
+            return await store.kept_since(since), await store.kept_since(0)
+
+    recent, every = run(scenario())
+    assert recent == {"two": 3, "one": 1}
+    assert every == {"two": 3, "one": 1, "old": 1}

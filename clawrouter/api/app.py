@@ -94,6 +94,21 @@ def longest_in_flight(settings: Settings) -> float:
             + RESULT_SECONDS + RESTART_SECONDS)
 
 
+async def undelivered(ledger: Ledger, store: ImageStore, since: float) -> dict[int, float]:
+    """Payments signed since `since` that settled, but with fewer images in the store than
+    they paid for (id: time signed): the last run was cut off or killed while it fetched or
+    stored them, so their clients never had an answer and are as likely to retry as those
+    of the rows it left `signed` (`Ledger.interrupted`). A result a client did receive but
+    the store could not keep (disk full) is counted too: an identical request in the first
+    `coalesce_window_seconds` after the restart hears of its payment (a 409) instead of
+    paying again, as a retry of a payment left `signed` does."""
+    settled = await ledger.call(ledger.settled_since, since)
+    if not settled:
+        return {}
+    kept = await store.kept_since(since)
+    return {p.id: p.time for p in settled if kept.get(p.request_id, 0) < p.n}
+
+
 def _wallet_holder(address: str, settings: Settings,
                    sandbox: bool) -> Callable[[], walletlock.WalletLock]:
     """The wallet's lock, taken once this data directory's ledger lock is ours (so a command
@@ -134,6 +149,7 @@ def create_app(settings: Settings, *, sandbox: bool = False) -> FastAPI:
                                 upstream=(settings.upstream_url, session),
                                 connect_timeout=policy.connect_timeout)
         await store.open()
+        gw.coalescer.interrupt(await undelivered(ledger, store, gw.coalescer.in_flight_since))
         await store.start(results)
         client = BlockRunClient(settings.upstream_url, session,
                                 timeout=settings.upstream_timeout,

@@ -271,6 +271,15 @@ class MetadataDB:
             " ORDER BY created DESC, id LIMIT ? OFFSET ?", (limit, offset)).fetchall()
         return [dict(r) for r in rows]
 
+    def kept_since(self, since: float) -> dict[str, int]:
+        """How many images each request has here, stored or waiting to be downloaded again,
+        of those stored or queued since `since` (unix)."""
+        rows = self.conn.execute(
+            "SELECT request_id, COUNT(*) FROM (SELECT request_id FROM images WHERE created >= ?"
+            " UNION ALL SELECT request_id FROM pending WHERE created >= ?)"
+            " WHERE request_id IS NOT NULL GROUP BY request_id", (since, since)).fetchall()
+        return {request_id: n for request_id, n in rows}
+
     # --- pending downloads --------------------------------------------------------------------
     def add_pending(self, url: str, meta: ImageMeta, *, created: float, error: str,
                     next_attempt: float | None) -> int:

@@ -424,6 +424,10 @@ class ImageStore:
 
         return _named(root, await asyncio.to_thread(read))
 
+    async def kept_since(self, since: float) -> dict[str, int]:
+        """How many images each request (by id) stored or queued to download since `since`."""
+        return await self._run_db(self._db.kept_since, since)
+
     async def stats(self) -> dict[str, Any]:
         counts = await self._run_db(self._db.pending_counts)
         return {"count": len(self._index), "bytes": self._total, "max_bytes": self.max_bytes,
