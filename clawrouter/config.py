@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     # seconds a client has to send a request's headers (408), and the window over which a body
     # must arrive, and an answer be read, at 16 KB/s at least (408; a slow reader is dropped)
     header_timeout: float = Field(30.0, gt=0)
+    # seconds stopping (Ctrl-C, SIGTERM) waits for the requests under way, signing no new
+    # payment, before it cuts them off: long enough for a paid image to arrive and be stored,
+    # not for a slow job to be polled to its end (a second signal cuts them at once)
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
 
     # --- upstream ---------------------------------------------------------------------------
     # One alias each: an alias is also an environment name, so "upstream_url" here would make a

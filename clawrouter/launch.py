@@ -144,7 +144,8 @@ async def start_gateway(settings: Settings, *, advertise: bool = False,
     """Listen as `settings` say; use the sandbox when told to, or when BlockRun does not
     answer and no other upstream was configured. `advertise`: write the gateway's URL into
     the ledger's lock file, for commands that find the ledger busy to use this gateway.
-    `grace`: how long stopping waits for requests under way (`Server`)."""
+    `grace`: how long stopping waits for requests under way (`Server`; default: the
+    `shutdown_grace_seconds` setting)."""
     from clawrouter.api.app import create_app
 
     raise_fd_limit()
@@ -178,7 +179,9 @@ async def start_gateway(settings: Settings, *, advertise: bool = False,
                 sock.close()
             raise
         port = await _serve(app, listening, servers, tasks, settings.header_timeout,
-                            draining=app.state.gw.draining, grace=grace, watch=True)
+                            draining=app.state.gw.draining,
+                            grace=settings.shutdown_grace_seconds if grace is None else grace,
+                            watch=True)
         for server in servers[:-1]:  # the sandbox stops after the gateway, which uses it
             server.users.append(tasks[-1])
         if advertise:
@@ -362,10 +365,6 @@ class DescriptorWatch:
                     used, limit)
 
 
-#: how long stopping (Ctrl-C, SIGTERM) waits for the requests under way to end, signing no new
-#: payment meanwhile, before it cuts them off (a second signal cuts them at once): long enough
-#: for a paid image to arrive and be stored, not for a slow job to be polled to its end
-SHUTDOWN_GRACE_SECONDS = 30.0
 #: how long requests cut off get to end (they stop at their next await) before the teardown
 CUT_SECONDS = 5.0
 
@@ -380,8 +379,8 @@ class Server(uvicorn.Server):
     process ends without `atexit`."""
 
     def __init__(self, config: uvicorn.Config, *, draining: Draining,
-                 grace: float | None = None) -> None:
-        """`grace`: None for `SHUTDOWN_GRACE_SECONDS` (as it is when the server stops)."""
+                 grace: float = 0.0) -> None:
+        """`grace`: seconds for the requests under way (`shutdown_grace_seconds`)."""
         super().__init__(config)
         self.draining = draining
         self.grace = grace
@@ -399,9 +398,8 @@ class Server(uvicorn.Server):
 
         await asyncio.gather(*self.users, return_exceptions=True)
         self._stop_taking(sockets)
-        grace = SHUTDOWN_GRACE_SECONDS if self.grace is None else self.grace
-        if not await self._drained(grace):
-            await self._cut(quiet=grace == 0)
+        if not await self._drained(self.grace):
+            await self._cut(quiet=self.grace == 0)
         await self.lifespan.shutdown()  # the app's clients, store and ledger, closed in peace
         await asyncio.to_thread(flush_logs)
 
@@ -468,7 +466,7 @@ class Server(uvicorn.Server):
 
 async def _serve(app: Any, sockets: list[socket.socket], servers: list[Server],
                  tasks: list[asyncio.Task[None]], header_timeout: float, *,
-                 draining: Draining | None = None, grace: float | None = None,
+                 draining: Draining | None = None, grace: float = 0.0,
                  watch: bool = False) -> int:
     """Start one uvicorn server on `sockets` as a task; return its port once it listens.
     `draining`: the gateway's (`create_app`); without one (the sandbox, serving only the

@@ -48,6 +48,20 @@ def test_dockerfile_promises():
     assert "CLAWROUTER_SANDBOX=false" in text
 
 
+def test_the_dockerfiles_grace_fits_in_dockers_wait_before_it_kills(monkeypatch, tmp_path):
+    """`docker stop` sends SIGTERM, then SIGKILL 10 s later: the requests under way, the
+    cut-off of the rest and the ledger's close must fit in that, with a second to spare."""
+    from clawrouter import launch
+    from clawrouter.config import load_settings
+
+    text = (ROOT / "Dockerfile").read_text()
+    grace = re.search(r"\bCLAWROUTER_SHUTDOWN_GRACE_SECONDS=(\S+)", text)[1]
+    monkeypatch.setenv("CLAWROUTER_SHUTDOWN_GRACE_SECONDS", grace)
+    monkeypatch.setenv("CLAWROUTER_HOME", str(tmp_path))  # (no config.toml of this machine's)
+    monkeypatch.delenv("CLAWROUTER_CONFIG", raising=False)
+    assert 0 < load_settings().shutdown_grace_seconds <= 10 - launch.CUT_SECONDS - 1
+
+
 def test_the_version_is_one_and_the_license_travels_with_the_package():
     import tomllib
 

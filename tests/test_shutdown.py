@@ -24,7 +24,6 @@ from eth_account import Account
 
 from tests.servers import clawrouter_command, free_port, until
 
-GRACE = "clawrouter.launch.SHUTDOWN_GRACE_SECONDS"
 #: how long a stopped gateway may take to exit once its grace is over (a loaded machine)
 EXIT_SECONDS = 30
 #: what must never reach stderr while stopping
@@ -66,9 +65,9 @@ def serve(home: Path, sandbox, *, grace: float, key: str | None = None,
     env = {**os.environ, "CLAWROUTER_HOME": str(home), "BLOCKRUN_API_URL": sandbox.api,
            "CLAWROUTER_NETWORK": "base-sepolia", "BLOCKRUN_WALLET_KEY": key,
            "CLAWROUTER_RPC_URLS": json.dumps([sandbox.url + "/_sandbox/rpc"]),
+           "CLAWROUTER_SHUTDOWN_GRACE_SECONDS": str(grace),
            "PYTHONWARNINGS": "always::ResourceWarning", **settings}
-    command = clawrouter_command("serve", "--port", str(port), "--no-sandbox",
-                                 constants={GRACE: grace})
+    command = clawrouter_command("serve", "--port", str(port), "--no-sandbox")
     command[2] = _PLAIN_COPY + command[2]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
