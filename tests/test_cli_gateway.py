@@ -38,7 +38,8 @@ def test_a_named_gateway_that_does_not_answer_is_never_replaced(tmp_path: Path) 
                    CLAWROUTER_SANDBOX="true", **env)
         assert proc.returncode == 1, proc.stdout + proc.stderr
         error = as_json(proc)["error"]
-        assert error["code"] == "no_gateway"
+        assert (error["code"], error["type"], error["status"]) == (
+            "no_gateway", "connection_error", None)
         assert f"No clawrouter gateway answers at {dead} (named by {named_by})" in proc.stderr
         assert "Nothing was started" in error["message"] and "started one" not in proc.stderr
         status = run(tmp_path, "status", *args, **env)

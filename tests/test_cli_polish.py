@@ -202,6 +202,9 @@ def error_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     """The one JSON document of a failed `--json` command, checked against its stderr line."""
     error = json.loads(proc.stdout)["error"]  # the whole of stdout is one document
     assert proc.stderr == f"clawrouter: {error['message']}\n"
+    # one shape, the gateway's envelope's (and the HTTP status: none answered here)
+    assert {"message", "type", "param", "code", "status"} <= set(error), error
+    assert isinstance(error["type"], str) and error["type"], error
     return error
 
 
@@ -218,7 +221,7 @@ def test_every_json_command_fails_with_one_json_error(command: tuple[str, ...],
     proc = cli(tmp_path, *command, "--json", CLAWROUTER_MAX_USD_PER_DAY="lots")
     assert proc.returncode == 2, proc.stderr  # (exit codes unchanged)
     error = error_of(proc)
-    assert error["code"] == "invalid_configuration"
+    assert (error["code"], error["type"]) == ("invalid_configuration", "invalid_request_error")
     assert error["message"].startswith("invalid configuration: ")
 
 
@@ -226,6 +229,7 @@ def test_json_errors_name_what_went_wrong(tmp_path: Path) -> None:
     """Each failure `main` reports, and those of `status`, carries a code a script can test."""
     no_wallet = cli(tmp_path, "wallet", "--json")
     assert no_wallet.returncode == 1 and error_of(no_wallet)["code"] == "no_wallet"
+    assert error_of(no_wallet)["type"] == "cli_error"
     (tmp_path / "home").mkdir(exist_ok=True)
     (tmp_path / "home" / "wallet.key").write_text("not a key\n")
     (tmp_path / "home" / "wallet.key").chmod(0o600)
@@ -234,6 +238,7 @@ def test_json_errors_name_what_went_wrong(tmp_path: Path) -> None:
     assert "not a key" not in bad_key.stdout + bad_key.stderr
     bad_url = cli(tmp_path, "status", "--json", "--url", "localhost:1")
     assert bad_url.returncode == 2 and error_of(bad_url)["code"] == "bad_gateway_url"
+    assert error_of(bad_url)["type"] == "invalid_request_error"
     from clawrouter.payment.ledger import Ledger
 
     (tmp_path / "home" / "images").mkdir()

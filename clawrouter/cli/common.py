@@ -40,15 +40,32 @@ class CommandError(Exception):
         self.name = name or ("usage_error" if code == 2 else "failed")
 
 
+#: The `type` of a `--json` error the command raised itself (the gateway's carry their own,
+#: as in its HTTP answers): something on the command line or in the settings to fix, a key
+#: the gateway wants, no gateway to talk to; anything else is the command's own ("cli_error":
+#: the data directory, the wallet, saving an image, Ctrl-C).
+CLI_ERROR_TYPES = {
+    **dict.fromkeys(("usage_error", "invalid_configuration", "bad_gateway_url",
+                     "bad_output_dir"), "invalid_request_error"),
+    "invalid_api_key": "authentication_error",
+    **dict.fromkeys(("gateway_unreachable", "no_gateway", "timeout", "connection_error",
+                     "not_clawrouter", "other_data_directory", "gateway_start_failed"),
+                    "connection_error"),
+}
+
+
 def fail(args: argparse.Namespace, message: str, status: int, code: str | None,
          detail: dict[str, Any] | None = None, *, line: bool = True) -> int:
     """End a command that failed: `clawrouter: <message>` on stderr (unless `line` is False:
-    said already) and, with `--json`, one document on stdout, `{"error": {"message", "code",
-    ...detail}}`, so that a script reading stdout always has one to read. Returns `status`,
-    the exit code."""
+    said already) and, with `--json`, one document on stdout, `{"error": {"message", "type",
+    "param", "code", "status", ...detail}}` (`status`: the gateway's HTTP status, None when
+    none answered), so that a script reading stdout always has one to read, in one shape.
+    Returns `status`, the exit code."""
     if getattr(args, "json", False):
-        print(json.dumps({"error": {"message": message, "code": code} | (detail or {})},
-                         indent=2))
+        error = {"message": message, "type": None, "param": None, "code": code,
+                 "status": None} | (detail or {})
+        error["type"] = error["type"] or CLI_ERROR_TYPES.get(code or "", "cli_error")
+        print(json.dumps({"error": error}, indent=2))
     if line:
         print(f"clawrouter: {message}", file=sys.stderr)
     return status
