@@ -23,7 +23,8 @@
   never signed for again. Without a key, so is a repeat within `window` of this process's
   start of a request that was in flight when the last one died (`Ledger.interrupted`), or
   that settled but had not stored its images (`interrupt`): the SDK's retry after a crash
-  and an immediate restart. A request that ended before a clean
+  and an immediate restart. Not a first try: that is a new call (`clawrouter generate` run
+  again after Ctrl-C, which said a payment may have been made), paid as one. A request that ended before a clean
   stop is not refused: its client had its answer (and each `clawrouter generate` runs its
   own short-lived gateway, which must not refuse the same command run twice).
 
@@ -185,9 +186,10 @@ class Coalescer:
             # flight), and only for `window` seconds after this run started: no ledger read
             # otherwise.
             since = min(self.interrupted.values(), default=0.0)
-        recalled = self.recall is None or (not idempotency_key and (
-            not self.interrupted or time.time() - self.window >= self.started))
         fresh = first_try and not idempotency_key
+        # (a first try is a new call, not the retry of one the last run cut off: not refused)
+        recalled = self.recall is None or (not idempotency_key and (
+            fresh or not self.interrupted or time.time() - self.window >= self.started))
         while True:
             while (entry := self._live(key, fresh)) is not None:
                 if entry.fingerprint != fingerprint:
@@ -333,9 +335,9 @@ def _paid_before(payment: Payment, *, keyed: bool) -> Conflict:
         f"An identical request from this client {what} {time.time() - payment.time:.0f} s "
         f"ago, and was cut off when the gateway stopped: {paid}. Its outcome was lost; "
         "its images, if any, are in the gallery at /. Not paid again (this is how a retry "
-        "after a crash is kept from paying twice). Send it again once the gateway has run for "
-        "coalesce_window_seconds since the restart, or with an Idempotency-Key, for a new "
-        "image.",
+        "after a crash is kept from paying twice). For a new image, send it again once the "
+        "gateway has run for coalesce_window_seconds since the restart, or with an "
+        "Idempotency-Key; a new OpenAI SDK call (its first try) is paid at once.",
         code="repeat_paid_before_restart",
         headers={"x-should-retry": "false"}, extra={"payment": payment.status})
 

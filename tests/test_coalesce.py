@@ -256,7 +256,8 @@ def test_without_a_key_only_a_request_the_last_run_left_in_flight_is_refused_aft
     row (tagged with its client and content) was left in flight, and makes the repeat a 409
     while the window since the restart lasts. A request that ended before (the same command
     run twice, each with its own gateway) is no reason to refuse; with nothing left in flight,
-    or once the window since the start has passed, the ledger is not read at all."""
+    or once the window since the start has passed, the ledger is not read at all; nor for a
+    first try, a new call."""
     asked: list[str] = []
     payment: list[Payment] = []  # what the ledger holds for the first client's request
 
@@ -274,6 +275,10 @@ def test_without_a_key_only_a_request_the_last_run_left_in_flight_is_refused_aft
             await cut_off.run(ctx(), "fp", None, paid())
         assert refused.value.code == "repeat_paid_before_restart"
         assert refused.value.headers["x-should-retry"] == "false"
+        # a first try (`x-stainless-retry-count: 0`) is a new call, not the SDK's retry: paid
+        # as one, without asking the ledger (`clawrouter generate` run again after Ctrl-C)
+        await cut_off.run(ctx(), "fp", None, paid(), first_try=True)
+        assert len(asked) == 1
         await cut_off.run(ctx("other client"), "fp", None, paid())  # another tag
         assert len(asked) == 2 and asked[1] != asked[0]
         await coalescer({PAYMENT.id + 1: 0.0}).run(ctx(), "fp", None, paid())  # ended

@@ -722,8 +722,7 @@ def serve_process(home: Path, sandbox, port: int, **settings: str) -> subprocess
     return proc
 
 
-def killed_while_paying(proc: subprocess.Popen, sandbox, port: int, prompt: str,
-                        headers: dict[str, str] | None = None, *,
+def killed_while_paying(proc: subprocess.Popen, sandbox, port: int, prompt: str, *,
                         route: str = "/v1/images/generations", body: dict | None = None,
                         after: float = 0.0, held: float = 6.0) -> None:
     """Send a paid request and SIGKILL the gateway `after` seconds once the sandbox holds its
@@ -735,7 +734,7 @@ def killed_while_paying(proc: subprocess.Popen, sandbox, port: int, prompt: str,
     def doomed_request():
         with pytest.raises(httpx.HTTPError):  # the gateway dies under it
             httpx.post(f"http://127.0.0.1:{port}{route}", timeout=30,
-                       json={**(body or COGVIEW), "prompt": prompt}, headers=headers)
+                       json={**(body or COGVIEW), "prompt": prompt})
 
     threading.Thread(target=doomed_request, daemon=True).start()
     deadline = time.monotonic() + 10
@@ -790,36 +789,48 @@ def test_kill_9_during_a_paid_request_leaves_an_unknown_row_that_the_chain_settl
 
 
 def test_a_retry_after_a_crash_is_not_paid_again(tmp_path, own_sandbox):
-    """The OpenAI SDK retries a request whose connection died, with no Idempotency-Key of its
-    own. If the gateway died under it (and was restarted at once, as a supervisor does), the
-    retry must not pay a second time: the first payment's row carries the request's hashed
-    client and content, and a repeat within the coalescing window is a 409 that names it."""
+    """The OpenAI SDK retries a request whose connection died (`x-stainless-retry-count` 1, 2,
+    ...), with no Idempotency-Key of its own. If the gateway died under it and was restarted
+    (as a supervisor does) while the SDK still retries, the retry must not pay a second time:
+    the first payment's row carries the request's hashed client and content, and a retry
+    within the coalescing window is a 409 that names it. A new call of the same request
+    after that (a first try: the user asks again) is paid."""
     sandbox = own_sandbox  # the killed request's payment settles there after the test
     port = free_port()
-    sdk_client = {"authorization": "Bearer unused"}  # who the SDK below is, to the gateway
-    killed_while_paying(serve_process(tmp_path, sandbox, port), sandbox, port, "crashed",
-                        headers=sdk_client)
     proc = serve_process(tmp_path, sandbox, port)
-    trips = sandbox.stats()["round_trips"]
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=2)
-        with pytest.raises(openai.ConflictError) as refused:  # and the SDK does not retry it
-            client.images.generate(model=COGVIEW["model"], prompt="crashed",
-                                   size=COGVIEW["size"])
-        assert refused.value.response.headers["x-should-retry"] == "false"
-        error = refused.value.body
-        assert (error["code"], error["payment"]) == ("repeat_paid_before_restart", "unknown")
-        assert "Not paid again" in error["message"] and "cut off" in error["message"]
-        assert sandbox.stats()["payments_count"] == 1
-        assert sandbox.stats()["round_trips"] == trips  # the retry did not even probe
-        # another request is not held up
-        other = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=10,
-                           json={**COGVIEW, "prompt": "something else"})
-        assert other.status_code == 200, other.text
-        assert sandbox.stats()["payments_count"] == 2
-    finally:
-        proc.terminate()
+    sandbox.faults({"kind": "delay", "phase": "paid", "seconds": 6, "times": 1})
+    # retries 0.5, 1, 2, 4, 8, 8 s apart: the gateway is back long before they run out
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=6)
+    ask = dict(model=COGVIEW["model"], prompt="crashed", size=COGVIEW["size"])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(client.images.generate, **ask)
+        deadline = time.monotonic() + 10
+        while sandbox.stats()["payments_count"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
         proc.wait()
+        proc = serve_process(tmp_path, sandbox, port)
+        try:
+            with pytest.raises(openai.ConflictError) as refused:  # the same call, retried
+                call.result(timeout=60)
+            assert refused.value.response.headers["x-should-retry"] == "false"
+            assert int(refused.value.response.request.headers["x-stainless-retry-count"]) >= 1
+            error = refused.value.body
+            assert (error["code"], error["payment"]) == ("repeat_paid_before_restart",
+                                                         "unknown")
+            assert "Not paid again" in error["message"] and "cut off" in error["message"]
+            assert sandbox.stats()["payments_count"] == 1
+            again = client.images.generate(**ask)  # a new call: its first try is paid
+            assert again.data[0].url and sandbox.stats()["payments_count"] == 2
+            # another request is not held up
+            other = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", timeout=10,
+                               json={**COGVIEW, "prompt": "something else"})
+            assert other.status_code == 200, other.text
+            assert sandbox.stats()["payments_count"] == 3
+        finally:
+            proc.terminate()
+            proc.wait()
 
 
 @pytest.mark.parametrize("case", ["an edit", "in flight longer than the window"])

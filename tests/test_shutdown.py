@@ -22,7 +22,8 @@ import httpx
 import pytest
 from eth_account import Account
 
-from tests.servers import clawrouter_command, free_port, until
+from tests.servers import clawrouter_command, dead_port, free_port, until
+from tests.test_cli_polish import ctrl_c_as_in_a_terminal
 
 #: how long a stopped gateway may take to exit once its grace is over (a loaded machine)
 EXIT_SECONDS = 30
@@ -220,8 +221,9 @@ def test_a_paid_result_cut_off_before_it_was_stored_is_not_paid_again_by_its_ret
         tmp_path, own_sandbox, stop):
     """The payment settled, but the gateway stopped (or died) while it fetched the image: the
     client never had its answer, so the SDK's retry after the restart is a 409 naming the
-    payment, not a second one. A request whose image was stored before the stop is paid
-    anew when sent again: its client had its answer."""
+    payment, not a second one. The same request sent as a new call (a first try), or one
+    whose image was stored before the stop, is paid anew: its client asks again, or had
+    its answer."""
     from starlette.applications import Starlette
     from starlette.responses import Response
     from starlette.routing import Route
@@ -271,11 +273,41 @@ def test_a_paid_result_cut_off_before_it_was_stored_is_not_paid_again_by_its_ret
         assert (error["code"], error["payment"]) == ("repeat_paid_before_restart", "settled")
         assert retry.headers["x-should-retry"] == "false"
         assert paid(own_sandbox) == 2
+        # a new call (the SDK's first try) for the same image is paid: the user asks again
+        assert again.post(owl, **{"x-stainless-retry-count": "0"}).status_code == 200
         assert again.post(fox, **{"x-stainless-retry-count": "0"}).status_code == 200
-        assert paid(own_sandbox) == 3
+        assert paid(own_sandbox) == 4
     finally:
         again.proc.send_signal(signal.SIGINT)
         exited(again.proc)
+
+
+def test_generate_run_again_after_ctrl_c_makes_and_pays_for_the_image(tmp_path):
+    """`clawrouter generate` interrupted once it had paid (its own gateway cut the slow job
+    off) says a payment may have been made. Run again, the same command is a new call: paid
+    and saved, not a 409 about the first payment, which no gateway a command starts for
+    itself could ever get past."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAWROUTER_", "BLOCKRUN_"))}
+    env |= {"CLAWROUTER_HOME": str(home), "CLAWROUTER_OUT": str(tmp_path / "out"),
+            "CLAWROUTER_SANDBOX": "true", "CLAWROUTER_PORT": str(dead_port())}
+    args = ("generate", "a slow fox", "--model", "gpt-image-2", "--json")
+    first = subprocess.Popen(
+        clawrouter_command(*args, constants={"clawrouter.launch.SANDBOX_SLOW_SECONDS": 600.0}),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=ctrl_c_as_in_a_terminal)
+    ledger = home / "ledger-base-sepolia.sqlite3"
+    until(lambda: ledger.exists() and payments(home), "the slow job's payment")
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=EXIT_SECONDS)
+    assert first.returncode == 130, err
+    assert json.loads(out)["error"]["code"] == "interrupted" and "may already have paid" in err
+    second = subprocess.run(clawrouter_command(*args), env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    [image] = json.loads(second.stdout)["images"]
+    assert Path(image["path"]).is_file()
+    assert [status for status, _ in payments(home)] == ["unknown", "settled"]
 
 
 def test_a_stream_whose_client_left_is_waited_for_before_the_ledger_closes(
