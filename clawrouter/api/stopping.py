@@ -72,9 +72,9 @@ def stopped_error() -> GatewayStopped:
     return GatewayStopped(
         "The gateway stopped (Ctrl-C or SIGTERM) before this request finished. If it had "
         "signed a payment, the payment stays in the ledger (`clawrouter stats`) until the "
-        "chain settles it, and the same request sent again soon after the gateway restarts "
+        "chain settles it, and a retry of this request soon after the gateway restarts "
         "(within coalesce_window_seconds; a day with the same Idempotency-Key) is refused "
-        "rather than paid twice.")
+        "rather than paid twice; a new call (an OpenAI SDK call's first try) is paid.")
 
 
 class StoppingSigner(Signer):
