@@ -23,8 +23,9 @@
   never signed for again. Without a key, so is a repeat within `window` of this process's
   start of a request that was in flight when the last one died (`Ledger.interrupted`), or
   that settled but had not stored its images (`interrupt`): the SDK's retry after a crash
-  and an immediate restart. Not a first try: that is a new call (`clawrouter generate` run
-  again after Ctrl-C, which said a payment may have been made), paid as one. A request that ended before a clean
+  and an immediate restart. A first try is refused too (an app's own retry loop makes every
+  try a first one), but not a request marked as asked anew (`NEW_CALL`: `clawrouter
+  generate` run again after Ctrl-C, which said a payment may have been made). A request that ended before a clean
   stop is not refused: its client had its answer (and each `clawrouter generate` runs its
   own short-lived gateway, which must not refuse the same command run twice).
 
@@ -168,13 +169,16 @@ class Coalescer:
 
     async def run(self, ctx: RequestContext, fingerprint: str, idempotency_key: str | None,
                   work: Callable[[RequestContext], Awaitable[Result]], *,
-                  window: float | None = None, first_try: bool = False) -> Result:
+                  window: float | None = None, first_try: bool = False,
+                  new_call: bool = False) -> Result:
         """`window` shortens how long this request's result is shared once done (0: only
         while in flight) if a client received it; a paid failure, or a result whose clients
         all left, is kept for the whole window, and an Idempotency-Key keeps its own 24 h.
         `first_try`: the client says this is a new call, not a retry (the OpenAI SDK's
         `x-stainless-retry-count: 0`), so without a key it does not take a result already
-        delivered: it runs anew, and its outcome stands in for that one."""
+        delivered: it runs anew, and its outcome stands in for that one. `new_call`: the
+        client says its user asked anew (`NEW_CALL`), so without a key it is not refused for a
+        payment the last run left in flight."""
         if idempotency_key:
             key = ("key", ctx.client, idempotency_key)
             tag = fingerprint_parts("idempotency", ctx.client, idempotency_key)
@@ -186,10 +190,10 @@ class Coalescer:
             # flight), and only for `window` seconds after this run started: no ledger read
             # otherwise.
             since = min(self.interrupted.values(), default=0.0)
-        fresh = first_try and not idempotency_key
-        # (a first try is a new call, not the retry of one the last run cut off: not refused)
+        # (a new call, `NEW_CALL`, is not the retry of one the last run cut off: not refused)
         recalled = self.recall is None or (not idempotency_key and (
-            fresh or not self.interrupted or time.time() - self.window >= self.started))
+            new_call or not self.interrupted or time.time() - self.window >= self.started))
+        fresh = first_try and not idempotency_key
         while True:
             while (entry := self._live(key, fresh)) is not None:
                 if entry.fingerprint != fingerprint:
@@ -337,7 +341,7 @@ def _paid_before(payment: Payment, *, keyed: bool) -> Conflict:
         "its images, if any, are in the gallery at /. Not paid again (this is how a retry "
         "after a crash is kept from paying twice). For a new image, send it again once the "
         "gateway has run for coalesce_window_seconds since the restart, or with an "
-        "Idempotency-Key; a new OpenAI SDK call (its first try) is paid at once.",
+        "Idempotency-Key.",
         code="repeat_paid_before_restart",
         headers={"x-should-retry": "false"}, extra={"payment": payment.status})
 

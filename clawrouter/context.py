@@ -16,6 +16,12 @@ T = TypeVar("T")
 #: for, finish it" (value `true`): `clawrouter mcp` sends it, as its agent's timeout cancels a
 #: call long before a slow model is done (`upstream/jobs.py`, `keep_paid_job`).
 KEEP_PAID_JOB = "x-clawrouter-keep-paid-job"
+#: The request header by which a client says "my user asked for this anew" (value `true`):
+#: `clawrouter generate` and `edit` send it, as each run is a command the user typed, and an
+#: interrupted one said a payment may have been made. It is then never refused as the retry
+#: of a payment the last run left in flight (`coalesce`), which a command's own gateway,
+#: started anew each run, could never get past.
+NEW_CALL = "x-clawrouter-new-call"
 
 
 @dataclass

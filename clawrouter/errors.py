@@ -214,7 +214,7 @@ class GatewayStopping(ClawError):
 
 class GatewayStopped(ClawError):
     """Stopping cut this request off before it ended; a payment it signed stays in the ledger,
-    and a retry after the restart (not a new call's first try) is refused, not paid twice."""
+    and a retry after the restart is refused rather than paid twice."""
 
     status = 503
     type = "server_error"

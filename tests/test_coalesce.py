@@ -257,7 +257,7 @@ def test_without_a_key_only_a_request_the_last_run_left_in_flight_is_refused_aft
     while the window since the restart lasts. A request that ended before (the same command
     run twice, each with its own gateway) is no reason to refuse; with nothing left in flight,
     or once the window since the start has passed, the ledger is not read at all; nor for a
-    first try, a new call."""
+    request its user asked for anew."""
     asked: list[str] = []
     payment: list[Payment] = []  # what the ledger holds for the first client's request
 
@@ -275,25 +275,29 @@ def test_without_a_key_only_a_request_the_last_run_left_in_flight_is_refused_aft
             await cut_off.run(ctx(), "fp", None, paid())
         assert refused.value.code == "repeat_paid_before_restart"
         assert refused.value.headers["x-should-retry"] == "false"
-        # a first try (`x-stainless-retry-count: 0`) is a new call, not the SDK's retry: paid
-        # as one, without asking the ledger (`clawrouter generate` run again after Ctrl-C)
-        await cut_off.run(ctx(), "fp", None, paid(), first_try=True)
-        assert len(asked) == 1
+        # a first try (`x-stainless-retry-count: 0`) is refused too: an app's own retry loop
+        # sends nothing else; a request its user asked for anew (`NEW_CALL`: `clawrouter
+        # generate` run again after Ctrl-C) is paid, without asking the ledger
+        with pytest.raises(Conflict):
+            await cut_off.run(ctx(), "fp", None, paid(), first_try=True)
+        assert len(asked) == 2
+        await cut_off.run(ctx(), "fp", None, paid(), first_try=True, new_call=True)
+        assert len(asked) == 2
         await cut_off.run(ctx("other client"), "fp", None, paid())  # another tag
-        assert len(asked) == 2 and asked[1] != asked[0]
+        assert len(asked) == 3 and asked[2] != asked[0]
         await coalescer({PAYMENT.id + 1: 0.0}).run(ctx(), "fp", None, paid())  # ended
-        assert len(asked) == 3
+        assert len(asked) == 4
         await coalescer({}).run(ctx(), "fp", None, paid())  # a clean stop: no read
         late = coalescer({PAYMENT.id: PAYMENT.time})
         late.started -= 61  # a minute after the start: nothing to ask the ledger
         await late.run(ctx(), "fp", None, paid())
-        assert len(asked) == 3
+        assert len(asked) == 4
         # a payment left in flight long before this start (a crash a week ago) has no client
         # retrying it: the same request now is a new one
         old = Coalescer(60, recall=recall, interrupted={PAYMENT.id: time.time() - 7 * 86400},
                         in_flight_for=420)
         await old.run(ctx(), "fp", None, paid())
-        assert len(asked) == 3
+        assert len(asked) == 4
 
     asyncio.run(main())
 

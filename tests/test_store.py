@@ -1015,3 +1015,41 @@ def test_kept_since_counts_each_requests_stored_and_queued_images(tmp_path: Path
     recent, every = run(scenario())
     assert recent == {"two": 3, "one": 1}
     assert every == {"two": 3, "one": 1, "old": 1}
+
+
+def test_undelivered_counts_images_per_request_id_summed_over_its_rows(tmp_path: Path) -> None:
+    """What a start counts as cut off before its images were stored (`api.app.undelivered`):
+    a settled payment with fewer images kept than it paid for. A client may send the same
+    `x-request-id` with every request: one request's stored image must not hide another's
+    missing one, so the rows sharing an id are counted together (both then count)."""
+    from dataclasses import replace
+
+    from clawrouter.api.app import undelivered
+    from clawrouter.payment.ledger import Ledger
+    from tests.test_ledger import record
+
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    since = time.time() - 60
+
+    def settled(request_id: str, n: int = 1, status: str = "settled") -> int:
+        payment = record(ledger, request_id=request_id, n=n)
+        ledger.commit(ledger.outcome(payment, status))
+        return payment
+
+    stored, short, missing, shared_a, shared_b = (
+        settled("stored"), settled("short", n=2), settled("missing"), settled("mine"),
+        settled("mine"))
+    settled("refused", status="rejected")  # not settled: not the store's to account for
+
+    async def scenario() -> dict[int, float]:
+        async with ImageStore(tmp_path / "images") as store:
+            for seed, request_id in enumerate(("stored", "short", "mine")):
+                await store.put_bytes(png(seed=seed), replace(META, request_id=request_id))
+            return await undelivered(ledger, store, since)
+
+    try:
+        found = run(scenario())
+    finally:
+        ledger.close()
+    assert set(found) == {short, missing, shared_a, shared_b}
+    assert stored not in found and all(t >= since for t in found.values())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
@@ -37,6 +38,8 @@ from clawrouter.store import ImageServer, ImageStore
 from clawrouter.store.sources import ResultSources
 from clawrouter.upstream.client import BlockRunClient, new_session
 from clawrouter.upstream.exchange import SETTLE_MARGIN_SECONDS, Exchange
+
+log = logging.getLogger(__name__)
 
 # FastAPI's built-in OpenTelemetry looks for configured providers on every request; we keep
 # our own metrics (/metrics) and logs, so it is switched off where this FastAPI has it.
@@ -95,18 +98,31 @@ def longest_in_flight(settings: Settings) -> float:
 
 
 async def undelivered(ledger: Ledger, store: ImageStore, since: float) -> dict[int, float]:
-    """Payments signed since `since` that settled, but with fewer images in the store than
-    they paid for (id: time signed): the last run was cut off or killed while it fetched or
-    stored them, so their clients never had an answer and are as likely to retry as those
-    of the rows it left `signed` (`Ledger.interrupted`). A result a client did receive but
-    the store could not keep (disk full) is counted too: an identical request in the first
-    `coalesce_window_seconds` after the restart hears of its payment (a 409) instead of
-    paying again, as a retry of a payment left `signed` does."""
-    settled = await ledger.call(ledger.settled_since, since)
-    if not settled:
+    """Payments signed since `since` that settled, but with fewer images in the store (or
+    queued to download) than they paid for (id: time signed): the last run was cut off or
+    killed while it fetched or stored them, so their clients never had an answer and are as
+    likely to retry as those of the rows it left `signed` (`Ledger.interrupted`). Counted
+    per request id, summed over the rows that share one (a client may send the same
+    `x-request-id` each time): every row of an id short of images counts.
+
+    Some answered requests count too: one the upstream answered with fewer images than
+    asked, one whose image bytes the store could not keep (disk full) or already held for
+    another request, any after the image index was rebuilt. An identical request within
+    `coalesce_window_seconds` of the restart then hears of its payment (a 409) rather than
+    paying again, as a retry of a payment left `signed` does. Should this fail, the start
+    goes on without it (logged): a retry may then pay again, as before this check."""
+    try:
+        settled = await ledger.call(ledger.settled_since, since)
+        kept = await store.kept_since(since) if settled else {}
+    except Exception as exc:  # (a damaged file is for its own check to report)
+        log.warning("could not tell which payments of the last run stored their images "
+                    "(%s: %s): a retry of one cut off may pay again", type(exc).__name__, exc)
         return {}
-    kept = await store.kept_since(since)
-    return {p.id: p.time for p in settled if kept.get(p.request_id, 0) < p.n}
+    paid_for: dict[str, int] = {}
+    for _, _, request_id, n in settled:
+        paid_for[request_id] = paid_for.get(request_id, 0) + n
+    return {payment_id: signed for payment_id, signed, request_id, _ in settled
+            if kept.get(request_id, 0) < paid_for[request_id]}
 
 
 def _wallet_holder(address: str, settings: Settings,

@@ -27,7 +27,7 @@ from clawrouter.api.streaming import KEEPALIVE_SECONDS, stream_response
 from clawrouter.catalog import format_usd
 from clawrouter.coalesce import fingerprint_parts
 from clawrouter.config import is_loopback_authority
-from clawrouter.context import KEEP_PAID_JOB, RequestContext
+from clawrouter.context import KEEP_PAID_JOB, NEW_CALL, RequestContext
 from clawrouter.errors import ClawError, InvalidRequest
 from clawrouter.inputs.forms import Form, classify
 from clawrouter.offloop import off_loop
@@ -132,6 +132,11 @@ def first_try(request: Request) -> bool:
     return request.headers.get("x-stainless-retry-count", "").strip() == "0"
 
 
+def asked_anew(request: Request) -> bool:
+    """Whether the client says its user asked for this anew (`NEW_CALL: true`)."""
+    return request.headers.get(NEW_CALL, "").strip().lower() == "true"
+
+
 def by_reference(job: ImageJob) -> bool:
     """Whether an input is read from a path or URL, whose bytes may change once it is done."""
     return any(isinstance(s.value, str) and classify(s.value) in _REFERENCES
@@ -199,7 +204,7 @@ async def run(request: Request, job: ImageJob, slot: Slot) -> Response:
                             request.headers.get("idempotency-key"),
                             lambda shared: gw.pipeline.run(job, shared),
                             window=0 if by_reference(job) else None,
-                            first_try=first_try(request))
+                            first_try=first_try(request), new_call=asked_anew(request))
     if job.stream:  # the work runs while the stream is sent: the slot is held until it ends
         work = await inputs_judged(request, work, ctx, slot)
         return stream_response(work, job, ctx, obs, ended=slot.hand_off())

@@ -74,7 +74,7 @@ def stopped_error() -> GatewayStopped:
         "signed a payment, the payment stays in the ledger (`clawrouter stats`) until the "
         "chain settles it, and a retry of this request soon after the gateway restarts "
         "(within coalesce_window_seconds; a day with the same Idempotency-Key) is refused "
-        "rather than paid twice; a new call (an OpenAI SDK call's first try) is paid.")
+        "rather than paid twice (`clawrouter generate` run again is paid).")
 
 
 class StoppingSigner(Signer):

@@ -77,6 +77,10 @@ FIRST_TRY = {"x-stainless-retry-count": "0"}
 #: agent cancels a slow call at its timeout and retries it): the gateway finishes a slow job
 #: paid for after its client left, and keeps the result for the retry (`upstream/jobs.py`).
 KEEP_PAID_JOB = {context.KEEP_PAID_JOB: "true"}
+#: Sent with paid requests by a `Gateway` asked to (`new_calls`: `generate` and `edit`, each
+#: run a command the user typed): never refused as the retry of a payment a stopped gateway
+#: left in flight (`context.NEW_CALL`)
+NEW_CALL = {context.NEW_CALL: "true"}
 #: what `--out` names is a directory: a new one named like an image file is a mistake
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif"})
 #: Slow models answer 202 and are polled for up to five minutes by the gateway.
@@ -397,6 +401,8 @@ class Gateway:
         self.posted = 0
         #: ask the gateway to finish a slow job paid for if this client leaves (KEEP_PAID_JOB)
         self.keep_paid_jobs = False
+        #: say each paid request is the user's new call, not a retry (NEW_CALL)
+        self.new_calls = False
         self._policy: InputPolicy | None = None  # for local files sent as data (`_sendable`)
         self._read_here = False  # this machine's gateway refused paths: send files as data
         self.http = httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, trust_env=False,
@@ -488,7 +494,8 @@ class Gateway:
         posting = method == "POST"
         if posting:
             kept = KEEP_PAID_JOB if self.keep_paid_jobs else {}
-            kwargs["headers"] = {**kwargs.get("headers", {}), **FIRST_TRY, **kept}
+            anew = NEW_CALL if self.new_calls else {}
+            kwargs["headers"] = {**kwargs.get("headers", {}), **FIRST_TRY, **kept, **anew}
         self.posted += posting  # counted as it leaves: an interrupted one may have paid
         try:
             resp = await self.http.request(method, path, **kwargs)

@@ -207,6 +207,7 @@ async def _request(url: str | None, out: str | None, doing: str,
     try:
         await asyncio.to_thread(output_dir, out)  # before a gateway is started for nothing
         gateway = request.gateway = await connect(url, waiting=spinner.note)
+        gateway.new_calls = True  # (the user typed this command: see `client.NEW_CALL`)
         try:
             if gateway.in_process:
                 spinner.note("no gateway running; started one in this process")
